@@ -1,0 +1,158 @@
+// Loads the native addon (once per thread: it is context-aware) and gives it types.
+// Every op the core runs is listed in `Op` below with its arguments; the C++ side checks
+// them again (ops/*.cc) and throws an Error naming the op, its index and the argument.
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export type DType = 'f32' | 'f16' | 'bf16' | 'i32';
+
+export interface Tensor {
+  readonly dtype: DType;
+  readonly shape: number[];
+  readonly bytes: number;
+  readonly device: string;
+  readonly freed: boolean;
+  /** True when the tensor wraps JavaScript memory (e.g. a SharedArrayBuffer slot). */
+  readonly borrowed: boolean;
+  /** A copy of the contents: Float32Array (f32), Int32Array (i32) or Uint16Array (f16/bf16 bits). */
+  read(): Float32Array | Int32Array | Uint16Array;
+  write(src: Float32Array | Int32Array | Uint16Array, elementOffset?: number): void;
+  /** A view of rows [start, end) of dimension 0, sharing storage. */
+  rows(start: number, end: number): Tensor;
+  reshape(shape: number[]): Tensor;
+  /** Gives the bytes back to the device budget once no view or running kernel holds them. */
+  free(): void;
+}
+
+export interface MemoryInfo {
+  budget: number;
+  used: number;
+  free: number;
+  cached: number;
+  peak: number;
+}
+
+export interface DeviceOptions {
+  kind?: 'cpu' | 'cuda';
+  index?: number;
+  threads?: number;
+  /** Byte budget; every allocation counts against it. */
+  budget?: number;
+}
+
+export interface NativeDevice {
+  readonly name: string;
+  readonly kind: 'cpu' | 'cuda';
+  readonly threads: number;
+  memory(): MemoryInfo;
+  alloc(dtype: DType, shape: number[], options?: { zero?: boolean }): Tensor;
+  fromArray(dtype: DType, shape: number[], data: Float32Array | Int32Array | Uint16Array): Tensor;
+  /** Zero-copy tensor over JS memory (CPU only). */
+  wrap(data: Float32Array | Int32Array | Uint16Array, dtype: DType, shape: number[]): Tensor;
+  /** Reads `shape` elements of `dtype` from a file at `byteOffset` straight into device memory. */
+  loadFile(file: string, byteOffset: number, dtype: DType, shape: number[]): Promise<Tensor>;
+  /** Checks all ops now (throws on bad arguments), runs them in order off the JS thread. */
+  run(ops: Op[]): Promise<void>;
+  runSync(ops: Op[]): void;
+  trimCache(): void;
+  resetPeak(): void;
+}
+
+/** One adapter's row segment in a segmented LoRA call. */
+export interface LoraSegmentArg {
+  rowStart: number;
+  rowEnd: number;
+  /** [r, in] */
+  a: Tensor;
+  /** [out, r] */
+  b: Tensor;
+  scale: number;
+  dropout?: number;
+  /** Dropout mask seed: the mask is a function of (seed, position + row, column). */
+  seed?: number;
+  /** Global position of rowStart, so a replay regenerates the same mask. */
+  position?: number;
+  /** [rows, r]: forward writes dropout(x)·Aᵀ, backward reads it. */
+  xa: Tensor;
+  /** [r, in], +=  (backward only) */
+  da?: Tensor;
+  /** [out, r], += (backward only) */
+  db?: Tensor;
+}
+
+export type Op =
+  | { op: 'fill'; y: Tensor; value?: number }
+  | { op: 'copy'; y: Tensor; x: Tensor }
+  | { op: 'axpy'; y: Tensor; x: Tensor; alpha?: number }
+  | { op: 'scale'; y: Tensor; alpha: number }
+  | { op: 'sumsq'; out: Tensor; xs: Tensor[] }
+  | { op: 'nonfinite'; out: Tensor; x: Tensor }
+  | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number }
+  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean }
+  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean }
+  | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }
+  | { op: 'embedding_backward'; dtable: Tensor; dy: Tensor; ids: Tensor }
+  | { op: 'rmsnorm_forward'; y: Tensor; rstd: Tensor; x: Tensor; w: Tensor; eps: number }
+  | { op: 'rmsnorm_backward'; dx: Tensor; dy: Tensor; x: Tensor; w: Tensor; rstd: Tensor; dw?: Tensor; accumulate?: boolean }
+  | { op: 'rope_forward'; y: Tensor; x: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
+  | { op: 'rope_backward'; dx: Tensor; dy: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
+  | {
+      op: 'attention_forward';
+      out: Tensor; lse: Tensor; q: Tensor; k: Tensor; v: Tensor; cuSeqlens: Tensor;
+      heads: number; kvHeads: number; scale?: number;
+    }
+  | {
+      op: 'attention_backward';
+      dq: Tensor; dk: Tensor; dv: Tensor; dout: Tensor; q: Tensor; k: Tensor; v: Tensor; out: Tensor; lse: Tensor;
+      cuSeqlens: Tensor; heads: number; kvHeads: number; scale?: number;
+    }
+  | { op: 'swiglu_forward'; h: Tensor; gate: Tensor; up: Tensor }
+  | { op: 'swiglu_backward'; dgate: Tensor; dup: Tensor; dh: Tensor; gate: Tensor; up: Tensor }
+  | { op: 'lora_forward'; y: Tensor; x: Tensor; segments: LoraSegmentArg[] }
+  | { op: 'lora_backward'; dx: Tensor; dy: Tensor; x: Tensor; segments: LoraSegmentArg[] }
+  | { op: 'cross_entropy_forward'; losses: Tensor; logits: Tensor; labels: Tensor }
+  | { op: 'cross_entropy_backward'; losses: Tensor; dlogits: Tensor; logits: Tensor; labels: Tensor; weights: Tensor }
+  | {
+      op: 'adamw';
+      params: Tensor[]; grads: Tensor[]; m: Tensor[]; v: Tensor[];
+      lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number;
+    };
+
+export interface NativeInfo {
+  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string };
+  cuda: { compiled: boolean; devices: number; reason: string };
+  ops: string[];
+}
+
+export interface NativeAddon {
+  Device: new (options: DeviceOptions) => NativeDevice;
+  info(): NativeInfo;
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+
+/** Where the built addon is: MLORA_ADDON overrides; else native/build/Release under the package. */
+export function addonPath(): string {
+  if (process.env.MLORA_ADDON) return process.env.MLORA_ADDON;
+  // here is dist/lib (compiled) or lib (sources run directly)
+  for (const up of ['../..', '..']) {
+    const p = path.resolve(here, up, 'native/build/Release/mlora.node');
+    if (existsSync(p)) return p;
+  }
+  return path.resolve(here, '../..', 'native/build/Release/mlora.node');
+}
+
+let cached: NativeAddon | undefined;
+
+export function native(): NativeAddon {
+  if (cached) return cached;
+  const p = addonPath();
+  if (!existsSync(p)) {
+    throw new Error(`mlora: the native addon is not built (${p} is missing). Run \`npm install\` or \`npm run build:native\`.`);
+  }
+  const require = createRequire(import.meta.url);
+  cached = require(p) as NativeAddon;
+  return cached;
+}

@@ -1,0 +1,598 @@
+// The N-API surface only: argument checks, handles, async work. The addon is
+// context-aware (loaded once per worker thread); all state hangs off AddonData or a Device.
+// Nothing here ends the process: every failure becomes a JavaScript Error.
+#include "addon.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <thread>
+
+#include "cpu/cpu_features.h"
+#include "ops/op.h"
+
+namespace mlora {
+
+namespace {
+
+AddonData* data_of(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
+
+[[noreturn]] void throw_js(Napi::Env env, const std::string& msg) {
+  throw Napi::Error::New(env, msg);
+}
+
+DType parse_dtype(Napi::Env env, Napi::Value v, const char* what) {
+  if (!v.IsString()) throw_js(env, std::string(what) + ": dtype must be a string (f32, f16, bf16, i32)");
+  DType d;
+  std::string s = v.As<Napi::String>().Utf8Value();
+  if (!dtype_from_name(s, &d)) throw_js(env, std::string(what) + ": unknown dtype '" + s + "' (f32, f16, bf16, i32)");
+  return d;
+}
+
+std::vector<int64_t> parse_shape(Napi::Env env, Napi::Value v, const char* what) {
+  if (!v.IsArray()) throw_js(env, std::string(what) + ": shape must be an array of non-negative integers");
+  Napi::Array a = v.As<Napi::Array>();
+  if (a.Length() == 0 || a.Length() > 8) throw_js(env, std::string(what) + ": shape must have 1 to 8 dimensions");
+  std::vector<int64_t> s;
+  double total = 1;
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    Napi::Value e = a.Get(i);
+    if (!e.IsNumber()) throw_js(env, std::string(what) + ": shape[" + std::to_string(i) + "] is not a number");
+    double d = e.As<Napi::Number>().DoubleValue();
+    if (!(d >= 0) || d != double(int64_t(d)))
+      throw_js(env, std::string(what) + ": shape[" + std::to_string(i) + "] must be a non-negative integer, got " +
+                        e.ToString().Utf8Value());
+    total *= d;
+    s.push_back(int64_t(d));
+  }
+  if (total > double(int64_t(1) << 40)) throw_js(env, std::string(what) + ": shape is absurdly large");
+  return s;
+}
+
+// The element type a typed array holds, for checks against a tensor's dtype.
+bool typed_array_matches(napi_typedarray_type t, DType d) {
+  switch (d) {
+    case DType::F32: return t == napi_float32_array;
+    case DType::I32: return t == napi_int32_array;
+    case DType::F16:
+    case DType::BF16: return t == napi_uint16_array;
+  }
+  return false;
+}
+
+struct TypedView {
+  void* data;
+  size_t bytes;
+  napi_typedarray_type type;
+};
+
+// Works for typed arrays over ArrayBuffers and over SharedArrayBuffers alike.
+TypedView typed_view(Napi::Env env, Napi::Value v, const char* what) {
+  if (!v.IsTypedArray()) throw_js(env, std::string(what) + ": expected a typed array");
+  napi_typedarray_type type;
+  size_t length;
+  void* data = nullptr;
+  napi_value ab;
+  size_t offset;
+  if (napi_get_typedarray_info(env, v, &type, &length, &data, &ab, &offset) != napi_ok)
+    throw_js(env, std::string(what) + ": cannot read the typed array");
+  size_t elem = 1;
+  switch (type) {
+    case napi_int16_array: case napi_uint16_array: elem = 2; break;
+    case napi_int32_array: case napi_uint32_array: case napi_float32_array: elem = 4; break;
+    case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: elem = 8; break;
+    default: elem = 1;
+  }
+  return TypedView{data, length * elem, type};
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------
+// Tensor
+
+Napi::Function JsTensor::Init(Napi::Env env) {
+  return DefineClass(env, "Tensor",
+                     {
+                         InstanceAccessor<&JsTensor::Dtype>("dtype"),
+                         InstanceAccessor<&JsTensor::Shape>("shape"),
+                         InstanceAccessor<&JsTensor::Bytes>("bytes"),
+                         InstanceAccessor<&JsTensor::DeviceName>("device"),
+                         InstanceAccessor<&JsTensor::Freed>("freed"),
+                         InstanceAccessor<&JsTensor::Borrowed>("borrowed"),
+                         InstanceMethod<&JsTensor::Read>("read"),
+                         InstanceMethod<&JsTensor::Write>("write"),
+                         InstanceMethod<&JsTensor::Rows>("rows"),
+                         InstanceMethod<&JsTensor::Reshape>("reshape"),
+                         InstanceMethod<&JsTensor::Free>("free"),
+                     });
+}
+
+JsTensor::JsTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsTensor>(info) {
+  // Only the addon makes tensors (through a Device); a bare `new Tensor()` is a dead handle.
+  freed = true;
+}
+
+Napi::Object JsTensor::Make(Napi::Env env, TensorImpl impl, Napi::Value keep_alive) {
+  Napi::Object obj = data_of(env)->tensor_ctor.New({});
+  JsTensor* t = JsTensor::Unwrap(obj);
+  t->impl = std::move(impl);
+  t->freed = false;
+  if (keep_alive.IsObject()) t->keep_alive_ = Napi::Persistent(keep_alive.As<Napi::Object>());
+  return obj;
+}
+
+JsTensor* JsTensor::Unwrap(Napi::Value v) {
+  if (!v.IsObject()) return nullptr;
+  Napi::Env env = v.Env();
+  AddonData* d = data_of(env);
+  bool is = false;
+  if (napi_instanceof(env, v, d->tensor_ctor.Value(), &is) != napi_ok || !is) return nullptr;
+  return Napi::ObjectWrap<JsTensor>::Unwrap(v.As<Napi::Object>());
+}
+
+void JsTensor::check_live(Napi::Env env, const char* what) {
+  if (freed) throw_js(env, std::string("Tensor.") + what + ": the tensor has been freed");
+}
+
+Napi::Value JsTensor::Dtype(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), dtype_name(impl.dtype));
+}
+Napi::Value JsTensor::Shape(const Napi::CallbackInfo& info) {
+  Napi::Array a = Napi::Array::New(info.Env(), impl.shape.size());
+  for (size_t i = 0; i < impl.shape.size(); i++) a.Set(uint32_t(i), Napi::Number::New(info.Env(), double(impl.shape[i])));
+  return a;
+}
+Napi::Value JsTensor::Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(impl.nbytes())); }
+Napi::Value JsTensor::DeviceName(const Napi::CallbackInfo& info) {
+  if (!impl.storage) return info.Env().Null();
+  return Napi::String::New(info.Env(), impl.storage->device->name());
+}
+Napi::Value JsTensor::Freed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), freed); }
+Napi::Value JsTensor::Borrowed(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), impl.storage && impl.storage->borrowed);
+}
+
+Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_live(env, "read");
+  size_t n = size_t(impl.numel());
+  Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, impl.nbytes());
+  DeviceState& dev = impl.device();
+  {
+    std::lock_guard<std::mutex> lk(dev.exec_mutex());  // never read while a kernel writes
+    dev.backend().copy_to_host(ab.Data(), impl.data(), impl.nbytes());
+  }
+  switch (impl.dtype) {
+    case DType::F32: return Napi::Float32Array::New(env, n, ab, 0);
+    case DType::I32: return Napi::Int32Array::New(env, n, ab, 0);
+    default: return Napi::Uint16Array::New(env, n, ab, 0);
+  }
+}
+
+// write(typedArray, elementOffset = 0): copies into the tensor.
+Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_live(env, "write");
+  TypedView src = typed_view(env, info[0], "Tensor.write");
+  if (!typed_array_matches(src.type, impl.dtype))
+    throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
+                      " tensor takes a " + (impl.dtype == DType::F32 ? "Float32Array" : impl.dtype == DType::I32 ? "Int32Array" : "Uint16Array"));
+  double off = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : 0;
+  size_t es = dtype_size(impl.dtype);
+  if (off < 0 || off != double(int64_t(off)) || size_t(off) * es + src.bytes > impl.nbytes())
+    throw_js(env, "Tensor.write: " + std::to_string(src.bytes / es) + " elements at offset " + std::to_string(off) +
+                      " do not fit in a tensor of " + std::to_string(impl.numel()) + " elements " + impl.shape_str());
+  DeviceState& dev = impl.device();
+  std::lock_guard<std::mutex> lk(dev.exec_mutex());
+  dev.backend().copy_from_host(static_cast<char*>(impl.data()) + size_t(off) * es, src.data, src.bytes);
+  return env.Undefined();
+}
+
+// rows(start, end): a view of rows [start, end) of dimension 0, sharing storage.
+Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_live(env, "rows");
+  if (!info[0].IsNumber() || !info[1].IsNumber()) throw_js(env, "Tensor.rows(start, end): start and end must be numbers");
+  double s = info[0].As<Napi::Number>().DoubleValue(), e = info[1].As<Napi::Number>().DoubleValue();
+  if (s != double(int64_t(s)) || e != double(int64_t(e)) || s < 0 || e < s || e > double(impl.shape[0]))
+    throw_js(env, "Tensor.rows: range [" + std::to_string(int64_t(s)) + ", " + std::to_string(int64_t(e)) +
+                      ") is outside 0.." + std::to_string(impl.shape[0]));
+  TensorImpl v = impl;
+  int64_t row = impl.numel() / std::max<int64_t>(1, impl.shape[0]);
+  v.offset += size_t(int64_t(s) * row) * dtype_size(impl.dtype);
+  v.shape[0] = int64_t(e) - int64_t(s);
+  return Make(env, v, keep_alive_.IsEmpty() ? env.Undefined() : keep_alive_.Value());
+}
+
+Napi::Value JsTensor::Reshape(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  check_live(env, "reshape");
+  std::vector<int64_t> s = parse_shape(env, info[0], "Tensor.reshape");
+  TensorImpl v = impl;
+  v.shape = s;
+  if (v.numel() != impl.numel())
+    throw_js(env, "Tensor.reshape: " + v.shape_str() + " has " + std::to_string(v.numel()) + " elements, the tensor " +
+                      impl.shape_str() + " has " + std::to_string(impl.numel()));
+  return Make(env, v, keep_alive_.IsEmpty() ? env.Undefined() : keep_alive_.Value());
+}
+
+// free(): drops this handle's reference; the bytes return to the device budget as soon as no
+// view and no running kernel holds the storage.
+Napi::Value JsTensor::Free(const Napi::CallbackInfo& info) {
+  if (!freed) {
+    freed = true;
+    impl.storage.reset();
+    if (!keep_alive_.IsEmpty()) keep_alive_.Reset();
+  }
+  return info.Env().Undefined();
+}
+
+// ------------------------------------------------------------------------------------------
+// Device
+
+Napi::Function JsDevice::Init(Napi::Env env) {
+  return DefineClass(env, "Device",
+                     {
+                         InstanceAccessor<&JsDevice::Name>("name"),
+                         InstanceAccessor<&JsDevice::Kind>("kind"),
+                         InstanceAccessor<&JsDevice::Threads>("threads"),
+                         InstanceMethod<&JsDevice::Memory>("memory"),
+                         InstanceMethod<&JsDevice::Alloc>("alloc"),
+                         InstanceMethod<&JsDevice::FromArray>("fromArray"),
+                         InstanceMethod<&JsDevice::Wrap>("wrap"),
+                         InstanceMethod<&JsDevice::LoadFile>("loadFile"),
+                         InstanceMethod<&JsDevice::Run>("run"),
+                         InstanceMethod<&JsDevice::RunSync>("runSync"),
+                         InstanceMethod<&JsDevice::TrimCache>("trimCache"),
+                         InstanceMethod<&JsDevice::ResetPeak>("resetPeak"),
+                     });
+}
+
+// new Device({kind: 'cpu'|'cuda', index, threads, budget}): budget in bytes.
+JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throw_js(env, "new Device(options): options must be an object {kind, index, threads, budget}");
+  Napi::Object o = info[0].As<Napi::Object>();
+  std::string kind = o.Get("kind").IsString() ? o.Get("kind").As<Napi::String>().Utf8Value() : "cpu";
+  auto num = [&](const char* k, double def) -> double {
+    Napi::Value v = o.Get(k);
+    if (v.IsUndefined()) return def;
+    if (!v.IsNumber()) throw_js(env, std::string("new Device: '") + k + "' must be a number");
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (!(d >= 0) || d != double(int64_t(d))) throw_js(env, std::string("new Device: '") + k + "' must be a non-negative integer");
+    return d;
+  };
+  int index = int(num("index", 0));
+  int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  int threads = int(num("threads", 1));
+  if (threads < 1 || threads > 1024) throw_js(env, "new Device: 'threads' must be between 1 and 1024");
+  if (kind == "cpu") {
+    (void)hw;
+    int64_t budget = int64_t(num("budget", double(int64_t(4) << 30)));
+    if (budget <= 0) throw_js(env, "new Device: 'budget' must be positive (bytes)");
+    state = std::make_shared<DeviceState>(DeviceKind::CPU, index, threads, budget, make_cpu_backend());
+  } else if (kind == "cuda") {
+    std::string why;
+    auto be = make_cuda_backend(index, &why);
+    if (!be) throw_js(env, "device cuda:" + std::to_string(index) + " is not available: " + why);
+    int64_t free_b = be->free_memory();
+    double def = free_b > 0 ? double(free_b - std::min<int64_t>(free_b / 10, int64_t(2) << 30)) : double(int64_t(4) << 30);
+    int64_t budget = int64_t(num("budget", def));
+    if (budget <= 0) throw_js(env, "new Device: 'budget' must be positive (bytes)");
+    state = std::make_shared<DeviceState>(DeviceKind::CUDA, index, threads, budget, std::move(be));
+  } else {
+    throw_js(env, "new Device: unknown kind '" + kind + "' (cpu or cuda)");
+  }
+}
+
+Napi::Value JsDevice::Name(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), state->name()); }
+Napi::Value JsDevice::Kind(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), state->kind() == DeviceKind::CPU ? "cpu" : "cuda");
+}
+Napi::Value JsDevice::Threads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), state->pool().size()); }
+
+Napi::Value JsDevice::Memory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  int64_t used = state->used();
+  o.Set("budget", double(state->budget()));
+  o.Set("used", double(used));
+  o.Set("free", double(state->budget() - used));
+  o.Set("cached", double(state->cached()));
+  o.Set("peak", double(state->peak()));
+  return o;
+}
+
+Napi::Value JsDevice::TrimCache(const Napi::CallbackInfo& info) {
+  state->trim_cache();
+  return info.Env().Undefined();
+}
+Napi::Value JsDevice::ResetPeak(const Napi::CallbackInfo& info) {
+  state->reset_peak();
+  return info.Env().Undefined();
+}
+
+static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& dev, DType dt,
+                             std::vector<int64_t> shape, bool zero) {
+  TensorImpl t;
+  t.dtype = dt;
+  t.shape = std::move(shape);
+  auto st = std::make_shared<Storage>();
+  st->device = dev;
+  st->bytes = t.nbytes();
+  try {
+    st->ptr = dev->allocate(st->bytes, zero);
+  } catch (const Error& e) {
+    st->ptr = nullptr;
+    throw_js(env, e.what());
+  }
+  t.storage = st;
+  return t;
+}
+
+// alloc(dtype, shape, {zero = true})
+Napi::Value JsDevice::Alloc(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  DType dt = parse_dtype(env, info[0], "Device.alloc");
+  auto shape = parse_shape(env, info[1], "Device.alloc");
+  bool zero = true;
+  if (info.Length() > 2 && info[2].IsObject()) {
+    Napi::Value z = info[2].As<Napi::Object>().Get("zero");
+    if (z.IsBoolean()) zero = z.As<Napi::Boolean>().Value();
+  }
+  return JsTensor::Make(env, new_tensor(env, state, dt, shape, zero), env.Undefined());
+}
+
+// fromArray(dtype, shape, typedArray): a new device tensor holding a copy of the data.
+Napi::Value JsDevice::FromArray(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  DType dt = parse_dtype(env, info[0], "Device.fromArray");
+  auto shape = parse_shape(env, info[1], "Device.fromArray");
+  TypedView src = typed_view(env, info[2], "Device.fromArray");
+  if (!typed_array_matches(src.type, dt))
+    throw_js(env, std::string("Device.fromArray: the typed array does not hold ") + dtype_name(dt) + " elements");
+  TensorImpl t = new_tensor(env, state, dt, shape, false);
+  if (src.bytes != t.nbytes())
+    throw_js(env, "Device.fromArray: the array has " + std::to_string(src.bytes / dtype_size(dt)) +
+                      " elements, shape " + t.shape_str() + " needs " + std::to_string(t.numel()));
+  state->backend().copy_from_host(t.data(), src.data, src.bytes);
+  return JsTensor::Make(env, t, env.Undefined());
+}
+
+// wrap(typedArray, dtype, shape): zero-copy tensor over JS memory (e.g. a SharedArrayBuffer
+// slot). CPU devices only. The tensor keeps the typed array alive.
+Napi::Value JsDevice::Wrap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (state->kind() != DeviceKind::CPU) throw_js(env, "Device.wrap: only CPU devices can wrap JavaScript memory");
+  TypedView src = typed_view(env, info[0], "Device.wrap");
+  DType dt = parse_dtype(env, info[1], "Device.wrap");
+  auto shape = parse_shape(env, info[2], "Device.wrap");
+  TensorImpl t;
+  t.dtype = dt;
+  t.shape = shape;
+  if (t.nbytes() > src.bytes)
+    throw_js(env, "Device.wrap: shape " + t.shape_str() + " " + dtype_name(dt) + " needs " + std::to_string(t.nbytes()) +
+                      " bytes, the array has " + std::to_string(src.bytes));
+  if (reinterpret_cast<uintptr_t>(src.data) % dtype_size(dt) != 0)
+    throw_js(env, "Device.wrap: the array's byte offset is not aligned to its dtype");
+  auto st = std::make_shared<Storage>();
+  st->device = state;
+  st->ptr = src.data;
+  st->bytes = src.bytes;
+  st->borrowed = true;
+  t.storage = st;
+  return JsTensor::Make(env, t, info[0]);
+}
+
+// loadFile(path, byteOffset, dtype, shape): reads a tensor straight from a file into device
+// memory (for safetensors), so a large checkpoint never passes through JS memory. Async.
+class LoadFileWorker : public Napi::AsyncWorker {
+ public:
+  LoadFileWorker(Napi::Env env, std::string path, int64_t offset, TensorImpl t)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)),
+        offset_(offset), t_(std::move(t)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return SetError(path_ + ": " + std::strerror(errno));
+    size_t want = t_.nbytes();
+    std::vector<char> host;
+    bool direct = t_.device().kind() == DeviceKind::CPU;
+    char* dst = static_cast<char*>(t_.data());
+    if (!direct) {
+      host.resize(want);
+      dst = host.data();
+    }
+    size_t got = 0;
+    while (got < want) {
+      ssize_t r = ::pread(fd, dst + got, want - got, off_t(offset_ + int64_t(got)));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        ::close(fd);
+        return SetError(path_ + ": short read at byte " + std::to_string(offset_ + int64_t(got)) + " (wanted " +
+                        std::to_string(want) + " bytes from offset " + std::to_string(offset_) + ")");
+      }
+      got += size_t(r);
+    }
+    ::close(fd);
+    if (!direct) {
+      std::lock_guard<std::mutex> lk(t_.device().exec_mutex());
+      t_.device().backend().copy_from_host(t_.data(), host.data(), want);
+      t_.device().backend().synchronize();
+    }
+  }
+  void OnOK() override { deferred_.Resolve(JsTensor::Make(Env(), t_, Env().Undefined())); }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::string path_;
+  int64_t offset_;
+  TensorImpl t_;
+};
+
+Napi::Value JsDevice::LoadFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw_js(env, "Device.loadFile(path, offset, dtype, shape): path must be a string");
+  if (!info[1].IsNumber()) throw_js(env, "Device.loadFile: offset must be a number");
+  double off = info[1].As<Napi::Number>().DoubleValue();
+  if (!(off >= 0) || off != double(int64_t(off))) throw_js(env, "Device.loadFile: offset must be a non-negative integer");
+  DType dt = parse_dtype(env, info[2], "Device.loadFile");
+  auto shape = parse_shape(env, info[3], "Device.loadFile");
+  TensorImpl t = new_tensor(env, state, dt, shape, false);
+  auto* w = new LoadFileWorker(env, info[0].As<Napi::String>().Utf8Value(), int64_t(off), t);
+  auto p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+// ---- running ops
+
+struct ParsedOps {
+  std::vector<Kernel> kernels;
+  std::vector<std::string> labels;
+};
+
+static ParsedOps parse_ops(Napi::Env env, DeviceState* dev, Napi::Value v) {
+  if (!v.IsArray()) throw_js(env, "Device.run(ops): ops must be an array of op objects");
+  Napi::Array arr = v.As<Napi::Array>();
+  ParsedOps out;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    Napi::Value e = arr.Get(i);
+    std::string ctx = "op " + std::to_string(i);
+    if (!e.IsObject()) throw_js(env, ctx + ": not an object");
+    Napi::Object o = e.As<Napi::Object>();
+    Napi::Value name = o.Get("op");
+    if (!name.IsString()) throw_js(env, ctx + ": missing 'op' (the op name)");
+    std::string n = name.As<Napi::String>().Utf8Value();
+    Parser p = find_op(n);
+    if (!p) throw_js(env, ctx + ": unknown op '" + n + "'");
+    ctx += " (" + n + ")";
+    Args args(env, o, ctx, dev);
+    try {
+      out.kernels.push_back(p(args));
+    } catch (const Error& err) {
+      throw_js(env, err.what());
+    }
+    out.labels.push_back(ctx);
+  }
+  return out;
+}
+
+static std::string run_kernels(DeviceState& dev, ParsedOps& ops) {
+  std::lock_guard<std::mutex> lk(dev.exec_mutex());
+  Exec ex{dev};
+  for (size_t i = 0; i < ops.kernels.size(); i++) {
+    try {
+      ops.kernels[i](ex);
+    } catch (const std::bad_alloc&) {
+      return ops.labels[i] + ": out of host memory";
+    } catch (const std::exception& err) {
+      return ops.labels[i] + ": " + err.what();
+    }
+  }
+  try {
+    dev.backend().synchronize();
+  } catch (const std::exception& err) {
+    return std::string("synchronize: ") + err.what();
+  }
+  return "";
+}
+
+class RunWorker : public Napi::AsyncWorker {
+ public:
+  RunWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, ParsedOps ops, Napi::Value keep)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), dev_(std::move(dev)),
+        ops_(std::move(ops)) {
+    keep_ = Napi::Persistent(keep.As<Napi::Object>());  // the op objects keep their tensors alive
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    std::string err = run_kernels(*dev_, ops_);
+    if (!err.empty()) SetError(err);
+  }
+  void OnOK() override {
+    ops_.kernels.clear();
+    deferred_.Resolve(Env().Undefined());
+  }
+  void OnError(const Napi::Error& e) override {
+    ops_.kernels.clear();
+    deferred_.Reject(e.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<DeviceState> dev_;
+  ParsedOps ops_;
+  Napi::ObjectReference keep_;
+};
+
+// run(ops): checks every op now (throws synchronously on bad arguments), runs them in order
+// off the JS thread, resolves when done.
+Napi::Value JsDevice::Run(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ParsedOps ops = parse_ops(env, state.get(), info[0]);
+  auto* w = new RunWorker(env, state, std::move(ops), info[0]);
+  auto p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+// runSync(ops): the same on the calling thread (tests, tiny ops).
+Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ParsedOps ops = parse_ops(env, state.get(), info[0]);
+  std::string err = run_kernels(*state, ops);
+  if (!err.empty()) throw_js(env, err);
+  return env.Undefined();
+}
+
+// ------------------------------------------------------------------------------------------
+// Module
+
+static Napi::Value Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  CpuFeatures f = cpu_features();
+  Napi::Object cpu = Napi::Object::New(env);
+  cpu.Set("avx2", f.avx2 && f.fma);
+  cpu.Set("avx512f", f.avx512f);
+  cpu.Set("avx512bf16", f.avx512bf16);
+  cpu.Set("f16c", f.f16c);
+  cpu.Set("hardwareThreads", double(std::max(1u, std::thread::hardware_concurrency())));
+  cpu.Set("gemmKernel", cpu_gemm_kernel_name());
+  o.Set("cpu", cpu);
+  Napi::Object cu = Napi::Object::New(env);
+  std::string why;
+  int n = cuda_device_count(&why);
+  cu.Set("compiled", cuda_compiled());
+  cu.Set("devices", n);
+  cu.Set("reason", why);
+  o.Set("cuda", cu);
+  Napi::Array ops = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (auto& name : op_names()) ops.Set(i++, name);
+  o.Set("ops", ops);
+  return o;
+}
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* d = new AddonData();
+  env.SetInstanceData<AddonData>(d);
+  Napi::Function tensor = JsTensor::Init(env);
+  Napi::Function device = JsDevice::Init(env);
+  d->tensor_ctor = Napi::Persistent(tensor);
+  d->device_ctor = Napi::Persistent(device);
+  exports.Set("Tensor", tensor);
+  exports.Set("Device", device);
+  exports.Set("info", Napi::Function::New(env, Info, "info"));
+  return exports;
+}
+
+}  // namespace mlora
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return mlora::Init(env, exports); }
+NODE_API_MODULE(mlora, InitAddon)

@@ -1,0 +1,118 @@
+// Devices, their byte budgets and the storage that is counted against them.
+//
+// Every byte a tensor owns is counted against its device's budget when it is allocated and
+// given back when the last reference to the storage drops (so a kernel still running on a
+// freed tensor keeps its memory alive until it finishes). Freed blocks are cached by size and
+// reused, because first-touch page faults are expensive on the machines we run on.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dtype.h"
+#include "thread_pool.h"
+
+namespace mlora {
+
+// Any failure inside the core: becomes a JavaScript Error at the N-API boundary.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What a device kind must provide. The CPU one is in core/device.cc, the CUDA one in
+// cuda/backend.cu (compiled only where nvcc exists).
+struct Backend {
+  virtual ~Backend() = default;
+  virtual void* raw_alloc(size_t bytes) = 0;  // nullptr on failure
+  virtual void raw_free(void* p) = 0;
+  virtual void zero(void* p, size_t bytes) = 0;
+  virtual void copy_to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_from_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void copy_device(void* dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+  virtual void* stream() { return nullptr; }
+  virtual int64_t free_memory() { return -1; }  // the hardware's free bytes, -1 if unknown
+};
+
+enum class DeviceKind { CPU, CUDA };
+
+class DeviceState : public std::enable_shared_from_this<DeviceState> {
+ public:
+  DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend);
+  ~DeviceState();
+
+  const std::string& name() const { return name_; }
+  DeviceKind kind() const { return kind_; }
+  int index() const { return index_; }
+  int64_t budget() const { return budget_; }
+  int64_t used() const;      // bytes held by live tensors
+  int64_t cached() const;    // bytes held in the reuse cache (free for new tensors)
+  int64_t peak() const;
+  void reset_peak();
+  ThreadPool& pool() { return *pool_; }
+  Backend& backend() { return *backend_; }
+  std::mutex& exec_mutex() { return exec_mu_; }
+
+  // Throws Error("device cpu:1: out of memory: asked 512 MiB, 96 MiB free of 4 GiB").
+  void* allocate(size_t bytes, bool zero);
+  void release(void* p, size_t bytes);
+  void trim_cache();
+
+ private:
+  std::string name_;
+  DeviceKind kind_;
+  int index_;
+  int64_t budget_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<ThreadPool> pool_;
+  mutable std::mutex mu_;
+  std::mutex exec_mu_;
+  int64_t used_ = 0, cached_ = 0, peak_ = 0;
+  std::multimap<size_t, void*> cache_;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+// Returns nullptr and sets *why when CUDA is not compiled in or the device is not usable.
+std::unique_ptr<Backend> make_cuda_backend(int index, std::string* why);
+int cuda_device_count(std::string* why);  // 0 with a reason when none is usable
+bool cuda_compiled();
+
+std::string format_bytes(int64_t b);
+
+// A block of memory: owned by a device (counted) or borrowed from JavaScript (a
+// SharedArrayBuffer or ArrayBuffer that the JS side keeps alive).
+struct Storage {
+  std::shared_ptr<DeviceState> device;
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  bool borrowed = false;
+  ~Storage() {
+    if (!borrowed && ptr) device->release(ptr, bytes);
+  }
+};
+
+// A typed, shaped window onto a Storage. Views (rows, reshape) share the storage.
+struct TensorImpl {
+  std::shared_ptr<Storage> storage;
+  size_t offset = 0;  // bytes into storage
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
+  void* data() const { return static_cast<char*>(storage->ptr) + offset; }
+  template <typename T>
+  T* as() const { return static_cast<T*>(data()); }
+  DeviceState& device() const { return *storage->device; }
+  std::string shape_str() const;
+};
+
+}  // namespace mlora

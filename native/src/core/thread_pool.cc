@@ -1,0 +1,89 @@
+#include "thread_pool.h"
+
+#include <algorithm>
+
+namespace mlora {
+
+ThreadPool::ThreadPool(int threads) : nthreads_(std::max(1, threads)) {
+  for (int t = 1; t < nthreads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& w : workers_) w.join();
+}
+
+void ThreadPool::worker_loop(int tid) {
+  uint64_t seen = 0;
+  for (;;) {
+    const std::function<void(int)>* job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      job = job_;
+    }
+    (*job)(tid);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::run_on_all(const std::function<void(int)>& fn) {
+  if (nthreads_ == 1) {
+    fn(0);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    job_ = &fn;
+    pending_ = nthreads_ - 1;
+    generation_++;
+  }
+  cv_.notify_all();
+  fn(0);
+  std::unique_lock<std::mutex> lk(mu_);
+  done_cv_.wait(lk, [&] { return pending_ == 0; });
+  job_ = nullptr;
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t grain,
+                              const std::function<void(int64_t, int64_t, int)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  int64_t chunks = std::min<int64_t>(nthreads_, (n + grain - 1) / grain);
+  if (chunks <= 1) {
+    fn(0, n, 0);
+    return;
+  }
+  run_on_all([&](int tid) {
+    if (tid >= chunks) return;
+    int64_t b = n * tid / chunks, e = n * (tid + 1) / chunks;
+    if (b < e) fn(b, e, tid);
+  });
+}
+
+void ThreadPool::parallel_dynamic(int64_t n, const std::function<void(int64_t, int)>& fn) {
+  if (n <= 0) return;
+  if (nthreads_ == 1 || n == 1) {
+    for (int64_t i = 0; i < n; i++) fn(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  run_on_all([&](int tid) {
+    for (;;) {
+      int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) return;
+      fn(i, tid);
+    }
+  });
+}
+
+}  // namespace mlora

@@ -1,0 +1,15 @@
+// What this x86 CPU can do, read once with cpuid (the GEMM and other hot loops pick their
+// vector width at run time, so one build runs on any x86-64 machine).
+#pragma once
+
+namespace mlora {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false,
+       avx512bf16 = false;
+};
+
+const CpuFeatures& cpu_features();
+const char* cpu_gemm_kernel_name();  // which GEMM micro-kernel this machine runs (gemm.cc)
+
+}  // namespace mlora

@@ -1,0 +1,28 @@
+// Argument checks for the general GEMM (used by tests, benchmarks and the model's LM head).
+#include "op.h"
+
+namespace mlora {
+
+// gemm: c[m,n] = alpha·op(a)·op(b) + beta·c. a is [m,k] (or [k,m] with transA), b is [k,n]
+// (or [n,k] with transB) in f32/f16/bf16.
+MLORA_OP(gemm) {
+  TensorImpl c = a.tensor("c", {DType::F32});
+  TensorImpl A = a.tensor("a", {DType::F32});
+  TensorImpl B = a.tensor("b", {DType::F32, DType::F16, DType::BF16});
+  bool ta = a.flag("transA", false), tb = a.flag("transB", false);
+  if (A.shape.size() != 2 || B.shape.size() != 2 || c.shape.size() != 2) a.fail("a, b and c must be 2-D");
+  int64_t m = ta ? A.shape[1] : A.shape[0], k = ta ? A.shape[0] : A.shape[1];
+  int64_t n = tb ? B.shape[0] : B.shape[1];
+  int64_t kb = tb ? B.shape[1] : B.shape[0];
+  if (kb != k) a.fail("inner dimensions differ: op(a) is [" + std::to_string(m) + "," + std::to_string(k) +
+                      "], op(b) is [" + std::to_string(kb) + "," + std::to_string(n) + "]");
+  a.expect_shape("c", c, {m, n});
+  a.expect_distinct("c", c, "a", A);
+  float alpha = float(a.number("alpha", 1.0)), beta = float(a.number("beta", 0.0));
+  return [=](Exec& ex) {
+    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], weight(B), B.shape[1], beta,
+                   c.as<float>(), n);
+  };
+}
+
+}  // namespace mlora

@@ -1,0 +1,69 @@
+// The op table: each op is a parser that checks one JavaScript op object
+// ({op: "rmsnorm_forward", y, x, w, eps, ...}) on the JS thread and returns the kernel call
+// to run later, off the JS thread. Every check failure names the op, its index in the list
+// and the argument. Parsers register themselves with MLORA_OP in ops/<family>.cc.
+#pragma once
+#include <napi.h>
+
+#include <functional>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "../core/device.h"
+#include "../core/exec.h"
+#include "../kernels.h"
+
+namespace mlora {
+
+using Kernel = std::function<void(Exec&)>;
+
+class Args {
+ public:
+  Args(Napi::Env env, Napi::Object obj, std::string context, DeviceState* dev)
+      : env_(env), obj_(obj), ctx_(std::move(context)), dev_(dev) {}
+
+  // A Tensor argument on this op's device with one of the allowed dtypes.
+  TensorImpl tensor(const char* name, std::initializer_list<DType> allowed);
+  bool has(const char* name) const;
+  double number(const char* name);
+  double number(const char* name, double fallback);
+  int64_t integer(const char* name);
+  int64_t integer(const char* name, int64_t fallback);
+  bool flag(const char* name, bool fallback);
+  std::vector<Args> list(const char* name);  // an array of objects (e.g. LoRA segments)
+  std::vector<TensorImpl> tensor_list(const char* name, std::initializer_list<DType> allowed);
+
+  // Checks a tensor's shape; -1 in `expect` matches anything.
+  void expect_shape(const char* name, const TensorImpl& t, std::vector<int64_t> expect);
+  void expect_numel(const char* name, const TensorImpl& t, int64_t n);
+  void expect_distinct(const char* a, const TensorImpl& ta, const char* b, const TensorImpl& tb);
+  [[noreturn]] void fail(const std::string& msg) const;
+  const std::string& context() const { return ctx_; }
+
+ private:
+  Napi::Value get(const char* name) const;
+  TensorImpl tensor_value(Napi::Value v, const char* name, std::initializer_list<DType> allowed);
+  Napi::Env env_;
+  Napi::Object obj_;
+  std::string ctx_;
+  DeviceState* dev_;
+};
+
+using Parser = Kernel (*)(Args&);
+void register_op(const char* name, Parser parser);
+Parser find_op(const std::string& name);
+std::vector<std::string> op_names();
+
+struct OpRegistrar {
+  OpRegistrar(const char* name, Parser p) { register_op(name, p); }
+};
+
+#define MLORA_OP(NAME)                                      \
+  static ::mlora::Kernel parse_##NAME(::mlora::Args& a);    \
+  static ::mlora::OpRegistrar registrar_##NAME(#NAME, parse_##NAME); \
+  static ::mlora::Kernel parse_##NAME(::mlora::Args& a)
+
+inline WeightRef weight(const TensorImpl& t) { return WeightRef{t.data(), t.dtype}; }
+
+}  // namespace mlora

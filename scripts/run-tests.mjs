@@ -1,0 +1,35 @@
+#!/usr/bin/env node
+// Runs the compiled tap suite (dist/test/**/*.test.js) and ends with the plain summary line
+// CI reads: "N passed, N failed" (", N skipped" when some were skipped), counted over every
+// assertion, taken from tap's own closing summary.
+import { spawn } from 'node:child_process';
+import { readdirSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const require = createRequire(path.join(root, 'package.json'));
+const tapBin = path.join(path.dirname(require.resolve('tap/package.json')), 'dist/esm/run.mjs');
+const files = process.argv.slice(2).map((f) => f.replace(/^test\//, 'dist/test/').replace(/\.ts$/, '.js'));
+function findTests(dir) {
+  return readdirSync(path.join(root, dir), { withFileTypes: true }).flatMap((e) =>
+    e.isDirectory() ? findTests(path.join(dir, e.name)) : e.name.endsWith('.test.js') ? [path.join(dir, e.name)] : [],
+  );
+}
+const args = [tapBin, '--reporter=tap', '--plugin=!@tapjs/typescript', ...(files.length ? files : findTests('dist/test').sort())];
+const child = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+let tail = '';
+child.stdout.on('data', (chunk) => {
+  process.stdout.write(chunk);
+  tail = (tail + chunk.toString()).slice(-4096);
+});
+child.on('close', (code) => {
+  const m = /# \{ total: (\d+), pass: (\d+)(?:, fail: (\d+))?(?:, skip: (\d+))?(?:, todo: (\d+))?/.exec(tail);
+  const pass = m ? Number(m[2]) : 0;
+  let fail = m ? Number(m[3] ?? 0) : 0;
+  const skip = m ? Number(m[4] ?? 0) : 0;
+  if (code !== 0 && fail === 0) fail = 1; // a file that crashed before it could report
+  console.log(`\n${pass} passed, ${fail} failed${skip ? `, ${skip} skipped` : ''}`);
+  process.exit(code ?? 1);
+});

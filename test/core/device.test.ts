@@ -1,0 +1,102 @@
+// The device: budgets, allocation, freeing, zero-copy wrapping, and the addon's refusal to
+// crash on misuse.
+import t from 'tap';
+import { native } from '../../lib/native.js';
+import { openDevice } from '../../lib/tensor.js';
+
+t.test('info reports the CPU features and the CUDA state', async (t) => {
+  const info = native().info();
+  t.type(info.cpu.avx2, 'boolean');
+  t.type(info.cuda.compiled, 'boolean');
+  if (info.cuda.devices === 0) t.match(info.cuda.reason, /\w/, 'a reason is given when no CUDA device is usable');
+  t.ok(info.ops.includes('gemm'));
+});
+
+t.test('allocation past the budget is a clear Error; freeing returns the bytes', async (t) => {
+  const d = openDevice('cpu:1', { budget: 4 * 2 ** 20 });
+  const a = d.alloc('f32', [256, 1024]); // 1 MiB
+  t.equal(d.memory().used, 2 ** 20);
+  t.throws(() => d.alloc('f32', [1024, 1024]), /device cpu:1: out of memory: asked 4 MiB, 3 MiB free of 4 MiB/);
+  a.free();
+  t.equal(d.memory().used, 0, 'bytes are back');
+  const b = d.alloc('f32', [1024, 1024]);
+  t.equal(d.memory().used, 4 * 2 ** 20, 'the whole budget is usable after the free');
+  b.free();
+});
+
+t.test('views share storage and keep it alive', async (t) => {
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const a = d.fromArray('f32', [4, 2], new Float32Array([1, 2, 3, 4, 5, 6, 7, 8]));
+  const r = a.rows(1, 3);
+  t.same(Array.from(r.read()), [3, 4, 5, 6]);
+  t.same(r.shape, [2, 2]);
+  a.free();
+  t.same(Array.from(r.read()), [3, 4, 5, 6], 'the view still reads after the parent handle is freed');
+  t.ok(d.memory().used > 0);
+  r.free();
+  t.equal(d.memory().used, 0);
+  t.throws(() => a.read(), /freed/);
+  t.throws(() => a.rows(0, 5), /freed/);
+});
+
+t.test('wrap is zero-copy over a SharedArrayBuffer', async (t) => {
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const sab = new SharedArrayBuffer(64);
+  const view = new Float32Array(sab, 16, 4);
+  const w = d.wrap(view, 'f32', [4]);
+  t.equal(w.borrowed, true);
+  await d.run([{ op: 'fill', y: w, value: 2.5 }]);
+  t.same(Array.from(new Float32Array(sab)).slice(4, 8), [2.5, 2.5, 2.5, 2.5]);
+  t.same(Array.from(new Float32Array(sab)).slice(0, 4), [0, 0, 0, 0], 'nothing outside the view is touched');
+  t.equal(d.memory().used, 0, 'borrowed memory is not counted');
+});
+
+t.test('bad arguments are Errors naming the op and argument, never crashes', async (t) => {
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const other = openDevice('cpu:1', { budget: 2 ** 20 });
+  const a = d.alloc('f32', [2, 3]);
+  const b = d.alloc('f32', [3, 2]);
+  const c = d.alloc('f32', [2, 2]);
+  const i = d.alloc('i32', [4]);
+  const bad: Array<[unknown, RegExp]> = [
+    [[{ op: 'nope' }], /op 0: unknown op 'nope'/],
+    [[{}], /op 0: missing 'op'/],
+    [[{ op: 'gemm', c, a }], /op 0 \(gemm\): argument 'b' is missing/],
+    [[{ op: 'gemm', c, a: b, b }], /inner dimensions differ/],
+    [[{ op: 'gemm', c: i, a, b }], /argument 'c' has dtype i32, expected f32/],
+    [[{ op: 'gemm', c, a: {}, b }], /argument 'a' is not a Tensor/],
+    [[{ op: 'gemm', c, a: other.alloc('f32', [2, 3]), b }], /argument 'a' lives on cpu:1, not on cpu:0/],
+    [[{ op: 'scale', y: c, alpha: NaN }], /must be finite/],
+    [[{ op: 'fill', y: c }, { op: 'scale', y: c }], /op 1 \(scale\): argument 'alpha' must be a number/],
+    ['not an array', /ops must be an array/],
+  ];
+  for (const [ops, re] of bad) {
+    t.throws(() => d.runSync(ops as never), re, String(re));
+    await t.rejects(async () => d.run(ops as never), re);
+  }
+  t.throws(() => d.alloc('f64' as never, [2]), /unknown dtype 'f64'/);
+  t.throws(() => d.alloc('f32', [-1]), /non-negative integer/);
+  t.throws(() => d.fromArray('f32', [3], new Float32Array(2)), /has 2 elements, shape \[3\] needs 3/);
+  t.throws(() => d.fromArray('f32', [2], new Int32Array(2) as never), /does not hold f32/);
+  t.throws(() => a.write(new Float32Array(7)), /do not fit/);
+  t.throws(() => a.reshape([5]), /has 5 elements/);
+  t.throws(() => new (native().Device)({ kind: 'tpu' as never }), /unknown kind 'tpu'/);
+  const x = d.alloc('f32', [2]);
+  x.free();
+  t.throws(() => d.runSync([{ op: 'fill', y: x }]), /freed tensor/);
+});
+
+t.test('loadFile reads a byte range of a file into a tensor', async (t) => {
+  const { mkdtempSync, writeFileSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const path = await import('node:path');
+  const dir = mkdtempSync(path.join(tmpdir(), 'mlora-'));
+  const f = path.join(dir, 'x.bin');
+  const data = new Float32Array([9, 1, 2, 3, 4]);
+  writeFileSync(f, Buffer.from(data.buffer));
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const tns = await d.loadFile(f, 4, 'f32', [2, 2]);
+  t.same(Array.from(tns.read()), [1, 2, 3, 4]);
+  await t.rejects(d.loadFile(f, 8, 'f32', [2, 2]), /short read/);
+  await t.rejects(d.loadFile(path.join(dir, 'missing'), 0, 'f32', [1]), /missing: No such file/);
+});
