@@ -1,0 +1,469 @@
+// Hugging Face model directories: config.json → LlamaConfig with every field checked,
+// model.safetensors or shards + model.safetensors.index.json, every expected LLaMA tensor
+// checked against the shape the config implies, per-stage tensor lists, and a writer of
+// seeded random LLaMAs in the real HF layout (what `mlora make-model` writes).
+//
+// Accepted: model_type llama, and mistral when its sliding window never applies
+// (sliding_window null or ≥ max_position_embeddings). Refused with the reason: qwen2 (biased
+// q/k/v projections), attention_bias / mlp_bias true, hidden_act other than silu, and any
+// rope_scaling (linear, dynamic, yarn, llama3, ...): mlora's RoPE is the plain one.
+import fs from 'node:fs';
+import path from 'node:path';
+import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig } from '../model/config.js';
+import type { DType, NativeDevice, Tensor } from '../native.js';
+import { Rng } from '../rng.js';
+import { f32ToBf16, f32ToF16 } from './dtype.js';
+import {
+  numel, openSafetensors, ST_DTYPE_SIZE, writeFileAtomic, writeSafetensors,
+  type SafetensorsFile, type StDType, type StTensorInfo, type StTensorSource,
+} from './safetensors.js';
+
+// ---------------------------------------------------------------------------------------
+// config.json
+
+const TORCH_DTYPES = ['float32', 'bfloat16', 'float16'] as const;
+
+function describe(v: unknown): string {
+  return v === undefined ? 'nothing' : JSON.stringify(v);
+}
+
+/** Parses an HF config.json object into a LlamaConfig; `file` names the file in errors. */
+export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConfig {
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new Error(`${file}: must be a JSON object`);
+  const o = json as Record<string, unknown>;
+  const err = (field: string, msg: string) => new Error(`${file}: field '${field}' ${msg}`);
+  const has = (k: string) => o[k] !== undefined;
+  const posInt = (k: string): number => {
+    if (!has(k)) throw err(k, 'is missing');
+    const v = o[k];
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw err(k, `must be a positive integer, got ${describe(v)}`);
+    return v;
+  };
+  const posNum = (k: string, v: unknown): number => {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw err(k, `must be a positive number, got ${describe(v)}`);
+    return v;
+  };
+  const bool = (k: string, def: boolean): boolean => {
+    if (!has(k)) return def;
+    if (typeof o[k] !== 'boolean') throw err(k, `must be true or false, got ${describe(o[k])}`);
+    return o[k] as boolean;
+  };
+
+  if (!has('model_type')) throw err('model_type', 'is missing');
+  const modelType = o.model_type;
+  if (modelType === 'qwen2') {
+    throw err('model_type', "is 'qwen2': Qwen2's q/k/v projections have biases, which mlora does not implement (supported: llama, mistral)");
+  }
+  if (modelType !== 'llama' && modelType !== 'mistral') {
+    throw err('model_type', `is ${describe(modelType)}: mlora supports LLaMA-architecture models (model_type llama or mistral)`);
+  }
+
+  const hiddenSize = posInt('hidden_size');
+  const intermediateSize = posInt('intermediate_size');
+  const numLayers = posInt('num_hidden_layers');
+  const numHeads = posInt('num_attention_heads');
+  const numKvHeads = has('num_key_value_heads') && o.num_key_value_heads !== null ? posInt('num_key_value_heads') : numHeads;
+  if (numHeads % numKvHeads !== 0) {
+    throw err('num_key_value_heads', `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
+  }
+  let headDim: number;
+  if (has('head_dim') && o.head_dim !== null) headDim = posInt('head_dim');
+  else {
+    if (hiddenSize % numHeads !== 0) {
+      throw err('hidden_size', `(${hiddenSize}) is not a multiple of num_attention_heads (${numHeads}) and there is no head_dim`);
+    }
+    headDim = hiddenSize / numHeads;
+  }
+  if (headDim % 2 !== 0) throw err('head_dim', `must be even for rotary embeddings, got ${headDim}`);
+  const vocabSize = posInt('vocab_size');
+  const maxPositionEmbeddings = posInt('max_position_embeddings');
+  if (!has('rms_norm_eps')) throw err('rms_norm_eps', 'is missing');
+  const rmsNormEps = posNum('rms_norm_eps', o.rms_norm_eps);
+
+  // rope_theta: top level (transformers < 4.56) or rope_parameters.rope_theta (newer);
+  // HF's LlamaConfig defaults it to 10000 when neither is given, and so do we.
+  let ropeTheta = 10000;
+  const rp = o.rope_parameters;
+  if (rp !== undefined && rp !== null) {
+    if (typeof rp !== 'object' || Array.isArray(rp)) throw err('rope_parameters', `must be an object, got ${describe(rp)}`);
+    const r = rp as Record<string, unknown>;
+    const type = r.rope_type ?? r.type ?? 'default';
+    if (type !== 'default') {
+      throw err('rope_parameters.rope_type', `is ${describe(type)}: mlora implements only the default RoPE (no scaling)`);
+    }
+    if (r.rope_theta !== undefined) ropeTheta = posNum('rope_parameters.rope_theta', r.rope_theta);
+  }
+  if (has('rope_theta')) ropeTheta = posNum('rope_theta', o.rope_theta);
+  if (o.rope_scaling !== undefined && o.rope_scaling !== null) {
+    const rs = o.rope_scaling as Record<string, unknown>;
+    const type = typeof rs === 'object' ? (rs.rope_type ?? rs.type) : undefined;
+    if (type !== 'default') {
+      throw err('rope_scaling', `is ${describe(o.rope_scaling)}: mlora implements only the default RoPE (rope_scaling null)`);
+    }
+  }
+
+  const tieWordEmbeddings = bool('tie_word_embeddings', false);
+  if (bool('attention_bias', false)) throw err('attention_bias', 'is true: biased attention projections are not implemented by mlora');
+  if (bool('mlp_bias', false)) throw err('mlp_bias', 'is true: biased MLP projections are not implemented by mlora');
+  if (has('hidden_act') && o.hidden_act !== 'silu') {
+    throw err('hidden_act', `is ${describe(o.hidden_act)}: mlora's MLP is SwiGLU (silu)`);
+  }
+  if (modelType === 'mistral' && o.sliding_window !== undefined && o.sliding_window !== null) {
+    const sw = o.sliding_window;
+    if (typeof sw !== 'number' || !Number.isSafeInteger(sw) || sw <= 0) throw err('sliding_window', `must be null or a positive integer, got ${describe(sw)}`);
+    if (sw < maxPositionEmbeddings) {
+      throw err('sliding_window', `is ${sw} < max_position_embeddings (${maxPositionEmbeddings}): sliding-window attention is not implemented by mlora`);
+    }
+  }
+
+  // torch_dtype (older) or dtype (transformers ≥ 4.56); HF's default is float32.
+  const dtKey = has('torch_dtype') && o.torch_dtype !== null ? 'torch_dtype' : 'dtype';
+  let torchDtype = 'float32';
+  if (o[dtKey] !== undefined && o[dtKey] !== null) {
+    const v = o[dtKey];
+    if (typeof v !== 'string' || !(TORCH_DTYPES as readonly string[]).includes(v)) {
+      throw err(dtKey, `must be one of ${TORCH_DTYPES.join(', ')}, got ${describe(v)}`);
+    }
+    torchDtype = v;
+  }
+
+  const tokenId = (k: string): number | undefined => {
+    let v = o[k];
+    if (v === undefined || v === null) return undefined;
+    if (Array.isArray(v)) v = v[0]; // Llama 3 lists several eos ids; the first is the canonical one
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw err(k, `must be a non-negative integer, got ${describe(o[k])}`);
+    return v;
+  };
+  const cfg: LlamaConfig = {
+    modelType: modelType as string,
+    hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, vocabSize,
+    maxPositionEmbeddings, rmsNormEps, ropeTheta, tieWordEmbeddings, torchDtype,
+  };
+  const bos = tokenId('bos_token_id');
+  const eos = tokenId('eos_token_id');
+  if (bos !== undefined) cfg.bosTokenId = bos;
+  if (eos !== undefined) cfg.eosTokenId = eos;
+  return cfg;
+}
+
+function readJson(file: string, label: string): unknown {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new Error(`${label}: cannot read: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${label}: not valid JSON (${(e as Error).message})`);
+  }
+}
+
+/** Reads DIR/config.json into a LlamaConfig; errors name the file and field. */
+export function readModelConfig(dir: string): LlamaConfig {
+  const file = path.join(dir, 'config.json');
+  return parseModelConfig(readJson(file, file), file);
+}
+
+/** HF config.json contents for a LlamaConfig (real LlamaConfig field names). */
+export function toHfConfigJson(c: LlamaConfig): Record<string, unknown> {
+  return {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    hidden_size: c.hiddenSize,
+    intermediate_size: c.intermediateSize,
+    num_hidden_layers: c.numLayers,
+    num_attention_heads: c.numHeads,
+    num_key_value_heads: c.numKvHeads,
+    head_dim: c.headDim,
+    vocab_size: c.vocabSize,
+    max_position_embeddings: c.maxPositionEmbeddings,
+    rms_norm_eps: c.rmsNormEps,
+    rope_theta: c.ropeTheta,
+    rope_scaling: null,
+    tie_word_embeddings: c.tieWordEmbeddings,
+    hidden_act: 'silu',
+    attention_bias: false,
+    attention_dropout: 0.0,
+    mlp_bias: false,
+    initializer_range: 0.02,
+    bos_token_id: c.bosTokenId ?? 1,
+    eos_token_id: c.eosTokenId ?? 2,
+    pretraining_tp: 1,
+    use_cache: true,
+    torch_dtype: c.torchDtype,
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor names and shapes
+
+export const EMBED = 'model.embed_tokens.weight';
+export const FINAL_NORM = 'model.norm.weight';
+export const LM_HEAD = 'lm_head.weight';
+
+/** Names and shapes of layer i's tensors, in HF order. */
+export function layerTensors(c: LlamaConfig, i: number): Array<[string, number[]]> {
+  const p = `model.layers.${i}`;
+  const out: Array<[string, number[]]> = [
+    [`${p}.input_layernorm.weight`, [c.hiddenSize]],
+    [`${p}.post_attention_layernorm.weight`, [c.hiddenSize]],
+  ];
+  for (const t of LORA_TARGETS) out.push([`${p}.${projectionModule(t)}.weight`, projectionShape(c, t)]);
+  return out;
+}
+
+/** Every tensor a LLaMA checkpoint with this config must hold, with its shape, in HF order. */
+export function expectedTensors(c: LlamaConfig): Map<string, number[]> {
+  const m = new Map<string, number[]>();
+  m.set(EMBED, [c.vocabSize, c.hiddenSize]);
+  for (let i = 0; i < c.numLayers; i++) for (const [n, s] of layerTensors(c, i)) m.set(n, s);
+  m.set(FINAL_NORM, [c.hiddenSize]);
+  if (!c.tieWordEmbeddings) m.set(LM_HEAD, [c.vocabSize, c.hiddenSize]);
+  return m;
+}
+
+/**
+ * The tensors one pipeline stage needs: layers [lo, hi), plus the embedding when `embedding`
+ * (first stage) and the final norm + head when `head` (last stage; with tied embeddings the
+ * head is the embedding table).
+ */
+export function stageTensorNames(c: LlamaConfig, lo: number, hi: number, opts: { embedding?: boolean; head?: boolean } = {}): string[] {
+  if (!(Number.isInteger(lo) && Number.isInteger(hi) && 0 <= lo && lo <= hi && hi <= c.numLayers)) {
+    throw new Error(`stageTensorNames: layers [${lo}, ${hi}) are not inside [0, ${c.numLayers})`);
+  }
+  const names: string[] = [];
+  if (opts.embedding) names.push(EMBED);
+  for (let i = lo; i < hi; i++) for (const [n] of layerTensors(c, i)) names.push(n);
+  if (opts.head) {
+    names.push(FINAL_NORM);
+    names.push(c.tieWordEmbeddings ? EMBED : LM_HEAD);
+  }
+  return [...new Set(names)];
+}
+
+// ---------------------------------------------------------------------------------------
+// Model directories
+
+export interface ModelDir {
+  dir: string;
+  config: LlamaConfig;
+  /** The safetensors files, in name order. */
+  files: SafetensorsFile[];
+  /** Every tensor name in the checkpoint (expected ones and any extra), in file order. */
+  tensorNames: string[];
+  /** Tensors in the files that a LLaMA does not use (e.g. old rotary_emb.inv_freq buffers). */
+  extraTensors: string[];
+  /** Header warnings of the files (gaps, trailing bytes). */
+  warnings: string[];
+  /** The file holding a tensor. */
+  fileOf(name: string): SafetensorsFile;
+  info(name: string): StTensorInfo;
+  /** The shape the config implies for a tensor (undefined for extra tensors). */
+  expectedShape(name: string): number[] | undefined;
+  /**
+   * Loads one tensor into device memory (F32/F16/BF16 straight from the file). Its shape is
+   * checked against `expectShape` (default: the shape the config implies); `dtype` converts.
+   */
+  loadTensor(device: NativeDevice, name: string, options?: { expectShape?: readonly number[]; dtype?: DType }): Promise<Tensor>;
+  /** One tensor as f32 in JS memory. */
+  readF32(name: string): Float32Array;
+  /** Totals over the expected tensors. */
+  stats(): { tensors: number; parameters: number; bytes: number; dtypes: Record<string, number> };
+}
+
+const INDEX = 'model.safetensors.index.json';
+const SINGLE = 'model.safetensors';
+const SHARD_RE = /^model-\d{5}-of-\d{5}\.safetensors$/;
+
+function sameShape(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((d, i) => d === b[i]);
+}
+const fmt = (s: readonly number[]) => `[${s.join(', ')}]`;
+
+/**
+ * Opens a Hugging Face model directory: reads config.json and every safetensors header
+ * (never the data), and checks that each tensor the config implies is present with its
+ * shape and a floating dtype.
+ */
+export function openModelDir(dir: string): ModelDir {
+  const config = readModelConfig(dir);
+  const fileMap = new Map<string, SafetensorsFile>(); // tensor → file
+  const files: SafetensorsFile[] = [];
+  const indexPath = path.join(dir, INDEX);
+  const singlePath = path.join(dir, SINGLE);
+  if (fs.existsSync(indexPath)) {
+    const idx = readJson(indexPath, indexPath) as Record<string, unknown>;
+    const wm = idx?.weight_map;
+    if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) throw new Error(`${indexPath}: field 'weight_map' must be an object {tensor: file}`);
+    const byFile = new Map<string, string[]>();
+    for (const [t, f] of Object.entries(wm as Record<string, unknown>)) {
+      if (typeof f !== 'string' || f === '' || f.includes('/') || f.includes('\\') || f === '.' || f === '..') {
+        throw new Error(`${indexPath}: weight_map['${t}'] must be a file name in the model directory, got ${describe(f)}`);
+      }
+      byFile.set(f, [...(byFile.get(f) ?? []), t]);
+    }
+    for (const [f, names] of [...byFile.entries()].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
+      const st = openSafetensors(path.join(dir, f));
+      files.push(st);
+      for (const t of names) {
+        if (!st.tensors.has(t)) throw new Error(`${indexPath}: weight_map puts tensor '${t}' in ${f}, but ${st.path} has no such tensor`);
+        fileMap.set(t, st);
+      }
+    }
+  } else if (fs.existsSync(singlePath)) {
+    const st = openSafetensors(singlePath);
+    files.push(st);
+    for (const t of st.tensors.keys()) fileMap.set(t, st);
+  } else {
+    throw new Error(`${dir}: no ${SINGLE} and no ${INDEX} (a Hugging Face model directory holds its weights in one of them)`);
+  }
+
+  const expected = expectedTensors(config);
+  const missing = [...expected.keys()].filter((n) => !fileMap.has(n));
+  if (missing.length) {
+    const where = files.length === 1 ? files[0]!.path : `${dir} (${INDEX})`;
+    throw new Error(
+      `${where}: ${missing.length} tensor(s) the config implies are missing: ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`,
+    );
+  }
+  for (const [n, shape] of expected) {
+    const st = fileMap.get(n)!;
+    const i = st.tensors.get(n)!;
+    if (!sameShape(i.shape, shape)) {
+      throw new Error(`${st.path}: tensor '${n}' has shape ${fmt(i.shape)} but config.json implies ${fmt(shape)}`);
+    }
+    if (!['F32', 'F16', 'BF16', 'F64'].includes(i.dtype)) throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; weights must be F32, F16 or BF16`);
+  }
+  const tensorNames = [...fileMap.keys()];
+  const extraTensors = tensorNames.filter((n) => !expected.has(n));
+
+  const fileOf = (name: string): SafetensorsFile => {
+    const f = fileMap.get(name);
+    if (!f) throw new Error(`${dir}: the model has no tensor '${name}'`);
+    return f;
+  };
+  return {
+    dir, config, files, tensorNames, extraTensors,
+    warnings: files.flatMap((f) => f.warnings),
+    fileOf,
+    info: (name) => fileOf(name).info(name),
+    expectedShape: (name) => expected.get(name),
+    async loadTensor(device, name, options = {}) {
+      const f = fileOf(name);
+      const i = f.info(name);
+      const want = options.expectShape ?? expected.get(name);
+      if (want && !sameShape(i.shape, want)) throw new Error(`${f.path}: tensor '${name}' has shape ${fmt(i.shape)}, expected ${fmt(want)}`);
+      return f.toDevice(device, name, options.dtype ? { dtype: options.dtype } : {});
+    },
+    readF32: (name) => fileOf(name).readF32(name),
+    stats() {
+      let parameters = 0;
+      let bytes = 0;
+      const dtypes: Record<string, number> = {};
+      for (const n of expected.keys()) {
+        const i = fileOf(n).info(n);
+        parameters += numel(i.shape);
+        bytes += i.end - i.begin;
+        dtypes[i.dtype] = (dtypes[i.dtype] ?? 0) + 1;
+      }
+      return { tensors: expected.size, parameters, bytes, dtypes };
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// Seeded random LLaMA in the HF layout
+
+export interface RandomLlamaOptions {
+  seed: number;
+  dtype?: 'f32' | 'bf16' | 'f16';
+  /** Split the weights into shards of at most this many bytes (a larger tensor goes alone) + an index. */
+  shardBytes?: number;
+}
+
+const DTYPE_INFO = {
+  f32: { st: 'F32' as StDType, torch: 'float32' },
+  bf16: { st: 'BF16' as StDType, torch: 'bfloat16' },
+  f16: { st: 'F16' as StDType, torch: 'float16' },
+};
+
+/** The HF init of one tensor (normal std 0.02 for weights, ones for norms), from its own Rng stream. */
+export function initTensor(seed: number, name: string, shape: readonly number[]): Float32Array {
+  const out = new Float32Array(numel(shape));
+  if (name.endsWith('norm.weight')) return out.fill(1);
+  return new Rng(seed, 'init', name).fillNormal(out, 0.02);
+}
+
+/**
+ * Writes a seeded random LLaMA in the real HF layout: config.json, model.safetensors (or
+ * model-0000i-of-0000n.safetensors + model.safetensors.index.json when `shardBytes` is set)
+ * and generation_config.json. Each tensor is drawn from its own stream (seed, 'init', name),
+ * so it is reproducible on its own. Tensors are made one at a time while writing. Old weight
+ * files of another layout in DIR are removed (as save_pretrained does); the tokenizer is not
+ * written here.
+ */
+export function writeRandomLlama(dir: string, config: LlamaConfig, options: RandomLlamaOptions): void {
+  const dt = DTYPE_INFO[options.dtype ?? 'f32'];
+  if (!dt) throw new Error(`writeRandomLlama: dtype must be f32, bf16 or f16, got ${describe(options.dtype)}`);
+  const cfg: LlamaConfig = { ...config, modelType: 'llama', torchDtype: dt.torch };
+  parseModelConfig(toHfConfigJson(cfg), 'writeRandomLlama config'); // the config must be one we can read back
+  fs.mkdirSync(dir, { recursive: true });
+
+  const sources: Array<[string, StTensorSource]> = [...expectedTensors(cfg)].map(([name, shape]) => [
+    name,
+    {
+      dtype: dt.st,
+      shape,
+      data: () => {
+        const f = initTensor(options.seed, name, shape);
+        return dt.st === 'F32' ? f : dt.st === 'BF16' ? f32ToBf16(f) : f32ToF16(f);
+      },
+    },
+  ]);
+  const meta = { format: 'pt' };
+  const written = new Set<string>();
+  if (options.shardBytes === undefined) {
+    writeSafetensors(path.join(dir, SINGLE), Object.fromEntries(sources), meta);
+    written.add(SINGLE);
+  } else {
+    if (!(options.shardBytes > 0)) throw new Error(`writeRandomLlama: shardBytes must be positive, got ${options.shardBytes}`);
+    const shards: Array<Array<[string, StTensorSource]>> = [];
+    let cur: Array<[string, StTensorSource]> = [];
+    let curBytes = 0;
+    let total = 0;
+    for (const s of sources) {
+      const b = numel(s[1].shape) * ST_DTYPE_SIZE[s[1].dtype];
+      total += b;
+      if (cur.length && curBytes + b > options.shardBytes) {
+        shards.push(cur);
+        cur = [];
+        curBytes = 0;
+      }
+      cur.push(s);
+      curBytes += b;
+    }
+    if (cur.length) shards.push(cur);
+    const n = shards.length;
+    const weightMap: Record<string, string> = {};
+    shards.forEach((shard, k) => {
+      const f = `model-${String(k + 1).padStart(5, '0')}-of-${String(n).padStart(5, '0')}.safetensors`;
+      writeSafetensors(path.join(dir, f), Object.fromEntries(shard), meta);
+      written.add(f);
+      for (const [name] of shard) weightMap[name] = f;
+    });
+    const sortedMap = Object.fromEntries(Object.entries(weightMap).sort((a, b) => (a[0] < b[0] ? -1 : 1)));
+    writeFileAtomic(path.join(dir, INDEX), JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
+    written.add(INDEX);
+  }
+  // Old weights of another layout would shadow or confuse the new ones.
+  for (const f of fs.readdirSync(dir)) {
+    if ((f === SINGLE || f === INDEX || SHARD_RE.test(f)) && !written.has(f)) fs.rmSync(path.join(dir, f), { force: true });
+  }
+  writeFileAtomic(path.join(dir, 'config.json'), JSON.stringify(toHfConfigJson(cfg), null, 2) + '\n');
+  writeFileAtomic(
+    path.join(dir, 'generation_config.json'),
+    JSON.stringify({ _from_model_config: true, bos_token_id: cfg.bosTokenId ?? 1, eos_token_id: cfg.eosTokenId ?? 2 }, null, 2) + '\n',
+  );
+}
