@@ -1,0 +1,5 @@
+// Formats: safetensors, Hugging Face model directories, PEFT LoRA adapters.
+export * from './dtype.js';
+export * from './safetensors.js';
+export * from './hf-model.js';
+export * from './peft.js';
