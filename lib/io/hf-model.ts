@@ -267,6 +267,11 @@ export interface ModelDir {
    * checked against `expectShape` (default: the shape the config implies); `dtype` converts.
    */
   loadTensor(device: NativeDevice, name: string, options?: { expectShape?: readonly number[]; dtype?: DType }): Promise<Tensor>;
+  /**
+   * Loads several tensors (e.g. `stageTensorNames(config, lo, hi, ...)`: one stage's share),
+   * each checked as in loadTensor; on an error the ones already loaded are freed.
+   */
+  loadTensors(device: NativeDevice, names: readonly string[], options?: { dtype?: DType }): Promise<Map<string, Tensor>>;
   /** One tensor as f32 in JS memory. */
   readF32(name: string): Float32Array;
   /** Totals over the expected tensors. */
@@ -356,6 +361,16 @@ export function openModelDir(dir: string): ModelDir {
       const want = options.expectShape ?? expected.get(name);
       if (want && !sameShape(i.shape, want)) throw new Error(`${f.path}: tensor '${name}' has shape ${fmt(i.shape)}, expected ${fmt(want)}`);
       return f.toDevice(device, name, options.dtype ? { dtype: options.dtype } : {});
+    },
+    async loadTensors(device, names, options = {}) {
+      const out = new Map<string, Tensor>();
+      try {
+        for (const n of names) if (!out.has(n)) out.set(n, await this.loadTensor(device, n, options.dtype ? { dtype: options.dtype } : {}));
+      } catch (e) {
+        for (const t of out.values()) t.free();
+        throw e;
+      }
+      return out;
     },
     readF32: (name) => fileOf(name).readF32(name),
     stats() {

@@ -339,8 +339,9 @@ export function writeFileAtomic(file: string, contents: Iterable<Uint8Array> | s
 }
 
 /**
- * The order tensors are laid out in: larger element size first, then by name (the order the
- * Rust safetensors library uses), so every tensor is aligned to its element size.
+ * The order tensors are laid out in: larger element size first, then by name, so every
+ * tensor is aligned to its element size. (The Rust library sorts by dtype rank descending,
+ * then name: the same order when all tensors share a dtype, as checkpoints do.)
  */
 export function safetensorsOrder(entries: Array<[string, { dtype: StDType }]>): Array<[string, { dtype: StDType }]> {
   return [...entries].sort((a, b) => ST_DTYPE_SIZE[b[1].dtype] - ST_DTYPE_SIZE[a[1].dtype] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));

@@ -171,6 +171,18 @@ t.test('stage tensor lists', async (t) => {
   const all = new Set([...first, ...last]);
   t.same([...all].sort(), [...expectedTensors(tiny).keys()].sort(), 'two stages cover the model exactly');
   t.throws(() => stageTensorNames(tiny, 1, 3), /layers \[1, 3\) are not inside \[0, 2\)/);
+
+  // A stage loads only its own tensors.
+  const m = openModelDir(path.join(FIX, 'model'));
+  const dev = cpuDevice();
+  const before = dev.memory().used;
+  const ts = await m.loadTensors(dev, stageTensorNames(m.config, 1, 2, { head: true }));
+  t.equal(ts.size, 11);
+  t.same(ts.get('lm_head.weight')!.shape, [256, 64]);
+  t.equal(dev.memory().used - before, [...ts.values()].reduce((s, x) => s + x.bytes, 0));
+  for (const x of ts.values()) x.free();
+  await t.rejects(m.loadTensors(dev, ['model.norm.weight', 'nope']), /has no tensor 'nope'/);
+  t.equal(dev.memory().used, before, 'a failed stage load frees what it had loaded');
 });
 
 t.test('broken model directories are clear Errors naming file and tensor', async (t) => {
