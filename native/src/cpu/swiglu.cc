@@ -31,8 +31,11 @@ void swiglu_backward(Exec& ex, float* dgate, float* dup, const float* dh, const 
     for (int64_t i = b; i < e; i++) {
       const float g = gate[i], u = up[i], d = dh[i];
       const float s = sigmoid_approx(g);
-      dup[i] = d * g * s;
-      dgate[i] = d * u * s * (1.f + g * (1.f - s));
+      // silu(g) = g·σ and k = σ·(1 + g(1−σ)) are bounded (|k| < 1.1), so grouping them first
+      // keeps an intermediate from overflowing when dh·up is large.
+      const float k = s * (1.f + g * (1.f - s));
+      dup[i] = d * (g * s);
+      dgate[i] = d * (u * k);
     }
   });
 }
