@@ -13,8 +13,17 @@ namespace mlora::cpu {
 // would be denormal) it returns 0, above 88.72 +inf; NaN stays NaN.
 static inline float exp_approx(float x) {
   const float hi = 88.72283905f, lo = -87.33654475f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
+  // Clamp and, at the end, out-of-range and NaN results by integer bit selects: with float
+  // `cond ? a : b` GCC threads the branches (duplicating the polynomial per case) or keeps
+  // possibly-trapping arithmetic on one branch, and does not vectorise without -fno-trapping-math.
+  uint32_t xb, lob, hib;
+  std::memcpy(&xb, &x, 4);
+  std::memcpy(&lob, &lo, 4);
+  std::memcpy(&hib, &hi, 4);
+  const uint32_t under = 0u - uint32_t(x < lo), over = 0u - uint32_t(x > hi), nan = 0u - uint32_t(x != x);
+  uint32_t xcb = (xb & ~under & ~over) | (lob & under) | (hib & over);  // NaN stays NaN
+  float xc;
+  std::memcpy(&xc, &xcb, 4);
   // n = round(x / ln2) with the 1.5·2^23 trick (round-to-nearest without SSE4.1's roundps)
   const float magic = 12582912.f;
   float t = xc * 1.44269504088896341f + magic;
@@ -33,14 +42,18 @@ static inline float exp_approx(float x) {
   p = p * r * r + r + 1.f;
   // 2^n: n is in [-126, 128]; split as 2^(n/2)·2^(n - n/2) so n = 128 (x near 88.72) stays finite
   int32_t n1 = ni >> 1, n2 = ni - n1;
-  int32_t b1 = (n1 + 127) << 23, b2 = (n2 + 127) << 23;
+  // (unsigned shifts: for a NaN input ni is garbage, and a signed overflow would be UB)
+  uint32_t b1 = uint32_t(n1 + 127) << 23, b2 = uint32_t(n2 + 127) << 23;
   float s1, s2;
   std::memcpy(&s1, &b1, 4);
   std::memcpy(&s2, &b2, 4);
   float y = p * s1 * s2;
-  y = x < lo ? 0.f : y;
-  y = x > hi ? std::numeric_limits<float>::infinity() : y;
-  y = x != x ? x : y;  // NaN in, NaN out
+  uint32_t yb;
+  std::memcpy(&yb, &y, 4);
+  yb &= ~under;                                      // 0
+  yb = (yb & ~over) | (0x7f800000u & over);          // +inf
+  yb = (yb & ~nan) | (xb & nan);                     // NaN passes through
+  std::memcpy(&y, &yb, 4);
   return y;
 }
 
