@@ -120,6 +120,8 @@ export function parseRecord(raw: unknown, format: DataFormat): DataRecord {
       m.forEach((x: unknown, i) => {
         if (!x || typeof x !== 'object' || Array.isArray(x)) throw new Error(`field 'messages[${i}]' must be an object {role, content}, got ${typeName(x)}`);
         const e = x as Record<string, unknown>;
+        if (e.role === undefined) throw new Error(`field 'messages[${i}].role' is missing`);
+        if (e.content === undefined) throw new Error(`field 'messages[${i}].content' is missing`);
         if (typeof e.role !== 'string' || !(CHAT_ROLES as readonly string[]).includes(e.role))
           throw new Error(`field 'messages[${i}].role' must be one of ${CHAT_ROLES.join(', ')}, got ${JSON.stringify(e.role)}`);
         if (typeof e.content !== 'string') throw new Error(`field 'messages[${i}].content' must be a string, got ${typeName(e.content)}`);
