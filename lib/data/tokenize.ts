@@ -1,8 +1,8 @@
 // Records -> training examples {inputIds, labels} (HF causal-LM conventions: labels aligned
 // with inputIds, -100 = not a target; the model predicts labels[i] from position i-1).
 //
-// - BOS is prepended when the tokenizer has one (unless the rendered chat already starts
-//   with it); EOS is appended after the response (unless the chat template already closed
+// - BOS is prepended when the tokenizer adds one (Tokenizer.addBos; not twice when the
+//   rendered chat already starts with it); EOS is appended after the response (unless the chat template already closed
 //   the last assistant turn with it). Pre-tokenized records are taken as they are.
 // - train_on_inputs false: the prompt (and BOS) get -100, the response and EOS are targets;
 //   true: labels = inputIds. Text records: every token is a target.
@@ -100,7 +100,7 @@ export function tokenizeRecord(tok: Tokenizer, r: DataRecord, opts: TokenizeOpti
   const ids: number[] = [];
   const labels: number[] = [];
   const first = segs.find((s) => s.ids.length > 0);
-  if (tok.bosId !== undefined && !(first && first.ids[0] === tok.bosId)) {
+  if (tok.addBos && tok.bosId !== undefined && !(first && first.ids[0] === tok.bosId)) {
     ids.push(tok.bosId);
     labels.push(r.kind === 'text' || opts.trainOnInputs ? tok.bosId : IGNORE_INDEX);
   }

@@ -30,6 +30,10 @@ export interface Tokenizer {
   readonly padId?: number;
   readonly bosToken?: string;
   readonly eosToken?: string;
+  /** Whether sequences start with BOS: tokenizer_config.json add_bos_token when given, else
+   *  whether the tokenizer's own post-processor adds it (LLaMA, Mistral: yes; Qwen, GPT-2: no),
+   *  i.e. what `tokenizer(text)` does in transformers. False when there is no BOS. */
+  readonly addBos: boolean;
   /** Where the tokenizer came from (the model directory), for error messages. */
   readonly source: string;
   readonly hasChatTemplate: boolean;
@@ -82,6 +86,7 @@ class HfBackedTokenizer implements Tokenizer {
   readonly padId?: number;
   readonly bosToken?: string;
   readonly eosToken?: string;
+  readonly addBos: boolean;
   readonly hasChatTemplate: boolean;
   private readonly template?: Template;
   private readonly specialTokenStrings: Record<string, string>;
@@ -97,6 +102,7 @@ class HfBackedTokenizer implements Tokenizer {
     for (const id of tok.get_vocab(true).values()) if (id > maxId) maxId = id;
     this.vocabSize = maxId + 1;
     const idOf = (key: string, fallbackKey: string): [number | undefined, string | undefined] => {
+      if (key in config && config[key] === null) return [undefined, undefined]; // explicitly none
       const s = tokenString(config[key]);
       if (s !== undefined) {
         const id = tok.token_to_id(s);
@@ -110,6 +116,9 @@ class HfBackedTokenizer implements Tokenizer {
     [this.bosId, this.bosToken] = idOf('bos_token', 'bos_token_id');
     [this.eosId, this.eosToken] = idOf('eos_token', 'eos_token_id');
     [this.padId] = idOf('pad_token', 'pad_token_id');
+    if (this.bosId === undefined) this.addBos = false;
+    else if (typeof config.add_bos_token === 'boolean') this.addBos = config.add_bos_token;
+    else this.addBos = tok.encode('a', { add_special_tokens: true }).ids[0] === this.bosId;
     const tpl = pickChatTemplate(config.chat_template, configFile);
     this.hasChatTemplate = tpl !== undefined;
     if (tpl !== undefined) {

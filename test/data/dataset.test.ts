@@ -194,3 +194,30 @@ t.test('the shipped demo datasets parse and tokenize', async (t) => {
     t.equal(res.truncated, 0);
   }
 });
+
+t.test('the committed demo files are exactly what the generator writes', async (t) => {
+  const { demoDatasets } = await import('../../lib/data/demo.js');
+  const { readFileSync } = await import('node:fs');
+  const root = path.resolve(import.meta.dirname, '..', '..', '..');
+  for (const [name, records] of Object.entries(demoDatasets())) {
+    const want = records.map((r) => JSON.stringify(r)).join('\n') + '\n';
+    t.equal(readFileSync(path.join(root, 'data', 'demo', `${name}.jsonl`), 'utf8'), want, `${name}.jsonl is reproducible`);
+  }
+});
+
+t.test('BOS follows the tokenizer: add_bos_token false means none is prepended', async (t) => {
+  const d = path.join(dir, 'nobos');
+  await writeTokenizerFiles(d, { vocabSize: 300, corpus: ['abc'] });
+  const { readFileSync } = await import('node:fs');
+  const cfgFile = path.join(d, 'tokenizer_config.json');
+  const cfg = JSON.parse(readFileSync(cfgFile, 'utf8'));
+  writeFileSync(cfgFile, JSON.stringify({ ...cfg, add_bos_token: false }));
+  const tok = loadTokenizer(d, { fresh: true });
+  t.equal(tok.bosId, 1);
+  t.equal(tok.addBos, false);
+  const ds = parseDataset(jsonl({ text: 'abc' }), 'x.jsonl');
+  const ex = tokenizeRecords(tok, ds.records, ds.where, { template: resolveTemplate(undefined, 'text'), seqLen: 16 }).examples[0]!;
+  t.same(Array.from(ex.inputIds), [...tok.encode('abc'), tok.eosId]);
+  await ready;
+  t.equal(loadTokenizer(modelDir).addBos, true, "mlora's own tokenizer adds BOS (its post-processor does)");
+});
