@@ -75,6 +75,8 @@ export interface LoaderState {
   seed: number;
   numExamples: number;
   batchSize: number;
+  microBatchSize: number;
+  shuffle: boolean;
   /** The epoch's order is derived, not streamed: deriveSeed(seed, 'data', epoch). */
   orderSeed: number;
 }
@@ -254,6 +256,8 @@ export class AdapterDataLoader {
       seed: this.seed,
       numExamples: this.numExamples,
       batchSize: this.batchSize,
+      microBatchSize: this.microBatchSize,
+      shuffle: this.shuffle,
       orderSeed: deriveSeed(this.seed, 'data', this.epoch),
     };
   }
@@ -264,6 +268,9 @@ export class AdapterDataLoader {
     if (s.seed !== this.seed) throw mismatch('seed', s.seed, this.seed);
     if (s.numExamples !== this.numExamples) throw mismatch('numExamples', s.numExamples, this.numExamples);
     if (s.batchSize !== this.batchSize) throw mismatch('batchSize', s.batchSize, this.batchSize);
+    if (s.shuffle !== undefined && s.shuffle !== this.shuffle) throw mismatch('shuffle', s.shuffle, this.shuffle);
+    if (s.microIndex > 0 && s.microBatchSize !== undefined && s.microBatchSize !== this.microBatchSize)
+      throw mismatch('microBatchSize (mid-step)', s.microBatchSize, this.microBatchSize);
     for (const k of ['epoch', 'cursor', 'step', 'microIndex'] as const)
       if (!Number.isInteger(s[k]) || s[k] < 0) throw new Error(`data loader: bad state field '${k}': ${String(s[k])}`);
     if (s.cursor > this.numExamples || s.epoch >= this.epochs + 1) throw new Error(`data loader: state out of range (epoch ${s.epoch}, cursor ${s.cursor})`);

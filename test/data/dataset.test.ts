@@ -221,3 +221,17 @@ t.test('BOS follows the tokenizer: add_bos_token false means none is prepended',
   await ready;
   t.equal(loadTokenizer(modelDir).addBos, true, "mlora's own tokenizer adds BOS (its post-processor does)");
 });
+
+t.test('a chat template that emits bos_token itself and closes turns with its own marker', async (t) => {
+  const d = path.join(dir, 'tpl2');
+  const tpl =
+    "{{ bos_token }}{% for m in messages %}{{ '[' + m['role'] + ']: ' + m['content'] + ' [end]\\n' }}{% endfor %}" +
+    "{% if add_generation_prompt %}{{ '[assistant]: ' }}{% endif %}";
+  await writeTokenizerFiles(d, { vocabSize: 300, corpus: ['abc'], chatTemplate: tpl });
+  const tok = loadTokenizer(d, { fresh: true });
+  const ch = parseDataset(jsonl({ messages: [{ role: 'user', content: 'Q' }, { role: 'assistant', content: 'A' }] }), 'c.jsonl');
+  const ex = tokenizeRecords(tok, ch.records, ch.where, { template: resolveTemplate(undefined, 'chat'), seqLen: 128 }).examples[0]!;
+  t.equal(tok.decode(ex.inputIds), '<s>[user]: Q [end]\n[assistant]: A [end]\n</s>', 'one BOS (from the template), EOS appended after the last response');
+  t.equal(ex.inputIds.filter((x) => x === tok.bosId).length, 1);
+  t.equal(tok.decode(Array.from(ex.labels).filter((x) => x !== IGNORE_INDEX)), 'A [end]\n</s>', 'targets: the assistant turn as rendered, then EOS');
+});
