@@ -3,3 +3,4 @@ export { native, addonPath } from './native.js';
 export type { Op, LoraSegmentArg, NativeInfo, DeviceOptions, MemoryInfo } from './native.js';
 export * from './tensor.js';
 export { Rng, deriveSeed } from './rng.js';
+export * from './data/index.js';
