@@ -163,7 +163,7 @@ const shapes: Array<[string, Shape]> = [
   ['eight sequences of lengths 1..130, GQA ratio 2, d 16',
     { cu: [0, 1, 8, 72, 137, 267, 270, 271, 291], hq: 4, hkv: 2, d: 16 }],
   ['four sequences incl. length 1 and 64, GQA ratio 4, d 64', { cu: [0, 33, 34, 134, 198], hq: 8, hkv: 2, d: 64 }],
-  ['one kv head for all (MQA), explicit scale 0.3, d 16', { cu: [0, 70, 75], hq: 3, hkv: 1, d: 16, scale: 0.3 }],
+  ['one kv head for all (MQA), explicit scale 0.3, d 20 (not a multiple of 8)', { cu: [0, 70, 75], hq: 3, hkv: 1, d: 20, scale: 0.3 }],
 ];
 
 for (const [name, s] of shapes) {
@@ -188,6 +188,25 @@ for (const [name, s] of shapes) {
     }
   });
 }
+
+t.test('the portable fallback (no AVX2) agrees with the reference too', async (t) => {
+  // MLORA_CPU_PORTABLE is read by the kernel at each call (getenv on the calling thread).
+  const s: Shape = { cu: [0, 1, 70, 100], hq: 4, hkv: 2, d: 24 };
+  const x = makeInputs(s, new Rng(18, 'attn-portable'));
+  const ref = attnRef(s, x);
+  const bref = attnBackRef(s, x);
+  process.env.MLORA_CPU_PORTABLE = '1';
+  try {
+    const got = await runKernels(cpuDevice(1), s, x, new Rng(19));
+    assertClose(t, got.out, ref.out, TOL_OUT, 'out');
+    assertClose(t, got.lse, ref.lse, TOL_LSE, 'lse');
+    assertClose(t, got.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), 'dq');
+    assertClose(t, got.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), 'dk');
+    assertClose(t, got.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), 'dv');
+  } finally {
+    delete process.env.MLORA_CPU_PORTABLE;
+  }
+});
 
 t.test('finite differences of the float64 forward agree with both backward passes', async (t) => {
   const s: Shape = { cu: [0, 3, 4, 7], hq: 2, hkv: 1, d: 4 };

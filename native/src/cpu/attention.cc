@@ -24,6 +24,7 @@
 // kernels: an AVX2+FMA version chosen at run time (cpu_features) and a portable one.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -399,10 +400,13 @@ MLORA_AVX2 void dq_block_avx2(const Problem& P, Scratch& w, int64_t r0, int64_t 
 }
 #endif
 
+// MLORA_CPU_PORTABLE=1 in the environment forces the portable loops (tests use it to check
+// the fallback path on machines that have AVX2).
 Kernels pick_kernels() {
 #ifdef MLORA_ATTN_X86
   const CpuFeatures& f = cpu_features();
-  if (f.avx2 && f.fma) return {fwd_avx2, seq_kv_avx2, kv_block_avx2, dq_block_avx2};
+  const char* portable = std::getenv("MLORA_CPU_PORTABLE");
+  if (f.avx2 && f.fma && !(portable && portable[0] == '1')) return {fwd_avx2, seq_kv_avx2, kv_block_avx2, dq_block_avx2};
 #endif
   return {fwd_portable, seq_kv_portable, kv_block_portable, dq_block_portable};
 }
