@@ -160,8 +160,8 @@ const GRAD_REL = 2e-5;
 
 const shapes: Array<[string, Shape]> = [
   ['single sequence of 150 (three key blocks, the last partial), MHA 4 heads, d 32', { cu: [0, 150], hq: 4, hkv: 4, d: 32 }],
-  ['eight sequences of lengths 1..130, GQA ratio 2, d 16',
-    { cu: [0, 1, 8, 72, 137, 267, 270, 271, 291], hq: 4, hkv: 2, d: 16 }],
+  ['nine sequences of lengths 0..130 (one empty), GQA ratio 2, d 16',
+    { cu: [0, 1, 8, 8, 72, 137, 267, 270, 271, 291], hq: 4, hkv: 2, d: 16 }],
   ['four sequences incl. length 1 and 64, GQA ratio 4, d 64', { cu: [0, 33, 34, 134, 198], hq: 8, hkv: 2, d: 64 }],
   ['one kv head for all (MQA), explicit scale 0.3, d 20 (not a multiple of 8)', { cu: [0, 70, 75], hq: 3, hkv: 1, d: 20, scale: 0.3 }],
 ];
