@@ -108,6 +108,7 @@ export type Op =
       dq: Tensor; dk: Tensor; dv: Tensor; dout: Tensor; q: Tensor; k: Tensor; v: Tensor; out: Tensor; lse: Tensor;
       cuSeqlens: Tensor; heads: number; kvHeads: number; scale?: number;
     }
+  | { op: 'attention_decode'; out: Tensor; q: Tensor; kCache: Tensor; vCache: Tensor; length: number; heads: number; kvHeads: number; scale?: number }
   | { op: 'swiglu_forward'; h: Tensor; gate: Tensor; up: Tensor }
   | { op: 'swiglu_backward'; dgate: Tensor; dup: Tensor; dh: Tensor; gate: Tensor; up: Tensor }
   | { op: 'lora_forward'; y: Tensor; x: Tensor; segments: LoraSegmentArg[] }

@@ -303,10 +303,8 @@ const OURS = new Set([ADAPTER_CONFIG, ADAPTER_WEIGHTS, 'README.md', 'adapter_mod
  * the new one at DIR.tmp-*; never a half-written DIR. An existing DIR holding other files
  * than an adapter's is refused, so saving never deletes unrelated data.
  */
-export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: 'f32' | 'bf16' | 'f16' } = {}): void {
-  if (!Number.isSafeInteger(a.r) || a.r <= 0) throw new Error(`saveAdapter: r must be a positive integer, got ${a.r}`);
-  parseAdapterConfig(adapterConfigJson(a), `saveAdapter ${dir}`); // the config must be one we can read back
-  const dtype = options.dtype ?? 'f32';
+/** The safetensors entries of an adapter, in PEFT names, converted to the storage dtype. */
+function adapterTensors(a: AdapterWeights, dtype: 'f32' | 'bf16' | 'f16'): Record<string, StTensorSource> {
   const st = dtype === 'f32' ? 'F32' : dtype === 'bf16' ? 'BF16' : 'F16';
   const tensors: Record<string, StTensorSource> = {};
   a.layers.forEach((l, i) => {
@@ -320,6 +318,28 @@ export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: '
       tensors[loraTensorName(i, t, 'B')] = { dtype: st, shape: [d.out, a.r], data: () => conv(p.b) };
     }
   });
+  if (!Object.keys(tensors).length) throw new Error('saveAdapter: the adapter has no weights');
+  return tensors;
+}
+
+/**
+ * Writes adapter_model.safetensors then adapter_config.json into DIR, each file atomically
+ * (temp file + fsync + rename), leaving anything else in DIR alone: a trainer's output dir
+ * also holds its checkpoint-<step>/ folders.
+ */
+export function writeAdapterFiles(dir: string, a: AdapterWeights, options: { dtype?: 'f32' | 'bf16' | 'f16' } = {}): void {
+  parseAdapterConfig(adapterConfigJson(a), `writeAdapterFiles ${dir}`);
+  const tensors = adapterTensors(a, options.dtype ?? 'f32');
+  fs.mkdirSync(dir, { recursive: true });
+  writeSafetensors(path.join(dir, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
+  writeFileAtomic(path.join(dir, ADAPTER_CONFIG), JSON.stringify(adapterConfigJson(a), null, 2) + '\n');
+  fsyncPath(dir);
+}
+
+export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: 'f32' | 'bf16' | 'f16' } = {}): void {
+  if (!Number.isSafeInteger(a.r) || a.r <= 0) throw new Error(`saveAdapter: r must be a positive integer, got ${a.r}`);
+  parseAdapterConfig(adapterConfigJson(a), `saveAdapter ${dir}`); // the config must be one we can read back
+  const tensors = adapterTensors(a, options.dtype ?? 'f32');
   if (!Object.keys(tensors).length) throw new Error('saveAdapter: the adapter has no weights');
 
   const abs = path.resolve(dir);

@@ -1,0 +1,96 @@
+// What turns an adapter config into a running job: its tokenized data and loader, its
+// held-out data, and its starting state (fresh PEFT init, an `init` adapter, or a checkpoint
+// to resume from). Also the hooks that save checkpoints and finished adapters.
+import path from 'node:path';
+import type { AdapterConfig } from '../lib/config.js';
+import type { LoraSpec } from '../lib/lora/adapter.js';
+import type { LlamaConfig } from '../lib/model/config.js';
+import { loadTrainingData } from '../lib/data/pool.js';
+import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
+import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
+import { latestCheckpoint, loadCheckpoint, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
+import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
+import type { PreparedJob, Job, SupervisorHooks } from './supervisor.js';
+import type { AdapterState } from './protocol.js';
+
+export function loraSpec(c: AdapterConfig): LoraSpec {
+  return { r: c.lora.r, alpha: c.lora.alpha, dropout: c.lora.dropout, targets: [...c.lora.targets], useRslora: c.lora.use_rslora, seed: c.seed };
+}
+
+/** The fields whose change makes a checkpoint unusable for resuming (data order, shapes). */
+function resumeKey(c: AdapterConfig) {
+  return { data: c.data, template: c.template, lora: c.lora, batch_size: c.batch_size, micro_batch_size: c.micro_batch_size, seq_len: c.seq_len, shuffle: c.shuffle, seed: c.seed, epochs: c.epochs, train_on_inputs: c.train_on_inputs };
+}
+
+export interface JobEnvironment {
+  modelDir: string;
+  model: LlamaConfig;
+  /** Where <adapter>/ folders go; undefined: nothing is written. */
+  output?: string;
+  /** Continue from the newest complete checkpoint of each adapter. */
+  resume?: boolean;
+  /** Tokenizer pool threads for large datasets. */
+  dataThreads?: number;
+}
+
+export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise<PreparedJob> {
+  const spec = loraSpec(c);
+  const data = await loadTrainingData(c.data, {
+    modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs,
+    skipBad: c.skip_bad_records, ...(env.dataThreads ? { threads: env.dataThreads } : {}),
+  });
+  const loader = new AdapterDataLoader(data.examples, {
+    batchSize: c.batch_size, microBatchSize: c.micro_batch_size, epochs: c.epochs, shuffle: c.shuffle, seed: c.seed,
+    ...(c.max_steps !== undefined ? { maxSteps: c.max_steps } : {}),
+  });
+  let initial: AdapterState;
+  let startStep = 0;
+  const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
+  if (ckpt) {
+    const { state, meta } = loadCheckpoint(ckpt.dir, env.model, spec);
+    if (meta.configHash !== hashConfig(resumeKey(c))) {
+      throw new Error(`${ckpt.dir}: was written with a different data/LoRA/batch config for '${c.name}'; cannot resume (move it away to start over)`);
+    }
+    loader.restore(meta.loader as LoaderState);
+    initial = state;
+    startStep = meta.step;
+  } else if (c.lora.init) {
+    const ad = loadAdapter(c.lora.init);
+    checkAdapterAgainstModel(ad, env.model, env.modelDir);
+    const missing = spec.targets.filter((t) => !ad.targetModules.includes(t));
+    if (missing.length) throw new Error(`${c.lora.init}: adapter has no ${missing.join(', ')} (the job targets ${spec.targets.join(', ')})`);
+    const params = fromAdapterWeights(env.model, spec, ad, c.lora.init);
+    initial = { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };
+  } else {
+    initial = freshState(env.model, spec);
+  }
+  const job: PreparedJob = { spec, source: loader, initial, startStep };
+  if (c.eval) {
+    const ev = await loadTrainingData(c.eval.data, {
+      modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,
+    });
+    job.evalSource = () => new AdapterDataLoader(ev.examples, { batchSize: c.micro_batch_size, shuffle: false, epochs: 1 });
+  }
+  return job;
+}
+
+/** Supervisor hooks that write checkpoints and finished adapters under env.output. */
+export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpoint' | 'finish'> {
+  if (!env.output) return {};
+  const out = env.output;
+  return {
+    checkpoint: async (job: Job, state: AdapterState) =>
+      saveCheckpoint({
+        adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
+        meta: {
+          step: job.step, configHash: hashConfig(resumeKey(job.config)), loader: job.sourceState(),
+          time: new Date().toISOString(), tokens: job.tokens, loss: job.lastLoss,
+        },
+      }),
+    finish: async (job: Job, state: AdapterState) => {
+      const dir = path.join(out, job.name);
+      writeAdapterFiles(dir, toAdapterWeights(env.model, job.spec, state.params, env.modelDir));
+      return dir;
+    },
+  };
+}

@@ -1,0 +1,192 @@
+// Every message and shared type between the supervisor and the stages, in one file.
+// Requests carry integer ids; replies name the id they answer. Tensor data never travels
+// inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
+import type { LoraSpec } from '../lib/lora/adapter.js';
+import type { LlamaConfig } from '../lib/model/config.js';
+import type { Segment, StagePlan } from '../lib/model/stage.js';
+
+export type { Segment, StagePlan };
+
+/** A BatchLoRA micro-batch as the supervisor builds it (host memory). */
+export interface MicroBatchData {
+  id: number;
+  segments: Segment[];
+  /** i32 [N] token ids */
+  tokens: Int32Array;
+  /** i32 [N] position within own sequence */
+  positions: Int32Array;
+  /** i32 [nseq + 1] */
+  cuSeqlens: Int32Array;
+  /** i32 [N] next-token targets (-100 = none), shifted within each sequence */
+  targets: Int32Array;
+  /** f32 [N] per-row loss weight: 1 / target tokens of the adapter's step, 0 where no target */
+  weights: Float32Array;
+}
+
+/** An adapter's trainable state over ALL layers, in the flat layout of lora/adapter.ts sliceLayout(0, L). */
+export interface AdapterState {
+  params: Float32Array;
+  m: Float32Array;
+  v: Float32Array;
+  /** Optimizer steps applied. */
+  version: number;
+}
+
+export interface StepParams {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** 1-based AdamW step (bias correction). */
+  step: number;
+  /** Gradient scale (clipping): min(1, max_norm / ‖g‖). */
+  gradScale: number;
+}
+
+/** One recorded piece of work on a stage (the schedule that actually ran). */
+export interface ScheduleRecord {
+  stage: number;
+  kind: 'F' | 'B' | 'S' | 'E';
+  mb: number;
+  adapters: number[];
+  /** ms since the pipeline started */
+  start: number;
+  end: number;
+}
+
+/**
+ * What the supervisor needs from a pipeline of stages, whatever carries the messages:
+ * LocalPipeline (stages in this thread; tests and the single-device trainer) or
+ * ActorPipeline (one worker thread per device, SharedArrayBuffer slots).
+ */
+export interface Pipeline {
+  readonly config: LlamaConfig;
+  readonly plans: StagePlan[];
+  readonly devices: string[];
+  /** Most tokens one micro-batch message may hold. */
+  readonly maxTokens: number;
+  addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void>;
+  removeAdapter(id: number): Promise<void>;
+  exportAdapter(id: number): Promise<AdapterState>;
+  /** Forward + loss + backward of one micro-batch through every stage; resolves with per-row losses. */
+  train(mb: MicroBatchData): Promise<Float32Array>;
+  /** Forward + loss only (no gradients, nothing saved). */
+  evaluate(mb: MicroBatchData): Promise<Float32Array>;
+  /** Σ grad² of an adapter over all stages. */
+  gradSumsq(id: number): Promise<number>;
+  step(id: number, p: StepParams): Promise<void>;
+  zeroGrads(id: number): Promise<void>;
+  /** Fault injection: makes an adapter's weights NaN (on the first stage). */
+  poison(id: number): Promise<void>;
+  /** Bytes per device: budget, used now. */
+  memory(): Promise<Array<{ device: string; budget: number; used: number }>>;
+  /** Bytes a micro-batch of these segments would hold on each stage while in flight. */
+  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[];
+  /** Bytes one adapter's slice takes on each stage. */
+  adapterBytes(spec: LoraSpec): number[];
+  schedule(): ScheduleRecord[];
+  close(): Promise<void>;
+}
+
+// ---- the actor messages (ActorPipeline): supervisor ⇄ stage worker, stage ⇄ stage
+
+export interface InitMsg {
+  type: 'init';
+  id: number;
+  stage: number;
+  plan: StagePlan;
+  modelDir: string;
+  device: string;
+  threads: number;
+  budget: number;
+  /** SharedArrayBuffers of the slot slab (actors/shm.ts). */
+  slab: SharedArrayBuffer;
+  slotCount: number;
+  slotBytes: number;
+  /** Fault injection for this stage (see lib/faults.ts). */
+  faults: FaultSpec[];
+  heartbeatMs: number;
+}
+
+export interface ForwardMsg {
+  type: 'forward';
+  /** Recovery epoch: a stage discards messages of an older epoch (they belong to a dropped attempt). */
+  epoch: number;
+  mb: number;
+  numTokens: number;
+  nseq: number;
+  segments: Segment[];
+  /** Optimizer version each adapter must have reached on this stage before this forward runs. */
+  versions: Record<number, number>;
+  /** Slot holding the micro-batch header data (tokens, positions, targets, ...). */
+  metaSlot: number;
+  /** Slot with the input hidden states (non-first stages). */
+  inSlot: number;
+  /** Slot the output hidden states go to (non-last stages). */
+  outSlot: number;
+  train: boolean;
+}
+
+export interface BackwardMsg {
+  type: 'backward';
+  epoch: number;
+  mb: number;
+  /** Slot holding dL/d(output); this stage turns it into dL/d(input) in place. */
+  gradSlot: number;
+}
+
+export interface StepMsg {
+  type: 'step';
+  id: number;
+  adapter: number;
+  params: StepParams;
+}
+
+export interface ControlMsg {
+  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'zeroGrads' | 'memory' | 'drop' | 'shutdown' | 'ping' | 'poison';
+  id: number;
+  adapter?: number;
+  spec?: LoraSpec;
+  state?: AdapterState;
+  mbs?: number[];
+  /** 'drop': the new minimum epoch. */
+  epoch?: number;
+}
+
+export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg;
+
+export type FromStage =
+  | { type: 'ready'; id: number; stage: number }
+  | { type: 'reply'; id: number; value?: unknown; error?: string }
+  /** A stage finished forward of mb; outSlot now holds its output (for the next stage). */
+  | { type: 'forwarded'; epoch: number; stage: number; mb: number }
+  /** The last stage finished mb's forward+loss(+backward); losses are in the meta slot. */
+  | { type: 'lossed'; epoch: number; stage: number; mb: number }
+  /** A stage finished backward of mb: gradSlot holds dL/d(input) for stage-1 (or is free on stage 0). */
+  | { type: 'backwarded'; epoch: number; stage: number; mb: number }
+  | { type: 'error'; epoch: number; stage: number; mb?: number; message: string }
+  | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
+  | { type: 'record'; rec: ScheduleRecord };
+
+export interface FaultSpec {
+  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow';
+  stage?: number;
+  adapter?: string;
+  after?: number;
+  step?: number;
+  factor?: number;
+}
+
+// ---- events a job streams to its user
+
+export type JobEvent =
+  | { type: 'state'; adapter: string; state: JobState; time: number }
+  | { type: 'step'; adapter: string; step: number; totalSteps: number; loss: number; lr: number; tokens: number; gradNorm: number; time: number }
+  | { type: 'eval'; adapter: string; step: number; loss: number; perplexity: number; tokens: number; time: number }
+  | { type: 'checkpoint'; adapter: string; step: number; path: string; time: number }
+  | { type: 'fault'; adapter?: string; fault: string; detail: string; time: number }
+  | { type: 'done'; adapter: string; steps: number; loss: number; path?: string; time: number }
+  | { type: 'error'; adapter: string; message: string; time: number };
+
+export type JobState = 'queued' | 'loading' | 'running' | 'paused' | 'parked' | 'done' | 'failed' | 'cancelled';

@@ -1,0 +1,535 @@
+// The actor runtime: spawns one stage actor (worker thread) per device, wires the shared
+// slab, routes each micro-batch's Forward / Backward through the stages, applies optimizer
+// steps, watches heartbeats, and recovers from faults.
+//
+// Recovery model (exact, nothing lost, nothing applied twice): after every optimizer step of
+// an adapter the runtime keeps a host snapshot of its state (params + AdamW moments), and it
+// logs the micro-batches of each adapter's current, unfinished step. When a stage dies,
+// hangs, runs out of memory or receives corrupted data, the runtime (1) replaces the stage
+// actor when it is gone, (2) restores every adapter on every stage to its snapshot with zero
+// gradients, and (3) replays the logged micro-batches in their original order, each reduced to
+// the adapters whose step it belongs to. Rows of different adapters are independent in every
+// kernel and accumulation happens in the same order, so the result is bitwise the same as a
+// run without the fault.
+import { Worker } from 'node:worker_threads';
+import type { LoraSpec } from '../lib/lora/adapter.js';
+import { StageAdapter } from '../lib/lora/adapter.js';
+import type { LlamaConfig } from '../lib/model/config.js';
+import type { StagePlan } from '../lib/model/stage.js';
+import { activationBytes, scratchBytes } from '../lib/model/stage.js';
+import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
+import type {
+  AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
+} from './protocol.js';
+
+export interface ActorPipelineOptions {
+  modelDir: string;
+  config: LlamaConfig;
+  plans: StagePlan[];
+  devices: string[];
+  threads: number[];
+  budgets: number[];
+  /** Largest micro-batch in tokens (sizes the shared slots). */
+  maxTokens: number;
+  /** Micro-batch messages in flight at most (sizes the slab). */
+  inflight: number;
+  faults?: FaultSpec[];
+  heartbeatMs?: number;
+  /** A stage silent for this long (and at least 3× its slowest observed message) is declared hung. */
+  hangTimeoutMs?: number;
+  /** Failures of one stage tolerated before the run stops. */
+  maxStageFailures?: number;
+  /** Called on every detected fault and recovery. */
+  onFault?: (ev: FaultEvent) => void;
+}
+
+export interface FaultEvent {
+  stage: number;
+  fault: 'crash' | 'hang' | 'error' | 'corrupt' | 'oom';
+  detail: string;
+  detectedMs: number;
+  recoveredMs?: number;
+  replayed?: number;
+}
+
+interface InFlight {
+  data: MicroBatchData;
+  train: boolean;
+  resolve: (losses: Float32Array) => void;
+  reject: (e: Error) => void;
+  meta: number;
+  /** acts[s] = slot holding stage s's output (hidden states), or -1 */
+  acts: number[];
+  grad: number;
+  done: boolean;
+  /** replays don't report losses again */
+  replay: boolean;
+}
+
+interface Pending {
+  resolve: (v: unknown) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout;
+  stage: number;
+  what: string;
+}
+
+class StageHandle {
+  worker!: Worker;
+  lastBeat = performance.now();
+  slowestMs = 0;
+  ready!: Promise<void>;
+  alive = false;
+  failures = 0;
+  constructor(readonly index: number) {}
+}
+
+const STAGE_URL = new URL('./stage.js', import.meta.url);
+
+export class ActorPipeline implements Pipeline {
+  readonly config: LlamaConfig;
+  readonly plans: StagePlan[];
+  readonly devices: string[];
+  readonly maxTokens: number;
+  private readonly stages: StageHandle[];
+  private readonly slab: Slab;
+  private readonly slots: SlotAllocator;
+  private readonly flights = new Map<number, InFlight>();
+  private readonly pending = new Map<number, Pending>();
+  private nextReq = 1;
+  private readonly records: ScheduleRecord[] = [];
+  private readonly specs = new Map<number, LoraSpec>();
+  private readonly snapshots = new Map<number, AdapterState>();
+  /** Optimizer version of each adapter: stages defer a Forward until they reach it. */
+  private readonly versions = new Map<number, number>();
+  /** Per adapter: the micro-batches of its current, unfinished step, in issue order. */
+  private readonly stepLog = new Map<number, MicroBatchData[]>();
+  private readonly issueOrder: MicroBatchData[] = [];
+  private recovering: Promise<void> | undefined;
+  private epoch = 0;
+  private closed = false;
+  private fatal: Error | undefined;
+  private watchdog: NodeJS.Timeout;
+  private readonly faults: FaultSpec[];
+
+  private constructor(readonly opts: ActorPipelineOptions) {
+    this.config = opts.config;
+    this.plans = opts.plans;
+    this.devices = opts.devices;
+    this.maxTokens = opts.maxTokens;
+    const S = opts.plans.length;
+    const slotBytes = slotBytesFor(opts.maxTokens, opts.config.hiddenSize);
+    // per message in flight: a meta slot, S-1 hidden slots, a gradient slot
+    const count = Math.max(4, opts.inflight * (S + 1) + 2);
+    this.slab = Slab.create(count, slotBytes);
+    this.slots = new SlotAllocator(this.slab);
+    this.faults = opts.faults ?? [];
+    this.stages = opts.plans.map((_, i) => new StageHandle(i));
+    this.watchdog = setInterval(() => this.checkHeartbeats(), Math.max(50, (opts.heartbeatMs ?? 200) / 2));
+    this.watchdog.unref();
+  }
+
+  static async start(opts: ActorPipelineOptions): Promise<ActorPipeline> {
+    const p = new ActorPipeline(opts);
+    try {
+      await Promise.all(p.stages.map((s) => p.spawn(s, p.faults)));
+    } catch (e) {
+      await p.close();
+      throw e;
+    }
+    return p;
+  }
+
+  private spawn(h: StageHandle, faults: FaultSpec[]): Promise<void> {
+    const o = this.opts;
+    const init: InitMsg = {
+      type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
+      threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
+      slotBytes: this.slab.slotBytes, faults, heartbeatMs: o.heartbeatMs ?? 200,
+    };
+    const w = new Worker(STAGE_URL, { workerData: init });
+    h.worker = w;
+    h.lastBeat = performance.now();
+    h.ready = new Promise<void>((resolve, reject) => {
+      const onMsg = (m: FromStage) => {
+        if (m.type === 'ready') {
+          h.alive = true;
+          resolve();
+        } else if (m.type === 'error' && !h.alive) {
+          reject(new Error(m.message));
+        }
+      };
+      w.on('message', onMsg);
+      w.once('exit', (code) => {
+        if (!h.alive) reject(new Error(`stage ${h.index} (${o.devices[h.index]}) exited with code ${code} while starting`));
+      });
+    });
+    w.on('message', (m: FromStage) => this.onMessage(h, m));
+    w.on('error', (e) => this.onStageDeath(h, 'crash', `uncaught error: ${e.message}`));
+    w.on('exit', (code) => {
+      if (h.worker === w && h.alive && !this.closed) this.onStageDeath(h, 'crash', `worker exited with code ${code}`);
+    });
+    return h.ready;
+  }
+
+  // ---- messages from stages
+
+  private onMessage(h: StageHandle, m: FromStage): void {
+    h.lastBeat = performance.now();
+    switch (m.type) {
+      case 'heartbeat':
+        return;
+      case 'record':
+        this.records.push(m.rec);
+        h.slowestMs = Math.max(h.slowestMs, m.rec.end - m.rec.start);
+        return;
+      case 'reply': {
+        const p = this.pending.get(m.id);
+        if (!p) return;
+        this.pending.delete(m.id);
+        clearTimeout(p.timer);
+        if (m.error) p.reject(new Error(`stage ${p.stage}: ${p.what}: ${m.error}`));
+        else p.resolve(m.value);
+        return;
+      }
+      case 'forwarded':
+        if (m.epoch === this.epoch) this.onForwarded(m.stage, m.mb);
+        return;
+      case 'lossed':
+        if (m.epoch === this.epoch) this.onLossed(m.mb);
+        return;
+      case 'backwarded':
+        if (m.epoch === this.epoch) this.onBackwarded(m.stage, m.mb);
+        return;
+      case 'error': {
+        if (m.epoch !== this.epoch) return;
+        const kind = /checksum|corrupt/i.test(m.message) ? 'corrupt' : /out of memory/i.test(m.message) ? 'oom' : 'error';
+        void this.recover(h.index, kind, m.message, false);
+        return;
+      }
+    }
+  }
+
+  private post(stage: number, m: ToStage): void {
+    this.stages[stage]!.worker.postMessage(m);
+  }
+
+  private request<T>(stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'>, timeoutMs = 120_000): Promise<T> {
+    const id = this.nextReq++;
+    return new Promise<T>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new Error(`stage ${stage}: '${m.type}' got no reply within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, stage, what: m.type });
+      this.post(stage, { ...m, id } as ToStage);
+    });
+  }
+
+  private all<T>(m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'>): Promise<T[]> {
+    return Promise.all(this.stages.map((s) => this.request<T>(s.index, m)));
+  }
+
+  // ---- the micro-batch route
+
+  private forwardMsg(f: InFlight, s: number): ForwardMsg {
+    const S = this.stages.length;
+    const d = f.data;
+    const versions: Record<number, number> = {};
+    for (const seg of d.segments) versions[seg.adapter] = this.versions.get(seg.adapter) ?? 0;
+    let out = -1;
+    if (s < S - 1) out = f.acts[s] = this.slots.take(d.id);
+    else if (S > 1 && f.train) out = f.grad = this.slots.take(d.id);
+    return {
+      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: d.tokens.length, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
+      metaSlot: f.meta, inSlot: s > 0 ? f.acts[s - 1]! : -1, outSlot: out, train: f.train,
+    };
+  }
+
+  private launch(data: MicroBatchData, train: boolean, replay: boolean, resolve: (l: Float32Array) => void, reject: (e: Error) => void): void {
+    const N = data.tokens.length;
+    const L = metaLayout(N, data.cuSeqlens.length - 1);
+    if (L.bytes > this.slab.dataBytes || N * this.config.hiddenSize * 4 > this.slab.dataBytes) {
+      reject(new Error(`micro-batch ${data.id} has ${N} tokens, more than the ${this.opts.maxTokens} the shared slots were sized for`));
+      return;
+    }
+    const meta = this.slots.take(data.id);
+    this.slab.i32(meta, L.tokens, N).set(data.tokens);
+    this.slab.i32(meta, L.positions, N).set(data.positions);
+    this.slab.i32(meta, L.targets, N).set(data.targets);
+    this.slab.f32(meta, L.weights, N).set(data.weights);
+    this.slab.i32(meta, L.cuSeqlens, data.cuSeqlens.length).set(data.cuSeqlens);
+    this.slab.seal(meta, data.id, SlotKind.META, L.bytes, 0);
+    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, done: false, replay };
+    this.flights.set(data.id, f);
+    this.post(0, this.forwardMsg(f, 0));
+  }
+
+  private onForwarded(stage: number, mb: number): void {
+    const f = this.flights.get(mb);
+    if (!f) return;
+    if (!f.train && stage > 0) this.freeSlot(f.acts, stage - 1);
+    this.post(stage + 1, this.forwardMsg(f, stage + 1));
+  }
+
+  private onLossed(mb: number): void {
+    const f = this.flights.get(mb);
+    if (!f) return;
+    const S = this.stages.length;
+    if (S > 1) this.freeSlot(f.acts, S - 2); // the last stage's input
+    if (!f.train || S === 1) return this.complete(f);
+    this.post(S - 2, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
+  }
+
+  private onBackwarded(stage: number, mb: number): void {
+    const f = this.flights.get(mb);
+    if (!f) return;
+    if (stage > 0) this.freeSlot(f.acts, stage - 1);
+    if (stage === 0) return this.complete(f);
+    this.post(stage - 1, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
+  }
+
+  private freeSlot(acts: number[], i: number): void {
+    if (acts[i]! >= 0) {
+      this.slots.release(acts[i]!);
+      acts[i] = -1;
+    }
+  }
+
+  private complete(f: InFlight): void {
+    const N = f.data.tokens.length;
+    const L = metaLayout(N, f.data.cuSeqlens.length - 1);
+    const losses = this.slab.f32(f.meta, L.losses, N).slice();
+    this.release(f);
+    f.done = true;
+    f.resolve(losses);
+  }
+
+  private release(f: InFlight): void {
+    this.flights.delete(f.data.id);
+    for (let i = 0; i < f.acts.length; i++) this.freeSlot(f.acts, i);
+    if (f.grad >= 0) this.slots.release(f.grad);
+    f.grad = -1;
+    this.slots.release(f.meta);
+  }
+
+  // ---- Pipeline interface
+
+  async train(mb: MicroBatchData): Promise<Float32Array> {
+    if (this.fatal) throw this.fatal;
+    if (this.recovering) await this.recovering;
+    this.issueOrder.push(mb);
+    for (const seg of mb.segments) {
+      if (!this.stepLog.has(seg.adapter)) this.stepLog.set(seg.adapter, []);
+      this.stepLog.get(seg.adapter)!.push(mb);
+    }
+    return new Promise((resolve, reject) => this.launch(mb, true, false, resolve, reject));
+  }
+
+  async evaluate(mb: MicroBatchData): Promise<Float32Array> {
+    if (this.fatal) throw this.fatal;
+    if (this.recovering) await this.recovering;
+    return new Promise((resolve, reject) => this.launch(mb, false, false, resolve, reject));
+  }
+
+  async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
+    await this.all({ type: 'addAdapter', adapter: id, spec, state });
+    this.specs.set(id, spec);
+    this.versions.set(id, state.version);
+    this.snapshots.set(id, { params: state.params.slice(), m: state.m.slice(), v: state.v.slice(), version: state.version });
+    this.stepLog.set(id, []);
+  }
+
+  async removeAdapter(id: number): Promise<void> {
+    await this.all({ type: 'removeAdapter', adapter: id });
+    this.specs.delete(id);
+    this.snapshots.delete(id);
+    this.stepLog.delete(id);
+    this.versions.delete(id);
+  }
+
+  async exportAdapter(id: number): Promise<AdapterState> {
+    const parts = await this.retrying(() => this.all<{ params: Float32Array; m: Float32Array; v: Float32Array; version: number }>({ type: 'exportAdapter', adapter: id }));
+    const cat = (k: 'params' | 'm' | 'v') => {
+      const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
+      let o = 0;
+      for (const p of parts) (out.set(p[k], o), (o += p[k].length));
+      return out;
+    };
+    return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
+  }
+
+  async gradSumsq(id: number): Promise<number> {
+    return this.retrying(async () => (await this.all<number>({ type: 'gradSumsq', adapter: id })).reduce((a, b) => a + b, 0));
+  }
+
+  /** Runs a control call again after a recovery that interrupted it. */
+  private async retrying<T>(fn: () => Promise<T>): Promise<T> {
+    for (;;) {
+      if (this.fatal) throw this.fatal;
+      if (this.recovering) await this.recovering;
+      try {
+        return await fn();
+      } catch (e) {
+        if (!this.recovering) throw e;
+      }
+    }
+  }
+
+  async step(id: number, p: StepParams): Promise<void> {
+    // a stage that dies during the step: recovery restores the snapshot, and the step runs again
+    await this.retrying(() => this.all({ type: 'step', adapter: id, params: p } as never));
+    this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
+    this.snapshots.set(id, await this.exportAdapter(id));
+    this.stepLog.set(id, []);
+    this.trimIssueOrder();
+  }
+
+  async zeroGrads(id: number): Promise<void> {
+    await this.all({ type: 'zeroGrads', adapter: id });
+  }
+
+  async poison(id: number): Promise<void> {
+    await this.request(0, { type: 'poison', adapter: id });
+  }
+
+  async memory() {
+    const r = await this.all<{ device: string; budget: number; used: number }>({ type: 'memory' });
+    return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used }));
+  }
+
+  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
+    return this.plans.map((plan) => activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens));
+  }
+
+  adapterBytes(spec: LoraSpec): number[] {
+    return this.plans.map((p) => StageAdapter.bytes(this.config, spec, p.lo, p.hi));
+  }
+
+  schedule(): ScheduleRecord[] {
+    return this.records.slice();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.watchdog);
+    await Promise.all(
+      this.stages.map(async (s) => {
+        if (!s.worker) return;
+        if (s.alive) {
+          try {
+            await this.request(s.index, { type: 'shutdown' }, 10_000);
+          } catch {
+            /* terminate below */
+          }
+        }
+        await s.worker.terminate();
+      }),
+    );
+    for (const p of this.pending.values()) clearTimeout(p.timer);
+    this.pending.clear();
+    for (const f of this.flights.values()) f.reject(new Error('the pipeline was closed'));
+    this.flights.clear();
+  }
+
+  /** Slots in use right now (a clean shutdown leaves none). */
+  slotsInUse(): number {
+    return this.slots.inUse();
+  }
+
+  // ---- faults
+
+  private checkHeartbeats(): void {
+    if (this.closed || this.recovering) return;
+    const now = performance.now();
+    const base = this.opts.hangTimeoutMs ?? 10_000;
+    for (const s of this.stages) {
+      if (!s.alive) continue;
+      // deadlines scale with the measured step time, so a slow but healthy stage is never killed
+      const deadline = Math.max(base, 3 * s.slowestMs);
+      if (now - s.lastBeat > deadline) {
+        this.onStageDeath(s, 'hang', `no heartbeat for ${Math.round(now - s.lastBeat)} ms (deadline ${Math.round(deadline)} ms)`);
+      }
+    }
+  }
+
+  private onStageDeath(h: StageHandle, kind: 'crash' | 'hang', detail: string): void {
+    if (this.closed || !h.alive) return;
+    h.alive = false;
+    void this.recover(h.index, kind, detail, true);
+  }
+
+  private trimIssueOrder(): void {
+    const live = new Set<MicroBatchData>();
+    for (const l of this.stepLog.values()) for (const m of l) live.add(m);
+    for (const f of this.flights.values()) live.add(f.data);
+    for (let i = this.issueOrder.length - 1; i >= 0; i--) if (!live.has(this.issueOrder[i]!)) this.issueOrder.splice(i, 1);
+  }
+
+  private recover(stage: number, fault: FaultEvent['fault'], detail: string, restart: boolean): Promise<void> {
+    if (this.recovering) return this.recovering;
+    const detected = performance.now();
+    this.recovering = (async () => {
+      const h = this.stages[stage]!;
+      h.failures++;
+      const limit = this.opts.maxStageFailures ?? 3;
+      if (h.failures > limit) {
+        this.fatal = new Error(`stage ${stage} (${this.devices[stage]}) failed ${h.failures} times; last: ${fault}: ${detail}`);
+        for (const f of this.flights.values()) f.reject(this.fatal);
+        this.flights.clear();
+        throw this.fatal;
+      }
+      // fail pending control requests to the dead stage; in-flight micro-batches are replayed
+      for (const [id, p] of this.pending) {
+        if (p.stage === stage || restart) {
+          clearTimeout(p.timer);
+          this.pending.delete(id);
+          p.reject(new Error(`stage ${stage} failed during '${p.what}'`));
+        }
+      }
+      const waiting = [...this.flights.values()];
+      for (const f of waiting) this.release(f);
+      this.epoch++;
+      if (restart) {
+        await h.worker.terminate().catch(() => {});
+        // the injected fault that killed it has fired; the new actor runs without it
+        await this.spawn(h, this.faults.filter((f) => f.stage !== stage || f.kind === 'slow'));
+      }
+      // every other stage forgets the dropped attempt (and finishes what it is running first)
+      await Promise.all(
+        this.stages.filter((s) => !(restart && s.index === stage)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })),
+      );
+      for (const [id, spec] of this.specs) {
+        const snap = this.snapshots.get(id)!;
+        if (restart) await this.request(stage, { type: 'addAdapter', adapter: id, spec, state: snap });
+        await Promise.all(
+          this.stages.map(async (s) => {
+            if (restart && s.index === stage) return;
+            await this.request(s.index, { type: 'removeAdapter', adapter: id });
+            await this.request(s.index, { type: 'addAdapter', adapter: id, spec, state: snap });
+          }),
+        );
+        this.versions.set(id, snap.version);
+      }
+      // replay, in the original order, every micro-batch of every adapter's unfinished step
+      let replayed = 0;
+      const waiters = new Map(waiting.map((f) => [f.data, f]));
+      for (const data of this.issueOrder) {
+        const segments = data.segments.filter((s) => this.stepLog.get(s.adapter)?.includes(data));
+        const w = waiters.get(data);
+        if (!segments.length && !w) continue;
+        const replay: MicroBatchData = { ...data, segments: segments.length ? segments : data.segments };
+        const losses = await new Promise<Float32Array>((resolve, reject) => this.launch(replay, true, !w, resolve, reject));
+        replayed++;
+        if (w) w.resolve(losses);
+      }
+      this.opts.onFault?.({ stage, fault, detail, detectedMs: detected, recoveredMs: performance.now() - detected, replayed });
+    })().finally(() => {
+      this.recovering = undefined;
+    });
+    this.recovering.catch(() => {});
+    return this.recovering;
+  }
+}
+

@@ -1,0 +1,286 @@
+// A stage actor: the entry point of one worker thread. It owns exactly one device, loads
+// only its layers' base weights, and runs Forward / Backward / Step for any mix of adapters
+// from a priority mailbox (control first, then Backward, then Forward), reading and writing
+// activations in the shared slab in place. It heartbeats while it computes (kernels run off
+// the JS thread). Fault injection (lib/faults.ts) is applied here, for real: a crash ends
+// this thread, a hang blocks its event loop.
+import { parentPort, workerData } from 'node:worker_threads';
+import { openDevice, type Tensor } from '../lib/tensor.js';
+import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
+import { loadStageWeights } from '../lib/model/weights.js';
+import { openModelDir } from '../lib/io/hf-model.js';
+import { metaLayout, Slab, SlotKind } from './shm.js';
+import type { BackwardMsg, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, StepMsg, ToStage } from './protocol.js';
+import { stageSliceRange } from '../lib/lora/state.js';
+
+const port = parentPort!;
+const init = workerData as InitMsg;
+const send = (m: FromStage) => port.postMessage(m);
+
+let program: StageProgram;
+let slab: Slab;
+let handled = 0;
+let busySince = 0;
+const t0 = performance.now();
+const faults: FaultSpec[] = init.faults ?? [];
+/** Micro-batches between forward and backward on this stage. */
+const live = new Map<number, { mb: MicroBatch; views: Tensor[] }>();
+
+const mailbox = { control: [] as Array<ControlMsg | StepMsg>, backward: [] as BackwardMsg[], forward: [] as ForwardMsg[] };
+let pumping = false;
+/** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
+let minEpoch = 0;
+
+port.on('message', (m: ToStage) => {
+  if (m.type === 'forward') mailbox.forward.push(m);
+  else if (m.type === 'backward') mailbox.backward.push(m);
+  else if (m.type !== 'init') mailbox.control.push(m);
+  void pump();
+});
+
+const heartbeat = setInterval(() => {
+  send({ type: 'heartbeat', stage: init.stage, handled, busyMs: busySince ? performance.now() - busySince : 0 });
+}, init.heartbeatMs);
+heartbeat.unref();
+
+function versionsReady(m: ForwardMsg): boolean {
+  for (const [id, v] of Object.entries(m.versions)) {
+    const a = program.adapters.get(Number(id));
+    if (!a || a.version < v) return false;
+  }
+  return true;
+}
+
+function nextMessage(): ToStage | undefined {
+  if (mailbox.control.length) return mailbox.control.shift();
+  mailbox.backward = mailbox.backward.filter((m) => m.epoch >= minEpoch);
+  mailbox.forward = mailbox.forward.filter((m) => m.epoch >= minEpoch);
+  if (mailbox.backward.length) return mailbox.backward.shift();
+  const i = mailbox.forward.findIndex(versionsReady);
+  if (i >= 0) return mailbox.forward.splice(i, 1)[0];
+  return undefined;
+}
+
+async function pump(): Promise<void> {
+  if (pumping || !program) return;
+  pumping = true;
+  try {
+    for (let m = nextMessage(); m; m = nextMessage()) {
+      busySince = performance.now();
+      await handle(m);
+      busySince = 0;
+      handled++;
+    }
+  } finally {
+    pumping = false;
+  }
+}
+
+function record(kind: 'F' | 'B' | 'S' | 'E', mb: number, adapters: number[], start: number) {
+  send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - t0, end: performance.now() - t0 } });
+}
+
+/** Applies the fault specs that trigger on this message count. Returns a slowdown factor. */
+async function injectFaults(): Promise<number> {
+  let factor = 1;
+  for (const f of faults) {
+    if (f.stage !== undefined && f.stage !== init.stage) continue;
+    if (f.kind === 'slow') factor = f.factor ?? 2;
+    if (f.after === undefined || handled + 1 !== f.after) continue;
+    if (f.kind === 'crash') process.exit(70); // ends this worker thread only
+    if (f.kind === 'hang') for (;;) { /* a hung kernel: no heartbeats, no replies */ }
+    if (f.kind === 'oom') throw new Error(`device ${program.device.name}: out of memory (injected fault)`);
+  }
+  return factor;
+}
+
+function corruptAfter(slot: number): void {
+  for (const f of faults) {
+    if (f.kind !== 'corrupt' || (f.stage !== undefined && f.stage !== init.stage) || f.after !== handled + 1) continue;
+    const bytes = new Uint8Array(slab.sab, slab.dataOffset(slot), 64);
+    for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
+  }
+}
+
+function metaTensors(m: ForwardMsg, views: Tensor[]): MicroBatch['tensors'] & { tokens: Tensor; losses: Float32Array } {
+  const N = m.numTokens;
+  const L = metaLayout(N, m.nseq);
+  const d = program.device;
+  const w = <T extends Tensor>(t: T) => (views.push(t), t);
+  return {
+    tokens: w(d.wrap(slab.i32(m.metaSlot, L.tokens, N), 'i32', [N])),
+    positions: w(d.wrap(slab.i32(m.metaSlot, L.positions, N), 'i32', [N])),
+    cuSeqlens: w(d.wrap(slab.i32(m.metaSlot, L.cuSeqlens, m.nseq + 1), 'i32', [m.nseq + 1])),
+    targets: w(d.wrap(slab.i32(m.metaSlot, L.targets, N), 'i32', [N])),
+    weights: w(d.wrap(slab.f32(m.metaSlot, L.weights, N), 'f32', [N])),
+    losses: slab.f32(m.metaSlot, L.losses, N),
+  };
+}
+
+function hidden(slot: number, N: number, views: Tensor[]): Tensor {
+  const t = program.device.wrap(slab.f32(slot, 0, N * program.config.hiddenSize), 'f32', [N, program.config.hiddenSize]);
+  views.push(t);
+  return t;
+}
+
+async function handle(m: ToStage): Promise<void> {
+  try {
+    if (m.type === 'forward') return await forward(m);
+    if (m.type === 'backward') return await backward(m);
+    if (m.type === 'step') {
+      const t = performance.now();
+      await injectFaults();
+      await program.step(m.adapter, m.params);
+      record('S', -1, [m.adapter], t);
+      return send({ type: 'reply', id: m.id });
+    }
+    if (m.type !== 'init') return await control(m);
+  } catch (e) {
+    const err = e as Error;
+    const mb = m.type === 'forward' || m.type === 'backward' ? m.mb : undefined;
+    if (m.type === 'forward' || m.type === 'backward') dropLive(m.mb);
+    if (m.type === 'step' || (m.type !== 'forward' && m.type !== 'backward' && m.type !== 'init')) {
+      return send({ type: 'reply', id: (m as ControlMsg).id, error: err.message });
+    }
+    const epoch = m.type === 'forward' || m.type === 'backward' ? m.epoch : minEpoch;
+    send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), message: err.message });
+  }
+}
+
+function dropLive(mb: number) {
+  const l = live.get(mb);
+  if (!l) return;
+  program.drop(mb);
+  for (const v of l.views) v.free();
+  live.delete(mb);
+}
+
+async function forward(m: ForwardMsg): Promise<void> {
+  const start = performance.now();
+  const factor = await injectFaults();
+  const views: Tensor[] = [];
+  slab.verify(m.metaSlot, m.mb, SlotKind.META);
+  if (!program.plan.first) slab.verify(m.inSlot, m.mb, SlotKind.HIDDEN);
+  const meta = metaTensors(m, views);
+  const mb: MicroBatch = { id: m.mb, numTokens: m.numTokens, segments: m.segments, tensors: meta };
+  const input = program.plan.first ? meta.tokens : hidden(m.inSlot, m.numTokens, views);
+  const adapters = m.segments.map((s) => s.adapter);
+  if (!m.train) {
+    const out = program.plan.last ? undefined : hidden(m.outSlot, m.numTokens, views);
+    const losses = await program.evaluate(mb, input, out);
+    if (losses) meta.losses.set(losses);
+    else slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
+    for (const v of views) v.free();
+    record('E', m.mb, adapters, start);
+    if (program.plan.last) return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    corruptAfter(m.outSlot);
+    return send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  }
+  if (program.plan.last) {
+    const grad = program.plan.first ? undefined : hidden(m.outSlot, m.numTokens, views);
+    const losses = await program.trainLast(mb, input, grad);
+    meta.losses.set(losses);
+    await slowDown(start, factor);
+    if (grad) slab.seal(m.outSlot, m.mb, SlotKind.GRAD, m.numTokens * program.config.hiddenSize * 4, init.stage);
+    for (const v of views) v.free();
+    record('F', m.mb, adapters, start);
+    if (grad) corruptAfter(m.outSlot);
+    return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  }
+  const out = hidden(m.outSlot, m.numTokens, views);
+  live.set(m.mb, { mb, views });
+  await program.forward(mb, input, out);
+  await slowDown(start, factor);
+  slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
+  record('F', m.mb, adapters, start);
+  corruptAfter(m.outSlot);
+  send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+}
+
+async function backward(m: BackwardMsg): Promise<void> {
+  const start = performance.now();
+  const factor = await injectFaults();
+  const l = live.get(m.mb);
+  if (!l) throw new Error(`backward of micro-batch ${m.mb}: no forward state on stage ${init.stage}`);
+  slab.verify(m.gradSlot, m.mb, SlotKind.GRAD);
+  const grad = hidden(m.gradSlot, l.mb.numTokens, l.views);
+  await program.backward(l.mb, grad);
+  await slowDown(start, factor);
+  slab.seal(m.gradSlot, m.mb, SlotKind.GRAD, l.mb.numTokens * program.config.hiddenSize * 4, init.stage + 1000);
+  for (const v of l.views) v.free();
+  live.delete(m.mb);
+  record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
+  if (!program.plan.first) corruptAfter(m.gradSlot);
+  send({ type: 'backwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+}
+
+async function slowDown(start: number, factor: number) {
+  if (factor <= 1) return;
+  const ms = (performance.now() - start) * (factor - 1);
+  await new Promise((r) => setTimeout(r, ms));
+}
+
+async function control(m: ControlMsg): Promise<void> {
+  let value: unknown;
+  switch (m.type) {
+    case 'ping':
+      value = { stage: init.stage, handled };
+      break;
+    case 'addAdapter': {
+      const [b, e] = stageSliceRange(program.config, m.spec!, program.plan);
+      const st = m.state!;
+      const a = program.addAdapter(m.adapter!, m.spec!, st.params.subarray(b, e));
+      a.importState({ params: st.params.subarray(b, e), m: st.m.subarray(b, e), v: st.v.subarray(b, e), version: st.version });
+      break;
+    }
+    case 'removeAdapter':
+      program.removeAdapter(m.adapter!);
+      break;
+    case 'exportAdapter':
+      value = program.adapter(m.adapter!).exportState();
+      break;
+    case 'gradSumsq':
+      value = await program.gradSumsq(m.adapter!);
+      break;
+    case 'zeroGrads':
+      await program.zeroGrads(m.adapter!);
+      break;
+    case 'poison': {
+      const a = program.adapter(m.adapter!);
+      a.params.write(new Float32Array(a.params.shape[0]!).fill(NaN));
+      break;
+    }
+    case 'memory':
+      value = { device: program.device.name, ...program.device.memory() };
+      break;
+    case 'drop':
+      for (const id of m.mbs ?? []) dropLive(id);
+      for (const id of [...live.keys()]) dropLive(id);
+      if (m.epoch !== undefined) minEpoch = Math.max(minEpoch, m.epoch);
+      break;
+    case 'shutdown':
+      for (const id of [...live.keys()]) dropLive(id);
+      program.free();
+      clearInterval(heartbeat);
+      send({ type: 'reply', id: m.id });
+      port.close();
+      return;
+  }
+  send({ type: 'reply', id: m.id, value });
+}
+
+async function start(): Promise<void> {
+  try {
+    slab = new Slab(init.slab, init.slotCount, init.slotBytes);
+    const device = openDevice(init.device, { threads: init.threads, budget: init.budget });
+    const dir = openModelDir(init.modelDir);
+    const weights = await loadStageWeights(device, dir, init.plan);
+    program = new StageProgram(device, dir.config, init.plan, weights);
+    send({ type: 'ready', id: init.id, stage: init.stage });
+    void pump();
+  } catch (e) {
+    send({ type: 'error', epoch: 0, stage: init.stage, message: `stage ${init.stage} failed to start: ${(e as Error).message}` });
+  }
+}
+
+void start();

@@ -1,0 +1,722 @@
+// The supervisor: owns every adapter job's state machine and data, forms BatchLoRA
+// micro-batches, admits them by memory, routes them through the pipeline, collects losses,
+// decides optimizer steps (with gradient clipping across stages), evaluates, checkpoints and
+// streams events. It speaks to the stages only through the `Pipeline` interface, so the same
+// scheduler drives the in-thread single-device trainer and the worker-thread pipeline.
+import { availableParallelism } from 'node:os';
+import type { AdapterConfig } from '../lib/config.js';
+import type { LlamaConfig } from '../lib/model/config.js';
+import { StageProgram, type StagePlan } from '../lib/model/stage.js';
+import { loadStageWeights } from '../lib/model/weights.js';
+import { openModelDir } from '../lib/io/hf-model.js';
+import { native } from '../lib/native.js';
+import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
+import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
+import { parseFault } from '../lib/faults.js';
+import { LocalPipeline } from './local.js';
+import { ActorPipeline, type FaultEvent } from './runtime.js';
+import { outputHooks, prepareJob } from './jobs.js';
+import type { LoraSpec } from '../lib/lora/adapter.js';
+import { lrAt } from '../lib/lora/schedule.js';
+import type { AdapterState, FaultSpec, JobEvent, JobState, MicroBatchData, Pipeline } from './protocol.js';
+import type { Segment } from '../lib/model/stage.js';
+
+/** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
+export interface SourceMicroBatch {
+  step: number;
+  microIndex: number;
+  microCount: number;
+  inputIds: Int32Array;
+  labels: Int32Array;
+  cuSeqlens: Int32Array;
+  positions: Int32Array;
+  numTokens: number;
+  numTargetTokens: number;
+  stepTargetTokens: number;
+  lastOfStep: boolean;
+}
+
+export interface MicroBatchSource {
+  readonly totalSteps: number;
+  next(): SourceMicroBatch | null;
+  state(): unknown;
+  restore(state: unknown): void;
+}
+
+/** What the supervisor needs to run a job; built by `prepare` from the adapter config. */
+export interface PreparedJob {
+  spec: LoraSpec;
+  source: MicroBatchSource;
+  /** Micro-batches of held-out data (a fresh pass each call). */
+  evalSource?: () => MicroBatchSource;
+  initial: AdapterState;
+  /** Resume point: optimizer steps already taken. */
+  startStep?: number;
+}
+
+export interface SupervisorHooks {
+  /** Loads data and the initial state of a job. */
+  prepare(config: AdapterConfig): Promise<PreparedJob>;
+  /** Called with every event of every job (metrics files, progress display). */
+  onEvent?(ev: JobEvent): void;
+  /** Saves a checkpoint; returns its path. */
+  checkpoint?(job: Job, state: AdapterState): Promise<string>;
+  /** Saves the finished adapter; returns its path. */
+  finish?(job: Job, state: AdapterState): Promise<string>;
+}
+
+export interface SchedulerOptions {
+  /** BatchLoRA: several adapters per micro-batch message. */
+  batchlora: boolean;
+  /** Micro-batch messages in flight in the pipeline. */
+  inflight: number;
+  /** Micro-batches of one adapter in flight (1 = exact sequential semantics). */
+  inflightPerAdapter: number;
+  /** Most adapters per message (default: spread the adapters over the stages). */
+  adaptersPerMicroBatch?: number;
+}
+
+/** A pull-based queue behind job.events(). */
+class EventQueue<T> {
+  private items: T[] = [];
+  private waiters: Array<(r: IteratorResult<T>) => void> = [];
+  private closed = false;
+  push(v: T) {
+    const w = this.waiters.shift();
+    if (w) w({ value: v, done: false });
+    else this.items.push(v);
+  }
+  close() {
+    this.closed = true;
+    for (const w of this.waiters.splice(0)) w({ value: undefined as never, done: true });
+  }
+  async *iterate(): AsyncGenerator<T> {
+    for (;;) {
+      if (this.items.length) {
+        yield this.items.shift()!;
+        continue;
+      }
+      if (this.closed) return;
+      const r = await new Promise<IteratorResult<T>>((res) => this.waiters.push(res));
+      if (r.done) return;
+      yield r.value;
+    }
+  }
+}
+
+export class Job {
+  state: JobState = 'queued';
+  step = 0;
+  totalSteps = 0;
+  spec!: LoraSpec;
+  source!: MicroBatchSource;
+  evalSource?: () => MicroBatchSource;
+  /** Micro-batch messages of this job in flight. */
+  inflight = 0;
+  admittedInStep = 0;
+  doneInStep = 0;
+  microCount = 0;
+  stepping = false;
+  stepLoss = 0;
+  stepTargets = 0;
+  tokens = 0;
+  serial = 0;
+  lastLoss = NaN;
+  lastEval?: { loss: number; perplexity: number };
+  error?: string;
+  outputPath?: string;
+  startedAt = 0;
+  finishedAt = 0;
+  private peeked: SourceMicroBatch | null | undefined;
+  private readonly queue = new EventQueue<JobEvent>();
+  readonly done: Promise<void>;
+  private resolveDone!: () => void;
+
+  constructor(
+    readonly id: number,
+    readonly config: AdapterConfig,
+    private readonly sup: Supervisor,
+  ) {
+    this.done = new Promise((r) => (this.resolveDone = r));
+  }
+
+  get name(): string {
+    return this.config.name;
+  }
+  get priority(): number {
+    return this.config.priority;
+  }
+
+  events(): AsyncGenerator<JobEvent> {
+    return this.queue.iterate();
+  }
+
+  async pause(): Promise<void> {
+    if (this.state === 'running') this.setState('paused');
+    await this.sup.quiesce(this);
+  }
+
+  async resume(): Promise<void> {
+    if (this.state === 'paused') this.setState('running');
+    this.sup.wake();
+  }
+
+  async cancel(): Promise<void> {
+    if (this.terminal()) return;
+    this.setState('cancelled');
+    await this.sup.quiesce(this);
+    await this.sup.retire(this);
+  }
+
+  terminal(): boolean {
+    return this.state === 'done' || this.state === 'failed' || this.state === 'cancelled';
+  }
+
+  /** @internal */
+  emit(ev: JobEvent) {
+    this.queue.push(ev);
+    this.sup.hooks.onEvent?.(ev);
+  }
+
+  /** @internal */
+  setState(s: JobState) {
+    this.state = s;
+    this.emit({ type: 'state', adapter: this.name, state: s, time: Date.now() });
+    if (this.terminal()) {
+      this.finishedAt = Date.now();
+      this.queue.close();
+      this.resolveDone();
+    }
+  }
+
+  private stateBeforePeek: unknown;
+  private stepStartState: unknown;
+
+  /** @internal */
+  peek(): SourceMicroBatch | null {
+    if (this.peeked === undefined) {
+      this.stateBeforePeek = this.source.state();
+      if (this.admittedInStep === 0) this.stepStartState = this.stateBeforePeek;
+      this.peeked = this.source.next();
+    }
+    return this.peeked;
+  }
+
+  /**
+   * The data position where the current step starts (for checkpoints): a checkpoint holds the
+   * weights after `step` optimizer steps, so a resume redoes a step that was only partly done.
+   */
+  sourceState(): unknown {
+    if (this.admittedInStep > 0) return this.stepStartState;
+    return this.peeked === undefined ? this.source.state() : this.stateBeforePeek;
+  }
+
+  /** @internal */
+  take(): SourceMicroBatch {
+    const mb = this.peek()!;
+    this.peeked = undefined;
+    return mb;
+  }
+
+  /** @internal */
+  canAdmit(limit: number): boolean {
+    if (this.state !== 'running' || this.stepping || this.inflight >= limit) return false;
+    if (this.step >= this.totalSteps) return false;
+    if (this.admittedInStep > 0 && this.admittedInStep >= this.microCount) return false; // wait for the step
+    return this.peek() !== null;
+  }
+}
+
+export class Supervisor {
+  readonly jobs = new Map<number, Job>();
+  private nextJobId = 1;
+  private nextMb = 1;
+  private rr = 0;
+  private readonly inflight = new Map<number, Promise<void>>();
+  private readonly stepping = new Set<Promise<void>>();
+  private wakeResolve: (() => void) | undefined;
+  private stopping = false;
+  private loopDone: Promise<void>;
+  /** Bytes free per stage for activations (after weights, adapters and scratch). */
+  private headroom: number[] = [];
+  private fatal: Error | undefined;
+  /** nan:adapter=NAME,step=K faults: poison that adapter's loss at that step (testing). */
+  nanFaults: FaultSpec[] = [];
+
+  static start(o: StartOptions): Promise<Supervisor> {
+    return startSupervisor(o);
+  }
+
+  constructor(
+    readonly pipeline: Pipeline,
+    readonly hooks: SupervisorHooks,
+    readonly options: SchedulerOptions,
+  ) {
+    this.loopDone = this.loop();
+  }
+
+  submit(config: AdapterConfig): Job {
+    if ([...this.jobs.values()].some((j) => j.name === config.name && !j.terminal())) {
+      throw new Error(`an adapter named '${config.name}' is already running`);
+    }
+    const job = new Job(this.nextJobId++, config, this);
+    this.jobs.set(job.id, job);
+    job.emit({ type: 'state', adapter: job.name, state: 'queued', time: Date.now() });
+    void this.load(job);
+    return job;
+  }
+
+  wake(): void {
+    const w = this.wakeResolve;
+    this.wakeResolve = undefined;
+    w?.();
+  }
+
+  /** Waits until none of the job's micro-batches or steps are in flight. */
+  async quiesce(job: Job): Promise<void> {
+    while (job.inflight > 0 || job.stepping) {
+      await Promise.race([...this.inflight.values(), ...this.stepping]).catch(() => {});
+    }
+  }
+
+  /** Stops admitting, waits for in-flight work, ends the loop. Jobs still running stay unfinished. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.wake();
+    await this.loopDone;
+  }
+
+  /** Resolves once stop() has drained the pipeline. */
+  stopped(): Promise<void> {
+    return this.loopDone;
+  }
+
+  /** Stops, then ends every stage actor (no thread, promise or slot left behind). */
+  async close(): Promise<void> {
+    await this.stop();
+    await this.pipeline.close();
+  }
+
+  /** Resolves when every submitted job has ended (or the run failed). */
+  async drain(): Promise<void> {
+    for (;;) {
+      const open = [...this.jobs.values()].filter((j) => !j.terminal());
+      if (!open.length || this.fatal) break;
+      await Promise.race(open.map((j) => j.done));
+    }
+    if (this.fatal) throw this.fatal;
+  }
+
+  // ---- internals
+
+  private async load(job: Job): Promise<void> {
+    job.setState('loading');
+    try {
+      const p = await this.hooks.prepare(job.config);
+      job.spec = p.spec;
+      job.source = p.source;
+      job.evalSource = p.evalSource;
+      job.totalSteps = p.source.totalSteps;
+      job.step = p.startStep ?? 0;
+      const need = this.pipeline.adapterBytes(p.spec);
+      await this.refreshHeadroom();
+      const short = need.findIndex((b, s) => b > this.headroom[s]!);
+      if (short >= 0) {
+        throw new Error(
+          `adapter '${job.name}' needs ${need[short]} bytes on ${this.pipeline.devices[short]}, only ${this.headroom[short]} are free`,
+        );
+      }
+      await this.pipeline.addAdapter(job.id, p.spec, p.initial);
+      await this.refreshHeadroom();
+      job.startedAt = Date.now();
+      if (job.step >= job.totalSteps) {
+        await this.finish(job);
+        return;
+      }
+      if (job.state === 'loading') job.setState('running');
+    } catch (e) {
+      this.failJob(job, (e as Error).message);
+    }
+    this.wake();
+  }
+
+  private async refreshHeadroom(): Promise<void> {
+    const mem = await this.pipeline.memory();
+    let reserved = 0;
+    void reserved;
+    this.headroom = mem.map((m) => m.budget - m.used);
+  }
+
+  private failJob(job: Job, message: string) {
+    if (job.terminal()) return;
+    job.error = message;
+    job.emit({ type: 'error', adapter: job.name, message, time: Date.now() });
+    job.setState('failed');
+    void this.retire(job);
+  }
+
+  /** Takes a finished/failed/cancelled job's adapter off the stages. */
+  async retire(job: Job): Promise<void> {
+    await this.quiesce(job);
+    try {
+      await this.pipeline.removeAdapter(job.id);
+    } catch {
+      /* already gone */
+    }
+    this.wake();
+  }
+
+  private async loop(): Promise<void> {
+    for (;;) {
+      if (this.stopping && this.inflight.size === 0 && this.stepping.size === 0) return;
+      if (!this.stopping) {
+        try {
+          this.admit();
+        } catch (e) {
+          this.fatal = e as Error;
+          this.stopping = true;
+          for (const j of this.jobs.values()) this.failJob(j, (e as Error).message);
+        }
+      }
+      const wake = new Promise<void>((r) => (this.wakeResolve = r));
+      const pending = [...this.inflight.values(), ...this.stepping];
+      await Promise.race([wake, ...pending.map((p) => p.catch(() => {}))]);
+    }
+  }
+
+  private runnable(): Job[] {
+    const limit = this.options.inflightPerAdapter;
+    const all = [...this.jobs.values()].filter((j) => j.canAdmit(limit));
+    // priority first, then round-robin among equals
+    all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
+    return all;
+  }
+
+  private admit(): void {
+    const S = this.pipeline.plans.length;
+    while (this.inflight.size < this.options.inflight) {
+      const ready = this.runnable();
+      if (!ready.length) return;
+      let per = 1;
+      if (this.options.batchlora) {
+        const active = [...this.jobs.values()].filter((j) => j.state === 'running').length;
+        per = this.options.adaptersPerMicroBatch ?? Math.max(1, Math.ceil(active / S));
+      }
+      const chosen: Job[] = [];
+      let tokens = 0;
+      for (const j of ready) {
+        if (chosen.length >= per) break;
+        const n = j.peek()!.numTokens;
+        if (n > this.pipeline.maxTokens) {
+          this.failJob(j, `a micro-batch of ${n} tokens is larger than the pipeline's max_tokens (${this.pipeline.maxTokens}): raise pipeline.max_tokens or lower micro_batch_size/seq_len`);
+          continue;
+        }
+        if (chosen.length && tokens + n > this.pipeline.maxTokens) continue;
+        chosen.push(j);
+        tokens += n;
+      }
+      if (!chosen.length) continue;
+      this.rr = chosen[chosen.length - 1]!.id + 1;
+      const parts = chosen.map((j) => ({ job: j, mb: j.peek()! }));
+      const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
+      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })));
+      const short = need.findIndex((b, s) => b > this.headroom[s]!);
+      if (short >= 0) {
+        if (this.inflight.size === 0) {
+          for (const p of parts) {
+            this.failJob(
+              p.job,
+              `a micro-batch of ${numTokens} tokens needs ${need[short]} bytes of activations on ${this.pipeline.devices[short]}, ` +
+                `only ${this.headroom[short]} are free: lower micro_batch_size or seq_len, or give the device more memory`,
+            );
+          }
+          continue;
+        }
+        return; // wait for memory to come back
+      }
+      for (const p of parts) p.job.take();
+      this.launch(parts, numTokens, need);
+    }
+  }
+
+  private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[]): void {
+    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: p.job.serial++, mb: p.mb })), numTokens);
+    for (const p of parts) {
+      const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
+      if (f) {
+        this.nanFaults.splice(this.nanFaults.indexOf(f), 1);
+        void this.pipeline.poison(p.job.id);
+        p.job.emit({ type: 'fault', adapter: p.job.name, fault: 'nan', detail: `injected NaN weights before step ${p.job.step + 1}`, time: Date.now() });
+      }
+      p.job.inflight++;
+      p.job.admittedInStep++;
+      p.job.microCount = p.mb.microCount;
+    }
+    reserve.forEach((b, s) => (this.headroom[s]! -= b));
+    const done = this.pipeline
+      .train(data)
+      .then(
+        (losses) => this.completed(parts, data, losses),
+        (e: Error) => {
+          for (const p of parts) this.failJob(p.job, `micro-batch ${data.id} failed: ${e.message}`);
+        },
+      )
+      .finally(() => {
+        reserve.forEach((b, s) => (this.headroom[s]! += b));
+        for (const p of parts) p.job.inflight--;
+        this.inflight.delete(data.id);
+        this.wake();
+      });
+    this.inflight.set(data.id, done);
+  }
+
+  private completed(parts: Array<{ job: Job; mb: SourceMicroBatch }>, data: MicroBatchData, losses: Float32Array): void {
+    data.segments.forEach((seg, i) => {
+      const job = parts[i]!.job;
+      if (job.terminal()) return;
+      let sum = 0;
+      for (let r = seg.rowStart; r < seg.rowEnd; r++) sum += losses[r]!;
+      if (!Number.isFinite(sum)) {
+        this.failJob(job, `loss became ${sum} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+        return;
+      }
+      job.stepLoss += sum;
+      job.stepTargets += parts[i]!.mb.numTargetTokens;
+      job.tokens += parts[i]!.mb.numTokens;
+      job.doneInStep++;
+      if (parts[i]!.mb.lastOfStep || job.doneInStep >= job.microCount) {
+        const p = this.optimizerStep(job, parts[i]!.mb.stepTargetTokens).finally(() => {
+          this.stepping.delete(p);
+          this.wake();
+        });
+        this.stepping.add(p);
+      }
+    });
+  }
+
+  private async optimizerStep(job: Job, stepTargetTokens: number): Promise<void> {
+    job.stepping = true;
+    try {
+      const c = job.config;
+      const sumsq = await this.pipeline.gradSumsq(job.id);
+      const gradNorm = Math.sqrt(sumsq);
+      if (!Number.isFinite(gradNorm)) {
+        this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+        return;
+      }
+      const gradScale = c.max_grad_norm !== undefined ? Math.min(1, c.max_grad_norm / (gradNorm + 1e-6)) : 1;
+      const lr = lrAt(c.optimizer.lr, c.schedule, job.step, job.totalSteps);
+      await this.pipeline.step(job.id, {
+        lr, beta1: c.optimizer.betas[0], beta2: c.optimizer.betas[1], eps: c.optimizer.eps,
+        weightDecay: c.optimizer.weight_decay, step: job.step + 1, gradScale,
+      });
+      job.step++;
+      const loss = job.stepLoss / Math.max(1, stepTargetTokens);
+      job.lastLoss = loss;
+      job.emit({ type: 'step', adapter: job.name, step: job.step, totalSteps: job.totalSteps, loss, lr, tokens: job.tokens, gradNorm, time: Date.now() });
+      job.stepLoss = 0;
+      job.stepTargets = 0;
+      job.admittedInStep = 0;
+      job.doneInStep = 0;
+      if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
+      const last = job.step >= job.totalSteps || job.peek() === null;
+      if (this.hooks.checkpoint && c.save_every && job.step % c.save_every === 0 && !last) {
+        const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
+        job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
+      }
+      if (last) await this.finish(job);
+    } catch (e) {
+      this.failJob(job, (e as Error).message);
+    } finally {
+      job.stepping = false;
+    }
+  }
+
+  /** Held-out loss over the job's eval data. */
+  async evaluate(job: Job): Promise<{ loss: number; perplexity: number; tokens: number }> {
+    const src = job.evalSource!();
+    let sum = 0;
+    let count = 0;
+    for (let mb = src.next(); mb; mb = src.next()) {
+      const data = assemble(this.nextMb++, [{ adapter: job.id, serial: 0, mb }], mb.numTokens, true);
+      const losses = await this.pipeline.evaluate(data);
+      for (let i = 0; i < losses.length; i++) sum += losses[i]!;
+      count += mb.numTargetTokens;
+    }
+    const loss = sum / Math.max(1, count);
+    const r = { loss, perplexity: Math.exp(loss), tokens: count };
+    job.lastEval = r;
+    job.emit({ type: 'eval', adapter: job.name, step: job.step, loss, perplexity: r.perplexity, tokens: count, time: Date.now() });
+    return r;
+  }
+
+  private async finish(job: Job): Promise<void> {
+    const state = await this.pipeline.exportAdapter(job.id);
+    if (this.hooks.finish) job.outputPath = await this.hooks.finish(job, state);
+    job.emit({ type: 'done', adapter: job.name, steps: job.step, loss: job.lastLoss, path: job.outputPath, time: Date.now() });
+    job.setState('done');
+    await this.pipeline.removeAdapter(job.id);
+  }
+
+  /** Exports every live adapter's state (checkpoint on exit). */
+  async exportAll(): Promise<Array<{ job: Job; state: AdapterState }>> {
+    const out: Array<{ job: Job; state: AdapterState }> = [];
+    for (const j of this.jobs.values()) {
+      if (j.terminal() || j.state === 'queued' || j.state === 'loading') continue;
+      await this.quiesce(j);
+      out.push({ job: j, state: await this.pipeline.exportAdapter(j.id) });
+    }
+    return out;
+  }
+}
+
+/**
+ * Concatenates adapters' micro-batches into one BatchLoRA micro-batch: rows of adapter i form
+ * segment i; targets are the labels shifted by one within each sequence (HF causal-LM);
+ * each target row weighs 1/(target tokens of its adapter's step).
+ */
+export function assemble(
+  id: number,
+  parts: Array<{ adapter: number; serial: number; mb: SourceMicroBatch }>,
+  numTokens: number,
+  evalMode = false,
+): MicroBatchData {
+  const tokens = new Int32Array(numTokens);
+  const positions = new Int32Array(numTokens);
+  const targets = new Int32Array(numTokens).fill(-100);
+  const weights = new Float32Array(numTokens);
+  const nseq = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
+  const cu = new Int32Array(nseq + 1);
+  const segments: Segment[] = [];
+  let row = 0;
+  let q = 0;
+  for (const p of parts) {
+    const m = p.mb;
+    tokens.set(m.inputIds, row);
+    positions.set(m.positions, row);
+    const w = evalMode ? 1 : 1 / Math.max(1, m.stepTargetTokens);
+    for (let s = 0; s + 1 < m.cuSeqlens.length; s++) {
+      const b = m.cuSeqlens[s]!, e = m.cuSeqlens[s + 1]!;
+      cu[q++] = row + b;
+      for (let i = b; i + 1 < e; i++) {
+        const t = m.labels[i + 1]!;
+        if (t !== -100) {
+          targets[row + i] = t;
+          weights[row + i] = w;
+        }
+      }
+    }
+    segments.push({ adapter: p.adapter, rowStart: row, rowEnd: row + m.numTokens, serial: p.serial });
+    row += m.numTokens;
+  }
+  cu[q] = row;
+  return { id, segments, tokens, positions, cuSeqlens: cu, targets, weights };
+}
+
+// ---- starting a supervisor with its pipeline (the programmatic API)
+
+export interface StartOptions {
+  /** Hugging Face model directory. */
+  model: string;
+  /** cpu:N / cuda:N per stage, or 'auto' (every GPU; else CPU stages sharing the cores). */
+  devices?: string[] | 'auto';
+  /** CPU threads per device (default: the machine's cores shared evenly). */
+  threads?: number;
+  /** Byte budget per device (e.g. "4GiB"); default: a share of 80% of RAM, or the GPU's free memory. */
+  memory?: string | number;
+  /** Layers per stage, or 'auto' (cost model). */
+  split?: 'auto' | number[];
+  batchlora?: boolean;
+  inflight?: number;
+  inflightPerAdapter?: number;
+  adaptersPerMicroBatch?: number;
+  /** Most tokens in one micro-batch message (sizes the shared slots). Default 4096. */
+  maxTokens?: number;
+  /** Where finished adapters and checkpoints go (none: nothing written). */
+  output?: string;
+  /** Continue each submitted adapter from its newest complete checkpoint under `output`. */
+  resume?: boolean;
+  /** Fault injection specs (lib/faults.ts grammar), for testing recovery. */
+  faults?: Array<string | FaultSpec>;
+  /** Run the stages in this thread instead of worker threads (tests, single device). */
+  inProcess?: boolean;
+  onEvent?: (ev: JobEvent) => void;
+  onFault?: (ev: FaultEvent) => void;
+  heartbeatMs?: number;
+  hangTimeoutMs?: number;
+  /** Tokenizer pool threads for large datasets. */
+  dataThreads?: number;
+}
+
+export interface ResolvedLayout {
+  devices: string[];
+  threads: number[];
+  budgets: number[];
+  plans: StagePlan[];
+}
+
+/** Devices, threads, budgets and the layer split for a model (what --dry-run prints). */
+export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split'>): ResolvedLayout {
+  const cores = availableParallelism();
+  let devices: string[];
+  if (!o.devices || o.devices === 'auto') {
+    const n = native().info().cuda.devices;
+    if (n > 0) devices = Array.from({ length: Math.min(n, config.numLayers) }, (_, i) => `cuda:${i}`);
+    else devices = Array.from({ length: Math.max(1, Math.min(cores, config.numLayers, 8)) }, (_, i) => `cpu:${i}`);
+  } else devices = o.devices;
+  if (!devices.length) throw new Error('no devices given');
+  const seen = new Set<string>();
+  for (const d of devices) {
+    parseDeviceSpec(d);
+    if (seen.has(d)) throw new Error(`device ${d} is listed twice`);
+    seen.add(d);
+  }
+  const cpuCount = devices.filter((d) => d.startsWith('cpu')).length;
+  const threads = devices.map((d) => (d.startsWith('cpu') ? (o.threads ?? Math.max(1, Math.floor(cores / Math.max(1, cpuCount)))) : 1));
+  const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.startsWith('cpu') ? defaultCpuBudget(cpuCount) : 0));
+  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads).plans : explicitSplit(config, o.split);
+  if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
+  return { devices, threads, budgets, plans };
+}
+
+export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
+  const dir = openModelDir(o.model);
+  const config = dir.config;
+  const layout = resolveLayout(config, o);
+  const faults = (o.faults ?? []).map((f) => (typeof f === 'string' ? parseFault(f) : f));
+  const S = layout.plans.length;
+  const inflight = o.inflight ?? Math.max(1, 2 * S);
+  let pipeline: Pipeline;
+  if (o.inProcess) {
+    const stages: StageProgram[] = [];
+    try {
+      for (let s = 0; s < S; s++) {
+        const device = openDevice(layout.devices[s]!, { threads: layout.threads[s]!, ...(layout.budgets[s] ? { budget: layout.budgets[s] } : {}) });
+        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!)));
+      }
+    } catch (e) {
+      for (const st of stages) st.free();
+      throw e;
+    }
+    pipeline = new LocalPipeline(config, stages);
+  } else {
+    pipeline = await ActorPipeline.start({
+      modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'),
+      ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
+      ...(o.onFault ? { onFault: o.onFault } : {}),
+    });
+  }
+  const env = { modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}) };
+  const hooks: SupervisorHooks = {
+    prepare: (c) => prepareJob(env, c),
+    ...outputHooks(env),
+    ...(o.onEvent ? { onEvent: o.onEvent } : {}),
+  };
+  const sup = new Supervisor(pipeline, hooks, {
+    batchlora: o.batchlora ?? true, inflight, inflightPerAdapter: o.inflightPerAdapter ?? 1,
+    ...(o.adaptersPerMicroBatch ? { adaptersPerMicroBatch: o.adaptersPerMicroBatch } : {}),
+  });
+  sup.nanFaults = faults.filter((f) => f.kind === 'nan');
+  return sup;
+}

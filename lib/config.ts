@@ -1,0 +1,138 @@
+// The training configuration: the per-adapter fields (the public interface shared by the
+// config file, Supervisor.submit() and the PEFT output) and the run's top level. Validated
+// with zod before anything loads; an error names the field and the allowed values.
+import { z } from 'zod';
+import { LORA_TARGETS } from './model/config.js';
+
+/** Adapter names become folder names: letters, digits, '.', '_', '-'; no leading dot. */
+export const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
+
+const target = z.enum(LORA_TARGETS);
+
+export const LoraSchema = z
+  .object({
+    r: z.number().int().min(1).max(1024).default(8),
+    alpha: z.number().positive().default(16),
+    dropout: z.number().min(0).max(0.99).default(0.05),
+    targets: z.array(target).min(1).default(['q_proj', 'k_proj', 'v_proj', 'o_proj']),
+    use_rslora: z.boolean().default(false),
+    /** An existing PEFT adapter directory to start from; none = PEFT init (seeded). */
+    init: z.string().min(1).optional(),
+  })
+  .strict();
+
+export const OptimizerSchema = z
+  .object({
+    lr: z.number().positive().max(10).default(2e-4),
+    betas: z.tuple([z.number().min(0).lt(1), z.number().min(0).lt(1)]).default([0.9, 0.999]),
+    eps: z.number().positive().default(1e-8),
+    weight_decay: z.number().min(0).default(0),
+  })
+  .strict();
+
+export const ScheduleSchema = z
+  .object({
+    type: z.enum(['constant', 'linear', 'cosine']).default('constant'),
+    warmup_steps: z.number().int().min(0).default(0),
+  })
+  .strict();
+
+export const AdapterSchema = z
+  .object({
+    name: z.string().regex(SAFE_NAME, 'must be a safe folder name: letters, digits, ".", "_", "-" (no leading dot, at most 64)'),
+    data: z.string().min(1),
+    template: z.string().min(1).optional(),
+    lora: LoraSchema.default(LoraSchema.parse({})),
+    optimizer: OptimizerSchema.default(OptimizerSchema.parse({})),
+    schedule: ScheduleSchema.default(ScheduleSchema.parse({})),
+    batch_size: z.number().int().min(1).default(8),
+    micro_batch_size: z.number().int().min(1).optional(),
+    seq_len: z.number().int().min(2).default(512),
+    epochs: z.number().int().min(1).default(1),
+    max_steps: z.number().int().min(1).optional(),
+    shuffle: z.boolean().default(true),
+    seed: z.number().int().min(0).default(0),
+    train_on_inputs: z.boolean().default(false),
+    max_grad_norm: z.number().positive().optional(),
+    save_every: z.number().int().min(1).optional(),
+    eval: z.object({ data: z.string().min(1), every: z.number().int().min(1).default(50) }).strict().optional(),
+    priority: z.number().int().default(0),
+    /** Skip malformed dataset records (counted) instead of failing. */
+    skip_bad_records: z.boolean().default(false),
+  })
+  .strict()
+  .superRefine((a, ctx) => {
+    const micro = a.micro_batch_size ?? a.batch_size;
+    if (micro > a.batch_size) {
+      ctx.addIssue({ code: 'custom', path: ['micro_batch_size'], message: `must be ≤ batch_size (${a.batch_size}), got ${micro}` });
+    }
+  });
+
+export type AdapterConfigInput = z.input<typeof AdapterSchema>;
+export type AdapterConfig = z.output<typeof AdapterSchema> & { micro_batch_size: number };
+
+export const PipelineSchema = z
+  .object({
+    /** Layer split: number of layers per stage (sums to the model's layers), or 'auto' (cost model). */
+    split: z.union([z.literal('auto'), z.array(z.number().int().min(0))]).default('auto'),
+    /** Micro-batches of one adapter in flight at once (1 = exact sequential semantics per adapter). */
+    inflight_per_adapter: z.number().int().min(1).default(1),
+    /** Micro-batch messages in flight in the whole pipeline (default: 2 × stages). */
+    inflight: z.number().int().min(1).optional(),
+    /** BatchLoRA: several adapters' rows share one micro-batch message. */
+    batchlora: z.boolean().default(true),
+    /** Most adapters in one BatchLoRA micro-batch (default: spread adapters so every stage has work). */
+    adapters_per_micro_batch: z.number().int().min(1).optional(),
+    /** Threads per device (CPU). */
+    threads: z.number().int().min(1).optional(),
+    /** Byte budget per device, e.g. "4GiB". */
+    memory: z.union([z.string(), z.number()]).optional(),
+  })
+  .strict();
+
+export const TrainConfigSchema = z
+  .object({
+    model: z.string().min(1),
+    devices: z.union([z.literal('auto'), z.array(z.string().regex(/^(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N'))]).default('auto'),
+    output: z.string().min(1).default('mlora-output'),
+    adapters: z.array(AdapterSchema).min(1),
+    pipeline: PipelineSchema.default(PipelineSchema.parse({})),
+    log: z
+      .object({ every: z.number().int().min(1).default(1), progress: z.enum(['auto', 'bar', 'plain', 'none']).default('auto') })
+      .strict()
+      .default({ every: 1, progress: 'auto' }),
+  })
+  .strict()
+  .superRefine((c, ctx) => {
+    const seen = new Set<string>();
+    c.adapters.forEach((a, i) => {
+      if (seen.has(a.name)) ctx.addIssue({ code: 'custom', path: ['adapters', i, 'name'], message: `'${a.name}' is used by two adapters; names must be unique` });
+      seen.add(a.name);
+    });
+  });
+
+export type TrainConfig = Omit<z.output<typeof TrainConfigSchema>, 'adapters'> & { adapters: AdapterConfig[] };
+
+/** A readable one-line-per-problem message from a zod error. */
+export function formatIssues(err: z.ZodError, where: string): string {
+  const lines = err.issues.map((i) => {
+    const path = i.path.length ? i.path.map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`)).join('').replace(/^\./, '') : '(top level)';
+    let msg = i.message;
+    if (i.code === 'invalid_value' && 'values' in i) msg = `must be one of ${(i.values as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
+    if (i.code === 'unrecognized_keys' && 'keys' in i) msg = `unknown field(s) ${(i.keys as string[]).map((k) => `'${k}'`).join(', ')}`;
+    return `${where}: ${path}: ${msg}`;
+  });
+  return lines.join('\n');
+}
+
+export function parseAdapterConfig(input: unknown, where = 'adapter'): AdapterConfig {
+  const r = AdapterSchema.safeParse(input);
+  if (!r.success) throw new Error(formatIssues(r.error, where));
+  return { ...r.data, micro_batch_size: r.data.micro_batch_size ?? r.data.batch_size };
+}
+
+export function parseTrainConfig(input: unknown, where = 'config'): TrainConfig {
+  const r = TrainConfigSchema.safeParse(input);
+  if (!r.success) throw new Error(formatIssues(r.error, where));
+  return { ...r.data, adapters: r.data.adapters.map((a) => ({ ...a, micro_batch_size: a.micro_batch_size ?? a.batch_size })) };
+}

@@ -1,0 +1,134 @@
+// Training checkpoints of one adapter:
+//   <adapter dir>/checkpoint-<step>/
+//     adapter_config.json, adapter_model.safetensors   the PEFT adapter at that step (loadable as is)
+//     optimizer.safetensors                            AdamW moments: <PEFT name>.exp_avg / .exp_avg_sq
+//     state.msgpack                                    step, optimizer version, data position, config hash
+//     manifest.json                                    written LAST: marks the checkpoint complete
+// A checkpoint without a valid manifest (a crash while writing, a full disk) is ignored on
+// resume, and the previous complete one is used.
+import fs from 'node:fs';
+import path from 'node:path';
+import { createHash } from 'node:crypto';
+import { pack, unpack } from 'msgpackr';
+import { writeFileAtomic, writeSafetensors, openSafetensors, type StTensorSource } from './safetensors.js';
+import { writeAdapterFiles } from './peft.js';
+import type { AdapterState } from '../../actors/protocol.js';
+import type { LlamaConfig } from '../model/config.js';
+import type { LoraSpec } from '../lora/adapter.js';
+import { fromPeftTensors, toAdapterWeights, toPeftTensors } from '../lora/state.js';
+
+export const CHECKPOINT_FORMAT = 'mlora-checkpoint';
+export const CHECKPOINT_VERSION = 1;
+
+export interface CheckpointMeta {
+  step: number;
+  /** Adapter config hash: a resume with a changed config is refused. */
+  configHash: string;
+  /** Data loader position (lib/data/loader.ts LoaderState). */
+  loader: unknown;
+  time: string;
+  tokens: number;
+  loss: number;
+}
+
+export function hashConfig(obj: unknown): string {
+  return createHash('sha256').update(JSON.stringify(obj)).digest('hex').slice(0, 16);
+}
+
+function fsyncDir(dir: string) {
+  try {
+    const fd = fs.openSync(dir, 'r');
+    fs.fsyncSync(fd);
+    fs.closeSync(fd);
+  } catch {
+    /* not all filesystems allow it */
+  }
+}
+
+export interface SaveCheckpointArgs {
+  adapterDir: string;
+  config: LlamaConfig;
+  spec: LoraSpec;
+  baseModel: string;
+  state: AdapterState;
+  meta: CheckpointMeta;
+  /** Keep at most this many complete checkpoints (oldest removed first); default all. */
+  keep?: number;
+}
+
+export function saveCheckpoint(a: SaveCheckpointArgs): string {
+  const dir = path.join(a.adapterDir, `checkpoint-${a.meta.step}`);
+  fs.mkdirSync(dir, { recursive: true });
+  fs.rmSync(path.join(dir, 'manifest.json'), { force: true }); // incomplete until the manifest is back
+  writeAdapterFiles(dir, toAdapterWeights(a.config, a.spec, a.state.params, a.baseModel));
+  const params = toPeftTensors(a.config, a.spec, a.state.params);
+  const m = toPeftTensors(a.config, a.spec, a.state.m);
+  const v = toPeftTensors(a.config, a.spec, a.state.v);
+  const tensors: Record<string, StTensorSource> = {};
+  for (const [name, { shape }] of params) {
+    tensors[`${name}.exp_avg`] = { dtype: 'F32', shape, data: m.get(name)!.data };
+    tensors[`${name}.exp_avg_sq`] = { dtype: 'F32', shape, data: v.get(name)!.data };
+  }
+  writeSafetensors(path.join(dir, 'optimizer.safetensors'), tensors, { optimizer_steps: String(a.state.version) });
+  writeFileAtomic(path.join(dir, 'state.msgpack'), [pack({ ...a.meta, version: a.state.version })]);
+  const files: Record<string, number> = {};
+  for (const f of fs.readdirSync(dir)) if (f !== 'manifest.json') files[f] = fs.statSync(path.join(dir, f)).size;
+  writeFileAtomic(path.join(dir, 'manifest.json'), JSON.stringify({ format: CHECKPOINT_FORMAT, version: CHECKPOINT_VERSION, step: a.meta.step, files }, null, 2));
+  fsyncDir(dir);
+  if (a.keep !== undefined) {
+    const all = listCheckpoints(a.adapterDir).filter((c) => c.complete);
+    for (const old of all.slice(0, Math.max(0, all.length - a.keep))) fs.rmSync(old.dir, { recursive: true, force: true });
+  }
+  return dir;
+}
+
+export interface CheckpointEntry {
+  dir: string;
+  step: number;
+  complete: boolean;
+  why?: string;
+}
+
+/** Checkpoints of an adapter dir, oldest first, each marked complete or not (with the reason). */
+export function listCheckpoints(adapterDir: string): CheckpointEntry[] {
+  if (!fs.existsSync(adapterDir)) return [];
+  const out: CheckpointEntry[] = [];
+  for (const name of fs.readdirSync(adapterDir)) {
+    const m = /^checkpoint-(\d+)$/.exec(name);
+    if (!m) continue;
+    const dir = path.join(adapterDir, name);
+    const e: CheckpointEntry = { dir, step: Number(m[1]), complete: false };
+    try {
+      const man = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as { format: string; step: number; files: Record<string, number> };
+      if (man.format !== CHECKPOINT_FORMAT) throw new Error(`manifest format '${man.format}'`);
+      for (const [f, size] of Object.entries(man.files)) {
+        const st = fs.statSync(path.join(dir, f), { throwIfNoEntry: false });
+        if (!st || st.size !== size) throw new Error(`${f} is missing or has the wrong size`);
+      }
+      e.complete = true;
+    } catch (err) {
+      e.why = (err as Error).message;
+    }
+    out.push(e);
+  }
+  return out.sort((a, b) => a.step - b.step);
+}
+
+export function latestCheckpoint(adapterDir: string): CheckpointEntry | undefined {
+  return listCheckpoints(adapterDir).filter((c) => c.complete).pop();
+}
+
+export function loadCheckpoint(dir: string, config: LlamaConfig, spec: LoraSpec): { state: AdapterState; meta: CheckpointMeta } {
+  const meta = unpack(fs.readFileSync(path.join(dir, 'state.msgpack'))) as CheckpointMeta & { version: number };
+  const weights = openSafetensors(path.join(dir, 'adapter_model.safetensors'));
+  const opt = openSafetensors(path.join(dir, 'optimizer.safetensors'));
+  const get = (f: typeof weights, n: string) => (f.tensors.has(n) ? f.readF32(n) : undefined);
+  const params = fromPeftTensors(config, spec, (n) => get(weights, n), `${dir}/adapter_model.safetensors`);
+  const m = fromPeftTensors(config, spec, (n) => get(opt, `${n}.exp_avg`), `${dir}/optimizer.safetensors`);
+  const v = fromPeftTensors(config, spec, (n) => get(opt, `${n}.exp_avg_sq`), `${dir}/optimizer.safetensors`);
+  return { state: { params, m, v, version: meta.version }, meta };
+}
+
+export function fsyncPath(p: string) {
+  fsyncDir(p);
+}

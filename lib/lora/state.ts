@@ -1,0 +1,80 @@
+// An adapter's full trainable state (all layers) and its conversions: PEFT tensors for the
+// adapter files, per-stage slices for the pipeline. The flat layout is lora/adapter.ts
+// sliceLayout(0, numLayers): layer-major, so a stage's slice [lo, hi) is one contiguous range.
+import { sliceLayout, type LoraSpec, peftInit } from './adapter.js';
+import type { LlamaConfig, LoraTarget } from '../model/config.js';
+import { projectionModule } from '../model/config.js';
+import type { StagePlan } from '../model/stage.js';
+import type { AdapterState } from '../../actors/protocol.js';
+import type { AdapterWeights } from '../io/peft.js';
+
+/** [begin, end) of a stage's slice in the full flat layout. */
+export function stageSliceRange(config: LlamaConfig, spec: LoraSpec, plan: Pick<StagePlan, 'lo' | 'hi'>): [number, number] {
+  const before = sliceLayout(config, spec, 0, plan.lo).size;
+  const mine = sliceLayout(config, spec, plan.lo, plan.hi).size;
+  return [before, before + mine];
+}
+
+export function freshState(config: LlamaConfig, spec: LoraSpec): AdapterState {
+  const params = peftInit(config, spec, 0, config.numLayers);
+  return { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };
+}
+
+/** PEFT tensor name of one LoRA matrix. */
+export function peftName(layer: number, target: LoraTarget, which: 'A' | 'B'): string {
+  return `base_model.model.model.layers.${layer}.${projectionModule(target)}.lora_${which}.weight`;
+}
+
+/** Flat buffer → {PEFT name → [shape, values]} (views, no copies). */
+export function toPeftTensors(config: LlamaConfig, spec: LoraSpec, flat: Float32Array): Map<string, { shape: [number, number]; data: Float32Array }> {
+  const out = new Map<string, { shape: [number, number]; data: Float32Array }>();
+  for (const m of sliceLayout(config, spec, 0, config.numLayers).modules) {
+    out.set(peftName(m.layer, m.target, 'A'), { shape: [spec.r, m.inDim], data: flat.subarray(m.aOffset, m.aOffset + spec.r * m.inDim) });
+    out.set(peftName(m.layer, m.target, 'B'), { shape: [m.outDim, spec.r], data: flat.subarray(m.bOffset, m.bOffset + m.outDim * spec.r) });
+  }
+  return out;
+}
+
+/** {PEFT name → values} → flat buffer; every expected tensor must be present with the right size. */
+export function fromPeftTensors(config: LlamaConfig, spec: LoraSpec, get: (name: string) => Float32Array | undefined, where: string): Float32Array {
+  const { modules, size } = sliceLayout(config, spec, 0, config.numLayers);
+  const flat = new Float32Array(size);
+  for (const m of modules) {
+    for (const [which, off, n, shape] of [
+      ['A', m.aOffset, spec.r * m.inDim, `[${spec.r}, ${m.inDim}]`],
+      ['B', m.bOffset, m.outDim * spec.r, `[${m.outDim}, ${spec.r}]`],
+    ] as const) {
+      const name = peftName(m.layer, m.target, which);
+      const v = get(name);
+      if (!v) throw new Error(`${where}: tensor '${name}' is missing`);
+      if (v.length !== n) throw new Error(`${where}: tensor '${name}' has ${v.length} elements, expected ${shape}`);
+      flat.set(v, off);
+    }
+  }
+  return flat;
+}
+
+/** The flat state's weights as the PEFT in-memory adapter (lib/io/peft.ts). */
+export function toAdapterWeights(config: LlamaConfig, spec: LoraSpec, flat: Float32Array, baseModel: string | null): AdapterWeights {
+  const layers: AdapterWeights['layers'] = Array.from({ length: config.numLayers }, () => ({}));
+  for (const m of sliceLayout(config, spec, 0, config.numLayers).modules) {
+    layers[m.layer]![m.target] = {
+      a: flat.slice(m.aOffset, m.aOffset + spec.r * m.inDim),
+      b: flat.slice(m.bOffset, m.bOffset + m.outDim * spec.r),
+    };
+  }
+  return {
+    r: spec.r, loraAlpha: spec.alpha, loraDropout: spec.dropout, targetModules: [...spec.targets], useRslora: spec.useRslora,
+    baseModelNameOrPath: baseModel, layers,
+  };
+}
+
+/** A loaded PEFT adapter → flat weights in the layout of `spec` (which must match its r/targets). */
+export function fromAdapterWeights(config: LlamaConfig, spec: LoraSpec, a: AdapterWeights, where: string): Float32Array {
+  if (a.r !== spec.r) throw new Error(`${where}: adapter has r=${a.r}, the job asks for r=${spec.r}`);
+  return fromPeftTensors(config, spec, (name) => {
+    const m = /layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$/.exec(name)!;
+    const pair = a.layers[Number(m[1])]?.[m[2] as LoraTarget];
+    return m[3] === 'A' ? pair?.a : pair?.b;
+  }, where);
+}

@@ -1,0 +1,624 @@
+// The stage program: one contiguous range of LLaMA layers (plus the embedding on the first
+// stage and the final norm + LM head + loss on the last), run forward and backward over a
+// BatchLoRA micro-batch on one device. The single-device trainer is one stage that is both
+// first and last; the pipeline cuts the same model into several stages. No second
+// implementation of the model exists anywhere.
+//
+// Data flow of a micro-batch through a stage:
+//   forward(mb, input, output): input = token ids (first stage) or the previous stage's
+//     hidden states [N, H]; output = hidden states [N, H] for the next stage. Everything the
+//     backward needs is saved in one activation block per micro-batch; `input` is held too
+//     (the caller keeps that memory alive until backward: zero copies between stages).
+//   backward(mb, grad): grad [N, H] holds dL/d(output) and is turned, in place, into
+//     dL/d(input), which the caller hands on to the previous stage.
+//   trainLast(mb, input, gradIn): the last stage's forward, loss, and backward in one run.
+// Every op of a call goes to the native core in ONE device.run(), off the JS thread.
+import type { Device, Tensor } from '../tensor.js';
+import type { LoraSegmentArg, Op } from '../native.js';
+import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
+import { allocBytes, StageAdapter, type LoraSpec } from '../lora/adapter.js';
+import { deriveSeed } from '../rng.js';
+import { ropeTables } from './rope.js';
+
+export interface StagePlan {
+  /** Layers [lo, hi) of the model. */
+  lo: number;
+  hi: number;
+  /** Holds the token embedding (input = token ids). */
+  first: boolean;
+  /** Holds the final norm, the LM head and the loss. */
+  last: boolean;
+}
+
+export interface LayerWeights {
+  attnNorm: Tensor;
+  q: Tensor;
+  k: Tensor;
+  v: Tensor;
+  o: Tensor;
+  mlpNorm: Tensor;
+  gate: Tensor;
+  up: Tensor;
+  down: Tensor;
+}
+
+export interface StageWeights {
+  embed?: Tensor;
+  layers: LayerWeights[];
+  norm?: Tensor;
+  /** [vocab, hidden]; the embedding table itself when the model ties them. */
+  head?: Tensor;
+}
+
+/** One adapter's rows in a micro-batch. */
+export interface Segment {
+  adapter: number;
+  rowStart: number;
+  rowEnd: number;
+  /** The adapter's micro-batch counter: dropout masks are a function of (seed, serial, layer, module, row). */
+  serial: number;
+}
+
+/** Per-micro-batch tensors on this stage's device (often views of shared-memory slots). */
+export interface MicroBatchTensors {
+  /** i32 [N]: position of each row within its own sequence. */
+  positions: Tensor;
+  /** i32 [nseq + 1]: row offsets of the packed sequences. */
+  cuSeqlens: Tensor;
+  /** i32 [N], last stage: the token each row must predict (labels shifted within each sequence; -100 = none). */
+  targets?: Tensor;
+  /** f32 [N], last stage: each row's weight in its adapter's loss (1/target tokens of the step). */
+  weights?: Tensor;
+}
+
+export interface MicroBatch {
+  id: number;
+  numTokens: number;
+  segments: Segment[];
+  tensors: MicroBatchTensors;
+}
+
+interface LayerActs {
+  x: Tensor;
+  xn1: Tensor;
+  rstd1: Tensor;
+  q: Tensor;
+  k: Tensor;
+  v: Tensor;
+  ao: Tensor;
+  lse: Tensor;
+  hmid: Tensor;
+  xn2: Tensor;
+  rstd2: Tensor;
+  gate: Tensor;
+  up: Tensor;
+  act: Tensor;
+  /** xa per target, per segment index (undefined where the adapter has no LoRA there). */
+  xa: Map<LoraTarget, Array<Tensor | undefined>>;
+}
+
+interface Saved {
+  block: Tensor;
+  layers: LayerActs[];
+  input: Tensor;
+  views: Tensor[];
+}
+
+/** Carves typed views out of one flat f32 block; the same code computes sizes for accounting. */
+class Carver {
+  offset = 0;
+  readonly views: Tensor[] = [];
+  constructor(private readonly block: Tensor | null) {}
+  take(shape: number[]): Tensor {
+    const n = shape.reduce((a, b) => a * b, 1);
+    // 16-float (64-byte) alignment for vector loads
+    const start = this.offset;
+    this.offset += Math.ceil(n / 16) * 16;
+    if (!this.block) return null as unknown as Tensor;
+    const t = this.block.rows(start, start + n).reshape(shape);
+    this.views.push(t);
+    return t;
+  }
+}
+
+export interface StageOptions {
+  /** Rows of logits materialised at once on the last stage. */
+  headBlockRows?: number;
+}
+
+export class StageProgram {
+  readonly adapters = new Map<number, StageAdapter>();
+  private readonly saved = new Map<number, Saved>();
+  readonly cos: Tensor;
+  readonly sin: Tensor;
+  private scratch: Record<string, Tensor> = {};
+  private scratchRows = 0;
+  private readonly headBlockRows: number;
+  readonly qDim: number;
+  readonly kvDim: number;
+
+  constructor(
+    readonly device: Device,
+    readonly config: LlamaConfig,
+    readonly plan: StagePlan,
+    readonly weights: StageWeights,
+    options: StageOptions = {},
+  ) {
+    const c = config;
+    if (weights.layers.length !== plan.hi - plan.lo) {
+      throw new Error(`stage [${plan.lo}, ${plan.hi}) got weights for ${weights.layers.length} layers`);
+    }
+    if (plan.first && !weights.embed) throw new Error('the first stage needs the embedding table');
+    if (plan.last && (!weights.norm || !weights.head)) throw new Error('the last stage needs the final norm and the LM head');
+    this.qDim = c.numHeads * c.headDim;
+    this.kvDim = c.numKvHeads * c.headDim;
+    const { cos, sin } = ropeTables(c.ropeTheta, c.headDim, c.maxPositionEmbeddings);
+    this.cos = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], cos);
+    this.sin = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], sin);
+    this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
+  }
+
+  // ---- adapters
+
+  addAdapter(id: number, spec: LoraSpec, init?: Float32Array): StageAdapter {
+    if (this.adapters.has(id)) throw new Error(`adapter ${id} is already on this stage`);
+    const a = new StageAdapter(this.device, this.config, spec, this.plan.lo, this.plan.hi, init);
+    this.adapters.set(id, a);
+    return a;
+  }
+
+  removeAdapter(id: number): void {
+    this.adapters.get(id)?.free();
+    this.adapters.delete(id);
+  }
+
+  adapter(id: number): StageAdapter {
+    const a = this.adapters.get(id);
+    if (!a) throw new Error(`adapter ${id} is not on this stage`);
+    return a;
+  }
+
+  // ---- memory accounting (bytes, as the device allocator counts them)
+
+  /** Bytes of the saved-activation block of one micro-batch. */
+  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+    return activationBytes(this.config, this.plan, numTokens, segments);
+  }
+
+  /** Bytes of the per-stage scratch for micro-batches of up to `rows` tokens. */
+  scratchBytes(rows: number): number {
+    return scratchBytes(this.config, this.plan, rows, this.headBlockRows);
+  }
+
+  // ---- forward / backward
+
+  /** Forward of a non-last stage; `output` [N, H] receives the hidden states. */
+  async forward(mb: MicroBatch, input: Tensor, output: Tensor): Promise<void> {
+    if (this.plan.last) throw new Error('forward() is for non-last stages; the last stage uses trainLast()');
+    const ops: Op[] = [];
+    const saved = this.saveBlock(mb, input);
+    this.forwardOps(ops, mb, saved, output);
+    await this.runOrRelease(mb.id, ops);
+  }
+
+  /** Backward of a non-last stage: `grad` holds dL/d(output) and becomes dL/d(input) in place. */
+  async backward(mb: MicroBatch, grad: Tensor): Promise<void> {
+    const saved = this.saved.get(mb.id);
+    if (!saved) throw new Error(`backward: micro-batch ${mb.id} has no saved activations on this stage`);
+    this.ensureScratch(mb.numTokens);
+    const ops: Op[] = [];
+    for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad);
+    try {
+      await this.device.run(ops);
+    } finally {
+      this.release(mb.id);
+    }
+  }
+
+  /**
+   * The last stage: forward, loss, and backward in one run. Returns the per-row losses
+   * (0 where the row predicts nothing). `gradIn` [N, H] receives dL/d(input) (omit on a
+   * single-stage model: the first stage needs no input gradient).
+   */
+  async trainLast(mb: MicroBatch, input: Tensor, gradIn?: Tensor): Promise<Float32Array> {
+    if (!this.plan.last) throw new Error('trainLast() is for the last stage');
+    const { targets, weights } = mb.tensors;
+    if (!targets || !weights) throw new Error('the last stage needs targets and weights');
+    if (!this.plan.first && !gradIn) throw new Error('trainLast: gradIn is required on a stage that is not first');
+    const N = mb.numTokens;
+    const saved = this.saveBlock(mb, input);
+    this.ensureScratch(N);
+    const s = this.scratch;
+    const ops: Op[] = [];
+    const xFinal = view(s.xFinal!, [N, this.config.hiddenSize]);
+    this.forwardOps(ops, mb, saved, xFinal);
+    const dres = gradIn ?? view(s.dres!, [N, this.config.hiddenSize]);
+    // losses get their own tensor: scratch may be reused by the next run before we read it
+    const losses = this.device.alloc('f32', [N], { zero: false });
+    this.headOps(ops, mb, xFinal, losses, dres, true);
+    for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres);
+    try {
+      await this.device.run(ops);
+      return losses.read() as Float32Array;
+    } finally {
+      this.release(mb.id);
+      losses.free();
+    }
+  }
+
+  /** Forward only, nothing saved (evaluation). Non-last stages write `output`; the last returns losses. */
+  async evaluate(mb: MicroBatch, input: Tensor, output?: Tensor): Promise<Float32Array | undefined> {
+    const N = mb.numTokens;
+    this.ensureScratch(N);
+    const block = this.allocBlock(mb);
+    const carver = new Carver(block);
+    const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
+    const saved: Saved = { block, layers, input, views: carver.views };
+    const ops: Op[] = [];
+    const H = this.config.hiddenSize;
+    const out = this.plan.last ? view(this.scratch.xFinal!, [N, H]) : output;
+    if (!out) throw new Error('evaluate: a non-last stage needs an output tensor');
+    this.forwardOps(ops, mb, saved, out);
+    const losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
+    if (losses) this.headOps(ops, mb, out, losses, null, false);
+    try {
+      await this.device.run(ops);
+      return losses ? (losses.read() as Float32Array) : undefined;
+    } finally {
+      for (const v of saved.views) v.free();
+      block.free();
+      losses?.free();
+    }
+  }
+
+  /**
+   * Logits [N, vocab] of every row (single-stage models: evaluation tools and generation).
+   * The full matrix is materialised, so keep N small.
+   */
+  async logits(mb: MicroBatch, input: Tensor): Promise<Float32Array> {
+    if (!this.plan.first || !this.plan.last) throw new Error('logits() needs a model in one stage');
+    const N = mb.numTokens;
+    const c = this.config;
+    this.ensureScratch(N);
+    const block = this.allocBlock(mb);
+    const carver = new Carver(block);
+    const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
+    const saved: Saved = { block, layers, input, views: carver.views };
+    const xFinal = view(this.scratch.xFinal!, [N, c.hiddenSize]);
+    const xf = view(this.scratch.xf!, [N, c.hiddenSize]);
+    const out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
+    const ops: Op[] = [];
+    this.forwardOps(ops, mb, saved, xFinal);
+    ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
+    ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+    try {
+      await this.device.run(ops);
+      return out.read() as Float32Array;
+    } finally {
+      for (const v of saved.views) v.free();
+      block.free();
+      out.free();
+    }
+  }
+
+  /** Drops a micro-batch's saved activations (a fault, or a cancelled job). */
+  drop(mbId: number): void {
+    this.release(mbId);
+  }
+
+  inFlight(): number[] {
+    return [...this.saved.keys()];
+  }
+
+  // ---- optimizer
+
+  /** Σ grad² of an adapter's slice (for global gradient clipping across stages). */
+  async gradSumsq(adapterId: number): Promise<number> {
+    const a = this.adapter(adapterId);
+    const out = this.device.alloc('f32', [1]);
+    try {
+      await this.device.run([{ op: 'sumsq', out, xs: [a.grads] }]);
+      return (out.read() as Float32Array)[0]!;
+    } finally {
+      out.free();
+    }
+  }
+
+  /** AdamW on this stage's slice of the adapter, then zero its gradients. */
+  async step(
+    adapterId: number,
+    h: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number },
+  ): Promise<void> {
+    const a = this.adapter(adapterId);
+    await this.device.run([
+      {
+        op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
+        lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
+        gradScale: h.gradScale ?? 1,
+      },
+      { op: 'fill', y: a.grads, value: 0 },
+    ]);
+    a.version++;
+  }
+
+  async zeroGrads(adapterId: number): Promise<void> {
+    await this.device.run([{ op: 'fill', y: this.adapter(adapterId).grads, value: 0 }]);
+  }
+
+  free(): void {
+    for (const id of [...this.saved.keys()]) this.release(id);
+    for (const id of [...this.adapters.keys()]) this.removeAdapter(id);
+    for (const t of Object.values(this.scratch)) t.free();
+    this.scratch = {};
+    this.cos.free();
+    this.sin.free();
+  }
+
+  // ---- internals
+
+  private segmentSpecs(mb: MicroBatch) {
+    return mb.segments.map((s) => ({ rows: s.rowEnd - s.rowStart, spec: this.adapter(s.adapter).spec }));
+  }
+
+  private allocBlock(mb: MicroBatch): Tensor {
+    const carver = new Carver(null);
+    carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb));
+    return this.device.alloc('f32', [bucketFloats(carver.offset)], { zero: false });
+  }
+
+  private saveBlock(mb: MicroBatch, input: Tensor): Saved {
+    if (this.saved.has(mb.id)) throw new Error(`micro-batch ${mb.id} is already in flight on this stage`);
+    checkSegments(mb);
+    const block = this.allocBlock(mb);
+    const carver = new Carver(block);
+    const layers = carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb));
+    const saved: Saved = { block, layers, input, views: carver.views };
+    this.saved.set(mb.id, saved);
+    return saved;
+  }
+
+  private async runOrRelease(mbId: number, ops: Op[]): Promise<void> {
+    try {
+      await this.device.run(ops);
+    } catch (e) {
+      this.release(mbId);
+      throw e;
+    }
+  }
+
+  private release(mbId: number): void {
+    const s = this.saved.get(mbId);
+    if (!s) return;
+    for (const v of s.views) v.free();
+    s.block.free();
+    this.saved.delete(mbId);
+  }
+
+  private ensureScratch(rows: number): void {
+    if (rows <= this.scratchRows) return;
+    const cap = Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
+    for (const t of Object.values(this.scratch)) t.free();
+    this.scratch = {};
+    for (const [name, shape] of scratchShapes(this.config, this.plan, cap, this.headBlockRows)) this.scratch[name] = this.device.alloc('f32', shape, { zero: false });
+    this.scratchRows = cap;
+  }
+
+  /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
+  private loraSegments(mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, withGrads: boolean): LoraSegmentArg[] {
+    const xa = acts.xa.get(target)!;
+    const out: LoraSegmentArg[] = [];
+    const ti = LORA_TARGETS.indexOf(target);
+    mb.segments.forEach((seg, i) => {
+      const x = xa[i];
+      if (!x) return;
+      const a = this.adapter(seg.adapter);
+      const m = a.module(layer, target)!;
+      out.push({
+        rowStart: seg.rowStart, rowEnd: seg.rowEnd, a: m.a, b: m.b, scale: a.scale,
+        dropout: a.spec.dropout, seed: deriveSeed(a.spec.seed, 'dropout', seg.serial, layer, ti), position: 0, xa: x,
+        ...(withGrads ? { da: m.da, db: m.db } : {}),
+      });
+    });
+    return out;
+  }
+
+  /** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
+  private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate = false) {
+    ops.push({ op: 'linear_forward', y, x, w, accumulate });
+    const segments = this.loraSegments(mb, layer, target, acts, false);
+    if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
+  }
+
+  /** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB) */
+  private projBack(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
+    ops.push({ op: 'linear_backward', dx, dy, w, accumulate });
+    const segments = this.loraSegments(mb, layer, target, acts, true);
+    if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
+  }
+
+  private forwardOps(ops: Op[], mb: MicroBatch, saved: Saved, output: Tensor): void {
+    const c = this.config;
+    const W = this.weights;
+    const { positions, cuSeqlens } = mb.tensors;
+    const n = this.plan.hi - this.plan.lo;
+    if (this.plan.first) {
+      ops.push({ op: 'embedding_forward', y: saved.layers[0]?.x ?? output, ids: saved.input, table: W.embed! });
+    } else if (n > 0) {
+      saved.layers[0]!.x = saved.input;
+    }
+    for (let i = 0; i < n; i++) {
+      const l = this.plan.lo + i;
+      const L = W.layers[i]!;
+      const A = saved.layers[i]!;
+      const y = i + 1 < n ? saved.layers[i + 1]!.x : output;
+      ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
+      this.proj(ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q);
+      this.proj(ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k);
+      this.proj(ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v);
+      ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: this.cos, sin: this.sin, heads: c.numHeads });
+      ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: this.cos, sin: this.sin, heads: c.numKvHeads });
+      ops.push({
+        op: 'attention_forward', out: A.ao, lse: A.lse, q: A.q, k: A.k, v: A.v, cuSeqlens,
+        heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
+      });
+      ops.push({ op: 'copy', y: A.hmid, x: A.x });
+      this.proj(ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true);
+      ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: A.hmid, w: L.mlpNorm, eps: c.rmsNormEps });
+      this.proj(ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate);
+      this.proj(ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up);
+      ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
+      ops.push({ op: 'copy', y, x: A.hmid });
+      this.proj(ops, mb, l, 'down_proj', A, y, A.act, L.down, true);
+    }
+  }
+
+  /** Final norm, LM head and loss, one row-block of logits at a time; with grad, dres = dL/d(xFinal). */
+  private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean): void {
+    const c = this.config;
+    const s = this.scratch;
+    const N = mb.numTokens;
+    const { targets, weights } = mb.tensors;
+    const xf = view(s.xf!, [N, c.hiddenSize]);
+    const rstdf = view(s.rstdf!, [N]);
+    const dxf = view(s.dxf!, [N, c.hiddenSize]);
+    ops.push({ op: 'rmsnorm_forward', y: xf, rstd: rstdf, x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
+    for (let b = 0; b < N; b += this.headBlockRows) {
+      const e = Math.min(N, b + this.headBlockRows);
+      const logits = view(s.logits!, [e - b, c.vocabSize]);
+      ops.push({ op: 'linear_forward', y: logits, x: xf.rows(b, e), w: this.weights.head! });
+      if (withGrad) {
+        ops.push({
+          op: 'cross_entropy_backward', losses: losses.rows(b, e), dlogits: logits, logits,
+          labels: targets!.rows(b, e), weights: weights!.rows(b, e),
+        });
+        ops.push({ op: 'linear_backward', dx: dxf.rows(b, e), dy: logits, w: this.weights.head! });
+      } else {
+        ops.push({ op: 'cross_entropy_forward', losses: losses.rows(b, e), logits, labels: targets!.rows(b, e) });
+      }
+    }
+    if (withGrad && dres) {
+      ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxf, x: xFinal, w: this.weights.norm!, rstd: rstdf });
+    }
+  }
+
+  private layerBackwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor): void {
+    const c = this.config;
+    const s = this.scratch;
+    const N = mb.numTokens;
+    const l = this.plan.lo + i;
+    const L = this.weights.layers[i]!;
+    const { positions, cuSeqlens } = mb.tensors;
+    const H = c.hiddenSize, I = c.intermediateSize;
+    const dact = view(s.dact!, [N, I]), dgate = view(s.dgate!, [N, I]), dup = view(s.dup!, [N, I]);
+    const dxn = view(s.dxn!, [N, H]);
+    const dao = view(s.dao!, [N, this.qDim]), dq = view(s.dq!, [N, this.qDim]);
+    const dk = view(s.dk!, [N, this.kvDim]), dv = view(s.dv!, [N, this.kvDim]);
+    // MLP: out = hmid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(hmid)
+    this.projBack(ops, mb, l, 'down_proj', A, dact, dres, A.act, L.down);
+    ops.push({ op: 'swiglu_backward', dgate, dup, dh: dact, gate: A.gate, up: A.up });
+    this.projBack(ops, mb, l, 'gate_proj', A, dxn, dgate, A.xn2, L.gate);
+    this.projBack(ops, mb, l, 'up_proj', A, dxn, dup, A.xn2, L.up, true);
+    ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxn, x: A.hmid, w: L.mlpNorm, rstd: A.rstd2, accumulate: true });
+    // attention: hmid = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = norm(x)
+    this.projBack(ops, mb, l, 'o_proj', A, dao, dres, A.ao, L.o);
+    ops.push({
+      op: 'attention_backward', dq, dk, dv, dout: dao, q: A.q, k: A.k, v: A.v, out: A.ao, lse: A.lse, cuSeqlens,
+      heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
+    });
+    ops.push({ op: 'rope_backward', dx: dq, dy: dq, pos: positions, cos: this.cos, sin: this.sin, heads: c.numHeads });
+    ops.push({ op: 'rope_backward', dx: dk, dy: dk, pos: positions, cos: this.cos, sin: this.sin, heads: c.numKvHeads });
+    this.projBack(ops, mb, l, 'q_proj', A, dxn, dq, A.xn1, L.q);
+    this.projBack(ops, mb, l, 'k_proj', A, dxn, dk, A.xn1, L.k, true);
+    this.projBack(ops, mb, l, 'v_proj', A, dxn, dv, A.xn1, L.v, true);
+    // the first stage's first layer: nobody needs dL/d(embedding output) (the table is frozen)
+    if (!(this.plan.first && i === 0)) {
+      ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxn, x: A.x, w: L.attnNorm, rstd: A.rstd1, accumulate: true });
+    }
+  }
+}
+
+function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): LayerActs[] {
+  const H = cfg.hiddenSize, I = cfg.intermediateSize;
+  const layers: LayerActs[] = [];
+  for (let l = plan.lo; l < plan.hi; l++) {
+    const first = l === plan.lo;
+    const acts: LayerActs = {
+      // the first layer's input is the stage input (or the embedding output on stage 0)
+      x: first && !plan.first ? (null as unknown as Tensor) : c.take([N, H]),
+      xn1: c.take([N, H]),
+      rstd1: c.take([N]),
+      q: c.take([N, cfg.numHeads * cfg.headDim]),
+      k: c.take([N, cfg.numKvHeads * cfg.headDim]),
+      v: c.take([N, cfg.numKvHeads * cfg.headDim]),
+      ao: c.take([N, cfg.numHeads * cfg.headDim]),
+      lse: c.take([cfg.numHeads, N]),
+      hmid: c.take([N, H]),
+      xn2: c.take([N, H]),
+      rstd2: c.take([N]),
+      gate: c.take([N, I]),
+      up: c.take([N, I]),
+      act: c.take([N, I]),
+      xa: new Map(),
+    };
+    for (const target of LORA_TARGETS) {
+      acts.xa.set(target, segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)));
+    }
+    layers.push(acts);
+  }
+  return layers;
+}
+
+function scratchShapes(c: LlamaConfig, plan: StagePlan, rows: number, headBlockRows: number): Array<[string, number[]]> {
+  const H = c.hiddenSize, I = c.intermediateSize;
+  const shapes: Array<[string, number[]]> = [
+    ['dact', [rows, I]], ['dgate', [rows, I]], ['dup', [rows, I]], ['dxn', [rows, H]],
+    ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
+  ];
+  if (plan.last) {
+    shapes.push(
+      ['xFinal', [rows, H]], ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
+      ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
+    );
+    if (plan.first) shapes.push(['dres', [rows, H]]);
+  }
+  return shapes;
+}
+
+/** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
+export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+  const carver = new Carver(null);
+  carveActs(carver, config, plan, numTokens, segments);
+  return allocBytes(bucketFloats(carver.offset) * 4);
+}
+
+/** Bytes of a stage's scratch for micro-batches of up to `rows` tokens. */
+export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
+  return scratchShapes(config, plan, rows, headBlockRows).reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+}
+
+export function defaultHeadBlockRows(c: LlamaConfig): number {
+  return Math.max(16, Math.min(512, Math.floor((8 << 20) / (4 * c.vocabSize))));
+}
+
+/** A view of the first elements of a flat or larger tensor, with the given shape. */
+function view(t: Tensor, shape: number[]): Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const flat = t.shape.length === 1 ? t : t.reshape([t.shape.reduce((a, b) => a * b, 1)]);
+  return flat.rows(0, n).reshape(shape);
+}
+
+/** Activation blocks are rounded up to size classes so the device's block cache reuses them. */
+function bucketFloats(n: number): number {
+  const bucket = 1 << 16; // 256 KiB
+  return Math.max(bucket, Math.ceil(n / bucket) * bucket);
+}
+
+function checkSegments(mb: MicroBatch): void {
+  let prev = 0;
+  for (const s of mb.segments) {
+    if (!(s.rowStart >= prev && s.rowEnd > s.rowStart && s.rowEnd <= mb.numTokens)) {
+      throw new Error(`micro-batch ${mb.id}: segment of adapter ${s.adapter} [${s.rowStart}, ${s.rowEnd}) is out of order or outside 0..${mb.numTokens}`);
+    }
+    prev = s.rowEnd;
+  }
+}

@@ -1,0 +1,64 @@
+// The schedule that ran, as data: stage × time grid printing, each stage's busy fraction and
+// the bubble ratio. Records come from the stages (actors/protocol.ts ScheduleRecord).
+import type { ScheduleRecord } from '../../actors/protocol.js';
+
+export interface Utilisation {
+  /** Wall time from the first start to the last end, ms. */
+  spanMs: number;
+  /** Busy fraction of each stage within the span. */
+  busy: number[];
+  /** 1 − mean busy fraction: the share of stage-time spent idle. */
+  bubble: number;
+}
+
+export function utilisation(records: ScheduleRecord[], stages: number, from?: number, to?: number): Utilisation {
+  const rs = records.filter((r) => r.kind !== 'E');
+  if (!rs.length) return { spanMs: 0, busy: new Array(stages).fill(0), bubble: 0 };
+  const t0 = from ?? Math.min(...rs.map((r) => r.start));
+  const t1 = to ?? Math.max(...rs.map((r) => r.end));
+  const span = Math.max(1e-9, t1 - t0);
+  const busy = new Array<number>(stages).fill(0);
+  for (const r of rs) busy[r.stage]! += Math.max(0, Math.min(r.end, t1) - Math.max(r.start, t0));
+  const frac = busy.map((b) => b / span);
+  return { spanMs: span, busy: frac, bubble: 1 - frac.reduce((a, b) => a + b, 0) / stages };
+}
+
+/**
+ * A stage × time grid: one row per stage, `width` columns over the span; each cell shows the
+ * kind of work that covered most of it (F forward, B backward, S optimizer step, · idle),
+ * lower-case when the cell is less than half busy.
+ */
+export function renderGrid(records: ScheduleRecord[], stages: number, width = 80): string {
+  const rs = records.filter((r) => r.kind !== 'E');
+  if (!rs.length) return '(no work recorded)';
+  const t0 = Math.min(...rs.map((r) => r.start));
+  const t1 = Math.max(...rs.map((r) => r.end));
+  const dt = (t1 - t0) / width || 1;
+  const lines: string[] = [];
+  for (let s = 0; s < stages; s++) {
+    const cells: string[] = [];
+    for (let c = 0; c < width; c++) {
+      const a = t0 + c * dt, b = a + dt;
+      const cover: Record<string, number> = {};
+      for (const r of rs) {
+        if (r.stage !== s) continue;
+        const o = Math.min(r.end, b) - Math.max(r.start, a);
+        if (o > 0) cover[r.kind] = (cover[r.kind] ?? 0) + o;
+      }
+      const best = Object.entries(cover).sort((x, y) => y[1] - x[1])[0];
+      if (!best) cells.push('·');
+      else cells.push(best[1] >= dt / 2 ? best[0] : best[0].toLowerCase());
+    }
+    lines.push(`stage ${s} |${cells.join('')}|`);
+  }
+  const u = utilisation(records, stages);
+  lines.push(`         ${u.spanMs.toFixed(0)} ms; busy ${u.busy.map((b) => `${(100 * b).toFixed(0)}%`).join(' / ')}; bubble ${(100 * u.bubble).toFixed(1)}%`);
+  return lines.join('\n');
+}
+
+/** The order each stage ran its work in: per stage, "F3 B3 F4 ..." (for comparing runs and simulations). */
+export function stageOrder(records: ScheduleRecord[], stages: number): string[][] {
+  const out: string[][] = Array.from({ length: stages }, () => []);
+  for (const r of [...records].sort((a, b) => a.start - b.start)) if (r.kind === 'F' || r.kind === 'B') out[r.stage]!.push(`${r.kind}${r.mb}`);
+  return out;
+}

@@ -1,0 +1,234 @@
+// Training benchmarks: "batchlora" (K adapters batched in one micro-batch vs the same K
+// trained one after another by the same engine) and "pipeline" (2 stage actors vs 1 stage).
+// Both report tokens/s and model FLOP utilisation against the GEMM ceiling measured in the
+// same run.
+import path from 'node:path';
+import os from 'node:os';
+import type { LlamaConfig } from '../../lib/model/config.js';
+import { LORA_TARGETS, projectionShape } from '../../lib/model/config.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { openDevice } from '../../lib/tensor.js';
+import { loadStageWeights } from '../../lib/model/weights.js';
+import { StageProgram } from '../../lib/model/stage.js';
+import type { LoraSpec } from '../../lib/lora/adapter.js';
+import { freshState } from '../../lib/lora/state.js';
+import { LocalPipeline } from '../../actors/local.js';
+import { ActorPipeline } from '../../actors/runtime.js';
+import { assemble, type SourceMicroBatch } from '../../actors/supervisor.js';
+import type { MicroBatchData, Pipeline, StepParams } from '../../actors/protocol.js';
+import { Rng } from '../../lib/rng.js';
+import { ensureModel } from './make-model.js';
+import { utilisation } from '../../lib/schedule/grid.js';
+import { balanceSplit } from '../../lib/schedule/split.js';
+
+export interface TrainBenchRecord {
+  scenario: string;
+  mode: string;
+  adapters: number;
+  micro_batch: number;
+  seq_len: number;
+  stages: number;
+  threads: number;
+  tokens_per_s: number;
+  mfu: number;
+  gemm_ceiling_gflops: number;
+  step_ms: number;
+  busy?: number[];
+  bubble?: number;
+}
+
+export function cacheModels(): string {
+  return path.join(process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora'), 'models');
+}
+
+/** Model FLOPs per trained token: frozen base forward + backward-dX, LoRA forward + backward, attention, head. */
+export function trainFlopsPerToken(c: LlamaConfig, spec: LoraSpec, seqLen: number): number {
+  const H = c.hiddenSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, I = c.intermediateSize;
+  const base = H * q + 2 * H * kv + q * H + 3 * H * I;
+  let lora = 0;
+  for (const t of spec.targets) {
+    const [o, i] = projectionShape(c, t);
+    lora += spec.r * (i + o);
+  }
+  const attnFwd = 2 * 2 * ((seqLen + 1) / 2) * q;
+  return c.numLayers * (4 * base + 6 * lora + 3.5 * attnFwd) + 4 * H * c.vocabSize;
+}
+
+/** The GEMM ceiling on a device: a large square sgemm with our kernel (GFLOP/s). */
+export async function gemmCeiling(threads: number, n = 1536): Promise<number> {
+  const d = openDevice('cpu:0', { threads, budget: 2 ** 30 });
+  const rng = new Rng(5);
+  const a = d.fromArray('f32', [n, n], rng.fillNormal(new Float32Array(n * n)));
+  const b = d.fromArray('f32', [n, n], rng.fillNormal(new Float32Array(n * n)));
+  const c = d.alloc('f32', [n, n]);
+  await d.run([{ op: 'gemm', c, a, b }]);
+  let best = Infinity;
+  for (let i = 0; i < 3; i++) {
+    const t = performance.now();
+    await d.run([{ op: 'gemm', c, a, b }]);
+    best = Math.min(best, performance.now() - t);
+  }
+  for (const x of [a, b, c]) x.free();
+  return (2 * n ** 3) / (best / 1000) / 1e9;
+}
+
+function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
+  const N = seqs * seqLen;
+  const ids = new Int32Array(N);
+  for (let i = 0; i < N; i++) ids[i] = 4 + rng.int(c.vocabSize - 4);
+  const cu = new Int32Array(seqs + 1);
+  for (let s = 0; s <= seqs; s++) cu[s] = s * seqLen;
+  const positions = new Int32Array(N);
+  for (let i = 0; i < N; i++) positions[i] = i % seqLen;
+  const targets = seqs * (seqLen - 1);
+  return { step: 0, microIndex: 0, microCount: 1, inputIds: ids, labels: ids, cuSeqlens: cu, positions, numTokens: N, numTargetTokens: targets, stepTargetTokens: targets, lastOfStep: true };
+}
+
+const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
+
+/** Trains `steps` steps of K adapters, batched (one message of all K) or sequential (K messages, one at a time). */
+async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicroBatch>, steps: number, batched: boolean, concurrent: boolean): Promise<number> {
+  let mbId = 1;
+  const t = performance.now();
+  for (let s = 0; s < steps; s++) {
+    if (batched) {
+      const parts = ids.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! }));
+      await p.train(assemble(mbId++, parts, parts.reduce((a, x) => a + x.mb.numTokens, 0)));
+    } else if (concurrent) {
+      await Promise.all(ids.map((id) => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens))));
+    } else {
+      for (const id of ids) await p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens));
+    }
+    for (const id of ids) await p.step(id, { ...STEP, step: s + 1 });
+  }
+  return performance.now() - t;
+}
+
+export async function batchloraScenario(o: { adapters: number[]; rank: number; shapes: Array<{ micro: number; seqLen: number }>; steps: number; threads: number }, log: (s: string) => void): Promise<TrainBenchRecord[]> {
+  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
+  const dir = openModelDir(modelDir);
+  const c = dir.config;
+  const ceiling = await gemmCeiling(o.threads);
+  log(`GEMM ceiling (1536³ sgemm, ${o.threads} thread${o.threads > 1 ? 's' : ''}): ${ceiling.toFixed(1)} GFLOP/s`);
+  const device = openDevice('cpu:0', { threads: o.threads });
+  const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
+  const program = new StageProgram(device, c, plan, await loadStageWeights(device, dir, plan));
+  const p = new LocalPipeline(c, [program]);
+  const out: TrainBenchRecord[] = [];
+  const maxK = Math.max(...o.adapters);
+  const spec: LoraSpec = { r: o.rank, alpha: 2 * o.rank, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  for (let id = 1; id <= maxK; id++) await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+  for (const shape of o.shapes) {
+    const rng = new Rng(1, shape.micro, shape.seqLen);
+    const mbs = new Map<number, SourceMicroBatch>();
+    for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, shape.micro, shape.seqLen));
+    const flops = trainFlopsPerToken(c, spec, shape.seqLen);
+    for (const K of o.adapters) {
+      const ids = Array.from({ length: K }, (_, i) => i + 1);
+      for (const mode of ['sequential', 'batched'] as const) {
+        await runSteps(p, ids, mbs, 1, mode === 'batched', false); // warm-up: buffers, caches
+        const ms = await runSteps(p, ids, mbs, o.steps, mode === 'batched', false);
+        const tokens = K * shape.micro * shape.seqLen * o.steps;
+        const tps = tokens / (ms / 1000);
+        const rec: TrainBenchRecord = {
+          scenario: 'batchlora', mode, adapters: K, micro_batch: shape.micro, seq_len: shape.seqLen, stages: 1, threads: o.threads,
+          tokens_per_s: Math.round(tps), mfu: (tps * flops) / (ceiling * 1e9), gemm_ceiling_gflops: Math.round(ceiling * 10) / 10, step_ms: Math.round(ms / o.steps),
+        };
+        out.push(rec);
+        log(`batchlora ${mode.padEnd(10)} K=${K} ${shape.micro}×${shape.seqLen}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step`);
+      }
+    }
+  }
+  await p.close();
+  return out;
+}
+
+export async function pipelineScenario(o: { adapters: number[]; rank: number; micro: number; seqLen: number; steps: number }, log: (s: string) => void): Promise<TrainBenchRecord[]> {
+  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
+  const dir = openModelDir(modelDir);
+  const c = dir.config;
+  const ceiling1 = await gemmCeiling(1);
+  log(`GEMM ceiling (1 thread): ${ceiling1.toFixed(1)} GFLOP/s`);
+  const spec: LoraSpec = { r: o.rank, alpha: 2 * o.rank, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  const flops = trainFlopsPerToken(c, spec, o.seqLen);
+  const out: TrainBenchRecord[] = [];
+  const layouts = [
+    { name: '1 stage × 1 thread', devices: ['cpu:0'], threads: [1] },
+    { name: '1 stage × 2 threads', devices: ['cpu:0'], threads: [2] },
+    { name: '2 stages × 1 thread', devices: ['cpu:0', 'cpu:1'], threads: [1, 1] },
+  ];
+  const maxK = Math.max(...o.adapters);
+  for (const L of layouts) {
+    const plans = balanceSplit(c, L.threads).plans;
+    const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
+    const p = await ActorPipeline.start({
+      modelDir, config: c, plans, devices: L.devices, threads: L.threads, budgets: L.devices.map(() => 8 * 2 ** 30),
+      maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen), inflight: 2 * plans.length,
+    });
+    try {
+      for (let id = 1; id <= maxK; id++) await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+      const rng = new Rng(2);
+      const mbs = new Map<number, SourceMicroBatch>();
+      for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
+      for (const K of o.adapters) {
+        const ids = Array.from({ length: K }, (_, i) => i + 1);
+        // mLoRA scheduling: adapters spread over as many messages as stages, all in flight;
+        // each adapter steps as soon as its own micro-batch is back (no flush)
+        const groups: number[][] = Array.from({ length: Math.min(K, plans.length) }, () => []);
+        ids.forEach((id, i) => groups[i % groups.length]!.push(id));
+        const run = async (steps: number, gpipe: boolean) => {
+          const version = new Map<number, number>();
+          let mbId = 1;
+          const t0 = performance.now();
+          const stepOf = async (g: number[], s: number) => {
+            await p.train(assemble(mbId++, g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })), g.length * o.micro * o.seqLen));
+            for (const id of g) {
+              version.set(id, (version.get(id) ?? 0) + 1);
+              await p.step(id, { ...STEP, step: version.get(id)! });
+            }
+          };
+          if (gpipe) {
+            // GPipe-style for one adapter: its batch split into micro-batches, flush per step
+            const id = ids[0]!;
+            const parts = plans.length;
+            const sub = syntheticMicroBatch(new Rng(3), c, Math.max(1, o.micro / parts), o.seqLen);
+            for (let s = 0; s < steps; s++) {
+              await Promise.all(Array.from({ length: parts }, () => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens))));
+              await p.step(id, { ...STEP, step: (version.get(id) ?? 0) + 1 });
+              version.set(id, (version.get(id) ?? 0) + 1);
+            }
+          } else {
+            await Promise.all(groups.map(async (g) => { for (let s = 0; s < steps; s++) await stepOf(g, s); }));
+          }
+          return performance.now() - t0;
+        };
+        await run(1, false);
+        const from = p.schedule().length ? p.schedule().at(-1)!.end : 0;
+        const ms = await run(o.steps, false);
+        const recs = p.schedule().filter((r) => r.start >= from);
+        const u = utilisation(recs, plans.length);
+        const tokens = K * o.micro * o.seqLen * o.steps;
+        const tps = tokens / (ms / 1000);
+        const threads = L.threads.reduce((a, b) => a + b, 0);
+        const rec: TrainBenchRecord = {
+          scenario: 'pipeline', mode: L.name, adapters: K, micro_batch: o.micro, seq_len: o.seqLen, stages: plans.length, threads,
+          tokens_per_s: Math.round(tps), mfu: (tps * flops) / (ceiling1 * threads * 1e9), gemm_ceiling_gflops: Math.round(ceiling1 * threads * 10) / 10,
+          step_ms: Math.round(ms / o.steps), busy: u.busy.map((b) => Math.round(b * 1000) / 1000), bubble: Math.round(u.bubble * 1000) / 1000,
+        };
+        out.push(rec);
+        log(`pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`);
+        if (K === 1 && plans.length > 1) {
+          const from2 = p.schedule().at(-1)?.end ?? 0;
+          const ms2 = await run(o.steps, true);
+          const u2 = utilisation(p.schedule().filter((r) => r.start >= from2), plans.length);
+          const tps2 = (o.micro * o.seqLen * o.steps) / (ms2 / 1000);
+          out.push({ ...rec, mode: `${L.name}, GPipe flush`, tokens_per_s: Math.round(tps2), mfu: (tps2 * flops) / (ceiling1 * threads * 1e9), step_ms: Math.round(ms2 / o.steps), busy: u2.busy, bubble: u2.bubble });
+          log(`pipeline ${(L.name + ' GPipe').padEnd(20)} A=1: ${Math.round(tps2)} tok/s, bubble ${(100 * u2.bubble).toFixed(1)}%`);
+        }
+      }
+    } finally {
+      await p.close();
+    }
+  }
+  return out;
+}

@@ -1,0 +1,80 @@
+// mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--json]
+// Mean loss, perplexity and token count of a model (optionally with a PEFT adapter) over a
+// dataset: pre-tokenized JSONL ({"input_ids": [...], "labels": [...]}; no tokenizer needed) or
+// text / instruction / chat data, tokenized with the model's tokenizer.
+import { parseArgs } from 'node:util';
+import { readDataset } from '../../lib/data/dataset.js';
+import { tokenizeDataset } from '../../lib/data/pool.js';
+import { batchOnDevice, freeBatch, openSingleModel, packSequences } from '../../lib/model/single.js';
+
+const USAGE = 'usage: mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--template NAME] [--threads N] [--json]';
+
+export async function evaluateDataset(o: { model: string; adapter?: string; data: string; seqLen: number; batchTokens: number; template?: string; threads?: number }) {
+  const ds = readDataset(o.data);
+  let examples: Array<{ inputIds: Int32Array; labels: Int32Array }>;
+  if (ds.format === 'tokenized') {
+    examples = ds.records.map((r: unknown, i: number) => {
+      const rec = r as { input_ids: number[]; labels?: number[] };
+      const ids = rec.input_ids.slice(0, o.seqLen);
+      const labels = (rec.labels ?? rec.input_ids).slice(0, o.seqLen);
+      if (labels.length !== ids.length) throw new Error(`${ds.where[i]}: labels has ${rec.labels!.length} entries, input_ids ${rec.input_ids.length}`);
+      return { inputIds: Int32Array.from(ids), labels: Int32Array.from(labels) };
+    });
+  } else {
+    examples = (await tokenizeDataset(ds, { modelDir: o.model, seqLen: o.seqLen, ...(o.template ? { template: o.template } : {}) })).examples;
+  }
+  const m = await openSingleModel(o.model, o.adapter, { threads: o.threads ?? 1 });
+  try {
+    const V = m.config.vocabSize;
+    examples.forEach((e, i) => {
+      for (const id of e.inputIds) if (id < 0 || id >= V) throw new Error(`${ds.where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
+    });
+    let sum = 0, count = 0, id = 1;
+    for (let i = 0; i < examples.length; ) {
+      const group: typeof examples = [];
+      let n = 0;
+      while (i < examples.length && (group.length === 0 || n + examples[i]!.inputIds.length <= o.batchTokens)) {
+        n += examples[i]!.inputIds.length;
+        group.push(examples[i++]!);
+      }
+      const packed = packSequences(group);
+      const b = batchOnDevice(m, packed, id++);
+      try {
+        const losses = (await m.program.evaluate(b.mb, b.tokens))!;
+        for (let r = 0; r < losses.length; r++) if (packed.targets[r] !== -100) { sum += losses[r]!; count++; }
+      } finally {
+        freeBatch(b);
+      }
+    }
+    const loss = sum / Math.max(1, count);
+    return { loss, perplexity: Math.exp(loss), tokens: count, examples: examples.length };
+  } finally {
+    m.free();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let a;
+  try {
+    a = parseArgs({ args: argv, options: {
+      model: { type: 'string' }, adapter: { type: 'string' }, data: { type: 'string' }, 'seq-len': { type: 'string' },
+      'batch-tokens': { type: 'string' }, template: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
+    } });
+  } catch (e) {
+    console.error(`mlora eval: ${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  if (a.values.help) return (console.log(USAGE), 0);
+  if (!a.values.model || !a.values.data) {
+    console.error(`mlora eval: --model and --data are required\n${USAGE}`);
+    return 2;
+  }
+  const r = await evaluateDataset({
+    model: a.values.model, data: a.values.data, seqLen: Number(a.values['seq-len'] ?? 512), batchTokens: Number(a.values['batch-tokens'] ?? 4096),
+    ...(a.values.adapter ? { adapter: a.values.adapter } : {}), ...(a.values.template ? { template: a.values.template } : {}),
+    ...(a.values.threads ? { threads: Number(a.values.threads) } : {}),
+  });
+  if (a.values.json) console.log(JSON.stringify(r));
+  else console.log(`loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(3)}  tokens ${r.tokens}  examples ${r.examples}`);
+  return 0;
+}

@@ -1,0 +1,68 @@
+// mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16]
+// A seeded random LLaMA in the real Hugging Face layout (config.json, model.safetensors,
+// generation_config.json, tokenizer.json + tokenizer_config.json with a real byte-level BPE),
+// so tests, demos and benchmarks need no download.
+import fs from 'node:fs';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { PRESETS, type PresetName } from '../../lib/model/config.js';
+import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+
+export async function makeModel(dir: string, preset: PresetName, seed: number, dtype: 'f32' | 'bf16' = 'f32'): Promise<void> {
+  const config = { ...PRESETS[preset], torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' };
+  fs.mkdirSync(dir, { recursive: true });
+  // Tokenizer first: config.json written last marks the directory complete.
+  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
+  writeRandomLlama(dir, config, { seed, dtype, ...(preset === '1b' ? { shardBytes: 2 ** 30 } : {}) });
+}
+
+/** The model in the cache folder, made once (a complete dir has config.json and tokenizer.json). */
+export async function ensureModel(cache: string, preset: PresetName, seed: number, log: (s: string) => void = () => {}): Promise<string> {
+  const dir = path.join(cache, `${preset}-seed${seed}`);
+  if (fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'tokenizer.json'))) return dir;
+  log(`making the ${preset} model (seed ${seed}) in ${dir} (once)`);
+  const tmp = `${dir}.tmp-${process.pid}`;
+  fs.rmSync(tmp, { recursive: true, force: true });
+  await makeModel(tmp, preset, seed);
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.renameSync(tmp, dir);
+  return dir;
+}
+
+const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16]';
+
+export async function main(argv: string[]): Promise<number> {
+  let a;
+  try {
+    a = parseArgs({ args: argv, options: { preset: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, dtype: { type: 'string' }, help: { type: 'boolean', short: 'h' } } });
+  } catch (e) {
+    console.error(`mlora make-model: ${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  if (a.values.help) return (console.log(USAGE), 0);
+  const preset = a.values.preset as PresetName | undefined;
+  if (!preset || !(preset in PRESETS)) {
+    console.error(`mlora make-model: --preset must be one of ${Object.keys(PRESETS).join(', ')}\n${USAGE}`);
+    return 2;
+  }
+  if (!a.values.out) {
+    console.error(`mlora make-model: --out DIR is required\n${USAGE}`);
+    return 2;
+  }
+  const seed = a.values.seed === undefined ? 0 : Number(a.values.seed);
+  if (!Number.isInteger(seed) || seed < 0) {
+    console.error(`mlora make-model: --seed must be a non-negative integer, got '${a.values.seed}'`);
+    return 2;
+  }
+  const dtype = (a.values.dtype ?? 'f32') as 'f32' | 'bf16';
+  if (dtype !== 'f32' && dtype !== 'bf16') {
+    console.error(`mlora make-model: --dtype must be f32 or bf16, got '${a.values.dtype}'`);
+    return 2;
+  }
+  const t = Date.now();
+  await makeModel(a.values.out, preset, seed, dtype);
+  const c = PRESETS[preset];
+  console.log(`wrote ${preset} (hidden ${c.hiddenSize}, ${c.numLayers} layers, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}, ${dtype}) to ${a.values.out} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
+  return 0;
+}

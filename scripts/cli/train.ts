@@ -1,0 +1,285 @@
+// mlora train [CONFIG] [--devices cpu:0,cpu:1|cuda:0,cuda:1|auto] [--output DIR] [--resume] [--dry-run] [--fault SPEC]...
+// With no CONFIG: the embedded demo (a small model made once in a cache folder, four demo
+// adapters on the datasets in data/demo/).
+import fs from 'node:fs';
+import path from 'node:path';
+import os from 'node:os';
+import { parseArgs } from 'node:util';
+import { fileURLToPath } from 'node:url';
+import YAML from 'yaml';
+import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
+import { describeSplit } from '../../lib/schedule/split.js';
+import { formatBytes } from '../../lib/tensor.js';
+import { activationBytes, scratchBytes } from '../../lib/model/stage.js';
+import { stageWeightBytes } from '../../lib/model/weights.js';
+import { StageAdapter } from '../../lib/lora/adapter.js';
+import { loraSpec } from '../../actors/jobs.js';
+import { parseFault } from '../../lib/faults.js';
+import { Progress } from './progress.js';
+import { ensureModel } from './make-model.js';
+import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
+import { writeReport } from './report.js';
+import type { JobEvent } from '../../actors/protocol.js';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+
+const USAGE = `usage: mlora train [CONFIG] [options]
+
+CONFIG is a JSON or YAML training config (see README). Without it, the embedded demo runs.
+
+options:
+  --devices LIST     cpu:0,cpu:1 | cuda:0,cuda:1 | auto (default: the config's, else auto)
+  --output DIR       where adapters, checkpoints, metrics.jsonl and report.html go
+  --resume           continue every adapter from its newest complete checkpoint
+  --dry-run          print the plan (stage split, memory per stage, admission order) and exit
+  --fault SPEC       inject a fault (repeatable), e.g. crash:stage=1,after=7 (see README)
+  --threads N        CPU threads per device
+  --memory BYTES     byte budget per device (e.g. 4GiB)
+  --fast             the demo on the tiny model, a few steps (tests, smoke checks)
+  --progress MODE    auto | bar | plain | none`;
+
+function cacheDir(): string {
+  return process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora');
+}
+
+/** The embedded demo: four adapters, each a different task, with different LoRA settings. */
+export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
+  const data = (n: string) => path.join(root, 'data/demo', `${n}.jsonl`);
+  const common = { seq_len: fast ? 64 : 128, epochs: 1, max_steps: fast ? 3 : 40, batch_size: 8, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
+  return {
+    model: modelDir,
+    output,
+    adapters: [
+      { name: 'capitals', data: data('capitals'), lora: { r: 8, alpha: 16, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] }, optimizer: { lr: 2e-3 }, ...common, seed: 1 },
+      { name: 'arithmetic', data: data('arithmetic'), lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3 }, ...common, micro_batch_size: 4, seed: 2 },
+      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3, weight_decay: 0.01 }, ...common, seed: 3 },
+      { name: 'sentiment', data: data('sentiment'), lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj'] }, optimizer: { lr: 3e-3 }, max_grad_norm: 1, ...common, seed: 4 },
+    ],
+    pipeline: {},
+    log: { every: fast ? 1 : 5, progress: 'auto' },
+  };
+}
+
+/** Reads a config file and resolves its relative paths against the file's folder. */
+export function readConfigFile(file: string): unknown {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new Error(`${file}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+  }
+  let raw: unknown;
+  try {
+    raw = /\.ya?ml$/i.test(file) ? YAML.parse(text) : JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${file}: not valid ${/\.ya?ml$/i.test(file) ? 'YAML' : 'JSON'}: ${(e as Error).message}`);
+  }
+  if (!raw || typeof raw !== 'object' || Array.isArray(raw)) throw new Error(`${file}: the config must be an object with model, adapters, ...`);
+  const base = path.dirname(path.resolve(file));
+  const abs = (p: unknown) => (typeof p === 'string' && !path.isAbsolute(p) ? path.resolve(base, p) : p);
+  const c = raw as Record<string, unknown>;
+  c.model = abs(c.model);
+  if (c.output !== undefined) c.output = abs(c.output);
+  if (Array.isArray(c.adapters)) {
+    for (const a of c.adapters as Array<Record<string, unknown>>) {
+      if (!a || typeof a !== 'object') continue;
+      a.data = abs(a.data);
+      if (a.template && typeof a.template === 'string' && /[/\\.]/.test(a.template)) a.template = abs(a.template);
+      if (a.eval && typeof a.eval === 'object') (a.eval as Record<string, unknown>).data = abs((a.eval as Record<string, unknown>).data);
+      if (a.lora && typeof a.lora === 'object' && (a.lora as Record<string, unknown>).init) (a.lora as Record<string, unknown>).init = abs((a.lora as Record<string, unknown>).init);
+    }
+  }
+  return c;
+}
+
+function plan(cfg: TrainConfig, out: (s: string) => void): void {
+  const dir = openModelDir(cfg.model);
+  const c = dir.config;
+  const layout = resolveLayout(c, {
+    devices: cfg.devices, split: cfg.pipeline.split,
+    ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
+  });
+  out(`model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`);
+  out(describeSplit(layout.plans, layout.devices));
+  const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
+  const S = layout.plans.length;
+  const per = cfg.pipeline.adapters_per_micro_batch ?? Math.max(1, Math.ceil(cfg.adapters.length / S));
+  const group = specs.slice(0, per);
+  const tokens = group.reduce((s, g) => s + g.tokens, 0);
+  out(`\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`);
+  layout.plans.forEach((p, s) => {
+    const base = stageWeightBytes(dir, p);
+    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi), 0);
+    const act = activationBytes(c, p, tokens, group.map((g) => ({ rows: g.tokens, spec: g.spec })));
+    const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
+    const scratch = scratchBytes(c, p, tokens);
+    const total = base + ad + act * inflight + scratch;
+    const budget = layout.budgets[s]!;
+    out(
+      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)}, adapters ${formatBytes(ad)}, ` +
+        `activations ${formatBytes(act)} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
+        (budget ? `, headroom ${formatBytes(budget - total)}` : ''),
+    );
+  });
+  const order = [...cfg.adapters].map((a, i) => ({ a, i })).sort((x, y) => y.a.priority - x.a.priority || x.i - y.i);
+  out(`\nadmission order: ${order.map(({ a }) => `${a.name}${a.priority ? ` (priority ${a.priority})` : ''}`).join(', ')}`);
+  const flopsPerToken = c.numLayers * 2 * 2 * (c.hiddenSize * c.numHeads * c.headDim * 2 + 2 * c.hiddenSize * c.numKvHeads * c.headDim + 3 * c.hiddenSize * c.intermediateSize) + 4 * c.hiddenSize * c.vocabSize;
+  const gflops = layout.threads.reduce((a, t) => a + t, 0) * 40; // a conservative 40 GFLOP/s per CPU thread
+  out(`estimated throughput: ~${Math.round((gflops * 1e9) / flopsPerToken)} tokens/s (${(flopsPerToken / 1e6).toFixed(1)} MFLOP per token, ~${gflops} GFLOP/s assumed)`);
+}
+
+function summaryTable(jobs: Job[], seconds: number, bubble: number | undefined): string {
+  const rows = [['adapter', 'state', 'steps', 'final loss', 'eval loss', 'eval ppl', 'tokens', 'time']];
+  for (const j of jobs) {
+    const t = j.finishedAt && j.startedAt ? (j.finishedAt - j.startedAt) / 1000 : 0;
+    rows.push([
+      j.name, j.state, `${j.step}/${j.totalSteps}`, Number.isFinite(j.lastLoss) ? j.lastLoss.toFixed(4) : '-',
+      j.lastEval ? j.lastEval.loss.toFixed(4) : '-', j.lastEval ? j.lastEval.perplexity.toFixed(2) : '-', String(j.tokens), `${t.toFixed(1)}s`,
+    ]);
+  }
+  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
+  const lines = rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  '));
+  lines.splice(1, 0, w.map((n) => '-'.repeat(n)).join('  '));
+  const tokens = jobs.reduce((s, j) => s + j.tokens, 0);
+  lines.push('', `overall: ${tokens} tokens in ${seconds.toFixed(1)} s = ${Math.round(tokens / Math.max(1e-9, seconds))} tokens/s` + (bubble !== undefined ? `; bubble ratio ${(100 * bubble).toFixed(1)}%` : ''));
+  return lines.join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  let args;
+  try {
+    args = parseArgs({
+      args: argv, allowPositionals: true,
+      options: {
+        devices: { type: 'string' }, output: { type: 'string' }, resume: { type: 'boolean' }, 'dry-run': { type: 'boolean' },
+        fault: { type: 'string', multiple: true }, threads: { type: 'string' }, memory: { type: 'string' }, fast: { type: 'boolean' },
+        progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' },
+      },
+    });
+  } catch (e) {
+    console.error(`mlora train: ${(e as Error).message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (args.values.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  if (args.positionals.length > 1) {
+    console.error(`mlora train: one CONFIG at most, got ${args.positionals.join(' ')}\n\n${USAGE}`);
+    return 2;
+  }
+  const fast = !!args.values.fast;
+  let raw: Record<string, unknown>;
+  if (args.positionals[0]) {
+    raw = readConfigFile(args.positionals[0]) as Record<string, unknown>;
+  } else {
+    const model = await ensureModel(path.join(cacheDir(), 'models'), fast ? 'tiny' : 'small', 0, (s) => console.log(s));
+    raw = demoConfig(model, path.resolve(args.values.output ?? (fast ? 'mlora-demo-fast' : 'mlora-demo')), fast) as Record<string, unknown>;
+    console.log(`mlora demo: ${fast ? 'tiny' : 'small'} model at ${model}; 4 adapters on data/demo/ (capitals, arithmetic, reverse, sentiment)`);
+  }
+  if (args.values.devices) raw.devices = args.values.devices === 'auto' ? 'auto' : args.values.devices.split(',').map((s) => s.trim());
+  if (args.values.output) raw.output = path.resolve(args.values.output);
+  const pipe = (raw.pipeline ?? {}) as Record<string, unknown>;
+  if (args.values.threads) pipe.threads = Number(args.values.threads);
+  if (args.values.memory) pipe.memory = args.values.memory;
+  raw.pipeline = pipe;
+  const cfg = parseTrainConfig(raw, args.positionals[0] ?? 'demo config');
+  const faults = (args.values.fault ?? []).map(parseFault);
+  if (args.values['dry-run']) {
+    plan(cfg, (s) => console.log(s));
+    return 0;
+  }
+  const logSetting = (args.values.progress as 'auto' | 'bar' | 'plain' | 'none' | undefined) ?? cfg.log.progress;
+  const progress = new Progress(Progress.pick(logSetting), process.stdout, cfg.log.every);
+  fs.mkdirSync(cfg.output, { recursive: true });
+  const metrics = fs.openSync(path.join(cfg.output, 'metrics.jsonl'), 'a');
+  const writeMetric = (rec: object) => fs.writeSync(metrics, JSON.stringify(rec) + '\n');
+  const history: JobEvent[] = [];
+  const t0 = Date.now();
+  let sup: Supervisor;
+  try {
+    sup = await Supervisor.start({
+      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, output: cfg.output, resume: !!args.values.resume, faults,
+      batchlora: cfg.pipeline.batchlora, inflightPerAdapter: cfg.pipeline.inflight_per_adapter,
+      ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
+      ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
+      ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
+      maxTokens: Math.max(4096, ...cfg.adapters.map((a) => a.micro_batch_size * a.seq_len)),
+      inProcess: !!args.values['in-process'],
+      onEvent: (ev) => {
+        progress.event(ev);
+        history.push(ev);
+        if (ev.type === 'step' || ev.type === 'eval' || ev.type === 'fault' || ev.type === 'done' || ev.type === 'error' || ev.type === 'checkpoint') {
+          writeMetric({ ...ev, time: new Date(ev.time).toISOString() });
+        }
+      },
+      onFault: (f) => {
+        progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`);
+        writeMetric({ type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, recovery_ms: f.recoveredMs, replayed: f.replayed, time: new Date().toISOString() });
+      },
+    });
+  } catch (e) {
+    progress.stop();
+    fs.closeSync(metrics);
+    throw e;
+  }
+  const p = sup.pipeline;
+  progress.log(describeSplit(p.plans, p.devices));
+  const jobs = cfg.adapters.map((a) => sup.submit(a));
+  let interrupted = false;
+  const onSignal = (sig: string) => {
+    if (interrupted) {
+      progress.log(`${sig} again: exiting now (everything written so far is complete)`);
+      process.exit(130);
+    }
+    interrupted = true;
+    progress.log(`${sig}: stopping; finishing in-flight micro-batches and checkpointing every adapter (${sig} again to exit at once)`);
+    void sup.stop();
+  };
+  const sigint = () => onSignal('SIGINT');
+  const sigterm = () => onSignal('SIGTERM');
+  process.on('SIGINT', sigint);
+  process.on('SIGTERM', sigterm);
+  const util = setInterval(() => {
+    const u = utilisation(p.schedule().filter((r) => r.end > p.schedule().at(-1)!.end - 5000), p.plans.length);
+    if (u.spanMs > 0) progress.setFooter(`stages busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join(' / ')} (last 5 s)`);
+  }, 1000);
+  util.unref();
+  let failed = false;
+  try {
+    await Promise.race([sup.drain(), sup.stopped()]);
+  } catch (e) {
+    failed = true;
+    progress.log(`run stopped: ${(e as Error).message}`);
+  }
+  clearInterval(util);
+  if (interrupted || failed) {
+    await sup.stop();
+    for (const { job, state } of await sup.exportAll()) {
+      try {
+        const dir = await sup.hooks.checkpoint!(job, state);
+        progress.log(`[${job.name}] checkpoint at step ${job.step}: ${dir}`);
+      } catch (e) {
+        progress.log(`[${job.name}] could not write a checkpoint: ${(e as Error).message}`);
+      }
+    }
+  }
+  const seconds = (Date.now() - t0) / 1000;
+  const sched = p.schedule();
+  const u = sched.length ? utilisation(sched, p.plans.length) : undefined;
+  await sup.close();
+  progress.stop();
+  process.off('SIGINT', sigint);
+  process.off('SIGTERM', sigterm);
+  fs.closeSync(metrics);
+  const reportPath = writeReport(cfg.output, history, sched, p.plans.length, p.devices);
+  console.log('');
+  console.log(summaryTable(jobs, seconds, u?.bubble));
+  if (sched.length && p.plans.length > 1) console.log('\n' + renderGrid(sched, p.plans.length, 72));
+  console.log(`\nadapters and checkpoints in ${cfg.output}/<adapter>/, metrics in ${path.join(cfg.output, 'metrics.jsonl')}, report ${reportPath}`);
+  if (interrupted) return 130;
+  if (failed) return 1;
+  return jobs.some((j) => j.state === 'failed') ? 1 : 0;
+}
