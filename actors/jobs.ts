@@ -39,6 +39,9 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs,
     skipBad: c.skip_bad_records, ...(env.dataThreads ? { threads: env.dataThreads } : {}),
   });
+  if (!data.examples.length) {
+    throw new Error(`${c.data}: no usable examples for '${c.name}'${data.warnings.length ? `: ${data.warnings.join('; ')}` : ''}${data.dropped ? ` (raise seq_len, now ${c.seq_len})` : ''}`);
+  }
   const loader = new AdapterDataLoader(data.examples, {
     batchSize: c.batch_size, microBatchSize: c.micro_batch_size, epochs: c.epochs, shuffle: c.shuffle, seed: c.seed,
     ...(c.max_steps !== undefined ? { maxSteps: c.max_steps } : {}),
