@@ -571,6 +571,7 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cu.Set("compiled", cuda_compiled());
   cu.Set("devices", n);
   cu.Set("reason", why);
+  cu.Set("gemm", cuda_gemm_info());
   o.Set("cuda", cu);
   Napi::Array ops = Napi::Array::New(env);
   uint32_t i = 0;
