@@ -123,7 +123,13 @@ export type Op =
 
 export interface NativeInfo {
   cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string };
-  cuda: { compiled: boolean; devices: number; reason: string };
+  cuda: {
+    compiled: boolean;
+    devices: number;
+    reason: string;
+    /** The GEMM the CUDA kernels use: "cublas X.Y.Z (path)" or "fallback (tiled kernel; why)". */
+    gemm: string;
+  };
   ops: string[];
 }
 

@@ -163,7 +163,12 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
   DeviceState& dev = impl.device();
   {
     std::lock_guard<std::mutex> lk(dev.exec_mutex());  // never read while a kernel writes
-    dev.backend().copy_to_host(ab.Data(), impl.data(), impl.nbytes());
+    // A CUDA copy can fail (and reports kernels' deferred errors): a JS Error, never a crash.
+    try {
+      dev.backend().copy_to_host(ab.Data(), impl.data(), impl.nbytes());
+    } catch (const std::exception& e) {
+      throw_js(env, std::string("Tensor.read: ") + e.what());
+    }
   }
   switch (impl.dtype) {
     case DType::F32: return Napi::Float32Array::New(env, n, ab, 0);
@@ -187,7 +192,11 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
                       " do not fit in a tensor of " + std::to_string(impl.numel()) + " elements " + impl.shape_str());
   DeviceState& dev = impl.device();
   std::lock_guard<std::mutex> lk(dev.exec_mutex());
-  dev.backend().copy_from_host(static_cast<char*>(impl.data()) + size_t(off) * es, src.data, src.bytes);
+  try {
+    dev.backend().copy_from_host(static_cast<char*>(impl.data()) + size_t(off) * es, src.data, src.bytes);
+  } catch (const std::exception& e) {
+    throw_js(env, std::string("Tensor.write: ") + e.what());
+  }
   return env.Undefined();
 }
 
@@ -358,7 +367,11 @@ Napi::Value JsDevice::FromArray(const Napi::CallbackInfo& info) {
   if (src.bytes != t.nbytes())
     throw_js(env, "Device.fromArray: the array has " + std::to_string(src.bytes / dtype_size(dt)) +
                       " elements, shape " + t.shape_str() + " needs " + std::to_string(t.numel()));
-  state->backend().copy_from_host(t.data(), src.data, src.bytes);
+  try {
+    state->backend().copy_from_host(t.data(), src.data, src.bytes);
+  } catch (const std::exception& e) {
+    throw_js(env, std::string("Device.fromArray: ") + e.what());
+  }
   return JsTensor::Make(env, t, env.Undefined());
 }
 
@@ -571,6 +584,7 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cu.Set("compiled", cuda_compiled());
   cu.Set("devices", n);
   cu.Set("reason", why);
+  cu.Set("gemm", cuda_gemm_info());
   o.Set("cuda", cu);
   Napi::Array ops = Napi::Array::New(env);
   uint32_t i = 0;

@@ -80,6 +80,8 @@ std::unique_ptr<Backend> make_cpu_backend();
 std::unique_ptr<Backend> make_cuda_backend(int index, std::string* why);
 int cuda_device_count(std::string* why);  // 0 with a reason when none is usable
 bool cuda_compiled();
+// Which GEMM the CUDA kernels use: "cublas 13.0.x (/path)" or "fallback (tiled kernel; why)".
+std::string cuda_gemm_info();
 
 std::string format_bytes(int64_t b);
 

@@ -31,38 +31,27 @@
 #include <cstring>
 #include <vector>
 
+#include "../core/dropout_hash.h"
 #include "../kernels.h"
 
 namespace mlora::cpu {
 
 namespace {
 
-inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser (a bijection on 64 bits)
-  z ^= z >> 30;
-  z *= 0xbf58476d1ce4e5b9ull;
-  z ^= z >> 27;
-  z *= 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return z;
-}
-
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
-constexpr uint64_t kGolden2 = 0xc2b2ae3d27d4eb4full;
-
 // y[i, :] = D(row i) ∘ src[i, :] for rows [0, rows); or, with accumulate, y += D ∘ src.
 // src and y have leading dimension `in`.
 void apply_mask(Exec& ex, float* y, const float* src, int64_t rows, int64_t in, const LoraSegment& s,
                 bool accumulate) {
-  const uint32_t threshold = uint32_t(double(s.dropout) * 4294967296.0);
-  const float keep_scale = float(1.0 / (1.0 - double(s.dropout)));
+  const uint32_t threshold = dropout_threshold(s.dropout);
+  const float keep_scale = dropout_keep_scale(s.dropout);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
   ex.pool().parallel_for(rows, grain, [&](int64_t r0, int64_t r1, int) {
     thread_local std::vector<float> mult;
     if (int64_t(mult.size()) < in + 1) mult.resize(size_t(in + 1));
     for (int64_t i = r0; i < r1; i++) {
-      const uint64_t rowkey = mix64(s.seed ^ mix64(uint64_t(s.position + i) + kGolden));
+      const uint64_t rowkey = dropout_rowkey(s.seed, s.position + i);
       for (int64_t c = 0; c < in; c += 2) {
-        const uint64_t z = mix64(rowkey + uint64_t(c >> 1) * kGolden2);
+        const uint64_t z = dropout_pair(rowkey, c);
         mult[size_t(c)] = uint32_t(z) < threshold ? 0.f : keep_scale;
         mult[size_t(c + 1)] = uint32_t(z >> 32) < threshold ? 0.f : keep_scale;
       }
