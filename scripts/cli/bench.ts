@@ -244,20 +244,12 @@ function family(op: string): string {
   return op.replace(/_(forward|backward)$/, '');
 }
 
-function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
-  log('');
-  log('time split of one layer forward+backward by kernel family');
-  const have = native().info().ops;
-  const missing = LAYER_OPS.filter((o) => !have.includes(o));
-  if (missing.length) {
-    log(`  (needs ops: ${missing.join(', ')})`);
-    return { needsOps: missing };
-  }
+/** The ops of one layer forward+backward over freshly allocated tensors (all listed in `owned`). */
+export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: Op[]; description: string } {
   const { hidden: H, intermediate: I, tokens: T, heads, kvHeads, headDim: hd } = BENCH_MODEL;
   const nseq = 4;
   const rank = 16;
   const maxPos = T / nseq;
-  const owned: Tensor[] = [];
   const f32 = (shape: number[], std = 1) => {
     const t = randomTensor(d, rng, 'f32', shape, std);
     owned.push(t);
@@ -273,97 +265,114 @@ function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) =>
     owned.push(t);
     return t;
   };
+  const x = f32([T, H]);
+  const wNorm1 = f32([H], 0.1);
+  const wNorm2 = f32([H], 0.1);
+  const Wq = f32([heads * hd, H], 0.05), Wk = f32([kvHeads * hd, H], 0.05), Wv = f32([kvHeads * hd, H], 0.05);
+  const Wo = f32([H, heads * hd], 0.05);
+  const Wg = f32([I, H], 0.05), Wu = f32([I, H], 0.05), Wd = f32([H, I], 0.05);
+  const pos = i32([T], Int32Array.from({ length: T }, (_, i) => i % maxPos));
+  const cu = i32([nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * maxPos));
+  const cosT = buf([maxPos, hd / 2]);
+  const sinT = buf([maxPos, hd / 2]);
+  {
+    const c = new Float32Array(maxPos * (hd / 2));
+    const s = new Float32Array(maxPos * (hd / 2));
+    for (let p = 0; p < maxPos; p++)
+      for (let i = 0; i < hd / 2; i++) {
+        const ang = p / 10000 ** ((2 * i) / hd);
+        c[p * (hd / 2) + i] = Math.cos(ang);
+        s[p * (hd / 2) + i] = Math.sin(ang);
+      }
+    cosT.write(c);
+    sinT.write(s);
+  }
+  // LoRA segments for one projection [in → out]: 2 adapters, half the rows each.
+  const segments = (inF: number, outF: number) =>
+    [0, 1].map((s) => ({
+      rowStart: (s * T) / 2,
+      rowEnd: ((s + 1) * T) / 2,
+      a: f32([rank, inF], 0.05),
+      b: f32([outF, rank], 0.05),
+      scale: 2,
+      xa: buf([T / 2, rank]),
+      da: buf([rank, inF]),
+      db: buf([outF, rank]),
+    }));
+  const segQ = segments(H, heads * hd), segK = segments(H, kvHeads * hd), segV = segments(H, kvHeads * hd);
+  const segO = segments(heads * hd, H);
+
+  const rstd1 = buf([T]), rstd2 = buf([T]);
+  const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
+  const qr = buf([T, heads * hd]), kr = buf([T, kvHeads * hd]);
+  const att = buf([T, heads * hd]), lse = buf([heads, T]);
+  const x1 = buf([T, H]), h2 = buf([T, H]), gate = buf([T, I]), up = buf([T, I]), hm = buf([T, I]), x2 = buf([T, H]);
+  const dx2 = f32([T, H]);
+  const dx1 = buf([T, H]), dhm = buf([T, I]), dgate = buf([T, I]), dup = buf([T, I]), dh2 = buf([T, H]);
+  const datt = buf([T, heads * hd]), dqr = buf([T, heads * hd]), dkr = buf([T, kvHeads * hd]), dv = buf([T, kvHeads * hd]);
+  const dq = buf([T, heads * hd]), dk = buf([T, kvHeads * hd]), dh1 = buf([T, H]), dx0 = buf([T, H]);
+  const dwNorm1 = buf([H]), dwNorm2 = buf([H]);
+
+  const program: Op[] = [
+    // forward
+    { op: 'rmsnorm_forward', y: h1, rstd: rstd1, x, w: wNorm1, eps: 1e-5 },
+    { op: 'linear_forward', y: q, x: h1, w: Wq },
+    { op: 'lora_forward', y: q, x: h1, segments: segQ },
+    { op: 'linear_forward', y: k, x: h1, w: Wk },
+    { op: 'lora_forward', y: k, x: h1, segments: segK },
+    { op: 'linear_forward', y: v, x: h1, w: Wv },
+    { op: 'lora_forward', y: v, x: h1, segments: segV },
+    { op: 'rope_forward', y: qr, x: q, pos, cos: cosT, sin: sinT, heads },
+    { op: 'rope_forward', y: kr, x: k, pos, cos: cosT, sin: sinT, heads: kvHeads },
+    { op: 'attention_forward', out: att, lse, q: qr, k: kr, v, cuSeqlens: cu, heads, kvHeads },
+    { op: 'copy', y: x1, x },
+    { op: 'linear_forward', y: x1, x: att, w: Wo, accumulate: true },
+    { op: 'lora_forward', y: x1, x: att, segments: segO },
+    { op: 'rmsnorm_forward', y: h2, rstd: rstd2, x: x1, w: wNorm2, eps: 1e-5 },
+    { op: 'linear_forward', y: gate, x: h2, w: Wg },
+    { op: 'linear_forward', y: up, x: h2, w: Wu },
+    { op: 'swiglu_forward', h: hm, gate, up },
+    { op: 'copy', y: x2, x: x1 },
+    { op: 'linear_forward', y: x2, x: hm, w: Wd, accumulate: true },
+    // backward (dx2 given)
+    { op: 'copy', y: dx1, x: dx2 },
+    { op: 'linear_backward', dx: dhm, dy: dx2, w: Wd },
+    { op: 'swiglu_backward', dgate, dup, dh: dhm, gate, up },
+    { op: 'linear_backward', dx: dh2, dy: dgate, w: Wg },
+    { op: 'linear_backward', dx: dh2, dy: dup, w: Wu, accumulate: true },
+    { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
+    { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
+    { op: 'lora_backward', dx: datt, dy: dx1, x: att, segments: segO },
+    { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
+    { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
+    { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
+    { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
+    { op: 'lora_backward', dx: dh1, dy: dq, x: h1, segments: segQ },
+    { op: 'linear_backward', dx: dh1, dy: dk, w: Wk, accumulate: true },
+    { op: 'lora_backward', dx: dh1, dy: dk, x: h1, segments: segK },
+    { op: 'linear_backward', dx: dh1, dy: dv, w: Wv, accumulate: true },
+    { op: 'lora_backward', dx: dh1, dy: dv, x: h1, segments: segV },
+    { op: 'copy', y: dx0, x: dx1 },
+    { op: 'rmsnorm_backward', dx: dx0, dy: dh1, x, w: wNorm1, rstd: rstd1, dw: dwNorm1, accumulate: true },
+  ];
+  return {
+    program,
+    description: `${T} tokens (${nseq} sequences of ${maxPos}), LoRA rank ${rank} on q/k/v/o for 2 adapters`,
+  };
+}
+
+function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
+  log('');
+  log('time split of one layer forward+backward by kernel family');
+  const have = native().info().ops;
+  const missing = LAYER_OPS.filter((o) => !have.includes(o));
+  if (missing.length) {
+    log(`  (needs ops: ${missing.join(', ')})`);
+    return { needsOps: missing };
+  }
+  const owned: Tensor[] = [];
   try {
-    const x = f32([T, H]);
-    const wNorm1 = f32([H], 0.1);
-    const wNorm2 = f32([H], 0.1);
-    const Wq = f32([heads * hd, H], 0.05), Wk = f32([kvHeads * hd, H], 0.05), Wv = f32([kvHeads * hd, H], 0.05);
-    const Wo = f32([H, heads * hd], 0.05);
-    const Wg = f32([I, H], 0.05), Wu = f32([I, H], 0.05), Wd = f32([H, I], 0.05);
-    const pos = i32([T], Int32Array.from({ length: T }, (_, i) => i % maxPos));
-    const cu = i32([nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * maxPos));
-    const cosT = buf([maxPos, hd / 2]);
-    const sinT = buf([maxPos, hd / 2]);
-    {
-      const c = new Float32Array(maxPos * (hd / 2));
-      const s = new Float32Array(maxPos * (hd / 2));
-      for (let p = 0; p < maxPos; p++)
-        for (let i = 0; i < hd / 2; i++) {
-          const ang = p / 10000 ** ((2 * i) / hd);
-          c[p * (hd / 2) + i] = Math.cos(ang);
-          s[p * (hd / 2) + i] = Math.sin(ang);
-        }
-      cosT.write(c);
-      sinT.write(s);
-    }
-    // LoRA segments for one projection [in → out]: 2 adapters, half the rows each.
-    const segments = (inF: number, outF: number) =>
-      [0, 1].map((s) => ({
-        rowStart: (s * T) / 2,
-        rowEnd: ((s + 1) * T) / 2,
-        a: f32([rank, inF], 0.05),
-        b: f32([outF, rank], 0.05),
-        scale: 2,
-        xa: buf([T / 2, rank]),
-        da: buf([rank, inF]),
-        db: buf([outF, rank]),
-      }));
-    const segQ = segments(H, heads * hd), segK = segments(H, kvHeads * hd), segV = segments(H, kvHeads * hd);
-    const segO = segments(heads * hd, H);
-
-    const rstd1 = buf([T]), rstd2 = buf([T]);
-    const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
-    const qr = buf([T, heads * hd]), kr = buf([T, kvHeads * hd]);
-    const att = buf([T, heads * hd]), lse = buf([heads, T]);
-    const x1 = buf([T, H]), h2 = buf([T, H]), gate = buf([T, I]), up = buf([T, I]), hm = buf([T, I]), x2 = buf([T, H]);
-    const dx2 = f32([T, H]);
-    const dx1 = buf([T, H]), dhm = buf([T, I]), dgate = buf([T, I]), dup = buf([T, I]), dh2 = buf([T, H]);
-    const datt = buf([T, heads * hd]), dqr = buf([T, heads * hd]), dkr = buf([T, kvHeads * hd]), dv = buf([T, kvHeads * hd]);
-    const dq = buf([T, heads * hd]), dk = buf([T, kvHeads * hd]), dh1 = buf([T, H]), dx0 = buf([T, H]);
-    const dwNorm1 = buf([H]), dwNorm2 = buf([H]);
-
-    const program: Op[] = [
-      // forward
-      { op: 'rmsnorm_forward', y: h1, rstd: rstd1, x, w: wNorm1, eps: 1e-5 },
-      { op: 'linear_forward', y: q, x: h1, w: Wq },
-      { op: 'lora_forward', y: q, x: h1, segments: segQ },
-      { op: 'linear_forward', y: k, x: h1, w: Wk },
-      { op: 'lora_forward', y: k, x: h1, segments: segK },
-      { op: 'linear_forward', y: v, x: h1, w: Wv },
-      { op: 'lora_forward', y: v, x: h1, segments: segV },
-      { op: 'rope_forward', y: qr, x: q, pos, cos: cosT, sin: sinT, heads },
-      { op: 'rope_forward', y: kr, x: k, pos, cos: cosT, sin: sinT, heads: kvHeads },
-      { op: 'attention_forward', out: att, lse, q: qr, k: kr, v, cuSeqlens: cu, heads, kvHeads },
-      { op: 'copy', y: x1, x },
-      { op: 'linear_forward', y: x1, x: att, w: Wo, accumulate: true },
-      { op: 'lora_forward', y: x1, x: att, segments: segO },
-      { op: 'rmsnorm_forward', y: h2, rstd: rstd2, x: x1, w: wNorm2, eps: 1e-5 },
-      { op: 'linear_forward', y: gate, x: h2, w: Wg },
-      { op: 'linear_forward', y: up, x: h2, w: Wu },
-      { op: 'swiglu_forward', h: hm, gate, up },
-      { op: 'copy', y: x2, x: x1 },
-      { op: 'linear_forward', y: x2, x: hm, w: Wd, accumulate: true },
-      // backward (dx2 given)
-      { op: 'copy', y: dx1, x: dx2 },
-      { op: 'linear_backward', dx: dhm, dy: dx2, w: Wd },
-      { op: 'swiglu_backward', dgate, dup, dh: dhm, gate, up },
-      { op: 'linear_backward', dx: dh2, dy: dgate, w: Wg },
-      { op: 'linear_backward', dx: dh2, dy: dup, w: Wu, accumulate: true },
-      { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
-      { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
-      { op: 'lora_backward', dx: datt, dy: dx1, x: att, segments: segO },
-      { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
-      { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
-      { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
-      { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
-      { op: 'lora_backward', dx: dh1, dy: dq, x: h1, segments: segQ },
-      { op: 'linear_backward', dx: dh1, dy: dk, w: Wk, accumulate: true },
-      { op: 'lora_backward', dx: dh1, dy: dk, x: h1, segments: segK },
-      { op: 'linear_backward', dx: dh1, dy: dv, w: Wv, accumulate: true },
-      { op: 'lora_backward', dx: dh1, dy: dv, x: h1, segments: segV },
-      { op: 'copy', y: dx0, x: dx1 },
-      { op: 'rmsnorm_backward', dx: dx0, dy: dh1, x, w: wNorm1, rstd: rstd1, dw: dwNorm1, accumulate: true },
-    ];
+    const { program, description } = layerProgram(d, rng, owned);
     d.runSync(program); // warm-up, and checks every op's arguments
     const reps = opts.quick ? 1 : 3;
     const best = new Array<number>(program.length).fill(Infinity);
@@ -377,7 +386,7 @@ function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) =>
     program.forEach((op, i) => byFamily.set(family(op.op), (byFamily.get(family(op.op)) ?? 0) + best[i]!));
     const total = best.reduce((a, b) => a + b, 0);
     const sorted = [...byFamily.entries()].sort((a, b) => b[1] - a[1]);
-    log(`  ${T} tokens (${nseq} sequences of ${maxPos}), LoRA rank ${rank} on q/k/v/o for 2 adapters; total ${total.toFixed(1)} ms`);
+    log(`  ${description}; total ${total.toFixed(1)} ms`);
     for (const [fam, ms] of sorted) log(`  ${fam.padEnd(14)} ${ms.toFixed(2).padStart(9)} ms ${`${((100 * ms) / total).toFixed(1)}%`.padStart(7)}`);
     return { totalMs: total, families: Object.fromEntries(sorted) };
   } catch (e) {
