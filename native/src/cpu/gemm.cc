@@ -494,8 +494,23 @@ const GemmKernel* choose_kernel() {
   return best;
 }
 
+// MLORA_GEMM_BLOCKS=mc,kc,nc overrides the cache blocking (a tuning aid for benchmarks; mc and
+// nc are rounded to the micro-tile).
+const GemmKernel* configure_kernel() {
+  const GemmKernel* base = choose_kernel();
+  const char* env = std::getenv("MLORA_GEMM_BLOCKS");
+  long long mc = 0, kc = 0, nc = 0;
+  if (!env || std::sscanf(env, "%lld,%lld,%lld", &mc, &kc, &nc) != 3 || mc < 1 || kc < 1 || nc < 1) return base;
+  static GemmKernel tuned;  // written once, here, before any use
+  tuned = *base;
+  tuned.mc = (mc + base->mr - 1) / base->mr * base->mr;
+  tuned.kc = kc;
+  tuned.nc = (nc + base->nr - 1) / base->nr * base->nr;
+  return &tuned;
+}
+
 const GemmKernel& gemm_kernel() {
-  static const GemmKernel* k = choose_kernel();  // chosen once, read-only afterwards
+  static const GemmKernel* k = configure_kernel();  // chosen once, read-only afterwards
   return *k;
 }
 
