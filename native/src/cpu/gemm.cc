@@ -297,7 +297,10 @@ AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const floa
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int i = 0; i < AVX2_MR; i++) _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+  for (int i = 0; i < AVX2_MR; i++) {  // both ends of each 64-byte row segment (C may be unaligned)
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
+  }
   // The k loop is written in inline assembly: GCC's register allocation of 12 accumulators
   // plus 2 B vectors and the A broadcast (15 of 16 ymm) spilled inside the loop. Registers:
   // accumulators are compiler-chosen "+x" operands, ymm12/13 hold the B row, ymm14/15 A.
@@ -413,6 +416,7 @@ AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const
     acc[i][1] = _mm512_setzero_ps();
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 31), _MM_HINT_T0);
   }
   for (int64_t p = 0; p < kc; p++) {
     _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
