@@ -3,17 +3,24 @@
 // run, so a number is always read next to what this machine could do at that moment.
 //
 //   mlora bench --scenario kernels [--threads N] [--json] [--quick]
-//
-// Scenarios still to come (other issues): batchlora, pipeline.
+//   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
+//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
 import os from 'node:os';
 import { readFileSync } from 'node:fs';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
+import { batchloraScenario, pipelineScenario, type TrainBenchRecord } from './bench-train.js';
 
 export interface BenchOptions {
   threads: number;
   json: boolean;
+  /** Training scenarios: adapter counts, LoRA rank, micro-batch shape (sequences × tokens), steps. */
+  adapters?: number[];
+  rank?: number;
+  microBatch?: number;
+  seqLen?: number;
+  steps?: number;
   /** Fewer repetitions (smoke runs); the numbers are noisier. */
   quick: boolean;
 }
@@ -28,10 +35,40 @@ const scenarios: Record<string, Scenario> = {
     summary: 'GEMM shapes of the bench model vs this machine\'s FMA peak and sgemm ceiling; layer time split',
     run: benchKernels,
   },
+  batchlora: {
+    summary: 'K adapters batched in one micro-batch vs trained one after another (bench model, one device)',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const shapes = o.microBatch || o.seqLen ? [{ micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }] : [{ micro: 4, seqLen: 256 }, { micro: 1, seqLen: 128 }];
+      const recs = await batchloraScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, shapes, steps: o.steps ?? (o.quick ? 1 : 3), threads: o.threads }, log);
+      if (!o.json) printTrainTable(recs);
+      return recs;
+    },
+  },
+  pipeline: {
+    summary: '2 stage actors (1 thread each) vs 1 stage with 1 and 2 threads; busy fractions and bubble ratio',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const recs = await pipelineScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, micro: o.microBatch ?? 2, seqLen: o.seqLen ?? 128, steps: o.steps ?? (o.quick ? 1 : 3) }, log);
+      if (!o.json) printTrainTable(recs);
+      return recs;
+    },
+  },
 };
 
+function printTrainTable(recs: TrainBenchRecord[]): void {
+  console.log('\nscenario   mode                        K  micro×seq  tokens/s   MFU   ms/step  bubble');
+  for (const r of recs) {
+    console.log(
+      `${r.scenario.padEnd(10)} ${r.mode.padEnd(26)} ${String(r.adapters).padStart(2)}  ${`${r.micro_batch}×${r.seq_len}`.padStart(9)}  ${String(r.tokens_per_s).padStart(8)}  ${(100 * r.mfu).toFixed(1).padStart(4)}%  ${String(r.step_ms).padStart(7)}  ${r.bubble !== undefined ? `${(100 * r.bubble).toFixed(1)}%` : '-'}`,
+    );
+  }
+  const ceil = recs[0]?.gemm_ceiling_gflops;
+  if (ceil) console.log(`MFU = model FLOPs (frozen-base forward + dX, LoRA, attention, head) / GEMM ceiling measured in this run (${ceil} GFLOP/s for the first row's threads)`);
+}
+
 function usage(): string {
-  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick]', '', 'scenarios:'];
+  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N]', '', 'scenarios:'];
   for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
   return lines.join('\n');
 }
@@ -55,6 +92,20 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         if (!Number.isInteger(opts.threads) || opts.threads < 1) return { error: `--threads must be a positive integer, got '${v}'` };
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
+      else if (a === '--adapters' || a.startsWith('--adapters=')) {
+        const v = value();
+        opts.adapters = v.split(',').map(Number);
+        if (opts.adapters.some((n) => !Number.isInteger(n) || n < 1)) return { error: `--adapters must be a list of positive integers, got '${v}'` };
+      } else if (['--rank', '--micro-batch', '--seq-len', '--steps'].some((f) => a === f || a.startsWith(`${f}=`))) {
+        const flag = a.split('=')[0]!;
+        const v = value();
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1) return { error: `${flag} must be a positive integer, got '${v}'` };
+        if (flag === '--rank') opts.rank = n;
+        else if (flag === '--micro-batch') opts.microBatch = n;
+        else if (flag === '--seq-len') opts.seqLen = n;
+        else opts.steps = n;
+      }
       else return { error: `unknown option '${a}'` };
     } catch (e) {
       return { error: (e as Error).message };
