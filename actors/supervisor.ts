@@ -395,6 +395,10 @@ export class Supervisor {
   private admit(): void {
     const S = this.pipeline.plans.length;
     while (this.inflight.size < this.options.inflight) {
+      // One device: an optimizer step runs on the same device as the next message anyway, so
+      // wait for it; the adapter that is stepping then joins that message instead of being
+      // left for a message of its own (which would split BatchLoRA into ever smaller batches).
+      if (this.options.batchlora && S === 1 && this.stepping.size > 0) return;
       const ready = this.runnable();
       if (!ready.length) return;
       let per = 1;
