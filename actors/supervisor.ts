@@ -120,7 +120,6 @@ export class Job {
   stepLoss = 0;
   stepTargets = 0;
   tokens = 0;
-  serial = 0;
   lastLoss = NaN;
   lastEval?: { loss: number; perplexity: number };
   error?: string;
@@ -444,7 +443,7 @@ export class Supervisor {
   }
 
   private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[]): void {
-    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: p.job.serial++, mb: p.mb })), numTokens);
+    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
       const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
       if (f) {
@@ -572,6 +571,16 @@ export class Supervisor {
     }
     return out;
   }
+}
+
+/**
+ * The serial that seeds a micro-batch's dropout masks: a pure function of its place in the
+ * adapter's data (step, index in the step), not a counter of this process, so a run resumed
+ * from a checkpoint (or a replay) draws exactly the masks the uninterrupted run draws.
+ */
+export function microSerial(mb: Pick<SourceMicroBatch, 'step' | 'microIndex'>): number {
+  if (mb.microIndex >= 2 ** 20) throw new Error(`micro-batch index ${mb.microIndex} is too large (at most 2^20 micro-batches per step)`);
+  return mb.step * 2 ** 20 + mb.microIndex;
 }
 
 /**

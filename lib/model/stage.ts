@@ -55,7 +55,7 @@ export interface Segment {
   adapter: number;
   rowStart: number;
   rowEnd: number;
-  /** The adapter's micro-batch counter: dropout masks are a function of (seed, serial, layer, module, row). */
+  /** The micro-batch's place in its adapter's data (supervisor microSerial): dropout masks are a function of (seed, serial, layer, module, row). */
   serial: number;
 }
 
