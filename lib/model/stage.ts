@@ -115,7 +115,9 @@ class Carver {
     const start = this.offset;
     this.offset += Math.ceil(n / 16) * 16;
     if (!this.block) return null as unknown as Tensor;
-    const t = this.block.rows(start, start + n).reshape(shape);
+    const r = this.block.rows(start, start + n);
+    const t = r.reshape(shape);
+    r.free(); // the reshaped view holds the block; an unfreed intermediate would hold it until GC
     this.views.push(t);
     return t;
   }
@@ -198,7 +200,12 @@ export class StageProgram {
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
     this.forwardOps(ops, mb, saved, output);
-    await this.runOrRelease(mb.id, ops);
+    const views = takeViews();
+    try {
+      await this.runOrRelease(mb.id, ops);
+    } finally {
+      freeViews(views);
+    }
   }
 
   /** Backward of a non-last stage: `grad` holds dL/d(output) and becomes dL/d(input) in place. */
@@ -208,10 +215,12 @@ export class StageProgram {
     this.ensureScratch(mb.numTokens);
     const ops: Op[] = [];
     for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad);
+    const views = takeViews();
     try {
       await this.device.run(ops);
     } finally {
       this.release(mb.id);
+      freeViews(views);
     }
   }
 
@@ -237,12 +246,14 @@ export class StageProgram {
     const losses = this.device.alloc('f32', [N], { zero: false });
     this.headOps(ops, mb, xFinal, losses, dres, true);
     for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres);
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return losses.read() as Float32Array;
     } finally {
       this.release(mb.id);
       losses.free();
+      freeViews(views);
     }
   }
 
@@ -261,6 +272,7 @@ export class StageProgram {
     this.forwardOps(ops, mb, saved, out);
     const losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
     if (losses) this.headOps(ops, mb, out, losses, null, false);
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return losses ? (losses.read() as Float32Array) : undefined;
@@ -268,6 +280,7 @@ export class StageProgram {
       for (const v of saved.views) v.free();
       block.free();
       losses?.free();
+      freeViews(views);
     }
   }
 
@@ -291,6 +304,7 @@ export class StageProgram {
     this.forwardOps(ops, mb, saved, xFinal);
     ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
     ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return out.read() as Float32Array;
@@ -298,6 +312,7 @@ export class StageProgram {
       for (const v of saved.views) v.free();
       block.free();
       out.free();
+      freeViews(views);
     }
   }
 
@@ -485,15 +500,15 @@ export class StageProgram {
     for (let b = 0; b < N; b += this.headBlockRows) {
       const e = Math.min(N, b + this.headBlockRows);
       const logits = view(s.logits!, [e - b, c.vocabSize]);
-      ops.push({ op: 'linear_forward', y: logits, x: xf.rows(b, e), w: this.weights.head! });
+      ops.push({ op: 'linear_forward', y: logits, x: tmp(xf.rows(b, e)), w: this.weights.head! });
       if (withGrad) {
         ops.push({
-          op: 'cross_entropy_backward', losses: losses.rows(b, e), dlogits: logits, logits,
-          labels: targets!.rows(b, e), weights: weights!.rows(b, e),
+          op: 'cross_entropy_backward', losses: tmp(losses.rows(b, e)), dlogits: logits, logits,
+          labels: tmp(targets!.rows(b, e)), weights: tmp(weights!.rows(b, e)),
         });
-        ops.push({ op: 'linear_backward', dx: dxf.rows(b, e), dy: logits, w: this.weights.head! });
+        ops.push({ op: 'linear_backward', dx: tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head! });
       } else {
-        ops.push({ op: 'cross_entropy_forward', losses: losses.rows(b, e), logits, labels: targets!.rows(b, e) });
+        ops.push({ op: 'cross_entropy_forward', losses: tmp(losses.rows(b, e)), logits, labels: tmp(targets!.rows(b, e)) });
       }
     }
     if (withGrad && dres) {
@@ -600,11 +615,28 @@ export function defaultHeadBlockRows(c: LlamaConfig): number {
   return Math.max(16, Math.min(512, Math.floor((8 << 20) / (4 * c.vocabSize))));
 }
 
-/** A view of the first elements of a flat or larger tensor, with the given shape. */
+// Handles made while a call builds its ops (views of scratch, row slices). Each holds its
+// storage until freed (or garbage-collected), and the device counts those bytes as used, so the
+// call frees them once its run is over. Ops are built synchronously: one list is enough.
+let madeViews: Tensor[] = [];
+function tmp(t: Tensor): Tensor {
+  madeViews.push(t);
+  return t;
+}
+function takeViews(): Tensor[] {
+  const v = madeViews;
+  madeViews = [];
+  return v;
+}
+function freeViews(views: Tensor[]): void {
+  for (const v of views) v.free();
+}
+
+/** A view of the first elements of a flat or larger tensor, with the given shape (freed with the call's views). */
 function view(t: Tensor, shape: number[]): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
-  const flat = t.shape.length === 1 ? t : t.reshape([t.shape.reduce((a, b) => a * b, 1)]);
-  return flat.rows(0, n).reshape(shape);
+  const flat = t.shape.length === 1 ? t : tmp(t.reshape([t.shape.reduce((a, b) => a * b, 1)]));
+  return tmp(tmp(flat.rows(0, n)).reshape(shape));
 }
 
 /** Activation blocks are rounded up to size classes so the device's block cache reuses them. */
