@@ -422,7 +422,8 @@ export class Supervisor {
       this.rr = chosen[chosen.length - 1]!.id + 1;
       const parts = chosen.map((j) => ({ job: j, mb: j.peek()! }));
       const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
-      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })));
+      const numSeqs = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
+      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })), numSeqs);
       const short = need.findIndex((b, s) => b > this.headroom[s]!);
       if (short >= 0) {
         if (this.inflight.size === 0) {

@@ -187,9 +187,14 @@ export class StageProgram {
     return activationBytes(this.config, this.plan, numTokens, segments);
   }
 
-  /** Bytes of the per-stage scratch for micro-batches of up to `rows` tokens. */
+  /**
+   * Bytes of the per-stage scratch a micro-batch of `rows` tokens makes this stage allocate:
+   * the size ensureScratch() picks (at least 64 rows, grown by ≥ 1.25×), counted in full, as
+   * it is on a fresh stage. (Scratch persists: once allocated, later micro-batches of up to
+   * that many rows allocate nothing, so this over-counts them by design.)
+   */
   scratchBytes(rows: number): number {
-    return scratchBytes(this.config, this.plan, rows, this.headBlockRows);
+    return scratchBytes(this.config, this.plan, this.scratchCap(rows), this.headBlockRows);
   }
 
   // ---- forward / backward
@@ -411,11 +416,15 @@ export class StageProgram {
 
   private ensureScratch(rows: number): void {
     if (rows <= this.scratchRows) return;
-    const cap = Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
+    const cap = this.scratchCap(rows);
     for (const t of Object.values(this.scratch)) t.free();
     this.scratch = {};
     for (const [name, shape] of scratchShapes(this.config, this.plan, cap, this.headBlockRows)) this.scratch[name] = this.device.alloc('f32', shape, { zero: false });
     this.scratchRows = cap;
+  }
+
+  private scratchCap(rows: number): number {
+    return rows <= this.scratchRows ? this.scratchRows : Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
