@@ -4,14 +4,14 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { evaluateDataset } from '../../scripts/cli/eval.js';
+import { evaluateDataset, main } from '../../scripts/cli/eval.js';
 import { makeModel } from '../../scripts/cli/make-model.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { readDataset } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose } from '../helpers.js';
-import { FIX, ROOT, copyFixtureModel, mlora, referenceLoss, tmpDir } from './util.js';
+import { FIX, ROOT, copyFixtureModel, inProcess, mlora, referenceLoss, tmpDir } from './util.js';
 
 interface Ref { input_ids: number[][]; labels: number[][]; loss: number }
 const ref = JSON.parse(fs.readFileSync(path.join(FIX, 'ref.json'), 'utf8')) as Ref;
@@ -101,20 +101,20 @@ t.test('bad data: errors name the file and line and the vocab size', async (t) =
   writeJsonl(file, [{ input_ids: [1, 2, 3], labels: [1, 2] }]);
   await t.rejects(evaluateDataset({ model, data: file, seqLen: 512, batchTokens: 4096 }), { message: new RegExp(`^${file}:1: field 'labels' must have the length of 'input_ids' \\(3\\)`) });
   writeJsonl(file, [{ input_ids: [1, -3, 3] }]);
-  const r = mlora('eval', '--model', model, '--data', file);
+  const r = await inProcess(main, '--model', model, '--data', file);
   t.equal(r.code, 1);
   t.match(r.err, `mlora: ${file}:1:`);
   // text data needs the tokenizer, and says so
   writeJsonl(file, [{ text: 'hello' }]);
-  const nt = mlora('eval', '--model', model, '--data', file);
+  const nt = await inProcess(main, '--model', model, '--data', file);
   t.equal(nt.code, 1);
   t.match(nt.err, /tokenizer\.json/);
-  const u = mlora('eval', '--model', model);
+  const u = await inProcess(main, '--model', model);
   t.equal(u.code, 2);
   t.match(u.err, /--model and --data are required/);
   for (const [flag, v] of [['--seq-len', 'abc'], ['--seq-len', '0'], ['--batch-tokens', '-5']] as const) {
     writeJsonl(file, [{ input_ids: [1, 2, 3] }]);
-    const b = mlora('eval', '--model', model, '--data', file, `${flag}=${v}`);
+    const b = await inProcess(main, '--model', model, '--data', file, `${flag}=${v}`);
     t.equal(b.code, 2, `${flag} ${v}: usage error`);
     t.match(b.err, new RegExp(`${flag} must be a positive integer, got '${v}'`));
   }

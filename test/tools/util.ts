@@ -64,3 +64,19 @@ export function copyFixtureModel(t: Test): string {
   for (const f of fs.readdirSync(path.join(FIX, 'model'))) fs.copyFileSync(path.join(FIX, 'model', f), path.join(d, f));
   return d;
 }
+
+/** A command's main() in this process (cheaper than a child), with its console output. Errors thrown are exit 1, as in mlora.js. */
+export async function inProcess(main: (argv: string[]) => Promise<number>, ...argv: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '', err = '';
+  const log = console.log, error = console.error;
+  console.log = (...a: unknown[]) => void (out += a.join(' ') + '\n');
+  console.error = (...a: unknown[]) => void (err += a.join(' ') + '\n');
+  try {
+    return { code: await main(argv), out, err };
+  } catch (e) {
+    return { code: 1, out, err: err + `mlora: ${(e as Error).message}\n` };
+  } finally {
+    console.log = log;
+    console.error = error;
+  }
+}
