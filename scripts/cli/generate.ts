@@ -38,6 +38,8 @@ export async function main(argv: string[]): Promise<number> {
   const ids = tok.encode(text, { addSpecialTokens: !a.values.chat });
   const m = await openSingleModel(a.values.model, a.values.adapter, { threads: opts.threads! });
   try {
+    if (tok.vocabSize > m.config.vocabSize)
+      throw new Error(`${a.values.model}: tokenizer.json has ${tok.vocabSize} tokens, more than the model's vocab_size ${m.config.vocabSize}: they do not belong together`);
     const t = performance.now();
     const out = await generate(m, ids, {
       maxNewTokens: opts['max-new-tokens']!, temperature: opts.temperature!, topK: opts['top-k']!, seed: opts.seed!,

@@ -2,6 +2,7 @@
 // decoder's logits at every step against a full recomputation of the whole sequence
 // (StageProgram.logits), greedy and seeded sampling, adapters, stops, errors, and the CLI.
 import t, { type Test } from 'tap';
+import fs from 'node:fs';
 import path from 'node:path';
 import { makeModel } from '../../scripts/cli/make-model.js';
 import { openSingleModel, type SingleModel } from '../../lib/model/single.js';
@@ -223,6 +224,11 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   const noTok = await inProcess(main, '--model', fix, '--prompt', 'x');
   t.equal(noTok.code, 1);
   t.match(noTok.err, /tokenizer\.json/);
+  // a tokenizer that does not belong to the model
+  for (const f of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(dir, f), path.join(fix, f));
+  const mixed = await inProcess(main, '--model', fix, '--prompt', 'x');
+  t.equal(mixed.code, 1);
+  t.match(mixed.err, /tokenizer\.json has 512 tokens, more than the model's vocab_size 256/);
   // the fixture adapter has the tiny preset's projection shapes (only the vocab differs)
   const ad = await inProcess(main, '--model', dir, '--adapter', path.join(FIX, 'adapter'), '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json');
   t.equal(ad.code, 0, ad.err);
