@@ -274,7 +274,7 @@ export class StageProgram {
     const H = this.config.hiddenSize;
     const out = this.plan.last ? view(this.scratch.xFinal!, [N, H]) : output;
     if (!out) throw new Error('evaluate: a non-last stage needs an output tensor');
-    this.forwardOps(ops, mb, saved, out);
+    this.forwardOps(ops, mb, saved, out, false);
     const losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
     if (losses) this.headOps(ops, mb, out, losses, null, false);
     const views = takeViews();
@@ -306,7 +306,7 @@ export class StageProgram {
     const xf = view(this.scratch.xf!, [N, c.hiddenSize]);
     const out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
     const ops: Op[] = [];
-    this.forwardOps(ops, mb, saved, xFinal);
+    this.forwardOps(ops, mb, saved, xFinal, false);
     ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
     ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
     const views = takeViews();
@@ -428,7 +428,8 @@ export class StageProgram {
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
-  private loraSegments(mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, withGrads: boolean): LoraSegmentArg[] {
+  /** `train` false (evaluation, generation): no dropout, as PEFT in eval mode. */
+  private loraSegments(mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, withGrads: boolean, train = true): LoraSegmentArg[] {
     const xa = acts.xa.get(target)!;
     const out: LoraSegmentArg[] = [];
     const ti = LORA_TARGETS.indexOf(target);
@@ -439,7 +440,7 @@ export class StageProgram {
       const m = a.module(layer, target)!;
       out.push({
         rowStart: seg.rowStart, rowEnd: seg.rowEnd, a: m.a, b: m.b, scale: a.scale,
-        dropout: a.spec.dropout, seed: deriveSeed(a.spec.seed, 'dropout', seg.serial, layer, ti), position: 0, xa: x,
+        dropout: train ? a.spec.dropout : 0, seed: deriveSeed(a.spec.seed, 'dropout', seg.serial, layer, ti), position: 0, xa: x,
         ...(withGrads ? { da: m.da, db: m.db } : {}),
       });
     });
@@ -447,9 +448,9 @@ export class StageProgram {
   }
 
   /** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
-  private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate = false) {
+  private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean) {
     ops.push({ op: 'linear_forward', y, x, w, accumulate });
-    const segments = this.loraSegments(mb, layer, target, acts, false);
+    const segments = this.loraSegments(mb, layer, target, acts, false, train);
     if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
   }
 
@@ -460,7 +461,7 @@ export class StageProgram {
     if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
   }
 
-  private forwardOps(ops: Op[], mb: MicroBatch, saved: Saved, output: Tensor): void {
+  private forwardOps(ops: Op[], mb: MicroBatch, saved: Saved, output: Tensor, train = true): void {
     const c = this.config;
     const W = this.weights;
     const { positions, cuSeqlens } = mb.tensors;
@@ -476,9 +477,9 @@ export class StageProgram {
       const A = saved.layers[i]!;
       const y = i + 1 < n ? saved.layers[i + 1]!.x : output;
       ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
-      this.proj(ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q);
-      this.proj(ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k);
-      this.proj(ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v);
+      this.proj(ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q, false, train);
+      this.proj(ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k, false, train);
+      this.proj(ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train);
       ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: this.cos, sin: this.sin, heads: c.numHeads });
       ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: this.cos, sin: this.sin, heads: c.numKvHeads });
       ops.push({
@@ -486,13 +487,13 @@ export class StageProgram {
         heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
       });
       ops.push({ op: 'copy', y: A.hmid, x: A.x });
-      this.proj(ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true);
+      this.proj(ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
       ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: A.hmid, w: L.mlpNorm, eps: c.rmsNormEps });
-      this.proj(ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate);
-      this.proj(ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up);
+      this.proj(ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate, false, train);
+      this.proj(ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up, false, train);
       ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
       ops.push({ op: 'copy', y, x: A.hmid });
-      this.proj(ops, mb, l, 'down_proj', A, y, A.act, L.down, true);
+      this.proj(ops, mb, l, 'down_proj', A, y, A.act, L.down, true, train);
     }
   }
 

@@ -16,12 +16,10 @@ interface Hyper {
   gradScale?: number;
 }
 
-/** One PyTorch AdamW step in float64, in place. The kernel takes its hyper-parameters as float
- *  (kernels.inc), so the reference uses the same float-rounded values: with β2 = 0.999, 1 − fround(β2)
- *  differs from 0.001 by 1.3e-5 relative, which would otherwise show up in v. */
+/** One PyTorch AdamW step in float64, in place. The kernel takes its hyper-parameters in double,
+ *  as PyTorch takes Python floats, so 1 − β is exact here and there (f32 β would put 1.3e-5 into v). */
 function stepRef(p: Float64Array, g: ArrayLike<number>, m: Float64Array, v: Float64Array, hd: Hyper, step: number) {
-  const f = Math.fround;
-  const h = { lr: f(hd.lr), beta1: f(hd.beta1), beta2: f(hd.beta2), eps: f(hd.eps), weightDecay: f(hd.weightDecay), gradScale: f(hd.gradScale ?? 1) };
+  const h = { ...hd, gradScale: Math.fround(hd.gradScale ?? 1) };
   const bc1 = 1 - h.beta1 ** step, bc2 = 1 - h.beta2 ** step;
   for (let i = 0; i < p.length; i++) {
     const gi = g[i]! * (h.gradScale ?? 1);

@@ -17,7 +17,7 @@
 namespace mlora::cpu {
 
 void adamw(Exec& ex, float* const* params, const float* const* grads, float* const* m, float* const* v,
-           const int64_t* ns, int64_t count, float lr, float beta1, float beta2, float eps, float weight_decay,
+           const int64_t* ns, int64_t count, double lr, double beta1, double beta2, double eps, double weight_decay,
            int64_t step, float grad_scale) {
   if (count <= 0) return;
   if (step < 1) throw Error("argument 'step' must be >= 1, got " + std::to_string(step));
@@ -29,7 +29,8 @@ void adamw(Exec& ex, float* const* params, const float* const* grads, float* con
   const float step_size = float(double(lr) / bc1);
   const float inv_bc2_sqrt = float(1.0 / std::sqrt(bc2));
   const float decay = float(1.0 - double(lr) * double(weight_decay));
-  const float b1 = beta1, b2 = beta2, omb1 = 1.f - beta1, omb2 = 1.f - beta2;
+  const float b1 = float(beta1), b2 = float(beta2), omb1 = float(1.0 - beta1), omb2 = float(1.0 - beta2);
+  const float epsf = float(eps);
   ex.pool().parallel_for(total, 1 << 14, [&](int64_t b, int64_t e, int) {
     // first tensor that holds element b
     int64_t t = int64_t(std::upper_bound(start.begin(), start.end(), b) - start.begin()) - 1;
@@ -47,7 +48,7 @@ void adamw(Exec& ex, float* const* params, const float* const* grads, float* con
         const float vi = b2 * vt[i] + omb2 * gi * gi;
         mt[i] = mi;
         vt[i] = vi;
-        p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_bc2_sqrt + eps);
+        p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_bc2_sqrt + epsf);
       }
       pos = start[size_t(t)] + hi;
     }

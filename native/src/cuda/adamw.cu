@@ -25,8 +25,8 @@ struct AdamSlot {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 8192;
 
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamSlot* slots, int64_t count, float lr, float beta1,
-                                                         float beta2, float eps, float decay, float step_size,
+__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamSlot* slots, int64_t count, float beta1, float omb1,
+                                                         float beta2, float omb2, float eps, float decay, float step_size,
                                                          float bc2_sqrt, float grad_scale) {
   int64_t b = blockIdx.x;
   int64_t lo = 0, hi = count - 1;
@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamSlot* slots, 
   for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
     float g = t.g[i] * grad_scale;
     float p = t.p[i] * decay;
-    float m = beta1 * t.m[i] + (1.f - beta1) * g;
-    float v = beta2 * t.v[i] + (1.f - beta2) * g * g;
+    float m = beta1 * t.m[i] + omb1 * g;
+    float v = beta2 * t.v[i] + omb2 * g * g;
     float denom = sqrtf(v) / bc2_sqrt + eps;
     t.p[i] = p - step_size * (m / denom);
     t.m[i] = m;
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamSlot* slots, 
 }  // namespace
 
 void adamw(Exec& ex, float* const* params, const float* const* grads, float* const* m, float* const* v,
-           const int64_t* ns, int64_t count, float lr, float beta1, float beta2, float eps, float weight_decay,
+           const int64_t* ns, int64_t count, double lr, double beta1, double beta2, double eps, double weight_decay,
            int64_t step, float grad_scale) {
   if (step < 1) throw Error("adamw: step must be >= 1 (1-based), got " + std::to_string(step));
   std::vector<AdamSlot> slots;
@@ -72,8 +72,9 @@ void adamw(Exec& ex, float* const* params, const float* const* grads, float* con
   double bc2 = 1.0 - std::pow(double(beta2), double(step));
   float step_size = float(double(lr) / bc1);
   float bc2_sqrt = float(std::sqrt(bc2));
-  float decay = 1.f - lr * weight_decay;
-  adamw_kernel<<<unsigned(blocks), kThreads, 0, s>>>(table.as<AdamSlot>(), int64_t(slots.size()), lr, beta1, beta2, eps,
+  float decay = float(1.0 - lr * weight_decay);
+  adamw_kernel<<<unsigned(blocks), kThreads, 0, s>>>(table.as<AdamSlot>(), int64_t(slots.size()), float(beta1),
+                                                    float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
                                                     decay, step_size, bc2_sqrt, grad_scale);
   check_launch("adamw_kernel");
 }

@@ -48,8 +48,8 @@ MLORA_OP(adamw) {
       vp.push_back(v[i].as<float>());
       ns.push_back(params[i].numel());
     }
-    MLORA_DISPATCH(ex, adamw, pp.data(), gp.data(), mp.data(), vp.data(), ns.data(), int64_t(count), float(lr),
-                   float(beta1), float(beta2), float(eps), float(wd), step, float(gscale));
+    MLORA_DISPATCH(ex, adamw, pp.data(), gp.data(), mp.data(), vp.data(), ns.data(), int64_t(count), lr,
+                   beta1, beta2, eps, wd, step, float(gscale));
   };
 }
 
