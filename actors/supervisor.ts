@@ -562,7 +562,14 @@ export class Supervisor {
       if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
       const last = job.step >= job.totalSteps || job.peek() === null;
       if (this.hooks.checkpoint && c.save_every && job.step % c.save_every === 0 && !last) {
-        const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
+        const state = await this.pipeline.exportAdapter(job.id);
+        let path: string;
+        try {
+          path = await this.hooks.checkpoint(job, state);
+        } catch (e) {
+          // a full disk or an unwritable output: the previous checkpoint stays valid (manifest written last)
+          throw new Error(`could not write the checkpoint at step ${job.step}: ${(e as Error).message}; training of '${job.name}' stopped, its newest complete checkpoint is kept (free space or fix the output, then --resume)`);
+        }
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
       }
       if (last) await this.finish(job);
