@@ -1,4 +1,4 @@
-// Real crashes of stage worker threads (process.exit in the thread) at many points of the
+// Real crashes of stage worker threads (process.exit in the thread) at several points of the
 // schedule: while adapters load, early, during gradient accumulation, at optimizer steps and
 // during checkpoints. Every run must end with adapters bitwise equal to the fault-free run.
 import t from 'tap';
@@ -12,7 +12,7 @@ const base = await run({ model, adapters: cfg });
 t.notOk(base.error, `fault-free run: ${base.error?.message ?? 'ok'} in ${Math.round(base.ms)} ms`);
 
 for (const stage of [0, 1]) {
-  for (const after of [2, 6, 11, 17, 24, 33, 45]) {
+  for (const after of [2, 11, 24, 45]) {
     const spec = `crash:stage=${stage},after=${after}`;
     const r = await run({ model, adapters: cfg, faults: [spec] });
     t.notOk(r.error, `${spec}: ${r.error?.message ?? 'completed'} in ${Math.round(r.ms)} ms`);
@@ -25,7 +25,7 @@ for (const stage of [0, 1]) {
 
 // around checkpoints: save after every step, crash at several points; every checkpoint written is complete
 const ckptCfg = adapters(dir, ['a', 'b', 'c'], 4, { save_every: 1 });
-for (const after of [13, 21, 30]) {
+for (const after of [13, 30]) {
   const out = tmpDir('crash-ckpt');
   const spec = `crash:stage=1,after=${after}`;
   const r = await run({ model, adapters: ckptCfg, faults: [spec], output: out });

@@ -10,7 +10,7 @@ const base = await run({ model, adapters: cfg });
 t.notOk(base.error, `fault-free run: ${base.error?.message ?? 'ok'}`);
 
 const cases: Array<[string, string | undefined]> = [
-  ['hang:stage=1,after=4', 'hang'], ['hang:stage=0,after=14', 'hang'], ['hang:stage=1,after=30', 'hang'],
+  ['hang:stage=1,after=4', 'hang'], ['hang:stage=0,after=14', 'hang'],
   ['corrupt:stage=0,after=8', 'corrupt'], ['corrupt:stage=1,after=15', 'corrupt'], ['corrupt:stage=0,after=31', 'corrupt'],
   ['oom:stage=0,after=10', 'oom'], ['oom:stage=1,after=19', 'oom'], ['oom:stage=1,after=40', 'oom'],
   ['slow:stage=1,factor=3', undefined],
