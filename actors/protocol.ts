@@ -106,6 +106,8 @@ export interface InitMsg {
   slotBytes: number;
   /** Fault injection for this stage (see lib/faults.ts). */
   faults: FaultSpec[];
+  /** Int32 per fault, set to 1 by the stage just before that fault takes effect (a restarted stage gets only the ones not fired). */
+  faultFlags?: SharedArrayBuffer;
   heartbeatMs: number;
 }
 

@@ -43,13 +43,25 @@ export interface ActorPipelineOptions {
   onFault?: (ev: FaultEvent) => void;
 }
 
+/** The run cannot go on: one stage failed more often than allowed. */
+export class StageFailure extends Error {
+  override name = 'StageFailure';
+  constructor(readonly stage: number, message: string) {
+    super(message);
+  }
+}
+
 export interface FaultEvent {
   stage: number;
   fault: 'crash' | 'hang' | 'error' | 'corrupt' | 'oom';
   detail: string;
   detectedMs: number;
+  /** Time from the stage's last sign of life (message or heartbeat) to detection. */
+  silentMs?: number;
   recoveredMs?: number;
   replayed?: number;
+  /** The failure limit was passed: no recovery, the run stops. */
+  fatal?: boolean;
 }
 
 interface InFlight {
@@ -64,6 +76,14 @@ interface InFlight {
   done: boolean;
   /** replays don't report losses again */
   replay: boolean;
+}
+
+interface RecoveryFault {
+  stage: number;
+  fault: FaultEvent['fault'];
+  detail: string;
+  detected: number;
+  silentMs: number;
 }
 
 interface Pending {
@@ -81,6 +101,9 @@ class StageHandle {
   ready!: Promise<void>;
   alive = false;
   failures = 0;
+  /** The injected faults this stage's actor runs with, and which of them have fired (set by the stage). */
+  faults: FaultSpec[] = [];
+  faultFlags = new Int32Array(new SharedArrayBuffer(4));
   constructor(readonly index: number) {}
 }
 
@@ -132,7 +155,7 @@ export class ActorPipeline implements Pipeline {
   static async start(opts: ActorPipelineOptions): Promise<ActorPipeline> {
     const p = new ActorPipeline(opts);
     try {
-      await Promise.all(p.stages.map((s) => p.spawn(s, p.faults)));
+      await Promise.all(p.stages.map((s) => p.spawn(s, p.faults.filter((f) => f.stage === undefined || f.stage === s.index))));
     } catch (e) {
       await p.close();
       throw e;
@@ -142,10 +165,12 @@ export class ActorPipeline implements Pipeline {
 
   private spawn(h: StageHandle, faults: FaultSpec[]): Promise<void> {
     const o = this.opts;
+    h.faults = faults;
+    h.faultFlags = new Int32Array(new SharedArrayBuffer(4 * Math.max(1, faults.length)));
     const init: InitMsg = {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
-      slotBytes: this.slab.slotBytes, faults, heartbeatMs: o.heartbeatMs ?? 200,
+      slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
     };
     const w = new Worker(STAGE_URL, { workerData: init });
     h.worker = w;
@@ -333,15 +358,30 @@ export class ActorPipeline implements Pipeline {
   }
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
-    await this.all({ type: 'addAdapter', adapter: id, spec, state });
+    if (this.fatal) throw this.fatal;
+    if (this.recovering) await this.recovering.catch(() => {});
+    // known before the stages have it: a recovery during the call puts it on every stage
     this.specs.set(id, spec);
     this.versions.set(id, state.version);
     this.snapshots.set(id, { params: state.params.slice(), m: state.m.slice(), v: state.v.slice(), version: state.version });
     this.stepLog.set(id, []);
+    const epoch = this.epoch;
+    try {
+      await this.all({ type: 'addAdapter', adapter: id, spec, state });
+    } catch (e) {
+      if (this.epoch !== epoch && !this.fatal) return void (await this.recovering); // the recovery added it
+      this.forget(id);
+      await this.all({ type: 'removeAdapter', adapter: id }).catch(() => {});
+      throw e;
+    }
   }
 
   async removeAdapter(id: number): Promise<void> {
-    await this.all({ type: 'removeAdapter', adapter: id });
+    this.forget(id);
+    await this.retrying(() => this.all({ type: 'removeAdapter', adapter: id }));
+  }
+
+  private forget(id: number): void {
     this.specs.delete(id);
     this.snapshots.delete(id);
     this.stepLog.delete(id);
@@ -349,7 +389,14 @@ export class ActorPipeline implements Pipeline {
   }
 
   async exportAdapter(id: number): Promise<AdapterState> {
-    const parts = await this.retrying(() => this.all<{ params: Float32Array; m: Float32Array; v: Float32Array; version: number }>({ type: 'exportAdapter', adapter: id }));
+    // after a fatal stage failure, the adapter's last consistent state is its snapshot (the last optimizer step)
+    const snap = this.snapshots.get(id);
+    if (this.fatal && snap) return snap;
+    return this.retrying(() => this.exportParts(id));
+  }
+
+  private async exportParts(id: number): Promise<AdapterState> {
+    const parts = await this.all<{ params: Float32Array; m: Float32Array; v: Float32Array; version: number }>({ type: 'exportAdapter', adapter: id });
     const cat = (k: 'params' | 'm' | 'v') => {
       const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
       let o = 0;
@@ -363,30 +410,36 @@ export class ActorPipeline implements Pipeline {
     return this.retrying(async () => (await this.all<number>({ type: 'gradSumsq', adapter: id })).reduce((a, b) => a + b, 0));
   }
 
-  /** Runs a control call again after a recovery that interrupted it. */
+  /** Runs a control call again after a recovery that interrupted it (the calls are idempotent). */
   private async retrying<T>(fn: () => Promise<T>): Promise<T> {
     for (;;) {
       if (this.fatal) throw this.fatal;
-      if (this.recovering) await this.recovering;
+      if (this.recovering) await this.recovering.catch(() => {});
+      if (this.fatal) throw this.fatal;
+      const epoch = this.epoch;
       try {
         return await fn();
       } catch (e) {
-        if (!this.recovering) throw e;
+        if (!this.recovering && this.epoch === epoch) throw e;
       }
     }
   }
 
   async step(id: number, p: StepParams): Promise<void> {
-    // a stage that dies during the step: recovery restores the snapshot, and the step runs again
-    await this.retrying(() => this.all({ type: 'step', adapter: id, params: p } as never));
+    // a stage that dies during the step or the snapshot after it: recovery restores the last
+    // snapshot and replays the step's micro-batches, and the step runs again (one unit with its snapshot)
+    const snap = await this.retrying(async () => {
+      await this.all({ type: 'step', adapter: id, params: p } as never);
+      return this.exportParts(id);
+    });
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
-    this.snapshots.set(id, await this.exportAdapter(id));
+    this.snapshots.set(id, snap);
     this.stepLog.set(id, []);
     this.trimIssueOrder();
   }
 
   async zeroGrads(id: number): Promise<void> {
-    await this.all({ type: 'zeroGrads', adapter: id });
+    await this.retrying(() => this.all({ type: 'zeroGrads', adapter: id }));
   }
 
   async poison(id: number): Promise<void> {
@@ -394,7 +447,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   async memory() {
-    const r = await this.all<{ device: string; budget: number; used: number }>({ type: 'memory' });
+    const r = await this.retrying(() => this.all<{ device: string; budget: number; used: number }>({ type: 'memory' }));
     return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used }));
   }
 
@@ -441,7 +494,7 @@ export class ActorPipeline implements Pipeline {
   // ---- faults
 
   private checkHeartbeats(): void {
-    if (this.closed || this.recovering) return;
+    if (this.closed || this.fatal) return;
     const now = performance.now();
     const base = this.opts.hangTimeoutMs ?? 10_000;
     for (const s of this.stages) {
@@ -455,8 +508,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   private onStageDeath(h: StageHandle, kind: 'crash' | 'hang', detail: string): void {
-    if (this.closed || !h.alive) return;
-    h.alive = false;
+    if (this.closed || !h.alive || this.fatal) return;
     void this.recover(h.index, kind, detail, true);
   }
 
@@ -467,69 +519,137 @@ export class ActorPipeline implements Pipeline {
     for (let i = this.issueOrder.length - 1; i >= 0; i--) if (!live.has(this.issueOrder[i]!)) this.issueOrder.splice(i, 1);
   }
 
+  /** Faults that arrived during a recovery: the attempt is dropped and recovery starts over with them. */
+  private again: Array<{ stage: number; fault: FaultEvent['fault']; detail: string; detected: number; silentMs: number }> = [];
+  private attempt = 0;
+  private abortAttempt: ((e: Error) => void) | undefined;
+
   private recover(stage: number, fault: FaultEvent['fault'], detail: string, restart: boolean): Promise<void> {
-    if (this.recovering) return this.recovering;
     const detected = performance.now();
-    this.recovering = (async () => {
-      const h = this.stages[stage]!;
-      h.failures++;
-      const limit = this.opts.maxStageFailures ?? 3;
-      if (h.failures > limit) {
-        this.fatal = new Error(`stage ${stage} (${this.devices[stage]}) failed ${h.failures} times; last: ${fault}: ${detail}`);
-        for (const f of this.flights.values()) f.reject(this.fatal);
-        this.flights.clear();
-        throw this.fatal;
-      }
-      // fail pending control requests to the dead stage; in-flight micro-batches are replayed
-      for (const [id, p] of this.pending) {
-        if (p.stage === stage || restart) {
-          clearTimeout(p.timer);
-          this.pending.delete(id);
-          p.reject(new Error(`stage ${stage} failed during '${p.what}'`));
-        }
-      }
-      const waiting = [...this.flights.values()];
-      for (const f of waiting) this.release(f);
-      this.epoch++;
-      if (restart) {
-        await h.worker.terminate().catch(() => {});
-        // the injected fault that killed it has fired; the new actor runs without it
-        await this.spawn(h, this.faults.filter((f) => f.stage !== stage || f.kind === 'slow'));
-      }
-      // every other stage forgets the dropped attempt (and finishes what it is running first)
-      await Promise.all(
-        this.stages.filter((s) => !(restart && s.index === stage)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })),
-      );
-      for (const [id, spec] of this.specs) {
-        const snap = this.snapshots.get(id)!;
-        if (restart) await this.request(stage, { type: 'addAdapter', adapter: id, spec, state: snap });
-        await Promise.all(
-          this.stages.map(async (s) => {
-            if (restart && s.index === stage) return;
-            await this.request(s.index, { type: 'removeAdapter', adapter: id });
-            await this.request(s.index, { type: 'addAdapter', adapter: id, spec, state: snap });
-          }),
-        );
-        this.versions.set(id, snap.version);
-      }
-      // replay, in the original order, every micro-batch of every adapter's unfinished step
-      let replayed = 0;
-      const waiters = new Map(waiting.map((f) => [f.data, f]));
-      for (const data of this.issueOrder) {
-        const segments = data.segments.filter((s) => this.stepLog.get(s.adapter)?.includes(data));
-        const w = waiters.get(data);
-        if (!segments.length && !w) continue;
-        const replay: MicroBatchData = { ...data, segments: segments.length ? segments : data.segments };
-        const losses = await new Promise<Float32Array>((resolve, reject) => this.launch(replay, true, !w, resolve, reject));
-        replayed++;
-        if (w) w.resolve(losses);
-      }
-      this.opts.onFault?.({ stage, fault, detail, detectedMs: detected, recoveredMs: performance.now() - detected, replayed });
-    })().finally(() => {
+    const silentMs = detected - this.stages[stage]!.lastBeat;
+    if (restart) this.stages[stage]!.alive = false;
+    if (this.recovering) {
+      this.again.push({ stage, fault, detail, detected, silentMs });
+      this.abortAttempt?.(new Error(`stage ${stage}: ${fault} during recovery`));
+      return this.recovering;
+    }
+    this.recovering = this.recoverLoop({ stage, fault, detail, detected, silentMs }).finally(() => {
       this.recovering = undefined;
+      this.abortAttempt = undefined;
     });
     this.recovering.catch(() => {});
     return this.recovering;
+  }
+
+  private async recoverLoop(first: RecoveryFault): Promise<void> {
+    // micro-batches whose callers wait: resolved by their replay
+    const waiting = [...this.flights.values()];
+    for (const f of waiting) this.release(f);
+    const waiters = new Map(waiting.map((f) => [f.data, f]));
+    const handled: RecoveryFault[] = [];
+    let queue = [first];
+    let replayed = 0;
+    for (;;) {
+      for (const q of queue) {
+        const h = this.stages[q.stage]!;
+        h.failures++;
+        handled.push(q);
+        const limit = this.opts.maxStageFailures ?? 3;
+        if (h.failures > limit && !this.fatal) {
+          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) failed ${h.failures} times (limit ${limit}); last: ${q.fault}: ${q.detail}`);
+          this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, fatal: true });
+        }
+      }
+      // pending control requests fail (their callers retry after the recovery); replays of a dropped attempt end
+      const restart = this.stages.some((s) => !s.alive);
+      for (const [id, p] of this.pending) {
+        if (restart || this.fatal || queue.some((q) => q.stage === p.stage)) {
+          clearTimeout(p.timer);
+          this.pending.delete(id);
+          p.reject(this.fatal ?? new Error(`stage ${p.stage} failed during '${p.what}'`));
+        }
+      }
+      for (const f of [...this.flights.values()]) this.release(f);
+      if (this.fatal) {
+        for (const w of waiters.values()) w.reject(this.fatal);
+        throw this.fatal;
+      }
+      this.epoch++;
+      const gen = ++this.attempt;
+      const aborted = new Promise<never>((_, reject) => (this.abortAttempt = reject));
+      aborted.catch(() => {});
+      try {
+        replayed += await Promise.race([this.recoveryAttempt(gen, waiters), aborted]);
+        if (!this.again.length) break;
+      } catch (e) {
+        if (!this.again.length) {
+          // the recovery itself failed without a new fault (a stage that cannot start): count it against that stage
+          const s = this.stages.find((x) => !x.alive)?.index ?? first.stage;
+          this.stages[s]!.alive = false;
+          this.again.push({ stage: s, fault: 'error', detail: `recovery failed: ${(e as Error).message}`, detected: performance.now(), silentMs: 0 });
+        }
+      }
+      ++this.attempt; // a dropped attempt stops at its next step
+      queue = this.again.splice(0);
+    }
+    const now = performance.now();
+    for (const q of handled) {
+      this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, recoveredMs: now - q.detected, replayed });
+    }
+  }
+
+  /** One try at restoring every stage and replaying; returns the micro-batches replayed. */
+  private async recoveryAttempt(gen: number, waiters: Map<MicroBatchData, InFlight>): Promise<number> {
+    const live = () => {
+      if (gen !== this.attempt) throw new Error('recovery attempt superseded');
+    };
+    const dead = new Set(this.stages.filter((s) => !s.alive).map((s) => s.index));
+    for (const i of dead) {
+      const h = this.stages[i]!;
+      await h.worker.terminate().catch(() => {});
+      live();
+      // the injected faults that fired (the one that killed it among them) are gone; the new actor runs with the rest
+      await this.spawn(h, h.faults.filter((_, k) => Atomics.load(h.faultFlags, k) === 0));
+      live();
+    }
+    // every other stage forgets the dropped attempt (and finishes what it is running first)
+    await Promise.all(this.stages.filter((s) => !dead.has(s.index)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })));
+    live();
+    for (const [id, spec] of this.specs) {
+      const snap = this.snapshots.get(id)!;
+      await Promise.all(
+        this.stages.map(async (s) => {
+          if (!dead.has(s.index)) await this.request(s.index, { type: 'removeAdapter', adapter: id });
+          await this.request(s.index, { type: 'addAdapter', adapter: id, spec, state: snap });
+        }),
+      );
+      live();
+      this.versions.set(id, snap.version);
+    }
+    // replay, in the original order, every micro-batch of every adapter's unfinished step
+    let replayed = 0;
+    const results = new Map<MicroBatchData, Float32Array>();
+    for (const data of this.issueOrder) {
+      const segments = data.segments.filter((s) => this.stepLog.get(s.adapter)?.includes(data));
+      const w = waiters.get(data);
+      if (!segments.length && !w) continue;
+      const replay: MicroBatchData = { ...data, segments: segments.length ? segments : data.segments };
+      const losses = await new Promise<Float32Array>((resolve, reject) => this.launch(replay, true, !w, resolve, reject));
+      live();
+      replayed++;
+      if (w) results.set(data, losses);
+    }
+    // evaluations in flight run again (forward only; no state)
+    for (const [data, w] of waiters) {
+      if (w.train || results.has(data)) continue;
+      results.set(data, await new Promise<Float32Array>((resolve, reject) => this.launch(data, false, false, resolve, reject)));
+      live();
+    }
+    for (const [data, losses] of results) {
+      waiters.get(data)!.resolve(losses);
+      waiters.delete(data);
+    }
+    return replayed;
   }
 }
 

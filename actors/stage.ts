@@ -80,23 +80,39 @@ function record(kind: 'F' | 'B' | 'S' | 'E', mb: number, adapters: number[], sta
   send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - t0, end: performance.now() - t0 } });
 }
 
-/** Applies the fault specs that trigger on this message count. Returns a slowdown factor. */
-async function injectFaults(): Promise<number> {
+/** Which faults have fired (each fires once); shared with the supervisor, which restarts a stage without them. */
+const firedFlags = new Int32Array(init.faultFlags ?? new SharedArrayBuffer(4 * Math.max(1, faults.length)));
+const fired = {
+  has: (f: FaultSpec) => Atomics.load(firedFlags, faults.indexOf(f)) === 1,
+  add: (f: FaultSpec) => Atomics.store(firedFlags, faults.indexOf(f), 1),
+};
+
+/**
+ * Applies the fault specs due at this message: a fault fires once, at the first message at or
+ * after its `after` count where it can (crash and hang: any message; oom: a micro-batch
+ * message, the one that is given back). Returns the slowdown factor.
+ */
+function injectFaults(microBatch: boolean): number {
   let factor = 1;
   for (const f of faults) {
     if (f.stage !== undefined && f.stage !== init.stage) continue;
     if (f.kind === 'slow') factor = f.factor ?? 2;
-    if (f.after === undefined || handled + 1 !== f.after) continue;
-    if (f.kind === 'crash') process.exit(70); // ends this worker thread only
-    if (f.kind === 'hang') for (;;) { /* a hung kernel: no heartbeats, no replies */ }
-    if (f.kind === 'oom') throw new Error(`device ${program.device.name}: out of memory (injected fault)`);
+    if (f.after === undefined || handled + 1 < f.after || fired.has(f)) continue;
+    if (f.kind === 'crash') (fired.add(f), process.exit(70)); // ends this worker thread only
+    if (f.kind === 'hang') for (fired.add(f); ;) { /* a hung kernel: no heartbeats, no replies */ }
+    if (f.kind === 'oom' && microBatch) {
+      fired.add(f);
+      throw new Error(`device ${program.device.name}: out of memory (injected fault)`);
+    }
   }
   return factor;
 }
 
+/** Flips bytes in an outgoing slot after it was sealed (a corrupt:stage=S,after=N fault that is due). */
 function corruptAfter(slot: number): void {
   for (const f of faults) {
-    if (f.kind !== 'corrupt' || (f.stage !== undefined && f.stage !== init.stage) || f.after !== handled + 1) continue;
+    if (f.kind !== 'corrupt' || (f.stage !== undefined && f.stage !== init.stage) || handled + 1 < f.after! || fired.has(f)) continue;
+    fired.add(f);
     const bytes = new Uint8Array(slab.sab, slab.dataOffset(slot), 64);
     for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
   }
@@ -129,7 +145,7 @@ async function handle(m: ToStage): Promise<void> {
     if (m.type === 'backward') return await backward(m);
     if (m.type === 'step') {
       const t = performance.now();
-      await injectFaults();
+      injectFaults(false);
       await program.step(m.adapter, m.params);
       record('S', -1, [m.adapter], t);
       return send({ type: 'reply', id: m.id });
@@ -157,7 +173,7 @@ function dropLive(mb: number) {
 
 async function forward(m: ForwardMsg): Promise<void> {
   const start = performance.now();
-  const factor = await injectFaults();
+  const factor = injectFaults(true);
   const views: Tensor[] = [];
   slab.verify(m.metaSlot, m.mb, SlotKind.META);
   if (!program.plan.first) slab.verify(m.inSlot, m.mb, SlotKind.HIDDEN);
@@ -199,7 +215,7 @@ async function forward(m: ForwardMsg): Promise<void> {
 
 async function backward(m: BackwardMsg): Promise<void> {
   const start = performance.now();
-  const factor = await injectFaults();
+  const factor = injectFaults(true);
   const l = live.get(m.mb);
   if (!l) throw new Error(`backward of micro-batch ${m.mb}: no forward state on stage ${init.stage}`);
   slab.verify(m.gradSlot, m.mb, SlotKind.GRAD);
@@ -221,6 +237,7 @@ async function slowDown(start: number, factor: number) {
 }
 
 async function control(m: ControlMsg): Promise<void> {
+  if (m.type !== 'shutdown') injectFaults(false);
   let value: unknown;
   switch (m.type) {
     case 'ping':

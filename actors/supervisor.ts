@@ -14,7 +14,7 @@ import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../li
 import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
-import { ActorPipeline, type FaultEvent } from './runtime.js';
+import { ActorPipeline, StageFailure, type FaultEvent } from './runtime.js';
 import { outputHooks, prepareJob } from './jobs.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { lrAt } from '../lib/lora/schedule.js';
@@ -52,6 +52,8 @@ export interface PreparedJob {
   initial: AdapterState;
   /** Resume point: optimizer steps already taken. */
   startStep?: number;
+  /** Resume point: the job's micro-batch counter (dropout masks depend on it). */
+  startSerial?: number;
 }
 
 export interface SupervisorHooks {
@@ -190,12 +192,21 @@ export class Job {
 
   private stateBeforePeek: unknown;
   private stepStartState: unknown;
+  private stepStartSerial = 0;
+
+  /** The micro-batch counter where the current step starts (for checkpoints, with sourceState()). */
+  serialState(): number {
+    return this.admittedInStep > 0 ? this.stepStartSerial : this.serial;
+  }
 
   /** @internal */
   peek(): SourceMicroBatch | null {
     if (this.peeked === undefined) {
       this.stateBeforePeek = this.source.state();
-      if (this.admittedInStep === 0) this.stepStartState = this.stateBeforePeek;
+      if (this.admittedInStep === 0) {
+        this.stepStartState = this.stateBeforePeek;
+        this.stepStartSerial = this.serial;
+      }
       this.peeked = this.source.next();
     }
     return this.peeked;
@@ -303,6 +314,7 @@ export class Supervisor {
       if (!open.length || this.fatal) break;
       await Promise.race(open.map((j) => j.done));
     }
+    if (this.aborting) await this.aborting;
     if (this.fatal) throw this.fatal;
   }
 
@@ -317,6 +329,7 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
+      job.serial = p.startSerial ?? 0;
       const need = this.pipeline.adapterBytes(p.spec);
       await this.refreshHeadroom();
       const short = need.findIndex((b, s) => b > this.headroom[s]!);
@@ -334,7 +347,7 @@ export class Supervisor {
       }
       if (job.state === 'loading') job.setState('running');
     } catch (e) {
-      this.failJob(job, (e as Error).message);
+      if (!this.pipelineFailed(e)) this.failJob(job, (e as Error).message);
     }
     this.wake();
   }
@@ -344,6 +357,33 @@ export class Supervisor {
     let reserved = 0;
     void reserved;
     this.headroom = mem.map((m) => m.budget - m.used);
+  }
+
+  private aborting: Promise<void> | undefined;
+
+  /** True when `e` means the pipeline failed for good; then every unfinished adapter is saved and stopped (once). */
+  private pipelineFailed(e: unknown): boolean {
+    if (!(e instanceof StageFailure)) return false;
+    this.aborting ??= this.abort(e);
+    return true;
+  }
+
+  /** Saves each unfinished adapter's last consistent state (its last optimizer step) as a checkpoint, then fails it. */
+  private async abort(e: StageFailure): Promise<void> {
+    this.fatal = e;
+    this.stopping = true;
+    this.wake();
+    const open = [...this.jobs.values()].filter((j) => !j.terminal() && j.state !== 'queued' && j.state !== 'loading');
+    for (const job of open) {
+      if (!this.hooks.checkpoint) continue;
+      try {
+        const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
+        job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
+      } catch (err) {
+        job.emit({ type: 'error', adapter: job.name, message: `could not save a checkpoint: ${(err as Error).message}`, time: Date.now() });
+      }
+    }
+    for (const j of this.jobs.values()) this.failJob(j, `run stopped: ${e.message}${this.hooks.checkpoint ? ' (last state saved)' : ''}`);
   }
 
   private failJob(job: Job, message: string) {
@@ -462,6 +502,7 @@ export class Supervisor {
       .then(
         (losses) => this.completed(parts, data, losses),
         (e: Error) => {
+          if (this.pipelineFailed(e)) return;
           for (const p of parts) this.failJob(p.job, `micro-batch ${data.id} failed: ${e.message}`);
         },
       )
@@ -525,12 +566,19 @@ export class Supervisor {
       if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
       const last = job.step >= job.totalSteps || job.peek() === null;
       if (this.hooks.checkpoint && c.save_every && job.step % c.save_every === 0 && !last) {
-        const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
+        const state = await this.pipeline.exportAdapter(job.id);
+        let path: string;
+        try {
+          path = await this.hooks.checkpoint(job, state);
+        } catch (e) {
+          // a full disk or an unwritable output: the previous checkpoint stays valid (manifest written last)
+          throw new Error(`could not write the checkpoint at step ${job.step}: ${(e as Error).message}; training of '${job.name}' stopped, its newest complete checkpoint is kept (free space or fix the output, then --resume)`);
+        }
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
       }
       if (last) await this.finish(job);
     } catch (e) {
-      this.failJob(job, (e as Error).message);
+      if (!this.pipelineFailed(e)) this.failJob(job, (e as Error).message);
     } finally {
       job.stepping = false;
     }
@@ -658,6 +706,8 @@ export interface StartOptions {
   onFault?: (ev: FaultEvent) => void;
   heartbeatMs?: number;
   hangTimeoutMs?: number;
+  /** Failures of one stage tolerated before the run stops (default 3). */
+  maxStageFailures?: number;
   /** Tokenizer pool threads for large datasets. */
   dataThreads?: number;
 }
@@ -718,6 +768,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
       maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'),
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
+      ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
     });
   }

@@ -216,8 +216,12 @@ export async function main(argv: string[]): Promise<number> {
         }
       },
       onFault: (f) => {
-        progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`);
-        writeMetric({ type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, recovery_ms: f.recoveredMs, replayed: f.replayed, time: new Date().toISOString() });
+        if (f.fatal) progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); too many failures of this stage, the run stops`);
+        else progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`);
+        writeMetric({
+          type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, detection_ms: f.silentMs, recovery_ms: f.recoveredMs, replayed: f.replayed,
+          ...(f.fatal ? { fatal: true } : {}), time: new Date().toISOString(),
+        });
       },
     });
   } catch (e) {
