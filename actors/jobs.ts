@@ -48,7 +48,6 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   });
   let initial: AdapterState;
   let startStep = 0;
-  let startSerial = 0;
   const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
   if (ckpt) {
     const { state, meta } = loadCheckpoint(ckpt.dir, env.model, spec);
@@ -58,7 +57,6 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     loader.restore(meta.loader as LoaderState);
     initial = state;
     startStep = meta.step;
-    startSerial = meta.serial ?? 0;
   } else if (c.lora.init) {
     const ad = loadAdapter(c.lora.init);
     checkAdapterAgainstModel(ad, env.model, env.modelDir);
@@ -69,7 +67,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   } else {
     initial = freshState(env.model, spec);
   }
-  const job: PreparedJob = { spec, source: loader, initial, startStep, startSerial };
+  const job: PreparedJob = { spec, source: loader, initial, startStep };
   if (c.eval) {
     const ev = await loadTrainingData(c.eval.data, {
       modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,
@@ -88,7 +86,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpo
       saveCheckpoint({
         adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
         meta: {
-          step: job.step, configHash: hashConfig(resumeKey(job.config)), loader: job.sourceState(), serial: job.serialState(),
+          step: job.step, configHash: hashConfig(resumeKey(job.config)), loader: job.sourceState(),
           time: new Date().toISOString(), tokens: job.tokens, loss: job.lastLoss,
         },
       }),

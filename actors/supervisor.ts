@@ -52,8 +52,6 @@ export interface PreparedJob {
   initial: AdapterState;
   /** Resume point: optimizer steps already taken. */
   startStep?: number;
-  /** Resume point: the job's micro-batch counter (dropout masks depend on it). */
-  startSerial?: number;
 }
 
 export interface SupervisorHooks {
@@ -192,21 +190,12 @@ export class Job {
 
   private stateBeforePeek: unknown;
   private stepStartState: unknown;
-  private stepStartSerial = 0;
-
-  /** The micro-batch counter where the current step starts (for checkpoints, with sourceState()). */
-  serialState(): number {
-    return this.admittedInStep > 0 ? this.stepStartSerial : this.serial;
-  }
 
   /** @internal */
   peek(): SourceMicroBatch | null {
     if (this.peeked === undefined) {
       this.stateBeforePeek = this.source.state();
-      if (this.admittedInStep === 0) {
-        this.stepStartState = this.stateBeforePeek;
-        this.stepStartSerial = this.serial;
-      }
+      if (this.admittedInStep === 0) this.stepStartState = this.stateBeforePeek;
       this.peeked = this.source.next();
     }
     return this.peeked;
@@ -329,7 +318,6 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
-      job.serial = p.startSerial ?? 0;
       const need = this.pipeline.adapterBytes(p.spec);
       await this.refreshHeadroom();
       const short = need.findIndex((b, s) => b > this.headroom[s]!);

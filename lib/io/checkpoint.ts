@@ -26,8 +26,6 @@ export interface CheckpointMeta {
   configHash: string;
   /** Data loader position (lib/data/loader.ts LoaderState). */
   loader: unknown;
-  /** The adapter's micro-batch counter at that step (dropout masks depend on it); absent in older checkpoints. */
-  serial?: number;
   time: string;
   tokens: number;
   loss: number;
