@@ -47,14 +47,14 @@ function cacheDir(): string {
 /** The embedded demo: four adapters, each a different task, with different LoRA settings. */
 export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
   const data = (n: string) => path.join(root, 'data/demo', `${n}.jsonl`);
-  const common = { seq_len: 256, epochs: 1, max_steps: fast ? 3 : 40, batch_size: 8, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
+  const common = { seq_len: 256, epochs: 1, max_steps: fast ? 8 : 40, batch_size: 8, save_every: fast ? 4 : 20, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
   return {
     model: modelDir,
     output,
     adapters: [
       { name: 'capitals', data: data('capitals'), lora: { r: 8, alpha: 16, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] }, optimizer: { lr: 2e-3 }, ...common, seed: 1 },
       { name: 'arithmetic', data: data('arithmetic'), lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3 }, ...common, micro_batch_size: 4, seed: 2 },
-      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3, weight_decay: 0.01 }, ...common, seed: 3 },
+      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3, weight_decay: 0.01 }, ...common, seed: 3 },
       { name: 'sentiment', data: data('sentiment'), lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj'] }, optimizer: { lr: 3e-3 }, max_grad_norm: 1, ...common, seed: 4 },
     ],
     pipeline: {},
