@@ -94,6 +94,35 @@ export function readConfigFile(file: string): unknown {
   return c;
 }
 
+/**
+ * The paths a config names exist (model dir with config.json, each dataset, init adapter,
+ * template file): checked before anything loads, each error naming the field.
+ */
+export function checkPaths(cfg: TrainConfig, where: string): void {
+  const problems: string[] = [];
+  const st = (p: string) => fs.statSync(p, { throwIfNoEntry: false });
+  const m = st(cfg.model);
+  if (!m) problems.push(`model: ${cfg.model}: no such directory`);
+  else if (!m.isDirectory()) problems.push(`model: ${cfg.model} is not a directory (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`);
+  else if (!st(path.join(cfg.model, 'config.json'))) problems.push(`model: ${cfg.model} has no config.json (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`);
+  cfg.adapters.forEach((a, i) => {
+    const file = (field: string, p: string) => {
+      const s = st(p);
+      if (!s) problems.push(`adapters[${i}].${field}: ${p}: no such file`);
+      else if (!s.isFile()) problems.push(`adapters[${i}].${field}: ${p} is not a file`);
+    };
+    file('data', a.data);
+    if (a.eval) file('eval.data', a.eval.data);
+    if (a.template && /[/\\]/.test(a.template)) file('template', a.template);
+    if (a.lora.init) {
+      const s = st(a.lora.init);
+      if (!s || !s.isDirectory()) problems.push(`adapters[${i}].lora.init: ${a.lora.init}: no such adapter directory`);
+      else if (!st(path.join(a.lora.init, 'adapter_config.json'))) problems.push(`adapters[${i}].lora.init: ${a.lora.init} has no adapter_config.json (expected a PEFT adapter directory)`);
+    }
+  });
+  if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
+}
+
 function plan(cfg: TrainConfig, out: (s: string) => void): void {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
@@ -185,7 +214,9 @@ export async function main(argv: string[]): Promise<number> {
   if (args.values.threads) pipe.threads = Number(args.values.threads);
   if (args.values.memory) pipe.memory = args.values.memory;
   raw.pipeline = pipe;
-  const cfg = parseTrainConfig(raw, args.positionals[0] ?? 'demo config');
+  const where = args.positionals[0] ?? 'demo config';
+  const cfg = parseTrainConfig(raw, where);
+  checkPaths(cfg, where);
   const faults = (args.values.fault ?? []).map(parseFault);
   if (args.values['dry-run']) {
     plan(cfg, (s) => console.log(s));
