@@ -120,7 +120,6 @@ export class Job {
   stepLoss = 0;
   stepTargets = 0;
   tokens = 0;
-  serial = 0;
   lastLoss = NaN;
   lastEval?: { loss: number; perplexity: number };
   error?: string;
@@ -440,7 +439,7 @@ export class Supervisor {
   }
 
   private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[]): void {
-    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: p.job.serial++, mb: p.mb })), numTokens);
+    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: dropoutSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
       const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
       if (f) {
@@ -568,6 +567,15 @@ export class Supervisor {
     }
     return out;
   }
+}
+
+/**
+ * The micro-batch's number for its dropout masks: a function of its data position (step,
+ * index in the step), not of how many micro-batches this process has sent, so a resumed run
+ * draws the same masks as an uninterrupted one.
+ */
+export function dropoutSerial(mb: Pick<SourceMicroBatch, 'step' | 'microIndex'>): number {
+  return mb.step * 2 ** 20 + mb.microIndex;
 }
 
 /**
