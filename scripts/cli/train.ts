@@ -262,8 +262,13 @@ export async function main(argv: string[]): Promise<number> {
   let interrupted = false;
   const onSignal = (sig: string) => {
     if (interrupted) {
-      progress.log(`${sig} again: exiting now (everything written so far is complete)`);
-      process.exit(130);
+      progress.log(`${sig} again: exiting now (checkpoints already complete stay valid; a half-written one is ignored on --resume)`);
+      // Die of the signal itself (a shell sees 128+N: 130 for SIGINT). process.exit() would run
+      // the teardown, terminating the stage workers under their running native work, which
+      // aborts the process; with the default action restored nothing more runs.
+      process.removeAllListeners(sig);
+      process.kill(process.pid, sig);
+      return;
     }
     interrupted = true;
     progress.log(`${sig}: stopping; finishing in-flight micro-batches and checkpointing every adapter (${sig} again to exit at once)`);
