@@ -3,7 +3,7 @@
 // against: the same StageProgram code, without workers or shared memory.
 import type { Tensor, Device } from '../lib/tensor.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
-import { StageAdapter } from '../lib/lora/adapter.js';
+import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
 import type { AdapterState, MicroBatchData, Pipeline, ScheduleRecord, StepParams } from './protocol.js';
@@ -162,8 +162,25 @@ export class LocalPipeline implements Pipeline {
     });
   }
 
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
-    return this.stages.map((st) => st.activationBytes(numTokens, segments) + st.scratchBytes(numTokens));
+  /**
+   * Bytes a micro-batch holds on each stage's device while in flight, as its allocator counts
+   * them: the saved activations, the scratch (see StageProgram.scratchBytes), and the tensors
+   * train() makes for the message: positions, cuSeqlens (nseq + 1; without numSeqs, at most
+   * numTokens sequences), token ids (first stage), targets, weights and losses (last stage), and
+   * the [N, H] hidden states and gradients passed between stages.
+   */
+  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs = numTokens): number[] {
+    const N = numTokens;
+    const i32 = allocBytes(4 * N);
+    const hidden = allocBytes(4 * N * this.config.hiddenSize);
+    return this.stages.map((st) => {
+      let msg = i32 + allocBytes(4 * (numSeqs + 1)); // positions, cuSeqlens
+      if (st.plan.first) msg += i32; // token ids
+      else msg += 2 * hidden; // input hidden states, and the gradient handed back
+      if (!st.plan.last) msg += hidden; // output hidden states (until moved to the next stage)
+      if (st.plan.last) msg += 3 * i32; // targets, weights, losses
+      return st.activationBytes(N, segments) + st.scratchBytes(N) + msg;
+    });
   }
 
   adapterBytes(spec: LoraSpec): number[] {

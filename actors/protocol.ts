@@ -81,8 +81,8 @@ export interface Pipeline {
   poison(id: number): Promise<void>;
   /** Bytes per device: budget, used now. */
   memory(): Promise<Array<{ device: string; budget: number; used: number }>>;
-  /** Bytes a micro-batch of these segments would hold on each stage while in flight. */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[];
+  /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
+  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
   /** Bytes one adapter's slice takes on each stage. */
   adapterBytes(spec: LoraSpec): number[];
   schedule(): ScheduleRecord[];

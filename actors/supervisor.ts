@@ -400,6 +400,10 @@ export class Supervisor {
   private admit(): void {
     const S = this.pipeline.plans.length;
     while (this.inflight.size < this.options.inflight) {
+      // One device: an optimizer step runs on the same device as the next message anyway, so
+      // wait for it; the adapter that is stepping then joins that message instead of being
+      // left for a message of its own (which would split BatchLoRA into ever smaller batches).
+      if (this.options.batchlora && S === 1 && this.stepping.size > 0) return;
       const ready = this.runnable();
       if (!ready.length) return;
       let per = 1;
@@ -424,7 +428,8 @@ export class Supervisor {
       this.rr = chosen[chosen.length - 1]!.id + 1;
       const parts = chosen.map((j) => ({ job: j, mb: j.peek()! }));
       const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
-      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })));
+      const numSeqs = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
+      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })), numSeqs);
       const short = need.findIndex((b, s) => b > this.headroom[s]!);
       if (short >= 0) {
         if (this.inflight.size === 0) {
@@ -445,7 +450,7 @@ export class Supervisor {
   }
 
   private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[]): void {
-    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: dropoutSerial(p.mb), mb: p.mb })), numTokens);
+    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
       const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
       if (f) {
@@ -576,11 +581,12 @@ export class Supervisor {
 }
 
 /**
- * The micro-batch's number for its dropout masks: a function of its data position (step,
- * index in the step), not of how many micro-batches this process has sent, so a resumed run
- * draws the same masks as an uninterrupted one.
+ * The serial that seeds a micro-batch's dropout masks: a pure function of its place in the
+ * adapter's data (step, index in the step), not a counter of this process, so a run resumed
+ * from a checkpoint (or a replay) draws exactly the masks the uninterrupted run draws.
  */
-export function dropoutSerial(mb: Pick<SourceMicroBatch, 'step' | 'microIndex'>): number {
+export function microSerial(mb: Pick<SourceMicroBatch, 'step' | 'microIndex'>): number {
+  if (mb.microIndex >= 2 ** 20) throw new Error(`micro-batch index ${mb.microIndex} is too large (at most 2^20 micro-batches per step)`);
   return mb.step * 2 ** 20 + mb.microIndex;
 }
 

@@ -90,6 +90,8 @@ export type Op =
   | { op: 'sumsq'; out: Tensor; xs: Tensor[] }
   | { op: 'nonfinite'; out: Tensor; x: Tensor }
   | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number }
+  /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
+  | { op: 'fma_peak'; out: Tensor; iterations?: number }
   | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean }
   | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }

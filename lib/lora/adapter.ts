@@ -110,7 +110,12 @@ export class StageAdapter {
     }
     for (const mod of this.modules) {
       const { r } = spec;
-      const view = (t: Tensor, off: number, shape: number[]) => t.rows(off, off + shape[0]! * shape[1]!).reshape(shape);
+      const view = (t: Tensor, off: number, shape: number[]) => {
+        const r = t.rows(off, off + shape[0]! * shape[1]!);
+        const v = r.reshape(shape);
+        r.free(); // else it holds the flat buffer after free() until GC
+        return v;
+      };
       this.views.set(`${mod.layer}/${mod.target}`, {
         a: view(this.params, mod.aOffset, [r, mod.inDim]),
         b: view(this.params, mod.bOffset, [mod.outDim, r]),

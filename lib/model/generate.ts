@@ -51,6 +51,12 @@ export class KvCacheDecoder {
       owned.push(x);
       return x;
     };
+    // views hold their storage until freed, so they are freed with the rest
+    const rows = (x: Tensor, b: number, e: number) => {
+      const v = x.rows(b, e);
+      owned.push(v);
+      return v;
+    };
     const tokens = d.fromArray('i32', [n], Int32Array.from(ids));
     const pos = d.fromArray('i32', [n], Int32Array.from(ids.map((_, i) => this.length + i)));
     owned.push(tokens, pos);
@@ -79,8 +85,8 @@ export class KvCacheDecoder {
       proj(l, 'v_proj', v, xn, L.v);
       ops.push({ op: 'rope_forward', y: q, x: q, pos, cos, sin, heads: c.numHeads });
       ops.push({ op: 'rope_forward', y: k, x: k, pos, cos, sin, heads: c.numKvHeads });
-      ops.push({ op: 'copy', y: cache.k.rows(this.length, this.length + n), x: k });
-      ops.push({ op: 'copy', y: cache.v.rows(this.length, this.length + n), x: v });
+      ops.push({ op: 'copy', y: rows(cache.k, this.length, this.length + n), x: k });
+      ops.push({ op: 'copy', y: rows(cache.v, this.length, this.length + n), x: v });
       ops.push({ op: 'attention_decode', out: ao, q, kCache: cache.k, vCache: cache.v, length: this.length + n, heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim) });
       ops.push({ op: 'copy', y: hmid, x });
       proj(l, 'o_proj', hmid, ao, L.o, true);
@@ -91,15 +97,14 @@ export class KvCacheDecoder {
       ops.push({ op: 'copy', y: x, x: hmid });
       proj(l, 'down_proj', x, act, L.down, true);
     }
-    ops.push({ op: 'rmsnorm_forward', y: xf, rstd: rstdf, x: x.rows(n - 1, n), w: W.norm!, eps: c.rmsNormEps });
+    ops.push({ op: 'rmsnorm_forward', y: xf, rstd: rstdf, x: rows(x, n - 1, n), w: W.norm!, eps: c.rmsNormEps });
     ops.push({ op: 'linear_forward', y: logits, x: xf, w: W.head! });
     try {
       await d.run(ops);
       this.length += n;
       return logits.read() as Float32Array;
     } finally {
-      for (const o of owned) o.free();
-      for (const x2 of xas.values()) x2.free();
+      for (const o of owned) o.free(); // (the LoRA scratch in xas too)
     }
   }
 

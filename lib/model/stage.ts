@@ -55,7 +55,7 @@ export interface Segment {
   adapter: number;
   rowStart: number;
   rowEnd: number;
-  /** The adapter's micro-batch counter: dropout masks are a function of (seed, serial, layer, module, row). */
+  /** The micro-batch's place in its adapter's data (supervisor microSerial): dropout masks are a function of (seed, serial, layer, module, row). */
   serial: number;
 }
 
@@ -115,7 +115,9 @@ class Carver {
     const start = this.offset;
     this.offset += Math.ceil(n / 16) * 16;
     if (!this.block) return null as unknown as Tensor;
-    const t = this.block.rows(start, start + n).reshape(shape);
+    const r = this.block.rows(start, start + n);
+    const t = r.reshape(shape);
+    r.free(); // the reshaped view holds the block; an unfreed intermediate would hold it until GC
     this.views.push(t);
     return t;
   }
@@ -185,9 +187,14 @@ export class StageProgram {
     return activationBytes(this.config, this.plan, numTokens, segments);
   }
 
-  /** Bytes of the per-stage scratch for micro-batches of up to `rows` tokens. */
+  /**
+   * Bytes of the per-stage scratch a micro-batch of `rows` tokens makes this stage allocate:
+   * the size ensureScratch() picks (at least 64 rows, grown by ≥ 1.25×), counted in full, as
+   * it is on a fresh stage. (Scratch persists: once allocated, later micro-batches of up to
+   * that many rows allocate nothing, so this over-counts them by design.)
+   */
   scratchBytes(rows: number): number {
-    return scratchBytes(this.config, this.plan, rows, this.headBlockRows);
+    return scratchBytes(this.config, this.plan, this.scratchCap(rows), this.headBlockRows);
   }
 
   // ---- forward / backward
@@ -198,7 +205,12 @@ export class StageProgram {
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
     this.forwardOps(ops, mb, saved, output);
-    await this.runOrRelease(mb.id, ops);
+    const views = takeViews();
+    try {
+      await this.runOrRelease(mb.id, ops);
+    } finally {
+      freeViews(views);
+    }
   }
 
   /** Backward of a non-last stage: `grad` holds dL/d(output) and becomes dL/d(input) in place. */
@@ -208,10 +220,12 @@ export class StageProgram {
     this.ensureScratch(mb.numTokens);
     const ops: Op[] = [];
     for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad);
+    const views = takeViews();
     try {
       await this.device.run(ops);
     } finally {
       this.release(mb.id);
+      freeViews(views);
     }
   }
 
@@ -237,12 +251,14 @@ export class StageProgram {
     const losses = this.device.alloc('f32', [N], { zero: false });
     this.headOps(ops, mb, xFinal, losses, dres, true);
     for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres);
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return losses.read() as Float32Array;
     } finally {
       this.release(mb.id);
       losses.free();
+      freeViews(views);
     }
   }
 
@@ -261,6 +277,7 @@ export class StageProgram {
     this.forwardOps(ops, mb, saved, out);
     const losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
     if (losses) this.headOps(ops, mb, out, losses, null, false);
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return losses ? (losses.read() as Float32Array) : undefined;
@@ -268,6 +285,7 @@ export class StageProgram {
       for (const v of saved.views) v.free();
       block.free();
       losses?.free();
+      freeViews(views);
     }
   }
 
@@ -291,6 +309,7 @@ export class StageProgram {
     this.forwardOps(ops, mb, saved, xFinal);
     ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
     ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+    const views = takeViews();
     try {
       await this.device.run(ops);
       return out.read() as Float32Array;
@@ -298,6 +317,7 @@ export class StageProgram {
       for (const v of saved.views) v.free();
       block.free();
       out.free();
+      freeViews(views);
     }
   }
 
@@ -396,11 +416,15 @@ export class StageProgram {
 
   private ensureScratch(rows: number): void {
     if (rows <= this.scratchRows) return;
-    const cap = Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
+    const cap = this.scratchCap(rows);
     for (const t of Object.values(this.scratch)) t.free();
     this.scratch = {};
     for (const [name, shape] of scratchShapes(this.config, this.plan, cap, this.headBlockRows)) this.scratch[name] = this.device.alloc('f32', shape, { zero: false });
     this.scratchRows = cap;
+  }
+
+  private scratchCap(rows: number): number {
+    return rows <= this.scratchRows ? this.scratchRows : Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
@@ -485,15 +509,15 @@ export class StageProgram {
     for (let b = 0; b < N; b += this.headBlockRows) {
       const e = Math.min(N, b + this.headBlockRows);
       const logits = view(s.logits!, [e - b, c.vocabSize]);
-      ops.push({ op: 'linear_forward', y: logits, x: xf.rows(b, e), w: this.weights.head! });
+      ops.push({ op: 'linear_forward', y: logits, x: tmp(xf.rows(b, e)), w: this.weights.head! });
       if (withGrad) {
         ops.push({
-          op: 'cross_entropy_backward', losses: losses.rows(b, e), dlogits: logits, logits,
-          labels: targets!.rows(b, e), weights: weights!.rows(b, e),
+          op: 'cross_entropy_backward', losses: tmp(losses.rows(b, e)), dlogits: logits, logits,
+          labels: tmp(targets!.rows(b, e)), weights: tmp(weights!.rows(b, e)),
         });
-        ops.push({ op: 'linear_backward', dx: dxf.rows(b, e), dy: logits, w: this.weights.head! });
+        ops.push({ op: 'linear_backward', dx: tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head! });
       } else {
-        ops.push({ op: 'cross_entropy_forward', losses: losses.rows(b, e), logits, labels: targets!.rows(b, e) });
+        ops.push({ op: 'cross_entropy_forward', losses: tmp(losses.rows(b, e)), logits, labels: tmp(targets!.rows(b, e)) });
       }
     }
     if (withGrad && dres) {
@@ -600,11 +624,28 @@ export function defaultHeadBlockRows(c: LlamaConfig): number {
   return Math.max(16, Math.min(512, Math.floor((8 << 20) / (4 * c.vocabSize))));
 }
 
-/** A view of the first elements of a flat or larger tensor, with the given shape. */
+// Handles made while a call builds its ops (views of scratch, row slices). Each holds its
+// storage until freed (or garbage-collected), and the device counts those bytes as used, so the
+// call frees them once its run is over. Ops are built synchronously: one list is enough.
+let madeViews: Tensor[] = [];
+function tmp(t: Tensor): Tensor {
+  madeViews.push(t);
+  return t;
+}
+function takeViews(): Tensor[] {
+  const v = madeViews;
+  madeViews = [];
+  return v;
+}
+function freeViews(views: Tensor[]): void {
+  for (const v of views) v.free();
+}
+
+/** A view of the first elements of a flat or larger tensor, with the given shape (freed with the call's views). */
 function view(t: Tensor, shape: number[]): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
-  const flat = t.shape.length === 1 ? t : t.reshape([t.shape.reduce((a, b) => a * b, 1)]);
-  return flat.rows(0, n).reshape(shape);
+  const flat = t.shape.length === 1 ? t : tmp(t.reshape([t.shape.reduce((a, b) => a * b, 1)]));
+  return tmp(tmp(flat.rows(0, n)).reshape(shape));
 }
 
 /** Activation blocks are rounded up to size classes so the device's block cache reuses them. */

@@ -3,7 +3,7 @@
 // dataset: pre-tokenized JSONL ({"input_ids": [...], "labels": [...]}; no tokenizer needed) or
 // text / instruction / chat data, tokenized with the model's tokenizer.
 import { parseArgs } from 'node:util';
-import { readDataset } from '../../lib/data/dataset.js';
+import { readDataset, type TokenizedRecord } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { batchOnDevice, freeBatch, openSingleModel, packSequences } from '../../lib/model/single.js';
 
@@ -13,11 +13,11 @@ export async function evaluateDataset(o: { model: string; adapter?: string; data
   const ds = readDataset(o.data);
   let examples: Array<{ inputIds: Int32Array; labels: Int32Array }>;
   if (ds.format === 'tokenized') {
-    examples = ds.records.map((r: unknown, i: number) => {
-      const rec = r as { input_ids: number[]; labels?: number[] };
-      const ids = rec.input_ids.slice(0, o.seqLen);
-      const labels = (rec.labels ?? rec.input_ids).slice(0, o.seqLen);
-      if (labels.length !== ids.length) throw new Error(`${ds.where[i]}: labels has ${rec.labels!.length} entries, input_ids ${rec.input_ids.length}`);
+    // readDataset has checked the record (integer arrays, labels as long as input_ids)
+    examples = ds.records.map((r) => {
+      const rec = r as TokenizedRecord;
+      const ids = rec.inputIds.slice(0, o.seqLen);
+      const labels = (rec.labels ?? rec.inputIds).slice(0, o.seqLen);
       return { inputIds: Int32Array.from(ids), labels: Int32Array.from(labels) };
     });
   } else {
@@ -26,8 +26,11 @@ export async function evaluateDataset(o: { model: string; adapter?: string; data
   const m = await openSingleModel(o.model, o.adapter, { threads: o.threads ?? 1 });
   try {
     const V = m.config.vocabSize;
+    // examples[i] is record i only for tokenized data (tokenizing may drop records)
+    const where = ds.format === 'tokenized' ? ds.where : [];
     examples.forEach((e, i) => {
-      for (const id of e.inputIds) if (id < 0 || id >= V) throw new Error(`${ds.where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
+      for (const id of e.inputIds) if (id < 0 || id >= V) throw new Error(`${where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
+      for (const id of e.labels) if (id !== -100 && (id < 0 || id >= V)) throw new Error(`${where[i] ?? o.data}: label ${id} is out of range for vocab_size ${V} (use -100 to ignore a position)`);
     });
     let sum = 0, count = 0, id = 1;
     for (let i = 0; i < examples.length; ) {
@@ -69,10 +72,19 @@ export async function main(argv: string[]): Promise<number> {
     console.error(`mlora eval: --model and --data are required\n${USAGE}`);
     return 2;
   }
+  const ints: Record<string, number> = {};
+  for (const [k, def] of [['seq-len', 512], ['batch-tokens', 4096], ['threads', 1]] as const) {
+    const v = a.values[k];
+    const n = v === undefined ? def : Number(v);
+    if (!Number.isInteger(n) || n < 1) {
+      console.error(`mlora eval: --${k} must be a positive integer, got '${v}'\n${USAGE}`);
+      return 2;
+    }
+    ints[k] = n;
+  }
   const r = await evaluateDataset({
-    model: a.values.model, data: a.values.data, seqLen: Number(a.values['seq-len'] ?? 512), batchTokens: Number(a.values['batch-tokens'] ?? 4096),
+    model: a.values.model, data: a.values.data, seqLen: ints['seq-len']!, batchTokens: ints['batch-tokens']!, threads: ints.threads!,
     ...(a.values.adapter ? { adapter: a.values.adapter } : {}), ...(a.values.template ? { template: a.values.template } : {}),
-    ...(a.values.threads ? { threads: Number(a.values.threads) } : {}),
   });
   if (a.values.json) console.log(JSON.stringify(r));
   else console.log(`loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(3)}  tokens ${r.tokens}  examples ${r.examples}`);

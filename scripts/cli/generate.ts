@@ -23,21 +23,26 @@ export async function main(argv: string[]): Promise<number> {
     console.error(`mlora generate: --model and --prompt are required\n${USAGE}`);
     return 2;
   }
-  const num = (k: string, def: number) => {
-    const v = (a.values as Record<string, string | undefined>)[k];
-    if (v === undefined) return def;
-    const n = Number(v);
-    if (!Number.isFinite(n) || n < 0) throw new Error(`--${k} must be a non-negative number, got '${v}'`);
-    return n;
-  };
+  const opts: Record<string, number> = {};
+  for (const [k, def, integer] of [['max-new-tokens', 64, true], ['temperature', 0, false], ['top-k', 0, true], ['seed', 0, true], ['threads', 1, true]] as const) {
+    const v = a.values[k];
+    const n = v === undefined ? def : Number(v);
+    if (!(integer ? Number.isInteger(n) : Number.isFinite(n)) || n < 0 || (k === 'threads' && n < 1)) {
+      console.error(`mlora generate: --${k} must be a ${k === 'threads' ? 'positive' : 'non-negative'} ${integer ? 'integer' : 'number'}, got '${v}'\n${USAGE}`);
+      return 2;
+    }
+    opts[k] = n;
+  }
   const tok = loadTokenizer(a.values.model);
   const text = a.values.chat ? tok.applyChatTemplate([{ role: 'user', content: a.values.prompt }], { addGenerationPrompt: true }) : a.values.prompt;
   const ids = tok.encode(text, { addSpecialTokens: !a.values.chat });
-  const m = await openSingleModel(a.values.model, a.values.adapter, { threads: num('threads', 1) });
+  const m = await openSingleModel(a.values.model, a.values.adapter, { threads: opts.threads! });
   try {
+    if (tok.vocabSize > m.config.vocabSize)
+      throw new Error(`${a.values.model}: tokenizer.json has ${tok.vocabSize} tokens, more than the model's vocab_size ${m.config.vocabSize}: they do not belong together`);
     const t = performance.now();
     const out = await generate(m, ids, {
-      maxNewTokens: num('max-new-tokens', 64), temperature: num('temperature', 0), topK: num('top-k', 0), seed: num('seed', 0),
+      maxNewTokens: opts['max-new-tokens']!, temperature: opts.temperature!, topK: opts['top-k']!, seed: opts.seed!,
       ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}),
     });
     const ms = performance.now() - t;

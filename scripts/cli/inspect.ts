@@ -1,10 +1,11 @@
 // mlora inspect DIR [--model BASEDIR] [--json]: what a model or adapter directory holds, and
 // (for an adapter, with --model) whether it fits a base model. Reads headers and configs
-// only, except for an adapter's (small) weights.
+// only, plus tokenizer.json, except for an adapter's (small) weights.
 import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { formatBytes } from '../../lib/tensor.js';
+import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openModelDir, readModelConfig } from '../../lib/io/hf-model.js';
 import {
   ADAPTER_CONFIG, adapterLayerIndices, adapterMismatches, adapterParameterCount, loadAdapter,
@@ -105,10 +106,21 @@ export async function main(argv: string[]): Promise<number> {
     if (values.model !== undefined) throw new Error(`--model is for adapter directories; ${dir} is a model directory`);
     const m = openModelDir(dir);
     const s = m.stats();
+    // The tokenizer (needed for text data and generate; pre-tokenized data works without one)
+    let tokenizer: { vocabSize: number; bosId?: number; eosId?: number; chatTemplate: boolean } | { error: string } | null = null;
+    if (fs.existsSync(path.join(dir, 'tokenizer.json'))) {
+      try {
+        const tk = loadTokenizer(dir, { fresh: true });
+        tokenizer = { vocabSize: tk.vocabSize, ...(tk.bosId !== undefined ? { bosId: tk.bosId } : {}), ...(tk.eosId !== undefined ? { eosId: tk.eosId } : {}), chatTemplate: tk.hasChatTemplate };
+        if (tk.vocabSize > m.config.vocabSize) tokenizer = { error: `tokenizer.json has ${tk.vocabSize} tokens, more than the model's vocab_size ${m.config.vocabSize}` };
+      } catch (e) {
+        tokenizer = { error: (e as Error).message };
+      }
+    }
     const report = {
       kind: 'model', dir, config: configSummary(m.config),
       files: m.files.map((f) => path.basename(f.path)), tensors: s.tensors, parameters: s.parameters, bytes: s.bytes,
-      dtypes: s.dtypes, extraTensors: m.extraTensors, warnings: m.warnings,
+      dtypes: s.dtypes, extraTensors: m.extraTensors, warnings: m.warnings, tokenizer,
     };
     if (json) console.log(JSON.stringify(report, null, 2));
     else {
@@ -124,6 +136,9 @@ export async function main(argv: string[]): Promise<number> {
       console.log(`parameters   ${s.parameters.toLocaleString('en-US')}`);
       console.log(`dtypes       ${Object.entries(s.dtypes).map(([k, v]) => `${k} ×${v}`).join(', ')}`);
       console.log(`size         ${formatBytes(s.bytes)} (${s.bytes} bytes)`);
+      if (!tokenizer) console.log('tokenizer    none (pre-tokenized data only)');
+      else if ('error' in tokenizer) console.log(`tokenizer    UNUSABLE: ${tokenizer.error}`);
+      else console.log(`tokenizer    ${tokenizer.vocabSize} tokens, bos ${tokenizer.bosId ?? '-'}, eos ${tokenizer.eosId ?? '-'}, chat template ${tokenizer.chatTemplate ? 'yes' : 'no'}`);
       for (const w of m.warnings) console.log(`warning      ${w}`);
     }
     return 0;

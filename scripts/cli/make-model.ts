@@ -6,10 +6,20 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
-import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { toHfConfigJson, writeRandomLlama } from '../../lib/io/hf-model.js';
 import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 
-export async function makeModel(dir: string, preset: PresetName, seed: number, dtype: 'f32' | 'bf16' = 'f32'): Promise<void> {
+/** The storage dtype a preset is written in unless --dtype says otherwise (1b: bf16). */
+export function presetDtype(preset: PresetName): 'f32' | 'bf16' {
+  return PRESETS[preset].torchDtype === 'bfloat16' ? 'bf16' : 'f32';
+}
+
+/** The config.json `makeModel` writes for a preset (without writing anything). */
+export function presetConfigJson(preset: PresetName, dtype: 'f32' | 'bf16' = presetDtype(preset)): Record<string, unknown> {
+  return toHfConfigJson({ ...PRESETS[preset], modelType: 'llama', torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
+}
+
+export async function makeModel(dir: string, preset: PresetName, seed: number, dtype: 'f32' | 'bf16' = presetDtype(preset)): Promise<void> {
   const config = { ...PRESETS[preset], torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' };
   fs.mkdirSync(dir, { recursive: true });
   // Tokenizer first: config.json written last marks the directory complete.
@@ -30,7 +40,7 @@ export async function ensureModel(cache: string, preset: PresetName, seed: numbe
   return dir;
 }
 
-const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16]';
+const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
 
 export async function main(argv: string[]): Promise<number> {
   let a;
@@ -52,12 +62,12 @@ export async function main(argv: string[]): Promise<number> {
   }
   const seed = a.values.seed === undefined ? 0 : Number(a.values.seed);
   if (!Number.isInteger(seed) || seed < 0) {
-    console.error(`mlora make-model: --seed must be a non-negative integer, got '${a.values.seed}'`);
+    console.error(`mlora make-model: --seed must be a non-negative integer, got '${a.values.seed}'\n${USAGE}`);
     return 2;
   }
-  const dtype = (a.values.dtype ?? 'f32') as 'f32' | 'bf16';
+  const dtype = (a.values.dtype ?? presetDtype(preset)) as 'f32' | 'bf16';
   if (dtype !== 'f32' && dtype !== 'bf16') {
-    console.error(`mlora make-model: --dtype must be f32 or bf16, got '${a.values.dtype}'`);
+    console.error(`mlora make-model: --dtype must be f32 or bf16, got '${a.values.dtype}'\n${USAGE}`);
     return 2;
   }
   const t = Date.now();

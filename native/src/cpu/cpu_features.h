@@ -1,8 +1,11 @@
 // What this x86 CPU can do, read once with cpuid (the GEMM and other hot loops pick their
 // vector width at run time, so one build runs on any x86-64 machine).
 #pragma once
+#include <cstdint>
 
 namespace mlora {
+
+class ThreadPool;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false,
@@ -11,5 +14,9 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 const char* cpu_gemm_kernel_name();  // which GEMM micro-kernel this machine runs (gemm.cc)
+// FP32 FMA throughput of the GEMM kernel's instruction set: every pool thread runs `iters`
+// rounds of independent FMA chains; returns GFLOP/s summed over threads (the benchmark's
+// ceiling, gemm.cc).
+double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters);
 
 }  // namespace mlora

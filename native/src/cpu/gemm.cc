@@ -1,49 +1,663 @@
-// GEMM: C = alpha·op(A)·op(B) + beta·C, row-major, B in f32/f16/bf16 (base weights).
-// Placeholder implementation: correct, blocked, parallel over rows; the packed AVX2/AVX-512
-// micro-kernel version replaces its inside without changing the signature.
+// GEMM: C = alpha·op(A)·op(B) + beta·C, row-major, A in f32, B in f32/f16/bf16 (base weights).
+//
+// BLIS-style packed GEMM (Goto's algorithm):
+//   for jc over N in NC columns            (B panel kc×nc lives in L3, shared by all threads)
+//     for pc over K in KC                  (beta is applied on the first pc only, then C += …)
+//       pack op(B)[pc:pc+kc, jc:jc+nc] into NR-wide slivers, converting f16/bf16 to f32
+//       for ic over M in MC rows           (A block mc×kc lives in L2, one per thread)
+//         pack op(A)[ic:ic+mc, pc:pc+kc] into MR-tall slivers
+//         for jr over NR slivers           (one B sliver kc×NR stays in L1)
+//           for ir over MR slivers: micro-kernel, an MR×NR tile of C held in registers
+// Threads: B packing is split over slivers; the compute is split over rows (M) when there
+// are enough MR slivers for every thread, else over NR slivers of B (small m, e.g. m = 1).
+// Every thread owns a disjoint set of C tiles, so no two threads ever write the same element.
+//
+// Micro-kernels are picked at run time (cpu_features, or MLORA_GEMM_KERNEL=scalar|avx2|avx512
+// to force one for testing): AVX-512F 12×32, AVX2+FMA 6×16 and a portable 4×8 fallback.
+// Function-level `target` attributes keep the rest of the binary plain x86-64.
+//
+// Scratch: the B panel and one A block per pool thread live in one 64-byte aligned buffer
+// owned by the *calling* thread (thread_local), grown on demand and then reused, so
+// repeated calls take no page faults. It is allocated before any worker starts (a failed
+// allocation is an Error on the caller, never an exception inside a pool thread).
+// Scratch bytes are not counted against the device budget (at most ~5 MiB per calling thread).
 #include <algorithm>
-#include <vector>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "../kernels.h"
 #include "cpu_features.h"
 
-namespace mlora {
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MLORA_X86 1
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+#endif
 
-const char* cpu_gemm_kernel_name() { return "generic"; }
+namespace mlora {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// Kernel table
+
+// Computes the full MR×NR tile acc = A_sliver·B_sliver over kc and writes
+// c[i*ldc + j] = alpha·acc + beta·c (c is not read when beta == 0).
+using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
+                             float beta);
+// Packs op(B)[p0:p0+kc, j0:j0+jn] into dst[p*nr + jj] (jj ≥ jn zero-filled).
+using PackB = void (*)(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                       int64_t jn, int nr);
+// Packs op(A)[i0:i0+im, p0:p0+kc] into dst[p*mr + ii] (ii ≥ im zero-filled).
+using PackA = void (*)(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                       int64_t kc, int mr);
+using FmaPeak = double (*)(int64_t iters);  // returns flops done
+
+struct GemmKernel {
+  const char* name;
+  int mr, nr;
+  int64_t mc, kc, nc;  // cache blocking: mc % mr == 0, nc % nr == 0
+  MicroKernel ukr;
+  PackA pack_a;
+  PackB pack_b;
+  FmaPeak peak;
+};
+
+constexpr int kMaxMR = 16, kMaxNR = 32;
+
+// ---------------------------------------------------------------------------------------
+// Portable parts
+
+template <DType DT>
+inline float load_w(const void* p, int64_t i) {
+  if constexpr (DT == DType::F32) return static_cast<const float*>(p)[i];
+  if constexpr (DT == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+}
+
+template <DType DT>
+void pack_b_scalar_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                     int64_t jn, int nr) {
+  if (!trans) {
+    for (int64_t p = 0; p < kc; p++) {
+      float* d = dst + p * nr;
+      int64_t base = (p0 + p) * ldb + j0;
+      for (int64_t jj = 0; jj < jn; jj++) d[jj] = load_w<DT>(b, base + jj);
+      for (int64_t jj = jn; jj < nr; jj++) d[jj] = 0.f;
+    }
+  } else {
+    if (jn < nr) std::memset(dst, 0, sizeof(float) * size_t(kc * nr));
+    for (int64_t jj = 0; jj < jn; jj++) {
+      int64_t base = (j0 + jj) * ldb + p0;
+      for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = load_w<DT>(b, base + p);
+    }
+  }
+}
+
+void pack_b_scalar(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t jn,
+                   int nr) {
+  switch (b.dtype) {
+    case DType::BF16: return pack_b_scalar_t<DType::BF16>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+    case DType::F16: return pack_b_scalar_t<DType::F16>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+    default: return pack_b_scalar_t<DType::F32>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+  }
+}
+
+void pack_a_generic(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                    int64_t kc, int mr) {
+  if (trans) {  // op(A)[i, p] = a[p*lda + i]: mr contiguous values per p
+    for (int64_t p = 0; p < kc; p++) {
+      const float* s = a + (p0 + p) * lda + i0;
+      float* d = dst + p * mr;
+      int64_t ii = 0;
+      for (; ii < im; ii++) d[ii] = s[ii];
+      for (; ii < mr; ii++) d[ii] = 0.f;
+    }
+    return;
+  }
+  // op(A)[i, p] = a[i*lda + p]: read each row contiguously, write with stride mr (the
+  // destination sliver, kc·mr floats, stays in L1).
+  for (int64_t ii = 0; ii < im; ii++) {
+    const float* s = a + (i0 + ii) * lda + p0;
+    float* d = dst + ii;
+    for (int64_t p = 0; p < kc; p++) d[p * mr] = s[p];
+  }
+  for (int64_t ii = im; ii < mr; ii++)
+    for (int64_t p = 0; p < kc; p++) dst[p * mr + ii] = 0.f;
+}
+
+constexpr int SC_MR = 4, SC_NR = 8;
+
+void ukr_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha, float beta) {
+  float acc[SC_MR][SC_NR] = {};
+  for (int64_t p = 0; p < kc; p++) {
+    for (int i = 0; i < SC_MR; i++) {
+      float av = a[p * SC_MR + i];
+      for (int j = 0; j < SC_NR; j++) acc[i][j] += av * b[p * SC_NR + j];
+    }
+  }
+  for (int i = 0; i < SC_MR; i++) {
+    float* ci = c + i * ldc;
+    if (beta == 0.f)
+      for (int j = 0; j < SC_NR; j++) ci[j] = alpha * acc[i][j];
+    else
+      for (int j = 0; j < SC_NR; j++) ci[j] = alpha * acc[i][j] + beta * ci[j];
+  }
+}
+
+double peak_scalar(int64_t iters) {
+  // Eight independent multiply-add chains, so the loop measures throughput, not latency.
+  volatile float seed = 1.0f;
+  float x[8], m = 0.999999f, d = 1e-7f;
+  for (int i = 0; i < 8; i++) x[i] = seed + float(i);
+  for (int64_t t = 0; t < iters; t++)
+    for (int i = 0; i < 8; i++) x[i] = x[i] * m + d;
+  float s = 0;
+  for (int i = 0; i < 8; i++) s += x[i];
+  volatile float sink = s;
+  (void)sink;
+  return double(iters) * 8 * 2;
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX2 + FMA (+F16C for f16 weights): 6×16 micro-kernel, 12 ymm accumulators
+
+#ifdef MLORA_X86
+
+AVX2_TARGET inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
+                                   __m256& r6, __m256& r7) {
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r0 = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r1 = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r2 = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r3 = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r4 = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r5 = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r6 = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r7 = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// 8 consecutive weights starting at element i, as f32
+template <DType DT>
+AVX2_TARGET inline __m256 load8_w(const void* p, int64_t i) {
+  if constexpr (DT == DType::F32) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else if constexpr (DT == DType::BF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+template <DType DT>
+AVX2_TARGET void pack_b_avx2_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
+                               int64_t j0, int64_t jn, int nr) {
+  if (!trans) {  // rows of op(B) are contiguous: convert jn values per p
+    for (int64_t p = 0; p < kc; p++) {
+      float* d = dst + p * nr;
+      int64_t base = (p0 + p) * ldb + j0;
+      int64_t jj = 0;
+      for (; jj + 8 <= jn; jj += 8) _mm256_store_ps(d + jj, load8_w<DT>(b, base + jj));
+      for (; jj < jn; jj++) d[jj] = load_w<DT>(b, base + jj);
+      for (; jj < nr; jj++) d[jj] = 0.f;
+    }
+    return;
+  }
+  // op(B)[p, j] = b[j*ldb + p]: 8×8 register transposes (8 weight rows × 8 k values)
+  if (jn < nr) std::memset(dst, 0, sizeof(float) * size_t(kc * nr));
+  int64_t jj = 0;
+  for (; jj + 8 <= jn; jj += 8) {
+    const int64_t r = (j0 + jj) * ldb + p0;
+    int64_t p = 0;
+    for (; p + 8 <= kc; p += 8) {
+      __m256 v0 = load8_w<DT>(b, r + 0 * ldb + p), v1 = load8_w<DT>(b, r + 1 * ldb + p);
+      __m256 v2 = load8_w<DT>(b, r + 2 * ldb + p), v3 = load8_w<DT>(b, r + 3 * ldb + p);
+      __m256 v4 = load8_w<DT>(b, r + 4 * ldb + p), v5 = load8_w<DT>(b, r + 5 * ldb + p);
+      __m256 v6 = load8_w<DT>(b, r + 6 * ldb + p), v7 = load8_w<DT>(b, r + 7 * ldb + p);
+      transpose8(v0, v1, v2, v3, v4, v5, v6, v7);
+      float* d = dst + p * nr + jj;
+      _mm256_store_ps(d + 0 * nr, v0);
+      _mm256_store_ps(d + 1 * nr, v1);
+      _mm256_store_ps(d + 2 * nr, v2);
+      _mm256_store_ps(d + 3 * nr, v3);
+      _mm256_store_ps(d + 4 * nr, v4);
+      _mm256_store_ps(d + 5 * nr, v5);
+      _mm256_store_ps(d + 6 * nr, v6);
+      _mm256_store_ps(d + 7 * nr, v7);
+    }
+    for (; p < kc; p++)
+      for (int q = 0; q < 8; q++) dst[p * nr + jj + q] = load_w<DT>(b, r + q * ldb + p);
+  }
+  for (; jj < jn; jj++) {
+    const int64_t r = (j0 + jj) * ldb + p0;
+    for (int64_t p = 0; p < kc; p++) dst[p * nr + jj] = load_w<DT>(b, r + p);
+  }
+}
+
+AVX2_TARGET void pack_b_avx2(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                             int64_t jn, int nr) {
+  switch (b.dtype) {
+    case DType::BF16: return pack_b_avx2_t<DType::BF16>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+    case DType::F16: return pack_b_avx2_t<DType::F16>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+    default: return pack_b_avx2_t<DType::F32>(dst, b.ptr, trans, ldb, p0, kc, j0, jn, nr);
+  }
+}
+
+// A sliver for the 6-row kernel from a row-major (non-transposed) A: 6 rows × 8 k values
+// per step, transposed in registers (rows 6 and 7 of the 8×8 transpose are padding).
+AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im,
+                             int64_t p0, int64_t kc, int mr) {
+  if (trans || mr != 6 || im != 6) return pack_a_generic(dst, a, trans, lda, i0, im, p0, kc, mr);
+  const float* s = a + i0 * lda + p0;
+  int64_t p = 0;
+  for (; p + 8 <= kc; p += 8) {
+    __m256 v0 = _mm256_loadu_ps(s + 0 * lda + p), v1 = _mm256_loadu_ps(s + 1 * lda + p);
+    __m256 v2 = _mm256_loadu_ps(s + 2 * lda + p), v3 = _mm256_loadu_ps(s + 3 * lda + p);
+    __m256 v4 = _mm256_loadu_ps(s + 4 * lda + p), v5 = _mm256_loadu_ps(s + 5 * lda + p);
+    __m256 v6 = _mm256_setzero_ps(), v7 = _mm256_setzero_ps();
+    transpose8(v0, v1, v2, v3, v4, v5, v6, v7);
+    // v_t holds (k = p+t, rows 0..7); keep rows 0..5. Overlapping 8-wide stores, in order.
+    float* d = dst + p * 6;
+    alignas(32) float tmp[8];
+    _mm256_storeu_ps(d + 0, v0);
+    _mm256_storeu_ps(d + 6, v1);
+    _mm256_storeu_ps(d + 12, v2);
+    _mm256_storeu_ps(d + 18, v3);
+    _mm256_storeu_ps(d + 24, v4);
+    _mm256_storeu_ps(d + 30, v5);
+    _mm256_storeu_ps(d + 36, v6);
+    _mm256_store_ps(tmp, v7);  // the last one must not write past this 8×6 block
+    std::memcpy(d + 42, tmp, 6 * sizeof(float));
+  }
+  for (; p < kc; p++)
+    for (int ii = 0; ii < 6; ii++) dst[p * 6 + ii] = s[ii * lda + p];
+}
+
+constexpr int AVX2_MR = 6, AVX2_NR = 16;
+
+AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                               int64_t ldc, float alpha, float beta) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int i = 0; i < AVX2_MR; i++) {  // both ends of each 64-byte row segment (C may be unaligned)
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
+  }
+  // The k loop is written in inline assembly: GCC's register allocation of 12 accumulators
+  // plus 2 B vectors and the A broadcast (15 of 16 ymm) spilled inside the loop. Registers:
+  // accumulators are compiler-chosen "+x" operands, ymm12/13 hold the B row, ymm14/15 A.
+#define MLORA_AVX2_STEP(OFF_A, OFF_B)                 \
+  "vmovaps " #OFF_B "(%[b]), %%ymm12\n\t"             \
+  "vmovaps " #OFF_B "+32(%[b]), %%ymm13\n\t"          \
+  "vbroadcastss " #OFF_A "(%[a]), %%ymm14\n\t"        \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c00]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c01]\n\t"          \
+  "vbroadcastss " #OFF_A "+4(%[a]), %%ymm15\n\t"      \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c10]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm15, %[c11]\n\t"          \
+  "vbroadcastss " #OFF_A "+8(%[a]), %%ymm14\n\t"      \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c20]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c21]\n\t"          \
+  "vbroadcastss " #OFF_A "+12(%[a]), %%ymm15\n\t"     \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c30]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm15, %[c31]\n\t"          \
+  "vbroadcastss " #OFF_A "+16(%[a]), %%ymm14\n\t"     \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c40]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c41]\n\t"          \
+  "vbroadcastss " #OFF_A "+20(%[a]), %%ymm15\n\t"     \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c50]\n\t"          \
+  "vfmadd231ps %%ymm13, %%ymm15, %[c51]\n\t"
+#define MLORA_AVX2_OPERANDS                                                                     \
+  [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),          \
+      [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),      \
+      [c50] "+x"(c50), [c51] "+x"(c51), [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
+  int64_t n = kc / 4;
+  if (n > 0) {
+    __asm__ volatile(
+        "1:\n\t"
+        "prefetcht0 512(%[b])\n\t"
+        MLORA_AVX2_STEP(0, 0)
+        MLORA_AVX2_STEP(24, 64)
+        MLORA_AVX2_STEP(48, 128)
+        MLORA_AVX2_STEP(72, 192)
+        "add $96, %[a]\n\t"
+        "add $256, %[b]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        : MLORA_AVX2_OPERANDS
+        :
+        : "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+  }
+  n = kc % 4;
+  if (n > 0) {
+    __asm__ volatile(
+        "1:\n\t"
+        MLORA_AVX2_STEP(0, 0)
+        "add $24, %[a]\n\t"
+        "add $64, %[b]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        : MLORA_AVX2_OPERANDS
+        :
+        : "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+  }
+#undef MLORA_AVX2_STEP
+#undef MLORA_AVX2_OPERANDS
+  const __m256 va = _mm256_set1_ps(alpha);
+  __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (beta == 0.f) {
+    for (int i = 0; i < 6; i++) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
+      _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
+    }
+  } else if (beta == 1.f) {
+    for (int i = 0; i < 6; i++) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_loadu_ps(c + i * ldc)));
+      _mm256_storeu_ps(c + i * ldc + 8, _mm256_fmadd_ps(va, acc[i][1], _mm256_loadu_ps(c + i * ldc + 8)));
+    }
+  } else {
+    const __m256 vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < 6; i++) {
+      _mm256_storeu_ps(c + i * ldc,
+                       _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc))));
+      _mm256_storeu_ps(c + i * ldc + 8,
+                       _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc + 8))));
+    }
+  }
+}
+
+AVX2_TARGET double peak_avx2(int64_t iters) {
+  // 12 independent FMA chains (latency 4-5 × 2 pipes needs ≥ 10) of 8 lanes each.
+  __m256 x[12];
+  for (int i = 0; i < 12; i++) x[i] = _mm256_set1_ps(1.0f + 0.01f * float(i));
+  const __m256 m = _mm256_set1_ps(0.999999f), d = _mm256_set1_ps(1e-7f);
+  for (int64_t t = 0; t < iters; t++) {
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++) x[i] = _mm256_fmadd_ps(x[i], m, d);
+  }
+  __m256 s = x[0];
+  for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, x[i]);
+  alignas(32) float out[8];
+  _mm256_store_ps(out, s);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(iters) * 12 * 8 * 2;
+}
+
+// ---------------------------------------------------------------------------------------
+// AVX-512F: 12×32 micro-kernel, 24 zmm accumulators (packing reuses the AVX2 routines)
+
+constexpr int AVX512_MR = 12, AVX512_NR = 32;
+
+AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                                    int64_t ldc, float alpha, float beta) {
+  __m512 acc[AVX512_MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < AVX512_MR; i++) {
+    acc[i][0] = _mm512_setzero_ps();
+    acc[i][1] = _mm512_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 31), _MM_HINT_T0);
+  }
+  for (int64_t p = 0; p < kc; p++) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
+    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < AVX512_MR; i++) {
+      const __m512 av = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+    }
+    a += AVX512_MR;
+    b += AVX512_NR;
+  }
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 12
+  for (int i = 0; i < AVX512_MR; i++) {
+    float* ci = c + i * ldc;
+    __m512 r0 = _mm512_mul_ps(va, acc[i][0]), r1 = _mm512_mul_ps(va, acc[i][1]);
+    if (beta != 0.f) {
+      r0 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), r0);
+      r1 = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), r1);
+    }
+    _mm512_storeu_ps(ci, r0);
+    _mm512_storeu_ps(ci + 16, r1);
+  }
+}
+
+AVX512_TARGET double peak_avx512(int64_t iters) {
+  __m512 x[16];
+  for (int i = 0; i < 16; i++) x[i] = _mm512_set1_ps(1.0f + 0.01f * float(i));
+  const __m512 m = _mm512_set1_ps(0.999999f), d = _mm512_set1_ps(1e-7f);
+  for (int64_t t = 0; t < iters; t++) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) x[i] = _mm512_fmadd_ps(x[i], m, d);
+  }
+  __m512 s = x[0];
+  for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, x[i]);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, s);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(iters) * 16 * 16 * 2;
+}
+
+#endif  // MLORA_X86
+
+// Blocking for AMD Zen 3 (L1d 32 KiB, L2 512 KiB per core, L3 32 MiB shared):
+// a B sliver kc×NR = 256×16×4 = 16 KiB stays in L1; an A block mc×kc = 144×256×4 = 144 KiB
+// in L2; a B panel kc×nc = 256×4080×4 ≈ 4 MiB in L3.
+// AVX-512 (untuned here, no such CPU): B sliver 256×32×4 = 32 KiB, A block 192×256×4 = 192 KiB.
+const GemmKernel kScalar{"scalar-4x8", SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
+                         peak_scalar};
+#ifdef MLORA_X86
+const GemmKernel kAvx2{"avx2-6x16", AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
+                       peak_avx2};
+const GemmKernel kAvx512{"avx512-12x32", AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
+                         pack_b_avx2, peak_avx512};
+#endif
+
+const GemmKernel* choose_kernel() {
+  const CpuFeatures& f = cpu_features();
+  (void)f;
+  const GemmKernel* best = &kScalar;
+#ifdef MLORA_X86
+  bool has_avx2 = f.avx2 && f.fma && f.f16c;
+  bool has_avx512 = has_avx2 && f.avx512f;
+  if (has_avx512) best = &kAvx512;
+  else if (has_avx2) best = &kAvx2;
+#endif
+  const char* env = std::getenv("MLORA_GEMM_KERNEL");
+  if (!env || !*env || std::string(env) == "auto") return best;
+  std::string want(env);
+  if (want == "scalar") return &kScalar;
+#ifdef MLORA_X86
+  if (want == "avx2" && has_avx2) return &kAvx2;
+  if (want == "avx512" && has_avx512) return &kAvx512;
+#endif
+  std::fprintf(stderr, "mlora: MLORA_GEMM_KERNEL=%s is not available on this CPU; using %s\n", env, best->name);
+  return best;
+}
+
+// MLORA_GEMM_BLOCKS=mc,kc,nc overrides the cache blocking (a tuning aid for benchmarks; mc and
+// nc are rounded to the micro-tile).
+const GemmKernel* configure_kernel() {
+  const GemmKernel* base = choose_kernel();
+  const char* env = std::getenv("MLORA_GEMM_BLOCKS");
+  long long mc = 0, kc = 0, nc = 0;
+  if (!env || std::sscanf(env, "%lld,%lld,%lld", &mc, &kc, &nc) != 3 || mc < 1 || kc < 1 || nc < 1) return base;
+  static GemmKernel tuned;  // written once, here, before any use
+  tuned = *base;
+  tuned.mc = (mc + base->mr - 1) / base->mr * base->mr;
+  tuned.kc = kc;
+  tuned.nc = (nc + base->nr - 1) / base->nr * base->nr;
+  return &tuned;
+}
+
+const GemmKernel& gemm_kernel() {
+  static const GemmKernel* k = configure_kernel();  // chosen once, read-only afterwards
+  return *k;
+}
+
+// ---------------------------------------------------------------------------------------
+// Scratch owned by the calling thread
+
+struct Scratch {
+  float* p = nullptr;
+  size_t cap = 0;  // floats
+  ~Scratch() { std::free(p); }
+  float* get(size_t n) {
+    if (n <= cap) return p;
+    size_t bytes = (n * sizeof(float) + 4095) & ~size_t(4095);
+    void* q = std::aligned_alloc(64, bytes);
+    if (!q) throw Error("gemm: cannot allocate " + std::to_string(bytes >> 10) + " KiB of packing scratch");
+    std::free(p);
+    p = static_cast<float*>(q);
+    cap = bytes / sizeof(float);
+    return p;
+  }
+};
+thread_local Scratch tls_scratch;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
+  pool.parallel_for(m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t i = r0; i < r1; i++) {
+      float* ci = c + i * ldc;
+      if (beta == 0.f) std::fill(ci, ci + n, 0.f);
+      else if (beta != 1.f)
+        for (int64_t j = 0; j < n; j++) ci[j] *= beta;
+    }
+  });
+}
+
+}  // namespace
+
+const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
+
+double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters) {
+  const GemmKernel& K = gemm_kernel();
+  using clk = std::chrono::steady_clock;
+  auto t0 = clk::now();
+  std::vector<double> flops(size_t(pool.size()), 0.0);
+  pool.run_on_all([&](int tid) { flops[size_t(tid)] = K.peak(iters); });
+  double s = std::chrono::duration<double>(clk::now() - t0).count();
+  double total = 0;
+  for (double f : flops) total += f;
+  return total / s * 1e-9;
+}
 
 namespace cpu {
 
 void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  const int64_t KC = 256;
-  std::vector<float> bp(size_t(std::min<int64_t>(KC, std::max<int64_t>(k, 1)) * n));
-  ex.pool().parallel_for(m, 4, [&](int64_t r0, int64_t r1, int) {
-    for (int64_t i = r0; i < r1; i++) {
-      float* ci = c + i * ldc;
-      if (beta == 0.f) std::fill(ci, ci + n, 0.f);
-      else if (beta != 1.f) for (int64_t j = 0; j < n; j++) ci[j] *= beta;
-    }
-  });
-  for (int64_t k0 = 0; k0 < k; k0 += KC) {
-    int64_t kc = std::min(KC, k - k0);
-    // bp[kk, j] = op(B)[k0 + kk, j] in f32
-    ex.pool().parallel_for(kc, 1, [&](int64_t q0, int64_t q1, int) {
-      for (int64_t kk = q0; kk < q1; kk++)
-        for (int64_t j = 0; j < n; j++)
-          bp[size_t(kk * n + j)] = trans_b ? b.at(j * ldb + k0 + kk) : b.at((k0 + kk) * ldb + j);
-    });
-    ex.pool().parallel_for(m, 4, [&](int64_t r0, int64_t r1, int) {
-      for (int64_t i = r0; i < r1; i++) {
-        float* ci = c + i * ldc;
-        for (int64_t kk = 0; kk < kc; kk++) {
-          float av = alpha * (trans_a ? a[(k0 + kk) * lda + i] : a[i * lda + k0 + kk]);
-          const float* bk = bp.data() + kk * n;
-#pragma omp simd
-          for (int64_t j = 0; j < n; j++) ci[j] += av * bk[j];
+  ThreadPool& pool = ex.pool();
+  if (k <= 0 || alpha == 0.f) {  // BLAS semantics: A and B are not read
+    scale_c(pool, m, n, beta, c, ldc);
+    return;
+  }
+  const GemmKernel& K = gemm_kernel();
+  const int MR = K.mr, NR = K.nr;
+  const int T = pool.size();
+
+  // Balanced blocks: k = 1376 runs as 6 blocks of 232 rather than 5×256 + 96 (a short last
+  // block pays the C tile load/store for little work). Same for mc and nc.
+  auto balanced = [](int64_t total, int64_t cap, int64_t unit) {
+    int64_t blocks = ceil_div(total, cap);
+    return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
+  };
+  const int64_t KCb = balanced(k, K.kc, 8), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
+  const int64_t kc_max = std::min(KCb, k);
+  const int64_t nc_max = NCb;
+  const int64_t mc_max = MCb;
+  const size_t b_floats = size_t(kc_max * nc_max);
+  const size_t a_floats = size_t((mc_max * kc_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
+  float* scratch = tls_scratch.get(b_floats + a_floats * size_t(T));
+  float* bbuf = scratch;
+
+  const int64_t m_slivers = ceil_div(m, MR);
+  // Split rows when every thread gets at least two MR slivers, else split B's slivers.
+  const bool split_m = m_slivers >= 2 * int64_t(T);
+
+  for (int64_t jc = 0; jc < n; jc += NCb) {
+    const int64_t nc = std::min(NCb, n - jc);
+    const int64_t n_slivers = ceil_div(nc, NR);
+    for (int64_t pc = 0; pc < k; pc += KCb) {
+      const int64_t kc = std::min(KCb, k - pc);
+      const float beta_eff = pc == 0 ? beta : 1.f;
+
+      // 1. pack the B panel (all threads, shared)
+      const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
+      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int) {
+        for (int64_t s = s0; s < s1; s++)
+          K.pack_b(bbuf + s * NR * kc, b, trans_b, ldb, pc, kc, jc + s * NR, std::min<int64_t>(NR, nc - s * NR), NR);
+      });
+
+      // 2. compute: rows [r0, r1) × B slivers [s0, s1) on thread tid
+      auto block = [&](int64_t r0, int64_t r1, int64_t s0, int64_t s1, int tid) {
+        float* abuf = scratch + b_floats + a_floats * size_t(tid);
+        alignas(64) float tile[kMaxMR * kMaxNR];
+        for (int64_t ic = r0; ic < r1; ic += MCb) {
+          const int64_t mc = std::min(MCb, r1 - ic);
+          const int64_t mr_slivers = ceil_div(mc, MR);
+          for (int64_t t = 0; t < mr_slivers; t++)
+            K.pack_a(abuf + t * MR * kc, a, trans_a, lda, ic + t * MR, std::min<int64_t>(MR, mc - t * MR), pc, kc, MR);
+          for (int64_t s = s0; s < s1; s++) {
+            const float* bs = bbuf + s * NR * kc;
+            const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+            for (int64_t t = 0; t < mr_slivers; t++) {
+              const int64_t i = ic + t * MR, in = std::min<int64_t>(MR, mc - t * MR);
+              float* cij = c + i * ldc + j;
+              if (in == MR && jn == NR) {
+                K.ukr(kc, abuf + t * MR * kc, bs, cij, ldc, alpha, beta_eff);
+              } else {  // edge tile: full tile into a buffer, then the valid part
+                K.ukr(kc, abuf + t * MR * kc, bs, tile, NR, 1.f, 0.f);
+                for (int64_t ii = 0; ii < in; ii++) {
+                  float* cr = cij + ii * ldc;
+                  const float* tr = tile + ii * NR;
+                  if (beta_eff == 0.f)
+                    for (int64_t jj = 0; jj < jn; jj++) cr[jj] = alpha * tr[jj];
+                  else
+                    for (int64_t jj = 0; jj < jn; jj++) cr[jj] = alpha * tr[jj] + beta_eff * cr[jj];
+                }
+              }
+            }
+          }
         }
+      };
+      const double flops_per_sliver = 2.0 * double(kc) * double(MR) * double(nc);
+      if (split_m) {
+        const int64_t grain = std::max<int64_t>(1, int64_t(2e5 / flops_per_sliver));
+        pool.parallel_for(m_slivers, grain, [&](int64_t t0, int64_t t1, int tid) {
+          block(t0 * MR, std::min(m, t1 * MR), 0, n_slivers, tid);
+        });
+      } else {
+        const double per_b = 2.0 * double(kc) * double(NR) * double(m);
+        const int64_t grain = std::max<int64_t>(1, int64_t(2e5 / per_b));
+        pool.parallel_for(n_slivers, grain, [&](int64_t s0, int64_t s1, int tid) { block(0, m, s0, s1, tid); });
       }
-    });
+    }
   }
 }
 

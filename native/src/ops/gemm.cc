@@ -1,4 +1,5 @@
 // Argument checks for the general GEMM (used by tests, benchmarks and the model's LM head).
+#include "../cpu/cpu_features.h"
 #include "op.h"
 
 namespace mlora {
@@ -22,6 +23,23 @@ MLORA_OP(gemm) {
   return [=](Exec& ex) {
     MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], weight(B), B.shape[1], beta,
                    c.as<float>(), n);
+  };
+}
+
+}  // namespace mlora
+
+namespace mlora {
+
+// fma_peak: out[0] = the device's FP32 FMA throughput in GFLOP/s (all its threads, the GEMM
+// kernel's vector width), measured over `iterations` rounds per thread. A benchmark ceiling.
+MLORA_OP(fma_peak) {
+  TensorImpl out = a.tensor("out", {DType::F32});
+  if (out.numel() < 1) a.fail("argument 'out' must hold at least one element");
+  int64_t iters = a.integer("iterations", 20000000);
+  if (iters < 1) a.fail("argument 'iterations' must be positive");
+  return [=](Exec& ex) {
+    if (ex.cuda()) throw Error("fma_peak measures a CPU device");
+    out.as<float>()[0] = float(cpu_fma_peak_gflops(ex.pool(), iters));
   };
 }
 

@@ -1,0 +1,449 @@
+// mlora bench: benchmarks, one scenario per entry of `scenarios` below. Each scenario prints a
+// human table (or one JSON document with --json) and measures its own ceilings in the same
+// run, so a number is always read next to what this machine could do at that moment.
+//
+//   mlora bench --scenario kernels [--threads N] [--json] [--quick]
+//   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
+//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
+import os from 'node:os';
+import { readFileSync } from 'node:fs';
+import { native, type Op, type Tensor } from '../../lib/native.js';
+import { openDevice, type Device } from '../../lib/tensor.js';
+import { Rng } from '../../lib/rng.js';
+import { batchloraScenario, pipelineScenario, type TrainBenchRecord } from './bench-train.js';
+
+export interface BenchOptions {
+  threads: number;
+  json: boolean;
+  /** Training scenarios: adapter counts, LoRA rank, micro-batch shape (sequences × tokens), steps. */
+  adapters?: number[];
+  rank?: number;
+  microBatch?: number;
+  seqLen?: number;
+  steps?: number;
+  /** Fewer repetitions (smoke runs); the numbers are noisier. */
+  quick: boolean;
+}
+
+interface Scenario {
+  summary: string;
+  run(opts: BenchOptions): Promise<unknown>;
+}
+
+const scenarios: Record<string, Scenario> = {
+  kernels: {
+    summary: 'GEMM shapes of the bench model vs this machine\'s FMA peak and sgemm ceiling; layer time split',
+    run: benchKernels,
+  },
+  batchlora: {
+    summary: 'K adapters batched in one micro-batch vs trained one after another (bench model, one device)',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const shapes = o.microBatch || o.seqLen ? [{ micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }] : [{ micro: 4, seqLen: 256 }, { micro: 1, seqLen: 128 }];
+      const recs = await batchloraScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, shapes, steps: o.steps ?? (o.quick ? 1 : 3), threads: o.threads }, log);
+      if (!o.json) printTrainTable(recs);
+      return recs;
+    },
+  },
+  pipeline: {
+    summary: '2 stage actors (1 thread each) vs 1 stage with 1 and 2 threads; busy fractions and bubble ratio',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const recs = await pipelineScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, micro: o.microBatch ?? 2, seqLen: o.seqLen ?? 128, steps: o.steps ?? (o.quick ? 1 : 3) }, log);
+      if (!o.json) printTrainTable(recs);
+      return recs;
+    },
+  },
+};
+
+function printTrainTable(recs: TrainBenchRecord[]): void {
+  console.log('\nscenario   mode                        K  micro×seq  tokens/s   MFU   ms/step  bubble');
+  for (const r of recs) {
+    console.log(
+      `${r.scenario.padEnd(10)} ${r.mode.padEnd(26)} ${String(r.adapters).padStart(2)}  ${`${r.micro_batch}×${r.seq_len}`.padStart(9)}  ${String(r.tokens_per_s).padStart(8)}  ${(100 * r.mfu).toFixed(1).padStart(4)}%  ${String(r.step_ms).padStart(7)}  ${r.bubble !== undefined ? `${(100 * r.bubble).toFixed(1)}%` : '-'}`,
+    );
+  }
+  const ceil = recs[0]?.gemm_ceiling_gflops;
+  if (ceil) console.log(`MFU = model FLOPs (frozen-base forward + dX, LoRA, attention, head) / GEMM ceiling measured in this run (${ceil} GFLOP/s for the first row's threads)`);
+}
+
+function usage(): string {
+  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N]', '', 'scenarios:'];
+  for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
+  return lines.join('\n');
+}
+
+export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchOptions } | { error: string } | { help: true } {
+  let scenario = '';
+  const opts: BenchOptions = { threads: 1, json: false, quick: false };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    const value = (): string => {
+      const v = a.includes('=') ? a.slice(a.indexOf('=') + 1) : argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    try {
+      if (a === '--help' || a === '-h') return { help: true };
+      else if (a === '--scenario' || a.startsWith('--scenario=')) scenario = value();
+      else if (a === '--threads' || a.startsWith('--threads=')) {
+        const v = value();
+        opts.threads = Number(v);
+        if (!Number.isInteger(opts.threads) || opts.threads < 1) return { error: `--threads must be a positive integer, got '${v}'` };
+      } else if (a === '--json') opts.json = true;
+      else if (a === '--quick') opts.quick = true;
+      else if (a === '--adapters' || a.startsWith('--adapters=')) {
+        const v = value();
+        opts.adapters = v.split(',').map(Number);
+        if (opts.adapters.some((n) => !Number.isInteger(n) || n < 1)) return { error: `--adapters must be a list of positive integers, got '${v}'` };
+      } else if (['--rank', '--micro-batch', '--seq-len', '--steps'].some((f) => a === f || a.startsWith(`${f}=`))) {
+        const flag = a.split('=')[0]!;
+        const v = value();
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1) return { error: `${flag} must be a positive integer, got '${v}'` };
+        if (flag === '--rank') opts.rank = n;
+        else if (flag === '--micro-batch') opts.microBatch = n;
+        else if (flag === '--seq-len') opts.seqLen = n;
+        else opts.steps = n;
+      }
+      else return { error: `unknown option '${a}'` };
+    } catch (e) {
+      return { error: (e as Error).message };
+    }
+  }
+  if (!scenario) return { error: 'missing --scenario' };
+  if (!scenarios[scenario]) return { error: `unknown scenario '${scenario}' (known: ${Object.keys(scenarios).join(', ')})` };
+  return { scenario, opts };
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const parsed = parseBenchArgs(argv);
+  if ('help' in parsed) {
+    console.log(usage());
+    return 0;
+  }
+  if ('error' in parsed) {
+    console.error(`mlora bench: ${parsed.error}\n\n${usage()}`);
+    return 2;
+  }
+  const result = await scenarios[parsed.scenario]!.run(parsed.opts);
+  if (parsed.opts.json) console.log(JSON.stringify(result, null, 2));
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared measuring helpers
+
+/** Best wall time (ms) of fn over at least `minReps` runs and `minMs` total, after one warm-up. */
+function bestMs(fn: () => void, minReps: number, minMs: number): number {
+  fn();
+  let best = Infinity;
+  let total = 0;
+  for (let r = 0; r < minReps || total < minMs; r++) {
+    const t0 = performance.now();
+    fn();
+    const dt = performance.now() - t0;
+    best = Math.min(best, dt);
+    total += dt;
+    if (r > 50) break;
+  }
+  return best;
+}
+
+function cpuModel(): string {
+  try {
+    const m = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
+    if (m) return m[1]!.trim();
+  } catch {
+    /* not Linux */
+  }
+  return os.cpus()[0]?.model ?? 'unknown';
+}
+
+function randomTensor(d: Device, rng: Rng, dtype: 'f32' | 'bf16', shape: number[], std = 1): Tensor {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const x = rng.fillNormal(new Float32Array(n), std);
+  if (dtype === 'f32') return d.fromArray('f32', shape, x);
+  const bits = new Uint16Array(n);
+  const u = new Uint32Array(x.buffer);
+  for (let i = 0; i < n; i++) bits[i] = (u[i]! + 0x7fff + ((u[i]! >>> 16) & 1)) >>> 16; // round to nearest even
+  return d.fromArray('bf16', shape, bits);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario: kernels
+
+/** The bench model: 4 layers, hidden 512, 8 heads × 64 (4 KV heads), intermediate 1376, vocab 8192. */
+const BENCH_MODEL = { hidden: 512, heads: 8, kvHeads: 4, headDim: 64, intermediate: 1376, vocab: 8192, tokens: 2048 };
+
+interface GemmRow {
+  name: string;
+  orientation: 'forward X·Wᵀ' | 'backward dY·W';
+  dtype: 'f32' | 'bf16';
+  m: number;
+  n: number;
+  k: number;
+  ms: number;
+  gflops: number;
+  ofSgemm: number;
+  ofPeak: number;
+}
+
+async function benchKernels(opts: BenchOptions) {
+  const info = native().info();
+  const d = openDevice('cpu:0', { threads: opts.threads, budget: 2 ** 31 });
+  const reps = opts.quick ? 1 : 3;
+  const minMs = opts.quick ? 0 : 300;
+  const rng = new Rng(1, 'bench-kernels');
+  const log = (s: string) => {
+    if (!opts.json) console.log(s);
+  };
+
+  log(`mlora bench --scenario kernels   ${cpuModel()}, ${os.cpus().length} hardware threads, device threads ${opts.threads}`);
+  log(`gemm kernel ${info.cpu.gemmKernel}; avx2 ${info.cpu.avx2}, avx512f ${info.cpu.avx512f}, f16c ${info.cpu.f16c}`);
+
+  // Ceiling 1: FP32 FMA throughput of the kernel's vector unit, all device threads.
+  const out = d.alloc('f32', [1]);
+  const fmaPeak = () => {
+    let best = 0;
+    for (let r = 0; r < (opts.quick ? 1 : 5); r++) {
+      d.runSync([{ op: 'fma_peak', out, iterations: opts.quick ? 2e6 : 2e7 }]);
+      best = Math.max(best, (out.read() as Float32Array)[0]!);
+    }
+    return best;
+  };
+  let peak = fmaPeak();
+
+  // Ceiling 2: a large square sgemm with our kernel.
+  const S = opts.quick ? 512 : 2048;
+  const A = randomTensor(d, rng, 'f32', [S, S]);
+  const B = randomTensor(d, rng, 'f32', [S, S]);
+  const C = d.alloc('f32', [S, S]);
+  const sq = bestMs(() => d.runSync([{ op: 'gemm', c: C, a: A, b: B }]), reps, minMs);
+  const sgemm = (2 * S ** 3) / sq / 1e6;
+  A.free();
+  B.free();
+  C.free();
+
+  const { hidden: H, intermediate: I, vocab: V, tokens: M, heads, kvHeads, headDim } = BENCH_MODEL;
+  const shapes: Array<[string, number, number]> = [
+    ['q_proj/o_proj', heads * headDim, H],
+    ['k_proj/v_proj', kvHeads * headDim, H],
+    ['gate/up_proj', I, H],
+    ['down_proj', H, I],
+    ['lm_head', V, H],
+  ];
+  const rows: GemmRow[] = [];
+  for (const dtype of ['f32', 'bf16'] as const)
+    for (const [name, n, k] of shapes) {
+      const w = randomTensor(d, rng, dtype, [n, k], 0.05);
+      const x = randomTensor(d, rng, 'f32', [M, k]);
+      const y = d.alloc('f32', [M, n]);
+      for (const orientation of ['forward X·Wᵀ', 'backward dY·W'] as const) {
+        const op: Op =
+          orientation === 'forward X·Wᵀ' ? { op: 'linear_forward', y, x, w } : { op: 'linear_backward', dx: x, dy: y, w };
+        const ms = bestMs(() => d.runSync([op]), reps, minMs);
+        const gflops = (2 * M * n * k) / ms / 1e6;
+        rows.push({ name, orientation, dtype, m: M, n, k, ms, gflops, ofSgemm: 0, ofPeak: 0 });
+      }
+      w.free();
+      x.free();
+      y.free();
+    }
+  // The peak again at the end: the machine may be shared, keep the better of the two.
+  peak = Math.max(peak, fmaPeak());
+  out.free();
+  for (const r of rows) {
+    r.ofSgemm = r.gflops / sgemm;
+    r.ofPeak = r.gflops / peak;
+  }
+
+  log('');
+  log(`ceilings (same run): FMA peak ${peak.toFixed(1)} GFLOP/s; sgemm ${S}³ ${sgemm.toFixed(1)} GFLOP/s (${((100 * sgemm) / peak).toFixed(0)}% of peak)`);
+  log('');
+  log(`GEMM shapes of the bench model, M = ${M} tokens (best of ≥${reps} runs; GFLOP/s = 2·M·N·K / time)`);
+  log(`${'layer'.padEnd(14)} ${'orientation'.padEnd(14)} ${'W'.padEnd(5)} ${'M×N×K'.padEnd(16)} ${'ms'.padStart(8)} ${'GFLOP/s'.padStart(8)} ${'of sgemm'.padStart(9)} ${'of peak'.padStart(8)}`);
+  for (const r of rows)
+    log(
+      `${r.name.padEnd(14)} ${r.orientation.padEnd(14)} ${r.dtype.padEnd(5)} ${`${r.m}×${r.n}×${r.k}`.padEnd(16)} ` +
+        `${r.ms.toFixed(2).padStart(8)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)} ${`${(100 * r.ofPeak).toFixed(0)}%`.padStart(8)}`,
+    );
+
+  // ---- Time split of one full layer forward+backward by kernel family --------------------
+  const split = layerSplit(d, rng, opts, log);
+  return {
+    scenario: 'kernels',
+    machine: { cpu: cpuModel(), hardwareThreads: os.cpus().length, deviceThreads: opts.threads, gemmKernel: info.cpu.gemmKernel },
+    model: BENCH_MODEL,
+    ceilings: { fmaPeakGflops: peak, sgemm: { size: S, gflops: sgemm } },
+    gemm: rows,
+    layerSplit: split,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// LAYER SPLIT: one LLaMA decoder layer (bench model sizes, M tokens as 4 packed sequences, LoRA
+// rank 16 on q/k/v/o for 2 adapters of M/2 rows each), forward then backward, every op timed
+// on its own and summed by kernel family. Runs only once every op it needs is in the addon.
+
+const LAYER_OPS = [
+  'copy', 'linear_forward', 'linear_backward', 'rmsnorm_forward', 'rmsnorm_backward', 'rope_forward', 'rope_backward',
+  'attention_forward', 'attention_backward', 'swiglu_forward', 'swiglu_backward', 'lora_forward', 'lora_backward',
+] as const;
+
+function family(op: string): string {
+  return op.replace(/_(forward|backward)$/, '');
+}
+
+/** The ops of one layer forward+backward over freshly allocated tensors (all listed in `owned`). */
+export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: Op[]; description: string } {
+  const { hidden: H, intermediate: I, tokens: T, heads, kvHeads, headDim: hd } = BENCH_MODEL;
+  const nseq = 4;
+  const rank = 16;
+  const maxPos = T / nseq;
+  const f32 = (shape: number[], std = 1) => {
+    const t = randomTensor(d, rng, 'f32', shape, std);
+    owned.push(t);
+    return t;
+  };
+  const buf = (shape: number[]) => {
+    const t = d.alloc('f32', shape);
+    owned.push(t);
+    return t;
+  };
+  const i32 = (shape: number[], data: Int32Array) => {
+    const t = d.fromArray('i32', shape, data);
+    owned.push(t);
+    return t;
+  };
+  const x = f32([T, H]);
+  const wNorm1 = f32([H], 0.1);
+  const wNorm2 = f32([H], 0.1);
+  const Wq = f32([heads * hd, H], 0.05), Wk = f32([kvHeads * hd, H], 0.05), Wv = f32([kvHeads * hd, H], 0.05);
+  const Wo = f32([H, heads * hd], 0.05);
+  const Wg = f32([I, H], 0.05), Wu = f32([I, H], 0.05), Wd = f32([H, I], 0.05);
+  const pos = i32([T], Int32Array.from({ length: T }, (_, i) => i % maxPos));
+  const cu = i32([nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * maxPos));
+  const cosT = buf([maxPos, hd / 2]);
+  const sinT = buf([maxPos, hd / 2]);
+  {
+    const c = new Float32Array(maxPos * (hd / 2));
+    const s = new Float32Array(maxPos * (hd / 2));
+    for (let p = 0; p < maxPos; p++)
+      for (let i = 0; i < hd / 2; i++) {
+        const ang = p / 10000 ** ((2 * i) / hd);
+        c[p * (hd / 2) + i] = Math.cos(ang);
+        s[p * (hd / 2) + i] = Math.sin(ang);
+      }
+    cosT.write(c);
+    sinT.write(s);
+  }
+  // LoRA segments for one projection [in → out]: 2 adapters, half the rows each.
+  const segments = (inF: number, outF: number) =>
+    [0, 1].map((s) => ({
+      rowStart: (s * T) / 2,
+      rowEnd: ((s + 1) * T) / 2,
+      a: f32([rank, inF], 0.05),
+      b: f32([outF, rank], 0.05),
+      scale: 2,
+      xa: buf([T / 2, rank]),
+      da: buf([rank, inF]),
+      db: buf([outF, rank]),
+    }));
+  const segQ = segments(H, heads * hd), segK = segments(H, kvHeads * hd), segV = segments(H, kvHeads * hd);
+  const segO = segments(heads * hd, H);
+
+  const rstd1 = buf([T]), rstd2 = buf([T]);
+  const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
+  const qr = buf([T, heads * hd]), kr = buf([T, kvHeads * hd]);
+  const att = buf([T, heads * hd]), lse = buf([heads, T]);
+  const x1 = buf([T, H]), h2 = buf([T, H]), gate = buf([T, I]), up = buf([T, I]), hm = buf([T, I]), x2 = buf([T, H]);
+  const dx2 = f32([T, H]);
+  const dx1 = buf([T, H]), dhm = buf([T, I]), dgate = buf([T, I]), dup = buf([T, I]), dh2 = buf([T, H]);
+  const datt = buf([T, heads * hd]), dqr = buf([T, heads * hd]), dkr = buf([T, kvHeads * hd]), dv = buf([T, kvHeads * hd]);
+  const dq = buf([T, heads * hd]), dk = buf([T, kvHeads * hd]), dh1 = buf([T, H]), dx0 = buf([T, H]);
+  const dwNorm1 = buf([H]), dwNorm2 = buf([H]);
+
+  const program: Op[] = [
+    // forward
+    { op: 'rmsnorm_forward', y: h1, rstd: rstd1, x, w: wNorm1, eps: 1e-5 },
+    { op: 'linear_forward', y: q, x: h1, w: Wq },
+    { op: 'lora_forward', y: q, x: h1, segments: segQ },
+    { op: 'linear_forward', y: k, x: h1, w: Wk },
+    { op: 'lora_forward', y: k, x: h1, segments: segK },
+    { op: 'linear_forward', y: v, x: h1, w: Wv },
+    { op: 'lora_forward', y: v, x: h1, segments: segV },
+    { op: 'rope_forward', y: qr, x: q, pos, cos: cosT, sin: sinT, heads },
+    { op: 'rope_forward', y: kr, x: k, pos, cos: cosT, sin: sinT, heads: kvHeads },
+    { op: 'attention_forward', out: att, lse, q: qr, k: kr, v, cuSeqlens: cu, heads, kvHeads },
+    { op: 'copy', y: x1, x },
+    { op: 'linear_forward', y: x1, x: att, w: Wo, accumulate: true },
+    { op: 'lora_forward', y: x1, x: att, segments: segO },
+    { op: 'rmsnorm_forward', y: h2, rstd: rstd2, x: x1, w: wNorm2, eps: 1e-5 },
+    { op: 'linear_forward', y: gate, x: h2, w: Wg },
+    { op: 'linear_forward', y: up, x: h2, w: Wu },
+    { op: 'swiglu_forward', h: hm, gate, up },
+    { op: 'copy', y: x2, x: x1 },
+    { op: 'linear_forward', y: x2, x: hm, w: Wd, accumulate: true },
+    // backward (dx2 given)
+    { op: 'copy', y: dx1, x: dx2 },
+    { op: 'linear_backward', dx: dhm, dy: dx2, w: Wd },
+    { op: 'swiglu_backward', dgate, dup, dh: dhm, gate, up },
+    { op: 'linear_backward', dx: dh2, dy: dgate, w: Wg },
+    { op: 'linear_backward', dx: dh2, dy: dup, w: Wu, accumulate: true },
+    { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
+    { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
+    { op: 'lora_backward', dx: datt, dy: dx1, x: att, segments: segO },
+    { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
+    { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
+    { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
+    { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
+    { op: 'lora_backward', dx: dh1, dy: dq, x: h1, segments: segQ },
+    { op: 'linear_backward', dx: dh1, dy: dk, w: Wk, accumulate: true },
+    { op: 'lora_backward', dx: dh1, dy: dk, x: h1, segments: segK },
+    { op: 'linear_backward', dx: dh1, dy: dv, w: Wv, accumulate: true },
+    { op: 'lora_backward', dx: dh1, dy: dv, x: h1, segments: segV },
+    { op: 'copy', y: dx0, x: dx1 },
+    { op: 'rmsnorm_backward', dx: dx0, dy: dh1, x, w: wNorm1, rstd: rstd1, dw: dwNorm1, accumulate: true },
+  ];
+  return {
+    program,
+    description: `${T} tokens (${nseq} sequences of ${maxPos}), LoRA rank ${rank} on q/k/v/o for 2 adapters`,
+  };
+}
+
+function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
+  log('');
+  log('time split of one layer forward+backward by kernel family');
+  const have = native().info().ops;
+  const missing = LAYER_OPS.filter((o) => !have.includes(o));
+  if (missing.length) {
+    log(`  (needs ops: ${missing.join(', ')})`);
+    return { needsOps: missing };
+  }
+  const owned: Tensor[] = [];
+  try {
+    const { program, description } = layerProgram(d, rng, owned);
+    d.runSync(program); // warm-up, and checks every op's arguments
+    const reps = opts.quick ? 1 : 3;
+    const best = new Array<number>(program.length).fill(Infinity);
+    for (let r = 0; r < reps; r++)
+      program.forEach((op, i) => {
+        const t0 = performance.now();
+        d.runSync([op]);
+        best[i] = Math.min(best[i]!, performance.now() - t0);
+      });
+    const byFamily = new Map<string, number>();
+    program.forEach((op, i) => byFamily.set(family(op.op), (byFamily.get(family(op.op)) ?? 0) + best[i]!));
+    const total = best.reduce((a, b) => a + b, 0);
+    const sorted = [...byFamily.entries()].sort((a, b) => b[1] - a[1]);
+    log(`  ${description}; total ${total.toFixed(1)} ms`);
+    for (const [fam, ms] of sorted) log(`  ${fam.padEnd(14)} ${ms.toFixed(2).padStart(9)} ms ${`${((100 * ms) / total).toFixed(1)}%`.padStart(7)}`);
+    return { totalMs: total, families: Object.fromEntries(sorted) };
+  } catch (e) {
+    log(`  (layer split failed: ${(e as Error).message})`);
+    return { error: (e as Error).message };
+  } finally {
+    for (const t of owned) if (!t.freed) t.free();
+  }
+}
