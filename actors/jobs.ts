@@ -8,7 +8,7 @@ import type { LlamaConfig } from '../lib/model/config.js';
 import { loadTrainingData } from '../lib/data/pool.js';
 import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
 import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
-import { latestCheckpoint, loadCheckpoint, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
+import { latestCheckpoint, loadCheckpoint, readCheckpointMeta, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
 import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
 import type { PreparedJob, Job, SupervisorHooks } from './supervisor.js';
 import type { AdapterState } from './protocol.js';
@@ -50,10 +50,11 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   let startStep = 0;
   const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
   if (ckpt) {
-    const { state, meta } = loadCheckpoint(ckpt.dir, env.model, spec);
-    if (meta.configHash !== hashConfig(resumeKey(c))) {
+    // The config check comes before the tensors are read: a changed r or targets must say so, not fail on a shape.
+    if (readCheckpointMeta(ckpt.dir).configHash !== hashConfig(resumeKey(c))) {
       throw new Error(`${ckpt.dir}: was written with a different data/LoRA/batch config for '${c.name}'; cannot resume (move it away to start over)`);
     }
+    const { state, meta } = loadCheckpoint(ckpt.dir, env.model, spec);
     loader.restore(meta.loader as LoaderState);
     initial = state;
     startStep = meta.step;

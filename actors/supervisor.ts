@@ -4,7 +4,7 @@
 // streams events. It speaks to the stages only through the `Pipeline` interface, so the same
 // scheduler drives the in-thread single-device trainer and the worker-thread pipeline.
 import { availableParallelism } from 'node:os';
-import type { AdapterConfig } from '../lib/config.js';
+import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../lib/config.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type StagePlan } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
@@ -254,7 +254,13 @@ export class Supervisor {
     this.loopDone = this.loop();
   }
 
-  submit(config: AdapterConfig): Job {
+  /**
+   * Starts training one adapter. The config has the fields of one entry of a training config's
+   * `adapters` (validated here, defaults filled in; a bad field is an Error naming it).
+   */
+  submit(input: AdapterConfigInput | AdapterConfig): Job {
+    const name = input && typeof input === 'object' && typeof (input as { name?: unknown }).name === 'string' ? `submit('${(input as { name: string }).name}')` : 'submit()';
+    const config = parseAdapterConfig(input, name);
     if ([...this.jobs.values()].some((j) => j.name === config.name && !j.terminal())) {
       throw new Error(`an adapter named '${config.name}' is already running`);
     }

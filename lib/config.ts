@@ -11,7 +11,7 @@ const target = z.enum(LORA_TARGETS);
 
 export const LoraSchema = z
   .object({
-    r: z.number().int().min(1).max(1024).default(8),
+    r: z.number().int('must be an integer from 1 to 1024').min(1, 'must be an integer from 1 to 1024').max(1024, 'must be an integer from 1 to 1024').default(8),
     alpha: z.number().positive().default(16),
     dropout: z.number().min(0).max(0.99).default(0.05),
     targets: z.array(target).min(1).default(['q_proj', 'k_proj', 'v_proj', 'o_proj']),
@@ -37,6 +37,8 @@ export const ScheduleSchema = z
   })
   .strict();
 
+export const EvalSchema = z.object({ data: z.string().min(1), every: z.number().int().min(1).default(50) }).strict();
+
 export const AdapterSchema = z
   .object({
     name: z.string().regex(SAFE_NAME, 'must be a safe folder name: letters, digits, ".", "_", "-" (no leading dot, at most 64)'),
@@ -55,7 +57,7 @@ export const AdapterSchema = z
     train_on_inputs: z.boolean().default(false),
     max_grad_norm: z.number().positive().optional(),
     save_every: z.number().int().min(1).optional(),
-    eval: z.object({ data: z.string().min(1), every: z.number().int().min(1).default(50) }).strict().optional(),
+    eval: EvalSchema.optional(),
     priority: z.number().int().default(0),
     /** Skip malformed dataset records (counted) instead of failing. */
     skip_bad_records: z.boolean().default(false),
@@ -74,7 +76,7 @@ export type AdapterConfig = z.output<typeof AdapterSchema> & { micro_batch_size:
 export const PipelineSchema = z
   .object({
     /** Layer split: number of layers per stage (sums to the model's layers), or 'auto' (cost model). */
-    split: z.union([z.literal('auto'), z.array(z.number().int().min(0))]).default('auto'),
+    split: z.union([z.literal('auto'), z.array(z.number().int().min(0))], { error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2]' }).default('auto'),
     /** Micro-batches of one adapter in flight at once (1 = exact sequential semantics per adapter). */
     inflight_per_adapter: z.number().int().min(1).default(1),
     /** Micro-batch messages in flight in the whole pipeline (default: 2 × stages). */
@@ -86,21 +88,26 @@ export const PipelineSchema = z
     /** Threads per device (CPU). */
     threads: z.number().int().min(1).optional(),
     /** Byte budget per device, e.g. "4GiB". */
-    memory: z.union([z.string(), z.number()]).optional(),
+    memory: z.union([z.string(), z.number()], { error: 'must be a byte count or a size like "4GiB"' }).optional(),
   })
+  .strict();
+
+export const LogSchema = z
+  .object({ every: z.number().int().min(1).default(1), progress: z.enum(['auto', 'bar', 'plain', 'none']).default('auto') })
   .strict();
 
 export const TrainConfigSchema = z
   .object({
     model: z.string().min(1),
-    devices: z.union([z.literal('auto'), z.array(z.string().regex(/^(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N'))]).default('auto'),
+    devices: z
+      .union([z.literal('auto'), z.array(z.string().regex(/^(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N (e.g. cpu:0, cuda:1)')).min(1)], {
+        error: 'must be "auto" or a list of devices like ["cpu:0", "cpu:1"] or ["cuda:0", "cuda:1"]',
+      })
+      .default('auto'),
     output: z.string().min(1).default('mlora-output'),
     adapters: z.array(AdapterSchema).min(1),
     pipeline: PipelineSchema.default(PipelineSchema.parse({})),
-    log: z
-      .object({ every: z.number().int().min(1).default(1), progress: z.enum(['auto', 'bar', 'plain', 'none']).default('auto') })
-      .strict()
-      .default({ every: 1, progress: 'auto' }),
+    log: LogSchema.default({ every: 1, progress: 'auto' }),
   })
   .strict()
   .superRefine((c, ctx) => {
@@ -113,13 +120,59 @@ export const TrainConfigSchema = z
 
 export type TrainConfig = Omit<z.output<typeof TrainConfigSchema>, 'adapters'> & { adapters: AdapterConfig[] };
 
-/** A readable one-line-per-problem message from a zod error. */
-export function formatIssues(err: z.ZodError, where: string): string {
+/** What a required field holds, said when it is missing. */
+const REQUIRED_HINTS: Record<string, string> = {
+  model: 'a Hugging Face model directory (config.json, model.safetensors, tokenizer.json)',
+  adapters: 'a list of adapters, each with at least name and data',
+  name: 'a safe folder name for the adapter',
+  data: 'the path of a JSON/JSONL dataset file',
+};
+
+/** The fields an object at a config path may have (for 'unknown field' messages). */
+function allowedFields(path: PropertyKey[]): string[] | undefined {
+  const key = path.filter((p) => typeof p === 'string').join('.');
+  const shapes: Record<string, { shape: Record<string, unknown> }> = {
+    '': TrainConfigSchema, adapters: AdapterSchema, 'adapters.lora': LoraSchema, 'adapters.optimizer': OptimizerSchema,
+    'adapters.schedule': ScheduleSchema, 'adapters.eval': EvalSchema, pipeline: PipelineSchema, log: LogSchema,
+  };
+  const s = shapes[key];
+  return s ? Object.keys(s.shape) : undefined;
+}
+
+const show = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : JSON.stringify(v) ?? String(v));
+
+/** A readable one-line-per-problem message from a zod error: the field's path, what it must be, what it got. */
+export function formatIssues(err: z.ZodError, where: string, input?: unknown): string {
   const lines = err.issues.map((i) => {
     const path = i.path.length ? i.path.map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`)).join('').replace(/^\./, '') : '(top level)';
+    let value: unknown = input;
+    for (const k of i.path) value = value && typeof value === 'object' ? (value as Record<PropertyKey, unknown>)[k as PropertyKey] : undefined;
+    const got = input === undefined ? '' : `, got ${show(value)}`;
+    const last = i.path.at(-1);
     let msg = i.message;
-    if (i.code === 'invalid_value' && 'values' in i) msg = `must be one of ${(i.values as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
-    if (i.code === 'unrecognized_keys' && 'keys' in i) msg = `unknown field(s) ${(i.keys as string[]).map((k) => `'${k}'`).join(', ')}`;
+    if (i.code === 'invalid_value' && 'values' in i) msg = `must be one of ${(i.values as unknown[]).map(show).join(', ')}${got}`;
+    else if (i.code === 'unrecognized_keys' && 'keys' in i) {
+      const allowed = allowedFields(i.path);
+      msg = `unknown field(s) ${(i.keys as string[]).map((k) => `'${k}'`).join(', ')}${allowed ? ` (allowed: ${allowed.join(', ')})` : ''}`;
+    }
+    else if (i.code === 'invalid_type' && input !== undefined && value === undefined) {
+      msg = `is required${typeof last === 'string' && REQUIRED_HINTS[last] ? `: ${REQUIRED_HINTS[last]}` : ''}`;
+    } else if (i.code === 'invalid_type' && 'expected' in i) {
+      const e = String(i.expected);
+      if (!/^Invalid input/.test(i.message)) msg = `${i.message}${got}`;
+      else msg = `must be ${e === 'int' ? 'an integer' : e === 'array' ? 'a list' : e === 'object' ? 'an object' : `a ${e}`}${got}`;
+    } else if ((i.code === 'too_small' || i.code === 'too_big') && 'origin' in i) {
+      const small = i.code === 'too_small';
+      const bound = Number(small ? (i as { minimum: unknown }).minimum : (i as { maximum: unknown }).maximum);
+      const inclusive = (i as { inclusive?: boolean }).inclusive !== false;
+      const op = small ? (inclusive ? '≥' : '>') : inclusive ? '≤' : '<';
+      if (i.origin === 'array') msg = small ? `must have at least ${bound} item${bound === 1 ? '' : 's'}` : `must have at most ${bound} items`;
+      else if (i.origin === 'string') msg = small ? 'must not be empty' : `must be at most ${bound} characters`;
+      else msg = `must be ${op} ${bound}${got}`;
+      if (i.message && !/^Too (small|big)/.test(i.message)) msg = `${i.message}${got}`;
+    } else if ((i.code === 'invalid_format' || i.code === 'invalid_union') && input !== undefined && !/, got /.test(msg)) {
+      msg = `${msg}${got}`;
+    }
     return `${where}: ${path}: ${msg}`;
   });
   return lines.join('\n');
@@ -127,12 +180,12 @@ export function formatIssues(err: z.ZodError, where: string): string {
 
 export function parseAdapterConfig(input: unknown, where = 'adapter'): AdapterConfig {
   const r = AdapterSchema.safeParse(input);
-  if (!r.success) throw new Error(formatIssues(r.error, where));
+  if (!r.success) throw new Error(formatIssues(r.error, where, input));
   return { ...r.data, micro_batch_size: r.data.micro_batch_size ?? r.data.batch_size };
 }
 
 export function parseTrainConfig(input: unknown, where = 'config'): TrainConfig {
   const r = TrainConfigSchema.safeParse(input);
-  if (!r.success) throw new Error(formatIssues(r.error, where));
+  if (!r.success) throw new Error(formatIssues(r.error, where, input));
   return { ...r.data, adapters: r.data.adapters.map((a) => ({ ...a, micro_batch_size: a.micro_batch_size ?? a.batch_size })) };
 }

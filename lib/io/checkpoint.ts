@@ -118,8 +118,13 @@ export function latestCheckpoint(adapterDir: string): CheckpointEntry | undefine
   return listCheckpoints(adapterDir).filter((c) => c.complete).pop();
 }
 
+/** The checkpoint's record (step, config hash, data position) without its tensors. */
+export function readCheckpointMeta(dir: string): CheckpointMeta & { version: number } {
+  return unpack(fs.readFileSync(path.join(dir, 'state.msgpack'))) as CheckpointMeta & { version: number };
+}
+
 export function loadCheckpoint(dir: string, config: LlamaConfig, spec: LoraSpec): { state: AdapterState; meta: CheckpointMeta } {
-  const meta = unpack(fs.readFileSync(path.join(dir, 'state.msgpack'))) as CheckpointMeta & { version: number };
+  const meta = readCheckpointMeta(dir);
   const weights = openSafetensors(path.join(dir, 'adapter_model.safetensors'));
   const opt = openSafetensors(path.join(dir, 'optimizer.safetensors'));
   const get = (f: typeof weights, n: string) => (f.tensors.has(n) ? f.readF32(n) : undefined);

@@ -47,14 +47,14 @@ function cacheDir(): string {
 /** The embedded demo: four adapters, each a different task, with different LoRA settings. */
 export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
   const data = (n: string) => path.join(root, 'data/demo', `${n}.jsonl`);
-  const common = { seq_len: 256, epochs: 1, max_steps: fast ? 3 : 40, batch_size: 8, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
+  const common = { seq_len: 256, epochs: 1, max_steps: fast ? 8 : 40, batch_size: 8, save_every: fast ? 4 : 20, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
   return {
     model: modelDir,
     output,
     adapters: [
       { name: 'capitals', data: data('capitals'), lora: { r: 8, alpha: 16, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] }, optimizer: { lr: 2e-3 }, ...common, seed: 1 },
       { name: 'arithmetic', data: data('arithmetic'), lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3 }, ...common, micro_batch_size: 4, seed: 2 },
-      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3, weight_decay: 0.01 }, ...common, seed: 3 },
+      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3, weight_decay: 0.01 }, ...common, seed: 3 },
       { name: 'sentiment', data: data('sentiment'), lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj'] }, optimizer: { lr: 3e-3 }, max_grad_norm: 1, ...common, seed: 4 },
     ],
     pipeline: {},
@@ -92,6 +92,35 @@ export function readConfigFile(file: string): unknown {
     }
   }
   return c;
+}
+
+/**
+ * The paths a config names exist (model dir with config.json, each dataset, init adapter,
+ * template file): checked before anything loads, each error naming the field.
+ */
+export function checkPaths(cfg: TrainConfig, where: string): void {
+  const problems: string[] = [];
+  const st = (p: string) => fs.statSync(p, { throwIfNoEntry: false });
+  const m = st(cfg.model);
+  if (!m) problems.push(`model: ${cfg.model}: no such directory`);
+  else if (!m.isDirectory()) problems.push(`model: ${cfg.model} is not a directory (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`);
+  else if (!st(path.join(cfg.model, 'config.json'))) problems.push(`model: ${cfg.model} has no config.json (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`);
+  cfg.adapters.forEach((a, i) => {
+    const file = (field: string, p: string) => {
+      const s = st(p);
+      if (!s) problems.push(`adapters[${i}].${field}: ${p}: no such file`);
+      else if (!s.isFile()) problems.push(`adapters[${i}].${field}: ${p} is not a file`);
+    };
+    file('data', a.data);
+    if (a.eval) file('eval.data', a.eval.data);
+    if (a.template && /[/\\]/.test(a.template)) file('template', a.template);
+    if (a.lora.init) {
+      const s = st(a.lora.init);
+      if (!s || !s.isDirectory()) problems.push(`adapters[${i}].lora.init: ${a.lora.init}: no such adapter directory`);
+      else if (!st(path.join(a.lora.init, 'adapter_config.json'))) problems.push(`adapters[${i}].lora.init: ${a.lora.init} has no adapter_config.json (expected a PEFT adapter directory)`);
+    }
+  });
+  if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
 }
 
 function plan(cfg: TrainConfig, out: (s: string) => void): void {
@@ -185,7 +214,9 @@ export async function main(argv: string[]): Promise<number> {
   if (args.values.threads) pipe.threads = Number(args.values.threads);
   if (args.values.memory) pipe.memory = args.values.memory;
   raw.pipeline = pipe;
-  const cfg = parseTrainConfig(raw, args.positionals[0] ?? 'demo config');
+  const where = args.positionals[0] ?? 'demo config';
+  const cfg = parseTrainConfig(raw, where);
+  checkPaths(cfg, where);
   const faults = (args.values.fault ?? []).map(parseFault);
   if (args.values['dry-run']) {
     plan(cfg, (s) => console.log(s));
@@ -235,8 +266,13 @@ export async function main(argv: string[]): Promise<number> {
   let interrupted = false;
   const onSignal = (sig: string) => {
     if (interrupted) {
-      progress.log(`${sig} again: exiting now (everything written so far is complete)`);
-      process.exit(130);
+      progress.log(`${sig} again: exiting now (checkpoints already complete stay valid; a half-written one is ignored on --resume)`);
+      // Die of the signal itself (a shell sees 128+N: 130 for SIGINT). process.exit() would run
+      // the teardown, terminating the stage workers under their running native work, which
+      // aborts the process; with the default action restored nothing more runs.
+      process.removeAllListeners(sig);
+      process.kill(process.pid, sig);
+      return;
     }
     interrupted = true;
     progress.log(`${sig}: stopping; finishing in-flight micro-batches and checkpointing every adapter (${sig} again to exit at once)`);
