@@ -437,8 +437,20 @@ class LoadFileWorker : public Napi::AsyncWorker {
       t_.device().backend().synchronize();
     }
   }
-  void OnOK() override { deferred_.Resolve(JsTensor::Make(Env(), t_, Env().Undefined())); }
-  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+  // During environment teardown (a worker or the process exiting) JS can no longer run:
+  // settling the promise then fails, and that must not escape as a C++ exception.
+  void OnOK() override {
+    try {
+      deferred_.Resolve(JsTensor::Make(Env(), t_, Env().Undefined()));
+    } catch (...) {
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    try {
+      deferred_.Reject(e.Value());
+    } catch (...) {
+    }
+  }
 
  private:
   Napi::Promise::Deferred deferred_;
@@ -529,11 +541,17 @@ class RunWorker : public Napi::AsyncWorker {
   }
   void OnOK() override {
     ops_.kernels.clear();
-    deferred_.Resolve(Env().Undefined());
+    try {
+      deferred_.Resolve(Env().Undefined());
+    } catch (...) {  // environment teardown: nobody is waiting any more
+    }
   }
   void OnError(const Napi::Error& e) override {
     ops_.kernels.clear();
-    deferred_.Reject(e.Value());
+    try {
+      deferred_.Reject(e.Value());
+    } catch (...) {
+    }
   }
 
  private:
