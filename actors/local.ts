@@ -142,8 +142,10 @@ export class LocalPipeline implements Pipeline {
     return s;
   }
 
-  async step(id: number, p: StepParams): Promise<void> {
-    for (const st of this.stages) await st.step(id, p);
+  async step(id: number, p: StepParams, measure = false): Promise<{ sumsq?: number }> {
+    let sumsq = 0;
+    for (const st of this.stages) sumsq += (await st.step(id, p, measure)) ?? 0;
+    return measure ? { sumsq } : {};
   }
 
   async zeroGrads(id: number): Promise<void> {

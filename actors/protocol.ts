@@ -75,7 +75,11 @@ export interface Pipeline {
   evaluate(mb: MicroBatchData): Promise<Float32Array>;
   /** Σ grad² of an adapter over all stages. */
   gradSumsq(id: number): Promise<number>;
-  step(id: number, p: StepParams): Promise<void>;
+  /**
+   * AdamW on every stage. With `measure`, Σ grad² over all stages (before the step) comes back
+   * with it: one round trip when no clipping needs the norm first.
+   */
+  step(id: number, p: StepParams, measure?: boolean): Promise<{ sumsq?: number }>;
   zeroGrads(id: number): Promise<void>;
   /** Fault injection: makes an adapter's weights NaN (on the first stage). */
   poison(id: number): Promise<void>;
@@ -143,6 +147,8 @@ export interface StepMsg {
   id: number;
   adapter: number;
   params: StepParams;
+  /** Also return Σ grad² of the slice, taken before the step. */
+  measure?: boolean;
 }
 
 export interface ControlMsg {

@@ -396,14 +396,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   private async exportParts(id: number): Promise<AdapterState> {
-    const parts = await this.all<{ params: Float32Array; m: Float32Array; v: Float32Array; version: number }>({ type: 'exportAdapter', adapter: id });
-    const cat = (k: 'params' | 'm' | 'v') => {
-      const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
-      let o = 0;
-      for (const p of parts) (out.set(p[k], o), (o += p[k].length));
-      return out;
-    };
-    return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
+    return joinParts(await this.all<AdapterState>({ type: 'exportAdapter', adapter: id }));
   }
 
   async gradSumsq(id: number): Promise<number> {
@@ -425,17 +418,17 @@ export class ActorPipeline implements Pipeline {
     }
   }
 
-  async step(id: number, p: StepParams): Promise<void> {
-    // a stage that dies during the step or the snapshot after it: recovery restores the last
-    // snapshot and replays the step's micro-batches, and the step runs again (one unit with its snapshot)
-    const snap = await this.retrying(async () => {
-      await this.all({ type: 'step', adapter: id, params: p } as never);
-      return this.exportParts(id);
-    });
+  async step(id: number, p: StepParams, measure = false): Promise<{ sumsq?: number }> {
+    // Each stage replies with its new slice: that is the snapshot recovery restores. A stage that
+    // dies during the step: recovery restores the last snapshot and replays the step's
+    // micro-batches, and the step runs again.
+    type Part = { sumsq?: number; state: { params: Float32Array; m: Float32Array; v: Float32Array; version: number } };
+    const parts = await this.retrying(() => this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never));
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
-    this.snapshots.set(id, snap);
+    this.snapshots.set(id, joinParts(parts.map((x) => x.state)));
     this.stepLog.set(id, []);
     this.trimIssueOrder();
+    return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};
   }
 
   async zeroGrads(id: number): Promise<void> {
@@ -653,3 +646,13 @@ export class ActorPipeline implements Pipeline {
   }
 }
 
+/** Stage slices (in stage order) → the adapter's full state. */
+function joinParts(parts: AdapterState[]): AdapterState {
+  const cat = (k: 'params' | 'm' | 'v') => {
+    const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
+    let o = 0;
+    for (const p of parts) (out.set(p[k], o), (o += p[k].length));
+    return out;
+  };
+  return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
+}

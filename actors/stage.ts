@@ -146,9 +146,10 @@ async function handle(m: ToStage): Promise<void> {
     if (m.type === 'step') {
       const t = performance.now();
       injectFaults(false);
-      await program.step(m.adapter, m.params);
+      const sumsq = await program.step(m.adapter, m.params, !!m.measure);
       record('S', -1, [m.adapter], t);
-      return send({ type: 'reply', id: m.id });
+      // the reply carries the new state: the runtime's snapshot for recovery, without another round trip
+      return send({ type: 'reply', id: m.id, value: { sumsq, state: program.adapter(m.adapter).exportState() } });
     }
     if (m.type !== 'init') return await control(m);
   } catch (e) {

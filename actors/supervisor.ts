@@ -437,7 +437,10 @@ export class Supervisor {
       let per = 1;
       if (this.options.batchlora) {
         const active = [...this.jobs.values()].filter((j) => j.state === 'running').length;
-        per = this.options.adaptersPerMicroBatch ?? Math.max(1, Math.ceil(active / S));
+        // one device: every active adapter in one message (BatchLoRA at its widest); a pipeline:
+        // spread the adapters over about 2 messages per stage, so while some adapters take
+        // their optimizer step the others keep every stage busy (no flush, no bubble)
+        per = this.options.adaptersPerMicroBatch ?? (S === 1 ? active : Math.max(1, Math.ceil(active / (2 * S))));
       }
       const chosen: Job[] = [];
       let tokens = 0;
@@ -445,7 +448,7 @@ export class Supervisor {
         if (chosen.length >= per) break;
         const n = j.peek()!.numTokens;
         if (n > this.pipeline.maxTokens) {
-          this.failJob(j, `a micro-batch of ${n} tokens is larger than the pipeline's max_tokens (${this.pipeline.maxTokens}): raise pipeline.max_tokens or lower micro_batch_size/seq_len`);
+          this.failJob(j, `a micro-batch of ${n} tokens is larger than the pipeline's max_tokens (${this.pipeline.maxTokens}, the maxTokens start option): lower micro_batch_size or seq_len`);
           continue;
         }
         if (chosen.length && tokens + n > this.pipeline.maxTokens) continue;
@@ -537,18 +540,28 @@ export class Supervisor {
     job.stepping = true;
     try {
       const c = job.config;
-      const sumsq = await this.pipeline.gradSumsq(job.id);
-      const gradNorm = Math.sqrt(sumsq);
-      if (!Number.isFinite(gradNorm)) {
-        this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
-        return;
-      }
-      const gradScale = c.max_grad_norm !== undefined ? Math.min(1, c.max_grad_norm / (gradNorm + 1e-6)) : 1;
       const lr = lrAt(c.optimizer.lr, c.schedule, job.step, job.totalSteps);
-      await this.pipeline.step(job.id, {
+      const params = (gradScale: number) => ({
         lr, beta1: c.optimizer.betas[0], beta2: c.optimizer.betas[1], eps: c.optimizer.eps,
         weightDecay: c.optimizer.weight_decay, step: job.step + 1, gradScale,
       });
+      let gradNorm: number;
+      if (c.max_grad_norm !== undefined) {
+        // clipping needs the global norm over every stage before the step
+        gradNorm = Math.sqrt(await this.pipeline.gradSumsq(job.id));
+        if (!Number.isFinite(gradNorm)) {
+          this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+          return;
+        }
+        await this.pipeline.step(job.id, params(Math.min(1, c.max_grad_norm / (gradNorm + 1e-6))));
+      } else {
+        // no clipping: the norm (for the metrics) comes back with the step, in one round trip
+        gradNorm = Math.sqrt((await this.pipeline.step(job.id, params(1), true)).sumsq ?? NaN);
+        if (!Number.isFinite(gradNorm)) {
+          this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+          return;
+        }
+      }
       job.step++;
       const loss = job.stepLoss / Math.max(1, stepTargetTokens);
       job.lastLoss = loss;

@@ -345,20 +345,33 @@ export class StageProgram {
   }
 
   /** AdamW on this stage's slice of the adapter, then zero its gradients. */
+  /**
+   * AdamW on this stage's slice of the adapter, then zero its gradients, in one native run.
+   * With `measure`, Σ grad² of the slice is taken first (before clipping) and returned, so a
+   * step without clipping needs no separate round trip for the gradient norm.
+   */
   async step(
     adapterId: number,
     h: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number },
-  ): Promise<void> {
+    measure = false,
+  ): Promise<number | undefined> {
     const a = this.adapter(adapterId);
-    await this.device.run([
-      {
-        op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
-        lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
-        gradScale: h.gradScale ?? 1,
-      },
-      { op: 'fill', y: a.grads, value: 0 },
-    ]);
-    a.version++;
+    const out = measure ? this.device.alloc('f32', [1]) : undefined;
+    try {
+      await this.device.run([
+        ...(out ? [{ op: 'sumsq', out, xs: [a.grads] } as Op] : []),
+        {
+          op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
+          lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
+          gradScale: h.gradScale ?? 1,
+        },
+        { op: 'fill', y: a.grads, value: 0 },
+      ]);
+      a.version++;
+      return out ? (out.read() as Float32Array)[0]! : undefined;
+    } finally {
+      out?.free();
+    }
   }
 
   async zeroGrads(adapterId: number): Promise<void> {

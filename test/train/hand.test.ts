@@ -72,12 +72,13 @@ t.test('step events, clipping and AdamW (PyTorch semantics) vs hand-computed upd
     const a = lp.stages[0]!.adapter(id);
     return [a.params, a.m, a.v].map((x) => x.read() as Float32Array);
   };
-  lp.step = async (id, p) => {
+  lp.step = async (id, p, measure) => {
     const g = lp.stages[0]!.adapter(id).grads.read() as Float32Array;
     const before = read(id);
-    await step(id, p);
+    const r = await step(id, p, measure);
     if (!seen.has(id)) seen.set(id, []);
     seen.get(id)!.push({ p, g, before, after: read(id) });
+    return r;
   };
   const jobs = adapters.map((a) => sup.submit(parseAdapterConfig(a)));
   await sup.drain();
