@@ -47,7 +47,7 @@ function cacheDir(): string {
 /** The embedded demo: four adapters, each a different task, with different LoRA settings. */
 export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
   const data = (n: string) => path.join(root, 'data/demo', `${n}.jsonl`);
-  const common = { seq_len: 256, epochs: 1, max_steps: fast ? 8 : 40, batch_size: 8, save_every: fast ? 4 : 20, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 } };
+  const common = { seq_len: 256, epochs: fast ? 1 : 3, max_steps: fast ? 8 : 100, batch_size: 8, save_every: fast ? 4 : 25, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 5 } };
   return {
     model: modelDir,
     output,
