@@ -5,6 +5,7 @@
 // scheduler drives the in-thread single-device trainer and the worker-thread pipeline.
 import { availableParallelism } from 'node:os';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../lib/config.js';
+import type { MicroBatch as LoaderMicroBatch } from '../lib/data/loader.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type StagePlan } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
@@ -22,19 +23,10 @@ import type { AdapterState, FaultSpec, JobEvent, JobState, MicroBatchData, Pipel
 import type { Segment } from '../lib/model/stage.js';
 
 /** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
-export interface SourceMicroBatch {
-  step: number;
-  microIndex: number;
-  microCount: number;
-  inputIds: Int32Array;
-  labels: Int32Array;
-  cuSeqlens: Int32Array;
-  positions: Int32Array;
-  numTokens: number;
-  numTargetTokens: number;
-  stepTargetTokens: number;
-  lastOfStep: boolean;
-}
+export type SourceMicroBatch = Pick<
+  LoaderMicroBatch,
+  'step' | 'microIndex' | 'microCount' | 'inputIds' | 'labels' | 'cuSeqlens' | 'positions' | 'numTokens' | 'numTargetTokens' | 'stepTargetTokens' | 'lastOfStep'
+>;
 
 export interface MicroBatchSource {
   readonly totalSteps: number;

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { pack, unpack } from 'msgpackr';
-import { writeFileAtomic, writeSafetensors, openSafetensors, type StTensorSource } from './safetensors.js';
+import { fsyncDir, writeFileAtomic, writeSafetensors, openSafetensors, type StTensorSource } from './safetensors.js';
 import { writeAdapterFiles } from './peft.js';
 import type { AdapterState } from '../../actors/protocol.js';
 import type { LlamaConfig } from '../model/config.js';
@@ -35,15 +35,6 @@ export function hashConfig(obj: unknown): string {
   return createHash('sha256').update(JSON.stringify(obj)).digest('hex').slice(0, 16);
 }
 
-function fsyncDir(dir: string) {
-  try {
-    const fd = fs.openSync(dir, 'r');
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-  } catch {
-    /* not all filesystems allow it */
-  }
-}
 
 export interface SaveCheckpointArgs {
   adapterDir: string;
@@ -134,6 +125,3 @@ export function loadCheckpoint(dir: string, config: LlamaConfig, spec: LoraSpec)
   return { state: { params, m, v, version: meta.version }, meta };
 }
 
-export function fsyncPath(p: string) {
-  fsyncDir(p);
-}

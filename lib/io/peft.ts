@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig, type LoraTarget } from '../model/config.js';
-import { openSafetensors, tempSibling, writeFileAtomic, writeSafetensors, type StTensorSource } from './safetensors.js';
+import { fsyncDir, openSafetensors, tempSibling, writeFileAtomic, writeSafetensors, type StTensorSource } from './safetensors.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
 
 /** One projection's LoRA factors, row-major f32: A is [r, in], B is [out, r]. */
@@ -333,7 +333,7 @@ export function writeAdapterFiles(dir: string, a: AdapterWeights, options: { dty
   fs.mkdirSync(dir, { recursive: true });
   writeSafetensors(path.join(dir, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
   writeFileAtomic(path.join(dir, ADAPTER_CONFIG), JSON.stringify(adapterConfigJson(a), null, 2) + '\n');
-  fsyncPath(dir);
+  fsyncDir(dir);
 }
 
 export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: 'f32' | 'bf16' | 'f16' } = {}): void {
@@ -357,7 +357,7 @@ export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: '
   try {
     writeSafetensors(path.join(tmp, ADAPTER_WEIGHTS), tensors, { format: 'pt' });
     writeFileAtomic(path.join(tmp, ADAPTER_CONFIG), JSON.stringify(adapterConfigJson(a), null, 2) + '\n');
-    fsyncPath(tmp);
+    fsyncDir(tmp);
     if (fs.existsSync(abs)) {
       old = `${abs}.old-${process.pid}-${path.basename(tmp).slice(-8)}`;
       fs.renameSync(abs, old);
@@ -368,18 +368,7 @@ export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: '
     if (old && !fs.existsSync(abs)) fs.renameSync(old, abs);
     throw e;
   }
-  fsyncPath(path.dirname(abs));
+  fsyncDir(path.dirname(abs));
   if (old) fs.rmSync(old, { recursive: true, force: true });
 }
 
-function fsyncPath(p: string): void {
-  let fd: number | undefined;
-  try {
-    fd = fs.openSync(p, 'r');
-    fs.fsyncSync(fd);
-  } catch {
-    // directories cannot be fsynced on every filesystem; the renames are still atomic
-  } finally {
-    if (fd !== undefined) fs.closeSync(fd);
-  }
-}

@@ -295,7 +295,8 @@ const ARRAY_OF: Record<StDType, string> = {
   I8: 'Int8Array', U8: 'Uint8Array', BOOL: 'Uint8Array',
 };
 
-function fsyncDir(dir: string): void {
+/** fsync a directory (after renames into it), where the filesystem allows it. */
+export function fsyncDir(dir: string): void {
   let fd: number | undefined;
   try {
     fd = fs.openSync(dir, 'r');
