@@ -168,6 +168,11 @@ export class Job {
     await this.sup.retire(this);
   }
 
+  /** @internal Ends the event stream without changing the state (the supervisor closed). */
+  endEvents(): void {
+    this.queue.close();
+  }
+
   terminal(): boolean {
     return this.state === 'done' || this.state === 'failed' || this.state === 'cancelled';
   }
@@ -295,6 +300,7 @@ export class Supervisor {
   async close(): Promise<void> {
     await this.stop();
     await this.pipeline.close();
+    for (const j of this.jobs.values()) if (!j.terminal()) j.endEvents();
   }
 
   /** Resolves when every submitted job has ended (or the run failed). */
