@@ -463,14 +463,21 @@ export class ActorPipeline implements Pipeline {
     await Promise.all(
       this.stages.map(async (s) => {
         if (!s.worker) return;
+        const w = s.worker;
+        const exited = new Promise<boolean>((r) => (w.threadId < 0 ? r(true) : w.once('exit', () => r(true))));
         if (s.alive) {
           try {
+            // the stage frees its device and closes its port: its thread then ends by itself (exit code 0)
             await this.request(s.index, { type: 'shutdown' }, 10_000);
+            let timer: NodeJS.Timeout | undefined;
+            const gone = await Promise.race([exited, new Promise<boolean>((r) => (timer = setTimeout(() => r(false), 2_000)))]);
+            clearTimeout(timer);
+            if (gone) return;
           } catch {
             /* terminate below */
           }
         }
-        await s.worker.terminate();
+        await w.terminate();
       }),
     );
     for (const p of this.pending.values()) clearTimeout(p.timer);

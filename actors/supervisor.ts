@@ -114,6 +114,12 @@ export class Job {
   tokens = 0;
   lastLoss = NaN;
   lastEval?: { loss: number; perplexity: number };
+  /** Loaded and waiting for room on the stages (placed by the supervisor, by priority). */
+  prepared?: PreparedJob;
+  /** Preempted: its state in host memory while it is off the stages (see Supervisor.placeWaiting). */
+  parked?: { state: AdapterState; source: unknown };
+  /** A higher-priority job needs this job's memory: it parks at its next step boundary. */
+  parkRequested = false;
   error?: string;
   outputPath?: string;
   startedAt = 0;
@@ -157,6 +163,11 @@ export class Job {
     this.setState('cancelled');
     await this.sup.quiesce(this);
     await this.sup.retire(this);
+  }
+
+  /** @internal Ends the event stream without changing the state (the supervisor closed). */
+  endEvents(): void {
+    this.queue.close();
   }
 
   terminal(): boolean {
@@ -209,9 +220,26 @@ export class Job {
     return mb;
   }
 
+  /** @internal Puts the data loader back to a saved position (unparking). */
+  restoreSource(state: unknown): void {
+    this.source.restore(state);
+    this.peeked = undefined;
+  }
+
+  /** @internal Nothing of this job in flight and no step half done: it can leave the stages. */
+  atStepBoundary(): boolean {
+    return this.inflight === 0 && !this.stepping && this.admittedInStep === 0;
+  }
+
+  /** @internal Waiting for room on the stages: loaded, or parked. */
+  waiting(): boolean {
+    return (this.state === 'loading' && this.prepared !== undefined) || this.state === 'parked';
+  }
+
   /** @internal */
   canAdmit(limit: number): boolean {
     if (this.state !== 'running' || this.stepping || this.inflight >= limit) return false;
+    if (this.parkRequested && this.admittedInStep === 0) return false; // park at this step boundary
     if (this.step >= this.totalSteps) return false;
     if (this.admittedInStep > 0 && this.admittedInStep >= this.microCount) return false; // wait for the step
     return this.peek() !== null;
@@ -228,8 +256,19 @@ export class Supervisor {
   private wakeResolve: (() => void) | undefined;
   private stopping = false;
   private loopDone: Promise<void>;
-  /** Bytes free per stage for activations (after weights, adapters and scratch). */
-  private headroom: number[] = [];
+  // Memory accounting, per stage (bytes). `restFree` is what is free when no micro-batch is in
+  // flight: the budget less the base weights, the scratch and the adapters on the stage. It is
+  // measured at rest and kept exact between measurements by adding and taking each adapter's
+  // bytes as it leaves or joins. In-flight micro-batches hold `reserved`; `promised` is held
+  // back for the waiting job that placement serves next, so micro-batches cannot take it.
+  private restFree: number[] | undefined;
+  private reserved: number[] = [];
+  private promised: number[] = [];
+  /** Adapter bytes per stage of each job whose adapter is on the stages. */
+  private readonly resident = new Map<number, number[]>();
+  /** Placing, parking and removing adapters run one at a time (they change the accounting). */
+  private residency: Promise<unknown> = Promise.resolve();
+  private placement: Promise<void> | undefined;
   private fatal: Error | undefined;
   /** nan:adapter=NAME,step=K faults: poison that adapter's loss at that step (testing). */
   nanFaults: FaultSpec[] = [];
@@ -288,10 +327,15 @@ export class Supervisor {
     return this.loopDone;
   }
 
-  /** Stops, then ends every stage actor (no thread, promise or slot left behind). */
+  /**
+   * Stops, then ends every stage actor (no thread, promise or slot left behind). Jobs left
+   * unfinished keep their state, but their event streams end, so a `for await` over
+   * job.events() returns instead of waiting forever.
+   */
   async close(): Promise<void> {
     await this.stop();
     await this.pipeline.close();
+    for (const j of this.jobs.values()) if (!j.terminal()) j.endEvents();
   }
 
   /** Resolves when every submitted job has ended (or the run failed). */
@@ -307,6 +351,7 @@ export class Supervisor {
 
   // ---- internals
 
+  /** Loads a job's data and initial state; placement then puts it on the stages when there is room. */
   private async load(job: Job): Promise<void> {
     job.setState('loading');
     try {
@@ -316,33 +361,143 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
-      const need = this.pipeline.adapterBytes(p.spec);
-      await this.refreshHeadroom();
-      const short = need.findIndex((b, s) => b > this.headroom[s]!);
-      if (short >= 0) {
-        throw new Error(
-          `adapter '${job.name}' needs ${need[short]} bytes on ${this.pipeline.devices[short]}, only ${this.headroom[short]} are free`,
-        );
-      }
-      await this.pipeline.addAdapter(job.id, p.spec, p.initial);
-      await this.refreshHeadroom();
-      job.startedAt = Date.now();
-      if (job.step >= job.totalSteps) {
-        await this.finish(job);
-        return;
-      }
-      if (job.state === 'loading') job.setState('running');
+      if (job.state === 'loading') job.prepared = p; // not if cancelled meanwhile
     } catch (e) {
       if (!this.pipelineFailed(e)) this.failJob(job, (e as Error).message);
     }
     this.wake();
   }
 
-  private async refreshHeadroom(): Promise<void> {
+  /** Runs fn after every earlier residency change has finished. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const r = this.residency.then(fn);
+    this.residency = r.catch(() => {});
+    return r;
+  }
+
+  /** Reads what is free on each stage; only exact when nothing is in flight. */
+  private async measure(): Promise<void> {
     const mem = await this.pipeline.memory();
-    let reserved = 0;
-    void reserved;
-    this.headroom = mem.map((m) => m.budget - m.used);
+    this.restFree = mem.map((m) => m.budget - m.used);
+    if (this.reserved.length !== mem.length) this.reserved = mem.map(() => 0);
+    this.promised = mem.map(() => 0);
+  }
+
+  /** Bytes micro-batches may still take on stage s. */
+  private free(s: number): number {
+    return this.restFree![s]! - this.reserved[s]! - this.promised[s]!;
+  }
+
+  /** Starts a placement pass unless one is running (the loop calls this on every wake). */
+  private place(): void {
+    if (this.placement || this.stopping || ![...this.jobs.values()].some((j) => j.waiting())) return;
+    this.placement = this.exclusive(() => this.placeWaiting())
+      .then(
+        (changed) => {
+          if (changed) this.wake();
+        },
+        (e: Error) => {
+          for (const j of this.jobs.values()) if (j.waiting()) this.failJob(j, `placing adapters failed: ${e.message}`);
+        },
+      )
+      .finally(() => (this.placement = undefined));
+  }
+
+  /**
+   * The mLoRA task scheduler. Puts waiting jobs (loaded or parked) on the stages, highest
+   * priority first, equal priorities first come first served (a job that must wait holds up
+   * those behind it). A job that does not fit asks running jobs of lower priority (lowest
+   * first, newest first) to park at their next step boundary: their LoRA weights, AdamW
+   * moments and data position go to host memory and their adapter leaves every stage; they
+   * come back, unchanged, when there is room. Returns whether anything changed.
+   */
+  private async placeWaiting(): Promise<boolean> {
+    if (!this.restFree || (this.inflight.size === 0 && this.stepping.size === 0)) await this.measure();
+    const S = this.pipeline.plans.length;
+    let changed = false;
+    for (;;) {
+      for (const j of this.jobs.values()) j.parkRequested = false;
+      this.promised = new Array<number>(S).fill(0);
+      const waiting = [...this.jobs.values()].filter((j) => j.waiting()).sort((a, b) => b.priority - a.priority || a.id - b.id);
+      for (const job of waiting) {
+        const need = this.pipeline.adapterBytes(job.spec);
+        const held = this.residentBytes();
+        const never = need.findIndex((b, s) => b > this.restFree![s]! + held[s]!);
+        if (never >= 0) {
+          this.failJob(job, `adapter '${job.name}' needs ${need[never]} bytes on ${this.pipeline.devices[never]}, ` +
+            `only ${this.restFree![never]! + held[never]!} are there besides the model: give the device more memory or lower lora.r`);
+          continue;
+        }
+        if (need.every((b, s) => b <= this.restFree![s]! - this.reserved[s]!)) {
+          await this.putOnStages(job, need);
+          changed = true;
+          continue;
+        }
+        if (need.every((b, s) => b <= this.restFree![s]!)) {
+          this.promised = need; // fits once the micro-batches in flight are done
+          break;
+        }
+        const room = this.restFree!.slice();
+        const lower = [...this.jobs.values()]
+          .filter((j) => this.resident.has(j.id) && j.state === 'running' && j.priority < job.priority)
+          .sort((a, b) => a.priority - b.priority || b.id - a.id);
+        const victims: Job[] = [];
+        for (const v of lower) {
+          if (need.every((b, s) => b <= room[s]!)) break;
+          victims.push(v);
+          this.resident.get(v.id)!.forEach((b, s) => (room[s]! += b));
+        }
+        if (need.every((b, s) => b <= room[s]!)) for (const v of victims) v.parkRequested = true;
+        break;
+      }
+      const ready = [...this.jobs.values()].filter((j) => j.parkRequested && j.state === 'running' && j.atStepBoundary());
+      if (!ready.length) return changed;
+      for (const j of ready) await this.park(j);
+      changed = true;
+    }
+  }
+
+  private residentBytes(): number[] {
+    const sum = new Array<number>(this.pipeline.plans.length).fill(0);
+    for (const b of this.resident.values()) b.forEach((x, s) => (sum[s]! += x));
+    return sum;
+  }
+
+  /** Adds a waiting job's adapter to every stage (fresh, resumed from a checkpoint, or unparked). */
+  private async putOnStages(job: Job, bytes: number[]): Promise<void> {
+    const parked = job.parked;
+    await this.pipeline.addAdapter(job.id, job.spec, parked ? parked.state : job.prepared!.initial);
+    this.resident.set(job.id, bytes);
+    bytes.forEach((b, s) => (this.restFree![s]! -= b));
+    if (parked) {
+      job.restoreSource(parked.source);
+      job.parked = undefined;
+      job.setState('running');
+      return;
+    }
+    job.prepared = undefined;
+    job.startedAt = Date.now();
+    if (job.step >= job.totalSteps) await this.finish(job);
+    else job.setState('running');
+  }
+
+  /** Moves a job at a step boundary off the stages into host memory. */
+  private async park(job: Job): Promise<void> {
+    const state = await this.pipeline.exportAdapter(job.id);
+    const source = job.sourceState();
+    await this.takeOff(job);
+    job.parked = { state, source };
+    job.parkRequested = false;
+    job.setState('parked');
+  }
+
+  /** Removes a job's adapter from every stage and gives its bytes back. */
+  private async takeOff(job: Job): Promise<void> {
+    const bytes = this.resident.get(job.id);
+    if (!bytes) return;
+    this.resident.delete(job.id);
+    await this.pipeline.removeAdapter(job.id);
+    bytes.forEach((b, s) => (this.restFree![s]! += b));
   }
 
   private aborting: Promise<void> | undefined;
@@ -380,11 +535,13 @@ export class Supervisor {
     void this.retire(job);
   }
 
-  /** Takes a finished/failed/cancelled job's adapter off the stages. */
+  /** Takes a finished/failed/cancelled job's adapter off the stages (a parked job's state is dropped). */
   async retire(job: Job): Promise<void> {
     await this.quiesce(job);
+    job.parked = undefined;
+    job.prepared = undefined;
     try {
-      await this.pipeline.removeAdapter(job.id);
+      await this.exclusive(() => this.takeOff(job));
     } catch {
       /* already gone */
     }
@@ -393,9 +550,10 @@ export class Supervisor {
 
   private async loop(): Promise<void> {
     for (;;) {
-      if (this.stopping && this.inflight.size === 0 && this.stepping.size === 0) return;
+      if (this.stopping && this.inflight.size === 0 && this.stepping.size === 0 && !this.placement) return;
       if (!this.stopping) {
         try {
+          this.place();
           this.admit();
         } catch (e) {
           this.fatal = e as Error;
@@ -404,7 +562,7 @@ export class Supervisor {
         }
       }
       const wake = new Promise<void>((r) => (this.wakeResolve = r));
-      const pending = [...this.inflight.values(), ...this.stepping];
+      const pending = [...this.inflight.values(), ...this.stepping, ...(this.placement ? [this.placement] : [])];
       await Promise.race([wake, ...pending.map((p) => p.catch(() => {}))]);
     }
   }
@@ -453,14 +611,14 @@ export class Supervisor {
       const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
       const numSeqs = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
       const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })), numSeqs);
-      const short = need.findIndex((b, s) => b > this.headroom[s]!);
+      const short = need.findIndex((b, s) => b > this.free(s));
       if (short >= 0) {
-        if (this.inflight.size === 0) {
+        if (this.inflight.size === 0 && !this.promised.some((b) => b > 0)) {
           for (const p of parts) {
             this.failJob(
               p.job,
               `a micro-batch of ${numTokens} tokens needs ${need[short]} bytes of activations on ${this.pipeline.devices[short]}, ` +
-                `only ${this.headroom[short]} are free: lower micro_batch_size or seq_len, or give the device more memory`,
+                `only ${this.free(short)} are free: lower micro_batch_size or seq_len, or give the device more memory`,
             );
           }
           continue;
@@ -485,7 +643,7 @@ export class Supervisor {
       p.job.admittedInStep++;
       p.job.microCount = p.mb.microCount;
     }
-    reserve.forEach((b, s) => (this.headroom[s]! -= b));
+    reserve.forEach((b, s) => (this.reserved[s]! += b));
     const done = this.pipeline
       .train(data)
       .then(
@@ -496,7 +654,7 @@ export class Supervisor {
         },
       )
       .finally(() => {
-        reserve.forEach((b, s) => (this.headroom[s]! += b));
+        reserve.forEach((b, s) => (this.reserved[s]! -= b));
         for (const p of parts) p.job.inflight--;
         this.inflight.delete(data.id);
         this.wake();
@@ -606,7 +764,7 @@ export class Supervisor {
     if (this.hooks.finish) job.outputPath = await this.hooks.finish(job, state);
     job.emit({ type: 'done', adapter: job.name, steps: job.step, loss: job.lastLoss, path: job.outputPath, time: Date.now() });
     job.setState('done');
-    await this.pipeline.removeAdapter(job.id);
+    await this.takeOff(job);
   }
 
   /** Exports every live adapter's state (checkpoint on exit). */
@@ -614,6 +772,10 @@ export class Supervisor {
     const out: Array<{ job: Job; state: AdapterState }> = [];
     for (const j of this.jobs.values()) {
       if (j.terminal() || j.state === 'queued' || j.state === 'loading') continue;
+      if (j.parked) {
+        out.push({ job: j, state: j.parked.state });
+        continue;
+      }
       await this.quiesce(j);
       out.push({ job: j, state: await this.pipeline.exportAdapter(j.id) });
     }

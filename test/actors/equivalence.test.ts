@@ -1,0 +1,60 @@
+// Pipelined training over 1, 2 and 3 stage actors (worker threads, shared-memory slots) ends
+// with the same adapter state as the in-thread single-device trainer, for the same data and
+// seeds: LoRA weights and both AdamW moments.
+//
+// Tolerance: bitwise for an adapter without gradient clipping ('caps'). It holds because every kernel computes each row of a micro-batch
+// independently of the other rows (the base GEMM, LoRA segments, attention per sequence,
+// the loss), each stage runs exactly the same StageProgram code on the same layers, gradient
+// accumulation happens in the same micro-batch order (one micro-batch of an adapter in flight
+// at a time), dropout masks are a function of (seed, micro-batch serial, layer, row), and the
+// gradient norm for clipping is a sum over stages in stage order — so neither the stage
+// split nor which adapters share a BatchLoRA message changes a single bit. (The grouping does
+// differ: one stage packs both adapters in each message, two and three stages one each.)
+//
+// With clipping ('arith', max_grad_norm 1 and gradient norms around 1-1.3, so it clips):
+// each stage reduces Σg² over its own slice in float32, and the supervisor adds the stages'
+// partial sums, so the norm depends on where the cuts are at the float32 rounding level
+// (~3e-8 relative, seen: 0.95727330 vs 0.95727334). The clip factor, then every update,
+// inherits that: after 4 AdamW steps the weights differ by ~5e-8. Tolerance: |diff| ≤ 1e-8 +
+// 1e-5·|ref| per element of params, m and v, and 1e-5 relative on the step losses. The same
+// split in-thread and in workers (3 in-thread stages vs 3 stage actors) stays bitwise.
+import t from 'tap';
+import fs from 'node:fs';
+import { assertClose } from '../helpers.js';
+import { adapter, bitwiseEqual, maxDiff, runJobs, tinyModel } from './util.js';
+
+const model = await tinyModel(3);
+t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
+
+const jobs = () => [adapter('arith', 'arithmetic'), adapter('caps', 'capitals', { seed: 5, max_grad_norm: undefined, lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['k_proj', 'up_proj'] } })];
+
+const ref = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, jobs());
+t.equal(ref.states.size, 2, 'the single-device trainer finished both adapters');
+for (const [name, st] of ref.states) t.equal(st.version, 4, `${name}: 4 optimizer steps`);
+
+for (const S of [1, 2, 3]) {
+  await t.test(`${S} stage actor(s) vs the single-device trainer`, async (t) => {
+    const devices = Array.from({ length: S }, (_, i) => `cpu:${i}`);
+    const run = await runJobs({ model, devices, threads: 1 }, jobs());
+    t.same(run.sup.pipeline.plans.map((p) => p.hi - p.lo), S === 1 ? [3] : S === 2 ? [2, 1] : [1, 1, 1], 'layer split');
+    for (const [name, want] of ref.states) {
+      const got = run.states.get(name);
+      if (!got) {
+        t.fail(`${name}: did not finish`);
+        continue;
+      }
+      if (name === 'caps' || S === 1) {
+        t.ok(bitwiseEqual(got, want), `${name}: params, m, v bitwise equal (max |diff| ${maxDiff(got, want)})`);
+      } else {
+        for (const k of ['params', 'm', 'v'] as const) assertClose(t, got[k], want[k], { atol: 1e-8, rtol: 1e-5 }, `${name} (clipped): ${k}`);
+        t.equal(got.version, want.version, `${name}: same optimizer version`);
+      }
+    }
+    // the losses reported along the way match too
+    const losses = (evs: typeof ref.events, name: string) => evs.flatMap((e) => (e.type === 'step' && e.adapter === name ? [e.loss] : []));
+    t.same(losses(run.events, 'caps'), losses(ref.events, 'caps'), 'caps: per-step losses identical');
+    const [a, b] = [losses(run.events, 'arith'), losses(ref.events, 'arith')];
+    t.equal(a.length, 4, 'arith: 4 step events');
+    assertClose(t, a, b, { atol: 0, rtol: 1e-5 }, 'arith: per-step losses');
+  });
+}

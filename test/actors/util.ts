@@ -1,0 +1,85 @@
+// Helpers for the actor-runtime tests: a tiny model with a chosen number of layers, adapter
+// configs on the demo data, and a run that captures every adapter's final state (params and
+// AdamW moments) through the supervisor's finish hook.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { PRESETS } from '../../lib/model/config.js';
+import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
+import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
+import type { AdapterState, JobEvent } from '../../actors/protocol.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const demo = (name: string) => path.resolve(here, '../../../data/demo', `${name}.jsonl`);
+
+/** A seeded random tiny LLaMA with `numLayers` layers in a fresh temporary folder. */
+export async function tinyModel(numLayers = 3, seed = 7): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-actors-'));
+  const config = { ...PRESETS.tiny, numLayers };
+  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
+  writeRandomLlama(dir, config, { seed });
+  return dir;
+}
+
+/** A small adapter job: 4 steps of 2 micro-batches (dropout on, so masks must line up too). */
+export function adapter(name: string, data: string, over: Partial<AdapterConfigInput> = {}): AdapterConfig {
+  return parseAdapterConfig({
+    name, data: demo(data), seq_len: 256, batch_size: 4, micro_batch_size: 2, max_steps: 4, seed: name.length * 11 + 3,
+    lora: { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj', 'o_proj', 'down_proj'] },
+    optimizer: { lr: 5e-3, weight_decay: 0.01 }, max_grad_norm: 1.0,
+    ...over,
+  });
+}
+
+export interface RunResult {
+  states: Map<string, AdapterState>;
+  events: JobEvent[];
+  sup: Supervisor;
+}
+
+/** Captures each finished adapter's full state (the finish hook sees it just before removal). */
+export function captureFinals(sup: Supervisor): Map<string, AdapterState> {
+  const states = new Map<string, AdapterState>();
+  sup.hooks.finish = async (job, state) => {
+    states.set(job.name, state);
+    return '';
+  };
+  return states;
+}
+
+/** Starts a supervisor, submits the jobs, waits for all of them, closes it. */
+export async function runJobs(o: StartOptions, jobs: AdapterConfig[]): Promise<RunResult> {
+  const events: JobEvent[] = [];
+  const sup = await Supervisor.start({ ...o, onEvent: (ev) => events.push(ev) });
+  const states = captureFinals(sup);
+  try {
+    for (const j of jobs) sup.submit(j);
+    await sup.drain();
+  } finally {
+    await sup.close();
+  }
+  return { states, events, sup };
+}
+
+/** Largest |a - b| over the three arrays of an adapter state; -1 when the shapes differ. */
+export function maxDiff(a: AdapterState, b: AdapterState): number {
+  let d = 0;
+  for (const k of ['params', 'm', 'v'] as const) {
+    if (a[k].length !== b[k].length) return -1;
+    for (let i = 0; i < a[k].length; i++) {
+      const x = Math.abs(a[k][i]! - b[k][i]!);
+      if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x;
+    }
+  }
+  return d;
+}
+
+/** Same bits in params, m and v. */
+export function bitwiseEqual(a: AdapterState, b: AdapterState): boolean {
+  const eq = (x: Float32Array, y: Float32Array) =>
+    x.length === y.length && Buffer.from(x.buffer, x.byteOffset, x.byteLength).equals(Buffer.from(y.buffer, y.byteOffset, y.byteLength));
+  return eq(a.params, b.params) && eq(a.m, b.m) && eq(a.v, b.v) && a.version === b.version;
+}
