@@ -179,9 +179,10 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
       for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
       for (const K of o.adapters) {
         const ids = Array.from({ length: K }, (_, i) => i + 1);
-        // mLoRA scheduling: adapters spread over as many messages as stages, all in flight;
-        // each adapter steps as soon as its own micro-batch is back (no flush)
-        const groups: number[][] = Array.from({ length: Math.min(K, plans.length) }, () => []);
+        // mLoRA scheduling, as the supervisor does it: adapters spread over about 2 messages
+        // per stage, all in flight; each adapter steps as soon as its own micro-batch is back
+        // (no flush), while the other messages keep the stages busy
+        const groups: number[][] = Array.from({ length: Math.min(K, 2 * plans.length) }, () => []);
         ids.forEach((id, i) => groups[i % groups.length]!.push(id));
         const run = async (steps: number, gpipe: boolean) => {
           const version = new Map<number, number>();
@@ -189,10 +190,10 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
           const t0 = performance.now();
           const stepOf = async (g: number[], s: number) => {
             await p.train(assemble(mbId++, g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })), g.length * o.micro * o.seqLen));
-            for (const id of g) {
+            await Promise.all(g.map((id) => {
               version.set(id, (version.get(id) ?? 0) + 1);
-              await p.step(id, { ...STEP, step: version.get(id)! });
-            }
+              return p.step(id, { ...STEP, step: version.get(id)! });
+            }));
           };
           if (gpipe) {
             // GPipe-style for one adapter: its batch split into micro-batches, flush per step
