@@ -44,13 +44,21 @@ export interface StepParams {
   gradScale: number;
 }
 
+/**
+ * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
+ * process.hrtime), unlike performance.now(), whose origin is each worker thread's own start.
+ */
+export function clockMs(): number {
+  return Number(process.hrtime.bigint()) / 1e6;
+}
+
 /** One recorded piece of work on a stage (the schedule that actually ran). */
 export interface ScheduleRecord {
   stage: number;
   kind: 'F' | 'B' | 'S' | 'E';
   mb: number;
   adapters: number[];
-  /** ms since the pipeline started */
+  /** ms since the pipeline started (one time base for every stage: see clockMs) */
   start: number;
   end: number;
 }
@@ -113,6 +121,8 @@ export interface InitMsg {
   /** Int32 per fault, set to 1 by the stage just before that fault takes effect (a restarted stage gets only the ones not fired). */
   faultFlags?: SharedArrayBuffer;
   heartbeatMs: number;
+  /** The pipeline's time origin on the clockMs() clock: every stage stamps its records relative to it. */
+  epochMs: number;
 }
 
 export interface ForwardMsg {

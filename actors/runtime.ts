@@ -18,6 +18,7 @@ import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes } from '../lib/model/stage.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
+import { clockMs } from './protocol.js';
 import type {
   AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
 } from './protocol.js';
@@ -134,6 +135,8 @@ export class ActorPipeline implements Pipeline {
   private fatal: Error | undefined;
   private watchdog: NodeJS.Timeout;
   private readonly faults: FaultSpec[];
+  /** Time origin of the schedule records (clockMs()): shared by every stage, restarted ones too. */
+  private readonly epochMs = clockMs();
 
   private constructor(readonly opts: ActorPipelineOptions) {
     this.config = opts.config;
@@ -171,6 +174,7 @@ export class ActorPipeline implements Pipeline {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
+      epochMs: this.epochMs,
     };
     const w = new Worker(STAGE_URL, { workerData: init });
     h.worker = w;

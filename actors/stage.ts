@@ -10,7 +10,7 @@ import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import type { BackwardMsg, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, StepMsg, ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
 import { stageSliceRange } from '../lib/lora/state.js';
 
 const port = parentPort!;
@@ -21,7 +21,6 @@ let program: StageProgram;
 let slab: Slab;
 let handled = 0;
 let busySince = 0;
-const t0 = performance.now();
 const faults: FaultSpec[] = init.faults ?? [];
 /** Micro-batches between forward and backward on this stage. */
 const live = new Map<number, { mb: MicroBatch; views: Tensor[] }>();
@@ -76,8 +75,9 @@ async function pump(): Promise<void> {
   }
 }
 
+/** Records work that began at `start` (clockMs()), relative to the pipeline's epoch: one time base for all stages. */
 function record(kind: 'F' | 'B' | 'S' | 'E', mb: number, adapters: number[], start: number) {
-  send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - t0, end: performance.now() - t0 } });
+  send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs } });
 }
 
 /** Which faults have fired (each fires once); shared with the supervisor, which restarts a stage without them. */
@@ -144,7 +144,7 @@ async function handle(m: ToStage): Promise<void> {
     if (m.type === 'forward') return await forward(m);
     if (m.type === 'backward') return await backward(m);
     if (m.type === 'step') {
-      const t = performance.now();
+      const t = clockMs();
       injectFaults(false);
       const sumsq = await program.step(m.adapter, m.params, !!m.measure);
       record('S', -1, [m.adapter], t);
@@ -173,7 +173,7 @@ function dropLive(mb: number) {
 }
 
 async function forward(m: ForwardMsg): Promise<void> {
-  const start = performance.now();
+  const start = clockMs();
   const factor = injectFaults(true);
   const views: Tensor[] = [];
   slab.verify(m.metaSlot, m.mb, SlotKind.META);
@@ -215,7 +215,7 @@ async function forward(m: ForwardMsg): Promise<void> {
 }
 
 async function backward(m: BackwardMsg): Promise<void> {
-  const start = performance.now();
+  const start = clockMs();
   const factor = injectFaults(true);
   const l = live.get(m.mb);
   if (!l) throw new Error(`backward of micro-batch ${m.mb}: no forward state on stage ${init.stage}`);
@@ -233,7 +233,7 @@ async function backward(m: BackwardMsg): Promise<void> {
 
 async function slowDown(start: number, factor: number) {
   if (factor <= 1) return;
-  const ms = (performance.now() - start) * (factor - 1);
+  const ms = (clockMs() - start) * (factor - 1);
   await new Promise((r) => setTimeout(r, ms));
 }
 

@@ -712,6 +712,8 @@ export class Supervisor {
           return;
         }
       }
+      // cancelled (or failed) while the step ran: it must not go on to finish() and turn 'done'
+      if (job.terminal()) return;
       job.step++;
       const loss = job.stepLoss / Math.max(1, stepTargetTokens);
       job.lastLoss = loss;

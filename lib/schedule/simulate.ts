@@ -87,7 +87,6 @@ export function simulate(messages: SimMessage[], o: SimOptions): ScheduleRecord[
     const dur = a.kind === 'F' ? a.msg.forward[a.stage]! : a.msg.backward[a.stage]!;
     const end = best.start + dur;
     freeAt[best.s] = end;
-    now = end;
     records.push({ stage: a.stage, kind: a.kind, mb: a.msg.mb, adapters: a.msg.adapters, start: best.start, end });
     let finished = false;
     if (a.kind === 'F' && a.stage < S - 1) queue[a.stage + 1]!.push({ kind: 'F', msg: a.msg, stage: a.stage + 1, ready: end + hop, seq: seq++ });
@@ -95,7 +94,9 @@ export function simulate(messages: SimMessage[], o: SimOptions): ScheduleRecord[
     else if (a.kind === 'B' && a.stage > 0) queue[a.stage - 1]!.push({ kind: 'B', msg: a.msg, stage: a.stage - 1, ready: end + hop, seq: seq++ });
     else finished = true;
     if (finished) {
+      // the supervisor learns of the completion one hop later, and only then admits more
       doneAt.set(a.msg.mb, end + hop);
+      now = end + hop;
       active--;
       admit();
     }

@@ -58,6 +58,7 @@ export function balanceSplit(c: LlamaConfig, speeds: number[], T = 512): SplitRe
 
 /** A user-given split: layers per stage. */
 export function explicitSplit(c: LlamaConfig, layers: number[]): StagePlan[] {
+  if (layers.some((n) => !Number.isInteger(n))) throw new Error(`pipeline.split ${JSON.stringify(layers)}: layer counts must be whole numbers`);
   const sum = layers.reduce((a, b) => a + b, 0);
   if (sum !== c.numLayers) throw new Error(`pipeline.split ${JSON.stringify(layers)} covers ${sum} layers, the model has ${c.numLayers}`);
   if (layers.some((n) => n < 1)) throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least one layer`);
