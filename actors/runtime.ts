@@ -13,7 +13,7 @@
 // run without the fault.
 import { Worker } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
-import { StageAdapter } from '../lib/lora/adapter.js';
+import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes } from '../lib/model/stage.js';
@@ -445,7 +445,10 @@ export class ActorPipeline implements Pipeline {
   }
 
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
-    return this.plans.map((plan) => activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens));
+    // the saved block, the scratch while a call runs, and the last stage's losses; the tokens,
+    // targets, weights and hidden states are views of shared slots (borrowed, not counted)
+    return this.plans.map((plan) =>
+      activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens) + (plan.last ? allocBytes(4 * numTokens) : 0));
   }
 
   adapterBytes(spec: LoraSpec): number[] {
