@@ -84,6 +84,8 @@ interface RecoveryFault {
   detail: string;
   detected: number;
   silentMs: number;
+  /** Raised while a recovery was replaying. */
+  duringRecovery?: boolean;
 }
 
 interface Pending {
@@ -229,6 +231,12 @@ export class ActorPipeline implements Pipeline {
       case 'error': {
         if (m.epoch !== this.epoch) return;
         const kind = /checksum|corrupt/i.test(m.message) ? 'corrupt' : /out of memory/i.test(m.message) ? 'oom' : 'error';
+        // a replay that fails is answered at once: the recovery attempt waiting for it ends now
+        const f = m.mb !== undefined ? this.flights.get(m.mb) : undefined;
+        if (f && this.recovering) {
+          this.release(f);
+          f.reject(new Error(`stage ${h.index}: ${m.message}`));
+        }
         void this.recover(h.index, kind, m.message, false);
         return;
       }
@@ -523,7 +531,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   /** Faults that arrived during a recovery: the attempt is dropped and recovery starts over with them. */
-  private again: Array<{ stage: number; fault: FaultEvent['fault']; detail: string; detected: number; silentMs: number }> = [];
+  private again: RecoveryFault[] = [];
   private attempt = 0;
   private abortAttempt: ((e: Error) => void) | undefined;
 
@@ -532,7 +540,7 @@ export class ActorPipeline implements Pipeline {
     const silentMs = detected - this.stages[stage]!.lastBeat;
     if (restart) this.stages[stage]!.alive = false;
     if (this.recovering) {
-      this.again.push({ stage, fault, detail, detected, silentMs });
+      this.again.push({ stage, fault, detail, detected, silentMs, duringRecovery: true });
       this.abortAttempt?.(new Error(`stage ${stage}: ${fault} during recovery`));
       return this.recovering;
     }
@@ -558,8 +566,12 @@ export class ActorPipeline implements Pipeline {
         h.failures++;
         handled.push(q);
         const limit = this.opts.maxStageFailures ?? 3;
-        if (h.failures > limit && !this.fatal) {
-          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) failed ${h.failures} times (limit ${limit}); last: ${q.fault}: ${q.detail}`);
+        // a replay runs one micro-batch at a time, the least memory the run can need: out of memory
+        // there is not transient, and replaying again would only run into it again
+        const why = h.failures > limit ? `failed ${h.failures} times (limit ${limit})`
+          : q.fault === 'oom' && q.duringRecovery ? 'ran out of memory again while replaying (the memory accounting is wrong)' : undefined;
+        if (why && !this.fatal) {
+          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) ${why}; last: ${q.fault}: ${q.detail}`);
           this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, fatal: true });
         }
       }
