@@ -97,6 +97,9 @@ interface LayerActs {
   xa: Map<LoraTarget, Array<Tensor | undefined>>;
 }
 
+/** One call's scratch by name (scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
+type Scratch = Record<string, Tensor>;
+
 interface Saved {
   block: Tensor;
   layers: LayerActs[];
@@ -133,10 +136,6 @@ export class StageProgram {
   private readonly saved = new Map<number, Saved>();
   readonly cos: Tensor;
   readonly sin: Tensor;
-  /** Scratch of the call that is running; allocated per call, freed when it ends (see scratchBytes). */
-  private scratch: Record<string, Tensor> = {};
-  /** Output of the Σ grad² reductions: one persistent element, so a step allocates nothing. */
-  private readonly sumsqOut: Tensor;
   private readonly headBlockRows: number;
   readonly qDim: number;
   readonly kvDim: number;
@@ -160,7 +159,6 @@ export class StageProgram {
     this.cos = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], cos);
     this.sin = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], sin);
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
-    this.sumsqOut = device.alloc('f32', [1]);
   }
 
   // ---- adapters
@@ -215,7 +213,7 @@ export class StageProgram {
       this.release(mb.id);
       throw e;
     } finally {
-      this.endCall(views);
+      this.endCall(views, {});
     }
   }
 
@@ -224,15 +222,16 @@ export class StageProgram {
     const saved = this.saved.get(mb.id);
     if (!saved) throw new Error(`backward: micro-batch ${mb.id} has no saved activations on this stage`);
     let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
-      this.allocScratch(mb.numTokens);
+      this.allocScratch(mb.numTokens, s);
       const ops: Op[] = [];
-      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad);
+      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad, s);
       views = takeViews();
       await this.device.run(ops);
     } finally {
       this.release(mb.id);
-      this.endCall(views);
+      this.endCall(views, s);
     }
   }
 
@@ -250,24 +249,24 @@ export class StageProgram {
     const saved = this.saveBlock(mb, input);
     let losses: Tensor | undefined;
     let views: Tensor[] = [];
+    const s: Scratch = {};
     // every exit (an allocation that fails included) gives back the block, the scratch and the views
     try {
-      this.allocScratch(N);
-      const s = this.scratch;
+      this.allocScratch(N, s);
       const ops: Op[] = [];
       const xFinal = view(s.xFinal!, [N, this.config.hiddenSize]);
       this.forwardOps(ops, mb, saved, xFinal);
       const dres = gradIn ?? view(s.dres!, [N, this.config.hiddenSize]);
       losses = this.device.alloc('f32', [N], { zero: false });
-      this.headOps(ops, mb, xFinal, losses, dres, true);
-      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres);
+      this.headOps(ops, mb, xFinal, losses, dres, true, s);
+      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres, s);
       views = takeViews();
       await this.device.run(ops);
       return losses.read() as Float32Array;
     } finally {
       this.release(mb.id);
       losses?.free();
-      this.endCall(views);
+      this.endCall(views, s);
     }
   }
 
@@ -280,15 +279,16 @@ export class StageProgram {
     const carver = new Carver(block);
     let losses: Tensor | undefined;
     let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
-      this.allocScratch(N);
+      this.allocScratch(N, s);
       const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
       const saved: Saved = { block, layers, input, views: carver.views };
       const ops: Op[] = [];
-      const out = this.plan.last ? view(this.scratch.xFinal!, [N, H]) : output!;
+      const out = this.plan.last ? view(s.xFinal!, [N, H]) : output!;
       this.forwardOps(ops, mb, saved, out, false);
       losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
-      if (losses) this.headOps(ops, mb, out, losses, null, false);
+      if (losses) this.headOps(ops, mb, out, losses, null, false, s);
       views = takeViews();
       await this.device.run(ops);
       return losses ? (losses.read() as Float32Array) : undefined;
@@ -296,7 +296,7 @@ export class StageProgram {
       for (const v of carver.views) v.free();
       block.free();
       losses?.free();
-      this.endCall(views);
+      this.endCall(views, s);
     }
   }
 
@@ -312,16 +312,17 @@ export class StageProgram {
     const carver = new Carver(block);
     let out: Tensor | undefined;
     let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
-      this.allocScratch(N);
+      this.allocScratch(N, s);
       const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
       const saved: Saved = { block, layers, input, views: carver.views };
-      const xFinal = view(this.scratch.xFinal!, [N, c.hiddenSize]);
-      const xf = view(this.scratch.xf!, [N, c.hiddenSize]);
+      const xFinal = view(s.xFinal!, [N, c.hiddenSize]);
+      const xf = view(s.xf!, [N, c.hiddenSize]);
       out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
       const ops: Op[] = [];
       this.forwardOps(ops, mb, saved, xFinal, false);
-      ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
+      ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
       ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
       views = takeViews();
       await this.device.run(ops);
@@ -330,7 +331,7 @@ export class StageProgram {
       for (const v of carver.views) v.free();
       block.free();
       out?.free();
-      this.endCall(views);
+      this.endCall(views, s);
     }
   }
 
@@ -348,8 +349,8 @@ export class StageProgram {
   /** Σ grad² of an adapter's slice (for global gradient clipping across stages). */
   async gradSumsq(adapterId: number): Promise<number> {
     const a = this.adapter(adapterId);
-    await this.device.run([{ op: 'sumsq', out: this.sumsqOut, xs: [a.grads] }]);
-    return (this.sumsqOut.read() as Float32Array)[0]!;
+    await this.device.run([{ op: 'fill', y: a.sumsq, value: 0 }, { op: 'sumsq', out: a.sumsq, xs: [a.grads] }]);
+    return (a.sumsq.read() as Float32Array)[0]!;
   }
 
   /** AdamW on this stage's slice of the adapter, then zero its gradients. */
@@ -364,9 +365,9 @@ export class StageProgram {
     measure = false,
   ): Promise<number | undefined> {
     const a = this.adapter(adapterId);
-    const out = this.sumsqOut;
+    const out = a.sumsq;
     await this.device.run([
-      ...(measure ? [{ op: 'sumsq', out, xs: [a.grads] } as Op] : []),
+      ...(measure ? [{ op: 'fill', y: out, value: 0 } as Op, { op: 'sumsq', out, xs: [a.grads] } as Op] : []),
       {
         op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
         lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
@@ -385,8 +386,6 @@ export class StageProgram {
   free(): void {
     for (const id of [...this.saved.keys()]) this.release(id);
     for (const id of [...this.adapters.keys()]) this.removeAdapter(id);
-    this.endCall([]);
-    this.sumsqOut.free();
     this.cos.free();
     this.sin.free();
   }
@@ -422,17 +421,16 @@ export class StageProgram {
     this.saved.delete(mbId);
   }
 
-  /** The scratch of one call (freed by endCall; the device's block cache makes the next allocation cheap). */
-  private allocScratch(rows: number): void {
-    for (const [name, shape] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) this.scratch[name] = this.device.alloc('f32', shape, { zero: false });
+  /** Fills `s` with the scratch of one call (freed by endCall; the device's block cache makes the next allocation cheap). */
+  private allocScratch(rows: number, s: Scratch): void {
+    for (const [name, shape] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) s[name] = this.device.alloc('f32', shape, { zero: false });
   }
 
   /** Frees a call's views (those of an op list left half built by an error too) and its scratch. */
-  private endCall(views: Tensor[]): void {
+  private endCall(views: Tensor[], s: Scratch): void {
     freeViews(views);
     freeViews(takeViews());
-    for (const t of Object.values(this.scratch)) t.free();
-    this.scratch = {};
+    freeViews(Object.values(s));
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
@@ -506,9 +504,8 @@ export class StageProgram {
   }
 
   /** Final norm, LM head and loss, one row-block of logits at a time; with grad, dres = dL/d(xFinal). */
-  private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean): void {
+  private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean, s: Scratch): void {
     const c = this.config;
-    const s = this.scratch;
     const N = mb.numTokens;
     const { targets, weights } = mb.tensors;
     const xf = view(s.xf!, [N, c.hiddenSize]);
@@ -534,9 +531,8 @@ export class StageProgram {
     }
   }
 
-  private layerBackwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor): void {
+  private layerBackwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor, s: Scratch): void {
     const c = this.config;
-    const s = this.scratch;
     const N = mb.numTokens;
     const l = this.plan.lo + i;
     const L = this.weights.layers[i]!;
