@@ -13,7 +13,7 @@
 // run without the fault.
 import { Worker } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
-import { StageAdapter } from '../lib/lora/adapter.js';
+import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes } from '../lib/model/stage.js';
@@ -85,6 +85,8 @@ interface RecoveryFault {
   detail: string;
   detected: number;
   silentMs: number;
+  /** Raised while a recovery was replaying. */
+  duringRecovery?: boolean;
 }
 
 interface Pending {
@@ -233,6 +235,12 @@ export class ActorPipeline implements Pipeline {
       case 'error': {
         if (m.epoch !== this.epoch) return;
         const kind = /checksum|corrupt/i.test(m.message) ? 'corrupt' : /out of memory/i.test(m.message) ? 'oom' : 'error';
+        // a replay that fails is answered at once: the recovery attempt waiting for it ends now
+        const f = m.mb !== undefined ? this.flights.get(m.mb) : undefined;
+        if (f && this.recovering) {
+          this.release(f);
+          f.reject(new Error(`stage ${h.index}: ${m.message}`));
+        }
         void this.recover(h.index, kind, m.message, false);
         return;
       }
@@ -449,7 +457,10 @@ export class ActorPipeline implements Pipeline {
   }
 
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
-    return this.plans.map((plan) => activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens));
+    // the saved block, the scratch while a call runs, and the last stage's losses; the tokens,
+    // targets, weights and hidden states are views of shared slots (borrowed, not counted)
+    return this.plans.map((plan) =>
+      activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens) + (plan.last ? allocBytes(4 * numTokens) : 0));
   }
 
   adapterBytes(spec: LoraSpec): number[] {
@@ -524,7 +535,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   /** Faults that arrived during a recovery: the attempt is dropped and recovery starts over with them. */
-  private again: Array<{ stage: number; fault: FaultEvent['fault']; detail: string; detected: number; silentMs: number }> = [];
+  private again: RecoveryFault[] = [];
   private attempt = 0;
   private abortAttempt: ((e: Error) => void) | undefined;
 
@@ -533,7 +544,7 @@ export class ActorPipeline implements Pipeline {
     const silentMs = detected - this.stages[stage]!.lastBeat;
     if (restart) this.stages[stage]!.alive = false;
     if (this.recovering) {
-      this.again.push({ stage, fault, detail, detected, silentMs });
+      this.again.push({ stage, fault, detail, detected, silentMs, duringRecovery: true });
       this.abortAttempt?.(new Error(`stage ${stage}: ${fault} during recovery`));
       return this.recovering;
     }
@@ -559,8 +570,12 @@ export class ActorPipeline implements Pipeline {
         h.failures++;
         handled.push(q);
         const limit = this.opts.maxStageFailures ?? 3;
-        if (h.failures > limit && !this.fatal) {
-          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) failed ${h.failures} times (limit ${limit}); last: ${q.fault}: ${q.detail}`);
+        // a replay runs one micro-batch at a time, the least memory the run can need: out of memory
+        // there is not transient, and replaying again would only run into it again
+        const why = h.failures > limit ? `failed ${h.failures} times (limit ${limit})`
+          : q.fault === 'oom' && q.duringRecovery ? 'ran out of memory again while replaying (the memory accounting is wrong)' : undefined;
+        if (why && !this.fatal) {
+          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) ${why}; last: ${q.fault}: ${q.detail}`);
           this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, fatal: true });
         }
       }

@@ -274,6 +274,7 @@ async function control(m: ControlMsg): Promise<void> {
     case 'drop':
       for (const id of m.mbs ?? []) dropLive(id);
       for (const id of [...live.keys()]) dropLive(id);
+      for (const id of program.inFlight()) program.drop(id); // saved blocks with no entry in `live`
       if (m.epoch !== undefined) minEpoch = Math.max(minEpoch, m.epoch);
       break;
     case 'shutdown':

@@ -254,6 +254,9 @@ export class Supervisor {
   private readonly inflight = new Map<number, Promise<void>>();
   private readonly stepping = new Set<Promise<void>>();
   private wakeResolve: (() => void) | undefined;
+  /** Counts wake() calls: a placement pass runs only when something happened since the last one began. */
+  private wakes = 0;
+  private placedAt = -1;
   private stopping = false;
   private loopDone: Promise<void>;
   // Memory accounting, per stage (bytes). `restFree` is what is free when no micro-batch is in
@@ -303,6 +306,7 @@ export class Supervisor {
   }
 
   wake(): void {
+    this.wakes++;
     const w = this.wakeResolve;
     this.wakeResolve = undefined;
     w?.();
@@ -388,9 +392,14 @@ export class Supervisor {
     return this.restFree![s]! - this.reserved[s]! - this.promised[s]!;
   }
 
-  /** Starts a placement pass unless one is running (the loop calls this on every wake). */
+  /**
+   * Starts a placement pass unless one is running or nothing happened since the last one began
+   * (the loop calls this on every turn; without that check a job that waits for room made the
+   * loop start pass after pass, a microtask spin that starved the stages' messages).
+   */
   private place(): void {
-    if (this.placement || this.stopping || ![...this.jobs.values()].some((j) => j.waiting())) return;
+    if (this.placement || this.stopping || this.placedAt === this.wakes || ![...this.jobs.values()].some((j) => j.waiting())) return;
+    this.placedAt = this.wakes;
     this.placement = this.exclusive(() => this.placeWaiting())
       .then(
         (changed) => {

@@ -73,6 +73,8 @@ export class StageAdapter {
   readonly grads: Tensor;
   readonly m: Tensor;
   readonly v: Tensor;
+  /** [1]: where Σ grad² of the slice is summed (its own, so a step allocates nothing and two adapters never share it). */
+  readonly sumsq: Tensor;
   readonly modules: ModuleSlot[];
   readonly size: number;
   readonly scale: number;
@@ -98,6 +100,7 @@ export class StageAdapter {
     this.grads = device.alloc('f32', [n]);
     this.m = device.alloc('f32', [n]);
     this.v = device.alloc('f32', [n]);
+    this.sumsq = device.alloc('f32', [1]);
     try {
       const values = init ?? peftInit(config, spec, lo, hi);
       if (values.length !== this.size) {
@@ -129,10 +132,10 @@ export class StageAdapter {
     return this.views.get(`${layer}/${target}`);
   }
 
-  /** Bytes this slice holds on its device: params, grads, m, v. */
+  /** Bytes this slice holds on its device: params, grads, m, v and the Σ grad² element. */
   static bytes(config: LlamaConfig, spec: LoraSpec, lo: number, hi: number): number {
     const n = Math.max(1, sliceLayout(config, spec, lo, hi).size);
-    return 4 * allocBytes(n * 4);
+    return 4 * allocBytes(n * 4) + allocBytes(4);
   }
 
   /** Full state (params + AdamW moments) for checkpoints and parking. */
@@ -153,7 +156,7 @@ export class StageAdapter {
   free(): void {
     for (const v of this.views.values()) for (const t of Object.values(v)) t.free();
     this.views.clear();
-    for (const t of [this.params, this.grads, this.m, this.v]) t.free();
+    for (const t of [this.params, this.grads, this.m, this.v, this.sumsq]) t.free();
   }
 }
 

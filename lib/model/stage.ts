@@ -97,6 +97,9 @@ interface LayerActs {
   xa: Map<LoraTarget, Array<Tensor | undefined>>;
 }
 
+/** One call's scratch by name (scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
+type Scratch = Record<string, Tensor>;
+
 interface Saved {
   block: Tensor;
   layers: LayerActs[];
@@ -133,8 +136,6 @@ export class StageProgram {
   private readonly saved = new Map<number, Saved>();
   readonly cos: Tensor;
   readonly sin: Tensor;
-  private scratch: Record<string, Tensor> = {};
-  private scratchRows = 0;
   private readonly headBlockRows: number;
   readonly qDim: number;
   readonly kvDim: number;
@@ -188,13 +189,12 @@ export class StageProgram {
   }
 
   /**
-   * Bytes of the per-stage scratch a micro-batch of `rows` tokens makes this stage allocate:
-   * the size ensureScratch() picks (at least 64 rows, grown by ≥ 1.25×), counted in full, as
-   * it is on a fresh stage. (Scratch persists: once allocated, later micro-batches of up to
-   * that many rows allocate nothing, so this over-counts them by design.)
+   * Bytes of the scratch a call over `rows` tokens allocates while it runs (backward,
+   * trainLast, evaluate). Scratch does not outlive the call, so at rest a stage holds none
+   * and the estimate is exact for every micro-batch, not only the first.
    */
   scratchBytes(rows: number): number {
-    return scratchBytes(this.config, this.plan, this.scratchCap(rows), this.headBlockRows);
+    return scratchBytes(this.config, this.plan, rows, this.headBlockRows);
   }
 
   // ---- forward / backward
@@ -204,12 +204,16 @@ export class StageProgram {
     if (this.plan.last) throw new Error('forward() is for non-last stages; the last stage uses trainLast()');
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
-    this.forwardOps(ops, mb, saved, output);
-    const views = takeViews();
+    let views: Tensor[] = [];
     try {
-      await this.runOrRelease(mb.id, ops);
+      this.forwardOps(ops, mb, saved, output);
+      views = takeViews();
+      await this.device.run(ops);
+    } catch (e) {
+      this.release(mb.id);
+      throw e;
     } finally {
-      freeViews(views);
+      this.endCall(views, {});
     }
   }
 
@@ -217,15 +221,17 @@ export class StageProgram {
   async backward(mb: MicroBatch, grad: Tensor): Promise<void> {
     const saved = this.saved.get(mb.id);
     if (!saved) throw new Error(`backward: micro-batch ${mb.id} has no saved activations on this stage`);
-    this.ensureScratch(mb.numTokens);
-    const ops: Op[] = [];
-    for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad);
-    const views = takeViews();
+    let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
+      this.allocScratch(mb.numTokens, s);
+      const ops: Op[] = [];
+      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad, s);
+      views = takeViews();
       await this.device.run(ops);
     } finally {
       this.release(mb.id);
-      freeViews(views);
+      this.endCall(views, s);
     }
   }
 
@@ -241,51 +247,56 @@ export class StageProgram {
     if (!this.plan.first && !gradIn) throw new Error('trainLast: gradIn is required on a stage that is not first');
     const N = mb.numTokens;
     const saved = this.saveBlock(mb, input);
-    this.ensureScratch(N);
-    const s = this.scratch;
-    const ops: Op[] = [];
-    const xFinal = view(s.xFinal!, [N, this.config.hiddenSize]);
-    this.forwardOps(ops, mb, saved, xFinal);
-    const dres = gradIn ?? view(s.dres!, [N, this.config.hiddenSize]);
-    // losses get their own tensor: scratch may be reused by the next run before we read it
-    const losses = this.device.alloc('f32', [N], { zero: false });
-    this.headOps(ops, mb, xFinal, losses, dres, true);
-    for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres);
-    const views = takeViews();
+    let losses: Tensor | undefined;
+    let views: Tensor[] = [];
+    const s: Scratch = {};
+    // every exit (an allocation that fails included) gives back the block, the scratch and the views
     try {
+      this.allocScratch(N, s);
+      const ops: Op[] = [];
+      const xFinal = view(s.xFinal!, [N, this.config.hiddenSize]);
+      this.forwardOps(ops, mb, saved, xFinal);
+      const dres = gradIn ?? view(s.dres!, [N, this.config.hiddenSize]);
+      losses = this.device.alloc('f32', [N], { zero: false });
+      this.headOps(ops, mb, xFinal, losses, dres, true, s);
+      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres, s);
+      views = takeViews();
       await this.device.run(ops);
       return losses.read() as Float32Array;
     } finally {
       this.release(mb.id);
-      losses.free();
-      freeViews(views);
+      losses?.free();
+      this.endCall(views, s);
     }
   }
 
   /** Forward only, nothing saved (evaluation). Non-last stages write `output`; the last returns losses. */
   async evaluate(mb: MicroBatch, input: Tensor, output?: Tensor): Promise<Float32Array | undefined> {
     const N = mb.numTokens;
-    this.ensureScratch(N);
+    const H = this.config.hiddenSize;
+    if (!this.plan.last && !output) throw new Error('evaluate: a non-last stage needs an output tensor');
     const block = this.allocBlock(mb);
     const carver = new Carver(block);
-    const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
-    const saved: Saved = { block, layers, input, views: carver.views };
-    const ops: Op[] = [];
-    const H = this.config.hiddenSize;
-    const out = this.plan.last ? view(this.scratch.xFinal!, [N, H]) : output;
-    if (!out) throw new Error('evaluate: a non-last stage needs an output tensor');
-    this.forwardOps(ops, mb, saved, out, false);
-    const losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
-    if (losses) this.headOps(ops, mb, out, losses, null, false);
-    const views = takeViews();
+    let losses: Tensor | undefined;
+    let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
+      this.allocScratch(N, s);
+      const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
+      const saved: Saved = { block, layers, input, views: carver.views };
+      const ops: Op[] = [];
+      const out = this.plan.last ? view(s.xFinal!, [N, H]) : output!;
+      this.forwardOps(ops, mb, saved, out, false);
+      losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
+      if (losses) this.headOps(ops, mb, out, losses, null, false, s);
+      views = takeViews();
       await this.device.run(ops);
       return losses ? (losses.read() as Float32Array) : undefined;
     } finally {
-      for (const v of saved.views) v.free();
+      for (const v of carver.views) v.free();
       block.free();
       losses?.free();
-      freeViews(views);
+      this.endCall(views, s);
     }
   }
 
@@ -297,27 +308,30 @@ export class StageProgram {
     if (!this.plan.first || !this.plan.last) throw new Error('logits() needs a model in one stage');
     const N = mb.numTokens;
     const c = this.config;
-    this.ensureScratch(N);
     const block = this.allocBlock(mb);
     const carver = new Carver(block);
-    const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
-    const saved: Saved = { block, layers, input, views: carver.views };
-    const xFinal = view(this.scratch.xFinal!, [N, c.hiddenSize]);
-    const xf = view(this.scratch.xf!, [N, c.hiddenSize]);
-    const out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
-    const ops: Op[] = [];
-    this.forwardOps(ops, mb, saved, xFinal, false);
-    ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(this.scratch.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
-    ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
-    const views = takeViews();
+    let out: Tensor | undefined;
+    let views: Tensor[] = [];
+    const s: Scratch = {};
     try {
+      this.allocScratch(N, s);
+      const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
+      const saved: Saved = { block, layers, input, views: carver.views };
+      const xFinal = view(s.xFinal!, [N, c.hiddenSize]);
+      const xf = view(s.xf!, [N, c.hiddenSize]);
+      out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
+      const ops: Op[] = [];
+      this.forwardOps(ops, mb, saved, xFinal, false);
+      ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
+      ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+      views = takeViews();
       await this.device.run(ops);
       return out.read() as Float32Array;
     } finally {
-      for (const v of saved.views) v.free();
+      for (const v of carver.views) v.free();
       block.free();
-      out.free();
-      freeViews(views);
+      out?.free();
+      this.endCall(views, s);
     }
   }
 
@@ -335,13 +349,8 @@ export class StageProgram {
   /** Σ grad² of an adapter's slice (for global gradient clipping across stages). */
   async gradSumsq(adapterId: number): Promise<number> {
     const a = this.adapter(adapterId);
-    const out = this.device.alloc('f32', [1]);
-    try {
-      await this.device.run([{ op: 'sumsq', out, xs: [a.grads] }]);
-      return (out.read() as Float32Array)[0]!;
-    } finally {
-      out.free();
-    }
+    await this.device.run([{ op: 'fill', y: a.sumsq, value: 0 }, { op: 'sumsq', out: a.sumsq, xs: [a.grads] }]);
+    return (a.sumsq.read() as Float32Array)[0]!;
   }
 
   /** AdamW on this stage's slice of the adapter, then zero its gradients. */
@@ -356,22 +365,18 @@ export class StageProgram {
     measure = false,
   ): Promise<number | undefined> {
     const a = this.adapter(adapterId);
-    const out = measure ? this.device.alloc('f32', [1]) : undefined;
-    try {
-      await this.device.run([
-        ...(out ? [{ op: 'sumsq', out, xs: [a.grads] } as Op] : []),
-        {
-          op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
-          lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
-          gradScale: h.gradScale ?? 1,
-        },
-        { op: 'fill', y: a.grads, value: 0 },
-      ]);
-      a.version++;
-      return out ? (out.read() as Float32Array)[0]! : undefined;
-    } finally {
-      out?.free();
-    }
+    const out = a.sumsq;
+    await this.device.run([
+      ...(measure ? [{ op: 'fill', y: out, value: 0 } as Op, { op: 'sumsq', out, xs: [a.grads] } as Op] : []),
+      {
+        op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
+        lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
+        gradScale: h.gradScale ?? 1,
+      },
+      { op: 'fill', y: a.grads, value: 0 },
+    ]);
+    a.version++;
+    return measure ? (out.read() as Float32Array)[0]! : undefined;
   }
 
   async zeroGrads(adapterId: number): Promise<void> {
@@ -381,8 +386,6 @@ export class StageProgram {
   free(): void {
     for (const id of [...this.saved.keys()]) this.release(id);
     for (const id of [...this.adapters.keys()]) this.removeAdapter(id);
-    for (const t of Object.values(this.scratch)) t.free();
-    this.scratch = {};
     this.cos.free();
     this.sin.free();
   }
@@ -410,15 +413,6 @@ export class StageProgram {
     return saved;
   }
 
-  private async runOrRelease(mbId: number, ops: Op[]): Promise<void> {
-    try {
-      await this.device.run(ops);
-    } catch (e) {
-      this.release(mbId);
-      throw e;
-    }
-  }
-
   private release(mbId: number): void {
     const s = this.saved.get(mbId);
     if (!s) return;
@@ -427,17 +421,16 @@ export class StageProgram {
     this.saved.delete(mbId);
   }
 
-  private ensureScratch(rows: number): void {
-    if (rows <= this.scratchRows) return;
-    const cap = this.scratchCap(rows);
-    for (const t of Object.values(this.scratch)) t.free();
-    this.scratch = {};
-    for (const [name, shape] of scratchShapes(this.config, this.plan, cap, this.headBlockRows)) this.scratch[name] = this.device.alloc('f32', shape, { zero: false });
-    this.scratchRows = cap;
+  /** Fills `s` with the scratch of one call (freed by endCall; the device's block cache makes the next allocation cheap). */
+  private allocScratch(rows: number, s: Scratch): void {
+    for (const [name, shape] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) s[name] = this.device.alloc('f32', shape, { zero: false });
   }
 
-  private scratchCap(rows: number): number {
-    return rows <= this.scratchRows ? this.scratchRows : Math.max(rows, Math.ceil(this.scratchRows * 1.25), 64);
+  /** Frees a call's views (those of an op list left half built by an error too) and its scratch. */
+  private endCall(views: Tensor[], s: Scratch): void {
+    freeViews(views);
+    freeViews(takeViews());
+    freeViews(Object.values(s));
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
@@ -511,9 +504,8 @@ export class StageProgram {
   }
 
   /** Final norm, LM head and loss, one row-block of logits at a time; with grad, dres = dL/d(xFinal). */
-  private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean): void {
+  private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean, s: Scratch): void {
     const c = this.config;
-    const s = this.scratch;
     const N = mb.numTokens;
     const { targets, weights } = mb.tensors;
     const xf = view(s.xf!, [N, c.hiddenSize]);
@@ -539,9 +531,8 @@ export class StageProgram {
     }
   }
 
-  private layerBackwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor): void {
+  private layerBackwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor, s: Scratch): void {
     const c = this.config;
-    const s = this.scratch;
     const N = mb.numTokens;
     const l = this.plan.lo + i;
     const L = this.weights.layers[i]!;
@@ -606,8 +597,14 @@ function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs
   return layers;
 }
 
-function scratchShapes(c: LlamaConfig, plan: StagePlan, rows: number, headBlockRows: number): Array<[string, number[]]> {
+/** Rows a call's scratch is allocated for: multiples of 64, so the device's block cache reuses the blocks. */
+export function scratchRows(rows: number): number {
+  return Math.max(64, Math.ceil(rows / 64) * 64);
+}
+
+function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headBlockRows: number): Array<[string, number[]]> {
   const H = c.hiddenSize, I = c.intermediateSize;
+  const rows = scratchRows(numTokens);
   const shapes: Array<[string, number[]]> = [
     ['dact', [rows, I]], ['dgate', [rows, I]], ['dup', [rows, I]], ['dxn', [rows, H]],
     ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
@@ -629,7 +626,7 @@ export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens:
   return allocBytes(bucketFloats(carver.offset) * 4);
 }
 
-/** Bytes of a stage's scratch for micro-batches of up to `rows` tokens. */
+/** Bytes of the scratch a call over `rows` tokens holds while it runs (none at rest). */
 export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
   return scratchShapes(config, plan, rows, headBlockRows).reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
 }
