@@ -570,10 +570,9 @@ export class ActorPipeline implements Pipeline {
         h.failures++;
         handled.push(q);
         const limit = this.opts.maxStageFailures ?? 3;
-        // a replay runs one micro-batch at a time, the least memory the run can need: out of memory
-        // there is not transient, and replaying again would only run into it again
-        const why = h.failures > limit ? `failed ${h.failures} times (limit ${limit})`
-          : q.fault === 'oom' && q.duringRecovery ? 'ran out of memory again while replaying (the memory accounting is wrong)' : undefined;
+        // a fault that keeps coming back (an out-of-memory while replaying included) ends the run
+        // cleanly once the stage has failed more often than the limit allows
+        const why = h.failures > limit ? `failed ${h.failures} times (limit ${limit})` : undefined;
         if (why && !this.fatal) {
           this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) ${why}; last: ${q.fault}: ${q.detail}`);
           this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, fatal: true });

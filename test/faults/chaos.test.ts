@@ -18,4 +18,5 @@ for (const seed of [1, 2, 3]) {
   t.notOk(r.error, `seed ${seed} [${faults.join(' ')}]: ${r.error?.message ?? 'completed'} in ${Math.round(r.ms)} ms`);
   t.ok(r.faults.length >= 1, `seed ${seed}: ${r.faults.length} recoveries: ${r.faults.map((f) => `${f.fault}@${f.stage} ${f.recoveredMs?.toFixed(0)}ms/${f.replayed}`).join(', ')}`);
   for (const a of cfg) t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `seed ${seed}: ${a.name} bitwise equal`);
+  if (r.error) await r.sup.close(); // the harness closes only runs that ended normally
 }
