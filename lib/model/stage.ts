@@ -272,32 +272,16 @@ export class StageProgram {
 
   /** Forward only, nothing saved (evaluation). Non-last stages write `output`; the last returns losses. */
   async evaluate(mb: MicroBatch, input: Tensor, output?: Tensor): Promise<Float32Array | undefined> {
-    const N = mb.numTokens;
-    const H = this.config.hiddenSize;
     if (!this.plan.last && !output) throw new Error('evaluate: a non-last stage needs an output tensor');
-    const block = this.allocBlock(mb);
-    const carver = new Carver(block);
-    let losses: Tensor | undefined;
-    let views: Tensor[] = [];
-    const s: Scratch = {};
-    try {
-      this.allocScratch(N, s);
-      const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
-      const saved: Saved = { block, layers, input, views: carver.views };
-      const ops: Op[] = [];
-      const out = this.plan.last ? view(s.xFinal!, [N, H]) : output!;
+    const N = mb.numTokens;
+    return this.forwardOnly(mb, input, (ops, saved, s, own) => {
+      const out = this.plan.last ? view(s.xFinal!, [N, this.config.hiddenSize]) : output!;
       this.forwardOps(ops, mb, saved, out, false);
-      losses = this.plan.last ? this.device.alloc('f32', [N], { zero: false }) : undefined;
-      if (losses) this.headOps(ops, mb, out, losses, null, false, s);
-      views = takeViews();
-      await this.device.run(ops);
-      return losses ? (losses.read() as Float32Array) : undefined;
-    } finally {
-      for (const v of carver.views) v.free();
-      block.free();
-      losses?.free();
-      this.endCall(views, s);
-    }
+      if (!this.plan.last) return () => undefined;
+      const losses = own(this.device.alloc('f32', [N], { zero: false }));
+      this.headOps(ops, mb, out, losses, null, false, s);
+      return () => losses.read() as Float32Array;
+    });
   }
 
   /**
@@ -308,29 +292,45 @@ export class StageProgram {
     if (!this.plan.first || !this.plan.last) throw new Error('logits() needs a model in one stage');
     const N = mb.numTokens;
     const c = this.config;
+    return this.forwardOnly(mb, input, (ops, saved, s, own) => {
+      const xFinal = view(s.xFinal!, [N, c.hiddenSize]);
+      const xf = view(s.xf!, [N, c.hiddenSize]);
+      const out = own(this.device.alloc('f32', [N, c.vocabSize], { zero: false }));
+      this.forwardOps(ops, mb, saved, xFinal, false);
+      ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
+      ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+      return () => out.read() as Float32Array;
+    });
+  }
+
+  /**
+   * A forward that saves nothing (evaluation, logits): a temporary activation block and scratch
+   * around the ops `build` appends; `own` registers tensors to free afterwards; the function
+   * `build` returns reads the result once the run is done.
+   */
+  private async forwardOnly<T>(
+    mb: MicroBatch, input: Tensor,
+    build: (ops: Op[], saved: Saved, s: Scratch, own: (t: Tensor) => Tensor) => () => T,
+  ): Promise<T> {
+    const N = mb.numTokens;
     const block = this.allocBlock(mb);
     const carver = new Carver(block);
-    let out: Tensor | undefined;
+    const owned: Tensor[] = [];
     let views: Tensor[] = [];
     const s: Scratch = {};
     try {
       this.allocScratch(N, s);
       const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
       const saved: Saved = { block, layers, input, views: carver.views };
-      const xFinal = view(s.xFinal!, [N, c.hiddenSize]);
-      const xf = view(s.xf!, [N, c.hiddenSize]);
-      out = this.device.alloc('f32', [N, c.vocabSize], { zero: false });
       const ops: Op[] = [];
-      this.forwardOps(ops, mb, saved, xFinal, false);
-      ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
-      ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+      const result = build(ops, saved, s, (t) => (owned.push(t), t));
       views = takeViews();
       await this.device.run(ops);
-      return out.read() as Float32Array;
+      return result();
     } finally {
       for (const v of carver.views) v.free();
       block.free();
-      out?.free();
+      for (const t of owned) t.free();
       this.endCall(views, s);
     }
   }
