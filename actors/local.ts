@@ -7,7 +7,7 @@ import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
 import type { AdapterState, MicroBatchData, Pipeline, ScheduleRecord, StepParams } from './protocol.js';
-import { stageSliceRange } from '../lib/lora/state.js';
+import { joinSlices } from '../lib/lora/state.js';
 
 export class LocalPipeline implements Pipeline {
   readonly plans: StagePlan[];
@@ -30,11 +30,7 @@ export class LocalPipeline implements Pipeline {
   }
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
-    for (const st of this.stages) {
-      const [b, e] = stageSliceRange(this.config, spec, st.plan);
-      const a = st.addAdapter(id, spec, state.params.subarray(b, e));
-      a.importState({ params: state.params.subarray(b, e), m: state.m.subarray(b, e), v: state.v.subarray(b, e), version: state.version });
-    }
+    for (const st of this.stages) st.addAdapterState(id, spec, state);
     this.specs.set(id, spec);
   }
 
@@ -44,17 +40,7 @@ export class LocalPipeline implements Pipeline {
   }
 
   async exportAdapter(id: number): Promise<AdapterState> {
-    const parts = this.stages.map((st) => st.adapter(id).exportState());
-    const cat = (k: 'params' | 'm' | 'v') => {
-      const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
-      let o = 0;
-      for (const p of parts) {
-        out.set(p[k], o);
-        o += p[k].length;
-      }
-      return out;
-    };
-    return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
+    return joinSlices(this.stages.map((st) => st.adapter(id).exportState()));
   }
 
   private tensorsFor(st: StageProgram, mb: MicroBatchData, withTargets: boolean) {

@@ -14,6 +14,7 @@
 import { Worker } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
+import { joinSlices } from '../lib/lora/state.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes } from '../lib/model/stage.js';
@@ -408,7 +409,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   private async exportParts(id: number): Promise<AdapterState> {
-    return joinParts(await this.all<AdapterState>({ type: 'exportAdapter', adapter: id }));
+    return joinSlices(await this.all<AdapterState>({ type: 'exportAdapter', adapter: id }));
   }
 
   async gradSumsq(id: number): Promise<number> {
@@ -437,7 +438,7 @@ export class ActorPipeline implements Pipeline {
     type Part = { sumsq?: number; state: { params: Float32Array; m: Float32Array; v: Float32Array; version: number } };
     const parts = await this.retrying(() => this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never));
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
-    this.snapshots.set(id, joinParts(parts.map((x) => x.state)));
+    this.snapshots.set(id, joinSlices(parts.map((x) => x.state)));
     this.stepLog.set(id, []);
     this.trimIssueOrder();
     return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};
@@ -669,15 +670,4 @@ export class ActorPipeline implements Pipeline {
     }
     return replayed;
   }
-}
-
-/** Stage slices (in stage order) → the adapter's full state. */
-function joinParts(parts: AdapterState[]): AdapterState {
-  const cat = (k: 'params' | 'm' | 'v') => {
-    const out = new Float32Array(parts.reduce((s, p) => s + p[k].length, 0));
-    let o = 0;
-    for (const p of parts) (out.set(p[k], o), (o += p[k].length));
-    return out;
-  };
-  return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
 }

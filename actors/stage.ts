@@ -11,7 +11,6 @@ import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
 import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
-import { stageSliceRange } from '../lib/lora/state.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -245,10 +244,7 @@ async function control(m: ControlMsg): Promise<void> {
       value = { stage: init.stage, handled };
       break;
     case 'addAdapter': {
-      const [b, e] = stageSliceRange(program.config, m.spec!, program.plan);
-      const st = m.state!;
-      const a = program.addAdapter(m.adapter!, m.spec!, st.params.subarray(b, e));
-      a.importState({ params: st.params.subarray(b, e), m: st.m.subarray(b, e), v: st.v.subarray(b, e), version: st.version });
+      program.addAdapterState(m.adapter!, m.spec!, m.state!);
       break;
     }
     case 'removeAdapter':

@@ -15,6 +15,26 @@ export function stageSliceRange(config: LlamaConfig, spec: LoraSpec, plan: Pick<
   return [before, before + mine];
 }
 
+/** A stage's slice of an adapter's full state (views, no copies). */
+export function stageSlice(config: LlamaConfig, spec: LoraSpec, plan: Pick<StagePlan, 'lo' | 'hi'>, state: AdapterState): AdapterState {
+  const [b, e] = stageSliceRange(config, spec, plan);
+  return { params: state.params.subarray(b, e), m: state.m.subarray(b, e), v: state.v.subarray(b, e), version: state.version };
+}
+
+/** Stage slices, in stage order, joined back into the adapter's full state. */
+export function joinSlices(parts: AdapterState[]): AdapterState {
+  const cat = (k: 'params' | 'm' | 'v') => {
+    const out = new Float32Array(parts.reduce((n, p) => n + p[k].length, 0));
+    let o = 0;
+    for (const p of parts) {
+      out.set(p[k], o);
+      o += p[k].length;
+    }
+    return out;
+  };
+  return { params: cat('params'), m: cat('m'), v: cat('v'), version: parts[0]!.version };
+}
+
 export function freshState(config: LlamaConfig, spec: LoraSpec): AdapterState {
   const params = peftInit(config, spec, 0, config.numLayers);
   return { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };

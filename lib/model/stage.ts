@@ -18,6 +18,8 @@ import type { LoraSegmentArg, Op } from '../native.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
 import { allocBytes, StageAdapter, type LoraSpec } from '../lora/adapter.js';
 import { deriveSeed } from '../rng.js';
+import { stageSlice } from '../lora/state.js';
+import type { AdapterState } from '../../actors/protocol.js';
 import { ropeTables } from './rope.js';
 
 export interface StagePlan {
@@ -167,6 +169,14 @@ export class StageProgram {
     if (this.adapters.has(id)) throw new Error(`adapter ${id} is already on this stage`);
     const a = new StageAdapter(this.device, this.config, spec, this.plan.lo, this.plan.hi, init);
     this.adapters.set(id, a);
+    return a;
+  }
+
+  /** Adds an adapter from its full state (all layers): this stage takes its own slice. */
+  addAdapterState(id: number, spec: LoraSpec, full: AdapterState): StageAdapter {
+    const slice = stageSlice(this.config, spec, this.plan, full);
+    const a = this.addAdapter(id, spec, slice.params);
+    a.importState(slice);
     return a;
   }
 
