@@ -159,6 +159,9 @@ async function handle(m: ToStage): Promise<void> {
       return send({ type: 'reply', id: (m as ControlMsg).id, error: err.message });
     }
     const epoch = m.type === 'forward' || m.type === 'backward' ? m.epoch : minEpoch;
+    // the supervisor answers every error of its current epoch with a new attempt, so the rest of
+    // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
+    if (m.type === 'forward' || m.type === 'backward') minEpoch = Math.max(minEpoch, m.epoch + 1);
     send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), message: err.message });
   }
 }
