@@ -48,6 +48,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   });
   let initial: AdapterState;
   let startStep = 0;
+  let lowered: Pick<PreparedJob, 'lrScale' | 'rollbacks'> = {};
   const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
   if (ckpt) {
     // The config check comes before the tensors are read: a changed r or targets must say so, not fail on a shape.
@@ -58,6 +59,12 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     loader.restore(meta.loader as LoaderState);
     initial = state;
     startStep = meta.step;
+    // a run that rolled back after NaNs goes on with the learning rate it had lowered to
+    if (meta.rollbacks) {
+      const s = meta.lrScale;
+      if (typeof s !== 'number' || !(s > 0 && s <= 1)) throw new Error(`${ckpt.dir}/state.msgpack: lrScale must be a number in (0, 1], got ${JSON.stringify(s)}`);
+      lowered = { rollbacks: meta.rollbacks, lrScale: s };
+    }
   } else if (c.lora.init) {
     const ad = loadAdapter(c.lora.init);
     checkAdapterAgainstModel(ad, env.model, env.modelDir);
@@ -68,7 +75,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   } else {
     initial = freshState(env.model, spec);
   }
-  const job: PreparedJob = { spec, source: loader, initial, startStep };
+  const job: PreparedJob = { spec, source: loader, initial, startStep, ...lowered };
   if (c.eval) {
     const ev = await loadTrainingData(c.eval.data, {
       modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,
@@ -89,6 +96,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpo
         meta: {
           step: job.step, configHash: hashConfig(resumeKey(job.config)), loader: job.sourceState(),
           time: new Date().toISOString(), tokens: job.tokens, loss: job.lastLoss,
+          ...(job.rollbacks ? { rollbacks: job.rollbacks, lrScale: job.lrScale } : {}),
         },
       }),
     finish: async (job: Job, state: AdapterState) => {

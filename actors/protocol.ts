@@ -99,6 +99,12 @@ export interface Pipeline {
   adapterBytes(spec: LoraSpec): number[];
   schedule(): ScheduleRecord[];
   close(): Promise<void>;
+  /**
+   * Set by the supervisor: called when a stage ran out of memory on a micro-batch (which the
+   * pipeline replays). Returns the new admission limit (micro-batch messages in flight), for the
+   * fault report.
+   */
+  onOutOfMemory?: (stage: number) => number | undefined;
 }
 
 // ---- the actor messages (ActorPipeline): supervisor ⇄ stage worker, stage ⇄ stage
@@ -204,6 +210,8 @@ export type JobEvent =
   | { type: 'eval'; adapter: string; step: number; loss: number; perplexity: number; tokens: number; time: number }
   | { type: 'checkpoint'; adapter: string; step: number; path: string; time: number }
   | { type: 'fault'; adapter?: string; fault: string; detail: string; time: number }
+  /** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
+  | { type: 'rollback'; adapter: string; fromStep: number; toStep: number; lrScale: number; rollbacks: number; reason: string; time: number }
   | { type: 'done'; adapter: string; steps: number; loss: number; path?: string; time: number }
   | { type: 'error'; adapter: string; message: string; time: number };
 

@@ -64,6 +64,8 @@ export interface FaultEvent {
   replayed?: number;
   /** The failure limit was passed: no recovery, the run stops. */
   fatal?: boolean;
+  /** Out of memory: the supervisor's new limit of micro-batch messages in flight. */
+  admission?: number;
 }
 
 interface InFlight {
@@ -88,6 +90,7 @@ interface RecoveryFault {
   silentMs: number;
   /** Raised while a recovery was replaying. */
   duringRecovery?: boolean;
+  admission?: number;
 }
 
 interface Pending {
@@ -140,6 +143,7 @@ export class ActorPipeline implements Pipeline {
   private readonly faults: FaultSpec[];
   /** Time origin of the schedule records (clockMs()): shared by every stage, restarted ones too. */
   private readonly epochMs = clockMs();
+  onOutOfMemory?: (stage: number) => number | undefined;
 
   private constructor(readonly opts: ActorPipelineOptions) {
     this.config = opts.config;
@@ -544,12 +548,15 @@ export class ActorPipeline implements Pipeline {
     const detected = performance.now();
     const silentMs = detected - this.stages[stage]!.lastBeat;
     if (restart) this.stages[stage]!.alive = false;
+    // the memory accounting was wrong: fewer micro-batches in flight from now on (the failed one is replayed)
+    const admission = fault === 'oom' ? this.onOutOfMemory?.(stage) : undefined;
+    const q: RecoveryFault = { stage, fault, detail, detected, silentMs, ...(admission !== undefined ? { admission } : {}) };
     if (this.recovering) {
-      this.again.push({ stage, fault, detail, detected, silentMs, duringRecovery: true });
+      this.again.push({ ...q, duringRecovery: true });
       this.abortAttempt?.(new Error(`stage ${stage}: ${fault} during recovery`));
       return this.recovering;
     }
-    this.recovering = this.recoverLoop({ stage, fault, detail, detected, silentMs }).finally(() => {
+    this.recovering = this.recoverLoop(q).finally(() => {
       this.recovering = undefined;
       this.abortAttempt = undefined;
     });
@@ -613,7 +620,10 @@ export class ActorPipeline implements Pipeline {
     }
     const now = performance.now();
     for (const q of handled) {
-      this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, recoveredMs: now - q.detected, replayed });
+      this.opts.onFault?.({
+        stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, recoveredMs: now - q.detected, replayed,
+        ...(q.admission !== undefined ? { admission: q.admission } : {}),
+      });
     }
   }
 

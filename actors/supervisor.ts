@@ -44,6 +44,9 @@ export interface PreparedJob {
   initial: AdapterState;
   /** Resume point: optimizer steps already taken. */
   startStep?: number;
+  /** Resumed after NaN rollbacks: the learning-rate multiplier and how many rollbacks there were. */
+  lrScale?: number;
+  rollbacks?: number;
 }
 
 export interface SupervisorHooks {
@@ -120,6 +123,13 @@ export class Job {
   parked?: { state: AdapterState; source: unknown };
   /** A higher-priority job needs this job's memory: it parks at its next step boundary. */
   parkRequested = false;
+  /** on_nan: rollback: the learning rate is lrScale × the configured one, lowered at each rollback. */
+  lrScale = 1;
+  rollbacks = 0;
+  /** Where a rollback returns to: the state, data position and counters of the last checkpoint (or the start). */
+  rollbackPoint?: { state: AdapterState; source: unknown; step: number; tokens: number };
+  /** Between a NaN and the restored checkpoint: nothing of this job is admitted. */
+  rollingBack = false;
   error?: string;
   outputPath?: string;
   startedAt = 0;
@@ -238,7 +248,7 @@ export class Job {
 
   /** @internal */
   canAdmit(limit: number): boolean {
-    if (this.state !== 'running' || this.stepping || this.inflight >= limit) return false;
+    if (this.state !== 'running' || this.stepping || this.rollingBack || this.inflight >= limit) return false;
     if (this.parkRequested && this.admittedInStep === 0) return false; // park at this step boundary
     if (this.step >= this.totalSteps) return false;
     if (this.admittedInStep > 0 && this.admittedInStep >= this.microCount) return false; // wait for the step
@@ -285,7 +295,25 @@ export class Supervisor {
     readonly hooks: SupervisorHooks,
     readonly options: SchedulerOptions,
   ) {
+    this.admission = options.inflight;
+    pipeline.onOutOfMemory = () => this.shrinkAdmission();
     this.loopDone = this.loop();
+  }
+
+  /** Micro-batch messages admitted into the pipeline at most (options.inflight, less after an out-of-memory). */
+  get admissionLimit(): number {
+    return this.admission;
+  }
+  private admission: number;
+
+  /**
+   * A stage ran out of memory although admission said the micro-batches fit: the accounting was
+   * wrong, so admit half as many from now on (at least one). The failed micro-batch itself is
+   * replayed by the pipeline; a stage that keeps failing at one in flight stops the run.
+   */
+  private shrinkAdmission(): number {
+    this.admission = Math.max(1, Math.floor(this.admission / 2));
+    return this.admission;
   }
 
   /**
@@ -365,6 +393,8 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
+      job.lrScale = p.lrScale ?? 1;
+      job.rollbacks = p.rollbacks ?? 0;
       if (job.state === 'loading') job.prepared = p; // not if cancelled meanwhile
     } catch (e) {
       if (!this.pipelineFailed(e)) this.failJob(job, (e as Error).message);
@@ -484,6 +514,7 @@ export class Supervisor {
       job.setState('running');
       return;
     }
+    if (job.config.on_nan.action === 'rollback') job.rollbackPoint = rollbackPoint(job, job.prepared!.initial);
     job.prepared = undefined;
     job.startedAt = Date.now();
     if (job.step >= job.totalSteps) await this.finish(job);
@@ -536,6 +567,53 @@ export class Supervisor {
     for (const j of this.jobs.values()) this.failJob(j, `run stopped: ${e.message}${this.hooks.checkpoint ? ' (last state saved)' : ''}`);
   }
 
+  /** A NaN/Inf loss or gradient norm: the adapter rolls back (on_nan: rollback, while allowed) or stops; the others go on. */
+  private nonFinite(job: Job, why: string): void {
+    const o = job.config.on_nan;
+    if (o.action !== 'rollback' || !job.rollbackPoint) {
+      this.failJob(job, `${why}: adapter stopped (the other adapters go on)`);
+      return;
+    }
+    if (job.rollbacks >= o.max_rollbacks) {
+      this.failJob(job, `${why} after ${job.rollbacks} rollback(s) (on_nan.max_rollbacks ${o.max_rollbacks}): adapter stopped (the other adapters go on)`);
+      return;
+    }
+    if (job.rollingBack) return;
+    job.rollingBack = true;
+    // not awaited: this may run inside the job's own optimizer step, which quiesce() waits for
+    void this.rollback(job, why);
+  }
+
+  /** Puts a job back to its rollback point with a lower learning rate, once nothing of it is in flight. */
+  private async rollback(job: Job, why: string): Promise<void> {
+    try {
+      await this.quiesce(job);
+      if (job.terminal()) return;
+      const point = job.rollbackPoint!;
+      const from = job.step + 1;
+      await this.exclusive(async () => {
+        // the same bytes leave and come back: the memory accounting does not change
+        await this.pipeline.removeAdapter(job.id);
+        await this.pipeline.addAdapter(job.id, job.spec, cloneState(point.state));
+      });
+      job.restoreSource(point.source);
+      job.step = point.step;
+      job.tokens = point.tokens;
+      job.stepLoss = 0;
+      job.stepTargets = 0;
+      job.admittedInStep = 0;
+      job.doneInStep = 0;
+      job.rollbacks++;
+      job.lrScale *= job.config.on_nan.lr_factor;
+      job.emit({ type: 'rollback', adapter: job.name, fromStep: from, toStep: point.step, lrScale: job.lrScale, rollbacks: job.rollbacks, reason: why, time: Date.now() });
+    } catch (e) {
+      if (!this.pipelineFailed(e)) this.failJob(job, `${why}; the rollback failed: ${(e as Error).message}`);
+    } finally {
+      job.rollingBack = false;
+      this.wake();
+    }
+  }
+
   private failJob(job: Job, message: string) {
     if (job.terminal()) return;
     job.error = message;
@@ -586,7 +664,7 @@ export class Supervisor {
 
   private admit(): void {
     const S = this.pipeline.plans.length;
-    while (this.inflight.size < this.options.inflight) {
+    while (this.inflight.size < this.admission) {
       // One device: an optimizer step runs on the same device as the next message anyway, so
       // wait for it; the adapter that is stepping then joins that message instead of being
       // left for a message of its own (which would split BatchLoRA into ever smaller batches).
@@ -674,11 +752,11 @@ export class Supervisor {
   private completed(parts: Array<{ job: Job; mb: SourceMicroBatch }>, data: MicroBatchData, losses: Float32Array): void {
     data.segments.forEach((seg, i) => {
       const job = parts[i]!.job;
-      if (job.terminal()) return;
+      if (job.terminal() || job.rollingBack) return;
       let sum = 0;
       for (let r = seg.rowStart; r < seg.rowEnd; r++) sum += losses[r]!;
       if (!Number.isFinite(sum)) {
-        this.failJob(job, `loss became ${sum} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+        this.nonFinite(job, `loss became ${sum} at step ${job.step + 1}`);
         return;
       }
       job.stepLoss += sum;
@@ -699,7 +777,7 @@ export class Supervisor {
     job.stepping = true;
     try {
       const c = job.config;
-      const lr = lrAt(c.optimizer.lr, c.schedule, job.step, job.totalSteps);
+      const lr = lrAt(c.optimizer.lr * job.lrScale, c.schedule, job.step, job.totalSteps);
       const params = (gradScale: number) => ({
         lr, beta1: c.optimizer.betas[0], beta2: c.optimizer.betas[1], eps: c.optimizer.eps,
         weightDecay: c.optimizer.weight_decay, step: job.step + 1, gradScale,
@@ -709,7 +787,7 @@ export class Supervisor {
         // clipping needs the global norm over every stage before the step
         gradNorm = Math.sqrt(await this.pipeline.gradSumsq(job.id));
         if (!Number.isFinite(gradNorm)) {
-          this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+          this.nonFinite(job, `gradient norm became ${gradNorm} at step ${job.step + 1}`);
           return;
         }
         await this.pipeline.step(job.id, params(Math.min(1, c.max_grad_norm / (gradNorm + 1e-6))));
@@ -717,7 +795,7 @@ export class Supervisor {
         // no clipping: the norm (for the metrics) comes back with the step, in one round trip
         gradNorm = Math.sqrt((await this.pipeline.step(job.id, params(1), true)).sumsq ?? NaN);
         if (!Number.isFinite(gradNorm)) {
-          this.failJob(job, `gradient norm became ${gradNorm} at step ${job.step + 1}: adapter stopped (the other adapters go on)`);
+          this.nonFinite(job, `gradient norm became ${gradNorm} at step ${job.step + 1}`);
           return;
         }
       }
@@ -733,7 +811,10 @@ export class Supervisor {
       job.doneInStep = 0;
       if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
       const last = job.step >= job.totalSteps || job.peek() === null;
-      if (this.hooks.checkpoint && c.save_every && job.step % c.save_every === 0 && !last) {
+      const saving = c.save_every !== undefined && job.step % c.save_every === 0 && !last;
+      // the rollback point follows the checkpoints, also when nothing is written (no output)
+      if (saving && c.on_nan.action === 'rollback') job.rollbackPoint = rollbackPoint(job, await this.pipeline.exportAdapter(job.id));
+      if (this.hooks.checkpoint && saving) {
         const state = await this.pipeline.exportAdapter(job.id);
         let path: string;
         try {
@@ -792,6 +873,15 @@ export class Supervisor {
     }
     return out;
   }
+}
+
+function cloneState(s: AdapterState): AdapterState {
+  return { params: s.params.slice(), m: s.m.slice(), v: s.v.slice(), version: s.version };
+}
+
+/** A copy of the job's state now (at a step boundary) to roll back to. */
+function rollbackPoint(job: Job, state: AdapterState): NonNullable<Job['rollbackPoint']> {
+  return { state: cloneState(state), source: structuredClone(job.sourceState()), step: job.step, tokens: job.tokens };
 }
 
 /**

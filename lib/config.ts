@@ -39,6 +39,21 @@ export const ScheduleSchema = z
 
 export const EvalSchema = z.object({ data: z.string().min(1), every: z.number().int().min(1).default(50) }).strict();
 
+/**
+ * What happens when an adapter's loss or gradient norm becomes NaN/Inf: 'stop' that adapter, or
+ * 'rollback' to its last checkpoint (the save_every step, else its start) with the learning rate
+ * multiplied by lr_factor, at most max_rollbacks times (then it stops). A string is the action
+ * with the defaults.
+ */
+const OnNanObject = z
+  .object({
+    action: z.enum(['stop', 'rollback']).default('stop'),
+    lr_factor: z.number().gt(0, 'must be in (0, 1)').lt(1, 'must be in (0, 1)').default(0.5),
+    max_rollbacks: z.number().int().min(1).default(3),
+  })
+  .strict();
+export const OnNanSchema = z.preprocess((v) => (typeof v === 'string' ? { action: v } : v), OnNanObject);
+
 export const AdapterSchema = z
   .object({
     name: z.string().regex(SAFE_NAME, 'must be a safe folder name: letters, digits, ".", "_", "-" (no leading dot, at most 64)'),
@@ -59,6 +74,7 @@ export const AdapterSchema = z
     save_every: z.number().int().min(1).optional(),
     eval: EvalSchema.optional(),
     priority: z.number().int().default(0),
+    on_nan: OnNanSchema.default(OnNanObject.parse({})),
     /** Skip malformed dataset records (counted) instead of failing. */
     skip_bad_records: z.boolean().default(false),
   })
@@ -133,7 +149,7 @@ function allowedFields(path: PropertyKey[]): string[] | undefined {
   const key = path.filter((p) => typeof p === 'string').join('.');
   const shapes: Record<string, { shape: Record<string, unknown> }> = {
     '': TrainConfigSchema, adapters: AdapterSchema, 'adapters.lora': LoraSchema, 'adapters.optimizer': OptimizerSchema,
-    'adapters.schedule': ScheduleSchema, 'adapters.eval': EvalSchema, pipeline: PipelineSchema, log: LogSchema,
+    'adapters.schedule': ScheduleSchema, 'adapters.eval': EvalSchema, 'adapters.on_nan': OnNanObject, pipeline: PipelineSchema, log: LogSchema,
   };
   const s = shapes[key];
   return s ? Object.keys(s.shape) : undefined;
@@ -146,7 +162,11 @@ export function formatIssues(err: z.ZodError, where: string, input?: unknown): s
   const lines = err.issues.map((i) => {
     const path = i.path.length ? i.path.map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`)).join('').replace(/^\./, '') : '(top level)';
     let value: unknown = input;
-    for (const k of i.path) value = value && typeof value === 'object' ? (value as Record<PropertyKey, unknown>)[k as PropertyKey] : undefined;
+    // a shorthand value (on_nan: "bogus") is checked as an object: show what was written
+    for (const k of i.path) {
+      if (!value || typeof value !== 'object') break;
+      value = (value as Record<PropertyKey, unknown>)[k as PropertyKey];
+    }
     const got = input === undefined ? '' : `, got ${show(value)}`;
     const last = i.path.at(-1);
     let msg = i.message;

@@ -29,6 +29,9 @@ export interface CheckpointMeta {
   time: string;
   tokens: number;
   loss: number;
+  /** on_nan rollbacks so far and the learning-rate multiplier they left (absent: none, 1). */
+  rollbacks?: number;
+  lrScale?: number;
 }
 
 export function hashConfig(obj: unknown): string {

@@ -71,6 +71,10 @@ export class Progress {
       case 'fault':
         this.log(`fault${ev.adapter ? ` [${ev.adapter}]` : ''}: ${ev.fault}: ${ev.detail}`);
         break;
+      case 'rollback':
+        r.step = ev.toStep;
+        this.log(`[${ev.adapter}] ${ev.reason}: rolled back to step ${ev.toStep}, learning rate now ${ev.lrScale} × the configured one (rollback ${ev.rollbacks})`);
+        break;
       case 'error':
         this.log(`[${ev.adapter}] error: ${ev.message}`);
         break;

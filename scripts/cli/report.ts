@@ -58,7 +58,7 @@ function stageChart(sched: ScheduleRecord[], stages: number, devices: string[]):
 
 export function writeReport(output: string, events: JobEvent[], sched: ScheduleRecord[], stages: number, devices: string[]): string {
   const evals = events.filter((e): e is Extract<JobEvent, { type: 'eval' }> => e.type === 'eval');
-  const faults = events.filter((e) => e.type === 'fault' || e.type === 'error');
+  const faults = events.filter((e) => e.type === 'fault' || e.type === 'rollback' || e.type === 'error');
   const html = `<!doctype html><html><head><meta charset="utf-8"><title>mlora training report</title>
 <style>body{font-family:sans-serif;max-width:800px;margin:24px auto;color:#222}h2{margin-top:32px}td,th{padding:2px 10px;text-align:right}</style></head><body>
 <h1>mlora training report</h1><p>${new Date().toISOString()}</p>

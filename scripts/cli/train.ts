@@ -242,15 +242,16 @@ export async function main(argv: string[]): Promise<number> {
       onEvent: (ev) => {
         progress.event(ev);
         history.push(ev);
-        if (ev.type === 'step' || ev.type === 'eval' || ev.type === 'fault' || ev.type === 'done' || ev.type === 'error' || ev.type === 'checkpoint') {
+        if (ev.type === 'step' || ev.type === 'eval' || ev.type === 'fault' || ev.type === 'rollback' || ev.type === 'done' || ev.type === 'error' || ev.type === 'checkpoint') {
           writeMetric({ ...ev, time: new Date(ev.time).toISOString() });
         }
       },
       onFault: (f) => {
         if (f.fatal) progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); too many failures of this stage, the run stops`);
-        else progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`);
+        else progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed${f.admission !== undefined ? `; admission lowered to ${f.admission} micro-batch(es) in flight` : ''}`);
         writeMetric({
           type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, detection_ms: f.silentMs, recovery_ms: f.recoveredMs, replayed: f.replayed,
+          ...(f.admission !== undefined ? { admission: f.admission } : {}),
           ...(f.fatal ? { fatal: true } : {}), time: new Date().toISOString(),
         });
       },

@@ -21,6 +21,11 @@ for (const [spec, kind] of cases) {
   const desc = r.faults.map((f) => `${f.fault} on ${f.stage}: detected after ${f.silentMs?.toFixed(0)} ms silent, recovered in ${f.recoveredMs?.toFixed(0)} ms, ${f.replayed} replayed`).join('; ');
   if (kind) t.same(r.faults.map((f) => f.fault), [kind], `${spec}: one ${kind} recovery: ${desc}`);
   else t.same(r.faults, [], `${spec}: a slow stage is never declared hung`);
+  if (kind === 'oom') {
+    // the harness's pipeline admits 2 × 2 stages = 4 messages; an allocation failure halves that
+    t.equal(r.faults[0]?.admission, 2, `${spec}: the fault report gives the lowered admission`);
+    t.equal(r.sup.admissionLimit, 2, `${spec}: the supervisor admits at most 2 micro-batch messages from then on`);
+  } else t.equal(r.sup.admissionLimit, 4, `${spec}: admission unchanged`);
   for (const a of cfg) t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `${spec}: ${a.name} bitwise equal`);
   t.equal(r.slotsInUse, 0, `${spec}: no shared slot left taken`);
 }
