@@ -820,7 +820,7 @@ export class Supervisor {
         try {
           path = await this.hooks.checkpoint(job, state);
         } catch (e) {
-          // a full disk or an unwritable output: the previous checkpoint stays valid (manifest written last)
+          // a full disk or an unwritable output: the previous checkpoint stays valid (a save is written aside, then swapped in)
           throw new Error(`could not write the checkpoint at step ${job.step}: ${(e as Error).message}; training of '${job.name}' stopped, its newest complete checkpoint is kept (free space or fix the output, then --resume)`);
         }
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
