@@ -27,8 +27,11 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
   [
     'unknown adapter field',
     (c) => (c.adapters[0].learning_rate = 1e-3),
-    "adapters[0]: unknown field(s) 'learning_rate' (allowed: name, data, template, lora, optimizer, schedule, batch_size, micro_batch_size, seq_len, epochs, max_steps, shuffle, seed, train_on_inputs, max_grad_norm, save_every, eval, priority, skip_bad_records)",
+    "adapters[0]: unknown field(s) 'learning_rate' (allowed: name, data, template, lora, optimizer, schedule, batch_size, micro_batch_size, seq_len, epochs, max_steps, shuffle, seed, train_on_inputs, max_grad_norm, save_every, eval, priority, on_nan, skip_bad_records)",
   ],
+  ['on_nan unknown action', (c) => (c.adapters[0].on_nan = 'retry'), 'adapters[0].on_nan.action: must be one of "stop", "rollback", got "retry"'],
+  ['on_nan lr_factor 1', (c) => (c.adapters[0].on_nan = { action: 'rollback', lr_factor: 1 }), 'adapters[0].on_nan.lr_factor: must be in (0, 1), got 1'],
+  ['on_nan unknown field', (c) => (c.adapters[0].on_nan = { action: 'rollback', factor: 0.5 }), "adapters[0].on_nan: unknown field(s) 'factor' (allowed: action, lr_factor, max_rollbacks)"],
   ['unknown lora field', (c) => (c.adapters[0].lora = { rank: 8 }), "adapters[0].lora: unknown field(s) 'rank' (allowed: r, alpha, dropout, targets, use_rslora, init)"],
   ['lora.r zero', (c) => (c.adapters[0].lora = { r: 0 }), 'adapters[0].lora.r: must be an integer from 1 to 1024, got 0'],
   ['lora.r too big', (c) => (c.adapters[0].lora = { r: 4096 }), 'adapters[0].lora.r: must be an integer from 1 to 1024, got 4096'],
