@@ -131,6 +131,8 @@ class Carver {
 export interface StageOptions {
   /** Rows of logits materialised at once on the last stage. */
   headBlockRows?: number;
+  /** Logits only for rows that have a target (default); false: for every row (tests, benchmarks). */
+  gatherTargets?: boolean;
 }
 
 export class StageProgram {
@@ -139,6 +141,8 @@ export class StageProgram {
   readonly cos: Tensor;
   readonly sin: Tensor;
   private readonly headBlockRows: number;
+  /** See StageOptions.gatherTargets; may be switched between calls (benchmarks compare both on one program). */
+  gatherTargets: boolean;
   readonly qDim: number;
   readonly kvDim: number;
 
@@ -161,6 +165,7 @@ export class StageProgram {
     this.cos = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], cos);
     this.sin = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], sin);
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
+    this.gatherTargets = options.gatherTargets ?? true;
   }
 
   // ---- adapters
@@ -433,7 +438,7 @@ export class StageProgram {
 
   /** Fills `s` with the scratch of one call (freed by endCall; the device's block cache makes the next allocation cheap). */
   private allocScratch(rows: number, s: Scratch): void {
-    for (const [name, shape] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) s[name] = this.device.alloc('f32', shape, { zero: false });
+    for (const [name, shape, dtype] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
   }
 
   /** Frees a call's views (those of an op list left half built by an error too) and its scratch. */
@@ -513,27 +518,72 @@ export class StageProgram {
     }
   }
 
-  /** Final norm, LM head and loss, one row-block of logits at a time; with grad, dres = dL/d(xFinal). */
+  /**
+   * Final norm, LM head and loss, one row-block of logits at a time; with grad, dres = dL/d(xFinal).
+   * Only rows that have a target pay for logits: with prompts masked (train_on_inputs: false)
+   * and one untargeted row per sequence, that is often well under half of the head's GEMMs. The
+   * targeted rows are gathered, their losses and gradients scattered back (rows are independent
+   * in every head kernel, so the numbers are those of the full computation).
+   */
   private headOps(ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean, s: Scratch): void {
     const c = this.config;
+    const H = c.hiddenSize;
     const N = mb.numTokens;
     const { targets, weights } = mb.tensors;
-    const xf = view(s.xf!, [N, c.hiddenSize]);
+    const xf = view(s.xf!, [N, H]);
     const rstdf = view(s.rstdf!, [N]);
-    const dxf = view(s.dxf!, [N, c.hiddenSize]);
+    const dxf = view(s.dxf!, [N, H]);
     ops.push({ op: 'rmsnorm_forward', y: xf, rstd: rstdf, x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
-    for (let b = 0; b < N; b += this.headBlockRows) {
-      const e = Math.min(N, b + this.headBlockRows);
+    const labels = targets!.read() as Int32Array;
+    let T = 0;
+    for (let i = 0; i < N; i++) if (labels[i]! >= 0) T++;
+    // x: the rows the head runs on; with grad, their dL/dx replaces them in place, block by block
+    let x = xf, lab = targets!, wt = weights!, loss = losses, idx: Tensor | undefined;
+    // a few untargeted rows (one per sequence, as in pre-training data) are not worth the copies
+    const gathered = this.gatherTargets && T <= 0.9 * N;
+    if (gathered && T > 0) {
+      const rows = new Int32Array(T), gl = new Int32Array(T), gw = new Float32Array(T);
+      const w = withGrad ? (weights!.read() as Float32Array) : undefined;
+      for (let i = 0, k = 0; i < N; i++) {
+        if (labels[i]! < 0) continue;
+        rows[k] = i;
+        gl[k] = labels[i]!;
+        if (w) gw[k] = w[i]!;
+        k++;
+      }
+      idx = view(s.headRows!, [T]);
+      idx.write(rows);
+      lab = view(s.headLabels!, [T]);
+      lab.write(gl);
+      wt = view(s.headWeights!, [T]);
+      if (withGrad) wt.write(gw);
+      loss = view(s.headLosses!, [T]);
+      x = view(s.xg!, [T, H]);
+      ops.push({ op: 'embedding_forward', y: x, ids: idx, table: xf });
+    }
+    const M = gathered ? T : N;
+    for (let b = 0; b < M; b += this.headBlockRows) {
+      const e = Math.min(M, b + this.headBlockRows);
       const logits = view(s.logits!, [e - b, c.vocabSize]);
-      ops.push({ op: 'linear_forward', y: logits, x: tmp(xf.rows(b, e)), w: this.weights.head! });
+      const xb = tmp(x.rows(b, e));
+      ops.push({ op: 'linear_forward', y: logits, x: xb, w: this.weights.head! });
       if (withGrad) {
         ops.push({
-          op: 'cross_entropy_backward', losses: tmp(losses.rows(b, e)), dlogits: logits, logits,
-          labels: tmp(targets!.rows(b, e)), weights: tmp(weights!.rows(b, e)),
+          op: 'cross_entropy_backward', losses: tmp(loss.rows(b, e)), dlogits: logits, logits,
+          labels: tmp(lab.rows(b, e)), weights: tmp(wt.rows(b, e)),
         });
-        ops.push({ op: 'linear_backward', dx: tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head! });
+        ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head! });
       } else {
-        ops.push({ op: 'cross_entropy_forward', losses: tmp(losses.rows(b, e)), logits, labels: tmp(targets!.rows(b, e)) });
+        ops.push({ op: 'cross_entropy_forward', losses: tmp(loss.rows(b, e)), logits, labels: tmp(lab.rows(b, e)) });
+      }
+    }
+    if (gathered) {
+      // untargeted rows: loss 0 and no gradient, as cross-entropy gives an ignored label
+      ops.push({ op: 'fill', y: losses, value: 0 });
+      if (withGrad) ops.push({ op: 'fill', y: dxf, value: 0 });
+      if (idx) {
+        ops.push({ op: 'embedding_backward', dtable: tmp(losses.reshape([N, 1])), dy: tmp(loss.reshape([T, 1])), ids: idx });
+        if (withGrad) ops.push({ op: 'embedding_backward', dtable: dxf, dy: x, ids: idx });
       }
     }
     if (withGrad && dres) {
@@ -612,10 +662,10 @@ export function scratchRows(rows: number): number {
   return Math.max(64, Math.ceil(rows / 64) * 64);
 }
 
-function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headBlockRows: number): Array<[string, number[]]> {
+function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headBlockRows: number): Array<[string, number[], ('f32' | 'i32')?]> {
   const H = c.hiddenSize, I = c.intermediateSize;
   const rows = scratchRows(numTokens);
-  const shapes: Array<[string, number[]]> = [
+  const shapes: Array<[string, number[], ('f32' | 'i32')?]> = [
     ['dact', [rows, I]], ['dgate', [rows, I]], ['dup', [rows, I]], ['dxn', [rows, H]],
     ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
   ];
@@ -623,6 +673,8 @@ function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headB
     shapes.push(
       ['xFinal', [rows, H]], ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
       ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
+      // the targeted rows, gathered (headOps)
+      ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
     );
     if (plan.first) shapes.push(['dres', [rows, H]]);
   }

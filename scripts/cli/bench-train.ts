@@ -240,3 +240,58 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
   }
   return out;
 }
+
+export interface HeadBenchRecord {
+  scenario: 'head';
+  targeted: number;
+  tokens: number;
+  every_row_ms: number;
+  targeted_rows_ms: number;
+  speedup: number;
+}
+
+/**
+ * "head": one training micro-batch through the whole bench model on one device, with the LM
+ * head on every row (the plain computation) vs on the targeted rows only (gathered), for
+ * several fractions of targeted rows: instruction data with masked prompts targets a
+ * fraction of its rows. Both programs run in turn in the same process.
+ */
+export async function headScenario(o: { threads: number; steps: number; micro: number; seqLen: number; fractions: number[] }, log: (s: string) => void): Promise<HeadBenchRecord[]> {
+  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
+  const dir = openModelDir(modelDir);
+  const c = dir.config;
+  const device = openDevice('cpu:0', { threads: o.threads });
+  const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
+  const weights = await loadStageWeights(device, dir, plan);
+  // one program, its gatherTargets switched between runs: both variants use the same memory
+  const program = new StageProgram(device, c, plan, weights);
+  const p = new LocalPipeline(c, [program]);
+  const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  await p.addAdapter(1, spec, freshState(c, spec));
+  const out: HeadBenchRecord[] = [];
+  log(`head: bench model, ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s); LM head ${c.vocabSize}×${c.hiddenSize}`);
+  for (const f of o.fractions) {
+    const mb = syntheticMicroBatch(new Rng(4), c, o.micro, o.seqLen);
+    // a prompt of (1 − f) of each sequence is masked, as train_on_inputs: false does
+    const labels = mb.labels.slice();
+    for (let i = 0; i < mb.numTokens; i++) if (i % o.seqLen < Math.round((1 - f) * o.seqLen)) labels[i] = -100;
+    const src = { ...mb, labels };
+    const data = assemble(1, [{ adapter: 1, serial: 0, mb: src }], src.numTokens);
+    const targeted = data.targets.filter((x) => x >= 0).length;
+    const ms = { every: Infinity, gathered: Infinity };
+    for (let s = 0; s < o.steps + 1; s++) {
+      for (const name of s % 2 ? (['every', 'gathered'] as const) : (['gathered', 'every'] as const)) {
+        program.gatherTargets = name === 'gathered';
+        const t = performance.now();
+        await p.train(data);
+        const dt = performance.now() - t;
+        if (s > 0) ms[name] = Math.min(ms[name], dt); // the first round warms buffers and caches
+      }
+    }
+    const rec: HeadBenchRecord = { scenario: 'head', targeted: targeted / data.targets.length, tokens: data.targets.length, every_row_ms: Math.round(ms.every * 10) / 10, targeted_rows_ms: Math.round(ms.gathered * 10) / 10, speedup: Math.round((ms.every / ms.gathered) * 100) / 100 };
+    out.push(rec);
+    log(`head: ${(100 * rec.targeted).toFixed(0).padStart(3)}% of rows targeted: every row ${rec.every_row_ms} ms, targeted rows only ${rec.targeted_rows_ms} ms per micro-batch (${rec.speedup}×)`);
+  }
+  await p.close();
+  return out;
+}

@@ -4,13 +4,14 @@
 //
 //   mlora bench --scenario kernels [--threads N] [--json] [--quick]
 //   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
+//   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
 import os from 'node:os';
 import { readFileSync } from 'node:fs';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { batchloraScenario, pipelineScenario, type TrainBenchRecord } from './bench-train.js';
+import { batchloraScenario, headScenario, pipelineScenario, type TrainBenchRecord } from './bench-train.js';
 
 export interface BenchOptions {
   threads: number;
@@ -43,6 +44,13 @@ const scenarios: Record<string, Scenario> = {
       const recs = await batchloraScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, shapes, steps: o.steps ?? (o.quick ? 1 : 3), threads: o.threads }, log);
       if (!o.json) printTrainTable(recs);
       return recs;
+    },
+  },
+  head: {
+    summary: 'LM head on the targeted rows only vs on every row, for several fractions of targeted rows (bench model, one device)',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      return headScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 3), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256, fractions: [1, 0.5, 0.25] }, log);
     },
   },
   pipeline: {

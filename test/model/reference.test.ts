@@ -10,7 +10,7 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
 import { loadStageWeights } from '../../lib/model/weights.js';
-import { StageProgram, type MicroBatch } from '../../lib/model/stage.js';
+import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
 import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
@@ -29,13 +29,13 @@ interface Ref {
 }
 const ref = JSON.parse(readFileSync(path.join(fixtures, 'ref.json'), 'utf8')) as Ref;
 
-async function setup(threads = 1) {
+async function setup(threads = 1, options: StageOptions = {}) {
   const dir = openModelDir(path.join(fixtures, 'model'));
   const config = dir.config;
   const device = cpuDevice(threads);
   const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
   const weights = await loadStageWeights(device, dir, plan);
-  const program = new StageProgram(device, config, plan, weights);
+  const program = new StageProgram(device, config, plan, weights, options);
   const ad = loadAdapter(path.join(fixtures, 'adapter'));
   const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
   const flat = fromAdapterWeights(config, spec, ad, 'adapter');
@@ -101,6 +101,37 @@ t.test('loss, logits and every LoRA gradient match the independent float64 imple
   }
   t.equal(n, config.numLayers * LORA_TARGETS.length * 2, 'every LoRA tensor compared');
   program.free();
+});
+
+t.test('the LM head on the targeted rows only (gathered) equals the head on every row, bitwise', async (t) => {
+  const gather = await setup(1, { headBlockRows: 16 });
+  const every = await setup(1, { headBlockRows: 16, gatherTargets: false });
+  const { mb, tokens } = fixtureBatch(gather.program);
+  const { mb: mbE, tokens: tokensE } = fixtureBatch(every.program);
+  const labels = mb.tensors.targets!.read() as Int32Array;
+  const N = labels.length;
+  // the fixture's own labels (prompt rows masked), every row targeted, none, and a random third
+  const masks: Array<[string, (i: number) => boolean]> = [
+    ['fixture labels', () => true], ['no target at all', () => false], ['every row', () => true], ['a random third', (i) => (i * 2654435761) % 3 === 0],
+  ];
+  for (const [what, keep] of masks) {
+    const lab = labels.map((l, i) => (what === 'every row' ? (l >= 0 ? l : i % 50) : keep(i) ? l : -100));
+    mb.tensors.targets!.write(lab);
+    mbE.tensors.targets!.write(lab);
+    const gl = await gather.program.trainLast(mb, tokens);
+    const el = await every.program.trainLast(mbE, tokensE);
+    t.same(Array.from(gl), Array.from(el), `${what} (${lab.filter((l) => l >= 0).length}/${N} rows targeted): per-row losses`);
+    const gg = gather.program.adapter(1).grads.read() as Float32Array;
+    const eg = every.program.adapter(1).grads.read() as Float32Array;
+    let diff = -1;
+    for (let i = 0; i < gg.length && diff < 0; i++) if (!Object.is(gg[i], eg[i]) && !(gg[i] === 0 && eg[i] === 0)) diff = i;
+    t.equal(diff, -1, `${what}: LoRA gradients`);
+    t.same(Array.from((await gather.program.evaluate(mb, tokens))!), Array.from((await every.program.evaluate(mbE, tokensE))!), `${what}: evaluation losses`);
+    await gather.program.zeroGrads(1);
+    await every.program.zeroGrads(1);
+  }
+  gather.program.free();
+  every.program.free();
 });
 
 // ---- an independent float64 forward, for packed batches and finite differences
