@@ -238,7 +238,7 @@ export class Job {
 
   /** @internal Nothing of this job in flight and no step half done: it can leave the stages. */
   atStepBoundary(): boolean {
-    return this.inflight === 0 && !this.stepping && this.admittedInStep === 0;
+    return this.inflight === 0 && !this.stepping && !this.rollingBack && this.admittedInStep === 0;
   }
 
   /** @internal Waiting for room on the stages: loaded, or parked. */
@@ -340,9 +340,9 @@ export class Supervisor {
     w?.();
   }
 
-  /** Waits until none of the job's micro-batches or steps are in flight. */
-  async quiesce(job: Job): Promise<void> {
-    while (job.inflight > 0 || job.stepping) {
+  /** Waits until none of the job's micro-batches or steps (or its rollback, unless asked not to) are in flight. */
+  async quiesce(job: Job, rollbackToo = true): Promise<void> {
+    while (job.inflight > 0 || job.stepping || (rollbackToo && job.rollingBack)) {
       await Promise.race([...this.inflight.values(), ...this.stepping]).catch(() => {});
     }
   }
@@ -580,37 +580,44 @@ export class Supervisor {
     }
     if (job.rollingBack) return;
     job.rollingBack = true;
-    // not awaited: this may run inside the job's own optimizer step, which quiesce() waits for
-    void this.rollback(job, why);
+    // not awaited: this may run inside the job's own optimizer step, which the rollback waits
+    // for; tracked with the steps, so stop() and exportAll() wait for it to end
+    const p = this.rollback(job, why).finally(() => {
+      this.stepping.delete(p);
+      this.wake();
+    });
+    this.stepping.add(p);
   }
 
   /** Puts a job back to its rollback point with a lower learning rate, once nothing of it is in flight. */
   private async rollback(job: Job, why: string): Promise<void> {
     try {
-      await this.quiesce(job);
+      await this.quiesce(job, false);
       if (job.terminal()) return;
       const point = job.rollbackPoint!;
       const from = job.step + 1;
+      // one residency change among the others (placement, parking, retiring): the adapter's
+      // weights and the job's step and data position change together
       await this.exclusive(async () => {
+        if (job.terminal() || !this.resident.has(job.id)) return; // cancelled meanwhile
         // the same bytes leave and come back: the memory accounting does not change
         await this.pipeline.removeAdapter(job.id);
         await this.pipeline.addAdapter(job.id, job.spec, cloneState(point.state));
+        job.restoreSource(point.source);
+        job.step = point.step;
+        job.tokens = point.tokens;
+        job.stepLoss = 0;
+        job.stepTargets = 0;
+        job.admittedInStep = 0;
+        job.doneInStep = 0;
+        job.rollbacks++;
+        job.lrScale *= job.config.on_nan.lr_factor;
+        job.emit({ type: 'rollback', adapter: job.name, fromStep: from, toStep: point.step, lrScale: job.lrScale, rollbacks: job.rollbacks, reason: why, time: Date.now() });
       });
-      job.restoreSource(point.source);
-      job.step = point.step;
-      job.tokens = point.tokens;
-      job.stepLoss = 0;
-      job.stepTargets = 0;
-      job.admittedInStep = 0;
-      job.doneInStep = 0;
-      job.rollbacks++;
-      job.lrScale *= job.config.on_nan.lr_factor;
-      job.emit({ type: 'rollback', adapter: job.name, fromStep: from, toStep: point.step, lrScale: job.lrScale, rollbacks: job.rollbacks, reason: why, time: Date.now() });
     } catch (e) {
       if (!this.pipelineFailed(e)) this.failJob(job, `${why}; the rollback failed: ${(e as Error).message}`);
     } finally {
       job.rollingBack = false;
-      this.wake();
     }
   }
 
