@@ -95,6 +95,12 @@ export interface Pipeline {
   memory(): Promise<Array<{ device: string; budget: number; used: number }>>;
   /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
+  /**
+   * The part of activationBytes() a stage holds only while it runs the micro-batch (scratch, and
+   * on the last stage everything): a stage that runs one message at a time holds at most one
+   * message's transient bytes at once. Absent: every byte counts for every message in flight.
+   */
+  transientBytes?(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
   /** Bytes one adapter's slice takes on each stage. */
   adapterBytes(spec: LoraSpec): number[];
   schedule(): ScheduleRecord[];

@@ -468,6 +468,13 @@ export class ActorPipeline implements Pipeline {
       activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens) + (plan.last ? allocBytes(4 * numTokens) : 0));
   }
 
+  transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
+    // a stage actor handles one message at a time and frees its scratch when the call ends; the
+    // last stage's forward+backward is one call, so its saved block goes with it
+    const all = this.activationBytes(numTokens, segments);
+    return this.plans.map((plan, s) => (plan.last ? all[s]! : scratchBytes(this.config, plan, numTokens)));
+  }
+
   adapterBytes(spec: LoraSpec): number[] {
     return this.plans.map((p) => StageAdapter.bytes(this.config, spec, p.lo, p.hi));
   }

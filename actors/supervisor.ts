@@ -272,10 +272,13 @@ export class Supervisor {
   // Memory accounting, per stage (bytes). `restFree` is what is free when no micro-batch is in
   // flight: the budget less the base weights, the scratch and the adapters on the stage. It is
   // measured at rest and kept exact between measurements by adding and taking each adapter's
-  // bytes as it leaves or joins. In-flight micro-batches hold `reserved`; `promised` is held
-  // back for the waiting job that placement serves next, so micro-batches cannot take it.
+  // bytes as it leaves or joins. In-flight micro-batches hold `reserved` (what they keep between
+  // their calls on a stage) plus the largest of their `transient` bytes (what a call holds while
+  // it runs: a stage runs one call at a time); `promised` is held back for the waiting job that
+  // placement serves next, so micro-batches cannot take it.
   private restFree: number[] | undefined;
   private reserved: number[] = [];
+  private readonly transient = new Map<number, number[]>();
   private promised: number[] = [];
   /** Adapter bytes per stage of each job whose adapter is on the stages. */
   private readonly resident = new Map<number, number[]>();
@@ -299,6 +302,12 @@ export class Supervisor {
     pipeline.onOutOfMemory = () => this.shrinkAdmission();
     this.loopDone = this.loop();
   }
+
+  /** The most micro-batch messages that were in flight at once (diagnostics). */
+  get peakInflight(): number {
+    return this.peakInflightCount;
+  }
+  private peakInflightCount = 0;
 
   /** Micro-batch messages admitted into the pipeline at most (options.inflight, less after an out-of-memory). */
   get admissionLimit(): number {
@@ -417,9 +426,18 @@ export class Supervisor {
     this.promised = mem.map(() => 0);
   }
 
-  /** Bytes micro-batches may still take on stage s. */
-  private free(s: number): number {
-    return this.restFree![s]! - this.reserved[s]! - this.promised[s]!;
+  /** Bytes the micro-batches in flight hold at most on stage s (their own, and one call's transient bytes). */
+  private inUse(s: number): number {
+    let peak = 0;
+    for (const t of this.transient.values()) peak = Math.max(peak, t[s]!);
+    return this.reserved[s]! + peak;
+  }
+
+  /** Whether a micro-batch that keeps `held` and runs with `transient` more bytes fits on stage s. */
+  private fits(s: number, held: number, transient: number): boolean {
+    let peak = transient;
+    for (const t of this.transient.values()) peak = Math.max(peak, t[s]!);
+    return this.reserved[s]! + held + peak <= this.restFree![s]! - this.promised[s]!;
   }
 
   /**
@@ -467,7 +485,7 @@ export class Supervisor {
             `only ${this.restFree![never]! + held[never]!} are there besides the model: give the device more memory or lower lora.r`);
           continue;
         }
-        if (need.every((b, s) => b <= this.restFree![s]! - this.reserved[s]!)) {
+        if (need.every((b, s) => b <= this.restFree![s]! - this.inUse(s))) {
           await this.putOnStages(job, need);
           changed = true;
           continue;
@@ -704,15 +722,18 @@ export class Supervisor {
       const parts = chosen.map((j) => ({ job: j, mb: j.peek()! }));
       const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
       const numSeqs = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
-      const need = this.pipeline.activationBytes(numTokens, parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec })), numSeqs);
-      const short = need.findIndex((b, s) => b > this.free(s));
+      const segs = parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec }));
+      const need = this.pipeline.activationBytes(numTokens, segs, numSeqs);
+      const transient = this.pipeline.transientBytes?.(numTokens, segs, numSeqs) ?? need.map(() => 0);
+      const held = need.map((b, s) => b - transient[s]!);
+      const short = need.findIndex((_, s) => !this.fits(s, held[s]!, transient[s]!));
       if (short >= 0) {
         if (this.inflight.size === 0 && !this.promised.some((b) => b > 0)) {
           for (const p of parts) {
             this.failJob(
               p.job,
               `a micro-batch of ${numTokens} tokens needs ${need[short]} bytes of activations on ${this.pipeline.devices[short]}, ` +
-                `only ${this.free(short)} are free: lower micro_batch_size or seq_len, or give the device more memory`,
+                `only ${this.restFree![short]! - this.promised[short]!} are free: lower micro_batch_size or seq_len, or give the device more memory`,
             );
           }
           continue;
@@ -720,11 +741,11 @@ export class Supervisor {
         return; // wait for memory to come back
       }
       for (const p of parts) p.job.take();
-      this.launch(parts, numTokens, need);
+      this.launch(parts, numTokens, held, transient);
     }
   }
 
-  private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[]): void {
+  private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[], transient: number[]): void {
     const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
       const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
@@ -738,6 +759,7 @@ export class Supervisor {
       p.job.microCount = p.mb.microCount;
     }
     reserve.forEach((b, s) => (this.reserved[s]! += b));
+    this.transient.set(data.id, transient);
     const done = this.pipeline
       .train(data)
       .then(
@@ -749,11 +771,13 @@ export class Supervisor {
       )
       .finally(() => {
         reserve.forEach((b, s) => (this.reserved[s]! -= b));
+        this.transient.delete(data.id);
         for (const p of parts) p.job.inflight--;
         this.inflight.delete(data.id);
         this.wake();
       });
     this.inflight.set(data.id, done);
+    this.peakInflightCount = Math.max(this.peakInflightCount, this.inflight.size);
   }
 
   private completed(parts: Array<{ job: Job; mb: SourceMicroBatch }>, data: MicroBatchData, losses: Float32Array): void {

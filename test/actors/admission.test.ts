@@ -1,0 +1,41 @@
+// Admission by memory counts what a micro-batch really holds on each stage of the worker-thread
+// pipeline: the bytes it keeps between its calls (a non-last stage's saved activations) for
+// every micro-batch in flight, but the bytes of a call (scratch; on the last stage everything)
+// only once, since a stage actor runs one call at a time. With a budget that has room for two
+// micro-batches that way, but not for two full copies, two are in flight and nothing runs out.
+import t from 'tap';
+import { Supervisor } from '../../actors/supervisor.js';
+import { adapters, tinyModel, tmpDir } from '../faults/harness.js';
+
+const model = await tinyModel();
+const cfg = adapters(tmpDir('admission'), ['a', 'b'], 3);
+const devices = ['cpu:0', 'cpu:1'];
+const spec = (i: number) => ({ r: cfg[i]!.lora.r, alpha: cfg[i]!.lora.alpha, dropout: cfg[i]!.lora.dropout, targets: [...cfg[i]!.lora.targets], useRslora: false, seed: 0 });
+const N = cfg[0]!.micro_batch_size * cfg[0]!.seq_len; // the largest micro-batch of one adapter
+
+const probe = await Supervisor.start({ model, devices, threads: 1, memory: '256MiB', maxTokens: 512 });
+const rest = await probe.pipeline.memory();
+const A = [0, 1].map((i) => probe.pipeline.adapterBytes(spec(i)));
+const segs = [{ rows: N, spec: spec(0) }];
+const all = probe.pipeline.activationBytes(N, segs);
+const transient = probe.pipeline.transientBytes!(N, segs);
+await probe.close();
+const held = all.map((b, s) => b - transient[s]!);
+t.ok(transient.every((b, s) => b > 0 && b <= all[s]!), `transient bytes per stage ${transient.join('/')} of ${all.join('/')}`);
+t.equal(held[1], 0, 'the last stage keeps nothing between calls (forward and backward are one call there)');
+
+// room for both adapters and two micro-batches counted the exact way, not for two full copies
+const room = (s: number) => rest[s]!.used + A[0]![s]! + A[1]![s]! + 2 * held[s]! + transient[s]!;
+const budget = Math.max(room(0), room(1));
+t.ok([0, 1].some((s) => budget < rest[s]!.used + A[0]![s]! + A[1]![s]! + 2 * all[s]!), `budget ${budget}: two full copies of a micro-batch would not fit on some stage`);
+
+const faults: string[] = [];
+const sup = await Supervisor.start({
+  model, devices, threads: 1, memory: budget, maxTokens: 512, adaptersPerMicroBatch: 1, onFault: (f) => faults.push(`${f.fault} on ${f.stage}: ${f.detail}`),
+});
+const jobs = cfg.map((c) => sup.submit(c));
+await sup.drain();
+await sup.close();
+t.same(jobs.map((j) => j.state), ['done', 'done'], `both adapters finished ${jobs.map((j) => j.error ?? '').join(' ')}`);
+t.same(faults, [], 'no stage ran out of memory: the accounting is exact');
+t.ok(sup.peakInflight >= 2, `two micro-batches were in flight at once (peak ${sup.peakInflight})`);
