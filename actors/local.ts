@@ -146,7 +146,7 @@ export class LocalPipeline implements Pipeline {
   async memory() {
     return this.stages.map((st) => {
       const m = st.device.memory();
-      return { device: st.device.name, budget: m.budget, used: m.used };
+      return { device: st.device.name, budget: m.budget, used: m.used, peak: m.peak };
     });
   }
 
@@ -167,7 +167,7 @@ export class LocalPipeline implements Pipeline {
       else msg += 2 * hidden; // input hidden states, and the gradient handed back
       if (!st.plan.last) msg += hidden; // output hidden states (until moved to the next stage)
       if (st.plan.last) msg += 3 * i32; // targets, weights, losses
-      return st.activationBytes(N, segments) + st.scratchBytes(N) + msg;
+      return st.activationBytes(N, segments) + st.scratchBytes(N) + st.workBytes(N, segments) + msg;
     });
   }
 

@@ -91,8 +91,8 @@ export interface Pipeline {
   zeroGrads(id: number): Promise<void>;
   /** Fault injection: makes an adapter's weights NaN (on the first stage). */
   poison(id: number): Promise<void>;
-  /** Bytes per device: budget, used now. */
-  memory(): Promise<Array<{ device: string; budget: number; used: number }>>;
+  /** Bytes per device: budget, used now, the most used since the stage started. */
+  memory(): Promise<Array<{ device: string; budget: number; used: number; peak: number }>>;
   /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
   /**
@@ -124,6 +124,8 @@ export interface InitMsg {
   device: string;
   threads: number;
   budget: number;
+  /** Activation recomputation (StageOptions.recompute). */
+  recompute?: boolean;
   /** SharedArrayBuffers of the slot slab (actors/shm.ts). */
   slab: SharedArrayBuffer;
   slotCount: number;

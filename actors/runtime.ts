@@ -17,7 +17,7 @@ import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
-import { activationBytes, scratchBytes } from '../lib/model/stage.js';
+import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
 import type {
@@ -35,6 +35,8 @@ export interface ActorPipelineOptions {
   maxTokens: number;
   /** Micro-batch messages in flight at most (sizes the slab). */
   inflight: number;
+  /** Activation recomputation on every stage (StageOptions.recompute). */
+  recompute?: boolean;
   faults?: FaultSpec[];
   heartbeatMs?: number;
   /** A stage silent for this long (and at least 3× its slowest observed message) is declared hung. */
@@ -181,7 +183,7 @@ export class ActorPipeline implements Pipeline {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs,
+      epochMs: this.epochMs, ...(o.recompute ? { recompute: true } : {}),
     };
     const w = new Worker(STAGE_URL, { workerData: init });
     h.worker = w;
@@ -457,22 +459,25 @@ export class ActorPipeline implements Pipeline {
   }
 
   async memory() {
-    const r = await this.retrying(() => this.all<{ device: string; budget: number; used: number }>({ type: 'memory' }));
-    return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used }));
+    const r = await this.retrying(() => this.all<{ device: string; budget: number; used: number; peak: number }>({ type: 'memory' }));
+    return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used, peak: m.peak }));
   }
 
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
     // the saved block, the scratch while a call runs, and the last stage's losses; the tokens,
     // targets, weights and hidden states are views of shared slots (borrowed, not counted)
+    const rc = !!this.opts.recompute;
     return this.plans.map((plan) =>
-      activationBytes(this.config, plan, numTokens, segments) + scratchBytes(this.config, plan, numTokens) + (plan.last ? allocBytes(4 * numTokens) : 0));
+      activationBytes(this.config, plan, numTokens, segments, rc) + scratchBytes(this.config, plan, numTokens) +
+        workBytes(this.config, numTokens, segments, rc) + (plan.last ? allocBytes(4 * numTokens) : 0));
   }
 
   transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
     // a stage actor handles one message at a time and frees its scratch when the call ends; the
     // last stage's forward+backward is one call, so its saved block goes with it
     const all = this.activationBytes(numTokens, segments);
-    return this.plans.map((plan, s) => (plan.last ? all[s]! : scratchBytes(this.config, plan, numTokens)));
+    const work = workBytes(this.config, numTokens, segments, !!this.opts.recompute);
+    return this.plans.map((plan, s) => (plan.last ? all[s]! : scratchBytes(this.config, plan, numTokens) + work));
   }
 
   adapterBytes(spec: LoraSpec): number[] {

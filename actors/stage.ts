@@ -293,7 +293,7 @@ async function start(): Promise<void> {
     const device = openDevice(init.device, { threads: init.threads, budget: init.budget });
     const dir = openModelDir(init.modelDir);
     const weights = await loadStageWeights(device, dir, init.plan);
-    program = new StageProgram(device, dir.config, init.plan, weights);
+    program = new StageProgram(device, dir.config, init.plan, weights, { recompute: !!init.recompute });
     send({ type: 'ready', id: init.id, stage: init.stage });
     void pump();
   } catch (e) {

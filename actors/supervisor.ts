@@ -982,6 +982,8 @@ export interface StartOptions {
   /** Layers per stage, or 'auto' (cost model). */
   split?: 'auto' | number[];
   batchlora?: boolean;
+  /** Activation recomputation on every stage: less memory per micro-batch, one more layer forward per layer backward. */
+  recompute?: boolean;
   inflight?: number;
   inflightPerAdapter?: number;
   adaptersPerMicroBatch?: number;
@@ -1049,7 +1051,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     try {
       for (let s = 0; s < S; s++) {
         const device = openDevice(layout.devices[s]!, { threads: layout.threads[s]!, ...(layout.budgets[s] ? { budget: layout.budgets[s] } : {}) });
-        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!)));
+        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!), { recompute: !!o.recompute }));
       }
     } catch (e) {
       for (const st of stages) st.free();
@@ -1059,7 +1061,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     pipeline = await ActorPipeline.start({
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'),
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}),
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),

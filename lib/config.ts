@@ -99,6 +99,8 @@ export const PipelineSchema = z
     inflight: z.number().int().min(1).optional(),
     /** BatchLoRA: several adapters' rows share one micro-batch message. */
     batchlora: z.boolean().default(true),
+    /** Activation recomputation: keep only each layer's input between forward and backward. */
+    recompute: z.boolean().default(false),
     /** Most adapters in one BatchLoRA micro-batch (default: spread adapters so every stage has work). */
     adapters_per_micro_batch: z.number().int().min(1).optional(),
     /** Threads per device (CPU). */

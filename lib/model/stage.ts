@@ -102,6 +102,14 @@ interface LayerActs {
 /** One call's scratch by name (scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
 type Scratch = Record<string, Tensor>;
 
+/** Recompute: one call's work block and the views carved from it. */
+interface Work {
+  block: Tensor;
+  views: Tensor[];
+  /** The output of a recomputed layer (written by its LoRA down_proj, never read). */
+  y: Tensor;
+}
+
 interface Saved {
   block: Tensor;
   layers: LayerActs[];
@@ -133,6 +141,13 @@ export interface StageOptions {
   headBlockRows?: number;
   /** Logits only for rows that have a target (default); false: for every row (tests, benchmarks). */
   gatherTargets?: boolean;
+  /**
+   * Activation recomputation: a micro-batch keeps only each layer's input between forward and
+   * backward; the backward recomputes one layer's activations at a time (bitwise the same) in a
+   * work block that lives only during a call. Less memory per micro-batch in flight, about one
+   * more forward of compute.
+   */
+  recompute?: boolean;
 }
 
 export class StageProgram {
@@ -143,6 +158,7 @@ export class StageProgram {
   private readonly headBlockRows: number;
   /** See StageOptions.gatherTargets; may be switched between calls (benchmarks compare both on one program). */
   gatherTargets: boolean;
+  readonly recompute: boolean;
   readonly qDim: number;
   readonly kvDim: number;
 
@@ -166,6 +182,7 @@ export class StageProgram {
     this.sin = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], sin);
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
     this.gatherTargets = options.gatherTargets ?? true;
+    this.recompute = options.recompute ?? false;
   }
 
   // ---- adapters
@@ -200,7 +217,12 @@ export class StageProgram {
 
   /** Bytes of the saved-activation block of one micro-batch. */
   activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
-    return activationBytes(this.config, this.plan, numTokens, segments);
+    return activationBytes(this.config, this.plan, numTokens, segments, this.recompute);
+  }
+
+  /** Bytes of the work block a call holds while it runs (recompute only; else 0). */
+  workBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+    return workBytes(this.config, numTokens, segments, this.recompute);
   }
 
   /**
@@ -220,7 +242,9 @@ export class StageProgram {
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
     let views: Tensor[] = [];
+    let work: Work | undefined;
     try {
+      work = this.bindWork(mb, saved.layers);
       this.forwardOps(ops, mb, saved, output);
       views = takeViews();
       await this.device.run(ops);
@@ -228,7 +252,7 @@ export class StageProgram {
       this.release(mb.id);
       throw e;
     } finally {
-      this.endCall(views, {});
+      this.endCall(views, {}, work);
     }
   }
 
@@ -238,15 +262,20 @@ export class StageProgram {
     if (!saved) throw new Error(`backward: micro-batch ${mb.id} has no saved activations on this stage`);
     let views: Tensor[] = [];
     const s: Scratch = {};
+    let work: Work | undefined;
     try {
       this.allocScratch(mb.numTokens, s);
+      work = this.bindWork(mb, saved.layers);
       const ops: Op[] = [];
-      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad, s);
+      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) {
+        if (work) this.layerForwardOps(ops, mb, i, saved.layers[i]!, work.y, true, true);
+        this.layerBackwardOps(ops, mb, i, saved.layers[i]!, grad, s);
+      }
       views = takeViews();
       await this.device.run(ops);
     } finally {
       this.release(mb.id);
-      this.endCall(views, s);
+      this.endCall(views, s, work);
     }
   }
 
@@ -265,23 +294,30 @@ export class StageProgram {
     let losses: Tensor | undefined;
     let views: Tensor[] = [];
     const s: Scratch = {};
+    let work: Work | undefined;
     // every exit (an allocation that fails included) gives back the block, the scratch and the views
     try {
       this.allocScratch(N, s);
+      work = this.bindWork(mb, saved.layers);
       const ops: Op[] = [];
       const xFinal = view(s.xFinal!, [N, this.config.hiddenSize]);
       this.forwardOps(ops, mb, saved, xFinal);
       const dres = gradIn ?? view(s.dres!, [N, this.config.hiddenSize]);
       losses = this.device.alloc('f32', [N], { zero: false });
       this.headOps(ops, mb, xFinal, losses, dres, true, s);
-      for (let i = this.plan.hi - this.plan.lo - 1; i >= 0; i--) this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres, s);
+      const n = this.plan.hi - this.plan.lo;
+      for (let i = n - 1; i >= 0; i--) {
+        // the work block still holds the last layer's activations from the forward above
+        if (work && i < n - 1) this.layerForwardOps(ops, mb, i, saved.layers[i]!, work.y, true, true);
+        this.layerBackwardOps(ops, mb, i, saved.layers[i]!, dres, s);
+      }
       views = takeViews();
       await this.device.run(ops);
       return losses.read() as Float32Array;
     } finally {
       this.release(mb.id);
       losses?.free();
-      this.endCall(views, s);
+      this.endCall(views, s, work);
     }
   }
 
@@ -333,9 +369,11 @@ export class StageProgram {
     const owned: Tensor[] = [];
     let views: Tensor[] = [];
     const s: Scratch = {};
+    let work: Work | undefined;
     try {
       this.allocScratch(N, s);
-      const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb));
+      const layers = carveActs(carver, this.config, this.plan, N, this.segmentSpecs(mb), this.recompute);
+      work = this.bindWork(mb, layers);
       const saved: Saved = { block, layers, input, views: carver.views };
       const ops: Op[] = [];
       const result = build(ops, saved, s, (t) => (owned.push(t), t));
@@ -346,7 +384,7 @@ export class StageProgram {
       for (const v of carver.views) v.free();
       block.free();
       for (const t of owned) t.free();
-      this.endCall(views, s);
+      this.endCall(views, s, work);
     }
   }
 
@@ -413,8 +451,24 @@ export class StageProgram {
 
   private allocBlock(mb: MicroBatch): Tensor {
     const carver = new Carver(null);
-    carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb));
+    carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb), this.recompute);
     return this.device.alloc('f32', [bucketFloats(carver.offset)], { zero: false });
+  }
+
+  /**
+   * Recompute: allocates this call's work block (one layer's activations) and binds it into
+   * every saved layer (their inputs stay their own); undefined without recompute.
+   */
+  private bindWork(mb: MicroBatch, layers: LayerActs[]): Work | undefined {
+    if (!this.recompute) return undefined;
+    const segs = this.segmentSpecs(mb);
+    const sizer = new Carver(null);
+    carveWork(sizer, this.config, mb.numTokens, segs);
+    const block = this.device.alloc('f32', [bucketFloats(sizer.offset)], { zero: false });
+    const c = new Carver(block);
+    const { body, y } = carveWork(c, this.config, mb.numTokens, segs);
+    for (const L of layers) Object.assign(L, body);
+    return { block, views: c.views, y };
   }
 
   private saveBlock(mb: MicroBatch, input: Tensor): Saved {
@@ -422,7 +476,7 @@ export class StageProgram {
     checkSegments(mb);
     const block = this.allocBlock(mb);
     const carver = new Carver(block);
-    const layers = carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb));
+    const layers = carveActs(carver, this.config, this.plan, mb.numTokens, this.segmentSpecs(mb), this.recompute);
     const saved: Saved = { block, layers, input, views: carver.views };
     this.saved.set(mb.id, saved);
     return saved;
@@ -442,10 +496,14 @@ export class StageProgram {
   }
 
   /** Frees a call's views (those of an op list left half built by an error too) and its scratch. */
-  private endCall(views: Tensor[], s: Scratch): void {
+  private endCall(views: Tensor[], s: Scratch, work?: Work): void {
     freeViews(views);
     freeViews(takeViews());
     freeViews(Object.values(s));
+    if (work) {
+      freeViews(work.views);
+      work.block.free();
+    }
   }
 
   /** LoRA segment arguments for one projection of one layer (undefined: no adapter targets it). */
@@ -469,8 +527,8 @@ export class StageProgram {
   }
 
   /** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
-  private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean) {
-    ops.push({ op: 'linear_forward', y, x, w, accumulate });
+  private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true) {
+    if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate });
     const segments = this.loraSegments(mb, layer, target, acts, false, train);
     if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
   }
@@ -483,39 +541,44 @@ export class StageProgram {
   }
 
   private forwardOps(ops: Op[], mb: MicroBatch, saved: Saved, output: Tensor, train = true): void {
-    const c = this.config;
     const W = this.weights;
-    const { positions, cuSeqlens } = mb.tensors;
     const n = this.plan.hi - this.plan.lo;
     if (this.plan.first) {
       ops.push({ op: 'embedding_forward', y: saved.layers[0]?.x ?? output, ids: saved.input, table: W.embed! });
     } else if (n > 0) {
       saved.layers[0]!.x = saved.input;
     }
-    for (let i = 0; i < n; i++) {
-      const l = this.plan.lo + i;
-      const L = W.layers[i]!;
-      const A = saved.layers[i]!;
-      const y = i + 1 < n ? saved.layers[i + 1]!.x : output;
-      ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
-      this.proj(ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q, false, train);
-      this.proj(ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k, false, train);
-      this.proj(ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train);
-      ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: this.cos, sin: this.sin, heads: c.numHeads });
-      ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: this.cos, sin: this.sin, heads: c.numKvHeads });
-      ops.push({
-        op: 'attention_forward', out: A.ao, lse: A.lse, q: A.q, k: A.k, v: A.v, cuSeqlens,
-        heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
-      });
-      ops.push({ op: 'copy', y: A.hmid, x: A.x });
-      this.proj(ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
-      ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: A.hmid, w: L.mlpNorm, eps: c.rmsNormEps });
-      this.proj(ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate, false, train);
-      this.proj(ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up, false, train);
-      ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
-      ops.push({ op: 'copy', y, x: A.hmid });
-      this.proj(ops, mb, l, 'down_proj', A, y, A.act, L.down, true, train);
-    }
+    for (let i = 0; i < n; i++) this.layerForwardOps(ops, mb, i, saved.layers[i]!, i + 1 < n ? saved.layers[i + 1]!.x : output, train);
+  }
+
+  /**
+   * One layer's forward from A.x, activations into A, output into y. `recomputing` (the backward
+   * of recompute): the activations again, bitwise, but not the layer's output, which nobody
+   * reads: no residual copy and no base down_proj (its LoRA still runs, for the saved x·A).
+   */
+  private layerForwardOps(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, y: Tensor, train: boolean, recomputing = false): void {
+    const c = this.config;
+    const { positions, cuSeqlens } = mb.tensors;
+    const l = this.plan.lo + i;
+    const L = this.weights.layers[i]!;
+    ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
+    this.proj(ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q, false, train);
+    this.proj(ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k, false, train);
+    this.proj(ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train);
+    ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: this.cos, sin: this.sin, heads: c.numHeads });
+    ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: this.cos, sin: this.sin, heads: c.numKvHeads });
+    ops.push({
+      op: 'attention_forward', out: A.ao, lse: A.lse, q: A.q, k: A.k, v: A.v, cuSeqlens,
+      heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
+    });
+    ops.push({ op: 'copy', y: A.hmid, x: A.x });
+    this.proj(ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
+    ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: A.hmid, w: L.mlpNorm, eps: c.rmsNormEps });
+    this.proj(ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate, false, train);
+    this.proj(ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up, false, train);
+    ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
+    if (!recomputing) ops.push({ op: 'copy', y, x: A.hmid });
+    this.proj(ops, mb, l, 'down_proj', A, y, A.act, L.down, true, train, !recomputing);
   }
 
   /**
@@ -626,35 +689,59 @@ export class StageProgram {
   }
 }
 
-function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): LayerActs[] {
-  const H = cfg.hiddenSize, I = cfg.intermediateSize;
+/**
+ * The saved activations of a micro-batch on a stage: every layer's input and body. With
+ * `recompute`, only the inputs; the body is bound per call from a work block (carveWork).
+ */
+function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: Array<{ rows: number; spec: LoraSpec }>, recompute = false): LayerActs[] {
+  const H = cfg.hiddenSize;
   const layers: LayerActs[] = [];
   for (let l = plan.lo; l < plan.hi; l++) {
     const first = l === plan.lo;
-    const acts: LayerActs = {
-      // the first layer's input is the stage input (or the embedding output on stage 0)
-      x: first && !plan.first ? (null as unknown as Tensor) : c.take([N, H]),
-      xn1: c.take([N, H]),
-      rstd1: c.take([N]),
-      q: c.take([N, cfg.numHeads * cfg.headDim]),
-      k: c.take([N, cfg.numKvHeads * cfg.headDim]),
-      v: c.take([N, cfg.numKvHeads * cfg.headDim]),
-      ao: c.take([N, cfg.numHeads * cfg.headDim]),
-      lse: c.take([cfg.numHeads, N]),
-      hmid: c.take([N, H]),
-      xn2: c.take([N, H]),
-      rstd2: c.take([N]),
-      gate: c.take([N, I]),
-      up: c.take([N, I]),
-      act: c.take([N, I]),
-      xa: new Map(),
-    };
-    for (const target of LORA_TARGETS) {
-      acts.xa.set(target, segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)));
-    }
-    layers.push(acts);
+    // the first layer's input is the stage input (or the embedding output on stage 0)
+    const x = first && !plan.first ? (null as unknown as Tensor) : c.take([N, H]);
+    layers.push({ x, ...(recompute ? unboundBody() : carveBody(c, cfg, N, segs)) });
   }
   return layers;
+}
+
+type LayerBody = Omit<LayerActs, 'x'>;
+
+/** Recompute: a layer's body before a call binds its work block. */
+function unboundBody(): LayerBody {
+  const none = null as unknown as Tensor;
+  return { xn1: none, rstd1: none, q: none, k: none, v: none, ao: none, lse: none, hmid: none, xn2: none, rstd2: none, gate: none, up: none, act: none, xa: new Map() };
+}
+
+/** Recompute: one call's work block: a layer body shared by every layer, and a [N, H] output nobody reads. */
+function carveWork(c: Carver, cfg: LlamaConfig, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): { body: LayerBody; y: Tensor } {
+  const body = carveBody(c, cfg, N, segs);
+  return { body, y: c.take([N, cfg.hiddenSize]) };
+}
+
+/** One layer's activations besides its input. */
+function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): LayerBody {
+  const H = cfg.hiddenSize, I = cfg.intermediateSize;
+  const acts: LayerBody = {
+    xn1: c.take([N, H]),
+    rstd1: c.take([N]),
+    q: c.take([N, cfg.numHeads * cfg.headDim]),
+    k: c.take([N, cfg.numKvHeads * cfg.headDim]),
+    v: c.take([N, cfg.numKvHeads * cfg.headDim]),
+    ao: c.take([N, cfg.numHeads * cfg.headDim]),
+    lse: c.take([cfg.numHeads, N]),
+    hmid: c.take([N, H]),
+    xn2: c.take([N, H]),
+    rstd2: c.take([N]),
+    gate: c.take([N, I]),
+    up: c.take([N, I]),
+    act: c.take([N, I]),
+    xa: new Map(),
+  };
+  for (const target of LORA_TARGETS) {
+    acts.xa.set(target, segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)));
+  }
+  return acts;
 }
 
 /** Rows a call's scratch is allocated for: multiples of 64, so the device's block cache reuses the blocks. */
@@ -682,9 +769,17 @@ function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headB
 }
 
 /** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
-export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, recompute = false): number {
   const carver = new Carver(null);
-  carveActs(carver, config, plan, numTokens, segments);
+  carveActs(carver, config, plan, numTokens, segments, recompute);
+  return allocBytes(bucketFloats(carver.offset) * 4);
+}
+
+/** Bytes of the work block one call holds with recompute (0 without). */
+export function workBytes(config: LlamaConfig, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, recompute: boolean): number {
+  if (!recompute) return 0;
+  const carver = new Carver(null);
+  carveWork(carver, config, numTokens, segments);
   return allocBytes(bucketFloats(carver.offset) * 4);
 }
 

@@ -12,7 +12,7 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
 import { describeSplit } from '../../lib/schedule/split.js';
 import { formatBytes } from '../../lib/tensor.js';
-import { activationBytes, scratchBytes } from '../../lib/model/stage.js';
+import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
 import { stageWeightBytes } from '../../lib/model/weights.js';
 import { StageAdapter } from '../../lib/lora/adapter.js';
 import { loraSpec } from '../../actors/jobs.js';
@@ -141,14 +141,15 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   layout.plans.forEach((p, s) => {
     const base = stageWeightBytes(dir, p);
     const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi), 0);
-    const act = activationBytes(c, p, tokens, group.map((g) => ({ rows: g.tokens, spec: g.spec })));
+    const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
+    const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
     const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
-    const scratch = scratchBytes(c, p, tokens);
+    const scratch = scratchBytes(c, p, tokens) + workBytes(c, tokens, segs, cfg.pipeline.recompute);
     const total = base + ad + act * inflight + scratch;
     const budget = layout.budgets[s]!;
     out(
       `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)}, adapters ${formatBytes(ad)}, ` +
-        `activations ${formatBytes(act)} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
+        `activations ${formatBytes(act)}${cfg.pipeline.recompute ? " (layer inputs: recompute)" : ""} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
         (budget ? `, headroom ${formatBytes(budget - total)}` : ''),
     );
   });
@@ -233,7 +234,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     sup = await Supervisor.start({
       model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, output: cfg.output, resume: !!args.values.resume, faults,
-      batchlora: cfg.pipeline.batchlora, inflightPerAdapter: cfg.pipeline.inflight_per_adapter,
+      batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, inflightPerAdapter: cfg.pipeline.inflight_per_adapter,
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
       ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),

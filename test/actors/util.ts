@@ -38,6 +38,8 @@ export interface RunResult {
   states: Map<string, AdapterState>;
   events: JobEvent[];
   sup: Supervisor;
+  /** Each stage's most used bytes over the run. */
+  peaks: number[];
 }
 
 /** Captures each finished adapter's full state (the finish hook sees it just before removal). */
@@ -55,13 +57,15 @@ export async function runJobs(o: StartOptions, jobs: AdapterConfig[]): Promise<R
   const events: JobEvent[] = [];
   const sup = await Supervisor.start({ ...o, onEvent: (ev) => events.push(ev) });
   const states = captureFinals(sup);
+  let peaks: number[] = [];
   try {
     for (const j of jobs) sup.submit(j);
     await sup.drain();
+    peaks = (await sup.pipeline.memory()).map((m) => m.peak);
   } finally {
     await sup.close();
   }
-  return { states, events, sup };
+  return { states, events, sup, peaks };
 }
 
 /** Largest |a - b| over the three arrays of an adapter state; -1 when the shapes differ. */

@@ -13,10 +13,10 @@ import { parseAdapterConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { demoData, RUN_DEFAULTS, tinyModel, tmpDir } from './util.js';
 
-t.test('adapter, activation and scratch bytes equal the allocator counts', async (t) => {
+for (const recompute of [false, true]) t.test(`adapter, activation and scratch bytes equal the allocator counts${recompute ? ' (recompute)' : ''}`, async (t) => {
   const model = await tinyModel();
   const dir = tmpDir(t);
-  const sup = await Supervisor.start({ ...RUN_DEFAULTS, model });
+  const sup = await Supervisor.start({ ...RUN_DEFAULTS, model, recompute });
   t.teardown(() => sup.close());
   const lp = sup.pipeline as LocalPipeline;
   const st = lp.stages[0]!;
@@ -49,7 +49,8 @@ t.test('adapter, activation and scratch bytes equal the allocator counts', async
     const m = dev.memory();
     const peak = m.peak - before;
     const grown = m.used - before;
-    t.equal(peak, est, `micro-batch ${k + 1} (${N} tokens, ${nseq} sequences): peak +${peak} = activationBytes ${est} (scratch ${st.scratchBytes(N)} of it)`);
+    t.equal(peak, est, `micro-batch ${k + 1} (${N} tokens, ${nseq} sequences): peak +${peak} = activationBytes ${est} (scratch ${st.scratchBytes(N)}, work ${st.workBytes(N, segs)} of it)`);
+    if (recompute) t.ok(st.activationBytes(N, segs) < est - st.scratchBytes(N) - st.workBytes(N, segs), `recompute keeps ${st.activationBytes(N, segs)} bytes between forward and backward`);
     t.equal(grown, 0, `micro-batch ${k + 1}: afterwards nothing stays (scratch included); nothing waits for GC`);
   }
 });
