@@ -5,13 +5,14 @@
 //   mlora bench --scenario kernels [--threads N] [--json] [--quick]
 //   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
+//   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
 import os from 'node:os';
 import { readFileSync } from 'node:fs';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { batchloraScenario, headScenario, pipelineScenario, type TrainBenchRecord } from './bench-train.js';
+import { batchloraScenario, headScenario, pipelineScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
 
 export interface BenchOptions {
   threads: number;
@@ -51,6 +52,13 @@ const scenarios: Record<string, Scenario> = {
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
       return headScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 3), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256, fractions: [1, 0.5, 0.25] }, log);
+    },
+  },
+  recompute: {
+    summary: 'training with and without activation recomputation: time and bytes kept per micro-batch (bench model, one device)',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      return recomputeScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 5), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }, log);
     },
   },
   pipeline: {
