@@ -428,16 +428,19 @@ export class Supervisor {
 
   /** Bytes the micro-batches in flight hold at most on stage s (their own, and one call's transient bytes). */
   private inUse(s: number): number {
+    return this.reserved[s]! + this.peakTransient(s);
+  }
+
+  /** The largest transient bytes of the micro-batches in flight on stage s (one call runs at a time). */
+  private peakTransient(s: number): number {
     let peak = 0;
     for (const t of this.transient.values()) peak = Math.max(peak, t[s]!);
-    return this.reserved[s]! + peak;
+    return peak;
   }
 
   /** Whether a micro-batch that keeps `held` and runs with `transient` more bytes fits on stage s. */
   private fits(s: number, held: number, transient: number): boolean {
-    let peak = transient;
-    for (const t of this.transient.values()) peak = Math.max(peak, t[s]!);
-    return this.reserved[s]! + held + peak <= this.restFree![s]! - this.promised[s]!;
+    return this.reserved[s]! + held + Math.max(this.peakTransient(s), transient) <= this.restFree![s]! - this.promised[s]!;
   }
 
   /**
@@ -843,10 +846,11 @@ export class Supervisor {
       if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
       const last = job.step >= job.totalSteps || job.peek() === null;
       const saving = c.save_every !== undefined && job.step % c.save_every === 0 && !last;
-      // the rollback point follows the checkpoints, also when nothing is written (no output)
-      if (saving && c.on_nan.action === 'rollback') job.rollbackPoint = rollbackPoint(job, await this.pipeline.exportAdapter(job.id));
-      if (this.hooks.checkpoint && saving) {
-        const state = await this.pipeline.exportAdapter(job.id);
+      const rollsBack = c.on_nan.action === 'rollback';
+      // one export serves the checkpoint and the rollback point (which follows the checkpoints, also when nothing is written)
+      const state = saving && (this.hooks.checkpoint || rollsBack) ? await this.pipeline.exportAdapter(job.id) : undefined;
+      if (state && rollsBack) job.rollbackPoint = rollbackPoint(job, state);
+      if (this.hooks.checkpoint && state) {
         let path: string;
         try {
           path = await this.hooks.checkpoint(job, state);
