@@ -256,17 +256,38 @@ export interface HeadBenchRecord {
  * several fractions of targeted rows: instruction data with masked prompts targets a
  * fraction of its rows. Both programs run in turn in the same process.
  */
-export async function headScenario(o: { threads: number; steps: number; micro: number; seqLen: number; fractions: number[] }, log: (s: string) => void): Promise<HeadBenchRecord[]> {
-  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
-  const dir = openModelDir(modelDir);
+/** The bench model as one stage on cpu:0, and the adapter (rank 16, all seven targets) the one-device scenarios train. */
+async function oneStageBench(threads: number, log: (s: string) => void) {
+  const dir = openModelDir(await ensureModel(cacheModels(), 'bench', 0, log));
   const c = dir.config;
-  const device = openDevice('cpu:0', { threads: o.threads });
+  const device = openDevice('cpu:0', { threads });
   const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
   const weights = await loadStageWeights(device, dir, plan);
+  const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  return { c, device, plan, weights, spec };
+}
+
+/**
+ * Best time (ms) of each of two variants over `steps` rounds after a warm-up round (buffers,
+ * caches), the order alternating each round so drifting machine load hits both alike.
+ */
+async function bestOfAlternating<K extends string>(names: readonly [K, K], steps: number, run: (name: K) => Promise<void>): Promise<Record<K, number>> {
+  const ms = { [names[0]]: Infinity, [names[1]]: Infinity } as Record<K, number>;
+  for (let s = 0; s < steps + 1; s++) {
+    for (const name of s % 2 ? names : ([names[1], names[0]] as const)) {
+      const t = performance.now();
+      await run(name);
+      if (s > 0) ms[name] = Math.min(ms[name], performance.now() - t);
+    }
+  }
+  return ms;
+}
+
+export async function headScenario(o: { threads: number; steps: number; micro: number; seqLen: number; fractions: number[] }, log: (s: string) => void): Promise<HeadBenchRecord[]> {
+  const { c, device, plan, weights, spec } = await oneStageBench(o.threads, log);
   // one program, its gatherTargets switched between runs: both variants use the same memory
   const program = new StageProgram(device, c, plan, weights);
   const p = new LocalPipeline(c, [program]);
-  const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
   await p.addAdapter(1, spec, freshState(c, spec));
   const out: HeadBenchRecord[] = [];
   log(`head: bench model, ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s); LM head ${c.vocabSize}×${c.hiddenSize}`);
@@ -278,16 +299,10 @@ export async function headScenario(o: { threads: number; steps: number; micro: n
     const src = { ...mb, labels };
     const data = assemble(1, [{ adapter: 1, serial: 0, mb: src }], src.numTokens);
     const targeted = data.targets.filter((x) => x >= 0).length;
-    const ms = { every: Infinity, gathered: Infinity };
-    for (let s = 0; s < o.steps + 1; s++) {
-      for (const name of s % 2 ? (['every', 'gathered'] as const) : (['gathered', 'every'] as const)) {
-        program.gatherTargets = name === 'gathered';
-        const t = performance.now();
-        await p.train(data);
-        const dt = performance.now() - t;
-        if (s > 0) ms[name] = Math.min(ms[name], dt); // the first round warms buffers and caches
-      }
-    }
+    const ms = await bestOfAlternating(['every', 'gathered'] as const, o.steps, async (name) => {
+      program.gatherTargets = name === 'gathered';
+      await p.train(data);
+    });
     const rec: HeadBenchRecord = { scenario: 'head', targeted: targeted / data.targets.length, tokens: data.targets.length, every_row_ms: Math.round(ms.every * 10) / 10, targeted_rows_ms: Math.round(ms.gathered * 10) / 10, speedup: Math.round((ms.every / ms.gathered) * 100) / 100 };
     out.push(rec);
     log(`head: ${(100 * rec.targeted).toFixed(0).padStart(3)}% of rows targeted: every row ${rec.every_row_ms} ms, targeted rows only ${rec.targeted_rows_ms} ms per micro-batch (${rec.speedup}×)`);
@@ -313,28 +328,17 @@ export interface RecomputeBenchRecord {
  * alternating), and what a micro-batch keeps between forward and backward either way.
  */
 export async function recomputeScenario(o: { threads: number; steps: number; micro: number; seqLen: number }, log: (s: string) => void): Promise<RecomputeBenchRecord> {
-  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
-  const dir = openModelDir(modelDir);
-  const c = dir.config;
-  const device = openDevice('cpu:0', { threads: o.threads });
-  const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
-  const weights = await loadStageWeights(device, dir, plan);
+  const { c, device, plan, weights, spec } = await oneStageBench(o.threads, log);
   const pipes = {
     plain: new LocalPipeline(c, [new StageProgram(device, c, plan, weights)]),
     recompute: new LocalPipeline(c, [new StageProgram(device, c, plan, weights, { recompute: true })]),
   };
-  const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
   for (const p of Object.values(pipes)) await p.addAdapter(1, spec, freshState(c, spec));
   const mb = syntheticMicroBatch(new Rng(4), c, o.micro, o.seqLen);
   const data = assemble(1, [{ adapter: 1, serial: 0, mb }], mb.numTokens);
-  const ms = { plain: Infinity, recompute: Infinity };
-  for (let s = 0; s < o.steps + 1; s++) {
-    for (const name of s % 2 ? (['plain', 'recompute'] as const) : (['recompute', 'plain'] as const)) {
-      const t = performance.now();
-      await pipes[name].train(data);
-      if (s > 0) ms[name] = Math.min(ms[name], performance.now() - t); // the first round warms buffers and caches
-    }
-  }
+  const ms = await bestOfAlternating(['plain', 'recompute'] as const, o.steps, async (name) => {
+    await pipes[name].train(data);
+  });
   const segs = [{ rows: mb.numTokens, spec }];
   const body = { ...plan, last: false };
   const rec: RecomputeBenchRecord = {
