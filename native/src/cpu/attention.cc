@@ -32,6 +32,7 @@
 
 #include "../kernels.h"
 #include "cpu_features.h"
+#include "vmath.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -44,35 +45,6 @@ namespace {
 
 constexpr int64_t BQ = 64;  // query rows per block
 constexpr int64_t BK = 64;  // key rows per block (BQ == BK: only diagonal blocks are masked)
-
-// exp(x) for x ≤ ~88, to about 2 ulp, written so the compiler vectorises it inside
-// `omp simd` loops (libm's expf is not vectorised without -ffast-math). Returns 0 for
-// x < −87.3 (and for −inf, the masked scores).
-inline float exp_poly(float x) {
-  const float lo = -87.3f, hi = 88.3f;
-  bool under = x < lo;
-  x = x < lo ? lo : (x > hi ? hi : x);
-  const float magic = 12582912.f;  // 1.5·2^23: adding it rounds to an integer
-  float t = x * 1.44269504088896341f + magic;
-  float nf = t - magic;
-  int32_t ti;
-  std::memcpy(&ti, &t, 4);
-  int32_t ni = ti - 0x4B400000;
-  float r = x - nf * 0.693359375f;  // Cody–Waite: ln2 = 0.693359375 − 2.12194440e-4
-  r = r + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  int32_t bits = (ni + 127) << 23;
-  float sc;
-  std::memcpy(&sc, &bits, 4);
-  float y = p * sc;
-  return under ? 0.f : y;
-}
 
 // ---- micro-kernels. rowdot: s[j] = scale·Σ_c a[c]·bt[c·BK + j] for j < BK (bt: a packed,
 // transposed key block, zero-padded). axpy_rows: o[c] += Σ_r coef[r·cs]·rows[r·stride + c].
@@ -236,7 +208,7 @@ __attribute__((always_inline)) inline void forward_item(const Problem& P, Scratc
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < BK; j++) {
-        float e = j < nv ? exp_poly(s[j] - mnew) : 0.f;
+        float e = j < nv ? exp_approx(s[j] - mnew) : 0.f;
         p[j] = e;
         sum += e;
       }
@@ -297,7 +269,7 @@ __attribute__((always_inline)) inline void backward_tile(const Problem& P, Scrat
     const float di = delta[ii], sc = P.scale;
 #pragma omp simd
     for (int64_t j = 0; j < BK; j++) {
-      float pj = j < nv ? exp_poly(s[j] - L) : 0.f;
+      float pj = j < nv ? exp_approx(s[j] - L) : 0.f;
       pt[j] = pj;
       dst[j] = sc * pj * (dp[j] - di);  // scale·dS: the factor dq and dk both need
     }
