@@ -45,7 +45,15 @@ export interface ActorPipelineOptions {
   maxStageFailures?: number;
   /** Called on every detected fault and recovery. */
   onFault?: (ev: FaultEvent) => void;
+  /**
+   * Starts a stage somewhere else than in a worker thread of this process (a stage host of the
+   * cluster: actors/transport/remote.ts); `restart` is true after the first start.
+   */
+  stageEndpoint?: (init: InitMsg, restart: boolean) => StageWorker;
 }
+
+/** What the runtime needs of a stage's endpoint: a Worker has it, and so has a remote stage. */
+export type StageWorker = Pick<Worker, 'postMessage' | 'on' | 'once' | 'terminate' | 'threadId'>;
 
 /** The run cannot go on: one stage failed more often than allowed. */
 export class StageFailure extends Error {
@@ -104,7 +112,8 @@ interface Pending {
 }
 
 class StageHandle {
-  worker!: Worker;
+  worker!: StageWorker;
+  started = false;
   lastBeat = performance.now();
   slowestMs = 0;
   ready!: Promise<void>;
@@ -185,7 +194,8 @@ export class ActorPipeline implements Pipeline {
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
       epochMs: this.epochMs, ...(o.recompute ? { recompute: true } : {}),
     };
-    const w = new Worker(STAGE_URL, { workerData: init });
+    const w = o.stageEndpoint ? o.stageEndpoint(init, h.started) : new Worker(STAGE_URL, { workerData: init });
+    h.started = true;
     h.worker = w;
     h.lastBeat = performance.now();
     h.ready = new Promise<void>((resolve, reject) => {

@@ -15,7 +15,9 @@ import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../li
 import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
-import { ActorPipeline, StageFailure, type FaultEvent } from './runtime.js';
+import { ActorPipeline, StageFailure, type FaultEvent, type StageWorker } from './runtime.js';
+import { Cluster, type ClusterOptions } from './transport/remote.js';
+import type { ClusterDevice } from './transport/registry.js';
 import { outputHooks, prepareJob } from './jobs.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { lrAt } from '../lib/lora/schedule.js';
@@ -978,7 +980,7 @@ export interface StartOptions {
   /** Hugging Face model directory. */
   model: string;
   /** cpu:N / cuda:N per stage, or 'auto' (every GPU; else CPU stages sharing the cores). */
-  devices?: string[] | 'auto';
+  devices?: string[] | 'auto' | 'cluster';
   /** CPU threads per device (default: the machine's cores shared evenly). */
   threads?: number;
   /** Byte budget per device (e.g. "4GiB"); default: a share of 80% of RAM, or the GPU's free memory. */
@@ -1009,6 +1011,12 @@ export interface StartOptions {
   maxStageFailures?: number;
   /** Tokenizer pool threads for large datasets. */
   dataThreads?: number;
+  /**
+   * Run the stages on the cluster's stage hosts (`mlora stage serve`): a nats:// URL with
+   * credentials, or the options. `devices` then names registered devices (host/cpu:0) or is
+   * 'cluster' (every free registered device).
+   */
+  cluster?: string | ClusterOptions;
 }
 
 export interface ResolvedLayout {
@@ -1026,7 +1034,8 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
     const n = native().info().cuda.devices;
     if (n > 0) devices = Array.from({ length: Math.min(n, config.numLayers) }, (_, i) => `cuda:${i}`);
     else devices = Array.from({ length: Math.max(1, Math.min(cores, config.numLayers, 8)) }, (_, i) => `cpu:${i}`);
-  } else devices = o.devices;
+  } else if (o.devices === 'cluster') throw new Error("devices: 'cluster' needs a cluster to run on (--cluster nats://...)");
+  else devices = o.devices;
   if (!devices.length) throw new Error('no devices given');
   const seen = new Set<string>();
   for (const d of devices) {
@@ -1042,10 +1051,41 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
   return { devices, threads, budgets, plans };
 }
 
+/**
+ * The layout on registered cluster devices: each device's budget and threads are what its host
+ * registered (--memory / --threads still override), the split balances the threads.
+ */
+export function clusterLayout(config: LlamaConfig, devices: ClusterDevice[], o: Pick<StartOptions, 'threads' | 'memory' | 'split'>): ResolvedLayout {
+  if (!devices.length) throw new Error('no devices given');
+  const ids = devices.map((d) => d.id);
+  const dup = ids.find((d, i) => ids.indexOf(d) !== i);
+  if (dup) throw new Error(`device ${dup} is listed twice`);
+  const threads = devices.map((d) => o.threads ?? d.threads);
+  const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.memory));
+  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads).plans : explicitSplit(config, o.split);
+  if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
+  return { devices: ids, threads, budgets, plans };
+}
+
+/** Connects to the cluster and places the stages on its registered devices (what --dry-run prints with --cluster). */
+export async function resolveClusterLayout(config: LlamaConfig, o: Pick<StartOptions, 'cluster' | 'devices' | 'threads' | 'memory' | 'split'>) {
+  const cluster = await Cluster.connect(typeof o.cluster === 'string' ? { url: o.cluster } : o.cluster!);
+  try {
+    const devs = await cluster.resolve(!o.devices || o.devices === 'auto' || o.devices === 'cluster' ? 'cluster' : o.devices);
+    const layout = clusterLayout(config, devs, o);
+    cluster.placement.push(...devs.slice(0, layout.plans.length));
+    return { cluster, layout };
+  } catch (e) {
+    await cluster.close();
+    throw e;
+  }
+}
+
 export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   const dir = openModelDir(o.model);
   const config = dir.config;
-  const layout = resolveLayout(config, o);
+  const placed = o.cluster ? await resolveClusterLayout(config, o) : undefined;
+  const layout = placed?.layout ?? resolveLayout(config, o);
   const faults = (o.faults ?? []).map((f) => (typeof f === 'string' ? parseFault(f) : f));
   const S = layout.plans.length;
   const inflight = o.inflight ?? Math.max(1, 2 * S);
@@ -1063,13 +1103,25 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     }
     pipeline = new LocalPipeline(config, stages);
   } else {
+    const cluster = placed?.cluster;
     pipeline = await ActorPipeline.start({
+      ...(cluster ? { stageEndpoint: (init, restart) => cluster.endpoint(init, restart) as unknown as StageWorker } : {}),
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
       maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}),
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
+    }).catch(async (e) => {
+      await cluster?.close();
+      throw e;
     });
+    if (cluster) {
+      const close = pipeline.close.bind(pipeline);
+      pipeline.close = async () => {
+        await close();
+        await cluster.close();
+      };
+    }
   }
   const env = { modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}) };
   const hooks: SupervisorHooks = {

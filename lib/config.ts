@@ -118,7 +118,8 @@ export const TrainConfigSchema = z
   .object({
     model: z.string().min(1),
     devices: z
-      .union([z.literal('auto'), z.array(z.string().regex(/^(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N (e.g. cpu:0, cuda:1)')).min(1)], {
+      // HOST/cpu:N and 'cluster' (every registered device) name stage hosts of a --cluster run
+      .union([z.literal('auto'), z.literal('cluster'), z.array(z.string().regex(/^([A-Za-z0-9_-]{1,64}\/)?(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N (e.g. cpu:0, cuda:1)')).min(1)], {
         error: 'must be "auto" or a list of devices like ["cpu:0", "cpu:1"] or ["cuda:0", "cuda:1"]',
       })
       .default('auto'),

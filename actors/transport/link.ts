@@ -113,13 +113,13 @@ export class LinkSender implements SlotSender {
   }
 
   /** A control message (any size), acknowledged by the peer. */
-  send(msg: unknown): Promise<void> {
+  send(msg: unknown, extra: Record<string, string> = {}): Promise<void> {
     return this.queue(() => {
       const body = packr.pack(msg);
       const x = ++this.seq;
       const n = Math.max(1, Math.ceil(body.length / this.chunk));
       const parts = Array.from({ length: n }, (_, i) => ({
-        h: this.hdrs('c', { 'm-x': x, 'm-i': i, 'm-n': n }),
+        h: this.hdrs('c', { ...extra, 'm-x': x, 'm-i': i, 'm-n': n }),
         data: body.subarray(i * this.chunk, Math.min(body.length, (i + 1) * this.chunk)),
       }));
       return this.pump(parts);

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import YAML from 'yaml';
 import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
+import { resolveClusterLayout, resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
 import { describeSplit } from '../../lib/schedule/split.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
@@ -38,7 +38,9 @@ options:
   --threads N        CPU threads per device
   --memory BYTES     byte budget per device (e.g. 4GiB)
   --fast             the demo on the tiny model, a few steps (tests, smoke checks)
-  --progress MODE    auto | bar | plain | none`;
+  --progress MODE    auto | bar | plain | none
+  --cluster URL      run the stages on stage hosts (mlora stage serve) registered at this NATS
+                     server: nats://user:password@host:4222; devices then are HOST/cpu:N or 'cluster'`;
 
 function cacheDir(): string {
   return process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora');
@@ -123,13 +125,21 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
   if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
 }
 
-function plan(cfg: TrainConfig, out: (s: string) => void): void {
+async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: string): Promise<void> {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
-  const layout = resolveLayout(c, {
+  const lo = {
     devices: cfg.devices, split: cfg.pipeline.split,
     ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
-  });
+  };
+  let layout;
+  if (cluster) {
+    const placed = await resolveClusterLayout(c, { ...lo, cluster });
+    layout = placed.layout;
+    out(`cluster placement (registered devices: memory and threads as each host registered them):`);
+    for (const [s, d] of placed.cluster.placement.entries()) out(`  stage ${s} -> ${d.id} (${d.kind}, ${formatBytes(d.memory)}, ${d.threads} thread${d.threads === 1 ? '' : 's'})`);
+    await placed.cluster.close();
+  } else layout = resolveLayout(c, lo);
   out(`model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`);
   out(describeSplit(layout.plans, layout.devices));
   const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
@@ -185,7 +195,7 @@ export async function main(argv: string[]): Promise<number> {
       options: {
         devices: { type: 'string' }, output: { type: 'string' }, resume: { type: 'boolean' }, 'dry-run': { type: 'boolean' },
         fault: { type: 'string', multiple: true }, threads: { type: 'string' }, memory: { type: 'string' }, fast: { type: 'boolean' },
-        progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' },
+        progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' }, cluster: { type: 'string' },
       },
     });
   } catch (e) {
@@ -209,7 +219,7 @@ export async function main(argv: string[]): Promise<number> {
     raw = demoConfig(model, path.resolve(args.values.output ?? (fast ? 'mlora-demo-fast' : 'mlora-demo')), fast) as Record<string, unknown>;
     console.log(`mlora demo: ${fast ? 'tiny' : 'small'} model at ${model}; 4 adapters on data/demo/ (capitals, arithmetic, reverse, sentiment)`);
   }
-  if (args.values.devices) raw.devices = args.values.devices === 'auto' ? 'auto' : args.values.devices.split(',').map((s) => s.trim());
+  if (args.values.devices) raw.devices = args.values.devices === 'auto' || args.values.devices === 'cluster' ? args.values.devices : args.values.devices.split(',').map((s) => s.trim());
   if (args.values.output) raw.output = path.resolve(args.values.output);
   const pipe = (raw.pipeline ?? {}) as Record<string, unknown>;
   if (args.values.threads) pipe.threads = Number(args.values.threads);
@@ -220,7 +230,7 @@ export async function main(argv: string[]): Promise<number> {
   checkPaths(cfg, where);
   const faults = (args.values.fault ?? []).map(parseFault);
   if (args.values['dry-run']) {
-    plan(cfg, (s) => console.log(s));
+    await plan(cfg, (s) => console.log(s), args.values.cluster);
     return 0;
   }
   const logSetting = (args.values.progress as 'auto' | 'bar' | 'plain' | 'none' | undefined) ?? cfg.log.progress;
@@ -239,7 +249,7 @@ export async function main(argv: string[]): Promise<number> {
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
       ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
       maxTokens: Math.max(4096, ...cfg.adapters.map((a) => a.micro_batch_size * a.seq_len)),
-      inProcess: !!args.values['in-process'],
+      inProcess: !!args.values['in-process'], ...(args.values.cluster ? { cluster: args.values.cluster } : {}),
       onEvent: (ev) => {
         progress.event(ev);
         history.push(ev);

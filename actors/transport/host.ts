@@ -1,0 +1,250 @@
+// The stage host (`mlora stage serve`): registers this machine's devices in the cluster's KV
+// bucket under a lease it renews, and waits for a run to claim a device. The run that claimed
+// a device is the only one it obeys (every message carries the run's identity) until that run
+// releases it or stops talking for `claimLeaseMs`. On Init it checks the model fingerprint,
+// then runs the ordinary stage actor (actors/stage.ts) in a worker thread on its own slab: this
+// process only relays protocol messages and writes activations arriving from the network
+// straight into the slab's slots (and sends the slots a stage produced back before the message
+// that names them).
+import os from 'node:os';
+import { Worker } from 'node:worker_threads';
+import type { KV } from '@nats-io/kv';
+import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { fingerprintMismatch, modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
+import { defaultCpuBudget, parseDeviceSpec } from '../../lib/tensor.js';
+import type { BackwardMsg, ForwardMsg, FromStage, InitMsg } from '../protocol.js';
+import { Slab } from '../shm.js';
+import { clusterConnect, type ClusterAuth } from './connect.js';
+import { LinkSender, listen } from './link.js';
+import { DEFAULT_LEASE_MS, openRegistry, slotSink, slotWire, subjectToken, type DeviceRecord, type HostRecord } from './registry.js';
+
+const STAGE_URL = new URL('../stage.js', import.meta.url);
+
+/** What a supervisor sends a remote stage besides the ToStage messages. */
+export type RemoteInit = Omit<InitMsg, 'slab' | 'faultFlags'> & { fingerprint: ModelFingerprint; replyTo: string };
+export type ToHost =
+  | { type: 'claim'; leaseMs: number }
+  | { type: 'remote-init'; init: RemoteInit }
+  | { type: 'release' }
+  | { type: 'keepalive' };
+/** Besides FromStage: the stage's thread ended. */
+export type FromHost = FromStage | { type: 'exit'; code: number; stage: number };
+
+export interface StageHostOptions {
+  url: string;
+  auth?: ClusterAuth;
+  name?: string;
+  devices: string[];
+  /** Byte budget per device (default: a share of 80% of RAM). */
+  memory?: number;
+  /** Threads per device (default: the cores shared evenly). */
+  threads?: number;
+  /** The model directory here (default: the path the supervisor sends). */
+  model?: string;
+  leaseMs?: number;
+  log?: (s: string) => void;
+}
+
+class DeviceServer {
+  claimedBy: string | undefined;
+  claimLeaseMs = 30_000;
+  lastHeard = 0;
+  worker: Worker | undefined;
+  slab: Slab | undefined;
+  toSup: LinkSender | undefined;
+  sub: Subscription | undefined;
+  stage = -1;
+  private readonly forwards = new Map<number, ForwardMsg>();
+  private first = false;
+
+  constructor(readonly host: StageHost, readonly rec: DeviceRecord) {}
+
+  admit(run: string, claiming: boolean): string | undefined {
+    const id = `${this.host.name}/${this.rec.device}`;
+    if (this.claimedBy && this.claimedBy !== run) return `refused: ${id} is claimed by another run`;
+    if (!this.claimedBy && !claiming) return `refused: ${id} is not claimed by run ${run} (claim it first)`;
+    this.lastHeard = performance.now();
+    return undefined;
+  }
+
+  onMessage(m: ToHost | import('../protocol.js').ToStage, run: string): void {
+    if (m.type === 'claim') {
+      this.claimedBy = run;
+      this.claimLeaseMs = m.leaseMs;
+      this.host.log(`${this.rec.device}: claimed by run ${run}`);
+      return void this.host.renew();
+    }
+    if (m.type === 'keepalive') return;
+    if (m.type === 'release') return void this.release('released by its run');
+    if (m.type === 'remote-init') return void this.init(m.init, run);
+    if (!this.worker) return;
+    // what a stage will produce goes back after it: remember where
+    if (m.type === 'forward') this.forwards.set(m.mb, m);
+    if (m.type === 'backward') this.pendingBackward.set(m.mb, m);
+    this.worker.postMessage(m);
+  }
+
+  private async init(ri: RemoteInit, run: string): Promise<void> {
+    this.stopWorker();
+    this.toSup = new LinkSender(this.host.nc, { to: ri.replyTo, run });
+    this.stage = ri.stage;
+    this.first = ri.plan.first;
+    const fail = (message: string) => void this.toSup!.send({ type: 'error', epoch: 0, stage: ri.stage, message } satisfies FromStage).catch(() => {});
+    const modelDir = this.host.o.model ?? ri.modelDir;
+    try {
+      const mismatch = fingerprintMismatch(modelFingerprint(openModelDir(modelDir)), ri.fingerprint);
+      if (mismatch) return fail(`${this.host.name}/${this.rec.device} refuses the run's model: the model at ${modelDir} is not the supervisor's: ${mismatch}`);
+    } catch (e) {
+      return fail(`${this.host.name}/${this.rec.device} cannot open the model directory ${modelDir}: ${(e as Error).message}`);
+    }
+    this.slab = Slab.create(ri.slotCount, ri.slotBytes);
+    const init: InitMsg = {
+      ...ri, modelDir, device: this.rec.device, threads: this.rec.threads, budget: Math.min(ri.budget || this.rec.memory, this.rec.memory),
+      slab: this.slab.sab, faults: [], faultFlags: new SharedArrayBuffer(4),
+    };
+    delete (init as Partial<RemoteInit>).fingerprint;
+    const w = new Worker(STAGE_URL, { workerData: init });
+    this.worker = w;
+    this.host.log(`${this.rec.device}: stage ${ri.stage} (layers ${ri.plan.lo}..${ri.plan.hi}) of run ${run}`);
+    w.on('message', (m: FromStage) => void this.fromStage(m));
+    w.on('error', (e) => fail(`stage ${ri.stage} on ${this.host.name}: uncaught error: ${e.message}`));
+    w.on('exit', (code) => {
+      if (this.worker !== w) return;
+      this.worker = undefined;
+      void this.toSup?.send({ type: 'exit', code, stage: ri.stage } satisfies FromHost).catch(() => {});
+    });
+  }
+
+  private async fromStage(m: FromStage): Promise<void> {
+    const tx = this.toSup!;
+    const slab = this.slab!;
+    const push = (slot: number) => {
+      const w = slotWire(slab, slot);
+      tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the send below too
+    };
+    try {
+      if (m.type === 'heartbeat') return tx.notify(m);
+      // the slots a stage produced go back before the message that names them (one ordered link)
+      if (m.type === 'forwarded') {
+        const f = this.forwards.get(m.mb);
+        this.forwards.delete(m.mb);
+        if (f && f.outSlot >= 0) push(f.outSlot);
+      } else if (m.type === 'lossed') {
+        const f = this.forwards.get(m.mb);
+        this.forwards.delete(m.mb);
+        if (f) {
+          push(f.metaSlot);
+          if (f.outSlot >= 0) push(f.outSlot);
+        }
+      } else if (m.type === 'backwarded' && !this.first) {
+        const b = this.pendingBackward.get(m.mb);
+        this.pendingBackward.delete(m.mb);
+        if (b) push(b.gradSlot);
+      }
+      await tx.send(m);
+    } catch {
+      // the supervisor is gone: its claim lapses (checked by the host's timer)
+    }
+  }
+
+  readonly pendingBackward = new Map<number, BackwardMsg>();
+
+  stopWorker(): void {
+    const w = this.worker;
+    this.worker = undefined;
+    this.forwards.clear();
+    this.pendingBackward.clear();
+    if (w) void w.terminate();
+  }
+
+  release(why: string): void {
+    if (!this.claimedBy) return;
+    this.host.log(`${this.rec.device}: free again (${why})`);
+    this.stopWorker();
+    this.claimedBy = undefined;
+    this.slab = undefined;
+    this.toSup = undefined;
+    void this.host.renew();
+  }
+}
+
+export class StageHost {
+  readonly name: string;
+  readonly servers: DeviceServer[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  private constructor(readonly nc: NatsConnection, readonly kv: KV, readonly o: StageHostOptions) {
+    this.name = o.name ?? os.hostname();
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(this.name)) throw new Error(`--name '${this.name}': use letters, digits, '-' or '_' (it becomes a KV key and a NATS subject)`);
+  }
+
+  log(s: string): void {
+    this.o.log?.(`[${this.name}] ${s}`);
+  }
+
+  static async start(o: StageHostOptions): Promise<StageHost> {
+    if (!o.devices.length) throw new Error('--devices: give at least one device (e.g. cpu:0)');
+    const nc = await clusterConnect(o.url, `mlora-stage-host ${o.name ?? os.hostname()}`, o.auth);
+    try {
+      const lease = o.leaseMs ?? DEFAULT_LEASE_MS;
+      const kv = await openRegistry(nc, lease);
+      const h = new StageHost(nc, kv, o);
+      const cpus = o.devices.filter((d) => parseDeviceSpec(d).kind === 'cpu').length;
+      const threads = o.threads ?? Math.max(1, Math.floor(os.availableParallelism() / Math.max(1, cpus)));
+      for (const d of o.devices) {
+        const spec = parseDeviceSpec(d);
+        const device = `${spec.kind}:${spec.index}`;
+        const rec: DeviceRecord = {
+          device, kind: spec.kind, memory: o.memory ?? defaultCpuBudget(cpus), threads: spec.kind === 'cpu' ? threads : 1,
+          subject: `mlora.stage.${subjectToken(h.name)}.${subjectToken(device)}`,
+        };
+        const srv = new DeviceServer(h, rec);
+        srv.sub = listen(nc, {
+          subject: rec.subject,
+          admit: (run, m) => srv.admit(run, m.headers?.get('m-claim') === '1'),
+          onMessage: (m, run) => srv.onMessage(m as ToHost, run),
+          sink: slotSink(() => srv.slab),
+        });
+        h.servers.push(srv);
+      }
+      await nc.flush();
+      await h.renew();
+      h.timer = setInterval(() => h.tick(), Math.max(200, Math.floor(lease / 3)));
+      h.log(`registered ${h.servers.map((s) => s.rec.device).join(', ')} (lease ${lease} ms)`);
+      return h;
+    } catch (e) {
+      await nc.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  private tick(): void {
+    const now = performance.now();
+    for (const s of this.servers) if (s.claimedBy && now - s.lastHeard > s.claimLeaseMs) s.release(`its run was silent for ${Math.round(now - s.lastHeard)} ms`);
+    void this.renew();
+  }
+
+  /** Puts this host's record again (the lease renewal; also publishes claim changes). */
+  async renew(): Promise<void> {
+    if (this.closed) return;
+    const rec: HostRecord = {
+      name: this.name, renewed: Date.now(), version: '1',
+      devices: this.servers.map((s) => ({ ...s.rec, ...(s.claimedBy ? { claimedBy: s.claimedBy } : {}) })),
+    };
+    await this.kv.put(this.name, JSON.stringify(rec)).catch((e: Error) => this.log(`lease renewal failed: ${e.message}`));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.timer);
+    for (const s of this.servers) {
+      s.stopWorker();
+      s.sub?.unsubscribe();
+    }
+    await this.kv.delete(this.name).catch(() => {});
+    await this.nc.drain().catch(() => {});
+  }
+}

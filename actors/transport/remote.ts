@@ -1,0 +1,225 @@
+// The supervisor's side of a stage on another host: an endpoint that looks to the actor runtime
+// like a stage's worker thread (postMessage, 'message' / 'error' / 'exit' events, terminate),
+// so the runtime's routing, heartbeats, restarts, adapter restore and replay apply unchanged.
+// Before a Forward or Backward goes out, the slots it names (the micro-batch's meta slot, the
+// input hidden states, the incoming gradient) are sent to the host; the host sends back the
+// slots its stage produced before the message that names them, and they are written straight
+// into the runtime's slab. A host is declared gone when a send finds no responders or times
+// out, or when its lease vanishes from the registry; a hang shows as missing heartbeats.
+import { EventEmitter } from 'node:events';
+import { randomUUID } from 'node:crypto';
+import type { KV } from '@nats-io/kv';
+import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
+import type { FromStage, InitMsg, ToStage } from '../protocol.js';
+import { Slab } from '../shm.js';
+import { clusterConnect, type ClusterAuth } from './connect.js';
+import type { FromHost, RemoteInit, ToHost } from './host.js';
+import { LinkSender, listen } from './link.js';
+import { DEFAULT_LEASE_MS, listDevices, openRegistry, slotSink, slotWire, type ClusterDevice } from './registry.js';
+
+export interface ClusterOptions {
+  url: string;
+  auth?: ClusterAuth;
+  leaseMs?: number;
+  /** How long one message to a host may go unanswered before it is declared gone. */
+  sendTimeoutMs?: number;
+}
+
+/** A connection to the cluster for one run: its identity, the registry, the remote stages. */
+export class Cluster {
+  readonly run = randomUUID();
+  private fingerprints = new Map<string, ModelFingerprint>();
+  /** Which device each stage runs on now. */
+  readonly placement: ClusterDevice[] = [];
+  bytesSent = 0;
+  bytesReceived = 0;
+
+  private constructor(readonly nc: NatsConnection, readonly kv: KV, readonly o: ClusterOptions) {}
+
+  static async connect(o: ClusterOptions): Promise<Cluster> {
+    const nc = await clusterConnect(o.url, 'mlora supervisor', o.auth);
+    try {
+      return new Cluster(nc, await openRegistry(nc, o.leaseMs ?? DEFAULT_LEASE_MS), o);
+    } catch (e) {
+      await nc.close().catch(() => {});
+      throw e;
+    }
+  }
+
+  devices(): Promise<ClusterDevice[]> {
+    return listDevices(this.kv);
+  }
+
+  /**
+   * The devices for a run's stages: 'cluster' (every free registered device, in host/device
+   * order) or a list of host/device names, each of which must be registered and free.
+   */
+  async resolve(spec: string[] | 'cluster'): Promise<ClusterDevice[]> {
+    const all = await this.devices();
+    if (!all.length) throw new Error(`no stage host is registered at ${this.o.url.replace(/\/\/[^@]*@/, '//')} (start one: mlora stage serve --cluster URL)`);
+    if (spec === 'cluster') {
+      const free = all.filter((d) => !d.claimedBy);
+      if (!free.length) throw new Error(`every registered device is claimed by another run: ${all.map((d) => d.id).join(', ')}`);
+      return free;
+    }
+    return spec.map((s) => {
+      const d = all.find((x) => x.id === s);
+      if (!d) throw new Error(`device '${s}' is not registered in the cluster (registered: ${all.map((x) => x.id).join(', ')})`);
+      if (d.claimedBy && d.claimedBy !== this.run) throw new Error(`device '${s}' is claimed by another run`);
+      return d;
+    });
+  }
+
+  fingerprint(modelDir: string): ModelFingerprint {
+    let f = this.fingerprints.get(modelDir);
+    if (!f) this.fingerprints.set(modelDir, (f = modelFingerprint(openModelDir(modelDir))));
+    return f;
+  }
+
+  /**
+   * Where a stage goes when it starts again: its own device if its host is registered (it
+   * came back), else the first free registered device no other stage of this run uses.
+   */
+  async replacement(stage: number): Promise<ClusterDevice> {
+    const all = await this.devices();
+    const mine = this.placement[stage]!;
+    const back = all.find((d) => d.id === mine.id && (!d.claimedBy || d.claimedBy === this.run));
+    if (back) return back;
+    const used = new Set(this.placement.map((d) => d.id));
+    const free = all.find((d) => !used.has(d.id) && !d.claimedBy);
+    if (!free) throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
+    return free;
+  }
+
+  /** The runtime's stage factory: a RemoteStage for stage `index` (on first start, the planned device). */
+  endpoint(init: InitMsg, started: boolean): RemoteStage {
+    return new RemoteStage(this, init, started);
+  }
+
+  async close(): Promise<void> {
+    await this.nc.drain().catch(() => {});
+  }
+}
+
+let incarnation = 0;
+
+export class RemoteStage extends EventEmitter {
+  private tx: LinkSender | undefined;
+  private sub: Subscription | undefined;
+  private readonly slab: Slab;
+  private exited = false;
+  private ready = false;
+  private keepalive: NodeJS.Timeout | undefined;
+  private leaseCheck: NodeJS.Timeout | undefined;
+  private device: ClusterDevice | undefined;
+  private readonly queue: ToStage[] = [];
+  private starting: Promise<void>;
+
+  constructor(readonly cluster: Cluster, readonly init: InitMsg, restart: boolean) {
+    super();
+    this.slab = new Slab(init.slab, init.slotCount, init.slotBytes);
+    this.starting = this.start(restart).catch((e) => this.die((e as Error).message));
+  }
+
+  /** Like a Worker's: -1 once the stage is gone. */
+  get threadId(): number {
+    return this.exited ? -1 : 1;
+  }
+
+  private async start(restart: boolean): Promise<void> {
+    const c = this.cluster;
+    const dev = restart ? await c.replacement(this.init.stage) : c.placement[this.init.stage]!;
+    c.placement[this.init.stage] = dev;
+    this.device = dev;
+    const replyTo = `mlora.run.${c.run}.s${this.init.stage}.${++incarnation}`;
+    this.sub = listen(c.nc, {
+      subject: replyTo,
+      admit: (run) => (run === c.run ? undefined : `refused: not run ${c.run}`),
+      onMessage: (m) => this.fromHost(m as FromHost),
+      sink: (slot, off, len) => {
+        c.bytesReceived += len;
+        return slotSink(() => this.slab)(slot, off, len);
+      },
+    });
+    await c.nc.flush();
+    this.tx = new LinkSender(c.nc, { to: dev.subject, run: c.run, ...(c.o.sendTimeoutMs ? { timeoutMs: c.o.sendTimeoutMs } : {}) });
+    const leaseMs = c.o.leaseMs ?? DEFAULT_LEASE_MS;
+    await this.tx.send({ type: 'claim', leaseMs: 2 * leaseMs } satisfies ToHost, { 'm-claim': '1' });
+    const { slab: _s, faultFlags: _f, ...rest } = this.init;
+    const ri: RemoteInit = { ...rest, device: dev.id, faults: [], fingerprint: c.fingerprint(this.init.modelDir), replyTo };
+    await this.tx.send({ type: 'remote-init', init: ri } satisfies ToHost);
+    this.keepalive = setInterval(() => this.tx?.notify({ type: 'keepalive' } satisfies ToHost), Math.max(200, leaseMs / 6));
+    this.keepalive.unref();
+    this.leaseCheck = setInterval(() => void this.checkLease(), Math.max(200, leaseMs / 3));
+    this.leaseCheck.unref();
+    for (const m of this.queue.splice(0)) this.send(m);
+  }
+
+  private async checkLease(): Promise<void> {
+    if (this.exited || !this.device) return;
+    const e = await this.cluster.kv.get(this.device.host).catch(() => undefined);
+    if (this.exited) return;
+    if (!e || e.operation !== 'PUT') this.die(`the lease of stage host ${this.device.host} expired (no renewal within the lease)`);
+  }
+
+  private fromHost(m: FromHost): void {
+    if (this.exited) return;
+    if (m.type === 'exit') return this.die(`the stage's thread on ${this.device?.id} exited with code ${m.code}`);
+    if (m.type === 'ready') this.ready = true;
+    this.emit('message', m);
+  }
+
+  postMessage(m: ToStage): void {
+    if (this.exited) return;
+    if (!this.tx) return void this.queue.push(m);
+    this.send(m);
+  }
+
+  private send(m: ToStage): void {
+    const tx = this.tx!;
+    const push = (slot: number) => {
+      const w = slotWire(this.slab, slot);
+      this.cluster.bytesSent += w.bytes.length;
+      tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the message below too
+    };
+    if (m.type === 'forward') {
+      push(m.metaSlot);
+      if (m.inSlot >= 0) push(m.inSlot);
+    } else if (m.type === 'backward') {
+      push(m.gradSlot);
+    }
+    tx.send(m).catch((e: Error) => this.die(`${this.device?.id}: ${e.message}`));
+  }
+
+  /** The stage is gone: the runtime restarts it (as it does a worker thread that died). */
+  private die(reason: string): void {
+    if (this.exited) return;
+    this.exited = true;
+    this.stopTimers();
+    this.tx?.send({ type: 'release' } satisfies ToHost).catch(() => {}); // a host still there is free for the restart
+    if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, message: reason } satisfies FromStage);
+    else this.emit('error', new Error(reason));
+    this.emit('exit', 1);
+  }
+
+  private stopTimers(): void {
+    clearInterval(this.keepalive);
+    clearInterval(this.leaseCheck);
+  }
+
+  async terminate(): Promise<number> {
+    await this.starting;
+    if (!this.exited) {
+      this.exited = true;
+      this.stopTimers();
+      // best effort: a host that is gone frees itself when this run's keepalives stop
+      await Promise.race([this.tx?.send({ type: 'release' } satisfies ToHost).catch(() => {}), new Promise((r) => setTimeout(r, 2_000).unref())]);
+      this.emit('exit', 1);
+    }
+    this.sub?.unsubscribe();
+    return 1;
+  }
+}
+
