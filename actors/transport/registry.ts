@@ -36,6 +36,8 @@ export interface ClusterDevice extends DeviceRecord {
   host: string;
   /** host/device */
   id: string;
+  /** The host's last renewal (its clock, ms since the epoch). */
+  renewed: number;
 }
 
 export async function openRegistry(nc: NatsConnection, leaseMs = DEFAULT_LEASE_MS): Promise<KV> {
@@ -63,7 +65,7 @@ export async function listDevices(kv: KV): Promise<ClusterDevice[]> {
     const e = await kv.get(k);
     if (!e || e.operation !== 'PUT' || !e.value.length) continue;
     const rec = e.json<HostRecord>();
-    for (const d of rec.devices) out.push({ ...d, host: rec.name, id: `${rec.name}/${d.device}` });
+    for (const d of rec.devices) out.push({ ...d, host: rec.name, id: `${rec.name}/${d.device}`, renewed: rec.renewed });
   }
   return out;
 }

@@ -33,6 +33,8 @@ export class Cluster {
   private fingerprints = new Map<string, ModelFingerprint>();
   /** Which device each stage runs on now. */
   readonly placement: ClusterDevice[] = [];
+  /** When each device's stage was last declared gone (a host that registers after that is back). */
+  readonly failed = new Map<string, number>();
   bytesSent = 0;
   bytesReceived = 0;
 
@@ -83,11 +85,12 @@ export class Cluster {
    * came back), else the first free registered device no other stage of this run uses.
    */
   async replacement(stage: number): Promise<ClusterDevice> {
-    const all = await this.devices();
+    // a record renewed before the failure may only be the lease not yet expired: not back yet
+    const all = (await this.devices()).filter((d) => d.renewed > (this.failed.get(d.id) ?? 0));
     const mine = this.placement[stage]!;
     const back = all.find((d) => d.id === mine.id && (!d.claimedBy || d.claimedBy === this.run));
     if (back) return back;
-    const used = new Set(this.placement.map((d) => d.id));
+    const used = new Set(this.placement.filter((_, s) => s !== stage).map((d) => d.id));
     const free = all.find((d) => !used.has(d.id) && !d.claimedBy);
     if (!free) throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
     return free;
@@ -168,6 +171,9 @@ export class RemoteStage extends EventEmitter {
     if (this.exited) return;
     if (m.type === 'exit') return this.die(`the stage's thread on ${this.device?.id} exited with code ${m.code}`);
     if (m.type === 'ready') this.ready = true;
+    // a device that refuses to start this run's stage (another model, no model directory) is
+    // not tried again by this run
+    if (m.type === 'error' && !this.ready && this.device) this.cluster.failed.set(this.device.id, Infinity);
     this.emit('message', m);
   }
 
@@ -197,6 +203,7 @@ export class RemoteStage extends EventEmitter {
   private die(reason: string): void {
     if (this.exited) return;
     this.exited = true;
+    if (this.device) this.cluster.failed.set(this.device.id, Date.now());
     this.stopTimers();
     this.tx?.send({ type: 'release' } satisfies ToHost).catch(() => {}); // a host still there is free for the restart
     if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, message: reason } satisfies FromStage);

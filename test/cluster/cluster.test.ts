@@ -1,0 +1,140 @@
+// Training across hosts, for real: network namespaces joined by a bridge (one per host), a
+// nats-server with user/password auth in one of them, `mlora stage serve` in the others, and
+// `mlora train --cluster` run from inside a host namespace. A 3-stage, 2-adapter run with its
+// stages on three hosts ends with adapters bitwise equal to the same run in one process; a
+// stage host killed with SIGKILL mid-run is replaced by a free registered host and the run
+// still ends bitwise equal; a wrong password and a host with a different model are refused
+// with clear errors.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawnSync, type ChildProcess } from 'node:child_process';
+import t from 'tap';
+import { Topology } from '../../scripts/cluster/netns.js';
+import { natsServerBinary, startNatsServer } from '../../scripts/cluster/nats-server.js';
+import { makeModel } from '../../scripts/cli/make-model.js';
+import { smallConfig, writeJson } from '../cli/util.js';
+import { clusterSkip, CLI } from './util.js';
+
+const skip = await clusterSkip();
+
+interface Proc {
+  child: ChildProcess;
+  out: () => string;
+  exited: Promise<number | null>;
+}
+
+function run(topo: Topology, host: string, args: string[]): Proc {
+  const child = topo.spawn(host, process.execPath, [CLI, ...args]);
+  let out = '';
+  child.stdout!.on('data', (b) => (out += b));
+  child.stderr!.on('data', (b) => (out += b));
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  return { child, out: () => out, exited };
+}
+
+/** Waits (bounded) until a process printed `re`; rejects with its output when it ends first or the time is up. */
+async function waitFor(p: Proc, re: RegExp, ms = 60_000): Promise<void> {
+  const t0 = Date.now();
+  while (!re.test(p.out())) {
+    if (p.child.exitCode !== null) throw new Error(`exited (${p.child.exitCode}) before printing ${re}:\n${p.out()}`);
+    if (Date.now() - t0 > ms) throw new Error(`no ${re} within ${ms} ms:\n${p.out()}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+async function finish(p: Proc, ms = 240_000): Promise<number | null> {
+  let timer: NodeJS.Timeout | undefined;
+  const code = await Promise.race([p.exited, new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)))]);
+  clearTimeout(timer);
+  if (code === 'timeout') {
+    p.child.kill('SIGKILL');
+    throw new Error(`did not end within ${ms} ms:\n${p.out()}`);
+  }
+  return code;
+}
+
+function adapterBytes(out: string, name: string): Buffer {
+  return fs.readFileSync(path.join(out, name, 'adapter_model.safetensors'));
+}
+
+t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async (t) => {
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-cluster-'));
+  t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+  const topo = new Topology('cluster', ['hub', 'hA', 'hB', 'hC', 'hD', 'hE']);
+  t.teardown(() => topo.teardown());
+  const { binary } = await natsServerBinary();
+  const nats = await startNatsServer({ binary: binary!, user: 'mlora', password: 'cluster-test-pw', topology: topo, host: 'hub', maxPayload: 256 * 1024 });
+  t.teardown(() => nats.stop());
+
+  const model = path.join(tmp, 'model');
+  await makeModel(model, 'small', 0); // 4 layers: room for 3 stages
+  const other = path.join(tmp, 'other-model');
+  await makeModel(other, 'tiny', 0);
+
+  const serve = (host: string, extra: string[] = []) => run(topo, host, ['stage', 'serve', '--cluster', nats.url, '--name', host, '--threads', '1', '--lease-ms', '3000', ...extra]);
+  const hosts = new Map<string, Proc>();
+  for (const h of ['hA', 'hB', 'hC']) hosts.set(h, serve(h));
+  hosts.set('hD', serve('hD', ['--model', other]));
+  for (const p of hosts.values()) await waitFor(p, /ready/);
+
+  const config = (name: string, devices: string[]) => {
+    const c = smallConfig(model, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<typeof smallConfig> & { devices: string[] };
+    c.devices = devices;
+    return writeJson(path.join(tmp, `${name}.json`), c);
+  };
+
+  // the reference: the same 3-stage run in one process (worker threads, shared memory)
+  const ref = spawnSync(process.execPath, [CLI, 'train', config('local', ['cpu:0', 'cpu:1', 'cpu:2']), '--progress', 'none'], { encoding: 'utf8', timeout: 300_000 });
+  t.equal(ref.status, 0, `local run: ${ref.stderr.slice(-2000)}`);
+
+  await t.test('--dry-run prints the placement on registered devices', async (t) => {
+    const p = run(topo, 'hA', ['train', config('dry', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--dry-run']);
+    t.equal(await finish(p, 60_000), 0, p.out());
+    t.match(p.out(), /stage 0 -> hA\/cpu:0 \(cpu, [\d.]+ [GM]iB, 1 thread\)/);
+    t.match(p.out(), /stage 2 -> hC\/cpu:0/);
+    t.match(p.out(), /stage 1 on hB\/cpu:0: layers/);
+  });
+
+  await t.test('3 stages on 3 hosts: bitwise equal to the one-process run', async (t) => {
+    const p = run(topo, 'hA', ['train', config('remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
+    t.equal(await finish(p), 0, p.out().slice(-3000));
+    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)), `${a}: bitwise equal`);
+  });
+
+  await t.test('a wrong password is refused, for a host and for a run', async (t) => {
+    const bad = nats.url.replace('cluster-test-pw', 'not-the-password');
+    const h = run(topo, 'hE', ['stage', 'serve', '--cluster', bad, '--name', 'hE']);
+    t.not(await finish(h, 60_000), 0);
+    t.match(h.out(), /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@10\.231\.0\.\d+:4222: the server refused the credentials/);
+    t.notMatch(h.out(), /not-the-password/);
+    const r = run(topo, 'hA', ['train', config('badpw', ['hA/cpu:0']), '--cluster', bad]);
+    t.not(await finish(r, 60_000), 0);
+    t.match(r.out(), /refused the credentials/);
+  });
+
+  await t.test("a host whose model differs from the supervisor's is refused", async (t) => {
+    const p = run(topo, 'hA', ['train', config('mismatch', ['hA/cpu:0', 'hD/cpu:0']), '--cluster', nats.url, '--progress', 'none']);
+    t.not(await finish(p, 120_000), 0);
+    t.match(p.out(), /hD\/cpu:0 refuses the run's model: the model at .*other-model is not the supervisor's: config\.json differs/);
+  });
+
+  await t.test('a stage host killed with SIGKILL: its stage moves to a free host, the run ends bitwise equal', async (t) => {
+    const spare = serve('hE');
+    hosts.set('hE', spare);
+    await waitFor(spare, /ready/);
+    const p = run(topo, 'hA', ['train', config('killed', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
+    await waitFor(p, /step 2\/6/, 240_000);
+    hosts.get('hB')!.child.kill('SIGKILL');
+    t.equal(await finish(p), 0, p.out().slice(-3000));
+    t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the lost host was detected');
+    t.match(spare.out(), /stage 1 \(layers/, 'stage 1 restarted on the spare host hE');
+    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'killed'), a)), `${a}: bitwise equal`);
+  });
+
+  for (const p of hosts.values()) p.child.kill('SIGTERM');
+  await Promise.all([...hosts.values()].map((p) => finish(p, 20_000).catch(() => p.child.kill('SIGKILL'))));
+  await nats.stop();
+  topo.teardown();
+  t.same(topo.remaining(), [], 'no namespace left');
+});
