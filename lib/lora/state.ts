@@ -4,7 +4,7 @@
 import { sliceLayout, type LoraSpec, peftInit } from './adapter.js';
 import type { LlamaConfig, LoraTarget } from '../model/config.js';
 import { projectionModule } from '../model/config.js';
-import type { StagePlan } from '../model/stage.js';
+import type { StagePlan } from '../model/batch.js';
 import type { AdapterState } from '../../actors/protocol.js';
 import type { AdapterWeights } from '../io/peft.js';
 

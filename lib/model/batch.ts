@@ -1,0 +1,51 @@
+// What one call of the stage program works on: which layers the stage holds, and the
+// micro-batch of BatchLoRA segments whose rows it runs.
+import type { Tensor } from '../tensor.js';
+
+export interface StagePlan {
+  /** Layers [lo, hi) of the model. */
+  lo: number;
+  hi: number;
+  /** Holds the token embedding (input = token ids). */
+  first: boolean;
+  /** Holds the final norm, the LM head and the loss. */
+  last: boolean;
+}
+
+/** One adapter's rows in a micro-batch. */
+export interface Segment {
+  adapter: number;
+  rowStart: number;
+  rowEnd: number;
+  /** The micro-batch's place in its adapter's data (supervisor microSerial): dropout masks are a function of (seed, serial, layer, module, row). */
+  serial: number;
+}
+
+/** Per-micro-batch tensors on this stage's device (often views of shared-memory slots). */
+export interface MicroBatchTensors {
+  /** i32 [N]: position of each row within its own sequence. */
+  positions: Tensor;
+  /** i32 [nseq + 1]: row offsets of the packed sequences. */
+  cuSeqlens: Tensor;
+  /** i32 [N], last stage: the token each row must predict (labels shifted within each sequence; -100 = none). */
+  targets?: Tensor;
+  /** f32 [N], last stage: each row's weight in its adapter's loss (1/target tokens of the step). */
+  weights?: Tensor;
+}
+
+export interface MicroBatch {
+  id: number;
+  numTokens: number;
+  segments: Segment[];
+  tensors: MicroBatchTensors;
+}
+
+export function checkSegments(mb: MicroBatch): void {
+  let prev = 0;
+  for (const s of mb.segments) {
+    if (!(s.rowStart >= prev && s.rowEnd > s.rowStart && s.rowEnd <= mb.numTokens)) {
+      throw new Error(`micro-batch ${mb.id}: segment of adapter ${s.adapter} [${s.rowStart}, ${s.rowEnd}) is out of order or outside 0..${mb.numTokens}`);
+    }
+    prev = s.rowEnd;
+  }
+}
