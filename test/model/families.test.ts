@@ -14,8 +14,8 @@ import { fileURLToPath } from 'node:url';
 import { openModelDir, type ModelDir } from '../../lib/io/hf-model.js';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { loadStageWeights } from '../../lib/model/weights.js';
-import { StageProgram } from '../../lib/model/stage.js';
+import { loadStageWeights, stageWeightBytes } from '../../lib/model/weights.js';
+import { StageProgram, type StageOptions } from '../../lib/model/stage.js';
 import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
@@ -47,15 +47,18 @@ function nearestDiagnostic(ref: Ref, loss: number): string {
   return `nearest diagnostic: ${name} (${d.what}, ${d.loss})`;
 }
 
-async function setup(dir: ModelDir, fam: string) {
+async function setup(dir: ModelDir, fam: string, options: StageOptions = { gatherTargets: false }) {
   const config = dir.config;
   const device = cpuDevice(1);
   const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
-  const program = new StageProgram(device, config, plan, await loadStageWeights(device, dir, plan), { gatherTargets: false });
+  const used0 = device.memory().used;
+  const weights = await loadStageWeights(device, dir, plan);
+  const weightBytes = device.memory().used - used0;
+  const program = new StageProgram(device, config, plan, weights, options);
   const ad = loadAdapter(path.join(root, fam, 'adapter'));
   const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
   program.addAdapter(1, spec, fromAdapterWeights(config, spec, ad, 'adapter'));
-  return { config, program, spec };
+  return { config, program, spec, weightBytes, expectedWeightBytes: stageWeightBytes(dir, plan) };
 }
 
 /** Logits rows [b][p] of a [B·T, V] matrix, flattened, for the given positions. */
@@ -75,7 +78,8 @@ const GRAD_REL = 2e-5;
 
 async function checkFamily(t: Test, fam: string, dir: ModelDir, label: string) {
   const ref = readRef(fam);
-  const { config, program, spec } = await setup(dir, fam);
+  const { config, program, spec, weightBytes, expectedWeightBytes } = await setup(dir, fam);
+  t.equal(weightBytes, expectedWeightBytes, `${label}: the base weights take stageWeightBytes (${expectedWeightBytes}), biases and q/k norms included`);
   const B = ref.input_ids.length, T = ref.input_ids[0]!.length, V = config.vocabSize;
   t.same(config.layerWindows ?? new Array(config.numLayers).fill(0), ref.meta.layer_windows.map((w) => w ?? 0), `${label}: the windows of the layers`);
   const withA = fixtureBatch(program, ref.input_ids, ref.labels);
@@ -120,6 +124,23 @@ for (const fam of FAMILIES) {
     t.ok(Buffer.from(second.logits.buffer).equals(Buffer.from(first.logits.buffer)), 'rope_parameters: the same logits, bitwise');
   });
 }
+
+t.test('activation recomputation gives the same losses and gradients, bitwise, for every family', async (t) => {
+  for (const fam of FAMILIES) {
+    const ref = readRef(fam);
+    const dir = openModelDir(path.join(root, fam, 'model'));
+    const runs = [];
+    for (const recompute of [false, true]) {
+      const { program } = await setup(dir, fam, { recompute });
+      const b = fixtureBatch(program, ref.input_ids, ref.labels);
+      const losses = await program.trainLast(b.mb, b.tokens);
+      runs.push({ losses, grads: program.adapter(1).grads.read() as Float32Array });
+      program.free();
+    }
+    const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+    t.ok(same(runs[0]!.losses, runs[1]!.losses) && same(runs[0]!.grads, runs[1]!.grads), `${fam}: recompute == saved activations`);
+  }
+});
 
 t.test('generation with the KV cache equals the full forward, for every family', async (t) => {
   for (const fam of FAMILIES) {
