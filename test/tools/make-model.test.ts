@@ -63,6 +63,17 @@ t.test('the family presets: each config.json is that family\'s, and reads back a
   const q3 = tmpDir(t, 'mm-qwen3');
   await makeModel(q3, 'tiny-qwen3', 1);
   t.same(openModelDir(q3).info('model.layers.0.self_attn.q_norm.weight').shape, [32], 'tiny-qwen3: q_norm over head_dim');
+  for (const p of ['tiny-llama3', 'tiny-mistral'] as const) {
+    const d = tmpDir(t, `mm-${p}`);
+    await makeModel(d, p, 1);
+    t.same(openModelDir(d).config, PRESETS[p], `${p}: openModelDir reads the preset`);
+  }
+  for (const d of [dir, q3]) {
+    const sm = await openSingleModel(d);
+    const lg = await fullLogits(sm, Array.from({ length: 40 }, (_, i) => (i * 37) % 512));
+    sm.free();
+    t.ok(lg.every(Number.isFinite) && lg.some((x) => x !== 0), `${path.basename(d)}: finite logits`);
+  }
 });
 
 t.test('tiny and small: written, opened, tokenizer loads, parameter count, runs', async (t) => {
