@@ -98,7 +98,7 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
     ropeScaling ??= scaling;
   }
   if (has('rope_theta')) ropeTheta = posNum('rope_theta', o.rope_theta);
-  if (has('partial_rotary_factor') && o.partial_rotary_factor !== 1) {
+  if (has('partial_rotary_factor') && o.partial_rotary_factor !== null && o.partial_rotary_factor !== 1) {
     throw err('partial_rotary_factor', `is ${describe(o.partial_rotary_factor)}: mlora rotates the whole head (1.0)`);
   }
 
