@@ -6,7 +6,10 @@ import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
-import type { AdapterState, MicroBatchData, Pipeline, ScheduleRecord, StepParams } from './protocol.js';
+import type { Pipeline } from './protocol.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { MicroBatchData } from '../lib/model/batch.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { joinSlices } from '../lib/lora/state.js';
 
 export class LocalPipeline implements Pipeline {

@@ -3,46 +3,10 @@
 // inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
-import type { Segment, StagePlan } from '../lib/model/stage.js';
-
-export type { Segment, StagePlan };
-
-/** A BatchLoRA micro-batch as the supervisor builds it (host memory). */
-export interface MicroBatchData {
-  id: number;
-  segments: Segment[];
-  /** i32 [N] token ids */
-  tokens: Int32Array;
-  /** i32 [N] position within own sequence */
-  positions: Int32Array;
-  /** i32 [nseq + 1] */
-  cuSeqlens: Int32Array;
-  /** i32 [N] next-token targets (-100 = none), shifted within each sequence */
-  targets: Int32Array;
-  /** f32 [N] per-row loss weight: 1 / target tokens of the adapter's step, 0 where no target */
-  weights: Float32Array;
-}
-
-/** An adapter's trainable state over ALL layers, in the flat layout of lora/adapter.ts sliceLayout(0, L). */
-export interface AdapterState {
-  params: Float32Array;
-  m: Float32Array;
-  v: Float32Array;
-  /** Optimizer steps applied. */
-  version: number;
-}
-
-export interface StepParams {
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  /** 1-based AdamW step (bias correction). */
-  step: number;
-  /** Gradient scale (clipping): min(1, max_norm / ‖g‖). */
-  gradScale: number;
-}
+import type { MicroBatchData, Segment, StagePlan } from '../lib/model/batch.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { FaultSpec } from '../lib/faults.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 
 /**
  * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
@@ -50,17 +14,6 @@ export interface StepParams {
  */
 export function clockMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
-}
-
-/** One recorded piece of work on a stage (the schedule that actually ran). */
-export interface ScheduleRecord {
-  stage: number;
-  kind: 'F' | 'B' | 'S' | 'E';
-  mb: number;
-  adapters: number[];
-  /** ms since the pipeline started (one time base for every stage: see clockMs) */
-  start: number;
-  end: number;
 }
 
 /**
@@ -200,15 +153,6 @@ export type FromStage =
   | { type: 'error'; epoch: number; stage: number; mb?: number; message: string }
   | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
   | { type: 'record'; rec: ScheduleRecord };
-
-export interface FaultSpec {
-  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow';
-  stage?: number;
-  adapter?: string;
-  after?: number;
-  step?: number;
-  factor?: number;
-}
 
 // ---- events a job streams to its user
 

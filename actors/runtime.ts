@@ -20,9 +20,11 @@ import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
-import type {
-  AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
-} from './protocol.js';
+import type { ControlMsg, ForwardMsg, FromStage, InitMsg, Pipeline, ToStage } from './protocol.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { FaultSpec } from '../lib/faults.js';
+import type { MicroBatchData } from '../lib/model/batch.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 
 export interface ActorPipelineOptions {
   modelDir: string;

@@ -10,7 +10,8 @@ import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { type FaultSpec } from '../lib/faults.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;

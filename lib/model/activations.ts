@@ -31,9 +31,6 @@ export interface LayerActs {
 /** One layer's activations besides its input. */
 export type LayerBody = Omit<LayerActs, 'x'>;
 
-/** One call's scratch by name (scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
-export type Scratch = Record<string, Tensor>;
-
 /** Carves typed views out of one flat f32 block; the same code computes sizes for accounting. */
 export class Carver {
   offset = 0;

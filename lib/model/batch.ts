@@ -40,6 +40,22 @@ export interface MicroBatch {
   tensors: MicroBatchTensors;
 }
 
+/** A BatchLoRA micro-batch as the supervisor builds it (host memory). */
+export interface MicroBatchData {
+  id: number;
+  segments: Segment[];
+  /** i32 [N] token ids */
+  tokens: Int32Array;
+  /** i32 [N] position within own sequence */
+  positions: Int32Array;
+  /** i32 [nseq + 1] */
+  cuSeqlens: Int32Array;
+  /** i32 [N] next-token targets (-100 = none), shifted within each sequence */
+  targets: Int32Array;
+  /** f32 [N] per-row loss weight: 1 / target tokens of the adapter's step, 0 where no target */
+  weights: Float32Array;
+}
+
 export function checkSegments(mb: MicroBatch): void {
   let prev = 0;
   for (const s of mb.segments) {

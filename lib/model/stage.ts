@@ -17,17 +17,16 @@ import type { Device, Tensor } from '../tensor.js';
 import type { Op } from '../native.js';
 import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
-import { stageSlice } from '../lora/state.js';
-import type { AdapterState } from '../../actors/protocol.js';
+import { stageSlice, type AdapterState } from '../lora/state.js';
 import { ropeTables } from './rope.js';
 import { checkSegments, type MicroBatch, type StagePlan } from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
   activationBytes, bucketFloats, Carver, carveActs, carveWork, scratchBytes, scratchShapes, workBytes,
-  type LayerActs, type Scratch,
+  type LayerActs,
 } from './activations.js';
-import { freeViews, takeViews, view } from './views.js';
+import { freeViews, takeViews, view, type Scratch } from './views.js';
 
 export type { MicroBatch, MicroBatchTensors, Segment, StagePlan } from './batch.js';
 export type { LayerWeights } from './layer.js';

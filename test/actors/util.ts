@@ -10,7 +10,8 @@ import { writeRandomLlama } from '../../lib/io/hf-model.js';
 import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
-import type { AdapterState, JobEvent } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const demo = (name: string) => path.resolve(here, '../../../data/demo', `${name}.jsonl`);

@@ -7,7 +7,9 @@ import path from 'node:path';
 import { ensureModel } from '../../scripts/cli/make-model.js';
 import { Supervisor } from '../../actors/supervisor.js';
 import type { FaultEvent } from '../../actors/runtime.js';
-import type { AdapterState, FaultSpec, JobEvent } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
+import type { FaultSpec } from '../../lib/faults.js';
 import { parseAdapterConfig, type AdapterConfig } from '../../lib/config.js';
 import { Rng } from '../../lib/rng.js';
 

@@ -4,7 +4,7 @@ import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import { simulate, type SimMessage } from '../../lib/schedule/simulate.js';
 import { stageOrder } from '../../lib/schedule/grid.js';
-import type { ScheduleRecord } from '../../actors/protocol.js';
+import type { ScheduleRecord } from '../../lib/schedule/record.js';
 import { adapter, runJobs, tinyModel } from '../actors/util.js';
 
 const strip = (rs: ScheduleRecord[]) => rs.map((r) => `${r.stage}${r.kind}${r.mb}@${r.start}-${r.end}`);

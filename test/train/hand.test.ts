@@ -11,7 +11,8 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadStageWeights } from '../../lib/model/weights.js';
 import { StageProgram } from '../../lib/model/stage.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
-import type { JobEvent, StepParams } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { StepParams } from '../../lib/lora/state.js';
 import { cpuDevice } from '../helpers.js';
 import { collect, demoData, RUN_DEFAULTS, run, tinyModel, tmpDir } from './util.js';
 

@@ -13,7 +13,8 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { listCheckpoints, loadCheckpoint } from '../../lib/io/checkpoint.js';
 import { fromAdapterWeights } from '../../lib/lora/state.js';
 import { loraSpec } from '../../actors/jobs.js';
-import type { AdapterState, JobEvent } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const repo = path.resolve(here, '../../..');
