@@ -8,7 +8,7 @@ import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
 import type { Pipeline } from './protocol.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
-import type { MicroBatchData } from '../lib/model/batch.js';
+import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { joinSlices } from '../lib/lora/state.js';
 
@@ -160,7 +160,7 @@ export class LocalPipeline implements Pipeline {
    * numTokens sequences), token ids (first stage), targets, weights and losses (last stage), and
    * the [N, H] hidden states and gradients passed between stages.
    */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs = numTokens): number[] {
+  activationBytes(numTokens: number, segments: SegmentSpec[], numSeqs = numTokens): number[] {
     const N = numTokens;
     const i32 = allocBytes(4 * N);
     const hidden = allocBytes(4 * N * this.config.hiddenSize);

@@ -3,7 +3,7 @@
 // inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
-import type { MicroBatchData, Segment, StagePlan } from '../lib/model/batch.js';
+import type { MicroBatchData, Segment, SegmentSpec, StagePlan } from '../lib/model/batch.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
@@ -47,13 +47,13 @@ export interface Pipeline {
   /** Bytes per device: budget, used now, the most used since the stage started. */
   memory(): Promise<Array<{ device: string; budget: number; used: number; peak: number }>>;
   /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
+  activationBytes(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
   /**
    * The part of activationBytes() a stage holds only while it runs the micro-batch (scratch, and
    * on the last stage everything): a stage that runs one message at a time holds at most one
    * message's transient bytes at once. Absent: every byte counts for every message in flight.
    */
-  transientBytes?(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
+  transientBytes?(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
   /** Bytes one adapter's slice takes on each stage. */
   adapterBytes(spec: LoraSpec): number[];
   schedule(): ScheduleRecord[];

@@ -1,6 +1,7 @@
 // What one call of the stage program works on: which layers the stage holds, and the
 // micro-batch of BatchLoRA segments whose rows it runs.
 import type { Tensor } from '../tensor.js';
+import type { LoraSpec } from '../lora/adapter.js';
 
 export interface StagePlan {
   /** Layers [lo, hi) of the model. */
@@ -19,6 +20,12 @@ export interface Segment {
   rowEnd: number;
   /** The micro-batch's place in its adapter's data (supervisor microSerial): dropout masks are a function of (seed, serial, layer, module, row). */
   serial: number;
+}
+
+/** A segment as memory accounting sees it: how many rows, and the LoRA of the adapter they train. */
+export interface SegmentSpec {
+  rows: number;
+  spec: LoraSpec;
 }
 
 /** Per-micro-batch tensors on this stage's device (often views of shared-memory slots). */

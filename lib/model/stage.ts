@@ -19,7 +19,7 @@ import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
 import { stageSlice, type AdapterState } from '../lora/state.js';
 import { ropeTables } from './rope.js';
-import { checkSegments, type MicroBatch, type StagePlan } from './batch.js';
+import { checkSegments, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
@@ -28,7 +28,7 @@ import {
 } from './activations.js';
 import { freeViews, takeViews, view, type Scratch } from './views.js';
 
-export type { MicroBatch, MicroBatchTensors, Segment, StagePlan } from './batch.js';
+export type { MicroBatch, MicroBatchTensors, Segment, SegmentSpec, StagePlan } from './batch.js';
 export type { LayerWeights } from './layer.js';
 export { activationBytes, scratchBytes, scratchRows, workBytes } from './activations.js';
 export { defaultHeadBlockRows } from './head.js';
@@ -136,12 +136,12 @@ export class StageProgram implements LayerContext {
   // ---- memory accounting (bytes, as the device allocator counts them)
 
   /** Bytes of the saved-activation block of one micro-batch. */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+  activationBytes(numTokens: number, segments: SegmentSpec[]): number {
     return activationBytes(this.config, this.plan, numTokens, segments, this.recompute);
   }
 
   /** Bytes of the work block a call holds while it runs (recompute only; else 0). */
-  workBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+  workBytes(numTokens: number, segments: SegmentSpec[]): number {
     return workBytes(this.config, numTokens, segments, this.recompute);
   }
 
