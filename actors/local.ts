@@ -137,10 +137,6 @@ export class LocalPipeline implements Pipeline {
     return measure ? { sumsq } : {};
   }
 
-  async zeroGrads(id: number): Promise<void> {
-    for (const st of this.stages) await st.zeroGrads(id);
-  }
-
   async poison(id: number): Promise<void> {
     const a = this.stages[0]!.adapter(id);
     a.params.write(new Float32Array(a.params.shape[0]!).fill(NaN));

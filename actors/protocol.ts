@@ -41,7 +41,6 @@ export interface Pipeline {
    * with it: one round trip when no clipping needs the norm first.
    */
   step(id: number, p: StepParams, measure?: boolean): Promise<{ sumsq?: number }>;
-  zeroGrads(id: number): Promise<void>;
   /** Fault injection: makes an adapter's weights NaN (on the first stage). */
   poison(id: number): Promise<void>;
   /** Bytes per device: budget, used now, the most used since the stage started. */
@@ -129,7 +128,7 @@ export interface StepMsg {
 }
 
 export interface ControlMsg {
-  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'zeroGrads' | 'memory' | 'drop' | 'shutdown' | 'ping' | 'poison';
+  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'memory' | 'drop' | 'shutdown' | 'poison';
   id: number;
   adapter?: number;
   spec?: LoraSpec;

@@ -244,9 +244,6 @@ async function control(m: ControlMsg): Promise<void> {
   if (m.type !== 'shutdown') injectFaults(false);
   let value: unknown;
   switch (m.type) {
-    case 'ping':
-      value = { stage: init.stage, handled };
-      break;
     case 'addAdapter': {
       program.addAdapterState(m.adapter!, m.spec!, m.state!);
       break;
@@ -259,9 +256,6 @@ async function control(m: ControlMsg): Promise<void> {
       break;
     case 'gradSumsq':
       value = await program.gradSumsq(m.adapter!);
-      break;
-    case 'zeroGrads':
-      await program.zeroGrads(m.adapter!);
       break;
     case 'poison': {
       const a = program.adapter(m.adapter!);
