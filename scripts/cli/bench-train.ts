@@ -17,7 +17,6 @@ import { ActorPipeline } from '../../actors/runtime.js';
 import { assemble } from '../../actors/supervisor.js';
 import type { SourceMicroBatch } from '../../actors/job-types.js';
 import type { Pipeline } from '../../actors/protocol.js';
-import type { MicroBatchData } from '../../lib/model/batch.js';
 import type { StepParams } from '../../lib/lora/state.js';
 import { Rng } from '../../lib/rng.js';
 import { ensureModel } from './make-model.js';
