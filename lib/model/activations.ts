@@ -4,8 +4,8 @@
 // allocation itself, to the byte.
 import type { Tensor } from '../tensor.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
-import { allocBytes, type LoraSpec } from '../lora/adapter.js';
-import type { StagePlan } from './batch.js';
+import { allocBytes } from '../lora/adapter.js';
+import type { SegmentSpec, StagePlan } from './batch.js';
 import { defaultHeadBlockRows } from './head.js';
 
 /** One layer's activations in a micro-batch, as its backward reads them. */
@@ -36,9 +36,6 @@ export interface LayerActs {
 /** One layer's activations besides its input. */
 export type LayerBody = Omit<LayerActs, 'x'>;
 
-/** One call's scratch by name (scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
-export type Scratch = Record<string, Tensor>;
-
 /** Carves typed views out of one flat f32 block; the same code computes sizes for accounting. */
 export class Carver {
   offset = 0;
@@ -62,7 +59,7 @@ export class Carver {
  * The saved activations of a micro-batch on a stage: every layer's input and body. With
  * `recompute`, only the inputs; the body is bound per call from a work block (carveWork).
  */
-export function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: Array<{ rows: number; spec: LoraSpec }>, recompute = false): LayerActs[] {
+export function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: SegmentSpec[], recompute = false): LayerActs[] {
   const H = cfg.hiddenSize;
   const layers: LayerActs[] = [];
   for (let l = plan.lo; l < plan.hi; l++) {
@@ -84,13 +81,13 @@ function unboundBody(cfg: LlamaConfig): LayerBody {
 }
 
 /** Recompute: one call's work block: a layer body shared by every layer, and a [N, H] output nobody reads. */
-export function carveWork(c: Carver, cfg: LlamaConfig, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): { body: LayerBody; y: Tensor } {
+export function carveWork(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]): { body: LayerBody; y: Tensor } {
   const body = carveBody(c, cfg, N, segs);
   return { body, y: c.take([N, cfg.hiddenSize]) };
 }
 
 /** Carves one layer's body: the activations its backward reads besides its input. */
-function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: Array<{ rows: number; spec: LoraSpec }>): LayerBody {
+function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]): LayerBody {
   const H = cfg.hiddenSize, I = cfg.intermediateSize;
   const acts: LayerBody = {
     xn1: c.take([N, H]),
@@ -147,14 +144,14 @@ export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number
 }
 
 /** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
-export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, recompute = false): number {
+export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: SegmentSpec[], recompute = false): number {
   const carver = new Carver(null);
   carveActs(carver, config, plan, numTokens, segments, recompute);
   return allocBytes(bucketFloats(carver.offset) * 4);
 }
 
 /** Bytes of the work block one call holds with recompute (0 without). */
-export function workBytes(config: LlamaConfig, numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, recompute: boolean): number {
+export function workBytes(config: LlamaConfig, numTokens: number, segments: SegmentSpec[], recompute: boolean): number {
   if (!recompute) return 0;
   const carver = new Carver(null);
   carveWork(carver, config, numTokens, segments);

@@ -1,6 +1,7 @@
 // What one call of the stage program works on: which layers the stage holds, and the
 // micro-batch of BatchLoRA segments whose rows it runs.
 import type { Tensor } from '../tensor.js';
+import type { LoraSpec } from '../lora/adapter.js';
 
 export interface StagePlan {
   /** Layers [lo, hi) of the model. */
@@ -21,6 +22,12 @@ export interface Segment {
   serial: number;
 }
 
+/** A segment as memory accounting sees it: how many rows, and the LoRA of the adapter they train. */
+export interface SegmentSpec {
+  rows: number;
+  spec: LoraSpec;
+}
+
 /** Per-micro-batch tensors on this stage's device (often views of shared-memory slots). */
 export interface MicroBatchTensors {
   /** i32 [N]: position of each row within its own sequence. */
@@ -38,6 +45,22 @@ export interface MicroBatch {
   numTokens: number;
   segments: Segment[];
   tensors: MicroBatchTensors;
+}
+
+/** A BatchLoRA micro-batch as the supervisor builds it (host memory). */
+export interface MicroBatchData {
+  id: number;
+  segments: Segment[];
+  /** i32 [N] token ids */
+  tokens: Int32Array;
+  /** i32 [N] position within own sequence */
+  positions: Int32Array;
+  /** i32 [nseq + 1] */
+  cuSeqlens: Int32Array;
+  /** i32 [N] next-token targets (-100 = none), shifted within each sequence */
+  targets: Int32Array;
+  /** f32 [N] per-row loss weight: 1 / target tokens of the adapter's step, 0 where no target */
+  weights: Float32Array;
 }
 
 export function checkSegments(mb: MicroBatch): void {

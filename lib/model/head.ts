@@ -5,8 +5,7 @@ import type { Tensor } from '../tensor.js';
 import type { Op } from '../native.js';
 import type { LlamaConfig } from './config.js';
 import type { MicroBatch } from './batch.js';
-import type { Scratch } from './activations.js';
-import { tmp, view } from './views.js';
+import { tmp, view, type Scratch } from './views.js';
 
 export interface HeadContext {
   readonly config: LlamaConfig;

@@ -9,8 +9,8 @@ import { LORA_TARGETS, layerWindow, type LlamaConfig, type LoraTarget } from './
 import type { StageAdapter } from '../lora/adapter.js';
 import { deriveSeed } from '../rng.js';
 import type { MicroBatch } from './batch.js';
-import type { LayerActs, Scratch } from './activations.js';
-import { view } from './views.js';
+import type { LayerActs } from './activations.js';
+import { view, type Scratch } from './views.js';
 
 export interface LayerWeights {
   attnNorm: Tensor;

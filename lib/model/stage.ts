@@ -17,19 +17,18 @@ import type { Device, Tensor } from '../tensor.js';
 import type { Op } from '../native.js';
 import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
-import { stageSlice } from '../lora/state.js';
-import type { AdapterState } from '../../actors/protocol.js';
+import { stageSlice, type AdapterState } from '../lora/state.js';
 import { modelRopeTables } from './rope.js';
-import { checkSegments, type MicroBatch, type StagePlan } from './batch.js';
+import { checkSegments, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
   activationBytes, bucketFloats, Carver, carveActs, carveWork, scratchBytes, scratchShapes, workBytes,
-  type LayerActs, type Scratch,
+  type LayerActs,
 } from './activations.js';
-import { freeViews, takeViews, view } from './views.js';
+import { freeViews, takeViews, view, type Scratch } from './views.js';
 
-export type { MicroBatch, MicroBatchTensors, Segment, StagePlan } from './batch.js';
+export type { MicroBatch, MicroBatchTensors, Segment, SegmentSpec, StagePlan } from './batch.js';
 export type { LayerWeights } from './layer.js';
 export { activationBytes, scratchBytes, scratchRows, workBytes } from './activations.js';
 export { defaultHeadBlockRows } from './head.js';
@@ -137,12 +136,12 @@ export class StageProgram implements LayerContext {
   // ---- memory accounting (bytes, as the device allocator counts them)
 
   /** Bytes of the saved-activation block of one micro-batch. */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+  activationBytes(numTokens: number, segments: SegmentSpec[]): number {
     return activationBytes(this.config, this.plan, numTokens, segments, this.recompute);
   }
 
   /** Bytes of the work block a call holds while it runs (recompute only; else 0). */
-  workBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number {
+  workBytes(numTokens: number, segments: SegmentSpec[]): number {
     return workBytes(this.config, numTokens, segments, this.recompute);
   }
 

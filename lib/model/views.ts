@@ -3,6 +3,9 @@
 // call frees them once its run is over. Ops are built synchronously: one list is enough.
 import type { Tensor } from '../tensor.js';
 
+/** One call's scratch by name (activations.ts scratchShapes); each call has its own, so calls that overlap (in-process pipelines) never share it. */
+export type Scratch = Record<string, Tensor>;
+
 let madeViews: Tensor[] = [];
 
 export function tmp(t: Tensor): Tensor {

@@ -7,9 +7,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { assertClose } from '../helpers.js';
+import { assertClose } from '../support/helpers.js';
 import { mlora, readMetrics, ROOT, writeJson } from './util.js';
-import { tmpDir } from '../tools/util.js';
+import { tmpDir } from '../support/files.js';
 
 const root = path.join(ROOT, 'test/fixtures/families');
 

@@ -7,7 +7,7 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { ropeTables } from '../../lib/model/rope.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { expectRefused, f32, finiteDiff, i32, read, stored } from './util.js';
 
 const d = cpuDevice(2);

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ropeTables, ropeInvFreq, packedPositions, modelInvFreq, modelRopeTables, scaleInvFreq } from '../../lib/model/rope.js';
 import { parseModelConfig } from '../../lib/io/hf-model.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 
 /** float64 reference: rotate each head of x[n, heads, d] by sign·angle(pos[r], i). */
 function ropeRef(x: ArrayLike<number>, pos: ArrayLike<number>, cos: Float32Array, sin: Float32Array,

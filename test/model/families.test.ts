@@ -22,7 +22,7 @@ import { LORA_TARGETS } from '../../lib/model/config.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { KvCacheDecoder } from '../../lib/model/generate.js';
 import { fullLogits } from '../tools/util.js';
-import { assertClose, cpuDevice } from '../helpers.js';
+import { assertClose, cpuDevice } from '../support/helpers.js';
 import { fixtureBatch } from './fixture.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/families');

@@ -16,7 +16,7 @@ import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
 import { fixtureBatch as packFixture } from './fixture.js';
-import { cpuDevice, assertClose } from '../helpers.js';
+import { cpuDevice, assertClose } from '../support/helpers.js';
 import { readFileSync } from 'node:fs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
