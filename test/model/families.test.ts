@@ -125,6 +125,36 @@ for (const fam of FAMILIES) {
   });
 }
 
+t.test('config variants land on the fixture\'s diagnostic losses (other windows, no scaling, another theta)', async (t) => {
+  // each diagnostic loss is the float64 loss of the same weights with one feature changed; the
+  // config changes below make mlora compute exactly those models
+  const variants: Array<[string, Record<string, unknown>, string]> = [
+    ['llama3-scaled', { rope_scaling: null }, 'rope_scaling_ignored'],
+    ['llama3-scaled', { rope_theta: 10000 }, 'rope_theta_10000'],
+    ['qwen2', { use_sliding_window: true, max_window_layers: 0 }, 'sliding_window_applied_although_off'],
+    ['qwen2', { use_sliding_window: true, layer_types: ['sliding_attention', 'sliding_attention'] }, 'sliding_window_applied_although_off'],
+    ['qwen2', { rope_theta: 10000 }, 'rope_theta_10000'],
+    ['qwen3', { rope_theta: 10000 }, 'rope_theta_10000'],
+    ['mistral-window', { sliding_window: null }, 'sliding_window_ignored'],
+    ['mistral-window', { sliding_window: 9 }, 'sliding_window_one_wider'],
+  ];
+  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-family-variants-'));
+  t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+  for (const [i, [fam, patch, diag]] of variants.entries()) {
+    const ref = readRef(fam);
+    const dir = path.join(tmp, String(i));
+    fs.mkdirSync(dir);
+    const json = JSON.parse(fs.readFileSync(path.join(root, fam, 'model/config.json'), 'utf8')) as Record<string, unknown>;
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...json, ...patch }));
+    fs.symlinkSync(path.join(root, fam, 'model/model.safetensors'), path.join(dir, 'model.safetensors'));
+    const { program } = await setup(openModelDir(dir), fam);
+    const b = fixtureBatch(program, ref.input_ids, ref.labels);
+    const loss = (await program.evaluate(b.mb, b.tokens))!.reduce((a, x) => a + x, 0) / b.count;
+    program.free();
+    assertClose(t, [loss], [ref.diagnostic_losses[diag]!.loss], TOL_LOSS, `${fam} with ${JSON.stringify(patch)}: the '${diag}' loss`);
+  }
+});
+
 t.test('activation recomputation gives the same losses and gradients, bitwise, for every family', async (t) => {
   for (const fam of FAMILIES) {
     const ref = readRef(fam);
