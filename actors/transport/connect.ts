@@ -46,13 +46,16 @@ export function describe(url: string): string {
   return url.replace(/\/\/([^@/]*)@/, (_m, cred: string) => `//${cred.includes(':') ? `${cred.split(':')[0]}:***` : '***'}@`);
 }
 
-export async function clusterConnect(url: string, name: string, auth: ClusterAuth = {}): Promise<NatsConnection> {
+/**
+ * `persistent`: reconnect for as long as it takes (a stage host outlives a cut link and offers
+ * its devices again when it is back). Otherwise (a run's supervisor) a lost link is a fault the
+ * run handles by restarting the stages elsewhere; reconnecting for long would only hide it, so
+ * the client tries for a few seconds and then gives up.
+ */
+export async function clusterConnect(url: string, name: string, auth: ClusterAuth = {}, persistent = false): Promise<NatsConnection> {
   const c = parseClusterUrl(url);
   const opts: NodeConnectionOptions = {
-    servers: c.servers, name, timeout: 10_000,
-    // a lost link is a fault the run handles (its stage is restarted elsewhere); reconnecting for
-    // long would only hide it, so the client tries for a few seconds and then gives up
-    maxReconnectAttempts: 5, reconnectTimeWait: 500,
+    servers: c.servers, name, timeout: 10_000, reconnectTimeWait: 500, maxReconnectAttempts: persistent ? -1 : 5, pingInterval: 5_000, maxPingOut: 2,
   };
   if (c.user) Object.assign(opts, { user: c.user, pass: c.pass });
   if (c.token) opts.token = c.token;

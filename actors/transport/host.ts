@@ -13,7 +13,7 @@ import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { fingerprintMismatch, modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
 import { defaultCpuBudget, parseDeviceSpec } from '../../lib/tensor.js';
-import type { BackwardMsg, ForwardMsg, FromStage, InitMsg } from '../protocol.js';
+import type { BackwardMsg, ForwardMsg, FromStage, InitMsg, ToStage } from '../protocol.js';
 import { Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
 import { LinkSender, listen } from './link.js';
@@ -68,7 +68,7 @@ class DeviceServer {
     return undefined;
   }
 
-  onMessage(m: ToHost | import('../protocol.js').ToStage, run: string): void {
+  onMessage(m: ToHost | ToStage, run: string): void {
     if (m.type === 'claim') {
       this.claimedBy = run;
       this.claimLeaseMs = m.leaseMs;
@@ -186,7 +186,7 @@ export class StageHost {
 
   static async start(o: StageHostOptions): Promise<StageHost> {
     if (!o.devices.length) throw new Error('--devices: give at least one device (e.g. cpu:0)');
-    const nc = await clusterConnect(o.url, `mlora-stage-host ${o.name ?? os.hostname()}`, o.auth);
+    const nc = await clusterConnect(o.url, `mlora-stage-host ${o.name ?? os.hostname()}`, o.auth, true);
     try {
       const lease = o.leaseMs ?? DEFAULT_LEASE_MS;
       const kv = await openRegistry(nc, lease);

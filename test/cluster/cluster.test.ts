@@ -10,9 +10,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync, type ChildProcess } from 'node:child_process';
 import t from 'tap';
+import type * as Tap from 'tap';
 import { Topology } from '../../scripts/cluster/netns.js';
 import { natsServerBinary, startNatsServer } from '../../scripts/cluster/nats-server.js';
-import { makeModel } from '../../scripts/cli/make-model.js';
+import { tinyModelIn, tinyModelWithLayers } from '../support/models.js';
 import { smallConfig, writeJson } from '../cli/util.js';
 import { clusterSkip, CLI } from './util.js';
 
@@ -43,6 +44,13 @@ async function waitFor(p: Proc, re: RegExp, ms = 60_000): Promise<void> {
   }
 }
 
+/** Asserts a clean exit, printing the process's output only when it was not. */
+async function exitsZero(t: Tap.Test, p: Proc, what: string, ms?: number): Promise<void> {
+  const code = await finish(p, ms);
+  t.equal(code, 0, `${what}: exit 0`);
+  if (code !== 0) t.comment(p.out().slice(-4000));
+}
+
 async function finish(p: Proc, ms = 240_000): Promise<number | null> {
   let timer: NodeJS.Timeout | undefined;
   const code = await Promise.race([p.exited, new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)))]);
@@ -61,16 +69,15 @@ function adapterBytes(out: string, name: string): Buffer {
 t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async (t) => {
   const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-cluster-'));
   t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
-  const topo = new Topology('cluster', ['hub', 'hA', 'hB', 'hC', 'hD', 'hE']);
+  const topo = new Topology('cluster', ['hub', 'hA', 'hB', 'hC', 'hD', 'hE', 'hF']);
   t.teardown(() => topo.teardown());
   const { binary } = await natsServerBinary();
   const nats = await startNatsServer({ binary: binary!, user: 'mlora', password: 'cluster-test-pw', topology: topo, host: 'hub', maxPayload: 256 * 1024 });
   t.teardown(() => nats.stop());
 
-  const model = path.join(tmp, 'model');
-  await makeModel(model, 'small', 0); // 4 layers: room for 3 stages
-  const other = path.join(tmp, 'other-model');
-  await makeModel(other, 'tiny', 0);
+  const model = await tinyModelWithLayers(4); // room for 3 stages
+  t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
+  const other = await tinyModelIn(path.join(tmp, 'other-model')); // 2 layers: another config
 
   const serve = (host: string, extra: string[] = []) => run(topo, host, ['stage', 'serve', '--cluster', nats.url, '--name', host, '--threads', '1', '--lease-ms', '3000', ...extra]);
   const hosts = new Map<string, Proc>();
@@ -86,11 +93,12 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
 
   // the reference: the same 3-stage run in one process (worker threads, shared memory)
   const ref = spawnSync(process.execPath, [CLI, 'train', config('local', ['cpu:0', 'cpu:1', 'cpu:2']), '--progress', 'none'], { encoding: 'utf8', timeout: 300_000 });
-  t.equal(ref.status, 0, `local run: ${ref.stderr.slice(-2000)}`);
+  t.equal(ref.status, 0, 'one-process run: exit 0');
+  if (ref.status !== 0) t.comment(ref.stdout.slice(-2000), ref.stderr.slice(-2000));
 
   await t.test('--dry-run prints the placement on registered devices', async (t) => {
     const p = run(topo, 'hA', ['train', config('dry', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--dry-run']);
-    t.equal(await finish(p, 60_000), 0, p.out());
+    await exitsZero(t, p, 'dry run', 60_000);
     t.match(p.out(), /stage 0 -> hA\/cpu:0 \(cpu, [\d.]+ [GM]iB, 1 thread\)/);
     t.match(p.out(), /stage 2 -> hC\/cpu:0/);
     t.match(p.out(), /stage 1 on hB\/cpu:0: layers/);
@@ -98,7 +106,7 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
 
   await t.test('3 stages on 3 hosts: bitwise equal to the one-process run', async (t) => {
     const p = run(topo, 'hA', ['train', config('remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
-    t.equal(await finish(p), 0, p.out().slice(-3000));
+    await exitsZero(t, p, 'cluster run');
     for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)), `${a}: bitwise equal`);
   });
 
@@ -126,10 +134,27 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     const p = run(topo, 'hA', ['train', config('killed', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
     await waitFor(p, /step 2\/6/, 240_000);
     hosts.get('hB')!.child.kill('SIGKILL');
-    t.equal(await finish(p), 0, p.out().slice(-3000));
+    await exitsZero(t, p, 'run with a killed host');
     t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the lost host was detected');
     t.match(spare.out(), /stage 1 \(layers/, 'stage 1 restarted on the spare host hE');
     for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'killed'), a)), `${a}: bitwise equal`);
+  });
+
+  await t.test('a stage host that loses its link: detected, its stage moves to a free host, bitwise equal', async (t) => {
+    const spare = serve('hF');
+    hosts.set('hF', spare);
+    await waitFor(spare, /ready/);
+    const p = run(topo, 'hA', ['train', config('cut', ['hA/cpu:0', 'hE/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
+    await waitFor(p, /step 2\/6/, 240_000);
+    topo.setLink('hC', false);
+    await exitsZero(t, p, 'run with a cut link');
+    topo.setLink('hC', true);
+    t.match(p.out(), /fault on stage 2: (crash|hang)/, 'the unreachable host was detected');
+    t.match(spare.out(), /stage 2 \(layers/, 'stage 2 restarted on the spare host hF');
+    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'cut'), a)), `${a}: bitwise equal`);
+    // back on the network, the host reconnects and frees the device its old run left
+    await waitFor(hosts.get('hC')!, /free again/, 60_000);
+    t.pass('the cut-off host came back and freed its device');
   });
 
   for (const p of hosts.values()) p.child.kill('SIGTERM');
