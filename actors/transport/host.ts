@@ -55,6 +55,10 @@ class DeviceServer {
   toSup: LinkSender | undefined;
   sub: Subscription | undefined;
   stage = -1;
+  /** Slot bytes received and sent, and micro-batch forwards run, since the claim (logged at release). */
+  bytesIn = 0;
+  bytesOut = 0;
+  forwardsRun = 0;
   private readonly forwards = new Map<number, ForwardMsg>();
   private first = false;
 
@@ -80,7 +84,10 @@ class DeviceServer {
     if (m.type === 'remote-init') return void this.init(m.init, run);
     if (!this.worker) return;
     // what a stage will produce goes back after it: remember where
-    if (m.type === 'forward') this.forwards.set(m.mb, m);
+    if (m.type === 'forward') {
+      this.forwards.set(m.mb, m);
+      this.forwardsRun++;
+    }
     if (m.type === 'backward') this.pendingBackward.set(m.mb, m);
     this.worker.postMessage(m);
   }
@@ -121,6 +128,7 @@ class DeviceServer {
     const slab = this.slab!;
     const push = (slot: number) => {
       const w = slotWire(slab, slot);
+      this.bytesOut += w.bytes.length;
       tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the send below too
     };
     try {
@@ -160,7 +168,8 @@ class DeviceServer {
 
   release(why: string): void {
     if (!this.claimedBy) return;
-    this.host.log(`${this.rec.device}: free again (${why})`);
+    this.host.log(`${this.rec.device}: free again (${why}); slot bytes in ${this.bytesIn}, out ${this.bytesOut}, over ${this.forwardsRun} forward messages`);
+    this.bytesIn = this.bytesOut = this.forwardsRun = 0;
     this.stopWorker();
     this.claimedBy = undefined;
     this.slab = undefined;
@@ -205,7 +214,11 @@ export class StageHost {
           subject: rec.subject,
           admit: (run, m) => srv.admit(run, m.headers?.get('m-claim') === '1'),
           onMessage: (m, run) => srv.onMessage(m as ToHost, run),
-          sink: slotSink(() => srv.slab),
+          sink: (slot, off, len) => {
+            const view = slotSink(() => srv.slab)(slot, off, len);
+            srv.bytesIn += len;
+            return view;
+          },
         });
         h.servers.push(srv);
       }

@@ -153,7 +153,11 @@ export class RemoteStage extends EventEmitter {
     const { slab: _s, faultFlags: _f, ...rest } = this.init;
     const ri: RemoteInit = { ...rest, device: dev.id, faults: [], fingerprint: c.fingerprint(this.init.modelDir), replyTo };
     await this.tx.send({ type: 'remote-init', init: ri } satisfies ToHost);
-    this.keepalive = setInterval(() => this.tx?.notify({ type: 'keepalive' } satisfies ToHost), Math.max(200, leaseMs / 6));
+    // acknowledged keepalives: a host that died (its connection closed) answers the next one
+    // with "no responders" within a second, long before its lease runs out
+    this.keepalive = setInterval(() => {
+      if (!this.exited) this.tx!.send({ type: 'keepalive' } satisfies ToHost).catch((e: Error) => this.die(`${dev.id}: ${e.message}`));
+    }, Math.min(1_000, Math.max(200, leaseMs / 6)));
     this.keepalive.unref();
     this.leaseCheck = setInterval(() => void this.checkLease(), Math.max(200, leaseMs / 3));
     this.leaseCheck.unref();

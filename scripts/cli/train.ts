@@ -10,6 +10,7 @@ import YAML from 'yaml';
 import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { resolveClusterLayout, resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
+import type { ClusterOptions } from '../../actors/transport/remote.js';
 import { describeSplit } from '../../lib/schedule/split.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
@@ -40,7 +41,9 @@ options:
   --fast             the demo on the tiny model, a few steps (tests, smoke checks)
   --progress MODE    auto | bar | plain | none
   --cluster URL      run the stages on stage hosts (mlora stage serve) registered at this NATS
-                     server: nats://user:password@host:4222; devices then are HOST/cpu:N or 'cluster'`;
+                     server: nats://user:password@host:4222; devices then are HOST/cpu:N or 'cluster'
+  --tls-ca FILE      (with --cluster) CA of the server's certificate; --tls-cert/--tls-key FILE for mutual TLS
+  --nkey FILE        (with --cluster) authenticate with this nkey seed file`;
 
 function cacheDir(): string {
   return process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora');
@@ -125,7 +128,7 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
   if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
 }
 
-async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: string): Promise<void> {
+async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: ClusterOptions): Promise<void> {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
   const lo = {
@@ -196,6 +199,7 @@ export async function main(argv: string[]): Promise<number> {
         devices: { type: 'string' }, output: { type: 'string' }, resume: { type: 'boolean' }, 'dry-run': { type: 'boolean' },
         fault: { type: 'string', multiple: true }, threads: { type: 'string' }, memory: { type: 'string' }, fast: { type: 'boolean' },
         progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' }, cluster: { type: 'string' },
+        'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' }, nkey: { type: 'string' },
       },
     });
   } catch (e) {
@@ -229,8 +233,11 @@ export async function main(argv: string[]): Promise<number> {
   const cfg = parseTrainConfig(raw, where);
   checkPaths(cfg, where);
   const faults = (args.values.fault ?? []).map(parseFault);
+  const v = args.values;
+  const auth = { ...(v['tls-ca'] ? { tlsCa: v['tls-ca'] } : {}), ...(v['tls-cert'] ? { tlsCert: v['tls-cert'] } : {}), ...(v['tls-key'] ? { tlsKey: v['tls-key'] } : {}), ...(v.nkey ? { nkeySeed: v.nkey } : {}) };
+  const cluster: ClusterOptions | undefined = v.cluster ? { url: v.cluster, auth } : undefined;
   if (args.values['dry-run']) {
-    await plan(cfg, (s) => console.log(s), args.values.cluster);
+    await plan(cfg, (s) => console.log(s), cluster);
     return 0;
   }
   const logSetting = (args.values.progress as 'auto' | 'bar' | 'plain' | 'none' | undefined) ?? cfg.log.progress;
@@ -249,7 +256,7 @@ export async function main(argv: string[]): Promise<number> {
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
       ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
       maxTokens: Math.max(4096, ...cfg.adapters.map((a) => a.micro_batch_size * a.seq_len)),
-      inProcess: !!args.values['in-process'], ...(args.values.cluster ? { cluster: args.values.cluster } : {}),
+      inProcess: !!args.values['in-process'], ...(cluster ? { cluster } : {}),
       onEvent: (ev) => {
         progress.event(ev);
         history.push(ev);
