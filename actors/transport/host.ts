@@ -81,7 +81,10 @@ class DeviceServer {
     }
     if (m.type === 'keepalive') return;
     if (m.type === 'release') return void this.release('released by its run');
-    if (m.type === 'remote-init') return void this.init(m.init, run);
+    if (m.type === 'remote-init') {
+      return void this.init(m.init, run).catch((e: Error) =>
+        this.toSup?.send({ type: 'error', epoch: 0, stage: m.init.stage, message: `${this.host.name}/${this.rec.device} cannot start stage ${m.init.stage}: ${e.message}` } satisfies FromStage).catch(() => {}));
+    }
     if (!this.worker) return;
     // what a stage will produce goes back after it: remember where
     if (m.type === 'forward') {
@@ -89,6 +92,11 @@ class DeviceServer {
       this.forwardsRun++;
     }
     if (m.type === 'backward') this.pendingBackward.set(m.mb, m);
+    // a recovery drops the micro-batches in flight: what they would have sent back is not wanted
+    if (m.type === 'drop') {
+      this.forwards.clear();
+      this.pendingBackward.clear();
+    }
     this.worker.postMessage(m);
   }
 

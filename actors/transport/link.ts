@@ -136,6 +136,22 @@ export class LinkSender implements SlotSender {
     }
   }
 
+  /**
+   * A message answered at once, outside the queue (it does not wait behind a transfer): rejects
+   * with a 'gone' LinkError when nobody listens any more (the server answers "no responders"
+   * as soon as the peer's connection closed), a 'timeout' one when no answer came in time.
+   */
+  async probe(msg: unknown, timeoutMs = 5_000): Promise<void> {
+    if (this.failed) throw this.failed;
+    try {
+      await this.nc.request(this.o.to, packr.pack(msg), { headers: this.hdrs('n', {}), timeout: timeoutMs });
+    } catch (e) {
+      const err = e as Error & { code?: string };
+      const gone = /no responders|503/i.test(`${err.message} ${err.code ?? ''}`);
+      throw new LinkError(`${this.o.to}: ${gone ? 'no responders (the stage host is gone)' : `no answer within ${timeoutMs} ms`}`, gone ? 'gone' : 'timeout');
+    }
+  }
+
   sendSlot(slot: number, offset: number, bytes: Uint8Array): Promise<void> {
     return this.queue(() => {
       const parts = [];

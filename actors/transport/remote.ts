@@ -16,7 +16,7 @@ import type { FromStage, InitMsg, ToStage } from '../protocol.js';
 import { Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
 import type { FromHost, RemoteInit, ToHost } from './host.js';
-import { LinkSender, listen } from './link.js';
+import { LinkSender, listen, type LinkError } from './link.js';
 import { DEFAULT_LEASE_MS, listDevices, openRegistry, slotSink, slotWire, type ClusterDevice } from './registry.js';
 
 export interface ClusterOptions {
@@ -101,7 +101,11 @@ export class Cluster {
     return new RemoteStage(this, init, started);
   }
 
+  /** Releases of devices not yet acknowledged: close() waits for them (bounded), so no claim outlives its run. */
+  readonly releases = new Set<Promise<void>>();
+
   async close(): Promise<void> {
+    await Promise.all(this.releases);
     await this.nc.drain().catch(() => {});
   }
 }
@@ -153,10 +157,15 @@ export class RemoteStage extends EventEmitter {
     const { slab: _s, faultFlags: _f, ...rest } = this.init;
     const ri: RemoteInit = { ...rest, device: dev.id, faults: [], fingerprint: c.fingerprint(this.init.modelDir), replyTo };
     await this.tx.send({ type: 'remote-init', init: ri } satisfies ToHost);
-    // acknowledged keepalives: a host that died (its connection closed) answers the next one
-    // with "no responders" within a second, long before its lease runs out
+    // answered keepalives, outside the queue: a host that died (its connection closed) answers
+    // the next one with "no responders" within a second, long before its lease runs out, even
+    // while a transfer to it waits for its timeout. A slow answer is no verdict (heartbeats and
+    // the lease judge hangs).
     this.keepalive = setInterval(() => {
-      if (!this.exited) this.tx!.send({ type: 'keepalive' } satisfies ToHost).catch((e: Error) => this.die(`${dev.id}: ${e.message}`));
+      if (this.exited) return;
+      this.tx!.probe({ type: 'keepalive' } satisfies ToHost).catch((e: LinkError) => {
+        if (e.kind === 'gone') this.die(`${dev.id}: ${e.message}`);
+      });
     }, Math.min(1_000, Math.max(200, leaseMs / 6)));
     this.keepalive.unref();
     this.leaseCheck = setInterval(() => void this.checkLease(), Math.max(200, leaseMs / 3));
@@ -209,10 +218,25 @@ export class RemoteStage extends EventEmitter {
     this.exited = true;
     if (this.device) this.cluster.failed.set(this.device.id, Date.now());
     this.stopTimers();
-    this.tx?.send({ type: 'release' } satisfies ToHost).catch(() => {}); // a host still there is free for the restart
+    this.release(); // a host still there is free for the restart
     if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, message: reason } satisfies FromStage);
     else this.emit('error', new Error(reason));
     this.emit('exit', 1);
+  }
+
+  /** Best effort, bounded: a host that is gone frees itself when this run's keepalives stop. */
+  private release(): Promise<void> {
+    if (!this.tx) return Promise.resolve();
+    let timer: NodeJS.Timeout | undefined;
+    const p = Promise.race([
+      this.tx.send({ type: 'release' } satisfies ToHost).catch(() => {}),
+      new Promise<void>((r) => (timer = setTimeout(r, 2_000))),
+    ]).finally(() => {
+      clearTimeout(timer);
+      this.cluster.releases.delete(p);
+    });
+    this.cluster.releases.add(p);
+    return p;
   }
 
   private stopTimers(): void {
@@ -225,8 +249,7 @@ export class RemoteStage extends EventEmitter {
     if (!this.exited) {
       this.exited = true;
       this.stopTimers();
-      // best effort: a host that is gone frees itself when this run's keepalives stop
-      await Promise.race([this.tx?.send({ type: 'release' } satisfies ToHost).catch(() => {}), new Promise((r) => setTimeout(r, 2_000).unref())]);
+      await this.release();
       this.emit('exit', 1);
     }
     this.sub?.unsubscribe();

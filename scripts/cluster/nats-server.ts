@@ -20,6 +20,10 @@ export interface NatsServerOptions {
   /** nats-server binary (from scripts/ensure-nats.mjs). */
   binary: string;
   startTimeoutMs?: number;
+  /** Require TLS with this certificate and key (PEM files). */
+  tls?: { cert: string; key: string };
+  /** Limit the user to these subjects (as README's cluster.conf does). */
+  permissions?: { publish: string[]; subscribe: string[] };
 }
 
 export interface NatsServer {
@@ -34,7 +38,7 @@ export interface NatsServer {
 
 /** nats-server's config syntax quotes strings with double quotes; refuse what would need escaping. */
 function q(s: string): string {
-  if (!/^[A-Za-z0-9._\-/:]+$/.test(s)) throw new Error(`nats-server config value '${s}' has characters this launcher does not quote`);
+  if (!/^[A-Za-z0-9._\-/:>$*]+$/.test(s)) throw new Error(`nats-server config value '${s}' has characters this launcher does not quote`);
   return `"${s}"`;
 }
 
@@ -45,7 +49,8 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
     `listen: ${listen}`,
     `max_payload: ${o.maxPayload ?? 1048576}`,
     `jetstream { store_dir: ${q(path.join(dir, 'js'))}, max_memory_store: 64MB, max_file_store: 256MB }`,
-    `authorization { users: [ { user: ${q(o.user)}, password: ${q(o.password)} } ] }`,
+    ...(o.tls ? [`tls { cert_file: ${q(o.tls.cert)}, key_file: ${q(o.tls.key)}, timeout: 5 }`] : []),
+    `authorization { users: [ { user: ${q(o.user)}, password: ${q(o.password)}${o.permissions ? `, permissions: { publish: [${o.permissions.publish.map(q).join(', ')}], subscribe: [${o.permissions.subscribe.map(q).join(', ')}] }` : ''} } ] }`,
     '',
   ].join('\n');
   writeFileSync(path.join(dir, 'cluster.conf'), conf);
@@ -91,7 +96,7 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
     throw e;
   });
   return {
-    url: `nats://${o.user}:${o.password}@${address}`, address: `nats://${address}`, proc, log: () => log, stop,
+    url: `${o.tls ? 'tls' : 'nats'}://${o.user}:${o.password}@${address}`, address: `${o.tls ? 'tls' : 'nats'}://${address}`, proc, log: () => log, stop,
   };
 }
 

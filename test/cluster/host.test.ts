@@ -1,8 +1,13 @@
 // The stage host against a real nats-server on loopback: it registers its devices (memory,
 // threads) under a lease; a device obeys only the run that claimed it; a claim lapses when its
 // run falls silent; Init with another model's fingerprint is refused with what differs; a host
-// that closes takes its record away at once, one that loses its connection within the lease.
+// that closes takes its record away at once, one that loses its connection within the lease;
+// registration and claims also work over TLS within the subject permissions of README's cluster.conf.
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import t from 'tap';
 import { natsServerBinary, startNatsServer } from '../../scripts/cluster/nats-server.js';
 import { clusterConnect } from '../../actors/transport/connect.js';
@@ -74,4 +79,30 @@ t.test('stage host: registration, claims, fingerprint, leases', { skip: reason }
   await h2.close();
   await host.close();
   t.same(await listDevices(kv), [], 'a closed host deregisters');
+});
+
+t.test("TLS and the subject permissions of README's cluster.conf", { skip: reason ?? (spawnSync('openssl', ['version']).status === 0 ? undefined : 'no openssl to make a test certificate') }, async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-tls-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const cert = path.join(dir, 'cert.pem');
+  const key = path.join(dir, 'key.pem');
+  const r = spawnSync('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=IP:127.0.0.1,DNS:localhost'], { encoding: 'utf8', timeout: 60_000 });
+  t.equal(r.status, 0, `openssl: ${r.stderr.slice(-300)}`);
+  const srv = await startNatsServer({
+    binary: binary!, user: 'mlora', password: 'tls-pw', tls: { cert, key },
+    permissions: { publish: ['mlora.>', '$JS.API.>', '$KV.mlora_hosts.>', '_INBOX.>'], subscribe: ['mlora.>', '_INBOX.>'] },
+  });
+  t.teardown(() => srv.stop());
+  t.match(srv.url, /^tls:\/\//);
+  const noCa = await StageHost.start({ url: srv.url, name: 'tls0', devices: ['cpu:0'] }).then(() => undefined, (e: Error) => e);
+  t.match(noCa?.message, /cannot connect to the cluster at tls:\/\/mlora:\*\*\*@.*certificate/, 'an unknown certificate is refused');
+  const host = await StageHost.start({ url: srv.url, name: 'tls1', devices: ['cpu:0'], auth: { tlsCa: cert } });
+  t.teardown(() => host.close());
+  const nc = await clusterConnect(srv.url, 'test', { tlsCa: cert });
+  t.teardown(() => nc.close());
+  const kv = await openRegistry(nc);
+  const [dev] = await listDevices(kv);
+  t.equal(dev?.id, 'tls1/cpu:0', 'registered through TLS, within the permissions');
+  await new LinkSender(nc, { to: dev!.subject, run: 'r' }).send({ type: 'claim', leaseMs: 10_000 }, { 'm-claim': '1' });
+  t.ok(await until(async () => (await listDevices(kv))[0]!.claimedBy === 'r', 5_000), 'claimed within the permissions');
 });

@@ -99,3 +99,29 @@ t.test('a wrong password is refused clearly, without printing it', { skip: reaso
   t.match(err?.message, /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@127\.0\.0\.1:\d+: the server refused the credentials/);
   t.notMatch(err?.message, /wrong-pw/);
 });
+
+t.test('probe: answered outside the queue, "gone" once the peer closed', { skip: reason }, async (t) => {
+  const srv = await startNatsServer({ binary: binary!, user: 'mlora', password: 'probe-pw' });
+  t.teardown(() => srv.stop());
+  const a = await clusterConnect(srv.url, 'a');
+  const b = await clusterConnect(srv.url, 'b');
+  t.teardown(() => a.close());
+  // a receiver that never answers chunks (a transfer stuck on it) but answers probes
+  b.subscribe('test.p', {
+    callback: (_e, m) => {
+      if (m.headers?.get('m-k') === 'n') m.respond(new Uint8Array(0));
+    },
+  });
+  await b.flush();
+  const tx = new LinkSender(a, { to: 'test.p', run: 'r', timeoutMs: 3_000 });
+  const stuck = tx.sendSlot(0, 4, new Uint8Array(100));
+  stuck.catch(() => {});
+  await tx.probe({ type: 'keepalive' }, 2_000);
+  t.pass('the probe was answered while a transfer waited');
+  await b.close();
+  // the server drops the closed peer's subscription a moment later: then probes find no responders
+  let kind = '';
+  for (let i = 0; i < 20 && kind !== 'gone'; i++) kind = await tx.probe({ type: 'keepalive' }, 500).then(() => 'answered', (e: LinkError) => e.kind);
+  t.equal(kind, 'gone', 'no responders once the peer is gone');
+  await t.rejects(stuck, { name: 'LinkError', kind: 'timeout' });
+});
