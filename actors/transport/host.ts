@@ -233,11 +233,23 @@ export class StageHost {
       await nc.flush();
       await h.renew();
       h.timer = setInterval(() => h.tick(), Math.max(200, Math.floor(lease / 3)));
+      void h.watchStatus();
       h.log(`registered ${h.servers.map((s) => s.rec.device).join(', ')} (lease ${lease} ms)`);
       return h;
     } catch (e) {
       await nc.close().catch(() => {});
       throw e;
+    }
+  }
+
+  /** Logs losing and regaining the server, and registers again at once when back. */
+  private async watchStatus(): Promise<void> {
+    for await (const st of this.nc.status()) {
+      if (st.type === 'disconnect') this.log('lost the cluster server; reconnecting');
+      if (st.type === 'reconnect') {
+        this.log('reconnected to the cluster server');
+        void this.renew();
+      }
     }
   }
 

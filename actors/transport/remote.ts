@@ -55,8 +55,8 @@ export class Cluster {
   }
 
   /**
-   * The devices for a run's stages: 'cluster' (every free registered device, in host/device
-   * order) or a list of host/device names, each of which must be registered and free.
+   * The devices for a run's stages: 'cluster' (every registered device the registry shows free,
+   * in host/device order) or a list of host/device names, each of which must be registered.
    */
   async resolve(spec: string[] | 'cluster'): Promise<ClusterDevice[]> {
     const all = await this.devices();
@@ -69,7 +69,7 @@ export class Cluster {
     return spec.map((s) => {
       const d = all.find((x) => x.id === s);
       if (!d) throw new Error(`device '${s}' is not registered in the cluster (registered: ${all.map((x) => x.id).join(', ')})`);
-      if (d.claimedBy && d.claimedBy !== this.run) throw new Error(`device '${s}' is claimed by another run`);
+      // the registry's claimedBy may be a renewal behind: the claim itself decides (the host refuses a device another run holds)
       return d;
     });
   }
@@ -81,19 +81,19 @@ export class Cluster {
   }
 
   /**
-   * Where a stage goes when it starts again: its own device if its host is registered (it
-   * came back), else the first free registered device no other stage of this run uses.
+   * Where a stage may go when it starts again, best first: its own device if its host is
+   * registered (it came back), then every free registered device no other stage of this run uses.
    */
-  async replacement(stage: number): Promise<ClusterDevice> {
+  async replacements(stage: number): Promise<ClusterDevice[]> {
     // a record renewed before the failure may only be the lease not yet expired: not back yet
     const all = (await this.devices()).filter((d) => d.renewed > (this.failed.get(d.id) ?? 0));
     const mine = this.placement[stage]!;
-    const back = all.find((d) => d.id === mine.id && (!d.claimedBy || d.claimedBy === this.run));
-    if (back) return back;
+    const back = all.filter((d) => d.id === mine.id && (!d.claimedBy || d.claimedBy === this.run));
     const used = new Set(this.placement.filter((_, s) => s !== stage).map((d) => d.id));
-    const free = all.find((d) => !used.has(d.id) && !d.claimedBy);
-    if (!free) throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
-    return free;
+    const free = all.filter((d) => d.id !== mine.id && !used.has(d.id) && !d.claimedBy);
+    const out = [...back, ...free];
+    if (!out.length) throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
+    return out;
   }
 
   /** The runtime's stage factory: a RemoteStage for stage `index` (on first start, the planned device). */
@@ -111,6 +111,12 @@ export class Cluster {
 }
 
 let incarnation = 0;
+
+/**
+ * A host frees a device whose run sent nothing for this long (the run's keepalives come every
+ * second): a run that died or lost its link does not hold its devices for long.
+ */
+export const CLAIM_LEASE_MS = 10_000;
 
 export class RemoteStage extends EventEmitter {
   private tx: LinkSender | undefined;
@@ -137,9 +143,6 @@ export class RemoteStage extends EventEmitter {
 
   private async start(restart: boolean): Promise<void> {
     const c = this.cluster;
-    const dev = restart ? await c.replacement(this.init.stage) : c.placement[this.init.stage]!;
-    c.placement[this.init.stage] = dev;
-    this.device = dev;
     const replyTo = `mlora.run.${c.run}.s${this.init.stage}.${++incarnation}`;
     this.sub = listen(c.nc, {
       subject: replyTo,
@@ -151,12 +154,31 @@ export class RemoteStage extends EventEmitter {
       },
     });
     await c.nc.flush();
-    this.tx = new LinkSender(c.nc, { to: dev.subject, run: c.run, ...(c.o.sendTimeoutMs ? { timeoutMs: c.o.sendTimeoutMs } : {}) });
     const leaseMs = c.o.leaseMs ?? DEFAULT_LEASE_MS;
-    await this.tx.send({ type: 'claim', leaseMs: 2 * leaseMs } satisfies ToHost, { 'm-claim': '1' });
+    // a restart tries the candidates in turn: one that cannot be claimed (gone since the
+    // registry was read, claimed meanwhile) costs a message, not a failed recovery
+    const candidates = restart ? await c.replacements(this.init.stage) : [c.placement[this.init.stage]!];
+    let dev: ClusterDevice | undefined;
+    let link: LinkSender | undefined;
+    let why = '';
+    for (const d of candidates) {
+      const tx = new LinkSender(c.nc, { to: d.subject, run: c.run, ...(c.o.sendTimeoutMs ? { timeoutMs: c.o.sendTimeoutMs } : {}) });
+      try {
+        await tx.send({ type: 'claim', leaseMs: CLAIM_LEASE_MS } satisfies ToHost, { 'm-claim': '1' });
+        [dev, link] = [d, tx];
+        break;
+      } catch (e) {
+        why += `${why ? '; ' : ''}${d.id}: ${(e as Error).message}`;
+        if (restart) c.failed.set(d.id, Date.now());
+      }
+    }
+    if (!dev || !link) throw new Error(`stage ${this.init.stage}: no device could be claimed (${why})`);
+    c.placement[this.init.stage] = dev;
+    this.device = dev;
+    this.tx = link;
     const { slab: _s, faultFlags: _f, ...rest } = this.init;
     const ri: RemoteInit = { ...rest, device: dev.id, faults: [], fingerprint: c.fingerprint(this.init.modelDir), replyTo };
-    await this.tx.send({ type: 'remote-init', init: ri } satisfies ToHost);
+    await link.send({ type: 'remote-init', init: ri } satisfies ToHost);
     // answered keepalives, outside the queue: a host that died (its connection closed) answers
     // the next one with "no responders" within a second, long before its lease runs out, even
     // while a transfer to it waits for its timeout. A slow answer is no verdict (heartbeats and

@@ -3,8 +3,8 @@
 // `mlora train --cluster` run from inside a host namespace. A 3-stage, 2-adapter run with its
 // stages on three hosts ends with adapters bitwise equal to the same run in one process; a
 // stage host killed with SIGKILL mid-run is replaced by a free registered host and the run
-// still ends bitwise equal; a wrong password and a host with a different model are refused
-// with clear errors.
+// still ends bitwise equal, and so does one that loses its link or hangs (SIGSTOP); a wrong
+// password and a host with a different model are refused with clear errors.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -35,9 +35,9 @@ function run(topo: Topology, host: string, args: string[]): Proc {
 }
 
 /** Waits (bounded) until a process printed `re`; rejects with its output when it ends first or the time is up. */
-async function waitFor(p: Proc, re: RegExp, ms = 60_000): Promise<void> {
+async function waitFor(p: Proc, re: RegExp, ms = 60_000, from = 0): Promise<void> {
   const t0 = Date.now();
-  while (!re.test(p.out())) {
+  while (!re.test(p.out().slice(from))) {
     if (p.child.exitCode !== null) throw new Error(`exited (${p.child.exitCode}) before printing ${re}:\n${p.out()}`);
     if (Date.now() - t0 > ms) throw new Error(`no ${re} within ${ms} ms:\n${p.out()}`);
     await new Promise((r) => setTimeout(r, 50));
@@ -148,13 +148,28 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     await waitFor(p, /step 2\/6/, 240_000);
     topo.setLink('hC', false);
     await exitsZero(t, p, 'run with a cut link');
+    const seen = hosts.get('hC')!.out().length;
     topo.setLink('hC', true);
     t.match(p.out(), /fault on stage 2: (crash|hang)/, 'the unreachable host was detected');
     t.match(spare.out(), /stage 2 \(layers/, 'stage 2 restarted on the spare host hF');
     for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'cut'), a)), `${a}: bitwise equal`);
     // back on the network, the host reconnects and frees the device its old run left
-    await waitFor(hosts.get('hC')!, /free again/, 60_000);
+    await waitFor(hosts.get('hC')!, /free again/, 90_000, seen);
     t.pass('the cut-off host came back and freed its device');
+  });
+
+  await t.test('a stage host that hangs (SIGSTOP): detected, its stage moves to a free host, bitwise equal', async (t) => {
+    const p = run(topo, 'hA', ['train', config('hung', ['hA/cpu:0', 'hE/cpu:0', 'hF/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
+    await waitFor(p, /step 2\/6/, 240_000);
+    const hung = hosts.get('hE')!.child;
+    hung.kill('SIGSTOP');
+    t.teardown(() => hung.kill('SIGCONT'));
+    await exitsZero(t, p, 'run with a hung host');
+    if (!/stage 1 \(layers/.test(hosts.get('hC')!.out())) t.comment(`hC:\n${hosts.get('hC')!.out()}`);
+    t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the hung host was detected');
+    t.match(hosts.get('hC')!.out(), /stage 1 \(layers/, 'stage 1 restarted on hC, back since its link returned');
+    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'hung'), a)), `${a}: bitwise equal`);
+    hung.kill('SIGCONT');
   });
 
   for (const p of hosts.values()) p.child.kill('SIGTERM');
