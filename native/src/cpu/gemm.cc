@@ -30,6 +30,7 @@
 
 #include "../kernels.h"
 #include "cpu_features.h"
+#include "quant.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -39,6 +40,8 @@
 #endif
 
 namespace mlora {
+using cpu::dequant_run;
+using cpu::Isa;
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -58,6 +61,7 @@ using FmaPeak = double (*)(int64_t iters);  // returns flops done
 
 struct GemmKernel {
   const char* name;
+  Isa isa;  // of the dequantizer quantized weights go through (quant.cc)
   int mr, nr;
   int64_t mc, kc, nc;  // cache blocking: mc % mr == 0, nc % nr == 0
   MicroKernel ukr;
@@ -467,12 +471,12 @@ AVX512_TARGET double peak_avx512(int64_t iters) {
 // a B sliver kc×NR = 256×16×4 = 16 KiB stays in L1; an A block mc×kc = 144×256×4 = 144 KiB
 // in L2; a B panel kc×nc = 256×4080×4 ≈ 4 MiB in L3.
 // AVX-512 (untuned here, no such CPU): B sliver 256×32×4 = 32 KiB, A block 192×256×4 = 192 KiB.
-const GemmKernel kScalar{"scalar-4x8", SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
+const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
                          peak_scalar};
 #ifdef MLORA_X86
-const GemmKernel kAvx2{"avx2-6x16", AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
+const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2, AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
                        peak_avx2};
-const GemmKernel kAvx512{"avx512-12x32", AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
+const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
                          pack_b_avx2, peak_avx512};
 #endif
 
@@ -540,6 +544,24 @@ thread_local Scratch tls_scratch;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Packs a B sliver of a quantized weight: dequantizes while packing. Non-transposed, a row of
+// op(B) is a contiguous run of the weight and dequantizes straight into the sliver; transposed,
+// the jn weight rows' k runs dequantize into `tmp` (jn×kc, L1/L2-resident) and the kernel's
+// f32 packer transposes them from there.
+void pack_b_quant(const GemmKernel& K, float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
+                  int64_t j0, int64_t jn, int nr, float* tmp) {
+  if (!trans) {
+    for (int64_t p = 0; p < kc; p++) {
+      float* d = dst + p * nr;
+      dequant_run(K.isa, b, (p0 + p) * ldb + j0, jn, d);
+      for (int64_t jj = jn; jj < nr; jj++) d[jj] = 0.f;
+    }
+    return;
+  }
+  for (int64_t jj = 0; jj < jn; jj++) dequant_run(K.isa, b, (j0 + jj) * ldb + p0, kc, tmp + jj * kc);
+  K.pack_b(dst, WeightRef{tmp, DType::F32}, true, kc, 0, kc, 0, jn, nr);
+}
+
 void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
   pool.parallel_for(m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1, int) {
     for (int64_t i = r0; i < r1; i++) {
@@ -554,6 +576,7 @@ void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64
 }  // namespace
 
 const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
+cpu::Isa cpu::gemm_isa() { return gemm_kernel().isa; }
 
 double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters) {
   const GemmKernel& K = gemm_kernel();
@@ -593,8 +616,11 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   const int64_t mc_max = MCb;
   const size_t b_floats = size_t(kc_max * nc_max);
   const size_t a_floats = size_t((mc_max * kc_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
-  float* scratch = tls_scratch.get(b_floats + a_floats * size_t(T));
+  const bool quantized = dtype_quantized(b.dtype);
+  const size_t q_floats = quantized ? size_t((NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_quant's tmp
+  float* scratch = tls_scratch.get(b_floats + (a_floats + q_floats) * size_t(T));
   float* bbuf = scratch;
+  float* qbuf = scratch + b_floats + a_floats * size_t(T);
 
   const int64_t m_slivers = ceil_div(m, MR);
   // Split rows when every thread gets at least two MR slivers, else split B's slivers.
@@ -609,9 +635,13 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 
       // 1. pack the B panel (all threads, shared)
       const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
-      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int) {
-        for (int64_t s = s0; s < s1; s++)
-          K.pack_b(bbuf + s * NR * kc, b, trans_b, ldb, pc, kc, jc + s * NR, std::min<int64_t>(NR, nc - s * NR), NR);
+      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int tid) {
+        for (int64_t s = s0; s < s1; s++) {
+          float* dst = bbuf + s * NR * kc;
+          const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+          if (quantized) pack_b_quant(K, dst, b, trans_b, ldb, pc, kc, j, jn, NR, qbuf + q_floats * size_t(tid));
+          else K.pack_b(dst, b, trans_b, ldb, pc, kc, j, jn, NR);
+        }
       });
 
       // 2. compute: rows [r0, r1) × B slivers [s0, s1) on thread tid

@@ -9,7 +9,7 @@ namespace mlora {
 MLORA_OP(gemm) {
   TensorImpl c = a.tensor("c", {DType::F32});
   TensorImpl A = a.tensor("a", {DType::F32});
-  TensorImpl B = a.tensor("b", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl B = a.tensor("b", MLORA_WEIGHT_DTYPES);
   bool ta = a.flag("transA", false), tb = a.flag("transB", false);
   if (A.shape.size() != 2 || B.shape.size() != 2 || c.shape.size() != 2) a.fail("a, b and c must be 2-D");
   int64_t m = ta ? A.shape[1] : A.shape[0], k = ta ? A.shape[0] : A.shape[1];

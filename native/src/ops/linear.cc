@@ -7,7 +7,7 @@ namespace mlora {
 MLORA_OP(linear_forward) {
   TensorImpl y = a.tensor("y", {DType::F32});
   TensorImpl x = a.tensor("x", {DType::F32});
-  TensorImpl w = a.tensor("w", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
   if (x.numel() % k != 0 || x.shape.back() != k) a.fail("argument 'x' " + x.shape_str() + " does not end in in=" + std::to_string(k));
@@ -22,7 +22,7 @@ MLORA_OP(linear_forward) {
 MLORA_OP(linear_backward) {
   TensorImpl dx = a.tensor("dx", {DType::F32});
   TensorImpl dy = a.tensor("dy", {DType::F32});
-  TensorImpl w = a.tensor("w", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
   if (dy.numel() % n != 0 || dy.shape.back() != n) a.fail("argument 'dy' " + dy.shape_str() + " does not end in out=" + std::to_string(n));
