@@ -1,6 +1,8 @@
 // Shared test helpers: devices, seeded random data, and comparisons that print the max
 // difference (llm.c style) so a failing tolerance says by how much.
 import type { Test } from 'tap';
+import { spawnSync } from 'node:child_process';
+import { native } from '../lib/native.js';
 import { openDevice, type Device } from '../lib/tensor.js';
 import { Rng } from '../lib/rng.js';
 
@@ -63,4 +65,30 @@ export function gemmRef(
       for (let j = 0; j < n; j++) c[i * n + j]! += av * (transB ? b[j * k + p]! : b[p * n + j]!);
     }
   return c;
+}
+
+/**
+ * Reruns a test file in a child process once per GEMM micro-kernel this CPU has, with
+ * MLORA_GEMM_KERNEL forcing it (and MLORA_GEMM_CHILD=1, so the child skips this step).
+ */
+export async function eachGemmKernel(t: Test, file: string): Promise<void> {
+  const info = native().info();
+  const have: Record<string, boolean> = { scalar: true, avx2: info.cpu.avx2, avx512: info.cpu.avx512f };
+  for (const kernel of ['scalar', 'avx2', 'avx512']) {
+    const skip = have[kernel] ? false : `this CPU does not have ${kernel}`;
+    await t.test(`MLORA_GEMM_KERNEL=${kernel}`, { skip }, async (t) => {
+      const r = spawnSync(process.execPath, [file], {
+        env: { ...process.env, MLORA_GEMM_KERNEL: kernel, MLORA_GEMM_CHILD: '1' },
+        encoding: 'utf8',
+        timeout: 300_000,
+      });
+      const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+      const failed = /^\s*not ok/m.test(out);
+      const passes = (out.match(/^\s*ok \d+/gm) ?? []).length;
+      t.ok(r.status === 0 && !failed && passes > 0, `${kernel}: child exited ${r.status}, ${passes} ok lines`, {
+        diagnostic: r.status !== 0 || failed,
+        output: out.slice(-3000),
+      });
+    });
+  }
 }

@@ -606,6 +606,7 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cpu.Set("f16c", f.f16c);
   cpu.Set("hardwareThreads", double(std::max(1u, std::thread::hardware_concurrency())));
   cpu.Set("gemmKernel", cpu_gemm_kernel_name());
+  cpu.Set("gemmBf16Kernel", cpu_gemm_bf16_kernel_name());
   o.Set("cpu", cpu);
   Napi::Object cu = Napi::Object::New(env);
   std::string why;

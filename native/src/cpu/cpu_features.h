@@ -14,6 +14,7 @@ struct CpuFeatures {
 
 const CpuFeatures& cpu_features();
 const char* cpu_gemm_kernel_name();  // which GEMM micro-kernel this machine runs (gemm.cc)
+const char* cpu_gemm_bf16_kernel_name();  // and which one bf16 compute runs
 // FP32 FMA throughput of the GEMM kernel's instruction set: every pool thread runs `iters`
 // rounds of independent FMA chains; returns GFLOP/s summed over threads (the benchmark's
 // ceiling, gemm.cc).

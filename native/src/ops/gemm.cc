@@ -20,8 +20,10 @@ MLORA_OP(gemm) {
   a.expect_shape("c", c, {m, n});
   a.expect_distinct("c", c, "a", A);
   float alpha = float(a.number("alpha", 1.0)), beta = float(a.number("beta", 0.0));
+  WeightRef wb = weight(B);
+  wb.bf16_compute = a.flag("bf16", false);  // operands rounded to bf16, f32 accumulation
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], weight(B), B.shape[1], beta,
+    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], wb, B.shape[1], beta,
                    c.as<float>(), n);
   };
 }
