@@ -100,7 +100,7 @@ export type Op =
   | { op: 'quantize'; dst: Tensor; src: Tensor }
   | { op: 'dequantize'; dst: Tensor; src: Tensor }
   /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
-  | { op: 'fma_peak'; out: Tensor; iterations?: number }
+  | { op: 'fma_peak'; out: Tensor; iterations?: number; bf16?: boolean }
   | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
   | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }

@@ -18,6 +18,6 @@ const char* cpu_gemm_bf16_kernel_name();  // and which one bf16 compute runs
 // FP32 FMA throughput of the GEMM kernel's instruction set: every pool thread runs `iters`
 // rounds of independent FMA chains; returns GFLOP/s summed over threads (the benchmark's
 // ceiling, gemm.cc).
-double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters);
+double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters, bool bf16 = false);  // bf16: the bf16 kernel's instruction
 
 }  // namespace mlora

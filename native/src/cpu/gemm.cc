@@ -583,6 +583,26 @@ AVX512BF16_TARGET void ukr_avx512bf16_12x32(int64_t kc, const float* __restrict 
   }
   store_tile_avx512(acc, c, ldc, alpha, beta);
 }
+
+AVX512BF16_TARGET double peak_avx512bf16(int64_t iters) {
+  // 24 independent vdpbf16ps chains (as many as the micro-kernel keeps), 32 multiply-adds each.
+  __m512 x[24];
+  for (int i = 0; i < 24; i++) x[i] = _mm512_set1_ps(1.0f + 0.01f * float(i));
+  __m512i ai = _mm512_set1_epi32(0x3f7f3f7f), bi = _mm512_set1_epi32(0x33d633d6);  // ~0.996, ~1e-7
+  for (int64_t t = 0; t < iters; t++) {
+    const __m512bh a = reinterpret_cast<const __m512bh&>(ai), b = reinterpret_cast<const __m512bh&>(bi);
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) x[i] = _mm512_dpbf16_ps(x[i], a, b);
+    __asm__ volatile("" : "+v"(ai));  // keeps the operands in registers, opaque to the optimiser
+  }
+  __m512 s = x[0];
+  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, x[i]);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, s);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(iters) * 24 * 32 * 2;
+}
 #endif  // MLORA_X86
 
 // Blocking for AMD Zen 3 (L1d 32 KiB, L2 512 KiB per core, L3 32 MiB shared):
@@ -607,7 +627,7 @@ const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu", Isa::Avx2, AVX2_MR, AVX2_NR, 144
 const GemmKernel kAvx512Bf16Emu{"avx512-12x32-bf16emu", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096,
                                 ukr_avx512_12x32, pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr, true};
 const GemmKernel kAvx512Bf16{"avx512bf16-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 512, 4096, ukr_avx512bf16_12x32,
-                             pack_a_pairs, pack_b_avx2, peak_avx512, pairs_avx512, false};
+                             pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
 #endif
 
 const GemmKernel* choose_kernel() {
@@ -743,8 +763,8 @@ const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
 const char* cpu_gemm_bf16_kernel_name() { return bf16_kernel().name; }
 cpu::Isa cpu::gemm_isa() { return gemm_kernel().isa; }
 
-double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters) {
-  const GemmKernel& K = gemm_kernel();
+double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters, bool bf16) {
+  const GemmKernel& K = bf16 ? bf16_kernel() : gemm_kernel();
   using clk = std::chrono::steady_clock;
   auto t0 = clk::now();
   std::vector<double> flops(size_t(pool.size()), 0.0);

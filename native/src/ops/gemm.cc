@@ -39,9 +39,10 @@ MLORA_OP(fma_peak) {
   if (out.numel() < 1) a.fail("argument 'out' must hold at least one element");
   int64_t iters = a.integer("iterations", 20000000);
   if (iters < 1) a.fail("argument 'iterations' must be positive");
+  bool bf16 = a.flag("bf16", false);  // the bf16-compute kernel's instruction (vdpbf16ps where it runs)
   return [=](Exec& ex) {
     if (ex.cuda()) throw Error("fma_peak measures a CPU device");
-    out.as<float>()[0] = float(cpu_fma_peak_gflops(ex.pool(), iters));
+    out.as<float>()[0] = float(cpu_fma_peak_gflops(ex.pool(), iters, bf16));
   };
 }
 
