@@ -148,6 +148,12 @@ export interface StageOptions {
    * more forward of compute.
    */
   recompute?: boolean;
+  /**
+   * bf16: the frozen base's GEMMs (projections and LM head, forward and dX) round their operands
+   * to bf16 and accumulate in f32 (vdpbf16ps where the CPU has it). LoRA, attention, norms, the
+   * loss, gradients and AdamW stay f32. The weights' storage is chosen at load (lib/model/weights.ts).
+   */
+  computeDtype?: 'f32' | 'bf16';
 }
 
 export class StageProgram {
@@ -159,6 +165,8 @@ export class StageProgram {
   /** See StageOptions.gatherTargets; may be switched between calls (benchmarks compare both on one program). */
   gatherTargets: boolean;
   readonly recompute: boolean;
+  /** StageOptions.computeDtype === 'bf16' */
+  readonly bf16: boolean;
   readonly qDim: number;
   readonly kvDim: number;
 
@@ -183,6 +191,7 @@ export class StageProgram {
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
     this.gatherTargets = options.gatherTargets ?? true;
     this.recompute = options.recompute ?? false;
+    this.bf16 = options.computeDtype === 'bf16';
   }
 
   // ---- adapters
@@ -349,7 +358,7 @@ export class StageProgram {
       const out = own(this.device.alloc('f32', [N, c.vocabSize], { zero: false }));
       this.forwardOps(ops, mb, saved, xFinal, false);
       ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: this.weights.norm!, eps: c.rmsNormEps });
-      ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head! });
+      ops.push({ op: 'linear_forward', y: out, x: xf, w: this.weights.head!, bf16: this.bf16 });
       return () => out.read() as Float32Array;
     });
   }
@@ -528,14 +537,14 @@ export class StageProgram {
 
   /** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
   private proj(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true) {
-    if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate });
+    if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: this.bf16 });
     const segments = this.loraSegments(mb, layer, target, acts, false, train);
     if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
   }
 
   /** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB) */
   private projBack(ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
-    ops.push({ op: 'linear_backward', dx, dy, w, accumulate });
+    ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: this.bf16 });
     const segments = this.loraSegments(mb, layer, target, acts, true);
     if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
   }
@@ -629,13 +638,13 @@ export class StageProgram {
       const e = Math.min(M, b + this.headBlockRows);
       const logits = view(s.logits!, [e - b, c.vocabSize]);
       const xb = tmp(x.rows(b, e));
-      ops.push({ op: 'linear_forward', y: logits, x: xb, w: this.weights.head! });
+      ops.push({ op: 'linear_forward', y: logits, x: xb, w: this.weights.head!, bf16: this.bf16 });
       if (withGrad) {
         ops.push({
           op: 'cross_entropy_backward', losses: tmp(loss.rows(b, e)), dlogits: logits, logits,
           labels: tmp(lab.rows(b, e)), weights: tmp(wt.rows(b, e)),
         });
-        ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head! });
+        ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: this.weights.head!, bf16: this.bf16 });
       } else {
         ops.push({ op: 'cross_entropy_forward', losses: tmp(loss.rows(b, e)), logits, labels: tmp(lab.rows(b, e)) });
       }

@@ -6,83 +6,26 @@
 import t from 'tap';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openModelDir } from '../../lib/io/hf-model.js';
-import { loadAdapter } from '../../lib/io/peft.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { loadStageWeights } from '../../lib/model/weights.js';
 import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
-import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
-import type { LoraSpec } from '../../lib/lora/adapter.js';
+import { toPeftTensors } from '../../lib/lora/state.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { cpuDevice, assertClose } from '../helpers.js';
-import { readFileSync } from 'node:fs';
+import { assertClose } from '../helpers.js';
+import { first4, fixtureBatch as batchOf, readRef, setupFixture } from './fixture.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const fixtures = path.resolve(here, '../../../test/fixtures/llama-tiny');
 
-interface Ref {
-  input_ids: number[][];
-  labels: number[][];
-  loss: number;
-  logits_first4: number[][][];
-}
-const ref = JSON.parse(readFileSync(path.join(fixtures, 'ref.json'), 'utf8')) as Ref;
+const ref = readRef(path.join(fixtures, 'ref.json'));
 
-async function setup(threads = 1, options: StageOptions = {}) {
-  const dir = openModelDir(path.join(fixtures, 'model'));
-  const config = dir.config;
-  const device = cpuDevice(threads);
-  const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
-  const weights = await loadStageWeights(device, dir, plan);
-  const program = new StageProgram(device, config, plan, weights, options);
-  const ad = loadAdapter(path.join(fixtures, 'adapter'));
-  const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
-  const flat = fromAdapterWeights(config, spec, ad, 'adapter');
-  program.addAdapter(1, spec, flat);
-  return { dir, config, device, program, spec, flat };
-}
-
-/** The fixture batch (2 rows of 24 tokens) packed as two sequences of one adapter. */
-function fixtureBatch(program: StageProgram): { mb: MicroBatch; tokens: ReturnType<StageProgram['device']['fromArray']>; count: number } {
-  const ids = ref.input_ids.flat();
-  const labels = ref.labels.flat();
-  const T = ref.input_ids[0]!.length;
-  let count = 0;
-  for (const row of ref.labels) for (let i = 1; i < row.length; i++) if (row[i] !== -100) count++;
-  const data = assemble(
-    7,
-    [{ adapter: 1, serial: 0, mb: {
-      step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(ids), labels: Int32Array.from(labels),
-      cuSeqlens: Int32Array.from([0, T, 2 * T]), positions: Int32Array.from([...Array(T).keys(), ...Array(T).keys()]),
-      numTokens: 2 * T, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
-    } }],
-    2 * T,
-  );
-  const d = program.device;
-  const N = 2 * T;
-  const mb: MicroBatch = {
-    id: 7, numTokens: N, segments: data.segments,
-    tensors: {
-      positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [3], data.cuSeqlens),
-      targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
-    },
-  };
-  return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };
-}
+const setup = (threads = 1, options: StageOptions = {}) => setupFixture(path.join(fixtures, 'model'), path.join(fixtures, 'adapter'), threads, options);
+const fixtureBatch = (program: StageProgram) => batchOf(program, ref);
 
 t.test('loss, logits and every LoRA gradient match the independent float64 implementation', async (t) => {
   const { config, program, spec } = await setup();
   const { mb, tokens, count } = fixtureBatch(program);
-  const logits = await program.logits(mb, tokens);
-  const T = ref.input_ids[0]!.length;
-  const V = config.vocabSize;
-  const want: number[] = [];
-  const got: number[] = [];
-  for (let b = 0; b < 2; b++) for (let p = 0; p < 4; p++) for (let v = 0; v < V; v++) {
-    want.push(ref.logits_first4[b]![p]![v]!);
-    got.push(logits[(b * T + p) * V + v]!);
-  }
+  const { got, want } = first4(await program.logits(mb, tokens), ref, config.vocabSize);
   // f32 vs f64: that implementation's own f32 run is 7e-7 away; our kernels sum in other orders
   assertClose(t, got, want, { atol: 2e-5, rtol: 1e-4 }, 'logits of the first 4 positions');
   const losses = await program.trainLast(mb, tokens);
