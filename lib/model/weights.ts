@@ -11,7 +11,9 @@ import type { QuantDType } from '../native.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
 import { QUANT_DTYPE, quantLayout, type QuantizeMode } from '../io/bnb.js';
 import { LORA_TARGETS, projectionShape } from './config.js';
-import type { LayerWeights, StagePlan, StageWeights } from './stage.js';
+import type { StagePlan } from './batch.js';
+import type { LayerWeights } from './layer.js';
+import type { StageWeights } from './stage.js';
 
 /** How the frozen base is held and computed with (config compute_dtype / quantize). */
 export interface BaseFormat {
@@ -79,6 +81,11 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
         gate: await linear(`${p}mlp.gate_proj.weight`),
         up: await linear(`${p}mlp.up_proj.weight`),
         down: await linear(`${p}mlp.down_proj.weight`),
+        // biases and q/k norm weights are small: f32 like the norms
+        ...(c.qkvBias
+          ? { qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'), kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'), vBias: await load(`${p}self_attn.v_proj.bias`, 'f32') }
+          : {}),
+        ...(c.qkNorm ? { qNorm: await load(`${p}self_attn.q_norm.weight`, 'f32'), kNorm: await load(`${p}self_attn.k_norm.weight`, 'f32') } : {}),
       });
     }
     const w: StageWeights = { layers };
@@ -119,6 +126,8 @@ export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: Lo
       const [out, inp] = projectionShape(c, t);
       linears += linearBytes(out, inp);
     }
+    if (c.qkvBias) bytes += round(c.numHeads * c.headDim * 4) + 2 * round(c.numKvHeads * c.headDim * 4);
+    if (c.qkNorm) bytes += 2 * round(c.headDim * 4);
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
   if (plan.last) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));

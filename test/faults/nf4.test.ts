@@ -3,10 +3,12 @@
 // same bytes, so a run with real stage crashes (process.exit in the worker thread) ends with
 // adapters bitwise equal to the fault-free NF4 run; and the NF4 run is not the f32 run.
 import t from 'tap';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('nf4');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'nf4');
 const cfg = adapters(dir, ['a', 'b']);
 const base = await run({ model, adapters: cfg, quantize: 'nf4' });
 t.notOk(base.error, `fault-free NF4 run: ${base.error?.message ?? 'ok'} in ${Math.round(base.ms)} ms`);

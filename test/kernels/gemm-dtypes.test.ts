@@ -16,8 +16,8 @@ import { native, type QuantDType } from '../../lib/native.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { NF4_CODE, quantLayout } from '../../lib/io/bnb.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, eachGemmKernel, randn } from '../helpers.js';
-import { bf16ToF32, f32ToBf16 } from '../half.js';
+import { assertClose, cpuDevice, eachGemmKernel, randn } from '../support/helpers.js';
+import { bf16ToF32, f32ToBf16 } from '../support/half.js';
 
 const U = 2 ** -24;
 const child = process.env.MLORA_GEMM_CHILD === '1';

@@ -1,17 +1,16 @@
-// The reference fixtures' model + PEFT adapter on one CPU stage, and their 2-row batch (ref.json
-// input_ids/labels) packed as two sequences of one adapter: shared by the tests that compare the
-// whole model with an independent float64 implementation (llama-tiny, quant).
-import path from 'node:path';
+// A reference fixture's batch (rows of equal length, HF labels with -100) as one micro-batch of
+// one adapter on a stage program, as the supervisor assembles it; the fixture's model + PEFT
+// adapter on one CPU stage (not a test file itself).
 import { readFileSync } from 'node:fs';
+import { assemble } from '../../actors/supervisor.js';
+import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
+import type { Tensor } from '../../lib/tensor.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { loadStageWeights, type LoadWeightsOptions } from '../../lib/model/weights.js';
-import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
 import { fromAdapterWeights } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
-import type { Tensor } from '../../lib/tensor.js';
-import { assemble } from '../../actors/supervisor.js';
-import { cpuDevice } from '../helpers.js';
+import { cpuDevice } from '../support/helpers.js';
 
 export interface FixtureRef {
   input_ids: number[][];
@@ -37,35 +36,7 @@ export async function setupFixture(modelDir: string, adapterDir: string, threads
   const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
   const flat = fromAdapterWeights(config, spec, ad, 'adapter');
   program.addAdapter(1, spec, flat);
-  return { dir, config, device, program, spec, flat, weights };
-}
-
-/** The fixture batch (2 rows) packed as two sequences of `adapter`; count = target tokens. */
-export function fixtureBatch(program: StageProgram, ref: FixtureRef, adapter = 1): { mb: MicroBatch; tokens: Tensor; count: number } {
-  const ids = ref.input_ids.flat();
-  const labels = ref.labels.flat();
-  const T = ref.input_ids[0]!.length;
-  let count = 0;
-  for (const row of ref.labels) for (let i = 1; i < row.length; i++) if (row[i] !== -100) count++;
-  const data = assemble(
-    7,
-    [{ adapter, serial: 0, mb: {
-      step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(ids), labels: Int32Array.from(labels),
-      cuSeqlens: Int32Array.from([0, T, 2 * T]), positions: Int32Array.from([...Array(T).keys(), ...Array(T).keys()]),
-      numTokens: 2 * T, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
-    } }],
-    2 * T,
-  );
-  const d = program.device;
-  const N = 2 * T;
-  const mb: MicroBatch = {
-    id: 7, numTokens: N, segments: data.segments,
-    tensors: {
-      positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [3], data.cuSeqlens),
-      targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
-    },
-  };
-  return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };
+  return { dir, config, device, program, spec, flat };
 }
 
 /** logits[b, p, :] for the first 4 positions of both rows, flattened as ref.logits_first4 is. */
@@ -78,4 +49,34 @@ export function first4(logits: Float32Array, ref: FixtureRef, vocab: number): { 
     got.push(logits[(b * T + p) * vocab + v]!);
   }
   return { got, want };
+}
+
+/**
+ * The rows packed as sequences of adapter 1 (`adapter` false: no segment, the base model
+ * alone); `count` = the target tokens (the HF loss is their mean).
+ */
+export function fixtureBatch(program: StageProgram, inputIds: number[][], labelRows: number[][], adapter = true): { mb: MicroBatch; tokens: Tensor; count: number } {
+  const T = inputIds[0]!.length;
+  const B = inputIds.length;
+  let count = 0;
+  for (const row of labelRows) for (let i = 1; i < row.length; i++) if (row[i] !== -100) count++;
+  const N = B * T;
+  const data = assemble(
+    7,
+    [{ adapter: 1, serial: 0, mb: {
+      step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(inputIds.flat()), labels: Int32Array.from(labelRows.flat()),
+      cuSeqlens: Int32Array.from({ length: B + 1 }, (_, b) => b * T), positions: Int32Array.from({ length: N }, (_, i) => i % T),
+      numTokens: N, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
+    } }],
+    N,
+  );
+  const d = program.device;
+  const mb: MicroBatch = {
+    id: 7, numTokens: N, segments: adapter ? data.segments : [],
+    tensors: {
+      positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [B + 1], data.cuSeqlens),
+      targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
+    },
+  };
+  return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };
 }

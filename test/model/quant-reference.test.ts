@@ -18,7 +18,7 @@ import type { StageOptions } from '../../lib/model/stage.js';
 import type { LoadWeightsOptions } from '../../lib/model/weights.js';
 import { toPeftTensors } from '../../lib/lora/state.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
-import { assertClose, cpuDevice } from '../helpers.js';
+import { assertClose, cpuDevice } from '../support/helpers.js';
 import { first4, fixtureBatch, readRef, setupFixture, type FixtureRef } from './fixture.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -43,7 +43,7 @@ const BF16: Tol = { loss: { atol: 0, rtol: 1e-3 }, logits: { atol: 1e-2, rtol: 0
 async function checkModel(t: Test, modelDir: string, adapterDir: string, refDir: string, tol: Tol, options: StageOptions = {}, load: LoadWeightsOptions = {}) {
   const ref: FixtureRef = readRef(path.join(refDir, 'ref.json'));
   const { config, program, spec, device } = await setupFixture(modelDir, adapterDir, 2, options, load);
-  const { mb, tokens, count } = fixtureBatch(program, ref);
+  const { mb, tokens, count } = fixtureBatch(program, ref.input_ids, ref.labels);
   const { got, want } = first4(await program.logits(mb, tokens), ref, config.vocabSize);
   assertClose(t, got, want, tol.logits, 'logits of the first 4 positions (with the adapter)');
   const losses = await program.trainLast(mb, tokens);
@@ -60,9 +60,7 @@ async function checkModel(t: Test, modelDir: string, adapterDir: string, refDir:
   }
   t.equal(n, config.numLayers * LORA_TARGETS.length * 2, 'every LoRA tensor compared');
   if (ref.loss_no_adapter !== undefined) {
-    // an adapter of zeros contributes exactly nothing: the base model alone
-    program.addAdapter(2, spec, new Float32Array(program.adapter(1).size));
-    const base = fixtureBatch(program, ref, 2);
+    const base = fixtureBatch(program, ref.input_ids, ref.labels, false); // no segment: the base model alone
     const l = (await program.evaluate(base.mb, base.tokens))!;
     assertClose(t, [l.reduce((a, b) => a + b, 0) / base.count], [ref.loss_no_adapter], tol.loss, 'loss without the adapter');
   }

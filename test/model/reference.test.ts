@@ -6,21 +6,36 @@
 import t from 'tap';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { loadAdapter } from '../../lib/io/peft.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
+import { loadStageWeights } from '../../lib/model/weights.js';
 import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
-import { toPeftTensors } from '../../lib/lora/state.js';
+import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
+import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { assertClose } from '../helpers.js';
-import { first4, fixtureBatch as batchOf, readRef, setupFixture } from './fixture.js';
+import { first4, fixtureBatch as packFixture, setupFixture } from './fixture.js';
+import { cpuDevice, assertClose } from '../support/helpers.js';
+import { readFileSync } from 'node:fs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const fixtures = path.resolve(here, '../../../test/fixtures/llama-tiny');
 
-const ref = readRef(path.join(fixtures, 'ref.json'));
+interface Ref {
+  input_ids: number[][];
+  labels: number[][];
+  loss: number;
+  logits_first4: number[][][];
+}
+const ref = JSON.parse(readFileSync(path.join(fixtures, 'ref.json'), 'utf8')) as Ref;
 
 const setup = (threads = 1, options: StageOptions = {}) => setupFixture(path.join(fixtures, 'model'), path.join(fixtures, 'adapter'), threads, options);
-const fixtureBatch = (program: StageProgram) => batchOf(program, ref);
+
+/** The fixture batch (2 rows of 24 tokens) packed as two sequences of one adapter. */
+function fixtureBatch(program: StageProgram) {
+  return packFixture(program, ref.input_ids, ref.labels);
+}
 
 t.test('loss, logits and every LoRA gradient match the independent float64 implementation', async (t) => {
   const { config, program, spec } = await setup();

@@ -1,4 +1,4 @@
-// Issue 4, memory: the byte estimates the supervisor admits by (StageAdapter.bytes via
+// Memory: the byte estimates the supervisor admits by (StageAdapter.bytes via
 // pipeline.adapterBytes, pipeline.activationBytes = saved activations + scratch + the message's
 // tensors) equal what the device allocator counts, exactly:
 //  - adding an adapter raises `used` by adapterBytes;
@@ -11,11 +11,13 @@ import type { LocalPipeline } from '../../actors/local.js';
 import { prepareJob } from '../../actors/jobs.js';
 import { parseAdapterConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { demoData, RUN_DEFAULTS, tinyModel, tmpDir } from './util.js';
+import { RUN_DEFAULTS } from './util.js';
+import { tinyModel } from '../support/models.js';
+import { demoData, tmpDir } from '../support/files.js';
 import { loadStageWeights, freeStageWeights, stageWeightBreakdown, stageWeightBytes, type BaseFormat } from '../../lib/model/weights.js';
 import { PRESETS } from '../../lib/model/config.js';
 import type { ModelDir } from '../../lib/io/hf-model.js';
-import { cpuDevice } from '../helpers.js';
+import { cpuDevice } from '../support/helpers.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 

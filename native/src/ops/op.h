@@ -73,4 +73,12 @@ inline WeightRef weight(const TensorImpl& t) {
 #define MLORA_WEIGHT_DTYPES \
   { DType::F32, DType::F16, DType::BF16, DType::NF4, DType::NF4DQ, DType::INT8 }
 
+// The optional trailing 'window' of the attention ops: 0 (default) = no sliding window, W > 0 =
+// query i sees keys j with i - W < j <= i.
+inline int64_t attention_window(Args& a) {
+  int64_t w = a.integer("window", 0);
+  if (w < 0) a.fail("argument 'window' must be >= 0 (0 = no sliding window), got " + std::to_string(w));
+  return w;
+}
+
 }  // namespace mlora

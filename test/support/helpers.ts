@@ -2,9 +2,9 @@
 // difference (llm.c style) so a failing tolerance says by how much.
 import type { Test } from 'tap';
 import { spawnSync } from 'node:child_process';
-import { native } from '../lib/native.js';
-import { openDevice, type Device } from '../lib/tensor.js';
-import { Rng } from '../lib/rng.js';
+import { native } from '../../lib/native.js';
+import { openDevice, type Device } from '../../lib/tensor.js';
+import { Rng } from '../../lib/rng.js';
 
 export function cpuDevice(threads = 1, budget = 2 ** 30): Device {
   return openDevice('cpu:0', { threads, budget });
