@@ -4,6 +4,7 @@
 //
 //   mlora bench --scenario kernels [--threads N] [--json] [--quick]
 //   mlora bench --scenario gemm-dtypes [--threads N] [--json] [--quick]
+//   mlora bench --scenario precision [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
@@ -13,7 +14,7 @@ import { readFileSync } from 'node:fs';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { batchloraScenario, headScenario, pipelineScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
+import { batchloraScenario, headScenario, pipelineScenario, PRECISION_MODES, precisionScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
 
 export interface BenchOptions {
   threads: number;
@@ -26,6 +27,9 @@ export interface BenchOptions {
   steps?: number;
   /** Fewer repetitions (smoke runs); the numbers are noisier. */
   quick: boolean;
+  /** precision scenario: the preset and the base formats to run */
+  preset?: 'bench' | '1b';
+  modes?: string[];
 }
 
 interface Scenario {
@@ -41,6 +45,13 @@ const scenarios: Record<string, Scenario> = {
   'gemm-dtypes': {
     summary: 'frozen GEMMs of the bench model per base format: f32, bf16 (vdpbf16ps), int8 and NF4 (dequantized while packing)',
     run: benchGemmDtypes,
+  },
+  precision: {
+    summary: 'training tokens/s and resident memory of a preset (--preset bench|1b) with its base in f32, bf16, int8, NF4 (one device)',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      return precisionScenario({ preset: o.preset ?? 'bench', threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 3), micro: o.microBatch ?? 1, seqLen: o.seqLen ?? 128, modes: o.modes ?? Object.keys(PRECISION_MODES) }, log);
+    },
   },
   batchlora: {
     summary: 'K adapters batched in one micro-batch vs trained one after another (bench model, one device)',
@@ -89,7 +100,7 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
 }
 
 function usage(): string {
-  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N]', '', 'scenarios:'];
+  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]', '', 'scenarios:'];
   for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
   return lines.join('\n');
 }
@@ -111,6 +122,15 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         const v = value();
         opts.threads = Number(v);
         if (!Number.isInteger(opts.threads) || opts.threads < 1) return { error: `--threads must be a positive integer, got '${v}'` };
+      } else if (a === '--preset' || a.startsWith('--preset=')) {
+        const v = value();
+        if (v !== 'bench' && v !== '1b') return { error: `--preset must be bench or 1b, got '${v}'` };
+        opts.preset = v;
+      } else if (a === '--modes' || a.startsWith('--modes=')) {
+        const v = value();
+        opts.modes = v.split(',');
+        const bad = opts.modes.filter((m) => !(m in PRECISION_MODES));
+        if (bad.length) return { error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})` };
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
       else if (a === '--adapters' || a.startsWith('--adapters=')) {
