@@ -136,7 +136,7 @@ export type Op =
     };
 
 export interface NativeInfo {
-  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string; gemmBf16Kernel: string };
+  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; amxBf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string; gemmBf16Kernel: string };
   cuda: {
     compiled: boolean;
     devices: number;

@@ -603,6 +603,7 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cpu.Set("avx2", f.avx2 && f.fma);
   cpu.Set("avx512f", f.avx512f);
   cpu.Set("avx512bf16", f.avx512bf16);
+  cpu.Set("amxBf16", f.amx_bf16);
   cpu.Set("f16c", f.f16c);
   cpu.Set("hardwareThreads", double(std::max(1u, std::thread::hardware_concurrency())));
   cpu.Set("gemmKernel", cpu_gemm_kernel_name());

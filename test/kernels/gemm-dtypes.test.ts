@@ -5,7 +5,8 @@
 // JavaScript bf16 rounding. Fresh seeded random inputs, odd sizes (blocks of 64 that straddle
 // weight rows, partial micro-tiles), and an extreme-range case (entries ~1e4 and ~1e-4 mixed).
 // Every micro-kernel this CPU has runs in a child process with MLORA_GEMM_KERNEL forcing it, so
-// both the vdpbf16ps kernel and the AVX2 emulation are exercised on an AVX512_BF16 machine.
+// the AMX tile kernel, the vdpbf16ps kernel (MLORA_GEMM_BF16_KERNEL) and the AVX2/AVX-512
+// emulations are all exercised on an AMX machine.
 //
 // Tolerance: the reference holds exactly the values the kernel multiplies (the dequantized
 // weight; bf16-rounded operands), so what remains is float32 accumulation, bounded as in
@@ -136,8 +137,10 @@ async function checkLinear(t: Test, kind: WKind, bf16: boolean, m: number, n: nu
 t.test('the kernels this process runs', async (t) => {
   const info = native().info();
   t.match(info.cpu.gemmBf16Kernel, /bf16/, `bf16 compute runs ${info.cpu.gemmBf16Kernel}`);
-  if (!process.env.MLORA_GEMM_KERNEL && info.cpu.avx512bf16) t.equal(info.cpu.gemmBf16Kernel, 'avx512bf16-12x32', 'AVX512_BF16 machines run vdpbf16ps');
+  if (!process.env.MLORA_GEMM_KERNEL && !process.env.MLORA_GEMM_BF16_KERNEL && info.cpu.avx512bf16) t.match(info.cpu.gemmBf16Kernel, info.cpu.amxBf16 ? /^amx/ : /^avx512bf16/, 'AVX512_BF16 machines run vdpbf16ps, AMX ones tiles');
   if (process.env.MLORA_GEMM_KERNEL === 'avx2') t.equal(info.cpu.gemmBf16Kernel, 'avx2-6x16-bf16emu', 'forced AVX2: the emulation');
+  if (process.env.MLORA_GEMM_BF16_KERNEL === 'avx512bf16') t.equal(info.cpu.gemmBf16Kernel, 'avx512bf16-12x32', 'forced vdpbf16ps');
+  if (process.env.MLORA_GEMM_BF16_KERNEL === 'emu') t.equal(info.cpu.gemmBf16Kernel, 'avx512-12x32-bf16emu', 'forced AVX-512 emulation');
 });
 
 t.test('dequantize op = the independent JavaScript dequantizer, bit for bit (odd sizes: blocks straddle rows)', async (t) => {
@@ -215,5 +218,5 @@ t.test('bad arguments are Errors', async (t) => {
 });
 
 if (!child) {
-  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) => eachGemmKernel(t, fileURLToPath(import.meta.url)));
+  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) => eachGemmKernel(t, fileURLToPath(import.meta.url), true));
 }

@@ -71,21 +71,28 @@ export function gemmRef(
  * Reruns a test file in a child process once per GEMM micro-kernel this CPU has, with
  * MLORA_GEMM_KERNEL forcing it (and MLORA_GEMM_CHILD=1, so the child skips this step).
  */
-export async function eachGemmKernel(t: Test, file: string): Promise<void> {
+export async function eachGemmKernel(t: Test, file: string, bf16Kernels = false): Promise<void> {
   const info = native().info();
   const have: Record<string, boolean> = { scalar: true, avx2: info.cpu.avx2, avx512: info.cpu.avx512f };
-  for (const kernel of ['scalar', 'avx2', 'avx512']) {
-    const skip = have[kernel] ? false : `this CPU does not have ${kernel}`;
-    await t.test(`MLORA_GEMM_KERNEL=${kernel}`, { skip }, async (t) => {
+  // bf16Kernels: also each bf16-compute kernel of the AVX-512 family (MLORA_GEMM_BF16_KERNEL)
+  const runs: Array<[string, Record<string, string>, string | false]> = [
+    ...['scalar', 'avx2', 'avx512'].map((k): [string, Record<string, string>, string | false] => [`MLORA_GEMM_KERNEL=${k}`, { MLORA_GEMM_KERNEL: k }, have[k] ? false : `this CPU does not have ${k}`]),
+    ...(bf16Kernels ? ([
+      ['MLORA_GEMM_BF16_KERNEL=avx512bf16', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'avx512bf16' }, info.cpu.avx512bf16 ? false : 'this CPU does not have AVX512_BF16'],
+      ['MLORA_GEMM_BF16_KERNEL=emu', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'emu' }, info.cpu.avx512f ? false : 'this CPU does not have avx512'],
+    ] as Array<[string, Record<string, string>, string | false]>) : []),
+  ];
+  for (const [label, vars, skip] of runs) {
+    await t.test(label, { skip }, async (t) => {
       const r = spawnSync(process.execPath, [file], {
-        env: { ...process.env, MLORA_GEMM_KERNEL: kernel, MLORA_GEMM_CHILD: '1' },
+        env: { ...process.env, ...vars, MLORA_GEMM_CHILD: '1' },
         encoding: 'utf8',
         timeout: 300_000,
       });
       const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
       const failed = /^\s*not ok/m.test(out);
       const passes = (out.match(/^\s*ok \d+/gm) ?? []).length;
-      t.ok(r.status === 0 && !failed && passes > 0, `${kernel}: child exited ${r.status}, ${passes} ok lines`, {
+      t.ok(r.status === 0 && !failed && passes > 0, `${label}: child exited ${r.status}, ${passes} ok lines`, {
         diagnostic: r.status !== 0 || failed,
         output: out.slice(-3000),
       });

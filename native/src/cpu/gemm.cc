@@ -81,9 +81,15 @@ struct GemmKernel {
   FmaPeak peak;
   PackPairs pairs = nullptr;  // set: panels hold bf16 pairs (the ukr reads ceil(kc/2) words per row)
   bool round_b = false;       // bf16 emulation: B values rounded to bf16 after packing
+  int kpad = 2;               // pairs kernels: k is zero-padded to a multiple of this (AMX tiles: 32)
 };
 
-constexpr int kMaxMR = 16, kMaxNR = 32;
+// Packed words per row of a sliver for a k block of kc values.
+inline int64_t packed_k(const GemmKernel& K, int64_t kc) {
+  return K.pairs ? (kc + K.kpad - 1) / K.kpad * K.kpad / 2 : kc;
+}
+
+constexpr int kMaxMR = 32, kMaxNR = 32;
 
 // ---------------------------------------------------------------------------------------
 // Portable parts
@@ -603,6 +609,113 @@ AVX512BF16_TARGET double peak_avx512bf16(int64_t iters) {
   (void)sink;
   return double(iters) * 24 * 32 * 2;
 }
+
+// AMX (TMUL): a 32×32 tile of C in four 16×16 f32 tile registers; per 32 k values two A tiles
+// (16 rows × 32 bf16) and two B tiles (16 k pairs × 16 columns) and four tdpbf16ps (16·16·32
+// multiply-adds each). B slivers are the bf16-pair layout of the vdpbf16ps kernel (a tile is
+// 16 pair rows of 64 bytes, stride 128); A slivers are row-major bf16, kp values per row.
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
+constexpr int AMX_MR = 32, AMX_NR = 32, AMX_KB = 32;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+AMX_TARGET inline void amx_configure() {
+  thread_local bool configured = false;  // tile configuration is per-thread CPU state
+  if (configured) return;
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+  configured = true;
+}
+
+// A sliver: dst[ii*kp + p] = bf16(op(A)[i0+ii, p0+p]), zero past kc and past im.
+AMX_TARGET void pack_a_amx(float* dst_f, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                           int64_t kc, int mr) {
+  uint16_t* dst = reinterpret_cast<uint16_t*>(dst_f);
+  const int64_t kp = (kc + AMX_KB - 1) / AMX_KB * AMX_KB;
+  std::memset(dst, 0, size_t(mr * kp) * 2);
+  for (int64_t ii = 0; ii < im; ii++) {
+    uint16_t* d = dst + ii * kp;
+    if (trans) {
+      for (int64_t p = 0; p < kc; p++) d[p] = f32_to_bf16(a[(p0 + p) * lda + i0 + ii]);
+      continue;
+    }
+    const float* s = a + (i0 + ii) * lda + p0;
+    int64_t p = 0;
+    for (; p + 32 <= kc; p += 32) {
+      __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p));
+      _mm512_storeu_si512(reinterpret_cast<__m512i*>(d + p), reinterpret_cast<__m512i&>(h));
+    }
+    for (; p < kc; p++) d[p] = f32_to_bf16(s[p]);
+  }
+}
+
+AMX_TARGET void ukr_amx_32x32(int64_t kc, const float* __restrict a_f, const float* __restrict b_f, float* c,
+                              int64_t ldc, float alpha, float beta) {
+  amx_configure();
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(a_f);
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(b_f);
+  const int64_t kp = (kc + AMX_KB - 1) / AMX_KB * AMX_KB;
+  const int64_t a_stride = kp * 2;  // bytes per A row
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k0 = 0; k0 < kp; k0 += AMX_KB) {
+    _tile_loadd(4, a + k0, a_stride);
+    _tile_loadd(5, a + 16 * kp + k0, a_stride);
+    const uint32_t* bk = b + (k0 / 2) * AMX_NR;
+    _tile_loadd(6, bk, AMX_NR * 4);
+    _tile_loadd(7, bk + 16, AMX_NR * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float acc[AMX_MR * AMX_NR];
+  _tile_stored(0, acc, AMX_NR * 4);
+  _tile_stored(1, acc + 16, AMX_NR * 4);
+  _tile_stored(2, acc + 16 * AMX_NR, AMX_NR * 4);
+  _tile_stored(3, acc + 16 * AMX_NR + 16, AMX_NR * 4);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int i = 0; i < AMX_MR; i++) {
+    float* ci = c + i * ldc;
+    for (int j = 0; j < AMX_NR; j += 16) {
+      __m512 r = _mm512_mul_ps(va, _mm512_load_ps(acc + i * AMX_NR + j));
+      if (beta != 0.f) r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + j), r);
+      _mm512_storeu_ps(ci + j, r);
+    }
+  }
+}
+
+AMX_TARGET double peak_amx(int64_t iters) {
+  amx_configure();
+  alignas(64) static const uint16_t ones[16 * 32] = {};  // zeros: throughput does not depend on values
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t n = std::max<int64_t>(1, iters / 64);  // one tdpbf16ps does 64× the work of a vdpbf16ps
+  for (int64_t t = 0; t < n; t++) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float out[16 * 16];
+  _tile_stored(0, out, 64);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(n) * 4 * 16 * 16 * 32 * 2;
+}
 #endif  // MLORA_X86
 
 // Blocking for AMD Zen 3 (L1d 32 KiB, L2 512 KiB per core, L3 32 MiB shared):
@@ -628,6 +741,9 @@ const GemmKernel kAvx512Bf16Emu{"avx512-12x32-bf16emu", Isa::Avx512, AVX512_MR, 
                                 ukr_avx512_12x32, pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr, true};
 const GemmKernel kAvx512Bf16{"avx512bf16-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 512, 4096, ukr_avx512bf16_12x32,
                              pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
+// AMX: A block 192×512 bf16 = 192 KiB; B sliver 256 pair rows × 32 = 32 KiB.
+const GemmKernel kAmxBf16{"amx-bf16-32x32", Isa::Avx512, AMX_MR, AMX_NR, 192, 512, 4096, ukr_amx_32x32,
+                          pack_a_amx, pack_b_avx2, peak_amx, pairs_avx512, false, AMX_KB};
 #endif
 
 const GemmKernel* choose_kernel() {
@@ -674,10 +790,20 @@ const GemmKernel& gemm_kernel() {
 
 // The bf16-compute kernel of the instruction set gemm_kernel() runs: vdpbf16ps where the CPU has
 // AVX512_BF16 (and the AVX-512 kernel is in use), else that kernel's emulation.
+// AMX tiles where the CPU has them and Linux grants them; MLORA_GEMM_BF16_KERNEL=amx|avx512bf16|emu
+// forces one (tests run each).
 const GemmKernel* choose_bf16_kernel() {
 #ifdef MLORA_X86
+  const CpuFeatures& f = cpu_features();
+  const bool dp = f.avx512bf16 && f.avx512bw;
+  const char* env = std::getenv("MLORA_GEMM_BF16_KERNEL");
+  const std::string want = env ? env : "";
   switch (gemm_kernel().isa) {
-    case Isa::Avx512: return cpu_features().avx512bf16 && cpu_features().avx512bw ? &kAvx512Bf16 : &kAvx512Bf16Emu;
+    case Isa::Avx512:
+      if (want == "emu") return &kAvx512Bf16Emu;
+      if (want == "avx512bf16" && dp) return &kAvx512Bf16;
+      if (want != "avx512bf16" && dp && amx_permitted()) return &kAmxBf16;
+      return dp ? &kAvx512Bf16 : &kAvx512Bf16Emu;
     case Isa::Avx2: return &kAvx2Bf16;
     default: break;
   }
@@ -734,6 +860,8 @@ void pack_b_quant(const GemmKernel& K, float* dst, WeightRef b, bool trans, int6
 void pack_b_sliver(const GemmKernel& K, float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
                    int64_t j0, int64_t jn, int nr, float* tmp) {
   const bool quantized = dtype_quantized(b.dtype);
+  const int64_t kw = packed_k(K, kc), kh = (kc + 1) / 2;  // words per column: padded, and holding k values
+  if (K.pairs && kw > kh) std::memset(dst + kh * nr, 0, size_t((kw - kh) * nr) * 4);
   if (K.pairs && b.dtype == DType::BF16 && trans && ldb % 2 == 0 && p0 % 2 == 0 && kc % 2 == 0) {
     // a row's (k, k+1) bf16 pair is one 32-bit word of the weight: transpose words as they are
     K.pack_b(dst, WeightRef{b.ptr, DType::F32}, true, ldb / 2, p0 / 2, kc / 2, j0, jn, nr);
@@ -795,12 +923,13 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     int64_t blocks = ceil_div(total, cap);
     return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
   };
-  const int64_t KCb = balanced(k, K.kc, 8), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
+  const int64_t KCb = balanced(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
   const int64_t kc_max = std::min(KCb, k);
   const int64_t nc_max = NCb;
   const int64_t mc_max = MCb;
-  const size_t b_floats = size_t(kc_max * nc_max);
-  const size_t a_floats = size_t((mc_max * kc_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
+  const int64_t kw_max = std::max(kc_max, packed_k(K, kc_max));  // AMX pads k to 32: may exceed kc
+  const size_t b_floats = size_t(kw_max * nc_max);
+  const size_t a_floats = size_t((mc_max * kw_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
   const bool quantized = dtype_quantized(b.dtype);
   const size_t q_floats = quantized || K.pairs ? size_t((2 * NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_sliver's tmp
   float* scratch = tls_scratch.get(b_floats + (a_floats + q_floats) * size_t(T));
@@ -816,7 +945,7 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     const int64_t n_slivers = ceil_div(nc, NR);
     for (int64_t pc = 0; pc < k; pc += KCb) {
       const int64_t kc = std::min(KCb, k - pc);
-      const int64_t kw = K.pairs ? (kc + 1) / 2 : kc;  // packed words per row of a sliver
+      const int64_t kw = packed_k(K, kc);  // packed words per row of a sliver
       const float beta_eff = pc == 0 ? beta : 1.f;
 
       // 1. pack the B panel (all threads, shared)
