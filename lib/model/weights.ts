@@ -108,7 +108,7 @@ export function freeStageWeights(w: StageWeights): void {
 }
 
 /** Bytes the base weights of a stage take on its device (as the allocator counts them), by part. */
-export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: LoadWeightsOptions = {}): { linears: number; other: number; linearFormat: string } {
+export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: LoadWeightsOptions = {}): { linears: number; other: number; linearFormat: string; floatFormat: DType } {
   const c = dir.config;
   const size = (d: DType) => (d === 'f32' || d === 'i32' ? 4 : 2);
   const fileDtype: DType = c.torchDtype === 'bfloat16' ? 'bf16' : c.torchDtype === 'float16' ? 'f16' : 'f32';
@@ -131,7 +131,7 @@ export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: Lo
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
   if (plan.last) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
-  return { linears, other: bytes, linearFormat: q ?? fd };
+  return { linears, other: bytes, linearFormat: q ?? fd, floatFormat: fd };
 }
 
 /** Bytes the base weights of a stage take on its device. */

@@ -136,8 +136,8 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   out(describeSplit(layout.plans, layout.devices));
   const baseFormat = { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) };
   const q = linearQuantization(dir, cfg.quantize);
-  out(`base: compute ${cfg.compute_dtype}; decoder linears ${q ? `${q}${dir.quantization ? ' (as saved by bitsandbytes)' : ' (quantized at load)'}` : stageWeightBreakdown(dir, layout.plans[0]!, baseFormat).linearFormat}` +
-      `; embeddings and LM head ${stageWeightBreakdown(dir, layout.plans[0]!, { computeDtype: cfg.compute_dtype }).linearFormat}, norms f32`);
+  const fmt0 = stageWeightBreakdown(dir, layout.plans[0]!, baseFormat);
+  out(`base: compute ${cfg.compute_dtype}; decoder linears ${q ? `${q}${dir.quantization ? ' (as saved by bitsandbytes)' : ' (quantized at load)'}` : fmt0.linearFormat}; embeddings and LM head ${fmt0.floatFormat}, norms f32`);
   const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
   const S = layout.plans.length;
   const per = cfg.pipeline.adapters_per_micro_batch ?? Math.max(1, Math.ceil(cfg.adapters.length / S));
