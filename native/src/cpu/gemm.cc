@@ -16,10 +16,12 @@
 // to force one for testing): AVX-512F 12×32, AVX2+FMA 6×16 and a portable 4×8 fallback.
 //
 // bf16 compute (WeightRef::bf16_compute): both operands are rounded to bf16 (nearest even),
-// products accumulate in f32. With AVX512_BF16 the panels are packed as bf16 pairs, one 32-bit
-// word per (k, k+1), and the 12×32 micro-kernel runs vdpbf16ps (two multiply-adds per lane per
-// instruction: twice the f32 FMA rate). Elsewhere the f32 kernels run on panels whose values are
-// rounded to bf16 while packing: the same products, so the same numbers up to summation order.
+// products accumulate in f32. B panels are packed as bf16 pairs, one 32-bit word per (k, k+1).
+// With AMX-BF16 a 32×32 micro-kernel runs tdpbf16ps on tiles (A row-major bf16); with
+// AVX512_BF16 alone a 12×32 micro-kernel runs vdpbf16ps (two multiply-adds per lane per
+// instruction; on some CPUs, e.g. the AMX ones, it issues at a quarter of the FMA rate, which is
+// why AMX comes first). Elsewhere the f32 kernels run on panels whose values are rounded to bf16
+// while packing: the same products, so the same numbers up to summation order.
 //
 // Quantized weights (nf4, nf4dq, int8) are dequantized while B is packed (pack_b_quant).
 // Function-level `target` attributes keep the rest of the binary plain x86-64.
