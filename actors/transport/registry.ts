@@ -2,6 +2,7 @@
 // holding its devices (name, kind, memory, threads) and whether each is claimed by a run. The
 // bucket's TTL is the lease: a host puts its record again every lease/3, so a host that died,
 // hangs or lost its link vanishes from the bucket within one lease.
+import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream';
 import { Kvm, type KV } from '@nats-io/kv';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Slab } from '../shm.js';
@@ -56,12 +57,21 @@ export function subjectToken(s: string): string {
   return s.replace(/[^A-Za-z0-9_-]/g, '_');
 }
 
-export async function listDevices(kv: KV): Promise<ClusterDevice[]> {
+const managers = new WeakMap<NatsConnection, JetStreamManager>();
+
+/**
+ * Every registered device, in host order. The keys come from one stream-info request (the
+ * subjects the bucket's stream holds), not from a key-listing consumer: that one can wait
+ * forever when records expire while it runs, and leases make records expire all the time.
+ */
+export async function listDevices(nc: NatsConnection, kv: KV): Promise<ClusterDevice[]> {
+  let jsm = managers.get(nc);
+  if (!jsm) managers.set(nc, (jsm = await jetstreamManager(nc)));
+  const prefix = `$KV.${BUCKET}.`;
+  const info = await jsm.streams.info(`KV_${BUCKET}`, { subjects_filter: `${prefix}>` });
+  const names = Object.keys(info.state.subjects ?? {}).map((k) => k.slice(prefix.length)).sort();
   const out: ClusterDevice[] = [];
-  const keys = await kv.keys();
-  const names: string[] = [];
-  for await (const k of keys) names.push(k);
-  for (const k of names.sort()) {
+  for (const k of names) {
     const e = await kv.get(k);
     if (!e || e.operation !== 'PUT' || !e.value.length) continue;
     const rec = e.json<HostRecord>();

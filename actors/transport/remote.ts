@@ -51,7 +51,7 @@ export class Cluster {
   }
 
   devices(): Promise<ClusterDevice[]> {
-    return listDevices(this.kv);
+    return listDevices(this.nc, this.kv);
   }
 
   /**
