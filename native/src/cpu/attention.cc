@@ -69,11 +69,11 @@ struct Problem {
 // tile's scores and their gradient (B×B), and the forward's output accumulators and running
 // max/sum of every query head of the group.
 struct Scratch {
-  std::vector<float> kt, vt, s, dp, o, m, l, rs;
+  std::vector<float> qt, kt, vt, s, dp, o, m, l, rs;
   Scratch(int64_t d, int64_t group, bool forward)
-      : kt(size_t(d * B)), vt(forward ? 0 : size_t(d * B)), s(size_t(B * B)), dp(forward ? 0 : size_t(B * B)),
-        o(forward ? size_t(group * B * d) : 0), m(forward ? size_t(group * B) : 0),
-        l(forward ? size_t(group * B) : 0), rs(size_t(B)) {}
+      : qt(forward ? size_t(group * d * B) : 0), kt(forward ? 0 : size_t(d * B)), vt(forward ? 0 : size_t(d * B)),
+        s(size_t(B * B)), dp(forward ? 0 : size_t(B * B)), o(forward ? size_t(group * B * d) : 0),
+        m(forward ? size_t(group * B) : 0), l(forward ? size_t(group * B) : 0), rs(size_t(B)) {}
 };
 
 // Does any query row of [i0, i0+nq) see any key of [j0, j0+nb)? (positions within one sequence)
@@ -88,15 +88,21 @@ inline void visible_keys(const Problem& P, int64_t i, int64_t j0, int64_t nb, in
   lo = P.window <= 0 ? 0 : std::max<int64_t>(0, i - P.window + 1 - j0);
 }
 
-// row[j] = value for the tile columns outside [lo, hi).
+// The queries i0+lo .. i0+hi-1 of a tile (hi <= B) that see key j.
+inline void visible_queries(const Problem& P, int64_t j, int64_t i0, int64_t& lo, int64_t& hi) {
+  lo = std::clamp<int64_t>(j - i0, 0, B);
+  hi = P.window <= 0 ? B : std::clamp<int64_t>(j + P.window - i0, 0, B);
+}
+
+// row[c] = value for the tile columns c outside [lo, hi) (all of them when lo >= hi).
 inline void mask_outside(float* row, int64_t lo, int64_t hi, float value) {
   std::fill(row, row + lo, value);
-  std::fill(row + hi, row + B, value);
+  std::fill(row + std::max(lo, hi), row + B, value);
 }
 
 // bt[c·B + jj] = x[row jj][c] for jj < nb, zero-padded to B columns.
-inline void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
-  for (int64_t jj = 0; jj < nb; jj++) {
+inline void pack_transposed_scalar(float* bt, const float* x, int64_t stride, int64_t j0, int64_t nb, int64_t d) {
+  for (int64_t jj = j0; jj < nb; jj++) {
     const float* src = x + jj * stride;
     for (int64_t c = 0; c < d; c++) bt[c * B + jj] = src[c];
   }
@@ -135,6 +141,10 @@ struct V {
   static float hmax(T x) { return x; }
   static float hsum(T x) { return x; }
   static T exp(T x) { return exp_approx(x); }
+  static T select_finite(T x) { return x == -std::numeric_limits<float>::infinity() ? 0.f : x; }
+  static void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
+    pack_transposed_scalar(bt, x, stride, 0, nb, d);
+  }
 };
 constexpr int MR = 4, NV = 4;
 #include "attention_tiles.inc"
@@ -190,6 +200,36 @@ struct V {
     const T y = _mm256_andnot_ps(under, mul(mul(p, s1), s2));
     return _mm256_blendv_ps(y, set1(std::numeric_limits<float>::infinity()), over);
   }
+  static TT T select_finite(T x) {
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), x);
+  }
+  // 8×8 blocks transposed in registers (d is a multiple of 8 on this path); the rows of a
+  // partial last block one by one.
+  static TT void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
+    int64_t jj = 0;
+    for (; jj + 8 <= nb; jj += 8)
+      for (int64_t c = 0; c < d; c += 8) {
+        T r[8];
+        for (int i = 0; i < 8; i++) r[i] = load(x + (jj + i) * stride + c);
+        transpose8(r);
+        for (int i = 0; i < 8; i++) store(bt + (c + i) * B + jj, r[i]);
+      }
+    pack_transposed_scalar(bt, x, stride, jj, nb, d);
+  }
+  static TT void transpose8(T* r) {
+    const T t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const T t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const T t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const T t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const T u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+  }
 };
 constexpr int MR = 6, NV = 2;
 #include "attention_tiles.inc"
@@ -218,10 +258,11 @@ struct V {
   static TT T max(T a, T b) { return _mm512_max_ps(a, b); }
   static TT float hmax(T x) { return _mm512_reduce_max_ps(x); }
   static TT float hsum(T x) { return _mm512_reduce_add_ps(x); }
-  // vmath.h's exp_approx, 16 lanes at a time (same reduction and polynomial, same limits).
+  // vmath.h's exp_approx, 16 lanes at a time (same reduction and polynomial), with the 2^n
+  // of the result applied by vscalefps, which saturates to 0 / inf by itself.
   static TT T exp(T x) {
     const T lo = set1(-87.33654475f), hi = set1(88.72283905f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     const T xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
     const T n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     T r = _mm512_fnmadd_ps(n, set1(0.693359375f), xc);
@@ -233,12 +274,14 @@ struct V {
     p = fmadd(p, r, set1(1.6666665459e-1f));
     p = fmadd(p, r, set1(5.0000001201e-1f));
     p = fmadd(mul(p, r), r, add(r, set1(1.f)));
-    const __m512i ni = _mm512_cvtps_epi32(n), n1 = _mm512_srai_epi32(ni, 1), n2 = _mm512_sub_epi32(ni, n1);
-    const __m512i bias = _mm512_set1_epi32(127);
-    const T s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23));
-    const T s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n2, bias), 23));
-    const T y = _mm512_maskz_mov_ps(__mmask16(~under), mul(mul(p, s1), s2));
-    return _mm512_mask_mov_ps(y, over, set1(std::numeric_limits<float>::infinity()));
+    const T y = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(__mmask16(~under), y);
+  }
+  static TT T select_finite(T x) {
+    return _mm512_maskz_mov_ps(__mmask16(~_mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ)), x);
+  }
+  static TT void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
+    avx2::V::pack_transposed(bt, x, stride, nb, d);
   }
 };
 constexpr int MR = 8, NV = 2;
