@@ -241,6 +241,7 @@ constexpr int MR = 6, NV = 2;
 // _mm512_undefined_ps, which its own -Wmaybe-uninitialized then reports.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace avx512 {
 #define TT __attribute__((target("avx512f,avx2,fma")))
 struct V {
