@@ -7,7 +7,8 @@
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
-import os from 'node:os';
+// --threads defaults to every core (os.availableParallelism()), as for `mlora train`.
+import os, { availableParallelism } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
@@ -91,7 +92,7 @@ function usage(): string {
 
 export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchOptions } | { error: string } | { help: true } {
   let scenario = '';
-  const opts: BenchOptions = { threads: 1, json: false, quick: false };
+  const opts: BenchOptions = { threads: availableParallelism(), json: false, quick: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = (): string => {
@@ -285,6 +286,16 @@ async function benchKernels(opts: BenchOptions) {
         `${r.ms.toFixed(2).padStart(8)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)} ${`${(100 * r.ofPeak).toFixed(0)}%`.padStart(8)}`,
     );
 
+  const attention = attentionRows(d, rng, opts, sgemm);
+  log('');
+  log(`attention (causal, ${M} tokens packed as ${M}/T sequences, ${heads} heads, ${kvHeads} kv heads; GFLOP/s of causal FLOPs: forward 4·M·(T/2)·heads·d, backward 2.5× that)`);
+  log(`${'T'.padStart(5)} ${'d'.padStart(4)} ${'fwd ms'.padStart(8)} ${'bwd ms'.padStart(8)} ${'fwd GF/s'.padStart(9)} ${'bwd GF/s'.padStart(9)} ${'fwd+bwd'.padStart(8)} ${'of sgemm'.padStart(9)}`);
+  for (const r of attention)
+    log(
+      `${String(r.seqLen).padStart(5)} ${String(r.headDim).padStart(4)} ${r.fwdMs.toFixed(2).padStart(8)} ${r.bwdMs.toFixed(2).padStart(8)} ` +
+        `${r.fwdGflops.toFixed(1).padStart(9)} ${r.bwdGflops.toFixed(1).padStart(9)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)}`,
+    );
+
   // ---- Time split of one full layer forward+backward by kernel family --------------------
   const split = layerSplit(d, rng, opts, log);
   return {
@@ -293,8 +304,50 @@ async function benchKernels(opts: BenchOptions) {
     model: BENCH_MODEL,
     ceilings: { fmaPeakGflops: peak, sgemm: { size: S, gflops: sgemm } },
     gemm: rows,
+    attention,
     layerSplit: split,
   };
+}
+
+interface AttentionRow {
+  seqLen: number;
+  headDim: number;
+  fwdMs: number;
+  bwdMs: number;
+  fwdGflops: number;
+  bwdGflops: number;
+  /** forward + backward together */
+  gflops: number;
+  ofSgemm: number;
+}
+
+/** attention_forward / attention_backward of the bench model's heads at sequence 256 and 512,
+ *  head dim 64 and 128, over the bench model's token count. */
+function attentionRows(d: Device, rng: Rng, opts: BenchOptions, sgemm: number): AttentionRow[] {
+  const { tokens: n, heads: hq, kvHeads: hkv } = BENCH_MODEL;
+  const reps = opts.quick ? 1 : 3;
+  const minMs = opts.quick ? 0 : 300;
+  const rows: AttentionRow[] = [];
+  for (const T of [256, 512])
+    for (const hd of [64, 128]) {
+      const owned: Tensor[] = [];
+      const f32 = (shape: number[]) => (owned.push(randomTensor(d, rng, 'f32', shape)), owned[owned.length - 1]!);
+      const buf = (shape: number[]) => (owned.push(d.alloc('f32', shape)), owned[owned.length - 1]!);
+      const q = f32([n, hq * hd]), k = f32([n, hkv * hd]), v = f32([n, hkv * hd]), dout = f32([n, hq * hd]);
+      const out = buf([n, hq * hd]), lse = buf([hq, n]);
+      const dq = buf([n, hq * hd]), dk = buf([n, hkv * hd]), dv = buf([n, hkv * hd]);
+      const nseq = n / T;
+      const cuSeqlens = d.fromArray('i32', [nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * T));
+      owned.push(cuSeqlens);
+      const common = { cuSeqlens, heads: hq, kvHeads: hkv };
+      const fwdMs = bestMs(() => d.runSync([{ op: 'attention_forward', out, lse, q, k, v, ...common }]), reps, minMs);
+      const bwdMs = bestMs(() => d.runSync([{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common }]), reps, minMs);
+      for (const t of owned) t.free();
+      const fwdFlops = 4 * n * (T / 2) * hq * hd, bwdFlops = 2.5 * fwdFlops;
+      const gflops = (fwdFlops + bwdFlops) / (fwdMs + bwdMs) / 1e6;
+      rows.push({ seqLen: T, headDim: hd, fwdMs, bwdMs, fwdGflops: fwdFlops / fwdMs / 1e6, bwdGflops: bwdFlops / bwdMs / 1e6, gflops, ofSgemm: gflops / sgemm });
+    }
+  return rows;
 }
 
 // ---------------------------------------------------------------------------------------------
