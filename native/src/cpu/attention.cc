@@ -178,9 +178,13 @@ struct V {
     m = _mm_add_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
   }
-  // vmath.h's exp_approx, 8 lanes at a time (same reduction and polynomial, same limits).
+  // vmath.h's exp_approx, 8 lanes at a time (same reduction and polynomial), except that
+  // results below e^-80 (~2e-35) are flushed to 0 rather than computed: near e^-87 the
+  // product p·2^n is denormal, and every denormal result costs a microcode assist (masked
+  // scores, exp(−inf), are exactly that case). A softmax term that small is invisible next to
+  // the row's largest, exp(0) = 1.
   static TT T exp(T x) {
-    const T lo = set1(-87.33654475f), hi = set1(88.72283905f);
+    const T lo = set1(-80.f), hi = set1(88.72283905f);
     const T under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
     const T xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
     const T n = _mm256_round_ps(_mm256_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -259,10 +263,10 @@ struct V {
   static TT T max(T a, T b) { return _mm512_max_ps(a, b); }
   static TT float hmax(T x) { return _mm512_reduce_max_ps(x); }
   static TT float hsum(T x) { return _mm512_reduce_add_ps(x); }
-  // vmath.h's exp_approx, 16 lanes at a time (same reduction and polynomial), with the 2^n
-  // of the result applied by vscalefps, which saturates to 0 / inf by itself.
+  // As avx2::V::exp (results below e^-80 flushed to 0), with the 2^n of the result applied
+  // by vscalefps, which saturates to inf by itself.
   static TT T exp(T x) {
-    const T lo = set1(-87.33654475f), hi = set1(88.72283905f);
+    const T lo = set1(-80.f), hi = set1(88.72283905f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     const T xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
     const T n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
