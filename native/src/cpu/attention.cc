@@ -88,6 +88,13 @@ inline void visible_keys(const Problem& P, int64_t i, int64_t j0, int64_t nb, in
   lo = P.window <= 0 ? 0 : std::max<int64_t>(0, i - P.window + 1 - j0);
 }
 
+// The first key tile that the query tile starting at i0 sees (its diagonal tile at the latest).
+inline int64_t first_key_tile(const Problem& P, int64_t i0) {
+  if (P.window <= 0) return 0;
+  const int64_t oldest = std::max<int64_t>(0, i0 - P.window + 1);  // the oldest key row i0 sees
+  return oldest / B;
+}
+
 // The queries i0+lo .. i0+hi-1 of a tile (hi <= B) that see key j.
 inline void visible_queries(const Problem& P, int64_t j, int64_t i0, int64_t& lo, int64_t& hi) {
   lo = std::clamp<int64_t>(j - i0, 0, B);
@@ -382,6 +389,7 @@ void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* 
       for (int64_t h = 0; h < hq; h++) {
         const float *a = dout + (row * hq + h) * d, *b = out + (row * hq + h) * d;
         float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
         for (int64_t c = 0; c < d; c++) acc += a[c] * b[c];
         delta[size_t(h * n + row)] = acc;
       }
