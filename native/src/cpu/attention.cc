@@ -41,13 +41,7 @@
 #include <vector>
 
 #include "../kernels.h"
-#include "cpu_features.h"
-#include "vmath.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define MLORA_ATTN_X86 1
-#endif
+#include "simd.h"
 
 namespace mlora::cpu {
 
@@ -107,16 +101,6 @@ inline void mask_outside(float* row, int64_t lo, int64_t hi, float value) {
   std::fill(row + std::max(lo, hi), row + B, value);
 }
 
-// bt[c·B + jj] = x[row jj][c] for jj < nb, zero-padded to B columns.
-inline void pack_transposed_scalar(float* bt, const float* x, int64_t stride, int64_t j0, int64_t nb, int64_t d) {
-  for (int64_t jj = j0; jj < nb; jj++) {
-    const float* src = x + jj * stride;
-    for (int64_t c = 0; c < d; c++) bt[c * B + jj] = src[c];
-  }
-  if (nb < B)
-    for (int64_t c = 0; c < d; c++) std::fill(bt + c * B + nb, bt + (c + 1) * B, 0.f);
-}
-
 inline void zero_rows(float* base, int64_t stride, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; r++) std::fill(base + r * stride, base + r * stride + d, 0.f);
 }
@@ -129,195 +113,43 @@ struct Kernels {
   void (*dq_block)(const Problem&, Scratch&, int64_t r0, int64_t T, int64_t h, int64_t ib);
 };
 
-// ---- portable: plain floats, 4×4 micro-tiles (the compiler may still vectorise).
+}  // namespace
+
+// ---- the tile code, once per instruction set (simd.h has the vector types and tile GEMMs).
+namespace simd {
+namespace {
 namespace portable {
-#define TT
-struct V {
-  using T = float;
-  static constexpr int W = 1;
-  static T zero() { return 0.f; }
-  static T set1(float x) { return x; }
-  static T load(const float* p) { return *p; }
-  static void store(float* p, T x) { *p = x; }
-  static T bcast(const float* p) { return *p; }
-  static T fmadd(T a, T b, T c) { return a * b + c; }
-  static T mul(T a, T b) { return a * b; }
-  static T add(T a, T b) { return a + b; }
-  static T sub(T a, T b) { return a - b; }
-  static T max(T a, T b) { return std::max(a, b); }
-  static float hmax(T x) { return x; }
-  static float hsum(T x) { return x; }
-  static T exp(T x) { return exp_approx(x); }
-  static T select_finite(T x) { return x == -std::numeric_limits<float>::infinity() ? 0.f : x; }
-  static void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
-    pack_transposed_scalar(bt, x, stride, 0, nb, d);
-  }
-};
-constexpr int MR = 4, NV = 4;
+#define TT MLORA_TT_PORTABLE
 #include "attention_tiles.inc"
 #undef TT
 }  // namespace portable
-
-#ifdef MLORA_ATTN_X86
-// ---- AVX2 + FMA: 6×16 micro-tiles (12 of the 16 ymm registers accumulate).
+#ifdef MLORA_SIMD_X86
 namespace avx2 {
-#define TT __attribute__((target("avx2,fma")))
-struct V {
-  using T = __m256;
-  static constexpr int W = 8;
-  static TT T zero() { return _mm256_setzero_ps(); }
-  static TT T set1(float x) { return _mm256_set1_ps(x); }
-  static TT T load(const float* p) { return _mm256_loadu_ps(p); }
-  static TT void store(float* p, T x) { _mm256_storeu_ps(p, x); }
-  static TT T bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static TT T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
-  static TT T mul(T a, T b) { return _mm256_mul_ps(a, b); }
-  static TT T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static TT T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static TT T max(T a, T b) { return _mm256_max_ps(a, b); }
-  static TT float hmax(T x) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
-  }
-  static TT float hsum(T x) {
-    __m128 m = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-    m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps(m, m, 1)));
-  }
-  // vmath.h's exp_approx, 8 lanes at a time (same reduction and polynomial), except that
-  // results below e^-80 (~2e-35) are flushed to 0 rather than computed: near e^-87 the
-  // product p·2^n is denormal, and every denormal result costs a microcode assist (masked
-  // scores, exp(−inf), are exactly that case). A softmax term that small is invisible next to
-  // the row's largest, exp(0) = 1.
-  static TT T exp(T x) {
-    const T lo = set1(-80.f), hi = set1(88.72283905f);
-    const T under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-    const T xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
-    const T n = _mm256_round_ps(_mm256_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm256_fnmadd_ps(n, set1(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    T p = set1(1.9875691500e-4f);
-    p = fmadd(p, r, set1(1.3981999507e-3f));
-    p = fmadd(p, r, set1(8.3334519073e-3f));
-    p = fmadd(p, r, set1(4.1665795894e-2f));
-    p = fmadd(p, r, set1(1.6666665459e-1f));
-    p = fmadd(p, r, set1(5.0000001201e-1f));
-    p = fmadd(mul(p, r), r, add(r, set1(1.f)));
-    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
-    const __m256i bias = _mm256_set1_epi32(127);
-    const T s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-    const T s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-    const T y = _mm256_andnot_ps(under, mul(mul(p, s1), s2));
-    return _mm256_blendv_ps(y, set1(std::numeric_limits<float>::infinity()), over);
-  }
-  static TT T select_finite(T x) {
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ), x);
-  }
-  // 8×8 blocks transposed in registers (d is a multiple of 8 on this path); the rows of a
-  // partial last block one by one.
-  static TT void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
-    int64_t jj = 0;
-    for (; jj + 8 <= nb; jj += 8)
-      for (int64_t c = 0; c < d; c += 8) {
-        T r[8];
-        for (int i = 0; i < 8; i++) r[i] = load(x + (jj + i) * stride + c);
-        transpose8(r);
-        for (int i = 0; i < 8; i++) store(bt + (c + i) * B + jj, r[i]);
-      }
-    pack_transposed_scalar(bt, x, stride, jj, nb, d);
-  }
-  static TT void transpose8(T* r) {
-    const T t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const T t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const T t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const T t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const T u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-  }
-};
-constexpr int MR = 6, NV = 2;
+#define TT MLORA_TT_AVX2
 #include "attention_tiles.inc"
 #undef TT
 }  // namespace avx2
-
-// ---- AVX-512F: 8×32 micro-tiles (16 zmm accumulators).
-// GCC 12's avx512fintrin.h builds several intrinsics (max, min, shifts, conversions) on
-// _mm512_undefined_ps, which its own -Wmaybe-uninitialized then reports.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
+MLORA_SIMD_AVX512_WARNINGS_OFF
 namespace avx512 {
-#define TT __attribute__((target("avx512f,avx2,fma")))
-struct V {
-  using T = __m512;
-  static constexpr int W = 16;
-  static TT T zero() { return _mm512_setzero_ps(); }
-  static TT T set1(float x) { return _mm512_set1_ps(x); }
-  static TT T load(const float* p) { return _mm512_loadu_ps(p); }
-  static TT void store(float* p, T x) { _mm512_storeu_ps(p, x); }
-  static TT T bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static TT T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
-  static TT T mul(T a, T b) { return _mm512_mul_ps(a, b); }
-  static TT T add(T a, T b) { return _mm512_add_ps(a, b); }
-  static TT T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  static TT T max(T a, T b) { return _mm512_max_ps(a, b); }
-  static TT float hmax(T x) { return _mm512_reduce_max_ps(x); }
-  static TT float hsum(T x) { return _mm512_reduce_add_ps(x); }
-  // As avx2::V::exp (results below e^-80 flushed to 0), with the 2^n of the result applied
-  // by vscalefps, which saturates to inf by itself.
-  static TT T exp(T x) {
-    const T lo = set1(-80.f), hi = set1(88.72283905f);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    const T xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
-    const T n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    T r = _mm512_fnmadd_ps(n, set1(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
-    T p = set1(1.9875691500e-4f);
-    p = fmadd(p, r, set1(1.3981999507e-3f));
-    p = fmadd(p, r, set1(8.3334519073e-3f));
-    p = fmadd(p, r, set1(4.1665795894e-2f));
-    p = fmadd(p, r, set1(1.6666665459e-1f));
-    p = fmadd(p, r, set1(5.0000001201e-1f));
-    p = fmadd(mul(p, r), r, add(r, set1(1.f)));
-    const T y = _mm512_scalef_ps(p, n);
-    return _mm512_maskz_mov_ps(__mmask16(~under), y);
-  }
-  static TT T select_finite(T x) {
-    return _mm512_maskz_mov_ps(__mmask16(~_mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ)), x);
-  }
-  static TT void pack_transposed(float* bt, const float* x, int64_t stride, int64_t nb, int64_t d) {
-    avx2::V::pack_transposed(bt, x, stride, nb, d);
-  }
-};
-constexpr int MR = 8, NV = 2;
+#define TT MLORA_TT_AVX512
 #include "attention_tiles.inc"
 #undef TT
 }  // namespace avx512
-#pragma GCC diagnostic pop
+MLORA_SIMD_AVX512_WARNINGS_ON
 #endif
+}  // namespace
+}  // namespace simd
 
-// The widest path this CPU has whose vector width divides the head dim, unless
-// MLORA_GEMM_KERNEL (read at each call) asks for a narrower one.
+namespace {
+
 const Kernels& pick_kernels(int64_t d) {
-#ifdef MLORA_ATTN_X86
-  const CpuFeatures& f = cpu_features();
-  const char* env = std::getenv("MLORA_GEMM_KERNEL");
-  const std::string want = env ? env : "";
-  if (want == "scalar") return portable::kernels;
-  const bool has_avx2 = f.avx2 && f.fma, has_avx512 = has_avx2 && f.avx512f && want != "avx2";
-  if (has_avx512 && d % avx512::V::W == 0) return avx512::kernels;
-  if (has_avx2 && d % avx2::V::W == 0) return avx2::kernels;
-#else
-  (void)d;
+  switch (simd::pick_isa({d})) {
+#ifdef MLORA_SIMD_X86
+    case simd::Isa::Avx512: return simd::avx512::kernels;
+    case simd::Isa::Avx2: return simd::avx2::kernels;
 #endif
-  return portable::kernels;
+    default: return simd::portable::kernels;
+  }
 }
 
 // Runs on the calling thread before any worker starts, so the Error reaches JavaScript.
