@@ -3,6 +3,7 @@
 // (with the dropout mask read back from the kernel and checked on its own), finite differences
 // of the kernel itself, a loop of single-segment calls, += semantics, and argument checks.
 import t from 'tap';
+import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn } from '../helpers.js';
@@ -164,6 +165,57 @@ for (const dropout of [false, true]) {
     const uncovered = [10, 11, 12, 37, 38, 39];
     t.ok(uncovered.every((r) => yv.subarray(r * OUT, r * OUT + OUT).every((v, j) => v === y0[r * OUT + j])), 'uncovered rows of y unchanged');
     t.ok(uncovered.every((r) => dxv.subarray(r * IN, r * IN + IN).every((v, j) => v === dx0[r * IN + j])), 'uncovered rows of dx unchanged');
+  });
+}
+
+// The kernel runs AVX-512, AVX2 or portable tile code (the widest whose vector width divides in
+// and out, unless MLORA_GEMM_KERNEL asks for a narrower one; read at each call). Every path this
+// CPU has, on widths that all paths accept, ranks below, at and above one vector (padded xa
+// rows), segments longer than one row block, dropout on; 1 and 2 threads bitwise equal.
+const cpuInfo = native().info().cpu;
+for (const [kernel, have] of [['scalar', true], ['avx2', cpuInfo.avx2], ['avx512', cpuInfo.avx512f]] as const) {
+  t.test(`MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`, { skip: have ? false : `this CPU has no ${kernel}` }, async (t) => {
+    const inDim = 48, outDim = 32, rows = 230;
+    const specs: Spec[] = [
+      { rowStart: 0, rowEnd: 70, r: 16, scale: 2.0, dropout: 0.1, seed: 5, position: 300 },
+      { rowStart: 75, rowEnd: 150, r: 5, scale: 0.5, dropout: 0, seed: 0, position: 0 },
+      { rowStart: 150, rowEnd: 229, r: 20, scale: 0.25, dropout: 0.3, seed: 9, position: 12 },
+    ];
+    const rng = new Rng(36, 'lora-path', kernel);
+    const ads = adapters(rng, specs, true, inDim, outDim);
+    const ms = masks(ads, inDim);
+    const x = randn(rng, rows * inDim), y0 = randn(rng, rows * outDim), dy = randn(rng, rows * outDim), dx0 = randn(rng, rows * inDim);
+    const da0 = ads.map((s) => randn(rng, s.r * inDim)), db0 = ads.map((s) => randn(rng, outDim * s.r));
+    const ref = reference(ads, ms, x, y0, dy, dx0, inDim, outDim);
+    // Sums of up to 48 (forward) or 79 (dA, dB: over a segment's rows) float products of O(1)
+    // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
+    const tol = { atol: 5e-5, rtol: 5e-5 };
+    const results: Float32Array[][] = [];
+    process.env.MLORA_GEMM_KERNEL = kernel;
+    try {
+      for (const threads of [1, 2]) {
+        const dev = cpuDevice(threads);
+        const bound = bind(dev, ads, da0, db0, inDim, outDim);
+        const xt = f32(dev, [rows, inDim], x), y = f32(dev, [rows, outDim], y0), dx = f32(dev, [rows, inDim], dx0);
+        const segments = bound.map((b) => b.seg) as never;
+        await dev.run([
+          { op: 'lora_forward', y, x: xt, segments },
+          { op: 'lora_backward', dx, dy: f32(dev, [rows, outDim], dy), x: xt, segments },
+        ]);
+        const at = `(${threads} thread(s))`;
+        assertClose(t, read(y), ref.y, tol, `y ${at}`);
+        assertClose(t, read(dx), ref.dx, tol, `dx ${at}`);
+        bound.forEach((b, k) => {
+          assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`);
+          assertClose(t, read(b.da), ref.das[k]!.map((v, i) => v + da0[k]![i]!), tol, `dA of adapter ${k} ${at}`);
+          assertClose(t, read(b.db), ref.dbs[k]!.map((v, i) => v + db0[k]![i]!), tol, `dB of adapter ${k} ${at}`);
+        });
+        results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
+      }
+    } finally {
+      delete process.env.MLORA_GEMM_KERNEL;
+    }
+    results[1]!.forEach((arr, i) => assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`));
   });
 }
 

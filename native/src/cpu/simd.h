@@ -2,7 +2,8 @@
 // and compiled per instruction set (attention.cc, lora.cc). Each of the namespaces
 // simd::portable, simd::avx2 and simd::avx512 defines
 //   V       the vector type's operations (V::W floats per vector),
-//   MR, NV  the micro-tile: MR rows × NV vectors of the output held in registers,
+//   MR, NV  the micro-tile: MR rows × NV vectors of the output held in registers (MR1 rows
+//           when the output is one vector wide),
 // and tile_gemm.inc's micro-tiles and tile_gemm compiled for it. A kernel file then reopens a
 // namespace, defines TT as MLORA_TT_<ISA> and includes its own tile code, which is compiled
 // with that instruction set (function-level target attributes: the rest of the binary stays
@@ -71,7 +72,7 @@ struct V {
     pack_transposed_scalar(bt, ldb, x, stride, 0, nb, d);
   }
 };
-constexpr int MR = 4, NV = 4;
+constexpr int MR = 4, NV = 4, MR1 = 4;
 #include "tile_gemm.inc"
 #undef TT
 }  // namespace portable
@@ -160,7 +161,7 @@ struct V {
     r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
   }
 };
-constexpr int MR = 6, NV = 2;
+constexpr int MR = 6, NV = 2, MR1 = 12;
 #include "tile_gemm.inc"
 #undef TT
 }  // namespace avx2
@@ -210,7 +211,7 @@ struct V {
     avx2::V::pack_transposed(bt, ldb, x, stride, nb, d);
   }
 };
-constexpr int MR = 8, NV = 2;
+constexpr int MR = 8, NV = 2, MR1 = 12;
 #include "tile_gemm.inc"
 #undef TT
 }  // namespace avx512
