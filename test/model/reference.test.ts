@@ -15,7 +15,7 @@ import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { cpuDevice, assertClose } from '../helpers.js';
+import { cpuDevice, assertClose } from '../support/helpers.js';
 import { readFileSync } from 'node:fs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
