@@ -92,8 +92,9 @@ export type Op =
   | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number }
   /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
   | { op: 'fma_peak'; out: Tensor; iterations?: number }
-  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean }
-  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean }
+  /** With `segments`: the projection's LoRA in the same call (as lora_forward; backward also needs x). */
+  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; segments?: LoraSegmentArg[] }
+  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; x?: Tensor; segments?: LoraSegmentArg[] }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }
   | { op: 'embedding_backward'; dtable: Tensor; dy: Tensor; ids: Tensor }
   | { op: 'rmsnorm_forward'; y: Tensor; rstd: Tensor; x: Tensor; w: Tensor; eps: number }

@@ -298,6 +298,7 @@ async function benchKernels(opts: BenchOptions) {
 
   // ---- Time split of one full layer forward+backward by kernel family --------------------
   const split = layerSplit(d, rng, opts, log);
+  const loraCost = loraOverhead(d, rng, opts, log);
   return {
     scenario: 'kernels',
     machine: { cpu: cpuModel(), hardwareThreads: os.cpus().length, deviceThreads: opts.threads, gemmKernel: info.cpu.gemmKernel },
@@ -306,6 +307,7 @@ async function benchKernels(opts: BenchOptions) {
     gemm: rows,
     attention,
     layerSplit: split,
+    loraOverhead: loraCost,
   };
 }
 
@@ -364,11 +366,21 @@ function family(op: string): string {
   return op.replace(/_(forward|backward)$/, '');
 }
 
+/** Which projections get LoRA in layerProgram, for how many adapters (equal row shares). */
+export interface LayerLora {
+  modules: ReadonlyArray<'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down'>;
+  adapters: number;
+  rank: number;
+}
+
+/** The split's default: rank 16 on q/k/v/o for 2 adapters. */
+const SPLIT_LORA: LayerLora = { modules: ['q', 'k', 'v', 'o'], adapters: 2, rank: 16 };
+
 /** The ops of one layer forward+backward over freshly allocated tensors (all listed in `owned`). */
-export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: Op[]; description: string } {
+export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLora = SPLIT_LORA): { program: Op[]; description: string } {
   const { hidden: H, intermediate: I, tokens: T, heads, kvHeads, headDim: hd } = BENCH_MODEL;
   const nseq = 4;
-  const rank = 16;
+  const { rank, adapters } = lora;
   const maxPos = T / nseq;
   const f32 = (shape: number[], std = 1) => {
     const t = randomTensor(d, rng, 'f32', shape, std);
@@ -407,20 +419,26 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: O
     cosT.write(c);
     sinT.write(s);
   }
-  // LoRA segments for one projection [in → out]: 2 adapters, half the rows each.
+  // LoRA segments for one projection [in → out]: `adapters` adapters, equal shares of the rows.
   const segments = (inF: number, outF: number) =>
-    [0, 1].map((s) => ({
-      rowStart: (s * T) / 2,
-      rowEnd: ((s + 1) * T) / 2,
+    Array.from({ length: adapters }, (_, s) => ({
+      rowStart: Math.floor((s * T) / adapters),
+      rowEnd: Math.floor(((s + 1) * T) / adapters),
       a: f32([rank, inF], 0.05),
       b: f32([outF, rank], 0.05),
       scale: 2,
-      xa: buf([T / 2, rank]),
+      xa: buf([Math.floor(((s + 1) * T) / adapters) - Math.floor((s * T) / adapters), rank]),
       da: buf([rank, inF]),
       db: buf([outF, rank]),
     }));
-  const segQ = segments(H, heads * hd), segK = segments(H, kvHeads * hd), segV = segments(H, kvHeads * hd);
-  const segO = segments(heads * hd, H);
+  type Module = LayerLora['modules'][number];
+  const seg = (m: Module, inF: number, outF: number) => (lora.modules.includes(m) ? segments(inF, outF) : []);
+  const segQ = seg('q', H, heads * hd), segK = seg('k', H, kvHeads * hd), segV = seg('v', H, kvHeads * hd);
+  const segO = seg('o', heads * hd, H), segG = seg('gate', H, I), segU = seg('up', H, I), segD = seg('down', I, H);
+  // The LoRA op of a projection, or nothing where it has no adapter.
+  const fwd = (y: Tensor, xx: Tensor, segs: typeof segQ): Op[] => (segs.length ? [{ op: 'lora_forward', y, x: xx, segments: segs }] : []);
+  const bwd = (dxx: Tensor, dy: Tensor, xx: Tensor, segs: typeof segQ): Op[] =>
+    segs.length ? [{ op: 'lora_backward', dx: dxx, dy, x: xx, segments: segs }] : [];
 
   const rstd1 = buf([T]), rstd2 = buf([T]);
   const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
@@ -437,48 +455,91 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: O
     // forward
     { op: 'rmsnorm_forward', y: h1, rstd: rstd1, x, w: wNorm1, eps: 1e-5 },
     { op: 'linear_forward', y: q, x: h1, w: Wq },
-    { op: 'lora_forward', y: q, x: h1, segments: segQ },
+    ...fwd(q, h1, segQ),
     { op: 'linear_forward', y: k, x: h1, w: Wk },
-    { op: 'lora_forward', y: k, x: h1, segments: segK },
+    ...fwd(k, h1, segK),
     { op: 'linear_forward', y: v, x: h1, w: Wv },
-    { op: 'lora_forward', y: v, x: h1, segments: segV },
+    ...fwd(v, h1, segV),
     { op: 'rope_forward', y: qr, x: q, pos, cos: cosT, sin: sinT, heads },
     { op: 'rope_forward', y: kr, x: k, pos, cos: cosT, sin: sinT, heads: kvHeads },
     { op: 'attention_forward', out: att, lse, q: qr, k: kr, v, cuSeqlens: cu, heads, kvHeads },
     { op: 'copy', y: x1, x },
     { op: 'linear_forward', y: x1, x: att, w: Wo, accumulate: true },
-    { op: 'lora_forward', y: x1, x: att, segments: segO },
+    ...fwd(x1, att, segO),
     { op: 'rmsnorm_forward', y: h2, rstd: rstd2, x: x1, w: wNorm2, eps: 1e-5 },
     { op: 'linear_forward', y: gate, x: h2, w: Wg },
+    ...fwd(gate, h2, segG),
     { op: 'linear_forward', y: up, x: h2, w: Wu },
+    ...fwd(up, h2, segU),
     { op: 'swiglu_forward', h: hm, gate, up },
     { op: 'copy', y: x2, x: x1 },
     { op: 'linear_forward', y: x2, x: hm, w: Wd, accumulate: true },
+    ...fwd(x2, hm, segD),
     // backward (dx2 given)
     { op: 'copy', y: dx1, x: dx2 },
     { op: 'linear_backward', dx: dhm, dy: dx2, w: Wd },
+    ...bwd(dhm, dx2, hm, segD),
     { op: 'swiglu_backward', dgate, dup, dh: dhm, gate, up },
     { op: 'linear_backward', dx: dh2, dy: dgate, w: Wg },
+    ...bwd(dh2, dgate, h2, segG),
     { op: 'linear_backward', dx: dh2, dy: dup, w: Wu, accumulate: true },
+    ...bwd(dh2, dup, h2, segU),
     { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
     { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
-    { op: 'lora_backward', dx: datt, dy: dx1, x: att, segments: segO },
+    ...bwd(datt, dx1, att, segO),
     { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
     { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
     { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
     { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
-    { op: 'lora_backward', dx: dh1, dy: dq, x: h1, segments: segQ },
+    ...bwd(dh1, dq, h1, segQ),
     { op: 'linear_backward', dx: dh1, dy: dk, w: Wk, accumulate: true },
-    { op: 'lora_backward', dx: dh1, dy: dk, x: h1, segments: segK },
+    ...bwd(dh1, dk, h1, segK),
     { op: 'linear_backward', dx: dh1, dy: dv, w: Wv, accumulate: true },
-    { op: 'lora_backward', dx: dh1, dy: dv, x: h1, segments: segV },
+    ...bwd(dh1, dv, h1, segV),
     { op: 'copy', y: dx0, x: dx1 },
     { op: 'rmsnorm_backward', dx: dx0, dy: dh1, x, w: wNorm1, rstd: rstd1, dw: dwNorm1, accumulate: true },
   ];
   return {
     program,
-    description: `${T} tokens (${nseq} sequences of ${maxPos}), LoRA rank ${rank} on q/k/v/o for 2 adapters`,
+    description: `${T} tokens (${nseq} sequences of ${maxPos}), ` +
+      (lora.modules.length ? `LoRA rank ${rank} on ${lora.modules.join('/')} for ${adapters} adapter${adapters > 1 ? 's' : ''}` : 'no LoRA'),
   };
+}
+
+/** One layer forward+backward with LoRA (rank 16, all 7 projections, 4 adapters) against the
+ *  same layer without: the whole program timed as one run, best of alternating repetitions. */
+function loraOverhead(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
+  const variants: Array<[string, LayerLora]> = [
+    ['no LoRA', { modules: [], adapters: 1, rank: 16 }],
+    ['LoRA r16 ×4 adapters, 7 modules', { modules: ['q', 'k', 'v', 'o', 'gate', 'up', 'down'], adapters: 4, rank: 16 }],
+  ];
+  const owned: Tensor[] = [];
+  try {
+    const programs = variants.map(([, l]) => layerProgram(d, rng, owned, l).program);
+    for (const p of programs) d.runSync(p);
+    const best = programs.map(() => Infinity);
+    for (let r = 0; r < (opts.quick ? 1 : 5); r++)
+      programs.forEach((p, i) => {
+        const t0 = performance.now();
+        d.runSync(p);
+        best[i] = Math.min(best[i]!, performance.now() - t0);
+      });
+    // The LoRA ops' own share of the LoRA layer, timed one by one.
+    const loraOps = programs[1]!.filter((op) => op.op.startsWith('lora_'));
+    let loraMs = 0;
+    for (const op of loraOps) loraMs += bestMs(() => d.runSync([op]), opts.quick ? 1 : 3, 0);
+    const ratio = best[1]! / best[0]!;
+    log('');
+    log('LoRA overhead of one layer forward+backward (bench model, 2048 tokens)');
+    variants.forEach(([name], i) => log(`  ${name.padEnd(34)} ${best[i]!.toFixed(1).padStart(8)} ms`));
+    log(`  ratio ${ratio.toFixed(3)}×; the ${loraOps.length} lora ops alone ${loraMs.toFixed(1)} ms`);
+    return { noLoraMs: best[0], loraMs: best[1], ratio, loraOpsMs: loraMs };
+  } catch (e) {
+    log(`  (LoRA overhead failed: ${(e as Error).message})`);
+    return { error: (e as Error).message };
+  } finally {
+    for (const t of owned) if (!t.freed) t.free();
+  }
 }
 
 function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {

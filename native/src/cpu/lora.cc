@@ -43,6 +43,7 @@
 
 #include "../core/dropout_hash.h"
 #include "../kernels.h"
+#include "gemm_epilogue.h"
 #include "simd.h"
 
 namespace mlora::cpu {
@@ -97,12 +98,34 @@ void mask_rows(float* dst, const float* src, int64_t rows, int64_t in, const Lor
   }
 }
 
+// The largest GEMM tile an epilogue sees (gemm.cc's micro-tiles are at most 16×32).
+constexpr int64_t kTileFloats = 16 * 32;
+
+// c[i, :] += D(row row0+i of the segment, columns j0..j0+n) ∘ tmp[i, :], rows [0, rows).
+void mask_tile_add(float* c, int64_t ldc, const float* tmp, int64_t rows, int64_t n, int64_t j0, const LoraSegment& s,
+                   int64_t row0) {
+  for (int64_t i = 0; i < rows; i++) {
+    float* ci = c + i * ldc;
+    const float* ti = tmp + i * n;
+    const uint64_t rowkey = dropout_rowkey(s.seed, s.position + row0 + i);
+    for (int64_t j = 0; j < n; j++) {
+      const uint64_t z = dropout_pair(rowkey, j0 + j);
+      const uint32_t u = ((j0 + j) & 1) ? uint32_t(z >> 32) : uint32_t(z);
+      ci[j] += (u < dropout_threshold(s.dropout) ? 0.f : dropout_keep_scale(s.dropout)) * ti[j];
+    }
+  }
+}
+
 struct LoraKernels {
+  float* (*shrink_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
   void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
   void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
+  void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
+                   int64_t n, float* c, int64_t ldc);
+  int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
 };
 
 }  // namespace
@@ -133,18 +156,13 @@ MLORA_SIMD_AVX512_WARNINGS_ON
 
 namespace {
 
-struct Picked {
-  const LoraKernels* k;
-  int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
-};
-
-Picked pick(int64_t in, int64_t out) {
+const LoraKernels& pick_isa(int64_t in, int64_t out) {
   switch (simd::pick_isa({in, out})) {
 #ifdef MLORA_SIMD_X86
-    case simd::Isa::Avx512: return {&simd::avx512::kernels, simd::avx512::V::W};
-    case simd::Isa::Avx2: return {&simd::avx2::kernels, simd::avx2::V::W};
+    case simd::Isa::Avx512: return simd::avx512::kernels;
+    case simd::Isa::Avx2: return simd::avx2::kernels;
 #endif
-    default: return {&simd::portable::kernels, simd::portable::V::W};
+    default: return simd::portable::kernels;
   }
 }
 
@@ -169,23 +187,19 @@ std::vector<Item> row_items(const std::vector<SegmentOps>& ops) {
 
 bool active(const LoraSegment& s) { return s.row_end > s.row_start && s.rank > 0; }
 
-}  // namespace
 
-void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in,
-                  int64_t out) {
-  const Picked pk = pick(in, out);
-  thread_local std::vector<float> packed, work;
+// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
+std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
+                                        std::vector<float>& packed) {
   std::vector<SegmentOps> ops;
   size_t need = 0;
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
-      const int64_t rp = (segs[k].rank + pk.width - 1) / pk.width * pk.width;
+      const int64_t rp = (segs[k].rank + width - 1) / width * width;
       ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
       need += size_t(in * rp + segs[k].rank * out);
     }
-  if (ops.empty()) return;
   float* p = grow(packed, need);
-  int64_t max_rp = 0;
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
     float* at = p;
@@ -195,32 +209,29 @@ void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, i
       for (int64_t c = 0; c < s.rank; c++) bt[c * out + o] = s.scale * s.b[o * s.rank + c];
     g.at = at, g.bt = bt;
     p = bt + s.rank * out;
-    max_rp = std::max(max_rp, g.rp);
   }
-  const int64_t per_thread = RB * (max_rp + in);
-  float* w = grow(work, size_t(per_thread * ex.pool().size()));
-  const std::vector<Item> items = row_items(ops);
-  const LoraCall C{x, nullptr, y, nullptr, in, out};
-  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
-    const Item& b = items[size_t(it)];
-    pk.k->forward_block(C, ops[size_t(b.seg)], b.start, b.count, w + tid * per_thread);
-  });
+  return ops;
 }
 
-void lora_backward(Exec& ex, float* dx, const float* dy, const float* x, const LoraSegment* segs, int64_t nseg,
-                   int64_t in, int64_t out) {
-  const Picked pk = pick(in, out);
-  thread_local std::vector<float> packed, work;
+int64_t max_rp(const std::vector<SegmentOps>& ops) {
+  int64_t m = 0;
+  for (const SegmentOps& g : ops) m = std::max(m, g.rp);
+  return m;
+}
+
+// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
+// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
+std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out,
+                                         int64_t width, std::vector<float>& packed) {
   std::vector<SegmentOps> ops;
   size_t need = 0;
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
       const LoraSegment& s = segs[k];
-      const int64_t rp = (s.rank + pk.width - 1) / pk.width * pk.width, rows = s.row_end - s.row_start;
+      const int64_t rp = (s.rank + width - 1) / width * width, rows = s.row_end - s.row_start;
       ops.push_back({&s, rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
       need += size_t(out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out);
     }
-  if (ops.empty()) return;
   float* p = grow(packed, need);
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
@@ -237,36 +248,118 @@ void lora_backward(Exec& ex, float* dx, const float* dy, const float* x, const L
     g.dbt = p;
     p += s.rank * out;
   }
-  const LoraCall C{x, dy, nullptr, dx, in, out};
-  std::vector<Item> rows = row_items(ops);
+  return ops;
+}
+
+// Backward without the base GEMM: dxa by row blocks, then dA and dB by column blocks and, with
+// with_dx, dx by row blocks.
+void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOps>& ops, const LoraCall& C,
+                     bool with_dx, std::vector<float>& work) {
+  const std::vector<Item> rows = row_items(ops);
   ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int) {
     const Item& b = rows[size_t(it)];
-    pk.k->rows_dxa(C, ops[size_t(b.seg)], b.start, b.count);
+    K.rows_dxa(C, ops[size_t(b.seg)], b.start, b.count);
   });
-  // dx by row blocks, dA and dB by column blocks (kind: 0 dx, 1 dA, 2 dB); all read dxa.
   struct Work {
-    int kind;
+    int kind;  // 0 dx rows, 1 dA columns, 2 dB columns
     Item at;
   };
   std::vector<Work> items;
-  for (const Item& b : rows) items.push_back({0, b});
-  for (size_t k = 0; k < ops.size(); k++) {
-    if (ops[k].seg->da)
-      for (int64_t c0 = 0; c0 < in; c0 += CB) items.push_back({1, {int64_t(k), c0, std::min(CB, in - c0)}});
+  for (size_t k = 0; k < ops.size(); k++) {  // the column items sum over all their segment's rows: first
     if (ops[k].seg->db)
-      for (int64_t c0 = 0; c0 < out; c0 += CB) items.push_back({2, {int64_t(k), c0, std::min(CB, out - c0)}});
+      for (int64_t c0 = 0; c0 < C.out; c0 += CB) items.push_back({2, {int64_t(k), c0, std::min(CB, C.out - c0)}});
+    if (ops[k].seg->da)
+      for (int64_t c0 = 0; c0 < C.in; c0 += CB) items.push_back({1, {int64_t(k), c0, std::min(CB, C.in - c0)}});
   }
-  // The column items sum over every row of their segment: hand them out first.
-  std::stable_sort(items.begin(), items.end(), [](const Work& a, const Work& b) { return a.kind > b.kind; });
-  const int64_t per_thread = RB * in;
-  float* w = grow(work, size_t(per_thread * ex.pool().size()));
+  if (with_dx)
+    for (const Item& b : rows) items.push_back({0, b});
+  const int64_t per_thread = RB * C.in;
+  float* w = with_dx ? grow(work, size_t(per_thread * ex.pool().size())) : nullptr;
   ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
     const Work& x = items[size_t(it)];
     const SegmentOps& g = ops[size_t(x.at.seg)];
-    if (x.kind == 0) pk.k->rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else if (x.kind == 1) pk.k->cols_da(C, g, x.at.start, x.at.count);
-    else pk.k->cols_db(C, g, x.at.start, x.at.count);
+    if (x.kind == 0) K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
+    else if (x.kind == 1) K.cols_da(C, g, x.at.start, x.at.count);
+    else K.cols_db(C, g, x.at.start, x.at.count);
   });
+}
+
+// The epilogue of the fused projections' base GEMM. A tile narrower than the LoRA kernel's
+// vector width (only when the GEMM runs a narrower kernel than LoRA picked) uses the portable
+// tile code, which reads the same operands.
+struct EpilogueCtx {
+  const LoraCall* C;
+  const std::vector<SegmentOps>* ops;
+  const LoraKernels* k;
+  bool backward;
+};
+
+GemmEpilogue lora_epilogue(const EpilogueCtx& ctx) {
+  return {[](const void* p, int64_t i0, int64_t m, int64_t j0, int64_t n, float* c, int64_t ldc) {
+            const EpilogueCtx& e = *static_cast<const EpilogueCtx*>(p);
+            const LoraKernels& k = n % e.k->width == 0 ? *e.k : simd::portable::kernels;
+            k.epilogue(*e.C, *e.ops, e.backward, i0, m, j0, n, c, ldc);
+          },
+          &ctx};
+}
+
+}  // namespace
+
+void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in,
+                  int64_t out) {
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_forward(segs, nseg, in, out, K.width, packed);
+  if (ops.empty()) return;
+  const int64_t per_thread = RB * (max_rp(ops) + in);
+  float* w = grow(work, size_t(per_thread * ex.pool().size()));
+  const std::vector<Item> items = row_items(ops);
+  const LoraCall C{x, nullptr, y, nullptr, in, out};
+  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
+    const Item& b = items[size_t(it)];
+    K.forward_block(C, ops[size_t(b.seg)], b.start, b.count, w + tid * per_thread);
+  });
+}
+
+void lora_backward(Exec& ex, float* dx, const float* dy, const float* x, const LoraSegment* segs, int64_t nseg,
+                   int64_t in, int64_t out) {
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_backward(segs, nseg, in, out, K.width, packed);
+  if (ops.empty()) return;
+  backward_passes(ex, K, ops, LoraCall{x, dy, nullptr, dx, in, out}, true, work);
+}
+
+void linear_lora_forward(Exec& ex, float* y, const float* x, WeightRef w, int64_t m, int64_t n, int64_t k,
+                         bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  const int64_t in = k, out = n;
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_forward(segs, nseg, in, out, K.width, packed);
+  const LoraCall C{x, nullptr, y, nullptr, in, out};
+  if (!ops.empty()) {  // xa of every row first: the GEMM's epilogue reads it
+    const int64_t per_thread = RB * (max_rp(ops) + in);
+    float* wk = grow(work, size_t(per_thread * ex.pool().size()));
+    const std::vector<Item> items = row_items(ops);
+    ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
+      const Item& b = items[size_t(it)];
+      K.shrink_block(C, ops[size_t(b.seg)], b.start, b.count, wk + tid * per_thread);
+    });
+  }
+  const EpilogueCtx ctx{&C, &ops, &K, false};
+  gemm(ex, false, true, m, n, k, 1.f, x, k, w, k, accumulate ? 1.f : 0.f, y, n, lora_epilogue(ctx));
+}
+
+void linear_lora_backward(Exec& ex, float* dx, const float* dy, const float* x, WeightRef w, int64_t m, int64_t n,
+                          int64_t k, bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  const int64_t in = k, out = n;
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_backward(segs, nseg, in, out, K.width, packed);
+  const LoraCall C{x, dy, nullptr, dx, in, out};
+  if (!ops.empty()) backward_passes(ex, K, ops, C, false, work);  // dxa (the epilogue reads it), dA, dB
+  const EpilogueCtx ctx{&C, &ops, &K, true};
+  gemm(ex, false, false, m, k, n, 1.f, dy, n, w, k, accumulate ? 1.f : 0.f, dx, k, lora_epilogue(ctx));
 }
 
 }  // namespace mlora::cpu
