@@ -127,16 +127,16 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
   return out;
 }
 
-/** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
+/** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x), one op (the CPU fuses the LoRA
+ *  expand into the base GEMM); without the base, LoRA alone. */
 function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true) {
-  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate });
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
-  if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
+  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, ...(segments.length ? { segments } : {}) });
+  else if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
 }
 
-/** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB) */
+/** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB), one op */
 function projBack(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
-  ops.push({ op: 'linear_backward', dx, dy, w, accumulate });
   const segments = loraSegments(ctx, mb, layer, target, acts, true);
-  if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
+  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, ...(segments.length ? { x, segments } : {}) });
 }
