@@ -13,9 +13,10 @@
 // without a window only the diagonal tile needs a causal mask, and tiles above it are never
 // visited.
 //
-// Sliding window (window = W > 0): query i of a sequence sees keys j with i - W < j <= i.
-// Key tiles wholly outside every row's window are skipped (tile_visible); the tiles at the
-// window's lower edge mask per row. window = 0: plain causal attention.
+// Sliding window (Mistral; window = W > 0): query i of a sequence sees keys j with
+// i - W < j <= i (W keys including itself), transformers' sliding-window mask. Key tiles wholly
+// outside every row's window are skipped (tile_visible); the tiles at the window's lower edge
+// mask per row. window = 0: plain causal attention, bit for bit the same as without a window.
 //
 // Speed: every product of a tile (S = Q·Kᵀ, O = diag(r)·O + P·V; backward S, dP = dO·Vᵀ,
 // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K) is a small GEMM on register-blocked micro-tiles, the
@@ -186,8 +187,7 @@ void sort_items(std::vector<Item>& items) {
 
 void attention_forward(Exec& ex, float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* cu_seqlens, int64_t nseq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
-                       float scale) {
-  const int64_t window = 0;
+                       float scale, int64_t window) {
   check_cu_seqlens(cu_seqlens, nseq, n);
   if (n == 0 || d == 0) return;
   Problem P{q, k, v, nullptr, nullptr, nullptr, nullptr, out, lse, nullptr, nullptr, nullptr, cu_seqlens,
@@ -210,8 +210,7 @@ void attention_forward(Exec& ex, float* out, float* lse, const float* q, const f
 
 void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                         const float* v, const float* out, const float* lse, const int32_t* cu_seqlens, int64_t nseq,
-                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale) {
-  const int64_t window = 0;
+                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale, int64_t window) {
   check_cu_seqlens(cu_seqlens, nseq, n);
   if (n == 0 || d == 0) return;
   // Δ[h, row] = rowsum(dout ∘ out), the softmax backward's per-row term, once per row.
