@@ -460,6 +460,7 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
   const seg = (o: Record<string, unknown> = {}) => ({ rowStart: 0, rowEnd: 8, a: a4, b: b4, scale: 1, xa: d.alloc('f32', [8, 4]), ...o });
   const fwd = (segments: unknown[]) => [{ op: 'lora_forward', y, x, segments }];
   const bwd = (segments: unknown[]) => [{ op: 'lora_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, x, segments }];
+  const wl = f32(d, [OUT, IN], randn(rng, OUT * IN));
   const cases: Array<[unknown[], RegExp]> = [
     [fwd([seg(), seg({ rowStart: 5, rowEnd: 13, xa: d.alloc('f32', [8, 4]) })]),
       /segments\[0\] rows \[0, 8\) and segments\[1\] rows \[5, 13\) overlap/],
@@ -487,6 +488,11 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
     [bwd([seg({ da: a4 })]), /'da' and 'a' overlap/],
     [[{ op: 'lora_backward', dx: x, dy: y, x, segments: [seg()] }], /'dx' and 'x' overlap/],
     [[{ op: 'lora_backward', dx: d.alloc('f32', [ROWS, IN + 1]), dy: y, x, segments: [seg()] }], /argument 'dx' has shape \[40,25\], expected \[40,24\]/],
+    // the linear ops with the projection's LoRA check the segments the same way, and need x backward
+    [[{ op: 'linear_forward', y, x, w: wl, segments: [seg({ b: f32(d, [OUT, 2], randn(rng, OUT * 2)) })] }], /segments\[0\]: argument 'b' has shape \[20,2\]/],
+    [[{ op: 'linear_forward', y, x, w: wl, segments: [seg({ xa: y.reshape([ROWS * OUT / 4, 4]).rows(0, 8) })] }], /'xa' and 'y' overlap/],
+    [[{ op: 'linear_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, w: wl, segments: [seg()] }], /argument 'x' is missing/],
+    [[{ op: 'linear_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, w: wl, x: y, segments: [seg()] }], /argument 'x' has shape \[40,20\], expected \[40,24\] \(like dx\)/],
   ];
   for (const [ops, re] of cases) await expectRefused(t, d, ops, re);
 });
