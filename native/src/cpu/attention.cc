@@ -60,9 +60,9 @@ struct Problem {
   int64_t window;  // 0: none
 };
 
-// Per-thread scratch, sized once per call: packed key/value tiles (d×B, transposed), the
-// tile's scores and their gradient (B×B), and the forward's output accumulators and running
-// max/sum of every query head of the group.
+// Per-thread scratch, sized once per call: forward, Qᵀ of the group's query heads (d×B each),
+// their output accumulators and running max/sum; backward, the packed Kᵀ/Vᵀ tiles (d×B); both,
+// the tile's scores (B×B) and, backward, their gradient.
 struct Scratch {
   std::vector<float> qt, kt, vt, s, dp, o, m, l, rs;
   Scratch(int64_t d, int64_t group, bool forward)

@@ -34,6 +34,12 @@
 // block it falls in, the thread that runs it or the other segments, so the segmented call
 // equals a loop of single-segment calls bit for bit, for any thread count.
 //
+// linear_lora_forward / linear_lora_backward (a projection with its LoRA, one op): the shrink
+// (forward xa; backward dxa, dA, dB) runs first, then the base GEMM adds the expand to each
+// finished tile of y / dx through gemm_epilogue.h while the tile is in L1, so y / dx are not
+// read and written once more. The expand does the same arithmetic, element by element, as
+// lora_forward's / lora_backward's, so fused and separate ops agree bit for bit.
+//
 // Scratch (the calling thread's, grown on demand and kept; never counted against the device
 // budget): packed operands r·(in + 2·out) per segment, dxa [rows, rp] and, with dropout, D∘x
 // [rows, in] for backward; a block of rows × (rp + in) per pool thread.
