@@ -278,6 +278,21 @@ for (const [kernel, have] of [['scalar', true], ['avx2', cpuInfo.avx2], ['avx512
           });
           results.push([read(yt), read(dxt), ...bound.flatMap((b) => [read(b.da), read(b.db)])]);
         }
+        // The separate ops (linear, then lora) give the same bits: the fused expand does the
+        // same arithmetic per element.
+        const dev = cpuDevice(1);
+        const bound = bind(dev, ads, da0, db0, inDim, outDim);
+        const xt = f32(dev, [rows, inDim], x), wt = f32(dev, [outDim, inDim], w);
+        const yt = f32(dev, [rows, outDim], y0), dxt = f32(dev, [rows, inDim], dx0), dyt = f32(dev, [rows, outDim], dy);
+        const segments = bound.map((b) => b.seg) as never;
+        await dev.run([
+          { op: 'linear_forward', y: yt, x: xt, w: wt, accumulate },
+          { op: 'lora_forward', y: yt, x: xt, segments },
+          { op: 'linear_backward', dx: dxt, dy: dyt, w: wt, accumulate },
+          { op: 'lora_backward', dx: dxt, dy: dyt, x: xt, segments },
+        ]);
+        assertBitwise(t, read(yt), results[0]![0]!, 'y: fused == linear_forward + lora_forward, bitwise');
+        assertBitwise(t, read(dxt), results[0]![1]!, 'dx: fused == linear_backward + lora_backward, bitwise');
       } finally {
         delete process.env.MLORA_GEMM_KERNEL;
       }
