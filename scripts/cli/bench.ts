@@ -362,8 +362,10 @@ const LAYER_OPS = [
   'attention_forward', 'attention_backward', 'swiglu_forward', 'swiglu_backward', 'lora_forward', 'lora_backward',
 ] as const;
 
-function family(op: string): string {
-  return op.replace(/_(forward|backward)$/, '');
+/** linear, attention, …; a linear op with LoRA segments (the fused projection) is linear+lora. */
+function family(op: Op): string {
+  const fused = (op.op === 'linear_forward' || op.op === 'linear_backward') && op.segments?.length;
+  return op.op.replace(/_(forward|backward)$/, '') + (fused ? '+lora' : '');
 }
 
 /** A linear op followed by the LoRA op of the same projection becomes one op with `segments`,
@@ -577,7 +579,7 @@ function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) =>
         best[i] = Math.min(best[i]!, performance.now() - t0);
       });
     const byFamily = new Map<string, number>();
-    program.forEach((op, i) => byFamily.set(family(op.op), (byFamily.get(family(op.op)) ?? 0) + best[i]!));
+    program.forEach((op, i) => byFamily.set(family(op), (byFamily.get(family(op)) ?? 0) + best[i]!));
     const total = best.reduce((a, b) => a + b, 0);
     const sorted = [...byFamily.entries()].sort((a, b) => b[1] - a[1]);
     log(`  ${description}; total ${total.toFixed(1)} ms`);
