@@ -39,6 +39,8 @@ export interface LayerContext {
   readonly sin: Tensor;
   /** The resident adapter of a segment (its A/B for this stage's layers, its spec). */
   adapter(id: number): StageAdapter;
+  /** The base projections' GEMMs with bf16 operands (StageOptions.computeDtype). */
+  readonly bf16: boolean;
 }
 
 /**
@@ -156,7 +158,7 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
  *  (the CPU fuses the LoRA expand into the base GEMM); without the base, LoRA alone. */
 function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true, bias?: Tensor) {
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
-  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, ...(segments.length ? { segments } : {}) });
+  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { segments } : {}) });
   else if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
   if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
 }
@@ -164,5 +166,5 @@ function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, targe
 /** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB), one op */
 function projBack(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
   const segments = loraSegments(ctx, mb, layer, target, acts, true);
-  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, ...(segments.length ? { x, segments } : {}) });
+  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { x, segments } : {}) });
 }

@@ -11,7 +11,8 @@ namespace mlora::cpu {
 struct GemmEpilogue {
   // Called once for every tile of C, rows [i0, i0+m) × columns [j0, j0+n) with c its first
   // element, after the GEMM's last contribution to it; tiles never overlap, and two threads
-  // may run fn on different tiles at the same time. A tile is at most 16 × 32.
+  // may run fn on different tiles at the same time. A tile is at most kMaxMR × kMaxNR
+  // (gemm.cc: 32 × 32).
   void (*fn)(const void* ctx, int64_t i0, int64_t m, int64_t j0, int64_t n, float* c, int64_t ldc);
   const void* ctx;
 };

@@ -104,8 +104,9 @@ void mask_rows(float* dst, const float* src, int64_t rows, int64_t in, const Lor
   }
 }
 
-// The largest GEMM tile an epilogue sees (gemm.cc's micro-tiles are at most 16×32).
-constexpr int64_t kTileFloats = 16 * 32;
+// The epilogue's stack buffer: a GEMM tile (gemm.cc's are at most 32×32) in one piece,
+// anything wider in chunks of rows (n <= kTileFloats: tiles are at most 32 columns wide).
+constexpr int64_t kTileFloats = 32 * 32;
 
 // c[i, :] += D(row row0+i of the segment, columns j0..j0+n) ∘ tmp[i, :], rows [0, rows).
 void mask_tile_add(float* c, int64_t ldc, const float* tmp, int64_t rows, int64_t n, int64_t j0, const LoraSegment& s,
