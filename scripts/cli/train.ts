@@ -20,7 +20,7 @@ import { parseFault } from '../../lib/faults.js';
 import { Progress } from './progress.js';
 import { ensureModel } from './make-model.js';
 import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
-import { writeReport } from './report.js';
+import { writeReport, type MemorySample, type ReportFault } from './report.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { CLI_WORDING, dropAllSetAside, earlierResults, newRunId, refusal, setAsideDir, setAsideFile } from '../../lib/io/output.js';
 import { hashConfig } from '../../lib/io/checkpoint.js';
@@ -308,6 +308,8 @@ export async function main(argv: string[]): Promise<number> {
   };
   writeMetric(header);
   const history: JobEvent[] = [];
+  const faultLog: ReportFault[] = [];
+  const memory: MemorySample[] = [];
   const t0 = Date.now();
   let sup: Supervisor;
   try {
@@ -329,6 +331,7 @@ export async function main(argv: string[]): Promise<number> {
       onFault: (f) => {
         if (f.fatal) progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); too many failures of this stage, the run stops`);
         else progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed${f.admission !== undefined ? `; admission lowered to ${f.admission} micro-batch(es) in flight` : ''}`);
+        faultLog.push({ time: Date.now(), stage: f.stage, fault: f.fault, detail: f.detail, ...(f.recoveredMs !== undefined ? { recoveredMs: f.recoveredMs } : {}), ...(f.replayed !== undefined ? { replayed: f.replayed } : {}), ...(f.fatal ? { fatal: true } : {}) });
         writeMetric({
           type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, detection_ms: f.silentMs, recovery_ms: f.recoveredMs, replayed: f.replayed,
           ...(f.admission !== undefined ? { admission: f.admission } : {}),
@@ -363,7 +366,18 @@ export async function main(argv: string[]): Promise<number> {
   const sigterm = () => onSignal('SIGTERM');
   process.on('SIGINT', sigint);
   process.on('SIGTERM', sigterm);
+  // memory per stage for the report, sampled once a second (one query at a time)
+  let sampling: Promise<void> | undefined;
+  const sampleMemory = () => {
+    sampling ??= p.memory().then(
+      (m) => void memory.push({ time: Date.now(), stages: m }),
+      () => {}, // a stage being restarted: the next sample gets it
+    ).finally(() => (sampling = undefined));
+    return sampling;
+  };
+  void sampleMemory();
   const util = setInterval(() => {
+    void sampleMemory();
     const u = utilisation(p.schedule().filter((r) => r.end > p.schedule().at(-1)!.end - 5000), p.plans.length);
     if (u.spanMs > 0) progress.setFooter(`stages busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join(' / ')} (last 5 s)`);
   }, 1000);
@@ -376,6 +390,10 @@ export async function main(argv: string[]): Promise<number> {
     progress.log(`run stopped: ${(e as Error).message}`);
   }
   clearInterval(util);
+  // a stage that died for good may never answer: the report does without that sample
+  const settle = (x: Promise<void> | undefined) => Promise.race([x, new Promise<void>((r) => setTimeout(r, 2000).unref())]);
+  await settle(sampling);
+  if (!failed) await settle(sampleMemory()); // the peaks at the end
   if (interrupted || failed) {
     await sup.stop();
     for (const { job, state } of await sup.exportAll()) {
@@ -394,8 +412,13 @@ export async function main(argv: string[]): Promise<number> {
   progress.stop();
   process.off('SIGINT', sigint);
   process.off('SIGTERM', sigterm);
+  const peaks = memory.at(-1)?.stages;
+  if (peaks) writeMetric({ type: 'memory', stages: peaks.map((m) => ({ device: m.device, budget: m.budget, peak: m.peak })), time: new Date().toISOString() });
   fs.closeSync(metrics);
-  const reportPath = writeReport(cfg.output, [...earlier, ...history], sched, p.plans.length, p.devices);
+  const reportPath = writeReport({
+    output: cfg.output, header, config: cfg, events: [...earlier, ...history], runEvents: history, faults: faultLog,
+    schedule: sched, stages: p.plans.length, devices: p.devices, memory, t0,
+  });
   if (replacing.length || fs.existsSync(aside)) {
     if (jobs.every((j) => j.state === 'done')) dropAllSetAside(cfg.output, runId);
     else progress.log(`the earlier results of the adapters that did not finish are kept in ${aside}/ (move them back to ${cfg.output}/ to use them)`);
