@@ -33,6 +33,7 @@ function run(cmd, args, timeout) {
 export function ensureChromium(log = (s) => console.error(s)) {
   const found = findChromium();
   if (found) return { chromium: found };
+  if (process.env.MLORA_CHROMIUM) return { reason: `MLORA_CHROMIUM is ${process.env.MLORA_CHROMIUM}, which does not exist` };
   if (process.env.MLORA_NO_SYSTEM_INSTALL) return { reason: 'chromium is not installed (MLORA_NO_SYSTEM_INSTALL is set: not installing it)' };
   if (process.platform !== 'linux' || typeof process.getuid !== 'function' || process.getuid() !== 0) {
     return { reason: 'chromium is not installed and this is not root on Linux (install it: apt-get install chromium, or set MLORA_CHROMIUM)' };
