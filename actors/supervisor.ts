@@ -1122,7 +1122,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     pipeline = await ActorPipeline.start({
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}),
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan' && f.kind !== 'kill'), ...(o.recompute ? { recompute: true } : {}),
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
@@ -1133,11 +1133,16 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, overwrite: !!o.overwrite, runId,
     ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}),
   };
+  const kills = faults.filter((f) => f.kind === 'kill');
+  const onEvent = !kills.length ? o.onEvent : (ev: JobEvent) => {
+    o.onEvent?.(ev);
+    if (ev.type === 'checkpoint' && kills.some((f) => f.adapter === ev.adapter && f.step === ev.step)) process.kill(process.pid, 'SIGKILL');
+  };
   const hooks: SupervisorHooks = {
     prepare: (c) => prepareJob(env, c),
     ...outputHooks(env),
     ...promptSampler(env),
-    ...(o.onEvent ? { onEvent: o.onEvent } : {}),
+    ...(onEvent ? { onEvent } : {}),
   };
   const sup = new Supervisor(pipeline, hooks, {
     batchlora: o.batchlora ?? true, inflight, inflightPerAdapter: o.inflightPerAdapter ?? 1,

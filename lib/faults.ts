@@ -10,6 +10,9 @@
 //   slow:stage=1,factor=3     the stage takes 3× as long for every message (never killed)
 //   nan:adapter=NAME,step=2   adapter NAME's weights become NaN before its step 2: that
 //                             adapter stops with a clear error, the others go on
+//   kill:adapter=NAME,step=4  the whole process is killed (SIGKILL, as kill -9) right after
+//                             adapter NAME's checkpoint at step 4 is complete; the other
+//                             adapters are wherever they are (a checkpoint half written...)
 import type { FaultSpec } from '../actors/protocol.js';
 
 const KEYS: Record<FaultSpec['kind'], string[]> = {
@@ -19,6 +22,7 @@ const KEYS: Record<FaultSpec['kind'], string[]> = {
   oom: ['stage', 'after'],
   slow: ['stage', 'factor'],
   nan: ['adapter', 'step'],
+  kill: ['adapter', 'step'],
 };
 
 export function parseFault(spec: string): FaultSpec {
