@@ -202,7 +202,7 @@ export type FromStage =
   | { type: 'record'; rec: ScheduleRecord };
 
 export interface FaultSpec {
-  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow' | 'kill';
+  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow' | 'kill' | 'pause';
   stage?: number;
   adapter?: string;
   after?: number;

@@ -1098,6 +1098,9 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
   return { devices, threads, budgets, plans };
 }
 
+/** Faults the supervisor injects itself (the others go to the stages). */
+const SUPERVISOR_FAULTS: Array<FaultSpec['kind']> = ['nan', 'kill', 'pause'];
+
 export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   if (o.resume && o.overwrite) throw new Error('resume and overwrite exclude each other: go on from the checkpoints, or train again from the start');
   const dir = openModelDir(o.model);
@@ -1122,7 +1125,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     pipeline = await ActorPipeline.start({
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan' && f.kind !== 'kill'), ...(o.recompute ? { recompute: true } : {}),
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => !SUPERVISOR_FAULTS.includes(f.kind)), ...(o.recompute ? { recompute: true } : {}),
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
@@ -1133,10 +1136,11 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, overwrite: !!o.overwrite, runId,
     ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}),
   };
-  const kills = faults.filter((f) => f.kind === 'kill');
-  const onEvent = !kills.length ? o.onEvent : (ev: JobEvent) => {
+  const at = (kind: FaultSpec['kind'], ev: JobEvent) => faults.some((f) => f.kind === kind && f.adapter === ev.adapter && f.step === (ev as { step?: number }).step);
+  const onEvent = !faults.some((f) => f.kind === 'kill' || f.kind === 'pause') ? o.onEvent : (ev: JobEvent) => {
     o.onEvent?.(ev);
-    if (ev.type === 'checkpoint' && kills.some((f) => f.adapter === ev.adapter && f.step === ev.step)) process.kill(process.pid, 'SIGKILL');
+    if (ev.type === 'checkpoint' && at('kill', ev)) process.kill(process.pid, 'SIGKILL');
+    if (ev.type === 'step' && at('pause', ev)) for (const j of sup.jobs.values()) void j.pause();
   };
   const hooks: SupervisorHooks = {
     prepare: (c) => prepareJob(env, c),

@@ -13,6 +13,8 @@
 //   kill:adapter=NAME,step=4  the whole process is killed (SIGKILL, as kill -9) right after
 //                             adapter NAME's checkpoint at step 4 is complete; the other
 //                             adapters are wherever they are (a checkpoint half written...)
+//   pause:adapter=NAME,step=3 every adapter pauses once adapter NAME has taken its step 3 and
+//                             waits (for a signal, say: tests of Ctrl-C that cannot miss)
 import type { FaultSpec } from '../actors/protocol.js';
 
 const KEYS: Record<FaultSpec['kind'], string[]> = {
@@ -23,6 +25,7 @@ const KEYS: Record<FaultSpec['kind'], string[]> = {
   slow: ['stage', 'factor'],
   nan: ['adapter', 'step'],
   kill: ['adapter', 'step'],
+  pause: ['adapter', 'step'],
 };
 
 export function parseFault(spec: string): FaultSpec {
