@@ -14,8 +14,8 @@ import { API_WORDING, dropSetAside, refusal, setAside } from '../lib/io/output.j
 import { loadTokenizer, type Tokenizer } from '../lib/data/tokenizer.js';
 import { ADAPTER_ID, openSingleModel, type SingleModel } from '../lib/model/single.js';
 import { encodePrompt, generate } from '../lib/model/generate.js';
-import type { PreparedJob, Job, SupervisorHooks } from './supervisor.js';
-import type { AdapterState } from './protocol.js';
+import type { JobView, PreparedJob, SupervisorHooks } from './job-types.js';
+import type { AdapterState } from '../lib/lora/state.js';
 
 export function loraSpec(c: AdapterConfig): LoraSpec {
   return { r: c.lora.r, alpha: c.lora.alpha, dropout: c.lora.dropout, targets: [...c.lora.targets], useRslora: c.lora.use_rslora, seed: c.seed };
@@ -112,7 +112,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' 
         if (e) throw e;
       }
     },
-    checkpoint: async (job: Job, state: AdapterState) =>
+    checkpoint: async (job: JobView, state: AdapterState) =>
       saveCheckpoint({
         adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
         meta: {
@@ -121,7 +121,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' 
           ...(job.rollbacks ? { rollbacks: job.rollbacks, lrScale: job.lrScale } : {}),
         },
       }),
-    finish: async (job: Job, state: AdapterState) => {
+    finish: async (job: JobView, state: AdapterState) => {
       const dir = path.join(out, job.name);
       writeAdapterFiles(dir, toAdapterWeights(env.model, job.spec, state.params, env.modelDir));
       if (env.overwrite) dropSetAside(out, job.name, env.runId!); // the new results are complete
@@ -139,7 +139,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' 
 export function promptSampler(env: JobEnvironment): Required<Pick<SupervisorHooks, 'sample' | 'close'>> {
   let opened: Promise<{ model: SingleModel; tok: Tokenizer }> | undefined;
   let queue: Promise<unknown> = Promise.resolve();
-  const run = async (job: Job, state: AdapterState): Promise<Array<{ prompt: string; text: string }>> => {
+  const run = async (job: JobView, state: AdapterState): Promise<Array<{ prompt: string; text: string }>> => {
     const e = job.config.eval!;
     opened ??= openSingleModel(env.modelDir).then((model) => ({ model, tok: loadTokenizer(env.modelDir) }));
     const { model, tok } = await opened;

@@ -15,7 +15,16 @@
 //                             adapters are wherever they are (a checkpoint half written...)
 //   pause:adapter=NAME,step=3 every adapter pauses once adapter NAME has taken its step 3 and
 //                             waits (for a signal, say: tests of Ctrl-C that cannot miss)
-import type { FaultSpec } from '../actors/protocol.js';
+
+/** One injected fault, parsed from a spec above (parseFault). */
+export interface FaultSpec {
+  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow' | 'kill' | 'pause';
+  stage?: number;
+  adapter?: string;
+  after?: number;
+  step?: number;
+  factor?: number;
+}
 
 const KEYS: Record<FaultSpec['kind'], string[]> = {
   crash: ['stage', 'after'],

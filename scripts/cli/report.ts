@@ -6,7 +6,8 @@
 // and rollbacks marked on the time axes.
 import fs from 'node:fs';
 import path from 'node:path';
-import type { JobEvent, ScheduleRecord } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { ScheduleRecord } from '../../lib/schedule/record.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 import { formatBytes } from '../../lib/tensor.js';
 

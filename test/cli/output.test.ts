@@ -8,7 +8,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { Supervisor } from '../../actors/index.js';
-import { DEMO_DATA, mlora, readMetrics, sameWeights, smallConfig, tinyModel, writeJson } from './util.js';
+import { mlora, readMetrics, sameWeights, smallConfig, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
+import { DEMO_DATA } from '../support/files.js';
 
 /** Every file under dir (sorted relative paths) with the sha256 of its bytes. */
 function snapshot(dir: string): Record<string, string> {
@@ -28,7 +30,7 @@ const asideDirs = (out: string) => fs.readdirSync(out).filter((n) => n.startsWit
 
 t.test('training twice into one output refuses, then --resume and --overwrite', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const cfg = writeJson(path.join(dir, 'c.json'), smallConfig(model, out, { steps: 4, saveEvery: 2 }));
   const first = mlora(['train', cfg]);
@@ -81,7 +83,7 @@ t.test('training twice into one output refuses, then --resume and --overwrite', 
 
 t.test('--overwrite keeps the earlier results of an adapter that does not finish, and says where', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const cfg = writeJson(path.join(dir, 'c.json'), smallConfig(model, out, { steps: 4, saveEvery: 2 }));
   t.equal(mlora(['train', cfg]).code, 0);
@@ -102,7 +104,7 @@ t.test('--overwrite keeps the earlier results of an adapter that does not finish
 
 t.test('Supervisor.submit: a finished name is refused in the same supervisor and in its output; overwrite: true', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const adapter = { name: 'capitals', data: path.join(DEMO_DATA, 'capitals.jsonl'), lora: { r: 4, alpha: 8 }, batch_size: 4, seq_len: 128, max_steps: 2 };
   const sup = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true });

@@ -7,7 +7,9 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { DEMO_DATA, ROOT, mlora, readMetrics, smallConfig, tinyModel, writeJson } from './util.js';
+import { ROOT, mlora, readMetrics, smallConfig, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
+import { DEMO_DATA } from '../support/files.js';
 
 const deps = (await import(path.join(ROOT, 'scripts/ensure-system-deps.mjs'))) as { findChromium(): string | undefined };
 const chromium = deps.findChromium();
@@ -15,7 +17,7 @@ const skip = chromium ? false : (process.env.MLORA_CHROMIUM_MISSING ?? 'no Chrom
 
 t.test('report.html renders in Chromium with every chart, sample and fault', { skip }, async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const cfg = smallConfig(model, out, { steps: 4, saveEvery: 2 });
   const adapters: Array<Record<string, unknown>> = cfg.adapters.map((a) => ({ ...a }));

@@ -4,11 +4,13 @@
 // zero: B starts at 0) and for the finished adapter. The summary shows before -> after.
 import t from 'tap';
 import path from 'node:path';
-import { DEMO_DATA, mlora, readMetrics, smallConfig, tinyModel, writeJson } from './util.js';
+import { mlora, readMetrics, smallConfig, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
+import { DEMO_DATA } from '../support/files.js';
 
 t.test('eval at step 0 and after the last step; greedy samples before and after, as mlora generate makes them', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const cfg = smallConfig(model, out, { steps: 4, saveEvery: 2 });
   const prompts = ['The capital of France is', ''];

@@ -10,11 +10,13 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { listCheckpoints } from '../../lib/io/checkpoint.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { tinyModel, tmpDir, writeData } from './harness.js';
+import { writeData } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/mlora.js');
-const model = await tinyModel();
-const dir = tmpDir('kill9');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'kill9');
 const names = ['a', 'b'];
 const config = (out: string) => {
   const file = path.join(dir, `config-${path.basename(out)}.json`);
@@ -38,11 +40,11 @@ function train(args: string[]): Promise<{ code: number | null; signal: string | 
   });
 }
 
-const whole = tmpDir('kill9-whole');
+const whole = tmpDir(t, 'kill9-whole');
 const w = await train([config(whole)]);
 t.equal(w.code, 0, `uninterrupted run: exit ${w.code}${w.code ? `\n${w.out.slice(-2000)}` : ''}`);
 
-const out = tmpDir('kill9-run');
+const out = tmpDir(t, 'kill9-run');
 const cfgFile = config(out);
 const k = await train([cfgFile, '--fault', 'kill:adapter=a,step=4']);
 t.equal(k.signal, 'SIGKILL', `killed mid-run (exit ${k.code}, signal ${k.signal})`);
