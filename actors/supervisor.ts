@@ -545,7 +545,15 @@ export class Supervisor {
 
   private async samples(job: Job, state: AdapterState, when: 'before' | 'after'): Promise<void> {
     if (!this.hooks.sample || !job.config.eval?.prompts.length) return;
-    for (const s of await this.hooks.sample(job, state)) job.emit({ type: 'sample', adapter: job.name, step: job.step, when, ...s, time: Date.now() });
+    let got: Array<{ prompt: string; text: string }>;
+    try {
+      got = await this.hooks.sample(job, state);
+    } catch (e) {
+      // the samples are for people to read: without them the adapter still trains (or is still done)
+      job.emit({ type: 'error', adapter: job.name, message: `could not sample eval.prompts ${when} training: ${(e as Error).message}`, time: Date.now() });
+      return;
+    }
+    for (const s of got) job.emit({ type: 'sample', adapter: job.name, step: job.step, when, ...s, time: Date.now() });
   }
 
   /** Moves a job at a step boundary off the stages into host memory. */

@@ -3,15 +3,24 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import tap from 'tap';
 
 /** The repository root (tests run from dist/test/..., sources sit three folders up). */
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const DEMO_DATA = path.join(REPO, 'data/demo');
 
-/** A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends. */
+/**
+ * A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends (the root
+ * test of a file: when the process exits). A teardown on the root test would switch on tap's
+ * autoend, which ends the root test once it has been idle for three timer turns: a file whose
+ * top-level code awaits a long run between assertions would then end in the middle, depending
+ * on how fast the machine is.
+ */
 export function tmpDir(t: { teardown(fn: () => void): void }, tag = 'test'): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
-  t.teardown(() => fs.rmSync(d, { recursive: true, force: true }));
+  const remove = () => fs.rmSync(d, { recursive: true, force: true });
+  if (t === (tap as unknown)) process.once('exit', remove);
+  else t.teardown(remove);
   return d;
 }
 
