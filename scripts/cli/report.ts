@@ -180,8 +180,10 @@ function table(head: string[], rows: string[][], cls = ''): string {
 export function renderReport(r: ReportInput): string {
   const names = [...new Set(r.events.filter((e) => 'adapter' in e && e.adapter).map((e) => (e as { adapter: string }).adapter))];
   const color = new Map(names.map((n, i) => [n, COLORS[i % COLORS.length]!]));
-  const steps = r.events.filter((e): e is Ev<'step'> => e.type === 'step');
-  const evals = r.events.filter((e): e is Ev<'eval'> => e.type === 'eval');
+  // a resumed run redoes the steps after its checkpoint: the later record of a step stands
+  const latest = <T extends { adapter: string; step: number }>(xs: T[]) => [...new Map(xs.map((x) => [`${x.adapter}\0${x.step}`, x])).values()].sort((a, b) => a.step - b.step);
+  const steps = latest(r.events.filter((e): e is Ev<'step'> => e.type === 'step'));
+  const evals = latest(r.events.filter((e): e is Ev<'eval'> => e.type === 'eval'));
   const samples = r.events.filter((e): e is Ev<'sample'> => e.type === 'sample');
   const rollbacks = r.runEvents.filter((e): e is Ev<'rollback'> => e.type === 'rollback');
   const errors = r.runEvents.filter((e): e is Ev<'error'> => e.type === 'error');
@@ -248,7 +250,7 @@ export function renderReport(r: ReportInput): string {
   const faultRows = [
     ...r.faults.map((f) => [`${sec(f.time).toFixed(1)} s`, `stage ${f.stage}`, esc(f.fault), esc(f.detail), f.fatal ? 'run stopped' : f.recoveredMs !== undefined ? `recovered in ${Math.round(f.recoveredMs)} ms, ${f.replayed ?? 0} replayed` : '-']),
     ...rollbacks.map((b) => [`${sec(b.time).toFixed(1)} s`, esc(b.adapter), 'rollback', esc(b.reason), `step ${b.fromStep} → ${b.toStep}, lr × ${b.lrScale}`]),
-    ...errors.map((e) => [`${sec(e.time).toFixed(1)} s`, esc(e.adapter), 'error', esc(e.message), 'adapter stopped']),
+    ...errors.map((e) => [`${sec(e.time).toFixed(1)} s`, esc(e.adapter), 'error', esc(e.message), r.runEvents.some((d) => d.type === 'done' && d.adapter === e.adapter) ? 'the adapter went on and finished' : 'adapter stopped']),
   ];
 
   const h = r.header;
