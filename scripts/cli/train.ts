@@ -293,7 +293,8 @@ export async function main(argv: string[]): Promise<number> {
   const aside = setAsideDir(cfg.output, runId);
   const replacing = overwrite ? names.filter((n) => earlierResults(cfg.output, n).length) : [];
   if (overwrite) {
-    if (replacing.length) progress.log(`--overwrite: the earlier results of ${replacing.join(', ')} move to ${aside}/ (removed once the new ones are complete)`);
+    // printed whatever the progress mode: where earlier results went is never to be missed
+    if (replacing.length) console.log(`--overwrite: the earlier results of ${replacing.join(', ')} move to ${aside}/ (removed once the new ones are complete)`);
     for (const f of ['metrics.jsonl', 'report.html']) setAsideFile(cfg.output, f, runId);
   }
   // a resumed run's summary and report also show what the earlier runs recorded (the step-0 eval, the first samples)
@@ -421,7 +422,7 @@ export async function main(argv: string[]): Promise<number> {
   });
   if (replacing.length || fs.existsSync(aside)) {
     if (jobs.every((j) => j.state === 'done')) dropAllSetAside(cfg.output, runId);
-    else progress.log(`the earlier results of the adapters that did not finish are kept in ${aside}/ (move them back to ${cfg.output}/ to use them)`);
+    else console.log(`the earlier results of the adapters that did not finish are kept in ${aside}/ (move them back to ${cfg.output}/ to use them)`);
   }
   console.log('');
   console.log(summaryTable(jobs, seconds, u?.bubble, [...earlier, ...history]));
