@@ -27,8 +27,9 @@ export interface PreparedJob {
   /** Micro-batches of held-out data (a fresh pass each call). */
   evalSource?: () => MicroBatchSource;
   initial: AdapterState;
-  /** Resume point: optimizer steps already taken. */
+  /** Resume point: optimizer steps already taken, and the tokens trained on in them. */
   startStep?: number;
+  startTokens?: number;
   /** Resumed after NaN rollbacks: the learning-rate multiplier and how many rollbacks there were. */
   lrScale?: number;
   rollbacks?: number;

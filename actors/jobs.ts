@@ -60,6 +60,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   });
   let initial: AdapterState;
   let startStep = 0;
+  let startTokens = 0;
   let lowered: Pick<PreparedJob, 'lrScale' | 'rollbacks'> = {};
   const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
   if (ckpt) {
@@ -71,6 +72,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     loader.restore(meta.loader as LoaderState);
     initial = state;
     startStep = meta.step;
+    startTokens = typeof meta.tokens === 'number' ? meta.tokens : 0;
     // a run that rolled back after NaNs goes on with the learning rate it had lowered to
     if (meta.rollbacks) {
       const s = meta.lrScale;
@@ -87,7 +89,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   } else {
     initial = freshState(env.model, spec);
   }
-  const job: PreparedJob = { spec, source: loader, initial, startStep, ...lowered };
+  const job: PreparedJob = { spec, source: loader, initial, startStep, startTokens, ...lowered };
   if (c.eval?.data) {
     const ev = await loadTrainingData(c.eval.data, {
       modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,

@@ -377,6 +377,7 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
+      job.tokens = p.startTokens ?? 0; // a resumed run counts on from the checkpoint, as the uninterrupted one does
       job.lrScale = p.lrScale ?? 1;
       job.rollbacks = p.rollbacks ?? 0;
       if (job.state === 'loading') job.prepared = p; // not if cancelled meanwhile
