@@ -21,13 +21,17 @@ export function newRunId(now = new Date()): string {
  */
 export function earlierResults(output: string, adapter: string): string[] {
   const dir = path.join(output, adapter);
-  let names: string[];
+  let entries: fs.Dirent[];
   try {
-    names = fs.readdirSync(dir);
+    entries = fs.readdirSync(dir, { withFileTypes: true });
   } catch {
     return [];
   }
-  return names.filter((n) => n === 'adapter_model.safetensors' || /^\.?checkpoint-\d+(\.replaced)?$/.test(n)).sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+  // (a file named like a checkpoint is no result: saving there fails, with its own error)
+  return entries
+    .filter((e) => (e.isFile() && e.name === 'adapter_model.safetensors') || (e.isDirectory() && /^\.?checkpoint-\d+(\.replaced)?$/.test(e.name)))
+    .map((e) => e.name)
+    .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
 }
 
 /** Where `overwrite` moves the earlier results of run `runId`. */
