@@ -30,9 +30,11 @@ t.test('report.html renders in Chromium with every chart, sample and fault', { s
   t.notMatch(html.replace(/xmlns="http:\/\/www\.w3\.org\/2000\/svg"/g, ''), /(?:src|href)\s*=\s*["']?(?:https?:)?\/\//i, 'nothing is loaded from the network');
 
   const { chromium: browser } = await import('playwright-core');
-  const b = await browser.launch({ executablePath: chromium!, args: ['--no-sandbox'] });
+  // generous limits: a loaded machine (the whole suite, in parallel) starts Chromium slowly
+  const b = await browser.launch({ executablePath: chromium!, args: ['--no-sandbox'], timeout: 180_000 });
   t.teardown(() => b.close());
   const page = await b.newPage({ viewport: { width: 1200, height: 900 } });
+  page.setDefaultTimeout(120_000);
   const problems: string[] = [];
   const requests: string[] = [];
   page.on('console', (m) => {
@@ -40,7 +42,7 @@ t.test('report.html renders in Chromium with every chart, sample and fault', { s
   });
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.on('request', (q) => requests.push(q.url()));
-  await page.goto(`file://${file}`, { waitUntil: 'load' });
+  await page.goto(`file://${file}`, { waitUntil: 'load', timeout: 120_000 });
   t.same(problems, [], 'no console errors or warnings');
   t.same(requests, [`file://${file}`], 'the page requests nothing but itself');
 
