@@ -9,17 +9,13 @@ import tap from 'tap';
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const DEMO_DATA = path.join(REPO, 'data/demo');
 
-/**
- * A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends (the root
- * test of a file: when the process exits). A teardown on the root test would switch on tap's
- * autoend, which ends the root test once it has been idle for three timer turns: a file whose
- * top-level code awaits a long run between assertions would then end in the middle, depending
- * on how fast the machine is.
- */
+/** A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends. */
 export function tmpDir(t: { teardown(fn: () => void): void }, tag = 'test'): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
   const remove = () => fs.rmSync(d, { recursive: true, force: true });
-  if (t === (tap as unknown)) process.once('exit', remove);
+  // The root test's teardown can run while a file's top-level awaits are still using the
+  // folder (tap may end the root between two awaits), so the root's folders go at exit.
+  if ((t as unknown) === tap) process.once('exit', remove);
   else t.teardown(remove);
   return d;
 }
