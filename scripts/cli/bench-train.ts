@@ -74,7 +74,8 @@ export async function gemmCeiling(threads: number, n = 1536): Promise<number> {
   return (2 * n ** 3) / (best / 1000) / 1e9;
 }
 
-function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
+/** A micro-batch of `seqs` sequences of `seqLen` random tokens (ids ≥ 4), every token a target. */
+export function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
   const N = seqs * seqLen;
   const ids = new Int32Array(N);
   for (let i = 0; i < N; i++) ids[i] = 4 + rng.int(c.vocabSize - 4);
@@ -86,7 +87,7 @@ function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: num
   return { step: 0, microIndex: 0, microCount: 1, inputIds: ids, labels: ids, cuSeqlens: cu, positions, numTokens: N, numTargetTokens: targets, stepTargetTokens: targets, lastOfStep: true };
 }
 
-const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
+export const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
 
 /** Trains `steps` steps of K adapters, batched (one message of all K) or sequential (K messages, one at a time). */
 async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicroBatch>, steps: number, batched: boolean, concurrent: boolean): Promise<number> {
