@@ -223,6 +223,19 @@ else
   fi
 fi
 
+# ---- cuBLAS: the addon searches the usual places; torch's pip wheels sit in a venv that
+# $VIRTUAL_ENV may not name, so look there too
+if [ -z "${MLORA_CUBLAS:-}" ] && [ "$rehearse" != 1 ]; then
+  for d in /usr/local/cuda/lib64 $(timeout 30 python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null); do
+    f=$(find "$d" -maxdepth 4 \( -name 'libcublas.so.13' -o -name 'libcublas.so.12' \) 2>/dev/null | head -1)
+    if [ -n "$f" ]; then
+      export MLORA_CUBLAS=$f
+      break
+    fi
+  done
+  row "cublas" "$([ -n "${MLORA_CUBLAS:-}" ] && echo ok || echo WARN)" "-" "${MLORA_CUBLAS:-not found: the fallback GEMM is used}"
+fi
+
 # ---- info
 step info 30 mlora info
 step_row info "$(grep -iE '^ *cuda' "$work/logs/info.log" | head -2 | tr -s ' ' | tr '\n' ' ')"
@@ -257,7 +270,7 @@ grep -E 'max \|diff\||‖' "$out/tests.tap" | sed -E 's/^ *(not )?ok [0-9]+ - //
 
 # ---- PEFT loads mlora's adapter: same logits
 have_torch=0
-python3 -c 'import torch, transformers, peft, safetensors' >/dev/null 2>&1 && have_torch=1
+timeout 90 python3 -c 'import torch, transformers, peft, safetensors' >/dev/null 2>&1 && have_torch=1
 peft_adapter() {
   set -e
   rm -rf "$work/peft"

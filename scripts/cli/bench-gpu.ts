@@ -58,6 +58,8 @@ export interface GpuBenchRecord {
   busy: number[];
   bubble: number;
   peft_tokens_per_s?: number;
+  /** PEFT's MFU by the same FLOP count and ceiling. */
+  peft_mfu?: number;
   vs_peft?: number;
 }
 
@@ -192,7 +194,7 @@ export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void):
             model: name, params: paramCount(c), adapters: K, stages: S, micro_batch: o.micro, seq_len: o.seqLen,
             tokens_per_s: Math.round(tps), mfu: Math.round(((tps * flops) / (ceiling * 1e12)) * 1e4) / 1e4, step_ms: Math.round(ms / o.steps),
             busy: u.busy.map((b) => Math.round(b * 1000) / 1000), bubble: Math.round(u.bubble * 1000) / 1000,
-            ...(peft ? { peft_tokens_per_s: peft, vs_peft: Math.round((tps / peft) * 100) / 100 } : {}),
+            ...(peft ? { peft_tokens_per_s: peft, peft_mfu: Math.round(((peft * flops) / (ceiling * 1e12)) * 1e4) / 1e4, vs_peft: Math.round((tps / peft) * 100) / 100 } : {}),
           };
           records.push(rec);
           log(`${name} S=${S} K=${K}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step, busy ${rec.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}`);
