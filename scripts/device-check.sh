@@ -3,7 +3,7 @@
 # Python with torch/transformers/peft, but maybe no Node.js, no node_modules and no network.
 # docs/cuda.md says how to call it with the device tool. Steps, in order, each under its own
 # `timeout` and all under one budget for the whole script (MLORA_DEVICE_CHECK_BUDGET_S, default
-# 330 s), so one hang cannot eat the device time; a step that finds the budget spent is skipped:
+# 340 s), so one hang cannot eat the device time; a step that finds the budget spent is skipped:
 #    node, node_modules  `node` on PATH (>= 20), else .node/node-v20-linux-x64.xz; node_modules,
 #                        else .node/node_modules.tar.xz (both made by scripts/pack-node-for-device.sh)
 #    build               the addon with CUDA (cmake-js; plain cmake with node-addon-api alone); if it
@@ -35,7 +35,7 @@ cd "$root"
 out=${OUT:-$root/.device-check}
 work=${MLORA_DEVICE_CHECK_WORK:-/tmp/mlora-device-check}
 rehearse=${MLORA_DEVICE_CHECK_REHEARSE:-0}
-budget=${MLORA_DEVICE_CHECK_BUDGET_S:-330}
+budget=${MLORA_DEVICE_CHECK_BUDGET_S:-340}
 export MLORA_DEVICE_CHECK_REHEARSE=$rehearse
 mkdir -p "$out" "$work/logs"
 export MLORA_CACHE=$work/cache
@@ -208,7 +208,7 @@ else
   fi
   command -v cmake >/dev/null || row "cmake" "FAIL" "-" "cmake is missing (>= 3.18 for CUDA)"
   export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-  step build 240 build_native
+  step build 180 build_native
   if [ $step_rc -eq 0 ] && grep -q '^compiled' native/build/cuda.txt 2>/dev/null; then
     step_row build "$(cat native/build/cuda.txt)"
   elif [ -f .node/prebuilt/mlora.node ]; then
@@ -260,7 +260,7 @@ tap_rows() {  # tap_rows <log> : one row per top-level subtest of the file
   done
 }
 for t in kernels model pipeline; do
-  limit=150; [ $t = kernels ] || limit=100
+  limit=90; [ $t = kernels ] || limit=60
   step "$t" $limit "$node" scripts/run-tests.mjs "test/cuda/$t.test.ts"
   cat "$work/logs/$t.log" >> "$out/tests.tap"
   step_row "$t" "$(tail -1 "$work/logs/$t.log")"
@@ -295,11 +295,11 @@ EOF
   "$node" dist/scripts/device/logits.js --model "$work/peft/small" --adapter "$work/peft/run/peftcheck" \
     --devices "$dev,cpu:$([ "$dev" = cpu:0 ] && echo 1 || echo 0)" --out "$work/peft/mlora-logits.safetensors"
 }
-step peft-adapter 90 peft_adapter
+step peft-adapter 60 peft_adapter
 step_row peft-adapter "small model, 10 steps on $dev: $(grep -oE 'overall: .*' "$work/logs/peft-adapter.log" | head -1)"
 if [ $step_rc -eq 0 ]; then
   if [ $have_torch = 1 ]; then
-    step peft-check 120 python3 -B scripts/device/peft_check.py --model "$work/peft/small" --adapter "$work/peft/run/peftcheck" \
+    step peft-check 90 python3 -B scripts/device/peft_check.py --model "$work/peft/small" --adapter "$work/peft/run/peftcheck" \
       --logits "$work/peft/mlora-logits.safetensors" --out "$out/peft-check.json"
     step_row peft-check "$(grep -E 'vs PEFT float64' "$work/logs/peft-check.log" | sed 's/peft_check: //' | tr '\n' ';')"
   elif [ "$rehearse" = 1 ]; then
@@ -335,14 +335,14 @@ make_bench_models() {
     fi
   done
 }
-step bench-models 120 make_bench_models
+step bench-models 90 make_bench_models
 step_row bench-models "$(printf '%s ' "${bench_models[@]}")in bf16 under $work/models"
 models_ok=$step_rc
 model_list=$(printf "$work/models/%s," "${bench_models[@]}")
 if [ $models_ok -eq 0 ] && [ $have_torch = 1 ] && [ "$rehearse" != 1 ]; then
   peft_models=()
   for m in "${bench_models[@]}"; do peft_models+=(--model "$m=$work/models/$m"); done
-  step peft-baseline 120 python3 -B scripts/device/peft_baseline.py "${peft_models[@]}" \
+  step peft-baseline 90 python3 -B scripts/device/peft_baseline.py "${peft_models[@]}" \
     "${peft_args[@]}" --out "$out/peft-baseline.json"
   step_row peft-baseline "$(grep -E 'K=[0-9]+:' "$work/logs/peft-baseline.log" | sed 's/peft_baseline: //' | cut -d, -f1 | tr '\n' ';')"
 else
@@ -350,7 +350,7 @@ else
 fi
 if [ $models_ok -eq 0 ]; then
   bench_run() { mlora bench --scenario gpu --models "${model_list%,}" "${bench_args[@]}" --baseline "$out/peft-baseline.json" --json > "$out/bench-gpu.json"; }
-  step bench 200 bench_run
+  step bench 150 bench_run
   # the table is the end of its progress output (stderr)
   sed -n '/^mlora bench --scenario gpu/,$p' "$work/logs/bench.log" > "$work/bench-table.txt"
   step_row bench "$(grep -E '^target ' "$work/logs/bench.log" | tr '\n' ';')"
