@@ -1,23 +1,26 @@
-// The embedded demo, as a new user runs it (`mlora train` with no config), in fast mode on the
-// tiny preset: four adapters on the demo datasets over two CPU stages. Every adapter's loss
-// goes down, and every output a user is promised is there and well-formed.
+// The embedded demo, as a new user runs it (`mlora train` with no config), in fast mode: four
+// adapters fine-tuning the shipped stories260K on the story datasets over two CPU stages. Every
+// adapter's training loss goes down, its held-out loss ends clearly below the base model's, and
+// every output a user is promised is there and well-formed.
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { listCheckpoints } from '../../lib/io/checkpoint.js';
-import { mlora, readMetrics } from './util.js';
+import { mlora, readMetrics, ROOT } from './util.js';
+import { evaluateDataset } from '../../scripts/cli/eval.js';
 
-const NAMES = ['capitals', 'arithmetic', 'reverse', 'sentiment'];
+const NAMES = ['robot', 'sea', 'rhyme', 'dialogue'];
+const MODEL = path.join(ROOT, 'data/models/stories260K');
+const STORIES = path.join(ROOT, 'data/demo/stories');
 
 t.test('mlora train --fast: the demo end to end', async (t) => {
   const dir = t.testdir();
   const out = path.join(dir, 'out');
-  const r = mlora(['train', '--fast', '--output', out, '--devices', 'cpu:0,cpu:1', '--threads', '1'], { MLORA_CACHE: path.join(dir, 'cache') });
+  const r = mlora(['train', '--fast', '--output', out, '--devices', 'cpu:0,cpu:1', '--threads', '1']);
   t.equal(r.code, 0, r.err);
-  t.match(r.out, /making the tiny model \(seed 0\) in .*tiny-seed0 \(once\)/);
-  t.match(r.out, /4 adapters on data\/demo\/ \(capitals, arithmetic, reverse, sentiment\)/);
-  t.match(r.out, /stage 0 on cpu:0: layers 0-0 \+ embedding\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/);
+  t.match(r.out, /fine-tuning stories260K \(.*data\/models\/stories260K\) with 4 adapters on data\/demo\/stories\/ \(robot, sea, rhyme, dialogue\)/);
+  t.match(r.out, /stage 0 on cpu:0: layers 0-2 \+ embedding\nstage 1 on cpu:1: layers 3-4 \+ norm\/head\/loss/);
   for (const n of NAMES) t.match(r.out, new RegExp(`\\n${n} +done +8/8 +\\d+\\.\\d{4} `), `${n}: a row in the summary table`);
   t.match(r.out, /overall: \d+ tokens in [\d.]+ s = \d+ tokens\/s; bubble ratio [\d.]+%/);
 
@@ -41,18 +44,24 @@ t.test('mlora train --fast: the demo end to end', async (t) => {
     t.ok(mine.every((x, i) => i === 0 || (x.tokens as number) > (mine[i - 1]!.tokens as number)), `${n}: tokens grow`);
     t.ok(recs.some((x) => x.type === 'done' && x.adapter === n && x.steps === 8), `${n}: a done record`);
     t.ok(recs.some((x) => x.type === 'checkpoint' && x.adapter === n && x.step === 4), `${n}: a checkpoint record at step 4`);
+    // held-out: the demo's eval split, after the last step, against the base model on the same split
+    const ev = recs.filter((x) => x.type === 'eval' && x.adapter === n);
+    t.same(ev.map((x) => x.step), [8], `${n}: one eval record, after step 8`);
+    const base = await evaluateDataset({ model: MODEL, data: path.join(STORIES, `${n}.eval.jsonl`), seqLen: 256, batchTokens: 4096 });
+    t.equal(ev[0]!.tokens, base.tokens, `${n}: the eval covers the whole held-out split`);
+    t.ok((ev[0]!.loss as number) < base.loss - 0.15, `${n}: held-out loss ${base.loss.toFixed(4)} (base) → ${(ev[0]!.loss as number).toFixed(4)} after 8 steps`);
 
     // The PEFT adapter: loads, matches the demo's settings, trained (B no longer zero).
     const ad = loadAdapter(path.join(out, n));
     const pairs = ad.layers.flatMap((l) => Object.values(l));
-    t.equal(ad.layers.length, 2, `${n}: PEFT adapter over both layers`);
-    t.equal(pairs.length, 2 * ad.targetModules.length, `${n}: one A/B pair per layer and target`);
+    t.equal(ad.layers.length, 5, `${n}: PEFT adapter over all five layers`);
+    t.equal(pairs.length, 5 * ad.targetModules.length, `${n}: one A/B pair per layer and target`);
     t.ok(pairs.every((p) => p.b.some((v) => v !== 0)), `${n}: every B was trained away from zero`);
     const cks = listCheckpoints(path.join(out, n));
     t.same(cks.map((c) => [c.step, c.complete]), [[4, true]], `${n}: one complete checkpoint, at step 4`);
     t.same(loadAdapter(cks[0]!.dir).targetModules, ad.targetModules, `${n}: the checkpoint is itself a loadable PEFT adapter`);
   }
-  const demoR = { capitals: 8, arithmetic: 16, reverse: 8, sentiment: 4 } as const;
+  const demoR = { robot: 8, sea: 4, rhyme: 16, dialogue: 8 } as const;
   for (const n of NAMES) t.equal(loadAdapter(path.join(out, n)).r, demoR[n as keyof typeof demoR], `${n}: r as configured`);
 
   const html = fs.readFileSync(path.join(out, 'report.html'), 'utf8');
@@ -67,15 +76,15 @@ t.test('mlora train --fast: the demo end to end', async (t) => {
 t.test('--dry-run prints the split, memory per stage and admission order, and trains nothing', async (t) => {
   const dir = t.testdir();
   const out = path.join(dir, 'out');
-  const r = mlora(['train', '--fast', '--dry-run', '--output', out, '--devices', 'cpu:0,cpu:1', '--memory', '1GiB'], { MLORA_CACHE: path.join(dir, 'cache') });
+  const r = mlora(['train', '--fast', '--dry-run', '--output', out, '--devices', 'cpu:0,cpu:1', '--memory', '1GiB']);
   t.equal(r.code, 0, r.err);
-  t.match(r.out, /model .*tiny-seed0: 2 layers, hidden 64, 4\/2 heads, vocab 512/);
-  t.match(r.out, /stage 0 on cpu:0: layers 0-0 \+ embedding\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/);
+  t.match(r.out, /model .*stories260K: 5 layers, hidden 64, 8\/4 heads, vocab 512/);
+  t.match(r.out, /stage 0 on cpu:0: layers 0-2 \+ embedding\nstage 1 on cpu:1: layers 3-4 \+ norm\/head\/loss/);
   t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from 2 adapter\(s\), 4 in flight\):/);
   for (const s of [0, 1]) {
-    t.match(r.out, new RegExp(`  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ KiB, adapters [\\d.]+ KiB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`));
+    t.match(r.out, new RegExp(`  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ KiB, adapters [\\d.]+ [KM]iB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`));
   }
-  t.match(r.out, /admission order: capitals, arithmetic, reverse, sentiment/);
+  t.match(r.out, /admission order: robot, sea, rhyme, dialogue/);
   t.match(r.out, /estimated throughput: ~\d+ tokens\/s/);
   t.notMatch(r.out, /step 1\//, 'no training step');
   t.notOk(fs.existsSync(out), 'nothing written to the output folder');
