@@ -10,7 +10,8 @@ import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { type FaultSpec } from '../lib/faults.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -243,9 +244,6 @@ async function control(m: ControlMsg): Promise<void> {
   if (m.type !== 'shutdown') injectFaults(false);
   let value: unknown;
   switch (m.type) {
-    case 'ping':
-      value = { stage: init.stage, handled };
-      break;
     case 'addAdapter': {
       program.addAdapterState(m.adapter!, m.spec!, m.state!);
       break;
@@ -258,9 +256,6 @@ async function control(m: ControlMsg): Promise<void> {
       break;
     case 'gradSumsq':
       value = await program.gradSumsq(m.adapter!);
-      break;
-    case 'zeroGrads':
-      await program.zeroGrads(m.adapter!);
       break;
     case 'poison': {
       const a = program.adapter(m.adapter!);

@@ -3,7 +3,9 @@
 // straight from the safetensors files into device memory.
 import type { Device, Tensor, DType } from '../tensor.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
-import type { LayerWeights, StagePlan, StageWeights } from './stage.js';
+import type { StagePlan } from './batch.js';
+import type { LayerWeights } from './layer.js';
+import type { StageWeights } from './stage.js';
 
 export interface LoadWeightsOptions {
   /** Storage dtype on the device: keep the file's (default) or convert (e.g. f32 → bf16). */

@@ -5,10 +5,12 @@
 // micro-batches that way, but not for two full copies, two are in flight and nothing runs out.
 import t from 'tap';
 import { Supervisor } from '../../actors/supervisor.js';
-import { adapters, tinyModel, tmpDir } from '../faults/harness.js';
+import { adapters } from '../faults/harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const cfg = adapters(tmpDir('admission'), ['a', 'b'], 3);
+const model = await tinyModel(0);
+const cfg = adapters(tmpDir(t, 'admission'), ['a', 'b'], 3);
 const devices = ['cpu:0', 'cpu:1'];
 const spec = (i: number) => ({ r: cfg[i]!.lora.r, alpha: cfg[i]!.lora.alpha, dropout: cfg[i]!.lora.dropout, targets: [...cfg[i]!.lora.targets], useRslora: false, seed: 0 });
 const N = cfg[0]!.micro_batch_size * cfg[0]!.seq_len; // the largest micro-batch of one adapter

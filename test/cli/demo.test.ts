@@ -7,12 +7,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { listCheckpoints } from '../../lib/io/checkpoint.js';
-import { mlora, readMetrics, ROOT } from './util.js';
+import { mlora, readMetrics } from './util.js';
+import { STORIES260K as MODEL, STORY_DATA as STORIES } from '../support/files.js';
 import { evaluateDataset } from '../../scripts/cli/eval.js';
 
 const NAMES = ['robot', 'sea', 'rhyme', 'dialogue'];
-const MODEL = path.join(ROOT, 'data/models/stories260K');
-const STORIES = path.join(ROOT, 'data/demo/stories');
 
 t.test('mlora train --fast: the demo end to end', async (t) => {
   const dir = t.testdir();

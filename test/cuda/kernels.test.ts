@@ -17,7 +17,7 @@ import type { Test } from 'tap';
 import { addonPath, native, type DType, type NativeDevice, type Op, type Tensor } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import { openDevice } from '../../lib/tensor.js';
-import { assertClose, type Tolerance } from '../helpers.js';
+import { assertClose, type Tolerance } from '../support/helpers.js';
 
 const info = native().info();
 const noGpu: string | false =

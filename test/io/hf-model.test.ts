@@ -10,7 +10,7 @@ import {
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
 import { bf16ToF32 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig } from '../../lib/model/config.js';
-import { cpuDevice } from '../helpers.js';
+import { cpuDevice } from '../support/helpers.js';
 
 const FIX = path.resolve('test/fixtures/llama-tiny');
 

@@ -7,7 +7,6 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { mergeAdapter, mergedWeight, parseShardSize } from '../../lib/io/merge.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadAdapter, saveAdapter, type AdapterWeights } from '../../lib/io/peft.js';
@@ -15,14 +14,12 @@ import { openSafetensors } from '../../lib/io/safetensors.js';
 import { LORA_TARGETS, PRESETS, projectionShape, type LlamaConfig } from '../../lib/model/config.js';
 import { Rng } from '../../lib/rng.js';
 import { evaluateDataset } from '../../scripts/cli/eval.js';
-import { assertClose } from '../helpers.js';
+import { assertClose } from '../support/helpers.js';
+import { REPO, STORIES260K as STORIES, STORY_DATA as STORY_DIR } from '../support/files.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const ROOT = path.resolve(here, '../../..');
-const CLI = path.join(ROOT, 'dist/scripts/mlora.js');
-const TINY = path.join(ROOT, 'test/fixtures/llama-tiny');
-const STORIES = path.join(ROOT, 'data/models/stories260K');
-const STORY_DATA = path.join(ROOT, 'data/demo/stories/sea.eval.jsonl');
+const CLI = path.join(REPO, 'dist/scripts/mlora.js');
+const TINY = path.join(REPO, 'test/fixtures/llama-tiny');
+const STORY_DATA = path.join(STORY_DIR, 'sea.eval.jsonl');
 
 function mlora(...args: string[]) {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', timeout: 120_000 });

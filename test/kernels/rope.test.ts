@@ -5,7 +5,7 @@ import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { readF32 } from '../../lib/tensor.js';
 import { ropeTables, ropeInvFreq, packedPositions } from '../../lib/model/rope.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 
 /** float64 reference: rotate each head of x[n, heads, d] by sign·angle(pos[r], i). */
 function ropeRef(x: ArrayLike<number>, pos: ArrayLike<number>, cos: Float32Array, sin: Float32Array,

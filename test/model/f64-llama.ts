@@ -4,7 +4,7 @@
 // losses and, by central differences, LoRA gradients. Also the micro-batch those tests feed to
 // a StageProgram, packed as the supervisor packs one.
 import type { Device, Tensor } from '../../lib/tensor.js';
-import type { MicroBatch } from '../../lib/model/stage.js';
+import type { MicroBatch } from '../../lib/model/batch.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { toPeftTensors } from '../../lib/lora/state.js';
 import type { LlamaConfig, LoraTarget } from '../../lib/model/config.js';

@@ -15,7 +15,7 @@ import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { cpuDevice, assertClose } from '../helpers.js';
+import { cpuDevice, assertClose } from '../support/helpers.js';
 import { f64Forward, f64Lora, packedBatch } from './f64-llama.js';
 import { readFileSync } from 'node:fs';
 

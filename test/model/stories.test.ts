@@ -7,7 +7,6 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
@@ -17,13 +16,11 @@ import { StageProgram } from '../../lib/model/stage.js';
 import { loraScale, type LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice } from '../helpers.js';
+import { assertClose, cpuDevice } from '../support/helpers.js';
 import { f64Forward, f64Lora, packedBatch } from './f64-llama.js';
+import { REPO, STORIES260K as MODEL, STORY_DATA } from '../support/files.js';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const ROOT = path.resolve(here, '../../..');
-const MODEL = path.join(ROOT, 'data/models/stories260K');
-const CLI = path.join(ROOT, 'dist/scripts/mlora.js');
+const CLI = path.join(REPO, 'dist/scripts/mlora.js');
 /** llama2.c's published greedy output of stories260K from <s> (its README; also an independent numpy forward). */
 const PUBLISHED = 'Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball.';
 
@@ -69,7 +66,7 @@ t.test('mlora generate --prompt "" prints the published text', async (t) => {
 /** Three held-out demo stories, cut to `len` tokens each: <s> + text, every position a target. */
 function realStories(len: number): Array<{ ids: number[]; labels: number[] }> {
   const tok = loadTokenizer(MODEL);
-  const lines = fs.readFileSync(path.join(ROOT, 'data/demo/stories/robot.eval.jsonl'), 'utf8').split('\n').filter(Boolean);
+  const lines = fs.readFileSync(path.join(STORY_DATA, 'robot.eval.jsonl'), 'utf8').split('\n').filter(Boolean);
   return [0, 1, 2].map((i) => {
     const ids = tok.encode((JSON.parse(lines[i]!) as { text: string }).text, { addSpecialTokens: true }).slice(0, len - 5 * i);
     return { ids, labels: ids.slice() };

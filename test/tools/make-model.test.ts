@@ -10,7 +10,8 @@ import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
-import { fullLogits, inProcess, mlora, tmpDir } from './util.js';
+import { fullLogits, inProcess, mlora } from './util.js';
+import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
 function parameterCount(c: LlamaConfig): number {
@@ -23,7 +24,7 @@ t.test('every preset: the config.json it writes is the preset, and reads back as
   const want: Record<PresetName, Record<string, unknown>> = {
     tiny: { hidden_size: 64, intermediate_size: 172, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, vocab_size: 512, max_position_embeddings: 512, torch_dtype: 'float32' },
     small: { hidden_size: 256, intermediate_size: 688, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 32, vocab_size: 2048, max_position_embeddings: 1024, torch_dtype: 'float32' },
-    // issue 3: hidden 512, 4 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192
+    // the bench preset: hidden 512, 4 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192
     bench: { hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 64, vocab_size: 8192, max_position_embeddings: 2048, torch_dtype: 'float32' },
     '1b': { hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, head_dim: 64, vocab_size: 32000, max_position_embeddings: 2048, torch_dtype: 'bfloat16' },
   };
