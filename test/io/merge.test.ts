@@ -3,7 +3,7 @@
 // W + scale·B·A (alpha/r, or alpha/sqrt(r) with use_rslora) and every other tensor is copied
 // bit for bit; --dtype, sharding under a tiny --max-shard-size, the copied files, and the
 // refusals (mismatched adapter, non-empty --out).
-import t from 'tap';
+import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
@@ -15,7 +15,7 @@ import { LORA_TARGETS, PRESETS, projectionShape, type LlamaConfig } from '../../
 import { Rng } from '../../lib/rng.js';
 import { evaluateDataset } from '../../scripts/cli/eval.js';
 import { assertClose } from '../support/helpers.js';
-import { REPO, STORIES260K as STORIES, STORY_DATA as STORY_DIR } from '../support/files.js';
+import { REPO, STORIES260K as STORIES, STORY_DATA as STORY_DIR, tmpDir } from '../support/files.js';
 
 const CLI = path.join(REPO, 'dist/scripts/mlora.js');
 const TINY = path.join(REPO, 'test/fixtures/llama-tiny');
@@ -52,16 +52,22 @@ const evalOf = (model: string, data: string, adapter?: string) => evaluateDatase
 // separately; the two losses agree to a few 1e-7 relative (a loss of ~1-5 over a few thousand tokens)
 const F32_TOL = { atol: 1e-5, rtol: 1e-5 };
 
-t.test('llama-tiny + its PyTorch-made adapter: merged eval = base + adapter eval; tensors are W + (alpha/r)·B·A', async (t) => {
-  const dir = t.testdir();
-  const data = tinyData(dir);
-  const out = path.join(dir, 'merged');
-  const r = mlora('merge', '--model', path.join(TINY, 'model'), '--adapter', path.join(TINY, 'adapter'), '--out', out);
+/**
+ * Merges a fixture's adapter into its model with the CLI and checks: eval of the merged model =
+ * eval of base + adapter; every adapted projection = W + (alpha/r)·B·A against float64; every
+ * other tensor (norms, embeddings, biases, q/k norms) copied bit for bit; config.json unchanged.
+ */
+async function checkFixture(t: Test, fixture: string, data: string, projections: number) {
+  const model = path.join(fixture, 'model');
+  const adapter = path.join(fixture, 'adapter');
+  const out = path.join(tmpDir(t, 'merge'), 'merged');
+  const r = mlora('merge', '--model', model, '--adapter', adapter, '--out', out);
   t.equal(r.code, 0, r.err);
-  t.match(r.out, /scale 2\): 14 projection\(s\) of 21 tensors; wrote .*merged: model\.safetensors in/);
-  const withAdapter = await evalOf(path.join(TINY, 'model'), data, path.join(TINY, 'adapter'));
+  const src = openModelDir(model);
+  t.match(r.out, new RegExp(`scale 2\\): ${projections} projection\\(s\\) of ${src.tensorNames.length} tensors; wrote .*merged: model\\.safetensors in`));
+  const withAdapter = await evalOf(model, data, adapter);
   const merged = await evalOf(out, data);
-  const base = await evalOf(path.join(TINY, 'model'), data);
+  const base = await evalOf(model, data);
   t.equal(merged.tokens, withAdapter.tokens);
   assertClose(t, [merged.loss], [withAdapter.loss], F32_TOL, `merged eval loss ${merged.loss.toFixed(6)} vs base + adapter`);
   t.ok(Math.abs(base.loss - withAdapter.loss) > 1e-3, `the adapter matters (base ${base.loss.toFixed(4)}, with adapter ${withAdapter.loss.toFixed(4)})`);
@@ -69,10 +75,8 @@ t.test('llama-tiny + its PyTorch-made adapter: merged eval = base + adapter eval
   const cli = JSON.parse(mlora('eval', '--model', out, '--data', data, '--json').out) as { loss: number };
   t.equal(cli.loss, merged.loss, 'mlora eval of the merged model');
 
-  // every tensor: merged ones against a float64 W + scale·B·A, the rest bit for bit
-  const src = openModelDir(path.join(TINY, 'model'));
   const dst = openModelDir(out);
-  const ad = loadAdapter(path.join(TINY, 'adapter'));
+  const ad = loadAdapter(adapter);
   t.same(dst.tensorNames.slice().sort(), src.tensorNames.slice().sort(), 'the same tensor names');
   let checked = 0;
   for (const n of src.tensorNames) {
@@ -93,8 +97,12 @@ t.test('llama-tiny + its PyTorch-made adapter: merged eval = base + adapter eval
     assertClose(t, dst.readF32(n), want, { atol: 1e-7, rtol: 1e-6 }, `${n} = W + (alpha/r)·B·A`);
     checked++;
   }
-  t.equal(checked, 14, 'all 14 adapted projections checked');
-  t.same(JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')), JSON.parse(fs.readFileSync(path.join(TINY, 'model/config.json'), 'utf8')), 'config.json as the base (same dtype)');
+  t.equal(checked, projections, `all ${projections} adapted projections checked`);
+  t.same(JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')), JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')), 'config.json as the base (same dtype)');
+}
+
+t.test('llama-tiny + its PyTorch-made adapter: merged eval = base + adapter eval; tensors are W + (alpha/r)·B·A', async (t) => {
+  await checkFixture(t, TINY, tinyData(t.testdir()), 14);
 });
 
 t.test('stories260K: merged eval = base + adapter eval; f32 and bf16; use_rslora scale; tokenizer files copied', async (t) => {
