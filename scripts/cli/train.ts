@@ -61,7 +61,7 @@ export function demoConfig(modelDir: string, output: string, fast: boolean): unk
     adapters: [
       adapter('robot', 1, { lora: { r: 8, alpha: 16, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3 } }),
       adapter('sea', 2, { lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 5e-3 } }),
-      adapter('rhyme', 3, { lora: { r: 16, alpha: 16, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3, weight_decay: 0.01 }, micro_batch_size: fast ? 2 : 4 }),
+      adapter('rhyme', 3, { lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 4e-3, weight_decay: 0.01 }, micro_batch_size: fast ? 2 : 4 }),
       adapter('dialogue', 4, { lora: { r: 8, alpha: 16, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
     ],
     pipeline: {},
