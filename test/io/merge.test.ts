@@ -1,5 +1,5 @@
-// mlora merge: the merged model evaluates like base + adapter (llama-tiny fixture with its
-// PyTorch-made adapter, and the real stories260K with a seeded adapter), every merged tensor is
+// mlora merge: the merged model evaluates like base + adapter (llama-tiny and the four family
+// fixtures with their PyTorch-made adapters, and the real stories260K with a seeded adapter), every merged tensor is
 // W + scale·B·A (alpha/r, or alpha/sqrt(r) with use_rslora) and every other tensor is copied
 // bit for bit; --dtype, sharding under a tiny --max-shard-size, the copied files, and the
 // refusals (mismatched adapter, non-empty --out).
@@ -104,6 +104,16 @@ async function checkFixture(t: Test, fixture: string, data: string, projections:
 t.test('llama-tiny + its PyTorch-made adapter: merged eval = base + adapter eval; tensors are W + (alpha/r)·B·A', async (t) => {
   await checkFixture(t, TINY, tinyData(t.testdir()), 14);
 });
+
+// Llama 3 RoPE scaling, Qwen2 (q/k/v biases: copied unchanged, tied embeddings), Qwen3 (q_norm/k_norm),
+// Mistral (sliding window): the PyTorch-made fixtures of test/fixtures/families
+for (const fam of ['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window']) {
+  t.test(`${fam} + its adapter: merged eval = base + adapter eval; biases and norms copied unchanged`, async (t) => {
+    const fixture = path.join(REPO, 'test/fixtures/families', fam);
+    await checkFixture(t, fixture, path.join(fixture, 'data.jsonl'), 14);
+    if (fam === 'qwen2') t.ok(openModelDir(path.join(fixture, 'model')).tensorNames.some((n) => n.endsWith('q_proj.bias')), 'qwen2 has q_proj biases (checked above)');
+  });
+}
 
 t.test('stories260K: merged eval = base + adapter eval; f32 and bf16; use_rslora scale; tokenizer files copied', async (t) => {
   const dir = t.testdir();
