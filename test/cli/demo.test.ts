@@ -88,3 +88,17 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
   t.notMatch(r.out, /step 1\//, 'no training step');
   t.notOk(fs.existsSync(out), 'nothing written to the output folder');
 });
+
+t.test('the full demo config (not run by the tests: minutes) is valid: every path exists, every adapter has held-out data', async (t) => {
+  const { demoConfig, checkPaths, DEMO_MODEL } = await import('../../scripts/cli/train.js');
+  const { parseTrainConfig } = await import('../../lib/config.js');
+  for (const fast of [false, true]) {
+    const cfg = parseTrainConfig(demoConfig(DEMO_MODEL, '/nonexistent/out', fast), 'demo config');
+    t.doesNotThrow(() => checkPaths(cfg, 'demo config'), `fast=${fast}: every path exists`);
+    t.same(cfg.adapters.map((a) => a.name), NAMES);
+    for (const a of cfg.adapters) {
+      t.equal(a.eval?.data, path.join(STORIES, `${a.name}.eval.jsonl`), `fast=${fast} ${a.name}: held-out split`);
+      t.equal(a.max_steps, fast ? 8 : 60);
+    }
+  }
+});
