@@ -1,7 +1,8 @@
 // The embedded demo, as a new user runs it (`mlora train` with no config), in fast mode: four
 // adapters fine-tuning the shipped stories260K on the story datasets over two CPU stages. Every
 // adapter's training loss goes down, its held-out loss ends clearly below the base model's, and
-// every output a user is promised is there and well-formed.
+// every output a user is promised is there and well-formed, including the greedy samples
+// before and after training.
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -10,8 +11,24 @@ import { listCheckpoints } from '../../lib/io/checkpoint.js';
 import { mlora, readMetrics } from './util.js';
 import { STORIES260K as MODEL, STORY_DATA as STORIES } from '../support/files.js';
 import { evaluateDataset } from '../../scripts/cli/eval.js';
+import { loadTokenizer } from '../../lib/data/tokenizer.js';
+import { openSingleModel } from '../../lib/model/single.js';
+import { generate } from '../../lib/model/generate.js';
 
 const NAMES = ['robot', 'sea', 'rhyme', 'dialogue'];
+const PROMPTS: Record<string, string> = { robot: 'Once upon a time,', sea: 'Once upon a time,', rhyme: 'Once upon a time,', dialogue: 'Mom:' };
+
+/** The base model's greedy continuation of a prompt, as long as the fast demo's samples (24 tokens). */
+async function baseSample(prompt: string): Promise<string> {
+  const tok = loadTokenizer(MODEL);
+  const m = await openSingleModel(MODEL);
+  try {
+    const ids = tok.encode(prompt, { addSpecialTokens: true });
+    return tok.decodeAfter(ids, await generate(m, ids, { maxNewTokens: 24, eosId: tok.eosId! }), { skipSpecialTokens: true });
+  } finally {
+    m.free();
+  }
+}
 
 t.test('mlora train --fast: the demo end to end', async (t) => {
   const dir = t.testdir();
@@ -43,12 +60,20 @@ t.test('mlora train --fast: the demo end to end', async (t) => {
     t.ok(mine.every((x, i) => i === 0 || (x.tokens as number) > (mine[i - 1]!.tokens as number)), `${n}: tokens grow`);
     t.ok(recs.some((x) => x.type === 'done' && x.adapter === n && x.steps === 8), `${n}: a done record`);
     t.ok(recs.some((x) => x.type === 'checkpoint' && x.adapter === n && x.step === 4), `${n}: a checkpoint record at step 4`);
-    // held-out: the demo's eval split, after the last step, against the base model on the same split
+    // held-out: the demo's eval split before the first step (the base model: B = 0) and after the
+    // last, against mlora eval of the base model on the same split
     const ev = recs.filter((x) => x.type === 'eval' && x.adapter === n);
-    t.same(ev.map((x) => x.step), [8], `${n}: one eval record, after step 8`);
+    t.same(ev.map((x) => x.step), [0, 8], `${n}: eval records before step 1 and after step 8`);
     const base = await evaluateDataset({ model: MODEL, data: path.join(STORIES, `${n}.eval.jsonl`), seqLen: 256, batchTokens: 4096 });
-    t.equal(ev[0]!.tokens, base.tokens, `${n}: the eval covers the whole held-out split`);
-    t.ok((ev[0]!.loss as number) < base.loss - 0.15, `${n}: held-out loss ${base.loss.toFixed(4)} (base) → ${(ev[0]!.loss as number).toFixed(4)} after 8 steps`);
+    t.ok(ev.every((x) => x.tokens === base.tokens), `${n}: the eval covers the whole held-out split`);
+    t.ok(Math.abs((ev[0]!.loss as number) - base.loss) < 1e-5, `${n}: the step-0 eval is the base model's (${(ev[0]!.loss as number).toFixed(6)} vs ${base.loss.toFixed(6)})`);
+    t.ok((ev[1]!.loss as number) < base.loss - 0.15, `${n}: held-out loss ${base.loss.toFixed(4)} (base) → ${(ev[1]!.loss as number).toFixed(4)} after 8 steps`);
+    // greedy samples of the demo prompt: before = the base model's own continuation, after = changed
+    const sm = recs.filter((x) => x.type === 'sample' && x.adapter === n);
+    t.same(sm.map((x) => [x.when, x.step, x.prompt]), [['before', 0, PROMPTS[n]], ['after', 8, PROMPTS[n]]], `${n}: a sample before and after`);
+    t.equal(sm[0]!.text, await baseSample(PROMPTS[n]!), `${n}: the sample before training is the base model's greedy continuation`);
+    t.not(sm[1]!.text, sm[0]!.text, `${n}: training changed the greedy sample: ${JSON.stringify(sm[1]!.text)}`);
+    t.match(r.out, new RegExp(`\\[${n}\\] greedy samples\\n  prompt ${JSON.stringify(PROMPTS[n]).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\n    before \\(step 0\\): .*\\n    after  \\(step 8\\): `), `${n}: samples in the summary`);
 
     // The PEFT adapter: loads, matches the demo's settings, trained (B no longer zero).
     const ad = loadAdapter(path.join(out, n));
@@ -66,10 +91,11 @@ t.test('mlora train --fast: the demo end to end', async (t) => {
   const html = fs.readFileSync(path.join(out, 'report.html'), 'utf8');
   t.match(html, /^<!doctype html>/);
   t.match(html, /<\/html>$/);
-  t.match(html, /<h2>Training loss per adapter<\/h2><svg /);
-  t.match(html, /<h2>Stage utilisation over time<\/h2><svg /);
-  for (const n of NAMES) t.match(html, new RegExp(`>${n}</text>`), `${n} in the loss chart legend`);
-  t.equal((html.match(/<polyline /g) ?? []).length, 4, 'one loss curve per adapter');
+  t.match(html, /<h2>Training loss<\/h2><figure><svg data-chart="loss"/);
+  t.match(html, /<h2>Stage utilisation over time<\/h2><figure class="wide"><svg data-chart="stages"/);
+  const loss = /<svg data-chart="loss".*?<\/svg>/.exec(html)?.[0] ?? '';
+  t.same([...loss.matchAll(/<g data-series="([^"]+)"><title>[^<]*<\/title><polyline /g)].map((m) => m[1]).sort(), [...NAMES].sort(), 'one loss curve per adapter');
+  // (test/cli/report.test.ts checks every chart in a browser)
 });
 
 t.test('--dry-run prints the split, memory per stage and admission order, and trains nothing', async (t) => {
