@@ -1,5 +1,5 @@
 // `mlora eval` / evaluateDataset: mean loss, perplexity and token count against an independent
-// computation (full logits + a float64 log-softmax, test/tools/util.ts) and against the PyTorch
+// computation (full logits + a float64 log-softmax, test/cli/util.ts) and against the PyTorch
 // reference loss of test/fixtures/llama-tiny; pre-tokenized data needs no tokenizer.json.
 import t from 'tap';
 import fs from 'node:fs';
@@ -79,14 +79,14 @@ t.test('with the reference adapter the loss is the PyTorch+PEFT reference loss',
   assertClose(t, [base.loss], [want.loss], LOSS_TOL, 'loss without adapter vs independent computation');
 
   // the CLI, text and --json
-  const j = mlora('eval', '--model', model, '--adapter', path.join(FIX, 'adapter'), '--data', file, '--json');
+  const j = mlora(['eval', '--model', model, '--adapter', path.join(FIX, 'adapter'), '--data', file, '--json']);
   t.equal(j.code, 0, j.err);
   const o = JSON.parse(j.out) as { loss: number; perplexity: number; tokens: number; examples: number };
   t.same(Object.keys(o).sort(), ['examples', 'loss', 'perplexity', 'tokens']);
   t.equal(o.tokens, count);
   t.equal(o.examples, 2);
   assertClose(t, [o.loss, o.perplexity], [ref.loss, Math.exp(ref.loss)], { atol: 1e-6, rtol: 2e-6 }, '--json loss, perplexity');
-  const txt = mlora('eval', '--model', model, '--data', file);
+  const txt = mlora(['eval', '--model', model, '--data', file]);
   t.equal(txt.code, 0, txt.err);
   t.match(txt.out, new RegExp(`^loss ${base.loss.toFixed(4)}  perplexity ${base.perplexity.toFixed(3)}  tokens ${count}  examples 2\\n$`));
 });

@@ -121,7 +121,7 @@ t.test('CLI errors are usage errors (exit 2) with a clear message', async (t) =>
     t.match(r.err, /usage: mlora make-model --preset/);
   }
   t.same(fs.readdirSync(out), [], 'nothing written');
-  const real = mlora('make-model', '--preset', 'tiny');
+  const real = mlora(['make-model', '--preset', 'tiny']);
   t.equal(real.code, 2, 'the real CLI exits 2');
   t.match(real.err, /--out DIR is required/);
 });

@@ -201,11 +201,11 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   const dir = tmpDir(t, 'gen');
   await makeModel(dir, 'tiny', 6);
   const tok = loadTokenizer(dir);
-  const r = mlora('generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8');
+  const r = mlora(['generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8']);
   t.equal(r.code, 0, r.err);
   t.match(r.out, /^Once upon a time/);
   t.match(r.err, /\(\d+ tokens in [\d.]+ s\)/);
-  const j = mlora('generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json');
+  const j = mlora(['generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json']);
   t.equal(j.code, 0, j.err);
   const o = JSON.parse(j.out) as { prompt: string; completion: string; tokens: number[]; ms: number };
   t.equal(o.prompt, 'Once upon a time');
