@@ -99,7 +99,10 @@ function injectFaults(microBatch: boolean): number {
     if (f.stage !== undefined && f.stage !== init.stage) continue;
     if (f.kind === 'slow') factor = f.factor ?? 2;
     if (f.after === undefined || handled + 1 < f.after || fired.has(f)) continue;
-    if (f.kind === 'crash') (fired.add(f), process.exit(70)); // ends this worker thread only
+    if (f.kind === 'crash') {
+      fired.add(f);
+      process.exit(70); // ends this worker thread only
+    }
     if (f.kind === 'hang') for (fired.add(f); ;) { /* a hung kernel: no heartbeats, no replies */ }
     if (f.kind === 'oom' && microBatch) {
       fired.add(f);

@@ -109,7 +109,10 @@ export class KvCacheDecoder {
   }
 
   free(): void {
-    for (const c of this.caches) (c.k.free(), c.v.free());
+    for (const c of this.caches) {
+      c.k.free();
+      c.v.free();
+    }
   }
 }
 

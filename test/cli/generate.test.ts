@@ -46,7 +46,8 @@ t.test('attention_decode matches a float64 reference (nq, length, GQA shapes); r
   ];
   for (const [nq, length, cap, hq, hkv, d, scale] of shapes) {
     const q = randn(rng, nq * hq * d), kc = randn(rng, cap * hkv * d), vc = randn(rng, cap * hkv * d);
-    for (let i = length * hkv * d; i < kc.length; i++) (kc[i] = NaN, vc[i] = NaN); // beyond length: poison
+    kc.fill(NaN, length * hkv * d); // beyond length: poison
+    vc.fill(NaN, length * hkv * d);
     const out = dev.alloc('f32', [nq, hq * d]);
     const T = (x: Float32Array, s: number[]) => dev.fromArray('f32', s, x);
     await dev.run([{ op: 'attention_decode', out, q: T(q, [nq, hq * d]), kCache: T(kc, [cap, hkv * d]), vCache: T(vc, [cap, hkv * d]), length, heads: hq, kvHeads: hkv, ...(scale ? { scale } : {}) }]);
