@@ -24,6 +24,11 @@ export interface LayerActs {
   gate: Tensor;
   up: Tensor;
   act: Tensor;
+  /** q/k norms (Qwen3): the projections before the per-head norm, and its rstd [N·heads]. */
+  qRaw?: Tensor;
+  kRaw?: Tensor;
+  qRstd?: Tensor;
+  kRstd?: Tensor;
   /** xa per target, per segment index (undefined where the adapter has no LoRA there). */
   xa: Map<LoraTarget, Array<Tensor | undefined>>;
 }
@@ -61,15 +66,18 @@ export function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: numbe
     const first = l === plan.lo;
     // the first layer's input is the stage input (or the embedding output on stage 0)
     const x = first && !plan.first ? (null as unknown as Tensor) : c.take([N, H]);
-    layers.push({ x, ...(recompute ? unboundBody() : carveBody(c, cfg, N, segs)) });
+    layers.push({ x, ...(recompute ? unboundBody(cfg) : carveBody(c, cfg, N, segs)) });
   }
   return layers;
 }
 
 /** Recompute: a layer's body before a call binds its work block. */
-function unboundBody(): LayerBody {
+function unboundBody(cfg: LlamaConfig): LayerBody {
   const none = null as unknown as Tensor;
-  return { xn1: none, rstd1: none, q: none, k: none, v: none, ao: none, lse: none, hmid: none, xn2: none, rstd2: none, gate: none, up: none, act: none, xa: new Map() };
+  return {
+    xn1: none, rstd1: none, q: none, k: none, v: none, ao: none, lse: none, hmid: none, xn2: none, rstd2: none, gate: none, up: none, act: none,
+    ...(cfg.qkNorm ? { qRaw: none, kRaw: none, qRstd: none, kRstd: none } : {}), xa: new Map(),
+  };
 }
 
 /** Recompute: one call's work block: a layer body shared by every layer, and a [N, H] output nobody reads. */
@@ -97,6 +105,12 @@ function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]):
     act: c.take([N, I]),
     xa: new Map(),
   };
+  if (cfg.qkNorm) {
+    acts.qRaw = c.take([N, cfg.numHeads * cfg.headDim]);
+    acts.kRaw = c.take([N, cfg.numKvHeads * cfg.headDim]);
+    acts.qRstd = c.take([N * cfg.numHeads]);
+    acts.kRstd = c.take([N * cfg.numKvHeads]);
+  }
   for (const target of LORA_TARGETS) {
     acts.xa.set(target, segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)));
   }
@@ -115,6 +129,8 @@ export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number
     ['dact', [rows, I]], ['dgate', [rows, I]], ['dup', [rows, I]], ['dxn', [rows, H]],
     ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
   ];
+  // q/k norms: the gradients of the projections' outputs, before the norm
+  if (c.qkNorm) shapes.push(['dqRaw', [rows, c.numHeads * c.headDim]], ['dkRaw', [rows, c.numKvHeads * c.headDim]]);
   if (plan.last) {
     shapes.push(
       ['xFinal', [rows, H]], ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],

@@ -5,7 +5,7 @@
 // LayerWeights and a branch in both functions below, never a second layer implementation.
 import type { Tensor } from '../tensor.js';
 import type { LoraSegmentArg, Op } from '../native.js';
-import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
+import { LORA_TARGETS, layerWindow, type LlamaConfig, type LoraTarget } from './config.js';
 import type { StageAdapter } from '../lora/adapter.js';
 import { deriveSeed } from '../rng.js';
 import type { MicroBatch } from './batch.js';
@@ -22,6 +22,13 @@ export interface LayerWeights {
   gate: Tensor;
   up: Tensor;
   down: Tensor;
+  /** Qwen2: frozen biases of q_proj, k_proj, v_proj [out] (added after the base GEMM, before LoRA). */
+  qBias?: Tensor;
+  kBias?: Tensor;
+  vBias?: Tensor;
+  /** Qwen3: RMSNorm weights [head_dim] applied to each head of q and k before RoPE. */
+  qNorm?: Tensor;
+  kNorm?: Tensor;
 }
 
 /** What a layer's ops need from the stage around it. */
@@ -44,16 +51,24 @@ export function layerForwardOps(
   train: boolean, recomputing = false,
 ): void {
   const c = ctx.config;
+  const N = mb.numTokens;
   const { positions, cuSeqlens } = mb.tensors;
   ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
-  proj(ctx, ops, mb, l, 'q_proj', A, A.q, A.xn1, L.q, false, train);
-  proj(ctx, ops, mb, l, 'k_proj', A, A.k, A.xn1, L.k, false, train);
-  proj(ctx, ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train);
+  // with q/k norms the projections land in qRaw/kRaw and the normed heads in q/k
+  const qOut = L.qNorm ? A.qRaw! : A.q, kOut = L.kNorm ? A.kRaw! : A.k;
+  proj(ctx, ops, mb, l, 'q_proj', A, qOut, A.xn1, L.q, false, train, true, L.qBias);
+  proj(ctx, ops, mb, l, 'k_proj', A, kOut, A.xn1, L.k, false, train, true, L.kBias);
+  proj(ctx, ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train, true, L.vBias);
+  if (L.qNorm && L.kNorm) {
+    const d = c.headDim;
+    ops.push({ op: 'rmsnorm_forward', y: view(A.q, [N, c.numHeads, d]), rstd: A.qRstd!, x: view(A.qRaw!, [N, c.numHeads, d]), w: L.qNorm, eps: c.rmsNormEps });
+    ops.push({ op: 'rmsnorm_forward', y: view(A.k, [N, c.numKvHeads, d]), rstd: A.kRstd!, x: view(A.kRaw!, [N, c.numKvHeads, d]), w: L.kNorm, eps: c.rmsNormEps });
+  }
   ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numHeads });
   ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numKvHeads });
   ops.push({
     op: 'attention_forward', out: A.ao, lse: A.lse, q: A.q, k: A.k, v: A.v, cuSeqlens,
-    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
+    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim), window: layerWindow(c, l),
   });
   ops.push({ op: 'copy', y: A.hmid, x: A.x });
   proj(ctx, ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
@@ -93,12 +108,22 @@ export function layerBackwardOps(
   projBack(ctx, ops, mb, l, 'o_proj', A, dao, dres, A.ao, L.o);
   ops.push({
     op: 'attention_backward', dq, dk, dv, dout: dao, q: A.q, k: A.k, v: A.v, out: A.ao, lse: A.lse, cuSeqlens,
-    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim),
+    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim), window: layerWindow(c, l),
   });
   ops.push({ op: 'rope_backward', dx: dq, dy: dq, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numHeads });
   ops.push({ op: 'rope_backward', dx: dk, dy: dk, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numKvHeads });
-  projBack(ctx, ops, mb, l, 'q_proj', A, dxn, dq, A.xn1, L.q);
-  projBack(ctx, ops, mb, l, 'k_proj', A, dxn, dk, A.xn1, L.k, true);
+  // q/k norms: back through the per-head RMSNorm (weights frozen: no dw) into the projections'
+  // outputs; a frozen bias passes dy through unchanged
+  let dqp = dq, dkp = dk;
+  if (L.qNorm && L.kNorm) {
+    const d = c.headDim;
+    dqp = view(s.dqRaw!, [N, qDim]);
+    dkp = view(s.dkRaw!, [N, kvDim]);
+    ops.push({ op: 'rmsnorm_backward', dx: view(dqp, [N, c.numHeads, d]), dy: view(dq, [N, c.numHeads, d]), x: view(A.qRaw!, [N, c.numHeads, d]), w: L.qNorm, rstd: A.qRstd! });
+    ops.push({ op: 'rmsnorm_backward', dx: view(dkp, [N, c.numKvHeads, d]), dy: view(dk, [N, c.numKvHeads, d]), x: view(A.kRaw!, [N, c.numKvHeads, d]), w: L.kNorm, rstd: A.kRstd! });
+  }
+  projBack(ctx, ops, mb, l, 'q_proj', A, dxn, dqp, A.xn1, L.q);
+  projBack(ctx, ops, mb, l, 'k_proj', A, dxn, dkp, A.xn1, L.k, true);
   projBack(ctx, ops, mb, l, 'v_proj', A, dxn, dv, A.xn1, L.v, true);
   if (inputGrad) {
     ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxn, x: A.x, w: L.attnNorm, rstd: A.rstd1, accumulate: true });
@@ -127,9 +152,10 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
   return out;
 }
 
-/** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) */
-function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true) {
+/** y (=, or += with accumulate) = x·Wᵀ (+ bias) + Σ_segments LoRA(x) */
+function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true, bias?: Tensor) {
   if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate });
+  if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
   if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
 }

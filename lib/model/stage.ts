@@ -18,7 +18,7 @@ import type { Op } from '../native.js';
 import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
 import { stageSlice, type AdapterState } from '../lora/state.js';
-import { ropeTables } from './rope.js';
+import { modelRopeTables } from './rope.js';
 import { checkSegments, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
@@ -97,7 +97,7 @@ export class StageProgram implements LayerContext {
     if (plan.last && (!weights.norm || !weights.head)) throw new Error('the last stage needs the final norm and the LM head');
     this.qDim = c.numHeads * c.headDim;
     this.kvDim = c.numKvHeads * c.headDim;
-    const { cos, sin } = ropeTables(c.ropeTheta, c.headDim, c.maxPositionEmbeddings);
+    const { cos, sin } = modelRopeTables(c);
     this.cos = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], cos);
     this.sin = device.fromArray('f32', [c.maxPositionEmbeddings, c.headDim / 2], sin);
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
