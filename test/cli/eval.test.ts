@@ -1,5 +1,5 @@
 // `mlora eval` / evaluateDataset: mean loss, perplexity and token count against an independent
-// computation (full logits + a float64 log-softmax, test/cli/util.ts) and against the PyTorch
+// computation (full logits + a float64 log-softmax, test/support/logits.ts) and against the PyTorch
 // reference loss of test/fixtures/llama-tiny; pre-tokenized data needs no tokenizer.json.
 import t from 'tap';
 import fs from 'node:fs';
@@ -11,7 +11,8 @@ import { readDataset } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose } from '../support/helpers.js';
-import { FIX, ROOT, copyFixtureModel, inProcess, mlora, referenceLoss } from './util.js';
+import { FIX, ROOT, copyFixtureModel, inProcess, mlora } from './util.js';
+import { referenceLoss } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 
 interface Ref { input_ids: number[][]; labels: number[][]; loss: number }

@@ -10,7 +10,8 @@ import { generate, KvCacheDecoder, sampleToken } from '../../lib/model/generate.
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose, closeness, cpuDevice, randn } from '../support/helpers.js';
-import { FIX, copyFixtureModel, fullLogits, inProcess, mlora } from './util.js';
+import { FIX, copyFixtureModel, inProcess, mlora } from './util.js';
+import { fullLogits } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 import { main } from '../../scripts/cli/generate.js';
 

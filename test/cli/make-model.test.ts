@@ -10,7 +10,8 @@ import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
-import { fullLogits, inProcess, mlora } from './util.js';
+import { inProcess, mlora } from './util.js';
+import { fullLogits } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
