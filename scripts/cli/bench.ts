@@ -10,7 +10,7 @@
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
 import os from 'node:os';
-import { readFileSync } from 'node:fs';
+import { cpuModel } from '../../lib/machine.js';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
@@ -191,15 +191,6 @@ function bestMs(fn: () => void, minReps: number, minMs: number): number {
   return best;
 }
 
-function cpuModel(): string {
-  try {
-    const m = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
-    if (m) return m[1]!.trim();
-  } catch {
-    /* not Linux */
-  }
-  return os.cpus()[0]?.model ?? 'unknown';
-}
 
 function randomTensor(d: Device, rng: Rng, dtype: 'f32' | 'bf16', shape: number[], std = 1): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);

@@ -3,21 +3,19 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import root from 'tap';
+import tap from 'tap';
 
 /** The repository root (tests run from dist/test/..., sources sit three folders up). */
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const DEMO_DATA = path.join(REPO, 'data/demo');
 
-/**
- * A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends; for the root
- * test (a file's top-level assertions) when the process exits, since a teardown on tap's root
- * makes it end itself once idle, which a file awaiting a long run between assertions is.
- */
+/** A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends. */
 export function tmpDir(t: { teardown(fn: () => void): void }, tag = 'test'): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
   const remove = () => fs.rmSync(d, { recursive: true, force: true });
-  if (t === root) process.once('exit', remove);
+  // The root test's teardown can run while a file's top-level awaits are still using the
+  // folder (tap may end the root between two awaits), so the root's folders go at exit.
+  if ((t as unknown) === tap) process.once('exit', remove);
   else t.teardown(remove);
   return d;
 }
