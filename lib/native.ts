@@ -101,8 +101,9 @@ export type Op =
   | { op: 'dequantize'; dst: Tensor; src: Tensor }
   /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
   | { op: 'fma_peak'; out: Tensor; iterations?: number; bf16?: boolean }
-  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
-  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
+  /** With `segments`: the projection's LoRA in the same call (as lora_forward; backward also needs x). */
+  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean; segments?: LoraSegmentArg[] }
+  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean; x?: Tensor; segments?: LoraSegmentArg[] }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }
   | { op: 'embedding_backward'; dtable: Tensor; dy: Tensor; ids: Tensor }
   | { op: 'rmsnorm_forward'; y: Tensor; rstd: Tensor; x: Tensor; w: Tensor; eps: number }

@@ -154,17 +154,17 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
   return out;
 }
 
-/** y (=, or += with accumulate) = x·Wᵀ (+ bias) + Σ_segments LoRA(x) */
+/** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) (+ bias), the first two in one op
+ *  (the CPU fuses the LoRA expand into the base GEMM); without the base, LoRA alone. */
 function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true, bias?: Tensor) {
-  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16 });
-  if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
-  if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
+  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { segments } : {}) });
+  else if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
+  if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
 }
 
-/** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB) */
+/** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB), one op */
 function projBack(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
-  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: ctx.bf16 });
   const segments = loraSegments(ctx, mb, layer, target, acts, true);
-  if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
+  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { x, segments } : {}) });
 }

@@ -9,12 +9,16 @@
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
-import os from 'node:os';
+//   mlora bench --scenario gpu [--device cuda:0] [--models bench,1b|DIR,...] [--adapters 1,4,8] [--stages 1,2] [--rank 16]
+//               [--micro-batch M --seq-len T] [--steps N] [--ceiling-n N] [--baseline PEFT.json] [--json]
+// --threads defaults to every core (os.availableParallelism()), as for `mlora train`.
+import os, { availableParallelism } from 'node:os';
 import { cpuModel } from '../../lib/machine.js';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
 import { batchloraScenario, headScenario, pipelineScenario, PRECISION_MODES, precisionScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
+import { gpuScenario, printGpuTable } from './bench-gpu.js';
 
 export interface BenchOptions {
   threads: number;
@@ -30,6 +34,12 @@ export interface BenchOptions {
   /** precision scenario: the preset and the base formats to run */
   preset?: 'bench' | '1b';
   modes?: string[];
+  /** The gpu scenario: device, models (presets or directories), stage counts, ceiling GEMM size, PEFT baseline JSON. */
+  device?: string;
+  models?: string[];
+  stages?: number[];
+  ceilingN?: number;
+  baseline?: string;
 }
 
 interface Scenario {
@@ -77,6 +87,21 @@ const scenarios: Record<string, Scenario> = {
       return recomputeScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 5), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }, log);
     },
   },
+  gpu: {
+    summary: 'one GPU: bench and 1b models (bf16), K adapters, 1 and 2 stage actors; tokens/s, MFU vs the bf16 GEMM ceiling, vs PEFT',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const device = o.device ?? 'cuda:0';
+      const cuda = device.startsWith('cuda');
+      const r = await gpuScenario({
+        device, models: o.models ?? ['bench', '1b'], adapters: o.adapters ?? [1, 4, 8], stages: o.stages ?? [1, 2], rank: o.rank ?? 16,
+        micro: o.microBatch ?? (cuda ? 2 : 1), seqLen: o.seqLen ?? (cuda ? 512 : 32), steps: o.steps ?? (o.quick ? 1 : 3),
+        ceilingN: o.ceilingN ?? (cuda ? 8192 : 256), ...(o.baseline ? { baseline: o.baseline } : {}),
+      }, log);
+      printGpuTable(r, log);
+      return r;
+    },
+  },
   pipeline: {
     summary: '2 stage actors (1 thread each) vs 1 stage with 1 and 2 threads; busy fractions and bubble ratio',
     run: async (o) => {
@@ -100,14 +125,15 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
 }
 
 function usage(): string {
-  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]', '', 'scenarios:'];
+  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]',
+    '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]', '', 'scenarios:'];
   for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
   return lines.join('\n');
 }
 
 export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchOptions } | { error: string } | { help: true } {
   let scenario = '';
-  const opts: BenchOptions = { threads: 1, json: false, quick: false };
+  const opts: BenchOptions = { threads: availableParallelism(), json: false, quick: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i]!;
     const value = (): string => {
@@ -133,11 +159,23 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         if (bad.length) return { error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})` };
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
-      else if (a === '--adapters' || a.startsWith('--adapters=')) {
+      else if (a === '--adapters' || a.startsWith('--adapters=') || a === '--stages' || a.startsWith('--stages=')) {
+        const flag = a.split('=')[0]!;
         const v = value();
-        opts.adapters = v.split(',').map(Number);
-        if (opts.adapters.some((n) => !Number.isInteger(n) || n < 1)) return { error: `--adapters must be a list of positive integers, got '${v}'` };
-      } else if (['--rank', '--micro-batch', '--seq-len', '--steps'].some((f) => a === f || a.startsWith(`${f}=`))) {
+        const list = v.split(',').map(Number);
+        if (list.some((n) => !Number.isInteger(n) || n < 1)) return { error: `${flag} must be a list of positive integers, got '${v}'` };
+        if (flag === '--adapters') opts.adapters = list;
+        else opts.stages = list;
+      } else if (a === '--device' || a.startsWith('--device=')) {
+        const v = value();
+        if (!/^(cpu|cuda)(:\d+)?$/.test(v)) return { error: `--device must be cpu:N or cuda:N, got '${v}'` };
+        opts.device = v.includes(':') ? v : `${v}:0`;
+      } else if (a === '--models' || a.startsWith('--models=')) {
+        const v = value();
+        opts.models = v.split(',').filter(Boolean);
+        if (!opts.models.length) return { error: `--models must name presets or model directories, got '${v}'` };
+      } else if (a === '--baseline' || a.startsWith('--baseline=')) opts.baseline = value();
+      else if (['--rank', '--micro-batch', '--seq-len', '--steps', '--ceiling-n'].some((f) => a === f || a.startsWith(`${f}=`))) {
         const flag = a.split('=')[0]!;
         const v = value();
         const n = Number(v);
@@ -145,6 +183,7 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         if (flag === '--rank') opts.rank = n;
         else if (flag === '--micro-batch') opts.microBatch = n;
         else if (flag === '--seq-len') opts.seqLen = n;
+        else if (flag === '--ceiling-n') opts.ceilingN = n;
         else opts.steps = n;
       }
       else return { error: `unknown option '${a}'` };
@@ -417,16 +456,70 @@ async function benchKernels(opts: BenchOptions) {
         `${r.ms.toFixed(2).padStart(8)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)} ${`${(100 * r.ofPeak).toFixed(0)}%`.padStart(8)}`,
     );
 
+  const attention = attentionRows(d, rng, opts, sgemm);
+  log('');
+  log(`attention (causal, ${M} tokens packed as ${M}/T sequences, ${heads} heads, ${kvHeads} kv heads; GFLOP/s of causal FLOPs: forward 4·M·(T/2)·heads·d, backward 2.5× that)`);
+  log(`${'T'.padStart(5)} ${'d'.padStart(4)} ${'fwd ms'.padStart(8)} ${'bwd ms'.padStart(8)} ${'fwd GF/s'.padStart(9)} ${'bwd GF/s'.padStart(9)} ${'fwd+bwd'.padStart(8)} ${'of sgemm'.padStart(9)}`);
+  for (const r of attention)
+    log(
+      `${String(r.seqLen).padStart(5)} ${String(r.headDim).padStart(4)} ${r.fwdMs.toFixed(2).padStart(8)} ${r.bwdMs.toFixed(2).padStart(8)} ` +
+        `${r.fwdGflops.toFixed(1).padStart(9)} ${r.bwdGflops.toFixed(1).padStart(9)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)}`,
+    );
+
   // ---- Time split of one full layer forward+backward by kernel family --------------------
   const split = layerSplit(d, rng, opts, log);
+  const loraCost = loraOverhead(d, rng, opts, log);
   return {
     scenario: 'kernels',
     machine: { cpu: cpuModel(), hardwareThreads: os.cpus().length, deviceThreads: opts.threads, gemmKernel: info.cpu.gemmKernel },
     model: BENCH_MODEL,
     ceilings: { fmaPeakGflops: peak, sgemm: { size: S, gflops: sgemm } },
     gemm: rows,
+    attention,
     layerSplit: split,
+    loraOverhead: loraCost,
   };
+}
+
+interface AttentionRow {
+  seqLen: number;
+  headDim: number;
+  fwdMs: number;
+  bwdMs: number;
+  fwdGflops: number;
+  bwdGflops: number;
+  /** forward + backward together */
+  gflops: number;
+  ofSgemm: number;
+}
+
+/** attention_forward / attention_backward of the bench model's heads at sequence 256 and 512,
+ *  head dim 64 and 128, over the bench model's token count. */
+function attentionRows(d: Device, rng: Rng, opts: BenchOptions, sgemm: number): AttentionRow[] {
+  const { tokens: n, heads: hq, kvHeads: hkv } = BENCH_MODEL;
+  const reps = opts.quick ? 1 : 3;
+  const minMs = opts.quick ? 0 : 300;
+  const rows: AttentionRow[] = [];
+  for (const T of [256, 512])
+    for (const hd of [64, 128]) {
+      const owned: Tensor[] = [];
+      const f32 = (shape: number[]) => (owned.push(randomTensor(d, rng, 'f32', shape)), owned[owned.length - 1]!);
+      const buf = (shape: number[]) => (owned.push(d.alloc('f32', shape)), owned[owned.length - 1]!);
+      const q = f32([n, hq * hd]), k = f32([n, hkv * hd]), v = f32([n, hkv * hd]), dout = f32([n, hq * hd]);
+      const out = buf([n, hq * hd]), lse = buf([hq, n]);
+      const dq = buf([n, hq * hd]), dk = buf([n, hkv * hd]), dv = buf([n, hkv * hd]);
+      const nseq = n / T;
+      const cuSeqlens = d.fromArray('i32', [nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * T));
+      owned.push(cuSeqlens);
+      const common = { cuSeqlens, heads: hq, kvHeads: hkv };
+      const fwdMs = bestMs(() => d.runSync([{ op: 'attention_forward', out, lse, q, k, v, ...common }]), reps, minMs);
+      const bwdMs = bestMs(() => d.runSync([{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common }]), reps, minMs);
+      for (const t of owned) t.free();
+      const fwdFlops = 4 * n * (T / 2) * hq * hd, bwdFlops = 2.5 * fwdFlops;
+      const gflops = (fwdFlops + bwdFlops) / (fwdMs + bwdMs) / 1e6;
+      rows.push({ seqLen: T, headDim: hd, fwdMs, bwdMs, fwdGflops: fwdFlops / fwdMs / 1e6, bwdGflops: bwdFlops / bwdMs / 1e6, gflops, ofSgemm: gflops / sgemm });
+    }
+  return rows;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,15 +532,44 @@ const LAYER_OPS = [
   'attention_forward', 'attention_backward', 'swiglu_forward', 'swiglu_backward', 'lora_forward', 'lora_backward',
 ] as const;
 
-function family(op: string): string {
-  return op.replace(/_(forward|backward)$/, '');
+/** linear, attention, …; a linear op with LoRA segments (the fused projection) is linear+lora. */
+function family(op: Op): string {
+  const fused = (op.op === 'linear_forward' || op.op === 'linear_backward') && op.segments?.length;
+  return op.op.replace(/_(forward|backward)$/, '') + (fused ? '+lora' : '');
 }
 
+/** A linear op followed by the LoRA op of the same projection becomes one op with `segments`,
+ *  as lib/model/layer.ts issues them (the CPU fuses LoRA's expand into the base GEMM). */
+function fuseProjections(program: Op[]): Op[] {
+  const out: Op[] = [];
+  for (let i = 0; i < program.length; i++) {
+    const a = program[i]!, b = program[i + 1];
+    if (a.op === 'linear_forward' && b?.op === 'lora_forward' && b.y === a.y && b.x === a.x) {
+      out.push({ ...a, segments: b.segments });
+      i++;
+    } else if (a.op === 'linear_backward' && b?.op === 'lora_backward' && b.dx === a.dx && b.dy === a.dy) {
+      out.push({ ...a, x: b.x, segments: b.segments });
+      i++;
+    } else out.push(a);
+  }
+  return out;
+}
+
+/** Which projections get LoRA in layerProgram, for how many adapters (equal row shares). */
+export interface LayerLora {
+  modules: ReadonlyArray<'q' | 'k' | 'v' | 'o' | 'gate' | 'up' | 'down'>;
+  adapters: number;
+  rank: number;
+}
+
+/** The split's default: rank 16 on q/k/v/o for 2 adapters. */
+const SPLIT_LORA: LayerLora = { modules: ['q', 'k', 'v', 'o'], adapters: 2, rank: 16 };
+
 /** The ops of one layer forward+backward over freshly allocated tensors (all listed in `owned`). */
-export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: Op[]; description: string } {
+export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLora = SPLIT_LORA): { program: Op[]; description: string } {
   const { hidden: H, intermediate: I, tokens: T, heads, kvHeads, headDim: hd } = BENCH_MODEL;
   const nseq = 4;
-  const rank = 16;
+  const { rank, adapters } = lora;
   const maxPos = T / nseq;
   const f32 = (shape: number[], std = 1) => {
     const t = randomTensor(d, rng, 'f32', shape, std);
@@ -486,20 +608,26 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: O
     cosT.write(c);
     sinT.write(s);
   }
-  // LoRA segments for one projection [in → out]: 2 adapters, half the rows each.
+  // LoRA segments for one projection [in → out]: `adapters` adapters, equal shares of the rows.
   const segments = (inF: number, outF: number) =>
-    [0, 1].map((s) => ({
-      rowStart: (s * T) / 2,
-      rowEnd: ((s + 1) * T) / 2,
+    Array.from({ length: adapters }, (_, s) => ({
+      rowStart: Math.floor((s * T) / adapters),
+      rowEnd: Math.floor(((s + 1) * T) / adapters),
       a: f32([rank, inF], 0.05),
       b: f32([outF, rank], 0.05),
       scale: 2,
-      xa: buf([T / 2, rank]),
+      xa: buf([Math.floor(((s + 1) * T) / adapters) - Math.floor((s * T) / adapters), rank]),
       da: buf([rank, inF]),
       db: buf([outF, rank]),
     }));
-  const segQ = segments(H, heads * hd), segK = segments(H, kvHeads * hd), segV = segments(H, kvHeads * hd);
-  const segO = segments(heads * hd, H);
+  type Module = LayerLora['modules'][number];
+  const seg = (m: Module, inF: number, outF: number) => (lora.modules.includes(m) ? segments(inF, outF) : []);
+  const segQ = seg('q', H, heads * hd), segK = seg('k', H, kvHeads * hd), segV = seg('v', H, kvHeads * hd);
+  const segO = seg('o', heads * hd, H), segG = seg('gate', H, I), segU = seg('up', H, I), segD = seg('down', I, H);
+  // The LoRA op of a projection, or nothing where it has no adapter.
+  const fwd = (y: Tensor, xx: Tensor, segs: typeof segQ): Op[] => (segs.length ? [{ op: 'lora_forward', y, x: xx, segments: segs }] : []);
+  const bwd = (dxx: Tensor, dy: Tensor, xx: Tensor, segs: typeof segQ): Op[] =>
+    segs.length ? [{ op: 'lora_backward', dx: dxx, dy, x: xx, segments: segs }] : [];
 
   const rstd1 = buf([T]), rstd2 = buf([T]);
   const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
@@ -516,48 +644,87 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[]): { program: O
     // forward
     { op: 'rmsnorm_forward', y: h1, rstd: rstd1, x, w: wNorm1, eps: 1e-5 },
     { op: 'linear_forward', y: q, x: h1, w: Wq },
-    { op: 'lora_forward', y: q, x: h1, segments: segQ },
+    ...fwd(q, h1, segQ),
     { op: 'linear_forward', y: k, x: h1, w: Wk },
-    { op: 'lora_forward', y: k, x: h1, segments: segK },
+    ...fwd(k, h1, segK),
     { op: 'linear_forward', y: v, x: h1, w: Wv },
-    { op: 'lora_forward', y: v, x: h1, segments: segV },
+    ...fwd(v, h1, segV),
     { op: 'rope_forward', y: qr, x: q, pos, cos: cosT, sin: sinT, heads },
     { op: 'rope_forward', y: kr, x: k, pos, cos: cosT, sin: sinT, heads: kvHeads },
     { op: 'attention_forward', out: att, lse, q: qr, k: kr, v, cuSeqlens: cu, heads, kvHeads },
     { op: 'copy', y: x1, x },
     { op: 'linear_forward', y: x1, x: att, w: Wo, accumulate: true },
-    { op: 'lora_forward', y: x1, x: att, segments: segO },
+    ...fwd(x1, att, segO),
     { op: 'rmsnorm_forward', y: h2, rstd: rstd2, x: x1, w: wNorm2, eps: 1e-5 },
     { op: 'linear_forward', y: gate, x: h2, w: Wg },
+    ...fwd(gate, h2, segG),
     { op: 'linear_forward', y: up, x: h2, w: Wu },
+    ...fwd(up, h2, segU),
     { op: 'swiglu_forward', h: hm, gate, up },
     { op: 'copy', y: x2, x: x1 },
     { op: 'linear_forward', y: x2, x: hm, w: Wd, accumulate: true },
+    ...fwd(x2, hm, segD),
     // backward (dx2 given)
     { op: 'copy', y: dx1, x: dx2 },
     { op: 'linear_backward', dx: dhm, dy: dx2, w: Wd },
+    ...bwd(dhm, dx2, hm, segD),
     { op: 'swiglu_backward', dgate, dup, dh: dhm, gate, up },
     { op: 'linear_backward', dx: dh2, dy: dgate, w: Wg },
+    ...bwd(dh2, dgate, h2, segG),
     { op: 'linear_backward', dx: dh2, dy: dup, w: Wu, accumulate: true },
+    ...bwd(dh2, dup, h2, segU),
     { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
     { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
-    { op: 'lora_backward', dx: datt, dy: dx1, x: att, segments: segO },
+    ...bwd(datt, dx1, att, segO),
     { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
     { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
     { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
     { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
-    { op: 'lora_backward', dx: dh1, dy: dq, x: h1, segments: segQ },
+    ...bwd(dh1, dq, h1, segQ),
     { op: 'linear_backward', dx: dh1, dy: dk, w: Wk, accumulate: true },
-    { op: 'lora_backward', dx: dh1, dy: dk, x: h1, segments: segK },
+    ...bwd(dh1, dk, h1, segK),
     { op: 'linear_backward', dx: dh1, dy: dv, w: Wv, accumulate: true },
-    { op: 'lora_backward', dx: dh1, dy: dv, x: h1, segments: segV },
+    ...bwd(dh1, dv, h1, segV),
     { op: 'copy', y: dx0, x: dx1 },
     { op: 'rmsnorm_backward', dx: dx0, dy: dh1, x, w: wNorm1, rstd: rstd1, dw: dwNorm1, accumulate: true },
   ];
   return {
-    program,
-    description: `${T} tokens (${nseq} sequences of ${maxPos}), LoRA rank ${rank} on q/k/v/o for 2 adapters`,
+    program: fuseProjections(program),
+    description: `${T} tokens (${nseq} sequences of ${maxPos}), ` +
+      (lora.modules.length ? `LoRA rank ${rank} on ${lora.modules.join('/')} for ${adapters} adapter${adapters > 1 ? 's' : ''}` : 'no LoRA'),
   };
+}
+
+/** One layer forward+backward with LoRA (rank 16, all 7 projections, 4 adapters) against the
+ *  same layer without: the whole program timed as one run, best of alternating repetitions. */
+function loraOverhead(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
+  const variants: Array<[string, LayerLora]> = [
+    ['no LoRA', { modules: [], adapters: 1, rank: 16 }],
+    ['LoRA r16 ×4 adapters, 7 modules', { modules: ['q', 'k', 'v', 'o', 'gate', 'up', 'down'], adapters: 4, rank: 16 }],
+  ];
+  const owned: Tensor[] = [];
+  try {
+    const programs = variants.map(([, l]) => layerProgram(d, rng, owned, l).program);
+    for (const p of programs) d.runSync(p);
+    const best = programs.map(() => Infinity);
+    for (let r = 0; r < (opts.quick ? 1 : 5); r++)
+      programs.forEach((p, i) => {
+        const t0 = performance.now();
+        d.runSync(p);
+        best[i] = Math.min(best[i]!, performance.now() - t0);
+      });
+    const ratio = best[1]! / best[0]!;
+    log('');
+    log('LoRA overhead of one layer forward+backward (bench model, 2048 tokens)');
+    variants.forEach(([name], i) => log(`  ${name.padEnd(34)} ${best[i]!.toFixed(1).padStart(8)} ms`));
+    log(`  ratio ${ratio.toFixed(3)}× (the LoRA expand runs inside the base GEMMs: linear ops take the segments)`);
+    return { noLoraMs: best[0], loraMs: best[1], ratio };
+  } catch (e) {
+    log(`  (LoRA overhead failed: ${(e as Error).message})`);
+    return { error: (e as Error).message };
+  } finally {
+    for (const t of owned) if (!t.freed) t.free();
+  }
 }
 
 function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) => void) {
@@ -582,7 +749,7 @@ function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) =>
         best[i] = Math.min(best[i]!, performance.now() - t0);
       });
     const byFamily = new Map<string, number>();
-    program.forEach((op, i) => byFamily.set(family(op.op), (byFamily.get(family(op.op)) ?? 0) + best[i]!));
+    program.forEach((op, i) => byFamily.set(family(op), (byFamily.get(family(op)) ?? 0) + best[i]!));
     const total = best.reduce((a, b) => a + b, 0);
     const sorted = [...byFamily.entries()].sort((a, b) => b[1] - a[1]);
     log(`  ${description}; total ${total.toFixed(1)} ms`);

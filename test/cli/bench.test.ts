@@ -1,5 +1,6 @@
 // mlora bench: argument handling (the scenarios themselves are measured, never asserted).
 import t from 'tap';
+import { availableParallelism } from 'node:os';
 import { parseBenchArgs } from '../../scripts/cli/bench.js';
 
 t.test('options and clear errors', async (t) => {
@@ -7,7 +8,8 @@ t.test('options and clear errors', async (t) => {
     scenario: 'kernels',
     opts: { threads: 2, json: true, quick: false },
   });
-  t.same(parseBenchArgs(['--scenario=kernels', '--quick']), { scenario: 'kernels', opts: { threads: 1, json: false, quick: true } });
+  // Like `mlora train`, bench uses every core unless told otherwise.
+  t.same(parseBenchArgs(['--scenario=kernels', '--quick']), { scenario: 'kernels', opts: { threads: availableParallelism(), json: false, quick: true } });
   t.match(parseBenchArgs(['--scenario', 'nope']), { error: /unknown scenario 'nope' \(known: kernels/ });
   t.match(parseBenchArgs([]), { error: /missing --scenario/ });
   t.match(parseBenchArgs(['--scenario', 'kernels', '--threads', '0']), { error: /--threads must be a positive integer/ });

@@ -6,6 +6,7 @@
 // backward schedules (many short sequences / few long ones), an extreme logit range, window 0
 // = no window bitwise, and the decode op against the full forward.
 import t from 'tap';
+import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import { readF32, type Device, type Tensor } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
@@ -104,6 +105,9 @@ function scaled(want: Float64Array, rel: number): Tolerance {
 const TOL_OUT = { atol: 2e-5, rtol: 1e-4 };
 const TOL_LSE = { atol: 1e-5, rtol: 1e-5 };
 
+const cpu = native().info().cpu;
+const kernels = ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])];
+
 const cases: Array<[string, Case]> = [
   ['window 8 < tile, one sequence of 150, GQA 2', { cu: [0, 150], hq: 4, hkv: 2, d: 16, window: 8 }],
   ['window 64 = tile, sequences 0..200 long', { cu: [0, 1, 65, 65, 265, 330], hq: 2, hkv: 1, d: 32, window: 64 }],
@@ -116,15 +120,24 @@ for (const [name, c] of cases) {
   t.test(`forward and backward vs float64: ${name}`, async (t) => {
     const x = inputs(c, new Rng(21, 'attn-window', name));
     const ref = reference(c, x);
-    // 1 thread: one item per (sequence, kv head); 8 threads and few long sequences: the two-pass schedule
-    let first: Awaited<ReturnType<typeof run>> | undefined;
-    for (const threads of [1, 8]) {
-      const got = await run(cpuDevice(threads), c, x, c.window, new Rng(22, threads));
-      assertClose(t, got.out, ref.out, TOL_OUT, `out (${threads} threads)`);
-      assertClose(t, got.lse, ref.lse, TOL_LSE, `lse (${threads} threads)`);
-      for (const g of ['dq', 'dk', 'dv'] as const) assertClose(t, got[g], ref[g], scaled(ref[g], 2e-5), `${g} (${threads} threads)`);
-      if (!first) first = got;
-      else for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread`);
+    // 1 thread: one item per (sequence, kv head); 8 threads and few long sequences: the two-pass
+    // schedule. Every instruction-set path this CPU has (MLORA_GEMM_KERNEL, read at each call).
+    for (const kernel of kernels) {
+      let first: Awaited<ReturnType<typeof run>> | undefined;
+      process.env.MLORA_GEMM_KERNEL = kernel;
+      try {
+        for (const threads of [1, 8]) {
+          const got = await run(cpuDevice(threads), c, x, c.window, new Rng(22, threads));
+          const at = `(${kernel}, ${threads} threads)`;
+          assertClose(t, got.out, ref.out, TOL_OUT, `out ${at}`);
+          assertClose(t, got.lse, ref.lse, TOL_LSE, `lse ${at}`);
+          for (const g of ['dq', 'dk', 'dv'] as const) assertClose(t, got[g], ref[g], scaled(ref[g], 2e-5), `${g} ${at}`);
+          if (!first) first = got;
+          else for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
+        }
+      } finally {
+        delete process.env.MLORA_GEMM_KERNEL;
+      }
     }
   });
 }

@@ -1,9 +1,10 @@
 // Causal varlen GQA attention: forward (out, lse) and backward (dq, dk, dv) against a naive
 // float64 reference that materialises every score matrix, finite differences of that
-// reference on a tiny case, thread counts, an extreme logit range, sequence isolation and
-// bad arguments.
+// reference on a tiny case, thread counts, every instruction-set path, an extreme logit range,
+// sequence isolation and bad arguments.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
+import { native } from '../../lib/native.js';
 import { readF32, type Device, type Tensor } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
 
@@ -189,24 +190,45 @@ for (const [name, s] of shapes) {
   });
 }
 
-t.test('the portable fallback (no AVX2) agrees with the reference too', async (t) => {
-  // MLORA_CPU_PORTABLE is read by the kernel at each call (getenv on the calling thread).
-  const s: Shape = { cu: [0, 1, 70, 100], hq: 4, hkv: 2, d: 24 };
-  const x = makeInputs(s, new Rng(18, 'attn-portable'));
-  const ref = attnRef(s, x);
-  const bref = attnBackRef(s, x);
-  process.env.MLORA_CPU_PORTABLE = '1';
+// The kernel picks AVX-512, AVX2 or portable tile code per call (the widest whose vector width
+// divides d, unless MLORA_GEMM_KERNEL, read at each call, asks for a narrower one). Every path
+// this CPU has runs on shapes that exercise its micro-tile edges: partial tiles, rows not a
+// multiple of the micro-tile height, head dims of one and several micro-tile widths.
+const paths: Array<[string, boolean]> = [
+  ['scalar', true],
+  ['avx2', native().info().cpu.avx2],
+  ['avx512', native().info().cpu.avx512f],
+];
+/** Runs fn with MLORA_GEMM_KERNEL set (the attention kernel reads it at each call). */
+async function withKernel<T>(kernel: string, fn: () => Promise<T>): Promise<T> {
+  process.env.MLORA_GEMM_KERNEL = kernel;
   try {
-    const got = await runKernels(cpuDevice(1), s, x, new Rng(19));
-    assertClose(t, got.out, ref.out, TOL_OUT, 'out');
-    assertClose(t, got.lse, ref.lse, TOL_LSE, 'lse');
-    assertClose(t, got.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), 'dq');
-    assertClose(t, got.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), 'dk');
-    assertClose(t, got.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), 'dv');
+    return await fn();
   } finally {
-    delete process.env.MLORA_CPU_PORTABLE;
+    delete process.env.MLORA_GEMM_KERNEL;
   }
-});
+}
+const pathShapes: Array<[string, Shape]> = [
+  ['lengths 1, 69, 30, 129 (tile edges), GQA 2, d 48', { cu: [0, 1, 70, 100, 229], hq: 4, hkv: 2, d: 48 }],
+  ['one sequence of 200, GQA 4, d 128', { cu: [0, 200], hq: 4, hkv: 1, d: 128 }],
+];
+for (const [kernel, have] of paths) {
+  t.test(`MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`, { skip: have ? false : `this CPU has no ${kernel}` }, async (t) => {
+    for (const [name, s] of pathShapes) {
+      const x = makeInputs(s, new Rng(18, 'attn-path', name));
+      const ref = attnRef(s, x);
+      const bref = attnBackRef(s, x);
+      const one = await withKernel(kernel, () => runKernels(cpuDevice(1), s, x, new Rng(19)));
+      assertClose(t, one.out, ref.out, TOL_OUT, `${name}: out`);
+      assertClose(t, one.lse, ref.lse, TOL_LSE, `${name}: lse`);
+      assertClose(t, one.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), `${name}: dq`);
+      assertClose(t, one.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), `${name}: dk`);
+      assertClose(t, one.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), `${name}: dv`);
+      const two = await withKernel(kernel, () => runKernels(cpuDevice(2), s, x, new Rng(20)));
+      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(sameBits(two[key], one[key]), `${name}: ${key} 2 threads == 1 thread, bitwise`);
+    }
+  });
+}
 
 t.test('finite differences of the float64 forward agree with both backward passes', async (t) => {
   const s: Shape = { cu: [0, 3, 4, 7], hq: 2, hkv: 1, d: 4 };
@@ -254,17 +276,21 @@ t.test('extreme range: q and k scaled by 30 (logits in the hundreds) stay finite
   let maxLse = 0;
   for (const l of ref.lse) maxLse = Math.max(maxLse, Math.abs(l));
   t.ok(maxLse > 200, `the case really is extreme: max |lse| ${maxLse.toFixed(0)}`);
-  for (const threads of [1, 2]) {
-    const got = await runKernels(cpuDevice(threads), s, x, new Rng(15));
-    for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(got[key].every(Number.isFinite), `${key} finite`);
-    // A score of magnitude ~1000 carries a float32 rounding error of ~1e-4·√d absolute, which
-    // becomes a relative error of that size in its probability: out within 2e-3 of |v| ~ 1,
-    // lse within 1e-5 relative, gradients within 2e-3 of their largest magnitude.
-    assertClose(t, got.out, ref.out, { atol: 2e-3, rtol: 2e-3 }, `out (${threads})`);
-    assertClose(t, got.lse, ref.lse, { atol: 1e-4, rtol: 1e-5 }, `lse (${threads})`);
-    assertClose(t, got.dq, bref.dq, scaled(bref.dq, 2e-3), `dq (${threads})`);
-    assertClose(t, got.dk, bref.dk, scaled(bref.dk, 2e-3), `dk (${threads})`);
-    assertClose(t, got.dv, bref.dv, scaled(bref.dv, 2e-3), `dv (${threads})`);
+  for (const [kernel, have] of paths) {
+    if (!have) continue;
+    for (const threads of [1, 2]) {
+      const got = await withKernel(kernel, () => runKernels(cpuDevice(threads), s, x, new Rng(15)));
+      const at = `(${kernel}, ${threads} thread(s))`;
+      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(got[key].every(Number.isFinite), `${key} finite ${at}`);
+      // A score of magnitude ~1000 carries a float32 rounding error of ~1e-4·√d absolute, which
+      // becomes a relative error of that size in its probability: out within 2e-3 of |v| ~ 1,
+      // lse within 1e-5 relative, gradients within 2e-3 of their largest magnitude.
+      assertClose(t, got.out, ref.out, { atol: 2e-3, rtol: 2e-3 }, `out ${at}`);
+      assertClose(t, got.lse, ref.lse, { atol: 1e-4, rtol: 1e-5 }, `lse ${at}`);
+      assertClose(t, got.dq, bref.dq, scaled(bref.dq, 2e-3), `dq ${at}`);
+      assertClose(t, got.dk, bref.dk, scaled(bref.dk, 2e-3), `dk ${at}`);
+      assertClose(t, got.dv, bref.dv, scaled(bref.dv, 2e-3), `dv ${at}`);
+    }
   }
 });
 

@@ -3,6 +3,7 @@
 // (with the dropout mask read back from the kernel and checked on its own), finite differences
 // of the kernel itself, a loop of single-segment calls, += semantics, and argument checks.
 import t from 'tap';
+import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn } from '../support/helpers.js';
@@ -164,6 +165,139 @@ for (const dropout of [false, true]) {
     const uncovered = [10, 11, 12, 37, 38, 39];
     t.ok(uncovered.every((r) => yv.subarray(r * OUT, r * OUT + OUT).every((v, j) => v === y0[r * OUT + j])), 'uncovered rows of y unchanged');
     t.ok(uncovered.every((r) => dxv.subarray(r * IN, r * IN + IN).every((v, j) => v === dx0[r * IN + j])), 'uncovered rows of dx unchanged');
+  });
+}
+
+// The kernel runs AVX-512, AVX2 or portable tile code (the widest whose vector width divides in
+// and out, unless MLORA_GEMM_KERNEL asks for a narrower one; read at each call). Every path this
+// CPU has, on widths that all paths accept, ranks below, at and above one vector (padded xa
+// rows), segments longer than one row block, dropout on; 1 and 2 threads bitwise equal.
+const cpuInfo = native().info().cpu;
+for (const [kernel, have] of [['scalar', true], ['avx2', cpuInfo.avx2], ['avx512', cpuInfo.avx512f]] as const) {
+  t.test(`MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`, { skip: have ? false : `this CPU has no ${kernel}` }, async (t) => {
+    const inDim = 48, outDim = 32, rows = 230;
+    const specs: Spec[] = [
+      { rowStart: 0, rowEnd: 70, r: 16, scale: 2.0, dropout: 0.1, seed: 5, position: 300 },
+      { rowStart: 75, rowEnd: 150, r: 5, scale: 0.5, dropout: 0, seed: 0, position: 0 },
+      { rowStart: 150, rowEnd: 229, r: 20, scale: 0.25, dropout: 0.3, seed: 9, position: 12 },
+    ];
+    const rng = new Rng(36, 'lora-path', kernel);
+    const ads = adapters(rng, specs, true, inDim, outDim);
+    const ms = masks(ads, inDim);
+    const x = randn(rng, rows * inDim), y0 = randn(rng, rows * outDim), dy = randn(rng, rows * outDim), dx0 = randn(rng, rows * inDim);
+    const da0 = ads.map((s) => randn(rng, s.r * inDim)), db0 = ads.map((s) => randn(rng, outDim * s.r));
+    const ref = reference(ads, ms, x, y0, dy, dx0, inDim, outDim);
+    // Sums of up to 48 (forward) or 79 (dA, dB: over a segment's rows) float products of O(1)
+    // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
+    const tol = { atol: 5e-5, rtol: 5e-5 };
+    const results: Float32Array[][] = [];
+    process.env.MLORA_GEMM_KERNEL = kernel;
+    try {
+      for (const threads of [1, 2]) {
+        const dev = cpuDevice(threads);
+        const bound = bind(dev, ads, da0, db0, inDim, outDim);
+        const xt = f32(dev, [rows, inDim], x), y = f32(dev, [rows, outDim], y0), dx = f32(dev, [rows, inDim], dx0);
+        const segments = bound.map((b) => b.seg) as never;
+        await dev.run([
+          { op: 'lora_forward', y, x: xt, segments },
+          { op: 'lora_backward', dx, dy: f32(dev, [rows, outDim], dy), x: xt, segments },
+        ]);
+        const at = `(${threads} thread(s))`;
+        assertClose(t, read(y), ref.y, tol, `y ${at}`);
+        assertClose(t, read(dx), ref.dx, tol, `dx ${at}`);
+        bound.forEach((b, k) => {
+          assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`);
+          assertClose(t, read(b.da), ref.das[k]!.map((v, i) => v + da0[k]![i]!), tol, `dA of adapter ${k} ${at}`);
+          assertClose(t, read(b.db), ref.dbs[k]!.map((v, i) => v + db0[k]![i]!), tol, `dB of adapter ${k} ${at}`);
+        });
+        results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
+      }
+    } finally {
+      delete process.env.MLORA_GEMM_KERNEL;
+    }
+    results[1]!.forEach((arr, i) => assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`));
+  });
+}
+
+// linear_forward / linear_backward with `segments`: the base projection and its LoRA in one
+// call (the CPU adds LoRA's expand to each finished tile of the base GEMM). Against the float64
+// reference of base + LoRA, for every path, = and += (accumulate), dropout on; 1 and 2 threads
+// bitwise equal.
+for (const [kernel, have] of [['scalar', true], ['avx2', cpuInfo.avx2], ['avx512', cpuInfo.avx512f]] as const) {
+  t.test(`fused projection (linear + LoRA), MLORA_GEMM_KERNEL=${kernel}: vs float64`, { skip: have ? false : `this CPU has no ${kernel}` }, async (t) => {
+    const inDim = 80, outDim = 48, rows = 150;
+    const specs: Spec[] = [
+      { rowStart: 3, rowEnd: 71, r: 16, scale: 2.0, dropout: 0.2, seed: 5, position: 30 },
+      { rowStart: 71, rowEnd: 140, r: 7, scale: 0.5, dropout: 0, seed: 0, position: 0 },
+    ];
+    const rng = new Rng(37, 'lora-fused', kernel);
+    const ads = adapters(rng, specs, true, inDim, outDim);
+    const ms = masks(ads, inDim);
+    const x = randn(rng, rows * inDim), y0 = randn(rng, rows * outDim), dy = randn(rng, rows * outDim), dx0 = randn(rng, rows * inDim);
+    const w = randn(rng, outDim * inDim, 0.2);
+    const da0 = ads.map((s) => randn(rng, s.r * inDim)), db0 = ads.map((s) => randn(rng, outDim * s.r));
+    for (const accumulate of [false, true]) {
+      const zy = new Float32Array(rows * outDim), zx = new Float32Array(rows * inDim);
+      const ref = reference(ads, ms, x, accumulate ? y0 : zy, dy, accumulate ? dx0 : zx, inDim, outDim);
+      const y = Float64Array.from(ref.y), dx = Float64Array.from(ref.dx);
+      for (let i = 0; i < rows; i++) {
+        for (let o = 0; o < outDim; o++) {
+          let acc = 0;
+          for (let c = 0; c < inDim; c++) acc += x[i * inDim + c]! * w[o * inDim + c]!;
+          y[i * outDim + o]! += acc;
+        }
+        for (let c = 0; c < inDim; c++) {
+          let acc = 0;
+          for (let o = 0; o < outDim; o++) acc += dy[i * outDim + o]! * w[o * inDim + c]!;
+          dx[i * inDim + c]! += acc;
+        }
+      }
+      // Base sums of 80 (forward) or 48 (backward) products plus the LoRA terms: ≲ 1e-5.
+      const tol = { atol: 5e-5, rtol: 5e-5 };
+      const results: Float32Array[][] = [];
+      process.env.MLORA_GEMM_KERNEL = kernel;
+      try {
+        for (const threads of [1, 2]) {
+          const dev = cpuDevice(threads);
+          const bound = bind(dev, ads, da0, db0, inDim, outDim);
+          const xt = f32(dev, [rows, inDim], x), wt = f32(dev, [outDim, inDim], w);
+          const yt = f32(dev, [rows, outDim], accumulate ? y0 : randn(rng, rows * outDim, 3));
+          const dxt = f32(dev, [rows, inDim], accumulate ? dx0 : randn(rng, rows * inDim, 3));
+          const segments = bound.map((b) => b.seg) as never;
+          await dev.run([
+            { op: 'linear_forward', y: yt, x: xt, w: wt, accumulate, segments },
+            { op: 'linear_backward', dx: dxt, dy: f32(dev, [rows, outDim], dy), w: wt, x: xt, accumulate, segments },
+          ]);
+          const at = `(${accumulate ? '+=' : '='}, ${threads} thread(s))`;
+          assertClose(t, read(yt), y, tol, `y ${at}`);
+          assertClose(t, read(dxt), dx, tol, `dx ${at}`);
+          bound.forEach((b, k) => {
+            assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} ${at}`);
+            assertClose(t, read(b.da), ref.das[k]!.map((v, i) => v + da0[k]![i]!), tol, `dA of adapter ${k} ${at}`);
+            assertClose(t, read(b.db), ref.dbs[k]!.map((v, i) => v + db0[k]![i]!), tol, `dB of adapter ${k} ${at}`);
+          });
+          results.push([read(yt), read(dxt), ...bound.flatMap((b) => [read(b.da), read(b.db)])]);
+        }
+        // The separate ops (linear, then lora) give the same bits: the fused expand does the
+        // same arithmetic per element.
+        const dev = cpuDevice(1);
+        const bound = bind(dev, ads, da0, db0, inDim, outDim);
+        const xt = f32(dev, [rows, inDim], x), wt = f32(dev, [outDim, inDim], w);
+        const yt = f32(dev, [rows, outDim], y0), dxt = f32(dev, [rows, inDim], dx0), dyt = f32(dev, [rows, outDim], dy);
+        const segments = bound.map((b) => b.seg) as never;
+        await dev.run([
+          { op: 'linear_forward', y: yt, x: xt, w: wt, accumulate },
+          { op: 'lora_forward', y: yt, x: xt, segments },
+          { op: 'linear_backward', dx: dxt, dy: dyt, w: wt, accumulate },
+          { op: 'lora_backward', dx: dxt, dy: dyt, x: xt, segments },
+        ]);
+        assertBitwise(t, read(yt), results[0]![0]!, 'y: fused == linear_forward + lora_forward, bitwise');
+        assertBitwise(t, read(dxt), results[0]![1]!, 'dx: fused == linear_backward + lora_backward, bitwise');
+      } finally {
+        delete process.env.MLORA_GEMM_KERNEL;
+      }
+      results[1]!.forEach((arr, i) => assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`));
+    }
   });
 }
 
@@ -341,6 +475,7 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
   const seg = (o: Record<string, unknown> = {}) => ({ rowStart: 0, rowEnd: 8, a: a4, b: b4, scale: 1, xa: d.alloc('f32', [8, 4]), ...o });
   const fwd = (segments: unknown[]) => [{ op: 'lora_forward', y, x, segments }];
   const bwd = (segments: unknown[]) => [{ op: 'lora_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, x, segments }];
+  const wl = f32(d, [OUT, IN], randn(rng, OUT * IN));
   const cases: Array<[unknown[], RegExp]> = [
     [fwd([seg(), seg({ rowStart: 5, rowEnd: 13, xa: d.alloc('f32', [8, 4]) })]),
       /segments\[0\] rows \[0, 8\) and segments\[1\] rows \[5, 13\) overlap/],
@@ -368,6 +503,11 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
     [bwd([seg({ da: a4 })]), /'da' and 'a' overlap/],
     [[{ op: 'lora_backward', dx: x, dy: y, x, segments: [seg()] }], /'dx' and 'x' overlap/],
     [[{ op: 'lora_backward', dx: d.alloc('f32', [ROWS, IN + 1]), dy: y, x, segments: [seg()] }], /argument 'dx' has shape \[40,25\], expected \[40,24\]/],
+    // the linear ops with the projection's LoRA check the segments the same way, and need x backward
+    [[{ op: 'linear_forward', y, x, w: wl, segments: [seg({ b: f32(d, [OUT, 2], randn(rng, OUT * 2)) })] }], /segments\[0\]: argument 'b' has shape \[20,2\]/],
+    [[{ op: 'linear_forward', y, x, w: wl, segments: [seg({ xa: y.reshape([ROWS * OUT / 4, 4]).rows(0, 8) })] }], /'xa' and 'y' overlap/],
+    [[{ op: 'linear_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, w: wl, segments: [seg()] }], /argument 'x' is missing/],
+    [[{ op: 'linear_backward', dx: d.alloc('f32', [ROWS, IN]), dy: y, w: wl, x: y, segments: [seg()] }], /argument 'x' has shape \[40,20\], expected \[40,24\] \(like dx\)/],
   ];
   for (const [ops, re] of cases) await expectRefused(t, d, ops, re);
 });

@@ -11,6 +11,8 @@
 // Threads: B packing is split over slivers; the compute is split over rows (M) when there
 // are enough MR slivers for every thread, else over NR slivers of B (small m, e.g. m = 1).
 // Every thread owns a disjoint set of C tiles, so no two threads ever write the same element.
+// An optional epilogue (gemm_epilogue.h) runs on each MR×NR tile of C right after its last
+// K block, on the thread that computed it.
 //
 // Micro-kernels are picked at run time (cpu_features, or MLORA_GEMM_KERNEL=scalar|avx2|avx512
 // to force one for testing): AVX-512F 12×32, AVX2+FMA 6×16 and a portable 4×8 fallback.
@@ -40,6 +42,7 @@
 
 #include "../kernels.h"
 #include "cpu_features.h"
+#include "gemm_epilogue.h"
 #include "quant.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -907,12 +910,20 @@ double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters, bool bf16) {
 
 namespace cpu {
 
-void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc) {
+namespace {
+
+void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+               int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc, const GemmEpilogue* ep) {
   if (m <= 0 || n <= 0) return;
   ThreadPool& pool = ex.pool();
   if (k <= 0 || alpha == 0.f) {  // BLAS semantics: A and B are not read
     scale_c(pool, m, n, beta, c, ldc);
+    if (ep)  // the epilogue still sees every tile once (tiles of at most kMaxMR × kMaxNR)
+      pool.parallel_for(ceil_div(m, kMaxMR), 1, [&](int64_t t0, int64_t t1, int) {
+        for (int64_t i = t0 * kMaxMR; i < std::min(m, t1 * kMaxMR); i += kMaxMR)
+          for (int64_t j = 0; j < n; j += kMaxNR)
+            ep->fn(ep->ctx, i, std::min<int64_t>(kMaxMR, m - i), j, std::min<int64_t>(kMaxNR, n - j), c + i * ldc + j, ldc);
+      });
     return;
   }
   const GemmKernel& K = b.bf16_compute ? bf16_kernel() : gemm_kernel();
@@ -949,6 +960,7 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
       const int64_t kc = std::min(KCb, k - pc);
       const int64_t kw = packed_k(K, kc);  // packed words per row of a sliver
       const float beta_eff = pc == 0 ? beta : 1.f;
+      const bool last_k = pc + kc >= k;  // the epilogue runs on tiles that are complete
 
       // 1. pack the B panel (all threads, shared)
       const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
@@ -988,6 +1000,7 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                     for (int64_t jj = 0; jj < jn; jj++) cr[jj] = alpha * tr[jj] + beta_eff * cr[jj];
                 }
               }
+              if (ep && last_k) ep->fn(ep->ctx, i, in, j, jn, cij, ldc);
             }
           }
         }
@@ -1005,6 +1018,18 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
       }
     }
   }
+}
+
+}  // namespace
+
+void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_impl(ex, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr);
+}
+
+void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc, const GemmEpilogue& ep) {
+  gemm_impl(ex, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, &ep);
 }
 
 }  // namespace cpu

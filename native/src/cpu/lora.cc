@@ -12,6 +12,7 @@
 //   dx_s += D ∘ (dxa · A)                [rows, in]
 // Accumulation: y += (the LoRA delta adds onto the base layer's output), dA and dB += (gradient
 // accumulation over micro-batches), dx += (it adds onto the base path's dX). xa is written.
+// The scale is folded into B once per call (y += xa·(scale·Bᵀ), dxa = dy·(scale·B)).
 //
 // Dropout as PEFT: applied to the input of lora_A, kept elements scaled by 1/(1-p). The mask is
 // never stored: element (row, col) of a segment is dropped iff
@@ -23,106 +24,349 @@
 // segment's mask does not depend on where its rows sit in the batch. The caller folds adapter and
 // step into `seed` (DESIGN §5). With p = 0 no mask is computed at all.
 //
-// Every product goes through cpu::gemm (with leading dimensions into the segment's rows), so the
-// segments are processed one after another, each GEMM using the whole pool. The segmented call
-// therefore equals a loop of single-segment calls bit for bit. The only scratch is a per-thread
-// buffer (grown on demand, kept): the dropped x [rows, in] when p > 0, and dxa [rows, r].
+// Speed: rows are independent in every product but dA and dB, so the work is split into
+// blocks of rows (and, for dA/dB, blocks of columns, each summing over all the segment's rows
+// in row order), handed out dynamically over all segments at once. Each block is a few tile
+// GEMMs on register-blocked micro-tiles (simd.h / tile_gemm.inc; AVX-512, AVX2 or portable, the
+// widest whose vector width divides in and out): forward reads a row block of x once and
+// updates its y rows once (xa stays in L1 between shrink and expand); the per-segment operands
+// Aᵀ, scale·Bᵀ and scale·B are packed once per call. A row's results do not depend on the
+// block it falls in, the thread that runs it or the other segments, so the segmented call
+// equals a loop of single-segment calls bit for bit, for any thread count.
+//
+// linear_lora_forward / linear_lora_backward (a projection with its LoRA, one op): the shrink
+// (forward xa; backward dxa, dA, dB) runs first, then the base GEMM adds the expand to each
+// finished tile of y / dx through gemm_epilogue.h while the tile is in L1, so y / dx are not
+// read and written once more. The expand does the same arithmetic, element by element, as
+// lora_forward's / lora_backward's, so fused and separate ops agree bit for bit.
+//
+// Scratch (the calling thread's, grown on demand and kept; never counted against the device
+// budget): packed operands r·(in + 2·out) per segment, dxa [rows, rp] and, with dropout, D∘x
+// [rows, in] for backward; a block of rows × (rp + in) per pool thread.
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "../core/dropout_hash.h"
 #include "../kernels.h"
+#include "gemm_epilogue.h"
+#include "simd.h"
 
 namespace mlora::cpu {
 
 namespace {
 
-// y[i, :] = D(row i) ∘ src[i, :] for rows [0, rows); or, with accumulate, y += D ∘ src.
-// src and y have leading dimension `in`.
-void apply_mask(Exec& ex, float* y, const float* src, int64_t rows, int64_t in, const LoraSegment& s,
-                bool accumulate) {
+constexpr int64_t RB = 64;   // rows per block
+constexpr int64_t CB = 128;  // dA / dB columns per block
+
+struct LoraCall {
+  const float *x, *dy;
+  float *y, *dx;
+  int64_t in, out;
+};
+
+// One segment's packed operands and backward scratch.
+struct SegmentOps {
+  const LoraSegment* seg;
+  int64_t rp;          // rank rounded up to the vector width
+  const float* at;     // forward: Aᵀ [in, rp], zero-padded columns
+  const float* bt;     // forward: scale·Bᵀ [r, out]
+  const float* bs;     // backward: scale·B [out, rp], zero-padded columns
+  float* dxa;          // backward: dy·(scale·B) [rows, rp]
+  float* xd;           // backward with dropout and dA: D∘x [rows, in]; else null
+  float* dbt;          // backward: xaᵀ·dy [r, out]
+};
+
+// dst[i, :] = D(row i0+i) ∘ src[i, :] for rows [0, rows) of a segment (dst += with accumulate).
+void mask_rows(float* dst, const float* src, int64_t rows, int64_t in, const LoraSegment& s, int64_t i0,
+               bool accumulate) {
   const uint32_t threshold = dropout_threshold(s.dropout);
   const float keep_scale = dropout_keep_scale(s.dropout);
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(in, 1));
-  ex.pool().parallel_for(rows, grain, [&](int64_t r0, int64_t r1, int) {
-    thread_local std::vector<float> mult;
-    if (int64_t(mult.size()) < in + 1) mult.resize(size_t(in + 1));
-    for (int64_t i = r0; i < r1; i++) {
-      const uint64_t rowkey = dropout_rowkey(s.seed, s.position + i);
-      for (int64_t c = 0; c < in; c += 2) {
-        const uint64_t z = dropout_pair(rowkey, c);
-        mult[size_t(c)] = uint32_t(z) < threshold ? 0.f : keep_scale;
-        mult[size_t(c + 1)] = uint32_t(z >> 32) < threshold ? 0.f : keep_scale;
-      }
-      const float* si = src + i * in;
-      float* yi = y + i * in;
-      const float* mp = mult.data();
-      if (accumulate) {
-#pragma omp simd
-        for (int64_t c = 0; c < in; c++) yi[c] += mp[c] * si[c];
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < in; c++) yi[c] = mp[c] * si[c];
-      }
+  thread_local std::vector<float> mult;
+  if (int64_t(mult.size()) < in + 1) mult.resize(size_t(in + 1));
+  for (int64_t i = 0; i < rows; i++) {
+    const uint64_t rowkey = dropout_rowkey(s.seed, s.position + i0 + i);
+    for (int64_t c = 0; c < in; c += 2) {
+      const uint64_t z = dropout_pair(rowkey, c);
+      mult[size_t(c)] = uint32_t(z) < threshold ? 0.f : keep_scale;
+      mult[size_t(c + 1)] = uint32_t(z >> 32) < threshold ? 0.f : keep_scale;
     }
-  });
+    const float* si = src + i * in;
+    float* di = dst + i * in;
+    const float* mp = mult.data();
+    if (accumulate) {
+#pragma omp simd
+      for (int64_t c = 0; c < in; c++) di[c] += mp[c] * si[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < in; c++) di[c] = mp[c] * si[c];
+    }
+  }
 }
 
-float* scratch(std::vector<float>& v, int64_t n) {
-  if (int64_t(v.size()) < n) v.resize(size_t(n));
+// The epilogue's stack buffer: a GEMM tile (gemm.cc's are at most 32×32) in one piece,
+// anything wider in chunks of rows (n <= kTileFloats: tiles are at most 32 columns wide).
+constexpr int64_t kTileFloats = 32 * 32;
+
+// c[i, :] += D(row row0+i of the segment, columns j0..j0+n) ∘ tmp[i, :], rows [0, rows).
+void mask_tile_add(float* c, int64_t ldc, const float* tmp, int64_t rows, int64_t n, int64_t j0, const LoraSegment& s,
+                   int64_t row0) {
+  for (int64_t i = 0; i < rows; i++) {
+    float* ci = c + i * ldc;
+    const float* ti = tmp + i * n;
+    const uint64_t rowkey = dropout_rowkey(s.seed, s.position + row0 + i);
+    for (int64_t j = 0; j < n; j++) {
+      const uint64_t z = dropout_pair(rowkey, j0 + j);
+      const uint32_t u = ((j0 + j) & 1) ? uint32_t(z >> 32) : uint32_t(z);
+      ci[j] += (u < dropout_threshold(s.dropout) ? 0.f : dropout_keep_scale(s.dropout)) * ti[j];
+    }
+  }
+}
+
+struct LoraKernels {
+  float* (*shrink_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
+  void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
+  void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
+  void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
+  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
+  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
+  void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
+                   int64_t n, float* c, int64_t ldc);
+  int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
+};
+
+}  // namespace
+
+namespace simd {
+namespace {
+namespace portable {
+#define TT MLORA_TT_PORTABLE
+#include "lora_tiles.inc"
+#undef TT
+}  // namespace portable
+#ifdef MLORA_SIMD_X86
+namespace avx2 {
+#define TT MLORA_TT_AVX2
+#include "lora_tiles.inc"
+#undef TT
+}  // namespace avx2
+MLORA_SIMD_AVX512_WARNINGS_OFF
+namespace avx512 {
+#define TT MLORA_TT_AVX512
+#include "lora_tiles.inc"
+#undef TT
+}  // namespace avx512
+MLORA_SIMD_AVX512_WARNINGS_ON
+#endif
+}  // namespace
+}  // namespace simd
+
+namespace {
+
+const LoraKernels& pick_isa(int64_t in, int64_t out) {
+  switch (simd::pick_isa({in, out})) {
+#ifdef MLORA_SIMD_X86
+    case simd::Isa::Avx512: return simd::avx512::kernels;
+    case simd::Isa::Avx2: return simd::avx2::kernels;
+#endif
+    default: return simd::portable::kernels;
+  }
+}
+
+float* grow(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
   return v.data();
 }
 
-WeightRef f32(const float* p) { return WeightRef{p, DType::F32}; }
+struct Item {
+  int64_t seg, start, count;
+};
+
+// Row-block items of every segment with rows and rank.
+std::vector<Item> row_items(const std::vector<SegmentOps>& ops) {
+  std::vector<Item> items;
+  for (size_t k = 0; k < ops.size(); k++) {
+    const int64_t rows = ops[k].seg->row_end - ops[k].seg->row_start;
+    for (int64_t i0 = 0; i0 < rows; i0 += RB) items.push_back({int64_t(k), i0, std::min(RB, rows - i0)});
+  }
+  return items;
+}
+
+bool active(const LoraSegment& s) { return s.row_end > s.row_start && s.rank > 0; }
+
+
+// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
+std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
+                                        std::vector<float>& packed) {
+  std::vector<SegmentOps> ops;
+  size_t need = 0;
+  for (int64_t k = 0; k < nseg; k++)
+    if (active(segs[k])) {
+      const int64_t rp = (segs[k].rank + width - 1) / width * width;
+      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
+      need += size_t(in * rp + segs[k].rank * out);
+    }
+  float* p = grow(packed, need);
+  for (SegmentOps& g : ops) {
+    const LoraSegment& s = *g.seg;
+    float* at = p;
+    simd::pack_transposed_scalar(at, g.rp, s.a, in, 0, s.rank, in);  // Aᵀ [in, rp]
+    float* bt = at + in * g.rp;
+    for (int64_t o = 0; o < out; o++)
+      for (int64_t c = 0; c < s.rank; c++) bt[c * out + o] = s.scale * s.b[o * s.rank + c];
+    g.at = at, g.bt = bt;
+    p = bt + s.rank * out;
+  }
+  return ops;
+}
+
+int64_t max_rp(const std::vector<SegmentOps>& ops) {
+  int64_t m = 0;
+  for (const SegmentOps& g : ops) m = std::max(m, g.rp);
+  return m;
+}
+
+// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
+// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
+std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out,
+                                         int64_t width, std::vector<float>& packed) {
+  std::vector<SegmentOps> ops;
+  size_t need = 0;
+  for (int64_t k = 0; k < nseg; k++)
+    if (active(segs[k])) {
+      const LoraSegment& s = segs[k];
+      const int64_t rp = (s.rank + width - 1) / width * width, rows = s.row_end - s.row_start;
+      ops.push_back({&s, rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
+      need += size_t(out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out);
+    }
+  float* p = grow(packed, need);
+  for (SegmentOps& g : ops) {
+    const LoraSegment& s = *g.seg;
+    const int64_t rows = s.row_end - s.row_start;
+    float* bs = p;  // scale·B [out, rp]
+    for (int64_t o = 0; o < out; o++) {
+      for (int64_t c = 0; c < s.rank; c++) bs[o * g.rp + c] = s.scale * s.b[o * s.rank + c];
+      std::fill(bs + o * g.rp + s.rank, bs + (o + 1) * g.rp, 0.f);
+    }
+    g.bs = bs;
+    g.dxa = bs + out * g.rp;
+    p = g.dxa + rows * g.rp;
+    if (s.dropout > 0.f && s.da) g.xd = p, p += rows * in;
+    g.dbt = p;
+    p += s.rank * out;
+  }
+  return ops;
+}
+
+// Backward without the base GEMM: dxa by row blocks, then dA and dB by column blocks and, with
+// with_dx, dx by row blocks.
+void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOps>& ops, const LoraCall& C,
+                     bool with_dx, std::vector<float>& work) {
+  const std::vector<Item> rows = row_items(ops);
+  ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int) {
+    const Item& b = rows[size_t(it)];
+    K.rows_dxa(C, ops[size_t(b.seg)], b.start, b.count);
+  });
+  struct Work {
+    int kind;  // 0 dx rows, 1 dA columns, 2 dB columns
+    Item at;
+  };
+  std::vector<Work> items;
+  for (size_t k = 0; k < ops.size(); k++) {  // the column items sum over all their segment's rows: first
+    if (ops[k].seg->db)
+      for (int64_t c0 = 0; c0 < C.out; c0 += CB) items.push_back({2, {int64_t(k), c0, std::min(CB, C.out - c0)}});
+    if (ops[k].seg->da)
+      for (int64_t c0 = 0; c0 < C.in; c0 += CB) items.push_back({1, {int64_t(k), c0, std::min(CB, C.in - c0)}});
+  }
+  if (with_dx)
+    for (const Item& b : rows) items.push_back({0, b});
+  const int64_t per_thread = RB * C.in;
+  float* w = with_dx ? grow(work, size_t(per_thread * ex.pool().size())) : nullptr;
+  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
+    const Work& x = items[size_t(it)];
+    const SegmentOps& g = ops[size_t(x.at.seg)];
+    if (x.kind == 0) K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
+    else if (x.kind == 1) K.cols_da(C, g, x.at.start, x.at.count);
+    else K.cols_db(C, g, x.at.start, x.at.count);
+  });
+}
+
+// The epilogue of the fused projections' base GEMM. A tile narrower than the LoRA kernel's
+// vector width (only when the GEMM runs a narrower kernel than LoRA picked) uses the portable
+// tile code, which reads the same operands.
+struct EpilogueCtx {
+  const LoraCall* C;
+  const std::vector<SegmentOps>* ops;
+  const LoraKernels* k;
+  bool backward;
+};
+
+GemmEpilogue lora_epilogue(const EpilogueCtx& ctx) {
+  return {[](const void* p, int64_t i0, int64_t m, int64_t j0, int64_t n, float* c, int64_t ldc) {
+            const EpilogueCtx& e = *static_cast<const EpilogueCtx*>(p);
+            const LoraKernels& k = n % e.k->width == 0 ? *e.k : simd::portable::kernels;
+            k.epilogue(*e.C, *e.ops, e.backward, i0, m, j0, n, c, ldc);
+          },
+          &ctx};
+}
 
 }  // namespace
 
 void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in,
                   int64_t out) {
-  thread_local std::vector<float> dropped;
-  for (int64_t k = 0; k < nseg; k++) {
-    const LoraSegment& s = segs[k];
-    const int64_t rows = s.row_end - s.row_start, r = s.rank;
-    if (rows <= 0 || r <= 0) continue;
-    const float* xs = x + s.row_start * in;
-    const float* xin = xs;
-    if (s.dropout > 0.f) {
-      float* xd = scratch(dropped, rows * in);
-      apply_mask(ex, xd, xs, rows, in, s, false);
-      xin = xd;
-    }
-    gemm(ex, false, true, rows, r, in, 1.f, xin, in, f32(s.a), in, 0.f, s.xa, r);                    // xa = x·Aᵀ
-    gemm(ex, false, true, rows, out, r, s.scale, s.xa, r, f32(s.b), r, 1.f, y + s.row_start * out, out);  // y += s·xa·Bᵀ
-  }
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_forward(segs, nseg, in, out, K.width, packed);
+  if (ops.empty()) return;
+  const int64_t per_thread = RB * (max_rp(ops) + in);
+  float* w = grow(work, size_t(per_thread * ex.pool().size()));
+  const std::vector<Item> items = row_items(ops);
+  const LoraCall C{x, nullptr, y, nullptr, in, out};
+  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
+    const Item& b = items[size_t(it)];
+    K.forward_block(C, ops[size_t(b.seg)], b.start, b.count, w + tid * per_thread);
+  });
 }
 
 void lora_backward(Exec& ex, float* dx, const float* dy, const float* x, const LoraSegment* segs, int64_t nseg,
                    int64_t in, int64_t out) {
-  thread_local std::vector<float> dropped, dxa_buf;
-  for (int64_t k = 0; k < nseg; k++) {
-    const LoraSegment& s = segs[k];
-    const int64_t rows = s.row_end - s.row_start, r = s.rank;
-    if (rows <= 0 || r <= 0) continue;
-    const float* xs = x + s.row_start * in;
-    const float* dys = dy + s.row_start * out;
-    float* dxs = dx + s.row_start * in;
-    float* dxa = scratch(dxa_buf, rows * r);
-    gemm(ex, false, false, rows, r, out, s.scale, dys, out, f32(s.b), r, 0.f, dxa, r);  // dxa = s·dy·B
-    if (s.db) gemm(ex, true, false, out, r, rows, s.scale, dys, out, f32(s.xa), r, 1.f, s.db, r);  // dB += s·dyᵀ·xa
-    if (s.dropout > 0.f) {
-      float* buf = scratch(dropped, rows * in);
-      if (s.da) {
-        apply_mask(ex, buf, xs, rows, in, s, false);                                  // D ∘ x
-        gemm(ex, true, false, r, in, rows, 1.f, dxa, r, f32(buf), in, 1.f, s.da, in);  // dA += dxaᵀ·(D∘x)
-      }
-      gemm(ex, false, false, rows, in, r, 1.f, dxa, r, f32(s.a), in, 0.f, buf, in);   // dxa·A
-      apply_mask(ex, dxs, buf, rows, in, s, true);                                   // dx += D ∘ (dxa·A)
-    } else {
-      if (s.da) gemm(ex, true, false, r, in, rows, 1.f, dxa, r, f32(xs), in, 1.f, s.da, in);  // dA += dxaᵀ·x
-      gemm(ex, false, false, rows, in, r, 1.f, dxa, r, f32(s.a), in, 1.f, dxs, in);          // dx += dxa·A
-    }
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_backward(segs, nseg, in, out, K.width, packed);
+  if (ops.empty()) return;
+  backward_passes(ex, K, ops, LoraCall{x, dy, nullptr, dx, in, out}, true, work);
+}
+
+void linear_lora_forward(Exec& ex, float* y, const float* x, WeightRef w, int64_t m, int64_t n, int64_t k,
+                         bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  const int64_t in = k, out = n;
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_forward(segs, nseg, in, out, K.width, packed);
+  const LoraCall C{x, nullptr, y, nullptr, in, out};
+  if (!ops.empty()) {  // xa of every row first: the GEMM's epilogue reads it
+    const int64_t per_thread = RB * (max_rp(ops) + in);
+    float* wk = grow(work, size_t(per_thread * ex.pool().size()));
+    const std::vector<Item> items = row_items(ops);
+    ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
+      const Item& b = items[size_t(it)];
+      K.shrink_block(C, ops[size_t(b.seg)], b.start, b.count, wk + tid * per_thread);
+    });
   }
+  const EpilogueCtx ctx{&C, &ops, &K, false};
+  gemm(ex, false, true, m, n, k, 1.f, x, k, w, k, accumulate ? 1.f : 0.f, y, n, lora_epilogue(ctx));
+}
+
+void linear_lora_backward(Exec& ex, float* dx, const float* dy, const float* x, WeightRef w, int64_t m, int64_t n,
+                          int64_t k, bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  const int64_t in = k, out = n;
+  const LoraKernels& K = pick_isa(in, out);
+  thread_local std::vector<float> packed, work;
+  const std::vector<SegmentOps> ops = prepare_backward(segs, nseg, in, out, K.width, packed);
+  const LoraCall C{x, dy, nullptr, dx, in, out};
+  if (!ops.empty()) backward_passes(ex, K, ops, C, false, work);  // dxa (the epilogue reads it), dA, dB
+  const EpilogueCtx ctx{&C, &ops, &K, true};
+  gemm(ex, false, false, m, k, n, 1.f, dy, n, w, k, accumulate ? 1.f : 0.f, dx, k, lora_epilogue(ctx));
 }
 
 }  // namespace mlora::cpu

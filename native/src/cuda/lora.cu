@@ -154,4 +154,17 @@ void lora_backward(Exec& ex, float* dx, const float* dy, const float* x, const L
   grouped_gemm(ex, b4.data(), int(b4.size()), false, false, DType::F32, kDropC);
 }
 
+// The projection with its LoRA: the two ops one after the other (the CPU backend fuses them).
+void linear_lora_forward(Exec& ex, float* y, const float* x, WeightRef w, int64_t m, int64_t n, int64_t k,
+                         bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  linear_forward(ex, y, x, w, m, n, k, accumulate);
+  lora_forward(ex, y, x, segs, nseg, k, n);
+}
+
+void linear_lora_backward(Exec& ex, float* dx, const float* dy, const float* x, WeightRef w, int64_t m, int64_t n,
+                          int64_t k, bool accumulate, const LoraSegment* segs, int64_t nseg) {
+  linear_backward(ex, dx, dy, w, m, n, k, accumulate);
+  lora_backward(ex, dx, dy, x, segs, nseg, k, n);
+}
+
 }  // namespace mlora::cuda

@@ -1,4 +1,7 @@
-// Argument checks for the frozen linear layer.
+// Argument checks for the frozen linear layer. Optional `segments`: the LoRA of the same
+// projection (as lora_forward / lora_backward take them; backward then also needs `x`), run
+// in the same call so the CPU can fuse it into the base GEMM.
+#include "lora_segments.h"
 #include "op.h"
 
 namespace mlora {
@@ -17,6 +20,13 @@ MLORA_OP(linear_forward) {
   bool acc = a.flag("accumulate", false);
   WeightRef wr = weight(w);
   wr.bf16_compute = a.flag("bf16", false);
+  if (a.has("segments")) {
+    std::vector<LoraSegment> segs = parse_segments(a, m, k, n, false, {{"x", &x}, {"y", &y}, {"w", &w}});
+    return [=](Exec& ex) {
+      MLORA_DISPATCH(ex, linear_lora_forward, y.as<float>(), x.as<float>(), wr, m, n, k, acc, segs.data(),
+                     int64_t(segs.size()));
+    };
+  }
   return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_forward, y.as<float>(), x.as<float>(), wr, m, n, k, acc); };
 }
 
@@ -34,6 +44,17 @@ MLORA_OP(linear_backward) {
   bool acc = a.flag("accumulate", false);
   WeightRef wr = weight(w);
   wr.bf16_compute = a.flag("bf16", false);
+  if (a.has("segments")) {
+    TensorImpl x = a.tensor("x", {DType::F32});
+    if (x.numel() != m * k || x.shape.back() != k)
+      a.fail("argument 'x' has shape " + x.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) + "] (like dx)");
+    a.expect_distinct("dx", dx, "x", x);
+    std::vector<LoraSegment> segs = parse_segments(a, m, k, n, true, {{"x", &x}, {"dx", &dx}, {"dy", &dy}, {"w", &w}});
+    return [=](Exec& ex) {
+      MLORA_DISPATCH(ex, linear_lora_backward, dx.as<float>(), dy.as<float>(), x.as<float>(), wr, m, n, k, acc,
+                     segs.data(), int64_t(segs.size()));
+    };
+  }
   return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_backward, dx.as<float>(), dy.as<float>(), wr, m, n, k, acc); };
 }
 

@@ -7,6 +7,7 @@
 // adapter id and optimizer step into `seed`, and pass the row's global position in `position`.
 #include <algorithm>
 
+#include "lora_segments.h"
 #include "op.h"
 
 namespace mlora {
@@ -14,6 +15,8 @@ namespace mlora {
 namespace {
 
 std::string num(int64_t v) { return std::to_string(v); }
+
+}  // namespace
 
 std::vector<LoraSegment> parse_segments(Args& a, int64_t rows, int64_t in, int64_t out, bool backward,
                                         const std::vector<std::pair<const char*, const TensorImpl*>>& io) {
@@ -89,6 +92,8 @@ std::vector<LoraSegment> parse_segments(Args& a, int64_t rows, int64_t in, int64
   }
   return segs;
 }
+
+namespace {
 
 int64_t last_dim(Args& a, const char* name, const TensorImpl& t) {
   if (t.shape.empty() || t.shape.back() < 1) a.fail(std::string("argument '") + name + "' must have a non-empty last dimension, got " + t.shape_str());
