@@ -6,10 +6,7 @@
 import t from 'tap';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openModelDir } from '../../lib/io/hf-model.js';
-import { loadAdapter } from '../../lib/io/peft.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { loadStageWeights } from '../../lib/model/weights.js';
 import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
 import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
