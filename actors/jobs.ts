@@ -152,7 +152,7 @@ export function promptSampler(env: JobEnvironment): Required<Pick<SupervisorHook
       for (const prompt of e.prompts) {
         const ids = encodePrompt(tok, env.model, prompt);
         const gen = await generate(m, ids, { maxNewTokens: e.max_new_tokens, ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}) });
-        out.push({ prompt, text: tok.decode(gen, { skipSpecialTokens: true }) });
+        out.push({ prompt, text: tok.decodeAfter(ids, gen, { skipSpecialTokens: true }) });
       }
       return out;
     } finally {

@@ -8,6 +8,7 @@ import type { MicroBatchData, Segment, SegmentSpec, StagePlan } from '../lib/mod
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
+import type { WireError } from '../lib/errors.js';
 
 /**
  * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
@@ -145,14 +146,15 @@ export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg;
 
 export type FromStage =
   | { type: 'ready'; id: number; stage: number }
-  | { type: 'reply'; id: number; value?: unknown; error?: string }
+  | { type: 'reply'; id: number; value?: unknown; error?: WireError }
   /** A stage finished forward of mb; outSlot now holds its output (for the next stage). */
   | { type: 'forwarded'; epoch: number; stage: number; mb: number }
   /** The last stage finished mb's forward+loss(+backward); losses are in the meta slot. */
   | { type: 'lossed'; epoch: number; stage: number; mb: number }
   /** A stage finished backward of mb: gradSlot holds dL/d(input) for stage-1 (or is free on stage 0). */
   | { type: 'backwarded'; epoch: number; stage: number; mb: number }
-  | { type: 'error'; epoch: number; stage: number; mb?: number; message: string }
+  /** error.code (lib/errors.ts) says what kind of fault it is: out of memory, corrupt data, a failed start, ... */
+  | { type: 'error'; epoch: number; stage: number; mb?: number; error: WireError }
   | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
   | { type: 'record'; rec: ScheduleRecord };
 

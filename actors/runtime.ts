@@ -19,6 +19,7 @@ import { joinSlices } from '../lib/lora/state.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
+import { ErrorCode, fromWire } from '../lib/errors.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
 import type { ControlMsg, ForwardMsg, FromStage, InitMsg, Pipeline, ToStage } from './protocol.js';
@@ -206,7 +207,7 @@ export class ActorPipeline implements Pipeline {
           h.alive = true;
           resolve();
         } else if (m.type === 'error' && !h.alive) {
-          reject(new Error(m.message));
+          reject(fromWire(m.error));
         }
       };
       w.on('message', onMsg);
@@ -238,7 +239,7 @@ export class ActorPipeline implements Pipeline {
         if (!p) return;
         this.pending.delete(m.id);
         clearTimeout(p.timer);
-        if (m.error) p.reject(new Error(`stage ${p.stage}: ${p.what}: ${m.error}`));
+        if (m.error) p.reject(fromWire(m.error, `stage ${p.stage}: ${p.what}: `));
         else p.resolve(m.value);
         return;
       }
@@ -253,14 +254,15 @@ export class ActorPipeline implements Pipeline {
         return;
       case 'error': {
         if (m.epoch !== this.epoch) return;
-        const kind = /checksum|corrupt/i.test(m.message) ? 'corrupt' : /out of memory/i.test(m.message) ? 'oom' : 'error';
+        const code = m.error.code;
+        const kind = code === ErrorCode.Corrupt ? 'corrupt' : code === ErrorCode.OutOfMemory ? 'oom' : 'error';
         // a replay that fails is answered at once: the recovery attempt waiting for it ends now
         const f = m.mb !== undefined ? this.flights.get(m.mb) : undefined;
         if (f && this.recovering) {
           this.release(f);
-          f.reject(new Error(`stage ${h.index}: ${m.message}`));
+          f.reject(fromWire(m.error, `stage ${h.index}: `));
         }
-        void this.recover(h.index, kind, m.message, false);
+        void this.recover(h.index, kind, m.error.message, false);
         return;
       }
     }

@@ -5,6 +5,8 @@
 // supervisor), and only the supervisor allocates and frees slots, so there are never two
 // owners. Stages wrap the data region as native tensors: zero copies between CPU stages.
 
+import { ErrorCode, MloraError } from '../lib/errors.js';
+
 /** Header field indices (Int32 words) of a slot. */
 export const SlotField = {
   /** 0 = free, 1 = taken */
@@ -132,8 +134,11 @@ export class Slab {
   }
 }
 
-export class SlotCorruption extends Error {
+export class SlotCorruption extends MloraError {
   override name = 'SlotCorruption';
+  constructor(message: string) {
+    super(ErrorCode.Corrupt, message);
+  }
 }
 
 /** The supervisor's side: which slots are free. Only the supervisor allocates and frees. */

@@ -12,6 +12,7 @@ import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
 import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
 import { type FaultSpec } from '../lib/faults.js';
+import { ErrorCode, MloraError, toWire } from '../lib/errors.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -98,11 +99,14 @@ function injectFaults(microBatch: boolean): number {
     if (f.stage !== undefined && f.stage !== init.stage) continue;
     if (f.kind === 'slow') factor = f.factor ?? 2;
     if (f.after === undefined || handled + 1 < f.after || fired.has(f)) continue;
-    if (f.kind === 'crash') (fired.add(f), process.exit(70)); // ends this worker thread only
+    if (f.kind === 'crash') {
+      fired.add(f);
+      process.exit(70); // ends this worker thread only
+    }
     if (f.kind === 'hang') for (fired.add(f); ;) { /* a hung kernel: no heartbeats, no replies */ }
     if (f.kind === 'oom' && microBatch) {
       fired.add(f);
-      throw new Error(`device ${program.device.name}: out of memory (injected fault)`);
+      throw new MloraError(ErrorCode.OutOfMemory, `device ${program.device.name}: out of memory (injected fault)`);
     }
   }
   return factor;
@@ -157,13 +161,13 @@ async function handle(m: ToStage): Promise<void> {
     const mb = m.type === 'forward' || m.type === 'backward' ? m.mb : undefined;
     if (m.type === 'forward' || m.type === 'backward') dropLive(m.mb);
     if (m.type === 'step' || (m.type !== 'forward' && m.type !== 'backward' && m.type !== 'init')) {
-      return send({ type: 'reply', id: (m as ControlMsg).id, error: err.message });
+      return send({ type: 'reply', id: (m as ControlMsg).id, error: toWire(err) });
     }
     const epoch = m.type === 'forward' || m.type === 'backward' ? m.epoch : minEpoch;
     // the supervisor answers every error of its current epoch with a new attempt, so the rest of
     // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
     if (m.type === 'forward' || m.type === 'backward') minEpoch = Math.max(minEpoch, m.epoch + 1);
-    send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), message: err.message });
+    send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), error: toWire(err) });
   }
 }
 
@@ -292,7 +296,7 @@ async function start(): Promise<void> {
     send({ type: 'ready', id: init.id, stage: init.stage });
     void pump();
   } catch (e) {
-    send({ type: 'error', epoch: 0, stage: init.stage, message: `stage ${init.stage} failed to start: ${(e as Error).message}` });
+    send({ type: 'error', epoch: 0, stage: init.stage, error: { ...toWire(e, `stage ${init.stage} failed to start: `), code: ErrorCode.Crash } });
   }
 }
 

@@ -6,6 +6,7 @@ const commands: Record<string, { summary: string }> = {
   eval: { summary: 'loss and perplexity of a model (+adapter) on a dataset' },
   generate: { summary: 'continue a prompt with a model (+adapter)' },
   bench: { summary: 'benchmarks: kernels, batchlora, head, recompute, pipeline, gpu' },
+  merge: { summary: 'fold a LoRA adapter into its base model (a plain HF model directory)' },
   'make-model': { summary: 'write a seeded random LLaMA in the Hugging Face layout' },
   inspect: { summary: 'what a model or adapter directory holds' },
   info: { summary: 'the native core: CPU features, CUDA devices, ops' },

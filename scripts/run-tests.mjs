@@ -13,12 +13,14 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(root, 'package.json'));
 const tapBin = path.join(path.dirname(require.resolve('tap/package.json')), 'dist/esm/run.mjs');
 const files = process.argv.slice(2).map((f) => f.replace(/^test\//, 'dist/test/').replace(/\.ts$/, '.js'));
+// The tests are the sources under test/ (compiled to dist/test/): a compiled file whose source
+// was moved or deleted is stale and never runs.
 function findTests(dir) {
   return readdirSync(path.join(root, dir), { withFileTypes: true }).flatMap((e) =>
-    e.isDirectory() ? findTests(path.join(dir, e.name)) : e.name.endsWith('.test.js') ? [path.join(dir, e.name)] : [],
+    e.isDirectory() ? findTests(path.join(dir, e.name)) : e.name.endsWith('.test.ts') ? [path.join('dist', dir, e.name.replace(/\.ts$/, '.js'))] : [],
   );
 }
-const tests = files.length ? files : findTests('dist/test').sort();
+const tests = files.length ? files : findTests('test').sort();
 // the report's browser test needs a Chromium: installed here where missing and possible, else
 // the test skips with the reason found here
 const env = { ...process.env };

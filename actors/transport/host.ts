@@ -10,6 +10,7 @@ import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import { ErrorCode } from '../../lib/errors.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { fingerprintMismatch, modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
 import { defaultCpuBudget, parseDeviceSpec } from '../../lib/tensor.js';
@@ -83,7 +84,7 @@ class DeviceServer {
     if (m.type === 'release') return void this.release('released by its run');
     if (m.type === 'remote-init') {
       return void this.init(m.init, run).catch((e: Error) =>
-        this.toSup?.send({ type: 'error', epoch: 0, stage: m.init.stage, message: `${this.host.name}/${this.rec.device} cannot start stage ${m.init.stage}: ${e.message}` } satisfies FromStage).catch(() => {}));
+        this.toSup?.send({ type: 'error', epoch: 0, stage: m.init.stage, error: { code: ErrorCode.Crash, message: `${this.host.name}/${this.rec.device} cannot start stage ${m.init.stage}: ${e.message}` } } satisfies FromStage).catch(() => {}));
     }
     if (!this.worker) return;
     // what a stage will produce goes back after it: remember where
@@ -105,7 +106,7 @@ class DeviceServer {
     this.toSup = new LinkSender(this.host.nc, { to: ri.replyTo, run });
     this.stage = ri.stage;
     this.first = ri.plan.first;
-    const fail = (message: string) => void this.toSup!.send({ type: 'error', epoch: 0, stage: ri.stage, message } satisfies FromStage).catch(() => {});
+    const fail = (message: string) => void this.toSup!.send({ type: 'error', epoch: 0, stage: ri.stage, error: { code: ErrorCode.Crash, message } } satisfies FromStage).catch(() => {});
     const modelDir = this.host.o.model ?? ri.modelDir;
     try {
       const mismatch = fingerprintMismatch(modelFingerprint(openModelDir(modelDir)), ri.fingerprint);

@@ -10,6 +10,7 @@ import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
 import type { KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import { ErrorCode } from '../../lib/errors.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
 import type { FromStage, InitMsg, ToStage } from '../protocol.js';
@@ -241,7 +242,7 @@ export class RemoteStage extends EventEmitter {
     if (this.device) this.cluster.failed.set(this.device.id, Date.now());
     this.stopTimers();
     this.release(); // a host still there is free for the restart
-    if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, message: reason } satisfies FromStage);
+    if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, error: { code: ErrorCode.Crash, message: reason } } satisfies FromStage);
     else this.emit('error', new Error(reason));
     this.emit('exit', 1);
   }

@@ -40,6 +40,11 @@ export interface Tokenizer {
   encode(text: string, options?: EncodeOptions): number[];
   /** Decodes ids to text; special tokens are kept unless skipSpecialTokens. decode([]) = ''. */
   decode(ids: ArrayLike<number>, options?: { skipSpecialTokens?: boolean }): string;
+  /**
+   * The text `ids` add after `prefix` (a generated continuation of a prompt). Not decode(ids):
+   * SentencePiece decoders (Metaspace) drop the leading space of a sequence's first piece.
+   */
+  decodeAfter(prefix: ArrayLike<number>, ids: ArrayLike<number>, options?: { skipSpecialTokens?: boolean }): string;
   /** Renders messages with the tokenizer_config.json chat_template (throws when there is none). */
   applyChatTemplate(messages: ChatMessage[], options?: { addGenerationPrompt?: boolean }): string;
   tokenToId(token: string): number | undefined;
@@ -150,6 +155,13 @@ class HfBackedTokenizer implements Tokenizer {
     return this.tok.decode(arr, { skip_special_tokens: options.skipSpecialTokens ?? false });
   }
 
+  decodeAfter(prefix: ArrayLike<number>, ids: ArrayLike<number>, options: { skipSpecialTokens?: boolean } = {}): string {
+    const before = this.decode(prefix, options);
+    const all = this.decode([...Array.from(prefix), ...Array.from(ids)], options);
+    // a byte-fallback character split across the boundary changes the prefix's own text
+    return all.startsWith(before) ? all.slice(before.length) : this.decode(ids, options);
+  }
+
   applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
     if (!this.template)
       throw new Error(
@@ -250,6 +262,7 @@ export function modelVocabulary(modelDir: string): Tokenizer {
     ...(bosId !== undefined ? { bosId } : {}), ...(eosId !== undefined ? { eosId } : {}),
     encode: () => none('encoding text'),
     decode: () => none('decoding ids'),
+    decodeAfter: () => none('decoding ids'),
     applyChatTemplate: () => none('a chat template'),
     tokenToId: () => none('looking up a token'),
     idToToken: () => none('looking up a token'),

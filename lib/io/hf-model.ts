@@ -556,6 +556,63 @@ export function openModelDir(dir: string): ModelDir {
 }
 
 // ---------------------------------------------------------------------------------------
+// Writing weights in the HF layout
+
+/**
+ * Writes tensors as a Hugging Face model's weights: model.safetensors, or, when they exceed
+ * `shardBytes` (or with `alwaysIndex`), model-0000k-of-0000n.safetensors shards of at most
+ * `shardBytes` each (a larger tensor goes alone, as transformers does) + model.safetensors.index.json
+ * with total_size and the weight map. Tensors keep their order; their data thunks run one at a
+ * time while a shard is written, so only one tensor is in memory. Returns the file names written.
+ */
+export function writeWeightFiles(
+  dir: string, sources: ReadonlyArray<readonly [string, StTensorSource]>, options: { shardBytes?: number; alwaysIndex?: boolean } = {},
+): Set<string> {
+  const meta = { format: 'pt' };
+  const bytesOf = (s: StTensorSource) => numel(s.shape) * ST_DTYPE_SIZE[s.dtype];
+  const limit = options.shardBytes ?? Infinity;
+  const shards: Array<Array<readonly [string, StTensorSource]>> = [];
+  let cur: Array<readonly [string, StTensorSource]> = [];
+  let curBytes = 0;
+  let total = 0;
+  for (const s of sources) {
+    const b = bytesOf(s[1]);
+    total += b;
+    if (cur.length && curBytes + b > limit) {
+      shards.push(cur);
+      cur = [];
+      curBytes = 0;
+    }
+    cur.push(s);
+    curBytes += b;
+  }
+  if (cur.length || !shards.length) shards.push(cur);
+  const written = new Set<string>();
+  if (shards.length === 1 && !options.alwaysIndex) {
+    writeSafetensors(path.join(dir, SINGLE), Object.fromEntries(shards[0]!), meta);
+    written.add(SINGLE);
+    return written;
+  }
+  const n = shards.length;
+  const weightMap: Record<string, string> = {};
+  shards.forEach((shard, k) => {
+    const f = `model-${String(k + 1).padStart(5, '0')}-of-${String(n).padStart(5, '0')}.safetensors`;
+    writeSafetensors(path.join(dir, f), Object.fromEntries(shard), meta);
+    written.add(f);
+    for (const [name] of shard) weightMap[name] = f;
+  });
+  const sortedMap = Object.fromEntries(Object.entries(weightMap).sort((a, b) => (a[0] < b[0] ? -1 : 1)));
+  writeFileAtomic(path.join(dir, INDEX), JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
+  written.add(INDEX);
+  return written;
+}
+
+/** Whether a file name is one of the weight files of an HF model directory (single, shard or index). */
+export function isWeightFile(f: string): boolean {
+  return f === SINGLE || f === INDEX || SHARD_RE.test(f);
+}
+
+// ---------------------------------------------------------------------------------------
 // Seeded random LLaMA in the HF layout
 
 export interface RandomLlamaOptions {
@@ -604,44 +661,11 @@ export function writeRandomLlama(dir: string, config: LlamaConfig, options: Rand
       },
     },
   ]);
-  const meta = { format: 'pt' };
-  const written = new Set<string>();
-  if (options.shardBytes === undefined) {
-    writeSafetensors(path.join(dir, SINGLE), Object.fromEntries(sources), meta);
-    written.add(SINGLE);
-  } else {
-    if (!(options.shardBytes > 0)) throw new Error(`writeRandomLlama: shardBytes must be positive, got ${options.shardBytes}`);
-    const shards: Array<Array<[string, StTensorSource]>> = [];
-    let cur: Array<[string, StTensorSource]> = [];
-    let curBytes = 0;
-    let total = 0;
-    for (const s of sources) {
-      const b = numel(s[1].shape) * ST_DTYPE_SIZE[s[1].dtype];
-      total += b;
-      if (cur.length && curBytes + b > options.shardBytes) {
-        shards.push(cur);
-        cur = [];
-        curBytes = 0;
-      }
-      cur.push(s);
-      curBytes += b;
-    }
-    if (cur.length) shards.push(cur);
-    const n = shards.length;
-    const weightMap: Record<string, string> = {};
-    shards.forEach((shard, k) => {
-      const f = `model-${String(k + 1).padStart(5, '0')}-of-${String(n).padStart(5, '0')}.safetensors`;
-      writeSafetensors(path.join(dir, f), Object.fromEntries(shard), meta);
-      written.add(f);
-      for (const [name] of shard) weightMap[name] = f;
-    });
-    const sortedMap = Object.fromEntries(Object.entries(weightMap).sort((a, b) => (a[0] < b[0] ? -1 : 1)));
-    writeFileAtomic(path.join(dir, INDEX), JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
-    written.add(INDEX);
-  }
+  if (options.shardBytes !== undefined && !(options.shardBytes > 0)) throw new Error(`writeRandomLlama: shardBytes must be positive, got ${options.shardBytes}`);
+  const written = writeWeightFiles(dir, sources, options.shardBytes === undefined ? {} : { shardBytes: options.shardBytes, alwaysIndex: true });
   // Old weights of another layout would shadow or confuse the new ones.
   for (const f of fs.readdirSync(dir)) {
-    if ((f === SINGLE || f === INDEX || SHARD_RE.test(f)) && !written.has(f)) fs.rmSync(path.join(dir, f), { force: true });
+    if (isWeightFile(f) && !written.has(f)) fs.rmSync(path.join(dir, f), { force: true });
   }
   writeFileAtomic(path.join(dir, 'config.json'), JSON.stringify(toHfConfigJson(cfg), null, 2) + '\n');
   writeFileAtomic(

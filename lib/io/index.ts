@@ -3,3 +3,4 @@ export * from './dtype.js';
 export * from './safetensors.js';
 export * from './hf-model.js';
 export * from './peft.js';
+export * from './merge.js';

@@ -125,7 +125,10 @@ export class KvCacheDecoder {
   }
 
   free(): void {
-    for (const c of this.caches) (c.k.free(), c.v.free());
+    for (const c of this.caches) {
+      c.k.free();
+      c.v.free();
+    }
   }
 }
 

@@ -104,7 +104,11 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
 export function freeStageWeights(w: StageWeights): void {
   const seen = new Set<Tensor>();
   const all = [w.embed, w.norm, w.head, ...w.layers.flatMap((l) => Object.values(l))];
-  for (const t of all) if (t && !seen.has(t)) (seen.add(t), t.free());
+  for (const t of all) {
+    if (!t || seen.has(t)) continue;
+    seen.add(t);
+    t.free();
+  }
 }
 
 /** Bytes the base weights of a stage take on its device (as the allocator counts them), by part. */

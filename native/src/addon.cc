@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <new>
 #include <thread>
 
 #include "cpu/cpu_features.h"
@@ -19,8 +20,27 @@ namespace {
 
 AddonData* data_of(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
 
-[[noreturn]] void throw_js(Napi::Env env, const std::string& msg) {
-  throw Napi::Error::New(env, msg);
+// `code` (ERR_MLORA_OOM, ...) lets callers, and the threads they report to, tell failures apart
+// without reading the message.
+[[noreturn]] void throw_js(Napi::Env env, const std::string& msg, const char* code = nullptr) {
+  Napi::Error e = Napi::Error::New(env, msg);
+  if (code) e.Set("code", Napi::String::New(env, code));
+  throw e;
+}
+
+// A positional argument that must be an integer >= min, checked by the ops' own check (ops/op.h).
+int64_t integer_arg(Napi::Env env, Napi::Value v, const std::string& what, int64_t min) {
+  try {
+    return js_integer(v, what, min);
+  } catch (const Error& e) {
+    throw_js(env, e.what(), e.code);
+  }
+}
+
+const char* code_of(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e)) return kErrOutOfMemory;
+  auto* m = dynamic_cast<const Error*>(&e);
+  return m ? m->code : nullptr;
 }
 
 DType parse_dtype(Napi::Env env, Napi::Value v, const char* what) {
@@ -38,14 +58,9 @@ std::vector<int64_t> parse_shape(Napi::Env env, Napi::Value v, const char* what)
   std::vector<int64_t> s;
   double total = 1;
   for (uint32_t i = 0; i < a.Length(); i++) {
-    Napi::Value e = a.Get(i);
-    if (!e.IsNumber()) throw_js(env, std::string(what) + ": shape[" + std::to_string(i) + "] is not a number");
-    double d = e.As<Napi::Number>().DoubleValue();
-    if (!(d >= 0) || d != double(int64_t(d)))
-      throw_js(env, std::string(what) + ": shape[" + std::to_string(i) + "] must be a non-negative integer, got " +
-                        e.ToString().Utf8Value());
-    total *= d;
-    s.push_back(int64_t(d));
+    int64_t d = integer_arg(env, a.Get(i), std::string(what) + ": shape[" + std::to_string(i) + "]", 0);
+    total *= double(d);
+    s.push_back(d);
   }
   if (total > double(int64_t(1) << 40)) throw_js(env, std::string(what) + ": shape is absurdly large");
   return s;
@@ -167,7 +182,7 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
     try {
       dev.backend().copy_to_host(ab.Data(), impl.data(), impl.nbytes());
     } catch (const std::exception& e) {
-      throw_js(env, std::string("Tensor.read: ") + e.what());
+      throw_js(env, std::string("Tensor.read: ") + e.what(), code_of(e));
     }
   }
   if (dtype_quantized(impl.dtype)) return Napi::Uint8Array::New(env, impl.nbytes(), ab, 0);
@@ -187,9 +202,9 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   if (!typed_array_matches(src.type, impl.dtype))
     throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
                       " tensor takes a " + (impl.dtype == DType::F32 ? "Float32Array" : impl.dtype == DType::I32 ? "Int32Array" : "Uint16Array"));
-  double off = info.Length() > 1 && info[1].IsNumber() ? info[1].As<Napi::Number>().DoubleValue() : 0;
+  int64_t off = info.Length() > 1 && !info[1].IsUndefined() ? integer_arg(env, info[1], "Tensor.write: offset", 0) : 0;
   size_t es = dtype_size(impl.dtype);
-  if (off < 0 || off != double(int64_t(off)) || size_t(off) * es + src.bytes > impl.nbytes())
+  if (size_t(off) * es + src.bytes > impl.nbytes())
     throw_js(env, "Tensor.write: " + std::to_string(src.bytes / es) + " elements at offset " + std::to_string(off) +
                       " do not fit in a tensor of " + std::to_string(impl.numel()) + " elements " + impl.shape_str());
   DeviceState& dev = impl.device();
@@ -197,7 +212,7 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   try {
     dev.backend().copy_from_host(static_cast<char*>(impl.data()) + size_t(off) * es, src.data, src.bytes);
   } catch (const std::exception& e) {
-    throw_js(env, std::string("Tensor.write: ") + e.what());
+    throw_js(env, std::string("Tensor.write: ") + e.what(), code_of(e));
   }
   return env.Undefined();
 }
@@ -207,15 +222,16 @@ Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "rows");
   if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.rows: a ") + dtype_name(impl.dtype) + " tensor has no row views");
-  if (!info[0].IsNumber() || !info[1].IsNumber()) throw_js(env, "Tensor.rows(start, end): start and end must be numbers");
-  double s = info[0].As<Napi::Number>().DoubleValue(), e = info[1].As<Napi::Number>().DoubleValue();
-  if (s != double(int64_t(s)) || e != double(int64_t(e)) || s < 0 || e < s || e > double(impl.shape[0]))
-    throw_js(env, "Tensor.rows: range [" + std::to_string(int64_t(s)) + ", " + std::to_string(int64_t(e)) +
-                      ") is outside 0.." + std::to_string(impl.shape[0]));
+  int64_t s = integer_arg(env, info[0], "Tensor.rows(start, end): start", 0);
+  int64_t e = integer_arg(env, info[1], "Tensor.rows(start, end): end", 0);
+  if (e < s || e > impl.shape[0])
+    throw_js(env, "Tensor.rows: range [" + std::to_string(s) + ", " + std::to_string(e) + ") is outside 0.." +
+                      std::to_string(impl.shape[0]),
+             kErrBadInput);
   TensorImpl v = impl;
   int64_t row = impl.numel() / std::max<int64_t>(1, impl.shape[0]);
-  v.offset += size_t(int64_t(s) * row) * dtype_size(impl.dtype);
-  v.shape[0] = int64_t(e) - int64_t(s);
+  v.offset += size_t(s * row) * dtype_size(impl.dtype);
+  v.shape[0] = e - s;
   return Make(env, v, keep_alive_.IsEmpty() ? env.Undefined() : keep_alive_.Value());
 }
 
@@ -272,11 +288,7 @@ JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(
   std::string kind = o.Get("kind").IsString() ? o.Get("kind").As<Napi::String>().Utf8Value() : "cpu";
   auto num = [&](const char* k, double def) -> double {
     Napi::Value v = o.Get(k);
-    if (v.IsUndefined()) return def;
-    if (!v.IsNumber()) throw_js(env, std::string("new Device: '") + k + "' must be a number");
-    double d = v.As<Napi::Number>().DoubleValue();
-    if (!(d >= 0) || d != double(int64_t(d))) throw_js(env, std::string("new Device: '") + k + "' must be a non-negative integer");
-    return d;
+    return v.IsUndefined() ? def : double(integer_arg(env, v, std::string("new Device: '") + k + "'", 0));
   };
   int index = int(num("index", 0));
   int hw = int(std::max(1u, std::thread::hardware_concurrency()));
@@ -342,7 +354,7 @@ static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& 
     st->ptr = dev->allocate(st->bytes, zero);
   } catch (const Error& e) {
     st->ptr = nullptr;
-    throw_js(env, e.what());
+    throw_js(env, e.what(), e.code);
   }
   t.storage = st;
   return t;
@@ -379,7 +391,7 @@ Napi::Value JsDevice::FromArray(const Napi::CallbackInfo& info) {
   try {
     state->backend().copy_from_host(t.data(), src.data, src.bytes);
   } catch (const std::exception& e) {
-    throw_js(env, std::string("Device.fromArray: ") + e.what());
+    throw_js(env, std::string("Device.fromArray: ") + e.what(), code_of(e));
   }
   return JsTensor::Make(env, t, env.Undefined());
 }
@@ -472,14 +484,12 @@ class LoadFileWorker : public Napi::AsyncWorker {
 Napi::Value JsDevice::LoadFile(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsString()) throw_js(env, "Device.loadFile(path, offset, dtype, shape): path must be a string");
-  if (!info[1].IsNumber()) throw_js(env, "Device.loadFile: offset must be a number");
-  double off = info[1].As<Napi::Number>().DoubleValue();
-  if (!(off >= 0) || off != double(int64_t(off))) throw_js(env, "Device.loadFile: offset must be a non-negative integer");
+  int64_t off = integer_arg(env, info[1], "Device.loadFile: offset", 0);
   DType dt = parse_dtype(env, info[2], "Device.loadFile");
   if (dtype_quantized(dt)) throw_js(env, "Device.loadFile: quantized tensors are made by fromArray or a quantize op");
   auto shape = parse_shape(env, info[3], "Device.loadFile");
   TensorImpl t = new_tensor(env, state, dt, shape, false);
-  auto* w = new LoadFileWorker(env, info[0].As<Napi::String>().Utf8Value(), int64_t(off), t);
+  auto* w = new LoadFileWorker(env, info[0].As<Napi::String>().Utf8Value(), off, t);
   auto p = w->Promise();
   w->Queue();
   return p;
@@ -511,31 +521,36 @@ static ParsedOps parse_ops(Napi::Env env, DeviceState* dev, Napi::Value v) {
     try {
       out.kernels.push_back(p(args));
     } catch (const Error& err) {
-      throw_js(env, err.what());
+      throw_js(env, err.what(), err.code);
     }
     out.labels.push_back(ctx);
   }
   return out;
 }
 
-static std::string run_kernels(DeviceState& dev, ParsedOps& ops) {
+struct RunFailure {
+  std::string message;  // empty: the ops ran
+  const char* code = nullptr;
+};
+
+static RunFailure run_kernels(DeviceState& dev, ParsedOps& ops) {
   std::lock_guard<std::mutex> lk(dev.exec_mutex());
   Exec ex{dev};
   for (size_t i = 0; i < ops.kernels.size(); i++) {
     try {
       ops.kernels[i](ex);
     } catch (const std::bad_alloc&) {
-      return ops.labels[i] + ": out of host memory";
+      return {ops.labels[i] + ": out of host memory", kErrOutOfMemory};
     } catch (const std::exception& err) {
-      return ops.labels[i] + ": " + err.what();
+      return {ops.labels[i] + ": " + err.what(), code_of(err)};
     }
   }
   try {
     dev.backend().synchronize();
   } catch (const std::exception& err) {
-    return std::string("synchronize: ") + err.what();
+    return {std::string("synchronize: ") + err.what(), code_of(err)};
   }
-  return "";
+  return {};
 }
 
 class RunWorker : public Napi::AsyncWorker {
@@ -547,8 +562,9 @@ class RunWorker : public Napi::AsyncWorker {
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
-    std::string err = run_kernels(*dev_, ops_);
-    if (!err.empty()) SetError(err);
+    RunFailure f = run_kernels(*dev_, ops_);
+    code_ = f.code;
+    if (!f.message.empty()) SetError(f.message);
   }
   void OnOK() override {
     ops_.kernels.clear();
@@ -560,6 +576,7 @@ class RunWorker : public Napi::AsyncWorker {
   void OnError(const Napi::Error& e) override {
     ops_.kernels.clear();
     try {
+      if (code_) e.Value().Set("code", Napi::String::New(Env(), code_));
       deferred_.Reject(e.Value());
     } catch (...) {
     }
@@ -569,6 +586,7 @@ class RunWorker : public Napi::AsyncWorker {
   Napi::Promise::Deferred deferred_;
   std::shared_ptr<DeviceState> dev_;
   ParsedOps ops_;
+  const char* code_ = nullptr;
   Napi::ObjectReference keep_;
 };
 
@@ -587,8 +605,8 @@ Napi::Value JsDevice::Run(const Napi::CallbackInfo& info) {
 Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ParsedOps ops = parse_ops(env, state.get(), info[0]);
-  std::string err = run_kernels(*state, ops);
-  if (!err.empty()) throw_js(env, err);
+  RunFailure f = run_kernels(*state, ops);
+  if (!f.message.empty()) throw_js(env, f.message, f.code);
   return env.Undefined();
 }
 

@@ -46,7 +46,7 @@ export async function main(argv: string[]): Promise<number> {
       ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}),
     });
     const ms = performance.now() - t;
-    const completion = tok.decode(out, { skipSpecialTokens: true });
+    const completion = tok.decodeAfter(ids, out, { skipSpecialTokens: true });
     if (a.values.json) console.log(JSON.stringify({ prompt: a.values.prompt, completion, tokens: out, ms: Math.round(ms) }));
     else {
       console.log(text + completion);

@@ -83,13 +83,19 @@ function lineChart(id: string, series: Series[], o: { x: string; y: string; yFmt
   if (!live.length) return `<p class="empty" data-chart="${id}">Nothing was recorded.</p>`;
   const xs = live.flatMap((s) => s.points.map((p) => p[0])), ys = live.flatMap((s) => s.points.map((p) => p[1]));
   let x0 = Math.min(...xs), x1 = Math.max(...xs);
-  for (const m of o.markers ?? []) (x0 = Math.min(x0, m.x)), (x1 = Math.max(x1, m.x));
+  for (const m of o.markers ?? []) {
+    x0 = Math.min(x0, m.x);
+    x1 = Math.max(x1, m.x);
+  }
   if (x1 === x0) x1 = x0 + 1;
   let y0 = o.yMin ?? Math.min(...ys), y1 = Math.max(...ys);
-  if (y1 === y0) (y0 -= Math.abs(y0) * 0.05 || 0.5), (y1 += Math.abs(y1) * 0.05 || 0.5);
-  else if (o.yMin === undefined) {
+  if (y1 === y0) {
+    y0 -= Math.abs(y0) * 0.05 || 0.5;
+    y1 += Math.abs(y1) * 0.05 || 0.5;
+  } else if (o.yMin === undefined) {
     const pad = (y1 - y0) * 0.05;
-    (y0 -= pad), (y1 += pad);
+    y0 -= pad;
+    y1 += pad;
   }
   const sx = (x: number) => PL + ((W - PL - PR) * (x - x0)) / (x1 - x0);
   const sy = (y: number) => H - PB - ((H - PT - PB) * (y - y0)) / (y1 - y0);

@@ -1,9 +1,8 @@
 // mlora train [CONFIG] [--devices cpu:0,cpu:1|cuda:0,cuda:1|auto] [--output DIR] [--resume|--overwrite] [--dry-run] [--fault SPEC]...
-// With no CONFIG: the embedded demo (a small model made once in a cache folder, four demo
-// adapters on the datasets in data/demo/).
+// With no CONFIG: the embedded demo (four adapters fine-tuning the shipped stories260K on the
+// story datasets in data/demo/stories/).
 import fs from 'node:fs';
 import path from 'node:path';
-import os from 'node:os';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import YAML from 'yaml';
@@ -19,7 +18,6 @@ import { StageAdapter } from '../../lib/lora/adapter.js';
 import { loraSpec } from '../../actors/jobs.js';
 import { parseFault } from '../../lib/faults.js';
 import { Progress } from './progress.js';
-import { ensureModel } from './make-model.js';
 import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
 import { writeReport, type MemorySample, type ReportFault } from './report.js';
 import type { JobEvent } from '../../actors/protocol.js';
@@ -45,29 +43,41 @@ options:
   --memory BYTES     byte budget per device (e.g. 4GiB)
   --compute-dtype D  f32 | bf16: precision of the frozen base (config compute_dtype)
   --quantize Q       nf4 | nf4-dq | int8: quantize the base's decoder linears at load (config quantize)
-  --fast             the demo on the tiny model, a few steps (tests, smoke checks)
+  --fast             the demo in a few small steps (tests, smoke checks)
   --progress MODE    auto | bar | plain | none
   --cluster URL      run the stages on stage hosts (mlora stage serve) registered at this NATS
                      server: nats://user:password@host:4222; devices then are HOST/cpu:N or 'cluster'
   --tls-ca FILE      (with --cluster) CA of the server's certificate; --tls-cert/--tls-key FILE for mutual TLS
   --nkey FILE        (with --cluster) authenticate with this nkey seed file`;
 
-function cacheDir(): string {
-  return process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora');
-}
+/** The base model of the demo: stories260K, shipped in data/models/ (a real pretrained LLaMA). */
+export const DEMO_MODEL = path.join(root, 'data/models/stories260K');
 
-/** The embedded demo: four adapters, each a different task, with different LoRA settings. */
+/**
+ * The embedded demo: four adapters on stories260K, each teaching it something a greedy
+ * sample shows (a new character, a setting, a style, a format), with different LoRA settings;
+ * held-out loss on each adapter's eval split and a greedy sample, before and after training.
+ * `fast`: a few steps of small batches and short samples (tests).
+ */
 export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
-  const data = (n: string) => path.join(root, 'data/demo', `${n}.jsonl`);
-  const common = { seq_len: 256, epochs: fast ? 1 : 3, max_steps: fast ? 8 : 100, batch_size: 8, save_every: fast ? 4 : 25, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 5 } };
+  const data = (n: string) => path.join(root, 'data/demo/stories', `${n}.jsonl`);
+  const steps = fast ? 8 : 60;
+  const common = {
+    seq_len: 256, batch_size: fast ? 4 : 8, epochs: fast ? 1 : 3, max_steps: steps, save_every: fast ? 4 : 20, schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 },
+  };
+  // held-out loss before the first step, every 20 steps and after the last; a greedy sample
+  // from the prompt before training and after it shows what the adapter taught
+  const adapter = (name: string, seed: number, prompt: string, rest: Record<string, unknown>) => ({
+    name, data: data(name), eval: { data: data(`${name}.eval`), every: fast ? steps : 20, prompts: [prompt], max_new_tokens: fast ? 24 : 48 }, ...common, seed, ...rest,
+  });
   return {
     model: modelDir,
     output,
     adapters: [
-      { name: 'capitals', data: data('capitals'), lora: { r: 8, alpha: 16, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj'] }, optimizer: { lr: 2e-3 }, ...common, seed: 1 },
-      { name: 'arithmetic', data: data('arithmetic'), lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 1e-3 }, ...common, micro_batch_size: 4, seed: 2 },
-      { name: 'reverse', data: data('reverse'), lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3, weight_decay: 0.01 }, ...common, seed: 3 },
-      { name: 'sentiment', data: data('sentiment'), lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj'] }, optimizer: { lr: 3e-3 }, max_grad_norm: 1, ...common, seed: 4 },
+      adapter('robot', 1, 'Once upon a time,', { lora: { r: 8, alpha: 16, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 3e-3 } }),
+      adapter('sea', 2, 'Once upon a time,', { lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 5e-3 } }),
+      adapter('rhyme', 3, 'Once upon a time,', { lora: { r: 16, alpha: 32, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 4e-3, weight_decay: 0.01 }, micro_batch_size: fast ? 2 : 4 }),
+      adapter('dialogue', 4, 'Mom:', { lora: { r: 8, alpha: 16, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] }, optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
     ],
     pipeline: {},
     log: { every: fast ? 1 : 5, progress: 'auto' },
@@ -278,9 +288,8 @@ export async function main(argv: string[]): Promise<number> {
   if (args.positionals[0]) {
     raw = readConfigFile(args.positionals[0]) as Record<string, unknown>;
   } else {
-    const model = await ensureModel(path.join(cacheDir(), 'models'), fast ? 'tiny' : 'small', 0, (s) => console.log(s));
-    raw = demoConfig(model, path.resolve(args.values.output ?? (fast ? 'mlora-demo-fast' : 'mlora-demo')), fast) as Record<string, unknown>;
-    console.log(`mlora demo: ${fast ? 'tiny' : 'small'} model at ${model}; 4 adapters on data/demo/ (capitals, arithmetic, reverse, sentiment)`);
+    raw = demoConfig(DEMO_MODEL, path.resolve(args.values.output ?? (fast ? 'mlora-demo-fast' : 'mlora-demo')), fast) as Record<string, unknown>;
+    console.log(`mlora demo${fast ? ' (--fast: 8 small steps)' : ''}: fine-tuning stories260K (${DEMO_MODEL}) with 4 adapters on data/demo/stories/ (robot, sea, rhyme, dialogue)`);
   }
   if (args.values.devices) raw.devices = args.values.devices === 'auto' || args.values.devices === 'cluster' ? args.values.devices : args.values.devices.split(',').map((s) => s.trim());
   if (args.values.output) raw.output = path.resolve(args.values.output);

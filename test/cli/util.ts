@@ -1,14 +1,15 @@
-// Helpers for the CLI tests: the real `mlora` binary as a child process, small training configs
-// on the demo data, and adapter comparisons.
+// Helpers for the CLI tests: the real `mlora` binary as a child process (or a command's main()
+// in this process), small training configs on the demo data, adapter comparisons.
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import type { Test } from 'tap';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { DEMO_DATA } from '../support/files.js';
+import { DEMO_DATA, tmpDir } from '../support/files.js';
 
 export const ROOT = path.resolve('.');
 export const CLI = path.join(ROOT, 'dist/scripts/mlora.js');
+export const FIX = path.join(ROOT, 'test/fixtures/llama-tiny');
 
 /** A small two-stage run: two adapters on the demo data, a checkpoint every `save_every` steps. */
 export function smallConfig(model: string, output: string, o: { steps?: number; saveEvery?: number } = {}) {
@@ -95,4 +96,27 @@ export function sameWeights(t: Test, a: string, b: string, label: string) {
     }
   }
   t.equal(differing, 0, `${label}: bitwise equal (${differing} values differ, max |diff| ${maxDiff.toExponential(2)})`);
+}
+
+/** A copy of the reference fixture model (config.json + model.safetensors, no tokenizer). */
+export function copyFixtureModel(t: Test): string {
+  const d = tmpDir(t, 'fixmodel');
+  for (const f of fs.readdirSync(path.join(FIX, 'model'))) fs.copyFileSync(path.join(FIX, 'model', f), path.join(d, f));
+  return d;
+}
+
+/** A command's main() in this process (cheaper than a child), with its console output. Errors thrown are exit 1, as in mlora.js. */
+export async function inProcess(main: (argv: string[]) => Promise<number>, ...argv: string[]): Promise<{ code: number; out: string; err: string }> {
+  let out = '', err = '';
+  const log = console.log, error = console.error;
+  console.log = (...a: unknown[]) => void (out += a.join(' ') + '\n');
+  console.error = (...a: unknown[]) => void (err += a.join(' ') + '\n');
+  try {
+    return { code: await main(argv), out, err };
+  } catch (e) {
+    return { code: 1, out, err: err + `mlora: ${(e as Error).message}\n` };
+  } finally {
+    console.log = log;
+    console.error = error;
+  }
 }

@@ -62,7 +62,7 @@ t.test('stage host: registration, claims, fingerprint, leases', { skip: reason }
   };
   await run1.send({ type: 'remote-init', init });
   t.ok(await until(async () => replies.length > 0, 10_000), 'an answer');
-  t.match(replies[0], { type: 'error', stage: 0, message: /h1\/cpu:0 refuses the run's model: the model at .* is not the supervisor's: config\.json differs .*the tensor headers differ \(21 tensors, .*; 30 tensors/ });
+  t.match(replies[0], { type: 'error', stage: 0, error: { code: 'ERR_MLORA_CRASH', message: /h1\/cpu:0 refuses the run's model: the model at .* is not the supervisor's: config\.json differs .*the tensor headers differ \(21 tensors, .*; 30 tensors/ } });
 
   await run1.send({ type: 'release' });
   t.ok(await until(async () => ((d) => !!d && !d.claimedBy)(await h1()), 5_000), 'free again after release');

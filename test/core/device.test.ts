@@ -3,6 +3,7 @@
 import t from 'tap';
 import { native } from '../../lib/native.js';
 import { openDevice } from '../../lib/tensor.js';
+import { ErrorCode, errorCode } from '../../lib/errors.js';
 
 t.test('info reports the CPU features and the CUDA state', async (t) => {
   const info = native().info();
@@ -22,6 +23,28 @@ t.test('allocation past the budget is a clear Error; freeing returns the bytes',
   const b = d.alloc('f32', [1024, 1024]);
   t.equal(d.memory().used, 4 * 2 ** 20, 'the whole budget is usable after the free');
   b.free();
+});
+
+t.test('an allocation failure carries the out-of-memory code, whichever call allocates', async (t) => {
+  const d = openDevice('cpu:1', { budget: 2 ** 20 });
+  const codeOf = (f: () => unknown) => {
+    try {
+      f();
+    } catch (e) {
+      return [errorCode(e), (e as Error).message] as const;
+    }
+    return [undefined, 'no error'] as const;
+  };
+  for (const [what, f] of [
+    ['alloc', () => d.alloc('f32', [512, 1024])],
+    ['fromArray', () => d.fromArray('f32', [512, 1024], new Float32Array(512 * 1024))],
+  ] as const) {
+    const [code, message] = codeOf(f);
+    t.equal(code, ErrorCode.OutOfMemory, `${what}: err.code is ${ErrorCode.OutOfMemory} (${message})`);
+  }
+  const [code] = codeOf(() => d.alloc('f32', [0.5]));
+  t.not(code, ErrorCode.OutOfMemory, 'a bad argument is not reported as out of memory');
+  t.equal(d.memory().used, 0);
 });
 
 t.test('views share storage and keep it alive', async (t) => {

@@ -84,8 +84,8 @@ function f16bits(v: number): number {
   const f = new Float32Array([v]);
   const u = new Uint32Array(f.buffer)[0]!;
   const sign = (u >>> 16) & 0x8000;
-  let exp = ((u >>> 23) & 0xff) - 127 + 15;
-  let mant = u & 0x7fffff;
+  const exp = ((u >>> 23) & 0xff) - 127 + 15;
+  const mant = u & 0x7fffff;
   if (exp <= 0) return sign;
   if (exp >= 31) return sign | 0x7c00;
   let h = sign | (exp << 10) | (mant >>> 13);

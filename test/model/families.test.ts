@@ -21,7 +21,7 @@ import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { KvCacheDecoder } from '../../lib/model/generate.js';
-import { fullLogits } from '../tools/util.js';
+import { fullLogits } from '../support/logits.js';
 import { assertClose, cpuDevice } from '../support/helpers.js';
 import { fixtureBatch } from './fixture.js';
 

@@ -32,3 +32,7 @@ export function demoData(dir: string, name: 'arithmetic' | 'capitals' | 'reverse
   fs.writeFileSync(file, lines.join('\n') + '\n');
   return file;
 }
+
+/** stories260K, the real pretrained LLaMA shipped for the demo, and its story datasets. */
+export const STORIES260K = path.join(REPO, 'data/models/stories260K');
+export const STORY_DATA = path.join(DEMO_DATA, 'stories');

@@ -96,7 +96,7 @@ void* DeviceState::allocate(size_t bytes, bool zero) {
       std::ostringstream s;
       s << "device " << name_ << ": out of memory: asked " << format_bytes(int64_t(bytes)) << ", "
         << format_bytes(budget_ - used_) << " free of " << format_bytes(budget_);
-      throw Error(s.str());
+      throw Error(s.str(), kErrOutOfMemory);
     }
     auto it = cache_.find(rounded);
     if (it != cache_.end()) {
@@ -120,7 +120,7 @@ void* DeviceState::allocate(size_t bytes, bool zero) {
       s << "device " << name_ << ": allocation of " << format_bytes(int64_t(bytes))
         << " failed in the system allocator (" << format_bytes(used_) << " in use of a "
         << format_bytes(budget_) << " budget): the budget is larger than the memory really available";
-      throw Error(s.str());
+      throw Error(s.str(), kErrOutOfMemory);
     }
   }
   if (zero) backend_->zero(p, rounded);

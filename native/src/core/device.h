@@ -18,9 +18,16 @@
 
 namespace mlora {
 
-// Any failure inside the core: becomes a JavaScript Error at the N-API boundary.
+// Codes a JavaScript caller compares (err.code) instead of matching message text; lib/errors.ts
+// names the same strings.
+inline constexpr const char* kErrOutOfMemory = "ERR_MLORA_OOM";
+inline constexpr const char* kErrBadInput = "ERR_MLORA_BAD_INPUT";
+
+// Any failure inside the core: becomes a JavaScript Error at the N-API boundary, with `code`
+// set when there is one.
 struct Error : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  explicit Error(const std::string& what, const char* code = nullptr) : std::runtime_error(what), code(code) {}
+  const char* code;
 };
 
 // What a device kind must provide. The CPU one is in core/device.cc, the CUDA one in
@@ -57,7 +64,7 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   Backend& backend() { return *backend_; }
   std::mutex& exec_mutex() { return exec_mu_; }
 
-  // Throws Error("device cpu:1: out of memory: asked 512 MiB, 96 MiB free of 4 GiB").
+  // Throws Error("device cpu:1: out of memory: asked 512 MiB, 96 MiB free of 4 GiB", kErrOutOfMemory).
   void* allocate(size_t bytes, bool zero);
   void release(void* p, size_t bytes);
   void trim_cache();

@@ -20,7 +20,9 @@ std::string cuda_error_text(const char* call, cudaError_t e) {
   return s;
 }
 
-void throw_cuda(const char* call, cudaError_t e) { throw Error(cuda_error_text(call, e)); }
+void throw_cuda(const char* call, cudaError_t e) {
+  throw Error(cuda_error_text(call, e), e == cudaErrorMemoryAllocation ? kErrOutOfMemory : nullptr);
+}
 
 void check_launch(const char* kernel) {
   cudaError_t e = cudaGetLastError();

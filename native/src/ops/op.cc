@@ -22,6 +22,12 @@ std::string shape_to_string(const std::vector<int64_t>& s) {
   o << "]";
   return o.str();
 }
+
+std::string number_text(double d) {
+  std::ostringstream o;
+  o << d;
+  return o.str();
+}
 }  // namespace
 
 void register_op(const char* name, Parser parser) { table()[name] = parser; }
@@ -35,7 +41,26 @@ std::vector<std::string> op_names() {
   return v;
 }
 
-void Args::fail(const std::string& msg) const { throw Error(ctx_ + ": " + msg); }
+void Args::fail(const std::string& msg) const { throw Error(ctx_ + ": " + msg, kErrBadInput); }
+
+double js_number(Napi::Value v, const std::string& what) {
+  if (!v.IsNumber()) throw Error(what + " must be a number", kErrBadInput);
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d)) throw Error(what + " must be finite, got " + number_text(d), kErrBadInput);
+  return d;
+}
+
+int64_t js_integer(Napi::Value v, const std::string& what, int64_t min) {
+  double d = js_number(v, what);
+  if (d != std::floor(d) || std::fabs(d) > 9007199254740991.0)
+    throw Error(what + " must be " + (min == 0 ? "a non-negative integer" : "an integer") + ", got " + number_text(d),
+                kErrBadInput);
+  if (int64_t(d) < min)
+    throw Error(what + " must be " + (min == 0 ? "a non-negative integer" : "an integer >= " + std::to_string(min)) +
+                    ", got " + number_text(d),
+                kErrBadInput);
+  return int64_t(d);
+}
 
 Napi::Value Args::get(const char* name) const { return obj_.Get(name); }
 
@@ -79,21 +104,10 @@ TensorImpl Args::tensor_value(Napi::Value v, const char* name, std::initializer_
   return t->impl;
 }
 
-double Args::number(const char* name) {
-  Napi::Value v = get(name);
-  if (!v.IsNumber()) fail(std::string("argument '") + name + "' must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (!std::isfinite(d)) fail(std::string("argument '") + name + "' must be finite, got " + std::to_string(d));
-  return d;
-}
+double Args::number(const char* name) { return js_number(get(name), ctx_ + ": argument '" + name + "'"); }
 double Args::number(const char* name, double fallback) { return has(name) ? number(name) : fallback; }
 
-int64_t Args::integer(const char* name) {
-  double d = number(name);
-  if (d != std::floor(d) || std::fabs(d) > 9007199254740991.0)
-    fail(std::string("argument '") + name + "' must be an integer, got " + std::to_string(d));
-  return int64_t(d);
-}
+int64_t Args::integer(const char* name) { return js_integer(get(name), ctx_ + ": argument '" + name + "'"); }
 int64_t Args::integer(const char* name, int64_t fallback) { return has(name) ? integer(name) : fallback; }
 
 bool Args::flag(const char* name, bool fallback) {

@@ -5,6 +5,7 @@
 #pragma once
 #include <napi.h>
 
+#include <cstdint>
 #include <functional>
 #include <initializer_list>
 #include <string>
@@ -49,6 +50,12 @@ class Args {
   std::string ctx_;
   DeviceState* dev_;
 };
+
+// The checks of one JavaScript number, for op objects (Args) and for the handles' positional
+// arguments (addon.cc) alike. `what` names the argument ("op 3 (gemm): argument 'm'"); a failure
+// throws Error(what + " must be ...", kErrBadInput).
+double js_number(Napi::Value v, const std::string& what);                          // finite
+int64_t js_integer(Napi::Value v, const std::string& what, int64_t min = INT64_MIN);  // exact, >= min
 
 using Parser = Kernel (*)(Args&);
 void register_op(const char* name, Parser parser);

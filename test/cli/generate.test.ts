@@ -10,7 +10,8 @@ import { generate, KvCacheDecoder, sampleToken } from '../../lib/model/generate.
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose, closeness, cpuDevice, randn } from '../support/helpers.js';
-import { FIX, copyFixtureModel, fullLogits, inProcess, mlora } from './util.js';
+import { FIX, copyFixtureModel, inProcess, mlora } from './util.js';
+import { fullLogits } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 import { main } from '../../scripts/cli/generate.js';
 
@@ -46,7 +47,8 @@ t.test('attention_decode matches a float64 reference (nq, length, GQA shapes); r
   ];
   for (const [nq, length, cap, hq, hkv, d, scale] of shapes) {
     const q = randn(rng, nq * hq * d), kc = randn(rng, cap * hkv * d), vc = randn(rng, cap * hkv * d);
-    for (let i = length * hkv * d; i < kc.length; i++) (kc[i] = NaN, vc[i] = NaN); // beyond length: poison
+    kc.fill(NaN, length * hkv * d); // beyond length: poison
+    vc.fill(NaN, length * hkv * d);
     const out = dev.alloc('f32', [nq, hq * d]);
     const T = (x: Float32Array, s: number[]) => dev.fromArray('f32', s, x);
     await dev.run([{ op: 'attention_decode', out, q: T(q, [nq, hq * d]), kCache: T(kc, [cap, hkv * d]), vCache: T(vc, [cap, hkv * d]), length, heads: hq, kvHeads: hkv, ...(scale ? { scale } : {}) }]);
@@ -201,11 +203,11 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   const dir = tmpDir(t, 'gen');
   await makeModel(dir, 'tiny', 6);
   const tok = loadTokenizer(dir);
-  const r = mlora('generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8');
+  const r = mlora(['generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8']);
   t.equal(r.code, 0, r.err);
   t.match(r.out, /^Once upon a time/);
   t.match(r.err, /\(\d+ tokens in [\d.]+ s\)/);
-  const j = mlora('generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json');
+  const j = mlora(['generate', '--model', dir, '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json']);
   t.equal(j.code, 0, j.err);
   const o = JSON.parse(j.out) as { prompt: string; completion: string; tokens: number[]; ms: number };
   t.equal(o.prompt, 'Once upon a time');
@@ -242,7 +244,7 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   tj.post_processor = null;
   fs.writeFileSync(path.join(noBos, 'tokenizer.json'), JSON.stringify(tj));
   t.same(loadTokenizer(noBos).encode('', { addSpecialTokens: true }), [], 'this tokenizer adds no BOS to an empty text');
-  const empty = (d: string) => mlora('generate', '--model', d, '--prompt', '', '--max-new-tokens', '5', '--json');
+  const empty = (d: string) => mlora(['generate', '--model', d, '--prompt', '', '--max-new-tokens', '5', '--json']);
   const e1 = empty(dir), e2 = empty(noBos);
   t.equal(e1.code, 0, e1.err);
   t.equal(e2.code, 0, e2.err);

@@ -1,4 +1,4 @@
-// `mlora inspect` on what make-model writes (test/io/inspect.test.ts covers the reference
+// `mlora inspect` on what make-model writes (test/cli/inspect-fixtures.test.ts covers the reference
 // fixtures and config errors): the tokenizer line, bf16 and sharded checkpoints, and an
 // adapter checked against a made model.
 import t from 'tap';

@@ -3,17 +3,11 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { spawnSync } from 'node:child_process';
 import { writeRandomLlama } from '../../lib/io/hf-model.js';
 import { PRESETS } from '../../lib/model/config.js';
+import { FIX, mlora as cli } from './util.js';
 
-const FIX = path.resolve('test/fixtures/llama-tiny');
-const CLI = path.resolve('dist/scripts/mlora.js');
-
-function mlora(...args: string[]) {
-  const r = spawnSync(process.execPath, [CLI, 'inspect', ...args], { encoding: 'utf8' });
-  return { code: r.status, out: r.stdout, err: r.stderr };
-}
+const mlora = (...args: string[]) => cli(['inspect', ...args]);
 
 t.test('a model directory', async (t) => {
   const r = mlora(path.join(FIX, 'model'));

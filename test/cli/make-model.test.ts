@@ -10,7 +10,8 @@ import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
-import { fullLogits, inProcess, mlora } from './util.js';
+import { inProcess, mlora } from './util.js';
+import { fullLogits } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
@@ -158,7 +159,7 @@ t.test('CLI errors are usage errors (exit 2) with a clear message', async (t) =>
     t.match(r.err, /usage: mlora make-model --preset/);
   }
   t.same(fs.readdirSync(out), [], 'nothing written');
-  const real = mlora('make-model', '--preset', 'tiny');
+  const real = mlora(['make-model', '--preset', 'tiny']);
   t.equal(real.code, 2, 'the real CLI exits 2');
   t.match(real.err, /--out DIR is required/);
 });

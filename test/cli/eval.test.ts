@@ -1,5 +1,5 @@
 // `mlora eval` / evaluateDataset: mean loss, perplexity and token count against an independent
-// computation (full logits + a float64 log-softmax, test/tools/util.ts) and against the PyTorch
+// computation (full logits + a float64 log-softmax, test/support/logits.ts) and against the PyTorch
 // reference loss of test/fixtures/llama-tiny; pre-tokenized data needs no tokenizer.json.
 import t from 'tap';
 import fs from 'node:fs';
@@ -11,7 +11,8 @@ import { readDataset } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose } from '../support/helpers.js';
-import { FIX, ROOT, copyFixtureModel, inProcess, mlora, referenceLoss } from './util.js';
+import { FIX, ROOT, copyFixtureModel, inProcess, mlora } from './util.js';
+import { referenceLoss } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 
 interface Ref { input_ids: number[][]; labels: number[][]; loss: number }
@@ -79,14 +80,14 @@ t.test('with the reference adapter the loss is the PyTorch+PEFT reference loss',
   assertClose(t, [base.loss], [want.loss], LOSS_TOL, 'loss without adapter vs independent computation');
 
   // the CLI, text and --json
-  const j = mlora('eval', '--model', model, '--adapter', path.join(FIX, 'adapter'), '--data', file, '--json');
+  const j = mlora(['eval', '--model', model, '--adapter', path.join(FIX, 'adapter'), '--data', file, '--json']);
   t.equal(j.code, 0, j.err);
   const o = JSON.parse(j.out) as { loss: number; perplexity: number; tokens: number; examples: number };
   t.same(Object.keys(o).sort(), ['examples', 'loss', 'perplexity', 'tokens']);
   t.equal(o.tokens, count);
   t.equal(o.examples, 2);
   assertClose(t, [o.loss, o.perplexity], [ref.loss, Math.exp(ref.loss)], { atol: 1e-6, rtol: 2e-6 }, '--json loss, perplexity');
-  const txt = mlora('eval', '--model', model, '--data', file);
+  const txt = mlora(['eval', '--model', model, '--data', file]);
   t.equal(txt.code, 0, txt.err);
   t.match(txt.out, new RegExp(`^loss ${base.loss.toFixed(4)}  perplexity ${base.perplexity.toFixed(3)}  tokens ${count}  examples 2\\n$`));
 });
@@ -100,16 +101,16 @@ t.test('a long file reports progress on stderr: a line at every tenth of the bat
   const seen: number[] = [];
   const r = await evaluateDataset({ model, data: file, seqLen: 512, batchTokens: 16, onProgress: (p) => seen.push(p.batch) });
   t.same(seen, Array.from({ length: 20 }, (_, i) => i + 1), 'one callback per batch, in order');
-  const cli = mlora('eval', '--model', model, '--data', file, '--batch-tokens', '16', '--json');
+  const cli = mlora(['eval', '--model', model, '--data', file, '--batch-tokens', '16', '--json']);
   t.equal(cli.code, 0, cli.err);
   const lines = cli.err.trim().split('\n');
   t.equal(lines.length, 10, `ten progress lines: ${cli.err}`);
   t.match(lines[0], `eval ${file}: 10% (batch 2/20, 4/40 examples, 28 tokens, `);
   t.match(lines[9], `eval ${file}: 100% (batch 20/20, 40/40 examples, 280 tokens, `);
   t.equal((JSON.parse(cli.out) as { loss: number }).loss, r.loss, 'stdout holds the result alone');
-  const quiet = mlora('eval', '--model', model, '--data', file, '--batch-tokens', '16', '--no-progress');
+  const quiet = mlora(['eval', '--model', model, '--data', file, '--batch-tokens', '16', '--no-progress']);
   t.equal(quiet.err, '', '--no-progress: nothing on stderr');
-  const short = mlora('eval', '--model', model, '--data', file);
+  const short = mlora(['eval', '--model', model, '--data', file]);
   t.equal(short.err, '', 'a file of fewer than ten batches: no progress lines');
 });
 

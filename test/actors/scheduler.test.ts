@@ -1,0 +1,187 @@
+// The supervisor's scheduling on a fake pipeline (test/support/fake-pipeline.ts: no model, every
+// byte an agreed number, forward/backward/step at once): micro-batches are admitted by memory
+// (what fits runs, what does not waits, what can never fit fails), adapters are placed first
+// come first served within a priority (a job that must wait holds up those behind it), higher
+// priorities go first and preempt lower ones by parking them at a step boundary, and a parked
+// job comes back with exactly the state and data position it left with.
+import t from 'tap';
+import { Supervisor, type SchedulerOptions } from '../../actors/supervisor.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterConfigInput } from '../../lib/config.js';
+import { FakePipeline, fakeHooks, type FakePipelineOptions } from '../support/fake-pipeline.js';
+
+// one adapter of r = 4 takes 4000 bytes per stage; one micro-batch (100 tokens) holds 1000
+const ADAPTER = 4000;
+const MB = 1000;
+
+function setup(o: FakePipelineOptions, sched: Partial<SchedulerOptions> = {}, onEvent?: (ev: JobEvent, sup: Supervisor) => void) {
+  const pipe = new FakePipeline(o);
+  const hooks = fakeHooks();
+  const log: JobEvent[] = [];
+  const sup: Supervisor = new Supervisor(pipe, { ...hooks, onEvent: (ev) => (log.push(ev), onEvent?.(ev, sup)) }, {
+    batchlora: false, inflight: 8, inflightPerAdapter: 8, ...sched,
+  });
+  return { pipe, sup, finals: hooks.finals, log };
+}
+
+/** max_steps steps of 4 micro-batches of 100 tokens; r 4 unless given. */
+const job = (name: string, o: Partial<AdapterConfigInput> = {}): AdapterConfigInput => ({
+  name, data: 'unused.jsonl', lora: { r: 4 }, batch_size: 4, micro_batch_size: 1, seq_len: 100, max_steps: 2, ...o,
+});
+
+/** The adapter ids in the order they were put on the stages. */
+const adds = (p: FakePipeline) => p.events.flatMap((e) => (e.op === 'add' ? [e.adapter] : []));
+const states = (log: JobEvent[], name: string) => log.flatMap((e) => (e.type === 'state' && e.adapter === name ? [e.state] : []));
+
+t.test('admission by memory: as many micro-batches as fit are in flight, never more', async (t) => {
+  for (const [room, want] of [[2, 2], [3, 3], [10, 4]] as const) {
+    const { pipe, sup } = setup({ budgets: [ADAPTER + room * MB + MB / 2] });
+    const a = sup.submit(job('a'));
+    await sup.drain();
+    await sup.close();
+    t.equal(a.state, 'done', a.error ?? 'done');
+    t.equal(a.step, 2);
+    // 4 micro-batches per step, 8 in flight allowed: memory is the limit until it is not
+    t.equal(pipe.peakInflight, want, `room for ${room}: ${want} in flight at most`);
+    t.same(pipe.overruns, [], 'no stage went over its budget');
+    t.equal(pipe.trained().length, 8, 'every micro-batch ran once');
+  }
+});
+
+t.test('admission by memory on every stage: the tightest stage decides', async (t) => {
+  const { pipe, sup } = setup({ budgets: [ADAPTER + 10 * MB, ADAPTER + 1 * MB, ADAPTER + 10 * MB] });
+  const a = sup.submit(job('a'));
+  await sup.drain();
+  await sup.close();
+  t.equal(a.state, 'done', a.error ?? 'done');
+  t.equal(pipe.peakInflight, 1, 'stage 1 has room for one micro-batch: one at a time');
+  t.same(pipe.overruns, []);
+});
+
+t.test('transient bytes count once per stage, held bytes once per micro-batch', async (t) => {
+  // held 500 + transient 500 per micro-batch: room for 3 held + one call, not for 3 full copies
+  const { pipe, sup } = setup({ budgets: [ADAPTER + 3 * 500 + 500], heldPerToken: 5, transientPerToken: 5 });
+  sup.submit(job('a'));
+  await sup.drain();
+  await sup.close();
+  t.equal(pipe.peakInflight, 3);
+  t.same(pipe.overruns, []);
+});
+
+t.test('a micro-batch that can never fit fails its job, with the numbers', async (t) => {
+  const { pipe, sup } = setup({ budgets: [ADAPTER + MB / 2] });
+  const big = sup.submit(job('big'));
+  await sup.drain();
+  await sup.close();
+  t.equal(big.state, 'failed');
+  t.match(big.error, /a micro-batch of 100 tokens needs 1000 bytes of activations on cpu:0, only 500 are free/);
+  t.same(pipe.trained(), [], 'nothing ran');
+  t.equal(pipe.resident.size, 0, 'its adapter left the stages');
+});
+
+t.test('an adapter that can never fit fails at once, naming the device and the bytes', async (t) => {
+  const { sup } = setup({ budgets: [ADAPTER + MB] });
+  const huge = sup.submit(job('huge', { lora: { r: 64 } }));
+  const a = sup.submit(job('a'));
+  await sup.drain();
+  await sup.close();
+  t.equal(huge.state, 'failed');
+  t.match(huge.error, /adapter 'huge' needs 64000 bytes on cpu:0, only 5000 are there besides the model/);
+  t.equal(a.state, 'done', 'the job behind it is not held up by a job that can never run');
+});
+
+t.test('placement: what fits goes on the stages, what does not waits for room (FCFS)', async (t) => {
+  // room for two adapters and their micro-batches, not three
+  const { pipe, sup, log } = setup({ budgets: [2 * ADAPTER + 2 * MB] }, { inflightPerAdapter: 1 });
+  const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
+  await sup.drain();
+  await sup.close();
+  t.same(jobs.map((j) => j.state), ['done', 'done', 'done']);
+  t.same(adds(pipe), jobs.map((j) => j.id), 'put on the stages in the order submitted');
+  const firstRemove = pipe.events.findIndex((e) => e.op === 'remove');
+  const addC = pipe.events.findIndex((e) => e.op === 'add' && e.adapter === jobs[2]!.id);
+  t.ok(firstRemove >= 0 && addC > firstRemove, 'c is placed only after a finished job left the stages');
+  t.ok(pipe.trained().slice(0, 2).every((ad) => ad[0] !== jobs[2]!.id), 'c trains nothing before then');
+  t.same(states(log, 'c'), ['queued', 'loading', 'running', 'done']);
+  t.same(pipe.overruns, []);
+});
+
+t.test('FCFS: a job that must wait holds up the smaller jobs behind it', async (t) => {
+  const { pipe, sup } = setup({ budgets: [12 * 1000 + MB] }, { inflightPerAdapter: 1 });
+  const a = sup.submit(job('a', { max_steps: 3 })); // 4000
+  const big = sup.submit(job('big', { lora: { r: 10 } })); // 10000: only once a is gone
+  const small = sup.submit(job('small', { lora: { r: 2 } })); // 2000 would fit next to a, but comes after big
+  await sup.drain();
+  await sup.close();
+  t.same([a, big, small].map((j) => j.state), ['done', 'done', 'done']);
+  t.same(adds(pipe), [a.id, big.id, small.id]);
+  const removeA = pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === a.id);
+  const addSmall = pipe.events.findIndex((e) => e.op === 'add' && e.adapter === small.id);
+  t.ok(addSmall > removeA, 'small waited for big, which waited for a');
+  t.same(pipe.overruns, []);
+});
+
+t.test('priority: the highest waiting job is placed first, whatever the order of submission', async (t) => {
+  const { pipe, sup } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 });
+  const first = sup.submit(job('first', { priority: 10 }));
+  const low = sup.submit(job('low'));
+  const mid = sup.submit(job('mid', { priority: 3 }));
+  const high = sup.submit(job('high', { priority: 5 }));
+  await sup.drain();
+  await sup.close();
+  t.same(adds(pipe), [first.id, high.id, mid.id, low.id], 'first (10, running, never preempted by lower ones), then 5, 3, 0');
+  t.equal(pipe.events.filter((e) => e.op === 'add').length, 4, 'each placed once: no job was parked');
+  t.same([first, low, mid, high].map((j) => j.state), ['done', 'done', 'done', 'done']);
+});
+
+t.test('preemption: a higher-priority job parks a running one at its step boundary; it comes back unchanged', async (t) => {
+  let high: ReturnType<Supervisor['submit']> | undefined;
+  const { pipe, sup, log, finals } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {
+    if (ev.type === 'step' && ev.adapter === 'low' && ev.step === 2 && !high) high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
+  });
+  const low = sup.submit(job('low', { max_steps: 5 }));
+  await sup.drain();
+  await sup.close();
+  t.ok(high);
+  t.same([low.state, high!.state], ['done', 'done'], low.error ?? high!.error ?? 'both done');
+  t.same(states(log, 'low'), ['queued', 'loading', 'running', 'parked', 'running', 'done']);
+  t.same(states(log, 'high'), ['queued', 'loading', 'running', 'done']);
+  const ops = pipe.events.filter((e) => e.op !== 'train' && e.op !== 'step').map((e) => `${e.op} ${e.adapter === low.id ? 'low' : 'high'}`);
+  const parkedAt = ops.indexOf('remove low');
+  t.ok(parkedAt > 0, 'low left the stages');
+  t.equal(ops[parkedAt - 1], 'export low', 'its state was exported first');
+  t.same(ops.slice(parkedAt + 1, parkedAt + 2), ['add high'], 'then high went on');
+  t.ok(ops.indexOf('add low', parkedAt) > ops.indexOf('remove high'), 'low came back after high finished');
+  const exported = pipe.events[pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === low.id) - 1]!;
+  const readded = pipe.events.filter((e) => e.op === 'add' && e.adapter === low.id)[1]!;
+  t.equal((readded as { version: number }).version, (exported as { version: number }).version, 'with the optimizer version it left with');
+  t.ok((exported as { version: number }).version >= 2, 'parked at a step boundary after step 2 or later');
+  // each micro-batch adds its rows to params[0]: 5 steps × 4 micro-batches × 100 rows, none lost or repeated over the park
+  t.equal(finals.get('low')!.params[0], 5 * 4 * 100);
+  t.equal(finals.get('low')!.version, 5);
+  t.equal(finals.get('high')!.params[0], 2 * 4 * 100);
+  t.same(pipe.overruns, []);
+});
+
+t.test('equal priorities do not preempt each other', async (t) => {
+  let b: ReturnType<Supervisor['submit']> | undefined;
+  const { pipe, sup, log } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {
+    if (ev.type === 'step' && ev.adapter === 'a' && ev.step === 1 && !b) b = sup.submit(job('b'));
+  });
+  const a = sup.submit(job('a', { max_steps: 3 }));
+  await sup.drain();
+  await sup.close();
+  t.same(states(log, 'a'), ['queued', 'loading', 'running', 'done']);
+  t.same(adds(pipe), [a.id, b!.id]);
+});
+
+t.test('BatchLoRA on one device: the running adapters share each micro-batch', async (t) => {
+  const { pipe, sup } = setup({ budgets: [3 * ADAPTER + 10 * MB] }, { batchlora: true, inflight: 2, inflightPerAdapter: 1 });
+  const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
+  await sup.drain();
+  await sup.close();
+  t.same(jobs.map((j) => j.state), ['done', 'done', 'done']);
+  const widest = Math.max(...pipe.trained().map((ad) => ad.length));
+  t.equal(widest, 3, 'a micro-batch holds rows of all three adapters');
+  t.equal(pipe.trained().reduce((n, ad) => n + ad.length, 0), 3 * 8, 'every adapter\'s 8 micro-batches ran once');
+});
