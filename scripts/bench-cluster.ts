@@ -3,7 +3,7 @@
 // NATS link's measured bandwidth between two hosts, and the time to detect and recover from a
 // stage host killed with SIGKILL. Needs root (network namespaces) and nats-server.
 //   node dist/scripts/bench-cluster.js [--steps N] [--adapters A]
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -34,18 +34,50 @@ const cleanup = () => {
 };
 process.once('exit', cleanup);
 try {
-  const nats = await startNatsServer({ binary: (await natsServerBinary()).binary!, user: 'bench', password: 'bench-pw', topology: topo, host: 'hub', maxPayload: 8 << 20 });
+  const nats = await startNatsServer({
+    binary: (await natsServerBinary()).binary!,
+    user: 'bench',
+    password: 'bench-pw',
+    topology: topo,
+    host: 'hub',
+    maxPayload: 8 << 20,
+  });
   const model = path.join(tmp, 'model');
   await makeModel(model, 'bench', 0);
   const names = ['capitals', 'arithmetic', 'reverse', 'sentiment'];
   const config = (name: string, devices: string[]) => {
-    const common = { batch_size: 4, micro_batch_size: 2, seq_len: 128, max_steps: steps, save_every: 1000, schedule: { type: 'constant' } };
+    const common = {
+      batch_size: 4,
+      micro_batch_size: 2,
+      seq_len: 128,
+      max_steps: steps,
+      save_every: 1000,
+      schedule: { type: 'constant' },
+    };
     const adapters = Array.from({ length: A }, (_, i) => ({
-      name: `a${i}`, data: path.join(DATA, `${names[i % 4]}.jsonl`), lora: { r: 16, alpha: 32, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] },
-      optimizer: { lr: 1e-3 }, seed: i + 1, ...common,
+      name: `a${i}`,
+      data: path.join(DATA, `${names[i % 4]}.jsonl`),
+      lora: {
+        r: 16,
+        alpha: 32,
+        targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+      },
+      optimizer: { lr: 1e-3 },
+      seed: i + 1,
+      ...common,
     }));
     const file = path.join(tmp, `${name}.json`);
-    fs.writeFileSync(file, JSON.stringify({ model, output: path.join(tmp, name), devices, adapters, pipeline: { threads: 1 }, log: { progress: 'plain' } }));
+    fs.writeFileSync(
+      file,
+      JSON.stringify({
+        model,
+        output: path.join(tmp, name),
+        devices,
+        adapters,
+        pipeline: { threads: 1 },
+        log: { progress: 'plain' },
+      }),
+    );
     return file;
   };
   const tokensPerS = (out: string) => Number(/= (\d+) tokens\/s/.exec(out)?.[1] ?? NaN);
@@ -57,15 +89,20 @@ try {
     return { c, out: () => out, done: new Promise<number | null>((r) => c.once('exit', (code) => r(code))) };
   };
   const waitFor = async (p: { out: () => string }, re: RegExp, ms: number) => {
-    for (const t0 = Date.now(); !re.test(p.out()); await new Promise((r) => setTimeout(r, 50))) if (Date.now() - t0 > ms) throw new Error(`no ${re}:\n${p.out()}`);
+    for (const t0 = Date.now(); !re.test(p.out()); await new Promise((r) => setTimeout(r, 50)))
+      if (Date.now() - t0 > ms) throw new Error(`no ${re}:\n${p.out()}`);
   };
 
   // 1. two stages in one process (worker threads, shared memory: zero copies)
-  const local = spawnSync(process.execPath, [CLI, 'train', config('local', ['cpu:0', 'cpu:1'])], { encoding: 'utf8', timeout: 600_000 });
+  const local = spawnSync(process.execPath, [CLI, 'train', config('local', ['cpu:0', 'cpu:1'])], {
+    encoding: 'utf8',
+    timeout: 600_000,
+  });
   const localTps = tokensPerS(local.stdout);
 
   // 2. the same two stages on two hosts
-  const serve = (h: string) => inHost(h, [CLI, 'stage', 'serve', '--cluster', nats.url, '--name', h, '--threads', '1', '--lease-ms', '3000']);
+  const serve = (h: string) =>
+    inHost(h, [CLI, 'stage', 'serve', '--cluster', nats.url, '--name', h, '--threads', '1', '--lease-ms', '3000']);
   const hosts = ['hA', 'hB'].map(serve);
   for (const h of hosts) await waitFor(h, /ready/, 30_000);
   const remote = inHost('hA', [CLI, 'train', config('remote', ['hA/cpu:0', 'hB/cpu:0']), '--cluster', nats.url]);
@@ -107,17 +144,36 @@ try {
   const tKill = Date.now();
   hosts[1]!.c.kill('SIGKILL');
   await killed.done;
-  const faults = fs.readFileSync(path.join(tmp, 'killed', 'metrics.jsonl'), 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l)).filter((r) => r.type === 'fault' && r.stage !== undefined);
+  const faults = fs
+    .readFileSync(path.join(tmp, 'killed', 'metrics.jsonl'), 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l))
+    .filter((r) => r.type === 'fault' && r.stage !== undefined);
   const f = faults[0];
   const detectMs = f ? new Date(f.time).getTime() - f.recovery_ms - tKill : NaN;
-  const same = ['a0', 'a1'].every((n) => fs.readFileSync(path.join(tmp, 'local', n, 'adapter_model.safetensors')).equals(fs.readFileSync(path.join(tmp, 'killed', n, 'adapter_model.safetensors'))));
+  const same = ['a0', 'a1'].every((n) =>
+    fs
+      .readFileSync(path.join(tmp, 'local', n, 'adapter_model.safetensors'))
+      .equals(fs.readFileSync(path.join(tmp, 'killed', n, 'adapter_model.safetensors'))),
+  );
 
-  console.log(`\ncluster bench: bench model, ${A} adapters (r 16, all 7 modules), micro-batch 2 × 128, ${steps} steps, 1 thread per stage`);
-  console.log(`| layout | tokens/s |\n|---|---:|\n| 2 stages in one process (worker threads, shared memory) | ${localTps} |\n| 2 stages on 2 namespaced hosts over NATS | ${remoteTps} |`);
+  console.log(
+    `\ncluster bench: bench model, ${A} adapters (r 16, all 7 modules), micro-batch 2 × 128, ${steps} steps, 1 thread per stage`,
+  );
+  console.log(
+    `| layout | tokens/s |\n|---|---:|\n| 2 stages in one process (worker threads, shared memory) | ${localTps} |\n| 2 stages on 2 namespaced hosts over NATS | ${remoteTps} |`,
+  );
   console.log(`ratio (hosts / one process): ${(remoteTps / localTps).toFixed(2)}`);
-  console.log(`slot bytes per micro-batch message on stage 1's host (in + out): ${Math.round(perMb)} (${(perMb / 2 ** 20).toFixed(2)} MiB)`);
-  console.log(`NATS link hA -> hub -> hB: ${bw ? `${Number(bw[1]).toFixed(0)} MiB/s in chunks of ${bw[2]} bytes` : `failed: ${tx.out()}`}`);
-  console.log(`SIGKILL of hB: detected after ${Math.round(detectMs)} ms (${f?.detail ?? 'no fault recorded'}), recovered in ${Math.round(f?.recovery_ms ?? NaN)} ms, ${f?.replayed} micro-batch(es) replayed; adapters bitwise equal to the one-process run: ${same}`);
+  console.log(
+    `slot bytes per micro-batch message on stage 1's host (in + out): ${Math.round(perMb)} (${(perMb / 2 ** 20).toFixed(2)} MiB)`,
+  );
+  console.log(
+    `NATS link hA -> hub -> hB: ${bw ? `${Number(bw[1]).toFixed(0)} MiB/s in chunks of ${bw[2]} bytes` : `failed: ${tx.out()}`}`,
+  );
+  console.log(
+    `SIGKILL of hB: detected after ${Math.round(detectMs)} ms (${f?.detail ?? 'no fault recorded'}), recovered in ${Math.round(f?.recovery_ms ?? NaN)} ms, ${f?.replayed} micro-batch(es) replayed; adapters bitwise equal to the one-process run: ${same}`,
+  );
   for (const p of [...hosts, spare]) p.c.kill('SIGTERM');
   await nats.stop();
 } finally {

@@ -30,7 +30,8 @@ export function parseClusterUrl(url: string): ClusterUrl {
   } catch {
     throw new Error(`--cluster '${describe(url)}' is not a URL (expected nats://user:password@host:4222)`);
   }
-  if (u.protocol !== 'nats:' && u.protocol !== 'tls:') throw new Error(`--cluster '${describe(url)}': the scheme must be nats:// or tls://, not ${u.protocol}//`);
+  if (u.protocol !== 'nats:' && u.protocol !== 'tls:')
+    throw new Error(`--cluster '${describe(url)}': the scheme must be nats:// or tls://, not ${u.protocol}//`);
   if (!u.hostname) throw new Error(`--cluster '${describe(url)}' names no host`);
   const servers = `${u.hostname}:${u.port || '4222'}`;
   const user = decodeURIComponent(u.username);
@@ -43,7 +44,10 @@ export function parseClusterUrl(url: string): ClusterUrl {
 
 /** The URL with its password or token replaced by '***' (for messages). */
 export function describe(url: string): string {
-  return url.replace(/\/\/([^@/]*)@/, (_m, cred: string) => `//${cred.includes(':') ? `${cred.split(':')[0]}:***` : '***'}@`);
+  return url.replace(
+    /\/\/([^@/]*)@/,
+    (_m, cred: string) => `//${cred.includes(':') ? `${cred.split(':')[0]}:***` : '***'}@`,
+  );
 }
 
 /**
@@ -52,14 +56,26 @@ export function describe(url: string): string {
  * run handles by restarting the stages elsewhere; reconnecting for long would only hide it, so
  * the client tries for a few seconds and then gives up.
  */
-export async function clusterConnect(url: string, name: string, auth: ClusterAuth = {}, persistent = false): Promise<NatsConnection> {
+export async function clusterConnect(
+  url: string,
+  name: string,
+  auth: ClusterAuth = {},
+  persistent = false,
+): Promise<NatsConnection> {
   const c = parseClusterUrl(url);
   const opts: NodeConnectionOptions = {
-    servers: c.servers, name, timeout: 10_000, reconnectTimeWait: 500, maxReconnectAttempts: persistent ? -1 : 5, pingInterval: 5_000, maxPingOut: 2,
+    servers: c.servers,
+    name,
+    timeout: 10_000,
+    reconnectTimeWait: 500,
+    maxReconnectAttempts: persistent ? -1 : 5,
+    pingInterval: 5_000,
+    maxPingOut: 2,
   };
   if (c.user) Object.assign(opts, { user: c.user, pass: c.pass });
   if (c.token) opts.token = c.token;
-  if (auth.nkeySeed) opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(readFileSync(auth.nkeySeed, 'utf8').trim()));
+  if (auth.nkeySeed)
+    opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(readFileSync(auth.nkeySeed, 'utf8').trim()));
   if (c.tls || auth.tlsCa || auth.tlsCert) {
     opts.tls = {
       ...(auth.tlsCa ? { ca: readFileSync(auth.tlsCa, 'utf8') } : {}),
@@ -71,7 +87,9 @@ export async function clusterConnect(url: string, name: string, auth: ClusterAut
     return await connect(opts);
   } catch (e) {
     const msg = (e as Error).message;
-    const why = /authorization|authentication/i.test(msg) ? 'the server refused the credentials (Authorization Violation)' : msg;
+    const why = /authorization|authentication/i.test(msg)
+      ? 'the server refused the credentials (Authorization Violation)'
+      : msg;
     throw new Error(`cannot connect to the cluster at ${describe(url)}: ${why}`);
   }
 }

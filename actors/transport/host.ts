@@ -18,7 +18,15 @@ import type { BackwardMsg, ForwardMsg, FromStage, InitMsg, ToStage } from '../pr
 import { Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
 import { LinkSender, listen } from './link.js';
-import { DEFAULT_LEASE_MS, openRegistry, slotSink, slotWire, subjectToken, type DeviceRecord, type HostRecord } from './registry.js';
+import {
+  DEFAULT_LEASE_MS,
+  openRegistry,
+  slotSink,
+  slotWire,
+  subjectToken,
+  type DeviceRecord,
+  type HostRecord,
+} from './registry.js';
 
 const STAGE_URL = new URL('../stage.js', import.meta.url);
 
@@ -63,7 +71,10 @@ class DeviceServer {
   private readonly forwards = new Map<number, ForwardMsg>();
   private first = false;
 
-  constructor(readonly host: StageHost, readonly rec: DeviceRecord) {}
+  constructor(
+    readonly host: StageHost,
+    readonly rec: DeviceRecord,
+  ) {}
 
   admit(run: string, claiming: boolean): string | undefined {
     const id = `${this.host.name}/${this.rec.device}`;
@@ -84,7 +95,18 @@ class DeviceServer {
     if (m.type === 'release') return void this.release('released by its run');
     if (m.type === 'remote-init') {
       return void this.init(m.init, run).catch((e: Error) =>
-        this.toSup?.send({ type: 'error', epoch: 0, stage: m.init.stage, error: { code: ErrorCode.Crash, message: `${this.host.name}/${this.rec.device} cannot start stage ${m.init.stage}: ${e.message}` } } satisfies FromStage).catch(() => {}));
+        this.toSup
+          ?.send({
+            type: 'error',
+            epoch: 0,
+            stage: m.init.stage,
+            error: {
+              code: ErrorCode.Crash,
+              message: `${this.host.name}/${this.rec.device} cannot start stage ${m.init.stage}: ${e.message}`,
+            },
+          } satisfies FromStage)
+          .catch(() => {}),
+      );
     }
     if (!this.worker) return;
     // what a stage will produce goes back after it: remember where
@@ -106,18 +128,35 @@ class DeviceServer {
     this.toSup = new LinkSender(this.host.nc, { to: ri.replyTo, run });
     this.stage = ri.stage;
     this.first = ri.plan.first;
-    const fail = (message: string) => void this.toSup!.send({ type: 'error', epoch: 0, stage: ri.stage, error: { code: ErrorCode.Crash, message } } satisfies FromStage).catch(() => {});
+    const fail = (message: string) =>
+      void this.toSup!.send({
+        type: 'error',
+        epoch: 0,
+        stage: ri.stage,
+        error: { code: ErrorCode.Crash, message },
+      } satisfies FromStage).catch(() => {});
     const modelDir = this.host.o.model ?? ri.modelDir;
     try {
       const mismatch = fingerprintMismatch(modelFingerprint(openModelDir(modelDir)), ri.fingerprint);
-      if (mismatch) return fail(`${this.host.name}/${this.rec.device} refuses the run's model: the model at ${modelDir} is not the supervisor's: ${mismatch}`);
+      if (mismatch)
+        return fail(
+          `${this.host.name}/${this.rec.device} refuses the run's model: the model at ${modelDir} is not the supervisor's: ${mismatch}`,
+        );
     } catch (e) {
-      return fail(`${this.host.name}/${this.rec.device} cannot open the model directory ${modelDir}: ${(e as Error).message}`);
+      return fail(
+        `${this.host.name}/${this.rec.device} cannot open the model directory ${modelDir}: ${(e as Error).message}`,
+      );
     }
     this.slab = Slab.create(ri.slotCount, ri.slotBytes);
     const init: InitMsg = {
-      ...ri, modelDir, device: this.rec.device, threads: this.rec.threads, budget: Math.min(ri.budget || this.rec.memory, this.rec.memory),
-      slab: this.slab.sab, faults: [], faultFlags: new SharedArrayBuffer(4),
+      ...ri,
+      modelDir,
+      device: this.rec.device,
+      threads: this.rec.threads,
+      budget: Math.min(ri.budget || this.rec.memory, this.rec.memory),
+      slab: this.slab.sab,
+      faults: [],
+      faultFlags: new SharedArrayBuffer(4),
     };
     delete (init as Partial<RemoteInit>).fingerprint;
     const w = new Worker(STAGE_URL, { workerData: init });
@@ -177,7 +216,9 @@ class DeviceServer {
 
   release(why: string): void {
     if (!this.claimedBy) return;
-    this.host.log(`${this.rec.device}: free again (${why}); slot bytes in ${this.bytesIn}, out ${this.bytesOut}, over ${this.forwardsRun} forward messages`);
+    this.host.log(
+      `${this.rec.device}: free again (${why}); slot bytes in ${this.bytesIn}, out ${this.bytesOut}, over ${this.forwardsRun} forward messages`,
+    );
     this.bytesIn = this.bytesOut = this.forwardsRun = 0;
     this.stopWorker();
     this.claimedBy = undefined;
@@ -193,9 +234,16 @@ export class StageHost {
   private timer: NodeJS.Timeout | undefined;
   private closed = false;
 
-  private constructor(readonly nc: NatsConnection, readonly kv: KV, readonly o: StageHostOptions) {
+  private constructor(
+    readonly nc: NatsConnection,
+    readonly kv: KV,
+    readonly o: StageHostOptions,
+  ) {
     this.name = o.name ?? os.hostname();
-    if (!/^[A-Za-z0-9_-]{1,64}$/.test(this.name)) throw new Error(`--name '${this.name}': use letters, digits, '-' or '_' (it becomes a KV key and a NATS subject)`);
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(this.name))
+      throw new Error(
+        `--name '${this.name}': use letters, digits, '-' or '_' (it becomes a KV key and a NATS subject)`,
+      );
   }
 
   log(s: string): void {
@@ -215,7 +263,10 @@ export class StageHost {
         const spec = parseDeviceSpec(d);
         const device = `${spec.kind}:${spec.index}`;
         const rec: DeviceRecord = {
-          device, kind: spec.kind, memory: o.memory ?? defaultCpuBudget(cpus), threads: spec.kind === 'cpu' ? threads : 1,
+          device,
+          kind: spec.kind,
+          memory: o.memory ?? defaultCpuBudget(cpus),
+          threads: spec.kind === 'cpu' ? threads : 1,
           subject: `mlora.stage.${subjectToken(h.name)}.${subjectToken(device)}`,
         };
         const srv = new DeviceServer(h, rec);
@@ -256,7 +307,9 @@ export class StageHost {
 
   private tick(): void {
     const now = performance.now();
-    for (const s of this.servers) if (s.claimedBy && now - s.lastHeard > s.claimLeaseMs) s.release(`its run was silent for ${Math.round(now - s.lastHeard)} ms`);
+    for (const s of this.servers)
+      if (s.claimedBy && now - s.lastHeard > s.claimLeaseMs)
+        s.release(`its run was silent for ${Math.round(now - s.lastHeard)} ms`);
     void this.renew();
   }
 
@@ -264,10 +317,14 @@ export class StageHost {
   async renew(): Promise<void> {
     if (this.closed) return;
     const rec: HostRecord = {
-      name: this.name, renewed: Date.now(), version: '1',
+      name: this.name,
+      renewed: Date.now(),
+      version: '1',
       devices: this.servers.map((s) => ({ ...s.rec, ...(s.claimedBy ? { claimedBy: s.claimedBy } : {}) })),
     };
-    await this.kv.put(this.name, JSON.stringify(rec)).catch((e: Error) => this.log(`lease renewal failed: ${e.message}`));
+    await this.kv
+      .put(this.name, JSON.stringify(rec))
+      .catch((e: Error) => this.log(`lease renewal failed: ${e.message}`));
   }
 
   async close(): Promise<void> {

@@ -11,7 +11,13 @@
 //
 // The data plane is the one small interface below (send a slot's bytes; the receiver writes
 // them into the slot): NCCL or UCX endpoints would implement the same.
-import { headers as natsHeaders, type Msg, type MsgHdrs, type NatsConnection, type Subscription } from '@nats-io/transport-node';
+import {
+  headers as natsHeaders,
+  type Msg,
+  type MsgHdrs,
+  type NatsConnection,
+  type Subscription,
+} from '@nats-io/transport-node';
 import { Packr } from 'msgpackr';
 
 const packr = new Packr({ moreTypes: true });
@@ -27,7 +33,10 @@ export type SlotSink = (slot: number, offset: number, length: number) => Uint8Ar
 
 export class LinkError extends Error {
   override name = 'LinkError';
-  constructor(message: string, readonly kind: 'gone' | 'timeout' | 'refused') {
+  constructor(
+    message: string,
+    readonly kind: 'gone' | 'timeout' | 'refused',
+  ) {
     super(message);
   }
 }
@@ -56,7 +65,10 @@ export class LinkSender implements SlotSender {
   /** Bytes of slot data sent (for the benchmark). */
   slotBytesSent = 0;
 
-  constructor(readonly nc: NatsConnection, readonly o: LinkOptions) {
+  constructor(
+    readonly nc: NatsConnection,
+    readonly o: LinkOptions,
+  ) {
     const max = nc.info?.max_payload ?? 1 << 20;
     this.chunk = Math.max(1024, Math.min(o.chunkBytes ?? Infinity, max - 4096));
     this.window = o.window ?? 8;
@@ -89,19 +101,24 @@ export class LinkSender implements SlotSender {
       if (err) break;
       while (inflight.size >= this.window) await Promise.race(inflight);
       if (err) break;
-      const req: Promise<void> = this.nc.request(this.o.to, p.data, { headers: p.h, timeout: this.timeoutMs }).then(
-        (m) => {
-          const e = m.headers?.get('m-err');
-          if (e) err ??= new LinkError(e, 'refused');
-        },
-        (e: Error & { code?: string }) => {
-          const gone = /no responders|503/i.test(`${e.message} ${e.code ?? ''}`);
-          err ??= new LinkError(
-            gone ? `${this.o.to}: no responders (the stage host is gone)` : `${this.o.to}: no answer within ${this.timeoutMs} ms (${e.message})`,
-            gone ? 'gone' : 'timeout',
-          );
-        },
-      ).finally(() => inflight.delete(req));
+      const req: Promise<void> = this.nc
+        .request(this.o.to, p.data, { headers: p.h, timeout: this.timeoutMs })
+        .then(
+          (m) => {
+            const e = m.headers?.get('m-err');
+            if (e) err ??= new LinkError(e, 'refused');
+          },
+          (e: Error & { code?: string }) => {
+            const gone = /no responders|503/i.test(`${e.message} ${e.code ?? ''}`);
+            err ??= new LinkError(
+              gone
+                ? `${this.o.to}: no responders (the stage host is gone)`
+                : `${this.o.to}: no answer within ${this.timeoutMs} ms (${e.message})`,
+              gone ? 'gone' : 'timeout',
+            );
+          },
+        )
+        .finally(() => inflight.delete(req));
       inflight.add(req);
     }
     await Promise.all(inflight);
@@ -148,7 +165,10 @@ export class LinkSender implements SlotSender {
     } catch (e) {
       const err = e as Error & { code?: string };
       const gone = /no responders|503/i.test(`${err.message} ${err.code ?? ''}`);
-      throw new LinkError(`${this.o.to}: ${gone ? 'no responders (the stage host is gone)' : `no answer within ${timeoutMs} ms`}`, gone ? 'gone' : 'timeout');
+      throw new LinkError(
+        `${this.o.to}: ${gone ? 'no responders (the stage host is gone)' : `no answer within ${timeoutMs} ms`}`,
+        gone ? 'gone' : 'timeout',
+      );
     }
   }
 

@@ -48,7 +48,9 @@ export async function openRegistry(nc: NatsConnection, leaseMs = DEFAULT_LEASE_M
   } catch (e) {
     // the bucket exists with its own TTL (another host or run made it): use it as it is
     if (/already in use|exists/i.test((e as Error).message)) return kvm.open(BUCKET);
-    throw new Error(`cannot open the cluster's KV bucket '${BUCKET}' (is JetStream enabled in the nats-server config?): ${(e as Error).message}`);
+    throw new Error(
+      `cannot open the cluster's KV bucket '${BUCKET}' (is JetStream enabled in the nats-server config?): ${(e as Error).message}`,
+    );
   }
 }
 
@@ -69,13 +71,16 @@ export async function listDevices(nc: NatsConnection, kv: KV): Promise<ClusterDe
   if (!jsm) managers.set(nc, (jsm = await jetstreamManager(nc)));
   const prefix = `$KV.${BUCKET}.`;
   const info = await jsm.streams.info(`KV_${BUCKET}`, { subjects_filter: `${prefix}>` });
-  const names = Object.keys(info.state.subjects ?? {}).map((k) => k.slice(prefix.length)).sort();
+  const names = Object.keys(info.state.subjects ?? {})
+    .map((k) => k.slice(prefix.length))
+    .sort();
   const out: ClusterDevice[] = [];
   for (const k of names) {
     const e = await kv.get(k);
     if (!e || e.operation !== 'PUT' || !e.value.length) continue;
     const rec = e.json<HostRecord>();
-    for (const d of rec.devices) out.push({ ...d, host: rec.name, id: `${rec.name}/${d.device}`, renewed: rec.renewed });
+    for (const d of rec.devices)
+      out.push({ ...d, host: rec.name, id: `${rec.name}/${d.device}`, renewed: rec.renewed });
   }
   return out;
 }
@@ -93,8 +98,10 @@ export function slotSink(slab: () => Slab | undefined) {
   return (slot: number, offset: number, length: number): Uint8Array => {
     const s = slab();
     if (!s) throw new Error('slot data before init');
-    if (!Number.isInteger(slot) || slot < 0 || slot >= s.count) throw new Error(`slot ${slot} out of range (${s.count} slots)`);
-    if (offset < 4 || offset + length > s.slotBytes) throw new Error(`bytes ${offset}..${offset + length} outside slot ${slot} (${s.slotBytes} bytes)`);
+    if (!Number.isInteger(slot) || slot < 0 || slot >= s.count)
+      throw new Error(`slot ${slot} out of range (${s.count} slots)`);
+    if (offset < 4 || offset + length > s.slotBytes)
+      throw new Error(`bytes ${offset}..${offset + length} outside slot ${slot} (${s.slotBytes} bytes)`);
     return new Uint8Array(s.sab, slot * s.slotBytes + offset, length);
   };
 }

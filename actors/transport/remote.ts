@@ -39,7 +39,11 @@ export class Cluster {
   bytesSent = 0;
   bytesReceived = 0;
 
-  private constructor(readonly nc: NatsConnection, readonly kv: KV, readonly o: ClusterOptions) {}
+  private constructor(
+    readonly nc: NatsConnection,
+    readonly kv: KV,
+    readonly o: ClusterOptions,
+  ) {}
 
   static async connect(o: ClusterOptions): Promise<Cluster> {
     const nc = await clusterConnect(o.url, 'mlora supervisor', o.auth);
@@ -61,15 +65,22 @@ export class Cluster {
    */
   async resolve(spec: string[] | 'cluster'): Promise<ClusterDevice[]> {
     const all = await this.devices();
-    if (!all.length) throw new Error(`no stage host is registered at ${this.o.url.replace(/\/\/[^@]*@/, '//')} (start one: mlora stage serve --cluster URL)`);
+    if (!all.length)
+      throw new Error(
+        `no stage host is registered at ${this.o.url.replace(/\/\/[^@]*@/, '//')} (start one: mlora stage serve --cluster URL)`,
+      );
     if (spec === 'cluster') {
       const free = all.filter((d) => !d.claimedBy);
-      if (!free.length) throw new Error(`every registered device is claimed by another run: ${all.map((d) => d.id).join(', ')}`);
+      if (!free.length)
+        throw new Error(`every registered device is claimed by another run: ${all.map((d) => d.id).join(', ')}`);
       return free;
     }
     return spec.map((s) => {
       const d = all.find((x) => x.id === s);
-      if (!d) throw new Error(`device '${s}' is not registered in the cluster (registered: ${all.map((x) => x.id).join(', ')})`);
+      if (!d)
+        throw new Error(
+          `device '${s}' is not registered in the cluster (registered: ${all.map((x) => x.id).join(', ')})`,
+        );
       // the registry's claimedBy may be a renewal behind: the claim itself decides (the host refuses a device another run holds)
       return d;
     });
@@ -93,7 +104,8 @@ export class Cluster {
     const used = new Set(this.placement.filter((_, s) => s !== stage).map((d) => d.id));
     const free = all.filter((d) => d.id !== mine.id && !used.has(d.id) && !d.claimedBy);
     const out = [...back, ...free];
-    if (!out.length) throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
+    if (!out.length)
+      throw new Error(`stage ${stage}: its host ${mine.host} is gone and no free registered device is left`);
     return out;
   }
 
@@ -131,7 +143,11 @@ export class RemoteStage extends EventEmitter {
   private readonly queue: ToStage[] = [];
   private starting: Promise<void>;
 
-  constructor(readonly cluster: Cluster, readonly init: InitMsg, restart: boolean) {
+  constructor(
+    readonly cluster: Cluster,
+    readonly init: InitMsg,
+    restart: boolean,
+  ) {
     super();
     this.slab = new Slab(init.slab, init.slotCount, init.slotBytes);
     this.starting = this.start(restart).catch((e) => this.die((e as Error).message));
@@ -163,7 +179,11 @@ export class RemoteStage extends EventEmitter {
     let link: LinkSender | undefined;
     let why = '';
     for (const d of candidates) {
-      const tx = new LinkSender(c.nc, { to: d.subject, run: c.run, ...(c.o.sendTimeoutMs ? { timeoutMs: c.o.sendTimeoutMs } : {}) });
+      const tx = new LinkSender(c.nc, {
+        to: d.subject,
+        run: c.run,
+        ...(c.o.sendTimeoutMs ? { timeoutMs: c.o.sendTimeoutMs } : {}),
+      });
       try {
         await tx.send({ type: 'claim', leaseMs: CLAIM_LEASE_MS } satisfies ToHost, { 'm-claim': '1' });
         [dev, link] = [d, tx];
@@ -178,18 +198,27 @@ export class RemoteStage extends EventEmitter {
     this.device = dev;
     this.tx = link;
     const { slab: _s, faultFlags: _f, ...rest } = this.init;
-    const ri: RemoteInit = { ...rest, device: dev.id, faults: [], fingerprint: c.fingerprint(this.init.modelDir), replyTo };
+    const ri: RemoteInit = {
+      ...rest,
+      device: dev.id,
+      faults: [],
+      fingerprint: c.fingerprint(this.init.modelDir),
+      replyTo,
+    };
     await link.send({ type: 'remote-init', init: ri } satisfies ToHost);
     // answered keepalives, outside the queue: a host that died (its connection closed) answers
     // the next one with "no responders" within a second, long before its lease runs out, even
     // while a transfer to it waits for its timeout. A slow answer is no verdict (heartbeats and
     // the lease judge hangs).
-    this.keepalive = setInterval(() => {
-      if (this.exited) return;
-      this.tx!.probe({ type: 'keepalive' } satisfies ToHost).catch((e: LinkError) => {
-        if (e.kind === 'gone') this.die(`${dev.id}: ${e.message}`);
-      });
-    }, Math.min(1_000, Math.max(200, leaseMs / 6)));
+    this.keepalive = setInterval(
+      () => {
+        if (this.exited) return;
+        this.tx!.probe({ type: 'keepalive' } satisfies ToHost).catch((e: LinkError) => {
+          if (e.kind === 'gone') this.die(`${dev.id}: ${e.message}`);
+        });
+      },
+      Math.min(1_000, Math.max(200, leaseMs / 6)),
+    );
     this.keepalive.unref();
     this.leaseCheck = setInterval(() => void this.checkLease(), Math.max(200, leaseMs / 3));
     this.leaseCheck.unref();
@@ -200,7 +229,8 @@ export class RemoteStage extends EventEmitter {
     if (this.exited || !this.device) return;
     const e = await this.cluster.kv.get(this.device.host).catch(() => undefined);
     if (this.exited) return;
-    if (!e || e.operation !== 'PUT') this.die(`the lease of stage host ${this.device.host} expired (no renewal within the lease)`);
+    if (!e || e.operation !== 'PUT')
+      this.die(`the lease of stage host ${this.device.host} expired (no renewal within the lease)`);
   }
 
   private fromHost(m: FromHost): void {
@@ -242,7 +272,13 @@ export class RemoteStage extends EventEmitter {
     if (this.device) this.cluster.failed.set(this.device.id, Date.now());
     this.stopTimers();
     this.release(); // a host still there is free for the restart
-    if (!this.ready) this.emit('message', { type: 'error', epoch: 0, stage: this.init.stage, error: { code: ErrorCode.Crash, message: reason } } satisfies FromStage);
+    if (!this.ready)
+      this.emit('message', {
+        type: 'error',
+        epoch: 0,
+        stage: this.init.stage,
+        error: { code: ErrorCode.Crash, message: reason },
+      } satisfies FromStage);
     else this.emit('error', new Error(reason));
     this.emit('exit', 1);
   }
@@ -279,4 +315,3 @@ export class RemoteStage extends EventEmitter {
     return 1;
   }
 }
-

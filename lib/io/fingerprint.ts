@@ -17,7 +17,10 @@ export interface ModelFingerprint {
 function canonical(v: unknown): string {
   if (Array.isArray(v)) return `[${v.map(canonical).join(',')}]`;
   if (v && typeof v === 'object') {
-    return `{${Object.keys(v).sort().map((k) => `${JSON.stringify(k)}:${canonical((v as Record<string, unknown>)[k])}`).join(',')}}`;
+    return `{${Object.keys(v)
+      .sort()
+      .map((k) => `${JSON.stringify(k)}:${canonical((v as Record<string, unknown>)[k])}`)
+      .join(',')}}`;
   }
   return JSON.stringify(v) ?? 'null';
 }
@@ -36,9 +39,14 @@ export function modelFingerprint(dir: ModelDir): ModelFingerprint {
 /** Undefined when equal; else what differs, for an error message. */
 export function fingerprintMismatch(mine: ModelFingerprint, theirs: ModelFingerprint): string | undefined {
   const diffs: string[] = [];
-  if (mine.config !== theirs.config) diffs.push(`config.json differs (sha256 ${mine.config.slice(0, 12)} here, ${theirs.config.slice(0, 12)} on the supervisor)`);
+  if (mine.config !== theirs.config)
+    diffs.push(
+      `config.json differs (sha256 ${mine.config.slice(0, 12)} here, ${theirs.config.slice(0, 12)} on the supervisor)`,
+    );
   if (mine.tensors !== theirs.tensors) {
-    diffs.push(`the tensor headers differ (${mine.count} tensors, sha256 ${mine.tensors.slice(0, 12)} here; ${theirs.count} tensors, ${theirs.tensors.slice(0, 12)} on the supervisor)`);
+    diffs.push(
+      `the tensor headers differ (${mine.count} tensors, sha256 ${mine.tensors.slice(0, 12)} here; ${theirs.count} tensors, ${theirs.tensors.slice(0, 12)} on the supervisor)`,
+    );
   }
   return diffs.length ? diffs.join('; ') : undefined;
 }

@@ -25,7 +25,7 @@ options:
 
 export async function main(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
-  if (sub === '--help' || sub === '-h') return console.log(USAGE), 0;
+  if (sub === '--help' || sub === '-h') return (console.log(USAGE), 0);
   if (sub !== 'serve') {
     console.error(`mlora stage: unknown subcommand '${sub ?? ''}'\n\n${USAGE}`);
     return 2;
@@ -35,25 +35,46 @@ export async function main(argv: string[]): Promise<number> {
     a = parseArgs({
       args: rest,
       options: {
-        cluster: { type: 'string' }, name: { type: 'string' }, devices: { type: 'string' }, memory: { type: 'string' }, threads: { type: 'string' },
-        model: { type: 'string' }, 'lease-ms': { type: 'string' }, 'tls-ca': { type: 'string' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' },
-        nkey: { type: 'string' }, help: { type: 'boolean', short: 'h' },
+        cluster: { type: 'string' },
+        name: { type: 'string' },
+        devices: { type: 'string' },
+        memory: { type: 'string' },
+        threads: { type: 'string' },
+        model: { type: 'string' },
+        'lease-ms': { type: 'string' },
+        'tls-ca': { type: 'string' },
+        'tls-cert': { type: 'string' },
+        'tls-key': { type: 'string' },
+        nkey: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
       },
     }).values;
   } catch (e) {
     console.error(`mlora stage serve: ${(e as Error).message}\n\n${USAGE}`);
     return 2;
   }
-  if (a.help) return console.log(USAGE), 0;
+  if (a.help) return (console.log(USAGE), 0);
   if (!a.cluster) {
     console.error(`mlora stage serve: --cluster URL is required\n\n${USAGE}`);
     return 2;
   }
   const host = await StageHost.start({
-    url: a.cluster, name: a.name ?? os.hostname(), devices: (a.devices ?? 'cpu:0').split(',').map((s) => s.trim()).filter(Boolean),
-    ...(a.memory ? { memory: parseBytes(a.memory) } : {}), ...(a.threads ? { threads: Number(a.threads) } : {}), ...(a.model ? { model: a.model } : {}),
+    url: a.cluster,
+    name: a.name ?? os.hostname(),
+    devices: (a.devices ?? 'cpu:0')
+      .split(',')
+      .map((s) => s.trim())
+      .filter(Boolean),
+    ...(a.memory ? { memory: parseBytes(a.memory) } : {}),
+    ...(a.threads ? { threads: Number(a.threads) } : {}),
+    ...(a.model ? { model: a.model } : {}),
     ...(a['lease-ms'] ? { leaseMs: Number(a['lease-ms']) } : {}),
-    auth: { ...(a['tls-ca'] ? { tlsCa: a['tls-ca'] } : {}), ...(a['tls-cert'] ? { tlsCert: a['tls-cert'] } : {}), ...(a['tls-key'] ? { tlsKey: a['tls-key'] } : {}), ...(a.nkey ? { nkeySeed: a.nkey } : {}) },
+    auth: {
+      ...(a['tls-ca'] ? { tlsCa: a['tls-ca'] } : {}),
+      ...(a['tls-cert'] ? { tlsCert: a['tls-cert'] } : {}),
+      ...(a['tls-key'] ? { tlsKey: a['tls-key'] } : {}),
+      ...(a.nkey ? { nkeySeed: a.nkey } : {}),
+    },
     log: (s) => console.log(s),
   });
   console.log(`mlora stage serve: ${host.name} ready`);

@@ -38,7 +38,8 @@ export interface NatsServer {
 
 /** nats-server's config syntax quotes strings with double quotes; refuse what would need escaping. */
 function q(s: string): string {
-  if (!/^[A-Za-z0-9._\-/:>$*]+$/.test(s)) throw new Error(`nats-server config value '${s}' has characters this launcher does not quote`);
+  if (!/^[A-Za-z0-9._\-/:>$*]+$/.test(s))
+    throw new Error(`nats-server config value '${s}' has characters this launcher does not quote`);
   return `"${s}"`;
 }
 
@@ -55,7 +56,9 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
   ].join('\n');
   writeFileSync(path.join(dir, 'cluster.conf'), conf);
   const args = ['-c', path.join(dir, 'cluster.conf')];
-  const proc = o.topology ? o.topology.spawn(o.host!, o.binary, args) : spawn(o.binary, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = o.topology
+    ? o.topology.spawn(o.host!, o.binary, args)
+    : spawn(o.binary, args, { stdio: ['ignore', 'pipe', 'pipe'] });
   let log = '';
   const collect = (b: Buffer) => {
     log = (log + b.toString()).slice(-64 * 1024);
@@ -74,12 +77,16 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
   };
   const deadline = o.startTimeoutMs ?? 20_000;
   const address = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => done(new Error(`nats-server did not get ready within ${deadline} ms; its log:\n${log}`)), deadline);
+    const timer = setTimeout(
+      () => done(new Error(`nats-server did not get ready within ${deadline} ms; its log:\n${log}`)),
+      deadline,
+    );
     const check = () => {
       const m = /Listening for client connections on ([0-9.]+:\d+)/.exec(log);
       if (m && /Server is ready/.test(log)) done(undefined, m[1]);
     };
-    const onExit = (code: number | null) => done(new Error(`nats-server exited (code ${code}) while starting; its log:\n${log}`));
+    const onExit = (code: number | null) =>
+      done(new Error(`nats-server exited (code ${code}) while starting; its log:\n${log}`));
     const done = (e?: Error, addr?: string) => {
       clearTimeout(timer);
       proc.stdout!.off('data', check);
@@ -96,14 +103,20 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
     throw e;
   });
   return {
-    url: `${o.tls ? 'tls' : 'nats'}://${o.user}:${o.password}@${address}`, address: `${o.tls ? 'tls' : 'nats'}://${address}`, proc, log: () => log, stop,
+    url: `${o.tls ? 'tls' : 'nats'}://${o.user}:${o.password}@${address}`,
+    address: `${o.tls ? 'tls' : 'nats'}://${address}`,
+    proc,
+    log: () => log,
+    stop,
   };
 }
 
 /** The nats-server binary, installing it where missing (see scripts/ensure-nats.mjs); or why not. */
 export async function natsServerBinary(): Promise<{ binary?: string; reason?: string }> {
   const url = new URL('../../../scripts/ensure-nats.mjs', import.meta.url);
-  const m = (await import(url.href)) as { ensureNatsServer(log?: (s: string) => void): { natsServer?: string; reason?: string } };
+  const m = (await import(url.href)) as {
+    ensureNatsServer(log?: (s: string) => void): { natsServer?: string; reason?: string };
+  };
   const r = m.ensureNatsServer();
   return r.natsServer ? { binary: r.natsServer } : { reason: r.reason ?? 'nats-server is not available' };
 }

@@ -44,13 +44,21 @@ function pidAlive(pid: number): boolean {
 
 function namespaces(): string[] {
   const r = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8', timeout: 10_000 });
-  return r.status === 0 ? r.stdout.split('\n').map((l) => l.split(' ')[0]!).filter(Boolean) : [];
+  return r.status === 0
+    ? r.stdout
+        .split('\n')
+        .map((l) => l.split(' ')[0]!)
+        .filter(Boolean)
+    : [];
 }
 
 /** Ends every process inside a namespace and deletes it. */
 function deleteNamespace(ns: string): void {
   const r = spawnSync('ip', ['netns', 'pids', ns], { encoding: 'utf8', timeout: 10_000 });
-  for (const p of (r.stdout ?? '').split('\n').map(Number).filter((n) => n > 0)) {
+  for (const p of (r.stdout ?? '')
+    .split('\n')
+    .map(Number)
+    .filter((n) => n > 0)) {
     try {
       process.kill(p, 'SIGKILL');
     } catch {
@@ -86,7 +94,8 @@ export class Topology {
 
   /** Hosts named `names` get 10.231.0.2, .3, ... in that order. */
   constructor(base: string, names: string[]) {
-    if (!/^[a-z0-9]{1,12}$/.test(base)) throw new Error(`topology base '${base}' must be 1-12 lowercase letters or digits`);
+    if (!/^[a-z0-9]{1,12}$/.test(base))
+      throw new Error(`topology base '${base}' must be 1-12 lowercase letters or digits`);
     removeLeftovers(base);
     this.prefix = `mlc-${base}-${randomBytes(3).toString('hex')}`;
     mkdirSync(MARKERS, { recursive: true });
@@ -111,7 +120,9 @@ export class Topology {
       });
     } catch (e) {
       this.teardown();
-      throw new Error(`could not build the namespace topology ${this.prefix}: ${(e as Error & { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`);
+      throw new Error(
+        `could not build the namespace topology ${this.prefix}: ${(e as Error & { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`,
+      );
     }
   }
 
@@ -124,7 +135,10 @@ export class Topology {
   /** Starts a process inside a host's namespace (ended by teardown if still running). */
   spawn(host: string, cmd: string, args: string[], opts: SpawnOptions = {}): ChildProcess {
     if (this.down) throw new Error(`topology ${this.prefix} is torn down`);
-    const c = spawn('ip', ['netns', 'exec', this.host(host).ns, cmd, ...args], { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+    const c = spawn('ip', ['netns', 'exec', this.host(host).ns, cmd, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      ...opts,
+    });
     this.children.add(c);
     c.once('exit', () => this.children.delete(c));
     return c;

@@ -53,7 +53,10 @@ async function exitsZero(t: Tap.Test, p: Proc, what: string, ms?: number): Promi
 
 async function finish(p: Proc, ms = 240_000): Promise<number | null> {
   let timer: NodeJS.Timeout | undefined;
-  const code = await Promise.race([p.exited, new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms)))]);
+  const code = await Promise.race([
+    p.exited,
+    new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), ms))),
+  ]);
   clearTimeout(timer);
   if (code === 'timeout') {
     p.child.kill('SIGKILL');
@@ -72,32 +75,64 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   const topo = new Topology('cluster', ['hub', 'hA', 'hB', 'hC', 'hD', 'hE', 'hF']);
   t.teardown(() => topo.teardown());
   const { binary } = await natsServerBinary();
-  const nats = await startNatsServer({ binary: binary!, user: 'mlora', password: 'cluster-test-pw', topology: topo, host: 'hub', maxPayload: 256 * 1024 });
+  const nats = await startNatsServer({
+    binary: binary!,
+    user: 'mlora',
+    password: 'cluster-test-pw',
+    topology: topo,
+    host: 'hub',
+    maxPayload: 256 * 1024,
+  });
   t.teardown(() => nats.stop());
 
   const model = await tinyModelWithLayers(4); // room for 3 stages
   t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
   const other = await tinyModelIn(path.join(tmp, 'other-model')); // 2 layers: another config
 
-  const serve = (host: string, extra: string[] = []) => run(topo, host, ['stage', 'serve', '--cluster', nats.url, '--name', host, '--threads', '1', '--lease-ms', '3000', ...extra]);
+  const serve = (host: string, extra: string[] = []) =>
+    run(topo, host, [
+      'stage',
+      'serve',
+      '--cluster',
+      nats.url,
+      '--name',
+      host,
+      '--threads',
+      '1',
+      '--lease-ms',
+      '3000',
+      ...extra,
+    ]);
   const hosts = new Map<string, Proc>();
   for (const h of ['hA', 'hB', 'hC']) hosts.set(h, serve(h));
   hosts.set('hD', serve('hD', ['--model', other]));
   for (const p of hosts.values()) await waitFor(p, /ready/);
 
   const config = (name: string, devices: string[]) => {
-    const c = smallConfig(model, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<typeof smallConfig> & { devices: string[] };
+    const c = smallConfig(model, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<
+      typeof smallConfig
+    > & { devices: string[] };
     c.devices = devices;
     return writeJson(path.join(tmp, `${name}.json`), c);
   };
 
   // the reference: the same 3-stage run in one process (worker threads, shared memory)
-  const ref = spawnSync(process.execPath, [CLI, 'train', config('local', ['cpu:0', 'cpu:1', 'cpu:2']), '--progress', 'none'], { encoding: 'utf8', timeout: 300_000 });
+  const ref = spawnSync(
+    process.execPath,
+    [CLI, 'train', config('local', ['cpu:0', 'cpu:1', 'cpu:2']), '--progress', 'none'],
+    { encoding: 'utf8', timeout: 300_000 },
+  );
   t.equal(ref.status, 0, 'one-process run: exit 0');
   if (ref.status !== 0) t.comment(ref.stdout.slice(-2000), ref.stderr.slice(-2000));
 
   await t.test('--dry-run prints the placement on registered devices', async (t) => {
-    const p = run(topo, 'hA', ['train', config('dry', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--dry-run']);
+    const p = run(topo, 'hA', [
+      'train',
+      config('dry', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']),
+      '--cluster',
+      nats.url,
+      '--dry-run',
+    ]);
     await exitsZero(t, p, 'dry run', 60_000);
     t.match(p.out(), /stage 0 -> hA\/cpu:0 \(cpu, [\d.]+ [GM]iB, 1 thread\)/);
     t.match(p.out(), /stage 2 -> hC\/cpu:0/);
@@ -105,16 +140,30 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   });
 
   await t.test('3 stages on 3 hosts: bitwise equal to the one-process run', async (t) => {
-    const p = run(topo, 'hA', ['train', config('remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
+    const p = run(topo, 'hA', [
+      'train',
+      config('remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']),
+      '--cluster',
+      nats.url,
+      '--progress',
+      'plain',
+    ]);
     await exitsZero(t, p, 'cluster run');
-    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)), `${a}: bitwise equal`);
+    for (const a of ['capitals', 'arithmetic'])
+      t.ok(
+        adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)),
+        `${a}: bitwise equal`,
+      );
   });
 
   await t.test('a wrong password is refused, for a host and for a run', async (t) => {
     const bad = nats.url.replace('cluster-test-pw', 'not-the-password');
     const h = run(topo, 'hE', ['stage', 'serve', '--cluster', bad, '--name', 'hE']);
     t.not(await finish(h, 60_000), 0);
-    t.match(h.out(), /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@10\.231\.0\.\d+:4222: the server refused the credentials/);
+    t.match(
+      h.out(),
+      /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@10\.231\.0\.\d+:4222: the server refused the credentials/,
+    );
     t.notMatch(h.out(), /not-the-password/);
     const r = run(topo, 'hA', ['train', config('badpw', ['hA/cpu:0']), '--cluster', bad]);
     t.not(await finish(r, 60_000), 0);
@@ -122,55 +171,107 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   });
 
   await t.test("a host whose model differs from the supervisor's is refused", async (t) => {
-    const p = run(topo, 'hA', ['train', config('mismatch', ['hA/cpu:0', 'hD/cpu:0']), '--cluster', nats.url, '--progress', 'none']);
+    const p = run(topo, 'hA', [
+      'train',
+      config('mismatch', ['hA/cpu:0', 'hD/cpu:0']),
+      '--cluster',
+      nats.url,
+      '--progress',
+      'none',
+    ]);
     t.not(await finish(p, 120_000), 0);
-    t.match(p.out(), /hD\/cpu:0 refuses the run's model: the model at .*other-model is not the supervisor's: config\.json differs/);
+    t.match(
+      p.out(),
+      /hD\/cpu:0 refuses the run's model: the model at .*other-model is not the supervisor's: config\.json differs/,
+    );
   });
 
-  await t.test('a stage host killed with SIGKILL: its stage moves to a free host, the run ends bitwise equal', async (t) => {
-    const spare = serve('hE');
-    hosts.set('hE', spare);
-    await waitFor(spare, /ready/);
-    const p = run(topo, 'hA', ['train', config('killed', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
-    await waitFor(p, /step 2\/6/, 240_000);
-    hosts.get('hB')!.child.kill('SIGKILL');
-    await exitsZero(t, p, 'run with a killed host');
-    t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the lost host was detected');
-    t.match(spare.out(), /stage 1 \(layers/, 'stage 1 restarted on the spare host hE');
-    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'killed'), a)), `${a}: bitwise equal`);
-  });
+  await t.test(
+    'a stage host killed with SIGKILL: its stage moves to a free host, the run ends bitwise equal',
+    async (t) => {
+      const spare = serve('hE');
+      hosts.set('hE', spare);
+      await waitFor(spare, /ready/);
+      const p = run(topo, 'hA', [
+        'train',
+        config('killed', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']),
+        '--cluster',
+        nats.url,
+        '--progress',
+        'plain',
+      ]);
+      await waitFor(p, /step 2\/6/, 240_000);
+      hosts.get('hB')!.child.kill('SIGKILL');
+      await exitsZero(t, p, 'run with a killed host');
+      t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the lost host was detected');
+      t.match(spare.out(), /stage 1 \(layers/, 'stage 1 restarted on the spare host hE');
+      for (const a of ['capitals', 'arithmetic'])
+        t.ok(
+          adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'killed'), a)),
+          `${a}: bitwise equal`,
+        );
+    },
+  );
 
-  await t.test('a stage host that loses its link: detected, its stage moves to a free host, bitwise equal', async (t) => {
-    const spare = serve('hF');
-    hosts.set('hF', spare);
-    await waitFor(spare, /ready/);
-    const p = run(topo, 'hA', ['train', config('cut', ['hA/cpu:0', 'hE/cpu:0', 'hC/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
-    await waitFor(p, /step 2\/6/, 240_000);
-    topo.setLink('hC', false);
-    await exitsZero(t, p, 'run with a cut link');
-    const seen = hosts.get('hC')!.out().length;
-    topo.setLink('hC', true);
-    t.match(p.out(), /fault on stage 2: (crash|hang)/, 'the unreachable host was detected');
-    t.match(spare.out(), /stage 2 \(layers/, 'stage 2 restarted on the spare host hF');
-    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'cut'), a)), `${a}: bitwise equal`);
-    // back on the network, the host reconnects and frees the device its old run left
-    await waitFor(hosts.get('hC')!, /free again/, 90_000, seen);
-    t.pass('the cut-off host came back and freed its device');
-  });
+  await t.test(
+    'a stage host that loses its link: detected, its stage moves to a free host, bitwise equal',
+    async (t) => {
+      const spare = serve('hF');
+      hosts.set('hF', spare);
+      await waitFor(spare, /ready/);
+      const p = run(topo, 'hA', [
+        'train',
+        config('cut', ['hA/cpu:0', 'hE/cpu:0', 'hC/cpu:0']),
+        '--cluster',
+        nats.url,
+        '--progress',
+        'plain',
+      ]);
+      await waitFor(p, /step 2\/6/, 240_000);
+      topo.setLink('hC', false);
+      await exitsZero(t, p, 'run with a cut link');
+      const seen = hosts.get('hC')!.out().length;
+      topo.setLink('hC', true);
+      t.match(p.out(), /fault on stage 2: (crash|hang)/, 'the unreachable host was detected');
+      t.match(spare.out(), /stage 2 \(layers/, 'stage 2 restarted on the spare host hF');
+      for (const a of ['capitals', 'arithmetic'])
+        t.ok(
+          adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'cut'), a)),
+          `${a}: bitwise equal`,
+        );
+      // back on the network, the host reconnects and frees the device its old run left
+      await waitFor(hosts.get('hC')!, /free again/, 90_000, seen);
+      t.pass('the cut-off host came back and freed its device');
+    },
+  );
 
-  await t.test('a stage host that hangs (SIGSTOP): detected, its stage moves to a free host, bitwise equal', async (t) => {
-    const p = run(topo, 'hA', ['train', config('hung', ['hA/cpu:0', 'hE/cpu:0', 'hF/cpu:0']), '--cluster', nats.url, '--progress', 'plain']);
-    await waitFor(p, /step 2\/6/, 240_000);
-    const hung = hosts.get('hE')!.child;
-    hung.kill('SIGSTOP');
-    t.teardown(() => hung.kill('SIGCONT'));
-    await exitsZero(t, p, 'run with a hung host');
-    if (!/stage 1 \(layers/.test(hosts.get('hC')!.out())) t.comment(`hC:\n${hosts.get('hC')!.out()}`);
-    t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the hung host was detected');
-    t.match(hosts.get('hC')!.out(), /stage 1 \(layers/, 'stage 1 restarted on hC, back since its link returned');
-    for (const a of ['capitals', 'arithmetic']) t.ok(adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'hung'), a)), `${a}: bitwise equal`);
-    hung.kill('SIGCONT');
-  });
+  await t.test(
+    'a stage host that hangs (SIGSTOP): detected, its stage moves to a free host, bitwise equal',
+    async (t) => {
+      const p = run(topo, 'hA', [
+        'train',
+        config('hung', ['hA/cpu:0', 'hE/cpu:0', 'hF/cpu:0']),
+        '--cluster',
+        nats.url,
+        '--progress',
+        'plain',
+      ]);
+      await waitFor(p, /step 2\/6/, 240_000);
+      const hung = hosts.get('hE')!.child;
+      hung.kill('SIGSTOP');
+      t.teardown(() => hung.kill('SIGCONT'));
+      await exitsZero(t, p, 'run with a hung host');
+      if (!/stage 1 \(layers/.test(hosts.get('hC')!.out())) t.comment(`hC:\n${hosts.get('hC')!.out()}`);
+      t.match(p.out(), /fault on stage 1: (crash|hang)/, 'the hung host was detected');
+      t.match(hosts.get('hC')!.out(), /stage 1 \(layers/, 'stage 1 restarted on hC, back since its link returned');
+      for (const a of ['capitals', 'arithmetic'])
+        t.ok(
+          adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'hung'), a)),
+          `${a}: bitwise equal`,
+        );
+      hung.kill('SIGCONT');
+    },
+  );
 
   for (const p of hosts.values()) p.child.kill('SIGTERM');
   await Promise.all([...hosts.values()].map((p) => finish(p, 20_000).catch(() => p.child.kill('SIGKILL'))));

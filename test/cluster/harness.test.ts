@@ -14,10 +14,20 @@ t.test('a nats-server with auth in a namespace, reached from another namespace h
   const topo = new Topology('harness', ['hub', 'a']);
   t.teardown(() => topo.teardown());
   const { binary } = await natsServerBinary();
-  const nats = await startNatsServer({ binary: binary!, user: 'mlora', password: 's3cret-pw', topology: topo, host: 'hub' });
+  const nats = await startNatsServer({
+    binary: binary!,
+    user: 'mlora',
+    password: 's3cret-pw',
+    topology: topo,
+    host: 'hub',
+  });
   t.teardown(() => nats.stop());
   t.equal(nats.address, `nats://${topo.host('hub').ip}:4222`);
-  const probe = (url: string) => nodeInHost(topo, 'a', `
+  const probe = (url: string) =>
+    nodeInHost(
+      topo,
+      'a',
+      `
     import { clusterConnect } from './dist/actors/transport/connect.js';
     try {
       const nc = await clusterConnect(${JSON.stringify(url)}, 'probe');
@@ -26,7 +36,8 @@ t.test('a nats-server with auth in a namespace, reached from another namespace h
       console.log(r.string(), nc.info.max_payload);
       sub.unsubscribe();
       await nc.close();
-    } catch (e) { console.log('ERR', e.message); }`);
+    } catch (e) { console.log('ERR', e.message); }`,
+    );
   const ok = await probe(nats.url);
   t.match(ok, /^pong:ping 1048576/, 'request/reply through the bridge, with the credentials');
   const bad = await probe(nats.url.replace('s3cret-pw', 'wrong'));
@@ -36,17 +47,21 @@ t.test('a nats-server with auth in a namespace, reached from another namespace h
   t.notMatch(here.stdout, /dev br0|dev eth0 .*10\.231/, 'no route from the root namespace into the topology');
 });
 
-t.test('teardown removes every namespace; a dead run\'s leftovers go at the next start', { skip: skip ?? netnsUnavailable() }, async (t) => {
-  const topo = new Topology('harness', ['x', 'y']);
-  t.equal(topo.remaining().length, 3, 'bridge + 2 hosts');
-  topo.teardown();
-  t.same(topo.remaining(), []);
-  // a leftover: namespaces with a marker whose owner process is gone
-  const prefix = 'mlc-harness-dead00';
-  spawnSync('ip', ['netns', 'add', `${prefix}-br`]);
-  mkdirSync('/tmp/mlora-netns', { recursive: true });
-  const dead = spawnSync(process.execPath, ['-e', 'console.log(process.pid)'], { encoding: 'utf8' });
-  writeFileSync(`/tmp/mlora-netns/${prefix}`, dead.stdout.trim());
-  const removed = removeLeftovers('harness');
-  t.same(removed, [`${prefix}-br`]);
-});
+t.test(
+  "teardown removes every namespace; a dead run's leftovers go at the next start",
+  { skip: skip ?? netnsUnavailable() },
+  async (t) => {
+    const topo = new Topology('harness', ['x', 'y']);
+    t.equal(topo.remaining().length, 3, 'bridge + 2 hosts');
+    topo.teardown();
+    t.same(topo.remaining(), []);
+    // a leftover: namespaces with a marker whose owner process is gone
+    const prefix = 'mlc-harness-dead00';
+    spawnSync('ip', ['netns', 'add', `${prefix}-br`]);
+    mkdirSync('/tmp/mlora-netns', { recursive: true });
+    const dead = spawnSync(process.execPath, ['-e', 'console.log(process.pid)'], { encoding: 'utf8' });
+    writeFileSync(`/tmp/mlora-netns/${prefix}`, dead.stdout.trim());
+    const removed = removeLeftovers('harness');
+    t.same(removed, [`${prefix}-br`]);
+  },
+);

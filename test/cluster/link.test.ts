@@ -13,7 +13,12 @@ import { LinkError, LinkSender, listen } from '../../actors/transport/link.js';
 const { binary, reason } = await natsServerBinary();
 
 t.test('parseClusterUrl and describe', async (t) => {
-  t.same(parseClusterUrl('nats://u:p%40ss@10.0.0.1:4333'), { servers: '10.0.0.1:4333', user: 'u', pass: 'p@ss', tls: false });
+  t.same(parseClusterUrl('nats://u:p%40ss@10.0.0.1:4333'), {
+    servers: '10.0.0.1:4333',
+    user: 'u',
+    pass: 'p@ss',
+    tls: false,
+  });
   t.same(parseClusterUrl('tls://tok@host'), { servers: 'host:4222', token: 'tok', tls: true });
   t.equal(describe('nats://u:secret@h:1'), 'nats://u:***@h:1');
   t.equal(describe('nats://tok@h:1'), 'nats://***@h:1');
@@ -22,7 +27,12 @@ t.test('parseClusterUrl and describe', async (t) => {
 
 t.test('transport over a real nats-server', { skip: reason }, async (t) => {
   const MAX = 64 * 1024;
-  const srv = await startNatsServer({ binary: binary!, user: 'mlora', password: 'pw-' + randomBytes(6).toString('hex'), maxPayload: MAX });
+  const srv = await startNatsServer({
+    binary: binary!,
+    user: 'mlora',
+    password: 'pw-' + randomBytes(6).toString('hex'),
+    maxPayload: MAX,
+  });
   t.teardown(() => srv.stop());
   const a = await clusterConnect(srv.url, 'a');
   const b = await clusterConnect(srv.url, 'b');
@@ -34,7 +44,8 @@ t.test('transport over a real nats-server', { skip: reason }, async (t) => {
   const sawAtControl: number[] = [];
   const target = new Uint8Array(sab);
   const sub = listen(b, {
-    subject: 'test.b', admit: (run) => (run === 'run-1' ? undefined : `refused: run '${run}' did not claim this host`),
+    subject: 'test.b',
+    admit: (run) => (run === 'run-1' ? undefined : `refused: run '${run}' did not claim this host`),
     onMessage: (m) => {
       got.push(m);
       sawAtControl.push(target[3 * MAX + 100]!);
@@ -50,22 +61,42 @@ t.test('transport over a real nats-server', { skip: reason }, async (t) => {
   const params = new Float32Array(50_000).map((_, i) => Math.sin(i) * 1e-3);
   params[7] = -0;
   params[9] = Number.MIN_VALUE;
-  const sent = { type: 'addAdapter', id: 3, adapter: 1, state: { params, m: new Float32Array(4), v: new Float32Array(4), version: 2 } };
+  const sent = {
+    type: 'addAdapter',
+    id: 3,
+    adapter: 1,
+    state: { params, m: new Float32Array(4), v: new Float32Array(4), version: 2 },
+  };
   // a slot's bytes (3.5 max_payloads), then the control message: it arrives after them
   const data = new Uint8Array(randomBytes(3.5 * MAX));
   const p1 = tx.sendSlot(0, 0, data);
   const p2 = tx.send(sent);
   await Promise.all([p1, p2]);
-  t.equal(Buffer.compare(Buffer.from(target.subarray(0, data.length)), Buffer.from(data)), 0, 'slot bytes arrive intact');
+  t.equal(
+    Buffer.compare(Buffer.from(target.subarray(0, data.length)), Buffer.from(data)),
+    0,
+    'slot bytes arrive intact',
+  );
   t.equal(sawAtControl[0], data[3 * MAX + 100], 'the control message sent after the slot saw its bytes');
   const r = got[0] as typeof sent;
   t.ok(r.state.params instanceof Float32Array, 'typed arrays stay typed');
-  t.equal(Buffer.compare(Buffer.from(r.state.params.buffer, r.state.params.byteOffset, r.state.params.byteLength), Buffer.from(params.buffer)), 0, 'bitwise');
+  t.equal(
+    Buffer.compare(
+      Buffer.from(r.state.params.buffer, r.state.params.byteOffset, r.state.params.byteLength),
+      Buffer.from(params.buffer),
+    ),
+    0,
+    'bitwise',
+  );
   t.equal(tx.slotBytesSent, data.length);
 
   // a run that did not claim the receiver is refused, with the receiver's reason
   const other = new LinkSender(a, { to: 'test.b', run: 'run-2' });
-  await t.rejects(other.send({ type: 'memory', id: 1 }), { name: 'LinkError', kind: 'refused', message: /run 'run-2' did not claim/ });
+  await t.rejects(other.send({ type: 'memory', id: 1 }), {
+    name: 'LinkError',
+    kind: 'refused',
+    message: /run 'run-2' did not claim/,
+  });
 
   // nobody listening: 'gone', at once, and the link stays failed
   const nobody = new LinkSender(a, { to: 'test.nobody', run: 'run-1', timeoutMs: 5_000 });
@@ -95,8 +126,14 @@ t.test('transport over a real nats-server', { skip: reason }, async (t) => {
 t.test('a wrong password is refused clearly, without printing it', { skip: reason }, async (t) => {
   const srv = await startNatsServer({ binary: binary!, user: 'mlora', password: 'right-pw' });
   t.teardown(() => srv.stop());
-  const err = await clusterConnect(srv.url.replace('right-pw', 'wrong-pw'), 'x').then(() => undefined, (e: Error) => e);
-  t.match(err?.message, /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@127\.0\.0\.1:\d+: the server refused the credentials/);
+  const err = await clusterConnect(srv.url.replace('right-pw', 'wrong-pw'), 'x').then(
+    () => undefined,
+    (e: Error) => e,
+  );
+  t.match(
+    err?.message,
+    /cannot connect to the cluster at nats:\/\/mlora:\*\*\*@127\.0\.0\.1:\d+: the server refused the credentials/,
+  );
   t.notMatch(err?.message, /wrong-pw/);
 });
 
@@ -121,7 +158,11 @@ t.test('probe: answered outside the queue, "gone" once the peer closed', { skip:
   await b.close();
   // the server drops the closed peer's subscription a moment later: then probes find no responders
   let kind = '';
-  for (let i = 0; i < 20 && kind !== 'gone'; i++) kind = await tx.probe({ type: 'keepalive' }, 500).then(() => 'answered', (e: LinkError) => e.kind);
+  for (let i = 0; i < 20 && kind !== 'gone'; i++)
+    kind = await tx.probe({ type: 'keepalive' }, 500).then(
+      () => 'answered',
+      (e: LinkError) => e.kind,
+    );
   t.equal(kind, 'gone', 'no responders once the peer is gone');
   await t.rejects(stuck, { name: 'LinkError', kind: 'timeout' });
 });

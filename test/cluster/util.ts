@@ -18,7 +18,10 @@ export async function clusterSkip(): Promise<string | undefined> {
 /** Runs an ES module's source with node inside a host; resolves with its stdout (bounded: 60 s). */
 export function nodeInHost(topo: Topology, host: string, source: string, timeoutMs = 60_000): Promise<string> {
   return new Promise((resolve, reject) => {
-    const c = topo.spawn(host, process.execPath, ['--input-type=module', '-e', source], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    const c = topo.spawn(host, process.execPath, ['--input-type=module', '-e', source], {
+      cwd: ROOT,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let out = '';
     let err = '';
     c.stdout!.on('data', (b) => (out += b));
