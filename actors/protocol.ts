@@ -4,6 +4,7 @@
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { Segment, StagePlan } from '../lib/model/stage.js';
+import type { MessagePort } from 'node:worker_threads';
 
 export type { Segment, StagePlan };
 
@@ -137,6 +138,22 @@ export interface InitMsg {
   heartbeatMs: number;
   /** The pipeline's time origin on the clockMs() clock: every stage stamps its records relative to it. */
   epochMs: number;
+  /** Number of stages in the pipeline (the last one turns a Forward into a Backward). */
+  stages: number;
+  /** Recovery epoch the stage starts at: a restarted stage ignores what its neighbours still send for a dropped attempt. */
+  minEpoch: number;
+}
+
+/**
+ * Hands a stage the MessagePort to a neighbour (transferred with the message): Forward goes
+ * out on `next`, Backward on `prev`, straight to the other worker, not through the supervisor.
+ * Sent at start and whenever a neighbour is restarted (its old port is closed).
+ */
+export interface LinkMsg {
+  type: 'link';
+  id: number;
+  side: 'prev' | 'next';
+  port: MessagePort;
 }
 
 export interface ForwardMsg {
@@ -155,6 +172,10 @@ export interface ForwardMsg {
   inSlot: number;
   /** Slot the output hidden states go to (non-last stages). */
   outSlot: number;
+  /** hidden[s] = the slot of stage s's output (S-1 of them): a stage names the next stage's slots itself. */
+  hidden: number[];
+  /** Slot of dL/d(hidden) that travels back through the stages (-1: no backward). */
+  gradSlot: number;
   train: boolean;
 }
 
@@ -186,17 +207,17 @@ export interface ControlMsg {
   epoch?: number;
 }
 
-export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg;
+export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg | LinkMsg;
 
 export type FromStage =
   | { type: 'ready'; id: number; stage: number }
   | { type: 'reply'; id: number; value?: unknown; error?: string }
-  /** A stage finished forward of mb; outSlot now holds its output (for the next stage). */
-  | { type: 'forwarded'; epoch: number; stage: number; mb: number }
-  /** The last stage finished mb's forward+loss(+backward); losses are in the meta slot. */
-  | { type: 'lossed'; epoch: number; stage: number; mb: number }
-  /** A stage finished backward of mb: gradSlot holds dL/d(input) for stage-1 (or is free on stage 0). */
-  | { type: 'backwarded'; epoch: number; stage: number; mb: number }
+  /**
+   * mb is through the pipeline (losses in its meta slot): sent by the last stage after an
+   * evaluation or a one-stage training message, by stage 0 after the last Backward. Forward
+   * and Backward between stages go straight from stage to stage (LinkMsg).
+   */
+  | { type: 'done'; epoch: number; stage: number; mb: number }
   | { type: 'error'; epoch: number; stage: number; mb?: number; message: string }
   | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
   | { type: 'record'; rec: ScheduleRecord };

@@ -1,6 +1,8 @@
 // The actor runtime: spawns one stage actor (worker thread) per device, wires the shared
 // slab, routes each micro-batch's Forward / Backward through the stages, applies optimizer
-// steps, watches heartbeats, and recovers from faults.
+// steps, watches heartbeats, and recovers from faults. Forward and Backward go from stage to
+// stage over a MessageChannel between the two workers (this thread only starts a micro-batch
+// on stage 0 and hears when it is done), so a busy supervisor never delays a hop.
 //
 // Recovery model (exact, nothing lost, nothing applied twice): after every optimizer step of
 // an adapter the runtime keeps a host snapshot of its state (params + AdamW moments), and it
@@ -11,7 +13,7 @@
 // the adapters whose step it belongs to. Rows of different adapters are independent in every
 // kernel and accumulation happens in the same order, so the result is bitwise the same as a
 // run without the fault.
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
@@ -21,7 +23,7 @@ import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js'
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
 import type {
-  AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
+  AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, LinkMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
 } from './protocol.js';
 
 export interface ActorPipelineOptions {
@@ -76,7 +78,7 @@ interface InFlight {
   resolve: (losses: Float32Array) => void;
   reject: (e: Error) => void;
   meta: number;
-  /** acts[s] = slot holding stage s's output (hidden states), or -1 */
+  /** acts[s] = slot holding stage s's output (hidden states), S-1 of them; taken at launch, as the stages pass the micro-batch on by themselves */
   acts: number[];
   grad: number;
   done: boolean;
@@ -168,6 +170,7 @@ export class ActorPipeline implements Pipeline {
     const p = new ActorPipeline(opts);
     try {
       await Promise.all(p.stages.map((s) => p.spawn(s, p.faults.filter((f) => f.stage === undefined || f.stage === s.index))));
+      await Promise.all(p.stages.slice(1).map((s) => p.link(s.index - 1)));
     } catch (e) {
       await p.close();
       throw e;
@@ -183,7 +186,7 @@ export class ActorPipeline implements Pipeline {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs, ...(o.recompute ? { recompute: true } : {}),
+      epochMs: this.epochMs, stages: this.plans.length, minEpoch: this.epoch, ...(o.recompute ? { recompute: true } : {}),
     };
     const w = new Worker(STAGE_URL, { workerData: init });
     h.worker = w;
@@ -210,6 +213,18 @@ export class ActorPipeline implements Pipeline {
     return h.ready;
   }
 
+  /**
+   * A fresh channel between stages i and i+1 (at start, and after either was restarted):
+   * Forward and Backward then go from worker to worker without waking this thread.
+   */
+  private async link(i: number): Promise<void> {
+    const { port1, port2 } = new MessageChannel();
+    await Promise.all([
+      this.request(i, { type: 'link', side: 'next', port: port1 }, 10_000, [port1]),
+      this.request(i + 1, { type: 'link', side: 'prev', port: port2 }, 10_000, [port2]),
+    ]);
+  }
+
   // ---- messages from stages
 
   private onMessage(h: StageHandle, m: FromStage): void {
@@ -230,15 +245,11 @@ export class ActorPipeline implements Pipeline {
         else p.resolve(m.value);
         return;
       }
-      case 'forwarded':
-        if (m.epoch === this.epoch) this.onForwarded(m.stage, m.mb);
+      case 'done': {
+        const f = m.epoch === this.epoch ? this.flights.get(m.mb) : undefined;
+        if (f) this.complete(f);
         return;
-      case 'lossed':
-        if (m.epoch === this.epoch) this.onLossed(m.mb);
-        return;
-      case 'backwarded':
-        if (m.epoch === this.epoch) this.onBackwarded(m.stage, m.mb);
-        return;
+      }
       case 'error': {
         if (m.epoch !== this.epoch) return;
         const kind = /checksum|corrupt/i.test(m.message) ? 'corrupt' : /out of memory/i.test(m.message) ? 'oom' : 'error';
@@ -254,11 +265,13 @@ export class ActorPipeline implements Pipeline {
     }
   }
 
-  private post(stage: number, m: ToStage): void {
-    this.stages[stage]!.worker.postMessage(m);
+  private post(stage: number, m: ToStage, transfer?: MessagePort[]): void {
+    this.stages[stage]!.worker.postMessage(m, transfer);
   }
 
-  private request<T>(stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'>, timeoutMs = 120_000): Promise<T> {
+  private request<T>(
+    stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'> | Omit<LinkMsg, 'id'>, timeoutMs = 120_000, transfer?: MessagePort[],
+  ): Promise<T> {
     const id = this.nextReq++;
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -266,7 +279,7 @@ export class ActorPipeline implements Pipeline {
         reject(new Error(`stage ${stage}: '${m.type}' got no reply within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, stage, what: m.type });
-      this.post(stage, { ...m, id } as ToStage);
+      this.post(stage, { ...m, id } as ToStage, transfer);
     });
   }
 
@@ -276,17 +289,17 @@ export class ActorPipeline implements Pipeline {
 
   // ---- the micro-batch route
 
-  private forwardMsg(f: InFlight, s: number): ForwardMsg {
+  /** Stage 0's Forward; every slot the micro-batch will use is taken now (the stages pass it on themselves). */
+  private forwardMsg(f: InFlight): ForwardMsg {
     const S = this.stages.length;
     const d = f.data;
     const versions: Record<number, number> = {};
     for (const seg of d.segments) versions[seg.adapter] = this.versions.get(seg.adapter) ?? 0;
-    let out = -1;
-    if (s < S - 1) out = f.acts[s] = this.slots.take(d.id);
-    else if (S > 1 && f.train) out = f.grad = this.slots.take(d.id);
+    for (let s = 0; s < S - 1; s++) f.acts[s] = this.slots.take(d.id);
+    if (S > 1 && f.train) f.grad = this.slots.take(d.id);
     return {
       type: 'forward', epoch: this.epoch, mb: d.id, numTokens: d.tokens.length, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
-      metaSlot: f.meta, inSlot: s > 0 ? f.acts[s - 1]! : -1, outSlot: out, train: f.train,
+      metaSlot: f.meta, inSlot: -1, outSlot: S > 1 ? f.acts[0]! : -1, hidden: f.acts.slice(0, S - 1), gradSlot: f.grad, train: f.train,
     };
   }
 
@@ -306,31 +319,7 @@ export class ActorPipeline implements Pipeline {
     this.slab.seal(meta, data.id, SlotKind.META, L.bytes, 0);
     const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, done: false, replay };
     this.flights.set(data.id, f);
-    this.post(0, this.forwardMsg(f, 0));
-  }
-
-  private onForwarded(stage: number, mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    if (!f.train && stage > 0) this.freeSlot(f.acts, stage - 1);
-    this.post(stage + 1, this.forwardMsg(f, stage + 1));
-  }
-
-  private onLossed(mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    const S = this.stages.length;
-    if (S > 1) this.freeSlot(f.acts, S - 2); // the last stage's input
-    if (!f.train || S === 1) return this.complete(f);
-    this.post(S - 2, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
-  }
-
-  private onBackwarded(stage: number, mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    if (stage > 0) this.freeSlot(f.acts, stage - 1);
-    if (stage === 0) return this.complete(f);
-    this.post(stage - 1, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
+    this.post(0, this.forwardMsg(f));
   }
 
   private freeSlot(acts: number[], i: number): void {
@@ -653,6 +642,11 @@ export class ActorPipeline implements Pipeline {
       await this.spawn(h, h.faults.filter((_, k) => Atomics.load(h.faultFlags, k) === 0));
       live();
     }
+    // the channels to a new actor are new (its neighbours close their old ends)
+    const relink = new Set<number>();
+    for (const i of dead) for (const b of [i - 1, i]) if (b >= 0 && b < this.stages.length - 1) relink.add(b);
+    await Promise.all([...relink].map((b) => this.link(b)));
+    live();
     // every other stage forgets the dropped attempt (and finishes what it is running first)
     await Promise.all(this.stages.filter((s) => !dead.has(s.index)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })));
     live();

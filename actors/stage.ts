@@ -4,17 +4,19 @@
 // activations in the shared slab in place. It heartbeats while it computes (kernels run off
 // the JS thread). Fault injection (lib/faults.ts) is applied here, for real: a crash ends
 // this thread, a hang blocks its event loop.
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { openDevice, type Tensor } from '../lib/tensor.js';
 import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type InitMsg, type LinkMsg, type StepMsg, type ToStage } from './protocol.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
 const send = (m: FromStage) => port.postMessage(m);
+/** The ports to the neighbouring stages (LinkMsg): activations and their gradients go straight there. */
+const link: { prev?: MessagePort; next?: MessagePort } = {};
 
 let program: StageProgram;
 let slab: Slab;
@@ -24,17 +26,30 @@ const faults: FaultSpec[] = init.faults ?? [];
 /** Micro-batches between forward and backward on this stage. */
 const live = new Map<number, { mb: MicroBatch; views: Tensor[] }>();
 
+/** What the mailbox holds (a LinkMsg takes effect on arrival). */
+type Queued = Exclude<ToStage, LinkMsg>;
 const mailbox = { control: [] as Array<ControlMsg | StepMsg>, backward: [] as BackwardMsg[], forward: [] as ForwardMsg[] };
 let pumping = false;
 /** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
-let minEpoch = 0;
+let minEpoch = init.minEpoch ?? 0;
 
-port.on('message', (m: ToStage) => {
+function receive(m: ToStage): void {
   if (m.type === 'forward') mailbox.forward.push(m);
   else if (m.type === 'backward') mailbox.backward.push(m);
+  else if (m.type === 'link') return relink(m);
   else if (m.type !== 'init') mailbox.control.push(m);
   void pump();
-});
+}
+
+/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the supervisor replays). */
+function relink(m: LinkMsg): void {
+  link[m.side]?.close();
+  link[m.side] = m.port;
+  m.port.on('message', receive);
+  send({ type: 'reply', id: m.id });
+}
+
+port.on('message', receive);
 
 const heartbeat = setInterval(() => {
   send({ type: 'heartbeat', stage: init.stage, handled, busyMs: busySince ? performance.now() - busySince : 0 });
@@ -49,7 +64,7 @@ function versionsReady(m: ForwardMsg): boolean {
   return true;
 }
 
-function nextMessage(): ToStage | undefined {
+function nextMessage(): Queued | undefined {
   if (mailbox.control.length) return mailbox.control.shift();
   mailbox.backward = mailbox.backward.filter((m) => m.epoch >= minEpoch);
   mailbox.forward = mailbox.forward.filter((m) => m.epoch >= minEpoch);
@@ -138,7 +153,7 @@ function hidden(slot: number, N: number, views: Tensor[]): Tensor {
   return t;
 }
 
-async function handle(m: ToStage): Promise<void> {
+async function handle(m: Queued): Promise<void> {
   try {
     if (m.type === 'forward') return await forward(m);
     if (m.type === 'backward') return await backward(m);
@@ -191,9 +206,9 @@ async function forward(m: ForwardMsg): Promise<void> {
     else slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
     for (const v of views) v.free();
     record('E', m.mb, adapters, start);
-    if (program.plan.last) return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    if (program.plan.last) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
     corruptAfter(m.outSlot);
-    return send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    return forwardNext(m);
   }
   if (program.plan.last) {
     const grad = program.plan.first ? undefined : hidden(m.outSlot, m.numTokens, views);
@@ -203,8 +218,9 @@ async function forward(m: ForwardMsg): Promise<void> {
     if (grad) slab.seal(m.outSlot, m.mb, SlotKind.GRAD, m.numTokens * program.config.hiddenSize * 4, init.stage);
     for (const v of views) v.free();
     record('F', m.mb, adapters, start);
-    if (grad) corruptAfter(m.outSlot);
-    return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    if (!grad) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    corruptAfter(m.outSlot);
+    return backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: m.outSlot });
   }
   const out = hidden(m.outSlot, m.numTokens, views);
   live.set(m.mb, { mb, views });
@@ -213,7 +229,18 @@ async function forward(m: ForwardMsg): Promise<void> {
   slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
   record('F', m.mb, adapters, start);
   corruptAfter(m.outSlot);
-  send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  forwardNext(m);
+}
+
+/** The Forward of the next stage: it reads this stage's output and writes the next hidden slot (the gradient slot on the last stage). */
+function forwardNext(m: ForwardMsg): void {
+  const s = init.stage + 1;
+  const outSlot = s < init.stages - 1 ? m.hidden[s]! : m.train ? m.gradSlot : -1;
+  link.next!.postMessage({ ...m, inSlot: m.outSlot, outSlot } satisfies ForwardMsg);
+}
+
+function backwardPrev(m: BackwardMsg): void {
+  link.prev!.postMessage(m);
 }
 
 async function backward(m: BackwardMsg): Promise<void> {
@@ -229,8 +256,9 @@ async function backward(m: BackwardMsg): Promise<void> {
   for (const v of l.views) v.free();
   live.delete(m.mb);
   record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
-  if (!program.plan.first) corruptAfter(m.gradSlot);
-  send({ type: 'backwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  if (program.plan.first) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  corruptAfter(m.gradSlot);
+  backwardPrev(m);
 }
 
 async function slowDown(start: number, factor: number) {
@@ -281,6 +309,8 @@ async function control(m: ControlMsg): Promise<void> {
       program.free();
       clearInterval(heartbeat);
       send({ type: 'reply', id: m.id });
+      link.prev?.close();
+      link.next?.close();
       port.close();
       return;
   }
