@@ -13,6 +13,7 @@ import { openModelDir } from '../lib/io/hf-model.js';
 import { native } from '../lib/native.js';
 import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
 import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
+import { adaptersPerMessage, microBatchesInFlight } from '../lib/schedule/packing.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
 import { ActorPipeline, StageFailure, type FaultEvent } from './runtime.js';
@@ -65,9 +66,9 @@ export interface SchedulerOptions {
   batchlora: boolean;
   /** Micro-batch messages in flight in the pipeline. */
   inflight: number;
-  /** Micro-batches of one adapter in flight (1 = exact sequential semantics). */
-  inflightPerAdapter: number;
-  /** Most adapters per message (default: spread the adapters over the stages). */
+  /** Micro-batches of one adapter's step in flight (default: lib/schedule/packing.ts microBatchesInFlight). */
+  inflightPerAdapter?: number;
+  /** Most adapters per message (default: lib/schedule/packing.ts adaptersPerMessage). */
   adaptersPerMicroBatch?: number;
 }
 
@@ -683,11 +684,17 @@ export class Supervisor {
   }
 
   private runnable(): Job[] {
-    const limit = this.options.inflightPerAdapter;
+    const limit = microBatchesInFlight(this.running(), this.pipeline.plans.length, this.admission, this.options.inflightPerAdapter);
     const all = [...this.jobs.values()].filter((j) => j.canAdmit(limit));
     // priority first, then round-robin among equals
     all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
     return all;
+  }
+
+  private running(): number {
+    let n = 0;
+    for (const j of this.jobs.values()) if (j.state === 'running') n++;
+    return n;
   }
 
   private admit(): void {
@@ -699,14 +706,7 @@ export class Supervisor {
       if (this.options.batchlora && S === 1 && this.stepping.size > 0) return;
       const ready = this.runnable();
       if (!ready.length) return;
-      let per = 1;
-      if (this.options.batchlora) {
-        const active = [...this.jobs.values()].filter((j) => j.state === 'running').length;
-        // one device: every active adapter in one message (BatchLoRA at its widest); a pipeline:
-        // spread the adapters over about 2 messages per stage, so while some adapters take
-        // their optimizer step the others keep every stage busy (no flush, no bubble)
-        per = this.options.adaptersPerMicroBatch ?? (S === 1 ? active : Math.max(1, Math.ceil(active / (2 * S))));
-      }
+      const per = this.options.batchlora ? adaptersPerMessage(this.running(), S, this.options.adaptersPerMicroBatch) : 1;
       const chosen: Job[] = [];
       let tokens = 0;
       for (const j of ready) {
@@ -1078,7 +1078,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     ...(o.onEvent ? { onEvent: o.onEvent } : {}),
   };
   const sup = new Supervisor(pipeline, hooks, {
-    batchlora: o.batchlora ?? true, inflight, inflightPerAdapter: o.inflightPerAdapter ?? 1,
+    batchlora: o.batchlora ?? true, inflight, ...(o.inflightPerAdapter ? { inflightPerAdapter: o.inflightPerAdapter } : {}),
     ...(o.adaptersPerMicroBatch ? { adaptersPerMicroBatch: o.adaptersPerMicroBatch } : {}),
   });
   sup.nanFaults = faults.filter((f) => f.kind === 'nan');

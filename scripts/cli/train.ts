@@ -11,6 +11,7 @@ import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
 import { describeSplit } from '../../lib/schedule/split.js';
+import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
 import { stageWeightBytes } from '../../lib/model/weights.js';
@@ -134,7 +135,7 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   out(describeSplit(layout.plans, layout.devices));
   const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
   const S = layout.plans.length;
-  const per = cfg.pipeline.adapters_per_micro_batch ?? Math.max(1, Math.ceil(cfg.adapters.length / S));
+  const per = cfg.pipeline.batchlora ? adaptersPerMessage(cfg.adapters.length, S, cfg.pipeline.adapters_per_micro_batch) : 1;
   const group = specs.slice(0, per);
   const tokens = group.reduce((s, g) => s + g.tokens, 0);
   out(`\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`);
@@ -234,7 +235,7 @@ export async function main(argv: string[]): Promise<number> {
   try {
     sup = await Supervisor.start({
       model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, output: cfg.output, resume: !!args.values.resume, faults,
-      batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, inflightPerAdapter: cfg.pipeline.inflight_per_adapter,
+      batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
       ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),

@@ -5,8 +5,8 @@
 // Tolerance: bitwise for an adapter without gradient clipping ('caps'). It holds because every kernel computes each row of a micro-batch
 // independently of the other rows (the base GEMM, LoRA segments, attention per sequence,
 // the loss), each stage runs exactly the same StageProgram code on the same layers, gradient
-// accumulation happens in the same micro-batch order (one micro-batch of an adapter in flight
-// at a time), dropout masks are a function of (seed, micro-batch serial, layer, row), and the
+// accumulation happens in the same micro-batch order (several micro-batches of an adapter's
+// step may be in flight, but every stage adds their gradients first in, first out), dropout masks are a function of (seed, micro-batch serial, layer, row), and the
 // gradient norm for clipping is a sum over stages in stage order — so neither the stage
 // split nor which adapters share a BatchLoRA message changes a single bit. (The grouping does
 // differ: one stage packs both adapters in each message, two and three stages one each.)
@@ -58,3 +58,21 @@ for (const S of [1, 2, 3]) {
     assertClose(t, a, b, { atol: 0, rtol: 1e-5 }, 'arith: per-step losses');
   });
 }
+
+// One adapter on two stages: alone it cannot keep both busy, so the scheduler sends the 4
+// micro-batches of each step at once (GPipe/1F1B within the step). They read the same weights
+// and every stage adds their gradients in issue order, so the result stays bitwise.
+await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the single-device trainer', async (t) => {
+  const job = () => [adapter('solo', 'capitals', { seed: 9, batch_size: 8, micro_batch_size: 2, max_grad_norm: undefined })];
+  const one = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
+  const two = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
+  const [want, got] = [one.states.get('solo'), two.states.get('solo')];
+  t.ok(want && got, 'both runs finished the adapter');
+  if (!want || !got) return;
+  t.equal(got.version, 4, '4 optimizer steps');
+  t.ok(bitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${maxDiff(got, want)})`);
+  t.equal(two.sup.peakInflight, 4, "all 4 micro-batches of a step were in flight at once");
+  t.equal(one.sup.peakInflight, 1, 'the single-device trainer runs them one at a time');
+  const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+  t.same(losses(two.events), losses(one.events), 'per-step losses identical');
+});
