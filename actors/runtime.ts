@@ -431,7 +431,14 @@ export class ActorPipeline implements Pipeline {
     // dies during the step: recovery restores the last snapshot and replays the step's
     // micro-batches, and the step runs again.
     type Part = { sumsq?: number; state: { params: Float32Array; m: Float32Array; v: Float32Array; version: number } };
-    const parts = await this.retrying(() => this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never));
+    const parts = await this.retrying(async () => {
+      const epoch = this.epoch;
+      const r = await this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never);
+      // a recovery began while the stages stepped (a fault elsewhere): it restores the snapshot
+      // from before this step and replays the step's micro-batches, so the step runs again after it
+      if (this.epoch !== epoch || this.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
+      return r;
+    });
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
     this.snapshots.set(id, joinSlices(parts.map((x) => x.state)));
     this.stepLog.set(id, []);
