@@ -56,7 +56,8 @@ export function clockMs(): number {
 /** One recorded piece of work on a stage (the schedule that actually ran). */
 export interface ScheduleRecord {
   stage: number;
-  kind: 'F' | 'B' | 'S' | 'E';
+  /** F forward (the last stage: forward + loss + backward), B backward, H a head share, S optimizer step, E evaluation */
+  kind: 'F' | 'B' | 'H' | 'S' | 'E';
   mb: number;
   adapters: number[];
   /** ms since the pipeline started (one time base for every stage: see clockMs) */
@@ -176,7 +177,36 @@ export interface ForwardMsg {
   hidden: number[];
   /** Slot of dL/d(hidden) that travels back through the stages (-1: no backward). */
   gradSlot: number;
+  /**
+   * Head share (StagePlan.headShare): rows [headRow, numTokens) get their norm/head/loss on the
+   * stage before the last; the last stage puts the final hidden states in `headSlot` and sends
+   * HeadMsg. numTokens: no share (evaluation, one stage, or no share in the split).
+   */
+  headRow: number;
+  headSlot: number;
   train: boolean;
+}
+
+/** The last stage → the stage before: run the head on rows [rowStart, numTokens) (HeadMsg of a ForwardMsg). */
+export interface HeadMsg {
+  type: 'head';
+  epoch: number;
+  mb: number;
+  numTokens: number;
+  nseq: number;
+  rowStart: number;
+  metaSlot: number;
+  /** Final hidden states (all rows). */
+  headSlot: number;
+  /** dL/d(final hidden) of rows [rowStart, numTokens) goes here. */
+  gradSlot: number;
+}
+
+/** The share's answer: its rows' losses are in the meta slot, their gradients in the gradient slot. */
+export interface HeadedMsg {
+  type: 'headed';
+  epoch: number;
+  mb: number;
 }
 
 export interface BackwardMsg {
@@ -207,7 +237,7 @@ export interface ControlMsg {
   epoch?: number;
 }
 
-export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg | LinkMsg;
+export type ToStage = InitMsg | ForwardMsg | BackwardMsg | HeadMsg | HeadedMsg | StepMsg | ControlMsg | LinkMsg;
 
 export type FromStage =
   | { type: 'ready'; id: number; stage: number }

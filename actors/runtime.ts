@@ -19,7 +19,7 @@ import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
-import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
+import { activationBytes, holdsHead, scratchBytes, workBytes } from '../lib/model/stage.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
 import type {
@@ -81,6 +81,8 @@ interface InFlight {
   /** acts[s] = slot holding stage s's output (hidden states), S-1 of them; taken at launch, as the stages pass the micro-batch on by themselves */
   acts: number[];
   grad: number;
+  /** The final hidden states the last stage hands its head share (-1: no share) */
+  head: number;
   done: boolean;
   /** replays don't report losses again */
   replay: boolean;
@@ -120,6 +122,19 @@ class StageHandle {
 
 const STAGE_URL = new URL('./stage.js', import.meta.url);
 
+/**
+ * The first row of a micro-batch's head share: rows from there on hold about `share` of its
+ * targeted rows (the head runs on targeted rows only, so that is the share of its cost).
+ */
+export function shareStart(targets: Int32Array, share: number): number {
+  let T = 0;
+  for (let i = 0; i < targets.length; i++) if (targets[i]! >= 0) T++;
+  const want = Math.round(share * T);
+  let r = targets.length;
+  for (let k = 0; k < want; ) if (targets[--r]! >= 0) k++;
+  return r;
+}
+
 export class ActorPipeline implements Pipeline {
   readonly config: LlamaConfig;
   readonly plans: StagePlan[];
@@ -156,8 +171,8 @@ export class ActorPipeline implements Pipeline {
     this.maxTokens = opts.maxTokens;
     const S = opts.plans.length;
     const slotBytes = slotBytesFor(opts.maxTokens, opts.config.hiddenSize);
-    // per message in flight: a meta slot, S-1 hidden slots, a gradient slot
-    const count = Math.max(4, opts.inflight * (S + 1) + 2);
+    // per message in flight: a meta slot, S-1 hidden slots, a gradient slot, the head share's slot
+    const count = Math.max(4, opts.inflight * (S + 2) + 2);
     this.slab = Slab.create(count, slotBytes);
     this.slots = new SlotAllocator(this.slab);
     this.faults = opts.faults ?? [];
@@ -297,9 +312,13 @@ export class ActorPipeline implements Pipeline {
     for (const seg of d.segments) versions[seg.adapter] = this.versions.get(seg.adapter) ?? 0;
     for (let s = 0; s < S - 1; s++) f.acts[s] = this.slots.take(d.id);
     if (S > 1 && f.train) f.grad = this.slots.take(d.id);
+    const share = f.train && S > 1 ? this.plans[S - 2]!.headShare ?? 0 : 0;
+    if (share > 0) f.head = this.slots.take(d.id);
+    const N = d.tokens.length;
     return {
-      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: d.tokens.length, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
-      metaSlot: f.meta, inSlot: -1, outSlot: S > 1 ? f.acts[0]! : -1, hidden: f.acts.slice(0, S - 1), gradSlot: f.grad, train: f.train,
+      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: N, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
+      metaSlot: f.meta, inSlot: -1, outSlot: S > 1 ? f.acts[0]! : f.grad, hidden: f.acts.slice(0, S - 1), gradSlot: f.grad, train: f.train,
+      headRow: share > 0 ? shareStart(d.targets, share) : N, headSlot: f.head,
     };
   }
 
@@ -317,7 +336,7 @@ export class ActorPipeline implements Pipeline {
     this.slab.f32(meta, L.weights, N).set(data.weights);
     this.slab.i32(meta, L.cuSeqlens, data.cuSeqlens.length).set(data.cuSeqlens);
     this.slab.seal(meta, data.id, SlotKind.META, L.bytes, 0);
-    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, done: false, replay };
+    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, head: -1, done: false, replay };
     this.flights.set(data.id, f);
     this.post(0, this.forwardMsg(f));
   }
@@ -343,6 +362,8 @@ export class ActorPipeline implements Pipeline {
     for (let i = 0; i < f.acts.length; i++) this.freeSlot(f.acts, i);
     if (f.grad >= 0) this.slots.release(f.grad);
     f.grad = -1;
+    if (f.head >= 0) this.slots.release(f.head);
+    f.head = -1;
     this.slots.release(f.meta);
   }
 
@@ -465,15 +486,18 @@ export class ActorPipeline implements Pipeline {
     const rc = !!this.opts.recompute;
     return this.plans.map((plan) =>
       activationBytes(this.config, plan, numTokens, segments, rc) + scratchBytes(this.config, plan, numTokens) +
-        workBytes(this.config, numTokens, segments, rc) + (plan.last ? allocBytes(4 * numTokens) : 0));
+        workBytes(this.config, numTokens, segments, rc) + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
   }
 
   transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
     // a stage actor handles one message at a time and frees its scratch when the call ends; the
-    // last stage's forward+backward is one call, so its saved block goes with it
+    // last stage's forward+backward is one call, so its saved block goes with it (unless it
+    // shares the head: then it keeps the block until the share comes back)
     const all = this.activationBytes(numTokens, segments);
     const work = workBytes(this.config, numTokens, segments, !!this.opts.recompute);
-    return this.plans.map((plan, s) => (plan.last ? all[s]! : scratchBytes(this.config, plan, numTokens) + work));
+    const shared = this.plans.some((p) => p.headShare);
+    return this.plans.map((plan, s) =>
+      plan.last && !shared ? all[s]! : scratchBytes(this.config, plan, numTokens) + work + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
   }
 
   adapterBytes(spec: LoraSpec): number[] {

@@ -12,7 +12,7 @@ import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { native } from '../lib/native.js';
 import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
-import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
+import { balanceSplit, explicitSplit, type SplitProfile } from '../lib/schedule/split.js';
 import { adaptersPerMessage, microBatchesInFlight } from '../lib/schedule/packing.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
@@ -985,6 +985,8 @@ export interface StartOptions {
   memory?: string | number;
   /** Layers per stage, or 'auto' (cost model). */
   split?: 'auto' | number[];
+  /** What the data looks like, for the 'auto' split's cost model (sequence length, fraction of rows with a target). */
+  splitProfile?: SplitProfile;
   batchlora?: boolean;
   /** Activation recomputation on every stage: less memory per micro-batch, one more layer forward per layer backward. */
   recompute?: boolean;
@@ -1019,7 +1021,7 @@ export interface ResolvedLayout {
 }
 
 /** Devices, threads, budgets and the layer split for a model (what --dry-run prints). */
-export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split'>): ResolvedLayout {
+export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>): ResolvedLayout {
   const cores = availableParallelism();
   let devices: string[];
   if (!o.devices || o.devices === 'auto') {
@@ -1037,7 +1039,7 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
   const cpuCount = devices.filter((d) => d.startsWith('cpu')).length;
   const threads = devices.map((d) => (d.startsWith('cpu') ? (o.threads ?? Math.max(1, Math.floor(cores / Math.max(1, cpuCount)))) : 1));
   const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.startsWith('cpu') ? defaultCpuBudget(cpuCount) : 0));
-  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads).plans : explicitSplit(config, o.split);
+  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads, o.splitProfile).plans : explicitSplit(config, o.split);
   if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
   return { devices, threads, budgets, plans };
 }
@@ -1049,6 +1051,8 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   const faults = (o.faults ?? []).map((f) => (typeof f === 'string' ? parseFault(f) : f));
   const S = layout.plans.length;
   const inflight = o.inflight ?? Math.max(1, 2 * S);
+  // a head share is a stage actor's round trip; in this thread the last stage runs the whole head
+  if (o.inProcess) layout.plans = layout.plans.map(({ headShare: _, ...p }) => p);
   let pipeline: Pipeline;
   if (o.inProcess) {
     const stages: StageProgram[] = [];

@@ -30,6 +30,19 @@ export interface StagePlan {
   first: boolean;
   /** Holds the final norm, the LM head and the loss. */
   last: boolean;
+  /**
+   * The stage before the last only: it also runs the final norm, LM head and loss (forward and
+   * backward) on this fraction of each training micro-batch's targeted rows, so the split can
+   * balance below a whole layer (the head has no trainable weights and its rows are independent,
+   * so who computes a row changes no bit). The last stage hands it those rows' final hidden
+   * states and gets their gradients back (lib/schedule/split.ts decides the share).
+   */
+  headShare?: number;
+}
+
+/** Whether a stage holds the final norm and the LM head (the last stage, or one with a head share). */
+export function holdsHead(plan: StagePlan): boolean {
+  return plan.last || (plan.headShare ?? 0) > 0;
 }
 
 export interface LayerWeights {
@@ -174,7 +187,7 @@ export class StageProgram {
       throw new Error(`stage [${plan.lo}, ${plan.hi}) got weights for ${weights.layers.length} layers`);
     }
     if (plan.first && !weights.embed) throw new Error('the first stage needs the embedding table');
-    if (plan.last && (!weights.norm || !weights.head)) throw new Error('the last stage needs the final norm and the LM head');
+    if (holdsHead(plan) && (!weights.norm || !weights.head)) throw new Error(`${plan.last ? 'the last stage' : 'a stage with a head share'} needs the final norm and the LM head`);
     this.qDim = c.numHeads * c.headDim;
     this.kvDim = c.numKvHeads * c.headDim;
     const { cos, sin } = ropeTables(c.ropeTheta, c.headDim, c.maxPositionEmbeddings);
@@ -236,9 +249,12 @@ export class StageProgram {
 
   // ---- forward / backward
 
-  /** Forward of a non-last stage; `output` [N, H] receives the hidden states. */
+  /**
+   * Forward of the stage's layers, saving what backward needs; `output` [N, H] receives the
+   * hidden states. The last stage uses it only when it shares the head (then `output` is the
+   * final hidden state before the norm, and head() + backward() follow); otherwise trainLast().
+   */
   async forward(mb: MicroBatch, input: Tensor, output: Tensor): Promise<void> {
-    if (this.plan.last) throw new Error('forward() is for non-last stages; the last stage uses trainLast()');
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
     let views: Tensor[] = [];
@@ -318,6 +334,31 @@ export class StageProgram {
       this.release(mb.id);
       losses?.free();
       this.endCall(views, s, work);
+    }
+  }
+
+  /**
+   * The final norm, LM head and loss of the rows of `mb` (forward and backward): `xFinal`
+   * [N, H] holds their final hidden states, `dres` [N, H] receives dL/d(xFinal). Returns the
+   * per-row losses. Any stage that holds the head runs it (a head share, StagePlan.headShare).
+   */
+  async head(mb: MicroBatch, xFinal: Tensor, dres: Tensor): Promise<Float32Array> {
+    if (!holdsHead(this.plan)) throw new Error('head(): this stage holds no LM head');
+    const N = mb.numTokens;
+    const s: Scratch = {};
+    let losses: Tensor | undefined;
+    let views: Tensor[] = [];
+    try {
+      for (const [name, shape, dtype] of headScratchShapes(this.config, N, this.headBlockRows)) s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
+      losses = this.device.alloc('f32', [N], { zero: false });
+      const ops: Op[] = [];
+      this.headOps(ops, mb, xFinal, losses, dres, true, s);
+      views = takeViews();
+      await this.device.run(ops);
+      return losses.read() as Float32Array;
+    } finally {
+      losses?.free();
+      this.endCall(views, s);
     }
   }
 
@@ -602,8 +643,7 @@ export class StageProgram {
     for (let i = 0; i < N; i++) if (labels[i]! >= 0) T++;
     // x: the rows the head runs on; with grad, their dL/dx replaces them in place, block by block
     let x = xf, lab = targets!, wt = weights!, loss = losses, idx: Tensor | undefined;
-    // a few untargeted rows (one per sequence, as in pre-training data) are not worth the copies
-    const gathered = this.gatherTargets && T <= 0.9 * N;
+    const gathered = headRows(N, T, this.gatherTargets) < N;
     if (gathered && T > 0) {
       const rows = new Int32Array(T), gl = new Int32Array(T), gw = new Float32Array(T);
       const w = withGrad ? (weights!.read() as Float32Array) : undefined;
@@ -757,15 +797,27 @@ function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headB
     ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
   ];
   if (plan.last) {
-    shapes.push(
-      ['xFinal', [rows, H]], ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
-      ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
-      // the targeted rows, gathered (headOps)
-      ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
-    );
+    shapes.push(['xFinal', [rows, H]], ...headScratchShapes(c, numTokens, headBlockRows));
     if (plan.first) shapes.push(['dres', [rows, H]]);
+  } else if (holdsHead(plan)) {
+    // a head share runs the head alone, in calls of its own (head())
+    const head = headScratchShapes(c, numTokens, headBlockRows);
+    const bytes = (l: typeof shapes) => l.reduce((n, [, shape]) => n + shape.reduce((a, b) => a * b, 1), 0);
+    if (bytes(head) > bytes(shapes)) return head;
   }
   return shapes;
+}
+
+/** The scratch of the final norm, the LM head and the loss over `numTokens` rows (headOps). */
+function headScratchShapes(c: LlamaConfig, numTokens: number, headBlockRows: number): Array<[string, number[], ('f32' | 'i32')?]> {
+  const H = c.hiddenSize;
+  const rows = scratchRows(numTokens);
+  return [
+    ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
+    ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
+    // the targeted rows, gathered (headOps)
+    ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
+  ];
 }
 
 /** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
@@ -786,6 +838,15 @@ export function workBytes(config: LlamaConfig, numTokens: number, segments: Arra
 /** Bytes of the scratch a call over `rows` tokens holds while it runs (none at rest). */
 export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
   return scratchShapes(config, plan, rows, headBlockRows).reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+}
+
+/**
+ * Rows of a micro-batch of N rows, T of them targeted, that the LM head runs on (headOps): the
+ * targeted ones, gathered, unless nearly every row is targeted (a few untargeted rows, one per
+ * sequence as in pre-training data, are not worth the copies). Fractions work too (N = 1).
+ */
+export function headRows(N: number, T: number, gather = true): number {
+  return gather && T <= 0.9 * N ? T : N;
 }
 
 export function defaultHeadBlockRows(c: LlamaConfig): number {

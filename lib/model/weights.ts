@@ -3,7 +3,7 @@
 // straight from the safetensors files into device memory.
 import type { Device, Tensor, DType } from '../tensor.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
-import type { LayerWeights, StagePlan, StageWeights } from './stage.js';
+import { holdsHead, type LayerWeights, type StagePlan, type StageWeights } from './stage.js';
 
 export interface LoadWeightsOptions {
   /** Storage dtype on the device: keep the file's (default) or convert (e.g. f32 → bf16). */
@@ -39,7 +39,7 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
     }
     const w: StageWeights = { layers };
     if (plan.first) w.embed = await load('model.embed_tokens.weight', wd);
-    if (plan.last) {
+    if (holdsHead(plan)) {
       w.norm = await load('model.norm.weight', 'f32');
       w.head = c.tieWordEmbeddings ? (w.embed ?? (await load('model.embed_tokens.weight', wd))) : await load('lm_head.weight', wd);
     }
@@ -69,6 +69,6 @@ export function stageWeightBytes(dir: ModelDir, plan: StagePlan, dtype?: DType):
     bytes += 2 * round(H * 4) + round(q * H * wb) + 2 * round(kv * H * wb) + round(H * q * wb) + 2 * round(I * H * wb) + round(H * I * wb);
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
-  if (plan.last) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
+  if (holdsHead(plan)) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
   return bytes;
 }

@@ -10,7 +10,7 @@ import YAML from 'yaml';
 import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
-import { describeSplit } from '../../lib/schedule/split.js';
+import { describeSplit, type SplitProfile } from '../../lib/schedule/split.js';
 import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
@@ -124,11 +124,16 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
   if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
 }
 
+/** The cost model's view of the data: the longest sequences the adapters train on. */
+function splitProfile(cfg: TrainConfig): SplitProfile {
+  return { seqLen: Math.max(...cfg.adapters.map((a) => a.seq_len)) };
+}
+
 function plan(cfg: TrainConfig, out: (s: string) => void): void {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
   const layout = resolveLayout(c, {
-    devices: cfg.devices, split: cfg.pipeline.split,
+    devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg),
     ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
   });
   out(`model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`);
@@ -234,7 +239,7 @@ export async function main(argv: string[]): Promise<number> {
   let sup: Supervisor;
   try {
     sup = await Supervisor.start({
-      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, output: cfg.output, resume: !!args.values.resume, faults,
+      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg), output: cfg.output, resume: !!args.values.resume, faults,
       batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
