@@ -5,8 +5,12 @@
 //   for await (const ev of job.events()) console.log(ev);
 //   await sup.close();
 export { Supervisor, startSupervisor, Job, resolveLayout } from './supervisor.js';
-export type { StartOptions, SupervisorHooks, PreparedJob, SchedulerOptions, MicroBatchSource, SourceMicroBatch, ResolvedLayout } from './supervisor.js';
-export type { JobEvent, JobState, FaultSpec, AdapterState, ScheduleRecord } from './protocol.js';
+export type { StartOptions, SchedulerOptions, ResolvedLayout } from './supervisor.js';
+export type { SupervisorHooks, PreparedJob, MicroBatchSource, SourceMicroBatch, JobView } from './job-types.js';
+export type { JobEvent, JobState } from './protocol.js';
+export type { FaultSpec } from '../lib/faults.js';
+export type { AdapterState } from '../lib/lora/state.js';
+export type { ScheduleRecord } from '../lib/schedule/record.js';
 export type { FaultEvent } from './runtime.js';
 export { parseFault } from '../lib/faults.js';
 export { parseAdapterConfig, parseTrainConfig, SAFE_NAME } from '../lib/config.js';

@@ -10,8 +10,8 @@ import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
 import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
 import { latestCheckpoint, loadCheckpoint, readCheckpointMeta, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
 import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
-import type { PreparedJob, Job, SupervisorHooks } from './supervisor.js';
-import type { AdapterState } from './protocol.js';
+import type { JobView, PreparedJob, SupervisorHooks } from './job-types.js';
+import type { AdapterState } from '../lib/lora/state.js';
 
 export function loraSpec(c: AdapterConfig): LoraSpec {
   return { r: c.lora.r, alpha: c.lora.alpha, dropout: c.lora.dropout, targets: [...c.lora.targets], useRslora: c.lora.use_rslora, seed: c.seed };
@@ -90,7 +90,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpo
   if (!env.output) return {};
   const out = env.output;
   return {
-    checkpoint: async (job: Job, state: AdapterState) =>
+    checkpoint: async (job: JobView, state: AdapterState) =>
       saveCheckpoint({
         adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
         meta: {
@@ -99,7 +99,7 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpo
           ...(job.rollbacks ? { rollbacks: job.rollbacks, lrScale: job.lrScale } : {}),
         },
       }),
-    finish: async (job: Job, state: AdapterState) => {
+    finish: async (job: JobView, state: AdapterState) => {
       const dir = path.join(out, job.name);
       writeAdapterFiles(dir, toAdapterWeights(env.model, job.spec, state.params, env.modelDir));
       return dir;

@@ -6,7 +6,10 @@ import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
-import type { AdapterState, MicroBatchData, Pipeline, ScheduleRecord, StepParams } from './protocol.js';
+import type { Pipeline } from './protocol.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { joinSlices } from '../lib/lora/state.js';
 
 export class LocalPipeline implements Pipeline {
@@ -134,10 +137,6 @@ export class LocalPipeline implements Pipeline {
     return measure ? { sumsq } : {};
   }
 
-  async zeroGrads(id: number): Promise<void> {
-    for (const st of this.stages) await st.zeroGrads(id);
-  }
-
   async poison(id: number): Promise<void> {
     const a = this.stages[0]!.adapter(id);
     a.params.write(new Float32Array(a.params.shape[0]!).fill(NaN));
@@ -157,7 +156,7 @@ export class LocalPipeline implements Pipeline {
    * numTokens sequences), token ids (first stage), targets, weights and losses (last stage), and
    * the [N, H] hidden states and gradients passed between stages.
    */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs = numTokens): number[] {
+  activationBytes(numTokens: number, segments: SegmentSpec[], numSeqs = numTokens): number[] {
     const N = numTokens;
     const i32 = allocBytes(4 * N);
     const hidden = allocBytes(4 * N * this.config.hiddenSize);

@@ -3,47 +3,11 @@
 // inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
-import type { Segment, StagePlan } from '../lib/model/stage.js';
+import type { MicroBatchData, Segment, SegmentSpec, StagePlan } from '../lib/model/batch.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { FaultSpec } from '../lib/faults.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 import type { MessagePort } from 'node:worker_threads';
-
-export type { Segment, StagePlan };
-
-/** A BatchLoRA micro-batch as the supervisor builds it (host memory). */
-export interface MicroBatchData {
-  id: number;
-  segments: Segment[];
-  /** i32 [N] token ids */
-  tokens: Int32Array;
-  /** i32 [N] position within own sequence */
-  positions: Int32Array;
-  /** i32 [nseq + 1] */
-  cuSeqlens: Int32Array;
-  /** i32 [N] next-token targets (-100 = none), shifted within each sequence */
-  targets: Int32Array;
-  /** f32 [N] per-row loss weight: 1 / target tokens of the adapter's step, 0 where no target */
-  weights: Float32Array;
-}
-
-/** An adapter's trainable state over ALL layers, in the flat layout of lora/adapter.ts sliceLayout(0, L). */
-export interface AdapterState {
-  params: Float32Array;
-  m: Float32Array;
-  v: Float32Array;
-  /** Optimizer steps applied. */
-  version: number;
-}
-
-export interface StepParams {
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  /** 1-based AdamW step (bias correction). */
-  step: number;
-  /** Gradient scale (clipping): min(1, max_norm / ‖g‖). */
-  gradScale: number;
-}
 
 /**
  * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
@@ -51,18 +15,6 @@ export interface StepParams {
  */
 export function clockMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
-}
-
-/** One recorded piece of work on a stage (the schedule that actually ran). */
-export interface ScheduleRecord {
-  stage: number;
-  /** F forward (the last stage: forward + loss + backward), B backward, H a head share, S optimizer step, E evaluation */
-  kind: 'F' | 'B' | 'H' | 'S' | 'E';
-  mb: number;
-  adapters: number[];
-  /** ms since the pipeline started (one time base for every stage: see clockMs) */
-  start: number;
-  end: number;
 }
 
 /**
@@ -90,19 +42,18 @@ export interface Pipeline {
    * with it: one round trip when no clipping needs the norm first.
    */
   step(id: number, p: StepParams, measure?: boolean): Promise<{ sumsq?: number }>;
-  zeroGrads(id: number): Promise<void>;
   /** Fault injection: makes an adapter's weights NaN (on the first stage). */
   poison(id: number): Promise<void>;
   /** Bytes per device: budget, used now, the most used since the stage started. */
   memory(): Promise<Array<{ device: string; budget: number; used: number; peak: number }>>;
   /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
+  activationBytes(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
   /**
    * The part of activationBytes() a stage holds only while it runs the micro-batch (scratch, and
    * on the last stage everything): a stage that runs one message at a time holds at most one
    * message's transient bytes at once. Absent: every byte counts for every message in flight.
    */
-  transientBytes?(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>, numSeqs?: number): number[];
+  transientBytes?(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
   /** Bytes one adapter's slice takes on each stage. */
   adapterBytes(spec: LoraSpec): number[];
   schedule(): ScheduleRecord[];
@@ -227,7 +178,7 @@ export interface StepMsg {
 }
 
 export interface ControlMsg {
-  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'zeroGrads' | 'memory' | 'drop' | 'shutdown' | 'ping' | 'poison';
+  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'memory' | 'drop' | 'shutdown' | 'poison';
   id: number;
   adapter?: number;
   spec?: LoraSpec;
@@ -251,15 +202,6 @@ export type FromStage =
   | { type: 'error'; epoch: number; stage: number; mb?: number; message: string }
   | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
   | { type: 'record'; rec: ScheduleRecord };
-
-export interface FaultSpec {
-  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow';
-  stage?: number;
-  adapter?: string;
-  after?: number;
-  step?: number;
-  factor?: number;
-}
 
 // ---- events a job streams to its user
 

@@ -19,12 +19,15 @@ import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
-import { activationBytes, holdsHead, scratchBytes, workBytes } from '../lib/model/stage.js';
+import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
+import { holdsHead } from '../lib/model/batch.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
-import type {
-  AdapterState, ControlMsg, FaultSpec, ForwardMsg, FromStage, InitMsg, LinkMsg, MicroBatchData, Pipeline, ScheduleRecord, StepParams, ToStage,
-} from './protocol.js';
+import type { ControlMsg, ForwardMsg, FromStage, InitMsg, LinkMsg, Pipeline, ToStage } from './protocol.js';
+import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { FaultSpec } from '../lib/faults.js';
+import type { MicroBatchData } from '../lib/model/batch.js';
+import type { ScheduleRecord } from '../lib/schedule/record.js';
 
 export interface ActorPipelineOptions {
   modelDir: string;
@@ -83,9 +86,6 @@ interface InFlight {
   grad: number;
   /** The final hidden states the last stage hands its head share (-1: no share) */
   head: number;
-  done: boolean;
-  /** replays don't report losses again */
-  replay: boolean;
 }
 
 interface RecoveryFault {
@@ -322,7 +322,7 @@ export class ActorPipeline implements Pipeline {
     };
   }
 
-  private launch(data: MicroBatchData, train: boolean, replay: boolean, resolve: (l: Float32Array) => void, reject: (e: Error) => void): void {
+  private launch(data: MicroBatchData, train: boolean, resolve: (l: Float32Array) => void, reject: (e: Error) => void): void {
     const N = data.tokens.length;
     const L = metaLayout(N, data.cuSeqlens.length - 1);
     if (L.bytes > this.slab.dataBytes || N * this.config.hiddenSize * 4 > this.slab.dataBytes) {
@@ -336,7 +336,7 @@ export class ActorPipeline implements Pipeline {
     this.slab.f32(meta, L.weights, N).set(data.weights);
     this.slab.i32(meta, L.cuSeqlens, data.cuSeqlens.length).set(data.cuSeqlens);
     this.slab.seal(meta, data.id, SlotKind.META, L.bytes, 0);
-    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, head: -1, done: false, replay };
+    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, head: -1 };
     this.flights.set(data.id, f);
     this.post(0, this.forwardMsg(f));
   }
@@ -353,7 +353,6 @@ export class ActorPipeline implements Pipeline {
     const L = metaLayout(N, f.data.cuSeqlens.length - 1);
     const losses = this.slab.f32(f.meta, L.losses, N).slice();
     this.release(f);
-    f.done = true;
     f.resolve(losses);
   }
 
@@ -377,13 +376,13 @@ export class ActorPipeline implements Pipeline {
       if (!this.stepLog.has(seg.adapter)) this.stepLog.set(seg.adapter, []);
       this.stepLog.get(seg.adapter)!.push(mb);
     }
-    return new Promise((resolve, reject) => this.launch(mb, true, false, resolve, reject));
+    return new Promise((resolve, reject) => this.launch(mb, true, resolve, reject));
   }
 
   async evaluate(mb: MicroBatchData): Promise<Float32Array> {
     if (this.fatal) throw this.fatal;
     if (this.recovering) await this.recovering;
-    return new Promise((resolve, reject) => this.launch(mb, false, false, resolve, reject));
+    return new Promise((resolve, reject) => this.launch(mb, false, resolve, reject));
   }
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
@@ -465,10 +464,6 @@ export class ActorPipeline implements Pipeline {
     this.stepLog.set(id, []);
     this.trimIssueOrder();
     return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};
-  }
-
-  async zeroGrads(id: number): Promise<void> {
-    await this.retrying(() => this.all({ type: 'zeroGrads', adapter: id }));
   }
 
   async poison(id: number): Promise<void> {
@@ -700,7 +695,7 @@ export class ActorPipeline implements Pipeline {
       const w = waiters.get(data);
       if (!segments.length && !w) continue;
       const replay: MicroBatchData = { ...data, segments: segments.length ? segments : data.segments };
-      const losses = await new Promise<Float32Array>((resolve, reject) => this.launch(replay, true, !w, resolve, reject));
+      const losses = await new Promise<Float32Array>((resolve, reject) => this.launch(replay, true, resolve, reject));
       live();
       replayed++;
       if (w) results.set(data, losses);
@@ -708,7 +703,7 @@ export class ActorPipeline implements Pipeline {
     // evaluations in flight run again (forward only; no state)
     for (const [data, w] of waiters) {
       if (w.train || results.has(data)) continue;
-      results.set(data, await new Promise<Float32Array>((resolve, reject) => this.launch(data, false, false, resolve, reject)));
+      results.set(data, await new Promise<Float32Array>((resolve, reject) => this.launch(data, false, resolve, reject)));
       live();
     }
     for (const [data, losses] of results) {

@@ -10,7 +10,8 @@ import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type FaultSpec, type ForwardMsg, type FromStage, type HeadedMsg, type HeadMsg, type InitMsg, type LinkMsg, type StepMsg, type ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type HeadedMsg, type HeadMsg, type InitMsg, type LinkMsg, type StepMsg, type ToStage } from './protocol.js';
+import { type FaultSpec } from '../lib/faults.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -277,7 +278,7 @@ async function headRows(m: { mb: number; numTokens: number; nseq: number; metaSl
     const x = w(d.wrap(slab.f32(m.headSlot, 4 * H * r0, n * H), 'f32', [n, H]));
     const dx = w(d.wrap(slab.f32(gradSlot, 4 * H * r0, n * H), 'f32', [n, H]));
     const mb = { id: m.mb, numTokens: n, segments: [], tensors: { targets, weights } } as unknown as MicroBatch;
-    slab.f32(m.metaSlot, L.losses + 4 * r0, n).set(await program.head(mb, x, dx));
+    slab.f32(m.metaSlot, L.losses + 4 * r0, n).set(await program.runHead(mb, x, dx));
   } finally {
     for (const v of views) v.free();
   }
@@ -340,9 +341,6 @@ async function control(m: ControlMsg): Promise<void> {
   if (m.type !== 'shutdown') injectFaults(false);
   let value: unknown;
   switch (m.type) {
-    case 'ping':
-      value = { stage: init.stage, handled };
-      break;
     case 'addAdapter': {
       program.addAdapterState(m.adapter!, m.spec!, m.state!);
       break;
@@ -355,9 +353,6 @@ async function control(m: ControlMsg): Promise<void> {
       break;
     case 'gradSumsq':
       value = await program.gradSumsq(m.adapter!);
-      break;
-    case 'zeroGrads':
-      await program.zeroGrads(m.adapter!);
       break;
     case 'poison': {
       const a = program.adapter(m.adapter!);

@@ -5,7 +5,6 @@
 // scheduler drives the in-thread single-device trainer and the worker-thread pipeline.
 import { availableParallelism } from 'node:os';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../lib/config.js';
-import type { MicroBatch as LoaderMicroBatch } from '../lib/data/loader.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type StagePlan } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
@@ -18,48 +17,14 @@ import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
 import { ActorPipeline, StageFailure, type FaultEvent } from './runtime.js';
 import { outputHooks, prepareJob } from './jobs.js';
+import type { MicroBatchSource, PreparedJob, SourceMicroBatch, SupervisorHooks } from './job-types.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { lrAt } from '../lib/lora/schedule.js';
-import type { AdapterState, FaultSpec, JobEvent, JobState, MicroBatchData, Pipeline } from './protocol.js';
+import type { JobEvent, JobState, Pipeline } from './protocol.js';
+import type { AdapterState } from '../lib/lora/state.js';
+import type { FaultSpec } from '../lib/faults.js';
+import type { MicroBatchData } from '../lib/model/batch.js';
 import type { Segment } from '../lib/model/stage.js';
-
-/** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
-export type SourceMicroBatch = Pick<
-  LoaderMicroBatch,
-  'step' | 'microIndex' | 'microCount' | 'inputIds' | 'labels' | 'cuSeqlens' | 'positions' | 'numTokens' | 'numTargetTokens' | 'stepTargetTokens' | 'lastOfStep'
->;
-
-export interface MicroBatchSource {
-  readonly totalSteps: number;
-  next(): SourceMicroBatch | null;
-  state(): unknown;
-  restore(state: unknown): void;
-}
-
-/** What the supervisor needs to run a job; built by `prepare` from the adapter config. */
-export interface PreparedJob {
-  spec: LoraSpec;
-  source: MicroBatchSource;
-  /** Micro-batches of held-out data (a fresh pass each call). */
-  evalSource?: () => MicroBatchSource;
-  initial: AdapterState;
-  /** Resume point: optimizer steps already taken. */
-  startStep?: number;
-  /** Resumed after NaN rollbacks: the learning-rate multiplier and how many rollbacks there were. */
-  lrScale?: number;
-  rollbacks?: number;
-}
-
-export interface SupervisorHooks {
-  /** Loads data and the initial state of a job. */
-  prepare(config: AdapterConfig): Promise<PreparedJob>;
-  /** Called with every event of every job (metrics files, progress display). */
-  onEvent?(ev: JobEvent): void;
-  /** Saves a checkpoint; returns its path. */
-  checkpoint?(job: Job, state: AdapterState): Promise<string>;
-  /** Saves the finished adapter; returns its path. */
-  finish?(job: Job, state: AdapterState): Promise<string>;
-}
 
 export interface SchedulerOptions {
   /** BatchLoRA: several adapters per micro-batch message. */

@@ -10,7 +10,16 @@
 //   slow:stage=1,factor=3     the stage takes 3× as long for every message (never killed)
 //   nan:adapter=NAME,step=2   adapter NAME's weights become NaN before its step 2: that
 //                             adapter stops with a clear error, the others go on
-import type { FaultSpec } from '../actors/protocol.js';
+
+/** One injected fault, parsed from a spec above (parseFault). */
+export interface FaultSpec {
+  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow';
+  stage?: number;
+  adapter?: string;
+  after?: number;
+  step?: number;
+  factor?: number;
+}
 
 const KEYS: Record<FaultSpec['kind'], string[]> = {
   crash: ['stage', 'after'],

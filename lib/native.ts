@@ -103,14 +103,17 @@ export type Op =
   | {
       op: 'attention_forward';
       out: Tensor; lse: Tensor; q: Tensor; k: Tensor; v: Tensor; cuSeqlens: Tensor;
-      heads: number; kvHeads: number; scale?: number;
+      /** Sliding window: query i sees keys j with i − window < j ≤ i; 0 (default) = none. */
+      heads: number; kvHeads: number; scale?: number; window?: number;
     }
   | {
       op: 'attention_backward';
       dq: Tensor; dk: Tensor; dv: Tensor; dout: Tensor; q: Tensor; k: Tensor; v: Tensor; out: Tensor; lse: Tensor;
-      cuSeqlens: Tensor; heads: number; kvHeads: number; scale?: number;
+      cuSeqlens: Tensor; heads: number; kvHeads: number; scale?: number; window?: number;
     }
-  | { op: 'attention_decode'; out: Tensor; q: Tensor; kCache: Tensor; vCache: Tensor; length: number; heads: number; kvHeads: number; scale?: number }
+  | { op: 'attention_decode'; out: Tensor; q: Tensor; kCache: Tensor; vCache: Tensor; length: number; heads: number; kvHeads: number; scale?: number; window?: number }
+  /** y[*, m] += b[m] on every row (a frozen bias; no backward: dy passes through). */
+  | { op: 'add_bias'; y: Tensor; b: Tensor }
   | { op: 'swiglu_forward'; h: Tensor; gate: Tensor; up: Tensor }
   | { op: 'swiglu_backward'; dgate: Tensor; dup: Tensor; dh: Tensor; gate: Tensor; up: Tensor }
   | { op: 'lora_forward'; y: Tensor; x: Tensor; segments: LoraSegmentArg[] }

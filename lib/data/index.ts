@@ -1,7 +1,7 @@
 // lib/data: tokenizer, datasets, prompt templates, tokenization, the tokenizing pool, and
 // the per-adapter data loader.
 export {
-  loadTokenizer, writeTokenizerFiles, trainByteLevelBpe, bytesToUnicode,
+  loadTokenizer, modelVocabulary, tokenizerFor, writeTokenizerFiles, trainByteLevelBpe, bytesToUnicode,
   SPECIAL_TOKENS, UNK_ID, BOS_ID, EOS_ID, PAD_ID, MIN_VOCAB, DEFAULT_CHAT_TEMPLATE,
 } from './tokenizer.js';
 export type { Tokenizer, ChatMessage, ChatRole, EncodeOptions, WriteTokenizerOptions, TrainedBpe } from './tokenizer.js';

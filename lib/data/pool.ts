@@ -7,10 +7,10 @@ import { readDataset, type Dataset, type ReadDatasetOptions } from './dataset.js
 import { resolveTemplate } from './templates.js';
 import { joinChunks, tokenizeChunk, type TokenizedChunk, type TokenizedDataset } from './tokenize.js';
 import type { TokenizeTask } from './tokenize-worker.js';
-import { loadTokenizer } from './tokenizer.js';
+import { tokenizerFor } from './tokenizer.js';
 
 export interface TokenizeDatasetOptions {
-  /** Model directory with tokenizer.json (+ tokenizer_config.json); workers load it from here. */
+  /** Model directory with tokenizer.json (+ tokenizer_config.json; pre-tokenized data needs neither); workers load it from here. */
   modelDir: string;
   /** Template name or file; default by data format (templates.ts). */
   template?: string;
@@ -38,7 +38,7 @@ export async function tokenizeDataset(ds: Dataset, opts: TokenizeDatasetOptions)
   const template = resolveTemplate(opts.template, ds.format, ds.file);
   const trainOnInputs = opts.trainOnInputs ?? false;
   const seqLen = opts.seqLen;
-  const tok = loadTokenizer(opts.modelDir); // fails early (and names the file) on a bad tokenizer
+  const tok = tokenizerFor(opts.modelDir, ds.format); // fails early (and names the file) on a bad tokenizer
   if (template.kind === 'chat' && !tok.hasChatTemplate) tok.applyChatTemplate([]); // throws the clear error
   const threshold = opts.poolThreshold ?? 2000;
   const chunkSize = Math.max(1, opts.chunkSize ?? 512);
@@ -62,7 +62,7 @@ export async function tokenizeDataset(ds: Dataset, opts: TokenizeDatasetOptions)
       for (let c = 0; c < nChunks; c++) {
         const lo = c * chunkSize, hi = Math.min(ds.records.length, lo + chunkSize);
         const task: TokenizeTask = {
-          modelDir: opts.modelDir, records: ds.records.slice(lo, hi), where: ds.where.slice(lo, hi), template, seqLen, trainOnInputs,
+          modelDir: opts.modelDir, format: ds.format, records: ds.records.slice(lo, hi), where: ds.where.slice(lo, hi), template, seqLen, trainOnInputs,
         };
         tasks.push(pool.run(task) as Promise<TokenizedChunk>);
       }

@@ -1,12 +1,14 @@
 // piscina worker: tokenizes one chunk of records. The tokenizer is loaded from the model
-// directory once per worker thread (loadTokenizer caches it).
+// directory once per worker thread (loadTokenizer caches it; pre-tokenized data needs only the vocabulary).
 import type { DataRecord } from './dataset.js';
 import type { ResolvedTemplate } from './templates.js';
 import { tokenizeChunk, type TokenizedChunk } from './tokenize.js';
-import { loadTokenizer } from './tokenizer.js';
+import { tokenizerFor } from './tokenizer.js';
 
 export interface TokenizeTask {
   modelDir: string;
+  /** The dataset's format: pre-tokenized data needs no tokenizer.json. */
+  format: string;
   records: DataRecord[];
   where: string[];
   template: ResolvedTemplate;
@@ -15,6 +17,6 @@ export interface TokenizeTask {
 }
 
 export default function tokenizeTask(task: TokenizeTask): TokenizedChunk {
-  const tok = loadTokenizer(task.modelDir);
+  const tok = tokenizerFor(task.modelDir, task.format);
   return tokenizeChunk(tok, task.records, task.where, { template: task.template, seqLen: task.seqLen, trainOnInputs: task.trainOnInputs });
 }

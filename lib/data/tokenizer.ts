@@ -216,6 +216,56 @@ export function loadTokenizer(modelDir: string, options: { fresh?: boolean } = {
 }
 
 // ---------------------------------------------------------------------------------------
+// Pre-tokenized data without a tokenizer.json
+
+/** config.json / generation_config.json's first id of a key (Llama 3 lists several EOS ids). */
+function configTokenId(o: Record<string, unknown> | undefined, key: string): number | undefined {
+  let v = o?.[key];
+  if (Array.isArray(v)) v = v[0];
+  return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 ? v : undefined;
+}
+
+/**
+ * The vocabulary of a model directory without a tokenizer.json, enough for pre-tokenized data
+ * ({input_ids, labels}): vocab_size from config.json, BOS/EOS from config.json, else from
+ * generation_config.json. Encoding or decoding text throws, naming the missing file.
+ */
+export function modelVocabulary(modelDir: string): Tokenizer {
+  const mcFile = path.join(modelDir, 'config.json');
+  const mc = readJson(mcFile, 'model config') as Record<string, unknown>;
+  const vocab = mc?.vocab_size;
+  if (typeof vocab !== 'number' || !Number.isSafeInteger(vocab) || vocab <= 0) {
+    throw new Error(`${mcFile}: field 'vocab_size' must be a positive integer, got ${JSON.stringify(vocab)}`);
+  }
+  const gcFile = path.join(modelDir, 'generation_config.json');
+  const gc = existsSync(gcFile) ? (readJson(gcFile, 'generation config') as Record<string, unknown>) : undefined;
+  const bosId = configTokenId(mc, 'bos_token_id') ?? configTokenId(gc, 'bos_token_id');
+  const eosId = configTokenId(mc, 'eos_token_id') ?? configTokenId(gc, 'eos_token_id');
+  const tjFile = path.join(modelDir, 'tokenizer.json');
+  const none = (what: string): never => {
+    throw new Error(`${tjFile}: not found: ${what} needs a tokenizer (pre-tokenized data, {input_ids, labels}, does not)`);
+  };
+  return {
+    vocabSize: vocab, addBos: false, source: modelDir, hasChatTemplate: false,
+    ...(bosId !== undefined ? { bosId } : {}), ...(eosId !== undefined ? { eosId } : {}),
+    encode: () => none('encoding text'),
+    decode: () => none('decoding ids'),
+    applyChatTemplate: () => none('a chat template'),
+    tokenToId: () => none('looking up a token'),
+    idToToken: () => none('looking up a token'),
+  };
+}
+
+/**
+ * The tokenizer data of `format` needs: the model's tokenizer.json, or, for pre-tokenized data
+ * in a model directory that has none, its vocabulary alone (modelVocabulary).
+ */
+export function tokenizerFor(modelDir: string, format: string): Tokenizer {
+  if (format === 'tokenized' && !existsSync(path.join(modelDir, 'tokenizer.json'))) return modelVocabulary(modelDir);
+  return loadTokenizer(modelDir);
+}
+
+// ---------------------------------------------------------------------------------------
 // Writing a byte-level BPE tokenizer.
 
 /** The special tokens of a tokenizer mlora writes, at ids 0..3 (bos=1, eos=2 as in the presets). */

@@ -15,7 +15,7 @@ import { createHash } from 'node:crypto';
 import { pack, unpack } from 'msgpackr';
 import { fsyncDir, tempSibling, writeFileAtomic, writeSafetensors, openSafetensors, type StTensorSource } from './safetensors.js';
 import { writeAdapterFiles } from './peft.js';
-import type { AdapterState } from '../../actors/protocol.js';
+import type { AdapterState } from '../lora/state.js';
 import type { LlamaConfig } from '../model/config.js';
 import type { LoraSpec } from '../lora/adapter.js';
 import { fromPeftTensors, toAdapterWeights, toPeftTensors } from '../lora/state.js';

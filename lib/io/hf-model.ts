@@ -3,13 +3,15 @@
 // checked against the shape the config implies, per-stage tensor lists, and a writer of
 // seeded random LLaMAs in the real HF layout (what `mlora make-model` writes).
 //
-// Accepted: model_type llama, and mistral when its sliding window never applies
-// (sliding_window null or ≥ max_position_embeddings). Refused with the reason: qwen2 (biased
-// q/k/v projections), attention_bias / mlp_bias true, hidden_act other than silu, and any
-// rope_scaling (linear, dynamic, yarn, llama3, ...): mlora's RoPE is the plain one.
+// Accepted model_type: llama (with rope_scaling llama3, linear, or dynamic where that is the plain
+// RoPE), mistral (sliding_window), qwen2 (q/k/v biases; use_sliding_window / max_window_layers /
+// layer_types) and qwen3 (q_norm / k_norm, head_dim default 128). Refused with the reason: other
+// model types, attention_bias / mlp_bias true (llama, mistral, qwen3: o_proj would be biased
+// too), hidden_act other than silu, partial rotary embeddings, and the other RoPE scalings
+// (yarn, longrope, ...).
 import fs from 'node:fs';
 import path from 'node:path';
-import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig } from '../model/config.js';
+import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig, type LoraTarget, type RopeScaling } from '../model/config.js';
 import type { DType, NativeDevice, Tensor } from '../native.js';
 import { Rng } from '../rng.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
@@ -51,12 +53,10 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
 
   if (!has('model_type')) throw err('model_type', 'is missing');
   const modelType = o.model_type;
-  if (modelType === 'qwen2') {
-    throw err('model_type', "is 'qwen2': Qwen2's q/k/v projections have biases, which mlora does not implement (supported: llama, mistral)");
+  if (!(MODEL_TYPES as readonly unknown[]).includes(modelType)) {
+    throw err('model_type', `is ${describe(modelType)}: mlora supports LLaMA-architecture models (model_type ${MODEL_TYPES.join(', ')})`);
   }
-  if (modelType !== 'llama' && modelType !== 'mistral') {
-    throw err('model_type', `is ${describe(modelType)}: mlora supports LLaMA-architecture models (model_type llama or mistral)`);
-  }
+  const qwen = modelType === 'qwen2' || modelType === 'qwen3';
 
   const hiddenSize = posInt('hidden_size');
   const intermediateSize = posInt('intermediate_size');
@@ -68,6 +68,7 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   }
   let headDim: number;
   if (has('head_dim') && o.head_dim !== null) headDim = posInt('head_dim');
+  else if (modelType === 'qwen3') headDim = 128; // Qwen3Config's default, not hidden_size / heads
   else {
     if (hiddenSize % numHeads !== 0) {
       throw err('hidden_size', `(${hiddenSize}) is not a multiple of num_attention_heads (${numHeads}) and there is no head_dim`);
@@ -80,41 +81,72 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   if (!has('rms_norm_eps')) throw err('rms_norm_eps', 'is missing');
   const rmsNormEps = posNum('rms_norm_eps', o.rms_norm_eps);
 
-  // rope_theta: top level (transformers < 4.56) or rope_parameters.rope_theta (newer);
-  // HF's LlamaConfig defaults it to 10000 when neither is given, and so do we.
-  let ropeTheta = 10000;
-  const rp = o.rope_parameters;
-  if (rp !== undefined && rp !== null) {
-    if (typeof rp !== 'object' || Array.isArray(rp)) throw err('rope_parameters', `must be an object, got ${describe(rp)}`);
+  // rope_theta: top level (transformers < 4.56) or rope_parameters.rope_theta (newer); the
+  // default is the config class's: 10000 (llama, mistral), 1e6 (qwen2, qwen3).
+  let ropeTheta = qwen ? 1000000 : 10000;
+  let ropeScaling: RopeScaling | undefined;
+  for (const key of ['rope_parameters', 'rope_scaling'] as const) {
+    const rp = o[key];
+    if (rp === undefined || rp === null) continue;
+    if (typeof rp !== 'object' || Array.isArray(rp)) throw err(key, `must be an object or null, got ${describe(rp)}`);
     const r = rp as Record<string, unknown>;
-    const type = r.rope_type ?? r.type ?? 'default';
-    if (type !== 'default') {
-      throw err('rope_parameters.rope_type', `is ${describe(type)}: mlora implements only the default RoPE (no scaling)`);
+    if (r.rope_theta !== undefined) ropeTheta = posNum(`${key}.rope_theta`, r.rope_theta);
+    const scaling = parseRopeScaling(r, key, maxPositionEmbeddings, err);
+    if (scaling && ropeScaling && JSON.stringify(scaling) !== JSON.stringify(ropeScaling)) {
+      throw err(key, `(${describe(rp)}) disagrees with rope_parameters (${describe(o.rope_parameters)})`);
     }
-    if (r.rope_theta !== undefined) ropeTheta = posNum('rope_parameters.rope_theta', r.rope_theta);
+    ropeScaling ??= scaling;
   }
   if (has('rope_theta')) ropeTheta = posNum('rope_theta', o.rope_theta);
-  if (o.rope_scaling !== undefined && o.rope_scaling !== null) {
-    const rs = o.rope_scaling as Record<string, unknown>;
-    const type = typeof rs === 'object' ? (rs.rope_type ?? rs.type) : undefined;
-    if (type !== 'default') {
-      throw err('rope_scaling', `is ${describe(o.rope_scaling)}: mlora implements only the default RoPE (rope_scaling null)`);
-    }
+  if (has('partial_rotary_factor') && o.partial_rotary_factor !== null && o.partial_rotary_factor !== 1) {
+    throw err('partial_rotary_factor', `is ${describe(o.partial_rotary_factor)}: mlora rotates the whole head (1.0)`);
   }
 
   const tieWordEmbeddings = bool('tie_word_embeddings', false);
-  if (bool('attention_bias', false)) throw err('attention_bias', 'is true: biased attention projections are not implemented by mlora');
+  // Qwen2 has no attention_bias switch: its q/k/v always carry biases, its o_proj never.
+  if (modelType !== 'qwen2' && bool('attention_bias', false)) {
+    throw err('attention_bias', 'is true: biases on all four attention projections (o_proj included) are not implemented by mlora (Qwen2-style q/k/v biases are: model_type qwen2)');
+  }
   if (bool('mlp_bias', false)) throw err('mlp_bias', 'is true: biased MLP projections are not implemented by mlora');
   if (has('hidden_act') && o.hidden_act !== 'silu') {
     throw err('hidden_act', `is ${describe(o.hidden_act)}: mlora's MLP is SwiGLU (silu)`);
   }
-  if (modelType === 'mistral' && o.sliding_window !== undefined && o.sliding_window !== null) {
-    const sw = o.sliding_window;
-    if (typeof sw !== 'number' || !Number.isSafeInteger(sw) || sw <= 0) throw err('sliding_window', `must be null or a positive integer, got ${describe(sw)}`);
-    if (sw < maxPositionEmbeddings) {
-      throw err('sliding_window', `is ${sw} < max_position_embeddings (${maxPositionEmbeddings}): sliding-window attention is not implemented by mlora`);
+  const window = (k: string, def: number | null): number => {
+    const sw = has(k) ? o[k] : def;
+    if (sw === null) return 0;
+    if (typeof sw !== 'number' || !Number.isSafeInteger(sw) || sw <= 0) throw err(k, `must be null or a positive integer, got ${describe(sw)}`);
+    return sw;
+  };
+  let layerWindows: number[] | undefined;
+  if (modelType === 'mistral') {
+    // MistralConfig's default window is 4096; every layer uses it
+    const w = window('sliding_window', 4096);
+    if (w) layerWindows = new Array<number>(numLayers).fill(w);
+  } else if (qwen && bool('use_sliding_window', false)) {
+    // transformers: the window applies to the layers layer_types marks sliding_attention, or
+    // without that list to the layers from max_window_layers on; use_sliding_window false = none
+    const w = window('sliding_window', 4096);
+    if (w) {
+      if (has('layer_types') && o.layer_types !== null) {
+        const lt = o.layer_types;
+        if (!Array.isArray(lt) || lt.length !== numLayers || !lt.every((t) => t === 'sliding_attention' || t === 'full_attention')) {
+          throw err('layer_types', `must list num_hidden_layers (${numLayers}) entries, each "sliding_attention" or "full_attention", got ${describe(lt)}`);
+        }
+        layerWindows = lt.map((t) => (t === 'sliding_attention' ? w : 0));
+      } else {
+        let mwl = 28; // Qwen2Config / Qwen3Config default
+        if (has('max_window_layers') && o.max_window_layers !== null) {
+          const v = o.max_window_layers;
+          if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw err('max_window_layers', `must be a non-negative integer, got ${describe(v)}`);
+          mwl = v;
+        }
+        layerWindows = Array.from({ length: numLayers }, (_, l) => (l >= mwl ? w : 0));
+      }
     }
   }
+  // a window at least as long as any sequence the model takes never masks a key
+  if (layerWindows) layerWindows = layerWindows.map((w) => (w >= maxPositionEmbeddings ? 0 : w));
+  if (layerWindows && layerWindows.every((w) => w === 0)) layerWindows = undefined;
 
   // torch_dtype (older) or dtype (transformers ≥ 4.56); HF's default is float32.
   const dtKey = has('torch_dtype') && o.torch_dtype !== null ? 'torch_dtype' : 'dtype';
@@ -143,7 +175,60 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   const eos = tokenId('eos_token_id');
   if (bos !== undefined) cfg.bosTokenId = bos;
   if (eos !== undefined) cfg.eosTokenId = eos;
+  if (ropeScaling) cfg.ropeScaling = ropeScaling;
+  if (modelType === 'qwen2') cfg.qkvBias = true;
+  if (modelType === 'qwen3') cfg.qkNorm = true;
+  if (layerWindows) cfg.layerWindows = layerWindows;
   return cfg;
+}
+
+const MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'qwen3'] as const;
+
+/**
+ * The scaling of a rope_scaling / rope_parameters object (undefined: the default RoPE). Old
+ * configs spell rope_type as `type`. Refuses, with the reason, what mlora does not implement.
+ */
+function parseRopeScaling(
+  r: Record<string, unknown>, key: string, maxPositionEmbeddings: number, err: (field: string, msg: string) => Error,
+): RopeScaling | undefined {
+  const type = r.rope_type ?? r.type ?? 'default';
+  const num = (k: string, def?: number): number => {
+    const v = r[k] ?? def;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw err(`${key}.${k}`, `must be a positive number, got ${describe(r[k])}`);
+    return v;
+  };
+  switch (type) {
+    case 'default':
+      return undefined;
+    case 'linear':
+      return { type: 'linear', factor: num('factor') };
+    case 'dynamic': {
+      // Dynamic NTK changes the frequencies only for sequences longer than the original
+      // context; mlora's positions stay below max_position_embeddings, so unless the config
+      // names a shorter original context, it is the plain RoPE at every position mlora runs.
+      const factor = num('factor');
+      const orig = r.original_max_position_embeddings;
+      if (orig !== undefined && orig !== null && !(typeof orig === 'number' && orig >= maxPositionEmbeddings)) {
+        throw err(`${key}.original_max_position_embeddings`, `is ${describe(orig)} < max_position_embeddings (${maxPositionEmbeddings}): dynamic NTK RoPE would then rescale the frequencies by each batch's longest sequence, which mlora does not implement (its RoPE tables are fixed)`);
+      }
+      return { type: 'dynamic', factor };
+    }
+    case 'llama3': {
+      const s: RopeScaling = {
+        type: 'llama3', factor: num('factor'), lowFreqFactor: num('low_freq_factor'), highFreqFactor: num('high_freq_factor'),
+        originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
+      };
+      if (!Number.isSafeInteger(s.originalMaxPositionEmbeddings)) {
+        throw err(`${key}.original_max_position_embeddings`, `must be a positive integer, got ${describe(r.original_max_position_embeddings)}`);
+      }
+      if (!(s.highFreqFactor > s.lowFreqFactor)) {
+        throw err(`${key}.high_freq_factor`, `(${s.highFreqFactor}) must be greater than low_freq_factor (${s.lowFreqFactor})`);
+      }
+      return s;
+    }
+    default:
+      throw err(`${key}.rope_type`, `is ${describe(type)}: mlora implements the default RoPE and the llama3, linear and dynamic scalings, not this one (${describe(r)})`);
+  }
 }
 
 function readJson(file: string, label: string): unknown {
@@ -166,11 +251,54 @@ export function readModelConfig(dir: string): LlamaConfig {
   return parseModelConfig(readJson(file, file), file);
 }
 
-/** HF config.json contents for a LlamaConfig (real LlamaConfig field names). */
+const ARCHITECTURES: Record<string, string> = {
+  llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM',
+};
+
+/** rope_scaling as transformers writes it. */
+function ropeScalingJson(r: RopeScaling | undefined): Record<string, unknown> | null {
+  if (!r) return null;
+  if (r.type !== 'llama3') return { rope_type: r.type, factor: r.factor };
+  return {
+    rope_type: 'llama3', factor: r.factor, low_freq_factor: r.lowFreqFactor, high_freq_factor: r.highFreqFactor,
+    original_max_position_embeddings: r.originalMaxPositionEmbeddings,
+  };
+}
+
+/** The fields of the family's config class that say what parseModelConfig reads back as c's features. */
+function familyJson(c: LlamaConfig): Record<string, unknown> {
+  const windows = c.layerWindows ?? [];
+  const w = windows.find((x) => x > 0) ?? 0;
+  if (windows.some((x) => x > 0 && x !== w)) throw new Error(`toHfConfigJson: layers with different sliding windows (${windows.join(', ')}) have no config.json spelling`);
+  const expect = (ok: boolean, what: string) => {
+    if (!ok) throw new Error(`toHfConfigJson: model_type ${c.modelType} cannot have ${what}`);
+  };
+  expect(c.modelType === 'qwen2' || !c.qkvBias, 'q/k/v biases (qwen2 has them)');
+  expect(c.modelType === 'qwen3' || !c.qkNorm, 'q/k norms (qwen3 has them)');
+  expect(c.modelType === 'qwen2' || c.modelType === 'qwen3' || c.modelType === 'mistral' || !w, 'a sliding window');
+  expect(c.modelType !== 'mistral' || windows.every((x) => x === w), 'a sliding window on some layers only');
+  switch (c.modelType) {
+    case 'llama':
+      return { attention_bias: false, mlp_bias: false, pretraining_tp: 1 };
+    case 'mistral':
+      return { sliding_window: w || null };
+    case 'qwen2':
+    case 'qwen3':
+      return {
+        ...(c.modelType === 'qwen3' ? { attention_bias: false } : {}),
+        use_sliding_window: w > 0, sliding_window: w || null, max_window_layers: c.numLayers,
+        ...(w ? { layer_types: windows.map((x) => (x ? 'sliding_attention' : 'full_attention')) } : {}),
+      };
+    default:
+      throw new Error(`toHfConfigJson: model_type ${describe(c.modelType)} is not one of ${MODEL_TYPES.join(', ')}`);
+  }
+}
+
+/** HF config.json contents for a LlamaConfig (the real field names of the family's config class). */
 export function toHfConfigJson(c: LlamaConfig): Record<string, unknown> {
   return {
-    architectures: ['LlamaForCausalLM'],
-    model_type: 'llama',
+    architectures: [ARCHITECTURES[c.modelType] ?? 'LlamaForCausalLM'],
+    model_type: c.modelType,
     hidden_size: c.hiddenSize,
     intermediate_size: c.intermediateSize,
     num_hidden_layers: c.numLayers,
@@ -181,16 +309,14 @@ export function toHfConfigJson(c: LlamaConfig): Record<string, unknown> {
     max_position_embeddings: c.maxPositionEmbeddings,
     rms_norm_eps: c.rmsNormEps,
     rope_theta: c.ropeTheta,
-    rope_scaling: null,
+    rope_scaling: ropeScalingJson(c.ropeScaling),
     tie_word_embeddings: c.tieWordEmbeddings,
     hidden_act: 'silu',
-    attention_bias: false,
     attention_dropout: 0.0,
-    mlp_bias: false,
+    ...familyJson(c),
     initializer_range: 0.02,
     bos_token_id: c.bosTokenId ?? 1,
     eos_token_id: c.eosTokenId ?? 2,
-    pretraining_tp: 1,
     use_cache: true,
     torch_dtype: c.torchDtype,
   };
@@ -203,6 +329,11 @@ export const EMBED = 'model.embed_tokens.weight';
 export const FINAL_NORM = 'model.norm.weight';
 export const LM_HEAD = 'lm_head.weight';
 
+/** The projections that carry a frozen bias (Qwen2: q, k, v). */
+export function biasedTargets(c: LlamaConfig): LoraTarget[] {
+  return c.qkvBias ? ['q_proj', 'k_proj', 'v_proj'] : [];
+}
+
 /** Names and shapes of layer i's tensors, in HF order. */
 export function layerTensors(c: LlamaConfig, i: number): Array<[string, number[]]> {
   const p = `model.layers.${i}`;
@@ -211,6 +342,8 @@ export function layerTensors(c: LlamaConfig, i: number): Array<[string, number[]
     [`${p}.post_attention_layernorm.weight`, [c.hiddenSize]],
   ];
   for (const t of LORA_TARGETS) out.push([`${p}.${projectionModule(t)}.weight`, projectionShape(c, t)]);
+  for (const t of biasedTargets(c)) out.push([`${p}.${projectionModule(t)}.bias`, [projectionShape(c, t)[0]]]);
+  if (c.qkNorm) out.push([`${p}.self_attn.q_norm.weight`, [c.headDim]], [`${p}.self_attn.k_norm.weight`, [c.headDim]]);
   return out;
 }
 
@@ -404,7 +537,7 @@ const DTYPE_INFO = {
   f16: { st: 'F16' as StDType, torch: 'float16' },
 };
 
-/** The HF init of one tensor (normal std 0.02 for weights, ones for norms), from its own Rng stream. */
+/** The HF init of one tensor (normal std 0.02 for weights and biases, ones for norms), from its own Rng stream. */
 export function initTensor(seed: number, name: string, shape: readonly number[]): Float32Array {
   const out = new Float32Array(numel(shape));
   if (name.endsWith('norm.weight')) return out.fill(1);
@@ -422,7 +555,7 @@ export function initTensor(seed: number, name: string, shape: readonly number[])
 export function writeRandomLlama(dir: string, config: LlamaConfig, options: RandomLlamaOptions): void {
   const dt = DTYPE_INFO[options.dtype ?? 'f32'];
   if (!dt) throw new Error(`writeRandomLlama: dtype must be f32, bf16 or f16, got ${describe(options.dtype)}`);
-  const cfg: LlamaConfig = { ...config, modelType: 'llama', torchDtype: dt.torch };
+  const cfg: LlamaConfig = { ...config, torchDtype: dt.torch };
   parseModelConfig(toHfConfigJson(cfg), 'writeRandomLlama config'); // the config must be one we can read back
   fs.mkdirSync(dir, { recursive: true });
 

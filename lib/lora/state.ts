@@ -4,9 +4,30 @@
 import { sliceLayout, type LoraSpec, peftInit } from './adapter.js';
 import type { LlamaConfig, LoraTarget } from '../model/config.js';
 import { projectionModule } from '../model/config.js';
-import type { StagePlan } from '../model/stage.js';
-import type { AdapterState } from '../../actors/protocol.js';
+import type { StagePlan } from '../model/batch.js';
 import type { AdapterWeights } from '../io/peft.js';
+
+/** An adapter's trainable state over ALL layers, in the flat layout of lora/adapter.ts sliceLayout(0, L). */
+export interface AdapterState {
+  params: Float32Array;
+  m: Float32Array;
+  v: Float32Array;
+  /** Optimizer steps applied. */
+  version: number;
+}
+
+/** One AdamW step of one adapter, as every stage applies it to its slice. */
+export interface StepParams {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  /** 1-based AdamW step (bias correction). */
+  step: number;
+  /** Gradient scale (clipping): min(1, max_norm / ‖g‖). */
+  gradScale: number;
+}
 
 /** [begin, end) of a stage's slice in the full flat layout. */
 export function stageSliceRange(config: LlamaConfig, spec: LoraSpec, plan: Pick<StagePlan, 'lo' | 'hi'>): [number, number] {

@@ -1,9 +1,11 @@
 // Text generation with a KV cache: the prompt is run once (prefill), then each new token
 // runs the layers over one row, attending to the cached keys and values of all earlier
-// positions (native op attention_decode). Greedy or temperature sampling, seeded.
+// positions (native op attention_decode). Greedy or temperature sampling, seeded. The layer
+// variants of the families (q/k/v biases, q/k norms, a sliding window) run as in layer.ts.
+// The cache keeps every position (a windowed layer reads only its last W rows).
 import type { Tensor } from '../tensor.js';
 import type { LoraSegmentArg, Op } from '../native.js';
-import { LORA_TARGETS, type LoraTarget } from './config.js';
+import { LORA_TARGETS, layerWindow, type LoraTarget } from './config.js';
 import { ADAPTER_ID, type SingleModel } from './single.js';
 import { Rng } from '../rng.js';
 
@@ -61,14 +63,22 @@ export class KvCacheDecoder {
     const pos = d.fromArray('i32', [n], Int32Array.from(ids.map((_, i) => this.length + i)));
     owned.push(tokens, pos);
     const x = t([n, H]), xn = t([n, H]), rstd = t([n]), q = t([n, qd]), k = t([n, kvd]), v = t([n, kvd]), ao = t([n, qd]);
+    // q/k norms: the projections before the per-head norm, and the norm's rstd
+    const qRaw = t([n, qd]), kRaw = t([n, kvd]), qkRstd = t([n * c.numHeads]);
+    const reshaped = (x: Tensor, shape: number[]) => {
+      const v = x.reshape(shape);
+      owned.push(v);
+      return v;
+    };
     const hmid = t([n, H]), gate = t([n, I]), up = t([n, I]), act = t([n, I]), logits = t([1, c.vocabSize]), xf = t([1, H]), rstdf = t([1]);
     const adapter = m.hasAdapter ? m.program.adapter(ADAPTER_ID) : undefined;
     const xas = new Map<LoraTarget, Tensor>();
     if (adapter) for (const target of adapter.spec.targets) xas.set(target, t([n, adapter.spec.r]));
     const W = m.program.weights;
     const ops: Op[] = [{ op: 'embedding_forward', y: x, ids: tokens, table: W.embed! }];
-    const proj = (layer: number, target: LoraTarget, y: Tensor, xin: Tensor, w: Tensor, accumulate = false) => {
+    const proj = (layer: number, target: LoraTarget, y: Tensor, xin: Tensor, w: Tensor, accumulate = false, bias?: Tensor) => {
       ops.push({ op: 'linear_forward', y, x: xin, w, accumulate });
+      if (bias) ops.push({ op: 'add_bias', y, b: bias });
       const mod = adapter?.module(layer, target);
       if (adapter && mod) {
         const seg: LoraSegmentArg = { rowStart: 0, rowEnd: n, a: mod.a, b: mod.b, scale: adapter.scale, dropout: 0, xa: xas.get(target)! };
@@ -80,14 +90,18 @@ export class KvCacheDecoder {
       const L = W.layers[l]!;
       const cache = this.caches[l]!;
       ops.push({ op: 'rmsnorm_forward', y: xn, rstd, x, w: L.attnNorm, eps: c.rmsNormEps });
-      proj(l, 'q_proj', q, xn, L.q);
-      proj(l, 'k_proj', k, xn, L.k);
-      proj(l, 'v_proj', v, xn, L.v);
+      proj(l, 'q_proj', L.qNorm ? qRaw : q, xn, L.q, false, L.qBias);
+      proj(l, 'k_proj', L.kNorm ? kRaw : k, xn, L.k, false, L.kBias);
+      proj(l, 'v_proj', v, xn, L.v, false, L.vBias);
+      if (L.qNorm && L.kNorm) {
+        ops.push({ op: 'rmsnorm_forward', y: reshaped(q, [n, c.numHeads, c.headDim]), rstd: qkRstd, x: reshaped(qRaw, [n, c.numHeads, c.headDim]), w: L.qNorm, eps: c.rmsNormEps });
+        ops.push({ op: 'rmsnorm_forward', y: reshaped(k, [n, c.numKvHeads, c.headDim]), rstd: rows(qkRstd, 0, n * c.numKvHeads), x: reshaped(kRaw, [n, c.numKvHeads, c.headDim]), w: L.kNorm, eps: c.rmsNormEps });
+      }
       ops.push({ op: 'rope_forward', y: q, x: q, pos, cos, sin, heads: c.numHeads });
       ops.push({ op: 'rope_forward', y: k, x: k, pos, cos, sin, heads: c.numKvHeads });
       ops.push({ op: 'copy', y: rows(cache.k, this.length, this.length + n), x: k });
       ops.push({ op: 'copy', y: rows(cache.v, this.length, this.length + n), x: v });
-      ops.push({ op: 'attention_decode', out: ao, q, kCache: cache.k, vCache: cache.v, length: this.length + n, heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim) });
+      ops.push({ op: 'attention_decode', out: ao, q, kCache: cache.k, vCache: cache.v, length: this.length + n, heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim), window: layerWindow(c, l) });
       ops.push({ op: 'copy', y: hmid, x });
       proj(l, 'o_proj', hmid, ao, L.o, true);
       ops.push({ op: 'rmsnorm_forward', y: xn, rstd, x: hmid, w: L.mlpNorm, eps: c.rmsNormEps });

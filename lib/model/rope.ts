@@ -3,7 +3,10 @@
 // float32, angle = float32(position · inv_freq[i]), cos/sin of that float32 angle. Matching the
 // float32 rounding of the angle matters at large positions (angle ≈ 4000 has an ulp ≈ 5e-4).
 // Only the d/2 distinct columns are stored: HF's cat(freqs, freqs) repeats them.
-// (LLaMA-3 style `rope_scaling` is not handled here.)
+// RoPE scaling (config.ropeScaling) changes only the inverse frequencies, as transformers'
+// _compute_{linear_scaling,llama3,dynamic_ntk}_parameters do; the attention factor of these
+// three is 1, so cos and sin stay unscaled.
+import type { LlamaConfig, RopeScaling } from './config.js';
 
 export interface RopeTables {
   /** [maxPos, headDim/2], row-major */
@@ -28,9 +31,53 @@ export function ropeInvFreq(theta: number, headDim: number): Float32Array {
   return inv;
 }
 
+/**
+ * The inverse frequencies after a RoPE scaling, from the default ones (float32 like torch's; the
+ * band tests and the blend in double, then rounded once).
+ *   linear: f / factor.
+ *   llama3: with N = original_max_position_embeddings and wavelen = 2π / f: wavelen < N /
+ *     high_freq_factor keeps f; wavelen > N / low_freq_factor gives f / factor; between, with
+ *     s = (N / wavelen − low) / (high − low), (1 − s)·f/factor + s·f.
+ *   dynamic: f (the plain RoPE: mlora never runs a position past max_position_embeddings).
+ */
+export function scaleInvFreq(inv: Float32Array, scaling: RopeScaling | undefined): Float32Array {
+  if (!scaling || scaling.type === 'dynamic') return inv;
+  const out = new Float32Array(inv.length);
+  for (let i = 0; i < inv.length; i++) {
+    const f = inv[i]!;
+    if (scaling.type === 'linear') {
+      out[i] = f / scaling.factor;
+      continue;
+    }
+    const { factor, lowFreqFactor: low, highFreqFactor: high, originalMaxPositionEmbeddings: N } = scaling;
+    const wavelen = (2 * Math.PI) / f;
+    if (wavelen < N / high) out[i] = f;
+    else if (wavelen > N / low) out[i] = f / factor;
+    else {
+      const sm = (N / wavelen - low) / (high - low);
+      out[i] = ((1 - sm) * f) / factor + sm * f;
+    }
+  }
+  return out;
+}
+
+/** The RoPE inverse frequencies a model uses (rope_theta, head_dim and any rope scaling). */
+export function modelInvFreq(c: Pick<LlamaConfig, 'ropeTheta' | 'headDim' | 'ropeScaling'>): Float32Array {
+  return scaleInvFreq(ropeInvFreq(c.ropeTheta, c.headDim), c.ropeScaling);
+}
+
+/** cos/sin tables of a model (see modelInvFreq) for positions 0 … maxPositionEmbeddings − 1. */
+export function modelRopeTables(c: Pick<LlamaConfig, 'ropeTheta' | 'headDim' | 'ropeScaling' | 'maxPositionEmbeddings'>): RopeTables {
+  return tablesOf(modelInvFreq(c), c.maxPositionEmbeddings);
+}
+
 export function ropeTables(theta: number, headDim: number, maxPos: number): RopeTables {
+  return tablesOf(ropeInvFreq(theta, headDim), maxPos);
+}
+
+function tablesOf(inv: Float32Array, maxPos: number): RopeTables {
   if (!Number.isInteger(maxPos) || maxPos <= 0) throw new Error(`ropeTables: maxPos must be a positive integer, got ${maxPos}`);
-  const inv = ropeInvFreq(theta, headDim);
+  const headDim = 2 * inv.length;
   const half = headDim / 2;
   const cos = new Float32Array(maxPos * half);
   const sin = new Float32Array(maxPos * half);

@@ -3,7 +3,9 @@
 // straight from the safetensors files into device memory.
 import type { Device, Tensor, DType } from '../tensor.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
-import { holdsHead, type LayerWeights, type StagePlan, type StageWeights } from './stage.js';
+import { holdsHead, type StagePlan } from './batch.js';
+import type { LayerWeights } from './layer.js';
+import type { StageWeights } from './stage.js';
 
 export interface LoadWeightsOptions {
   /** Storage dtype on the device: keep the file's (default) or convert (e.g. f32 → bf16). */
@@ -35,6 +37,11 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
         gate: await load(`${p}mlp.gate_proj.weight`, wd),
         up: await load(`${p}mlp.up_proj.weight`, wd),
         down: await load(`${p}mlp.down_proj.weight`, wd),
+        // biases and q/k norm weights are small: f32 like the norms
+        ...(c.qkvBias
+          ? { qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'), kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'), vBias: await load(`${p}self_attn.v_proj.bias`, 'f32') }
+          : {}),
+        ...(c.qkNorm ? { qNorm: await load(`${p}self_attn.q_norm.weight`, 'f32'), kNorm: await load(`${p}self_attn.k_norm.weight`, 'f32') } : {}),
       });
     }
     const w: StageWeights = { layers };
@@ -67,6 +74,8 @@ export function stageWeightBytes(dir: ModelDir, plan: StagePlan, dtype?: DType):
   let bytes = 0;
   for (let i = plan.lo; i < plan.hi; i++) {
     bytes += 2 * round(H * 4) + round(q * H * wb) + 2 * round(kv * H * wb) + round(H * q * wb) + 2 * round(I * H * wb) + round(H * I * wb);
+    if (c.qkvBias) bytes += round(q * 4) + 2 * round(kv * 4);
+    if (c.qkNorm) bytes += 2 * round(c.headDim * 4);
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
   if (holdsHead(plan)) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));

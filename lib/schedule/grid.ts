@@ -1,6 +1,6 @@
 // The schedule that ran, as data: stage × time grid printing, each stage's busy fraction and
 // the bubble ratio. Records come from the stages (actors/protocol.ts ScheduleRecord).
-import type { ScheduleRecord } from '../../actors/protocol.js';
+import type { ScheduleRecord } from './record.js';
 
 export interface Utilisation {
   /** Wall time from the first start to the last end, ms. */

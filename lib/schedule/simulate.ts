@@ -5,7 +5,7 @@
 // each stage runs one action at a time, Backward before Forward, oldest first; a message goes
 // F through stages 0..S-1 (the last stage's F includes the loss and its own backward), then B
 // through S-2..0.
-import type { ScheduleRecord } from '../../actors/protocol.js';
+import type { ScheduleRecord } from './record.js';
 
 export interface SimMessage {
   mb: number;

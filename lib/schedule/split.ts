@@ -2,7 +2,8 @@
 // the embedding and the head their FLOPs per token (forward + backward, no weight grads), and
 // the contiguous split that minimises the slowest stage's time (cost / device speed) wins.
 import type { LlamaConfig } from '../model/config.js';
-import { headRows, type StagePlan } from '../model/stage.js';
+import type { StagePlan } from '../model/batch.js';
+import { headRows } from '../model/head.js';
 
 /** FLOPs per token of one decoder layer, forward + backward (dX only), at sequence length T. */
 export function layerFlopsPerToken(c: LlamaConfig, T = 512): number {

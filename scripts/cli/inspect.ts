@@ -37,7 +37,20 @@ function configSummary(c: LlamaConfig): Record<string, unknown> {
     numHeads: c.numHeads, numKvHeads: c.numKvHeads, headDim: c.headDim, vocabSize: c.vocabSize,
     maxPositionEmbeddings: c.maxPositionEmbeddings, rmsNormEps: c.rmsNormEps, ropeTheta: c.ropeTheta,
     tieWordEmbeddings: c.tieWordEmbeddings, torchDtype: c.torchDtype,
+    ...(c.ropeScaling ? { ropeScaling: c.ropeScaling } : {}), ...(c.qkvBias ? { qkvBias: true } : {}),
+    ...(c.qkNorm ? { qkNorm: true } : {}), ...(c.layerWindows ? { layerWindows: c.layerWindows } : {}),
   };
+}
+
+/** The layer variants of a model family, in words ('' for a plain LLaMA). */
+function familyFeatures(c: LlamaConfig): string {
+  const f: string[] = [];
+  const r = c.ropeScaling;
+  if (r) f.push(r.type === 'llama3' ? `rope llama3 (factor ${r.factor}, low/high ${r.lowFreqFactor}/${r.highFreqFactor}, original context ${r.originalMaxPositionEmbeddings})` : `rope ${r.type} (factor ${r.factor})`);
+  if (c.qkvBias) f.push('q/k/v biases');
+  if (c.qkNorm) f.push('q/k norms');
+  if (c.layerWindows) f.push(`sliding window ${c.layerWindows.map((w) => w || 'full').join('/')} per layer`);
+  return f.join(', ');
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -129,6 +142,8 @@ export async function main(argv: string[]): Promise<number> {
       console.log(`type         ${c.modelType}, ${c.numLayers} layers, hidden ${c.hiddenSize}, intermediate ${c.intermediateSize}`);
       console.log(`attention    ${c.numHeads} heads, ${c.numKvHeads} kv heads, head_dim ${c.headDim}, rope_theta ${c.ropeTheta}`);
       console.log(`vocab        ${c.vocabSize}, max positions ${c.maxPositionEmbeddings}, ${c.tieWordEmbeddings ? 'tied' : 'untied'} embeddings`);
+      const features = familyFeatures(c);
+      if (features) console.log(`features     ${features}`);
       console.log(`rms_norm_eps ${c.rmsNormEps}`);
       console.log(`torch_dtype  ${c.torchDtype}`);
       console.log(`files        ${report.files.join(' ')}`);

@@ -1,5 +1,5 @@
-// mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16]
-// A seeded random LLaMA in the real Hugging Face layout (config.json, model.safetensors,
+// mlora make-model --preset tiny|small|bench|1b|tiny-llama3|tiny-qwen2|tiny-qwen3|tiny-mistral --out DIR [--seed N] [--dtype f32|bf16]
+// A seeded random LLaMA-architecture model (llama, or a family: Llama 3 RoPE scaling, Qwen2, Qwen3, Mistral) in the real Hugging Face layout (config.json, model.safetensors,
 // generation_config.json, tokenizer.json + tokenizer_config.json with a real byte-level BPE),
 // so tests, demos and benchmarks need no download.
 import fs from 'node:fs';
@@ -16,7 +16,7 @@ export function presetDtype(preset: PresetName): 'f32' | 'bf16' {
 
 /** The config.json `makeModel` writes for a preset (without writing anything). */
 export function presetConfigJson(preset: PresetName, dtype: 'f32' | 'bf16' = presetDtype(preset)): Record<string, unknown> {
-  return toHfConfigJson({ ...PRESETS[preset], modelType: 'llama', torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
+  return toHfConfigJson({ ...PRESETS[preset], torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
 }
 
 export async function makeModel(dir: string, preset: PresetName, seed: number, dtype: 'f32' | 'bf16' = presetDtype(preset)): Promise<void> {
@@ -40,7 +40,7 @@ export async function ensureModel(cache: string, preset: PresetName, seed: numbe
   return dir;
 }
 
-const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
+const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b|tiny-llama3|tiny-qwen2|tiny-qwen3|tiny-mistral --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
 
 export async function main(argv: string[]): Promise<number> {
   let a;
@@ -73,6 +73,6 @@ export async function main(argv: string[]): Promise<number> {
   const t = Date.now();
   await makeModel(a.values.out, preset, seed, dtype);
   const c = PRESETS[preset];
-  console.log(`wrote ${preset} (hidden ${c.hiddenSize}, ${c.numLayers} layers, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}, ${dtype}) to ${a.values.out} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
+  console.log(`wrote ${preset} (${c.modelType === 'llama' ? '' : `${c.modelType}, `}hidden ${c.hiddenSize}, ${c.numLayers} layers, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}, ${dtype}) to ${a.values.out} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
   return 0;
 }

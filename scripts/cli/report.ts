@@ -2,7 +2,8 @@
 // person to look at after a run (no scripts, no network).
 import fs from 'node:fs';
 import path from 'node:path';
-import type { JobEvent, ScheduleRecord } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { ScheduleRecord } from '../../lib/schedule/record.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#17becf', '#8c564b', '#e377c2'];

@@ -20,10 +20,12 @@
 // split in-thread and in workers (3 in-thread stages vs 3 stage actors) stays bitwise.
 import t from 'tap';
 import fs from 'node:fs';
-import { assertClose } from '../helpers.js';
-import { adapter, bitwiseEqual, maxDiff, runJobs, tinyModel } from './util.js';
+import { assertClose } from '../support/helpers.js';
+import { adapter, runJobs } from './util.js';
+import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
-const model = await tinyModel(3);
+const model = await tinyModelWithLayers(3);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 
 const jobs = () => [adapter('arith', 'arithmetic'), adapter('caps', 'capitals', { seed: 5, max_grad_norm: undefined, lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['k_proj', 'up_proj'] } })];
@@ -44,7 +46,7 @@ for (const S of [1, 2, 3]) {
         continue;
       }
       if (name === 'caps' || S === 1) {
-        t.ok(bitwiseEqual(got, want), `${name}: params, m, v bitwise equal (max |diff| ${maxDiff(got, want)})`);
+        t.ok(stateBitwiseEqual(got, want), `${name}: params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
       } else {
         for (const k of ['params', 'm', 'v'] as const) assertClose(t, got[k], want[k], { atol: 1e-8, rtol: 1e-5 }, `${name} (clipped): ${k}`);
         t.equal(got.version, want.version, `${name}: same optimizer version`);
@@ -70,7 +72,7 @@ await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the 
   t.ok(want && got, 'both runs finished the adapter');
   if (!want || !got) return;
   t.equal(got.version, 4, '4 optimizer steps');
-  t.ok(bitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${maxDiff(got, want)})`);
+  t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
   t.equal(two.sup.peakInflight, 4, "all 4 micro-batches of a step were in flight at once");
   t.equal(one.sup.peakInflight, 1, 'the single-device trainer runs them one at a time');
   const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));

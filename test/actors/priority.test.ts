@@ -8,9 +8,11 @@ import t from 'tap';
 import fs from 'node:fs';
 import { Supervisor } from '../../actors/supervisor.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { adapter, bitwiseEqual, captureFinals, maxDiff, runJobs, tinyModel } from './util.js';
+import { adapter, captureFinals, runJobs } from './util.js';
+import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
-const model = await tinyModel(2);
+const model = await tinyModelWithLayers(2);
 process.on("exit", () => fs.rmSync(model, { recursive: true, force: true }));
 
 const devices = ['cpu:0', 'cpu:1'];
@@ -56,7 +58,7 @@ await t.test('a priority-5 job parks a priority-0 job and the parked job resumes
   t.same(steps2, [1, 2, 3, 4, 5, 6], 'low2 took every step once');
   const got = finals.get('low2')!;
   const want = solo.states.get('low2')!;
-  t.ok(bitwiseEqual(got, want), `low2 ends with the weights and moments of an uninterrupted run (max |diff| ${maxDiff(got, want)})`);
+  t.ok(stateBitwiseEqual(got, want), `low2 ends with the weights and moments of an uninterrupted run (max |diff| ${stateMaxDiff(got, want)})`);
 });
 
 await t.test('equal priorities: first come, first served', async (t) => {

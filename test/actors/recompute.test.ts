@@ -7,9 +7,11 @@ import t from 'tap';
 import fs from 'node:fs';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { activationBytes, workBytes } from '../../lib/model/stage.js';
-import { adapter, bitwiseEqual, maxDiff, runJobs, tinyModel } from './util.js';
+import { adapter, runJobs } from './util.js';
+import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
-const model = await tinyModel(3);
+const model = await tinyModelWithLayers(3);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 // one adapter with dropout (its masks must be recomputed exactly), one without, clipping on one
 const jobs = () => [
@@ -26,7 +28,7 @@ for (const [what, o] of [['one device, in-thread', { devices: ['cpu:0'], inProce
     for (const [name, want] of plain.states) {
       const got = rc.states.get(name)!;
       t.equal(got.version, want.version, `${name}: ${want.version} optimizer steps`);
-      t.ok(bitwiseEqual(got, want), `${name}: weights and AdamW moments bitwise equal (max |diff| ${maxDiff(got, want)})`);
+      t.ok(stateBitwiseEqual(got, want), `${name}: weights and AdamW moments bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
     }
   });
 }

@@ -9,9 +9,10 @@ import { fileURLToPath } from 'node:url';
 import { Supervisor } from '../../actors/supervisor.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { adapter, tinyModel } from './util.js';
+import { adapter } from './util.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
-const model = await tinyModel(2);
+const model = await tinyModelWithLayers(2);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 
 const workers = () => process.getActiveResourcesInfo().filter((r) => /worker|messageport/i.test(r)).length;

@@ -1,28 +1,10 @@
-// Helpers for the actor-runtime tests: a tiny model with a chosen number of layers, adapter
-// configs on the demo data, and a run that captures every adapter's final state (params and
-// AdamW moments) through the supervisor's finish hook.
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { PRESETS } from '../../lib/model/config.js';
-import { writeRandomLlama } from '../../lib/io/hf-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+// Helpers for the actor-runtime tests: adapter configs on the demo data, and a run that captures
+// every adapter's final state (params and AdamW moments) through the supervisor's finish hook.
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
-import type { AdapterState, JobEvent } from '../../actors/protocol.js';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const demo = (name: string) => path.resolve(here, '../../../data/demo', `${name}.jsonl`);
-
-/** A seeded random tiny LLaMA with `numLayers` layers in a fresh temporary folder. */
-export async function tinyModel(numLayers = 3, seed = 7): Promise<string> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-actors-'));
-  const config = { ...PRESETS.tiny, numLayers };
-  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
-  writeRandomLlama(dir, config, { seed });
-  return dir;
-}
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
+import { demo } from '../support/files.js';
 
 /** A small adapter job: 4 steps of 2 micro-batches (dropout on, so masks must line up too). */
 export function adapter(name: string, data: string, over: Partial<AdapterConfigInput> = {}): AdapterConfig {
@@ -66,24 +48,4 @@ export async function runJobs(o: StartOptions, jobs: AdapterConfig[]): Promise<R
     await sup.close();
   }
   return { states, events, sup, peaks };
-}
-
-/** Largest |a - b| over the three arrays of an adapter state; -1 when the shapes differ. */
-export function maxDiff(a: AdapterState, b: AdapterState): number {
-  let d = 0;
-  for (const k of ['params', 'm', 'v'] as const) {
-    if (a[k].length !== b[k].length) return -1;
-    for (let i = 0; i < a[k].length; i++) {
-      const x = Math.abs(a[k][i]! - b[k][i]!);
-      if (!(x <= d)) d = Number.isNaN(x) ? Infinity : x;
-    }
-  }
-  return d;
-}
-
-/** Same bits in params, m and v. */
-export function bitwiseEqual(a: AdapterState, b: AdapterState): boolean {
-  const eq = (x: Float32Array, y: Float32Array) =>
-    x.length === y.length && Buffer.from(x.buffer, x.byteOffset, x.byteLength).equals(Buffer.from(y.buffer, y.byteOffset, y.byteLength));
-  return eq(a.params, b.params) && eq(a.m, b.m) && eq(a.v, b.v) && a.version === b.version;
 }

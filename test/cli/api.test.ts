@@ -4,11 +4,12 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Supervisor, type JobEvent } from '../../actors/index.js';
-import { tinyModel, DEMO_DATA } from './util.js';
+import { tinyModelIn } from '../support/models.js';
+import { DEMO_DATA } from '../support/files.js';
 
 t.test('Supervisor.start, submit, events, drain, close', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const sup = await Supervisor.start({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, output: out });
   const job = sup.submit({ name: 'capitals', data: path.join(DEMO_DATA, 'capitals.jsonl'), lora: { r: 4, alpha: 8 }, optimizer: { lr: 3e-3 }, batch_size: 4, seq_len: 128, max_steps: 3 });

@@ -5,12 +5,14 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { main } from '../../scripts/cli/train.js';
-import { mlora, tinyModel, writeJson, DEMO_DATA } from './util.js';
+import { mlora, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
+import { DEMO_DATA } from '../support/files.js';
 
 const DIR = t.testdir();
 let model = '';
 t.before(async () => {
-  model = await tinyModel(path.join(DIR, 'model'));
+  model = await tinyModelIn(path.join(DIR, 'model'));
   fs.mkdirSync(path.join(DIR, 'not-a-model'));
 });
 

@@ -8,11 +8,12 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { latestCheckpoint, listCheckpoints } from '../../lib/io/checkpoint.js';
-import { mlora, readMetrics, sameWeights, smallConfig, tinyModel, writeJson } from './util.js';
+import { mlora, readMetrics, sameWeights, smallConfig, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
 
 t.test('an interrupted run resumed from its checkpoints ends where the uninterrupted one does', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const full = path.join(dir, 'full');
   const cfgFull = writeJson(path.join(dir, 'full.json'), smallConfig(model, full, { steps: 6, saveEvery: 2 }));
   const a = mlora(['train', cfgFull]);
@@ -54,7 +55,7 @@ t.test('an interrupted run resumed from its checkpoints ends where the uninterru
 
 t.test('a resume with a changed data/LoRA config is refused, naming the checkpoint', async (t) => {
   const dir = t.testdir();
-  const model = await tinyModel(path.join(dir, 'model'));
+  const model = await tinyModelIn(path.join(dir, 'model'));
   const out = path.join(dir, 'out');
   const cfg = smallConfig(model, out, { steps: 2, saveEvery: 1 });
   cfg.adapters = cfg.adapters.slice(0, 1);

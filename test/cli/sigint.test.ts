@@ -10,7 +10,8 @@ import { latestCheckpoint, listCheckpoints, loadCheckpoint } from '../../lib/io/
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { parseAdapterConfig } from '../../lib/config.js';
 import { loraSpec } from '../../actors/jobs.js';
-import { mlora, readMetrics, sameWeights, smallConfig, start, tinyModel, writeJson } from './util.js';
+import { mlora, readMetrics, sameWeights, smallConfig, start, writeJson } from './util.js';
+import { tinyModelIn } from '../support/models.js';
 
 const NAMES = ['capitals', 'arithmetic'];
 const STEPS = 8;
@@ -19,7 +20,7 @@ let model = '';
 const full = path.join(DIR, 'full');
 
 t.before(async () => {
-  model = await tinyModel(path.join(DIR, 'model'));
+  model = await tinyModelIn(path.join(DIR, 'model'));
   // The uninterrupted reference. save_every larger than the run: in the interrupted run the only
   // checkpoints are the ones SIGINT writes (the weights do not depend on save_every).
   const a = mlora(['train', writeJson(path.join(DIR, 'full.json'), smallConfig(model, full, { steps: STEPS, saveEvery: 100 }))]);

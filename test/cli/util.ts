@@ -1,21 +1,14 @@
-// Helpers for the CLI tests: the real `mlora` binary as a child process, a tiny model made
-// once per test file, small training configs on the demo data, and adapter comparisons.
+// Helpers for the CLI tests: the real `mlora` binary as a child process, small training configs
+// on the demo data, and adapter comparisons.
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import type { Test } from 'tap';
-import { makeModel } from '../../scripts/cli/make-model.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
+import { DEMO_DATA } from '../support/files.js';
 
 export const ROOT = path.resolve('.');
 export const CLI = path.join(ROOT, 'dist/scripts/mlora.js');
-export const DEMO_DATA = path.join(ROOT, 'data/demo');
-
-/** A tiny seeded LLaMA with a tokenizer in `dir` (about 0.3 s). */
-export async function tinyModel(dir: string): Promise<string> {
-  await makeModel(dir, 'tiny', 0);
-  return dir;
-}
 
 /** A small two-stage run: two adapters on the demo data, a checkpoint every `save_every` steps. */
 export function smallConfig(model: string, output: string, o: { steps?: number; saveEvery?: number } = {}) {

@@ -17,7 +17,7 @@ import type { Test } from 'tap';
 import { addonPath, native, type DType, type NativeDevice, type Op, type Tensor } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import { openDevice } from '../../lib/tensor.js';
-import { assertClose, type Tolerance } from '../helpers.js';
+import { assertClose, type Tolerance } from '../support/helpers.js';
 
 const info = native().info();
 const noGpu: string | false =
@@ -290,12 +290,16 @@ gpuTest('rope forward/backward (in place too)', ['rope_forward', 'rope_backward'
   }));
 });
 
-gpuTest('attention forward/backward: varlen, GQA, head dims 40/64/128', ['attention_forward', 'attention_backward'], async (t) => {
+gpuTest('attention forward/backward: varlen, GQA, head dims 40/64/128, sliding windows', ['attention_forward', 'attention_backward'], async (t) => {
   const rng = new Rng(808);
   const cases = [
-    { seqs: [5, 32, 63], hq: 4, hkv: 2, d: 64 },
-    { seqs: [1, 70, 17, 40], hq: 6, hkv: 3, d: 40 },
-    { seqs: [129, 3], hq: 4, hkv: 1, d: 128 },
+    { seqs: [5, 32, 63], hq: 4, hkv: 2, d: 64, window: 0 },
+    { seqs: [1, 70, 17, 40], hq: 6, hkv: 3, d: 40, window: 0 },
+    { seqs: [129, 3], hq: 4, hkv: 1, d: 128, window: 0 },
+    // windows shorter than a key tile, spanning tiles (whole tiles skipped), and of one key
+    { seqs: [200, 9, 70], hq: 4, hkv: 2, d: 64, window: 8 },
+    { seqs: [300, 40], hq: 2, hkv: 1, d: 40, window: 100 },
+    { seqs: [33, 7], hq: 2, hkv: 2, d: 32, window: 1 },
   ];
   for (const c of cases) {
     const n = c.seqs.reduce((a, b) => a + b, 0);
@@ -310,14 +314,25 @@ gpuTest('attention forward/backward: varlen, GQA, head dims 40/64/128', ['attent
         dq: f32(sh(c.hq), rng), dk: f32(sh(c.hkv), rng), dv: f32(sh(c.hkv), rng),
       };
       await compare(t, ins, (T) => [
-        { op: 'attention_forward', out: T.out!, lse: T.lse!, q: T.q!, k: T.k!, v: T.v!, cuSeqlens: T.cu!, heads: c.hq, kvHeads: c.hkv, scale },
+        { op: 'attention_forward', out: T.out!, lse: T.lse!, q: T.q!, k: T.k!, v: T.v!, cuSeqlens: T.cu!, heads: c.hq, kvHeads: c.hkv, scale, window: c.window },
         {
           op: 'attention_backward', dq: T.dq!, dk: T.dk!, dv: T.dv!, dout: T.dout!, q: T.q!, k: T.k!, v: T.v!, out: T.out!,
-          lse: T.lse!, cuSeqlens: T.cu!, heads: c.hq, kvHeads: c.hkv, scale,
+          lse: T.lse!, cuSeqlens: T.cu!, heads: c.hq, kvHeads: c.hkv, scale, window: c.window,
         },
       ], { out: RED, lse: RED, dq: { atol: 1e-4, rtol: 1e-3 }, dk: { atol: 1e-4, rtol: 1e-3 }, dv: { atol: 1e-4, rtol: 1e-3 } },
-      `attention seqs=${c.seqs} hq=${c.hq} hkv=${c.hkv} d=${c.d}`);
+      `attention seqs=${c.seqs} hq=${c.hq} hkv=${c.hkv} d=${c.d} window=${c.window}`);
     }));
+  }
+});
+
+gpuTest('add_bias: f32, bf16, f16 biases, 2-D and 3-D activations', ['add_bias'], async (t) => {
+  const rng = new Rng(812);
+  for (const shape of [[37, 72], [5, 3, 40]]) {
+    const m = shape[shape.length - 1]!;
+    for (const dtype of ['f32', 'bf16', 'f16'] as const) {
+      const ins = { y: f32(shape, rng), b: weight([m], rng, dtype) };
+      await compare(t, ins, (T) => [{ op: 'add_bias', y: T.y!, b: T.b! }], { y: EW }, `add_bias ${JSON.stringify(shape)} ${dtype}`);
+    }
   }
 });
 

@@ -10,7 +10,7 @@ import { pathToFileURL } from 'node:url';
 import { readDataset } from '../../lib/data/dataset.js';
 import { demoDatasets } from '../../lib/data/demo.js';
 import { loadTrainingData, tokenizeDataset } from '../../lib/data/pool.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { modelVocabulary, writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'mlora-pool-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
@@ -90,4 +90,29 @@ console.log('examples', r.examples.length, 'pooled', r.pooled);
   });
   t.equal(code, 0, 'exited by itself with code 0');
   t.match(out, /examples \d+ pooled true/);
+});
+
+t.test('pre-tokenized data in a model directory without tokenizer.json: inline and pooled, vocab from config.json', async (t) => {
+  const bare = mkdtempSync(path.join(tmpdir(), 'mlora-pool-bare-'));
+  t.teardown(() => rmSync(bare, { recursive: true, force: true }));
+  writeFileSync(path.join(bare, 'config.json'), JSON.stringify({ model_type: 'llama', vocab_size: 300, eos_token_id: [7, 8] }));
+  writeFileSync(path.join(bare, 'generation_config.json'), JSON.stringify({ bos_token_id: 5, eos_token_id: 9 }));
+  const file = path.join(bare, 'ids.jsonl');
+  const rows = Array.from({ length: 40 }, (_, i) => ({ input_ids: Array.from({ length: 5 + (i % 7) }, (_, j) => (i * 31 + j * 7) % 300) }));
+  writeFileSync(file, rows.map((r) => JSON.stringify(r)).join('\n') + '\n');
+  const ds = readDataset(file);
+  const pooled = await tokenizeDataset(ds, { modelDir: bare, seqLen: 16, poolThreshold: 10, chunkSize: 8, threads: 2 });
+  const inline = await tokenizeDataset(ds, { modelDir: bare, seqLen: 16, poolThreshold: Infinity });
+  t.ok(pooled.pooled && !inline.pooled);
+  t.same(pooled.examples.map((e) => Array.from(e.inputIds)), rows.map((r) => r.input_ids), 'the ids as given, nothing added');
+  t.same(pooled.examples.map((e) => Array.from(e.inputIds)), inline.examples.map((e) => Array.from(e.inputIds)), 'pool == inline');
+  const vocab = modelVocabulary(bare);
+  t.equal(vocab.vocabSize, 300);
+  t.equal(vocab.eosId, 7, 'EOS from config.json (the first of a list)');
+  t.equal(vocab.bosId, 5, 'BOS from generation_config.json when config.json has none');
+  t.throws(() => vocab.encode('hi'), /tokenizer\.json: not found: encoding text needs a tokenizer \(pre-tokenized data, \{input_ids, labels\}, does not\)/);
+  writeFileSync(path.join(bare, 'bad.jsonl'), JSON.stringify({ input_ids: [1, 300] }) + '\n');
+  await t.rejects(tokenizeDataset(readDataset(path.join(bare, 'bad.jsonl')), { modelDir: bare, seqLen: 16 }), /field 'input_ids\[1\]' = 300 is outside the vocabulary \(size 300\)/);
+  writeFileSync(path.join(bare, 'text.jsonl'), JSON.stringify({ text: 'hello' }) + '\n');
+  await t.rejects(tokenizeDataset(readDataset(path.join(bare, 'text.jsonl')), { modelDir: bare, seqLen: 16 }), /tokenizer\.json: not found \(a model directory needs a tokenizer\.json\)/, 'text data still needs the tokenizer');
 });

@@ -3,10 +3,12 @@
 // bitwise equal to the fault-free run.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('chaos');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'chaos');
 const cfg = adapters(dir, ['a', 'b', 'c', 'd'], 6);
 const base = await run({ model, adapters: cfg });
 t.notOk(base.error, `fault-free run in ${Math.round(base.ms)} ms`);

@@ -3,10 +3,12 @@
 // during checkpoints. Every run must end with adapters bitwise equal to the fault-free run.
 import t from 'tap';
 import { listCheckpoints } from '../../lib/io/checkpoint.js';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('crash');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'crash');
 const cfg = adapters(dir, ['a', 'b', 'c']);
 const base = await run({ model, adapters: cfg });
 t.notOk(base.error, `fault-free run: ${base.error?.message ?? 'ok'} in ${Math.round(base.ms)} ms`);
@@ -26,7 +28,7 @@ for (const stage of [0, 1]) {
 // around checkpoints: save after every step, crash at several points; every checkpoint written is complete
 const ckptCfg = adapters(dir, ['a', 'b', 'c'], 4, { save_every: 1 });
 for (const after of [13, 30]) {
-  const out = tmpDir('crash-ckpt');
+  const out = tmpDir(t, 'crash-ckpt');
   const spec = `crash:stage=1,after=${after}`;
   const r = await run({ model, adapters: ckptCfg, faults: [spec], output: out });
   t.notOk(r.error, `${spec} with checkpoints: ${r.error?.message ?? 'completed'}`);

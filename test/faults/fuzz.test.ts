@@ -11,11 +11,11 @@ import { loadAdapter } from '../../lib/io/peft.js';
 import { parseTrainConfig } from '../../lib/config.js';
 import { parseDataset } from '../../lib/data/dataset.js';
 import { readConfigFile } from '../../scripts/cli/train.js';
-import { tmpDir } from './harness.js';
+import { tmpDir } from '../support/files.js';
 
 const fixtures = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/llama-tiny');
 const BUDGET_MS = Number(process.env.MLORA_FUZZ_MS ?? 3000);
-const dir = tmpDir('fuzz');
+const dir = tmpDir(t, 'fuzz');
 
 function mutate(rng: Rng, src: Uint8Array): Uint8Array {
   let b = Buffer.from(src);

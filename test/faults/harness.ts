@@ -1,33 +1,15 @@
-// Shared set-up for the fault tests: the tiny model (made once in a temp cache), small
-// tokenized datasets, and one helper that runs a 2-stage worker-thread pipeline with faults
-// and returns every adapter's final state, the fault events and the job events.
+// Shared set-up for the fault tests: small tokenized datasets, and one helper that runs a 2-stage
+// worker-thread pipeline with faults and returns every adapter's final state, the fault events
+// and the job events.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { ensureModel } from '../../scripts/cli/make-model.js';
 import { Supervisor } from '../../actors/supervisor.js';
 import type { FaultEvent } from '../../actors/runtime.js';
-import type { AdapterState, FaultSpec, JobEvent } from '../../actors/protocol.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
+import type { FaultSpec } from '../../lib/faults.js';
 import { parseAdapterConfig, type AdapterConfig } from '../../lib/config.js';
 import { Rng } from '../../lib/rng.js';
-
-export const CACHE = path.join(os.tmpdir(), 'mlora-test-cache');
-
-/** The tiny preset (2 layers: one per stage), made once; concurrent test files may race to make it. */
-export async function tinyModel(): Promise<string> {
-  for (let i = 0; ; i++) {
-    try {
-      return await ensureModel(CACHE, 'tiny', 0);
-    } catch (e) {
-      if (i >= 20) throw e;
-      await new Promise((r) => setTimeout(r, 250));
-    }
-  }
-}
-
-export function tmpDir(tag: string): string {
-  return fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
-}
 
 /** A tokenized JSONL dataset of `n` records of 12–30 random token ids. */
 export function writeData(dir: string, name: string, n: number, seed: number, vocab = 500): string {

@@ -8,11 +8,13 @@ import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { listCheckpoints } from '../../lib/io/checkpoint.js';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { tinyModel, tmpDir, writeData } from './harness.js';
+import { writeData } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
 const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../scripts/mlora.js');
-const model = await tinyModel();
-const dir = tmpDir('kill9');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'kill9');
 const names = ['a', 'b'];
 const config = (out: string) => {
   const file = path.join(dir, `config-${path.basename(out)}.json`);
@@ -40,11 +42,11 @@ function train(args: string[], onTick?: (kill: () => void) => void): Promise<{ c
   });
 }
 
-const whole = tmpDir('kill9-whole');
+const whole = tmpDir(t, 'kill9-whole');
 const w = await train([config(whole)]);
 t.equal(w.code, 0, `uninterrupted run: exit ${w.code}${w.code ? `\n${w.out.slice(-2000)}` : ''}`);
 
-const out = tmpDir('kill9-run');
+const out = tmpDir(t, 'kill9-run');
 const cfgFile = config(out);
 const k = await train([cfgFile], (kill) => {
   if (listCheckpoints(path.join(out, 'a')).filter((c) => c.complete).length >= 4) kill();

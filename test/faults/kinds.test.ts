@@ -1,10 +1,12 @@
 // Hang (heartbeat deadline), corrupted slots (checksums), allocation failure and a slow stage,
 // each at several points of the schedule: the run ends bitwise equal to the fault-free run.
 import t from 'tap';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('kinds');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'kinds');
 const cfg = adapters(dir, ['a', 'b', 'c']);
 const base = await run({ model, adapters: cfg });
 t.notOk(base.error, `fault-free run: ${base.error?.message ?? 'ok'}`);

@@ -3,13 +3,15 @@
 import t from 'tap';
 import { loadCheckpoint, latestCheckpoint } from '../../lib/io/checkpoint.js';
 import { loraSpec } from '../../actors/jobs.js';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 import { Supervisor } from '../../actors/supervisor.js';
 
-const model = await tinyModel();
-const dir = tmpDir('limit');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'limit');
 const cfg = adapters(dir, ['a', 'b'], 6);
-const out = tmpDir('limit-out');
+const out = tmpDir(t, 'limit-out');
 const crashes = Array.from({ length: 5 }, () => 'crash:stage=1,after=12');
 const r = await run({ model, adapters: cfg, faults: crashes, maxStageFailures: 3, output: out, timeoutMs: 40_000 });
 t.ok(r.error, 'the run stops');

@@ -7,10 +7,12 @@ import path from 'node:path';
 import t from 'tap';
 import { parseAdapterConfig, type AdapterConfig } from '../../lib/config.js';
 import { readCheckpointMeta } from '../../lib/io/checkpoint.js';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('nan-rollback');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'nan-rollback');
 const [a, b0, c] = adapters(dir, ['a', 'b', 'c']);
 const with_ = (x: AdapterConfig, extra: Record<string, unknown>) => parseAdapterConfig({ ...x, ...extra }, 'test');
 const b = with_(b0!, { save_every: 1, on_nan: 'rollback' });
@@ -19,7 +21,7 @@ const base = await run({ model, adapters: [a!, b, c!] });
 t.notOk(base.error, `fault-free run: ${base.error?.message ?? 'ok'}`);
 
 t.test('NaN at step 3: back to checkpoint 2 at half the learning rate, then finished', async (t) => {
-  const out = tmpDir('nan-rollback-out');
+  const out = tmpDir(t, 'nan-rollback-out');
   const r = await run({ model, adapters: [a!, b, c!], faults: ['nan:adapter=b,step=3'], output: out });
   t.notOk(r.error, `run: ${r.error?.message ?? 'completed'}`);
   t.equal(r.states.get('b'), 'done', 'b finished');
@@ -37,7 +39,7 @@ t.test('NaN at step 3: back to checkpoint 2 at half the learning rate, then fini
   t.equal(stateDiff(again.finals.get('b'), r.finals.get('b')), '', 'and ends with the same weights, bitwise');
 
   // the reference: the fault-free run's checkpoint 2, resumed with half the learning rate
-  const refOut = tmpDir('nan-rollback-ref');
+  const refOut = tmpDir(t, 'nan-rollback-ref');
   const first = await run({ model, adapters: [b], output: refOut });
   t.notOk(first.error, 'reference: first run');
   fs.rmSync(path.join(refOut, 'b', 'checkpoint-3'), { recursive: true });

@@ -1,10 +1,12 @@
 // NaN weights in one adapter: that adapter stops with a clear error event; the others end
 // bitwise equal to a run without that adapter at all.
 import t from 'tap';
-import { adapters, run, stateDiff, tinyModel, tmpDir } from './harness.js';
+import { adapters, run, stateDiff } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const dir = tmpDir('nan');
+const model = await tinyModel(0);
+const dir = tmpDir(t, 'nan');
 const [a, b, c] = adapters(dir, ['a', 'b', 'c']);
 const without = await run({ model, adapters: [a!, c!] });
 t.notOk(without.error, 'run without b');

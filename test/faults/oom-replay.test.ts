@@ -3,10 +3,12 @@
 // failed more often than maxStageFailures the run stops cleanly with a StageFailure naming the
 // stage and the cause, within a bounded time.
 import t from 'tap';
-import { adapters, run, tinyModel, tmpDir } from './harness.js';
+import { adapters, run } from './harness.js';
+import { tinyModel } from '../support/models.js';
+import { tmpDir } from '../support/files.js';
 
-const model = await tinyModel();
-const cfg = adapters(tmpDir('oom-replay'), ['a', 'b']);
+const model = await tinyModel(0);
+const cfg = adapters(tmpDir(t, 'oom-replay'), ['a', 'b']);
 // the first fires in normal running; the next two at the following micro-batch messages of
 // stage 1, i.e. during the replays of that recovery
 const r = await run({ model, adapters: cfg, faults: ['oom:stage=1,after=10', 'oom:stage=1,after=11', 'oom:stage=1,after=12'], maxStageFailures: 2, timeoutMs: 60_000 });

@@ -11,7 +11,7 @@ import { spawnSync } from 'node:child_process';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint, saveCheckpoint } from '../../lib/io/checkpoint.js';
 import { readModelConfig } from '../../lib/io/hf-model.js';
 import { sliceLayout, type LoraSpec } from '../../lib/lora/adapter.js';
-import type { AdapterState } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
 
 const config = readModelConfig(path.resolve('test/fixtures/llama-tiny/model'));
 const spec: LoraSpec = { r: 2, alpha: 4, dropout: 0, targets: ['q_proj', 'v_proj'], useRslora: false, seed: 1 };

@@ -10,7 +10,7 @@ import {
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
 import { bf16ToF32 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig } from '../../lib/model/config.js';
-import { cpuDevice } from '../helpers.js';
+import { cpuDevice } from '../support/helpers.js';
 
 const FIX = path.resolve('test/fixtures/llama-tiny');
 
@@ -65,21 +65,52 @@ t.test('config.json errors name the file and the field', async (t) => {
     ['bad rope_theta', { ...base, rope_theta: 'x' }, /field 'rope_theta' must be a positive number/],
     ['bad dtype', { ...base, torch_dtype: 'int8' }, /field 'torch_dtype' must be one of float32, bfloat16, float16, got "int8"/],
     ['bad tie', { ...base, tie_word_embeddings: 'yes' }, /field 'tie_word_embeddings' must be true or false/],
-    ['qwen2', { ...base, model_type: 'qwen2' }, /field 'model_type' is 'qwen2': Qwen2's q\/k\/v projections have biases/],
     ['gpt2', { ...base, model_type: 'gpt2' }, /field 'model_type' is "gpt2": mlora supports LLaMA-architecture models/],
-    ['rope scaling', { ...base, rope_scaling: { rope_type: 'llama3', factor: 8 } }, /field 'rope_scaling' is .*llama3.*only the default RoPE/],
-    ['rope_parameters yarn', { ...base, rope_parameters: { rope_type: 'yarn', rope_theta: 1e6 } }, /field 'rope_parameters\.rope_type' is "yarn"/],
-    ['attention bias', { ...base, attention_bias: true }, /field 'attention_bias' is true/],
+    ['llama3 rope scaling without its factors', { ...base, rope_scaling: { rope_type: 'llama3', factor: 8 } }, /field 'rope_scaling\.low_freq_factor' must be a positive number, got nothing/],
+    ['llama3 high <= low', { ...base, rope_scaling: { type: 'llama3', factor: 8, low_freq_factor: 4, high_freq_factor: 1, original_max_position_embeddings: 64 } }, /field 'rope_scaling\.high_freq_factor' \(1\) must be greater than low_freq_factor \(4\)/],
+    ['linear without factor', { ...base, rope_scaling: { type: 'linear' } }, /field 'rope_scaling\.factor' must be a positive number/],
+    ['dynamic with a shorter original context', { ...base, rope_scaling: { rope_type: 'dynamic', factor: 2, original_max_position_embeddings: 256 } }, /field 'rope_scaling\.original_max_position_embeddings' is 256 < max_position_embeddings \(512\): dynamic NTK RoPE would then rescale/],
+    ['rope_parameters yarn', { ...base, rope_parameters: { rope_type: 'yarn', rope_theta: 1e6 } }, /field 'rope_parameters\.rope_type' is "yarn": mlora implements the default RoPE and the llama3, linear and dynamic scalings/],
+    ['rope_scaling longrope', { ...base, rope_scaling: { type: 'longrope', short_factor: [1] } }, /field 'rope_scaling\.rope_type' is "longrope"/],
+    ['rope_scaling and rope_parameters disagree', { ...base, rope_scaling: { type: 'linear', factor: 2 }, rope_parameters: { rope_type: 'linear', factor: 4 } }, /field 'rope_scaling' .* disagrees with rope_parameters/],
+    ['partial rotary', { ...base, partial_rotary_factor: 0.5 }, /field 'partial_rotary_factor' is 0\.5: mlora rotates the whole head/],
+    ['attention bias', { ...base, attention_bias: true }, /field 'attention_bias' is true: biases on all four attention projections/],
+    ['qwen3 attention bias', { ...base, model_type: 'qwen3', attention_bias: true }, /field 'attention_bias' is true/],
+    ['bad sliding_window', { ...base, model_type: 'mistral', sliding_window: 0 }, /field 'sliding_window' must be null or a positive integer, got 0/],
+    ['qwen2 bad layer_types', { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, layer_types: ['full_attention'] }, /field 'layer_types' must list num_hidden_layers \(2\) entries/],
+    ['qwen2 bad max_window_layers', { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, max_window_layers: -1 }, /field 'max_window_layers' must be a non-negative integer/],
     ['gelu', { ...base, hidden_act: 'gelu' }, /field 'hidden_act' is "gelu"/],
-    ['mistral sliding window', { ...base, model_type: 'mistral', sliding_window: 256 }, /field 'sliding_window' is 256 < max_position_embeddings \(512\)/],
     ['no head_dim, indivisible', { ...base, head_dim: undefined, hidden_size: 66 }, /field 'hidden_size' \(66\) is not a multiple of num_attention_heads \(4\)/],
   ];
   for (const [label, json, re] of cases) t.throws(() => parseModelConfig(json), re, label);
   t.throws(() => parseModelConfig([]), /config\.json: must be a JSON object/);
 
   // Accepted variants
-  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: null }).modelType, 'mistral');
-  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 4096 }).modelType, 'mistral');
+  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: null }).layerWindows, undefined, 'mistral: sliding_window null = none');
+  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 4096 }).layerWindows, undefined, 'a window >= max_position_embeddings never masks: none');
+  t.same(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 256 }).layerWindows, [256, 256], 'mistral: every layer');
+  const noKey = without('sliding_window');
+  t.same(parseModelConfig({ ...noKey, model_type: 'mistral', max_position_embeddings: 8192 }).layerWindows, [4096, 4096], 'mistral without the key: 4096');
+  t.equal(parseModelConfig({ ...noKey, model_type: 'llama', sliding_window: 8 }).layerWindows, undefined, 'llama ignores sliding_window');
+  const qwen2 = { ...base, model_type: 'qwen2', sliding_window: 8, max_window_layers: 1, attention_bias: undefined };
+  const q2 = parseModelConfig(qwen2);
+  t.ok(q2.qkvBias && q2.layerWindows === undefined, 'qwen2: q/k/v biases; use_sliding_window missing = no window');
+  t.equal(parseModelConfig({ ...qwen2, use_sliding_window: false }).layerWindows, undefined, 'qwen2: use_sliding_window false = no window');
+  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true }).layerWindows, [0, 8], 'qwen2: layers >= max_window_layers');
+  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true, layer_types: ['sliding_attention', 'full_attention'] }).layerWindows, [8, 0], 'qwen2: layer_types');
+  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true, max_window_layers: undefined }).layerWindows, undefined, 'qwen2: max_window_layers defaults to 28');
+  t.equal(parseModelConfig({ ...without('rope_theta'), model_type: 'qwen2' }).ropeTheta, 1e6, 'qwen: rope_theta defaults to 1e6');
+  const q3 = parseModelConfig({ ...base, model_type: 'qwen3', head_dim: undefined });
+  t.ok(q3.qkNorm && !q3.qkvBias, 'qwen3: q/k norms, no biases');
+  t.equal(q3.headDim, 128, 'qwen3 without head_dim: 128, not hidden/heads');
+  const l3 = { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+  t.same(parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling, { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 }, 'llama3');
+  const { rope_type: _rt, ...l3old } = l3;
+  t.same(parseModelConfig({ ...base, rope_scaling: { ...l3old, type: 'llama3' } }).ropeScaling, parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling, "llama3 spelled with 'type'");
+  t.same(parseModelConfig({ ...without('rope_theta'), rope_scaling: undefined, rope_parameters: { ...l3, rope_theta: 5e5 } }), { ...parseModelConfig({ ...base, rope_scaling: l3 }), ropeTheta: 5e5 }, 'transformers 5: rope_parameters with rope_theta inside');
+  t.same(parseModelConfig({ ...base, rope_scaling: { type: 'linear', factor: 2 } }).ropeScaling, { type: 'linear', factor: 2 }, 'linear');
+  t.same(parseModelConfig({ ...base, rope_scaling: { rope_type: 'dynamic', factor: 2 } }).ropeScaling, { type: 'dynamic', factor: 2 }, 'dynamic without a shorter original context');
+  t.equal(parseModelConfig({ ...base, rope_scaling: { rope_type: 'default' } }).ropeScaling, undefined, 'default = none');
   const newer = { ...without('rope_theta'), torch_dtype: undefined, dtype: 'bfloat16', rope_parameters: { rope_type: 'default', rope_theta: 500000 } };
   const c = parseModelConfig(newer);
   t.equal(c.ropeTheta, 500000, 'rope_parameters.rope_theta');

@@ -9,7 +9,7 @@ import { openSafetensors, writeSafetensors, type StArray, type StDType } from '.
 import {
   bf16BitsToF32, bf16ToF32, f16BitsToF32, f16ToF32, f32ToBf16, f32ToBf16Bits, f32ToF16, f32ToF16Bits,
 } from '../../lib/io/dtype.js';
-import { cpuDevice } from '../helpers.js';
+import { cpuDevice } from '../support/helpers.js';
 
 const FIX = path.resolve('test/fixtures/llama-tiny');
 

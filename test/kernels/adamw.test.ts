@@ -2,7 +2,7 @@
 // decay, bias correction), over several steps, several tensors in one call, with gradScale.
 import t, { type Test } from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { expectRefused, f32, read } from './util.js';
 
 const d = cpuDevice(2);

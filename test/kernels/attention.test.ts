@@ -5,7 +5,7 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { readF32, type Device, type Tensor } from '../../lib/tensor.js';
-import { assertClose, cpuDevice, randn, type Tolerance } from '../helpers.js';
+import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
 
 interface Shape {
   cu: number[];

@@ -2,7 +2,7 @@
 // gradient, in place or not. Float64 reference, finite differences on the reference, extremes.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn, randu } from '../helpers.js';
+import { assertClose, cpuDevice, randn, randu } from '../support/helpers.js';
 import { assertBitwise, expectRefused, f32, finiteDiff, i32, read } from './util.js';
 
 const d = cpuDevice(2);

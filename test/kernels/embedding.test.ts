@@ -2,7 +2,7 @@
 // scatter-adds dy into dtable (+=, repeated ids summed). Float64 reference in the test.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { assertBitwise, dot, expectRefused, f32, i32, read, stored } from './util.js';
 
 const d = cpuDevice(2);

@@ -15,8 +15,8 @@ import { fileURLToPath } from 'node:url';
 import { native } from '../../lib/native.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
-import { toHalf } from '../half.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
+import { toHalf } from '../support/half.js';
 
 type WType = 'f32' | 'bf16' | 'f16';
 const U = 2 ** -24;

@@ -9,8 +9,8 @@
 import t, { type Test } from 'tap';
 import type { Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
-import { toHalf } from '../half.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
+import { toHalf } from '../support/half.js';
 
 type WType = 'f32' | 'bf16' | 'f16';
 const U = 2 ** -24;

@@ -5,7 +5,7 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { assertBitwise, dot, expectRefused, f32, read } from './util.js';
 
 const d = cpuDevice(2);

@@ -2,7 +2,7 @@
 // against a float64 reference, with finite differences validating the reference's gradient.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { dot, expectRefused, f32, finiteDiff, read, stored } from './util.js';
 
 const d = cpuDevice(2);

@@ -1,11 +1,15 @@
 // Rotary embedding (HF rotate_half convention): forward and backward against a float64
-// reference, the tables against HF's formula, in place, thread counts, extreme range, and
-// bad arguments.
+// reference, the tables against HF's formula (and RoPE scaling against the family fixtures'
+// float64 frequencies), in place, thread counts, extreme range, and bad arguments.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { readF32 } from '../../lib/tensor.js';
-import { ropeTables, ropeInvFreq, packedPositions } from '../../lib/model/rope.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { ropeTables, ropeInvFreq, packedPositions, modelInvFreq, modelRopeTables, scaleInvFreq } from '../../lib/model/rope.js';
+import { parseModelConfig } from '../../lib/io/hf-model.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 
 /** float64 reference: rotate each head of x[n, heads, d] by sign·angle(pos[r], i). */
 function ropeRef(x: ArrayLike<number>, pos: ArrayLike<number>, cos: Float32Array, sin: Float32Array,
@@ -163,4 +167,28 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
     await t.rejects(async () => dev.run([op as never]), re); // parse errors throw synchronously inside run()
   }
   await t.rejects(async () => dev.run([{ op: 'rope_backward', dx: y, dy: x, pos, cos, sin } as never]), /op 0 \(rope_backward\): argument 'heads' must be a number/);
+});
+
+t.test('RoPE scaling: the inverse frequencies of every family fixture (llama3 bands, qwen theta 1e6)', async (t) => {
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/families');
+  for (const fam of ['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window']) {
+    const want = (JSON.parse(readFileSync(path.join(root, fam, 'ref.json'), 'utf8')) as { rope_inv_freq: number[] }).rope_inv_freq;
+    const configs = [path.join(root, fam, 'model/config.json')];
+    if (fam === 'llama3-scaled') configs.push(path.join(root, fam, 'config.rope_parameters.json'));
+    for (const file of configs) {
+      const c = parseModelConfig(JSON.parse(readFileSync(file, 'utf8')), file);
+      // float32 frequencies (as torch keeps them) vs float64: theta^(-2i/d) carries ~2e-7 of
+      // float32 rounding, which the llama3 blend (quadratic in f) about doubles
+      assertClose(t, modelInvFreq(c), want, { atol: 0, rtol: 1e-6 }, `${fam}: ${path.basename(file)}`);
+    }
+  }
+  const base = ropeInvFreq(10000, 8);
+  t.same(Array.from(scaleInvFreq(base, { type: 'linear', factor: 4 })), Array.from(base, (f) => Math.fround(f / 4)), 'linear: f / factor');
+  t.equal(scaleInvFreq(base, { type: 'dynamic', factor: 4 }), base, 'dynamic: the plain frequencies below max_position_embeddings');
+  // llama3 with theta 10000, d 8, N 64: wavelengths 6.3, 63, 628, 6283 → kept, blended, divided, divided
+  const l3 = scaleInvFreq(base, { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 64 });
+  const s = (64 / ((2 * Math.PI) / base[1]!) - 1) / 3;
+  assertClose(t, l3, [base[0]!, ((1 - s) * base[1]!) / 8 + s * base[1]!, base[2]! / 8, base[3]! / 8], { atol: 0, rtol: 1e-7 }, 'llama3: the three bands');
+  const tab = modelRopeTables({ ropeTheta: 10000, headDim: 8, ropeScaling: { type: 'linear', factor: 2 }, maxPositionEmbeddings: 10 });
+  t.equal(tab.cos[9 * 4 + 1], Math.fround(Math.cos(Math.fround(9 * Math.fround(base[1]! / 2)))), 'tables use the scaled frequencies');
 });

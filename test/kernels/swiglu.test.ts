@@ -2,7 +2,7 @@
 // the reference, extreme gates (where σ saturates and exp overflows), in-place variants.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../helpers.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { assertBitwise, dot, expectRefused, f32, finiteDiff, read } from './util.js';
 
 const d = cpuDevice(2);

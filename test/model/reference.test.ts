@@ -15,7 +15,8 @@ import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { cpuDevice, assertClose } from '../helpers.js';
+import { fixtureBatch as packFixture } from './fixture.js';
+import { cpuDevice, assertClose } from '../support/helpers.js';
 import { readFileSync } from 'node:fs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -44,31 +45,8 @@ async function setup(threads = 1, options: StageOptions = {}) {
 }
 
 /** The fixture batch (2 rows of 24 tokens) packed as two sequences of one adapter. */
-function fixtureBatch(program: StageProgram): { mb: MicroBatch; tokens: ReturnType<StageProgram['device']['fromArray']>; count: number } {
-  const ids = ref.input_ids.flat();
-  const labels = ref.labels.flat();
-  const T = ref.input_ids[0]!.length;
-  let count = 0;
-  for (const row of ref.labels) for (let i = 1; i < row.length; i++) if (row[i] !== -100) count++;
-  const data = assemble(
-    7,
-    [{ adapter: 1, serial: 0, mb: {
-      step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(ids), labels: Int32Array.from(labels),
-      cuSeqlens: Int32Array.from([0, T, 2 * T]), positions: Int32Array.from([...Array(T).keys(), ...Array(T).keys()]),
-      numTokens: 2 * T, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
-    } }],
-    2 * T,
-  );
-  const d = program.device;
-  const N = 2 * T;
-  const mb: MicroBatch = {
-    id: 7, numTokens: N, segments: data.segments,
-    tensors: {
-      positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [3], data.cuSeqlens),
-      targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
-    },
-  };
-  return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };
+function fixtureBatch(program: StageProgram) {
+  return packFixture(program, ref.input_ids, ref.labels);
 }
 
 t.test('loss, logits and every LoRA gradient match the independent float64 implementation', async (t) => {

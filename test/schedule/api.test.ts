@@ -5,9 +5,10 @@ import t from 'tap';
 import fs from 'node:fs';
 import { Supervisor, type Job } from '../../actors/supervisor.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { adapter, tinyModel } from '../actors/util.js';
+import { adapter } from '../actors/util.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
-const model = await tinyModel(2);
+const model = await tinyModelWithLayers(2);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 
 /** Collects a job's event stream in the background (for await over job.events()). */

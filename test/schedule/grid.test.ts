@@ -1,7 +1,7 @@
 // The grid printer, utilisation and stageOrder on hand-made records (exact output).
 import t from 'tap';
 import { renderGrid, stageOrder, utilisation } from '../../lib/schedule/grid.js';
-import type { ScheduleRecord } from '../../actors/protocol.js';
+import type { ScheduleRecord } from '../../lib/schedule/record.js';
 
 const r = (stage: number, kind: ScheduleRecord['kind'], mb: number, start: number, end: number): ScheduleRecord => ({ stage, kind, mb, adapters: [mb], start, end });
 

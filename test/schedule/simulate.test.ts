@@ -4,8 +4,9 @@ import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import { simulate, type SimMessage } from '../../lib/schedule/simulate.js';
 import { stageOrder } from '../../lib/schedule/grid.js';
-import type { ScheduleRecord } from '../../actors/protocol.js';
-import { adapter, runJobs, tinyModel } from '../actors/util.js';
+import type { ScheduleRecord } from '../../lib/schedule/record.js';
+import { adapter, runJobs } from '../actors/util.js';
+import { tinyModelWithLayers } from '../support/models.js';
 
 const strip = (rs: ScheduleRecord[]) => rs.map((r) => `${r.stage}${r.kind}${r.mb}@${r.start}-${r.end}`);
 
@@ -88,7 +89,7 @@ function toMessages(rs: ScheduleRecord[]): SimMessage[] {
   });
 }
 
-const model = await tinyModel(2);
+const model = await tinyModelWithLayers(2);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 const jobs = () => [
   adapter('a', 'arithmetic', { max_steps: 2, max_grad_norm: undefined }),

@@ -10,8 +10,9 @@ import { openSingleModel } from '../../lib/model/single.js';
 import { readDataset } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose } from '../helpers.js';
-import { FIX, ROOT, copyFixtureModel, inProcess, mlora, referenceLoss, tmpDir } from './util.js';
+import { assertClose } from '../support/helpers.js';
+import { FIX, ROOT, copyFixtureModel, inProcess, mlora, referenceLoss } from './util.js';
+import { tmpDir } from '../support/files.js';
 
 interface Ref { input_ids: number[][]; labels: number[][]; loss: number }
 const ref = JSON.parse(fs.readFileSync(path.join(FIX, 'ref.json'), 'utf8')) as Ref;

@@ -9,8 +9,9 @@ import { openSingleModel, type SingleModel } from '../../lib/model/single.js';
 import { generate, KvCacheDecoder, sampleToken } from '../../lib/model/generate.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, closeness, cpuDevice, randn } from '../helpers.js';
-import { FIX, copyFixtureModel, fullLogits, inProcess, mlora, tmpDir } from './util.js';
+import { assertClose, closeness, cpuDevice, randn } from '../support/helpers.js';
+import { FIX, copyFixtureModel, fullLogits, inProcess, mlora } from './util.js';
+import { tmpDir } from '../support/files.js';
 import { main } from '../../scripts/cli/generate.js';
 
 // ---- the op

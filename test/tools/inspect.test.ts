@@ -8,7 +8,8 @@ import { main } from '../../scripts/cli/inspect.js';
 import { makeModel } from '../../scripts/cli/make-model.js';
 import { writeRandomLlama } from '../../lib/io/hf-model.js';
 import { PRESETS } from '../../lib/model/config.js';
-import { FIX, copyFixtureModel, inProcess, tmpDir } from './util.js';
+import { FIX, copyFixtureModel, inProcess } from './util.js';
+import { tmpDir } from '../support/files.js';
 
 t.test('a made tiny model: config, counts, size and its tokenizer', async (t) => {
   const dir = tmpDir(t, 'insp');

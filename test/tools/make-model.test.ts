@@ -10,7 +10,8 @@ import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
-import { fullLogits, inProcess, mlora, tmpDir } from './util.js';
+import { fullLogits, inProcess, mlora } from './util.js';
+import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
 function parameterCount(c: LlamaConfig): number {
@@ -20,14 +21,14 @@ function parameterCount(c: LlamaConfig): number {
 }
 
 t.test('every preset: the config.json it writes is the preset, and reads back as it', async (t) => {
-  const want: Record<PresetName, Record<string, unknown>> = {
+  const want: Partial<Record<PresetName, Record<string, unknown>>> = {
     tiny: { hidden_size: 64, intermediate_size: 172, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, vocab_size: 512, max_position_embeddings: 512, torch_dtype: 'float32' },
     small: { hidden_size: 256, intermediate_size: 688, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 32, vocab_size: 2048, max_position_embeddings: 1024, torch_dtype: 'float32' },
-    // issue 3: hidden 512, 4 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192
+    // the bench preset: hidden 512, 4 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192
     bench: { hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 64, vocab_size: 8192, max_position_embeddings: 2048, torch_dtype: 'float32' },
     '1b': { hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, head_dim: 64, vocab_size: 32000, max_position_embeddings: 2048, torch_dtype: 'bfloat16' },
   };
-  for (const p of Object.keys(PRESETS) as PresetName[]) {
+  for (const p of Object.keys(want) as PresetName[]) {
     const j = presetConfigJson(p);
     t.match(j, { architectures: ['LlamaForCausalLM'], model_type: 'llama', rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, ...want[p] }, p);
     t.same(parseModelConfig(j, `${p}/config.json`), PRESETS[p], `${p}: reads back as the preset`);
@@ -37,6 +38,43 @@ t.test('every preset: the config.json it writes is the preset, and reads back as
   t.equal(presetDtype('bench'), 'f32');
   t.ok(Math.abs(parameterCount(PRESETS.bench) - 20e6) < 0.1e6, `bench: ${parameterCount(PRESETS.bench).toLocaleString()} parameters`);
   t.ok(Math.abs(parameterCount(PRESETS['1b']) - 1.1e9) < 0.01e9, `1b: ${parameterCount(PRESETS['1b']).toLocaleString()} parameters`);
+});
+
+t.test('the family presets: each config.json is that family\'s, and reads back as the preset', async (t) => {
+  const want: Record<string, Record<string, unknown>> = {
+    'tiny-llama3': {
+      architectures: ['LlamaForCausalLM'], model_type: 'llama', rope_theta: 500000,
+      rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 },
+    },
+    'tiny-qwen2': { architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2', rope_theta: 1000000, tie_word_embeddings: true, use_sliding_window: false },
+    'tiny-qwen3': { architectures: ['Qwen3ForCausalLM'], model_type: 'qwen3', head_dim: 32, attention_bias: false, use_sliding_window: false },
+    'tiny-mistral': { architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 16 },
+  };
+  for (const p of Object.keys(PRESETS).filter((k) => k.startsWith('tiny-')) as PresetName[]) {
+    const j = presetConfigJson(p);
+    t.match(j, { hidden_size: 64, num_hidden_layers: 2, vocab_size: 512, ...want[p] }, p);
+    t.same(parseModelConfig(j, `${p}/config.json`), PRESETS[p], `${p}: reads back as the preset`);
+  }
+  t.same(Object.keys(want).sort(), Object.keys(PRESETS).filter((k) => k.startsWith('tiny-')).sort(), 'every family preset is checked');
+  const dir = tmpDir(t, 'mm-qwen2');
+  await makeModel(dir, 'tiny-qwen2', 1);
+  const m = openModelDir(dir);
+  t.same(m.config, PRESETS['tiny-qwen2'], 'tiny-qwen2: openModelDir reads the preset');
+  t.ok(m.tensorNames.includes('model.layers.1.self_attn.k_proj.bias') && !m.tensorNames.includes('lm_head.weight'), 'q/k/v biases, tied head');
+  const q3 = tmpDir(t, 'mm-qwen3');
+  await makeModel(q3, 'tiny-qwen3', 1);
+  t.same(openModelDir(q3).info('model.layers.0.self_attn.q_norm.weight').shape, [32], 'tiny-qwen3: q_norm over head_dim');
+  for (const p of ['tiny-llama3', 'tiny-mistral'] as const) {
+    const d = tmpDir(t, `mm-${p}`);
+    await makeModel(d, p, 1);
+    t.same(openModelDir(d).config, PRESETS[p], `${p}: openModelDir reads the preset`);
+  }
+  for (const d of [dir, q3]) {
+    const sm = await openSingleModel(d);
+    const lg = await fullLogits(sm, Array.from({ length: 40 }, (_, i) => (i * 37) % 512));
+    sm.free();
+    t.ok(lg.every(Number.isFinite) && lg.some((x) => x !== 0), `${path.basename(d)}: finite logits`);
+  }
 });
 
 t.test('tiny and small: written, opened, tokenizer loads, parameter count, runs', async (t) => {

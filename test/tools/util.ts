@@ -1,22 +1,16 @@
-// Shared helpers for the user-tool tests: temp dirs, the real CLI as a child process, and an
+// Shared helpers for the user-tool tests: the real CLI as a child process, and an
 // independent loss: the model's full logits (StageProgram.logits, one sequence at a time) with
 // a float64 log-softmax and the HF label shift done here.
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import type { Test } from 'tap';
 import { batchOnDevice, freeBatch, type SingleModel } from '../../lib/model/single.js';
+import { tmpDir } from '../support/files.js';
 
 export const ROOT = path.resolve('.');
 export const FIX = path.join(ROOT, 'test/fixtures/llama-tiny');
 export const CLI = path.join(ROOT, 'dist/scripts/mlora.js');
-
-export function tmpDir(t: Test, tag: string): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
-  t.teardown(() => fs.rmSync(d, { recursive: true, force: true }));
-  return d;
-}
 
 export function mlora(...args: string[]): { code: number | null; out: string; err: string } {
   const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: process.env });

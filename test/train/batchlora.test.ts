@@ -1,4 +1,4 @@
-// Issue 4, correctness 1: training K = 3 adapters together (BatchLoRA: one micro-batch message
+// Training K = 3 adapters together (BatchLoRA: one micro-batch message
 // holds the rows of all three) gives the same adapter weights, step by step, as training each
 // alone with the same data and seeds, each in its own supervisor run.
 //
@@ -26,7 +26,10 @@
 // A GPU backend whose GEMM picks its tiling or split-K from M would only be equal to ~1e-6
 // relative; this test runs on cpu:0.
 import t from 'tap';
-import { demoData, run, tinyModel, tmpDir, readCheckpoints, readPeft, bitwiseEqual, maxDiff } from './util.js';
+import { run, readCheckpoints, readPeft } from './util.js';
+import { bitwiseEqual, maxDiff } from '../support/compare.js';
+import { tinyModel } from '../support/models.js';
+import { demoData, tmpDir } from '../support/files.js';
 import type { AdapterConfigInput } from '../../lib/config.js';
 
 t.test('BatchLoRA: 3 adapters together == each alone, step by step, bitwise', async (t) => {

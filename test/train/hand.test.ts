@@ -1,4 +1,4 @@
-// Issue 4, correctness 3: learning-rate schedules, gradient clipping, AdamW and the
+// Learning-rate schedules, gradient clipping, AdamW and the
 // train_on_inputs loss mask, each against values computed by hand in this file (float64), not
 // by the code under test.
 import t from 'tap';
@@ -11,9 +11,12 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { loadStageWeights } from '../../lib/model/weights.js';
 import { StageProgram } from '../../lib/model/stage.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
-import type { JobEvent, StepParams } from '../../actors/protocol.js';
-import { cpuDevice } from '../helpers.js';
-import { collect, demoData, RUN_DEFAULTS, run, tinyModel, tmpDir } from './util.js';
+import type { JobEvent } from '../../actors/protocol.js';
+import type { StepParams } from '../../lib/lora/state.js';
+import { cpuDevice } from '../support/helpers.js';
+import { collect, RUN_DEFAULTS, run } from './util.js';
+import { tinyModel } from '../support/models.js';
+import { demoData, tmpDir } from '../support/files.js';
 
 // HF get_{constant,linear,cosine}_schedule_with_warmup, base 1e-3, warmup 2, 6 steps:
 // step t (0-based) uses base·λ(t); warmup λ = t/2; after it, progress p = (t−2)/4 and

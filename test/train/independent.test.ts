@@ -1,11 +1,14 @@
-// Issue 4: adapters progress independently. 'early' (batch 1) runs; 'late' (batch 3, micro 1)
-// is submitted only once 'early' has done 3 steps and joins at the next admission, sharing
+// Adapters progress independently. 'early' (batch 1) runs; 'late' (batch 3, micro 1) is
+// submitted only once 'early' has done 3 steps and joins at the next admission, sharing
 // BatchLoRA messages with it. Each ends with exactly the weights it gets when trained alone.
 import t from 'tap';
 import { Supervisor } from '../../actors/supervisor.js';
 import { parseAdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { bitwiseEqual, collect, demoData, readPeft, RUN_DEFAULTS, run, tinyModel, tmpDir } from './util.js';
+import { collect, readPeft, RUN_DEFAULTS, run } from './util.js';
+import { bitwiseEqual } from '../support/compare.js';
+import { tinyModel } from '../support/models.js';
+import { demoData, tmpDir } from '../support/files.js';
 
 t.test('a job submitted mid-run joins at the next admission; both equal their solo runs', async (t) => {
   const model = await tinyModel();

@@ -1,4 +1,4 @@
-// Issue 4, memory: the byte estimates the supervisor admits by (StageAdapter.bytes via
+// Memory: the byte estimates the supervisor admits by (StageAdapter.bytes via
 // pipeline.adapterBytes, pipeline.activationBytes = saved activations + scratch + the message's
 // tensors) equal what the device allocator counts, exactly:
 //  - adding an adapter raises `used` by adapterBytes;
@@ -11,7 +11,9 @@ import type { LocalPipeline } from '../../actors/local.js';
 import { prepareJob } from '../../actors/jobs.js';
 import { parseAdapterConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { demoData, RUN_DEFAULTS, tinyModel, tmpDir } from './util.js';
+import { RUN_DEFAULTS } from './util.js';
+import { tinyModel } from '../support/models.js';
+import { demoData, tmpDir } from '../support/files.js';
 
 for (const recompute of [false, true]) t.test(`adapter, activation and scratch bytes equal the allocator counts${recompute ? ' (recompute)' : ''}`, async (t) => {
   const model = await tinyModel();

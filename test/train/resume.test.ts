@@ -1,4 +1,4 @@
-// Issue 4, correctness 2: continuing from a checkpoint (save_every + resume) and from an
+// Continuing from a checkpoint (save_every + resume) and from an
 // `init` adapter (a PEFT dir saved by an earlier run) give the same result as not stopping.
 // Bitwise, on cpu:0 (same kernels on the same rows in the same order; see batchlora.test.ts).
 import t from 'tap';
@@ -7,7 +7,10 @@ import path from 'node:path';
 import { Supervisor } from '../../actors/supervisor.js';
 import { parseAdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { demoData, run, tinyModel, tmpDir, readPeft, bitwiseEqual, maxDiff, RUN_DEFAULTS, repo } from './util.js';
+import { run, readPeft, RUN_DEFAULTS } from './util.js';
+import { bitwiseEqual, maxDiff } from '../support/compare.js';
+import { tinyModel } from '../support/models.js';
+import { REPO, demoData, tmpDir } from '../support/files.js';
 
 t.test('resume from a checkpoint == not stopping (dropout, accumulation, shuffle, 2 epochs, mid-step stop)', async (t) => {
   const model = await tinyModel();
@@ -76,7 +79,7 @@ t.test('continuing from an init adapter == not stopping (stateless AdamW: betas 
   // micro-batch serials (and so its own masks) from 0.
   const model = await tinyModel();
   const dir = tmpDir(t);
-  const lines = fs.readFileSync(path.join(repo, 'data/demo/arithmetic.jsonl'), 'utf8').split('\n').filter(Boolean).slice(0, 12);
+  const lines = fs.readFileSync(path.join(REPO, 'data/demo/arithmetic.jsonl'), 'utf8').split('\n').filter(Boolean).slice(0, 12);
   const write = (name: string, ls: string[]) => {
     const f = path.join(dir, name);
     fs.writeFileSync(f, ls.join('\n') + '\n');

@@ -1,11 +1,6 @@
-// Helpers for the trainer tests: a cached tiny model, small datasets cut from data/demo,
-// and one supervisor run (in-process, cpu:0) that collects every event and the adapters it
-// wrote (final PEFT adapter + every checkpoint) as flat Float32Arrays.
-import fs from 'node:fs';
-import os from 'node:os';
+// Helpers for the trainer tests: one supervisor run (in-process, cpu:0) that collects every
+// event, and the adapters it wrote (final PEFT adapter + every checkpoint) as flat Float32Arrays.
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { ensureModel } from '../../scripts/cli/make-model.js';
 import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import { loadAdapter } from '../../lib/io/peft.js';
@@ -13,29 +8,8 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { listCheckpoints, loadCheckpoint } from '../../lib/io/checkpoint.js';
 import { fromAdapterWeights } from '../../lib/lora/state.js';
 import { loraSpec } from '../../actors/jobs.js';
-import type { AdapterState, JobEvent } from '../../actors/protocol.js';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const repo = path.resolve(here, '../../..');
-
-/** The tiny preset model (2 layers, hidden 64, vocab 512), made once per machine. */
-export function tinyModel(seed = 7): Promise<string> {
-  return ensureModel(path.join(os.tmpdir(), 'mlora-test-models'), 'tiny', seed);
-}
-
-export function tmpDir(t: { teardown(fn: () => void): void }, prefix = 'mlora-train-'): string {
-  const d = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.teardown(() => fs.rmSync(d, { recursive: true, force: true }));
-  return d;
-}
-
-/** The first `n` records of a demo dataset, written to dir/<name>-<n>.jsonl. */
-export function demoData(dir: string, name: 'arithmetic' | 'capitals' | 'reverse' | 'sentiment', n: number): string {
-  const lines = fs.readFileSync(path.join(repo, 'data/demo', `${name}.jsonl`), 'utf8').split('\n').filter(Boolean).slice(0, n);
-  const file = path.join(dir, `${name}-${n}.jsonl`);
-  fs.writeFileSync(file, lines.join('\n') + '\n');
-  return file;
-}
+import type { JobEvent } from '../../actors/protocol.js';
+import type { AdapterState } from '../../lib/lora/state.js';
 
 export interface RunResult {
   events: JobEvent[];
@@ -89,24 +63,4 @@ export function readCheckpoints(model: string, cfg: AdapterConfigInput, output: 
   return listCheckpoints(path.join(output, c.name))
     .filter((e) => e.complete)
     .map((e) => ({ step: e.step, state: loadCheckpoint(e.dir, config, loraSpec(c)).state }));
-}
-
-/** Max |a - b| (Infinity on a length mismatch or NaN). */
-export function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  if (a.length !== b.length) return Infinity;
-  let m = 0;
-  for (let i = 0; i < a.length; i++) {
-    const d = Math.abs(a[i]! - b[i]!);
-    if (!(d <= m)) m = Number.isNaN(d) ? Infinity : d;
-  }
-  return m;
-}
-
-/** True when the two arrays hold the same float32 bit patterns. */
-export function bitwiseEqual(a: Float32Array, b: Float32Array): boolean {
-  if (a.length !== b.length) return false;
-  const x = new Uint32Array(a.buffer, a.byteOffset, a.length);
-  const y = new Uint32Array(b.buffer, b.byteOffset, b.length);
-  for (let i = 0; i < x.length; i++) if (x[i] !== y[i]) return false;
-  return true;
 }

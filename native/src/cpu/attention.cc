@@ -10,7 +10,12 @@
 // Layout: q, out, dq, dout are [n, hq, d]; k, v, dk, dv are [n, hkv, d]; rows of sequence s
 // are cu_seqlens[s] .. cu_seqlens[s+1]-1, and a row attends to rows of its own sequence at or
 // before it. Blocks of BQ query rows and BK key rows start at each sequence's first row, so
-// only the diagonal block needs a causal mask.
+// without a window only the diagonal block needs a causal mask.
+//
+// Sliding window (Mistral; window = W > 0): query i of a sequence sees keys j with
+// i - W < j <= i (W keys including itself), transformers' sliding-window mask. Key tiles wholly
+// outside every row's window are skipped (tile_visible); the tiles at the window's lower edge
+// mask per row. window = 0: plain causal attention, bit for bit the same as without a window.
 //
 // Threads: forward work items are (sequence, query head, query block). Backward items are
 // (sequence, kv head): one item owns its dk/dv rows and the dq rows of its query-head group,
@@ -161,7 +166,19 @@ struct Problem {
   const int32_t* cu;
   int64_t n, hq, hkv, d, group, qs, ks;  // qs = hq·d, ks = hkv·d: row strides
   float scale;
+  int64_t window;  // 0: none
 };
+
+// Does any query row of [i0, i0+nq) see any key of [j0, j0+nb)? (positions within one sequence)
+inline bool tile_visible(const Problem& P, int64_t i0, int64_t nq, int64_t j0, int64_t nb) {
+  if (j0 > i0 + nq - 1) return false;                      // causal: keys after every query
+  return P.window <= 0 || j0 + nb - 1 > i0 - P.window;   // window: keys older than every row's window
+}
+
+// First key (relative to j0) query row i sees; keys before it are outside its window.
+inline int64_t first_visible(const Problem& P, int64_t i, int64_t j0) {
+  return P.window <= 0 ? 0 : std::max<int64_t>(0, i - P.window + 1 - j0);
+}
 
 // Per-thread scratch, sized once per call.
 struct Scratch {
@@ -193,22 +210,25 @@ __attribute__((always_inline)) inline void forward_item(const Problem& P, Scratc
   for (int64_t ii = 0; ii < nq; ii++) m[ii] = -std::numeric_limits<float>::infinity(), l[ii] = 0.f;
   for (int64_t jb = 0; jb <= ib; jb++) {
     const int64_t j0 = jb * BK, nb = std::min(BK, T - j0);
+    if (!tile_visible(P, i0, nq, j0, nb)) continue;
     const float* krows = P.k + (r0 + j0) * P.ks + kvh * d;
     const float* vrows = P.v + (r0 + j0) * P.ks + kvh * d;
     pack_transposed(w.kt.data(), krows, P.ks, nb, d);
     for (int64_t ii = 0; ii < nq; ii++) {
       const int64_t i = i0 + ii;
       const int64_t nv = std::min(nb, i - j0 + 1);  // causal: keys j0 .. i
+      const int64_t jlo = first_visible(P, i, j0);  // window: keys j0 + jlo ..
+      if (jlo >= nv) continue;                      // this row sees none of the tile
       const float* qi = P.q + (r0 + i) * P.qs + h * d;
       K::rowdot(s, qi, w.kt.data(), d, P.scale);
       float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < nv; j++) mx = std::max(mx, s[j]);
+      for (int64_t j = jlo; j < nv; j++) mx = std::max(mx, s[j]);
       const float mnew = std::max(m[ii], mx);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < BK; j++) {
-        float e = j < nv ? exp_approx(s[j] - mnew) : 0.f;
+        float e = j >= jlo && j < nv ? exp_approx(s[j] - mnew) : 0.f;
         p[j] = e;
         sum += e;
       }
@@ -221,7 +241,7 @@ __attribute__((always_inline)) inline void forward_item(const Problem& P, Scratc
       }
       l[ii] += sum;
       m[ii] = mnew;
-      K::axpy_rows(oi, p, 1, vrows, P.ks, nv, d);
+      K::axpy_rows(oi, p + jlo, 1, vrows + jlo * P.ks, P.ks, nv - jlo, d);
     }
   }
   for (int64_t ii = 0; ii < nq; ii++) {
@@ -259,6 +279,7 @@ __attribute__((always_inline)) inline void backward_tile(const Problem& P, Scrat
   for (int64_t ii = 0; ii < nq; ii++) {
     const int64_t i = i0 + ii, row = r0 + i;
     const int64_t nv = std::min(nb, i - j0 + 1);
+    const int64_t jlo = std::min(first_visible(P, i, j0), nv);  // a row outside the window: all p = 0
     const float* qi = P.q + row * P.qs + h * d;
     const float* doi = P.dout + row * P.qs + h * d;
     const float L = P.lse[h * P.n + row];
@@ -269,11 +290,11 @@ __attribute__((always_inline)) inline void backward_tile(const Problem& P, Scrat
     const float di = delta[ii], sc = P.scale;
 #pragma omp simd
     for (int64_t j = 0; j < BK; j++) {
-      float pj = j < nv ? exp_approx(s[j] - L) : 0.f;
+      float pj = j >= jlo && j < nv ? exp_approx(s[j] - L) : 0.f;
       pt[j] = pj;
       dst[j] = sc * pj * (dp[j] - di);  // scale·dS: the factor dq and dk both need
     }
-    if (want_dq) K::axpy_rows(P.dq + row * P.qs + h * d, dst, 1, krows, P.ks, nv, d);
+    if (want_dq) K::axpy_rows(P.dq + row * P.qs + h * d, dst + jlo, 1, krows + jlo * P.ks, P.ks, nv - jlo, d);
   }
   if (want_dkv) {
     const float* qrows = P.q + (r0 + i0) * P.qs + h * d;
@@ -304,7 +325,9 @@ __attribute__((always_inline)) inline void backward_kv_block(const Problem& P, S
   std::fill(w.dacc_k.begin(), w.dacc_k.begin() + nb * d, 0.f);
   std::fill(w.dacc_v.begin(), w.dacc_v.begin() + nb * d, 0.f);
   for (int64_t hh = 0; hh < P.group; hh++)
-    for (int64_t ib = jb; ib < nblk; ib++) backward_tile<K>(P, w, r0, T, kvh * P.group + hh, ib, jb, want_dq, true);
+    for (int64_t ib = jb; ib < nblk; ib++)
+      if (tile_visible(P, ib * BQ, std::min(BQ, T - ib * BQ), j0, nb))
+        backward_tile<K>(P, w, r0, T, kvh * P.group + hh, ib, jb, want_dq, true);
   for (int64_t jj = 0; jj < nb; jj++) {
     std::memcpy(P.dk + (r0 + j0 + jj) * P.ks + kvh * d, w.dacc_k.data() + jj * d, size_t(d) * sizeof(float));
     std::memcpy(P.dv + (r0 + j0 + jj) * P.ks + kvh * d, w.dacc_v.data() + jj * d, size_t(d) * sizeof(float));
@@ -331,6 +354,7 @@ __attribute__((always_inline)) inline void backward_dq_block(const Problem& P, S
   const int64_t i0 = ib * BQ, nq = std::min(BQ, T - i0);
   zero_rows(P.dq + (r0 + i0) * P.qs + h * P.d, P.qs, nq, P.d);
   for (int64_t jb = 0; jb <= ib; jb++) {
+    if (!tile_visible(P, i0, nq, jb * BK, std::min(BK, T - jb * BK))) continue;
     pack_kv<K>(P, w, r0, T, h / P.group, jb);
     backward_tile<K>(P, w, r0, T, h, ib, jb, true, false);
   }
@@ -417,11 +441,11 @@ void sort_items(std::vector<Item>& items) {
 
 void attention_forward(Exec& ex, float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* cu_seqlens, int64_t nseq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
-                       float scale) {
+                       float scale, int64_t window) {
   check_cu_seqlens(cu_seqlens, nseq, n);
   if (n == 0 || d == 0) return;
   Problem P{q, k, v, nullptr, nullptr, nullptr, out, lse, nullptr, nullptr, nullptr, cu_seqlens,
-            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale};
+            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale, window};
   std::vector<Item> items;
   for (int64_t s = 0; s < nseq; s++) {
     const int64_t T = cu_seqlens[s + 1] - cu_seqlens[s];
@@ -440,11 +464,11 @@ void attention_forward(Exec& ex, float* out, float* lse, const float* q, const f
 
 void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                         const float* v, const float* out, const float* lse, const int32_t* cu_seqlens, int64_t nseq,
-                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale) {
+                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale, int64_t window) {
   check_cu_seqlens(cu_seqlens, nseq, n);
   if (n == 0 || d == 0) return;
   Problem P{q, k, v, out, dout, lse, nullptr, nullptr, dq, dk, dv, cu_seqlens,
-            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale};
+            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale, window};
   std::vector<Scratch> scratch = make_scratch(ex, d);
   const Kernels kern = pick_kernels();
   const int threads = ex.pool().size();

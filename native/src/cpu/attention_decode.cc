@@ -3,7 +3,9 @@
 //
 // q [nq, hq·d] are the rows at positions length−nq … length−1 of ONE sequence whose keys and
 // values for positions 0 … length−1 are in k_cache / v_cache [capacity, hkv·d]. Query i
-// attends causally to cache rows 0 … length−nq+i. Grouped-query heads as in attention.cc.
+// attends causally to cache rows 0 … length−nq+i (with a sliding window W > 0, only the last W of
+// them, as attention.cc). Grouped-query heads as in attention.cc.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -12,16 +14,17 @@
 namespace mlora::cpu {
 
 void attention_decode(Exec& ex, float* out, const float* q, const float* k_cache, const float* v_cache, int64_t nq,
-                      int64_t length, int64_t hq, int64_t hkv, int64_t d, float scale) {
+                      int64_t length, int64_t hq, int64_t hkv, int64_t d, float scale, int64_t window) {
   const int64_t group = hq / hkv;
   ex.pool().parallel_dynamic(nq * hq, [&](int64_t item, int) {
     const int64_t i = item / hq, h = item % hq, kh = h / group;
-    const int64_t last = length - nq + i;  // attends to cache rows [0, last]
+    const int64_t last = length - nq + i;  // attends to cache rows [first, last]
+    const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
     const float* qi = q + (i * hq + h) * d;
     float* oi = out + (i * hq + h) * d;
     std::vector<float> acc(size_t(d), 0.f);
     float m = -INFINITY, l = 0.f;
-    for (int64_t j = 0; j <= last; j++) {
+    for (int64_t j = first; j <= last; j++) {
       const float* kj = k_cache + (j * hkv + kh) * d;
       float s = 0.f;
 #pragma omp simd reduction(+ : s)

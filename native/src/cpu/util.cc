@@ -1,5 +1,7 @@
-// Small elementwise helpers. Accumulation: sumsq and axpy accumulate (+=), the rest write (=).
+// Small elementwise helpers. Accumulation: sumsq, axpy and add_bias accumulate (+=), the rest write (=).
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../kernels.h"
 
@@ -37,6 +39,20 @@ void axpy(Exec& ex, float* y, const float* x, int64_t n, float alpha) {
   ex.pool().parallel_for(n, kGrain, [&](int64_t b, int64_t e, int) {
 #pragma omp simd
     for (int64_t i = b; i < e; i++) y[i] += alpha * x[i];
+  });
+}
+
+// Rows are independent; the bias row is read in its stored dtype (f32/bf16/f16).
+void add_bias(Exec& ex, float* y, WeightRef b, int64_t n, int64_t m) {
+  std::vector<float> bf(static_cast<size_t>(m));
+  for (int64_t j = 0; j < m; j++) bf[size_t(j)] = b.at(j);
+  const float* bp = bf.data();
+  ex.pool().parallel_for(n, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, m)), [&](int64_t r0, int64_t r1, int) {
+    for (int64_t r = r0; r < r1; r++) {
+      float* yr = y + r * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; j++) yr[j] += bp[j];
+    }
   });
 }
 

@@ -3,7 +3,9 @@
 // running max / sum (online softmax), so memory is linear in the sequence length and no T×T
 // matrix ever exists. q[n, hq, d], k/v[n, hkv, d], out[n, hq, d], lse[hq, n] (log-sum-exp per
 // row and head, saved so backward recomputes the softmax). cu_seqlens[nseq+1] are row offsets;
-// row i attends to keys j with seq_start(i) <= j <= i.
+// row i attends to keys j with seq_start(i) <= j <= i; with a sliding window W > 0 also
+// j > i - W (transformers' sliding-window mask), and a block's key range starts at its first
+// row's window, so key tiles wholly outside the window are never loaded.
 //
 // Varlen without a host round trip: a block takes ROWS consecutive packed rows whatever
 // sequences they belong to; its key range is [seq_start(first row), last row] and each row
@@ -75,7 +77,7 @@ __global__ void attn_check_kernel(const int32_t* cu, int64_t nseq, int64_t n, De
 template <int D, int EPL>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(float* out, float* lse, const float* q, const float* k,
                                                             const float* v, const int32_t* cu, int64_t nseq, int64_t n,
-                                                            int hq, int hkv, int d, float scale) {
+                                                            int hq, int hkv, int d, float scale, int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BK = C::BK;
   __shared__ float Ks[BK][D];
@@ -89,6 +91,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(float* out, float* l
   int64_t start, end, kbeg, dummy;
   seq_bounds(cu, nseq, n, rowc, start, end);
   seq_bounds(cu, nseq, n, r0, kbeg, dummy);
+  if (window > 0) kbeg = max(kbeg, r0 - window + 1);  // older keys are outside every row's window
   int64_t kend = min(r0 + ROWS, n);  // exclusive
 
   float qv[EPL], o[EPL];
@@ -119,7 +122,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(float* out, float* l
       for (int e = 0; e < EPL; e++) dot = fmaf(qv[e], Ks[j][e * LANES + lane], dot);
       dot = lanes_sum<LANES>(dot);
       int64_t key = kt + j;
-      bool ok = valid && key >= start && key <= row;
+      bool ok = valid && key >= start && key <= row && (window <= 0 || key > row - window);
       s[j] = ok ? dot * scale : -INFINITY;
       tmax = fmaxf(tmax, s[j]);
     }
@@ -168,7 +171,7 @@ template <int D, int EPL>
 __global__ void __launch_bounds__(kThreads) attn_dq_kernel(float* dq, const float* dout, const float* q,
                                                            const float* k, const float* v, const float* lse,
                                                            const float* dr, const int32_t* cu, int64_t nseq, int64_t n,
-                                                           int hq, int hkv, int d, float scale) {
+                                                           int hq, int hkv, int d, float scale, int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BK = C::BK;
   __shared__ float Ks[BK][D];
@@ -182,6 +185,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(float* dq, const floa
   int64_t start, end, kbeg, dummy;
   seq_bounds(cu, nseq, n, rowc, start, end);
   seq_bounds(cu, nseq, n, r0, kbeg, dummy);
+  if (window > 0) kbeg = max(kbeg, r0 - window + 1);
   int64_t kend = min(r0 + ROWS, n);
 
   float qv[EPL], dov[EPL], acc[EPL];
@@ -214,7 +218,7 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(float* dq, const floa
       sd = lanes_sum<LANES>(sd);
       pd = lanes_sum<LANES>(pd);
       int64_t key = kt + j;
-      bool ok = valid && key >= start && key <= row;
+      bool ok = valid && key >= start && key <= row && (window <= 0 || key > row - window);
       float p = ok ? expf(sd * scale - L) : 0.f;
       float ds = p * (pd - Dr);
 #pragma unroll
@@ -233,7 +237,8 @@ template <int D, int EPL>
 __global__ void __launch_bounds__(kThreads) attn_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
                                                              const float* k, const float* v, const float* lse,
                                                              const float* dr, const int32_t* cu, int64_t nseq,
-                                                             int64_t n, int hq, int hkv, int d, float scale) {
+                                                             int64_t n, int hq, int hkv, int d, float scale,
+                                                             int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BQ = C::BK;
   __shared__ float Qs[BQ][D];
@@ -248,6 +253,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkdv_kernel(float* dk, float* d
   int64_t kstart, kseqend, dummy, qend;
   seq_bounds(cu, nseq, n, keyc, kstart, kseqend);
   seq_bounds(cu, nseq, n, min(k0 + ROWS, n) - 1, dummy, qend);  // queries end with the last key's sequence
+  if (window > 0) qend = min(qend, min(k0 + ROWS, n) - 1 + window);  // later queries see none of these keys
 
   float kv[EPL], vv[EPL], dka[EPL], dva[EPL];
   int64_t base = (keyc * hkv + g) * int64_t(d);
@@ -286,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkdv_kernel(float* dk, float* d
         sd = lanes_sum<LANES>(sd);
         pd = lanes_sum<LANES>(pd);
         int64_t qrow = qt + i;
-        bool ok = valid && qrow >= key && qrow < kseqend && qrow < qend;
+        bool ok = valid && qrow >= key && qrow < kseqend && qrow < qend && (window <= 0 || qrow < key + window);
         float p = ok ? expf(sd * scale - Ls[i]) : 0.f;
         float ds = p * (pd - Ds[i]);
 #pragma unroll
@@ -331,7 +337,7 @@ void with_head_dim(int64_t d, F&& f) {
 
 void attention_forward(Exec& ex, float* out, float* lse, const float* q, const float* k, const float* v,
                        const int32_t* cu_seqlens, int64_t nseq, int64_t n, int64_t hq, int64_t hkv, int64_t d,
-                       float scale) {
+                       float scale, int64_t window) {
   check_args(nseq, n, hq, hkv, d, "attention_forward");
   if (n <= 0) return;
   cudaStream_t s = enter(ex);
@@ -343,14 +349,14 @@ void attention_forward(Exec& ex, float* out, float* lse, const float* q, const f
     using C = Cfg<D, EPL>;
     dim3 grid(unsigned((n + C::ROWS - 1) / C::ROWS), unsigned(hq));
     attn_fwd_kernel<D, EPL><<<grid, kThreads, 0, s>>>(out, lse, q, k, v, cu_seqlens, nseq, n, int(hq), int(hkv), int(d),
-                                                      scale);
+                                                      scale, window);
   });
   check_launch("attn_fwd_kernel");
 }
 
 void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* dout, const float* q, const float* k,
                         const float* v, const float* out, const float* lse, const int32_t* cu_seqlens, int64_t nseq,
-                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale) {
+                        int64_t n, int64_t hq, int64_t hkv, int64_t d, float scale, int64_t window) {
   check_args(nseq, n, hq, hkv, d, "attention_backward");
   if (n <= 0) return;
   cudaStream_t s = enter(ex);
@@ -365,11 +371,11 @@ void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* 
     using C = Cfg<D, EPL>;
     dim3 gq(unsigned((n + C::ROWS - 1) / C::ROWS), unsigned(hq));
     attn_dq_kernel<D, EPL><<<gq, kThreads, 0, s>>>(dq, dout, q, k, v, lse, dr.as<float>(), cu_seqlens, nseq, n, int(hq),
-                                                   int(hkv), int(d), scale);
+                                                   int(hkv), int(d), scale, window);
     check_launch("attn_dq_kernel");
     dim3 gk(unsigned((n + C::ROWS - 1) / C::ROWS), unsigned(hkv));
     attn_dkdv_kernel<D, EPL><<<gk, kThreads, 0, s>>>(dk, dv, dout, q, k, v, lse, dr.as<float>(), cu_seqlens, nseq, n,
-                                                     int(hq), int(hkv), int(d), scale);
+                                                     int(hq), int(hkv), int(d), scale, window);
     check_launch("attn_dkdv_kernel");
   });
 }

@@ -1,4 +1,4 @@
-// Small elementwise helpers. Accumulation: sumsq and axpy accumulate (+=), the rest write (=).
+// Small elementwise helpers. Accumulation: sumsq, axpy and add_bias accumulate (+=), the rest write (=).
 // sumsq is deterministic: fixed-size chunks reduced in a fixed tree, partials summed in a
 // fixed order in double (no atomics), so a replayed step clips gradients identically.
 #include <vector>
@@ -40,6 +40,12 @@ __global__ void cast_kernel(void* y, DType yt, const void* x, DType xt, int64_t 
 __global__ void axpy_kernel(float* y, const float* x, int64_t n, float alpha) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] += alpha * x[i];
+}
+
+template <typename L>
+__global__ void add_bias_kernel(float* y, const typename L::T* b, int64_t n, int64_t m) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * m; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] += L::load(b, i % m);
 }
 
 __global__ void scale_kernel(float* y, int64_t n, float alpha) {
@@ -126,6 +132,15 @@ void axpy(Exec& ex, float* y, const float* x, int64_t n, float alpha) {
   cudaStream_t s = enter(ex);
   axpy_kernel<<<grid_for(n, kThreads), kThreads, 0, s>>>(y, x, n, alpha);
   check_launch("axpy_kernel");
+}
+
+void add_bias(Exec& ex, float* y, WeightRef b, int64_t n, int64_t m) {
+  if (n <= 0 || m <= 0) return;
+  cudaStream_t s = enter(ex);
+  with_weight_loader(b, "add_bias", [&](auto loader, auto ptr) {
+    add_bias_kernel<decltype(loader)><<<grid_for(n * m, kThreads), kThreads, 0, s>>>(y, ptr, n, m);
+  });
+  check_launch("add_bias_kernel");
 }
 
 void scale(Exec& ex, float* y, int64_t n, float alpha) {

@@ -12,6 +12,7 @@ namespace {
 struct AttnDims {
   int64_t nseq, n, hq, hkv, d;
   float scale;
+  int64_t window;
 };
 
 // x is [n, heads·d] or [n, heads, d]; returns d.
@@ -60,12 +61,12 @@ AttnDims attn_dims(Args& a, const TensorImpl& q, const TensorImpl& k, const Tens
   a.expect_shape("lse", lse, {hq, n});
   double sc = a.number("scale", 1.0 / std::sqrt(double(d)));
   if (!(sc > 0)) a.fail("argument 'scale' must be positive, got " + std::to_string(sc));
-  return {cu.shape[0] - 1, n, hq, hkv, d, float(sc)};
+  return {cu.shape[0] - 1, n, hq, hkv, d, float(sc), attention_window(a)};
 }
 
 }  // namespace
 
-// attention_forward: out = softmax(scale·q·kᵀ, causal, per sequence)·v; lse saved.
+// attention_forward: out = softmax(scale·q·kᵀ, causal (and windowed), per sequence)·v; lse saved.
 MLORA_OP(attention_forward) {
   TensorImpl out = a.tensor("out", {DType::F32});
   TensorImpl lse = a.tensor("lse", {DType::F32});
@@ -84,7 +85,7 @@ MLORA_OP(attention_forward) {
   a.expect_distinct("lse", lse, "v", v);
   return [=](Exec& ex) {
     MLORA_DISPATCH(ex, attention_forward, out.as<float>(), lse.as<float>(), q.as<float>(), k.as<float>(),
-                   v.as<float>(), cu.as<int32_t>(), d.nseq, d.n, d.hq, d.hkv, d.d, d.scale);
+                   v.as<float>(), cu.as<int32_t>(), d.nseq, d.n, d.hq, d.hkv, d.d, d.scale, d.window);
   };
 }
 
@@ -117,7 +118,7 @@ MLORA_OP(attention_backward) {
   return [=](Exec& ex) {
     MLORA_DISPATCH(ex, attention_backward, dq.as<float>(), dk.as<float>(), dv.as<float>(), dout.as<float>(),
                    q.as<float>(), k.as<float>(), v.as<float>(), out.as<float>(), lse.as<float>(), cu.as<int32_t>(),
-                   d.nseq, d.n, d.hq, d.hkv, d.d, d.scale);
+                   d.nseq, d.n, d.hq, d.hkv, d.d, d.scale, d.window);
   };
 }
 

@@ -6,11 +6,12 @@
 namespace mlora {
 namespace cpu {
 void attention_decode(Exec& ex, float* out, const float* q, const float* k_cache, const float* v_cache, int64_t nq,
-                      int64_t length, int64_t hq, int64_t hkv, int64_t d, float scale);
+                      int64_t length, int64_t hq, int64_t hkv, int64_t d, float scale, int64_t window);
 }
 
 // attention_decode: out [nq, hq·d] = causal attention of q [nq, hq·d] (the last nq positions)
-// over kCache/vCache [capacity, hkv·d] rows 0..length-1.
+// over kCache/vCache [capacity, hkv·d] rows 0..length-1; with 'window' W > 0 the query at
+// position p sees only rows p-W+1 .. p (as attention_forward).
 MLORA_OP(attention_decode) {
   TensorImpl out = a.tensor("out", {DType::F32});
   TensorImpl q = a.tensor("q", {DType::F32});
@@ -27,9 +28,10 @@ MLORA_OP(attention_decode) {
     a.fail("length " + std::to_string(length) + " must be in [" + std::to_string(nq) + ", " + std::to_string(kc.shape[0]) + "] (the cache capacity)");
   a.expect_distinct("out", out, "q", q);
   float scale = float(a.number("scale", 1.0 / std::sqrt(double(d))));
+  int64_t window = attention_window(a);
   return [=](Exec& ex) {
     if (ex.cuda()) throw Error("attention_decode runs on CPU devices only");
-    cpu::attention_decode(ex, out.as<float>(), q.as<float>(), kc.as<float>(), vc.as<float>(), nq, length, hq, hkv, d, scale);
+    cpu::attention_decode(ex, out.as<float>(), q.as<float>(), kc.as<float>(), vc.as<float>(), nq, length, hq, hkv, d, scale, window);
   };
 }
 

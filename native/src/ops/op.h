@@ -66,4 +66,12 @@ struct OpRegistrar {
 
 inline WeightRef weight(const TensorImpl& t) { return WeightRef{t.data(), t.dtype}; }
 
+// The optional trailing 'window' of the attention ops: 0 (default) = no sliding window, W > 0 =
+// query i sees keys j with i - W < j <= i.
+inline int64_t attention_window(Args& a) {
+  int64_t w = a.integer("window", 0);
+  if (w < 0) a.fail("argument 'window' must be >= 0 (0 = no sliding window), got " + std::to_string(w));
+  return w;
+}
+
 }  // namespace mlora

@@ -25,6 +25,19 @@ MLORA_OP(axpy) {
   return [=](Exec& ex) { MLORA_DISPATCH(ex, axpy, y.as<float>(), x.as<float>(), y.numel(), alpha); };
 }
 
+// add_bias: y[n, m] += b[m] on every row (a frozen base layer's bias; y's last dimension is m).
+MLORA_OP(add_bias) {
+  TensorImpl y = a.tensor("y", {DType::F32});
+  TensorImpl b = a.tensor("b", {DType::F32, DType::BF16, DType::F16});
+  if (b.shape.size() != 1 || b.shape[0] < 1) a.fail("argument 'b' must be 1-D [m] with m >= 1, got " + b.shape_str());
+  int64_t m = b.shape[0];
+  if (y.shape.empty() || y.shape.back() != m)
+    a.fail("argument 'y' has shape " + y.shape_str() + ", expected [*, " + std::to_string(m) + "] (m from b)");
+  a.expect_distinct("y", y, "b", b);
+  int64_t n = y.numel() / m;
+  return [=](Exec& ex) { MLORA_DISPATCH(ex, add_bias, y.as<float>(), weight(b), n, m); };
+}
+
 MLORA_OP(scale) {
   TensorImpl y = a.tensor("y", {DType::F32});
   float alpha = float(a.number("alpha"));

@@ -1,8 +1,8 @@
 // Shared test helpers: devices, seeded random data, and comparisons that print the max
 // difference (llm.c style) so a failing tolerance says by how much.
 import type { Test } from 'tap';
-import { openDevice, type Device } from '../lib/tensor.js';
-import { Rng } from '../lib/rng.js';
+import { openDevice, type Device } from '../../lib/tensor.js';
+import { Rng } from '../../lib/rng.js';
 
 export function cpuDevice(threads = 1, budget = 2 ** 30): Device {
   return openDevice('cpu:0', { threads, budget });

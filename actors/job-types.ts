@@ -1,0 +1,61 @@
+// The contract between the supervisor and what feeds it jobs (actors/jobs.ts, the CLI, tests):
+// where a job's micro-batches come from, what it starts from, and the hooks that save its
+// output. Both sides import this file, so neither imports the other for types.
+import type { AdapterConfig } from '../lib/config.js';
+import type { MicroBatch as LoaderMicroBatch } from '../lib/data/loader.js';
+import type { LoraSpec } from '../lib/lora/adapter.js';
+import type { AdapterState } from '../lib/lora/state.js';
+import type { JobEvent } from './protocol.js';
+
+/** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
+export type SourceMicroBatch = Pick<
+  LoaderMicroBatch,
+  'step' | 'microIndex' | 'microCount' | 'inputIds' | 'labels' | 'cuSeqlens' | 'positions' | 'numTokens' | 'numTargetTokens' | 'stepTargetTokens' | 'lastOfStep'
+>;
+
+export interface MicroBatchSource {
+  readonly totalSteps: number;
+  next(): SourceMicroBatch | null;
+  state(): unknown;
+  restore(state: unknown): void;
+}
+
+/** What the supervisor needs to run a job; built by `prepare` from the adapter config. */
+export interface PreparedJob {
+  spec: LoraSpec;
+  source: MicroBatchSource;
+  /** Micro-batches of held-out data (a fresh pass each call). */
+  evalSource?: () => MicroBatchSource;
+  initial: AdapterState;
+  /** Resume point: optimizer steps already taken. */
+  startStep?: number;
+  /** Resumed after NaN rollbacks: the learning-rate multiplier and how many rollbacks there were. */
+  lrScale?: number;
+  rollbacks?: number;
+}
+
+export interface SupervisorHooks {
+  /** Loads data and the initial state of a job. */
+  prepare(config: AdapterConfig): Promise<PreparedJob>;
+  /** Called with every event of every job (metrics files, progress display). */
+  onEvent?(ev: JobEvent): void;
+  /** Saves a checkpoint; returns its path. */
+  checkpoint?(job: JobView, state: AdapterState): Promise<string>;
+  /** Saves the finished adapter; returns its path. */
+  finish?(job: JobView, state: AdapterState): Promise<string>;
+}
+
+/** What a hook sees of a running job (Supervisor's Job). */
+export interface JobView {
+  readonly name: string;
+  readonly config: AdapterConfig;
+  readonly spec: LoraSpec;
+  /** Optimizer steps taken. */
+  readonly step: number;
+  readonly tokens: number;
+  readonly lastLoss: number;
+  readonly lrScale: number;
+  readonly rollbacks: number;
+  /** The data loader's position (restored on resume). */
+  sourceState(): unknown;
+}

@@ -1,0 +1,41 @@
+// Tiny seeded LLaMA models for the tests that need a whole model directory (config, weights,
+// tokenizer). Made by the same code as `mlora make-model`.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PRESETS } from '../../lib/model/config.js';
+import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { ensureModel, makeModel } from '../../scripts/cli/make-model.js';
+
+const CACHE = path.join(os.tmpdir(), 'mlora-test-models');
+
+/**
+ * The tiny preset (2 layers, hidden 64, vocab 512), made once per machine and seed in a shared
+ * cache. Test files run at once and may race to make it: the loser of a rename retries.
+ */
+export async function tinyModel(seed = 7): Promise<string> {
+  for (let i = 0; ; i++) {
+    try {
+      return await ensureModel(CACHE, 'tiny', seed);
+    } catch (e) {
+      if (i >= 20) throw e;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
+
+/** The tiny preset with `numLayers` layers, fresh in a temporary folder of its own. */
+export async function tinyModelWithLayers(numLayers: number, seed = 7): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-actors-'));
+  const config = { ...PRESETS.tiny, numLayers };
+  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
+  writeRandomLlama(dir, config, { seed });
+  return dir;
+}
+
+/** The tiny preset made in `dir` (a model the test owns and may change or delete; about 0.3 s). */
+export async function tinyModelIn(dir: string, seed = 0): Promise<string> {
+  await makeModel(dir, 'tiny', seed);
+  return dir;
+}
