@@ -1,8 +1,8 @@
 // The actor runtime: spawns one stage actor (worker thread) per device, wires the shared
-// slab, routes each micro-batch's Forward / Backward through the stages, applies optimizer
-// steps, watches heartbeats, and recovers from faults. Forward and Backward go from stage to
-// stage over a MessageChannel between the two workers (this thread only starts a micro-batch
-// on stage 0 and hears when it is done), so a busy supervisor never delays a hop.
+// slab and the channels between neighbouring stages, starts each micro-batch on stage 0,
+// applies optimizer steps, watches heartbeats, and recovers from faults. Forward and Backward
+// go from stage to stage over a MessageChannel between the two workers (this thread only
+// starts a micro-batch and hears when it is done), so a busy supervisor never delays a hop.
 //
 // Recovery model (exact, nothing lost, nothing applied twice): after every optimizer step of
 // an adapter the runtime keeps a host snapshot of its state (params + AdamW moments), and it
