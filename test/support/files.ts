@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import tap from 'tap';
 
 /** The repository root (tests run from dist/test/..., sources sit three folders up). */
 export const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -11,7 +12,11 @@ export const DEMO_DATA = path.join(REPO, 'data/demo');
 /** A fresh folder mlora-TAG-XXXXXX under the system temp dir, removed when `t` ends. */
 export function tmpDir(t: { teardown(fn: () => void): void }, tag = 'test'): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
-  t.teardown(() => fs.rmSync(d, { recursive: true, force: true }));
+  const remove = () => fs.rmSync(d, { recursive: true, force: true });
+  // a teardown on tap's root test makes it end at the next idle moment, before the file's
+  // top-level awaits are done ("assertion after automatic end"): the root's folders go at exit
+  if (t === (tap as unknown)) process.once('exit', remove);
+  else t.teardown(remove);
   return d;
 }
 
