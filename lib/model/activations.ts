@@ -134,11 +134,6 @@ export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number
   if (plan.last) {
     shapes.push(['xFinal', [rows, H]], ...headScratchShapes(c, numTokens, headBlockRows));
     if (plan.first) shapes.push(['dres', [rows, H]]);
-  } else if (holdsHead(plan)) {
-    // a head share runs the head alone, in calls of its own (StageProgram.runHead)
-    const head = headScratchShapes(c, numTokens, headBlockRows);
-    const floats = (l: typeof shapes) => l.reduce((n, [, shape]) => n + shape.reduce((a, b) => a * b, 1), 0);
-    if (floats(head) > floats(shapes)) return head;
   }
   return shapes;
 }
@@ -172,7 +167,10 @@ export function workBytes(config: LlamaConfig, numTokens: number, segments: Segm
 
 /** Bytes of the scratch a call over `rows` tokens holds while it runs (none at rest). */
 export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
-  return scratchShapes(config, plan, rows, headBlockRows).reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+  const bytes = (shapes: Array<[string, number[], unknown?]>) => shapes.reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+  const own = bytes(scratchShapes(config, plan, rows, headBlockRows));
+  // a head share runs the head in calls of its own (StageProgram.runHead): the larger of the two
+  return !plan.last && holdsHead(plan) ? Math.max(own, bytes(headScratchShapes(config, rows, headBlockRows))) : own;
 }
 
 /** Activation blocks are rounded up to size classes so the device's block cache reuses them. */
