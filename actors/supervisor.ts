@@ -716,7 +716,8 @@ export class Supervisor {
   private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[], transient: number[]): void {
     const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
-      const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
+      // at the step's first micro-batch: its others may be in flight with it, and one fault is one attempt of the step
+      const f = p.job.admittedInStep === 0 ? this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1) : undefined;
       if (f) {
         this.nanFaults.splice(this.nanFaults.indexOf(f), 1);
         void this.pipeline.poison(p.job.id);
