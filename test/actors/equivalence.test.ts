@@ -10,6 +10,8 @@
 // gradient norm for clipping is a sum over stages in stage order — so neither the stage
 // split nor which adapters share a BatchLoRA message changes a single bit. (The grouping does
 // differ: one stage packs both adapters in each message, two and three stages one each.)
+// Three stages give stage 1 a share of the LM head (lib/schedule/split.ts): the head has no
+// trainable weights and its rows are independent, so which stage computes a row changes no bit.
 //
 // With clipping ('arith', max_grad_norm 1 and gradient norms around 1-1.3, so it clips):
 // each stage reduces Σg² over its own slice in float32, and the supervisor adds the stages'
@@ -20,6 +22,11 @@
 // split in-thread and in workers (3 in-thread stages vs 3 stage actors) stays bitwise.
 import t from 'tap';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PRESETS } from '../../lib/model/config.js';
+import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 import { assertClose } from '../support/helpers.js';
 import { adapter, runJobs } from './util.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
@@ -75,6 +82,26 @@ await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the 
   t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
   t.equal(two.sup.peakInflight, 4, "all 4 micro-batches of a step were in flight at once");
   t.equal(one.sup.peakInflight, 1, 'the single-device trainer runs them one at a time');
+  const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+  t.same(losses(two.events), losses(one.events), 'per-step losses identical');
+});
+
+// A head larger than the layers (vocab 2048 on the tiny shape): whole layers cannot balance 2
+// stages, stage 0 takes a share of the head, whose scratch is then larger than its layers'.
+await t.test('a head share on the first stage vs the single-device trainer', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-share-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const config = { ...PRESETS.tiny, vocabSize: 2048 };
+  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
+  writeRandomLlama(dir, config, { seed: 3 });
+  const job = () => [adapter('wide', 'capitals', { seed: 4, max_steps: 2, max_grad_norm: undefined })];
+  const one = await runJobs({ model: dir, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
+  const two = await runJobs({ model: dir, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
+  t.ok(two.sup.pipeline.plans[0]!.headShare, `stage 0 runs a share of the head (${two.sup.pipeline.plans[0]!.headShare})`);
+  const [want, got] = [one.states.get('wide'), two.states.get('wide')];
+  t.ok(want && got, 'both runs finished the adapter');
+  if (!want || !got) return;
+  t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
   const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
   t.same(losses(two.events), losses(one.events), 'per-step losses identical');
 });
