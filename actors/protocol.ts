@@ -1,6 +1,7 @@
 // Every message and shared type between the supervisor and the stages, in one file.
 // Requests carry integer ids; replies name the id they answer. Tensor data never travels
 // inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
+import type { BaseFormat } from '../lib/model/weights.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import type { MicroBatchData, Segment, SegmentSpec, StagePlan } from '../lib/model/batch.js';
@@ -79,6 +80,8 @@ export interface InitMsg {
   budget: number;
   /** Activation recomputation (StageOptions.recompute). */
   recompute?: boolean;
+  /** The frozen base's compute dtype and quantization (lib/model/weights.ts). */
+  base?: BaseFormat;
   /** SharedArrayBuffers of the slot slab (actors/shm.ts). */
   slab: SharedArrayBuffer;
   slotCount: number;

@@ -13,6 +13,7 @@
 // the adapters whose step it belongs to. Rows of different adapters are independent in every
 // kernel and accumulation happens in the same order, so the result is bitwise the same as a
 // run without the fault.
+import type { BaseFormat } from '../lib/model/weights.js';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
@@ -42,6 +43,8 @@ export interface ActorPipelineOptions {
   inflight: number;
   /** Activation recomputation on every stage (StageOptions.recompute). */
   recompute?: boolean;
+  /** The frozen base's compute dtype and quantization on every stage. */
+  base?: BaseFormat;
   faults?: FaultSpec[];
   heartbeatMs?: number;
   /** A stage silent for this long (and at least 3× its slowest observed message) is declared hung. */
@@ -201,7 +204,7 @@ export class ActorPipeline implements Pipeline {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs, stages: this.plans.length, minEpoch: this.epoch, ...(o.recompute ? { recompute: true } : {}),
+      epochMs: this.epochMs, stages: this.plans.length, minEpoch: this.epoch, ...(o.recompute ? { recompute: true } : {}), ...(o.base ? { base: o.base } : {}),
     };
     const w = new Worker(STAGE_URL, { workerData: init });
     h.worker = w;

@@ -386,8 +386,8 @@ async function start(): Promise<void> {
     slab = new Slab(init.slab, init.slotCount, init.slotBytes);
     const device = openDevice(init.device, { threads: init.threads, budget: init.budget });
     const dir = openModelDir(init.modelDir);
-    const weights = await loadStageWeights(device, dir, init.plan);
-    program = new StageProgram(device, dir.config, init.plan, weights, { recompute: !!init.recompute });
+    const weights = await loadStageWeights(device, dir, init.plan, init.base ?? {});
+    program = new StageProgram(device, dir.config, init.plan, weights, { recompute: !!init.recompute, ...(init.base?.computeDtype ? { computeDtype: init.base.computeDtype } : {}) });
     send({ type: 'ready', id: init.id, stage: init.stage });
     void pump();
   } catch (e) {

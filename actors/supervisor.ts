@@ -7,7 +7,8 @@ import { availableParallelism } from 'node:os';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../lib/config.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type StagePlan } from '../lib/model/stage.js';
-import { loadStageWeights } from '../lib/model/weights.js';
+import { linearQuantization, loadStageWeights, type BaseFormat } from '../lib/model/weights.js';
+import type { QuantizeMode } from '../lib/io/bnb.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { native } from '../lib/native.js';
 import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
@@ -956,6 +957,10 @@ export interface StartOptions {
   batchlora?: boolean;
   /** Activation recomputation on every stage: less memory per micro-batch, one more layer forward per layer backward. */
   recompute?: boolean;
+  /** f32 (default) or bf16: bf16 base weights and GEMM operands, f32 accumulation; LoRA, gradients, AdamW and the loss stay f32. */
+  computeDtype?: 'f32' | 'bf16';
+  /** Quantize the base's decoder linears at load (QLoRA style): nf4, nf4-dq (double quantization) or int8. */
+  quantize?: QuantizeMode;
   inflight?: number;
   inflightPerAdapter?: number;
   adaptersPerMicroBatch?: number;
@@ -1019,13 +1024,15 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   const inflight = o.inflight ?? Math.max(1, 2 * S);
   // a head share is a stage actor's round trip; in this thread the last stage runs the whole head
   if (o.inProcess) layout.plans = layout.plans.map(({ headShare: _, ...p }) => p);
+  const base: BaseFormat = { ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}), ...(o.quantize ? { quantize: o.quantize } : {}) };
+  linearQuantization(dir, o.quantize); // a conflict with a pre-quantized checkpoint fails here, before any stage starts
   let pipeline: Pipeline;
   if (o.inProcess) {
     const stages: StageProgram[] = [];
     try {
       for (let s = 0; s < S; s++) {
         const device = openDevice(layout.devices[s]!, { threads: layout.threads[s]!, ...(layout.budgets[s] ? { budget: layout.budgets[s] } : {}) });
-        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!), { recompute: !!o.recompute }));
+        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!, base), { recompute: !!o.recompute, ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}) }));
       }
     } catch (e) {
       for (const st of stages) st.free();
@@ -1035,7 +1042,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     pipeline = await ActorPipeline.start({
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}),
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}), base,
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),

@@ -3,6 +3,7 @@
 // with zod before anything loads; an error names the field and the allowed values.
 import { z } from 'zod';
 import { LORA_TARGETS } from './model/config.js';
+import { QUANTIZE_MODES } from './io/bnb.js';
 
 /** Adapter names become folder names: letters, digits, '.', '_', '-'; no leading dot. */
 export const SAFE_NAME = /^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$/;
@@ -123,6 +124,13 @@ export const TrainConfigSchema = z
       })
       .default('auto'),
     output: z.string().min(1).default('mlora-output'),
+    /**
+     * Precision of the frozen base: f32, or bf16 (bf16 base weights, bf16 GEMM operands with f32
+     * accumulation; LoRA weights, gradients, AdamW state and the loss stay f32).
+     */
+    compute_dtype: z.enum(['f32', 'bf16']).default('f32'),
+    /** Quantize the base's decoder linears at load (QLoRA): nf4, nf4-dq (double quantization) or int8 (LLM.int8 row-wise). */
+    quantize: z.enum(QUANTIZE_MODES).optional(),
     adapters: z.array(AdapterSchema).min(1),
     pipeline: PipelineSchema.default(PipelineSchema.parse({})),
     log: LogSchema.default({ every: 1, progress: 'auto' }),

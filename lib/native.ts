@@ -6,7 +6,14 @@ import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export type DType = 'f32' | 'f16' | 'bf16' | 'i32';
+/** Element dtypes: each element has its own bytes. */
+export type ElementDType = 'f32' | 'f16' | 'bf16' | 'i32';
+/**
+ * Quantized 2-D base weights [rows, cols], one blob each (layout: lib/io/bnb.ts quantLayout):
+ * bitsandbytes NF4 (block 64), NF4 with double-quantized absmax, LLM.int8 row-wise int8 + SCB.
+ */
+export type QuantDType = 'nf4' | 'nf4dq' | 'int8';
+export type DType = ElementDType | QuantDType;
 
 export interface Tensor {
   readonly dtype: DType;
@@ -16,8 +23,8 @@ export interface Tensor {
   readonly freed: boolean;
   /** True when the tensor wraps JavaScript memory (e.g. a SharedArrayBuffer slot). */
   readonly borrowed: boolean;
-  /** A copy of the contents: Float32Array (f32), Int32Array (i32) or Uint16Array (f16/bf16 bits). */
-  read(): Float32Array | Int32Array | Uint16Array;
+  /** A copy of the contents: Float32Array (f32), Int32Array (i32), Uint16Array (f16/bf16 bits) or Uint8Array (a quantized blob). */
+  read(): Float32Array | Int32Array | Uint16Array | Uint8Array;
   write(src: Float32Array | Int32Array | Uint16Array, elementOffset?: number): void;
   /** A view of rows [start, end) of dimension 0, sharing storage. */
   rows(start: number, end: number): Tensor;
@@ -48,7 +55,7 @@ export interface NativeDevice {
   readonly threads: number;
   memory(): MemoryInfo;
   alloc(dtype: DType, shape: number[], options?: { zero?: boolean }): Tensor;
-  fromArray(dtype: DType, shape: number[], data: Float32Array | Int32Array | Uint16Array): Tensor;
+  fromArray(dtype: DType, shape: number[], data: Float32Array | Int32Array | Uint16Array | Uint8Array): Tensor;
   /** Zero-copy tensor over JS memory (CPU only). */
   wrap(data: Float32Array | Int32Array | Uint16Array, dtype: DType, shape: number[]): Tensor;
   /** Reads `shape` elements of `dtype` from a file at `byteOffset` straight into device memory. */
@@ -89,11 +96,13 @@ export type Op =
   | { op: 'scale'; y: Tensor; alpha: number }
   | { op: 'sumsq'; out: Tensor; xs: Tensor[] }
   | { op: 'nonfinite'; out: Tensor; x: Tensor }
-  | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number }
+  | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number; bf16?: boolean }
+  | { op: 'quantize'; dst: Tensor; src: Tensor }
+  | { op: 'dequantize'; dst: Tensor; src: Tensor }
   /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
-  | { op: 'fma_peak'; out: Tensor; iterations?: number }
-  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean }
-  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean }
+  | { op: 'fma_peak'; out: Tensor; iterations?: number; bf16?: boolean }
+  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
+  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }
   | { op: 'embedding_backward'; dtable: Tensor; dy: Tensor; ids: Tensor }
   | { op: 'rmsnorm_forward'; y: Tensor; rstd: Tensor; x: Tensor; w: Tensor; eps: number }
@@ -127,7 +136,7 @@ export type Op =
     };
 
 export interface NativeInfo {
-  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string };
+  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; amxBf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string; gemmBf16Kernel: string };
   cuda: {
     compiled: boolean;
     devices: number;

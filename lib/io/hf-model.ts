@@ -15,6 +15,7 @@ import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig, type
 import type { DType, NativeDevice, Tensor } from '../native.js';
 import { Rng } from '../rng.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
+import { bnbBlob, companionNames, parseQuantizationConfig, QUANT_DTYPE, type QuantizeMode } from './bnb.js';
 import {
   numel, openSafetensors, ST_DTYPE_SIZE, writeFileAtomic, writeSafetensors,
   type SafetensorsFile, type StDType, type StTensorInfo, type StTensorSource,
@@ -382,6 +383,14 @@ export function stageTensorNames(c: LlamaConfig, lo: number, hi: number, opts: {
 export interface ModelDir {
   dir: string;
   config: LlamaConfig;
+  /**
+   * A checkpoint saved quantized by bitsandbytes (config.json `quantization_config`): its 14·L
+   * decoder linears load as nf4 / nf4dq / int8 blobs; embeddings, norms and the LM head keep
+   * their dtype. Undefined for an ordinary checkpoint.
+   */
+  quantization?: QuantizeMode;
+  /** Whether `name` is stored quantized in this checkpoint. */
+  isQuantized(name: string): boolean;
   /** The safetensors files, in name order. */
   files: SafetensorsFile[];
   /** Every tensor name in the checkpoint (expected ones and any extra), in file order. */
@@ -426,7 +435,10 @@ const fmt = (s: readonly number[]) => `[${s.join(', ')}]`;
  * shape and a floating dtype.
  */
 export function openModelDir(dir: string): ModelDir {
-  const config = readModelConfig(dir);
+  const configFile = path.join(dir, 'config.json');
+  const configJson = readJson(configFile, configFile);
+  const config = parseModelConfig(configJson, configFile);
+  const quantization = parseQuantizationConfig((configJson as Record<string, unknown>).quantization_config, configFile);
   const fileMap = new Map<string, SafetensorsFile>(); // tensor → file
   const files: SafetensorsFile[] = [];
   const indexPath = path.join(dir, INDEX);
@@ -459,7 +471,10 @@ export function openModelDir(dir: string): ModelDir {
   }
 
   const expected = expectedTensors(config);
-  const missing = [...expected.keys()].filter((n) => !fileMap.has(n));
+  // Which tensors bitsandbytes quantized: every decoder linear (transformers keeps lm_head out).
+  const quantized = new Set<string>();
+  if (quantization) for (let i = 0; i < config.numLayers; i++) for (const t of LORA_TARGETS) quantized.add(`model.layers.${i}.${projectionModule(t)}.weight`);
+  const missing = [...expected.keys()].flatMap((n) => [n, ...(quantized.has(n) ? companionNames(n, quantization!).filter((c) => !c.endsWith('weight_format')) : [])]).filter((n) => !fileMap.has(n));
   if (missing.length) {
     const where = files.length === 1 ? files[0]!.path : `${dir} (${INDEX})`;
     throw new Error(
@@ -469,21 +484,30 @@ export function openModelDir(dir: string): ModelDir {
   for (const [n, shape] of expected) {
     const st = fileMap.get(n)!;
     const i = st.tensors.get(n)!;
+    if (quantized.has(n)) {
+      const want = quantization === 'int8' ? 'I8' : 'U8';
+      if (i.dtype !== want) throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; config.json's quantization_config (${quantization}) stores it as ${want}`);
+      continue; // its shape and statistics are checked when its blob is assembled (bnbBlob)
+    }
     if (!sameShape(i.shape, shape)) {
       throw new Error(`${st.path}: tensor '${n}' has shape ${fmt(i.shape)} but config.json implies ${fmt(shape)}`);
     }
     if (!['F32', 'F16', 'BF16', 'F64'].includes(i.dtype)) throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; weights must be F32, F16 or BF16`);
   }
   const tensorNames = [...fileMap.keys()];
-  const extraTensors = tensorNames.filter((n) => !expected.has(n));
+  const companions = new Set([...quantized].flatMap((n) => companionNames(n, quantization!)));
+  const extraTensors = tensorNames.filter((n) => !expected.has(n) && !companions.has(n));
 
   const fileOf = (name: string): SafetensorsFile => {
     const f = fileMap.get(name);
     if (!f) throw new Error(`${dir}: the model has no tensor '${name}'`);
     return f;
   };
+  const source = (name: string) => ({ file: fileOf(name), name });
   return {
     dir, config, files, tensorNames, extraTensors,
+    ...(quantization ? { quantization } : {}),
+    isQuantized: (name) => quantized.has(name),
     warnings: files.flatMap((f) => f.warnings),
     fileOf,
     info: (name) => fileOf(name).info(name),
@@ -492,6 +516,11 @@ export function openModelDir(dir: string): ModelDir {
       const f = fileOf(name);
       const i = f.info(name);
       const want = options.expectShape ?? expected.get(name);
+      if (quantized.has(name)) {
+        const dt = QUANT_DTYPE[quantization!];
+        if (options.dtype && options.dtype !== dt) throw new Error(`${f.path}: tensor '${name}' is stored ${quantization}; it loads as ${dt}, not ${options.dtype}`);
+        return device.fromArray(dt, [...want!], bnbBlob(source, name, quantization!, want!));
+      }
       if (want && !sameShape(i.shape, want)) throw new Error(`${f.path}: tensor '${name}' has shape ${fmt(i.shape)}, expected ${fmt(want)}`);
       return f.toDevice(device, name, options.dtype ? { dtype: options.dtype } : {});
     },
@@ -505,16 +534,21 @@ export function openModelDir(dir: string): ModelDir {
       }
       return out;
     },
-    readF32: (name) => fileOf(name).readF32(name),
+    readF32: (name) => {
+      if (quantized.has(name)) throw new Error(`${dir}: tensor '${name}' is stored ${quantization}; load it to a device (loadTensor) and dequantize it there`);
+      return fileOf(name).readF32(name);
+    },
     stats() {
       let parameters = 0;
       let bytes = 0;
       const dtypes: Record<string, number> = {};
       for (const n of expected.keys()) {
         const i = fileOf(n).info(n);
-        parameters += numel(i.shape);
+        parameters += numel(quantized.has(n) ? expected.get(n)! : i.shape);
         bytes += i.end - i.begin;
-        dtypes[i.dtype] = (dtypes[i.dtype] ?? 0) + 1;
+        if (quantized.has(n)) for (const c of companionNames(n, quantization!)) if (fileMap.has(c)) bytes += fileOf(c).info(c).end - fileOf(c).info(c).begin;
+        const key = quantized.has(n) ? quantization! : i.dtype;
+        dtypes[key] = (dtypes[key] ?? 0) + 1;
       }
       return { tensors: expected.size, parameters, bytes, dtypes };
     },

@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import type { DType, NativeDevice, Tensor } from '../native.js';
+import type { DType, ElementDType, NativeDevice, Tensor } from '../native.js';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from './dtype.js';
 
 /** The dtypes of the safetensors format we know. The native core takes F32, F16, BF16, I32. */
@@ -34,7 +34,7 @@ export type StArray =
   | Int32Array | Uint32Array | Int16Array | Int8Array | Uint8Array;
 
 /** Native dtype <-> safetensors dtype. */
-export const NATIVE_TO_ST: Readonly<Record<DType, StDType>> = { f32: 'F32', f16: 'F16', bf16: 'BF16', i32: 'I32' };
+export const NATIVE_TO_ST: Readonly<Record<ElementDType, StDType>> = { f32: 'F32', f16: 'F16', bf16: 'BF16', i32: 'I32' };
 export function nativeDType(d: StDType): DType | undefined {
   return d === 'F32' ? 'f32' : d === 'F16' ? 'f16' : d === 'BF16' ? 'bf16' : d === 'I32' ? 'i32' : undefined;
 }

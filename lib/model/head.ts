@@ -17,6 +17,8 @@ export interface HeadContext {
   readonly headBlockRows: number;
   /** Logits only for rows that have a target; false: for every row. */
   readonly gatherTargets: boolean;
+  /** The head's GEMMs with bf16 operands (StageOptions.computeDtype); the loss stays f32. */
+  readonly bf16: boolean;
 }
 
 /**
@@ -79,13 +81,13 @@ export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tenso
     const e = Math.min(M, b + h.headBlockRows);
     const logits = view(s.logits!, [e - b, c.vocabSize]);
     const xb = tmp(x.rows(b, e));
-    ops.push({ op: 'linear_forward', y: logits, x: xb, w: h.head });
+    ops.push({ op: 'linear_forward', y: logits, x: xb, w: h.head, bf16: h.bf16 });
     if (withGrad) {
       ops.push({
         op: 'cross_entropy_backward', losses: tmp(loss.rows(b, e)), dlogits: logits, logits,
         labels: tmp(lab.rows(b, e)), weights: tmp(wt.rows(b, e)),
       });
-      ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: h.head });
+      ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: h.head, bf16: h.bf16 });
     } else {
       ops.push({ op: 'cross_entropy_forward', losses: tmp(loss.rows(b, e)), logits, labels: tmp(lab.rows(b, e)) });
     }
@@ -109,5 +111,5 @@ export function logitsOps(h: HeadContext, ops: Op[], N: number, xFinal: Tensor, 
   const c = h.config;
   const xf = view(s.xf!, [N, c.hiddenSize]);
   ops.push({ op: 'rmsnorm_forward', y: xf, rstd: view(s.rstdf!, [N]), x: xFinal, w: h.norm, eps: c.rmsNormEps });
-  ops.push({ op: 'linear_forward', y: out, x: xf, w: h.head });
+  ops.push({ op: 'linear_forward', y: out, x: xf, w: h.head, bf16: h.bf16 });
 }

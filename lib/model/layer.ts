@@ -39,6 +39,8 @@ export interface LayerContext {
   readonly sin: Tensor;
   /** The resident adapter of a segment (its A/B for this stage's layers, its spec). */
   adapter(id: number): StageAdapter;
+  /** The base projections' GEMMs with bf16 operands (StageOptions.computeDtype). */
+  readonly bf16: boolean;
 }
 
 /**
@@ -154,7 +156,7 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
 
 /** y (=, or += with accumulate) = x·Wᵀ (+ bias) + Σ_segments LoRA(x) */
 function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true, bias?: Tensor) {
-  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate });
+  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16 });
   if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
   if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
@@ -162,7 +164,7 @@ function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, targe
 
 /** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB) */
 function projBack(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
-  ops.push({ op: 'linear_backward', dx, dy, w, accumulate });
+  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: ctx.bf16 });
   const segments = loraSegments(ctx, mb, layer, target, acts, true);
   if (segments.length) ops.push({ op: 'lora_backward', dx, dy, x, segments });
 }

@@ -68,6 +68,12 @@ export interface StageOptions {
    * more forward of compute.
    */
   recompute?: boolean;
+  /**
+   * bf16: the frozen base's GEMMs (projections and LM head, forward and dX) round their operands
+   * to bf16 and accumulate in f32 (vdpbf16ps where the CPU has it). LoRA, attention, norms, the
+   * loss, gradients and AdamW stay f32. The weights' storage is chosen at load (lib/model/weights.ts).
+   */
+  computeDtype?: 'f32' | 'bf16';
 }
 
 export class StageProgram implements LayerContext {
@@ -79,6 +85,8 @@ export class StageProgram implements LayerContext {
   /** See StageOptions.gatherTargets; may be switched between calls (benchmarks compare both on one program). */
   gatherTargets: boolean;
   readonly recompute: boolean;
+  /** StageOptions.computeDtype === 'bf16' */
+  readonly bf16: boolean;
   readonly qDim: number;
   readonly kvDim: number;
 
@@ -103,6 +111,7 @@ export class StageProgram implements LayerContext {
     this.headBlockRows = options.headBlockRows ?? defaultHeadBlockRows(c);
     this.gatherTargets = options.gatherTargets ?? true;
     this.recompute = options.recompute ?? false;
+    this.bf16 = options.computeDtype === 'bf16';
   }
 
   // ---- adapters
@@ -473,7 +482,7 @@ export class StageProgram implements LayerContext {
   }
 
   private head(): HeadContext {
-    return { config: this.config, norm: this.weights.norm!, head: this.weights.head!, headBlockRows: this.headBlockRows, gatherTargets: this.gatherTargets };
+    return { config: this.config, norm: this.weights.norm!, head: this.weights.head!, headBlockRows: this.headBlockRows, gatherTargets: this.gatherTargets, bf16: this.bf16 };
   }
 }
 

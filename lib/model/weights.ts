@@ -1,42 +1,86 @@
 // Loads the frozen base weights one stage needs (its layers, plus the embedding on the first
 // stage and the final norm + LM head on the last) from a Hugging Face model directory,
 // straight from the safetensors files into device memory.
+//
+// The base's format (BaseFormat): with compute_dtype bf16 the float weights are kept in bf16;
+// with `quantize` the decoder linears are quantized on the device as they load (QLoRA style:
+// embeddings, norms and the LM head keep their dtype), and a checkpoint saved quantized by
+// bitsandbytes loads its linears as they are stored.
 import type { Device, Tensor, DType } from '../tensor.js';
+import type { QuantDType } from '../native.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
+import { QUANT_DTYPE, quantLayout, type QuantizeMode } from '../io/bnb.js';
+import { LORA_TARGETS, projectionShape } from './config.js';
 import { holdsHead, type StagePlan } from './batch.js';
 import type { LayerWeights } from './layer.js';
 import type { StageWeights } from './stage.js';
 
-export interface LoadWeightsOptions {
+/** How the frozen base is held and computed with (config compute_dtype / quantize). */
+export interface BaseFormat {
+  /** f32 (default), or bf16: bf16 base weights and GEMM operands, f32 accumulation. */
+  computeDtype?: 'f32' | 'bf16';
+  /** Quantize the decoder linears at load. */
+  quantize?: QuantizeMode;
+}
+
+export interface LoadWeightsOptions extends BaseFormat {
   /** Storage dtype on the device: keep the file's (default) or convert (e.g. f32 → bf16). */
   dtype?: DType;
+}
+
+/** The quantization the decoder linears end up in (the checkpoint's, or the one asked for), checked for conflicts. */
+export function linearQuantization(dir: ModelDir, quantize?: QuantizeMode): QuantizeMode | undefined {
+  if (dir.quantization && quantize && quantize !== dir.quantization) {
+    throw new Error(`${dir.dir}: the checkpoint is saved quantized as ${dir.quantization} (config.json quantization_config); quantize: ${quantize} cannot re-quantize it (omit quantize, or set it to ${dir.quantization})`);
+  }
+  return dir.quantization ?? quantize;
+}
+
+/** The dtype float base weights are stored in on the device. */
+function floatDtype(dir: ModelDir, o: LoadWeightsOptions): DType | undefined {
+  return o.dtype ?? (o.computeDtype === 'bf16' ? 'bf16' : undefined);
 }
 
 export async function loadStageWeights(device: Device, model: ModelDir | string, plan: StagePlan, options: LoadWeightsOptions = {}): Promise<StageWeights> {
   const dir = typeof model === 'string' ? openModelDir(model) : model;
   const c = dir.config;
   const loaded: Tensor[] = [];
+  const q = linearQuantization(dir, options.quantize);
+  const wd = floatDtype(dir, options);
   const load = async (name: string, dtype?: DType) => {
     const t = await dir.loadTensor(device, name, dtype ? { dtype } : {});
     loaded.push(t);
     return t;
   };
+  // A decoder linear: as stored when the checkpoint is quantized, else quantized here from the
+  // file's floats (one float tensor at a time is resident beside the quantized ones).
+  const linear = async (name: string) => {
+    if (!q || dir.isQuantized(name)) return load(name, dir.isQuantized(name) ? undefined : wd);
+    const src = await dir.loadTensor(device, name);
+    try {
+      const t = device.alloc(QUANT_DTYPE[q], src.shape);
+      loaded.push(t);
+      await device.run([{ op: 'quantize', dst: t, src }]);
+      return t;
+    } finally {
+      src.free();
+    }
+  };
   // Norm weights are tiny and read every step: keep them f32.
-  const wd = options.dtype;
   try {
     const layers: LayerWeights[] = [];
     for (let i = plan.lo; i < plan.hi; i++) {
       const p = `model.layers.${i}.`;
       layers.push({
         attnNorm: await load(`${p}input_layernorm.weight`, 'f32'),
-        q: await load(`${p}self_attn.q_proj.weight`, wd),
-        k: await load(`${p}self_attn.k_proj.weight`, wd),
-        v: await load(`${p}self_attn.v_proj.weight`, wd),
-        o: await load(`${p}self_attn.o_proj.weight`, wd),
+        q: await linear(`${p}self_attn.q_proj.weight`),
+        k: await linear(`${p}self_attn.k_proj.weight`),
+        v: await linear(`${p}self_attn.v_proj.weight`),
+        o: await linear(`${p}self_attn.o_proj.weight`),
         mlpNorm: await load(`${p}post_attention_layernorm.weight`, 'f32'),
-        gate: await load(`${p}mlp.gate_proj.weight`, wd),
-        up: await load(`${p}mlp.up_proj.weight`, wd),
-        down: await load(`${p}mlp.down_proj.weight`, wd),
+        gate: await linear(`${p}mlp.gate_proj.weight`),
+        up: await linear(`${p}mlp.up_proj.weight`),
+        down: await linear(`${p}mlp.down_proj.weight`),
         // biases and q/k norm weights are small: f32 like the norms
         ...(c.qkvBias
           ? { qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'), kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'), vBias: await load(`${p}self_attn.v_proj.bias`, 'f32') }
@@ -63,21 +107,35 @@ export function freeStageWeights(w: StageWeights): void {
   for (const t of all) if (t && !seen.has(t)) (seen.add(t), t.free());
 }
 
-/** Bytes the base weights of a stage take on its device. */
-export function stageWeightBytes(dir: ModelDir, plan: StagePlan, dtype?: DType): number {
+/** Bytes the base weights of a stage take on its device (as the allocator counts them), by part. */
+export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: LoadWeightsOptions = {}): { linears: number; other: number; linearFormat: string; floatFormat: DType } {
   const c = dir.config;
   const size = (d: DType) => (d === 'f32' || d === 'i32' ? 4 : 2);
   const fileDtype: DType = c.torchDtype === 'bfloat16' ? 'bf16' : c.torchDtype === 'float16' ? 'f16' : 'f32';
-  const wb = size(dtype ?? fileDtype);
-  const H = c.hiddenSize, I = c.intermediateSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim;
+  const fd = floatDtype(dir, options) ?? fileDtype;
+  const wb = size(fd);
+  const q = linearQuantization(dir, options.quantize);
+  const H = c.hiddenSize;
   const round = (b: number) => Math.max(256, Math.ceil(b / 256) * 256);
+  const linearBytes = (out: number, inp: number) => round(q ? quantLayout(QUANT_DTYPE[q] as QuantDType, out, inp).bytes : out * inp * wb);
+  let linears = 0;
   let bytes = 0;
   for (let i = plan.lo; i < plan.hi; i++) {
-    bytes += 2 * round(H * 4) + round(q * H * wb) + 2 * round(kv * H * wb) + round(H * q * wb) + 2 * round(I * H * wb) + round(H * I * wb);
-    if (c.qkvBias) bytes += round(q * 4) + 2 * round(kv * 4);
+    bytes += 2 * round(H * 4);
+    for (const t of LORA_TARGETS) {
+      const [out, inp] = projectionShape(c, t);
+      linears += linearBytes(out, inp);
+    }
+    if (c.qkvBias) bytes += round(c.numHeads * c.headDim * 4) + 2 * round(c.numKvHeads * c.headDim * 4);
     if (c.qkNorm) bytes += 2 * round(c.headDim * 4);
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
   if (holdsHead(plan)) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
-  return bytes;
+  return { linears, other: bytes, linearFormat: q ?? fd, floatFormat: fd };
+}
+
+/** Bytes the base weights of a stage take on its device. */
+export function stageWeightBytes(dir: ModelDir, plan: StagePlan, options: LoadWeightsOptions = {}): number {
+  const b = stageWeightBreakdown(dir, plan, options);
+  return b.linears + b.other;
 }

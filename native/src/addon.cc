@@ -24,10 +24,10 @@ AddonData* data_of(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
 }
 
 DType parse_dtype(Napi::Env env, Napi::Value v, const char* what) {
-  if (!v.IsString()) throw_js(env, std::string(what) + ": dtype must be a string (f32, f16, bf16, i32)");
+  if (!v.IsString()) throw_js(env, std::string(what) + ": dtype must be a string (f32, f16, bf16, i32, nf4, nf4dq, int8)");
   DType d;
   std::string s = v.As<Napi::String>().Utf8Value();
-  if (!dtype_from_name(s, &d)) throw_js(env, std::string(what) + ": unknown dtype '" + s + "' (f32, f16, bf16, i32)");
+  if (!dtype_from_name(s, &d)) throw_js(env, std::string(what) + ": unknown dtype '" + s + "' (f32, f16, bf16, i32, nf4, nf4dq, int8)");
   return d;
 }
 
@@ -58,8 +58,8 @@ bool typed_array_matches(napi_typedarray_type t, DType d) {
     case DType::I32: return t == napi_int32_array;
     case DType::F16:
     case DType::BF16: return t == napi_uint16_array;
+    default: return t == napi_uint8_array;  // a quantized blob, byte for byte (QuantLayout)
   }
-  return false;
 }
 
 struct TypedView {
@@ -170,6 +170,7 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
       throw_js(env, std::string("Tensor.read: ") + e.what());
     }
   }
+  if (dtype_quantized(impl.dtype)) return Napi::Uint8Array::New(env, impl.nbytes(), ab, 0);
   switch (impl.dtype) {
     case DType::F32: return Napi::Float32Array::New(env, n, ab, 0);
     case DType::I32: return Napi::Int32Array::New(env, n, ab, 0);
@@ -181,6 +182,7 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "write");
+  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) + " tensor is written whole, by Device.fromArray or a quantize op");
   TypedView src = typed_view(env, info[0], "Tensor.write");
   if (!typed_array_matches(src.type, impl.dtype))
     throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
@@ -204,6 +206,7 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "rows");
+  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.rows: a ") + dtype_name(impl.dtype) + " tensor has no row views");
   if (!info[0].IsNumber() || !info[1].IsNumber()) throw_js(env, "Tensor.rows(start, end): start and end must be numbers");
   double s = info[0].As<Napi::Number>().DoubleValue(), e = info[1].As<Napi::Number>().DoubleValue();
   if (s != double(int64_t(s)) || e != double(int64_t(e)) || s < 0 || e < s || e > double(impl.shape[0]))
@@ -219,6 +222,7 @@ Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Reshape(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "reshape");
+  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.reshape: a ") + dtype_name(impl.dtype) + " tensor keeps its shape");
   std::vector<int64_t> s = parse_shape(env, info[0], "Tensor.reshape");
   TensorImpl v = impl;
   v.shape = s;
@@ -329,6 +333,8 @@ static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& 
   TensorImpl t;
   t.dtype = dt;
   t.shape = std::move(shape);
+  if (dtype_quantized(dt) && t.shape.size() != 2)
+    throw_js(env, std::string("a ") + dtype_name(dt) + " tensor is a 2-D weight [rows, cols], got shape " + t.shape_str());
   auto st = std::make_shared<Storage>();
   st->device = dev;
   st->bytes = t.nbytes();
@@ -364,6 +370,9 @@ Napi::Value JsDevice::FromArray(const Napi::CallbackInfo& info) {
   if (!typed_array_matches(src.type, dt))
     throw_js(env, std::string("Device.fromArray: the typed array does not hold ") + dtype_name(dt) + " elements");
   TensorImpl t = new_tensor(env, state, dt, shape, false);
+  if (dtype_quantized(dt) && src.bytes != t.nbytes())
+    throw_js(env, "Device.fromArray: a " + std::string(dtype_name(dt)) + " " + t.shape_str() + " blob has " +
+                      std::to_string(t.nbytes()) + " bytes, the array has " + std::to_string(src.bytes));
   if (src.bytes != t.nbytes())
     throw_js(env, "Device.fromArray: the array has " + std::to_string(src.bytes / dtype_size(dt)) +
                       " elements, shape " + t.shape_str() + " needs " + std::to_string(t.numel()));
@@ -383,6 +392,7 @@ Napi::Value JsDevice::Wrap(const Napi::CallbackInfo& info) {
   TypedView src = typed_view(env, info[0], "Device.wrap");
   DType dt = parse_dtype(env, info[1], "Device.wrap");
   auto shape = parse_shape(env, info[2], "Device.wrap");
+  if (dtype_quantized(dt)) throw_js(env, "Device.wrap: quantized tensors are made by fromArray or a quantize op");
   TensorImpl t;
   t.dtype = dt;
   t.shape = shape;
@@ -466,6 +476,7 @@ Napi::Value JsDevice::LoadFile(const Napi::CallbackInfo& info) {
   double off = info[1].As<Napi::Number>().DoubleValue();
   if (!(off >= 0) || off != double(int64_t(off))) throw_js(env, "Device.loadFile: offset must be a non-negative integer");
   DType dt = parse_dtype(env, info[2], "Device.loadFile");
+  if (dtype_quantized(dt)) throw_js(env, "Device.loadFile: quantized tensors are made by fromArray or a quantize op");
   auto shape = parse_shape(env, info[3], "Device.loadFile");
   TensorImpl t = new_tensor(env, state, dt, shape, false);
   auto* w = new LoadFileWorker(env, info[0].As<Napi::String>().Utf8Value(), int64_t(off), t);
@@ -592,9 +603,11 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cpu.Set("avx2", f.avx2 && f.fma);
   cpu.Set("avx512f", f.avx512f);
   cpu.Set("avx512bf16", f.avx512bf16);
+  cpu.Set("amxBf16", f.amx_bf16);
   cpu.Set("f16c", f.f16c);
   cpu.Set("hardwareThreads", double(std::max(1u, std::thread::hardware_concurrency())));
   cpu.Set("gemmKernel", cpu_gemm_kernel_name());
+  cpu.Set("gemmBf16Kernel", cpu_gemm_bf16_kernel_name());
   o.Set("cpu", cpu);
   Napi::Object cu = Napi::Object::New(env);
   std::string why;

@@ -14,7 +14,7 @@ import { describeSplit, type SplitProfile } from '../../lib/schedule/split.js';
 import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
-import { stageWeightBytes } from '../../lib/model/weights.js';
+import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weights.js';
 import { StageAdapter } from '../../lib/lora/adapter.js';
 import { loraSpec } from '../../actors/jobs.js';
 import { parseFault } from '../../lib/faults.js';
@@ -38,6 +38,8 @@ options:
   --fault SPEC       inject a fault (repeatable), e.g. crash:stage=1,after=7 (see README)
   --threads N        CPU threads per device
   --memory BYTES     byte budget per device (e.g. 4GiB)
+  --compute-dtype D  f32 | bf16: precision of the frozen base (config compute_dtype)
+  --quantize Q       nf4 | nf4-dq | int8: quantize the base's decoder linears at load (config quantize)
   --fast             the demo on the tiny model, a few steps (tests, smoke checks)
   --progress MODE    auto | bar | plain | none`;
 
@@ -138,6 +140,10 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   });
   out(`model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`);
   out(describeSplit(layout.plans, layout.devices));
+  const baseFormat = { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) };
+  const q = linearQuantization(dir, cfg.quantize);
+  const fmt0 = stageWeightBreakdown(dir, layout.plans[0]!, baseFormat);
+  out(`base: compute ${cfg.compute_dtype}; decoder linears ${q ? `${q}${dir.quantization ? ' (as saved by bitsandbytes)' : ' (quantized at load)'}` : fmt0.linearFormat}; embeddings and LM head ${fmt0.floatFormat}, norms f32`);
   const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
   const S = layout.plans.length;
   const per = cfg.pipeline.batchlora ? adaptersPerMessage(cfg.adapters.length, S, cfg.pipeline.adapters_per_micro_batch) : 1;
@@ -145,7 +151,8 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   const tokens = group.reduce((s, g) => s + g.tokens, 0);
   out(`\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`);
   layout.plans.forEach((p, s) => {
-    const base = stageWeightBytes(dir, p);
+    const parts = stageWeightBreakdown(dir, p, baseFormat);
+    const base = parts.linears + parts.other;
     const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi), 0);
     const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
     const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
@@ -154,7 +161,7 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
     const total = base + ad + act * inflight + scratch;
     const budget = layout.budgets[s]!;
     out(
-      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)}, adapters ${formatBytes(ad)}, ` +
+      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)} (linears ${formatBytes(parts.linears)} ${parts.linearFormat}, rest ${formatBytes(parts.other)}), adapters ${formatBytes(ad)}, ` +
         `activations ${formatBytes(act)}${cfg.pipeline.recompute ? " (layer inputs: recompute)" : ""} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
         (budget ? `, headroom ${formatBytes(budget - total)}` : ''),
     );
@@ -192,6 +199,7 @@ export async function main(argv: string[]): Promise<number> {
         devices: { type: 'string' }, output: { type: 'string' }, resume: { type: 'boolean' }, 'dry-run': { type: 'boolean' },
         fault: { type: 'string', multiple: true }, threads: { type: 'string' }, memory: { type: 'string' }, fast: { type: 'boolean' },
         progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' },
+        'compute-dtype': { type: 'string' }, quantize: { type: 'string' },
       },
     });
   } catch (e) {
@@ -217,6 +225,8 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (args.values.devices) raw.devices = args.values.devices === 'auto' ? 'auto' : args.values.devices.split(',').map((s) => s.trim());
   if (args.values.output) raw.output = path.resolve(args.values.output);
+  if (args.values['compute-dtype']) raw.compute_dtype = args.values['compute-dtype'];
+  if (args.values.quantize) raw.quantize = args.values.quantize;
   const pipe = (raw.pipeline ?? {}) as Record<string, unknown>;
   if (args.values.threads) pipe.threads = Number(args.values.threads);
   if (args.values.memory) pipe.memory = args.values.memory;
@@ -241,6 +251,7 @@ export async function main(argv: string[]): Promise<number> {
     sup = await Supervisor.start({
       model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg), output: cfg.output, resume: !!args.values.resume, faults,
       batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
+      computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),
       ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),

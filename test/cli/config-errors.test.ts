@@ -25,7 +25,7 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
   ['missing adapters', (c) => delete c.adapters, 'adapters: is required: a list of adapters, each with at least name and data'],
   ['no adapters', (c) => (c.adapters = []), 'adapters: must have at least 1 item'],
   ['missing data', (c) => delete c.adapters[0].data, 'adapters[0].data: is required: the path of a JSON/JSONL dataset file'],
-  ['unknown top-level field', (c) => (c.epochs = 3), "(top level): unknown field(s) 'epochs' (allowed: model, devices, output, adapters, pipeline, log)"],
+  ['unknown top-level field', (c) => (c.epochs = 3), "(top level): unknown field(s) 'epochs' (allowed: model, devices, output, compute_dtype, quantize, adapters, pipeline, log)"],
   [
     'unknown adapter field',
     (c) => (c.adapters[0].learning_rate = 1e-3),

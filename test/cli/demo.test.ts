@@ -73,7 +73,7 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
   t.match(r.out, /stage 0 on cpu:0: layers 0-0 \+ embedding\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/);
   t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from 2 adapter\(s\), 4 in flight\):/);
   for (const s of [0, 1]) {
-    t.match(r.out, new RegExp(`  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ KiB, adapters [\\d.]+ KiB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`));
+    t.match(r.out, new RegExp(`  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ KiB \\(linears [\\d.]+ KiB f32, rest [\\d.]+ KiB\\), adapters [\\d.]+ KiB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`));
   }
   t.match(r.out, /admission order: capitals, arithmetic, reverse, sentiment/);
   t.match(r.out, /estimated throughput: ~\d+ tokens\/s/);

@@ -66,3 +66,25 @@ t.test('a resume with a changed data/LoRA config is refused, naming the checkpoi
   t.equal(r.code, 1);
   t.match(r.out + r.err, /checkpoint-1: was written with a different data\/LoRA\/batch config for 'capitals'; cannot resume/);
 });
+
+t.test('on an NF4 base (--quantize nf4, 2 stages): a resumed run ends bitwise where the uninterrupted one does; the adapters are plain PEFT', async (t) => {
+  const dir = t.testdir();
+  const model = await tinyModelIn(path.join(dir, 'model'));
+  const full = path.join(dir, 'full');
+  const cfg = smallConfig(model, full, { steps: 4, saveEvery: 2 });
+  cfg.adapters = cfg.adapters.slice(0, 1);
+  const a = mlora(['train', writeJson(path.join(dir, 'full.json'), cfg), '--quantize', 'nf4']);
+  t.equal(a.code, 0, `uninterrupted NF4 run: ${a.err}`);
+  const part = path.join(dir, 'part');
+  fs.cpSync(full, part, { recursive: true });
+  fs.rmSync(path.join(part, 'metrics.jsonl'));
+  fs.rmSync(path.join(part, 'capitals', 'adapter_model.safetensors'));
+  t.same(listCheckpoints(path.join(part, 'capitals')).map((c) => c.step), [2], 'the copy stands after step 2\'s checkpoint');
+  const b = mlora(['train', writeJson(path.join(dir, 'part.json'), { ...cfg, output: part }), '--quantize', 'nf4', '--resume']);
+  t.equal(b.code, 0, `resumed NF4 run: ${b.err}`);
+  t.same(readMetrics(part).filter((r) => r.type === 'step').map((r) => r.step), [3, 4], 'continued from step 2');
+  sameWeights(t, path.join(full, 'capitals', 'adapter_model.safetensors'), path.join(part, 'capitals', 'adapter_model.safetensors'), 'capitals');
+  const ac = JSON.parse(fs.readFileSync(path.join(full, 'capitals', 'adapter_config.json'), 'utf8')) as Record<string, unknown>;
+  t.equal(ac.peft_type, 'LORA', 'adapter_config.json is an ordinary PEFT LoRA config');
+  t.equal(ac.base_model_name_or_path !== undefined, true, 'it names its base model');
+});

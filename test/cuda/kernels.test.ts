@@ -47,7 +47,7 @@ t.test('a CUDA device without a GPU is a clear Error, never a crash', { skip: in
 // ------------------------------------------------------------------------------------------
 // GPU branch: CUDA vs CPU
 
-type Arr = Float32Array | Int32Array | Uint16Array;
+type Arr = Float32Array | Int32Array | Uint16Array | Uint8Array;
 interface Input {
   dtype: DType;
   shape: number[];

@@ -50,6 +50,9 @@ export interface RunOptions {
   heartbeatMs?: number;
   maxStageFailures?: number;
   inflight?: number;
+  /** The frozen base's format (Supervisor.start computeDtype / quantize). */
+  quantize?: 'nf4' | 'nf4-dq' | 'int8';
+  computeDtype?: 'f32' | 'bf16';
   /** Give up (reject) after this long: a recovery that never ends is a failure, not a hang. */
   timeoutMs?: number;
 }
@@ -73,6 +76,7 @@ export async function run(o: RunOptions): Promise<RunResult> {
     model: o.model, devices: ['cpu:0', 'cpu:1'], threads: 1, memory: '256MiB', maxTokens: 512,
     faults: o.faults ?? [], onFault: (f) => faults.push(f), onEvent: (e) => events.push(e),
     ...(o.inflight ? { inflight: o.inflight } : {}),
+    ...(o.quantize ? { quantize: o.quantize } : {}), ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}),
     ...(o.output ? { output: o.output } : {}), resume: !!o.resume,
     heartbeatMs: o.heartbeatMs ?? 50, hangTimeoutMs: o.hangTimeoutMs ?? 1500,
     ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),

@@ -10,12 +10,11 @@
 // measure the error relative to S = |alpha|·Σ|a||b| + |beta|·|c|, and allow 8·u·(√k + 1): wide
 // enough to never flake, while any wrong element (a missed or doubled term) is off by O(1).
 import t, { type Test } from 'tap';
-import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { native } from '../../lib/native.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, randn } from '../support/helpers.js';
+import { assertClose, cpuDevice, eachGemmKernel, randn } from '../support/helpers.js';
 import { toHalf } from '../support/half.js';
 
 type WType = 'f32' | 'bf16' | 'f16';
@@ -189,25 +188,5 @@ t.test('alpha = 0 scales C by beta without reading A or B', async (t) => {
 });
 
 if (!child) {
-  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', async (t) => {
-    const info = native().info();
-    const have: Record<string, boolean> = { scalar: true, avx2: info.cpu.avx2, avx512: info.cpu.avx512f };
-    for (const kernel of ['scalar', 'avx2', 'avx512']) {
-      const skip = have[kernel] ? false : `this CPU does not have ${kernel}`;
-      await t.test(`MLORA_GEMM_KERNEL=${kernel}`, { skip }, async (t) => {
-        const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url)], {
-          env: { ...process.env, MLORA_GEMM_KERNEL: kernel, MLORA_GEMM_CHILD: '1' },
-          encoding: 'utf8',
-          timeout: 300_000,
-        });
-        const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
-        const failed = /^\s*not ok/m.test(out);
-        const passes = (out.match(/^\s*ok \d+/gm) ?? []).length;
-        t.ok(r.status === 0 && !failed && passes > 0, `${kernel}: child exited ${r.status}, ${passes} ok lines`, {
-          diagnostic: r.status !== 0 || failed,
-          output: out.slice(-3000),
-        });
-      });
-    }
-  });
+  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) => eachGemmKernel(t, fileURLToPath(import.meta.url)));
 }

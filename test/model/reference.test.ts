@@ -15,7 +15,7 @@ import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';
 import { assemble } from '../../actors/supervisor.js';
-import { fixtureBatch as packFixture } from './fixture.js';
+import { first4, fixtureBatch as packFixture, setupFixture } from './fixture.js';
 import { cpuDevice, assertClose } from '../support/helpers.js';
 import { readFileSync } from 'node:fs';
 
@@ -30,19 +30,7 @@ interface Ref {
 }
 const ref = JSON.parse(readFileSync(path.join(fixtures, 'ref.json'), 'utf8')) as Ref;
 
-async function setup(threads = 1, options: StageOptions = {}) {
-  const dir = openModelDir(path.join(fixtures, 'model'));
-  const config = dir.config;
-  const device = cpuDevice(threads);
-  const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
-  const weights = await loadStageWeights(device, dir, plan);
-  const program = new StageProgram(device, config, plan, weights, options);
-  const ad = loadAdapter(path.join(fixtures, 'adapter'));
-  const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
-  const flat = fromAdapterWeights(config, spec, ad, 'adapter');
-  program.addAdapter(1, spec, flat);
-  return { dir, config, device, program, spec, flat };
-}
+const setup = (threads = 1, options: StageOptions = {}) => setupFixture(path.join(fixtures, 'model'), path.join(fixtures, 'adapter'), threads, options);
 
 /** The fixture batch (2 rows of 24 tokens) packed as two sequences of one adapter. */
 function fixtureBatch(program: StageProgram) {
@@ -52,15 +40,7 @@ function fixtureBatch(program: StageProgram) {
 t.test('loss, logits and every LoRA gradient match the independent float64 implementation', async (t) => {
   const { config, program, spec } = await setup();
   const { mb, tokens, count } = fixtureBatch(program);
-  const logits = await program.logits(mb, tokens);
-  const T = ref.input_ids[0]!.length;
-  const V = config.vocabSize;
-  const want: number[] = [];
-  const got: number[] = [];
-  for (let b = 0; b < 2; b++) for (let p = 0; p < 4; p++) for (let v = 0; v < V; v++) {
-    want.push(ref.logits_first4[b]![p]![v]!);
-    got.push(logits[(b * T + p) * V + v]!);
-  }
+  const { got, want } = first4(await program.logits(mb, tokens), ref, config.vocabSize);
   // f32 vs f64: that implementation's own f32 run is 7e-7 away; our kernels sum in other orders
   assertClose(t, got, want, { atol: 2e-5, rtol: 1e-4 }, 'logits of the first 4 positions');
   const losses = await program.trainLast(mb, tokens);

@@ -1,6 +1,8 @@
 // Shared test helpers: devices, seeded random data, and comparisons that print the max
 // difference (llm.c style) so a failing tolerance says by how much.
 import type { Test } from 'tap';
+import { spawnSync } from 'node:child_process';
+import { native } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
 
@@ -63,4 +65,37 @@ export function gemmRef(
       for (let j = 0; j < n; j++) c[i * n + j]! += av * (transB ? b[j * k + p]! : b[p * n + j]!);
     }
   return c;
+}
+
+/**
+ * Reruns a test file in a child process once per GEMM micro-kernel this CPU has, with
+ * MLORA_GEMM_KERNEL forcing it (and MLORA_GEMM_CHILD=1, so the child skips this step).
+ */
+export async function eachGemmKernel(t: Test, file: string, bf16Kernels = false): Promise<void> {
+  const info = native().info();
+  const have: Record<string, boolean> = { scalar: true, avx2: info.cpu.avx2, avx512: info.cpu.avx512f };
+  // bf16Kernels: also each bf16-compute kernel of the AVX-512 family (MLORA_GEMM_BF16_KERNEL)
+  const runs: Array<[string, Record<string, string>, string | false]> = [
+    ...['scalar', 'avx2', 'avx512'].map((k): [string, Record<string, string>, string | false] => [`MLORA_GEMM_KERNEL=${k}`, { MLORA_GEMM_KERNEL: k }, have[k] ? false : `this CPU does not have ${k}`]),
+    ...(bf16Kernels ? ([
+      ['MLORA_GEMM_BF16_KERNEL=avx512bf16', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'avx512bf16' }, info.cpu.avx512bf16 ? false : 'this CPU does not have AVX512_BF16'],
+      ['MLORA_GEMM_BF16_KERNEL=emu', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'emu' }, info.cpu.avx512f ? false : 'this CPU does not have avx512'],
+    ] as Array<[string, Record<string, string>, string | false]>) : []),
+  ];
+  for (const [label, vars, skip] of runs) {
+    await t.test(label, { skip }, async (t) => {
+      const r = spawnSync(process.execPath, [file], {
+        env: { ...process.env, ...vars, MLORA_GEMM_CHILD: '1' },
+        encoding: 'utf8',
+        timeout: 300_000,
+      });
+      const out = `${r.stdout ?? ''}${r.stderr ?? ''}`;
+      const failed = /^\s*not ok/m.test(out);
+      const passes = (out.match(/^\s*ok \d+/gm) ?? []).length;
+      t.ok(r.status === 0 && !failed && passes > 0, `${label}: child exited ${r.status}, ${passes} ok lines`, {
+        diagnostic: r.status !== 0 || failed,
+        output: out.slice(-3000),
+      });
+    });
+  }
 }

@@ -14,11 +14,54 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { RUN_DEFAULTS } from './util.js';
 import { tinyModel } from '../support/models.js';
 import { demoData, tmpDir } from '../support/files.js';
+import { loadStageWeights, freeStageWeights, stageWeightBreakdown, stageWeightBytes, type BaseFormat } from '../../lib/model/weights.js';
+import { PRESETS } from '../../lib/model/config.js';
+import type { ModelDir } from '../../lib/io/hf-model.js';
+import { cpuDevice } from '../support/helpers.js';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-for (const recompute of [false, true]) t.test(`adapter, activation and scratch bytes equal the allocator counts${recompute ? ' (recompute)' : ''}`, async (t) => {
+t.test('the base weights take exactly the bytes stageWeightBytes says, in every format', async (t) => {
+  const tiny = await tinyModel();
+  const quantDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/quant');
+  const cases: Array<[string, BaseFormat]> = [
+    [tiny, {}], [tiny, { computeDtype: 'bf16' }], [tiny, { quantize: 'nf4' }], [tiny, { quantize: 'nf4-dq' }], [tiny, { quantize: 'int8' }],
+    [tiny, { quantize: 'nf4', computeDtype: 'bf16' }],
+    [path.join(quantDir, 'nf4/model'), {}], [path.join(quantDir, 'nf4-dq/model'), {}], [path.join(quantDir, 'int8/model'), {}],
+  ];
+  for (const [model, fmt] of cases) {
+    const dir = openModelDir(model);
+    const n = dir.config.numLayers;
+    for (const plan of [{ lo: 0, hi: n, first: true, last: true }, { lo: 0, hi: 1, first: true, last: false }, { lo: 1, hi: n, first: false, last: true }]) {
+      const d = cpuDevice(1);
+      const u0 = d.memory().used;
+      const w = await loadStageWeights(d, dir, plan, fmt);
+      const got = d.memory().used - u0;
+      const parts = stageWeightBreakdown(dir, plan, fmt);
+      t.equal(got, stageWeightBytes(dir, plan, fmt), `${path.basename(path.dirname(model))}/${path.basename(model)} ${JSON.stringify(fmt)} layers [${plan.lo}, ${plan.hi}): ${got} bytes (linears ${parts.linears} as ${parts.linearFormat})`);
+      freeStageWeights(w);
+      t.equal(d.memory().used, u0, 'and all of them come back when freed');
+    }
+  }
+});
+
+t.test('the 1b preset in NF4: what its base takes (estimate, the allocator is exact as above)', async (t) => {
+  const config = PRESETS['1b'];
+  const dir = { config, dir: '1b', isQuantized: () => false } as unknown as ModelDir;
+  const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
+  const bf16 = stageWeightBreakdown(dir, plan);
+  const nf4 = stageWeightBreakdown(dir, plan, { quantize: 'nf4' });
+  const dq = stageWeightBreakdown(dir, plan, { quantize: 'nf4-dq' });
+  t.comment(`1b base: bf16 ${(bf16.linears + bf16.other) / 1e9} GB; nf4 linears ${nf4.linears / 1e9} GB + embeddings/head/norms (bf16) ${nf4.other / 1e9} GB; nf4-dq linears ${dq.linears / 1e9} GB`);
+  t.ok(dq.linears + dq.other - 2 * config.vocabSize * config.hiddenSize * 2 <= 0.7e9, 'the quantized part of the base (decoder layers) in nf4-dq is ≤ 0.7 GB');
+  t.ok(nf4.linears <= 0.56e9, `nf4 decoder linears ${nf4.linears} ≤ 0.56 GB (4.5 bits per weight)`);
+  t.ok(nf4.linears < bf16.linears / 3.5, 'nf4 linears are < 1/3.5 of their bf16 size');
+});
+
+for (const [recompute, quantize] of [[false, undefined], [true, undefined], [false, 'nf4']] as const) t.test(`adapter, activation and scratch bytes equal the allocator counts${recompute ? ' (recompute)' : ''}${quantize ? ` (${quantize} base)` : ''}`, async (t) => {
   const model = await tinyModel();
   const dir = tmpDir(t);
-  const sup = await Supervisor.start({ ...RUN_DEFAULTS, model, recompute });
+  const sup = await Supervisor.start({ ...RUN_DEFAULTS, model, recompute, ...(quantize ? { quantize } : {}) });
   t.teardown(() => sup.close());
   const lp = sup.pipeline as LocalPipeline;
   const st = lp.stages[0]!;

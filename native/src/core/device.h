@@ -109,7 +109,10 @@ struct TensorImpl {
     for (auto d : shape) n *= d;
     return n;
   }
-  size_t nbytes() const { return size_t(numel()) * dtype_size(dtype); }
+  size_t nbytes() const {
+    if (dtype_quantized(dtype)) return shape.size() == 2 ? quant_layout(dtype, shape[0], shape[1]).bytes : 0;
+    return size_t(numel()) * dtype_size(dtype);
+  }
   void* data() const { return static_cast<char*>(storage->ptr) + offset; }
   template <typename T>
   T* as() const { return static_cast<T*>(data()); }

@@ -1,6 +1,8 @@
-// Element types the core knows. Compute is f32; f16/bf16 are storage formats for base
-// weights (converted in the GEMM's packing or on load); i32 holds token ids, positions and
-// sequence offsets.
+// Element types the core knows. Compute is f32 (or bf16 GEMM operands with f32 accumulation);
+// f16/bf16 are storage formats for base weights (converted in the GEMM's packing or on load);
+// i32 holds token ids, positions and sequence offsets. nf4, nf4dq and int8 are quantized 2-D
+// weights [rows, cols] in the bitsandbytes formats (see QuantLayout), dequantized while a GEMM
+// packs its panels; a tensor of those dtypes is one blob (codes + statistics).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -8,7 +10,9 @@
 
 namespace mlora {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, I32 = 3 };
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, I32 = 3, NF4 = 4, NF4DQ = 5, INT8 = 6 };
+
+inline bool dtype_quantized(DType t) { return t == DType::NF4 || t == DType::NF4DQ || t == DType::INT8; }
 
 inline size_t dtype_size(DType t) {
   switch (t) {
@@ -16,8 +20,8 @@ inline size_t dtype_size(DType t) {
     case DType::F16: return 2;
     case DType::BF16: return 2;
     case DType::I32: return 4;
+    default: return 0;  // quantized: no per-element size (quant_layout)
   }
-  return 0;
 }
 
 inline const char* dtype_name(DType t) {
@@ -26,6 +30,9 @@ inline const char* dtype_name(DType t) {
     case DType::F16: return "f16";
     case DType::BF16: return "bf16";
     case DType::I32: return "i32";
+    case DType::NF4: return "nf4";
+    case DType::NF4DQ: return "nf4dq";
+    case DType::INT8: return "int8";
   }
   return "?";
 }
@@ -35,6 +42,9 @@ inline bool dtype_from_name(const std::string& s, DType* out) {
   if (s == "f16" || s == "float16") { *out = DType::F16; return true; }
   if (s == "bf16" || s == "bfloat16") { *out = DType::BF16; return true; }
   if (s == "i32" || s == "int32") { *out = DType::I32; return true; }
+  if (s == "nf4") { *out = DType::NF4; return true; }
+  if (s == "nf4dq") { *out = DType::NF4DQ; return true; }
+  if (s == "int8") { *out = DType::INT8; return true; }
   return false;
 }
 
@@ -102,16 +112,65 @@ inline uint16_t f32_to_f16(float f) {
   return uint16_t(h);
 }
 
-// A read-only view of a weight matrix in whatever storage dtype it has.
+// Byte layout of a quantized weight blob [rows, cols] (n = rows·cols elements, flat row-major,
+// as bitsandbytes flattens it). Every section starts on a 64-byte boundary.
+//   nf4:   codes  u8[ceil(n/2)]   two 4-bit NF4 indices per byte, element 2j in the high nibble
+//          absmax f32[blocks]     per block of 64 consecutive elements
+//   nf4dq: codes as nf4; absmax u8[blocks] (8-bit dynamic code of absmax - offset),
+//          code f32[256] (the dynamic code), offset f32, nested f32[ceil(blocks/256)]
+//          (absmax of each 256-block of the 8-bit absmax codes)
+//   int8:  codes  i8[n]           row-wise: w = (CB · SCB[row]) · (1/127)
+//          absmax f32[rows]       SCB
+constexpr int64_t kNf4Block = 64, kNf4NestedBlock = 256;
+struct QuantLayout {
+  size_t absmax = 0, code = 0, offset = 0, nested = 0, bytes = 0;
+  int64_t blocks = 0, nested_blocks = 0;
+};
+inline size_t align64(size_t x) { return (x + 63) & ~size_t(63); }
+inline QuantLayout quant_layout(DType t, int64_t rows, int64_t cols) {
+  QuantLayout l;
+  const int64_t n = rows * cols;
+  if (t == DType::INT8) {
+    l.absmax = align64(size_t(n));
+    l.blocks = rows;
+    l.bytes = l.absmax + size_t(rows) * 4;
+    return l;
+  }
+  l.blocks = (n + kNf4Block - 1) / kNf4Block;
+  l.absmax = align64(size_t((n + 1) / 2));
+  if (t == DType::NF4) {
+    l.bytes = l.absmax + size_t(l.blocks) * 4;
+    return l;
+  }
+  l.nested_blocks = (l.blocks + kNf4NestedBlock - 1) / kNf4NestedBlock;
+  l.code = align64(l.absmax + size_t(l.blocks));
+  l.offset = l.code + 256 * 4;
+  l.nested = align64(l.offset + 4);
+  l.bytes = l.nested + size_t(l.nested_blocks) * 4;
+  return l;
+}
+
+// The bitsandbytes NF4 code book (functional.py get_4bit_type; kernels.cu nf4_dequantization_lut).
+inline constexpr float kNf4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+// A read-only view of a weight matrix in whatever storage dtype it has. rows/cols are only
+// needed (and only set) for quantized weights; bf16_compute asks the GEMM to round both
+// operands to bf16 and accumulate in f32.
 struct WeightRef {
   const void* ptr = nullptr;
   DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+  bool bf16_compute = false;
   float at(int64_t i) const {
     switch (dtype) {
       case DType::F32: return static_cast<const float*>(ptr)[i];
       case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(ptr)[i]);
       case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(ptr)[i]);
-      default: return 0.f;
+      default: return 0.f;  // quantized: dequant_scalar (cpu/quant.cc)
     }
   }
 };

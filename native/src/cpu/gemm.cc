@@ -14,6 +14,16 @@
 //
 // Micro-kernels are picked at run time (cpu_features, or MLORA_GEMM_KERNEL=scalar|avx2|avx512
 // to force one for testing): AVX-512F 12×32, AVX2+FMA 6×16 and a portable 4×8 fallback.
+//
+// bf16 compute (WeightRef::bf16_compute): both operands are rounded to bf16 (nearest even),
+// products accumulate in f32. B panels are packed as bf16 pairs, one 32-bit word per (k, k+1).
+// With AMX-BF16 a 32×32 micro-kernel runs tdpbf16ps on tiles (A row-major bf16); with
+// AVX512_BF16 alone a 12×32 micro-kernel runs vdpbf16ps (two multiply-adds per lane per
+// instruction; on some CPUs, e.g. the AMX ones, it issues at a quarter of the FMA rate, which is
+// why AMX comes first). Elsewhere the f32 kernels run on panels whose values are rounded to bf16
+// while packing: the same products, so the same numbers up to summation order.
+//
+// Quantized weights (nf4, nf4dq, int8) are dequantized while B is packed (pack_b_quant).
 // Function-level `target` attributes keep the rest of the binary plain x86-64.
 //
 // Scratch: the B panel and one A block per pool thread live in one 64-byte aligned buffer
@@ -30,6 +40,7 @@
 
 #include "../kernels.h"
 #include "cpu_features.h"
+#include "quant.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -39,6 +50,8 @@
 #endif
 
 namespace mlora {
+using cpu::dequant_run;
+using cpu::Isa;
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -56,17 +69,29 @@ using PackA = void (*)(float* dst, const float* a, bool trans, int64_t lda, int6
                        int64_t kc, int mr);
 using FmaPeak = double (*)(int64_t iters);  // returns flops done
 
+// Turns an f32 B sliver [kc][nr] into bf16 pairs [ceil(kc/2)][nr] (32-bit words, k even in the low half).
+using PackPairs = void (*)(uint32_t* dst, const float* src, int64_t kc, int nr);
+
 struct GemmKernel {
   const char* name;
+  Isa isa;  // of the dequantizer quantized weights go through (quant.cc)
   int mr, nr;
   int64_t mc, kc, nc;  // cache blocking: mc % mr == 0, nc % nr == 0
   MicroKernel ukr;
   PackA pack_a;
-  PackB pack_b;
+  PackB pack_b;  // f32 slivers (for a bf16-pair kernel: the f32 sliver that pairs converts)
   FmaPeak peak;
+  PackPairs pairs = nullptr;  // set: panels hold bf16 pairs (the ukr reads ceil(kc/2) words per row)
+  bool round_b = false;       // bf16 emulation: B values rounded to bf16 after packing
+  int kpad = 2;               // pairs kernels: k is zero-padded to a multiple of this (AMX tiles: 32)
 };
 
-constexpr int kMaxMR = 16, kMaxNR = 32;
+// Packed words per row of a sliver for a k block of kc values.
+inline int64_t packed_k(const GemmKernel& K, int64_t kc) {
+  return K.pairs ? (kc + K.kpad - 1) / K.kpad * K.kpad / 2 : kc;
+}
+
+constexpr int kMaxMR = 32, kMaxNR = 32;
 
 // ---------------------------------------------------------------------------------------
 // Portable parts
@@ -407,9 +432,8 @@ AVX2_TARGET double peak_avx2(int64_t iters) {
 
 constexpr int AVX512_MR = 12, AVX512_NR = 32;
 
-AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                    int64_t ldc, float alpha, float beta) {
-  __m512 acc[AVX512_MR][2];
+// Zeroes a 12×32 tile's accumulators and prefetches its C rows.
+AVX512_TARGET inline void init_tile_avx512(__m512 (&acc)[AVX512_MR][2], const float* c, int64_t ldc) {
 #pragma GCC unroll 12
   for (int i = 0; i < AVX512_MR; i++) {
     acc[i][0] = _mm512_setzero_ps();
@@ -418,18 +442,11 @@ AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 31), _MM_HINT_T0);
   }
-  for (int64_t p = 0; p < kc; p++) {
-    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
-    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-#pragma GCC unroll 12
-    for (int i = 0; i < AVX512_MR; i++) {
-      const __m512 av = _mm512_set1_ps(a[i]);
-      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
-    }
-    a += AVX512_MR;
-    b += AVX512_NR;
-  }
+}
+
+// c = alpha·acc + beta·c for a 12×32 tile (c is not read when beta == 0).
+AVX512_TARGET inline void store_tile_avx512(const __m512 (&acc)[AVX512_MR][2], float* c, int64_t ldc, float alpha,
+                                            float beta) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 12
   for (int i = 0; i < AVX512_MR; i++) {
@@ -442,6 +459,25 @@ AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const
     _mm512_storeu_ps(ci, r0);
     _mm512_storeu_ps(ci + 16, r1);
   }
+}
+
+AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                                    int64_t ldc, float alpha, float beta) {
+  __m512 acc[AVX512_MR][2];
+  init_tile_avx512(acc, c, ldc);
+  for (int64_t p = 0; p < kc; p++) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
+    const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < AVX512_MR; i++) {
+      const __m512 av = _mm512_set1_ps(a[i]);
+      acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
+    }
+    a += AVX512_MR;
+    b += AVX512_NR;
+  }
+  store_tile_avx512(acc, c, ldc, alpha, beta);
 }
 
 AVX512_TARGET double peak_avx512(int64_t iters) {
@@ -463,17 +499,253 @@ AVX512_TARGET double peak_avx512(int64_t iters) {
 
 #endif  // MLORA_X86
 
+// ---------------------------------------------------------------------------------------
+// bf16 compute
+
+// Emulation for CPUs without AVX512_BF16: the f32 kernel on operands rounded to bf16.
+void round_bf16(float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i++) p[i] = bf16_to_f32(f32_to_bf16(p[i]));
+}
+
+template <PackA P>
+void pack_a_round(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0, int64_t kc,
+                  int mr) {
+  P(dst, a, trans, lda, i0, im, p0, kc, mr);
+  round_bf16(dst, kc * mr);
+}
+
+#ifdef MLORA_X86
+#define AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
+
+// A sliver as bf16 pairs: dst[q*mr + ii] = (a[i, p0+2q], a[i, p0+2q+1]). A row converted to bf16
+// contiguously already is its pairs in order; they are then spread to stride mr.
+AVX512BF16_TARGET void pack_a_pairs(float* dst_f, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im,
+                                    int64_t p0, int64_t kc, int mr) {
+  uint32_t* dst = reinterpret_cast<uint32_t*>(dst_f);
+  const int64_t kw = (kc + 1) / 2;
+  if (trans || im < mr) std::memset(dst, 0, size_t(kw * mr) * 4);
+  if (trans) {  // op(A)[i, p] = a[p*lda + i] (LoRA-style products; not on the base GEMMs' hot path)
+    for (int64_t p = 0; p < kc; p++)
+      for (int64_t ii = 0; ii < im; ii++) {
+        uint32_t h = f32_to_bf16(a[(p0 + p) * lda + i0 + ii]);
+        dst[(p >> 1) * mr + ii] |= (p & 1) ? h << 16 : h;
+      }
+    return;
+  }
+  alignas(64) uint32_t row[512];
+  for (int64_t ii = 0; ii < im; ii++) {
+    const float* s = a + (i0 + ii) * lda + p0;
+    for (int64_t q0 = 0; q0 < kw; q0 += 512) {  // kc ≤ 1024 per chunk of row
+      const int64_t qn = std::min<int64_t>(512, kw - q0), p_end = std::min(kc, 2 * (q0 + qn));
+      int64_t p = 2 * q0;
+      for (; p + 32 <= p_end; p += 32) {
+        __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p));
+        _mm512_store_si512(reinterpret_cast<__m512i*>(row + (p / 2 - q0)), reinterpret_cast<__m512i&>(h));
+      }
+      for (; p < p_end; p += 2) {
+        uint32_t lo = f32_to_bf16(s[p]), hi = p + 1 < kc ? f32_to_bf16(s[p + 1]) : 0;
+        row[p / 2 - q0] = lo | (hi << 16);
+      }
+      for (int64_t q = 0; q < qn; q++) dst[(q0 + q) * mr + ii] = row[q];
+    }
+  }
+}
+
+AVX512BF16_TARGET void pairs_avx512(uint32_t* dst, const float* src, int64_t kc, int nr) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t p = 0; p < kc; p += 2) {
+    const float* r0 = src + p * nr;
+    const float* r1 = r0 + nr;
+    uint32_t* d = dst + (p / 2) * nr;
+    for (int j = 0; j < nr; j += 16) {
+      const __m512 v0 = _mm512_loadu_ps(r0 + j), v1 = p + 1 < kc ? _mm512_loadu_ps(r1 + j) : zero;
+      __m256bh h0 = _mm512_cvtneps_pbh(v0), h1 = _mm512_cvtneps_pbh(v1);
+      const __m512i w0 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(h0));
+      const __m512i w1 = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i&>(h1));
+      _mm512_storeu_si512(reinterpret_cast<__m512i*>(d + j), _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16)));
+    }
+  }
+}
+
+// 12×32 tile over ceil(kc/2) bf16 pairs: per pair, 2 B vectors, 12 broadcast A pairs, 24 vdpbf16ps.
+AVX512BF16_TARGET void ukr_avx512bf16_12x32(int64_t kc, const float* __restrict a_f, const float* __restrict b_f,
+                                            float* c, int64_t ldc, float alpha, float beta) {
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(a_f);
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(b_f);
+  __m512 acc[AVX512_MR][2];
+  init_tile_avx512(acc, c, ldc);
+  const int64_t kw = (kc + 1) / 2;
+  for (int64_t q = 0; q < kw; q++) {
+    _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
+    const __m512i b0i = _mm512_load_si512(b), b1i = _mm512_load_si512(b + 16);
+    const __m512bh b0 = reinterpret_cast<const __m512bh&>(b0i), b1 = reinterpret_cast<const __m512bh&>(b1i);
+#pragma GCC unroll 12
+    for (int i = 0; i < AVX512_MR; i++) {
+      const __m512i avi = _mm512_set1_epi32(int(a[i]));
+      const __m512bh av = reinterpret_cast<const __m512bh&>(avi);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], av, b1);
+    }
+    a += AVX512_MR;
+    b += AVX512_NR;
+  }
+  store_tile_avx512(acc, c, ldc, alpha, beta);
+}
+
+AVX512BF16_TARGET double peak_avx512bf16(int64_t iters) {
+  // 24 independent vdpbf16ps chains (as many as the micro-kernel keeps), 32 multiply-adds each.
+  __m512 x[24];
+  for (int i = 0; i < 24; i++) x[i] = _mm512_set1_ps(1.0f + 0.01f * float(i));
+  __m512i ai = _mm512_set1_epi32(0x3f7f3f7f), bi = _mm512_set1_epi32(0x33d633d6);  // ~0.996, ~1e-7
+  for (int64_t t = 0; t < iters; t++) {
+    const __m512bh a = reinterpret_cast<const __m512bh&>(ai), b = reinterpret_cast<const __m512bh&>(bi);
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) x[i] = _mm512_dpbf16_ps(x[i], a, b);
+    __asm__ volatile("" : "+v"(ai));  // keeps the operands in registers, opaque to the optimiser
+  }
+  __m512 s = x[0];
+  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, x[i]);
+  alignas(64) float out[16];
+  _mm512_store_ps(out, s);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(iters) * 24 * 32 * 2;
+}
+
+// AMX (TMUL): a 32×32 tile of C in four 16×16 f32 tile registers; per 32 k values two A tiles
+// (16 rows × 32 bf16) and two B tiles (16 k pairs × 16 columns) and four tdpbf16ps (16·16·32
+// multiply-adds each). B slivers are the bf16-pair layout of the vdpbf16ps kernel (a tile is
+// 16 pair rows of 64 bytes, stride 128); A slivers are row-major bf16, kp values per row.
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16,avx2,fma,f16c")))
+constexpr int AMX_MR = 32, AMX_NR = 32, AMX_KB = 32;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+AMX_TARGET inline void amx_configure() {
+  thread_local bool configured = false;  // tile configuration is per-thread CPU state
+  if (configured) return;
+  TileConfig cfg;
+  for (int t = 0; t < 8; t++) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  _tile_loadconfig(&cfg);
+  configured = true;
+}
+
+// A sliver: dst[ii*kp + p] = bf16(op(A)[i0+ii, p0+p]), zero past kc and past im.
+AMX_TARGET void pack_a_amx(float* dst_f, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                           int64_t kc, int mr) {
+  uint16_t* dst = reinterpret_cast<uint16_t*>(dst_f);
+  const int64_t kp = (kc + AMX_KB - 1) / AMX_KB * AMX_KB;
+  std::memset(dst, 0, size_t(mr * kp) * 2);
+  for (int64_t ii = 0; ii < im; ii++) {
+    uint16_t* d = dst + ii * kp;
+    if (trans) {
+      for (int64_t p = 0; p < kc; p++) d[p] = f32_to_bf16(a[(p0 + p) * lda + i0 + ii]);
+      continue;
+    }
+    const float* s = a + (i0 + ii) * lda + p0;
+    int64_t p = 0;
+    for (; p + 32 <= kc; p += 32) {
+      __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s + p + 16), _mm512_loadu_ps(s + p));
+      _mm512_storeu_si512(reinterpret_cast<__m512i*>(d + p), reinterpret_cast<__m512i&>(h));
+    }
+    for (; p < kc; p++) d[p] = f32_to_bf16(s[p]);
+  }
+}
+
+AMX_TARGET void ukr_amx_32x32(int64_t kc, const float* __restrict a_f, const float* __restrict b_f, float* c,
+                              int64_t ldc, float alpha, float beta) {
+  amx_configure();
+  const uint16_t* a = reinterpret_cast<const uint16_t*>(a_f);
+  const uint32_t* b = reinterpret_cast<const uint32_t*>(b_f);
+  const int64_t kp = (kc + AMX_KB - 1) / AMX_KB * AMX_KB;
+  const int64_t a_stride = kp * 2;  // bytes per A row
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k0 = 0; k0 < kp; k0 += AMX_KB) {
+    _tile_loadd(4, a + k0, a_stride);
+    _tile_loadd(5, a + 16 * kp + k0, a_stride);
+    const uint32_t* bk = b + (k0 / 2) * AMX_NR;
+    _tile_loadd(6, bk, AMX_NR * 4);
+    _tile_loadd(7, bk + 16, AMX_NR * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float acc[AMX_MR * AMX_NR];
+  _tile_stored(0, acc, AMX_NR * 4);
+  _tile_stored(1, acc + 16, AMX_NR * 4);
+  _tile_stored(2, acc + 16 * AMX_NR, AMX_NR * 4);
+  _tile_stored(3, acc + 16 * AMX_NR + 16, AMX_NR * 4);
+  const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+  for (int i = 0; i < AMX_MR; i++) {
+    float* ci = c + i * ldc;
+    for (int j = 0; j < AMX_NR; j += 16) {
+      __m512 r = _mm512_mul_ps(va, _mm512_load_ps(acc + i * AMX_NR + j));
+      if (beta != 0.f) r = _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + j), r);
+      _mm512_storeu_ps(ci + j, r);
+    }
+  }
+}
+
+AMX_TARGET double peak_amx(int64_t iters) {
+  amx_configure();
+  alignas(64) static const uint16_t ones[16 * 32] = {};  // zeros: throughput does not depend on values
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const int64_t n = std::max<int64_t>(1, iters / 64);  // one tdpbf16ps does 64× the work of a vdpbf16ps
+  for (int64_t t = 0; t < n; t++) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  alignas(64) float out[16 * 16];
+  _tile_stored(0, out, 64);
+  volatile float sink = out[0];
+  (void)sink;
+  return double(n) * 4 * 16 * 16 * 32 * 2;
+}
+#endif  // MLORA_X86
+
 // Blocking for AMD Zen 3 (L1d 32 KiB, L2 512 KiB per core, L3 32 MiB shared):
 // a B sliver kc×NR = 256×16×4 = 16 KiB stays in L1; an A block mc×kc = 144×256×4 = 144 KiB
 // in L2; a B panel kc×nc = 256×4080×4 ≈ 4 MiB in L3.
 // AVX-512 (untuned here, no such CPU): B sliver 256×32×4 = 32 KiB, A block 192×256×4 = 192 KiB.
-const GemmKernel kScalar{"scalar-4x8", SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
+const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
                          peak_scalar};
 #ifdef MLORA_X86
-const GemmKernel kAvx2{"avx2-6x16", AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
+const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2, AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
                        peak_avx2};
-const GemmKernel kAvx512{"avx512-12x32", AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
+const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
                          pack_b_avx2, peak_avx512};
+#endif
+
+// bf16 compute. Pairs kernel: kc counts k values, so 512 keeps the B sliver (256 words × 32) at 32 KiB.
+const GemmKernel kScalarBf16{"scalar-4x8-bf16emu", Isa::Scalar, SC_MR, SC_NR, 128, 256, 2048, ukr_scalar,
+                             pack_a_round<pack_a_generic>, pack_b_scalar, peak_scalar, nullptr, true};
+#ifdef MLORA_X86
+const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu", Isa::Avx2, AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
+                           pack_a_round<pack_a_avx2>, pack_b_avx2, peak_avx2, nullptr, true};
+const GemmKernel kAvx512Bf16Emu{"avx512-12x32-bf16emu", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096,
+                                ukr_avx512_12x32, pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr, true};
+const GemmKernel kAvx512Bf16{"avx512bf16-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 512, 4096, ukr_avx512bf16_12x32,
+                             pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
+// AMX: A block 192×512 bf16 = 192 KiB; B sliver 256 pair rows × 32 = 32 KiB.
+const GemmKernel kAmxBf16{"amx-bf16-32x32", Isa::Avx512, AMX_MR, AMX_NR, 192, 512, 4096, ukr_amx_32x32,
+                          pack_a_amx, pack_b_avx2, peak_amx, pairs_avx512, false, AMX_KB};
 #endif
 
 const GemmKernel* choose_kernel() {
@@ -518,6 +790,34 @@ const GemmKernel& gemm_kernel() {
   return *k;
 }
 
+// The bf16-compute kernel of the instruction set gemm_kernel() runs: vdpbf16ps where the CPU has
+// AVX512_BF16 (and the AVX-512 kernel is in use), else that kernel's emulation.
+// AMX tiles where the CPU has them and Linux grants them; MLORA_GEMM_BF16_KERNEL=amx|avx512bf16|emu
+// forces one (tests run each).
+const GemmKernel* choose_bf16_kernel() {
+#ifdef MLORA_X86
+  const CpuFeatures& f = cpu_features();
+  const bool dp = f.avx512bf16 && f.avx512bw;
+  const char* env = std::getenv("MLORA_GEMM_BF16_KERNEL");
+  const std::string want = env ? env : "";
+  switch (gemm_kernel().isa) {
+    case Isa::Avx512:
+      if (want == "emu") return &kAvx512Bf16Emu;
+      if (want == "avx512bf16" && dp) return &kAvx512Bf16;
+      if (want != "avx512bf16" && dp && amx_permitted()) return &kAmxBf16;
+      return dp ? &kAvx512Bf16 : &kAvx512Bf16Emu;
+    case Isa::Avx2: return &kAvx2Bf16;
+    default: break;
+  }
+#endif
+  return &kScalarBf16;
+}
+
+const GemmKernel& bf16_kernel() {
+  static const GemmKernel* k = choose_bf16_kernel();
+  return *k;
+}
+
 // ---------------------------------------------------------------------------------------
 // Scratch owned by the calling thread
 
@@ -540,6 +840,42 @@ thread_local Scratch tls_scratch;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Packs a B sliver of a quantized weight: dequantizes while packing. Non-transposed, a row of
+// op(B) is a contiguous run of the weight and dequantizes straight into the sliver; transposed,
+// the jn weight rows' k runs dequantize into `tmp` (jn×kc, L1/L2-resident) and the kernel's
+// f32 packer transposes them from there.
+void pack_b_quant(const GemmKernel& K, float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
+                  int64_t j0, int64_t jn, int nr, float* tmp) {
+  if (!trans) {
+    for (int64_t p = 0; p < kc; p++) {
+      float* d = dst + p * nr;
+      dequant_run(K.isa, b, (p0 + p) * ldb + j0, jn, d);
+      for (int64_t jj = jn; jj < nr; jj++) d[jj] = 0.f;
+    }
+    return;
+  }
+  for (int64_t jj = 0; jj < jn; jj++) dequant_run(K.isa, b, (j0 + jj) * ldb + p0, kc, tmp + jj * kc);
+  K.pack_b(dst, WeightRef{tmp, DType::F32}, true, kc, 0, kc, 0, jn, nr);
+}
+
+// One B sliver in the kernel's format. tmp: 2·nr·kc floats of this thread's scratch.
+void pack_b_sliver(const GemmKernel& K, float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
+                   int64_t j0, int64_t jn, int nr, float* tmp) {
+  const bool quantized = dtype_quantized(b.dtype);
+  const int64_t kw = packed_k(K, kc), kh = (kc + 1) / 2;  // words per column: padded, and holding k values
+  if (K.pairs && kw > kh) std::memset(dst + kh * nr, 0, size_t((kw - kh) * nr) * 4);
+  if (K.pairs && b.dtype == DType::BF16 && trans && ldb % 2 == 0 && p0 % 2 == 0 && kc % 2 == 0) {
+    // a row's (k, k+1) bf16 pair is one 32-bit word of the weight: transpose words as they are
+    K.pack_b(dst, WeightRef{b.ptr, DType::F32}, true, ldb / 2, p0 / 2, kc / 2, j0, jn, nr);
+    return;
+  }
+  float* f32 = K.pairs ? tmp + nr * kc : dst;
+  if (quantized) pack_b_quant(K, f32, b, trans, ldb, p0, kc, j0, jn, nr, tmp);
+  else K.pack_b(f32, b, trans, ldb, p0, kc, j0, jn, nr);
+  if (K.pairs) K.pairs(reinterpret_cast<uint32_t*>(dst), f32, kc, nr);
+  else if (K.round_b && b.dtype != DType::BF16) round_bf16(dst, kc * nr);
+}
+
 void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
   pool.parallel_for(m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1, int) {
     for (int64_t i = r0; i < r1; i++) {
@@ -554,9 +890,11 @@ void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64
 }  // namespace
 
 const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
+const char* cpu_gemm_bf16_kernel_name() { return bf16_kernel().name; }
+cpu::Isa cpu::gemm_isa() { return gemm_kernel().isa; }
 
-double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters) {
-  const GemmKernel& K = gemm_kernel();
+double cpu_fma_peak_gflops(ThreadPool& pool, int64_t iters, bool bf16) {
+  const GemmKernel& K = bf16 ? bf16_kernel() : gemm_kernel();
   using clk = std::chrono::steady_clock;
   auto t0 = clk::now();
   std::vector<double> flops(size_t(pool.size()), 0.0);
@@ -577,7 +915,7 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     scale_c(pool, m, n, beta, c, ldc);
     return;
   }
-  const GemmKernel& K = gemm_kernel();
+  const GemmKernel& K = b.bf16_compute ? bf16_kernel() : gemm_kernel();
   const int MR = K.mr, NR = K.nr;
   const int T = pool.size();
 
@@ -587,14 +925,18 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     int64_t blocks = ceil_div(total, cap);
     return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
   };
-  const int64_t KCb = balanced(k, K.kc, 8), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
+  const int64_t KCb = balanced(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
   const int64_t kc_max = std::min(KCb, k);
   const int64_t nc_max = NCb;
   const int64_t mc_max = MCb;
-  const size_t b_floats = size_t(kc_max * nc_max);
-  const size_t a_floats = size_t((mc_max * kc_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
-  float* scratch = tls_scratch.get(b_floats + a_floats * size_t(T));
+  const int64_t kw_max = std::max(kc_max, packed_k(K, kc_max));  // AMX pads k to 32: may exceed kc
+  const size_t b_floats = size_t(kw_max * nc_max);
+  const size_t a_floats = size_t((mc_max * kw_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
+  const bool quantized = dtype_quantized(b.dtype);
+  const size_t q_floats = quantized || K.pairs ? size_t((2 * NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_sliver's tmp
+  float* scratch = tls_scratch.get(b_floats + (a_floats + q_floats) * size_t(T));
   float* bbuf = scratch;
+  float* qbuf = scratch + b_floats + a_floats * size_t(T);
 
   const int64_t m_slivers = ceil_div(m, MR);
   // Split rows when every thread gets at least two MR slivers, else split B's slivers.
@@ -605,13 +947,17 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     const int64_t n_slivers = ceil_div(nc, NR);
     for (int64_t pc = 0; pc < k; pc += KCb) {
       const int64_t kc = std::min(KCb, k - pc);
+      const int64_t kw = packed_k(K, kc);  // packed words per row of a sliver
       const float beta_eff = pc == 0 ? beta : 1.f;
 
       // 1. pack the B panel (all threads, shared)
       const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
-      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int) {
-        for (int64_t s = s0; s < s1; s++)
-          K.pack_b(bbuf + s * NR * kc, b, trans_b, ldb, pc, kc, jc + s * NR, std::min<int64_t>(NR, nc - s * NR), NR);
+      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int tid) {
+        for (int64_t s = s0; s < s1; s++) {
+          float* dst = bbuf + s * NR * kw;
+          const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+          pack_b_sliver(K, dst, b, trans_b, ldb, pc, kc, j, jn, NR, qbuf + q_floats * size_t(tid));
+        }
       });
 
       // 2. compute: rows [r0, r1) × B slivers [s0, s1) on thread tid
@@ -622,17 +968,17 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           const int64_t mc = std::min(MCb, r1 - ic);
           const int64_t mr_slivers = ceil_div(mc, MR);
           for (int64_t t = 0; t < mr_slivers; t++)
-            K.pack_a(abuf + t * MR * kc, a, trans_a, lda, ic + t * MR, std::min<int64_t>(MR, mc - t * MR), pc, kc, MR);
+            K.pack_a(abuf + t * MR * kw, a, trans_a, lda, ic + t * MR, std::min<int64_t>(MR, mc - t * MR), pc, kc, MR);
           for (int64_t s = s0; s < s1; s++) {
-            const float* bs = bbuf + s * NR * kc;
+            const float* bs = bbuf + s * NR * kw;
             const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
             for (int64_t t = 0; t < mr_slivers; t++) {
               const int64_t i = ic + t * MR, in = std::min<int64_t>(MR, mc - t * MR);
               float* cij = c + i * ldc + j;
               if (in == MR && jn == NR) {
-                K.ukr(kc, abuf + t * MR * kc, bs, cij, ldc, alpha, beta_eff);
+                K.ukr(kc, abuf + t * MR * kw, bs, cij, ldc, alpha, beta_eff);
               } else {  // edge tile: full tile into a buffer, then the valid part
-                K.ukr(kc, abuf + t * MR * kc, bs, tile, NR, 1.f, 0.f);
+                K.ukr(kc, abuf + t * MR * kw, bs, tile, NR, 1.f, 0.f);
                 for (int64_t ii = 0; ii < in; ii++) {
                   float* cr = cij + ii * ldc;
                   const float* tr = tile + ii * NR;

@@ -30,6 +30,7 @@ void copy_cast(Exec& ex, void* y, DType ydt, const void* x, DType xdt, int64_t n
         case DType::BF16: static_cast<uint16_t*>(y)[i] = f32_to_bf16(v); break;
         case DType::F16: static_cast<uint16_t*>(y)[i] = f32_to_f16(v); break;
         case DType::I32: static_cast<int32_t*>(y)[i] = int32_t(std::lrint(v)); break;
+        default: break;  // quantized dtypes never reach here (ops/util.cc allows float ones only)
       }
     }
   });

@@ -407,6 +407,8 @@ void grouped_gemm(Exec& ex, const GemmProblem* probs, int count, bool trans_a, b
 
 void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (dtype_quantized(b.dtype))
+    throw Error(std::string("gemm: a ") + dtype_name(b.dtype) + " (quantized) base weight runs on CPU devices only");
   if (m <= 0 || n <= 0) return;
   cudaStream_t s = enter(ex);
   CudaBackend& be = backend_of(ex);

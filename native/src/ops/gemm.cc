@@ -9,7 +9,7 @@ namespace mlora {
 MLORA_OP(gemm) {
   TensorImpl c = a.tensor("c", {DType::F32});
   TensorImpl A = a.tensor("a", {DType::F32});
-  TensorImpl B = a.tensor("b", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl B = a.tensor("b", MLORA_WEIGHT_DTYPES);
   bool ta = a.flag("transA", false), tb = a.flag("transB", false);
   if (A.shape.size() != 2 || B.shape.size() != 2 || c.shape.size() != 2) a.fail("a, b and c must be 2-D");
   int64_t m = ta ? A.shape[1] : A.shape[0], k = ta ? A.shape[0] : A.shape[1];
@@ -20,8 +20,10 @@ MLORA_OP(gemm) {
   a.expect_shape("c", c, {m, n});
   a.expect_distinct("c", c, "a", A);
   float alpha = float(a.number("alpha", 1.0)), beta = float(a.number("beta", 0.0));
+  WeightRef wb = weight(B);
+  wb.bf16_compute = a.flag("bf16", false);  // operands rounded to bf16, f32 accumulation
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], weight(B), B.shape[1], beta,
+    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], wb, B.shape[1], beta,
                    c.as<float>(), n);
   };
 }
@@ -37,9 +39,10 @@ MLORA_OP(fma_peak) {
   if (out.numel() < 1) a.fail("argument 'out' must hold at least one element");
   int64_t iters = a.integer("iterations", 20000000);
   if (iters < 1) a.fail("argument 'iterations' must be positive");
+  bool bf16 = a.flag("bf16", false);  // the bf16-compute kernel's instruction (vdpbf16ps where it runs)
   return [=](Exec& ex) {
     if (ex.cuda()) throw Error("fma_peak measures a CPU device");
-    out.as<float>()[0] = float(cpu_fma_peak_gflops(ex.pool(), iters));
+    out.as<float>()[0] = float(cpu_fma_peak_gflops(ex.pool(), iters, bf16));
   };
 }
 

@@ -3,11 +3,11 @@
 
 namespace mlora {
 
-// linear_forward: y[m,n] = x[m,k]·w[n,k]ᵀ (+= with accumulate)
+// linear_forward: y[m,n] = x[m,k]·w[n,k]ᵀ (+= with accumulate); bf16: operands rounded to bf16
 MLORA_OP(linear_forward) {
   TensorImpl y = a.tensor("y", {DType::F32});
   TensorImpl x = a.tensor("x", {DType::F32});
-  TensorImpl w = a.tensor("w", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
   if (x.numel() % k != 0 || x.shape.back() != k) a.fail("argument 'x' " + x.shape_str() + " does not end in in=" + std::to_string(k));
@@ -15,14 +15,16 @@ MLORA_OP(linear_forward) {
   if (y.numel() != m * n || y.shape.back() != n) a.fail("argument 'y' has shape " + y.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(n) + "]");
   a.expect_distinct("y", y, "x", x);
   bool acc = a.flag("accumulate", false);
-  return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_forward, y.as<float>(), x.as<float>(), weight(w), m, n, k, acc); };
+  WeightRef wr = weight(w);
+  wr.bf16_compute = a.flag("bf16", false);
+  return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_forward, y.as<float>(), x.as<float>(), wr, m, n, k, acc); };
 }
 
 // linear_backward: dx[m,k] = dy[m,n]·w[n,k] (+= with accumulate)
 MLORA_OP(linear_backward) {
   TensorImpl dx = a.tensor("dx", {DType::F32});
   TensorImpl dy = a.tensor("dy", {DType::F32});
-  TensorImpl w = a.tensor("w", {DType::F32, DType::F16, DType::BF16});
+  TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
   if (dy.numel() % n != 0 || dy.shape.back() != n) a.fail("argument 'dy' " + dy.shape_str() + " does not end in out=" + std::to_string(n));
@@ -30,7 +32,9 @@ MLORA_OP(linear_backward) {
   if (dx.numel() != m * k || dx.shape.back() != k) a.fail("argument 'dx' has shape " + dx.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) + "]");
   a.expect_distinct("dx", dx, "dy", dy);
   bool acc = a.flag("accumulate", false);
-  return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_backward, dx.as<float>(), dy.as<float>(), weight(w), m, n, k, acc); };
+  WeightRef wr = weight(w);
+  wr.bf16_compute = a.flag("bf16", false);
+  return [=](Exec& ex) { MLORA_DISPATCH(ex, linear_backward, dx.as<float>(), dy.as<float>(), wr, m, n, k, acc); };
 }
 
 }  // namespace mlora

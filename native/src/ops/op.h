@@ -64,7 +64,14 @@ struct OpRegistrar {
   static ::mlora::OpRegistrar registrar_##NAME(#NAME, parse_##NAME); \
   static ::mlora::Kernel parse_##NAME(::mlora::Args& a)
 
-inline WeightRef weight(const TensorImpl& t) { return WeightRef{t.data(), t.dtype}; }
+inline WeightRef weight(const TensorImpl& t) {
+  WeightRef w{t.data(), t.dtype};
+  if (t.shape.size() == 2) w.rows = t.shape[0], w.cols = t.shape[1];
+  return w;
+}
+// The dtypes a frozen base weight may have: float storage or a quantized blob.
+#define MLORA_WEIGHT_DTYPES \
+  { DType::F32, DType::F16, DType::BF16, DType::NF4, DType::NF4DQ, DType::INT8 }
 
 // The optional trailing 'window' of the attention ops: 0 (default) = no sliding window, W > 0 =
 // query i sees keys j with i - W < j <= i.
