@@ -27,8 +27,9 @@ export interface PreparedJob {
   /** Micro-batches of held-out data (a fresh pass each call). */
   evalSource?: () => MicroBatchSource;
   initial: AdapterState;
-  /** Resume point: optimizer steps already taken. */
+  /** Resume point: optimizer steps already taken, and the tokens trained on in them. */
   startStep?: number;
+  startTokens?: number;
   /** Resumed after NaN rollbacks: the learning-rate multiplier and how many rollbacks there were. */
   lrScale?: number;
   rollbacks?: number;
@@ -43,6 +44,12 @@ export interface SupervisorHooks {
   checkpoint?(job: JobView, state: AdapterState): Promise<string>;
   /** Saves the finished adapter; returns its path. */
   finish?(job: JobView, state: AdapterState): Promise<string>;
+  /** Called by submit() before anything of the job runs: throws to refuse it (earlier results in the output). */
+  claim?(config: AdapterConfig): void;
+  /** Greedy completions of the job's eval.prompts with the adapter in this state. */
+  sample?(job: JobView, state: AdapterState): Promise<Array<{ prompt: string; text: string }>>;
+  /** Frees what the hooks hold (Supervisor.close()). */
+  close?(): Promise<void>;
 }
 
 /** What a hook sees of a running job (Supervisor's Job). */

@@ -10,6 +10,10 @@ import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
 import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
 import { latestCheckpoint, loadCheckpoint, readCheckpointMeta, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
 import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
+import { API_WORDING, dropSetAside, refusal, setAside } from '../lib/io/output.js';
+import { loadTokenizer, type Tokenizer } from '../lib/data/tokenizer.js';
+import { ADAPTER_ID, openSingleModel, type SingleModel } from '../lib/model/single.js';
+import { encodePrompt, generate } from '../lib/model/generate.js';
 import type { JobView, PreparedJob, SupervisorHooks } from './job-types.js';
 import type { AdapterState } from '../lib/lora/state.js';
 
@@ -29,6 +33,14 @@ export interface JobEnvironment {
   output?: string;
   /** Continue from the newest complete checkpoint of each adapter. */
   resume?: boolean;
+  /**
+   * Train adapters that have results in the output again from the start: their earlier
+   * results move to <output>/.overwritten-<runId>/<adapter>/ until the new adapter is written.
+   * Without resume or overwrite, an adapter with earlier results is refused.
+   */
+  overwrite?: boolean;
+  /** This run's id (names the set-aside folder of overwrite). */
+  runId?: string;
   /** Tokenizer pool threads for large datasets. */
   dataThreads?: number;
 }
@@ -48,6 +60,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   });
   let initial: AdapterState;
   let startStep = 0;
+  let startTokens = 0;
   let lowered: Pick<PreparedJob, 'lrScale' | 'rollbacks'> = {};
   const ckpt = env.resume && env.output ? latestCheckpoint(path.join(env.output, c.name)) : undefined;
   if (ckpt) {
@@ -59,6 +72,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     loader.restore(meta.loader as LoaderState);
     initial = state;
     startStep = meta.step;
+    startTokens = typeof meta.tokens === 'number' ? meta.tokens : 0;
     // a run that rolled back after NaNs goes on with the learning rate it had lowered to
     if (meta.rollbacks) {
       const s = meta.lrScale;
@@ -75,8 +89,8 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   } else {
     initial = freshState(env.model, spec);
   }
-  const job: PreparedJob = { spec, source: loader, initial, startStep, ...lowered };
-  if (c.eval) {
+  const job: PreparedJob = { spec, source: loader, initial, startStep, startTokens, ...lowered };
+  if (c.eval?.data) {
     const ev = await loadTrainingData(c.eval.data, {
       modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,
     });
@@ -85,11 +99,21 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   return job;
 }
 
-/** Supervisor hooks that write checkpoints and finished adapters under env.output. */
-export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpoint' | 'finish'> {
+/**
+ * Supervisor hooks that write checkpoints and finished adapters under env.output, and refuse
+ * (or set aside, with overwrite) an adapter's earlier results there before it trains.
+ */
+export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' | 'checkpoint' | 'finish'> {
   if (!env.output) return {};
   const out = env.output;
   return {
+    claim: (c: AdapterConfig) => {
+      if (env.overwrite) setAside(out, c.name, env.runId!);
+      else if (!env.resume) {
+        const e = refusal(out, [c.name], API_WORDING);
+        if (e) throw e;
+      }
+    },
     checkpoint: async (job: JobView, state: AdapterState) =>
       saveCheckpoint({
         adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
@@ -102,7 +126,48 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'checkpo
     finish: async (job: JobView, state: AdapterState) => {
       const dir = path.join(out, job.name);
       writeAdapterFiles(dir, toAdapterWeights(env.model, job.spec, state.params, env.modelDir));
+      if (env.overwrite) dropSetAside(out, job.name, env.runId!); // the new results are complete
       return dir;
+    },
+  };
+}
+
+/**
+ * Greedy completions of an adapter's eval.prompts: a whole-model copy of the base on one CPU
+ * device (opened at the first call, shared by every adapter, one adapter at a time) with the
+ * adapter's weights from the state the supervisor exported, decoded with the KV cache
+ * (lib/model/generate.ts). Dropout is off, as at inference.
+ */
+export function promptSampler(env: JobEnvironment): Required<Pick<SupervisorHooks, 'sample' | 'close'>> {
+  let opened: Promise<{ model: SingleModel; tok: Tokenizer }> | undefined;
+  let queue: Promise<unknown> = Promise.resolve();
+  const run = async (job: JobView, state: AdapterState): Promise<Array<{ prompt: string; text: string }>> => {
+    const e = job.config.eval!;
+    opened ??= openSingleModel(env.modelDir).then((model) => ({ model, tok: loadTokenizer(env.modelDir) }));
+    const { model, tok } = await opened;
+    model.program.addAdapter(ADAPTER_ID, { ...job.spec, dropout: 0 }, state.params);
+    try {
+      const m = { ...model, hasAdapter: true };
+      const out: Array<{ prompt: string; text: string }> = [];
+      for (const prompt of e.prompts) {
+        const ids = encodePrompt(tok, env.model, prompt);
+        const gen = await generate(m, ids, { maxNewTokens: e.max_new_tokens, ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}) });
+        out.push({ prompt, text: tok.decode(gen, { skipSpecialTokens: true }) });
+      }
+      return out;
+    } finally {
+      model.program.removeAdapter(ADAPTER_ID);
+    }
+  };
+  return {
+    sample: (job, state) => {
+      const r = queue.then(() => run(job, state));
+      queue = r.catch(() => {});
+      return r;
+    },
+    close: async () => {
+      await queue;
+      if (opened) (await opened.catch(() => undefined))?.model.free();
     },
   };
 }

@@ -543,9 +543,17 @@ export class ActorPipeline implements Pipeline {
 
   // ---- faults
 
+  private lastCheck = performance.now();
+
   private checkHeartbeats(): void {
     if (this.closed || this.fatal) return;
     const now = performance.now();
+    // This thread itself was held up (synchronous work such as a checkpoint's fsync, a long GC,
+    // a loaded machine): the stages' heartbeats of that time may be waiting unread behind this
+    // timer, so a stage is judged at the next check, after they are read, never now.
+    const stalled = now - this.lastCheck > 2 * Math.max(50, (this.opts.heartbeatMs ?? 200) / 2) + 100;
+    this.lastCheck = now;
+    if (stalled) return;
     const base = this.opts.hangTimeoutMs ?? 10_000;
     for (const s of this.stages) {
       if (!s.alive) continue;

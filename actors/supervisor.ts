@@ -17,7 +17,8 @@ import { adaptersPerMessage, microBatchesInFlight } from '../lib/schedule/packin
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
 import { ActorPipeline, StageFailure, type FaultEvent } from './runtime.js';
-import { outputHooks, prepareJob } from './jobs.js';
+import { outputHooks, prepareJob, promptSampler } from './jobs.js';
+import { newRunId } from '../lib/io/output.js';
 import type { MicroBatchSource, PreparedJob, SourceMicroBatch, SupervisorHooks } from './job-types.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { lrAt } from '../lib/lora/schedule.js';
@@ -84,6 +85,8 @@ export class Job {
   tokens = 0;
   lastLoss = NaN;
   lastEval?: { loss: number; perplexity: number };
+  /** The held-out loss before the first step (eval configured, a run from step 0). */
+  baselineEval?: { loss: number; perplexity: number };
   /** Loaded and waiting for room on the stages (placed by the supervisor, by priority). */
   prepared?: PreparedJob;
   /** Preempted: its state in host memory while it is off the stages (see Supervisor.placeWaiting). */
@@ -255,6 +258,8 @@ export class Supervisor {
   private fatal: Error | undefined;
   /** nan:adapter=NAME,step=K faults: poison that adapter's loss at that step (testing). */
   nanFaults: FaultSpec[] = [];
+  /** The run's id (Supervisor.start: StartOptions.runId, else a new one). */
+  runId = '';
 
   static start(o: StartOptions): Promise<Supervisor> {
     return startSupervisor(o);
@@ -302,6 +307,10 @@ export class Supervisor {
     if ([...this.jobs.values()].some((j) => j.name === config.name && !j.terminal())) {
       throw new Error(`an adapter named '${config.name}' is already running`);
     }
+    if ([...this.jobs.values()].some((j) => j.name === config.name && j.state === 'done')) {
+      throw new Error(`an adapter named '${config.name}' already finished in this supervisor${this.hooks.finish ? ' (its results are in the output)' : ''}: submit it under another name`);
+    }
+    this.hooks.claim?.(config);
     const job = new Job(this.nextJobId++, config, this);
     this.jobs.set(job.id, job);
     job.emit({ type: 'state', adapter: job.name, state: 'queued', time: Date.now() });
@@ -343,6 +352,7 @@ export class Supervisor {
   async close(): Promise<void> {
     await this.stop();
     await this.pipeline.close();
+    await this.hooks.close?.();
     for (const j of this.jobs.values()) if (!j.terminal()) j.endEvents();
   }
 
@@ -369,6 +379,7 @@ export class Supervisor {
       job.evalSource = p.evalSource;
       job.totalSteps = p.source.totalSteps;
       job.step = p.startStep ?? 0;
+      job.tokens = p.startTokens ?? 0; // a resumed run counts on from the checkpoint, as the uninterrupted one does
       job.lrScale = p.lrScale ?? 1;
       job.rollbacks = p.rollbacks ?? 0;
       if (job.state === 'loading') job.prepared = p; // not if cancelled meanwhile
@@ -502,11 +513,50 @@ export class Supervisor {
       job.setState('running');
       return;
     }
-    if (job.config.on_nan.action === 'rollback') job.rollbackPoint = rollbackPoint(job, job.prepared!.initial);
+    const initial = job.prepared!.initial;
+    if (job.config.on_nan.action === 'rollback') job.rollbackPoint = rollbackPoint(job, initial);
     job.prepared = undefined;
     job.startedAt = Date.now();
     if (job.step >= job.totalSteps) await this.finish(job);
-    else job.setState('running');
+    else {
+      job.setState('running');
+      // tracked like a step (nothing of the job is admitted meanwhile), not awaited: it must not hold up placement
+      if (job.step === 0 && job.config.eval) this.track(job, () => this.baseline(job, initial));
+    }
+  }
+
+  /** Runs fn with the job held as stepping (canAdmit false; stop(), quiesce() and exportAll() wait for it). */
+  private track(job: Job, fn: () => Promise<void>): void {
+    job.stepping = true;
+    const p = fn()
+      .catch((e) => {
+        if (!this.pipelineFailed(e)) this.failJob(job, (e as Error).message);
+      })
+      .finally(() => {
+        job.stepping = false;
+        this.stepping.delete(p);
+        this.wake();
+      });
+    this.stepping.add(p);
+  }
+
+  /** Before the first step: the held-out loss (step 0) and the prompts' completions, for the before -> after comparison. */
+  private async baseline(job: Job, initial: AdapterState): Promise<void> {
+    if (job.evalSource) job.baselineEval = await this.evaluate(job);
+    await this.samples(job, initial, 'before');
+  }
+
+  private async samples(job: Job, state: AdapterState, when: 'before' | 'after'): Promise<void> {
+    if (!this.hooks.sample || !job.config.eval?.prompts.length) return;
+    let got: Array<{ prompt: string; text: string }>;
+    try {
+      got = await this.hooks.sample(job, state);
+    } catch (e) {
+      // the samples are for people to read: without them the adapter still trains (or is still done)
+      job.emit({ type: 'error', adapter: job.name, message: `could not sample eval.prompts ${when} training: ${(e as Error).message}`, time: Date.now() });
+      return;
+    }
+    for (const s of got) job.emit({ type: 'sample', adapter: job.name, step: job.step, when, ...s, time: Date.now() });
   }
 
   /** Moves a job at a step boundary off the stages into host memory. */
@@ -810,8 +860,8 @@ export class Supervisor {
       job.stepTargets = 0;
       job.admittedInStep = 0;
       job.doneInStep = 0;
-      if (job.evalSource && c.eval && job.step % c.eval.every === 0) await this.evaluate(job);
       const last = job.step >= job.totalSteps || job.peek() === null;
+      if (job.evalSource && c.eval && (job.step % c.eval.every === 0 || last)) await this.evaluate(job);
       const saving = c.save_every !== undefined && job.step % c.save_every === 0 && !last;
       const rollsBack = c.on_nan.action === 'rollback';
       // one export serves the checkpoint and the rollback point (which follows the checkpoints, also when nothing is written)
@@ -855,6 +905,7 @@ export class Supervisor {
 
   private async finish(job: Job): Promise<void> {
     const state = await this.pipeline.exportAdapter(job.id);
+    await this.samples(job, state, 'after');
     if (this.hooks.finish) job.outputPath = await this.hooks.finish(job, state);
     job.emit({ type: 'done', adapter: job.name, steps: job.step, loss: job.lastLoss, path: job.outputPath, time: Date.now() });
     job.setState('done');
@@ -970,6 +1021,14 @@ export interface StartOptions {
   output?: string;
   /** Continue each submitted adapter from its newest complete checkpoint under `output`. */
   resume?: boolean;
+  /**
+   * Train submitted adapters that already have results under `output` again from the start;
+   * their earlier results move to <output>/.overwritten-<runId>/ until the new ones are
+   * written. Without resume or overwrite, submit() refuses such an adapter.
+   */
+  overwrite?: boolean;
+  /** This run's id (default: a new one, lib/io/output.ts newRunId). */
+  runId?: string;
   /** Fault injection specs (lib/faults.ts grammar), for testing recovery. */
   faults?: Array<string | FaultSpec>;
   /** Run the stages in this thread instead of worker threads (tests, single device). */
@@ -1015,7 +1074,11 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
   return { devices, threads, budgets, plans };
 }
 
+/** Faults the supervisor injects itself (the others go to the stages). */
+const SUPERVISOR_FAULTS: Array<FaultSpec['kind']> = ['nan', 'kill', 'pause'];
+
 export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
+  if (o.resume && o.overwrite) throw new Error('resume and overwrite exclude each other: go on from the checkpoints, or train again from the start');
   const dir = openModelDir(o.model);
   const config = dir.config;
   const layout = resolveLayout(config, o);
@@ -1042,22 +1105,34 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     pipeline = await ActorPipeline.start({
       modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => f.kind !== 'nan'), ...(o.recompute ? { recompute: true } : {}), base,
+      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => !SUPERVISOR_FAULTS.includes(f.kind)), ...(o.recompute ? { recompute: true } : {}), base,
       ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
     });
   }
-  const env = { modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}) };
+  const runId = o.runId ?? newRunId();
+  const env = {
+    modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, overwrite: !!o.overwrite, runId,
+    ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}),
+  };
+  const at = (kind: FaultSpec['kind'], ev: JobEvent) => faults.some((f) => f.kind === kind && f.adapter === ev.adapter && f.step === (ev as { step?: number }).step);
+  const onEvent = !faults.some((f) => f.kind === 'kill' || f.kind === 'pause') ? o.onEvent : (ev: JobEvent) => {
+    o.onEvent?.(ev);
+    if (ev.type === 'checkpoint' && at('kill', ev)) process.kill(process.pid, 'SIGKILL');
+    if (ev.type === 'step' && at('pause', ev)) for (const j of sup.jobs.values()) void j.pause();
+  };
   const hooks: SupervisorHooks = {
     prepare: (c) => prepareJob(env, c),
     ...outputHooks(env),
-    ...(o.onEvent ? { onEvent: o.onEvent } : {}),
+    ...promptSampler(env),
+    ...(onEvent ? { onEvent } : {}),
   };
   const sup = new Supervisor(pipeline, hooks, {
     batchlora: o.batchlora ?? true, inflight, ...(o.inflightPerAdapter ? { inflightPerAdapter: o.inflightPerAdapter } : {}),
     ...(o.adaptersPerMicroBatch ? { adaptersPerMicroBatch: o.adaptersPerMicroBatch } : {}),
   });
   sup.nanFaults = faults.filter((f) => f.kind === 'nan');
+  sup.runId = runId;
   return sup;
 }

@@ -38,7 +38,20 @@ export const ScheduleSchema = z
   })
   .strict();
 
-export const EvalSchema = z.object({ data: z.string().min(1), every: z.number().int().min(1).default(50) }).strict();
+/**
+ * Held-out evaluation: the loss on `data` before the first step, every `every` steps and after
+ * the last; greedy completions of `prompts` (each fed as is, with the tokenizer's BOS) before
+ * training and after it, up to `max_new_tokens` tokens each.
+ */
+export const EvalSchema = z
+  .object({
+    data: z.string().min(1).optional(),
+    every: z.number().int().min(1).default(50),
+    prompts: z.array(z.string()).default([]),
+    max_new_tokens: z.number().int().min(1).default(48),
+  })
+  .strict()
+  .refine((e) => e.data !== undefined || e.prompts.length > 0, { message: 'needs data (held-out examples) or prompts (to sample), or both' });
 
 /**
  * What happens when an adapter's loss or gradient norm becomes NaN/Inf: 'stop' that adapter, or

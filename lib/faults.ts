@@ -10,10 +10,15 @@
 //   slow:stage=1,factor=3     the stage takes 3× as long for every message (never killed)
 //   nan:adapter=NAME,step=2   adapter NAME's weights become NaN before its step 2: that
 //                             adapter stops with a clear error, the others go on
+//   kill:adapter=NAME,step=4  the whole process is killed (SIGKILL, as kill -9) right after
+//                             adapter NAME's checkpoint at step 4 is complete; the other
+//                             adapters are wherever they are (a checkpoint half written...)
+//   pause:adapter=NAME,step=3 every adapter pauses once adapter NAME has taken its step 3 and
+//                             waits (for a signal, say: tests of Ctrl-C that cannot miss)
 
 /** One injected fault, parsed from a spec above (parseFault). */
 export interface FaultSpec {
-  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow';
+  kind: 'crash' | 'hang' | 'corrupt' | 'nan' | 'oom' | 'slow' | 'kill' | 'pause';
   stage?: number;
   adapter?: string;
   after?: number;
@@ -28,6 +33,8 @@ const KEYS: Record<FaultSpec['kind'], string[]> = {
   oom: ['stage', 'after'],
   slow: ['stage', 'factor'],
   nan: ['adapter', 'step'],
+  kill: ['adapter', 'step'],
+  pause: ['adapter', 'step'],
 };
 
 export function parseFault(spec: string): FaultSpec {

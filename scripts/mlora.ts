@@ -5,7 +5,7 @@ const commands: Record<string, { summary: string }> = {
   train: { summary: 'train adapters (no CONFIG: the embedded demo)' },
   eval: { summary: 'loss and perplexity of a model (+adapter) on a dataset' },
   generate: { summary: 'continue a prompt with a model (+adapter)' },
-  bench: { summary: 'benchmarks: kernels, batchlora, pipeline' },
+  bench: { summary: 'benchmarks: kernels, batchlora, head, recompute, pipeline, gpu' },
   'make-model': { summary: 'write a seeded random LLaMA in the Hugging Face layout' },
   inspect: { summary: 'what a model or adapter directory holds' },
   info: { summary: 'the native core: CPU features, CUDA devices, ops' },

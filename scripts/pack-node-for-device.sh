@@ -5,10 +5,14 @@
 #   .node/node_modules.tar.xz      node_modules without what only the build here needs
 #                                  (typescript, @typescript, @types): the device machine runs
 #                                  the compiled dist/ and builds the addon with cmake-js.
+#   .node/prebuilt/mlora.node      a CUDA build of the addon made here, when there is one
+#                                  (native/build, or the cmake-js build folder given with
+#                                  --prebuilt DIR, whose cuda.txt says `compiled`): the check
+#                                  falls back to it if the build there fails.
 # Then build dist/ here (npm run build:ts) and hand the device run
 #   carry: [".node", "dist"]
 # (the carry limit is 64 MiB for everything; `du -sh .node dist` says what this takes).
-# Usage: scripts/pack-node-for-device.sh [--no-modules]
+# Usage: scripts/pack-node-for-device.sh [--no-modules] [--prebuilt DIR]
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -21,7 +25,25 @@ echo "packing node $ver from $node_bin"
 xz -9 -T0 -c "$node_bin" > .node/node-v20-linux-x64.xz.tmp
 mv .node/node-v20-linux-x64.xz.tmp .node/node-v20-linux-x64.xz
 echo "$ver" > .node/node-version.txt
-if [ "${1:-}" != "--no-modules" ]; then
+modules=1
+prebuilt=native/build
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-modules) modules=0 ;;
+    --prebuilt) prebuilt=${2:?--prebuilt needs a folder}; shift ;;
+    *) echo "pack-node-for-device: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+rm -rf .node/prebuilt
+if grep -q '^compiled' "$prebuilt/cuda.txt" 2>/dev/null && [ -f "$prebuilt/Release/mlora.node" ]; then
+  mkdir -p .node/prebuilt
+  cp "$prebuilt/Release/mlora.node" "$prebuilt/cuda.txt" .node/prebuilt/
+  echo "prebuilt CUDA addon: $(cat "$prebuilt/cuda.txt")"
+else
+  echo "no CUDA build in $prebuilt (its cuda.txt: $(cat "$prebuilt/cuda.txt" 2>/dev/null || echo none)): no prebuilt fallback packed"
+fi
+if [ $modules = 1 ]; then
   [ -d node_modules/ ] || { echo "pack-node-for-device: node_modules is missing (npm install first)" >&2; exit 1; }
   echo "packing node_modules (runtime + tap + cmake-js + node-addon-api)"
   # node_modules may be a symlink: the trailing slash makes tar read its contents.

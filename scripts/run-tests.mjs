@@ -7,6 +7,7 @@ import { readdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { ensureChromium } from './ensure-system-deps.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(path.join(root, 'package.json'));
@@ -17,8 +18,17 @@ function findTests(dir) {
     e.isDirectory() ? findTests(path.join(dir, e.name)) : e.name.endsWith('.test.js') ? [path.join(dir, e.name)] : [],
   );
 }
-const args = [tapBin, '--reporter=tap', '--plugin=!@tapjs/typescript', ...(files.length ? files : findTests('dist/test').sort())];
-const child = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
+const tests = files.length ? files : findTests('dist/test').sort();
+// the report's browser test needs a Chromium: installed here where missing and possible, else
+// the test skips with the reason found here
+const env = { ...process.env };
+if (tests.some((f) => f.endsWith('report.test.js'))) {
+  const c = ensureChromium();
+  if (c.chromium) env.MLORA_CHROMIUM = c.chromium;
+  else env.MLORA_CHROMIUM_MISSING = c.reason;
+}
+const args = [tapBin, '--reporter=tap', '--plugin=!@tapjs/typescript', ...tests];
+const child = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env });
 let tail = '';
 child.stdout.on('data', (chunk) => {
   process.stdout.write(chunk);

@@ -8,6 +8,8 @@ import type { LoraSegmentArg, Op } from '../native.js';
 import { LORA_TARGETS, layerWindow, type LoraTarget } from './config.js';
 import { ADAPTER_ID, type SingleModel } from './single.js';
 import { Rng } from '../rng.js';
+import type { Tokenizer } from '../data/tokenizer.js';
+import type { LlamaConfig } from './config.js';
 
 export interface GenerateOptions {
   maxNewTokens: number;
@@ -144,6 +146,20 @@ export function sampleToken(logits: Float32Array, temperature: number, rng: Rng,
     if (u <= 0) return idx[j]!;
   }
   return idx[idx.length - 1]!;
+}
+
+/**
+ * A prompt's token ids as the model reads it: with the tokenizer's own special tokens (BOS
+ * where it adds one) unless the text was already rendered by a chat template. An empty prompt
+ * becomes the BOS token alone (the tokenizer's, else config.json bos_token_id), so generating
+ * from nothing works the same whether or not the tokenizer's template adds a BOS.
+ */
+export function encodePrompt(tok: Tokenizer, config: Pick<LlamaConfig, 'bosTokenId'>, text: string, chat = false): number[] {
+  const ids = tok.encode(text, { addSpecialTokens: !chat });
+  if (ids.length) return ids;
+  const bos = tok.bosId ?? config.bosTokenId;
+  if (bos === undefined) throw new Error(`${tok.source}: the prompt is empty and the tokenizer has no BOS token (nor config.json bos_token_id) to start from`);
+  return [bos];
 }
 
 export async function generate(m: SingleModel, prompt: number[], o: GenerateOptions): Promise<number[]> {

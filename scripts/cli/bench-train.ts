@@ -74,7 +74,8 @@ export async function gemmCeiling(threads: number, n = 1536): Promise<number> {
   return (2 * n ** 3) / (best / 1000) / 1e9;
 }
 
-function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
+/** A micro-batch of `seqs` sequences of `seqLen` random tokens (ids ≥ 4), every token a target. */
+export function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
   const N = seqs * seqLen;
   const ids = new Int32Array(N);
   for (let i = 0; i < N; i++) ids[i] = 4 + rng.int(c.vocabSize - 4);
@@ -86,7 +87,7 @@ function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: num
   return { step: 0, microIndex: 0, microCount: 1, inputIds: ids, labels: ids, cuSeqlens: cu, positions, numTokens: N, numTargetTokens: targets, stepTargetTokens: targets, lastOfStep: true };
 }
 
-const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
+export const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
 
 /** Trains `steps` steps of K adapters, batched (one message of all K) or sequential (K messages, one at a time). */
 async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicroBatch>, steps: number, batched: boolean, concurrent: boolean): Promise<number> {
@@ -104,6 +105,27 @@ async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicro
     for (const id of ids) await p.step(id, { ...STEP, step: s + 1 });
   }
   return performance.now() - t;
+}
+
+/**
+ * mLoRA scheduling, as the supervisor does it: each group of adapters is one BatchLoRA message,
+ * all groups in flight at once; each adapter steps as soon as its own micro-batch is back (no
+ * flush) while the other messages keep the stages busy. Returns the wall time (ms) of `steps`
+ * steps of every group; optimizer versions continue from `versions` (kept across calls).
+ */
+export async function trainInGroups(p: Pipeline, groups: number[][], mbs: Map<number, SourceMicroBatch>, steps: number, versions = new Map<number, number>()): Promise<number> {
+  let mbId = 1;
+  const t0 = performance.now();
+  await Promise.all(groups.map(async (g) => {
+    for (let s = 0; s < steps; s++) {
+      await p.train(assemble(mbId++, g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })), g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0)));
+      await Promise.all(g.map((id) => {
+        versions.set(id, (versions.get(id) ?? 0) + 1);
+        return p.step(id, { ...STEP, step: versions.get(id)! });
+      }));
+    }
+  }));
+  return performance.now() - t0;
 }
 
 export async function batchloraScenario(o: { adapters: number[]; rank: number; shapes: Array<{ micro: number; seqLen: number }>; steps: number; threads: number }, log: (s: string) => void): Promise<TrainBenchRecord[]> {
@@ -191,29 +213,16 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
         const groups: number[][] = Array.from({ length: Math.min(K, 2 * plans.length) }, () => []);
         ids.forEach((id, i) => groups[i % groups.length]!.push(id));
         const run = async (steps: number, gpipe: boolean) => {
-          const version = new Map<number, number>();
+          if (!gpipe) return trainInGroups(p, groups, mbs, steps);
+          // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
+          // scheduler does when the adapters are too few to fill the stages), then its step
           let mbId = 1;
           const t0 = performance.now();
-          const stepOf = async (g: number[], s: number) => {
-            await p.train(assemble(mbId++, g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })), g.length * o.micro * o.seqLen));
-            await Promise.all(g.map((id) => {
-              version.set(id, (version.get(id) ?? 0) + 1);
-              return p.step(id, { ...STEP, step: version.get(id)! });
-            }));
-          };
-          if (gpipe) {
-            // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
-            // scheduler does when the adapters are too few to fill the stages), then its step
-            const id = ids[0]!;
-            const parts = GPIPE_MICRO;
-            const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
-            for (let s = 0; s < steps; s++) {
-              await Promise.all(Array.from({ length: parts }, () => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens))));
-              await p.step(id, { ...STEP, step: (version.get(id) ?? 0) + 1 });
-              version.set(id, (version.get(id) ?? 0) + 1);
-            }
-          } else {
-            await Promise.all(groups.map(async (g) => { for (let s = 0; s < steps; s++) await stepOf(g, s); }));
+          const id = ids[0]!;
+          const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
+          for (let s = 0; s < steps; s++) {
+            await Promise.all(Array.from({ length: GPIPE_MICRO }, () => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens))));
+            await p.step(id, { ...STEP, step: s + 1 });
           }
           return performance.now() - t0;
         };

@@ -9,12 +9,15 @@
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
+//   mlora bench --scenario gpu [--device cuda:0] [--models bench,1b|DIR,...] [--adapters 1,4,8] [--stages 1,2] [--rank 16]
+//               [--micro-batch M --seq-len T] [--steps N] [--ceiling-n N] [--baseline PEFT.json] [--json]
 import os from 'node:os';
-import { readFileSync } from 'node:fs';
+import { cpuModel } from '../../lib/machine.js';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
 import { batchloraScenario, headScenario, pipelineScenario, PRECISION_MODES, precisionScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
+import { gpuScenario, printGpuTable } from './bench-gpu.js';
 
 export interface BenchOptions {
   threads: number;
@@ -30,6 +33,12 @@ export interface BenchOptions {
   /** precision scenario: the preset and the base formats to run */
   preset?: 'bench' | '1b';
   modes?: string[];
+  /** The gpu scenario: device, models (presets or directories), stage counts, ceiling GEMM size, PEFT baseline JSON. */
+  device?: string;
+  models?: string[];
+  stages?: number[];
+  ceilingN?: number;
+  baseline?: string;
 }
 
 interface Scenario {
@@ -77,6 +86,21 @@ const scenarios: Record<string, Scenario> = {
       return recomputeScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 5), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }, log);
     },
   },
+  gpu: {
+    summary: 'one GPU: bench and 1b models (bf16), K adapters, 1 and 2 stage actors; tokens/s, MFU vs the bf16 GEMM ceiling, vs PEFT',
+    run: async (o) => {
+      const log = (s: string) => (o.json ? console.error(s) : console.log(s));
+      const device = o.device ?? 'cuda:0';
+      const cuda = device.startsWith('cuda');
+      const r = await gpuScenario({
+        device, models: o.models ?? ['bench', '1b'], adapters: o.adapters ?? [1, 4, 8], stages: o.stages ?? [1, 2], rank: o.rank ?? 16,
+        micro: o.microBatch ?? (cuda ? 2 : 1), seqLen: o.seqLen ?? (cuda ? 512 : 32), steps: o.steps ?? (o.quick ? 1 : 3),
+        ceilingN: o.ceilingN ?? (cuda ? 8192 : 256), ...(o.baseline ? { baseline: o.baseline } : {}),
+      }, log);
+      printGpuTable(r, log);
+      return r;
+    },
+  },
   pipeline: {
     summary: '2 stage actors (1 thread each) vs 1 stage with 1 and 2 threads; busy fractions and bubble ratio',
     run: async (o) => {
@@ -100,7 +124,8 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
 }
 
 function usage(): string {
-  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]', '', 'scenarios:'];
+  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]',
+    '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]', '', 'scenarios:'];
   for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
   return lines.join('\n');
 }
@@ -133,11 +158,23 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         if (bad.length) return { error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})` };
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
-      else if (a === '--adapters' || a.startsWith('--adapters=')) {
+      else if (a === '--adapters' || a.startsWith('--adapters=') || a === '--stages' || a.startsWith('--stages=')) {
+        const flag = a.split('=')[0]!;
         const v = value();
-        opts.adapters = v.split(',').map(Number);
-        if (opts.adapters.some((n) => !Number.isInteger(n) || n < 1)) return { error: `--adapters must be a list of positive integers, got '${v}'` };
-      } else if (['--rank', '--micro-batch', '--seq-len', '--steps'].some((f) => a === f || a.startsWith(`${f}=`))) {
+        const list = v.split(',').map(Number);
+        if (list.some((n) => !Number.isInteger(n) || n < 1)) return { error: `${flag} must be a list of positive integers, got '${v}'` };
+        if (flag === '--adapters') opts.adapters = list;
+        else opts.stages = list;
+      } else if (a === '--device' || a.startsWith('--device=')) {
+        const v = value();
+        if (!/^(cpu|cuda)(:\d+)?$/.test(v)) return { error: `--device must be cpu:N or cuda:N, got '${v}'` };
+        opts.device = v.includes(':') ? v : `${v}:0`;
+      } else if (a === '--models' || a.startsWith('--models=')) {
+        const v = value();
+        opts.models = v.split(',').filter(Boolean);
+        if (!opts.models.length) return { error: `--models must name presets or model directories, got '${v}'` };
+      } else if (a === '--baseline' || a.startsWith('--baseline=')) opts.baseline = value();
+      else if (['--rank', '--micro-batch', '--seq-len', '--steps', '--ceiling-n'].some((f) => a === f || a.startsWith(`${f}=`))) {
         const flag = a.split('=')[0]!;
         const v = value();
         const n = Number(v);
@@ -145,6 +182,7 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         if (flag === '--rank') opts.rank = n;
         else if (flag === '--micro-batch') opts.microBatch = n;
         else if (flag === '--seq-len') opts.seqLen = n;
+        else if (flag === '--ceiling-n') opts.ceilingN = n;
         else opts.steps = n;
       }
       else return { error: `unknown option '${a}'` };
@@ -191,15 +229,6 @@ function bestMs(fn: () => void, minReps: number, minMs: number): number {
   return best;
 }
 
-function cpuModel(): string {
-  try {
-    const m = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'));
-    if (m) return m[1]!.trim();
-  } catch {
-    /* not Linux */
-  }
-  return os.cpus()[0]?.model ?? 'unknown';
-}
 
 function randomTensor(d: Device, rng: Rng, dtype: 'f32' | 'bf16', shape: number[], std = 1): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);

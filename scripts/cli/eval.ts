@@ -1,15 +1,29 @@
-// mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--json]
+// mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--json] [--no-progress]
 // Mean loss, perplexity and token count of a model (optionally with a PEFT adapter) over a
 // dataset: pre-tokenized JSONL ({"input_ids": [...], "labels": [...]}; no tokenizer needed) or
-// text / instruction / chat data, tokenized with the model's tokenizer.
+// text / instruction / chat data, tokenized with the model's tokenizer. A long file (ten
+// batches or more) reports its progress on stderr: redrawn in place on a terminal, else a line
+// at every tenth of the batches.
 import { parseArgs } from 'node:util';
 import { readDataset, type TokenizedRecord } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { batchOnDevice, freeBatch, openSingleModel, packSequences } from '../../lib/model/single.js';
 
-const USAGE = 'usage: mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--template NAME] [--threads N] [--json]';
+const USAGE = 'usage: mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--template NAME] [--threads N] [--json] [--no-progress]';
 
-export async function evaluateDataset(o: { model: string; adapter?: string; data: string; seqLen: number; batchTokens: number; template?: string; threads?: number }) {
+/** How far an evaluation is: batches and examples done of all, target tokens so far. */
+export interface EvalProgress {
+  batch: number;
+  batches: number;
+  examples: number;
+  totalExamples: number;
+  tokens: number;
+}
+
+export async function evaluateDataset(o: {
+  model: string; adapter?: string; data: string; seqLen: number; batchTokens: number; template?: string; threads?: number;
+  onProgress?: (p: EvalProgress) => void;
+}) {
   const ds = readDataset(o.data);
   let examples: Array<{ inputIds: Int32Array; labels: Int32Array }>;
   if (ds.format === 'tokenized') {
@@ -32,7 +46,8 @@ export async function evaluateDataset(o: { model: string; adapter?: string; data
       for (const id of e.inputIds) if (id < 0 || id >= V) throw new Error(`${where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
       for (const id of e.labels) if (id !== -100 && (id < 0 || id >= V)) throw new Error(`${where[i] ?? o.data}: label ${id} is out of range for vocab_size ${V} (use -100 to ignore a position)`);
     });
-    let sum = 0, count = 0, id = 1;
+    // the batches, planned first so progress knows the whole
+    const groups: Array<typeof examples> = [];
     for (let i = 0; i < examples.length; ) {
       const group: typeof examples = [];
       let n = 0;
@@ -40,6 +55,10 @@ export async function evaluateDataset(o: { model: string; adapter?: string; data
         n += examples[i]!.inputIds.length;
         group.push(examples[i++]!);
       }
+      groups.push(group);
+    }
+    let sum = 0, count = 0, id = 1, done = 0;
+    for (const group of groups) {
       const packed = packSequences(group);
       const b = batchOnDevice(m, packed, id++);
       try {
@@ -48,6 +67,8 @@ export async function evaluateDataset(o: { model: string; adapter?: string; data
       } finally {
         freeBatch(b);
       }
+      done += group.length;
+      o.onProgress?.({ batch: id - 1, batches: groups.length, examples: done, totalExamples: examples.length, tokens: count });
     }
     const loss = sum / Math.max(1, count);
     return { loss, perplexity: Math.exp(loss), tokens: count, examples: examples.length };
@@ -62,6 +83,7 @@ export async function main(argv: string[]): Promise<number> {
     a = parseArgs({ args: argv, options: {
       model: { type: 'string' }, adapter: { type: 'string' }, data: { type: 'string' }, 'seq-len': { type: 'string' },
       'batch-tokens': { type: 'string' }, template: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
+      'no-progress': { type: 'boolean' },
     } });
   } catch (e) {
     console.error(`mlora eval: ${(e as Error).message}\n${USAGE}`);
@@ -82,8 +104,21 @@ export async function main(argv: string[]): Promise<number> {
     }
     ints[k] = n;
   }
+  const tty = !!process.stderr.isTTY && process.env.TERM !== 'dumb';
+  const t0 = performance.now();
+  let shown = 0;
+  const onProgress = (p: EvalProgress) => {
+    if (p.batches < 10) return; // short files: the result is all there is to say
+    const tenth = Math.floor((10 * p.batch) / p.batches);
+    if (!tty && tenth === shown) return;
+    shown = tenth;
+    const line = `eval ${a.values.data}: ${Math.floor((100 * p.batch) / p.batches)}% (batch ${p.batch}/${p.batches}, ${p.examples}/${p.totalExamples} examples, ${p.tokens} tokens, ${((performance.now() - t0) / 1000).toFixed(1)} s)`;
+    if (tty) process.stderr.write(`\r\x1b[K${line}${p.batch === p.batches ? '\n' : ''}`);
+    else console.error(line);
+  };
   const r = await evaluateDataset({
     model: a.values.model, data: a.values.data, seqLen: ints['seq-len']!, batchTokens: ints['batch-tokens']!, threads: ints.threads!,
+    ...(a.values['no-progress'] ? {} : { onProgress }),
     ...(a.values.adapter ? { adapter: a.values.adapter } : {}), ...(a.values.template ? { template: a.values.template } : {}),
   });
   if (a.values.json) console.log(JSON.stringify(r));

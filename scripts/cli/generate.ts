@@ -2,7 +2,7 @@
 import { parseArgs } from 'node:util';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
-import { generate } from '../../lib/model/generate.js';
+import { encodePrompt, generate } from '../../lib/model/generate.js';
 
 const USAGE = 'usage: mlora generate --model DIR [--adapter DIR] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--chat] [--threads N] [--json]';
 
@@ -35,9 +35,9 @@ export async function main(argv: string[]): Promise<number> {
   }
   const tok = loadTokenizer(a.values.model);
   const text = a.values.chat ? tok.applyChatTemplate([{ role: 'user', content: a.values.prompt }], { addGenerationPrompt: true }) : a.values.prompt;
-  const ids = tok.encode(text, { addSpecialTokens: !a.values.chat });
   const m = await openSingleModel(a.values.model, a.values.adapter, { threads: opts.threads! });
   try {
+    const ids = encodePrompt(tok, m.config, text, a.values.chat);
     if (tok.vocabSize > m.config.vocabSize)
       throw new Error(`${a.values.model}: tokenizer.json has ${tok.vocabSize} tokens, more than the model's vocab_size ${m.config.vocabSize}: they do not belong together`);
     const t = performance.now();

@@ -3,6 +3,7 @@
 // generation_config.json, tokenizer.json + tokenizer_config.json with a real byte-level BPE),
 // so tests, demos and benchmarks need no download.
 import fs from 'node:fs';
+import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
@@ -30,13 +31,25 @@ export async function makeModel(dir: string, preset: PresetName, seed: number, d
 /** The model in the cache folder, made once (a complete dir has config.json and tokenizer.json). */
 export async function ensureModel(cache: string, preset: PresetName, seed: number, log: (s: string) => void = () => {}): Promise<string> {
   const dir = path.join(cache, `${preset}-seed${seed}`);
-  if (fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'tokenizer.json'))) return dir;
+  const complete = () => fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'tokenizer.json'));
+  if (complete()) return dir;
   log(`making the ${preset} model (seed ${seed}) in ${dir} (once)`);
-  const tmp = `${dir}.tmp-${process.pid}`;
-  fs.rmSync(tmp, { recursive: true, force: true });
+  const tmp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   await makeModel(tmp, preset, seed);
-  fs.rmSync(dir, { recursive: true, force: true });
-  fs.renameSync(tmp, dir);
+  // Several processes may make it at once (test files in parallel): the first rename wins, the
+  // others drop their copy (the same seeded files). A complete model is never removed: another
+  // process may be reading it.
+  try {
+    fs.renameSync(tmp, dir);
+  } catch (e) {
+    if (!complete()) {
+      fs.rmSync(dir, { recursive: true, force: true }); // a leftover of an older layout, not a model
+      fs.renameSync(tmp, dir);
+      return dir;
+    }
+    fs.rmSync(tmp, { recursive: true, force: true });
+    if ((e as NodeJS.ErrnoException).code !== 'ENOTEMPTY' && (e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+  }
   return dir;
 }
 

@@ -65,6 +65,9 @@ export class Progress {
         r.evalLoss = ev.loss;
         this.log(`[${ev.adapter}] eval at step ${ev.step}: loss ${ev.loss.toFixed(4)} perplexity ${ev.perplexity.toFixed(2)} (${ev.tokens} tokens)`);
         break;
+      case 'sample':
+        if (this.mode === 'plain') this.log(`[${ev.adapter}] sample ${ev.when} (step ${ev.step}): ${JSON.stringify(ev.prompt)} -> ${JSON.stringify(ev.text)}`);
+        break;
       case 'checkpoint':
         if (this.mode === 'plain') this.log(`[${ev.adapter}] checkpoint ${ev.path}`);
         break;

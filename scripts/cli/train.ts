@@ -1,4 +1,4 @@
-// mlora train [CONFIG] [--devices cpu:0,cpu:1|cuda:0,cuda:1|auto] [--output DIR] [--resume] [--dry-run] [--fault SPEC]...
+// mlora train [CONFIG] [--devices cpu:0,cpu:1|cuda:0,cuda:1|auto] [--output DIR] [--resume|--overwrite] [--dry-run] [--fault SPEC]...
 // With no CONFIG: the embedded demo (a small model made once in a cache folder, four demo
 // adapters on the datasets in data/demo/).
 import fs from 'node:fs';
@@ -21,8 +21,11 @@ import { parseFault } from '../../lib/faults.js';
 import { Progress } from './progress.js';
 import { ensureModel } from './make-model.js';
 import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
-import { writeReport } from './report.js';
+import { writeReport, type MemorySample, type ReportFault } from './report.js';
 import type { JobEvent } from '../../actors/protocol.js';
+import { CLI_WORDING, dropAllSetAside, earlierResults, newRunId, refusal, setAsideDir, setAsideFile } from '../../lib/io/output.js';
+import { hashConfig } from '../../lib/io/checkpoint.js';
+import { machineInfo, mloraVersion } from '../../lib/machine.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 
@@ -34,6 +37,8 @@ options:
   --devices LIST     cpu:0,cpu:1 | cuda:0,cuda:1 | auto (default: the config's, else auto)
   --output DIR       where adapters, checkpoints, metrics.jsonl and report.html go
   --resume           continue every adapter from its newest complete checkpoint
+  --overwrite        train again from the start into an output that holds earlier results
+                     (they move to OUTPUT/.overwritten-<run>/ until the new ones are complete)
   --dry-run          print the plan (stage split, memory per stage, admission order) and exit
   --fault SPEC       inject a fault (repeatable), e.g. crash:stage=1,after=7 (see README)
   --threads N        CPU threads per device
@@ -115,7 +120,7 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
       else if (!s.isFile()) problems.push(`adapters[${i}].${field}: ${p} is not a file`);
     };
     file('data', a.data);
-    if (a.eval) file('eval.data', a.eval.data);
+    if (a.eval?.data) file('eval.data', a.eval.data);
     if (a.template && /[/\\]/.test(a.template)) file('template', a.template);
     if (a.lora.init) {
       const s = st(a.lora.init);
@@ -173,13 +178,18 @@ function plan(cfg: TrainConfig, out: (s: string) => void): void {
   out(`estimated throughput: ~${Math.round((gflops * 1e9) / flopsPerToken)} tokens/s (${(flopsPerToken / 1e6).toFixed(1)} MFLOP per token, ~${gflops} GFLOP/s assumed)`);
 }
 
-function summaryTable(jobs: Job[], seconds: number, bubble: number | undefined): string {
-  const rows = [['adapter', 'state', 'steps', 'final loss', 'eval loss', 'eval ppl', 'tokens', 'time']];
+type Ev<T extends JobEvent['type']> = Extract<JobEvent, { type: T }>;
+
+/** The end-of-run table; `events` are this run's and, on a resume, the earlier runs' (the step-0 eval, the first samples). */
+function summaryTable(jobs: Job[], seconds: number, bubble: number | undefined, events: JobEvent[]): string {
+  const rows = [['adapter', 'state', 'steps', 'final loss', 'eval loss before -> after', 'eval ppl', 'tokens', 'time']];
   for (const j of jobs) {
     const t = j.finishedAt && j.startedAt ? (j.finishedAt - j.startedAt) / 1000 : 0;
+    const before = j.baselineEval ?? events.find((e): e is Ev<'eval'> => e.type === 'eval' && e.adapter === j.name && e.step === 0);
+    const evalLoss = j.lastEval ? `${before ? `${before.loss.toFixed(4)} -> ` : ''}${j.lastEval.loss.toFixed(4)}` : '-';
     rows.push([
       j.name, j.state, `${j.step}/${j.totalSteps}`, Number.isFinite(j.lastLoss) ? j.lastLoss.toFixed(4) : '-',
-      j.lastEval ? j.lastEval.loss.toFixed(4) : '-', j.lastEval ? j.lastEval.perplexity.toFixed(2) : '-', String(j.tokens), `${t.toFixed(1)}s`,
+      evalLoss, j.lastEval ? j.lastEval.perplexity.toFixed(2) : '-', String(j.tokens), `${t.toFixed(1)}s`,
     ]);
   }
   const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
@@ -187,7 +197,44 @@ function summaryTable(jobs: Job[], seconds: number, bubble: number | undefined):
   lines.splice(1, 0, w.map((n) => '-'.repeat(n)).join('  '));
   const tokens = jobs.reduce((s, j) => s + j.tokens, 0);
   lines.push('', `overall: ${tokens} tokens in ${seconds.toFixed(1)} s = ${Math.round(tokens / Math.max(1e-9, seconds))} tokens/s` + (bubble !== undefined ? `; bubble ratio ${(100 * bubble).toFixed(1)}%` : ''));
+  const samples = events.filter((e): e is Ev<'sample'> => e.type === 'sample');
+  const one = (s: string) => JSON.stringify(s.length > 200 ? `${s.slice(0, 200)}…` : s);
+  for (const j of jobs) {
+    const mine = samples.filter((e) => e.adapter === j.name);
+    const prompts = [...new Set(mine.map((e) => e.prompt))];
+    if (!prompts.length) continue;
+    lines.push('', `[${j.name}] greedy samples`);
+    for (const p of prompts) {
+      lines.push(`  prompt ${one(p)}`);
+      for (const when of ['before', 'after'] as const) {
+        const e = mine.filter((x) => x.prompt === p && x.when === when).at(-1);
+        if (e) lines.push(`    ${when.padEnd(6)} (step ${e.step}): ${one(e.text)}`);
+      }
+    }
+  }
   return lines.join('\n');
+}
+
+/** Metrics records already in an output (a resumed run's earlier runs), as events; none when there is no file. */
+function earlierEvents(file: string): JobEvent[] {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return [];
+  }
+  const out: JobEvent[] = [];
+  for (const line of text.split('\n')) {
+    if (!line.trim()) continue;
+    try {
+      const r = JSON.parse(line) as JobEvent & { time: string | number };
+      if (typeof r.time === 'string') r.time = Date.parse(r.time);
+      out.push(r as JobEvent);
+    } catch {
+      // a line cut short by a crash: the rest is still read
+    }
+  }
+  return out;
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -198,7 +245,7 @@ export async function main(argv: string[]): Promise<number> {
       options: {
         devices: { type: 'string' }, output: { type: 'string' }, resume: { type: 'boolean' }, 'dry-run': { type: 'boolean' },
         fault: { type: 'string', multiple: true }, threads: { type: 'string' }, memory: { type: 'string' }, fast: { type: 'boolean' },
-        progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' },
+        progress: { type: 'string' }, help: { type: 'boolean', short: 'h' }, 'in-process': { type: 'boolean' }, overwrite: { type: 'boolean' },
         'compute-dtype': { type: 'string' }, quantize: { type: 'string' },
       },
     });
@@ -212,6 +259,10 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (args.positionals.length > 1) {
     console.error(`mlora train: one CONFIG at most, got ${args.positionals.join(' ')}\n\n${USAGE}`);
+    return 2;
+  }
+  if (args.values.resume && args.values.overwrite) {
+    console.error(`mlora train: --resume and --overwrite exclude each other (go on from the checkpoints, or train again from the start)\n\n${USAGE}`);
     return 2;
   }
   const fast = !!args.values.fast;
@@ -239,17 +290,48 @@ export async function main(argv: string[]): Promise<number> {
     plan(cfg, (s) => console.log(s));
     return 0;
   }
+  const resume = !!args.values.resume, overwrite = !!args.values.overwrite;
+  // before anything loads or trains: earlier results are never written over without being asked
+  const names = cfg.adapters.map((a) => a.name);
+  if (!resume && !overwrite) {
+    const e = refusal(cfg.output, names, CLI_WORDING);
+    if (e) {
+      console.error(`mlora train: ${e.message}`);
+      return 1;
+    }
+  }
   const logSetting = (args.values.progress as 'auto' | 'bar' | 'plain' | 'none' | undefined) ?? cfg.log.progress;
   const progress = new Progress(Progress.pick(logSetting), process.stdout, cfg.log.every);
+  const runId = newRunId();
+  const startTime = new Date();
   fs.mkdirSync(cfg.output, { recursive: true });
-  const metrics = fs.openSync(path.join(cfg.output, 'metrics.jsonl'), 'a');
+  const metricsFile = path.join(cfg.output, 'metrics.jsonl');
+  const aside = setAsideDir(cfg.output, runId);
+  const replacing = overwrite ? names.filter((n) => earlierResults(cfg.output, n).length) : [];
+  if (overwrite) {
+    // printed whatever the progress mode: where earlier results went is never to be missed
+    if (replacing.length) console.log(`--overwrite: the earlier results of ${replacing.join(', ')} move to ${aside}/ (removed once the new ones are complete)`);
+    for (const f of ['metrics.jsonl', 'report.html']) setAsideFile(cfg.output, f, runId);
+  }
+  // a resumed run's summary and report also show what the earlier runs recorded (the step-0 eval, the first samples)
+  const earlier = resume ? earlierEvents(metricsFile) : [];
+  const metrics = fs.openSync(metricsFile, 'a');
   const writeMetric = (rec: object) => fs.writeSync(metrics, JSON.stringify(rec) + '\n');
+  const machine = machineInfo();
+  const { output: _o, log: _l, ...hashed } = cfg;
+  const header = {
+    type: 'run', run: runId, config_hash: hashConfig(hashed), start: startTime.toISOString(), mlora: mloraVersion(),
+    mode: resume ? 'resume' : overwrite ? 'overwrite' : 'fresh', config_file: args.positionals[0] ? path.resolve(args.positionals[0]) : 'demo', machine,
+  };
+  writeMetric(header);
   const history: JobEvent[] = [];
+  const faultLog: ReportFault[] = [];
+  const memory: MemorySample[] = [];
   const t0 = Date.now();
   let sup: Supervisor;
   try {
     sup = await Supervisor.start({
-      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg), output: cfg.output, resume: !!args.values.resume, faults,
+      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg), output: cfg.output, resume, overwrite, runId, faults,
       batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
       computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
@@ -260,13 +342,14 @@ export async function main(argv: string[]): Promise<number> {
       onEvent: (ev) => {
         progress.event(ev);
         history.push(ev);
-        if (ev.type === 'step' || ev.type === 'eval' || ev.type === 'fault' || ev.type === 'rollback' || ev.type === 'done' || ev.type === 'error' || ev.type === 'checkpoint') {
+        if (ev.type !== 'state') {
           writeMetric({ ...ev, time: new Date(ev.time).toISOString() });
         }
       },
       onFault: (f) => {
         if (f.fatal) progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); too many failures of this stage, the run stops`);
         else progress.log(`fault on stage ${f.stage}: ${f.fault} (${f.detail}); recovered in ${Math.round(f.recoveredMs ?? 0)} ms, ${f.replayed ?? 0} micro-batch(es) replayed${f.admission !== undefined ? `; admission lowered to ${f.admission} micro-batch(es) in flight` : ''}`);
+        faultLog.push({ time: Date.now(), stage: f.stage, fault: f.fault, detail: f.detail, ...(f.recoveredMs !== undefined ? { recoveredMs: f.recoveredMs } : {}), ...(f.replayed !== undefined ? { replayed: f.replayed } : {}), ...(f.fatal ? { fatal: true } : {}) });
         writeMetric({
           type: 'fault', stage: f.stage, fault: f.fault, detail: f.detail, detection_ms: f.silentMs, recovery_ms: f.recoveredMs, replayed: f.replayed,
           ...(f.admission !== undefined ? { admission: f.admission } : {}),
@@ -301,7 +384,18 @@ export async function main(argv: string[]): Promise<number> {
   const sigterm = () => onSignal('SIGTERM');
   process.on('SIGINT', sigint);
   process.on('SIGTERM', sigterm);
+  // memory per stage for the report, sampled once a second (one query at a time)
+  let sampling: Promise<void> | undefined;
+  const sampleMemory = () => {
+    sampling ??= p.memory().then(
+      (m) => void memory.push({ time: Date.now(), stages: m }),
+      () => {}, // a stage being restarted: the next sample gets it
+    ).finally(() => (sampling = undefined));
+    return sampling;
+  };
+  void sampleMemory();
   const util = setInterval(() => {
+    void sampleMemory();
     const u = utilisation(p.schedule().filter((r) => r.end > p.schedule().at(-1)!.end - 5000), p.plans.length);
     if (u.spanMs > 0) progress.setFooter(`stages busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join(' / ')} (last 5 s)`);
   }, 1000);
@@ -314,6 +408,10 @@ export async function main(argv: string[]): Promise<number> {
     progress.log(`run stopped: ${(e as Error).message}`);
   }
   clearInterval(util);
+  // a stage that died for good may never answer: the report does without that sample
+  const settle = (x: Promise<void> | undefined) => Promise.race([x, new Promise<void>((r) => setTimeout(r, 2000).unref())]);
+  await settle(sampling);
+  if (!failed) await settle(sampleMemory()); // the peaks at the end
   if (interrupted || failed) {
     await sup.stop();
     for (const { job, state } of await sup.exportAll()) {
@@ -332,10 +430,19 @@ export async function main(argv: string[]): Promise<number> {
   progress.stop();
   process.off('SIGINT', sigint);
   process.off('SIGTERM', sigterm);
+  const peaks = memory.at(-1)?.stages;
+  if (peaks) writeMetric({ type: 'memory', stages: peaks.map((m) => ({ device: m.device, budget: m.budget, peak: m.peak })), time: new Date().toISOString() });
   fs.closeSync(metrics);
-  const reportPath = writeReport(cfg.output, history, sched, p.plans.length, p.devices);
+  const reportPath = writeReport({
+    output: cfg.output, header, config: cfg, events: [...earlier, ...history], runEvents: history, faults: faultLog,
+    schedule: sched, stages: p.plans.length, devices: p.devices, memory, t0,
+  });
+  if (replacing.length || fs.existsSync(aside)) {
+    if (jobs.every((j) => j.state === 'done')) dropAllSetAside(cfg.output, runId);
+    else console.log(`the earlier results of the adapters that did not finish are kept in ${aside}/ (move them back to ${cfg.output}/ to use them)`);
+  }
   console.log('');
-  console.log(summaryTable(jobs, seconds, u?.bubble));
+  console.log(summaryTable(jobs, seconds, u?.bubble, [...earlier, ...history]));
   if (sched.length && p.plans.length > 1) console.log('\n' + renderGrid(sched, p.plans.length, 72));
   console.log(`\nadapters and checkpoints in ${cfg.output}/<adapter>/, metrics in ${path.join(cfg.output, 'metrics.jsonl')}, report ${reportPath}`);
   if (interrupted) return 130;

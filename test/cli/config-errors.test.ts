@@ -59,6 +59,10 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
   ['adapter not an object', (c) => (c.adapters = ['a']), 'adapters[0]: must be an object, got "a"'],
   ['missing data file', (c) => (c.adapters[0].data = path.join(DIR, 'nope.jsonl')), `adapters[0].data: ${path.join(DIR, 'nope.jsonl')}: no such file`],
   ['missing eval file', (c) => (c.adapters[0].eval = { data: path.join(DIR, 'held-out.jsonl') }), `adapters[0].eval.data: ${path.join(DIR, 'held-out.jsonl')}: no such file`],
+  ['eval with neither data nor prompts', (c) => (c.adapters[0].eval = { every: 5 }), 'adapters[0].eval: needs data (held-out examples) or prompts (to sample), or both'],
+  ['eval.prompts not a list', (c) => (c.adapters[0].eval = { prompts: 'Once upon a time' }), 'adapters[0].eval.prompts: must be a list, got "Once upon a time"'],
+  ['eval.max_new_tokens 0', (c) => (c.adapters[0].eval = { prompts: ['x'], max_new_tokens: 0 }), 'adapters[0].eval.max_new_tokens: must be ≥ 1, got 0'],
+  ['eval unknown field', (c) => (c.adapters[0].eval = { prompts: ['x'], prompt: ['x'] }), "adapters[0].eval: unknown field(s) 'prompt' (allowed: data, every, prompts, max_new_tokens)"],
   [
     'model dir without config.json',
     (c) => (c.model = path.join(DIR, 'not-a-model')),

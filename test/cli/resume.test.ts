@@ -48,6 +48,7 @@ t.test('an interrupted run resumed from its checkpoints ends where the uninterru
   for (const r of steps) {
     const ref = fullSteps.find((x) => x.adapter === r.adapter && x.step === r.step);
     t.equal(r.loss, ref?.loss, `${String(r.adapter)} step ${String(r.step)}: same loss as the uninterrupted run`);
+    t.equal(r.tokens, ref?.tokens, `${String(r.adapter)} step ${String(r.step)}: same token count as the uninterrupted run (counted on from the checkpoint)`);
   }
   for (const n of names) sameWeights(t, path.join(full, n, 'adapter_model.safetensors'), path.join(part, n, 'adapter_model.safetensors'), n);
   t.ok(listCheckpoints(path.join(part, 'arithmetic')).find((c) => c.step === 4)?.complete, 'the partial checkpoint was rewritten complete');

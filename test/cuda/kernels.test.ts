@@ -2,7 +2,10 @@
 // written by CMake) and the addon agrees; opening a CUDA device with no GPU is a clear Error.
 // On a GPU: every CUDA kernel against the CPU kernel (the oracle) on the same fresh random
 // inputs, forward and backward, with stated tolerances per precision, plus cuBLAS against our
-// fallback GEMM. Where no GPU is present those tests are skipped with the reason printed.
+// fallback GEMM. Where no GPU is present those tests are skipped with the reason printed (in a
+// device-check rehearsal a second CPU device stands in for the GPU: test/cuda/target.ts). And
+// always: every op the addon exports is covered here or named as CPU-only, so a new kernel
+// family cannot land without its CUDA-vs-CPU test.
 //
 // Tolerances (max |cuda - cpu| ≤ atol + rtol·|cpu|):
 //   f32 elementwise kernels            atol 1e-6, rtol 1e-5 (same formula, maybe fused FMAs)
@@ -18,11 +21,11 @@ import { addonPath, native, type DType, type NativeDevice, type Op, type Tensor 
 import { Rng } from '../../lib/rng.js';
 import { openDevice } from '../../lib/tensor.js';
 import { assertClose, type Tolerance } from '../support/helpers.js';
+import { gpuLabel, gpuSpec, noGpu, realGpu } from './target.js';
 
 const info = native().info();
-const noGpu: string | false =
-  info.cuda.devices > 0 ? false : `no usable CUDA device (compiled: ${info.cuda.compiled}): ${info.cuda.reason}`;
 if (noGpu) t.comment(`CUDA kernel tests skipped: ${noGpu}`);
+else t.comment(`CUDA kernel tests: CPU vs ${gpuLabel}`);
 
 const marker = path.resolve(path.dirname(addonPath()), '..', 'cuda.txt');
 t.test('the addon reports what the build compiled', { skip: existsSync(marker) ? false : `no build marker at ${marker} (addon built elsewhere)` }, async (t) => {
@@ -99,7 +102,7 @@ function weight(shape: number[], rng: Rng, dtype: DType, std = 1): Input {
 const opened: { cpu?: NativeDevice; cuda?: NativeDevice; fallback?: NativeDevice } = {};
 function devices() {
   opened.cpu ??= openDevice('cpu:0', { threads: 2, budget: 2 ** 31 });
-  opened.cuda ??= openDevice('cuda:0', { budget: 2 ** 32 });
+  opened.cuda ??= openDevice(gpuSpec, { threads: 2, budget: 2 ** 32 });
   return opened as { cpu: NativeDevice; cuda: NativeDevice };
 }
 function fallbackDevice(): NativeDevice {
@@ -147,7 +150,9 @@ async function compare(
 }
 
 const hasOp = (name: string) => info.ops.includes(name);
+const covered = new Set<string>();
 function gpuTest(name: string, ops: string[], fn: (t: Test) => Promise<void>, extraSkip: string | false = false) {
+  for (const o of ops) covered.add(o);
   const missing = ops.filter((o) => !hasOp(o));
   const skip = noGpu || (missing.length ? `op(s) ${missing.join(', ')} not in this build yet` : false) || extraSkip;
   t.test(name, { skip }, fn);
@@ -209,7 +214,7 @@ gpuTest('gemm: cuBLAS against our fallback kernel', ['gemm'], async (t) => {
     await compare(t, { a: f32([m, k], rng), b: weight([n, k], rng, dtype), c: f32([m, n], rng) },
       (T) => [{ op: 'gemm', c: T.c!, a: T.a!, b: T.b!, transB: true }], { c: gemmTol(k, dtype) }, `cublas vs fallback ${dtype}`, [fb, cuda]);
   }
-}, info.cuda.gemm.startsWith('fallback') ? `cuBLAS is not in use here: ${info.cuda.gemm}` : false);
+}, !realGpu ? 'needs a real GPU (cuBLAS and the fallback GEMM are both CUDA)' : info.cuda.gemm.startsWith('fallback') ? `cuBLAS is not in use here: ${info.cuda.gemm}` : false);
 
 gpuTest('linear forward/backward, accumulate, bf16 weights', ['linear_forward', 'linear_backward'], async (t) => {
   const rng = new Rng(804);
@@ -250,6 +255,23 @@ gpuTest('rmsnorm forward/backward with dw, extreme range', ['rmsnorm_forward', '
       { op: 'rmsnorm_forward', y: T.y!, rstd: T.rstd!, x: T.x!, w: T.w!, eps: 1e-6 },
       { op: 'rmsnorm_backward', dx: T.dx!, dy: T.dy!, x: T.x!, w: T.w!, rstd: T.rstd!, dw: T.dw!, accumulate: true },
     ], { dx: { atol: 1e-5 / std, rtol: 1e-4 }, dw: { atol: 1e-4, rtol: 1e-4 } }, `rmsnorm_backward x·${std} ${dtype}`);
+  }
+});
+
+// Qwen3's q/k norms: one RMSNorm per head over head_dim (rows = tokens·heads, h = 32..128,
+// far shorter than a hidden size), weights frozen, so backward runs without dw.
+gpuTest('rmsnorm per head (q/k norm): [n, heads, d] rows, d 32/64/128, no dw', ['rmsnorm_forward', 'rmsnorm_backward'], async (t) => {
+  const rng = new Rng(813);
+  for (const [n, heads, d, dtype] of [[61, 8, 32, 'f32'], [40, 4, 64, 'bf16'], [17, 6, 128, 'f32']] as const) {
+    const sh = [n, heads, d];
+    const ins = {
+      x: f32(sh, rng, 3), w: weight([d], rng, dtype), y: f32(sh, rng), rstd: f32([n * heads], rng),
+      dy: f32(sh, rng), dx: f32(sh, rng),
+    };
+    await compare(t, ins, (T) => [
+      { op: 'rmsnorm_forward', y: T.y!, rstd: T.rstd!, x: T.x!, w: T.w!, eps: 1e-6 },
+      { op: 'rmsnorm_backward', dx: T.dx!, dy: T.dy!, x: T.x!, w: T.w!, rstd: T.rstd! },
+    ], { y: RED, rstd: RED, dx: RED }, `q/k rmsnorm n=${n} heads=${heads} d=${d} ${dtype}`);
   }
 });
 
@@ -413,4 +435,14 @@ gpuTest('adamw: many tensors in one call', ['adamw'], async (t) => {
   await compare(t, ins, (T) => [
     { op: 'adamw', params: L('p', T), grads: L('g', T), m: L('m', T), v: L('v', T), lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0.01, step: 3, gradScale: 0.5 },
   ], tol, 'adamw');
+});
+
+// Ops with no CUDA kernel (each refuses a CUDA device with an Error): the KV-cache decode step
+// (generation runs on CPU devices), the CPU FMA-peak probe of the benchmarks, and (de)quantize
+// (NF4 / int8 bases are CPU-only for now: docs/cuda.md).
+const CPU_ONLY = ['attention_decode', 'fma_peak', 'quantize', 'dequantize'];
+
+t.test('every op of the addon has a CUDA-vs-CPU test here (or is named CPU-only)', async (t) => {
+  const untested = info.ops.filter((o) => !covered.has(o) && !CPU_ONLY.includes(o));
+  t.same(untested, [], `ops without a CUDA-vs-CPU test in test/cuda/kernels.test.ts: ${untested.join(', ') || 'none'} (add a gpuTest, or name the op in CPU_ONLY with the reason)`);
 });

@@ -1,6 +1,8 @@
 // Fuzzing the parsers of user files (safetensors, adapter dirs, configs, datasets) with seeded
-// random mutations of valid files, for a bounded time each: every case must end in an Error
-// with a message (or a valid parse), never a crash, a hang or a huge allocation.
+// random mutations of valid files, a fixed number of cases each (the same cases on every
+// machine, however fast; MLORA_FUZZ_SCALE multiplies them): every case must end in an Error
+// with a message (or a valid parse), never a crash or a huge allocation (a hang would stop the
+// file at tap's timeout).
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -14,7 +16,7 @@ import { readConfigFile } from '../../scripts/cli/train.js';
 import { tmpDir } from '../support/files.js';
 
 const fixtures = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/llama-tiny');
-const BUDGET_MS = Number(process.env.MLORA_FUZZ_MS ?? 3000);
+const SCALE = Number(process.env.MLORA_FUZZ_SCALE ?? 1);
 const dir = tmpDir(t, 'fuzz');
 
 function mutate(rng: Rng, src: Uint8Array): Uint8Array {
@@ -41,12 +43,11 @@ function mutate(rng: Rng, src: Uint8Array): Uint8Array {
   return b;
 }
 
-function fuzz(name: string, seed: number, inputs: Uint8Array[], check: (bytes: Uint8Array, i: number) => void) {
+function fuzz(name: string, seed: number, count: number, inputs: Uint8Array[], check: (bytes: Uint8Array, i: number) => void) {
   const rng = new Rng(seed, name);
-  const t0 = performance.now();
   let cases = 0, errors = 0, ok = 0, slowest = 0;
   const odd: string[] = [];
-  while (performance.now() - t0 < BUDGET_MS) {
+  while (cases < Math.max(1, Math.round(count * SCALE))) {
     const bytes = mutate(rng, inputs[rng.int(inputs.length)]!);
     const c0 = performance.now();
     try {
@@ -61,11 +62,10 @@ function fuzz(name: string, seed: number, inputs: Uint8Array[], check: (bytes: U
     cases++;
   }
   t.same(odd, [], `${name}: ${cases} cases, ${errors} errors, ${ok} valid, slowest ${slowest.toFixed(0)} ms`);
-  t.ok(slowest < 2000, `${name}: no case hangs (slowest ${slowest.toFixed(0)} ms)`);
 }
 
 const st = fs.readFileSync(path.join(fixtures, 'adapter/adapter_model.safetensors'));
-fuzz('safetensors', 1, [st, st.subarray(0, 8 + Number(st.readBigUInt64LE(0)))], (bytes, i) => {
+fuzz('safetensors', 1, 600, [st, st.subarray(0, 8 + Number(st.readBigUInt64LE(0)))], (bytes, i) => {
   const f = path.join(dir, `st-${i % 8}.safetensors`);
   fs.writeFileSync(f, bytes);
   const sf = openSafetensors(f);
@@ -83,7 +83,7 @@ fuzz('safetensors', 1, [st, st.subarray(0, 8 + Number(st.readBigUInt64LE(0)))], 
 }
 
 const acfg = fs.readFileSync(path.join(fixtures, 'adapter/adapter_config.json'));
-fuzz('adapter dir', 2, [acfg, st], (bytes, i) => {
+fuzz('adapter dir', 2, 400, [acfg, st], (bytes, i) => {
   const d = path.join(dir, `ad-${i % 8}`);
   fs.mkdirSync(d, { recursive: true });
   const isConfig = bytes[0] === 0x7b || i % 2 === 0;
@@ -97,7 +97,7 @@ const cfgJson = Buffer.from(JSON.stringify({
   adapters: [{ name: 'a', data: 'a.jsonl', lora: { r: 8, alpha: 16, targets: ['q_proj', 'v_proj'] }, optimizer: { lr: 1e-3, betas: [0.9, 0.99] }, batch_size: 8, micro_batch_size: 2, seq_len: 64, eval: { data: 'e.jsonl', every: 5 } }],
 }, null, 1));
 const cfgYaml = Buffer.from('model: m\ndevices: [cpu:0, cpu:1]\nadapters:\n  - name: a\n    data: a.jsonl\n    lora: {r: 8, alpha: 16}\n    schedule: {type: cosine, warmup_steps: 2}\n    seq_len: 64\n&x {a: *x}\n'.replace('&x {a: *x}\n', ''));
-fuzz('config', 3, [cfgJson, cfgYaml], (bytes, i) => {
+fuzz('config', 3, 800, [cfgJson, cfgYaml], (bytes, i) => {
   const f = path.join(dir, `c-${i % 8}.${bytes[0] === 0x7b ? 'json' : 'yaml'}`);
   fs.writeFileSync(f, bytes);
   parseTrainConfig(readConfigFile(f), f);
@@ -107,6 +107,6 @@ const data = Buffer.from([
   JSON.stringify({ instruction: 'Say hi', input: 'x', output: 'hi' }), JSON.stringify({ messages: [{ role: 'user', content: 'a' }, { role: 'assistant', content: 'b' }] }),
   JSON.stringify({ text: 'plain' }), JSON.stringify({ input_ids: [1, 2, 3], labels: [-100, 2, 3] }),
 ].join('\n'));
-fuzz('dataset', 4, [data, Buffer.from(`[${data.toString().split('\n').join(',')}]`)], (bytes, i) => {
+fuzz('dataset', 4, 20000, [data, Buffer.from(`[${data.toString().split('\n').join(',')}]`)], (bytes, i) => {
   parseDataset(Buffer.from(bytes).toString('utf8'), `d-${i}.jsonl`, { skipBad: i % 2 === 0 });
 });

@@ -93,7 +93,7 @@ export async function run(o: RunOptions): Promise<RunResult> {
   try {
     await Promise.race([
       sup.drain(),
-      new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(`run did not end within ${o.timeoutMs ?? 30_000} ms`)), o.timeoutMs ?? 30_000))),
+      new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(`run did not end within ${o.timeoutMs ?? 240_000} ms`)), o.timeoutMs ?? 240_000))),
     ]);
   } catch (e) {
     error = e as Error;

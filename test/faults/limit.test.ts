@@ -13,7 +13,7 @@ const dir = tmpDir(t, 'limit');
 const cfg = adapters(dir, ['a', 'b'], 6);
 const out = tmpDir(t, 'limit-out');
 const crashes = Array.from({ length: 5 }, () => 'crash:stage=1,after=12');
-const r = await run({ model, adapters: cfg, faults: crashes, maxStageFailures: 3, output: out, timeoutMs: 40_000 });
+const r = await run({ model, adapters: cfg, faults: crashes, maxStageFailures: 3, output: out });
 t.ok(r.error, 'the run stops');
 t.match(r.error?.message ?? '', /stage 1 \(cpu:1\) failed 4 times \(limit 3\); last: crash: worker exited with code 70/, `the error names the stage and the cause: ${r.error?.message}`);
 t.equal(r.faults.filter((f) => !f.fatal).length, 3, '3 recoveries');

@@ -13,9 +13,9 @@ export const DEMO_DATA = path.join(REPO, 'data/demo');
 export function tmpDir(t: { teardown(fn: () => void): void }, tag = 'test'): string {
   const d = fs.mkdtempSync(path.join(os.tmpdir(), `mlora-${tag}-`));
   const remove = () => fs.rmSync(d, { recursive: true, force: true });
-  // a teardown on tap's root test makes it end at the next idle moment, before the file's
-  // top-level awaits are done ("assertion after automatic end"): the root's folders go at exit
-  if (t === (tap as unknown)) process.once('exit', remove);
+  // The root test's teardown can run while a file's top-level awaits are still using the
+  // folder (tap may end the root between two awaits), so the root's folders go at exit.
+  if ((t as unknown) === tap) process.once('exit', remove);
   else t.teardown(remove);
   return d;
 }

@@ -91,6 +91,28 @@ t.test('with the reference adapter the loss is the PyTorch+PEFT reference loss',
   t.match(txt.out, new RegExp(`^loss ${base.loss.toFixed(4)}  perplexity ${base.perplexity.toFixed(3)}  tokens ${count}  examples 2\\n$`));
 });
 
+t.test('a long file reports progress on stderr: a line at every tenth of the batches; the result is unchanged', async (t) => {
+  const model = copyFixtureModel(t);
+  const d = tmpDir(t, 'eval');
+  const file = path.join(d, 'long.jsonl');
+  // 40 sequences of 8 tokens, 2 per batch of 16 tokens: 20 batches
+  writeJsonl(file, Array.from({ length: 40 }, (_, i) => ({ input_ids: Array.from({ length: 8 }, (_, j) => (i * 7 + j * 3) % 200 + 4) })));
+  const seen: number[] = [];
+  const r = await evaluateDataset({ model, data: file, seqLen: 512, batchTokens: 16, onProgress: (p) => seen.push(p.batch) });
+  t.same(seen, Array.from({ length: 20 }, (_, i) => i + 1), 'one callback per batch, in order');
+  const cli = mlora('eval', '--model', model, '--data', file, '--batch-tokens', '16', '--json');
+  t.equal(cli.code, 0, cli.err);
+  const lines = cli.err.trim().split('\n');
+  t.equal(lines.length, 10, `ten progress lines: ${cli.err}`);
+  t.match(lines[0], `eval ${file}: 10% (batch 2/20, 4/40 examples, 28 tokens, `);
+  t.match(lines[9], `eval ${file}: 100% (batch 20/20, 40/40 examples, 280 tokens, `);
+  t.equal((JSON.parse(cli.out) as { loss: number }).loss, r.loss, 'stdout holds the result alone');
+  const quiet = mlora('eval', '--model', model, '--data', file, '--batch-tokens', '16', '--no-progress');
+  t.equal(quiet.err, '', '--no-progress: nothing on stderr');
+  const short = mlora('eval', '--model', model, '--data', file);
+  t.equal(short.err, '', 'a file of fewer than ten batches: no progress lines');
+});
+
 t.test('bad data: errors name the file and line and the vocab size', async (t) => {
   const model = copyFixtureModel(t);
   const d = tmpDir(t, 'eval');

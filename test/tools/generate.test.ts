@@ -235,6 +235,22 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   t.equal(ad.code, 0, ad.err);
   t.not((JSON.parse(ad.out).tokens as number[]).join(','), o.tokens.join(','), 'the adapter changes the greedy completion');
 
+  // an empty prompt starts from BOS, also with a tokenizer whose template adds none
+  const noBos = tmpDir(t, 'gen-nobos');
+  fs.cpSync(dir, noBos, { recursive: true });
+  const tj = JSON.parse(fs.readFileSync(path.join(noBos, 'tokenizer.json'), 'utf8')) as { post_processor: unknown };
+  tj.post_processor = null;
+  fs.writeFileSync(path.join(noBos, 'tokenizer.json'), JSON.stringify(tj));
+  t.same(loadTokenizer(noBos).encode('', { addSpecialTokens: true }), [], 'this tokenizer adds no BOS to an empty text');
+  const empty = (d: string) => mlora('generate', '--model', d, '--prompt', '', '--max-new-tokens', '5', '--json');
+  const e1 = empty(dir), e2 = empty(noBos);
+  t.equal(e1.code, 0, e1.err);
+  t.equal(e2.code, 0, e2.err);
+  t.same(JSON.parse(e2.out).tokens, JSON.parse(e1.out).tokens, 'both start from BOS and continue alike');
+  const m2 = await openSingleModel(dir);
+  t.same(JSON.parse(e1.out).tokens, await generate(m2, [tok.bosId!], { maxNewTokens: 5, eosId: tok.eosId! }), 'what generation from BOS alone gives');
+  m2.free();
+
   for (const [args, re] of [
     [['--prompt', 'x'], /--model and --prompt are required/],
     [['--model', dir], /--model and --prompt are required/],
