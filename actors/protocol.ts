@@ -9,6 +9,7 @@ import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import type { WireError } from '../lib/errors.js';
+import type { MessagePort } from 'node:worker_threads';
 
 /**
  * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
@@ -93,6 +94,22 @@ export interface InitMsg {
   heartbeatMs: number;
   /** The pipeline's time origin on the clockMs() clock: every stage stamps its records relative to it. */
   epochMs: number;
+  /** Number of stages in the pipeline (the last one turns a Forward into a Backward). */
+  stages: number;
+  /** Recovery epoch the stage starts at: a restarted stage ignores what its neighbours still send for a dropped attempt. */
+  minEpoch: number;
+}
+
+/**
+ * Hands a stage the MessagePort to a neighbour (transferred with the message): Forward goes
+ * out on `next`, Backward on `prev`, straight to the other worker, not through the supervisor.
+ * Sent at start and whenever a neighbour is restarted (its old port is closed).
+ */
+export interface LinkMsg {
+  type: 'link';
+  id: number;
+  side: 'prev' | 'next';
+  port: MessagePort;
 }
 
 export interface ForwardMsg {
@@ -111,7 +128,40 @@ export interface ForwardMsg {
   inSlot: number;
   /** Slot the output hidden states go to (non-last stages). */
   outSlot: number;
+  /** hidden[s] = the slot of stage s's output (S-1 of them): a stage names the next stage's slots itself. */
+  hidden: number[];
+  /** Slot of dL/d(hidden) that travels back through the stages (-1: no backward). */
+  gradSlot: number;
+  /**
+   * Head share (StagePlan.headShare): rows [headRow, numTokens) get their norm/head/loss on the
+   * stage before the last; the last stage puts the final hidden states in `headSlot` and sends
+   * HeadMsg. numTokens: no share (evaluation, one stage, or no share in the split).
+   */
+  headRow: number;
+  headSlot: number;
   train: boolean;
+}
+
+/** The last stage → the stage before: run the head on rows [rowStart, numTokens) (HeadMsg of a ForwardMsg). */
+export interface HeadMsg {
+  type: 'head';
+  epoch: number;
+  mb: number;
+  numTokens: number;
+  nseq: number;
+  rowStart: number;
+  metaSlot: number;
+  /** Final hidden states (all rows). */
+  headSlot: number;
+  /** dL/d(final hidden) of rows [rowStart, numTokens) goes here. */
+  gradSlot: number;
+}
+
+/** The share's answer: its rows' losses are in the meta slot, their gradients in the gradient slot. */
+export interface HeadedMsg {
+  type: 'headed';
+  epoch: number;
+  mb: number;
 }
 
 export interface BackwardMsg {
@@ -142,18 +192,17 @@ export interface ControlMsg {
   epoch?: number;
 }
 
-export type ToStage = InitMsg | ForwardMsg | BackwardMsg | StepMsg | ControlMsg;
+export type ToStage = InitMsg | ForwardMsg | BackwardMsg | HeadMsg | HeadedMsg | StepMsg | ControlMsg | LinkMsg;
 
 export type FromStage =
   | { type: 'ready'; id: number; stage: number }
   | { type: 'reply'; id: number; value?: unknown; error?: WireError }
-  /** A stage finished forward of mb; outSlot now holds its output (for the next stage). */
-  | { type: 'forwarded'; epoch: number; stage: number; mb: number }
-  /** The last stage finished mb's forward+loss(+backward); losses are in the meta slot. */
-  | { type: 'lossed'; epoch: number; stage: number; mb: number }
-  /** A stage finished backward of mb: gradSlot holds dL/d(input) for stage-1 (or is free on stage 0). */
-  | { type: 'backwarded'; epoch: number; stage: number; mb: number }
-  /** error.code (lib/errors.ts) says what kind of fault it is: out of memory, corrupt data, a failed start, ... */
+  /**
+   * mb is through the pipeline (losses in its meta slot): sent by the last stage after an
+   * evaluation or a one-stage training message, by stage 0 after the last Backward. Forward
+   * and Backward between stages go straight from stage to stage (LinkMsg).
+   */
+  | { type: 'done'; epoch: number; stage: number; mb: number }
   | { type: 'error'; epoch: number; stage: number; mb?: number; error: WireError }
   | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
   | { type: 'record'; rec: ScheduleRecord };

@@ -1,6 +1,8 @@
 // The actor runtime: spawns one stage actor (worker thread) per device, wires the shared
-// slab, routes each micro-batch's Forward / Backward through the stages, applies optimizer
-// steps, watches heartbeats, and recovers from faults.
+// slab and the channels between neighbouring stages, starts each micro-batch on stage 0,
+// applies optimizer steps, watches heartbeats, and recovers from faults. Forward and Backward
+// go from stage to stage over a MessageChannel between the two workers (this thread only
+// starts a micro-batch and hears when it is done), so a busy supervisor never delays a hop.
 //
 // Recovery model (exact, nothing lost, nothing applied twice): after every optimizer step of
 // an adapter the runtime keeps a host snapshot of its state (params + AdamW moments), and it
@@ -12,7 +14,7 @@
 // kernel and accumulation happens in the same order, so the result is bitwise the same as a
 // run without the fault.
 import type { BaseFormat } from '../lib/model/weights.js';
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
@@ -20,9 +22,10 @@ import type { LlamaConfig } from '../lib/model/config.js';
 import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
 import { ErrorCode, fromWire } from '../lib/errors.js';
+import { holdsHead } from '../lib/model/batch.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
-import type { ControlMsg, ForwardMsg, FromStage, InitMsg, Pipeline, ToStage } from './protocol.js';
+import type { ControlMsg, ForwardMsg, FromStage, InitMsg, LinkMsg, Pipeline, ToStage } from './protocol.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { MicroBatchData } from '../lib/model/batch.js';
@@ -90,9 +93,11 @@ interface InFlight {
   resolve: (losses: Float32Array) => void;
   reject: (e: Error) => void;
   meta: number;
-  /** acts[s] = slot holding stage s's output (hidden states), or -1 */
+  /** acts[s] = slot holding stage s's output (hidden states), S-1 of them; taken at launch, as the stages pass the micro-batch on by themselves */
   acts: number[];
   grad: number;
+  /** The final hidden states the last stage hands its head share (-1: no share) */
+  head: number;
 }
 
 interface RecoveryFault {
@@ -130,6 +135,19 @@ class StageHandle {
 
 const STAGE_URL = new URL('./stage.js', import.meta.url);
 
+/**
+ * The first row of a micro-batch's head share: rows from there on hold about `share` of its
+ * targeted rows (the head runs on targeted rows only, so that is the share of its cost).
+ */
+export function shareStart(targets: Int32Array, share: number): number {
+  let T = 0;
+  for (let i = 0; i < targets.length; i++) if (targets[i]! >= 0) T++;
+  const want = Math.round(share * T);
+  let r = targets.length;
+  for (let k = 0; k < want; ) if (targets[--r]! >= 0) k++;
+  return r;
+}
+
 export class ActorPipeline implements Pipeline {
   readonly config: LlamaConfig;
   readonly plans: StagePlan[];
@@ -166,8 +184,8 @@ export class ActorPipeline implements Pipeline {
     this.maxTokens = opts.maxTokens;
     const S = opts.plans.length;
     const slotBytes = slotBytesFor(opts.maxTokens, opts.config.hiddenSize);
-    // per message in flight: a meta slot, S-1 hidden slots, a gradient slot
-    const count = Math.max(4, opts.inflight * (S + 1) + 2);
+    // per message in flight: a meta slot, S-1 hidden slots, a gradient slot, the head share's slot
+    const count = Math.max(4, opts.inflight * (S + 2) + 2);
     this.slab = Slab.create(count, slotBytes);
     this.slots = new SlotAllocator(this.slab);
     this.faults = opts.faults ?? [];
@@ -180,6 +198,7 @@ export class ActorPipeline implements Pipeline {
     const p = new ActorPipeline(opts);
     try {
       await Promise.all(p.stages.map((s) => p.spawn(s, p.faults.filter((f) => f.stage === undefined || f.stage === s.index))));
+      await Promise.all(p.stages.slice(1).map((s) => p.link(s.index - 1)));
     } catch (e) {
       await p.close();
       throw e;
@@ -195,7 +214,7 @@ export class ActorPipeline implements Pipeline {
       type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
       threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
       slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs, ...(o.recompute ? { recompute: true } : {}), ...(o.base ? { base: o.base } : {}),
+      epochMs: this.epochMs, stages: this.plans.length, minEpoch: this.epoch, ...(o.recompute ? { recompute: true } : {}), ...(o.base ? { base: o.base } : {}),
     };
     const w = o.stageEndpoint ? o.stageEndpoint(init, h.started) : new Worker(STAGE_URL, { workerData: init });
     h.started = true;
@@ -223,6 +242,18 @@ export class ActorPipeline implements Pipeline {
     return h.ready;
   }
 
+  /**
+   * A fresh channel between stages i and i+1 (at start, and after either was restarted):
+   * Forward and Backward then go from worker to worker without waking this thread.
+   */
+  private async link(i: number): Promise<void> {
+    const { port1, port2 } = new MessageChannel();
+    await Promise.all([
+      this.request(i, { type: 'link', side: 'next', port: port1 }, 10_000, [port1]),
+      this.request(i + 1, { type: 'link', side: 'prev', port: port2 }, 10_000, [port2]),
+    ]);
+  }
+
   // ---- messages from stages
 
   private onMessage(h: StageHandle, m: FromStage): void {
@@ -243,15 +274,11 @@ export class ActorPipeline implements Pipeline {
         else p.resolve(m.value);
         return;
       }
-      case 'forwarded':
-        if (m.epoch === this.epoch) this.onForwarded(m.stage, m.mb);
+      case 'done': {
+        const f = m.epoch === this.epoch ? this.flights.get(m.mb) : undefined;
+        if (f) this.complete(f);
         return;
-      case 'lossed':
-        if (m.epoch === this.epoch) this.onLossed(m.mb);
-        return;
-      case 'backwarded':
-        if (m.epoch === this.epoch) this.onBackwarded(m.stage, m.mb);
-        return;
+      }
       case 'error': {
         if (m.epoch !== this.epoch) return;
         const code = m.error.code;
@@ -268,11 +295,13 @@ export class ActorPipeline implements Pipeline {
     }
   }
 
-  private post(stage: number, m: ToStage): void {
-    this.stages[stage]!.worker.postMessage(m);
+  private post(stage: number, m: ToStage, transfer?: MessagePort[]): void {
+    this.stages[stage]!.worker.postMessage(m, transfer);
   }
 
-  private request<T>(stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'>, timeoutMs = 120_000): Promise<T> {
+  private request<T>(
+    stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'> | Omit<LinkMsg, 'id'>, timeoutMs = 120_000, transfer?: MessagePort[],
+  ): Promise<T> {
     const id = this.nextReq++;
     return new Promise<T>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -280,7 +309,7 @@ export class ActorPipeline implements Pipeline {
         reject(new Error(`stage ${stage}: '${m.type}' got no reply within ${timeoutMs} ms`));
       }, timeoutMs);
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject, timer, stage, what: m.type });
-      this.post(stage, { ...m, id } as ToStage);
+      this.post(stage, { ...m, id } as ToStage, transfer);
     });
   }
 
@@ -290,17 +319,21 @@ export class ActorPipeline implements Pipeline {
 
   // ---- the micro-batch route
 
-  private forwardMsg(f: InFlight, s: number): ForwardMsg {
+  /** Stage 0's Forward; every slot the micro-batch will use is taken now (the stages pass it on themselves). */
+  private forwardMsg(f: InFlight): ForwardMsg {
     const S = this.stages.length;
     const d = f.data;
     const versions: Record<number, number> = {};
     for (const seg of d.segments) versions[seg.adapter] = this.versions.get(seg.adapter) ?? 0;
-    let out = -1;
-    if (s < S - 1) out = f.acts[s] = this.slots.take(d.id);
-    else if (S > 1 && f.train) out = f.grad = this.slots.take(d.id);
+    for (let s = 0; s < S - 1; s++) f.acts[s] = this.slots.take(d.id);
+    if (S > 1 && f.train) f.grad = this.slots.take(d.id);
+    const share = f.train && S > 1 ? this.plans[S - 2]!.headShare ?? 0 : 0;
+    if (share > 0) f.head = this.slots.take(d.id);
+    const N = d.tokens.length;
     return {
-      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: d.tokens.length, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
-      metaSlot: f.meta, inSlot: s > 0 ? f.acts[s - 1]! : -1, outSlot: out, train: f.train,
+      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: N, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
+      metaSlot: f.meta, inSlot: -1, outSlot: S > 1 ? f.acts[0]! : f.grad, hidden: f.acts.slice(0, S - 1), gradSlot: f.grad, train: f.train,
+      headRow: share > 0 ? shareStart(d.targets, share) : N, headSlot: f.head,
     };
   }
 
@@ -318,33 +351,9 @@ export class ActorPipeline implements Pipeline {
     this.slab.f32(meta, L.weights, N).set(data.weights);
     this.slab.i32(meta, L.cuSeqlens, data.cuSeqlens.length).set(data.cuSeqlens);
     this.slab.seal(meta, data.id, SlotKind.META, L.bytes, 0);
-    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1 };
+    const f: InFlight = { data, train, resolve, reject, meta, acts: this.stages.map(() => -1), grad: -1, head: -1 };
     this.flights.set(data.id, f);
-    this.post(0, this.forwardMsg(f, 0));
-  }
-
-  private onForwarded(stage: number, mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    if (!f.train && stage > 0) this.freeSlot(f.acts, stage - 1);
-    this.post(stage + 1, this.forwardMsg(f, stage + 1));
-  }
-
-  private onLossed(mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    const S = this.stages.length;
-    if (S > 1) this.freeSlot(f.acts, S - 2); // the last stage's input
-    if (!f.train || S === 1) return this.complete(f);
-    this.post(S - 2, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
-  }
-
-  private onBackwarded(stage: number, mb: number): void {
-    const f = this.flights.get(mb);
-    if (!f) return;
-    if (stage > 0) this.freeSlot(f.acts, stage - 1);
-    if (stage === 0) return this.complete(f);
-    this.post(stage - 1, { type: 'backward', epoch: this.epoch, mb, gradSlot: f.grad });
+    this.post(0, this.forwardMsg(f));
   }
 
   private freeSlot(acts: number[], i: number): void {
@@ -367,6 +376,8 @@ export class ActorPipeline implements Pipeline {
     for (let i = 0; i < f.acts.length; i++) this.freeSlot(f.acts, i);
     if (f.grad >= 0) this.slots.release(f.grad);
     f.grad = -1;
+    if (f.head >= 0) this.slots.release(f.head);
+    f.head = -1;
     this.slots.release(f.meta);
   }
 
@@ -455,7 +466,14 @@ export class ActorPipeline implements Pipeline {
     // dies during the step: recovery restores the last snapshot and replays the step's
     // micro-batches, and the step runs again.
     type Part = { sumsq?: number; state: { params: Float32Array; m: Float32Array; v: Float32Array; version: number } };
-    const parts = await this.retrying(() => this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never));
+    const parts = await this.retrying(async () => {
+      const epoch = this.epoch;
+      const r = await this.all<Part>({ type: 'step', adapter: id, params: p, measure } as never);
+      // a recovery began while the stages stepped (a fault elsewhere): it restores the snapshot
+      // from before this step and replays the step's micro-batches, so the step runs again after it
+      if (this.epoch !== epoch || this.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
+      return r;
+    });
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
     this.snapshots.set(id, joinSlices(parts.map((x) => x.state)));
     this.stepLog.set(id, []);
@@ -478,15 +496,18 @@ export class ActorPipeline implements Pipeline {
     const rc = !!this.opts.recompute;
     return this.plans.map((plan) =>
       activationBytes(this.config, plan, numTokens, segments, rc) + scratchBytes(this.config, plan, numTokens) +
-        workBytes(this.config, numTokens, segments, rc) + (plan.last ? allocBytes(4 * numTokens) : 0));
+        workBytes(this.config, numTokens, segments, rc) + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
   }
 
   transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
     // a stage actor handles one message at a time and frees its scratch when the call ends; the
-    // last stage's forward+backward is one call, so its saved block goes with it
+    // last stage's forward+backward is one call, so its saved block goes with it (unless it
+    // shares the head: then it keeps the block until the share comes back)
     const all = this.activationBytes(numTokens, segments);
     const work = workBytes(this.config, numTokens, segments, !!this.opts.recompute);
-    return this.plans.map((plan, s) => (plan.last ? all[s]! : scratchBytes(this.config, plan, numTokens) + work));
+    const shared = this.plans.some((p) => p.headShare);
+    return this.plans.map((plan, s) =>
+      plan.last && !shared ? all[s]! : scratchBytes(this.config, plan, numTokens) + work + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
   }
 
   adapterBytes(spec: LoraSpec): number[] {
@@ -670,6 +691,11 @@ export class ActorPipeline implements Pipeline {
       await this.spawn(h, h.faults.filter((_, k) => Atomics.load(h.faultFlags, k) === 0));
       live();
     }
+    // the channels to a new actor are new (its neighbours close their old ends)
+    const relink = new Set<number>();
+    for (const i of dead) for (const b of [i - 1, i]) if (b >= 0 && b < this.stages.length - 1) relink.add(b);
+    await Promise.all([...relink].map((b) => this.link(b)));
+    live();
     // every other stage forgets the dropped attempt (and finishes what it is running first)
     await Promise.all(this.stages.filter((s) => !dead.has(s.index)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })));
     live();

@@ -2,8 +2,8 @@
 // One SharedArrayBuffer holds `count` fixed-size slots. Each slot starts with a header of
 // named Int32 fields, then the data region (64-byte aligned). A slot has exactly one owner
 // at a time: ownership moves with the message that names the slot (supervisor → stage →
-// supervisor), and only the supervisor allocates and frees slots, so there are never two
-// owners. Stages wrap the data region as native tensors: zero copies between CPU stages.
+// next stage → ... → supervisor), and only the supervisor allocates (all of a micro-batch's
+// slots when it starts) and frees them (when it is done), so there are never two owners. Stages wrap the data region as native tensors: zero copies between CPU stages.
 
 import { ErrorCode, MloraError } from '../lib/errors.js';
 

@@ -4,39 +4,55 @@
 // activations in the shared slab in place. It heartbeats while it computes (kernels run off
 // the JS thread). Fault injection (lib/faults.ts) is applied here, for real: a crash ends
 // this thread, a hang blocks its event loop.
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { openDevice, type Tensor } from '../lib/tensor.js';
 import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type InitMsg, type StepMsg, type ToStage } from './protocol.js';
+import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type HeadedMsg, type HeadMsg, type InitMsg, type LinkMsg, type StepMsg, type ToStage } from './protocol.js';
 import { type FaultSpec } from '../lib/faults.js';
 import { ErrorCode, MloraError, toWire } from '../lib/errors.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
 const send = (m: FromStage) => port.postMessage(m);
+/** The ports to the neighbouring stages (LinkMsg): activations and their gradients go straight there. */
+const link: { prev?: MessagePort; next?: MessagePort } = {};
 
 let program: StageProgram;
 let slab: Slab;
 let handled = 0;
 let busySince = 0;
 const faults: FaultSpec[] = init.faults ?? [];
-/** Micro-batches between forward and backward on this stage. */
-const live = new Map<number, { mb: MicroBatch; views: Tensor[] }>();
+/** Micro-batches between forward and backward on this stage (the last stage: between forward and its head share's answer). */
+const live = new Map<number, { mb: MicroBatch; views: Tensor[]; msg?: ForwardMsg }>();
 
-const mailbox = { control: [] as Array<ControlMsg | StepMsg>, backward: [] as BackwardMsg[], forward: [] as ForwardMsg[] };
+/** What the mailbox holds (a LinkMsg takes effect on arrival). */
+type Queued = Exclude<ToStage, LinkMsg>;
+/** `backward` also holds the head share's messages: they free memory too, and first in, first out keeps the gradients' order. */
+const mailbox = { control: [] as Array<ControlMsg | StepMsg>, backward: [] as Array<BackwardMsg | HeadMsg | HeadedMsg>, forward: [] as ForwardMsg[] };
 let pumping = false;
 /** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
-let minEpoch = 0;
+let minEpoch = init.minEpoch ?? 0;
 
-port.on('message', (m: ToStage) => {
+function receive(m: ToStage): void {
   if (m.type === 'forward') mailbox.forward.push(m);
-  else if (m.type === 'backward') mailbox.backward.push(m);
+  else if (m.type === 'backward' || m.type === 'head' || m.type === 'headed') mailbox.backward.push(m);
+  else if (m.type === 'link') return relink(m);
   else if (m.type !== 'init') mailbox.control.push(m);
   void pump();
-});
+}
+
+/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the supervisor replays). */
+function relink(m: LinkMsg): void {
+  link[m.side]?.close();
+  link[m.side] = m.port;
+  m.port.on('message', receive);
+  send({ type: 'reply', id: m.id });
+}
+
+port.on('message', receive);
 
 const heartbeat = setInterval(() => {
   send({ type: 'heartbeat', stage: init.stage, handled, busyMs: busySince ? performance.now() - busySince : 0 });
@@ -51,7 +67,7 @@ function versionsReady(m: ForwardMsg): boolean {
   return true;
 }
 
-function nextMessage(): ToStage | undefined {
+function nextMessage(): Queued | undefined {
   if (mailbox.control.length) return mailbox.control.shift();
   mailbox.backward = mailbox.backward.filter((m) => m.epoch >= minEpoch);
   mailbox.forward = mailbox.forward.filter((m) => m.epoch >= minEpoch);
@@ -77,7 +93,7 @@ async function pump(): Promise<void> {
 }
 
 /** Records work that began at `start` (clockMs()), relative to the pipeline's epoch: one time base for all stages. */
-function record(kind: 'F' | 'B' | 'S' | 'E', mb: number, adapters: number[], start: number) {
+function record(kind: 'F' | 'B' | 'H' | 'S' | 'E', mb: number, adapters: number[], start: number) {
   send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs } });
 }
 
@@ -143,10 +159,12 @@ function hidden(slot: number, N: number, views: Tensor[]): Tensor {
   return t;
 }
 
-async function handle(m: ToStage): Promise<void> {
+async function handle(m: Queued): Promise<void> {
   try {
     if (m.type === 'forward') return await forward(m);
     if (m.type === 'backward') return await backward(m);
+    if (m.type === 'head') return await headShare(m);
+    if (m.type === 'headed') return await afterHeadShare(m);
     if (m.type === 'step') {
       const t = clockMs();
       injectFaults(false);
@@ -158,15 +176,14 @@ async function handle(m: ToStage): Promise<void> {
     if (m.type !== 'init') return await control(m);
   } catch (e) {
     const err = e as Error;
-    const mb = m.type === 'forward' || m.type === 'backward' ? m.mb : undefined;
-    if (m.type === 'forward' || m.type === 'backward') dropLive(m.mb);
-    if (m.type === 'step' || (m.type !== 'forward' && m.type !== 'backward' && m.type !== 'init')) {
-      return send({ type: 'reply', id: (m as ControlMsg).id, error: toWire(err) });
-    }
-    const epoch = m.type === 'forward' || m.type === 'backward' ? m.epoch : minEpoch;
+    const data = m.type === 'forward' || m.type === 'backward' || m.type === 'head' || m.type === 'headed' ? m : undefined;
+    const mb = data?.mb;
+    if (data) dropLive(data.mb);
+    if (!data && m.type !== 'init') return send({ type: 'reply', id: (m as ControlMsg | StepMsg).id, error: toWire(err) });
+    const epoch = data ? data.epoch : minEpoch;
     // the supervisor answers every error of its current epoch with a new attempt, so the rest of
     // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
-    if (m.type === 'forward' || m.type === 'backward') minEpoch = Math.max(minEpoch, m.epoch + 1);
+    if (data) minEpoch = Math.max(minEpoch, data.epoch + 1);
     send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), error: toWire(err) });
   }
 }
@@ -196,9 +213,23 @@ async function forward(m: ForwardMsg): Promise<void> {
     else slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
     for (const v of views) v.free();
     record('E', m.mb, adapters, start);
-    if (program.plan.last) return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    if (program.plan.last) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
     corruptAfter(m.outSlot);
-    return send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    return forwardNext(m);
+  }
+  if (program.plan.last && m.headSlot >= 0) {
+    // the head is shared: the final hidden states go to the stage before, backward waits for its answer
+    const out = hidden(m.headSlot, m.numTokens, views);
+    live.set(m.mb, { mb, views, msg: m });
+    await program.forward(mb, input, out);
+    await slowDown(start, factor);
+    slab.seal(m.headSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage + 2000);
+    record('F', m.mb, adapters, start);
+    corruptAfter(m.headSlot);
+    const head: HeadMsg = {
+      type: 'head', epoch: m.epoch, mb: m.mb, numTokens: m.numTokens, nseq: m.nseq, rowStart: m.headRow, metaSlot: m.metaSlot, headSlot: m.headSlot, gradSlot: m.outSlot,
+    };
+    return void link.prev!.postMessage(head);
   }
   if (program.plan.last) {
     const grad = program.plan.first ? undefined : hidden(m.outSlot, m.numTokens, views);
@@ -208,8 +239,9 @@ async function forward(m: ForwardMsg): Promise<void> {
     if (grad) slab.seal(m.outSlot, m.mb, SlotKind.GRAD, m.numTokens * program.config.hiddenSize * 4, init.stage);
     for (const v of views) v.free();
     record('F', m.mb, adapters, start);
-    if (grad) corruptAfter(m.outSlot);
-    return send({ type: 'lossed', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    if (!grad) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
+    corruptAfter(m.outSlot);
+    return backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: m.outSlot });
   }
   const out = hidden(m.outSlot, m.numTokens, views);
   live.set(m.mb, { mb, views });
@@ -218,7 +250,71 @@ async function forward(m: ForwardMsg): Promise<void> {
   slab.seal(m.outSlot, m.mb, SlotKind.HIDDEN, m.numTokens * program.config.hiddenSize * 4, init.stage);
   record('F', m.mb, adapters, start);
   corruptAfter(m.outSlot);
-  send({ type: 'forwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  forwardNext(m);
+}
+
+/** The Forward of the next stage: it reads this stage's output and writes the next hidden slot (the gradient slot on the last stage). */
+function forwardNext(m: ForwardMsg): void {
+  const s = init.stage + 1;
+  const outSlot = s < init.stages - 1 ? m.hidden[s]! : m.train ? m.gradSlot : -1;
+  link.next!.postMessage({ ...m, inSlot: m.outSlot, outSlot } satisfies ForwardMsg);
+}
+
+function backwardPrev(m: BackwardMsg): void {
+  link.prev!.postMessage(m);
+}
+
+/**
+ * Norm, head and loss (forward and backward) of rows [r0, r1) of a micro-batch: their final
+ * hidden states from `headSlot`, dL/d(final hidden) into `gradSlot`, losses into the meta slot.
+ */
+async function headRows(m: { mb: number; numTokens: number; nseq: number; metaSlot: number; headSlot: number }, gradSlot: number, r0: number, r1: number): Promise<void> {
+  if (r1 <= r0) return;
+  const n = r1 - r0;
+  const H = program.config.hiddenSize;
+  const L = metaLayout(m.numTokens, m.nseq);
+  const d = program.device;
+  const views: Tensor[] = [];
+  const w = <T extends Tensor>(t: T) => (views.push(t), t);
+  try {
+    const targets = w(d.wrap(slab.i32(m.metaSlot, L.targets + 4 * r0, n), 'i32', [n]));
+    const weights = w(d.wrap(slab.f32(m.metaSlot, L.weights + 4 * r0, n), 'f32', [n]));
+    const x = w(d.wrap(slab.f32(m.headSlot, 4 * H * r0, n * H), 'f32', [n, H]));
+    const dx = w(d.wrap(slab.f32(gradSlot, 4 * H * r0, n * H), 'f32', [n, H]));
+    const mb = { id: m.mb, numTokens: n, segments: [], tensors: { targets, weights } } as unknown as MicroBatch;
+    slab.f32(m.metaSlot, L.losses + 4 * r0, n).set(await program.runHead(mb, x, dx));
+  } finally {
+    for (const v of views) v.free();
+  }
+}
+
+/** The stage before the last: its share of the head (rows [rowStart, N)). */
+async function headShare(m: HeadMsg): Promise<void> {
+  const start = clockMs();
+  const factor = injectFaults(true);
+  slab.verify(m.headSlot, m.mb, SlotKind.HIDDEN);
+  await headRows(m, m.gradSlot, m.rowStart, m.numTokens);
+  await slowDown(start, factor);
+  record('H', m.mb, [], start);
+  link.next!.postMessage({ type: 'headed', epoch: m.epoch, mb: m.mb } satisfies HeadedMsg);
+}
+
+/** The last stage, once its head share is back: the head of the other rows, then backward. */
+async function afterHeadShare(m: HeadedMsg): Promise<void> {
+  const start = clockMs();
+  const factor = injectFaults(true);
+  const l = live.get(m.mb);
+  if (!l?.msg) throw new Error(`head share of micro-batch ${m.mb} came back, but stage ${init.stage} holds no forward state for it`);
+  const f = l.msg;
+  await headRows(f, f.outSlot, 0, f.headRow);
+  await program.backward(l.mb, hidden(f.outSlot, f.numTokens, l.views));
+  await slowDown(start, factor);
+  slab.seal(f.outSlot, m.mb, SlotKind.GRAD, f.numTokens * program.config.hiddenSize * 4, init.stage);
+  for (const v of l.views) v.free();
+  live.delete(m.mb);
+  record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
+  corruptAfter(f.outSlot);
+  backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: f.outSlot });
 }
 
 async function backward(m: BackwardMsg): Promise<void> {
@@ -234,8 +330,9 @@ async function backward(m: BackwardMsg): Promise<void> {
   for (const v of l.views) v.free();
   live.delete(m.mb);
   record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
-  if (!program.plan.first) corruptAfter(m.gradSlot);
-  send({ type: 'backwarded', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  if (program.plan.first) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
+  corruptAfter(m.gradSlot);
+  backwardPrev(m);
 }
 
 async function slowDown(start: number, factor: number) {
@@ -280,6 +377,8 @@ async function control(m: ControlMsg): Promise<void> {
       program.free();
       clearInterval(heartbeat);
       send({ type: 'reply', id: m.id });
+      link.prev?.close();
+      link.next?.close();
       port.close();
       return;
   }

@@ -12,7 +12,8 @@ import type { QuantizeMode } from '../lib/io/bnb.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { native } from '../lib/native.js';
 import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
-import { balanceSplit, explicitSplit } from '../lib/schedule/split.js';
+import { balanceSplit, explicitSplit, type SplitProfile } from '../lib/schedule/split.js';
+import { adaptersPerMessage, microBatchesInFlight } from '../lib/schedule/packing.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
 import { ActorPipeline, StageFailure, type FaultEvent, type StageWorker } from './runtime.js';
@@ -34,9 +35,9 @@ export interface SchedulerOptions {
   batchlora: boolean;
   /** Micro-batch messages in flight in the pipeline. */
   inflight: number;
-  /** Micro-batches of one adapter in flight (1 = exact sequential semantics). */
-  inflightPerAdapter: number;
-  /** Most adapters per message (default: spread the adapters over the stages). */
+  /** Micro-batches of one adapter's step in flight (default: lib/schedule/packing.ts microBatchesInFlight). */
+  inflightPerAdapter?: number;
+  /** Most adapters per message (default: lib/schedule/packing.ts adaptersPerMessage). */
   adaptersPerMicroBatch?: number;
 }
 
@@ -701,11 +702,17 @@ export class Supervisor {
   }
 
   private runnable(): Job[] {
-    const limit = this.options.inflightPerAdapter;
+    const limit = microBatchesInFlight(this.running(), this.pipeline.plans.length, this.admission, this.options.inflightPerAdapter);
     const all = [...this.jobs.values()].filter((j) => j.canAdmit(limit));
     // priority first, then round-robin among equals
     all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
     return all;
+  }
+
+  private running(): number {
+    let n = 0;
+    for (const j of this.jobs.values()) if (j.state === 'running') n++;
+    return n;
   }
 
   private admit(): void {
@@ -717,14 +724,7 @@ export class Supervisor {
       if (this.options.batchlora && S === 1 && this.stepping.size > 0) return;
       const ready = this.runnable();
       if (!ready.length) return;
-      let per = 1;
-      if (this.options.batchlora) {
-        const active = [...this.jobs.values()].filter((j) => j.state === 'running').length;
-        // one device: every active adapter in one message (BatchLoRA at its widest); a pipeline:
-        // spread the adapters over about 2 messages per stage, so while some adapters take
-        // their optimizer step the others keep every stage busy (no flush, no bubble)
-        per = this.options.adaptersPerMicroBatch ?? (S === 1 ? active : Math.max(1, Math.ceil(active / (2 * S))));
-      }
+      const per = this.options.batchlora ? adaptersPerMessage(this.running(), S, this.options.adaptersPerMicroBatch) : 1;
       const chosen: Job[] = [];
       let tokens = 0;
       for (const j of ready) {
@@ -769,7 +769,8 @@ export class Supervisor {
   private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[], transient: number[]): void {
     const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
     for (const p of parts) {
-      const f = this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1);
+      // at the step's first micro-batch: its others may be in flight with it, and one fault is one attempt of the step
+      const f = p.job.admittedInStep === 0 ? this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1) : undefined;
       if (f) {
         this.nanFaults.splice(this.nanFaults.indexOf(f), 1);
         void this.pipeline.poison(p.job.id);
@@ -1004,6 +1005,8 @@ export interface StartOptions {
   memory?: string | number;
   /** Layers per stage, or 'auto' (cost model). */
   split?: 'auto' | number[];
+  /** What the data looks like, for the 'auto' split's cost model (sequence length, fraction of rows with a target). */
+  splitProfile?: SplitProfile;
   batchlora?: boolean;
   /** Activation recomputation on every stage: less memory per micro-batch, one more layer forward per layer backward. */
   recompute?: boolean;
@@ -1056,7 +1059,7 @@ export interface ResolvedLayout {
 }
 
 /** Devices, threads, budgets and the layer split for a model (what --dry-run prints). */
-export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split'>): ResolvedLayout {
+export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>): ResolvedLayout {
   const cores = availableParallelism();
   let devices: string[];
   if (!o.devices || o.devices === 'auto') {
@@ -1075,7 +1078,7 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
   const cpuCount = devices.filter((d) => d.startsWith('cpu')).length;
   const threads = devices.map((d) => (d.startsWith('cpu') ? (o.threads ?? Math.max(1, Math.floor(cores / Math.max(1, cpuCount)))) : 1));
   const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.startsWith('cpu') ? defaultCpuBudget(cpuCount) : 0));
-  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads).plans : explicitSplit(config, o.split);
+  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads, o.splitProfile).plans : explicitSplit(config, o.split);
   if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
   return { devices, threads, budgets, plans };
 }
@@ -1084,20 +1087,20 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
  * The layout on registered cluster devices: each device's budget and threads are what its host
  * registered (--memory / --threads still override), the split balances the threads.
  */
-export function clusterLayout(config: LlamaConfig, devices: ClusterDevice[], o: Pick<StartOptions, 'threads' | 'memory' | 'split'>): ResolvedLayout {
+export function clusterLayout(config: LlamaConfig, devices: ClusterDevice[], o: Pick<StartOptions, 'threads' | 'memory' | 'split' | 'splitProfile'>): ResolvedLayout {
   if (!devices.length) throw new Error('no devices given');
   const ids = devices.map((d) => d.id);
   const dup = ids.find((d, i) => ids.indexOf(d) !== i);
   if (dup) throw new Error(`device ${dup} is listed twice`);
   const threads = devices.map((d) => o.threads ?? d.threads);
   const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.memory));
-  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads).plans : explicitSplit(config, o.split);
+  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads, o.splitProfile).plans : explicitSplit(config, o.split);
   if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
   return { devices: ids, threads, budgets, plans };
 }
 
 /** Connects to the cluster and places the stages on its registered devices (what --dry-run prints with --cluster). */
-export async function resolveClusterLayout(config: LlamaConfig, o: Pick<StartOptions, 'cluster' | 'devices' | 'threads' | 'memory' | 'split'>) {
+export async function resolveClusterLayout(config: LlamaConfig, o: Pick<StartOptions, 'cluster' | 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>) {
   const cluster = await Cluster.connect(typeof o.cluster === 'string' ? { url: o.cluster } : o.cluster!);
   try {
     const devs = await cluster.resolve(!o.devices || o.devices === 'auto' || o.devices === 'cluster' ? 'cluster' : o.devices);
@@ -1122,6 +1125,8 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   const faults = (o.faults ?? []).map((f) => (typeof f === 'string' ? parseFault(f) : f));
   const S = layout.plans.length;
   const inflight = o.inflight ?? Math.max(1, 2 * S);
+  // a head share is a stage actor's round trip; in this thread the last stage runs the whole head
+  if (o.inProcess) layout.plans = layout.plans.map(({ headShare: _, ...p }) => p);
   const base: BaseFormat = { ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}), ...(o.quantize ? { quantize: o.quantize } : {}) };
   linearQuantization(dir, o.quantize); // a conflict with a pre-quantized checkpoint fails here, before any stage starts
   let pipeline: Pipeline;
@@ -1176,7 +1181,7 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     ...(onEvent ? { onEvent } : {}),
   };
   const sup = new Supervisor(pipeline, hooks, {
-    batchlora: o.batchlora ?? true, inflight, inflightPerAdapter: o.inflightPerAdapter ?? 1,
+    batchlora: o.batchlora ?? true, inflight, ...(o.inflightPerAdapter ? { inflightPerAdapter: o.inflightPerAdapter } : {}),
     ...(o.adaptersPerMicroBatch ? { adaptersPerMicroBatch: o.adaptersPerMicroBatch } : {}),
   });
   sup.nanFaults = faults.filter((f) => f.kind === 'nan');

@@ -107,8 +107,8 @@ export const PipelineSchema = z
   .object({
     /** Layer split: number of layers per stage (sums to the model's layers), or 'auto' (cost model). */
     split: z.union([z.literal('auto'), z.array(z.number().int().min(0))], { error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2]' }).default('auto'),
-    /** Micro-batches of one adapter in flight at once (1 = exact sequential semantics per adapter). */
-    inflight_per_adapter: z.number().int().min(1).default(1),
+    /** Micro-batches of one adapter's step in flight at once (default: more only when the adapters cannot fill the stages; lib/schedule/packing.ts). */
+    inflight_per_adapter: z.number().int().min(1).optional(),
     /** Micro-batch messages in flight in the whole pipeline (default: 2 × stages). */
     inflight: z.number().int().min(1).optional(),
     /** BatchLoRA: several adapters' rows share one micro-batch message. */

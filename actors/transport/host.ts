@@ -7,15 +7,15 @@
 // straight into the slab's slots (and sends the slots a stage produced back before the message
 // that names them).
 import os from 'node:os';
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { KV } from '@nats-io/kv';
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ErrorCode } from '../../lib/errors.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { fingerprintMismatch, modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
 import { defaultCpuBudget, parseDeviceSpec } from '../../lib/tensor.js';
-import type { BackwardMsg, ForwardMsg, FromStage, InitMsg, ToStage } from '../protocol.js';
-import { Slab } from '../shm.js';
+import type { ForwardMsg, FromStage, HeadMsg, InitMsg, ToStage } from '../protocol.js';
+import { HEADER_BYTES, metaLayout, Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
 import { LinkSender, listen } from './link.js';
 import {
@@ -36,9 +36,22 @@ export type ToHost =
   | { type: 'claim'; leaseMs: number }
   | { type: 'remote-init'; init: RemoteInit }
   | { type: 'release' }
-  | { type: 'keepalive' };
-/** Besides FromStage: the stage's thread ended. */
-export type FromHost = FromStage | { type: 'exit'; code: number; stage: number };
+  | { type: 'keepalive' }
+  /** Make a new channel to the neighbour on `side` (the runtime's LinkMsg, its port stays with the supervisor). */
+  | { type: 'link'; id: number; side: LinkSide }
+  | Relay;
+export type LinkSide = 'prev' | 'next';
+/** A stage's message (ToStage) over one of its neighbour channels; ranges: partial slot bytes sent before it. */
+export interface Relay {
+  type: 'relay';
+  side: LinkSide;
+  m: ToStage;
+  ranges?: SlotRange[];
+}
+/** [slot, offset in the slot, bytes] */
+export type SlotRange = [number, number, number];
+/** Besides FromStage: the stage's thread ended; a message of the stage to a neighbour. */
+export type FromHost = FromStage | { type: 'exit'; code: number; stage: number } | Relay;
 
 export interface StageHostOptions {
   url: string;
@@ -68,8 +81,14 @@ class DeviceServer {
   bytesIn = 0;
   bytesOut = 0;
   forwardsRun = 0;
+  /** The last stage's Forwards (its meta slot, with the losses, goes back with its Backward or 'done'). */
   private readonly forwards = new Map<number, ForwardMsg>();
-  private first = false;
+  /** The head share's requests (its answer names part of their slots). */
+  private readonly heads = new Map<number, HeadMsg>();
+  /** This host's ends of the worker's neighbour channels. */
+  private readonly links: { prev?: MessagePort; next?: MessagePort } = {};
+  private last = false;
+  private hiddenSize = 0;
 
   constructor(
     readonly host: StageHost,
@@ -109,25 +128,87 @@ class DeviceServer {
       );
     }
     if (!this.worker) return;
-    // what a stage will produce goes back after it: remember where
-    if (m.type === 'forward') {
-      this.forwards.set(m.mb, m);
-      this.forwardsRun++;
+    if (m.type === 'link') return this.relink(m.id, m.side);
+    if (m.type === 'relay') {
+      this.note(m.m);
+      return void this.links[m.side]?.postMessage(m.m);
     }
-    if (m.type === 'backward') this.pendingBackward.set(m.mb, m);
+    this.note(m);
     // a recovery drops the micro-batches in flight: what they would have sent back is not wanted
     if (m.type === 'drop') {
       this.forwards.clear();
-      this.pendingBackward.clear();
+      this.heads.clear();
     }
     this.worker.postMessage(m);
+  }
+
+  /** What a stage will produce goes back after it: remember where. */
+  private note(m: ToStage): void {
+    if (m.type === 'forward') {
+      this.forwardsRun++;
+      if (this.last) this.forwards.set(m.mb, m);
+    }
+    if (m.type === 'head') this.heads.set(m.mb, m);
+  }
+
+  /** A fresh local channel to the worker for one side; what the worker sends on it goes to the supervisor. */
+  private relink(id: number, side: LinkSide): void {
+    this.links[side]?.close();
+    const { port1, port2 } = new MessageChannel();
+    this.links[side] = port1;
+    port1.on('message', (m: ToStage) => void this.fromLink(side, m));
+    this.worker!.postMessage({ type: 'link', id, side, port: port2 } satisfies ToStage, [port2]);
+  }
+
+  /**
+   * A stage's message to a neighbour, with the slot bytes it names sent first: the output of a
+   * Forward, the gradient of a Backward (and on the last stage the meta slot with the losses,
+   * for the supervisor), the final hidden states of a head request, the share's rows of the
+   * gradient and losses with its answer.
+   */
+  private async fromLink(side: LinkSide, m: ToStage): Promise<void> {
+    const tx = this.toSup;
+    const slab = this.slab;
+    if (!tx || !slab) return;
+    const push = (slot: number, offset?: number, length?: number) => {
+      const w = offset === undefined ? slotWire(slab, slot) : { offset, bytes: new Uint8Array(slab.sab, slot * slab.slotBytes + offset, length) };
+      this.bytesOut += w.bytes.length;
+      tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the send below too
+    };
+    let ranges: SlotRange[] | undefined;
+    if (m.type === 'forward') push(m.inSlot);
+    else if (m.type === 'backward') {
+      const f = this.forwards.get(m.mb);
+      this.forwards.delete(m.mb);
+      if (f) push(f.metaSlot);
+      push(m.gradSlot);
+    } else if (m.type === 'head') push(m.headSlot);
+    else if (m.type === 'headed') {
+      const h = this.heads.get(m.mb);
+      this.heads.delete(m.mb);
+      if (h) {
+        const n = h.numTokens - h.rowStart;
+        const H = this.hiddenSize;
+        const L = metaLayout(h.numTokens, h.nseq);
+        ranges = [
+          [h.gradSlot, HEADER_BYTES + 4 * H * h.rowStart, 4 * H * n],
+          [h.metaSlot, HEADER_BYTES + L.losses + 4 * h.rowStart, 4 * n],
+        ];
+        for (const r of ranges) push(...r);
+      }
+    }
+    try {
+      await tx.send({ type: 'relay', side, m, ...(ranges ? { ranges } : {}) } satisfies FromHost);
+    } catch {
+      // the supervisor is gone: its claim lapses (checked by the host's timer)
+    }
   }
 
   private async init(ri: RemoteInit, run: string): Promise<void> {
     this.stopWorker();
     this.toSup = new LinkSender(this.host.nc, { to: ri.replyTo, run });
     this.stage = ri.stage;
-    this.first = ri.plan.first;
+    this.last = ri.plan.last;
     const fail = (message: string) =>
       void this.toSup!.send({
         type: 'error',
@@ -137,7 +218,9 @@ class DeviceServer {
       } satisfies FromStage).catch(() => {});
     const modelDir = this.host.o.model ?? ri.modelDir;
     try {
-      const mismatch = fingerprintMismatch(modelFingerprint(openModelDir(modelDir)), ri.fingerprint);
+      const dir = openModelDir(modelDir);
+      this.hiddenSize = dir.config.hiddenSize;
+      const mismatch = fingerprintMismatch(modelFingerprint(dir), ri.fingerprint);
       if (mismatch)
         return fail(
           `${this.host.name}/${this.rec.device} refuses the run's model: the model at ${modelDir} is not the supervisor's: ${mismatch}`,
@@ -181,22 +264,11 @@ class DeviceServer {
     };
     try {
       if (m.type === 'heartbeat') return tx.notify(m);
-      // the slots a stage produced go back before the message that names them (one ordered link)
-      if (m.type === 'forwarded') {
+      // the last stage's losses go back before the 'done' that says they are there (one ordered link)
+      if (m.type === 'done') {
         const f = this.forwards.get(m.mb);
         this.forwards.delete(m.mb);
-        if (f && f.outSlot >= 0) push(f.outSlot);
-      } else if (m.type === 'lossed') {
-        const f = this.forwards.get(m.mb);
-        this.forwards.delete(m.mb);
-        if (f) {
-          push(f.metaSlot);
-          if (f.outSlot >= 0) push(f.outSlot);
-        }
-      } else if (m.type === 'backwarded' && !this.first) {
-        const b = this.pendingBackward.get(m.mb);
-        this.pendingBackward.delete(m.mb);
-        if (b) push(b.gradSlot);
+        if (f) push(f.metaSlot);
       }
       await tx.send(m);
     } catch {
@@ -204,13 +276,15 @@ class DeviceServer {
     }
   }
 
-  readonly pendingBackward = new Map<number, BackwardMsg>();
-
   stopWorker(): void {
     const w = this.worker;
     this.worker = undefined;
     this.forwards.clear();
-    this.pendingBackward.clear();
+    this.heads.clear();
+    this.links.prev?.close();
+    this.links.next?.close();
+    delete this.links.prev;
+    delete this.links.next;
     if (w) void w.terminate();
   }
 

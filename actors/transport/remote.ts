@@ -1,10 +1,13 @@
 // The supervisor's side of a stage on another host: an endpoint that looks to the actor runtime
 // like a stage's worker thread (postMessage, 'message' / 'error' / 'exit' events, terminate),
 // so the runtime's routing, heartbeats, restarts, adapter restore and replay apply unchanged.
-// Before a Forward or Backward goes out, the slots it names (the micro-batch's meta slot, the
-// input hidden states, the incoming gradient) are sent to the host; the host sends back the
+// The channels the runtime makes between neighbouring stages (LinkMsg) end here: what the
+// neighbour sends on one goes to the host (which hands it to its stage on a local channel), and
+// what the stage sends its neighbour comes back from the host and goes out on it. Before a
+// message goes out, the slots it names (the micro-batch's meta slot, the input hidden states,
+// the incoming gradient, the head share's rows) are sent to the host; the host sends back the
 // slots its stage produced before the message that names them, and they are written straight
-// into the runtime's slab. A host is declared gone when a send finds no responders or times
+// into the runtime's slab (so every slot crosses the supervisor: star routing). A host is declared gone when a send finds no responders or times
 // out, or when its lease vanishes from the registry; a hang shows as missing heartbeats.
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
@@ -13,10 +16,11 @@ import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import { ErrorCode } from '../../lib/errors.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
+import type { MessagePort } from 'node:worker_threads';
 import type { FromStage, InitMsg, ToStage } from '../protocol.js';
 import { Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
-import type { FromHost, RemoteInit, ToHost } from './host.js';
+import type { FromHost, LinkSide, Relay, RemoteInit, SlotRange, ToHost } from './host.js';
 import { LinkSender, listen, type LinkError } from './link.js';
 import { DEFAULT_LEASE_MS, listDevices, openRegistry, slotSink, slotWire, type ClusterDevice } from './registry.js';
 
@@ -141,6 +145,8 @@ export class RemoteStage extends EventEmitter {
   private leaseCheck: NodeJS.Timeout | undefined;
   private device: ClusterDevice | undefined;
   private readonly queue: ToStage[] = [];
+  /** The runtime's ends of the channels to the neighbouring stages. */
+  private readonly links: { prev?: MessagePort; next?: MessagePort } = {};
   private starting: Promise<void>;
 
   constructor(
@@ -236,6 +242,10 @@ export class RemoteStage extends EventEmitter {
   private fromHost(m: FromHost): void {
     if (this.exited) return;
     if (m.type === 'exit') return this.die(`the stage's thread on ${this.device?.id} exited with code ${m.code}`);
+    if (m.type === 'relay') {
+      // the stage's message to its neighbour; the partial slot bytes it names travel on with it
+      return void this.links[m.side]?.postMessage({ ...m.m, ...(m.ranges ? { ranges: m.ranges } : {}) });
+    }
     if (m.type === 'ready') this.ready = true;
     // a device that refuses to start this run's stage (another model, no model directory) is
     // not tried again by this run
@@ -243,26 +253,54 @@ export class RemoteStage extends EventEmitter {
     this.emit('message', m);
   }
 
-  postMessage(m: ToStage): void {
+  /** Like a Worker's; a LinkMsg's port (in `transfer` for a Worker) stays in this thread. */
+  postMessage(m: ToStage, _transfer?: readonly unknown[]): void {
     if (this.exited) return;
     if (!this.tx) return void this.queue.push(m);
     this.send(m);
   }
 
   private send(m: ToStage): void {
+    if (m.type === 'link') {
+      const { port, ...rest } = m;
+      this.links[m.side]?.close();
+      this.links[m.side] = port;
+      port.on('message', (x: ToStage & { ranges?: SlotRange[] }) => this.fromNeighbour(m.side, x));
+      return this.forward(rest satisfies ToHost);
+    }
+    this.forward(m);
+  }
+
+  /** A neighbour's message for this stage: on to the host over the link of `side`. */
+  private fromNeighbour(side: LinkSide, x: ToStage & { ranges?: SlotRange[] }): void {
+    if (this.exited) return;
+    const { ranges, ...m } = x;
+    this.forward({ type: 'relay', side, m } satisfies Relay, ranges);
+  }
+
+  /** Sends a message to the host, the slots it names first. */
+  private forward(msg: ToHost | ToStage, ranges?: SlotRange[]): void {
     const tx = this.tx!;
-    const push = (slot: number) => {
-      const w = slotWire(this.slab, slot);
+    const push = (slot: number, offset?: number, length?: number) => {
+      const w = offset === undefined ? slotWire(this.slab, slot) : { offset, bytes: new Uint8Array(this.slab.sab, slot * this.slab.slotBytes + offset, length) };
       this.cluster.bytesSent += w.bytes.length;
       tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the message below too
     };
+    const m = msg.type === 'relay' ? msg.m : msg;
     if (m.type === 'forward') {
       push(m.metaSlot);
       if (m.inSlot >= 0) push(m.inSlot);
-    } else if (m.type === 'backward') {
-      push(m.gradSlot);
-    }
-    tx.send(m).catch((e: Error) => this.die(`${this.device?.id}: ${e.message}`));
+    } else if (m.type === 'backward') push(m.gradSlot);
+    else if (m.type === 'head') push(m.headSlot);
+    for (const r of ranges ?? []) push(...r);
+    tx.send(msg).catch((e: Error) => this.die(`${this.device?.id}: ${e.message}`));
+  }
+
+  private closeLinks(): void {
+    this.links.prev?.close();
+    this.links.next?.close();
+    delete this.links.prev;
+    delete this.links.next;
   }
 
   /** The stage is gone: the runtime restarts it (as it does a worker thread that died). */
@@ -271,6 +309,7 @@ export class RemoteStage extends EventEmitter {
     this.exited = true;
     if (this.device) this.cluster.failed.set(this.device.id, Date.now());
     this.stopTimers();
+    this.closeLinks();
     this.release(); // a host still there is free for the restart
     if (!this.ready)
       this.emit('message', {
@@ -308,6 +347,7 @@ export class RemoteStage extends EventEmitter {
     if (!this.exited) {
       this.exited = true;
       this.stopTimers();
+      this.closeLinks();
       await this.release();
       this.emit('exit', 1);
     }

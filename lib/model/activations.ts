@@ -5,7 +5,7 @@
 import type { Tensor } from '../tensor.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
 import { allocBytes } from '../lora/adapter.js';
-import type { SegmentSpec, StagePlan } from './batch.js';
+import { holdsHead, type SegmentSpec, type StagePlan } from './batch.js';
 import { defaultHeadBlockRows } from './head.js';
 
 /** One layer's activations in a micro-batch, as its backward reads them. */
@@ -132,15 +132,22 @@ export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number
   // q/k norms: the gradients of the projections' outputs, before the norm
   if (c.qkNorm) shapes.push(['dqRaw', [rows, c.numHeads * c.headDim]], ['dkRaw', [rows, c.numKvHeads * c.headDim]]);
   if (plan.last) {
-    shapes.push(
-      ['xFinal', [rows, H]], ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
-      ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
-      // the targeted rows, gathered (headOps)
-      ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
-    );
+    shapes.push(['xFinal', [rows, H]], ...headScratchShapes(c, numTokens, headBlockRows));
     if (plan.first) shapes.push(['dres', [rows, H]]);
   }
   return shapes;
+}
+
+/** The scratch of the final norm, the LM head and the loss over `numTokens` rows (headOps). */
+export function headScratchShapes(c: LlamaConfig, numTokens: number, headBlockRows: number): Array<[string, number[], ('f32' | 'i32')?]> {
+  const H = c.hiddenSize;
+  const rows = scratchRows(numTokens);
+  return [
+    ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
+    ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
+    // the targeted rows, gathered (headOps)
+    ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
+  ];
 }
 
 /** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
@@ -160,7 +167,10 @@ export function workBytes(config: LlamaConfig, numTokens: number, segments: Segm
 
 /** Bytes of the scratch a call over `rows` tokens holds while it runs (none at rest). */
 export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
-  return scratchShapes(config, plan, rows, headBlockRows).reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+  const bytes = (shapes: Array<[string, number[], unknown?]>) => shapes.reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+  const own = bytes(scratchShapes(config, plan, rows, headBlockRows));
+  // a head share runs the head in calls of its own (StageProgram.runHead): the larger of the two
+  return !plan.last && holdsHead(plan) ? Math.max(own, bytes(headScratchShapes(config, rows, headBlockRows))) : own;
 }
 
 /** Activation blocks are rounded up to size classes so the device's block cache reuses them. */

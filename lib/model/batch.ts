@@ -11,6 +11,19 @@ export interface StagePlan {
   first: boolean;
   /** Holds the final norm, the LM head and the loss. */
   last: boolean;
+  /**
+   * The stage before the last only: it also runs the final norm, LM head and loss (forward and
+   * backward) on this fraction of each training micro-batch's targeted rows, so the split can
+   * balance below a whole layer (the head has no trainable weights and its rows are independent,
+   * so who computes a row changes no bit). The last stage hands it those rows' final hidden
+   * states and gets their gradients back (lib/schedule/split.ts decides the share).
+   */
+  headShare?: number;
+}
+
+/** Whether a stage holds the final norm and the LM head (the last stage, or one with a head share). */
+export function holdsHead(plan: StagePlan): boolean {
+  return plan.last || (plan.headShare ?? 0) > 0;
 }
 
 /** One adapter's rows in a micro-batch. */

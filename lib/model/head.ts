@@ -21,6 +21,15 @@ export interface HeadContext {
   readonly bf16: boolean;
 }
 
+/**
+ * Rows of a micro-batch of N rows, T of them targeted, that the LM head runs on (headOps): the
+ * targeted ones, gathered, unless nearly every row is targeted (a few untargeted rows, one per
+ * sequence as in pre-training data, are not worth the copies). Fractions work too (N = 1).
+ */
+export function headRows(N: number, T: number, gather = true): number {
+  return gather && T <= 0.9 * N ? T : N;
+}
+
 export function defaultHeadBlockRows(c: LlamaConfig): number {
   return Math.max(16, Math.min(512, Math.floor((8 << 20) / (4 * c.vocabSize))));
 }
@@ -46,8 +55,7 @@ export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tenso
   for (let i = 0; i < N; i++) if (labels[i]! >= 0) T++;
   // x: the rows the head runs on; with grad, their dL/dx replaces them in place, block by block
   let x = xf, lab = targets!, wt = weights!, loss = losses, idx: Tensor | undefined;
-  // a few untargeted rows (one per sequence, as in pre-training data) are not worth the copies
-  const gathered = h.gatherTargets && T <= 0.9 * N;
+  const gathered = headRows(N, T, h.gatherTargets) < N;
   if (gathered && T > 0) {
     const rows = new Int32Array(T), gl = new Int32Array(T), gw = new Float32Array(T);
     const w = withGrad ? (weights!.read() as Float32Array) : undefined;

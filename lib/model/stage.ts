@@ -19,11 +19,11 @@ import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
 import { stageSlice, type AdapterState } from '../lora/state.js';
 import { modelRopeTables } from './rope.js';
-import { checkSegments, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
+import { checkSegments, holdsHead, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
-  activationBytes, bucketFloats, Carver, carveActs, carveWork, scratchBytes, scratchShapes, workBytes,
+  activationBytes, bucketFloats, Carver, carveActs, carveWork, headScratchShapes, scratchBytes, scratchShapes, workBytes,
   type LayerActs,
 } from './activations.js';
 import { freeViews, takeViews, view, type Scratch } from './views.js';
@@ -102,7 +102,7 @@ export class StageProgram implements LayerContext {
       throw new Error(`stage [${plan.lo}, ${plan.hi}) got weights for ${weights.layers.length} layers`);
     }
     if (plan.first && !weights.embed) throw new Error('the first stage needs the embedding table');
-    if (plan.last && (!weights.norm || !weights.head)) throw new Error('the last stage needs the final norm and the LM head');
+    if (holdsHead(plan) && (!weights.norm || !weights.head)) throw new Error(`${plan.last ? 'the last stage' : 'a stage with a head share'} needs the final norm and the LM head`);
     this.qDim = c.numHeads * c.headDim;
     this.kvDim = c.numKvHeads * c.headDim;
     const { cos, sin } = modelRopeTables(c);
@@ -165,9 +165,12 @@ export class StageProgram implements LayerContext {
 
   // ---- forward / backward
 
-  /** Forward of a non-last stage; `output` [N, H] receives the hidden states. */
+  /**
+   * Forward of the stage's layers, saving what backward needs; `output` [N, H] receives the
+   * hidden states. The last stage uses it only when it shares the head (then `output` is the
+   * final hidden state before the norm, and runHead() + backward() follow); otherwise trainLast().
+   */
   async forward(mb: MicroBatch, input: Tensor, output: Tensor): Promise<void> {
-    if (this.plan.last) throw new Error('forward() is for non-last stages; the last stage uses trainLast()');
     const ops: Op[] = [];
     const saved = this.saveBlock(mb, input);
     let views: Tensor[] = [];
@@ -247,6 +250,31 @@ export class StageProgram implements LayerContext {
       this.release(mb.id);
       losses?.free();
       this.endCall(views, s, work);
+    }
+  }
+
+  /**
+   * The final norm, LM head and loss of the rows of `mb` (forward and backward): `xFinal`
+   * [N, H] holds their final hidden states, `dres` [N, H] receives dL/d(xFinal). Returns the
+   * per-row losses. Any stage that holds the head runs it (a head share, StagePlan.headShare).
+   */
+  async runHead(mb: MicroBatch, xFinal: Tensor, dres: Tensor): Promise<Float32Array> {
+    if (!holdsHead(this.plan)) throw new Error('runHead(): this stage holds no LM head');
+    const N = mb.numTokens;
+    const s: Scratch = {};
+    let losses: Tensor | undefined;
+    let views: Tensor[] = [];
+    try {
+      for (const [name, shape, dtype] of headScratchShapes(this.config, N, this.headBlockRows)) s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
+      losses = this.device.alloc('f32', [N], { zero: false });
+      const ops: Op[] = [];
+      headOps(this.head(), ops, mb, xFinal, losses, dres, true, s);
+      views = takeViews();
+      await this.device.run(ops);
+      return losses.read() as Float32Array;
+    } finally {
+      losses?.free();
+      this.endCall(views, s);
     }
   }
 

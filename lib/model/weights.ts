@@ -11,7 +11,7 @@ import type { QuantDType } from '../native.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
 import { QUANT_DTYPE, quantLayout, type QuantizeMode } from '../io/bnb.js';
 import { LORA_TARGETS, projectionShape } from './config.js';
-import type { StagePlan } from './batch.js';
+import { holdsHead, type StagePlan } from './batch.js';
 import type { LayerWeights } from './layer.js';
 import type { StageWeights } from './stage.js';
 
@@ -90,7 +90,7 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
     }
     const w: StageWeights = { layers };
     if (plan.first) w.embed = await load('model.embed_tokens.weight', wd);
-    if (plan.last) {
+    if (holdsHead(plan)) {
       w.norm = await load('model.norm.weight', 'f32');
       w.head = c.tieWordEmbeddings ? (w.embed ?? (await load('model.embed_tokens.weight', wd))) : await load('lm_head.weight', wd);
     }
@@ -134,7 +134,7 @@ export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: Lo
     if (c.qkNorm) bytes += 2 * round(c.headDim * 4);
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
-  if (plan.last) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
+  if (holdsHead(plan)) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
   return { linears, other: bytes, linearFormat: q ?? fd, floatFormat: fd };
 }
 

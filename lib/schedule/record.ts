@@ -4,7 +4,8 @@
 /** One recorded piece of work on a stage. */
 export interface ScheduleRecord {
   stage: number;
-  kind: 'F' | 'B' | 'S' | 'E';
+  /** F forward (the last stage: forward + loss + backward), B backward, H a head share, S optimizer step, E evaluation */
+  kind: 'F' | 'B' | 'H' | 'S' | 'E';
   mb: number;
   adapters: number[];
   /** ms since the pipeline started (one time base for every stage: see clockMs in actors/protocol.ts) */

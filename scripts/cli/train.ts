@@ -10,7 +10,8 @@ import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { resolveClusterLayout, resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
 import type { ClusterOptions } from '../../actors/transport/remote.js';
-import { describeSplit } from '../../lib/schedule/split.js';
+import { describeSplit, type SplitProfile } from '../../lib/schedule/split.js';
+import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
 import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weights.js';
@@ -145,11 +146,16 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
   if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
 }
 
+/** The cost model's view of the data: the longest sequences the adapters train on. */
+function splitProfile(cfg: TrainConfig): SplitProfile {
+  return { seqLen: Math.max(...cfg.adapters.map((a) => a.seq_len)) };
+}
+
 async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: ClusterOptions): Promise<void> {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
   const lo = {
-    devices: cfg.devices, split: cfg.pipeline.split,
+    devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg),
     ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}), ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
   };
   let layout;
@@ -168,7 +174,7 @@ async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: Cluste
   out(`base: compute ${cfg.compute_dtype}; decoder linears ${q ? `${q}${dir.quantization ? ' (as saved by bitsandbytes)' : ' (quantized at load)'}` : fmt0.linearFormat}; embeddings and LM head ${fmt0.floatFormat}, norms f32`);
   const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
   const S = layout.plans.length;
-  const per = cfg.pipeline.adapters_per_micro_batch ?? Math.max(1, Math.ceil(cfg.adapters.length / S));
+  const per = cfg.pipeline.batchlora ? adaptersPerMessage(cfg.adapters.length, S, cfg.pipeline.adapters_per_micro_batch) : 1;
   const group = specs.slice(0, per);
   const tokens = group.reduce((s, g) => s + g.tokens, 0);
   out(`\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`);
@@ -351,8 +357,8 @@ export async function main(argv: string[]): Promise<number> {
   let sup: Supervisor;
   try {
     sup = await Supervisor.start({
-      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, output: cfg.output, resume, overwrite, runId, faults,
-      batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, inflightPerAdapter: cfg.pipeline.inflight_per_adapter,
+      model: cfg.model, devices: cfg.devices, split: cfg.pipeline.split, splitProfile: splitProfile(cfg), output: cfg.output, resume, overwrite, runId, faults,
+      batchlora: cfg.pipeline.batchlora, recompute: cfg.pipeline.recompute, ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
       computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch } : {}),

@@ -5,11 +5,13 @@
 // Tolerance: bitwise for an adapter without gradient clipping ('caps'). It holds because every kernel computes each row of a micro-batch
 // independently of the other rows (the base GEMM, LoRA segments, attention per sequence,
 // the loss), each stage runs exactly the same StageProgram code on the same layers, gradient
-// accumulation happens in the same micro-batch order (one micro-batch of an adapter in flight
-// at a time), dropout masks are a function of (seed, micro-batch serial, layer, row), and the
+// accumulation happens in the same micro-batch order (several micro-batches of an adapter's
+// step may be in flight, but every stage adds their gradients first in, first out), dropout masks are a function of (seed, micro-batch serial, layer, row), and the
 // gradient norm for clipping is a sum over stages in stage order — so neither the stage
 // split nor which adapters share a BatchLoRA message changes a single bit. (The grouping does
 // differ: one stage packs both adapters in each message, two and three stages one each.)
+// Three stages give stage 1 a share of the LM head (lib/schedule/split.ts): the head has no
+// trainable weights and its rows are independent, so which stage computes a row changes no bit.
 //
 // With clipping ('arith', max_grad_norm 1 and gradient norms around 1-1.3, so it clips):
 // each stage reduces Σg² over its own slice in float32, and the supervisor adds the stages'
@@ -20,6 +22,11 @@
 // split in-thread and in workers (3 in-thread stages vs 3 stage actors) stays bitwise.
 import t from 'tap';
 import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { PRESETS } from '../../lib/model/config.js';
+import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 import { assertClose } from '../support/helpers.js';
 import { adapter, runJobs } from './util.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
@@ -60,3 +67,41 @@ for (const S of [1, 2, 3]) {
     assertClose(t, a, b, { atol: 0, rtol: 1e-5 }, 'arith: per-step losses');
   });
 }
+
+// One adapter on two stages: alone it cannot keep both busy, so the scheduler sends the 4
+// micro-batches of each step at once (GPipe/1F1B within the step). They read the same weights
+// and every stage adds their gradients in issue order, so the result stays bitwise.
+await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the single-device trainer', async (t) => {
+  const job = () => [adapter('solo', 'capitals', { seed: 9, batch_size: 8, micro_batch_size: 2, max_grad_norm: undefined })];
+  const one = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
+  const two = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
+  const [want, got] = [one.states.get('solo'), two.states.get('solo')];
+  t.ok(want && got, 'both runs finished the adapter');
+  if (!want || !got) return;
+  t.equal(got.version, 4, '4 optimizer steps');
+  t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
+  t.equal(two.sup.peakInflight, 4, "all 4 micro-batches of a step were in flight at once");
+  t.equal(one.sup.peakInflight, 1, 'the single-device trainer runs them one at a time');
+  const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+  t.same(losses(two.events), losses(one.events), 'per-step losses identical');
+});
+
+// A head larger than the layers (vocab 2048 on the tiny shape): whole layers cannot balance 2
+// stages, stage 0 takes a share of the head, whose scratch is then larger than its layers'.
+await t.test('a head share on the first stage vs the single-device trainer', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-share-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const config = { ...PRESETS.tiny, vocabSize: 2048 };
+  await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
+  writeRandomLlama(dir, config, { seed: 3 });
+  const job = () => [adapter('wide', 'capitals', { seed: 4, max_steps: 2, max_grad_norm: undefined })];
+  const one = await runJobs({ model: dir, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
+  const two = await runJobs({ model: dir, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
+  t.ok(two.sup.pipeline.plans[0]!.headShare, `stage 0 runs a share of the head (${two.sup.pipeline.plans[0]!.headShare})`);
+  const [want, got] = [one.states.get('wide'), two.states.get('wide')];
+  t.ok(want && got, 'both runs finished the adapter');
+  if (!want || !got) return;
+  t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
+  const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
+  t.same(losses(two.events), losses(one.events), 'per-step losses identical');
+});

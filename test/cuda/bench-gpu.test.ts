@@ -4,6 +4,7 @@
 // are measured, never asserted.
 import t from 'tap';
 import fs from 'node:fs';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import { parseBenchArgs } from '../../scripts/cli/bench.js';
 import { gpuScenario, printGpuTable } from '../../scripts/cli/bench-gpu.js';
@@ -13,7 +14,7 @@ import { tmpDir } from '../support/files.js';
 t.test('gpu scenario options and clear errors', async (t) => {
   t.same(parseBenchArgs(['--scenario', 'gpu', '--device', 'cuda', '--models', 'bench,/m/1b', '--stages', '1,2', '--adapters', '1,4,8', '--ceiling-n', '4096', '--baseline', 'p.json']), {
     scenario: 'gpu',
-    opts: { threads: 1, json: false, quick: false, device: 'cuda:0', models: ['bench', '/m/1b'], stages: [1, 2], adapters: [1, 4, 8], ceilingN: 4096, baseline: 'p.json' },
+    opts: { threads: availableParallelism(), json: false, quick: false, device: 'cuda:0', models: ['bench', '/m/1b'], stages: [1, 2], adapters: [1, 4, 8], ceilingN: 4096, baseline: 'p.json' },
   });
   t.match(parseBenchArgs(['--scenario', 'gpu', '--device', 'gpu:0']), { error: /--device must be cpu:N or cuda:N, got 'gpu:0'/ });
   t.match(parseBenchArgs(['--scenario', 'gpu', '--stages', '1,x']), { error: /--stages must be a list of positive integers, got '1,x'/ });

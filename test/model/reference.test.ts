@@ -7,13 +7,11 @@ import t from 'tap';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { openSafetensors } from '../../lib/io/safetensors.js';
-import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
-import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
-import type { LoraSpec } from '../../lib/lora/adapter.js';
+import { StageProgram, type StageOptions } from '../../lib/model/stage.js';
+import { toPeftTensors } from '../../lib/lora/state.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
-import { assemble } from '../../actors/supervisor.js';
 import { first4, fixtureBatch as packFixture, setupFixture } from './fixture.js';
-import { cpuDevice, assertClose } from '../support/helpers.js';
+import { assertClose } from '../support/helpers.js';
 import { f64Forward, f64Lora, packedBatch } from './f64-llama.js';
 import { readFileSync } from 'node:fs';
 

@@ -62,7 +62,8 @@ t.test('submit, events, pause/resume, cancel, close', async (t) => {
   t.same(lateSeq.slice(-2), ['done', 'done'], 'late: done event, then state done, last');
   t.equal(lateSeq.filter((x) => x === 'step').length, 6, 'late: 6 step events');
   const pi = lateSeq.indexOf('paused');
-  t.ok(pi > 3 && lateSeq[pi + 1] === 'running', 'late: paused, then running again');
+  // pause() lets what is in flight finish, so the step those micro-batches complete may come in between
+  t.ok(pi > 3 && lateSeq.slice(pi + 1).find((x) => x !== 'step') === 'running', 'late: paused, then running again');
   const stepNums = Lt.evs.flatMap((e) => (e.type === 'step' ? [e.step] : []));
   t.same(stepNums, [1, 2, 3, 4, 5, 6], 'late: steps 1..6 once each');
 

@@ -97,7 +97,8 @@ const jobs = () => [
 ];
 
 t.test('one message in flight: the simulator reproduces the recorded order exactly', async (t) => {
-  const run = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 1 }, jobs());
+  // whole layers (no head share) and one micro-batch per adapter in flight: what the simulator models
+  const run = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 1, split: [1, 1] }, jobs());
   const real = run.sup.pipeline.schedule().filter((r) => r.kind === 'F' || r.kind === 'B');
   t.equal(real.filter((r) => r.kind === 'F' && r.stage === 0).length, 8, '2 adapters × 2 steps × 2 micro-batches');
   checkCausal(t, real, 'recorded');
@@ -108,7 +109,7 @@ t.test('one message in flight: the simulator reproduces the recorded order exact
 });
 
 t.test('four messages in flight: the simulator and the recorder agree up to timing', async (t) => {
-  const run = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 4 }, jobs());
+  const run = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 4, split: [1, 1], inflightPerAdapter: 1 }, jobs());
   const real = run.sup.pipeline.schedule().filter((r) => r.kind === 'F' || r.kind === 'B');
   checkCausal(t, real, 'recorded');
   const sim = simulate(toMessages(real), { stages: 2, inflight: 4, sequential: true });
@@ -120,9 +121,9 @@ t.test('four messages in flight: the simulator and the recorder agree up to timi
   // the same work per stage, stage 1's order identical, and stage 0's F-only and B-only
   // subsequences identical.
   // What timing can change: only how stage 0 interleaves its Backwards with its Forwards —
-  // whether B(k) has arrived (stage 1 finished F(k), the main thread relayed the message)
-  // before stage 0 picks its next F. The real hand-over latency (two postMessage hops through
-  // the busy main thread, plus the optimizer steps the simulator does not model: they occupy
+  // whether B(k) has arrived (stage 1 finished F(k) and posted B(k) to stage 0) before stage 0
+  // picks its next F. The real hand-over latency (a postMessage hop between the workers, plus
+  // the optimizer steps the simulator does not model: they occupy
   // each stage between micro-batches) moves those arrival times, so that interleaving is
   // compared through the rule instead: stage 0 never starts an F while a B has been ready for
   // longer than a hand-over slack (below).
