@@ -171,7 +171,10 @@ class DeviceServer {
     const slab = this.slab;
     if (!tx || !slab) return;
     const push = (slot: number, offset?: number, length?: number) => {
-      const w = offset === undefined ? slotWire(slab, slot) : { offset, bytes: new Uint8Array(slab.sab, slot * slab.slotBytes + offset, length) };
+      const w =
+        offset === undefined
+          ? slotWire(slab, slot)
+          : { offset, bytes: new Uint8Array(slab.sab, slot * slab.slotBytes + offset, length) };
       this.bytesOut += w.bytes.length;
       tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the send below too
     };

@@ -108,8 +108,8 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   hosts.set('hD', serve('hD', ['--model', other]));
   for (const p of hosts.values()) await waitFor(p, /ready/);
 
-  const config = (name: string, devices: string[]) => {
-    const c = smallConfig(model, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<
+  const config = (name: string, devices: string[], modelDir = model) => {
+    const c = smallConfig(modelDir, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<
       typeof smallConfig
     > & { devices: string[] };
     c.devices = devices;
@@ -152,6 +152,39 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     for (const a of ['capitals', 'arithmetic'])
       t.ok(
         adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)),
+        `${a}: bitwise equal`,
+      );
+  });
+
+  // a head twice the tiny one's: the split gives stage 1 a share of it, so the last stage's
+  // final hidden states go to stage 1's host and the share's rows of the gradient and losses
+  // come back (partial slots), all relayed over NATS
+  await t.test('a head share on stage 1: 3 stages on 3 hosts bitwise equal to the one-process run', async (t) => {
+    const wide = await tinyModelWithLayers(4, 7, 1024);
+    t.teardown(() => fs.rmSync(wide, { recursive: true, force: true }));
+    const one = spawnSync(
+      process.execPath,
+      [CLI, 'train', config('wide-local', ['cpu:0', 'cpu:1', 'cpu:2'], wide), '--progress', 'none'],
+      { encoding: 'utf8', timeout: 300_000 },
+    );
+    t.equal(one.status, 0, 'one-process run: exit 0');
+    const p = run(topo, 'hA', [
+      'train',
+      config('wide-remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0'], wide),
+      '--cluster',
+      nats.url,
+      '--progress',
+      'plain',
+    ]);
+    await exitsZero(t, p, 'cluster run');
+    t.match(
+      p.out(),
+      /stage 1 on hB\/cpu:0: layers .* \+ norm\/head\/loss of \d+% of the targeted rows/,
+      'stage 1 runs a share of the head',
+    );
+    for (const a of ['capitals', 'arithmetic'])
+      t.ok(
+        adapterBytes(path.join(tmp, 'wide-local'), a).equals(adapterBytes(path.join(tmp, 'wide-remote'), a)),
         `${a}: bitwise equal`,
       );
   });
