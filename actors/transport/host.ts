@@ -171,10 +171,7 @@ class DeviceServer {
     const slab = this.slab;
     if (!tx || !slab) return;
     const push = (slot: number, offset?: number, length?: number) => {
-      const w =
-        offset === undefined
-          ? slotWire(slab, slot)
-          : { offset, bytes: new Uint8Array(slab.sab, slot * slab.slotBytes + offset, length) };
+      const w = slotWire(slab, slot, offset === undefined ? undefined : [offset, length!]);
       this.bytesOut += w.bytes.length;
       tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the send below too
     };

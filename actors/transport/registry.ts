@@ -85,8 +85,13 @@ export async function listDevices(nc: NatsConnection, kv: KV): Promise<ClusterDe
   return out;
 }
 
-/** The bytes of a slot that cross a link: its header after the STATE word (owned by the supervisor's allocator) and its data. */
-export function slotWire(slab: Slab, slot: number): { offset: number; bytes: Uint8Array } {
+/**
+ * The bytes of a slot that cross a link: its header after the STATE word (owned by the
+ * supervisor's allocator) and its data; or, given `range` ([offset in the slot, bytes]), only
+ * those (rows a stage wrote into a slot it does not seal).
+ */
+export function slotWire(slab: Slab, slot: number, range?: [number, number]): { offset: number; bytes: Uint8Array } {
+  if (range) return { offset: range[0], bytes: new Uint8Array(slab.sab, slot * slab.slotBytes + range[0], range[1]) };
   const len = slab.get(slot, SlotField.BYTES);
   if (len < 0 || len > slab.dataBytes) throw new Error(`slot ${slot} claims ${len} data bytes (of ${slab.dataBytes})`);
   const offset = 4;

@@ -282,10 +282,7 @@ export class RemoteStage extends EventEmitter {
   private forward(msg: ToHost | ToStage, ranges?: SlotRange[]): void {
     const tx = this.tx!;
     const push = (slot: number, offset?: number, length?: number) => {
-      const w =
-        offset === undefined
-          ? slotWire(this.slab, slot)
-          : { offset, bytes: new Uint8Array(this.slab.sab, slot * this.slab.slotBytes + offset, length) };
+      const w = slotWire(this.slab, slot, offset === undefined ? undefined : [offset, length!]);
       this.cluster.bytesSent += w.bytes.length;
       tx.sendSlot(slot, w.offset, w.bytes).catch(() => {}); // a failure fails the message below too
     };
