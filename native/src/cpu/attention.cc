@@ -117,29 +117,9 @@ struct Kernels {
 }  // namespace
 
 // ---- the tile code, once per instruction set (simd.h has the vector types and tile GEMMs).
-namespace simd {
-namespace {
-namespace portable {
-#define TT MLORA_TT_PORTABLE
-#include "attention_tiles.inc"
-#undef TT
-}  // namespace portable
-#ifdef MLORA_SIMD_X86
-namespace avx2 {
-#define TT MLORA_TT_AVX2
-#include "attention_tiles.inc"
-#undef TT
-}  // namespace avx2
-MLORA_SIMD_AVX512_WARNINGS_OFF
-namespace avx512 {
-#define TT MLORA_TT_AVX512
-#include "attention_tiles.inc"
-#undef TT
-}  // namespace avx512
-MLORA_SIMD_AVX512_WARNINGS_ON
-#endif
-}  // namespace
-}  // namespace simd
+#define MLORA_SIMD_TILES "attention_tiles.inc"
+#include "simd_each.inc"
+#undef MLORA_SIMD_TILES
 
 namespace {
 

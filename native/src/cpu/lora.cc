@@ -137,29 +137,9 @@ struct LoraKernels {
 
 }  // namespace
 
-namespace simd {
-namespace {
-namespace portable {
-#define TT MLORA_TT_PORTABLE
-#include "lora_tiles.inc"
-#undef TT
-}  // namespace portable
-#ifdef MLORA_SIMD_X86
-namespace avx2 {
-#define TT MLORA_TT_AVX2
-#include "lora_tiles.inc"
-#undef TT
-}  // namespace avx2
-MLORA_SIMD_AVX512_WARNINGS_OFF
-namespace avx512 {
-#define TT MLORA_TT_AVX512
-#include "lora_tiles.inc"
-#undef TT
-}  // namespace avx512
-MLORA_SIMD_AVX512_WARNINGS_ON
-#endif
-}  // namespace
-}  // namespace simd
+#define MLORA_SIMD_TILES "lora_tiles.inc"
+#include "simd_each.inc"
+#undef MLORA_SIMD_TILES
 
 namespace {
 
