@@ -10,7 +10,17 @@ import type { JobEvent } from './protocol.js';
 /** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
 export type SourceMicroBatch = Pick<
   LoaderMicroBatch,
-  'step' | 'microIndex' | 'microCount' | 'inputIds' | 'labels' | 'cuSeqlens' | 'positions' | 'numTokens' | 'numTargetTokens' | 'stepTargetTokens' | 'lastOfStep'
+  | 'step'
+  | 'microIndex'
+  | 'microCount'
+  | 'inputIds'
+  | 'labels'
+  | 'cuSeqlens'
+  | 'positions'
+  | 'numTokens'
+  | 'numTargetTokens'
+  | 'stepTargetTokens'
+  | 'lastOfStep'
 >;
 
 export interface MicroBatchSource {

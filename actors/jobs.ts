@@ -8,7 +8,13 @@ import type { LlamaConfig } from '../lib/model/config.js';
 import { loadTrainingData } from '../lib/data/pool.js';
 import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
 import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
-import { latestCheckpoint, loadCheckpoint, readCheckpointMeta, saveCheckpoint, hashConfig } from '../lib/io/checkpoint.js';
+import {
+  latestCheckpoint,
+  loadCheckpoint,
+  readCheckpointMeta,
+  saveCheckpoint,
+  hashConfig,
+} from '../lib/io/checkpoint.js';
 import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
 import { API_WORDING, dropSetAside, refusal, setAside } from '../lib/io/output.js';
 import { loadTokenizer, type Tokenizer } from '../lib/data/tokenizer.js';
@@ -18,12 +24,30 @@ import type { JobView, PreparedJob, SupervisorHooks } from './job-types.js';
 import type { AdapterState } from '../lib/lora/state.js';
 
 export function loraSpec(c: AdapterConfig): LoraSpec {
-  return { r: c.lora.r, alpha: c.lora.alpha, dropout: c.lora.dropout, targets: [...c.lora.targets], useRslora: c.lora.use_rslora, seed: c.seed };
+  return {
+    r: c.lora.r,
+    alpha: c.lora.alpha,
+    dropout: c.lora.dropout,
+    targets: [...c.lora.targets],
+    useRslora: c.lora.use_rslora,
+    seed: c.seed,
+  };
 }
 
 /** The fields whose change makes a checkpoint unusable for resuming (data order, shapes). */
 function resumeKey(c: AdapterConfig) {
-  return { data: c.data, template: c.template, lora: c.lora, batch_size: c.batch_size, micro_batch_size: c.micro_batch_size, seq_len: c.seq_len, shuffle: c.shuffle, seed: c.seed, epochs: c.epochs, train_on_inputs: c.train_on_inputs };
+  return {
+    data: c.data,
+    template: c.template,
+    lora: c.lora,
+    batch_size: c.batch_size,
+    micro_batch_size: c.micro_batch_size,
+    seq_len: c.seq_len,
+    shuffle: c.shuffle,
+    seed: c.seed,
+    epochs: c.epochs,
+    train_on_inputs: c.train_on_inputs,
+  };
 }
 
 export interface JobEnvironment {
@@ -48,14 +72,24 @@ export interface JobEnvironment {
 export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise<PreparedJob> {
   const spec = loraSpec(c);
   const data = await loadTrainingData(c.data, {
-    modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs,
-    skipBad: c.skip_bad_records, ...(env.dataThreads ? { threads: env.dataThreads } : {}),
+    modelDir: env.modelDir,
+    template: c.template,
+    seqLen: c.seq_len,
+    trainOnInputs: c.train_on_inputs,
+    skipBad: c.skip_bad_records,
+    ...(env.dataThreads ? { threads: env.dataThreads } : {}),
   });
   if (!data.examples.length) {
-    throw new Error(`${c.data}: no usable examples for '${c.name}'${data.warnings.length ? `: ${data.warnings.join('; ')}` : ''}${data.dropped ? ` (raise seq_len, now ${c.seq_len})` : ''}`);
+    throw new Error(
+      `${c.data}: no usable examples for '${c.name}'${data.warnings.length ? `: ${data.warnings.join('; ')}` : ''}${data.dropped ? ` (raise seq_len, now ${c.seq_len})` : ''}`,
+    );
   }
   const loader = new AdapterDataLoader(data.examples, {
-    batchSize: c.batch_size, microBatchSize: c.micro_batch_size, epochs: c.epochs, shuffle: c.shuffle, seed: c.seed,
+    batchSize: c.batch_size,
+    microBatchSize: c.micro_batch_size,
+    epochs: c.epochs,
+    shuffle: c.shuffle,
+    seed: c.seed,
     ...(c.max_steps !== undefined ? { maxSteps: c.max_steps } : {}),
   });
   let initial: AdapterState;
@@ -66,7 +100,9 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   if (ckpt) {
     // The config check comes before the tensors are read: a changed r or targets must say so, not fail on a shape.
     if (readCheckpointMeta(ckpt.dir).configHash !== hashConfig(resumeKey(c))) {
-      throw new Error(`${ckpt.dir}: was written with a different data/LoRA/batch config for '${c.name}'; cannot resume (move it away to start over)`);
+      throw new Error(
+        `${ckpt.dir}: was written with a different data/LoRA/batch config for '${c.name}'; cannot resume (move it away to start over)`,
+      );
     }
     const { state, meta } = loadCheckpoint(ckpt.dir, env.model, spec);
     loader.restore(meta.loader as LoaderState);
@@ -76,14 +112,18 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
     // a run that rolled back after NaNs goes on with the learning rate it had lowered to
     if (meta.rollbacks) {
       const s = meta.lrScale;
-      if (typeof s !== 'number' || !(s > 0 && s <= 1)) throw new Error(`${ckpt.dir}/state.msgpack: lrScale must be a number in (0, 1], got ${JSON.stringify(s)}`);
+      if (typeof s !== 'number' || !(s > 0 && s <= 1))
+        throw new Error(`${ckpt.dir}/state.msgpack: lrScale must be a number in (0, 1], got ${JSON.stringify(s)}`);
       lowered = { rollbacks: meta.rollbacks, lrScale: s };
     }
   } else if (c.lora.init) {
     const ad = loadAdapter(c.lora.init);
     checkAdapterAgainstModel(ad, env.model, env.modelDir);
     const missing = spec.targets.filter((t) => !ad.targetModules.includes(t));
-    if (missing.length) throw new Error(`${c.lora.init}: adapter has no ${missing.join(', ')} (the job targets ${spec.targets.join(', ')})`);
+    if (missing.length)
+      throw new Error(
+        `${c.lora.init}: adapter has no ${missing.join(', ')} (the job targets ${spec.targets.join(', ')})`,
+      );
     const params = fromAdapterWeights(env.model, spec, ad, c.lora.init);
     initial = { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };
   } else {
@@ -92,9 +132,14 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
   const job: PreparedJob = { spec, source: loader, initial, startStep, startTokens, ...lowered };
   if (c.eval?.data) {
     const ev = await loadTrainingData(c.eval.data, {
-      modelDir: env.modelDir, template: c.template, seqLen: c.seq_len, trainOnInputs: c.train_on_inputs, skipBad: c.skip_bad_records,
+      modelDir: env.modelDir,
+      template: c.template,
+      seqLen: c.seq_len,
+      trainOnInputs: c.train_on_inputs,
+      skipBad: c.skip_bad_records,
     });
-    job.evalSource = () => new AdapterDataLoader(ev.examples, { batchSize: c.micro_batch_size, shuffle: false, epochs: 1 });
+    job.evalSource = () =>
+      new AdapterDataLoader(ev.examples, { batchSize: c.micro_batch_size, shuffle: false, epochs: 1 });
   }
   return job;
 }
@@ -116,10 +161,18 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' 
     },
     checkpoint: async (job: JobView, state: AdapterState) =>
       saveCheckpoint({
-        adapterDir: path.join(out, job.name), config: env.model, spec: job.spec, baseModel: env.modelDir, state,
+        adapterDir: path.join(out, job.name),
+        config: env.model,
+        spec: job.spec,
+        baseModel: env.modelDir,
+        state,
         meta: {
-          step: job.step, configHash: hashConfig(resumeKey(job.config)), loader: job.sourceState(),
-          time: new Date().toISOString(), tokens: job.tokens, loss: job.lastLoss,
+          step: job.step,
+          configHash: hashConfig(resumeKey(job.config)),
+          loader: job.sourceState(),
+          time: new Date().toISOString(),
+          tokens: job.tokens,
+          loss: job.lastLoss,
           ...(job.rollbacks ? { rollbacks: job.rollbacks, lrScale: job.lrScale } : {}),
         },
       }),
@@ -151,7 +204,10 @@ export function promptSampler(env: JobEnvironment): Required<Pick<SupervisorHook
       const out: Array<{ prompt: string; text: string }> = [];
       for (const prompt of e.prompts) {
         const ids = encodePrompt(tok, env.model, prompt);
-        const gen = await generate(m, ids, { maxNewTokens: e.max_new_tokens, ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}) });
+        const gen = await generate(m, ids, {
+          maxNewTokens: e.max_new_tokens,
+          ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}),
+        });
         out.push({ prompt, text: tok.decodeAfter(ids, gen, { skipSpecialTokens: true }) });
       }
       return out;

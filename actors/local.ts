@@ -29,7 +29,14 @@ export class LocalPipeline implements Pipeline {
   }
 
   private record(stage: number, kind: ScheduleRecord['kind'], mb: MicroBatchData, start: number) {
-    this.records.push({ stage, kind, mb: mb.id, adapters: mb.segments.map((s) => s.adapter), start: start - this.t0, end: performance.now() - this.t0 });
+    this.records.push({
+      stage,
+      kind,
+      mb: mb.id,
+      adapters: mb.segments.map((s) => s.adapter),
+      start: start - this.t0,
+      end: performance.now() - this.t0,
+    });
   }
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
@@ -68,7 +75,12 @@ export class LocalPipeline implements Pipeline {
     const N = mb.tokens.length;
     const H = this.config.hiddenSize;
     const S = this.stages.length;
-    const mbs: MicroBatch[] = this.stages.map((st) => ({ id: mb.id, numTokens: N, segments: mb.segments, tensors: this.tensorsFor(st, mb, st.plan.last) }));
+    const mbs: MicroBatch[] = this.stages.map((st) => ({
+      id: mb.id,
+      numTokens: N,
+      segments: mb.segments,
+      tensors: this.tensorsFor(st, mb, st.plan.last),
+    }));
     const inputs: Tensor[] = [];
     try {
       let input: Tensor = this.stages[0]!.device.fromArray('i32', [N], mb.tokens);
@@ -108,7 +120,12 @@ export class LocalPipeline implements Pipeline {
     const N = mb.tokens.length;
     const H = this.config.hiddenSize;
     let input: Tensor = this.stages[0]!.device.fromArray('i32', [N], mb.tokens);
-    const mbs: MicroBatch[] = this.stages.map((st) => ({ id: mb.id, numTokens: N, segments: mb.segments, tensors: this.tensorsFor(st, mb, st.plan.last) }));
+    const mbs: MicroBatch[] = this.stages.map((st) => ({
+      id: mb.id,
+      numTokens: N,
+      segments: mb.segments,
+      tensors: this.tensorsFor(st, mb, st.plan.last),
+    }));
     try {
       for (let s = 0; s < this.stages.length; s++) {
         const st = this.stages[s]!;
@@ -162,7 +179,8 @@ export class LocalPipeline implements Pipeline {
     const hidden = allocBytes(4 * N * this.config.hiddenSize);
     return this.stages.map((st) => {
       let msg = i32 + allocBytes(4 * (numSeqs + 1)); // positions, cuSeqlens
-      if (st.plan.first) msg += i32; // token ids
+      if (st.plan.first)
+        msg += i32; // token ids
       else msg += 2 * hidden; // input hidden states, and the gradient handed back
       if (!st.plan.last) msg += hidden; // output hidden states (until moved to the next stage)
       if (st.plan.last) msg += 3 * i32; // targets, weights, losses

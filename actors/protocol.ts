@@ -211,15 +211,42 @@ export type FromStage =
 
 export type JobEvent =
   | { type: 'state'; adapter: string; state: JobState; time: number }
-  | { type: 'step'; adapter: string; step: number; totalSteps: number; loss: number; lr: number; tokens: number; gradNorm: number; time: number }
+  | {
+      type: 'step';
+      adapter: string;
+      step: number;
+      totalSteps: number;
+      loss: number;
+      lr: number;
+      tokens: number;
+      gradNorm: number;
+      time: number;
+    }
   | { type: 'eval'; adapter: string; step: number; loss: number; perplexity: number; tokens: number; time: number }
   | { type: 'checkpoint'; adapter: string; step: number; path: string; time: number }
   | { type: 'fault'; adapter?: string; fault: string; detail: string; time: number }
   /** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
-  | { type: 'rollback'; adapter: string; fromStep: number; toStep: number; lrScale: number; rollbacks: number; reason: string; time: number }
+  | {
+      type: 'rollback';
+      adapter: string;
+      fromStep: number;
+      toStep: number;
+      lrScale: number;
+      rollbacks: number;
+      reason: string;
+      time: number;
+    }
   | { type: 'done'; adapter: string; steps: number; loss: number; path?: string; time: number }
   /** A greedy completion of one of eval.prompts, with the adapter before training or after it. */
-  | { type: 'sample'; adapter: string; step: number; when: 'before' | 'after'; prompt: string; text: string; time: number }
+  | {
+      type: 'sample';
+      adapter: string;
+      step: number;
+      when: 'before' | 'after';
+      prompt: string;
+      text: string;
+      time: number;
+    }
   | { type: 'error'; adapter: string; message: string; time: number };
 
 export type JobState = 'queued' | 'loading' | 'running' | 'paused' | 'parked' | 'done' | 'failed' | 'cancelled';

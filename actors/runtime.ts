@@ -67,7 +67,10 @@ export type StageWorker = Pick<Worker, 'postMessage' | 'on' | 'once' | 'terminat
 /** The run cannot go on: one stage failed more often than allowed. */
 export class StageFailure extends Error {
   override name = 'StageFailure';
-  constructor(readonly stage: number, message: string) {
+  constructor(
+    readonly stage: number,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -144,7 +147,7 @@ export function shareStart(targets: Int32Array, share: number): number {
   for (let i = 0; i < targets.length; i++) if (targets[i]! >= 0) T++;
   const want = Math.round(share * T);
   let r = targets.length;
-  for (let k = 0; k < want; ) if (targets[--r]! >= 0) k++;
+  for (let k = 0; k < want;) if (targets[--r]! >= 0) k++;
   return r;
 }
 
@@ -197,7 +200,14 @@ export class ActorPipeline implements Pipeline {
   static async start(opts: ActorPipelineOptions): Promise<ActorPipeline> {
     const p = new ActorPipeline(opts);
     try {
-      await Promise.all(p.stages.map((s) => p.spawn(s, p.faults.filter((f) => f.stage === undefined || f.stage === s.index))));
+      await Promise.all(
+        p.stages.map((s) =>
+          p.spawn(
+            s,
+            p.faults.filter((f) => f.stage === undefined || f.stage === s.index),
+          ),
+        ),
+      );
       await Promise.all(p.stages.slice(1).map((s) => p.link(s.index - 1)));
     } catch (e) {
       await p.close();
@@ -211,10 +221,25 @@ export class ActorPipeline implements Pipeline {
     h.faults = faults;
     h.faultFlags = new Int32Array(new SharedArrayBuffer(4 * Math.max(1, faults.length)));
     const init: InitMsg = {
-      type: 'init', id: 0, stage: h.index, plan: this.plans[h.index]!, modelDir: o.modelDir, device: o.devices[h.index]!,
-      threads: o.threads[h.index]!, budget: o.budgets[h.index]!, slab: this.slab.sab, slotCount: this.slab.count,
-      slotBytes: this.slab.slotBytes, faults, faultFlags: h.faultFlags.buffer as SharedArrayBuffer, heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs, stages: this.plans.length, minEpoch: this.epoch, ...(o.recompute ? { recompute: true } : {}), ...(o.base ? { base: o.base } : {}),
+      type: 'init',
+      id: 0,
+      stage: h.index,
+      plan: this.plans[h.index]!,
+      modelDir: o.modelDir,
+      device: o.devices[h.index]!,
+      threads: o.threads[h.index]!,
+      budget: o.budgets[h.index]!,
+      slab: this.slab.sab,
+      slotCount: this.slab.count,
+      slotBytes: this.slab.slotBytes,
+      faults,
+      faultFlags: h.faultFlags.buffer as SharedArrayBuffer,
+      heartbeatMs: o.heartbeatMs ?? 200,
+      epochMs: this.epochMs,
+      stages: this.plans.length,
+      minEpoch: this.epoch,
+      ...(o.recompute ? { recompute: true } : {}),
+      ...(o.base ? { base: o.base } : {}),
     };
     const w = o.stageEndpoint ? o.stageEndpoint(init, h.started) : new Worker(STAGE_URL, { workerData: init });
     h.started = true;
@@ -231,7 +256,8 @@ export class ActorPipeline implements Pipeline {
       };
       w.on('message', onMsg);
       w.once('exit', (code) => {
-        if (!h.alive) reject(new Error(`stage ${h.index} (${o.devices[h.index]}) exited with code ${code} while starting`));
+        if (!h.alive)
+          reject(new Error(`stage ${h.index} (${o.devices[h.index]}) exited with code ${code} while starting`));
       });
     });
     w.on('message', (m: FromStage) => this.onMessage(h, m));
@@ -300,7 +326,10 @@ export class ActorPipeline implements Pipeline {
   }
 
   private request<T>(
-    stage: number, m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'> | Omit<LinkMsg, 'id'>, timeoutMs = 120_000, transfer?: MessagePort[],
+    stage: number,
+    m: Omit<ControlMsg, 'id'> | Omit<import('./protocol.js').StepMsg, 'id'> | Omit<LinkMsg, 'id'>,
+    timeoutMs = 120_000,
+    transfer?: MessagePort[],
   ): Promise<T> {
     const id = this.nextReq++;
     return new Promise<T>((resolve, reject) => {
@@ -327,21 +356,42 @@ export class ActorPipeline implements Pipeline {
     for (const seg of d.segments) versions[seg.adapter] = this.versions.get(seg.adapter) ?? 0;
     for (let s = 0; s < S - 1; s++) f.acts[s] = this.slots.take(d.id);
     if (S > 1 && f.train) f.grad = this.slots.take(d.id);
-    const share = f.train && S > 1 ? this.plans[S - 2]!.headShare ?? 0 : 0;
+    const share = f.train && S > 1 ? (this.plans[S - 2]!.headShare ?? 0) : 0;
     if (share > 0) f.head = this.slots.take(d.id);
     const N = d.tokens.length;
     return {
-      type: 'forward', epoch: this.epoch, mb: d.id, numTokens: N, nseq: d.cuSeqlens.length - 1, segments: d.segments, versions,
-      metaSlot: f.meta, inSlot: -1, outSlot: S > 1 ? f.acts[0]! : f.grad, hidden: f.acts.slice(0, S - 1), gradSlot: f.grad, train: f.train,
-      headRow: share > 0 ? shareStart(d.targets, share) : N, headSlot: f.head,
+      type: 'forward',
+      epoch: this.epoch,
+      mb: d.id,
+      numTokens: N,
+      nseq: d.cuSeqlens.length - 1,
+      segments: d.segments,
+      versions,
+      metaSlot: f.meta,
+      inSlot: -1,
+      outSlot: S > 1 ? f.acts[0]! : f.grad,
+      hidden: f.acts.slice(0, S - 1),
+      gradSlot: f.grad,
+      train: f.train,
+      headRow: share > 0 ? shareStart(d.targets, share) : N,
+      headSlot: f.head,
     };
   }
 
-  private launch(data: MicroBatchData, train: boolean, resolve: (l: Float32Array) => void, reject: (e: Error) => void): void {
+  private launch(
+    data: MicroBatchData,
+    train: boolean,
+    resolve: (l: Float32Array) => void,
+    reject: (e: Error) => void,
+  ): void {
     const N = data.tokens.length;
     const L = metaLayout(N, data.cuSeqlens.length - 1);
     if (L.bytes > this.slab.dataBytes || N * this.config.hiddenSize * 4 > this.slab.dataBytes) {
-      reject(new Error(`micro-batch ${data.id} has ${N} tokens, more than the ${this.opts.maxTokens} the shared slots were sized for`));
+      reject(
+        new Error(
+          `micro-batch ${data.id} has ${N} tokens, more than the ${this.opts.maxTokens} the shared slots were sized for`,
+        ),
+      );
       return;
     }
     const meta = this.slots.take(data.id);
@@ -406,7 +456,12 @@ export class ActorPipeline implements Pipeline {
     // known before the stages have it: a recovery during the call puts it on every stage
     this.specs.set(id, spec);
     this.versions.set(id, state.version);
-    this.snapshots.set(id, { params: state.params.slice(), m: state.m.slice(), v: state.v.slice(), version: state.version });
+    this.snapshots.set(id, {
+      params: state.params.slice(),
+      m: state.m.slice(),
+      v: state.v.slice(),
+      version: state.version,
+    });
     this.stepLog.set(id, []);
     const epoch = this.epoch;
     try {
@@ -443,7 +498,9 @@ export class ActorPipeline implements Pipeline {
   }
 
   async gradSumsq(id: number): Promise<number> {
-    return this.retrying(async () => (await this.all<number>({ type: 'gradSumsq', adapter: id })).reduce((a, b) => a + b, 0));
+    return this.retrying(async () =>
+      (await this.all<number>({ type: 'gradSumsq', adapter: id })).reduce((a, b) => a + b, 0),
+    );
   }
 
   /** Runs a control call again after a recovery that interrupted it (the calls are idempotent). */
@@ -486,7 +543,9 @@ export class ActorPipeline implements Pipeline {
   }
 
   async memory() {
-    const r = await this.retrying(() => this.all<{ device: string; budget: number; used: number; peak: number }>({ type: 'memory' }));
+    const r = await this.retrying(() =>
+      this.all<{ device: string; budget: number; used: number; peak: number }>({ type: 'memory' }),
+    );
     return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used, peak: m.peak }));
   }
 
@@ -494,9 +553,13 @@ export class ActorPipeline implements Pipeline {
     // the saved block, the scratch while a call runs, and the last stage's losses; the tokens,
     // targets, weights and hidden states are views of shared slots (borrowed, not counted)
     const rc = !!this.opts.recompute;
-    return this.plans.map((plan) =>
-      activationBytes(this.config, plan, numTokens, segments, rc) + scratchBytes(this.config, plan, numTokens) +
-        workBytes(this.config, numTokens, segments, rc) + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
+    return this.plans.map(
+      (plan) =>
+        activationBytes(this.config, plan, numTokens, segments, rc) +
+        scratchBytes(this.config, plan, numTokens) +
+        workBytes(this.config, numTokens, segments, rc) +
+        (holdsHead(plan) ? allocBytes(4 * numTokens) : 0),
+    );
   }
 
   transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
@@ -507,7 +570,10 @@ export class ActorPipeline implements Pipeline {
     const work = workBytes(this.config, numTokens, segments, !!this.opts.recompute);
     const shared = this.plans.some((p) => p.headShare);
     return this.plans.map((plan, s) =>
-      plan.last && !shared ? all[s]! : scratchBytes(this.config, plan, numTokens) + work + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0));
+      plan.last && !shared
+        ? all[s]!
+        : scratchBytes(this.config, plan, numTokens) + work + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0),
+    );
   }
 
   adapterBytes(spec: LoraSpec): number[] {
@@ -532,7 +598,10 @@ export class ActorPipeline implements Pipeline {
             // the stage frees its device and closes its port: its thread then ends by itself (exit code 0)
             await this.request(s.index, { type: 'shutdown' }, 10_000);
             let timer: NodeJS.Timeout | undefined;
-            const gone = await Promise.race([exited, new Promise<boolean>((r) => (timer = setTimeout(() => r(false), 2_000)))]);
+            const gone = await Promise.race([
+              exited,
+              new Promise<boolean>((r) => (timer = setTimeout(() => r(false), 2_000))),
+            ]);
             clearTimeout(timer);
             if (gone) return;
           } catch {
@@ -572,7 +641,11 @@ export class ActorPipeline implements Pipeline {
       // deadlines scale with the measured step time, so a slow but healthy stage is never killed
       const deadline = Math.max(base, 3 * s.slowestMs);
       if (now - s.lastBeat > deadline) {
-        this.onStageDeath(s, 'hang', `no heartbeat for ${Math.round(now - s.lastBeat)} ms (deadline ${Math.round(deadline)} ms)`);
+        this.onStageDeath(
+          s,
+          'hang',
+          `no heartbeat for ${Math.round(now - s.lastBeat)} ms (deadline ${Math.round(deadline)} ms)`,
+        );
       }
     }
   }
@@ -586,7 +659,8 @@ export class ActorPipeline implements Pipeline {
     const live = new Set<MicroBatchData>();
     for (const l of this.stepLog.values()) for (const m of l) live.add(m);
     for (const f of this.flights.values()) live.add(f.data);
-    for (let i = this.issueOrder.length - 1; i >= 0; i--) if (!live.has(this.issueOrder[i]!)) this.issueOrder.splice(i, 1);
+    for (let i = this.issueOrder.length - 1; i >= 0; i--)
+      if (!live.has(this.issueOrder[i]!)) this.issueOrder.splice(i, 1);
   }
 
   /** Faults that arrived during a recovery: the attempt is dropped and recovery starts over with them. */
@@ -600,7 +674,14 @@ export class ActorPipeline implements Pipeline {
     if (restart) this.stages[stage]!.alive = false;
     // the memory accounting was wrong: fewer micro-batches in flight from now on (the failed one is replayed)
     const admission = fault === 'oom' ? this.onOutOfMemory?.(stage) : undefined;
-    const q: RecoveryFault = { stage, fault, detail, detected, silentMs, ...(admission !== undefined ? { admission } : {}) };
+    const q: RecoveryFault = {
+      stage,
+      fault,
+      detail,
+      detected,
+      silentMs,
+      ...(admission !== undefined ? { admission } : {}),
+    };
     if (this.recovering) {
       this.again.push({ ...q, duringRecovery: true });
       this.abortAttempt?.(new Error(`stage ${stage}: ${fault} during recovery`));
@@ -632,8 +713,18 @@ export class ActorPipeline implements Pipeline {
         // cleanly once the stage has failed more often than the limit allows
         const why = h.failures > limit ? `failed ${h.failures} times (limit ${limit})` : undefined;
         if (why && !this.fatal) {
-          this.fatal = new StageFailure(q.stage, `stage ${q.stage} (${this.devices[q.stage]}) ${why}; last: ${q.fault}: ${q.detail}`);
-          this.opts.onFault?.({ stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, fatal: true });
+          this.fatal = new StageFailure(
+            q.stage,
+            `stage ${q.stage} (${this.devices[q.stage]}) ${why}; last: ${q.fault}: ${q.detail}`,
+          );
+          this.opts.onFault?.({
+            stage: q.stage,
+            fault: q.fault,
+            detail: q.detail,
+            detectedMs: q.detected,
+            silentMs: q.silentMs,
+            fatal: true,
+          });
         }
       }
       // pending control requests fail (their callers retry after the recovery); replays of a dropped attempt end
@@ -662,7 +753,13 @@ export class ActorPipeline implements Pipeline {
           // the recovery itself failed without a new fault (a stage that cannot start): count it against that stage
           const s = this.stages.find((x) => !x.alive)?.index ?? first.stage;
           this.stages[s]!.alive = false;
-          this.again.push({ stage: s, fault: 'error', detail: `recovery failed: ${(e as Error).message}`, detected: performance.now(), silentMs: 0 });
+          this.again.push({
+            stage: s,
+            fault: 'error',
+            detail: `recovery failed: ${(e as Error).message}`,
+            detected: performance.now(),
+            silentMs: 0,
+          });
         }
       }
       ++this.attempt; // a dropped attempt stops at its next step
@@ -671,7 +768,13 @@ export class ActorPipeline implements Pipeline {
     const now = performance.now();
     for (const q of handled) {
       this.opts.onFault?.({
-        stage: q.stage, fault: q.fault, detail: q.detail, detectedMs: q.detected, silentMs: q.silentMs, recoveredMs: now - q.detected, replayed,
+        stage: q.stage,
+        fault: q.fault,
+        detail: q.detail,
+        detectedMs: q.detected,
+        silentMs: q.silentMs,
+        recoveredMs: now - q.detected,
+        replayed,
         ...(q.admission !== undefined ? { admission: q.admission } : {}),
       });
     }
@@ -688,7 +791,10 @@ export class ActorPipeline implements Pipeline {
       await h.worker.terminate().catch(() => {});
       live();
       // the injected faults that fired (the one that killed it among them) are gone; the new actor runs with the rest
-      await this.spawn(h, h.faults.filter((_, k) => Atomics.load(h.faultFlags, k) === 0));
+      await this.spawn(
+        h,
+        h.faults.filter((_, k) => Atomics.load(h.faultFlags, k) === 0),
+      );
       live();
     }
     // the channels to a new actor are new (its neighbours close their old ends)
@@ -697,7 +803,11 @@ export class ActorPipeline implements Pipeline {
     await Promise.all([...relink].map((b) => this.link(b)));
     live();
     // every other stage forgets the dropped attempt (and finishes what it is running first)
-    await Promise.all(this.stages.filter((s) => !dead.has(s.index)).map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })));
+    await Promise.all(
+      this.stages
+        .filter((s) => !dead.has(s.index))
+        .map((s) => this.request(s.index, { type: 'drop', epoch: this.epoch })),
+    );
     live();
     for (const [id, spec] of this.specs) {
       const snap = this.snapshots.get(id)!;
@@ -726,7 +836,10 @@ export class ActorPipeline implements Pipeline {
     // evaluations in flight run again (forward only; no state)
     for (const [data, w] of waiters) {
       if (w.train || results.has(data)) continue;
-      results.set(data, await new Promise<Float32Array>((resolve, reject) => this.launch(data, false, resolve, reject)));
+      results.set(
+        data,
+        await new Promise<Float32Array>((resolve, reject) => this.launch(data, false, resolve, reject)),
+      );
       live();
     }
     for (const [data, losses] of results) {

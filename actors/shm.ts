@@ -68,7 +68,8 @@ export class Slab {
     readonly slotBytes: number,
   ) {
     if (slotBytes % 64 !== 0) throw new Error(`slot size ${slotBytes} is not a multiple of 64`);
-    if (sab.byteLength < count * slotBytes) throw new Error(`slab of ${sab.byteLength} bytes cannot hold ${count} slots of ${slotBytes}`);
+    if (sab.byteLength < count * slotBytes)
+      throw new Error(`slab of ${sab.byteLength} bytes cannot hold ${count} slots of ${slotBytes}`);
     this.header = new Int32Array(sab);
   }
 
@@ -126,11 +127,14 @@ export class Slab {
     const bytes = this.get(slot, SlotField.BYTES);
     const seq = this.get(slot, SlotField.SEQ);
     if (this.get(slot, SlotField.MB) !== mb || this.get(slot, SlotField.KIND) !== kind) {
-      throw new SlotCorruption(`slot ${slot} holds micro-batch ${this.get(slot, SlotField.MB)} kind ${this.get(slot, SlotField.KIND)}, expected ${mb} kind ${kind}`);
+      throw new SlotCorruption(
+        `slot ${slot} holds micro-batch ${this.get(slot, SlotField.MB)} kind ${this.get(slot, SlotField.KIND)}, expected ${mb} kind ${kind}`,
+      );
     }
     const want = this.get(slot, SlotField.CHECKSUM);
     const got = this.checksum(slot, bytes, mb, seq);
-    if (want !== got) throw new SlotCorruption(`slot ${slot} of micro-batch ${mb}: checksum mismatch (data corrupted in transit)`);
+    if (want !== got)
+      throw new SlotCorruption(`slot ${slot} of micro-batch ${mb}: checksum mismatch (data corrupted in transit)`);
   }
 }
 

@@ -10,7 +10,19 @@ import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import { clockMs, type BackwardMsg, type ControlMsg, type ForwardMsg, type FromStage, type HeadedMsg, type HeadMsg, type InitMsg, type LinkMsg, type StepMsg, type ToStage } from './protocol.js';
+import {
+  clockMs,
+  type BackwardMsg,
+  type ControlMsg,
+  type ForwardMsg,
+  type FromStage,
+  type HeadedMsg,
+  type HeadMsg,
+  type InitMsg,
+  type LinkMsg,
+  type StepMsg,
+  type ToStage,
+} from './protocol.js';
 import { type FaultSpec } from '../lib/faults.js';
 import { ErrorCode, MloraError, toWire } from '../lib/errors.js';
 
@@ -31,7 +43,11 @@ const live = new Map<number, { mb: MicroBatch; views: Tensor[]; msg?: ForwardMsg
 /** What the mailbox holds (a LinkMsg takes effect on arrival). */
 type Queued = Exclude<ToStage, LinkMsg>;
 /** `backward` also holds the head share's messages: they free memory too, and first in, first out keeps the gradients' order. */
-const mailbox = { control: [] as Array<ControlMsg | StepMsg>, backward: [] as Array<BackwardMsg | HeadMsg | HeadedMsg>, forward: [] as ForwardMsg[] };
+const mailbox = {
+  control: [] as Array<ControlMsg | StepMsg>,
+  backward: [] as Array<BackwardMsg | HeadMsg | HeadedMsg>,
+  forward: [] as ForwardMsg[],
+};
 let pumping = false;
 /** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
 let minEpoch = init.minEpoch ?? 0;
@@ -94,7 +110,10 @@ async function pump(): Promise<void> {
 
 /** Records work that began at `start` (clockMs()), relative to the pipeline's epoch: one time base for all stages. */
 function record(kind: 'F' | 'B' | 'H' | 'S' | 'E', mb: number, adapters: number[], start: number) {
-  send({ type: 'record', rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs } });
+  send({
+    type: 'record',
+    rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs },
+  });
 }
 
 /** Which faults have fired (each fires once); shared with the supervisor, which restarts a stage without them. */
@@ -119,7 +138,10 @@ function injectFaults(microBatch: boolean): number {
       fired.add(f);
       process.exit(70); // ends this worker thread only
     }
-    if (f.kind === 'hang') for (fired.add(f); ;) { /* a hung kernel: no heartbeats, no replies */ }
+    if (f.kind === 'hang')
+      for (fired.add(f); ;) {
+        /* a hung kernel: no heartbeats, no replies */
+      }
     if (f.kind === 'oom' && microBatch) {
       fired.add(f);
       throw new MloraError(ErrorCode.OutOfMemory, `device ${program.device.name}: out of memory (injected fault)`);
@@ -131,7 +153,13 @@ function injectFaults(microBatch: boolean): number {
 /** Flips bytes in an outgoing slot after it was sealed (a corrupt:stage=S,after=N fault that is due). */
 function corruptAfter(slot: number): void {
   for (const f of faults) {
-    if (f.kind !== 'corrupt' || (f.stage !== undefined && f.stage !== init.stage) || handled + 1 < f.after! || fired.has(f)) continue;
+    if (
+      f.kind !== 'corrupt' ||
+      (f.stage !== undefined && f.stage !== init.stage) ||
+      handled + 1 < f.after! ||
+      fired.has(f)
+    )
+      continue;
     fired.add(f);
     const bytes = new Uint8Array(slab.sab, slab.dataOffset(slot), 64);
     for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
@@ -154,7 +182,10 @@ function metaTensors(m: ForwardMsg, views: Tensor[]): MicroBatch['tensors'] & { 
 }
 
 function hidden(slot: number, N: number, views: Tensor[]): Tensor {
-  const t = program.device.wrap(slab.f32(slot, 0, N * program.config.hiddenSize), 'f32', [N, program.config.hiddenSize]);
+  const t = program.device.wrap(slab.f32(slot, 0, N * program.config.hiddenSize), 'f32', [
+    N,
+    program.config.hiddenSize,
+  ]);
   views.push(t);
   return t;
 }
@@ -176,10 +207,12 @@ async function handle(m: Queued): Promise<void> {
     if (m.type !== 'init') return await control(m);
   } catch (e) {
     const err = e as Error;
-    const data = m.type === 'forward' || m.type === 'backward' || m.type === 'head' || m.type === 'headed' ? m : undefined;
+    const data =
+      m.type === 'forward' || m.type === 'backward' || m.type === 'head' || m.type === 'headed' ? m : undefined;
     const mb = data?.mb;
     if (data) dropLive(data.mb);
-    if (!data && m.type !== 'init') return send({ type: 'reply', id: (m as ControlMsg | StepMsg).id, error: toWire(err) });
+    if (!data && m.type !== 'init')
+      return send({ type: 'reply', id: (m as ControlMsg | StepMsg).id, error: toWire(err) });
     const epoch = data ? data.epoch : minEpoch;
     // the supervisor answers every error of its current epoch with a new attempt, so the rest of
     // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
@@ -227,7 +260,15 @@ async function forward(m: ForwardMsg): Promise<void> {
     record('F', m.mb, adapters, start);
     corruptAfter(m.headSlot);
     const head: HeadMsg = {
-      type: 'head', epoch: m.epoch, mb: m.mb, numTokens: m.numTokens, nseq: m.nseq, rowStart: m.headRow, metaSlot: m.metaSlot, headSlot: m.headSlot, gradSlot: m.outSlot,
+      type: 'head',
+      epoch: m.epoch,
+      mb: m.mb,
+      numTokens: m.numTokens,
+      nseq: m.nseq,
+      rowStart: m.headRow,
+      metaSlot: m.metaSlot,
+      headSlot: m.headSlot,
+      gradSlot: m.outSlot,
     };
     return void link.prev!.postMessage(head);
   }
@@ -268,7 +309,12 @@ function backwardPrev(m: BackwardMsg): void {
  * Norm, head and loss (forward and backward) of rows [r0, r1) of a micro-batch: their final
  * hidden states from `headSlot`, dL/d(final hidden) into `gradSlot`, losses into the meta slot.
  */
-async function headRows(m: { mb: number; numTokens: number; nseq: number; metaSlot: number; headSlot: number }, gradSlot: number, r0: number, r1: number): Promise<void> {
+async function headRows(
+  m: { mb: number; numTokens: number; nseq: number; metaSlot: number; headSlot: number },
+  gradSlot: number,
+  r0: number,
+  r1: number,
+): Promise<void> {
   if (r1 <= r0) return;
   const n = r1 - r0;
   const H = program.config.hiddenSize;
@@ -304,7 +350,10 @@ async function afterHeadShare(m: HeadedMsg): Promise<void> {
   const start = clockMs();
   const factor = injectFaults(true);
   const l = live.get(m.mb);
-  if (!l?.msg) throw new Error(`head share of micro-batch ${m.mb} came back, but stage ${init.stage} holds no forward state for it`);
+  if (!l?.msg)
+    throw new Error(
+      `head share of micro-batch ${m.mb} came back, but stage ${init.stage} holds no forward state for it`,
+    );
   const f = l.msg;
   await headRows(f, f.outSlot, 0, f.headRow);
   await program.backward(l.mb, hidden(f.outSlot, f.numTokens, l.views));
@@ -312,7 +361,12 @@ async function afterHeadShare(m: HeadedMsg): Promise<void> {
   slab.seal(f.outSlot, m.mb, SlotKind.GRAD, f.numTokens * program.config.hiddenSize * 4, init.stage);
   for (const v of l.views) v.free();
   live.delete(m.mb);
-  record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
+  record(
+    'B',
+    m.mb,
+    l.mb.segments.map((s) => s.adapter),
+    start,
+  );
   corruptAfter(f.outSlot);
   backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: f.outSlot });
 }
@@ -329,7 +383,12 @@ async function backward(m: BackwardMsg): Promise<void> {
   slab.seal(m.gradSlot, m.mb, SlotKind.GRAD, l.mb.numTokens * program.config.hiddenSize * 4, init.stage + 1000);
   for (const v of l.views) v.free();
   live.delete(m.mb);
-  record('B', m.mb, l.mb.segments.map((s) => s.adapter), start);
+  record(
+    'B',
+    m.mb,
+    l.mb.segments.map((s) => s.adapter),
+    start,
+  );
   if (program.plan.first) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
   corruptAfter(m.gradSlot);
   backwardPrev(m);
@@ -391,11 +450,19 @@ async function start(): Promise<void> {
     const device = openDevice(init.device, { threads: init.threads, budget: init.budget });
     const dir = openModelDir(init.modelDir);
     const weights = await loadStageWeights(device, dir, init.plan, init.base ?? {});
-    program = new StageProgram(device, dir.config, init.plan, weights, { recompute: !!init.recompute, ...(init.base?.computeDtype ? { computeDtype: init.base.computeDtype } : {}) });
+    program = new StageProgram(device, dir.config, init.plan, weights, {
+      recompute: !!init.recompute,
+      ...(init.base?.computeDtype ? { computeDtype: init.base.computeDtype } : {}),
+    });
     send({ type: 'ready', id: init.id, stage: init.stage });
     void pump();
   } catch (e) {
-    send({ type: 'error', epoch: 0, stage: init.stage, error: { ...toWire(e, `stage ${init.stage} failed to start: `), code: ErrorCode.Crash } });
+    send({
+      type: 'error',
+      epoch: 0,
+      stage: init.stage,
+      error: { ...toWire(e, `stage ${init.stage} failed to start: `), code: ErrorCode.Crash },
+    });
   }
 }
 

@@ -304,13 +304,18 @@ export class Supervisor {
    * `adapters` (validated here, defaults filled in; a bad field is an Error naming it).
    */
   submit(input: AdapterConfigInput | AdapterConfig): Job {
-    const name = input && typeof input === 'object' && typeof (input as { name?: unknown }).name === 'string' ? `submit('${(input as { name: string }).name}')` : 'submit()';
+    const name =
+      input && typeof input === 'object' && typeof (input as { name?: unknown }).name === 'string'
+        ? `submit('${(input as { name: string }).name}')`
+        : 'submit()';
     const config = parseAdapterConfig(input, name);
     if ([...this.jobs.values()].some((j) => j.name === config.name && !j.terminal())) {
       throw new Error(`an adapter named '${config.name}' is already running`);
     }
     if ([...this.jobs.values()].some((j) => j.name === config.name && j.state === 'done')) {
-      throw new Error(`an adapter named '${config.name}' already finished in this supervisor${this.hooks.finish ? ' (its results are in the output)' : ''}: submit it under another name`);
+      throw new Error(
+        `an adapter named '${config.name}' already finished in this supervisor${this.hooks.finish ? ' (its results are in the output)' : ''}: submit it under another name`,
+      );
     }
     this.hooks.claim?.(config);
     const job = new Job(this.nextJobId++, config, this);
@@ -420,7 +425,9 @@ export class Supervisor {
 
   /** Whether a micro-batch that keeps `held` and runs with `transient` more bytes fits on stage s. */
   private fits(s: number, held: number, transient: number): boolean {
-    return this.reserved[s]! + held + Math.max(this.peakTransient(s), transient) <= this.restFree![s]! - this.promised[s]!;
+    return (
+      this.reserved[s]! + held + Math.max(this.peakTransient(s), transient) <= this.restFree![s]! - this.promised[s]!
+    );
   }
 
   /**
@@ -429,7 +436,13 @@ export class Supervisor {
    * loop start pass after pass, a microtask spin that starved the stages' messages).
    */
   private place(): void {
-    if (this.placement || this.stopping || this.placedAt === this.wakes || ![...this.jobs.values()].some((j) => j.waiting())) return;
+    if (
+      this.placement ||
+      this.stopping ||
+      this.placedAt === this.wakes ||
+      ![...this.jobs.values()].some((j) => j.waiting())
+    )
+      return;
     this.placedAt = this.wakes;
     this.placement = this.exclusive(() => this.placeWaiting())
       .then(
@@ -458,14 +471,19 @@ export class Supervisor {
     for (;;) {
       for (const j of this.jobs.values()) j.parkRequested = false;
       this.promised = new Array<number>(S).fill(0);
-      const waiting = [...this.jobs.values()].filter((j) => j.waiting()).sort((a, b) => b.priority - a.priority || a.id - b.id);
+      const waiting = [...this.jobs.values()]
+        .filter((j) => j.waiting())
+        .sort((a, b) => b.priority - a.priority || a.id - b.id);
       for (const job of waiting) {
         const need = this.pipeline.adapterBytes(job.spec);
         const held = this.residentBytes();
         const never = need.findIndex((b, s) => b > this.restFree![s]! + held[s]!);
         if (never >= 0) {
-          this.failJob(job, `adapter '${job.name}' needs ${need[never]} bytes on ${this.pipeline.devices[never]}, ` +
-            `only ${this.restFree![never]! + held[never]!} are there besides the model: give the device more memory or lower lora.r`);
+          this.failJob(
+            job,
+            `adapter '${job.name}' needs ${need[never]} bytes on ${this.pipeline.devices[never]}, ` +
+              `only ${this.restFree![never]! + held[never]!} are there besides the model: give the device more memory or lower lora.r`,
+          );
           continue;
         }
         if (need.every((b, s) => b <= this.restFree![s]! - this.inUse(s))) {
@@ -490,7 +508,9 @@ export class Supervisor {
         if (need.every((b, s) => b <= room[s]!)) for (const v of victims) v.parkRequested = true;
         break;
       }
-      const ready = [...this.jobs.values()].filter((j) => j.parkRequested && j.state === 'running' && j.atStepBoundary());
+      const ready = [...this.jobs.values()].filter(
+        (j) => j.parkRequested && j.state === 'running' && j.atStepBoundary(),
+      );
       if (!ready.length) return changed;
       for (const j of ready) await this.park(j);
       changed = true;
@@ -555,7 +575,12 @@ export class Supervisor {
       got = await this.hooks.sample(job, state);
     } catch (e) {
       // the samples are for people to read: without them the adapter still trains (or is still done)
-      job.emit({ type: 'error', adapter: job.name, message: `could not sample eval.prompts ${when} training: ${(e as Error).message}`, time: Date.now() });
+      job.emit({
+        type: 'error',
+        adapter: job.name,
+        message: `could not sample eval.prompts ${when} training: ${(e as Error).message}`,
+        time: Date.now(),
+      });
       return;
     }
     for (const s of got) job.emit({ type: 'sample', adapter: job.name, step: job.step, when, ...s, time: Date.now() });
@@ -601,10 +626,16 @@ export class Supervisor {
         const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
       } catch (err) {
-        job.emit({ type: 'error', adapter: job.name, message: `could not save a checkpoint: ${(err as Error).message}`, time: Date.now() });
+        job.emit({
+          type: 'error',
+          adapter: job.name,
+          message: `could not save a checkpoint: ${(err as Error).message}`,
+          time: Date.now(),
+        });
       }
     }
-    for (const j of this.jobs.values()) this.failJob(j, `run stopped: ${e.message}${this.hooks.checkpoint ? ' (last state saved)' : ''}`);
+    for (const j of this.jobs.values())
+      this.failJob(j, `run stopped: ${e.message}${this.hooks.checkpoint ? ' (last state saved)' : ''}`);
   }
 
   /** A NaN/Inf loss or gradient norm: the adapter rolls back (on_nan: rollback, while allowed) or stops; the others go on. */
@@ -615,7 +646,10 @@ export class Supervisor {
       return;
     }
     if (job.rollbacks >= o.max_rollbacks) {
-      this.failJob(job, `${why} after ${job.rollbacks} rollback(s) (on_nan.max_rollbacks ${o.max_rollbacks}): adapter stopped (the other adapters go on)`);
+      this.failJob(
+        job,
+        `${why} after ${job.rollbacks} rollback(s) (on_nan.max_rollbacks ${o.max_rollbacks}): adapter stopped (the other adapters go on)`,
+      );
       return;
     }
     if (job.rollingBack) return;
@@ -652,7 +686,16 @@ export class Supervisor {
         job.doneInStep = 0;
         job.rollbacks++;
         job.lrScale *= job.config.on_nan.lr_factor;
-        job.emit({ type: 'rollback', adapter: job.name, fromStep: from, toStep: point.step, lrScale: job.lrScale, rollbacks: job.rollbacks, reason: why, time: Date.now() });
+        job.emit({
+          type: 'rollback',
+          adapter: job.name,
+          fromStep: from,
+          toStep: point.step,
+          lrScale: job.lrScale,
+          rollbacks: job.rollbacks,
+          reason: why,
+          time: Date.now(),
+        });
       });
     } catch (e) {
       if (!this.pipelineFailed(e)) this.failJob(job, `${why}; the rollback failed: ${(e as Error).message}`);
@@ -702,7 +745,12 @@ export class Supervisor {
   }
 
   private runnable(): Job[] {
-    const limit = microBatchesInFlight(this.running(), this.pipeline.plans.length, this.admission, this.options.inflightPerAdapter);
+    const limit = microBatchesInFlight(
+      this.running(),
+      this.pipeline.plans.length,
+      this.admission,
+      this.options.inflightPerAdapter,
+    );
     const all = [...this.jobs.values()].filter((j) => j.canAdmit(limit));
     // priority first, then round-robin among equals
     all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
@@ -724,14 +772,19 @@ export class Supervisor {
       if (this.options.batchlora && S === 1 && this.stepping.size > 0) return;
       const ready = this.runnable();
       if (!ready.length) return;
-      const per = this.options.batchlora ? adaptersPerMessage(this.running(), S, this.options.adaptersPerMicroBatch) : 1;
+      const per = this.options.batchlora
+        ? adaptersPerMessage(this.running(), S, this.options.adaptersPerMicroBatch)
+        : 1;
       const chosen: Job[] = [];
       let tokens = 0;
       for (const j of ready) {
         if (chosen.length >= per) break;
         const n = j.peek()!.numTokens;
         if (n > this.pipeline.maxTokens) {
-          this.failJob(j, `a micro-batch of ${n} tokens is larger than the pipeline's max_tokens (${this.pipeline.maxTokens}, the maxTokens start option): lower micro_batch_size or seq_len`);
+          this.failJob(
+            j,
+            `a micro-batch of ${n} tokens is larger than the pipeline's max_tokens (${this.pipeline.maxTokens}, the maxTokens start option): lower micro_batch_size or seq_len`,
+          );
           continue;
         }
         if (chosen.length && tokens + n > this.pipeline.maxTokens) continue;
@@ -766,15 +819,33 @@ export class Supervisor {
     }
   }
 
-  private launch(parts: Array<{ job: Job; mb: SourceMicroBatch }>, numTokens: number, reserve: number[], transient: number[]): void {
-    const data = assemble(this.nextMb++, parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })), numTokens);
+  private launch(
+    parts: Array<{ job: Job; mb: SourceMicroBatch }>,
+    numTokens: number,
+    reserve: number[],
+    transient: number[],
+  ): void {
+    const data = assemble(
+      this.nextMb++,
+      parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })),
+      numTokens,
+    );
     for (const p of parts) {
       // at the step's first micro-batch: its others may be in flight with it, and one fault is one attempt of the step
-      const f = p.job.admittedInStep === 0 ? this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1) : undefined;
+      const f =
+        p.job.admittedInStep === 0
+          ? this.nanFaults.find((x) => x.adapter === p.job.name && x.step === p.job.step + 1)
+          : undefined;
       if (f) {
         this.nanFaults.splice(this.nanFaults.indexOf(f), 1);
         void this.pipeline.poison(p.job.id);
-        p.job.emit({ type: 'fault', adapter: p.job.name, fault: 'nan', detail: `injected NaN weights before step ${p.job.step + 1}`, time: Date.now() });
+        p.job.emit({
+          type: 'fault',
+          adapter: p.job.name,
+          fault: 'nan',
+          detail: `injected NaN weights before step ${p.job.step + 1}`,
+          time: Date.now(),
+        });
       }
       p.job.inflight++;
       p.job.admittedInStep++;
@@ -802,7 +873,11 @@ export class Supervisor {
     this.peakInflightCount = Math.max(this.peakInflightCount, this.inflight.size);
   }
 
-  private completed(parts: Array<{ job: Job; mb: SourceMicroBatch }>, data: MicroBatchData, losses: Float32Array): void {
+  private completed(
+    parts: Array<{ job: Job; mb: SourceMicroBatch }>,
+    data: MicroBatchData,
+    losses: Float32Array,
+  ): void {
     data.segments.forEach((seg, i) => {
       const job = parts[i]!.job;
       if (job.terminal() || job.rollingBack) return;
@@ -832,8 +907,13 @@ export class Supervisor {
       const c = job.config;
       const lr = lrAt(c.optimizer.lr * job.lrScale, c.schedule, job.step, job.totalSteps);
       const params = (gradScale: number) => ({
-        lr, beta1: c.optimizer.betas[0], beta2: c.optimizer.betas[1], eps: c.optimizer.eps,
-        weightDecay: c.optimizer.weight_decay, step: job.step + 1, gradScale,
+        lr,
+        beta1: c.optimizer.betas[0],
+        beta2: c.optimizer.betas[1],
+        eps: c.optimizer.eps,
+        weightDecay: c.optimizer.weight_decay,
+        step: job.step + 1,
+        gradScale,
       });
       let gradNorm: number;
       if (c.max_grad_norm !== undefined) {
@@ -857,7 +937,17 @@ export class Supervisor {
       job.step++;
       const loss = job.stepLoss / Math.max(1, stepTargetTokens);
       job.lastLoss = loss;
-      job.emit({ type: 'step', adapter: job.name, step: job.step, totalSteps: job.totalSteps, loss, lr, tokens: job.tokens, gradNorm, time: Date.now() });
+      job.emit({
+        type: 'step',
+        adapter: job.name,
+        step: job.step,
+        totalSteps: job.totalSteps,
+        loss,
+        lr,
+        tokens: job.tokens,
+        gradNorm,
+        time: Date.now(),
+      });
       job.stepLoss = 0;
       job.stepTargets = 0;
       job.admittedInStep = 0;
@@ -867,7 +957,8 @@ export class Supervisor {
       const saving = c.save_every !== undefined && job.step % c.save_every === 0 && !last;
       const rollsBack = c.on_nan.action === 'rollback';
       // one export serves the checkpoint and the rollback point (which follows the checkpoints, also when nothing is written)
-      const state = saving && (this.hooks.checkpoint || rollsBack) ? await this.pipeline.exportAdapter(job.id) : undefined;
+      const state =
+        saving && (this.hooks.checkpoint || rollsBack) ? await this.pipeline.exportAdapter(job.id) : undefined;
       if (state && rollsBack) job.rollbackPoint = rollbackPoint(job, state);
       if (this.hooks.checkpoint && state) {
         let path: string;
@@ -875,7 +966,9 @@ export class Supervisor {
           path = await this.hooks.checkpoint(job, state);
         } catch (e) {
           // a full disk or an unwritable output: the previous checkpoint stays valid (a save is written aside, then swapped in)
-          throw new Error(`could not write the checkpoint at step ${job.step}: ${(e as Error).message}; training of '${job.name}' stopped, its newest complete checkpoint is kept (free space or fix the output, then --resume)`);
+          throw new Error(
+            `could not write the checkpoint at step ${job.step}: ${(e as Error).message}; training of '${job.name}' stopped, its newest complete checkpoint is kept (free space or fix the output, then --resume)`,
+          );
         }
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
       }
@@ -901,7 +994,15 @@ export class Supervisor {
     const loss = sum / Math.max(1, count);
     const r = { loss, perplexity: Math.exp(loss), tokens: count };
     job.lastEval = r;
-    job.emit({ type: 'eval', adapter: job.name, step: job.step, loss, perplexity: r.perplexity, tokens: count, time: Date.now() });
+    job.emit({
+      type: 'eval',
+      adapter: job.name,
+      step: job.step,
+      loss,
+      perplexity: r.perplexity,
+      tokens: count,
+      time: Date.now(),
+    });
     return r;
   }
 
@@ -909,7 +1010,14 @@ export class Supervisor {
     const state = await this.pipeline.exportAdapter(job.id);
     await this.samples(job, state, 'after');
     if (this.hooks.finish) job.outputPath = await this.hooks.finish(job, state);
-    job.emit({ type: 'done', adapter: job.name, steps: job.step, loss: job.lastLoss, path: job.outputPath, time: Date.now() });
+    job.emit({
+      type: 'done',
+      adapter: job.name,
+      steps: job.step,
+      loss: job.lastLoss,
+      path: job.outputPath,
+      time: Date.now(),
+    });
     job.setState('done');
     await this.takeOff(job);
   }
@@ -945,7 +1053,8 @@ function rollbackPoint(job: Job, state: AdapterState): NonNullable<Job['rollback
  * from a checkpoint (or a replay) draws exactly the masks the uninterrupted run draws.
  */
 export function microSerial(mb: Pick<SourceMicroBatch, 'step' | 'microIndex'>): number {
-  if (mb.microIndex >= 2 ** 20) throw new Error(`micro-batch index ${mb.microIndex} is too large (at most 2^20 micro-batches per step)`);
+  if (mb.microIndex >= 2 ** 20)
+    throw new Error(`micro-batch index ${mb.microIndex} is too large (at most 2^20 micro-batches per step)`);
   return mb.step * 2 ** 20 + mb.microIndex;
 }
 
@@ -975,7 +1084,8 @@ export function assemble(
     positions.set(m.positions, row);
     const w = evalMode ? 1 : 1 / Math.max(1, m.stepTargetTokens);
     for (let s = 0; s + 1 < m.cuSeqlens.length; s++) {
-      const b = m.cuSeqlens[s]!, e = m.cuSeqlens[s + 1]!;
+      const b = m.cuSeqlens[s]!,
+        e = m.cuSeqlens[s + 1]!;
       cu[q++] = row + b;
       for (let i = b; i + 1 < e; i++) {
         const t = m.labels[i + 1]!;
@@ -1059,14 +1169,18 @@ export interface ResolvedLayout {
 }
 
 /** Devices, threads, budgets and the layer split for a model (what --dry-run prints). */
-export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>): ResolvedLayout {
+export function resolveLayout(
+  config: LlamaConfig,
+  o: Pick<StartOptions, 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>,
+): ResolvedLayout {
   const cores = availableParallelism();
   let devices: string[];
   if (!o.devices || o.devices === 'auto') {
     const n = native().info().cuda.devices;
     if (n > 0) devices = Array.from({ length: Math.min(n, config.numLayers) }, (_, i) => `cuda:${i}`);
     else devices = Array.from({ length: Math.max(1, Math.min(cores, config.numLayers, 8)) }, (_, i) => `cpu:${i}`);
-  } else if (o.devices === 'cluster') throw new Error("devices: 'cluster' needs a cluster to run on (--cluster nats://...)");
+  } else if (o.devices === 'cluster')
+    throw new Error("devices: 'cluster' needs a cluster to run on (--cluster nats://...)");
   else devices = o.devices;
   if (!devices.length) throw new Error('no devices given');
   const seen = new Set<string>();
@@ -1076,10 +1190,18 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
     seen.add(d);
   }
   const cpuCount = devices.filter((d) => d.startsWith('cpu')).length;
-  const threads = devices.map((d) => (d.startsWith('cpu') ? (o.threads ?? Math.max(1, Math.floor(cores / Math.max(1, cpuCount)))) : 1));
-  const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.startsWith('cpu') ? defaultCpuBudget(cpuCount) : 0));
-  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads, o.splitProfile).plans : explicitSplit(config, o.split);
-  if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
+  const threads = devices.map((d) =>
+    d.startsWith('cpu') ? (o.threads ?? Math.max(1, Math.floor(cores / Math.max(1, cpuCount)))) : 1,
+  );
+  const budgets = devices.map((d) =>
+    o.memory !== undefined ? parseBytes(o.memory) : d.startsWith('cpu') ? defaultCpuBudget(cpuCount) : 0,
+  );
+  const plans =
+    !o.split || o.split === 'auto'
+      ? balanceSplit(config, threads, o.splitProfile).plans
+      : explicitSplit(config, o.split);
+  if (plans.length !== devices.length)
+    throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
   return { devices, threads, budgets, plans };
 }
 
@@ -1087,23 +1209,36 @@ export function resolveLayout(config: LlamaConfig, o: Pick<StartOptions, 'device
  * The layout on registered cluster devices: each device's budget and threads are what its host
  * registered (--memory / --threads still override), the split balances the threads.
  */
-export function clusterLayout(config: LlamaConfig, devices: ClusterDevice[], o: Pick<StartOptions, 'threads' | 'memory' | 'split' | 'splitProfile'>): ResolvedLayout {
+export function clusterLayout(
+  config: LlamaConfig,
+  devices: ClusterDevice[],
+  o: Pick<StartOptions, 'threads' | 'memory' | 'split' | 'splitProfile'>,
+): ResolvedLayout {
   if (!devices.length) throw new Error('no devices given');
   const ids = devices.map((d) => d.id);
   const dup = ids.find((d, i) => ids.indexOf(d) !== i);
   if (dup) throw new Error(`device ${dup} is listed twice`);
   const threads = devices.map((d) => o.threads ?? d.threads);
   const budgets = devices.map((d) => (o.memory !== undefined ? parseBytes(o.memory) : d.memory));
-  const plans = !o.split || o.split === 'auto' ? balanceSplit(config, threads, o.splitProfile).plans : explicitSplit(config, o.split);
-  if (plans.length !== devices.length) throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
+  const plans =
+    !o.split || o.split === 'auto'
+      ? balanceSplit(config, threads, o.splitProfile).plans
+      : explicitSplit(config, o.split);
+  if (plans.length !== devices.length)
+    throw new Error(`pipeline.split has ${plans.length} stages for ${devices.length} devices`);
   return { devices: ids, threads, budgets, plans };
 }
 
 /** Connects to the cluster and places the stages on its registered devices (what --dry-run prints with --cluster). */
-export async function resolveClusterLayout(config: LlamaConfig, o: Pick<StartOptions, 'cluster' | 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>) {
+export async function resolveClusterLayout(
+  config: LlamaConfig,
+  o: Pick<StartOptions, 'cluster' | 'devices' | 'threads' | 'memory' | 'split' | 'splitProfile'>,
+) {
   const cluster = await Cluster.connect(typeof o.cluster === 'string' ? { url: o.cluster } : o.cluster!);
   try {
-    const devs = await cluster.resolve(!o.devices || o.devices === 'auto' || o.devices === 'cluster' ? 'cluster' : o.devices);
+    const devs = await cluster.resolve(
+      !o.devices || o.devices === 'auto' || o.devices === 'cluster' ? 'cluster' : o.devices,
+    );
     const layout = clusterLayout(config, devs, o);
     cluster.placement.push(...devs.slice(0, layout.plans.length));
     return { cluster, layout };
@@ -1117,7 +1252,10 @@ export async function resolveClusterLayout(config: LlamaConfig, o: Pick<StartOpt
 const SUPERVISOR_FAULTS: Array<FaultSpec['kind']> = ['nan', 'kill', 'pause'];
 
 export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
-  if (o.resume && o.overwrite) throw new Error('resume and overwrite exclude each other: go on from the checkpoints, or train again from the start');
+  if (o.resume && o.overwrite)
+    throw new Error(
+      'resume and overwrite exclude each other: go on from the checkpoints, or train again from the start',
+    );
   const dir = openModelDir(o.model);
   const config = dir.config;
   const placed = o.cluster ? await resolveClusterLayout(config, o) : undefined;
@@ -1127,15 +1265,29 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   const inflight = o.inflight ?? Math.max(1, 2 * S);
   // a head share is a stage actor's round trip; in this thread the last stage runs the whole head
   if (o.inProcess) layout.plans = layout.plans.map(({ headShare: _, ...p }) => p);
-  const base: BaseFormat = { ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}), ...(o.quantize ? { quantize: o.quantize } : {}) };
+  const base: BaseFormat = {
+    ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}),
+    ...(o.quantize ? { quantize: o.quantize } : {}),
+  };
   linearQuantization(dir, o.quantize); // a conflict with a pre-quantized checkpoint fails here, before any stage starts
   let pipeline: Pipeline;
   if (o.inProcess) {
     const stages: StageProgram[] = [];
     try {
       for (let s = 0; s < S; s++) {
-        const device = openDevice(layout.devices[s]!, { threads: layout.threads[s]!, ...(layout.budgets[s] ? { budget: layout.budgets[s] } : {}) });
-        stages.push(new StageProgram(device, config, layout.plans[s]!, await loadStageWeights(device, dir, layout.plans[s]!, base), { recompute: !!o.recompute, ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}) }));
+        const device = openDevice(layout.devices[s]!, {
+          threads: layout.threads[s]!,
+          ...(layout.budgets[s] ? { budget: layout.budgets[s] } : {}),
+        });
+        stages.push(
+          new StageProgram(
+            device,
+            config,
+            layout.plans[s]!,
+            await loadStageWeights(device, dir, layout.plans[s]!, base),
+            { recompute: !!o.recompute, ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}) },
+          ),
+        );
       }
     } catch (e) {
       for (const st of stages) st.free();
@@ -1145,10 +1297,22 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   } else {
     const cluster = placed?.cluster;
     pipeline = await ActorPipeline.start({
-      ...(cluster ? { stageEndpoint: (init, restart) => cluster.endpoint(init, restart) as unknown as StageWorker } : {}),
-      modelDir: o.model, config, plans: layout.plans, devices: layout.devices, threads: layout.threads, budgets: layout.budgets,
-      maxTokens: o.maxTokens ?? 4096, inflight, faults: faults.filter((f) => !SUPERVISOR_FAULTS.includes(f.kind)), ...(o.recompute ? { recompute: true } : {}), base,
-      ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}), ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
+      ...(cluster
+        ? { stageEndpoint: (init, restart) => cluster.endpoint(init, restart) as unknown as StageWorker }
+        : {}),
+      modelDir: o.model,
+      config,
+      plans: layout.plans,
+      devices: layout.devices,
+      threads: layout.threads,
+      budgets: layout.budgets,
+      maxTokens: o.maxTokens ?? 4096,
+      inflight,
+      faults: faults.filter((f) => !SUPERVISOR_FAULTS.includes(f.kind)),
+      ...(o.recompute ? { recompute: true } : {}),
+      base,
+      ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}),
+      ...(o.hangTimeoutMs ? { hangTimeoutMs: o.hangTimeoutMs } : {}),
       ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
       ...(o.onFault ? { onFault: o.onFault } : {}),
     }).catch(async (e) => {
@@ -1165,15 +1329,23 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
   }
   const runId = o.runId ?? newRunId();
   const env = {
-    modelDir: o.model, model: config, ...(o.output ? { output: o.output } : {}), resume: !!o.resume, overwrite: !!o.overwrite, runId,
+    modelDir: o.model,
+    model: config,
+    ...(o.output ? { output: o.output } : {}),
+    resume: !!o.resume,
+    overwrite: !!o.overwrite,
+    runId,
     ...(o.dataThreads ? { dataThreads: o.dataThreads } : {}),
   };
-  const at = (kind: FaultSpec['kind'], ev: JobEvent) => faults.some((f) => f.kind === kind && f.adapter === ev.adapter && f.step === (ev as { step?: number }).step);
-  const onEvent = !faults.some((f) => f.kind === 'kill' || f.kind === 'pause') ? o.onEvent : (ev: JobEvent) => {
-    o.onEvent?.(ev);
-    if (ev.type === 'checkpoint' && at('kill', ev)) process.kill(process.pid, 'SIGKILL');
-    if (ev.type === 'step' && at('pause', ev)) for (const j of sup.jobs.values()) void j.pause();
-  };
+  const at = (kind: FaultSpec['kind'], ev: JobEvent) =>
+    faults.some((f) => f.kind === kind && f.adapter === ev.adapter && f.step === (ev as { step?: number }).step);
+  const onEvent = !faults.some((f) => f.kind === 'kill' || f.kind === 'pause')
+    ? o.onEvent
+    : (ev: JobEvent) => {
+        o.onEvent?.(ev);
+        if (ev.type === 'checkpoint' && at('kill', ev)) process.kill(process.pid, 'SIGKILL');
+        if (ev.type === 'step' && at('pause', ev)) for (const j of sup.jobs.values()) void j.pause();
+      };
   const hooks: SupervisorHooks = {
     prepare: (c) => prepareJob(env, c),
     ...outputHooks(env),
@@ -1181,7 +1353,9 @@ export async function startSupervisor(o: StartOptions): Promise<Supervisor> {
     ...(onEvent ? { onEvent } : {}),
   };
   const sup = new Supervisor(pipeline, hooks, {
-    batchlora: o.batchlora ?? true, inflight, ...(o.inflightPerAdapter ? { inflightPerAdapter: o.inflightPerAdapter } : {}),
+    batchlora: o.batchlora ?? true,
+    inflight,
+    ...(o.inflightPerAdapter ? { inflightPerAdapter: o.inflightPerAdapter } : {}),
     ...(o.adaptersPerMicroBatch ? { adaptersPerMicroBatch: o.adaptersPerMicroBatch } : {}),
   });
   sup.nanFaults = faults.filter((f) => f.kind === 'nan');

@@ -12,7 +12,12 @@ const target = z.enum(LORA_TARGETS);
 
 export const LoraSchema = z
   .object({
-    r: z.number().int('must be an integer from 1 to 1024').min(1, 'must be an integer from 1 to 1024').max(1024, 'must be an integer from 1 to 1024').default(8),
+    r: z
+      .number()
+      .int('must be an integer from 1 to 1024')
+      .min(1, 'must be an integer from 1 to 1024')
+      .max(1024, 'must be an integer from 1 to 1024')
+      .default(8),
     alpha: z.number().positive().default(16),
     dropout: z.number().min(0).max(0.99).default(0.05),
     targets: z.array(target).min(1).default(['q_proj', 'k_proj', 'v_proj', 'o_proj']),
@@ -51,7 +56,9 @@ export const EvalSchema = z
     max_new_tokens: z.number().int().min(1).default(48),
   })
   .strict()
-  .refine((e) => e.data !== undefined || e.prompts.length > 0, { message: 'needs data (held-out examples) or prompts (to sample), or both' });
+  .refine((e) => e.data !== undefined || e.prompts.length > 0, {
+    message: 'needs data (held-out examples) or prompts (to sample), or both',
+  });
 
 /**
  * What happens when an adapter's loss or gradient norm becomes NaN/Inf: 'stop' that adapter, or
@@ -70,7 +77,9 @@ export const OnNanSchema = z.preprocess((v) => (typeof v === 'string' ? { action
 
 export const AdapterSchema = z
   .object({
-    name: z.string().regex(SAFE_NAME, 'must be a safe folder name: letters, digits, ".", "_", "-" (no leading dot, at most 64)'),
+    name: z
+      .string()
+      .regex(SAFE_NAME, 'must be a safe folder name: letters, digits, ".", "_", "-" (no leading dot, at most 64)'),
     data: z.string().min(1),
     template: z.string().min(1).optional(),
     lora: LoraSchema.default(LoraSchema.parse({})),
@@ -96,7 +105,11 @@ export const AdapterSchema = z
   .superRefine((a, ctx) => {
     const micro = a.micro_batch_size ?? a.batch_size;
     if (micro > a.batch_size) {
-      ctx.addIssue({ code: 'custom', path: ['micro_batch_size'], message: `must be ≤ batch_size (${a.batch_size}), got ${micro}` });
+      ctx.addIssue({
+        code: 'custom',
+        path: ['micro_batch_size'],
+        message: `must be ≤ batch_size (${a.batch_size}), got ${micro}`,
+      });
     }
   });
 
@@ -106,7 +119,11 @@ export type AdapterConfig = z.output<typeof AdapterSchema> & { micro_batch_size:
 export const PipelineSchema = z
   .object({
     /** Layer split: number of layers per stage (sums to the model's layers), or 'auto' (cost model). */
-    split: z.union([z.literal('auto'), z.array(z.number().int().min(0))], { error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2]' }).default('auto'),
+    split: z
+      .union([z.literal('auto'), z.array(z.number().int().min(0))], {
+        error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2]',
+      })
+      .default('auto'),
     /** Micro-batches of one adapter's step in flight at once (default: more only when the adapters cannot fill the stages; lib/schedule/packing.ts). */
     inflight_per_adapter: z.number().int().min(1).optional(),
     /** Micro-batch messages in flight in the whole pipeline (default: 2 × stages). */
@@ -125,7 +142,10 @@ export const PipelineSchema = z
   .strict();
 
 export const LogSchema = z
-  .object({ every: z.number().int().min(1).default(1), progress: z.enum(['auto', 'bar', 'plain', 'none']).default('auto') })
+  .object({
+    every: z.number().int().min(1).default(1),
+    progress: z.enum(['auto', 'bar', 'plain', 'none']).default('auto'),
+  })
   .strict();
 
 export const TrainConfigSchema = z
@@ -133,9 +153,22 @@ export const TrainConfigSchema = z
     model: z.string().min(1),
     devices: z
       // HOST/cpu:N and 'cluster' (every registered device) name stage hosts of a --cluster run
-      .union([z.literal('auto'), z.literal('cluster'), z.array(z.string().regex(/^([A-Za-z0-9_-]{1,64}\/)?(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N (e.g. cpu:0, cuda:1)')).min(1)], {
-        error: 'must be "auto" or a list of devices like ["cpu:0", "cpu:1"] or ["cuda:0", "cuda:1"]',
-      })
+      .union(
+        [
+          z.literal('auto'),
+          z.literal('cluster'),
+          z
+            .array(
+              z
+                .string()
+                .regex(/^([A-Za-z0-9_-]{1,64}\/)?(cpu|cuda)(:\d+)?$/, 'must be cpu:N or cuda:N (e.g. cpu:0, cuda:1)'),
+            )
+            .min(1),
+        ],
+        {
+          error: 'must be "auto" or a list of devices like ["cpu:0", "cpu:1"] or ["cuda:0", "cuda:1"]',
+        },
+      )
       .default('auto'),
     output: z.string().min(1).default('mlora-output'),
     /**
@@ -153,7 +186,12 @@ export const TrainConfigSchema = z
   .superRefine((c, ctx) => {
     const seen = new Set<string>();
     c.adapters.forEach((a, i) => {
-      if (seen.has(a.name)) ctx.addIssue({ code: 'custom', path: ['adapters', i, 'name'], message: `'${a.name}' is used by two adapters; names must be unique` });
+      if (seen.has(a.name))
+        ctx.addIssue({
+          code: 'custom',
+          path: ['adapters', i, 'name'],
+          message: `'${a.name}' is used by two adapters; names must be unique`,
+        });
       seen.add(a.name);
     });
   });
@@ -172,19 +210,31 @@ const REQUIRED_HINTS: Record<string, string> = {
 function allowedFields(path: PropertyKey[]): string[] | undefined {
   const key = path.filter((p) => typeof p === 'string').join('.');
   const shapes: Record<string, { shape: Record<string, unknown> }> = {
-    '': TrainConfigSchema, adapters: AdapterSchema, 'adapters.lora': LoraSchema, 'adapters.optimizer': OptimizerSchema,
-    'adapters.schedule': ScheduleSchema, 'adapters.eval': EvalSchema, 'adapters.on_nan': OnNanObject, pipeline: PipelineSchema, log: LogSchema,
+    '': TrainConfigSchema,
+    adapters: AdapterSchema,
+    'adapters.lora': LoraSchema,
+    'adapters.optimizer': OptimizerSchema,
+    'adapters.schedule': ScheduleSchema,
+    'adapters.eval': EvalSchema,
+    'adapters.on_nan': OnNanObject,
+    pipeline: PipelineSchema,
+    log: LogSchema,
   };
   const s = shapes[key];
   return s ? Object.keys(s.shape) : undefined;
 }
 
-const show = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : JSON.stringify(v) ?? String(v));
+const show = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : (JSON.stringify(v) ?? String(v)));
 
 /** A readable one-line-per-problem message from a zod error: the field's path, what it must be, what it got. */
 export function formatIssues(err: z.ZodError, where: string, input?: unknown): string {
   const lines = err.issues.map((i) => {
-    const path = i.path.length ? i.path.map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`)).join('').replace(/^\./, '') : '(top level)';
+    const path = i.path.length
+      ? i.path
+          .map((p) => (typeof p === 'number' ? `[${p}]` : `.${String(p)}`))
+          .join('')
+          .replace(/^\./, '')
+      : '(top level)';
     let value: unknown = input;
     // a shorthand value (on_nan: "bogus") is checked as an object: show what was written
     for (const k of i.path) {
@@ -194,27 +244,33 @@ export function formatIssues(err: z.ZodError, where: string, input?: unknown): s
     const got = input === undefined ? '' : `, got ${show(value)}`;
     const last = i.path.at(-1);
     let msg = i.message;
-    if (i.code === 'invalid_value' && 'values' in i) msg = `must be one of ${(i.values as unknown[]).map(show).join(', ')}${got}`;
+    if (i.code === 'invalid_value' && 'values' in i)
+      msg = `must be one of ${(i.values as unknown[]).map(show).join(', ')}${got}`;
     else if (i.code === 'unrecognized_keys' && 'keys' in i) {
       const allowed = allowedFields(i.path);
       msg = `unknown field(s) ${(i.keys as string[]).map((k) => `'${k}'`).join(', ')}${allowed ? ` (allowed: ${allowed.join(', ')})` : ''}`;
-    }
-    else if (i.code === 'invalid_type' && input !== undefined && value === undefined) {
+    } else if (i.code === 'invalid_type' && input !== undefined && value === undefined) {
       msg = `is required${typeof last === 'string' && REQUIRED_HINTS[last] ? `: ${REQUIRED_HINTS[last]}` : ''}`;
     } else if (i.code === 'invalid_type' && 'expected' in i) {
       const e = String(i.expected);
       if (!/^Invalid input/.test(i.message)) msg = `${i.message}${got}`;
-      else msg = `must be ${e === 'int' ? 'an integer' : e === 'array' ? 'a list' : e === 'object' ? 'an object' : `a ${e}`}${got}`;
+      else
+        msg = `must be ${e === 'int' ? 'an integer' : e === 'array' ? 'a list' : e === 'object' ? 'an object' : `a ${e}`}${got}`;
     } else if ((i.code === 'too_small' || i.code === 'too_big') && 'origin' in i) {
       const small = i.code === 'too_small';
       const bound = Number(small ? (i as { minimum: unknown }).minimum : (i as { maximum: unknown }).maximum);
       const inclusive = (i as { inclusive?: boolean }).inclusive !== false;
       const op = small ? (inclusive ? '≥' : '>') : inclusive ? '≤' : '<';
-      if (i.origin === 'array') msg = small ? `must have at least ${bound} item${bound === 1 ? '' : 's'}` : `must have at most ${bound} items`;
+      if (i.origin === 'array')
+        msg = small ? `must have at least ${bound} item${bound === 1 ? '' : 's'}` : `must have at most ${bound} items`;
       else if (i.origin === 'string') msg = small ? 'must not be empty' : `must be at most ${bound} characters`;
       else msg = `must be ${op} ${bound}${got}`;
       if (i.message && !/^Too (small|big)/.test(i.message)) msg = `${i.message}${got}`;
-    } else if ((i.code === 'invalid_format' || i.code === 'invalid_union') && input !== undefined && !/, got /.test(msg)) {
+    } else if (
+      (i.code === 'invalid_format' || i.code === 'invalid_union') &&
+      input !== undefined &&
+      !/, got /.test(msg)
+    ) {
       msg = `${msg}${got}`;
     }
     return `${where}: ${path}: ${msg}`;
@@ -231,5 +287,8 @@ export function parseAdapterConfig(input: unknown, where = 'adapter'): AdapterCo
 export function parseTrainConfig(input: unknown, where = 'config'): TrainConfig {
   const r = TrainConfigSchema.safeParse(input);
   if (!r.success) throw new Error(formatIssues(r.error, where, input));
-  return { ...r.data, adapters: r.data.adapters.map((a) => ({ ...a, micro_batch_size: a.micro_batch_size ?? a.batch_size })) };
+  return {
+    ...r.data,
+    adapters: r.data.adapters.map((a) => ({ ...a, micro_batch_size: a.micro_batch_size ?? a.batch_size })),
+  };
 }

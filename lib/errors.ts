@@ -16,7 +16,11 @@ export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 
 export class MloraError extends Error {
   override name = 'MloraError';
-  constructor(readonly code: ErrorCode, message: string, options?: ErrorOptions) {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    options?: ErrorOptions,
+  ) {
     super(message, options);
   }
 }
@@ -42,6 +46,7 @@ export function toWire(e: unknown, prefix = ''): WireError {
 /** The error again on the receiving side, its message prefixed (which stage, which call), its code kept. */
 export function fromWire(w: WireError, prefix = ''): Error {
   const message = prefix + w.message;
-  if ((Object.values(ErrorCode) as string[]).includes(w.code ?? '')) return new MloraError(w.code as ErrorCode, message);
+  if ((Object.values(ErrorCode) as string[]).includes(w.code ?? ''))
+    return new MloraError(w.code as ErrorCode, message);
   return w.code !== undefined ? Object.assign(new Error(message), { code: w.code }) : new Error(message);
 }

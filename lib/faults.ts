@@ -48,15 +48,21 @@ export function parseFault(spec: string): FaultSpec {
     const kv = /^(\w+)=(.+)$/.exec(part.trim());
     if (!kv) throw new Error(`fault '${spec}': '${part}' is not key=value`);
     const [, key, val] = kv as unknown as [string, string, string];
-    if (!KEYS[kind].includes(key)) throw new Error(`fault '${spec}': '${key}' is not a field of ${kind} (fields: ${KEYS[kind].join(', ')})`);
+    if (!KEYS[kind].includes(key))
+      throw new Error(`fault '${spec}': '${key}' is not a field of ${kind} (fields: ${KEYS[kind].join(', ')})`);
     if (key === 'adapter') f.adapter = val;
     else {
       const n = Number(val);
-      if (!Number.isFinite(n) || n < 0 || (key !== 'factor' && !Number.isInteger(n))) throw new Error(`fault '${spec}': ${key} must be a ${key === 'factor' ? 'positive number' : 'non-negative integer'}, got '${val}'`);
+      if (!Number.isFinite(n) || n < 0 || (key !== 'factor' && !Number.isInteger(n)))
+        throw new Error(
+          `fault '${spec}': ${key} must be a ${key === 'factor' ? 'positive number' : 'non-negative integer'}, got '${val}'`,
+        );
       (f as unknown as Record<string, number>)[key] = n;
     }
   }
-  for (const k of KEYS[kind]) if ((f as unknown as Record<string, unknown>)[k] === undefined) throw new Error(`fault '${spec}': missing ${k}=...`);
+  for (const k of KEYS[kind])
+    if ((f as unknown as Record<string, unknown>)[k] === undefined)
+      throw new Error(`fault '${spec}': missing ${k}=...`);
   if (kind === 'slow' && !(f.factor! >= 1)) throw new Error(`fault '${spec}': factor must be ≥ 1`);
   return f;
 }

@@ -31,9 +31,13 @@ export function cpuModel(): string {
 export function machineInfo(): MachineInfo {
   const info = native().info();
   return {
-    cpu: cpuModel(), cores: os.availableParallelism(), gemm_kernel: info.cpu.gemmKernel, cuda_devices: info.cuda.devices,
+    cpu: cpuModel(),
+    cores: os.availableParallelism(),
+    gemm_kernel: info.cpu.gemmKernel,
+    cuda_devices: info.cuda.devices,
     ...(info.cuda.compiled ? { cuda_gemm: info.cuda.gemm } : {}),
-    os: `${os.type()} ${os.release()} ${os.arch()}`, node: process.version,
+    os: `${os.type()} ${os.release()} ${os.arch()}`,
+    node: process.version,
   };
 }
 
@@ -43,7 +47,10 @@ export function mloraVersion(): string {
   // here is dist/lib (compiled) or lib (sources run directly)
   for (const up of ['../..', '..']) {
     try {
-      const pkg = JSON.parse(fs.readFileSync(path.resolve(here, up, 'package.json'), 'utf8')) as { name?: string; version?: string };
+      const pkg = JSON.parse(fs.readFileSync(path.resolve(here, up, 'package.json'), 'utf8')) as {
+        name?: string;
+        version?: string;
+      };
       if (pkg.name === 'mlora' && pkg.version) return pkg.version;
     } catch {
       /* try the next */

@@ -96,32 +96,99 @@ export type Op =
   | { op: 'scale'; y: Tensor; alpha: number }
   | { op: 'sumsq'; out: Tensor; xs: Tensor[] }
   | { op: 'nonfinite'; out: Tensor; x: Tensor }
-  | { op: 'gemm'; c: Tensor; a: Tensor; b: Tensor; transA?: boolean; transB?: boolean; alpha?: number; beta?: number; bf16?: boolean }
+  | {
+      op: 'gemm';
+      c: Tensor;
+      a: Tensor;
+      b: Tensor;
+      transA?: boolean;
+      transB?: boolean;
+      alpha?: number;
+      beta?: number;
+      bf16?: boolean;
+    }
   | { op: 'quantize'; dst: Tensor; src: Tensor }
   | { op: 'dequantize'; dst: Tensor; src: Tensor }
   /** Benchmark ceiling: out[0] = the device's FP32 FMA throughput (GFLOP/s, all its threads). CPU only. */
   | { op: 'fma_peak'; out: Tensor; iterations?: number; bf16?: boolean }
   /** With `segments`: the projection's LoRA in the same call (as lora_forward; backward also needs x). */
-  | { op: 'linear_forward'; y: Tensor; x: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean; segments?: LoraSegmentArg[] }
-  | { op: 'linear_backward'; dx: Tensor; dy: Tensor; w: Tensor; accumulate?: boolean; bf16?: boolean; x?: Tensor; segments?: LoraSegmentArg[] }
+  | {
+      op: 'linear_forward';
+      y: Tensor;
+      x: Tensor;
+      w: Tensor;
+      accumulate?: boolean;
+      bf16?: boolean;
+      segments?: LoraSegmentArg[];
+    }
+  | {
+      op: 'linear_backward';
+      dx: Tensor;
+      dy: Tensor;
+      w: Tensor;
+      accumulate?: boolean;
+      bf16?: boolean;
+      x?: Tensor;
+      segments?: LoraSegmentArg[];
+    }
   | { op: 'embedding_forward'; y: Tensor; ids: Tensor; table: Tensor }
   | { op: 'embedding_backward'; dtable: Tensor; dy: Tensor; ids: Tensor }
   | { op: 'rmsnorm_forward'; y: Tensor; rstd: Tensor; x: Tensor; w: Tensor; eps: number }
-  | { op: 'rmsnorm_backward'; dx: Tensor; dy: Tensor; x: Tensor; w: Tensor; rstd: Tensor; dw?: Tensor; accumulate?: boolean }
+  | {
+      op: 'rmsnorm_backward';
+      dx: Tensor;
+      dy: Tensor;
+      x: Tensor;
+      w: Tensor;
+      rstd: Tensor;
+      dw?: Tensor;
+      accumulate?: boolean;
+    }
   | { op: 'rope_forward'; y: Tensor; x: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
   | { op: 'rope_backward'; dx: Tensor; dy: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
   | {
       op: 'attention_forward';
-      out: Tensor; lse: Tensor; q: Tensor; k: Tensor; v: Tensor; cuSeqlens: Tensor;
+      out: Tensor;
+      lse: Tensor;
+      q: Tensor;
+      k: Tensor;
+      v: Tensor;
+      cuSeqlens: Tensor;
       /** Sliding window: query i sees keys j with i − window < j ≤ i; 0 (default) = none. */
-      heads: number; kvHeads: number; scale?: number; window?: number;
+      heads: number;
+      kvHeads: number;
+      scale?: number;
+      window?: number;
     }
   | {
       op: 'attention_backward';
-      dq: Tensor; dk: Tensor; dv: Tensor; dout: Tensor; q: Tensor; k: Tensor; v: Tensor; out: Tensor; lse: Tensor;
-      cuSeqlens: Tensor; heads: number; kvHeads: number; scale?: number; window?: number;
+      dq: Tensor;
+      dk: Tensor;
+      dv: Tensor;
+      dout: Tensor;
+      q: Tensor;
+      k: Tensor;
+      v: Tensor;
+      out: Tensor;
+      lse: Tensor;
+      cuSeqlens: Tensor;
+      heads: number;
+      kvHeads: number;
+      scale?: number;
+      window?: number;
     }
-  | { op: 'attention_decode'; out: Tensor; q: Tensor; kCache: Tensor; vCache: Tensor; length: number; heads: number; kvHeads: number; scale?: number; window?: number }
+  | {
+      op: 'attention_decode';
+      out: Tensor;
+      q: Tensor;
+      kCache: Tensor;
+      vCache: Tensor;
+      length: number;
+      heads: number;
+      kvHeads: number;
+      scale?: number;
+      window?: number;
+    }
   /** y[*, m] += b[m] on every row (a frozen bias; no backward: dy passes through). */
   | { op: 'add_bias'; y: Tensor; b: Tensor }
   | { op: 'swiglu_forward'; h: Tensor; gate: Tensor; up: Tensor }
@@ -132,12 +199,30 @@ export type Op =
   | { op: 'cross_entropy_backward'; losses: Tensor; dlogits: Tensor; logits: Tensor; labels: Tensor; weights: Tensor }
   | {
       op: 'adamw';
-      params: Tensor[]; grads: Tensor[]; m: Tensor[]; v: Tensor[];
-      lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number; gradScale?: number;
+      params: Tensor[];
+      grads: Tensor[];
+      m: Tensor[];
+      v: Tensor[];
+      lr: number;
+      beta1: number;
+      beta2: number;
+      eps: number;
+      weightDecay: number;
+      step: number;
+      gradScale?: number;
     };
 
 export interface NativeInfo {
-  cpu: { avx2: boolean; avx512f: boolean; avx512bf16: boolean; amxBf16: boolean; f16c: boolean; hardwareThreads: number; gemmKernel: string; gemmBf16Kernel: string };
+  cpu: {
+    avx2: boolean;
+    avx512f: boolean;
+    avx512bf16: boolean;
+    amxBf16: boolean;
+    f16c: boolean;
+    hardwareThreads: number;
+    gemmKernel: string;
+    gemmBf16Kernel: string;
+  };
   cuda: {
     compiled: boolean;
     devices: number;
@@ -172,7 +257,9 @@ export function native(): NativeAddon {
   if (cached) return cached;
   const p = addonPath();
   if (!existsSync(p)) {
-    throw new Error(`mlora: the native addon is not built (${p} is missing). Run \`npm install\` or \`npm run build:native\`.`);
+    throw new Error(
+      `mlora: the native addon is not built (${p} is missing). Run \`npm install\` or \`npm run build:native\`.`,
+    );
   }
   const require = createRequire(import.meta.url);
   cached = require(p) as NativeAddon;

@@ -48,9 +48,19 @@ export function openDevice(spec: string | DeviceSpec, options: OpenDeviceOptions
   const s = typeof spec === 'string' ? parseDeviceSpec(spec) : spec;
   const Device = native().Device;
   if (s.kind === 'cpu') {
-    return new Device({ kind: 'cpu', index: s.index, threads: options.threads ?? 1, budget: options.budget ?? defaultCpuBudget() });
+    return new Device({
+      kind: 'cpu',
+      index: s.index,
+      threads: options.threads ?? 1,
+      budget: options.budget ?? defaultCpuBudget(),
+    });
   }
-  return new Device({ kind: 'cuda', index: s.index, threads: options.threads ?? 1, ...(options.budget ? { budget: options.budget } : {}) });
+  return new Device({
+    kind: 'cuda',
+    index: s.index,
+    threads: options.threads ?? 1,
+    ...(options.budget ? { budget: options.budget } : {}),
+  });
 }
 
 export function tensorFrom(device: NativeDevice, dtype: DType, shape: number[], data: ArrayLike<number>): Tensor {

@@ -7,15 +7,27 @@ import { Rng } from '../lib/rng.js';
 const threads = Number(process.argv[2] ?? 1);
 const dev = openDevice('cpu:0', { threads, budget: 2 ** 30 });
 const rng = new Rng(1, 'bench-attention');
-const nseq = 8, T = 256, hq = 8, hkv = 4, d = 64, n = nseq * T;
+const nseq = 8,
+  T = 256,
+  hq = 8,
+  hkv = 4,
+  d = 64,
+  n = nseq * T;
 const rnd = (len: number) => rng.fillNormal(new Float32Array(len), 1);
 const q = dev.fromArray('f32', [n, hq * d], rnd(n * hq * d));
 const k = dev.fromArray('f32', [n, hkv * d], rnd(n * hkv * d));
 const v = dev.fromArray('f32', [n, hkv * d], rnd(n * hkv * d));
 const dout = dev.fromArray('f32', [n, hq * d], rnd(n * hq * d));
-const out = dev.alloc('f32', [n, hq * d]), lse = dev.alloc('f32', [hq, n]);
-const dq = dev.alloc('f32', [n, hq * d]), dk = dev.alloc('f32', [n, hkv * d]), dv = dev.alloc('f32', [n, hkv * d]);
-const cuSeqlens = dev.fromArray('i32', [nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * T));
+const out = dev.alloc('f32', [n, hq * d]),
+  lse = dev.alloc('f32', [hq, n]);
+const dq = dev.alloc('f32', [n, hq * d]),
+  dk = dev.alloc('f32', [n, hkv * d]),
+  dv = dev.alloc('f32', [n, hkv * d]);
+const cuSeqlens = dev.fromArray(
+  'i32',
+  [nseq + 1],
+  Int32Array.from({ length: nseq + 1 }, (_, i) => i * T),
+);
 const common = { cuSeqlens, heads: hq, kvHeads: hkv };
 const fwd = { op: 'attention_forward', out, lse, q, k, v, ...common } as const;
 const bwd = { op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common } as const;
@@ -52,8 +64,10 @@ const tg = time([{ op: 'gemm', c, a, b, transB: true }], 5);
 const gf = (flops: number, ms: number) => ((flops / ms) * 1e-6).toFixed(1);
 console.log(`attention, n ${n} (${nseq}×${T}), ${hq} heads × ${d}, ${hkv} kv heads, ${threads} thread(s), best of 10:`);
 const line = (name: string, flops: number, ms: number, cpu: number) =>
-  console.log(`  ${name.padEnd(44)} ${ms.toFixed(2).padStart(8)} ms ${gf(flops, ms).padStart(6)} GFLOP/s   ` +
-    `(CPU time/thread ${cpu.toFixed(2)} ms, ${gf(flops, cpu)} GFLOP/s)`);
+  console.log(
+    `  ${name.padEnd(44)} ${ms.toFixed(2).padStart(8)} ms ${gf(flops, ms).padStart(6)} GFLOP/s   ` +
+      `(CPU time/thread ${cpu.toFixed(2)} ms, ${gf(flops, cpu)} GFLOP/s)`,
+  );
 line(`forward (${(fwdFlops / 1e9).toFixed(3)} GFLOP)`, fwdFlops, tf, cpuMs[0]!);
 line(`backward (${(bwdFlops / 1e9).toFixed(3)} GFLOP)`, bwdFlops, tb, cpuMs[1]!);
-line('gemm 2048×256×512 (the forward\'s FLOPs)', 2 * n * 256 * 512, tg, cpuMs[2]!);
+line("gemm 2048×256×512 (the forward's FLOPs)", 2 * n * 256 * 512, tg, cpuMs[2]!);

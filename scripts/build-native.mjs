@@ -57,11 +57,21 @@ function findCmake() {
 
 const cmake = findCmake();
 const cmakeJs = path.join(path.dirname(require.resolve('cmake-js/package.json')), 'bin', 'cmake-js');
-const args = [cmakeJs, 'compile', '-d', path.join(root, 'native'), '-O', path.join(root, 'native', 'build'), '--cmake-path', cmake];
+const args = [
+  cmakeJs,
+  'compile',
+  '-d',
+  path.join(root, 'native'),
+  '-O',
+  path.join(root, 'native', 'build'),
+  '--cmake-path',
+  cmake,
+];
 // Always pass it: CMake caches the option, so a CUDA build after a MLORA_NO_CUDA=1 one must say OFF.
 args.push(`--CDMLORA_NO_CUDA=${process.env.MLORA_NO_CUDA === '1' ? 'ON' : 'OFF'}`);
 if (process.env.MLORA_DEBUG === '1') args.push('-D');
-const jobs = process.env.CMAKE_BUILD_PARALLEL_LEVEL ?? String(Math.max(2, (await import('node:os')).availableParallelism()));
+const jobs =
+  process.env.CMAKE_BUILD_PARALLEL_LEVEL ?? String(Math.max(2, (await import('node:os')).availableParallelism()));
 const r = spawnSync(process.execPath, args, {
   cwd: root,
   stdio: 'inherit',

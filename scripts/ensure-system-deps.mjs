@@ -15,8 +15,22 @@ export const CHROMIUM_CANDIDATES = ['/usr/bin/chromium', '/usr/bin/chromium-brow
 /** Where the lint looks for clang-format (CLANG_FORMAT overrides). */
 export const CLANG_FORMAT_CANDIDATES = ['/usr/bin/clang-format', '/usr/local/bin/clang-format'];
 
-const CHROMIUM = { name: 'chromium', pkg: 'chromium', envVar: 'MLORA_CHROMIUM', candidates: CHROMIUM_CANDIDATES, purpose: 'for the report.html browser test', binary: 'a Chromium binary' };
-const CLANG_FORMAT = { name: 'clang-format', pkg: 'clang-format', envVar: 'CLANG_FORMAT', candidates: CLANG_FORMAT_CANDIDATES, purpose: 'for npm run lint', binary: 'a clang-format binary' };
+const CHROMIUM = {
+  name: 'chromium',
+  pkg: 'chromium',
+  envVar: 'MLORA_CHROMIUM',
+  candidates: CHROMIUM_CANDIDATES,
+  purpose: 'for the report.html browser test',
+  binary: 'a Chromium binary',
+};
+const CLANG_FORMAT = {
+  name: 'clang-format',
+  pkg: 'clang-format',
+  envVar: 'CLANG_FORMAT',
+  candidates: CLANG_FORMAT_CANDIDATES,
+  purpose: 'for npm run lint',
+  binary: 'a clang-format binary',
+};
 
 function find(dep) {
   const set = process.env[dep.envVar];
@@ -32,9 +46,20 @@ const TIMEOUT_MS = Number(process.env.MLORA_APT_TIMEOUT_MS ?? 600_000);
 
 /** Runs a command with a deadline; returns ok and the last lines of its output. */
 function run(cmd, args, timeout) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout, env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' }, maxBuffer: 64 * 1024 * 1024 });
+  const r = spawnSync(cmd, args, {
+    encoding: 'utf8',
+    timeout,
+    env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' },
+    maxBuffer: 64 * 1024 * 1024,
+  });
   const text = `${r.stdout ?? ''}${r.stderr ?? ''}`.trim().split('\n');
-  const why = r.error ? (r.error.code === 'ETIMEDOUT' ? `timed out after ${Math.round(timeout / 1000)} s` : r.error.message) : r.status !== 0 ? `exit ${r.status}` : '';
+  const why = r.error
+    ? r.error.code === 'ETIMEDOUT'
+      ? `timed out after ${Math.round(timeout / 1000)} s`
+      : r.error.message
+    : r.status !== 0
+      ? `exit ${r.status}`
+      : '';
   return { ok: !why, why, tail: text.slice(-3).join(' | ') };
 }
 
@@ -44,16 +69,24 @@ function ensure(dep, log) {
   if (found) return { path: found };
   const { name, pkg, envVar } = dep;
   if (process.env[envVar]) return { reason: `${envVar} is ${process.env[envVar]}, which does not exist` };
-  if (process.env.MLORA_NO_SYSTEM_INSTALL) return { reason: `${name} is not installed (MLORA_NO_SYSTEM_INSTALL is set: not installing it)` };
+  if (process.env.MLORA_NO_SYSTEM_INSTALL)
+    return { reason: `${name} is not installed (MLORA_NO_SYSTEM_INSTALL is set: not installing it)` };
   if (process.platform !== 'linux' || typeof process.getuid !== 'function' || process.getuid() !== 0) {
-    return { reason: `${name} is not installed and this is not root on Linux (install it: apt-get install ${pkg}, or set ${envVar})` };
+    return {
+      reason: `${name} is not installed and this is not root on Linux (install it: apt-get install ${pkg}, or set ${envVar})`,
+    };
   }
-  if (!existsSync('/usr/bin/apt-get')) return { reason: `${name} is not installed and there is no apt-get here (set ${envVar} to ${dep.binary})` };
+  if (!existsSync('/usr/bin/apt-get'))
+    return { reason: `${name} is not installed and there is no apt-get here (set ${envVar} to ${dep.binary})` };
   const t0 = Date.now();
   log(`ensure-system-deps: ${name} is missing; apt-get update && apt-get install -y ${pkg} (${dep.purpose})`);
   const up = run('apt-get', ['update'], TIMEOUT_MS);
   if (!up.ok) return { reason: `apt-get update failed (${up.why}): ${up.tail}` };
-  const inst = run('apt-get', ['install', '-y', '--no-install-recommends', pkg], Math.max(1000, TIMEOUT_MS - (Date.now() - t0)));
+  const inst = run(
+    'apt-get',
+    ['install', '-y', '--no-install-recommends', pkg],
+    Math.max(1000, TIMEOUT_MS - (Date.now() - t0)),
+  );
   if (!inst.ok) return { reason: `apt-get install ${pkg} failed (${inst.why}): ${inst.tail}` };
   const now = find(dep);
   if (!now) return { reason: `apt-get install ${pkg} ran but no ${name} is at ${dep.candidates.join(' or ')}` };

@@ -10,7 +10,7 @@ const commands: Record<string, { summary: string }> = {
   'make-model': { summary: 'write a seeded random LLaMA in the Hugging Face layout' },
   inspect: { summary: 'what a model or adapter directory holds' },
   info: { summary: 'the native core: CPU features, CUDA devices, ops' },
-  stage: { summary: 'stage serve: offer this host\'s devices to --cluster runs' },
+  stage: { summary: "stage serve: offer this host's devices to --cluster runs" },
 };
 
 function usage(): string {

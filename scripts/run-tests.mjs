@@ -17,7 +17,11 @@ const files = process.argv.slice(2).map((f) => f.replace(/^test\//, 'dist/test/'
 // was moved or deleted is stale and never runs.
 function findTests(dir) {
   return readdirSync(path.join(root, dir), { withFileTypes: true }).flatMap((e) =>
-    e.isDirectory() ? findTests(path.join(dir, e.name)) : e.name.endsWith('.test.ts') ? [path.join('dist', dir, e.name.replace(/\.ts$/, '.js'))] : [],
+    e.isDirectory()
+      ? findTests(path.join(dir, e.name))
+      : e.name.endsWith('.test.ts')
+        ? [path.join('dist', dir, e.name.replace(/\.ts$/, '.js'))]
+        : [],
   );
 }
 const tests = files.length ? files : findTests('test').sort();

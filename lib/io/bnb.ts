@@ -45,7 +45,8 @@ export function quantLayout(dtype: QuantDType, rows: number, cols: number): Quan
   }
   const blocks = Math.ceil(n / NF4_BLOCK);
   const absmax = align64(Math.ceil(n / 2));
-  if (dtype === 'nf4') return { absmax, code: 0, offset: 0, nested: 0, bytes: absmax + blocks * 4, blocks, nestedBlocks: 0 };
+  if (dtype === 'nf4')
+    return { absmax, code: 0, offset: 0, nested: 0, bytes: absmax + blocks * 4, blocks, nestedBlocks: 0 };
   const nestedBlocks = Math.ceil(blocks / NF4_NESTED_BLOCK);
   const code = align64(absmax + blocks);
   const offset = code + 256 * 4;
@@ -53,7 +54,7 @@ export function quantLayout(dtype: QuantDType, rows: number, cols: number): Quan
   return { absmax, code, offset, nested, bytes: nested + nestedBlocks * 4, blocks, nestedBlocks };
 }
 
-const describe = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : JSON.stringify(v) ?? String(v));
+const describe = (v: unknown) => (typeof v === 'string' ? JSON.stringify(v) : (JSON.stringify(v) ?? String(v)));
 
 /**
  * The quantization of a pre-quantized checkpoint from config.json's `quantization_config`
@@ -65,19 +66,27 @@ export function parseQuantizationConfig(q: unknown, file: string): QuantizeMode 
   if (typeof q !== 'object' || Array.isArray(q)) throw new Error(`${where} must be an object, got ${describe(q)}`);
   const o = q as Record<string, unknown>;
   if (o.quant_method !== 'bitsandbytes') {
-    throw new Error(`${where}.quant_method is ${describe(o.quant_method)}; mlora loads bitsandbytes checkpoints only (nf4, nf4 double-quant, int8)`);
+    throw new Error(
+      `${where}.quant_method is ${describe(o.quant_method)}; mlora loads bitsandbytes checkpoints only (nf4, nf4 double-quant, int8)`,
+    );
   }
   const in4 = o.load_in_4bit === true || o._load_in_4bit === true;
   const in8 = o.load_in_8bit === true || o._load_in_8bit === true;
-  if (in4 === in8) throw new Error(`${where}: exactly one of load_in_4bit and load_in_8bit must be true, got ${describe(o.load_in_4bit)} and ${describe(o.load_in_8bit)}`);
+  if (in4 === in8)
+    throw new Error(
+      `${where}: exactly one of load_in_4bit and load_in_8bit must be true, got ${describe(o.load_in_4bit)} and ${describe(o.load_in_8bit)}`,
+    );
   if (in8) {
-    if (o.llm_int8_has_fp16_weight === true) throw new Error(`${where}.llm_int8_has_fp16_weight is true: the weights are not stored in int8`);
+    if (o.llm_int8_has_fp16_weight === true)
+      throw new Error(`${where}.llm_int8_has_fp16_weight is true: the weights are not stored in int8`);
     return 'int8';
   }
   const type = o.bnb_4bit_quant_type ?? 'fp4';
-  if (type !== 'nf4') throw new Error(`${where}.bnb_4bit_quant_type is ${describe(type)}; mlora loads NF4 (fp4 is not supported)`);
+  if (type !== 'nf4')
+    throw new Error(`${where}.bnb_4bit_quant_type is ${describe(type)}; mlora loads NF4 (fp4 is not supported)`);
   const storage = o.bnb_4bit_quant_storage ?? 'uint8';
-  if (storage !== 'uint8') throw new Error(`${where}.bnb_4bit_quant_storage is ${describe(storage)}; only "uint8" is supported`);
+  if (storage !== 'uint8')
+    throw new Error(`${where}.bnb_4bit_quant_storage is ${describe(storage)}; only "uint8" is supported`);
   return o.bnb_4bit_use_double_quant === true ? 'nf4-dq' : 'nf4';
 }
 
@@ -96,7 +105,8 @@ function need(src: TensorSource, name: string, dtype: string, numel?: number) {
   const i = file.info(name);
   if (i.dtype !== dtype) throw new Error(`${file.path}: tensor '${name}' is ${i.dtype}, expected ${dtype}`);
   const n = i.shape.reduce((a, b) => a * b, 1);
-  if (numel !== undefined && n !== numel) throw new Error(`${file.path}: tensor '${name}' has ${n} elements ([${i.shape.join(', ')}]), expected ${numel}`);
+  if (numel !== undefined && n !== numel)
+    throw new Error(`${file.path}: tensor '${name}' has ${n} elements ([${i.shape.join(', ')}]), expected ${numel}`);
   return file.read(name);
 }
 
@@ -131,25 +141,36 @@ export function bnbBlob(src: TensorSource, weight: string, mode: QuantizeMode, s
   try {
     js = JSON.parse(new TextDecoder().decode(state)) as Record<string, unknown>;
   } catch (e) {
-    throw new Error(`${path}: tensor '${weight}.quant_state.bitsandbytes__nf4' is not valid JSON: ${(e as Error).message}`);
+    throw new Error(
+      `${path}: tensor '${weight}.quant_state.bitsandbytes__nf4' is not valid JSON: ${(e as Error).message}`,
+    );
   }
   const where = `${path}: '${weight}.quant_state.bitsandbytes__nf4'`;
   if (js.quant_type !== 'nf4') throw new Error(`${where}: quant_type is ${describe(js.quant_type)}, expected "nf4"`);
-  if (js.blocksize !== NF4_BLOCK) throw new Error(`${where}: blocksize is ${describe(js.blocksize)}; mlora supports ${NF4_BLOCK} (what transformers writes)`);
+  if (js.blocksize !== NF4_BLOCK)
+    throw new Error(
+      `${where}: blocksize is ${describe(js.blocksize)}; mlora supports ${NF4_BLOCK} (what transformers writes)`,
+    );
   const sh = js.shape;
-  if (!Array.isArray(sh) || sh.length !== 2 || sh[0] !== rows || sh[1] !== cols) throw new Error(`${where}: shape is ${describe(sh)}, expected [${rows}, ${cols}]`);
+  if (!Array.isArray(sh) || sh.length !== 2 || sh[0] !== rows || sh[1] !== cols)
+    throw new Error(`${where}: shape is ${describe(sh)}, expected [${rows}, ${cols}]`);
   const qm = need(src, `${weight}.quant_map`, 'F32', 16) as Float32Array;
-  if (!qm.every((v, i) => v === NF4_CODE[i])) throw new Error(`${path}: tensor '${weight}.quant_map' is not the NF4 code book`);
+  if (!qm.every((v, i) => v === NF4_CODE[i]))
+    throw new Error(`${path}: tensor '${weight}.quant_map' is not the NF4 code book`);
   const dq = mode === 'nf4-dq';
   if (dq !== (js.nested_blocksize !== undefined)) {
-    throw new Error(`${where}: ${dq ? 'has no nested_blocksize, but config.json says bnb_4bit_use_double_quant' : 'is double-quantized, but config.json does not say bnb_4bit_use_double_quant'}`);
+    throw new Error(
+      `${where}: ${dq ? 'has no nested_blocksize, but config.json says bnb_4bit_use_double_quant' : 'is double-quantized, but config.json does not say bnb_4bit_use_double_quant'}`,
+    );
   }
   if (!dq) {
     put(L.absmax, need(src, `${weight}.absmax`, 'F32', L.blocks));
     return blob;
   }
-  if (js.nested_blocksize !== NF4_NESTED_BLOCK) throw new Error(`${where}: nested_blocksize is ${describe(js.nested_blocksize)}, expected ${NF4_NESTED_BLOCK}`);
-  if (typeof js.nested_offset !== 'number' || !Number.isFinite(js.nested_offset)) throw new Error(`${where}: nested_offset must be a finite number, got ${describe(js.nested_offset)}`);
+  if (js.nested_blocksize !== NF4_NESTED_BLOCK)
+    throw new Error(`${where}: nested_blocksize is ${describe(js.nested_blocksize)}, expected ${NF4_NESTED_BLOCK}`);
+  if (typeof js.nested_offset !== 'number' || !Number.isFinite(js.nested_offset))
+    throw new Error(`${where}: nested_offset must be a finite number, got ${describe(js.nested_offset)}`);
   put(L.absmax, need(src, `${weight}.absmax`, 'U8', L.blocks));
   put(L.code, need(src, `${weight}.nested_quant_map`, 'F32', 256));
   put(L.offset, Float32Array.of(js.nested_offset)); // QuantState.from_dict reads it back as float32

@@ -13,7 +13,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { pack, unpack } from 'msgpackr';
-import { fsyncDir, tempSibling, writeFileAtomic, writeSafetensors, openSafetensors, type StTensorSource } from './safetensors.js';
+import {
+  fsyncDir,
+  tempSibling,
+  writeFileAtomic,
+  writeSafetensors,
+  openSafetensors,
+  type StTensorSource,
+} from './safetensors.js';
 import { writeAdapterFiles } from './peft.js';
 import type { AdapterState } from '../lora/state.js';
 import type { LlamaConfig } from '../model/config.js';
@@ -41,7 +48,6 @@ export function hashConfig(obj: unknown): string {
   return createHash('sha256').update(JSON.stringify(obj)).digest('hex').slice(0, 16);
 }
 
-
 export interface SaveCheckpointArgs {
   adapterDir: string;
   config: LlamaConfig;
@@ -58,7 +64,8 @@ export function saveCheckpoint(a: SaveCheckpointArgs): string {
   const dir = path.join(a.adapterDir, name);
   const replaced = path.join(a.adapterDir, `.${name}.replaced`);
   // renaming would otherwise move a foreign file aside and put the checkpoint in its place
-  if (fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory() === false) throw new Error(`${dir}: exists and is not a directory`);
+  if (fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory() === false)
+    throw new Error(`${dir}: exists and is not a directory`);
   fs.mkdirSync(a.adapterDir, { recursive: true });
   removeDeadTemps(a.adapterDir);
   // Written whole beside the old copy, then swapped in, so a crash or a full disk while
@@ -87,7 +94,8 @@ export function saveCheckpoint(a: SaveCheckpointArgs): string {
   fs.rmSync(replaced, { recursive: true, force: true });
   if (a.keep !== undefined) {
     const all = listCheckpoints(a.adapterDir).filter((c) => c.complete);
-    for (const old of all.slice(0, Math.max(0, all.length - a.keep))) fs.rmSync(old.dir, { recursive: true, force: true });
+    for (const old of all.slice(0, Math.max(0, all.length - a.keep)))
+      fs.rmSync(old.dir, { recursive: true, force: true });
   }
   return dir;
 }
@@ -106,7 +114,10 @@ function writeCheckpointFiles(dir: string, a: SaveCheckpointArgs): void {
   writeFileAtomic(path.join(dir, 'state.msgpack'), [pack({ ...a.meta, version: a.state.version })]);
   const files: Record<string, number> = {};
   for (const f of fs.readdirSync(dir)) files[f] = fs.statSync(path.join(dir, f)).size;
-  writeFileAtomic(path.join(dir, 'manifest.json'), JSON.stringify({ format: CHECKPOINT_FORMAT, version: CHECKPOINT_VERSION, step: a.meta.step, files }, null, 2));
+  writeFileAtomic(
+    path.join(dir, 'manifest.json'),
+    JSON.stringify({ format: CHECKPOINT_FORMAT, version: CHECKPOINT_VERSION, step: a.meta.step, files }, null, 2),
+  );
   fsyncDir(dir);
 }
 
@@ -165,7 +176,11 @@ export function listCheckpoints(adapterDir: string): CheckpointEntry[] {
 function readEntry(dir: string, step: number): CheckpointEntry {
   const e: CheckpointEntry = { dir, step, complete: false };
   try {
-    const man = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as { format: string; step: number; files: Record<string, number> };
+    const man = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8')) as {
+      format: string;
+      step: number;
+      files: Record<string, number>;
+    };
     if (man.format !== CHECKPOINT_FORMAT) throw new Error(`manifest format '${man.format}'`);
     for (const [f, size] of Object.entries(man.files)) {
       const st = fs.statSync(path.join(dir, f), { throwIfNoEntry: false });
@@ -179,7 +194,9 @@ function readEntry(dir: string, step: number): CheckpointEntry {
 }
 
 export function latestCheckpoint(adapterDir: string): CheckpointEntry | undefined {
-  return listCheckpoints(adapterDir).filter((c) => c.complete).pop();
+  return listCheckpoints(adapterDir)
+    .filter((c) => c.complete)
+    .pop();
 }
 
 /** The checkpoint's record (step, config hash, data position) without its tensors. */
@@ -187,7 +204,11 @@ export function readCheckpointMeta(dir: string): CheckpointMeta & { version: num
   return unpack(fs.readFileSync(path.join(dir, 'state.msgpack'))) as CheckpointMeta & { version: number };
 }
 
-export function loadCheckpoint(dir: string, config: LlamaConfig, spec: LoraSpec): { state: AdapterState; meta: CheckpointMeta } {
+export function loadCheckpoint(
+  dir: string,
+  config: LlamaConfig,
+  spec: LoraSpec,
+): { state: AdapterState; meta: CheckpointMeta } {
   const meta = readCheckpointMeta(dir);
   const weights = openSafetensors(path.join(dir, 'adapter_model.safetensors'));
   const opt = openSafetensors(path.join(dir, 'optimizer.safetensors'));
@@ -197,4 +218,3 @@ export function loadCheckpoint(dir: string, config: LlamaConfig, spec: LoraSpec)
   const v = fromPeftTensors(config, spec, (n) => get(opt, `${n}.exp_avg_sq`), `${dir}/optimizer.safetensors`);
   return { state: { params, m, v, version: meta.version }, meta };
 }
-

@@ -11,14 +11,28 @@
 // (yarn, longrope, ...).
 import fs from 'node:fs';
 import path from 'node:path';
-import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig, type LoraTarget, type RopeScaling } from '../model/config.js';
+import {
+  LORA_TARGETS,
+  projectionModule,
+  projectionShape,
+  type LlamaConfig,
+  type LoraTarget,
+  type RopeScaling,
+} from '../model/config.js';
 import type { DType, NativeDevice, Tensor } from '../native.js';
 import { Rng } from '../rng.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
 import { bnbBlob, companionNames, parseQuantizationConfig, QUANT_DTYPE, type QuantizeMode } from './bnb.js';
 import {
-  numel, openSafetensors, ST_DTYPE_SIZE, writeFileAtomic, writeSafetensors,
-  type SafetensorsFile, type StDType, type StTensorInfo, type StTensorSource,
+  numel,
+  openSafetensors,
+  ST_DTYPE_SIZE,
+  writeFileAtomic,
+  writeSafetensors,
+  type SafetensorsFile,
+  type StDType,
+  type StTensorInfo,
+  type StTensorSource,
 } from './safetensors.js';
 
 // ---------------------------------------------------------------------------------------
@@ -32,18 +46,21 @@ function describe(v: unknown): string {
 
 /** Parses an HF config.json object into a LlamaConfig; `file` names the file in errors. */
 export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConfig {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new Error(`${file}: must be a JSON object`);
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    throw new Error(`${file}: must be a JSON object`);
   const o = json as Record<string, unknown>;
   const err = (field: string, msg: string) => new Error(`${file}: field '${field}' ${msg}`);
   const has = (k: string) => o[k] !== undefined;
   const posInt = (k: string): number => {
     if (!has(k)) throw err(k, 'is missing');
     const v = o[k];
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) throw err(k, `must be a positive integer, got ${describe(v)}`);
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0)
+      throw err(k, `must be a positive integer, got ${describe(v)}`);
     return v;
   };
   const posNum = (k: string, v: unknown): number => {
-    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw err(k, `must be a positive number, got ${describe(v)}`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+      throw err(k, `must be a positive number, got ${describe(v)}`);
     return v;
   };
   const bool = (k: string, def: boolean): boolean => {
@@ -55,7 +72,10 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   if (!has('model_type')) throw err('model_type', 'is missing');
   const modelType = o.model_type;
   if (!(MODEL_TYPES as readonly unknown[]).includes(modelType)) {
-    throw err('model_type', `is ${describe(modelType)}: mlora supports LLaMA-architecture models (model_type ${MODEL_TYPES.join(', ')})`);
+    throw err(
+      'model_type',
+      `is ${describe(modelType)}: mlora supports LLaMA-architecture models (model_type ${MODEL_TYPES.join(', ')})`,
+    );
   }
   const qwen = modelType === 'qwen2' || modelType === 'qwen3';
 
@@ -63,16 +83,21 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   const intermediateSize = posInt('intermediate_size');
   const numLayers = posInt('num_hidden_layers');
   const numHeads = posInt('num_attention_heads');
-  const numKvHeads = has('num_key_value_heads') && o.num_key_value_heads !== null ? posInt('num_key_value_heads') : numHeads;
+  const numKvHeads =
+    has('num_key_value_heads') && o.num_key_value_heads !== null ? posInt('num_key_value_heads') : numHeads;
   if (numHeads % numKvHeads !== 0) {
     throw err('num_key_value_heads', `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
   }
   let headDim: number;
   if (has('head_dim') && o.head_dim !== null) headDim = posInt('head_dim');
-  else if (modelType === 'qwen3') headDim = 128; // Qwen3Config's default, not hidden_size / heads
+  else if (modelType === 'qwen3')
+    headDim = 128; // Qwen3Config's default, not hidden_size / heads
   else {
     if (hiddenSize % numHeads !== 0) {
-      throw err('hidden_size', `(${hiddenSize}) is not a multiple of num_attention_heads (${numHeads}) and there is no head_dim`);
+      throw err(
+        'hidden_size',
+        `(${hiddenSize}) is not a multiple of num_attention_heads (${numHeads}) and there is no head_dim`,
+      );
     }
     headDim = hiddenSize / numHeads;
   }
@@ -106,7 +131,10 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   const tieWordEmbeddings = bool('tie_word_embeddings', false);
   // Qwen2 has no attention_bias switch: its q/k/v always carry biases, its o_proj never.
   if (modelType !== 'qwen2' && bool('attention_bias', false)) {
-    throw err('attention_bias', 'is true: biases on all four attention projections (o_proj included) are not implemented by mlora (Qwen2-style q/k/v biases are: model_type qwen2)');
+    throw err(
+      'attention_bias',
+      'is true: biases on all four attention projections (o_proj included) are not implemented by mlora (Qwen2-style q/k/v biases are: model_type qwen2)',
+    );
   }
   if (bool('mlp_bias', false)) throw err('mlp_bias', 'is true: biased MLP projections are not implemented by mlora');
   if (has('hidden_act') && o.hidden_act !== 'silu') {
@@ -115,7 +143,8 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
   const window = (k: string, def: number | null): number => {
     const sw = has(k) ? o[k] : def;
     if (sw === null) return 0;
-    if (typeof sw !== 'number' || !Number.isSafeInteger(sw) || sw <= 0) throw err(k, `must be null or a positive integer, got ${describe(sw)}`);
+    if (typeof sw !== 'number' || !Number.isSafeInteger(sw) || sw <= 0)
+      throw err(k, `must be null or a positive integer, got ${describe(sw)}`);
     return sw;
   };
   let layerWindows: number[] | undefined;
@@ -130,15 +159,23 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
     if (w) {
       if (has('layer_types') && o.layer_types !== null) {
         const lt = o.layer_types;
-        if (!Array.isArray(lt) || lt.length !== numLayers || !lt.every((t) => t === 'sliding_attention' || t === 'full_attention')) {
-          throw err('layer_types', `must list num_hidden_layers (${numLayers}) entries, each "sliding_attention" or "full_attention", got ${describe(lt)}`);
+        if (
+          !Array.isArray(lt) ||
+          lt.length !== numLayers ||
+          !lt.every((t) => t === 'sliding_attention' || t === 'full_attention')
+        ) {
+          throw err(
+            'layer_types',
+            `must list num_hidden_layers (${numLayers}) entries, each "sliding_attention" or "full_attention", got ${describe(lt)}`,
+          );
         }
         layerWindows = lt.map((t) => (t === 'sliding_attention' ? w : 0));
       } else {
         let mwl = 28; // Qwen2Config / Qwen3Config default
         if (has('max_window_layers') && o.max_window_layers !== null) {
           const v = o.max_window_layers;
-          if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw err('max_window_layers', `must be a non-negative integer, got ${describe(v)}`);
+          if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0)
+            throw err('max_window_layers', `must be a non-negative integer, got ${describe(v)}`);
           mwl = v;
         }
         layerWindows = Array.from({ length: numLayers }, (_, l) => (l >= mwl ? w : 0));
@@ -164,13 +201,24 @@ export function parseModelConfig(json: unknown, file = 'config.json'): LlamaConf
     let v = o[k];
     if (v === undefined || v === null) return undefined;
     if (Array.isArray(v)) v = v[0]; // Llama 3 lists several eos ids; the first is the canonical one
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw err(k, `must be a non-negative integer, got ${describe(o[k])}`);
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0)
+      throw err(k, `must be a non-negative integer, got ${describe(o[k])}`);
     return v;
   };
   const cfg: LlamaConfig = {
     modelType: modelType as string,
-    hiddenSize, intermediateSize, numLayers, numHeads, numKvHeads, headDim, vocabSize,
-    maxPositionEmbeddings, rmsNormEps, ropeTheta, tieWordEmbeddings, torchDtype,
+    hiddenSize,
+    intermediateSize,
+    numLayers,
+    numHeads,
+    numKvHeads,
+    headDim,
+    vocabSize,
+    maxPositionEmbeddings,
+    rmsNormEps,
+    ropeTheta,
+    tieWordEmbeddings,
+    torchDtype,
   };
   const bos = tokenId('bos_token_id');
   const eos = tokenId('eos_token_id');
@@ -190,12 +238,16 @@ const MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'qwen3'] as const;
  * configs spell rope_type as `type`. Refuses, with the reason, what mlora does not implement.
  */
 function parseRopeScaling(
-  r: Record<string, unknown>, key: string, maxPositionEmbeddings: number, err: (field: string, msg: string) => Error,
+  r: Record<string, unknown>,
+  key: string,
+  maxPositionEmbeddings: number,
+  err: (field: string, msg: string) => Error,
 ): RopeScaling | undefined {
   const type = r.rope_type ?? r.type ?? 'default';
   const num = (k: string, def?: number): number => {
     const v = r[k] ?? def;
-    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) throw err(`${key}.${k}`, `must be a positive number, got ${describe(r[k])}`);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+      throw err(`${key}.${k}`, `must be a positive number, got ${describe(r[k])}`);
     return v;
   };
   switch (type) {
@@ -210,25 +262,40 @@ function parseRopeScaling(
       const factor = num('factor');
       const orig = r.original_max_position_embeddings;
       if (orig !== undefined && orig !== null && !(typeof orig === 'number' && orig >= maxPositionEmbeddings)) {
-        throw err(`${key}.original_max_position_embeddings`, `is ${describe(orig)} < max_position_embeddings (${maxPositionEmbeddings}): dynamic NTK RoPE would then rescale the frequencies by each batch's longest sequence, which mlora does not implement (its RoPE tables are fixed)`);
+        throw err(
+          `${key}.original_max_position_embeddings`,
+          `is ${describe(orig)} < max_position_embeddings (${maxPositionEmbeddings}): dynamic NTK RoPE would then rescale the frequencies by each batch's longest sequence, which mlora does not implement (its RoPE tables are fixed)`,
+        );
       }
       return { type: 'dynamic', factor };
     }
     case 'llama3': {
       const s: RopeScaling = {
-        type: 'llama3', factor: num('factor'), lowFreqFactor: num('low_freq_factor'), highFreqFactor: num('high_freq_factor'),
+        type: 'llama3',
+        factor: num('factor'),
+        lowFreqFactor: num('low_freq_factor'),
+        highFreqFactor: num('high_freq_factor'),
         originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
       };
       if (!Number.isSafeInteger(s.originalMaxPositionEmbeddings)) {
-        throw err(`${key}.original_max_position_embeddings`, `must be a positive integer, got ${describe(r.original_max_position_embeddings)}`);
+        throw err(
+          `${key}.original_max_position_embeddings`,
+          `must be a positive integer, got ${describe(r.original_max_position_embeddings)}`,
+        );
       }
       if (!(s.highFreqFactor > s.lowFreqFactor)) {
-        throw err(`${key}.high_freq_factor`, `(${s.highFreqFactor}) must be greater than low_freq_factor (${s.lowFreqFactor})`);
+        throw err(
+          `${key}.high_freq_factor`,
+          `(${s.highFreqFactor}) must be greater than low_freq_factor (${s.lowFreqFactor})`,
+        );
       }
       return s;
     }
     default:
-      throw err(`${key}.rope_type`, `is ${describe(type)}: mlora implements the default RoPE and the llama3, linear and dynamic scalings, not this one (${describe(r)})`);
+      throw err(
+        `${key}.rope_type`,
+        `is ${describe(type)}: mlora implements the default RoPE and the llama3, linear and dynamic scalings, not this one (${describe(r)})`,
+      );
   }
 }
 
@@ -237,7 +304,9 @@ function readJson(file: string, label: string): unknown {
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (e) {
-    throw new Error(`${label}: cannot read: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+    throw new Error(
+      `${label}: cannot read: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`,
+    );
   }
   try {
     return JSON.parse(text);
@@ -253,7 +322,10 @@ export function readModelConfig(dir: string): LlamaConfig {
 }
 
 const ARCHITECTURES: Record<string, string> = {
-  llama: 'LlamaForCausalLM', mistral: 'MistralForCausalLM', qwen2: 'Qwen2ForCausalLM', qwen3: 'Qwen3ForCausalLM',
+  llama: 'LlamaForCausalLM',
+  mistral: 'MistralForCausalLM',
+  qwen2: 'Qwen2ForCausalLM',
+  qwen3: 'Qwen3ForCausalLM',
 };
 
 /** rope_scaling as transformers writes it. */
@@ -261,7 +333,10 @@ function ropeScalingJson(r: RopeScaling | undefined): Record<string, unknown> | 
   if (!r) return null;
   if (r.type !== 'llama3') return { rope_type: r.type, factor: r.factor };
   return {
-    rope_type: 'llama3', factor: r.factor, low_freq_factor: r.lowFreqFactor, high_freq_factor: r.highFreqFactor,
+    rope_type: 'llama3',
+    factor: r.factor,
+    low_freq_factor: r.lowFreqFactor,
+    high_freq_factor: r.highFreqFactor,
     original_max_position_embeddings: r.originalMaxPositionEmbeddings,
   };
 }
@@ -270,7 +345,10 @@ function ropeScalingJson(r: RopeScaling | undefined): Record<string, unknown> | 
 function familyJson(c: LlamaConfig): Record<string, unknown> {
   const windows = c.layerWindows ?? [];
   const w = windows.find((x) => x > 0) ?? 0;
-  if (windows.some((x) => x > 0 && x !== w)) throw new Error(`toHfConfigJson: layers with different sliding windows (${windows.join(', ')}) have no config.json spelling`);
+  if (windows.some((x) => x > 0 && x !== w))
+    throw new Error(
+      `toHfConfigJson: layers with different sliding windows (${windows.join(', ')}) have no config.json spelling`,
+    );
   const expect = (ok: boolean, what: string) => {
     if (!ok) throw new Error(`toHfConfigJson: model_type ${c.modelType} cannot have ${what}`);
   };
@@ -287,7 +365,9 @@ function familyJson(c: LlamaConfig): Record<string, unknown> {
     case 'qwen3':
       return {
         ...(c.modelType === 'qwen3' ? { attention_bias: false } : {}),
-        use_sliding_window: w > 0, sliding_window: w || null, max_window_layers: c.numLayers,
+        use_sliding_window: w > 0,
+        sliding_window: w || null,
+        max_window_layers: c.numLayers,
         ...(w ? { layer_types: windows.map((x) => (x ? 'sliding_attention' : 'full_attention')) } : {}),
       };
     default:
@@ -363,7 +443,12 @@ export function expectedTensors(c: LlamaConfig): Map<string, number[]> {
  * (first stage) and the final norm + head when `head` (last stage; with tied embeddings the
  * head is the embedding table).
  */
-export function stageTensorNames(c: LlamaConfig, lo: number, hi: number, opts: { embedding?: boolean; head?: boolean } = {}): string[] {
+export function stageTensorNames(
+  c: LlamaConfig,
+  lo: number,
+  hi: number,
+  opts: { embedding?: boolean; head?: boolean } = {},
+): string[] {
   if (!(Number.isInteger(lo) && Number.isInteger(hi) && 0 <= lo && lo <= hi && hi <= c.numLayers)) {
     throw new Error(`stageTensorNames: layers [${lo}, ${hi}) are not inside [0, ${c.numLayers})`);
   }
@@ -408,12 +493,20 @@ export interface ModelDir {
    * Loads one tensor into device memory (F32/F16/BF16 straight from the file). Its shape is
    * checked against `expectShape` (default: the shape the config implies); `dtype` converts.
    */
-  loadTensor(device: NativeDevice, name: string, options?: { expectShape?: readonly number[]; dtype?: DType }): Promise<Tensor>;
+  loadTensor(
+    device: NativeDevice,
+    name: string,
+    options?: { expectShape?: readonly number[]; dtype?: DType },
+  ): Promise<Tensor>;
   /**
    * Loads several tensors (e.g. `stageTensorNames(config, lo, hi, ...)`: one stage's share),
    * each checked as in loadTensor; on an error the ones already loaded are freed.
    */
-  loadTensors(device: NativeDevice, names: readonly string[], options?: { dtype?: DType }): Promise<Map<string, Tensor>>;
+  loadTensors(
+    device: NativeDevice,
+    names: readonly string[],
+    options?: { dtype?: DType },
+  ): Promise<Map<string, Tensor>>;
   /** One tensor as f32 in JS memory. */
   readF32(name: string): Float32Array;
   /** Totals over the expected tensors. */
@@ -446,11 +539,14 @@ export function openModelDir(dir: string): ModelDir {
   if (fs.existsSync(indexPath)) {
     const idx = readJson(indexPath, indexPath) as Record<string, unknown>;
     const wm = idx?.weight_map;
-    if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) throw new Error(`${indexPath}: field 'weight_map' must be an object {tensor: file}`);
+    if (typeof wm !== 'object' || wm === null || Array.isArray(wm))
+      throw new Error(`${indexPath}: field 'weight_map' must be an object {tensor: file}`);
     const byFile = new Map<string, string[]>();
     for (const [t, f] of Object.entries(wm as Record<string, unknown>)) {
       if (typeof f !== 'string' || f === '' || f.includes('/') || f.includes('\\') || f === '.' || f === '..') {
-        throw new Error(`${indexPath}: weight_map['${t}'] must be a file name in the model directory, got ${describe(f)}`);
+        throw new Error(
+          `${indexPath}: weight_map['${t}'] must be a file name in the model directory, got ${describe(f)}`,
+        );
       }
       byFile.set(f, [...(byFile.get(f) ?? []), t]);
     }
@@ -458,7 +554,8 @@ export function openModelDir(dir: string): ModelDir {
       const st = openSafetensors(path.join(dir, f));
       files.push(st);
       for (const t of names) {
-        if (!st.tensors.has(t)) throw new Error(`${indexPath}: weight_map puts tensor '${t}' in ${f}, but ${st.path} has no such tensor`);
+        if (!st.tensors.has(t))
+          throw new Error(`${indexPath}: weight_map puts tensor '${t}' in ${f}, but ${st.path} has no such tensor`);
         fileMap.set(t, st);
       }
     }
@@ -467,14 +564,23 @@ export function openModelDir(dir: string): ModelDir {
     files.push(st);
     for (const t of st.tensors.keys()) fileMap.set(t, st);
   } else {
-    throw new Error(`${dir}: no ${SINGLE} and no ${INDEX} (a Hugging Face model directory holds its weights in one of them)`);
+    throw new Error(
+      `${dir}: no ${SINGLE} and no ${INDEX} (a Hugging Face model directory holds its weights in one of them)`,
+    );
   }
 
   const expected = expectedTensors(config);
   // Which tensors bitsandbytes quantized: every decoder linear (transformers keeps lm_head out).
   const quantized = new Set<string>();
-  if (quantization) for (let i = 0; i < config.numLayers; i++) for (const t of LORA_TARGETS) quantized.add(`model.layers.${i}.${projectionModule(t)}.weight`);
-  const missing = [...expected.keys()].flatMap((n) => [n, ...(quantized.has(n) ? companionNames(n, quantization!).filter((c) => !c.endsWith('weight_format')) : [])]).filter((n) => !fileMap.has(n));
+  if (quantization)
+    for (let i = 0; i < config.numLayers; i++)
+      for (const t of LORA_TARGETS) quantized.add(`model.layers.${i}.${projectionModule(t)}.weight`);
+  const missing = [...expected.keys()]
+    .flatMap((n) => [
+      n,
+      ...(quantized.has(n) ? companionNames(n, quantization!).filter((c) => !c.endsWith('weight_format')) : []),
+    ])
+    .filter((n) => !fileMap.has(n));
   if (missing.length) {
     const where = files.length === 1 ? files[0]!.path : `${dir} (${INDEX})`;
     throw new Error(
@@ -486,13 +592,17 @@ export function openModelDir(dir: string): ModelDir {
     const i = st.tensors.get(n)!;
     if (quantized.has(n)) {
       const want = quantization === 'int8' ? 'I8' : 'U8';
-      if (i.dtype !== want) throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; config.json's quantization_config (${quantization}) stores it as ${want}`);
+      if (i.dtype !== want)
+        throw new Error(
+          `${st.path}: tensor '${n}' is ${i.dtype}; config.json's quantization_config (${quantization}) stores it as ${want}`,
+        );
       continue; // its shape and statistics are checked when its blob is assembled (bnbBlob)
     }
     if (!sameShape(i.shape, shape)) {
       throw new Error(`${st.path}: tensor '${n}' has shape ${fmt(i.shape)} but config.json implies ${fmt(shape)}`);
     }
-    if (!['F32', 'F16', 'BF16', 'F64'].includes(i.dtype)) throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; weights must be F32, F16 or BF16`);
+    if (!['F32', 'F16', 'BF16', 'F64'].includes(i.dtype))
+      throw new Error(`${st.path}: tensor '${n}' is ${i.dtype}; weights must be F32, F16 or BF16`);
   }
   const tensorNames = [...fileMap.keys()];
   const companions = new Set([...quantized].flatMap((n) => companionNames(n, quantization!)));
@@ -505,7 +615,11 @@ export function openModelDir(dir: string): ModelDir {
   };
   const source = (name: string) => ({ file: fileOf(name), name });
   return {
-    dir, config, files, tensorNames, extraTensors,
+    dir,
+    config,
+    files,
+    tensorNames,
+    extraTensors,
     ...(quantization ? { quantization } : {}),
     isQuantized: (name) => quantized.has(name),
     warnings: files.flatMap((f) => f.warnings),
@@ -518,16 +632,21 @@ export function openModelDir(dir: string): ModelDir {
       const want = options.expectShape ?? expected.get(name);
       if (quantized.has(name)) {
         const dt = QUANT_DTYPE[quantization!];
-        if (options.dtype && options.dtype !== dt) throw new Error(`${f.path}: tensor '${name}' is stored ${quantization}; it loads as ${dt}, not ${options.dtype}`);
+        if (options.dtype && options.dtype !== dt)
+          throw new Error(
+            `${f.path}: tensor '${name}' is stored ${quantization}; it loads as ${dt}, not ${options.dtype}`,
+          );
         return device.fromArray(dt, [...want!], bnbBlob(source, name, quantization!, want!));
       }
-      if (want && !sameShape(i.shape, want)) throw new Error(`${f.path}: tensor '${name}' has shape ${fmt(i.shape)}, expected ${fmt(want)}`);
+      if (want && !sameShape(i.shape, want))
+        throw new Error(`${f.path}: tensor '${name}' has shape ${fmt(i.shape)}, expected ${fmt(want)}`);
       return f.toDevice(device, name, options.dtype ? { dtype: options.dtype } : {});
     },
     async loadTensors(device, names, options = {}) {
       const out = new Map<string, Tensor>();
       try {
-        for (const n of names) if (!out.has(n)) out.set(n, await this.loadTensor(device, n, options.dtype ? { dtype: options.dtype } : {}));
+        for (const n of names)
+          if (!out.has(n)) out.set(n, await this.loadTensor(device, n, options.dtype ? { dtype: options.dtype } : {}));
       } catch (e) {
         for (const t of out.values()) t.free();
         throw e;
@@ -535,7 +654,10 @@ export function openModelDir(dir: string): ModelDir {
       return out;
     },
     readF32: (name) => {
-      if (quantized.has(name)) throw new Error(`${dir}: tensor '${name}' is stored ${quantization}; load it to a device (loadTensor) and dequantize it there`);
+      if (quantized.has(name))
+        throw new Error(
+          `${dir}: tensor '${name}' is stored ${quantization}; load it to a device (loadTensor) and dequantize it there`,
+        );
       return fileOf(name).readF32(name);
     },
     stats() {
@@ -546,7 +668,9 @@ export function openModelDir(dir: string): ModelDir {
         const i = fileOf(n).info(n);
         parameters += numel(quantized.has(n) ? expected.get(n)! : i.shape);
         bytes += i.end - i.begin;
-        if (quantized.has(n)) for (const c of companionNames(n, quantization!)) if (fileMap.has(c)) bytes += fileOf(c).info(c).end - fileOf(c).info(c).begin;
+        if (quantized.has(n))
+          for (const c of companionNames(n, quantization!))
+            if (fileMap.has(c)) bytes += fileOf(c).info(c).end - fileOf(c).info(c).begin;
         const key = quantized.has(n) ? quantization! : i.dtype;
         dtypes[key] = (dtypes[key] ?? 0) + 1;
       }
@@ -566,7 +690,9 @@ export function openModelDir(dir: string): ModelDir {
  * time while a shard is written, so only one tensor is in memory. Returns the file names written.
  */
 export function writeWeightFiles(
-  dir: string, sources: ReadonlyArray<readonly [string, StTensorSource]>, options: { shardBytes?: number; alwaysIndex?: boolean } = {},
+  dir: string,
+  sources: ReadonlyArray<readonly [string, StTensorSource]>,
+  options: { shardBytes?: number; alwaysIndex?: boolean } = {},
 ): Set<string> {
   const meta = { format: 'pt' };
   const bytesOf = (s: StTensorSource) => numel(s.shape) * ST_DTYPE_SIZE[s.dtype];
@@ -602,7 +728,10 @@ export function writeWeightFiles(
     for (const [name] of shard) weightMap[name] = f;
   });
   const sortedMap = Object.fromEntries(Object.entries(weightMap).sort((a, b) => (a[0] < b[0] ? -1 : 1)));
-  writeFileAtomic(path.join(dir, INDEX), JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n');
+  writeFileAtomic(
+    path.join(dir, INDEX),
+    JSON.stringify({ metadata: { total_size: total }, weight_map: sortedMap }, null, 2) + '\n',
+  );
   written.add(INDEX);
   return written;
 }
@@ -661,8 +790,13 @@ export function writeRandomLlama(dir: string, config: LlamaConfig, options: Rand
       },
     },
   ]);
-  if (options.shardBytes !== undefined && !(options.shardBytes > 0)) throw new Error(`writeRandomLlama: shardBytes must be positive, got ${options.shardBytes}`);
-  const written = writeWeightFiles(dir, sources, options.shardBytes === undefined ? {} : { shardBytes: options.shardBytes, alwaysIndex: true });
+  if (options.shardBytes !== undefined && !(options.shardBytes > 0))
+    throw new Error(`writeRandomLlama: shardBytes must be positive, got ${options.shardBytes}`);
+  const written = writeWeightFiles(
+    dir,
+    sources,
+    options.shardBytes === undefined ? {} : { shardBytes: options.shardBytes, alwaysIndex: true },
+  );
   // Old weights of another layout would shadow or confuse the new ones.
   for (const f of fs.readdirSync(dir)) {
     if (isWeightFile(f) && !written.has(f)) fs.rmSync(path.join(dir, f), { force: true });
@@ -670,6 +804,10 @@ export function writeRandomLlama(dir: string, config: LlamaConfig, options: Rand
   writeFileAtomic(path.join(dir, 'config.json'), JSON.stringify(toHfConfigJson(cfg), null, 2) + '\n');
   writeFileAtomic(
     path.join(dir, 'generation_config.json'),
-    JSON.stringify({ _from_model_config: true, bos_token_id: cfg.bosTokenId ?? 1, eos_token_id: cfg.eosTokenId ?? 2 }, null, 2) + '\n',
+    JSON.stringify(
+      { _from_model_config: true, bos_token_id: cfg.bosTokenId ?? 1, eos_token_id: cfg.eosTokenId ?? 2 },
+      null,
+      2,
+    ) + '\n',
   );
 }

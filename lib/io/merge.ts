@@ -15,7 +15,14 @@ import path from 'node:path';
 import { LORA_TARGETS, projectionModule, type LoraTarget } from '../model/config.js';
 import { isWeightFile, openModelDir, writeWeightFiles } from './hf-model.js';
 import { ADAPTER_WEIGHTS, adapterMismatches, loadAdapter, type LoraPair } from './peft.js';
-import { fsyncDir, tempSibling, writeFileAtomic, type StArray, type StDType, type StTensorSource } from './safetensors.js';
+import {
+  fsyncDir,
+  tempSibling,
+  writeFileAtomic,
+  type StArray,
+  type StDType,
+  type StTensorSource,
+} from './safetensors.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
 
 export type MergeDType = 'f32' | 'bf16' | 'f16';
@@ -34,7 +41,17 @@ export function parseShardSize(s: string): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*$/i.exec(s);
   if (!m) throw new Error(`invalid shard size '${s}': expected a byte count or a size like 5GB, 200MB, 10KiB`);
   const unit = (m[2] ?? 'b').toLowerCase();
-  const mult: Record<string, number> = { b: 1, kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 };
+  const mult: Record<string, number> = {
+    b: 1,
+    kb: 1e3,
+    mb: 1e6,
+    gb: 1e9,
+    tb: 1e12,
+    kib: 2 ** 10,
+    mib: 2 ** 20,
+    gib: 2 ** 30,
+    tib: 2 ** 40,
+  };
   const n = Math.floor(Number(m[1]) * mult[unit]!);
   if (!(n >= 1)) throw new Error(`invalid shard size '${s}': must be at least 1 byte`);
   return n;
@@ -63,7 +80,8 @@ export interface MergeResult {
 export function mergedWeight(w: Float32Array, p: LoraPair, r: number, scale: number): Float32Array {
   const inDim = p.a.length / r;
   const outDim = p.b.length / r;
-  if (w.length !== outDim * inDim) throw new Error(`mergedWeight: W has ${w.length} elements, B·A is ${outDim} × ${inDim}`);
+  if (w.length !== outDim * inDim)
+    throw new Error(`mergedWeight: W has ${w.length} elements, B·A is ${outDim} × ${inDim}`);
   const y = new Float32Array(w.length);
   const acc = new Float64Array(inDim);
   for (let o = 0; o < outDim; o++) {
@@ -84,13 +102,22 @@ function encode(f: Float32Array, st: StDType): StArray {
 }
 
 /** Merges the adapter in `adapterDir` into the model in `modelDir`, writing the model `out`. */
-export function mergeAdapter(modelDir: string, adapterDir: string, out: string, options: MergeOptions = {}): MergeResult {
-  if (options.dtype !== undefined && !(options.dtype in ST_OF)) throw new Error(`merge: dtype must be f32, bf16 or f16, got '${options.dtype}'`);
+export function mergeAdapter(
+  modelDir: string,
+  adapterDir: string,
+  out: string,
+  options: MergeOptions = {},
+): MergeResult {
+  if (options.dtype !== undefined && !(options.dtype in ST_OF))
+    throw new Error(`merge: dtype must be f32, bf16 or f16, got '${options.dtype}'`);
   const maxShard = options.maxShardBytes ?? DEFAULT_MAX_SHARD_BYTES;
-  if (!(Number.isFinite(maxShard) && maxShard >= 1)) throw new Error(`merge: the shard size must be at least 1 byte, got ${maxShard}`);
+  if (!(Number.isFinite(maxShard) && maxShard >= 1))
+    throw new Error(`merge: the shard size must be at least 1 byte, got ${maxShard}`);
   const st = fs.statSync(out, { throwIfNoEntry: false });
-  if (st && !st.isDirectory()) throw new Error(`${out}: exists and is not a directory; merge writes a new model directory`);
-  if (st && fs.readdirSync(out).length) throw new Error(`${out}: is not empty; merge writes only into a new or empty directory (nothing was changed)`);
+  if (st && !st.isDirectory())
+    throw new Error(`${out}: exists and is not a directory; merge writes a new model directory`);
+  if (st && fs.readdirSync(out).length)
+    throw new Error(`${out}: is not empty; merge writes only into a new or empty directory (nothing was changed)`);
 
   const model = openModelDir(modelDir);
   const config = model.config;
@@ -99,7 +126,9 @@ export function mergeAdapter(modelDir: string, adapterDir: string, out: string, 
   if (mism.length) {
     throw new Error(
       `${path.join(adapterDir, ADAPTER_WEIGHTS)} does not fit the model ${modelDir} (${path.join(modelDir, 'config.json')}): ` +
-        `${mism.length} mismatch${mism.length > 1 ? 'es' : ''}:\n  ` + mism.slice(0, 10).join('\n  ') + (mism.length > 10 ? `\n  ... and ${mism.length - 10} more` : ''),
+        `${mism.length} mismatch${mism.length > 1 ? 'es' : ''}:\n  ` +
+        mism.slice(0, 10).join('\n  ') +
+        (mism.length > 10 ? `\n  ... and ${mism.length - 10} more` : ''),
     );
   }
   const scale = ad.scaling;
@@ -111,7 +140,9 @@ export function mergeAdapter(modelDir: string, adapterDir: string, out: string, 
       if (p) pairs.set(`model.layers.${i}.${projectionModule(t)}.weight`, p);
     }
   });
-  for (const n of pairs.keys()) if (!model.tensorNames.includes(n)) throw new Error(`${modelDir}: the model has no tensor '${n}' that the adapter ${adapterDir} adapts`);
+  for (const n of pairs.keys())
+    if (!model.tensorNames.includes(n))
+      throw new Error(`${modelDir}: the model has no tensor '${n}' that the adapter ${adapterDir} adapts`);
 
   const want = options.dtype ? ST_OF[options.dtype] : undefined;
   const sources: Array<[string, StTensorSource]> = model.tensorNames.map((name) => {
@@ -142,7 +173,13 @@ export function mergeAdapter(modelDir: string, adapterDir: string, out: string, 
     const copied: string[] = [];
     for (const f of fs.readdirSync(modelDir).sort()) {
       const src = path.join(modelDir, f);
-      if (f === 'config.json' || isWeightFile(f) || /\.(safetensors|bin|pt|pth|gguf)$/.test(f) || !fs.statSync(src).isFile()) continue;
+      if (
+        f === 'config.json' ||
+        isWeightFile(f) ||
+        /\.(safetensors|bin|pt|pth|gguf)$/.test(f) ||
+        !fs.statSync(src).isFile()
+      )
+        continue;
       fs.copyFileSync(src, path.join(tmp, f));
       copied.push(f);
     }

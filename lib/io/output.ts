@@ -12,7 +12,10 @@ export type OutputMode = 'refuse' | 'resume' | 'overwrite';
 
 /** A run id: the start time (UTC, sortable) and a random tail, safe as a folder name. */
 export function newRunId(now = new Date()): string {
-  return `${now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z')}-${randomBytes(3).toString('hex')}`;
+  return `${now
+    .toISOString()
+    .replace(/[-:]/g, '')
+    .replace(/\.\d+Z$/, 'Z')}-${randomBytes(3).toString('hex')}`;
 }
 
 /**
@@ -29,7 +32,11 @@ export function earlierResults(output: string, adapter: string): string[] {
   }
   // (a file named like a checkpoint is no result: saving there fails, with its own error)
   return entries
-    .filter((e) => (e.isFile() && e.name === 'adapter_model.safetensors') || (e.isDirectory() && /^\.?checkpoint-\d+(\.replaced)?$/.test(e.name)))
+    .filter(
+      (e) =>
+        (e.isFile() && e.name === 'adapter_model.safetensors') ||
+        (e.isDirectory() && /^\.?checkpoint-\d+(\.replaced)?$/.test(e.name)),
+    )
     .map((e) => e.name)
     .sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
 }

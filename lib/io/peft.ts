@@ -12,7 +12,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { LORA_TARGETS, projectionModule, projectionShape, type LlamaConfig, type LoraTarget } from '../model/config.js';
-import { fsyncDir, openSafetensors, tempSibling, writeFileAtomic, writeSafetensors, type StTensorSource } from './safetensors.js';
+import {
+  fsyncDir,
+  openSafetensors,
+  tempSibling,
+  writeFileAtomic,
+  writeSafetensors,
+  type StTensorSource,
+} from './safetensors.js';
 import { f32ToBf16, f32ToF16 } from './dtype.js';
 
 /** One projection's LoRA factors, row-major f32: A is [r, in], B is [out, r]. */
@@ -56,7 +63,8 @@ export function loraTensorName(layer: number, target: LoraTarget, which: 'A' | '
   return `base_model.model.model.layers.${layer}.${projectionModule(target)}.lora_${which}.weight`;
 }
 
-const NAME_RE = /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])(?:\.([^.]+))?\.weight$/;
+const NAME_RE =
+  /^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\.lora_([AB])(?:\.([^.]+))?\.weight$/;
 
 function describe(v: unknown): string {
   return v === undefined ? 'nothing' : JSON.stringify(v);
@@ -87,7 +95,8 @@ interface ParsedConfig {
 
 /** Parses adapter_config.json (exported for tests); `file` names the file in errors. */
 export function parseAdapterConfig(json: unknown, file = ADAPTER_CONFIG): ParsedConfig {
-  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new Error(`${file}: must be a JSON object`);
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    throw new Error(`${file}: must be a JSON object`);
   const o = json as Record<string, unknown>;
   const err = (k: string, m: string) => new Error(`${file}: field '${k}' ${m}`);
   if (o.peft_type !== 'LORA') throw err('peft_type', `must be "LORA", got ${describe(o.peft_type)}`);
@@ -95,29 +104,42 @@ export function parseAdapterConfig(json: unknown, file = ADAPTER_CONFIG): Parsed
     throw err('task_type', `must be "CAUSAL_LM", got ${describe(o.task_type)}`);
   }
   const r = o.r;
-  if (typeof r !== 'number' || !Number.isSafeInteger(r) || r <= 0) throw err('r', `must be a positive integer, got ${describe(r)}`);
+  if (typeof r !== 'number' || !Number.isSafeInteger(r) || r <= 0)
+    throw err('r', `must be a positive integer, got ${describe(r)}`);
   const loraAlpha = o.lora_alpha ?? 8; // PEFT's default
-  if (typeof loraAlpha !== 'number' || !Number.isFinite(loraAlpha) || loraAlpha <= 0) throw err('lora_alpha', `must be a positive number, got ${describe(o.lora_alpha)}`);
+  if (typeof loraAlpha !== 'number' || !Number.isFinite(loraAlpha) || loraAlpha <= 0)
+    throw err('lora_alpha', `must be a positive number, got ${describe(o.lora_alpha)}`);
   const loraDropout = o.lora_dropout ?? 0;
-  if (typeof loraDropout !== 'number' || !(loraDropout >= 0 && loraDropout < 1)) throw err('lora_dropout', `must be a number in [0, 1), got ${describe(o.lora_dropout)}`);
+  if (typeof loraDropout !== 'number' || !(loraDropout >= 0 && loraDropout < 1))
+    throw err('lora_dropout', `must be a number in [0, 1), got ${describe(o.lora_dropout)}`);
   const useRslora = o.use_rslora ?? false;
   if (typeof useRslora !== 'boolean') throw err('use_rslora', `must be true or false, got ${describe(o.use_rslora)}`);
   if (o.use_dora === true) throw err('use_dora', 'is true: DoRA adapters are not supported by mlora');
-  if (o.fan_in_fan_out === true) throw err('fan_in_fan_out', 'is true: LLaMA projections are not Conv1D; mlora needs fan_in_fan_out false');
-  if (o.bias !== undefined && o.bias !== 'none') throw err('bias', `is ${describe(o.bias)}: mlora trains no biases (bias "none")`);
+  if (o.fan_in_fan_out === true)
+    throw err('fan_in_fan_out', 'is true: LLaMA projections are not Conv1D; mlora needs fan_in_fan_out false');
+  if (o.bias !== undefined && o.bias !== 'none')
+    throw err('bias', `is ${describe(o.bias)}: mlora trains no biases (bias "none")`);
   for (const k of ['rank_pattern', 'alpha_pattern']) {
     const v = o[k];
     if (v !== undefined && v !== null && (typeof v !== 'object' || Array.isArray(v) || Object.keys(v).length)) {
       throw err(k, `is ${describe(v)}: per-module ranks and alphas are not supported by mlora (must be {})`);
     }
   }
-  if (o.modules_to_save !== undefined && o.modules_to_save !== null && !(Array.isArray(o.modules_to_save) && o.modules_to_save.length === 0)) {
-    throw err('modules_to_save', `is ${describe(o.modules_to_save)}: fully trained extra modules are not supported by mlora`);
+  if (
+    o.modules_to_save !== undefined &&
+    o.modules_to_save !== null &&
+    !(Array.isArray(o.modules_to_save) && o.modules_to_save.length === 0)
+  ) {
+    throw err(
+      'modules_to_save',
+      `is ${describe(o.modules_to_save)}: fully trained extra modules are not supported by mlora`,
+    );
   }
   let targets: LoraTarget[] | undefined;
   const tm = o.target_modules;
   if (tm === 'all-linear') targets = [...LORA_TARGETS];
-  else if (typeof tm === 'string') targets = undefined; // a regex over module names: the tensors decide
+  else if (typeof tm === 'string')
+    targets = undefined; // a regex over module names: the tensors decide
   else if (Array.isArray(tm) && tm.length) {
     const set = new Set<LoraTarget>();
     for (const m of tm) {
@@ -138,7 +160,8 @@ export function parseAdapterConfig(json: unknown, file = ADAPTER_CONFIG): Parsed
     layersToTransform = arr as number[];
   }
   const bm = o.base_model_name_or_path ?? null;
-  if (bm !== null && typeof bm !== 'string') throw err('base_model_name_or_path', `must be a string or null, got ${describe(bm)}`);
+  if (bm !== null && typeof bm !== 'string')
+    throw err('base_model_name_or_path', `must be a string or null, got ${describe(bm)}`);
   return { r, loraAlpha, loraDropout, targets, useRslora, baseModelNameOrPath: bm, layersToTransform };
 }
 
@@ -149,7 +172,9 @@ export function loadAdapter(dir: string): LoadedAdapter {
   try {
     text = fs.readFileSync(cfgFile, 'utf8');
   } catch (e) {
-    throw new Error(`${cfgFile}: cannot read: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`);
+    throw new Error(
+      `${cfgFile}: cannot read: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`,
+    );
   }
   let json: unknown;
   try {
@@ -161,7 +186,9 @@ export function loadAdapter(dir: string): LoadedAdapter {
   const wFile = path.join(dir, ADAPTER_WEIGHTS);
   if (!fs.existsSync(wFile)) {
     const bin = fs.existsSync(path.join(dir, 'adapter_model.bin'));
-    throw new Error(`${wFile}: no such file${bin ? ' (adapter_model.bin is a pickle: re-save the adapter with safe_serialization=True)' : ''}`);
+    throw new Error(
+      `${wFile}: no such file${bin ? ' (adapter_model.bin is a pickle: re-save the adapter with safe_serialization=True)' : ''}`,
+    );
   }
   const st = openSafetensors(wFile);
   const layers: Array<Partial<Record<LoraTarget, LoraPair>>> = [];
@@ -170,18 +197,28 @@ export function loadAdapter(dir: string): LoadedAdapter {
   const dtypes: Record<string, number> = {};
   for (const [name, info] of st.tensors) {
     const m = NAME_RE.exec(name);
-    if (!m) throw new Error(`${wFile}: tensor '${name}' is not a LoRA factor of a LLaMA projection (base_model.model.model.layers.N.<module>.lora_A/B.weight)`);
+    if (!m)
+      throw new Error(
+        `${wFile}: tensor '${name}' is not a LoRA factor of a LLaMA projection (base_model.model.model.layers.N.<module>.lora_A/B.weight)`,
+      );
     const [, layerS, mod, proj, which, inf] = m;
     const target = LORA_TARGETS.find((t) => t === proj);
-    if (!target || projectionModule(target) !== `${mod}.${proj}`) throw new Error(`${wFile}: tensor '${name}': ${mod}.${proj} is not a LLaMA projection`);
+    if (!target || projectionModule(target) !== `${mod}.${proj}`)
+      throw new Error(`${wFile}: tensor '${name}': ${mod}.${proj} is not a LLaMA projection`);
     if (infix === null) infix = inf;
-    else if (infix !== inf) throw new Error(`${wFile}: tensor '${name}': the file mixes adapter names (${describe(infix)} and ${describe(inf)})`);
+    else if (infix !== inf)
+      throw new Error(
+        `${wFile}: tensor '${name}': the file mixes adapter names (${describe(infix)} and ${describe(inf)})`,
+      );
     const layer = Number(layerS);
-    if (!['F32', 'F16', 'BF16', 'F64'].includes(info.dtype)) throw new Error(`${wFile}: tensor '${name}' is ${info.dtype}; LoRA weights must be F32, F16 or BF16`);
+    if (!['F32', 'F16', 'BF16', 'F64'].includes(info.dtype))
+      throw new Error(`${wFile}: tensor '${name}' is ${info.dtype}; LoRA weights must be F32, F16 or BF16`);
     dtypes[info.dtype] = (dtypes[info.dtype] ?? 0) + 1;
     const expectR = (dim: number, what: string) => {
       if (info.shape.length !== 2 || info.shape[dim] !== c.r) {
-        throw new Error(`${wFile}: tensor '${name}' has shape [${info.shape.join(', ')}] but lora_${which} must be ${what} with r = ${c.r} (${cfgFile})`);
+        throw new Error(
+          `${wFile}: tensor '${name}' has shape [${info.shape.join(', ')}] but lora_${which} must be ${what} with r = ${c.r} (${cfgFile})`,
+        );
       }
     };
     expectR(which === 'A' ? 0 : 1, which === 'A' ? '[r, in]' : '[out, r]');
@@ -194,13 +231,17 @@ export function loadAdapter(dir: string): LoadedAdapter {
   const usedTargets = new Set<LoraTarget>();
   for (const e of found.values()) {
     if (!e.A || !e.B) {
-      throw new Error(`${wFile}: layer ${e.layer} ${e.target} has lora_${e.A ? 'A' : 'B'} but no lora_${e.A ? 'B' : 'A'}`);
+      throw new Error(
+        `${wFile}: layer ${e.layer} ${e.target} has lora_${e.A ? 'A' : 'B'} but no lora_${e.A ? 'B' : 'A'}`,
+      );
     }
     if (c.targets && !c.targets.includes(e.target)) {
       throw new Error(`${wFile}: tensor '${e.A}' is for ${e.target}, which target_modules in ${cfgFile} does not list`);
     }
     if (c.layersToTransform && !c.layersToTransform.includes(e.layer)) {
-      throw new Error(`${wFile}: tensor '${e.A}' is for layer ${e.layer}, which layers_to_transform in ${cfgFile} excludes`);
+      throw new Error(
+        `${wFile}: tensor '${e.A}' is for layer ${e.layer}, which layers_to_transform in ${cfgFile} excludes`,
+      );
     }
     usedTargets.add(e.target);
     while (layers.length <= e.layer) layers.push({});
@@ -224,9 +265,12 @@ export function loadAdapter(dir: string): LoadedAdapter {
 
 function pairDims(a: AdapterWeights, layer: number, t: LoraTarget, p: LoraPair): { in: number; out: number } {
   const where = `layer ${layer} ${t}`;
-  if (!(p.a instanceof Float32Array) || !(p.b instanceof Float32Array)) throw new Error(`adapter ${where}: a and b must be Float32Arrays`);
+  if (!(p.a instanceof Float32Array) || !(p.b instanceof Float32Array))
+    throw new Error(`adapter ${where}: a and b must be Float32Arrays`);
   if (p.a.length % a.r !== 0 || p.b.length % a.r !== 0 || p.a.length === 0 || p.b.length === 0) {
-    throw new Error(`adapter ${where}: A has ${p.a.length} and B ${p.b.length} elements, not non-zero multiples of r = ${a.r}`);
+    throw new Error(
+      `adapter ${where}: A has ${p.a.length} and B ${p.b.length} elements, not non-zero multiples of r = ${a.r}`,
+    );
   }
   return { in: p.a.length / a.r, out: p.b.length / a.r };
 }
@@ -238,7 +282,9 @@ function pairDims(a: AdapterWeights, layer: number, t: LoraTarget, p: LoraPair):
 export function adapterMismatches(a: AdapterWeights, c: LlamaConfig): string[] {
   const out: string[] = [];
   if (a.layers.length > c.numLayers) {
-    out.push(`the adapter has weights for layer ${a.layers.length - 1} but the model has ${c.numLayers} layers (0..${c.numLayers - 1})`);
+    out.push(
+      `the adapter has weights for layer ${a.layers.length - 1} but the model has ${c.numLayers} layers (0..${c.numLayers - 1})`,
+    );
   }
   a.layers.forEach((l, i) => {
     if (i >= c.numLayers) return;
@@ -247,8 +293,14 @@ export function adapterMismatches(a: AdapterWeights, c: LlamaConfig): string[] {
       if (!p) continue;
       const [mout, min] = projectionShape(c, t);
       const d = pairDims(a, i, t, p);
-      if (d.in !== min) out.push(`${loraTensorName(i, t, 'A')}: adapter [${a.r}, ${d.in}], model ${t} needs [${a.r}, ${min}] (in = ${min})`);
-      if (d.out !== mout) out.push(`${loraTensorName(i, t, 'B')}: adapter [${d.out}, ${a.r}], model ${t} needs [${mout}, ${a.r}] (out = ${mout})`);
+      if (d.in !== min)
+        out.push(
+          `${loraTensorName(i, t, 'A')}: adapter [${a.r}, ${d.in}], model ${t} needs [${a.r}, ${min}] (in = ${min})`,
+        );
+      if (d.out !== mout)
+        out.push(
+          `${loraTensorName(i, t, 'B')}: adapter [${d.out}, ${a.r}], model ${t} needs [${mout}, ${a.r}] (out = ${mout})`,
+        );
     }
   });
   return out;
@@ -260,7 +312,8 @@ export function checkAdapterAgainstModel(a: AdapterWeights, c: LlamaConfig, mode
   if (m.length) {
     throw new Error(
       `adapter${'dir' in a ? ` ${(a as LoadedAdapter).dir}` : ''} does not fit ${modelLabel} (${m.length} mismatch${m.length > 1 ? 'es' : ''}):\n  ` +
-        m.slice(0, 10).join('\n  ') + (m.length > 10 ? `\n  ... and ${m.length - 10} more` : ''),
+        m.slice(0, 10).join('\n  ') +
+        (m.length > 10 ? `\n  ... and ${m.length - 10} more` : ''),
     );
   }
 }
@@ -311,7 +364,8 @@ function adapterTensors(a: AdapterWeights, dtype: 'f32' | 'bf16' | 'f16'): Recor
     for (const t of LORA_TARGETS) {
       const p = l[t];
       if (!p) continue;
-      if (!a.targetModules.includes(t)) throw new Error(`saveAdapter: layer ${i} has ${t} weights but targetModules does not list ${t}`);
+      if (!a.targetModules.includes(t))
+        throw new Error(`saveAdapter: layer ${i} has ${t} weights but targetModules does not list ${t}`);
       const d = pairDims(a, i, t, p);
       const conv = (x: Float32Array) => (st === 'F32' ? x : st === 'BF16' ? f32ToBf16(x) : f32ToF16(x));
       tensors[loraTensorName(i, t, 'A')] = { dtype: st, shape: [a.r, d.in], data: () => conv(p.a) };
@@ -327,7 +381,11 @@ function adapterTensors(a: AdapterWeights, dtype: 'f32' | 'bf16' | 'f16'): Recor
  * (temp file + fsync + rename), leaving anything else in DIR alone: a trainer's output dir
  * also holds its checkpoint-<step>/ folders.
  */
-export function writeAdapterFiles(dir: string, a: AdapterWeights, options: { dtype?: 'f32' | 'bf16' | 'f16' } = {}): void {
+export function writeAdapterFiles(
+  dir: string,
+  a: AdapterWeights,
+  options: { dtype?: 'f32' | 'bf16' | 'f16' } = {},
+): void {
   parseAdapterConfig(adapterConfigJson(a), `writeAdapterFiles ${dir}`);
   const tensors = adapterTensors(a, options.dtype ?? 'f32');
   fs.mkdirSync(dir, { recursive: true });
@@ -347,7 +405,9 @@ export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: '
     if (!fs.statSync(abs).isDirectory()) throw new Error(`${dir}: exists and is not a directory`);
     const foreign = fs.readdirSync(abs).filter((f) => !OURS.has(f));
     if (foreign.length) {
-      throw new Error(`${dir}: holds files that are not part of an adapter (${foreign.slice(0, 3).join(', ')}${foreign.length > 3 ? ', ...' : ''}); not replacing it`);
+      throw new Error(
+        `${dir}: holds files that are not part of an adapter (${foreign.slice(0, 3).join(', ')}${foreign.length > 3 ? ', ...' : ''}); not replacing it`,
+      );
     }
   }
   fs.mkdirSync(path.dirname(abs), { recursive: true });
@@ -371,4 +431,3 @@ export function saveAdapter(dir: string, a: AdapterWeights, options: { dtype?: '
   fsyncDir(path.dirname(abs));
   if (old) fs.rmSync(old, { recursive: true, force: true });
 }
-

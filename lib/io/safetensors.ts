@@ -18,10 +18,23 @@ import type { DType, ElementDType, NativeDevice, Tensor } from '../native.js';
 import { bf16ToF32, f16ToF32, f32ToBf16, f32ToF16 } from './dtype.js';
 
 /** The dtypes of the safetensors format we know. The native core takes F32, F16, BF16, I32. */
-export type StDType = 'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U64' | 'U32' | 'U16' | 'U8' | 'BOOL';
+export type StDType =
+  'F64' | 'F32' | 'F16' | 'BF16' | 'I64' | 'I32' | 'I16' | 'I8' | 'U64' | 'U32' | 'U16' | 'U8' | 'BOOL';
 
 export const ST_DTYPE_SIZE: Readonly<Record<StDType, number>> = {
-  F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U64: 8, U32: 4, U16: 2, U8: 1, BOOL: 1,
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U64: 8,
+  U32: 4,
+  U16: 2,
+  U8: 1,
+  BOOL: 1,
 };
 
 export function isStDType(s: unknown): s is StDType {
@@ -30,11 +43,24 @@ export function isStDType(s: unknown): s is StDType {
 
 /** The typed array `read` returns for each dtype (F16/BF16: the raw bits). */
 export type StArray =
-  | Float64Array | Float32Array | Uint16Array | BigInt64Array | BigUint64Array
-  | Int32Array | Uint32Array | Int16Array | Int8Array | Uint8Array;
+  | Float64Array
+  | Float32Array
+  | Uint16Array
+  | BigInt64Array
+  | BigUint64Array
+  | Int32Array
+  | Uint32Array
+  | Int16Array
+  | Int8Array
+  | Uint8Array;
 
 /** Native dtype <-> safetensors dtype. */
-export const NATIVE_TO_ST: Readonly<Record<ElementDType, StDType>> = { f32: 'F32', f16: 'F16', bf16: 'BF16', i32: 'I32' };
+export const NATIVE_TO_ST: Readonly<Record<ElementDType, StDType>> = {
+  f32: 'F32',
+  f16: 'F16',
+  bf16: 'BF16',
+  i32: 'I32',
+};
 export function nativeDType(d: StDType): DType | undefined {
   return d === 'F32' ? 'f32' : d === 'F16' ? 'f16' : d === 'BF16' ? 'bf16' : d === 'I32' ? 'i32' : undefined;
 }
@@ -65,14 +91,18 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
 }
 
 function checkLittleEndian(): void {
-  if (os.endianness() !== 'LE') throw new Error('safetensors: this machine is big-endian; only little-endian hosts are supported');
+  if (os.endianness() !== 'LE')
+    throw new Error('safetensors: this machine is big-endian; only little-endian hosts are supported');
 }
 
 function preadFully(fd: number, dst: Uint8Array, position: number, what: () => string): void {
   let got = 0;
   while (got < dst.length) {
     const n = fs.readSync(fd, dst, got, dst.length - got, position + got);
-    if (n <= 0) throw new Error(`${what()}: short read: got ${got} of ${dst.length} bytes at byte ${position} (was the file truncated?)`);
+    if (n <= 0)
+      throw new Error(
+        `${what()}: short read: got ${got} of ${dst.length} bytes at byte ${position} (was the file truncated?)`,
+      );
     got += n;
   }
 }
@@ -108,10 +138,14 @@ export interface SafetensorsFile {
 
 /** Parses and validates a header (exported for tests); `file` names the file in errors. */
 export function parseHeader(
-  file: string, json: unknown, dataSize: number,
+  file: string,
+  json: unknown,
+  dataSize: number,
 ): { tensors: Map<string, StTensorInfo>; metadata: Record<string, string>; warnings: string[] } {
   if (!isPlainObject(json)) {
-    throw new Error(`${file}: header is not a JSON object (got ${Array.isArray(json) ? 'an array' : json === null ? 'null' : typeof json})`);
+    throw new Error(
+      `${file}: header is not a JSON object (got ${Array.isArray(json) ? 'an array' : json === null ? 'null' : typeof json})`,
+    );
   }
   const metadata: Record<string, string> = {};
   const tensors = new Map<string, StTensorInfo>();
@@ -120,7 +154,8 @@ export function parseHeader(
     if (name === '__metadata__') {
       if (!isPlainObject(v)) throw new Error(`${file}: __metadata__ must be an object of strings`);
       for (const [k, s] of Object.entries(v)) {
-        if (typeof s !== 'string') throw new Error(`${file}: __metadata__ '${k}' must be a string, got ${JSON.stringify(s)}`);
+        if (typeof s !== 'string')
+          throw new Error(`${file}: __metadata__ '${k}' must be a string, got ${JSON.stringify(s)}`);
         metadata[k] = s;
       }
       continue;
@@ -129,22 +164,30 @@ export function parseHeader(
     if (!isPlainObject(v)) throw new Error(`${where}: entry must be an object {dtype, shape, data_offsets}`);
     const { dtype, shape, data_offsets: offs } = v;
     if (!isStDType(dtype)) {
-      throw new Error(`${where}: unknown dtype ${JSON.stringify(dtype)} (known: ${Object.keys(ST_DTYPE_SIZE).join(', ')})`);
+      throw new Error(
+        `${where}: unknown dtype ${JSON.stringify(dtype)} (known: ${Object.keys(ST_DTYPE_SIZE).join(', ')})`,
+      );
     }
     if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       throw new Error(`${where}: shape must be a list of non-negative integers, got ${JSON.stringify(shape)}`);
     }
     if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      throw new Error(`${where}: data_offsets must be [begin, end] with non-negative integers, got ${JSON.stringify(offs)}`);
+      throw new Error(
+        `${where}: data_offsets must be [begin, end] with non-negative integers, got ${JSON.stringify(offs)}`,
+      );
     }
     const [begin, end] = offs as [number, number];
     if (end < begin) throw new Error(`${where}: data_offsets [${begin}, ${end}] end before they begin`);
     if (end > dataSize) {
-      throw new Error(`${where}: data_offsets [${begin}, ${end}] run past the end of the data section (${dataSize} bytes)`);
+      throw new Error(
+        `${where}: data_offsets [${begin}, ${end}] run past the end of the data section (${dataSize} bytes)`,
+      );
     }
     const need = numel(shape as number[]) * ST_DTYPE_SIZE[dtype];
     if (end - begin !== need) {
-      throw new Error(`${where}: data_offsets [${begin}, ${end}] hold ${end - begin} bytes but ${dtype} ${fmtShape(shape as number[])} needs ${need}`);
+      throw new Error(
+        `${where}: data_offsets [${begin}, ${end}] hold ${end - begin} bytes but ${dtype} ${fmtShape(shape as number[])} needs ${need}`,
+      );
     }
     tensors.set(name, { dtype, shape: [...(shape as number[])], begin, end });
   }
@@ -154,13 +197,17 @@ export function parseHeader(
   let prev: string | undefined;
   for (const [name, t] of sorted) {
     if (t.begin < pos) {
-      throw new Error(`${file}: tensor '${name}' (bytes [${t.begin}, ${t.end})) overlaps tensor '${prev}' (ends at byte ${pos})`);
+      throw new Error(
+        `${file}: tensor '${name}' (bytes [${t.begin}, ${t.end})) overlaps tensor '${prev}' (ends at byte ${pos})`,
+      );
     }
-    if (t.begin > pos) warnings.push(`${file}: ${t.begin - pos} unused bytes before tensor '${name}' (HF's loader refuses gaps)`);
+    if (t.begin > pos)
+      warnings.push(`${file}: ${t.begin - pos} unused bytes before tensor '${name}' (HF's loader refuses gaps)`);
     pos = t.end;
     prev = name;
   }
-  if (pos < dataSize) warnings.push(`${file}: ${dataSize - pos} unused bytes after the last tensor (HF's loader refuses them)`);
+  if (pos < dataSize)
+    warnings.push(`${file}: ${dataSize - pos} unused bytes after the last tensor (HF's loader refuses them)`);
   return { tensors, metadata, warnings };
 }
 
@@ -184,10 +231,15 @@ export function openSafetensors(file: string): SafetensorsFile {
     const lenBuf = Buffer.alloc(8);
     preadFully(fd, lenBuf, 0, () => name);
     const n = lenBuf.readBigUInt64LE(0);
-    if (n > BigInt(MAX_HEADER_BYTES)) throw new Error(`${name}: header length ${n} is over the limit of ${MAX_HEADER_BYTES} bytes (not a safetensors file?)`);
+    if (n > BigInt(MAX_HEADER_BYTES))
+      throw new Error(
+        `${name}: header length ${n} is over the limit of ${MAX_HEADER_BYTES} bytes (not a safetensors file?)`,
+      );
     headerSize = Number(n);
     if (8 + headerSize > fileSize) {
-      throw new Error(`${name}: header length ${headerSize} runs past the end of the file (${fileSize} bytes: truncated?)`);
+      throw new Error(
+        `${name}: header length ${headerSize} runs past the end of the file (${fileSize} bytes: truncated?)`,
+      );
     }
     const hb = Buffer.alloc(headerSize);
     preadFully(fd, hb, 8, () => name);
@@ -225,16 +277,29 @@ export function openSafetensors(file: string): SafetensorsFile {
       fs.closeSync(fd2);
     }
     switch (i.dtype) {
-      case 'F64': return new Float64Array(buf);
-      case 'F32': return new Float32Array(buf);
-      case 'F16': case 'BF16': case 'U16': return new Uint16Array(buf);
-      case 'I64': return new BigInt64Array(buf);
-      case 'U64': return new BigUint64Array(buf);
-      case 'I32': return new Int32Array(buf);
-      case 'U32': return new Uint32Array(buf);
-      case 'I16': return new Int16Array(buf);
-      case 'I8': return new Int8Array(buf);
-      case 'U8': case 'BOOL': return new Uint8Array(buf);
+      case 'F64':
+        return new Float64Array(buf);
+      case 'F32':
+        return new Float32Array(buf);
+      case 'F16':
+      case 'BF16':
+      case 'U16':
+        return new Uint16Array(buf);
+      case 'I64':
+        return new BigInt64Array(buf);
+      case 'U64':
+        return new BigUint64Array(buf);
+      case 'I32':
+        return new Int32Array(buf);
+      case 'U32':
+        return new Uint32Array(buf);
+      case 'I16':
+        return new Int16Array(buf);
+      case 'I8':
+        return new Int8Array(buf);
+      case 'U8':
+      case 'BOOL':
+        return new Uint8Array(buf);
     }
   };
 
@@ -242,11 +307,16 @@ export function openSafetensors(file: string): SafetensorsFile {
     const i = info(t);
     const a = read(t);
     switch (i.dtype) {
-      case 'F32': return a as Float32Array;
-      case 'F16': return f16ToF32(a as Uint16Array);
-      case 'BF16': return bf16ToF32(a as Uint16Array);
-      case 'F64': return Float32Array.from(a as Float64Array);
-      default: throw new Error(`${name}: tensor '${t}' is ${i.dtype}, not a floating-point dtype`);
+      case 'F32':
+        return a as Float32Array;
+      case 'F16':
+        return f16ToF32(a as Uint16Array);
+      case 'BF16':
+        return bf16ToF32(a as Uint16Array);
+      case 'F64':
+        return Float32Array.from(a as Float64Array);
+      default:
+        throw new Error(`${name}: tensor '${t}' is ${i.dtype}, not a floating-point dtype`);
     }
   };
 
@@ -255,7 +325,9 @@ export function openSafetensors(file: string): SafetensorsFile {
     const own = nativeDType(i.dtype);
     const want = options.dtype ?? own;
     if (!want) {
-      throw new Error(`${name}: tensor '${t}' is ${i.dtype}, which the native core does not hold; pass {dtype} to convert (f32, f16, bf16 or i32)`);
+      throw new Error(
+        `${name}: tensor '${t}' is ${i.dtype}, which the native core does not hold; pass {dtype} to convert (f32, f16, bf16 or i32)`,
+      );
     }
     if (want === own) return device.loadFile(absPath, dataStart + i.begin, want, i.shape);
     if (want === 'i32') {
@@ -266,7 +338,8 @@ export function openSafetensors(file: string): SafetensorsFile {
       const out = new Int32Array(a.length);
       for (let k = 0; k < a.length; k++) {
         const v = Number(a[k]!);
-        if (v < -2147483648 || v > 2147483647) throw new Error(`${name}: tensor '${t}': element ${k} (${v}) does not fit in i32`);
+        if (v < -2147483648 || v > 2147483647)
+          throw new Error(`${name}: tensor '${t}': element ${k} (${v}) does not fit in i32`);
         out[k] = v;
       }
       return device.fromArray('i32', i.shape, out);
@@ -276,7 +349,20 @@ export function openSafetensors(file: string): SafetensorsFile {
     return device.fromArray(want, i.shape, want === 'bf16' ? f32ToBf16(f) : f32ToF16(f));
   };
 
-  return { path: file, absPath, fileSize, headerSize, dataStart, tensors, metadata, warnings, info, read, readF32, toDevice };
+  return {
+    path: file,
+    absPath,
+    fileSize,
+    headerSize,
+    dataStart,
+    tensors,
+    metadata,
+    warnings,
+    info,
+    read,
+    readF32,
+    toDevice,
+  };
 }
 
 // ---------------------------------------------------------------------------------------
@@ -290,9 +376,19 @@ export interface StTensorSource {
 }
 
 const ARRAY_OF: Record<StDType, string> = {
-  F64: 'Float64Array', F32: 'Float32Array', F16: 'Uint16Array', BF16: 'Uint16Array', I64: 'BigInt64Array',
-  U64: 'BigUint64Array', I32: 'Int32Array', U32: 'Uint32Array', I16: 'Int16Array', U16: 'Uint16Array',
-  I8: 'Int8Array', U8: 'Uint8Array', BOOL: 'Uint8Array',
+  F64: 'Float64Array',
+  F32: 'Float32Array',
+  F16: 'Uint16Array',
+  BF16: 'Uint16Array',
+  I64: 'BigInt64Array',
+  U64: 'BigUint64Array',
+  I32: 'Int32Array',
+  U32: 'Uint32Array',
+  I16: 'Int16Array',
+  U16: 'Uint16Array',
+  I8: 'Int8Array',
+  U8: 'Uint8Array',
+  BOOL: 'Uint8Array',
 };
 
 /** fsync a directory (after renames into it), where the filesystem allows it. */
@@ -345,14 +441,20 @@ export function writeFileAtomic(file: string, contents: Iterable<Uint8Array> | s
  * then name: the same order when all tensors share a dtype, as checkpoints do.)
  */
 export function safetensorsOrder(entries: Array<[string, { dtype: StDType }]>): Array<[string, { dtype: StDType }]> {
-  return [...entries].sort((a, b) => ST_DTYPE_SIZE[b[1].dtype] - ST_DTYPE_SIZE[a[1].dtype] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  return [...entries].sort(
+    (a, b) => ST_DTYPE_SIZE[b[1].dtype] - ST_DTYPE_SIZE[a[1].dtype] || (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0),
+  );
 }
 
 /**
  * Writes a safetensors file atomically (temp file, fsync, rename). The header is padded with
  * spaces to a multiple of 8 bytes, as HF does.
  */
-export function writeSafetensors(file: string, tensors: Record<string, StTensorSource>, metadata?: Record<string, string>): void {
+export function writeSafetensors(
+  file: string,
+  tensors: Record<string, StTensorSource>,
+  metadata?: Record<string, string>,
+): void {
   checkLittleEndian();
   const header: Record<string, unknown> = {};
   if (metadata && Object.keys(metadata).length) {
@@ -387,10 +489,14 @@ export function writeSafetensors(file: string, tensors: Record<string, StTensorS
       const data = typeof t.data === 'function' ? t.data() : t.data;
       const n = numel(t.shape);
       if (data.constructor.name !== ARRAY_OF[t.dtype]) {
-        throw new Error(`${file}: tensor '${name}': ${t.dtype} data must be a ${ARRAY_OF[t.dtype]}, got ${data.constructor.name}`);
+        throw new Error(
+          `${file}: tensor '${name}': ${t.dtype} data must be a ${ARRAY_OF[t.dtype]}, got ${data.constructor.name}`,
+        );
       }
       if (data.length !== n) {
-        throw new Error(`${file}: tensor '${name}': ${t.dtype} ${fmtShape(t.shape)} needs ${n} elements, got ${data.length}`);
+        throw new Error(
+          `${file}: tensor '${name}': ${t.dtype} ${fmtShape(t.shape)} needs ${n} elements, got ${data.length}`,
+        );
       }
       yield new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
     }

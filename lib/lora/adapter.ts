@@ -34,7 +34,12 @@ export interface ModuleSlot {
 }
 
 /** Where each (layer, target) A and B sit in the flat buffers of a stage slice. */
-export function sliceLayout(config: LlamaConfig, spec: LoraSpec, lo: number, hi: number): { modules: ModuleSlot[]; size: number } {
+export function sliceLayout(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  lo: number,
+  hi: number,
+): { modules: ModuleSlot[]; size: number } {
   const modules: ModuleSlot[] = [];
   let off = 0;
   for (let layer = lo; layer < hi; layer++) {
@@ -145,7 +150,8 @@ export class StageAdapter {
   }
 
   importState(s: { params: Float32Array; m?: Float32Array; v?: Float32Array; version?: number }): void {
-    if (s.params.length !== this.size) throw new Error(`importState: expected ${this.size} parameters, got ${s.params.length}`);
+    if (s.params.length !== this.size)
+      throw new Error(`importState: expected ${this.size} parameters, got ${s.params.length}`);
     if (this.size === 0) return;
     this.params.write(s.params);
     this.m.write(s.m ?? new Float32Array(this.size));

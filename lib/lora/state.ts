@@ -30,16 +30,30 @@ export interface StepParams {
 }
 
 /** [begin, end) of a stage's slice in the full flat layout. */
-export function stageSliceRange(config: LlamaConfig, spec: LoraSpec, plan: Pick<StagePlan, 'lo' | 'hi'>): [number, number] {
+export function stageSliceRange(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  plan: Pick<StagePlan, 'lo' | 'hi'>,
+): [number, number] {
   const before = sliceLayout(config, spec, 0, plan.lo).size;
   const mine = sliceLayout(config, spec, plan.lo, plan.hi).size;
   return [before, before + mine];
 }
 
 /** A stage's slice of an adapter's full state (views, no copies). */
-export function stageSlice(config: LlamaConfig, spec: LoraSpec, plan: Pick<StagePlan, 'lo' | 'hi'>, state: AdapterState): AdapterState {
+export function stageSlice(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  plan: Pick<StagePlan, 'lo' | 'hi'>,
+  state: AdapterState,
+): AdapterState {
   const [b, e] = stageSliceRange(config, spec, plan);
-  return { params: state.params.subarray(b, e), m: state.m.subarray(b, e), v: state.v.subarray(b, e), version: state.version };
+  return {
+    params: state.params.subarray(b, e),
+    m: state.m.subarray(b, e),
+    v: state.v.subarray(b, e),
+    version: state.version,
+  };
 }
 
 /** Stage slices, in stage order, joined back into the adapter's full state. */
@@ -67,17 +81,32 @@ export function peftName(layer: number, target: LoraTarget, which: 'A' | 'B'): s
 }
 
 /** Flat buffer → {PEFT name → [shape, values]} (views, no copies). */
-export function toPeftTensors(config: LlamaConfig, spec: LoraSpec, flat: Float32Array): Map<string, { shape: [number, number]; data: Float32Array }> {
+export function toPeftTensors(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  flat: Float32Array,
+): Map<string, { shape: [number, number]; data: Float32Array }> {
   const out = new Map<string, { shape: [number, number]; data: Float32Array }>();
   for (const m of sliceLayout(config, spec, 0, config.numLayers).modules) {
-    out.set(peftName(m.layer, m.target, 'A'), { shape: [spec.r, m.inDim], data: flat.subarray(m.aOffset, m.aOffset + spec.r * m.inDim) });
-    out.set(peftName(m.layer, m.target, 'B'), { shape: [m.outDim, spec.r], data: flat.subarray(m.bOffset, m.bOffset + m.outDim * spec.r) });
+    out.set(peftName(m.layer, m.target, 'A'), {
+      shape: [spec.r, m.inDim],
+      data: flat.subarray(m.aOffset, m.aOffset + spec.r * m.inDim),
+    });
+    out.set(peftName(m.layer, m.target, 'B'), {
+      shape: [m.outDim, spec.r],
+      data: flat.subarray(m.bOffset, m.bOffset + m.outDim * spec.r),
+    });
   }
   return out;
 }
 
 /** {PEFT name → values} → flat buffer; every expected tensor must be present with the right size. */
-export function fromPeftTensors(config: LlamaConfig, spec: LoraSpec, get: (name: string) => Float32Array | undefined, where: string): Float32Array {
+export function fromPeftTensors(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  get: (name: string) => Float32Array | undefined,
+  where: string,
+): Float32Array {
   const { modules, size } = sliceLayout(config, spec, 0, config.numLayers);
   const flat = new Float32Array(size);
   for (const m of modules) {
@@ -96,7 +125,12 @@ export function fromPeftTensors(config: LlamaConfig, spec: LoraSpec, get: (name:
 }
 
 /** The flat state's weights as the PEFT in-memory adapter (lib/io/peft.ts). */
-export function toAdapterWeights(config: LlamaConfig, spec: LoraSpec, flat: Float32Array, baseModel: string | null): AdapterWeights {
+export function toAdapterWeights(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  flat: Float32Array,
+  baseModel: string | null,
+): AdapterWeights {
   const layers: AdapterWeights['layers'] = Array.from({ length: config.numLayers }, () => ({}));
   for (const m of sliceLayout(config, spec, 0, config.numLayers).modules) {
     layers[m.layer]![m.target] = {
@@ -105,17 +139,32 @@ export function toAdapterWeights(config: LlamaConfig, spec: LoraSpec, flat: Floa
     };
   }
   return {
-    r: spec.r, loraAlpha: spec.alpha, loraDropout: spec.dropout, targetModules: [...spec.targets], useRslora: spec.useRslora,
-    baseModelNameOrPath: baseModel, layers,
+    r: spec.r,
+    loraAlpha: spec.alpha,
+    loraDropout: spec.dropout,
+    targetModules: [...spec.targets],
+    useRslora: spec.useRslora,
+    baseModelNameOrPath: baseModel,
+    layers,
   };
 }
 
 /** A loaded PEFT adapter → flat weights in the layout of `spec` (which must match its r/targets). */
-export function fromAdapterWeights(config: LlamaConfig, spec: LoraSpec, a: AdapterWeights, where: string): Float32Array {
+export function fromAdapterWeights(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  a: AdapterWeights,
+  where: string,
+): Float32Array {
   if (a.r !== spec.r) throw new Error(`${where}: adapter has r=${a.r}, the job asks for r=${spec.r}`);
-  return fromPeftTensors(config, spec, (name) => {
-    const m = /layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$/.exec(name)!;
-    const pair = a.layers[Number(m[1])]?.[m[2] as LoraTarget];
-    return m[3] === 'A' ? pair?.a : pair?.b;
-  }, where);
+  return fromPeftTensors(
+    config,
+    spec,
+    (name) => {
+      const m = /layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$/.exec(name)!;
+      const pair = a.layers[Number(m[1])]?.[m[2] as LoraTarget];
+      return m[3] === 'A' ? pair?.a : pair?.b;
+    },
+    where,
+  );
 }

@@ -59,7 +59,14 @@ export class Carver {
  * The saved activations of a micro-batch on a stage: every layer's input and body. With
  * `recompute`, only the inputs; the body is bound per call from a work block (carveWork).
  */
-export function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: number, segs: SegmentSpec[], recompute = false): LayerActs[] {
+export function carveActs(
+  c: Carver,
+  cfg: LlamaConfig,
+  plan: StagePlan,
+  N: number,
+  segs: SegmentSpec[],
+  recompute = false,
+): LayerActs[] {
   const H = cfg.hiddenSize;
   const layers: LayerActs[] = [];
   for (let l = plan.lo; l < plan.hi; l++) {
@@ -75,8 +82,21 @@ export function carveActs(c: Carver, cfg: LlamaConfig, plan: StagePlan, N: numbe
 function unboundBody(cfg: LlamaConfig): LayerBody {
   const none = null as unknown as Tensor;
   return {
-    xn1: none, rstd1: none, q: none, k: none, v: none, ao: none, lse: none, hmid: none, xn2: none, rstd2: none, gate: none, up: none, act: none,
-    ...(cfg.qkNorm ? { qRaw: none, kRaw: none, qRstd: none, kRstd: none } : {}), xa: new Map(),
+    xn1: none,
+    rstd1: none,
+    q: none,
+    k: none,
+    v: none,
+    ao: none,
+    lse: none,
+    hmid: none,
+    xn2: none,
+    rstd2: none,
+    gate: none,
+    up: none,
+    act: none,
+    ...(cfg.qkNorm ? { qRaw: none, kRaw: none, qRstd: none, kRstd: none } : {}),
+    xa: new Map(),
   };
 }
 
@@ -88,7 +108,8 @@ export function carveWork(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentS
 
 /** Carves one layer's body: the activations its backward reads besides its input. */
 function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]): LayerBody {
-  const H = cfg.hiddenSize, I = cfg.intermediateSize;
+  const H = cfg.hiddenSize,
+    I = cfg.intermediateSize;
   const acts: LayerBody = {
     xn1: c.take([N, H]),
     rstd1: c.take([N]),
@@ -112,7 +133,10 @@ function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]):
     acts.kRstd = c.take([N * cfg.numKvHeads]);
   }
   for (const target of LORA_TARGETS) {
-    acts.xa.set(target, segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)));
+    acts.xa.set(
+      target,
+      segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)),
+    );
   }
   return acts;
 }
@@ -122,12 +146,24 @@ export function scratchRows(rows: number): number {
   return Math.max(64, Math.ceil(rows / 64) * 64);
 }
 
-export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number, headBlockRows: number): Array<[string, number[], ('f32' | 'i32')?]> {
-  const H = c.hiddenSize, I = c.intermediateSize;
+export function scratchShapes(
+  c: LlamaConfig,
+  plan: StagePlan,
+  numTokens: number,
+  headBlockRows: number,
+): Array<[string, number[], ('f32' | 'i32')?]> {
+  const H = c.hiddenSize,
+    I = c.intermediateSize;
   const rows = scratchRows(numTokens);
   const shapes: Array<[string, number[], ('f32' | 'i32')?]> = [
-    ['dact', [rows, I]], ['dgate', [rows, I]], ['dup', [rows, I]], ['dxn', [rows, H]],
-    ['dao', [rows, c.numHeads * c.headDim]], ['dq', [rows, c.numHeads * c.headDim]], ['dk', [rows, c.numKvHeads * c.headDim]], ['dv', [rows, c.numKvHeads * c.headDim]],
+    ['dact', [rows, I]],
+    ['dgate', [rows, I]],
+    ['dup', [rows, I]],
+    ['dxn', [rows, H]],
+    ['dao', [rows, c.numHeads * c.headDim]],
+    ['dq', [rows, c.numHeads * c.headDim]],
+    ['dk', [rows, c.numKvHeads * c.headDim]],
+    ['dv', [rows, c.numKvHeads * c.headDim]],
   ];
   // q/k norms: the gradients of the projections' outputs, before the norm
   if (c.qkNorm) shapes.push(['dqRaw', [rows, c.numHeads * c.headDim]], ['dkRaw', [rows, c.numKvHeads * c.headDim]]);
@@ -139,19 +175,35 @@ export function scratchShapes(c: LlamaConfig, plan: StagePlan, numTokens: number
 }
 
 /** The scratch of the final norm, the LM head and the loss over `numTokens` rows (headOps). */
-export function headScratchShapes(c: LlamaConfig, numTokens: number, headBlockRows: number): Array<[string, number[], ('f32' | 'i32')?]> {
+export function headScratchShapes(
+  c: LlamaConfig,
+  numTokens: number,
+  headBlockRows: number,
+): Array<[string, number[], ('f32' | 'i32')?]> {
   const H = c.hiddenSize;
   const rows = scratchRows(numTokens);
   return [
-    ['xf', [rows, H]], ['rstdf', [rows]], ['dxf', [rows, H]],
+    ['xf', [rows, H]],
+    ['rstdf', [rows]],
+    ['dxf', [rows, H]],
     ['logits', [Math.min(rows, headBlockRows), c.vocabSize]],
     // the targeted rows, gathered (headOps)
-    ['xg', [rows, H]], ['headRows', [rows], 'i32'], ['headLabels', [rows], 'i32'], ['headWeights', [rows]], ['headLosses', [rows]],
+    ['xg', [rows, H]],
+    ['headRows', [rows], 'i32'],
+    ['headLabels', [rows], 'i32'],
+    ['headWeights', [rows]],
+    ['headLosses', [rows]],
   ];
 }
 
 /** Bytes of the saved-activation block of one micro-batch on a stage (as the allocator counts). */
-export function activationBytes(config: LlamaConfig, plan: StagePlan, numTokens: number, segments: SegmentSpec[], recompute = false): number {
+export function activationBytes(
+  config: LlamaConfig,
+  plan: StagePlan,
+  numTokens: number,
+  segments: SegmentSpec[],
+  recompute = false,
+): number {
   const carver = new Carver(null);
   carveActs(carver, config, plan, numTokens, segments, recompute);
   return allocBytes(bucketFloats(carver.offset) * 4);
@@ -166,8 +218,14 @@ export function workBytes(config: LlamaConfig, numTokens: number, segments: Segm
 }
 
 /** Bytes of the scratch a call over `rows` tokens holds while it runs (none at rest). */
-export function scratchBytes(config: LlamaConfig, plan: StagePlan, rows: number, headBlockRows = defaultHeadBlockRows(config)): number {
-  const bytes = (shapes: Array<[string, number[], unknown?]>) => shapes.reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
+export function scratchBytes(
+  config: LlamaConfig,
+  plan: StagePlan,
+  rows: number,
+  headBlockRows = defaultHeadBlockRows(config),
+): number {
+  const bytes = (shapes: Array<[string, number[], unknown?]>) =>
+    shapes.reduce((s, [, shape]) => s + allocBytes(4 * shape.reduce((a, b) => a * b, 1)), 0);
   const own = bytes(scratchShapes(config, plan, rows, headBlockRows));
   // a head share runs the head in calls of its own (StageProgram.runHead): the larger of the two
   return !plan.last && holdsHead(plan) ? Math.max(own, bytes(headScratchShapes(config, rows, headBlockRows))) : own;

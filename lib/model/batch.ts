@@ -80,7 +80,9 @@ export function checkSegments(mb: MicroBatch): void {
   let prev = 0;
   for (const s of mb.segments) {
     if (!(s.rowStart >= prev && s.rowEnd > s.rowStart && s.rowEnd <= mb.numTokens)) {
-      throw new Error(`micro-batch ${mb.id}: segment of adapter ${s.adapter} [${s.rowStart}, ${s.rowEnd}) is out of order or outside 0..${mb.numTokens}`);
+      throw new Error(
+        `micro-batch ${mb.id}: segment of adapter ${s.adapter} [${s.rowStart}, ${s.rowEnd}) is out of order or outside 0..${mb.numTokens}`,
+      );
     }
     prev = s.rowEnd;
   }

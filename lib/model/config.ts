@@ -42,7 +42,13 @@ export interface LlamaConfig {
 export type RopeScaling =
   | { type: 'linear'; factor: number }
   | { type: 'dynamic'; factor: number }
-  | { type: 'llama3'; factor: number; lowFreqFactor: number; highFreqFactor: number; originalMaxPositionEmbeddings: number };
+  | {
+      type: 'llama3';
+      factor: number;
+      lowFreqFactor: number;
+      highFreqFactor: number;
+      originalMaxPositionEmbeddings: number;
+    };
 
 /** The sliding window of layer l (0 = none). */
 export function layerWindow(c: LlamaConfig, l: number): number {
@@ -58,24 +64,37 @@ export function projectionShape(c: LlamaConfig, target: LoraTarget): [number, nu
   const q = c.numHeads * c.headDim;
   const kv = c.numKvHeads * c.headDim;
   switch (target) {
-    case 'q_proj': return [q, c.hiddenSize];
-    case 'k_proj': return [kv, c.hiddenSize];
-    case 'v_proj': return [kv, c.hiddenSize];
-    case 'o_proj': return [c.hiddenSize, q];
-    case 'gate_proj': return [c.intermediateSize, c.hiddenSize];
-    case 'up_proj': return [c.intermediateSize, c.hiddenSize];
-    case 'down_proj': return [c.hiddenSize, c.intermediateSize];
+    case 'q_proj':
+      return [q, c.hiddenSize];
+    case 'k_proj':
+      return [kv, c.hiddenSize];
+    case 'v_proj':
+      return [kv, c.hiddenSize];
+    case 'o_proj':
+      return [c.hiddenSize, q];
+    case 'gate_proj':
+      return [c.intermediateSize, c.hiddenSize];
+    case 'up_proj':
+      return [c.intermediateSize, c.hiddenSize];
+    case 'down_proj':
+      return [c.hiddenSize, c.intermediateSize];
   }
 }
 
 /** HF module path of a projection: self_attn.* or mlp.* */
 export function projectionModule(target: LoraTarget): string {
-  return target.endsWith('_proj') && ['gate_proj', 'up_proj', 'down_proj'].includes(target) ? `mlp.${target}` : `self_attn.${target}`;
+  return target.endsWith('_proj') && ['gate_proj', 'up_proj', 'down_proj'].includes(target)
+    ? `mlp.${target}`
+    : `self_attn.${target}`;
 }
 
-export type PresetName = 'tiny' | 'small' | 'bench' | '1b' | 'tiny-llama3' | 'tiny-qwen2' | 'tiny-qwen3' | 'tiny-mistral';
+export type PresetName =
+  'tiny' | 'small' | 'bench' | '1b' | 'tiny-llama3' | 'tiny-qwen2' | 'tiny-qwen3' | 'tiny-mistral';
 
-function preset(p: Partial<LlamaConfig> & Pick<LlamaConfig, 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'vocabSize'>): LlamaConfig {
+function preset(
+  p: Partial<LlamaConfig> &
+    Pick<LlamaConfig, 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'vocabSize'>,
+): LlamaConfig {
   return {
     modelType: 'llama',
     headDim: p.hiddenSize / p.numHeads,
@@ -96,26 +115,82 @@ function preset(p: Partial<LlamaConfig> & Pick<LlamaConfig, 'hiddenSize' | 'inte
  * Mistral's sliding window).
  */
 export const PRESETS: Record<PresetName, LlamaConfig> = {
-  tiny: preset({ hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: 512, maxPositionEmbeddings: 512 }),
-  small: preset({ hiddenSize: 256, intermediateSize: 688, numLayers: 4, numHeads: 8, numKvHeads: 4, vocabSize: 2048, maxPositionEmbeddings: 1024 }),
+  tiny: preset({
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    vocabSize: 512,
+    maxPositionEmbeddings: 512,
+  }),
+  small: preset({
+    hiddenSize: 256,
+    intermediateSize: 688,
+    numLayers: 4,
+    numHeads: 8,
+    numKvHeads: 4,
+    vocabSize: 2048,
+    maxPositionEmbeddings: 1024,
+  }),
   bench: preset({ hiddenSize: 512, intermediateSize: 1376, numLayers: 4, numHeads: 8, numKvHeads: 4, vocabSize: 8192 }),
-  '1b': preset({ hiddenSize: 2048, intermediateSize: 5632, numLayers: 22, numHeads: 32, numKvHeads: 4, vocabSize: 32000, torchDtype: 'bfloat16' }),
+  '1b': preset({
+    hiddenSize: 2048,
+    intermediateSize: 5632,
+    numLayers: 22,
+    numHeads: 32,
+    numKvHeads: 4,
+    vocabSize: 32000,
+    torchDtype: 'bfloat16',
+  }),
   // One per model family, each with the feature it adds over tiny, scaled so that it shows at
   // tiny's lengths (tests and trying a family out).
   'tiny-llama3': preset({
-    hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: 512, maxPositionEmbeddings: 512,
-    ropeTheta: 500000, ropeScaling: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 64 },
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    vocabSize: 512,
+    maxPositionEmbeddings: 512,
+    ropeTheta: 500000,
+    ropeScaling: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 64 },
   }),
   'tiny-qwen2': preset({
-    modelType: 'qwen2', hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: 512, maxPositionEmbeddings: 512,
-    ropeTheta: 1000000, qkvBias: true, tieWordEmbeddings: true,
+    modelType: 'qwen2',
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    vocabSize: 512,
+    maxPositionEmbeddings: 512,
+    ropeTheta: 1000000,
+    qkvBias: true,
+    tieWordEmbeddings: true,
   }),
   'tiny-qwen3': preset({
-    modelType: 'qwen3', hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 32, vocabSize: 512, maxPositionEmbeddings: 512,
-    ropeTheta: 1000000, qkNorm: true,
+    modelType: 'qwen3',
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 32,
+    vocabSize: 512,
+    maxPositionEmbeddings: 512,
+    ropeTheta: 1000000,
+    qkNorm: true,
   }),
   'tiny-mistral': preset({
-    modelType: 'mistral', hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, vocabSize: 512, maxPositionEmbeddings: 512,
+    modelType: 'mistral',
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    vocabSize: 512,
+    maxPositionEmbeddings: 512,
     layerWindows: [16, 16],
   }),
 };

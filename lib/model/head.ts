@@ -41,7 +41,16 @@ export function defaultHeadBlockRows(c: LlamaConfig): number {
  * targeted rows are gathered, their losses and gradients scattered back (rows are independent
  * in every head kernel, so the numbers are those of the full computation).
  */
-export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tensor, losses: Tensor, dres: Tensor | null, withGrad: boolean, s: Scratch): void {
+export function headOps(
+  h: HeadContext,
+  ops: Op[],
+  mb: MicroBatch,
+  xFinal: Tensor,
+  losses: Tensor,
+  dres: Tensor | null,
+  withGrad: boolean,
+  s: Scratch,
+): void {
   const c = h.config;
   const H = c.hiddenSize;
   const N = mb.numTokens;
@@ -54,10 +63,16 @@ export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tenso
   let T = 0;
   for (let i = 0; i < N; i++) if (labels[i]! >= 0) T++;
   // x: the rows the head runs on; with grad, their dL/dx replaces them in place, block by block
-  let x = xf, lab = targets!, wt = weights!, loss = losses, idx: Tensor | undefined;
+  let x = xf,
+    lab = targets!,
+    wt = weights!,
+    loss = losses,
+    idx: Tensor | undefined;
   const gathered = headRows(N, T, h.gatherTargets) < N;
   if (gathered && T > 0) {
-    const rows = new Int32Array(T), gl = new Int32Array(T), gw = new Float32Array(T);
+    const rows = new Int32Array(T),
+      gl = new Int32Array(T),
+      gw = new Float32Array(T);
     const w = withGrad ? (weights!.read() as Float32Array) : undefined;
     for (let i = 0, k = 0; i < N; i++) {
       if (labels[i]! < 0) continue;
@@ -84,8 +99,12 @@ export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tenso
     ops.push({ op: 'linear_forward', y: logits, x: xb, w: h.head, bf16: h.bf16 });
     if (withGrad) {
       ops.push({
-        op: 'cross_entropy_backward', losses: tmp(loss.rows(b, e)), dlogits: logits, logits,
-        labels: tmp(lab.rows(b, e)), weights: tmp(wt.rows(b, e)),
+        op: 'cross_entropy_backward',
+        losses: tmp(loss.rows(b, e)),
+        dlogits: logits,
+        logits,
+        labels: tmp(lab.rows(b, e)),
+        weights: tmp(wt.rows(b, e)),
       });
       ops.push({ op: 'linear_backward', dx: gathered ? xb : tmp(dxf.rows(b, e)), dy: logits, w: h.head, bf16: h.bf16 });
     } else {
@@ -97,7 +116,12 @@ export function headOps(h: HeadContext, ops: Op[], mb: MicroBatch, xFinal: Tenso
     ops.push({ op: 'fill', y: losses, value: 0 });
     if (withGrad) ops.push({ op: 'fill', y: dxf, value: 0 });
     if (idx) {
-      ops.push({ op: 'embedding_backward', dtable: tmp(losses.reshape([N, 1])), dy: tmp(loss.reshape([T, 1])), ids: idx });
+      ops.push({
+        op: 'embedding_backward',
+        dtable: tmp(losses.reshape([N, 1])),
+        dy: tmp(loss.reshape([T, 1])),
+        ids: idx,
+      });
       if (withGrad) ops.push({ op: 'embedding_backward', dtable: dxf, dy: x, ids: idx });
     }
   }

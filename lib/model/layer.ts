@@ -49,28 +49,59 @@ export interface LayerContext {
  * reads: no residual copy and no base down_proj (its LoRA still runs, for the saved x·A).
  */
 export function layerForwardOps(
-  ctx: LayerContext, ops: Op[], mb: MicroBatch, l: number, L: LayerWeights, A: LayerActs, y: Tensor,
-  train: boolean, recomputing = false,
+  ctx: LayerContext,
+  ops: Op[],
+  mb: MicroBatch,
+  l: number,
+  L: LayerWeights,
+  A: LayerActs,
+  y: Tensor,
+  train: boolean,
+  recomputing = false,
 ): void {
   const c = ctx.config;
   const N = mb.numTokens;
   const { positions, cuSeqlens } = mb.tensors;
   ops.push({ op: 'rmsnorm_forward', y: A.xn1, rstd: A.rstd1, x: A.x, w: L.attnNorm, eps: c.rmsNormEps });
   // with q/k norms the projections land in qRaw/kRaw and the normed heads in q/k
-  const qOut = L.qNorm ? A.qRaw! : A.q, kOut = L.kNorm ? A.kRaw! : A.k;
+  const qOut = L.qNorm ? A.qRaw! : A.q,
+    kOut = L.kNorm ? A.kRaw! : A.k;
   proj(ctx, ops, mb, l, 'q_proj', A, qOut, A.xn1, L.q, false, train, true, L.qBias);
   proj(ctx, ops, mb, l, 'k_proj', A, kOut, A.xn1, L.k, false, train, true, L.kBias);
   proj(ctx, ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train, true, L.vBias);
   if (L.qNorm && L.kNorm) {
     const d = c.headDim;
-    ops.push({ op: 'rmsnorm_forward', y: view(A.q, [N, c.numHeads, d]), rstd: A.qRstd!, x: view(A.qRaw!, [N, c.numHeads, d]), w: L.qNorm, eps: c.rmsNormEps });
-    ops.push({ op: 'rmsnorm_forward', y: view(A.k, [N, c.numKvHeads, d]), rstd: A.kRstd!, x: view(A.kRaw!, [N, c.numKvHeads, d]), w: L.kNorm, eps: c.rmsNormEps });
+    ops.push({
+      op: 'rmsnorm_forward',
+      y: view(A.q, [N, c.numHeads, d]),
+      rstd: A.qRstd!,
+      x: view(A.qRaw!, [N, c.numHeads, d]),
+      w: L.qNorm,
+      eps: c.rmsNormEps,
+    });
+    ops.push({
+      op: 'rmsnorm_forward',
+      y: view(A.k, [N, c.numKvHeads, d]),
+      rstd: A.kRstd!,
+      x: view(A.kRaw!, [N, c.numKvHeads, d]),
+      w: L.kNorm,
+      eps: c.rmsNormEps,
+    });
   }
   ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numHeads });
   ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numKvHeads });
   ops.push({
-    op: 'attention_forward', out: A.ao, lse: A.lse, q: A.q, k: A.k, v: A.v, cuSeqlens,
-    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim), window: layerWindow(c, l),
+    op: 'attention_forward',
+    out: A.ao,
+    lse: A.lse,
+    q: A.q,
+    k: A.k,
+    v: A.v,
+    cuSeqlens,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    scale: 1 / Math.sqrt(c.headDim),
+    window: layerWindow(c, l),
   });
   ops.push({ op: 'copy', y: A.hmid, x: A.x });
   proj(ctx, ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
@@ -88,18 +119,31 @@ export function layerForwardOps(
  * dL/d(embedding output), the table is frozen.
  */
 export function layerBackwardOps(
-  ctx: LayerContext, ops: Op[], mb: MicroBatch, l: number, L: LayerWeights, A: LayerActs, dres: Tensor,
-  s: Scratch, inputGrad: boolean,
+  ctx: LayerContext,
+  ops: Op[],
+  mb: MicroBatch,
+  l: number,
+  L: LayerWeights,
+  A: LayerActs,
+  dres: Tensor,
+  s: Scratch,
+  inputGrad: boolean,
 ): void {
   const c = ctx.config;
   const N = mb.numTokens;
   const { positions, cuSeqlens } = mb.tensors;
-  const H = c.hiddenSize, I = c.intermediateSize;
-  const qDim = c.numHeads * c.headDim, kvDim = c.numKvHeads * c.headDim;
-  const dact = view(s.dact!, [N, I]), dgate = view(s.dgate!, [N, I]), dup = view(s.dup!, [N, I]);
+  const H = c.hiddenSize,
+    I = c.intermediateSize;
+  const qDim = c.numHeads * c.headDim,
+    kvDim = c.numKvHeads * c.headDim;
+  const dact = view(s.dact!, [N, I]),
+    dgate = view(s.dgate!, [N, I]),
+    dup = view(s.dup!, [N, I]);
   const dxn = view(s.dxn!, [N, H]);
-  const dao = view(s.dao!, [N, qDim]), dq = view(s.dq!, [N, qDim]);
-  const dk = view(s.dk!, [N, kvDim]), dv = view(s.dv!, [N, kvDim]);
+  const dao = view(s.dao!, [N, qDim]),
+    dq = view(s.dq!, [N, qDim]);
+  const dk = view(s.dk!, [N, kvDim]),
+    dv = view(s.dv!, [N, kvDim]);
   // MLP: out = hmid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(hmid)
   projBack(ctx, ops, mb, l, 'down_proj', A, dact, dres, A.act, L.down);
   ops.push({ op: 'swiglu_backward', dgate, dup, dh: dact, gate: A.gate, up: A.up });
@@ -109,20 +153,48 @@ export function layerBackwardOps(
   // attention: hmid = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = norm(x)
   projBack(ctx, ops, mb, l, 'o_proj', A, dao, dres, A.ao, L.o);
   ops.push({
-    op: 'attention_backward', dq, dk, dv, dout: dao, q: A.q, k: A.k, v: A.v, out: A.ao, lse: A.lse, cuSeqlens,
-    heads: c.numHeads, kvHeads: c.numKvHeads, scale: 1 / Math.sqrt(c.headDim), window: layerWindow(c, l),
+    op: 'attention_backward',
+    dq,
+    dk,
+    dv,
+    dout: dao,
+    q: A.q,
+    k: A.k,
+    v: A.v,
+    out: A.ao,
+    lse: A.lse,
+    cuSeqlens,
+    heads: c.numHeads,
+    kvHeads: c.numKvHeads,
+    scale: 1 / Math.sqrt(c.headDim),
+    window: layerWindow(c, l),
   });
   ops.push({ op: 'rope_backward', dx: dq, dy: dq, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numHeads });
   ops.push({ op: 'rope_backward', dx: dk, dy: dk, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numKvHeads });
   // q/k norms: back through the per-head RMSNorm (weights frozen: no dw) into the projections'
   // outputs; a frozen bias passes dy through unchanged
-  let dqp = dq, dkp = dk;
+  let dqp = dq,
+    dkp = dk;
   if (L.qNorm && L.kNorm) {
     const d = c.headDim;
     dqp = view(s.dqRaw!, [N, qDim]);
     dkp = view(s.dkRaw!, [N, kvDim]);
-    ops.push({ op: 'rmsnorm_backward', dx: view(dqp, [N, c.numHeads, d]), dy: view(dq, [N, c.numHeads, d]), x: view(A.qRaw!, [N, c.numHeads, d]), w: L.qNorm, rstd: A.qRstd! });
-    ops.push({ op: 'rmsnorm_backward', dx: view(dkp, [N, c.numKvHeads, d]), dy: view(dk, [N, c.numKvHeads, d]), x: view(A.kRaw!, [N, c.numKvHeads, d]), w: L.kNorm, rstd: A.kRstd! });
+    ops.push({
+      op: 'rmsnorm_backward',
+      dx: view(dqp, [N, c.numHeads, d]),
+      dy: view(dq, [N, c.numHeads, d]),
+      x: view(A.qRaw!, [N, c.numHeads, d]),
+      w: L.qNorm,
+      rstd: A.qRstd!,
+    });
+    ops.push({
+      op: 'rmsnorm_backward',
+      dx: view(dkp, [N, c.numKvHeads, d]),
+      dy: view(dk, [N, c.numKvHeads, d]),
+      x: view(A.kRaw!, [N, c.numKvHeads, d]),
+      w: L.kNorm,
+      rstd: A.kRstd!,
+    });
   }
   projBack(ctx, ops, mb, l, 'q_proj', A, dxn, dqp, A.xn1, L.q);
   projBack(ctx, ops, mb, l, 'k_proj', A, dxn, dkp, A.xn1, L.k, true);
@@ -136,7 +208,15 @@ export function layerBackwardOps(
  * LoRA segment arguments for one projection of one layer (empty: no adapter targets it).
  * `train` false (evaluation, generation): no dropout, as PEFT in eval mode.
  */
-function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, withGrads: boolean, train = true): LoraSegmentArg[] {
+function loraSegments(
+  ctx: LayerContext,
+  mb: MicroBatch,
+  layer: number,
+  target: LoraTarget,
+  acts: LayerActs,
+  withGrads: boolean,
+  train = true,
+): LoraSegmentArg[] {
   const xa = acts.xa.get(target)!;
   const out: LoraSegmentArg[] = [];
   const ti = LORA_TARGETS.indexOf(target);
@@ -146,8 +226,15 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
     const a = ctx.adapter(seg.adapter);
     const m = a.module(layer, target)!;
     out.push({
-      rowStart: seg.rowStart, rowEnd: seg.rowEnd, a: m.a, b: m.b, scale: a.scale,
-      dropout: train ? a.spec.dropout : 0, seed: deriveSeed(a.spec.seed, 'dropout', seg.serial, layer, ti), position: 0, xa: x,
+      rowStart: seg.rowStart,
+      rowEnd: seg.rowEnd,
+      a: m.a,
+      b: m.b,
+      scale: a.scale,
+      dropout: train ? a.spec.dropout : 0,
+      seed: deriveSeed(a.spec.seed, 'dropout', seg.serial, layer, ti),
+      position: 0,
+      xa: x,
       ...(withGrads ? { da: m.da, db: m.db } : {}),
     });
   });
@@ -156,15 +243,50 @@ function loraSegments(ctx: LayerContext, mb: MicroBatch, layer: number, target: 
 
 /** y (=, or += with accumulate) = x·Wᵀ + Σ_segments LoRA(x) (+ bias), the first two in one op
  *  (the CPU fuses the LoRA expand into the base GEMM); without the base, LoRA alone. */
-function proj(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, y: Tensor, x: Tensor, w: Tensor, accumulate: boolean, train: boolean, base = true, bias?: Tensor) {
+function proj(
+  ctx: LayerContext,
+  ops: Op[],
+  mb: MicroBatch,
+  layer: number,
+  target: LoraTarget,
+  acts: LayerActs,
+  y: Tensor,
+  x: Tensor,
+  w: Tensor,
+  accumulate: boolean,
+  train: boolean,
+  base = true,
+  bias?: Tensor,
+) {
   const segments = loraSegments(ctx, mb, layer, target, acts, false, train);
-  if (base) ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { segments } : {}) });
+  if (base)
+    ops.push({ op: 'linear_forward', y, x, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { segments } : {}) });
   else if (segments.length) ops.push({ op: 'lora_forward', y, x, segments });
   if (base && bias) ops.push({ op: 'add_bias', y, b: bias });
 }
 
 /** dx (=, or +=) = dy·W + Σ_segments LoRA backward (which also accumulates dA, dB), one op */
-function projBack(ctx: LayerContext, ops: Op[], mb: MicroBatch, layer: number, target: LoraTarget, acts: LayerActs, dx: Tensor, dy: Tensor, x: Tensor, w: Tensor, accumulate = false) {
+function projBack(
+  ctx: LayerContext,
+  ops: Op[],
+  mb: MicroBatch,
+  layer: number,
+  target: LoraTarget,
+  acts: LayerActs,
+  dx: Tensor,
+  dy: Tensor,
+  x: Tensor,
+  w: Tensor,
+  accumulate = false,
+) {
   const segments = loraSegments(ctx, mb, layer, target, acts, true);
-  ops.push({ op: 'linear_backward', dx, dy, w, accumulate, bf16: ctx.bf16, ...(segments.length ? { x, segments } : {}) });
+  ops.push({
+    op: 'linear_backward',
+    dx,
+    dy,
+    w,
+    accumulate,
+    bf16: ctx.bf16,
+    ...(segments.length ? { x, segments } : {}),
+  });
 }

@@ -19,7 +19,8 @@ export interface RopeTables {
 
 /** inv_freq[i] = theta^(−2i/headDim), i < headDim/2, rounded like torch's float32 computation. */
 export function ropeInvFreq(theta: number, headDim: number): Float32Array {
-  if (!(theta > 0) || !Number.isFinite(theta)) throw new Error(`ropeTables: theta must be a positive number, got ${theta}`);
+  if (!(theta > 0) || !Number.isFinite(theta))
+    throw new Error(`ropeTables: theta must be a positive number, got ${theta}`);
   if (!Number.isInteger(headDim) || headDim <= 0 || headDim % 2 !== 0)
     throw new Error(`ropeTables: headDim must be a positive even integer, got ${headDim}`);
   const half = headDim / 2;
@@ -67,7 +68,9 @@ export function modelInvFreq(c: Pick<LlamaConfig, 'ropeTheta' | 'headDim' | 'rop
 }
 
 /** cos/sin tables of a model (see modelInvFreq) for positions 0 … maxPositionEmbeddings − 1. */
-export function modelRopeTables(c: Pick<LlamaConfig, 'ropeTheta' | 'headDim' | 'ropeScaling' | 'maxPositionEmbeddings'>): RopeTables {
+export function modelRopeTables(
+  c: Pick<LlamaConfig, 'ropeTheta' | 'headDim' | 'ropeScaling' | 'maxPositionEmbeddings'>,
+): RopeTables {
   return tablesOf(modelInvFreq(c), c.maxPositionEmbeddings);
 }
 
@@ -76,7 +79,8 @@ export function ropeTables(theta: number, headDim: number, maxPos: number): Rope
 }
 
 function tablesOf(inv: Float32Array, maxPos: number): RopeTables {
-  if (!Number.isInteger(maxPos) || maxPos <= 0) throw new Error(`ropeTables: maxPos must be a positive integer, got ${maxPos}`);
+  if (!Number.isInteger(maxPos) || maxPos <= 0)
+    throw new Error(`ropeTables: maxPos must be a positive integer, got ${maxPos}`);
   const headDim = 2 * inv.length;
   const half = headDim / 2;
   const cos = new Float32Array(maxPos * half);

@@ -22,7 +22,11 @@ export interface SingleModel {
   free(): void;
 }
 
-export async function openSingleModel(modelDir: string, adapterDir?: string, options: { device?: string; threads?: number } = {}): Promise<SingleModel> {
+export async function openSingleModel(
+  modelDir: string,
+  adapterDir?: string,
+  options: { device?: string; threads?: number } = {},
+): Promise<SingleModel> {
   const dir = openModelDir(modelDir);
   const config = dir.config;
   const device = openDevice(options.device ?? 'cpu:0', { threads: options.threads ?? 1 });
@@ -32,7 +36,14 @@ export async function openSingleModel(modelDir: string, adapterDir?: string, opt
   if (adapterDir) {
     const ad = loadAdapter(adapterDir);
     checkAdapterAgainstModel(ad, config, modelDir);
-    const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
+    const spec: LoraSpec = {
+      r: ad.r,
+      alpha: ad.loraAlpha,
+      dropout: 0,
+      targets: ad.targetModules,
+      useRslora: ad.useRslora,
+      seed: 0,
+    };
     program.addAdapter(ADAPTER_ID, spec, fromAdapterWeights(config, spec, ad, adapterDir));
     hasAdapter = true;
   }
@@ -49,7 +60,9 @@ export interface PackedRows {
 /** Packs sequences (with HF labels, −100 = ignored) into one micro-batch with shifted targets. */
 export function packSequences(seqs: Array<{ inputIds: ArrayLike<number>; labels?: ArrayLike<number> }>): PackedRows {
   const N = seqs.reduce((s, q) => s + q.inputIds.length, 0);
-  const tokens = new Int32Array(N), positions = new Int32Array(N), targets = new Int32Array(N).fill(-100);
+  const tokens = new Int32Array(N),
+    positions = new Int32Array(N),
+    targets = new Int32Array(N).fill(-100);
   const cu = new Int32Array(seqs.length + 1);
   let r = 0;
   seqs.forEach((q, i) => {
@@ -71,11 +84,14 @@ export function batchOnDevice(m: SingleModel, p: PackedRows, id: number): { mb: 
   const d = m.device;
   const N = p.tokens.length;
   const mb: MicroBatch = {
-    id, numTokens: N,
+    id,
+    numTokens: N,
     segments: m.hasAdapter ? [{ adapter: ADAPTER_ID, rowStart: 0, rowEnd: N, serial: 0 }] : [],
     tensors: {
-      positions: d.fromArray('i32', [N], p.positions), cuSeqlens: d.fromArray('i32', [p.cuSeqlens.length], p.cuSeqlens),
-      targets: d.fromArray('i32', [N], p.targets), weights: d.fromArray('f32', [N], new Float32Array(N).fill(1)),
+      positions: d.fromArray('i32', [N], p.positions),
+      cuSeqlens: d.fromArray('i32', [p.cuSeqlens.length], p.cuSeqlens),
+      targets: d.fromArray('i32', [N], p.targets),
+      weights: d.fromArray('f32', [N], new Float32Array(N).fill(1)),
     },
   };
   return { mb, tokens: d.fromArray('i32', [N], p.tokens) };

@@ -23,7 +23,15 @@ import { checkSegments, holdsHead, type MicroBatch, type SegmentSpec, type Stage
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
-  activationBytes, bucketFloats, Carver, carveActs, carveWork, headScratchShapes, scratchBytes, scratchShapes, workBytes,
+  activationBytes,
+  bucketFloats,
+  Carver,
+  carveActs,
+  carveWork,
+  headScratchShapes,
+  scratchBytes,
+  scratchShapes,
+  workBytes,
   type LayerActs,
 } from './activations.js';
 import { freeViews, takeViews, view, type Scratch } from './views.js';
@@ -102,7 +110,10 @@ export class StageProgram implements LayerContext {
       throw new Error(`stage [${plan.lo}, ${plan.hi}) got weights for ${weights.layers.length} layers`);
     }
     if (plan.first && !weights.embed) throw new Error('the first stage needs the embedding table');
-    if (holdsHead(plan) && (!weights.norm || !weights.head)) throw new Error(`${plan.last ? 'the last stage' : 'a stage with a head share'} needs the final norm and the LM head`);
+    if (holdsHead(plan) && (!weights.norm || !weights.head))
+      throw new Error(
+        `${plan.last ? 'the last stage' : 'a stage with a head share'} needs the final norm and the LM head`,
+      );
     this.qDim = c.numHeads * c.headDim;
     this.kvDim = c.numKvHeads * c.headDim;
     const { cos, sin } = modelRopeTables(c);
@@ -265,7 +276,8 @@ export class StageProgram implements LayerContext {
     let losses: Tensor | undefined;
     let views: Tensor[] = [];
     try {
-      for (const [name, shape, dtype] of headScratchShapes(this.config, N, this.headBlockRows)) s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
+      for (const [name, shape, dtype] of headScratchShapes(this.config, N, this.headBlockRows))
+        s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
       losses = this.device.alloc('f32', [N], { zero: false });
       const ops: Op[] = [];
       headOps(this.head(), ops, mb, xFinal, losses, dres, true, s);
@@ -315,7 +327,8 @@ export class StageProgram implements LayerContext {
    * `build` returns reads the result once the run is done.
    */
   private async forwardOnly<T>(
-    mb: MicroBatch, input: Tensor,
+    mb: MicroBatch,
+    input: Tensor,
     build: (ops: Op[], saved: Saved, s: Scratch, own: (t: Tensor) => Tensor) => () => T,
   ): Promise<T> {
     const N = mb.numTokens;
@@ -357,7 +370,10 @@ export class StageProgram implements LayerContext {
   /** Σ grad² of an adapter's slice (for global gradient clipping across stages). */
   async gradSumsq(adapterId: number): Promise<number> {
     const a = this.adapter(adapterId);
-    await this.device.run([{ op: 'fill', y: a.sumsq, value: 0 }, { op: 'sumsq', out: a.sumsq, xs: [a.grads] }]);
+    await this.device.run([
+      { op: 'fill', y: a.sumsq, value: 0 },
+      { op: 'sumsq', out: a.sumsq, xs: [a.grads] },
+    ]);
     return (a.sumsq.read() as Float32Array)[0]!;
   }
 
@@ -376,8 +392,17 @@ export class StageProgram implements LayerContext {
     await this.device.run([
       ...(measure ? [{ op: 'fill', y: out, value: 0 } as Op, { op: 'sumsq', out, xs: [a.grads] } as Op] : []),
       {
-        op: 'adamw', params: [a.params], grads: [a.grads], m: [a.m], v: [a.v],
-        lr: h.lr, beta1: h.beta1, beta2: h.beta2, eps: h.eps, weightDecay: h.weightDecay, step: h.step,
+        op: 'adamw',
+        params: [a.params],
+        grads: [a.grads],
+        m: [a.m],
+        v: [a.v],
+        lr: h.lr,
+        beta1: h.beta1,
+        beta2: h.beta2,
+        eps: h.eps,
+        weightDecay: h.weightDecay,
+        step: h.step,
         gradScale: h.gradScale ?? 1,
       },
       { op: 'fill', y: a.grads, value: 0 },
@@ -446,7 +471,8 @@ export class StageProgram implements LayerContext {
 
   /** Fills `s` with the scratch of one call (freed by endCall; the device's block cache makes the next allocation cheap). */
   private allocScratch(rows: number, s: Scratch): void {
-    for (const [name, shape, dtype] of scratchShapes(this.config, this.plan, rows, this.headBlockRows)) s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
+    for (const [name, shape, dtype] of scratchShapes(this.config, this.plan, rows, this.headBlockRows))
+      s[name] = this.device.alloc(dtype ?? 'f32', shape, { zero: false });
   }
 
   /** Frees a call's views (those of an op list left half built by an error too) and its scratch. */
@@ -468,21 +494,46 @@ export class StageProgram implements LayerContext {
     } else if (n > 0) {
       saved.layers[0]!.x = saved.input;
     }
-    for (let i = 0; i < n; i++) this.layerForward(ops, mb, i, saved.layers[i]!, i + 1 < n ? saved.layers[i + 1]!.x : output, train);
+    for (let i = 0; i < n; i++)
+      this.layerForward(ops, mb, i, saved.layers[i]!, i + 1 < n ? saved.layers[i + 1]!.x : output, train);
   }
 
   /** Layer i of this stage (model layer lo + i). */
-  private layerForward(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, y: Tensor, train: boolean, recomputing = false): void {
+  private layerForward(
+    ops: Op[],
+    mb: MicroBatch,
+    i: number,
+    A: LayerActs,
+    y: Tensor,
+    train: boolean,
+    recomputing = false,
+  ): void {
     layerForwardOps(this, ops, mb, this.plan.lo + i, this.weights.layers[i]!, A, y, train, recomputing);
   }
 
   private layerBackward(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor, s: Scratch): void {
     // the first stage's first layer: nobody needs dL/d(embedding output) (the table is frozen)
-    layerBackwardOps(this, ops, mb, this.plan.lo + i, this.weights.layers[i]!, A, dres, s, !(this.plan.first && i === 0));
+    layerBackwardOps(
+      this,
+      ops,
+      mb,
+      this.plan.lo + i,
+      this.weights.layers[i]!,
+      A,
+      dres,
+      s,
+      !(this.plan.first && i === 0),
+    );
   }
 
   private head(): HeadContext {
-    return { config: this.config, norm: this.weights.norm!, head: this.weights.head!, headBlockRows: this.headBlockRows, gatherTargets: this.gatherTargets, bf16: this.bf16 };
+    return {
+      config: this.config,
+      norm: this.weights.norm!,
+      head: this.weights.head!,
+      headBlockRows: this.headBlockRows,
+      gatherTargets: this.gatherTargets,
+      bf16: this.bf16,
+    };
   }
 }
-

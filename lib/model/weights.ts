@@ -31,7 +31,9 @@ export interface LoadWeightsOptions extends BaseFormat {
 /** The quantization the decoder linears end up in (the checkpoint's, or the one asked for), checked for conflicts. */
 export function linearQuantization(dir: ModelDir, quantize?: QuantizeMode): QuantizeMode | undefined {
   if (dir.quantization && quantize && quantize !== dir.quantization) {
-    throw new Error(`${dir.dir}: the checkpoint is saved quantized as ${dir.quantization} (config.json quantization_config); quantize: ${quantize} cannot re-quantize it (omit quantize, or set it to ${dir.quantization})`);
+    throw new Error(
+      `${dir.dir}: the checkpoint is saved quantized as ${dir.quantization} (config.json quantization_config); quantize: ${quantize} cannot re-quantize it (omit quantize, or set it to ${dir.quantization})`,
+    );
   }
   return dir.quantization ?? quantize;
 }
@@ -41,7 +43,12 @@ function floatDtype(dir: ModelDir, o: LoadWeightsOptions): DType | undefined {
   return o.dtype ?? (o.computeDtype === 'bf16' ? 'bf16' : undefined);
 }
 
-export async function loadStageWeights(device: Device, model: ModelDir | string, plan: StagePlan, options: LoadWeightsOptions = {}): Promise<StageWeights> {
+export async function loadStageWeights(
+  device: Device,
+  model: ModelDir | string,
+  plan: StagePlan,
+  options: LoadWeightsOptions = {},
+): Promise<StageWeights> {
   const dir = typeof model === 'string' ? openModelDir(model) : model;
   const c = dir.config;
   const loaded: Tensor[] = [];
@@ -83,16 +90,27 @@ export async function loadStageWeights(device: Device, model: ModelDir | string,
         down: await linear(`${p}mlp.down_proj.weight`),
         // biases and q/k norm weights are small: f32 like the norms
         ...(c.qkvBias
-          ? { qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'), kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'), vBias: await load(`${p}self_attn.v_proj.bias`, 'f32') }
+          ? {
+              qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'),
+              kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'),
+              vBias: await load(`${p}self_attn.v_proj.bias`, 'f32'),
+            }
           : {}),
-        ...(c.qkNorm ? { qNorm: await load(`${p}self_attn.q_norm.weight`, 'f32'), kNorm: await load(`${p}self_attn.k_norm.weight`, 'f32') } : {}),
+        ...(c.qkNorm
+          ? {
+              qNorm: await load(`${p}self_attn.q_norm.weight`, 'f32'),
+              kNorm: await load(`${p}self_attn.k_norm.weight`, 'f32'),
+            }
+          : {}),
       });
     }
     const w: StageWeights = { layers };
     if (plan.first) w.embed = await load('model.embed_tokens.weight', wd);
     if (holdsHead(plan)) {
       w.norm = await load('model.norm.weight', 'f32');
-      w.head = c.tieWordEmbeddings ? (w.embed ?? (await load('model.embed_tokens.weight', wd))) : await load('lm_head.weight', wd);
+      w.head = c.tieWordEmbeddings
+        ? (w.embed ?? (await load('model.embed_tokens.weight', wd)))
+        : await load('lm_head.weight', wd);
     }
     return w;
   } catch (e) {
@@ -112,7 +130,11 @@ export function freeStageWeights(w: StageWeights): void {
 }
 
 /** Bytes the base weights of a stage take on its device (as the allocator counts them), by part. */
-export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: LoadWeightsOptions = {}): { linears: number; other: number; linearFormat: string; floatFormat: DType } {
+export function stageWeightBreakdown(
+  dir: ModelDir,
+  plan: StagePlan,
+  options: LoadWeightsOptions = {},
+): { linears: number; other: number; linearFormat: string; floatFormat: DType } {
   const c = dir.config;
   const size = (d: DType) => (d === 'f32' || d === 'i32' ? 4 : 2);
   const fileDtype: DType = c.torchDtype === 'bfloat16' ? 'bf16' : c.torchDtype === 'float16' ? 'f16' : 'f32';
@@ -121,7 +143,8 @@ export function stageWeightBreakdown(dir: ModelDir, plan: StagePlan, options: Lo
   const q = linearQuantization(dir, options.quantize);
   const H = c.hiddenSize;
   const round = (b: number) => Math.max(256, Math.ceil(b / 256) * 256);
-  const linearBytes = (out: number, inp: number) => round(q ? quantLayout(QUANT_DTYPE[q] as QuantDType, out, inp).bytes : out * inp * wb);
+  const linearBytes = (out: number, inp: number) =>
+    round(q ? quantLayout(QUANT_DTYPE[q] as QuantDType, out, inp).bytes : out * inp * wb);
   let linears = 0;
   let bytes = 0;
   for (let i = plan.lo; i < plan.hi; i++) {

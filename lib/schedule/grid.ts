@@ -38,7 +38,8 @@ export function renderGrid(records: ScheduleRecord[], stages: number, width = 80
   for (let s = 0; s < stages; s++) {
     const cells: string[] = [];
     for (let c = 0; c < width; c++) {
-      const a = t0 + c * dt, b = a + dt;
+      const a = t0 + c * dt,
+        b = a + dt;
       const cover: Record<string, number> = {};
       for (const r of rs) {
         if (r.stage !== s) continue;
@@ -52,13 +53,16 @@ export function renderGrid(records: ScheduleRecord[], stages: number, width = 80
     lines.push(`stage ${s} |${cells.join('')}|`);
   }
   const u = utilisation(records, stages);
-  lines.push(`         ${u.spanMs.toFixed(0)} ms; busy ${u.busy.map((b) => `${(100 * b).toFixed(0)}%`).join(' / ')}; bubble ${(100 * u.bubble).toFixed(1)}%`);
+  lines.push(
+    `         ${u.spanMs.toFixed(0)} ms; busy ${u.busy.map((b) => `${(100 * b).toFixed(0)}%`).join(' / ')}; bubble ${(100 * u.bubble).toFixed(1)}%`,
+  );
   return lines.join('\n');
 }
 
 /** The order each stage ran its work in: per stage, "F3 B3 F4 ..." (for comparing runs and simulations). */
 export function stageOrder(records: ScheduleRecord[], stages: number): string[][] {
   const out: string[][] = Array.from({ length: stages }, () => []);
-  for (const r of [...records].sort((a, b) => a.start - b.start)) if (r.kind === 'F' || r.kind === 'B') out[r.stage]!.push(`${r.kind}${r.mb}`);
+  for (const r of [...records].sort((a, b) => a.start - b.start))
+    if (r.kind === 'F' || r.kind === 'B') out[r.stage]!.push(`${r.kind}${r.mb}`);
   return out;
 }

@@ -78,7 +78,12 @@ export function simulate(messages: SimMessage[], o: SimOptions): ScheduleRecord[
       let pick = -1;
       for (let i = 0; i < q.length; i++) {
         if (q[i]!.ready > start) continue;
-        if (pick < 0 || (q[i]!.kind === 'B' && q[pick]!.kind === 'F') || (q[i]!.kind === q[pick]!.kind && q[i]!.seq < q[pick]!.seq)) pick = i;
+        if (
+          pick < 0 ||
+          (q[i]!.kind === 'B' && q[pick]!.kind === 'F') ||
+          (q[i]!.kind === q[pick]!.kind && q[i]!.seq < q[pick]!.seq)
+        )
+          pick = i;
       }
       if (!best || start < best.start) best = { s, i: pick, start };
     }
@@ -89,9 +94,12 @@ export function simulate(messages: SimMessage[], o: SimOptions): ScheduleRecord[
     freeAt[best.s] = end;
     records.push({ stage: a.stage, kind: a.kind, mb: a.msg.mb, adapters: a.msg.adapters, start: best.start, end });
     let finished = false;
-    if (a.kind === 'F' && a.stage < S - 1) queue[a.stage + 1]!.push({ kind: 'F', msg: a.msg, stage: a.stage + 1, ready: end + hop, seq: seq++ });
-    else if (a.kind === 'F' && S > 1) queue[S - 2]!.push({ kind: 'B', msg: a.msg, stage: S - 2, ready: end + hop, seq: seq++ });
-    else if (a.kind === 'B' && a.stage > 0) queue[a.stage - 1]!.push({ kind: 'B', msg: a.msg, stage: a.stage - 1, ready: end + hop, seq: seq++ });
+    if (a.kind === 'F' && a.stage < S - 1)
+      queue[a.stage + 1]!.push({ kind: 'F', msg: a.msg, stage: a.stage + 1, ready: end + hop, seq: seq++ });
+    else if (a.kind === 'F' && S > 1)
+      queue[S - 2]!.push({ kind: 'B', msg: a.msg, stage: S - 2, ready: end + hop, seq: seq++ });
+    else if (a.kind === 'B' && a.stage > 0)
+      queue[a.stage - 1]!.push({ kind: 'B', msg: a.msg, stage: a.stage - 1, ready: end + hop, seq: seq++ });
     else finished = true;
     if (finished) {
       // the supervisor learns of the completion one hop later, and only then admits more

@@ -7,7 +7,10 @@ import { headRows } from '../model/head.js';
 
 /** FLOPs per token of one decoder layer, forward + backward (dX only), at sequence length T. */
 export function layerFlopsPerToken(c: LlamaConfig, T = 512): number {
-  const H = c.hiddenSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, I = c.intermediateSize;
+  const H = c.hiddenSize,
+    q = c.numHeads * c.headDim,
+    kv = c.numKvHeads * c.headDim,
+    I = c.intermediateSize;
   const gemm = 2 * (H * q + 2 * H * kv + q * H + 3 * H * I); // forward projections
   const attn = 2 * 2 * (T / 2) * q; // causal QKᵀ and PV, average half a sequence
   return 2 * gemm + 3.5 * attn; // backward dX ≈ forward; attention backward ≈ 2.5× forward
@@ -74,14 +77,16 @@ export function balanceSplit(c: LlamaConfig, speeds: number[], profile: SplitPro
   // more than HEAD_SHARE_GAIN: it costs a round trip per micro-batch and a copy of the head.
   let share: { k: number; m: number; x: number; cost: number } | undefined;
   if (S >= 2 && hf > 0) {
-    const v1 = speeds[S - 2]!, v2 = speeds[S - 1]!;
+    const v1 = speeds[S - 2]!,
+      v2 = speeds[S - 1]!;
     for (let k = S - 2; k <= L - 2; k++) {
       const prefix = best[S - 2]![k]!;
       if (prefix === INF) continue;
       for (let m = k + 1; m <= L - 1; m++) {
-        const A = (m - k) * lf, B = (L - m) * lf;
+        const A = (m - k) * lf,
+          B = (L - m) * lf;
         // the share x of the head on stage S-2 that gives both the same time, within [0, 1]
-        const x = Math.min(1, Math.max(0, ((A + B + hf) * v1 / (v1 + v2) - A) / hf));
+        const x = Math.min(1, Math.max(0, (((A + B + hf) * v1) / (v1 + v2) - A) / hf));
         const cost = Math.max(prefix, (A + x * hf) / v1, (B + (1 - x) * hf) / v2);
         if (x > 0 && (!share || cost < share.cost)) share = { k, m, x, cost };
       }
@@ -90,8 +95,17 @@ export function balanceSplit(c: LlamaConfig, speeds: number[], profile: SplitPro
   if (share && share.cost < whole * (1 - HEAD_SHARE_GAIN)) {
     const bounds = boundsFrom(S - 2, share.k, [share.m, L]);
     const x = Math.round(share.x * 1000) / 1000;
-    const plans: StagePlan[] = speeds.map((_, s) => ({ lo: bounds[s]!, hi: bounds[s + 1]!, first: s === 0, last: s === S - 1, ...(s === S - 2 ? { headShare: x } : {}) }));
-    const cost = plans.map((p, s) => stageCost(s, p.lo, p.hi) + (s === S - 2 ? (x * hf) / speeds[s]! : s === S - 1 ? (-x * hf) / speeds[s]! : 0));
+    const plans: StagePlan[] = speeds.map((_, s) => ({
+      lo: bounds[s]!,
+      hi: bounds[s + 1]!,
+      first: s === 0,
+      last: s === S - 1,
+      ...(s === S - 2 ? { headShare: x } : {}),
+    }));
+    const cost = plans.map(
+      (p, s) =>
+        stageCost(s, p.lo, p.hi) + (s === S - 2 ? (x * hf) / speeds[s]! : s === S - 1 ? (-x * hf) / speeds[s]! : 0),
+    );
     return { plans, cost };
   }
   const bounds = boundsFrom(S, L, []);
@@ -104,10 +118,13 @@ export const HEAD_SHARE_GAIN = 0.03;
 
 /** A user-given split: layers per stage. */
 export function explicitSplit(c: LlamaConfig, layers: number[]): StagePlan[] {
-  if (layers.some((n) => !Number.isInteger(n))) throw new Error(`pipeline.split ${JSON.stringify(layers)}: layer counts must be whole numbers`);
+  if (layers.some((n) => !Number.isInteger(n)))
+    throw new Error(`pipeline.split ${JSON.stringify(layers)}: layer counts must be whole numbers`);
   const sum = layers.reduce((a, b) => a + b, 0);
-  if (sum !== c.numLayers) throw new Error(`pipeline.split ${JSON.stringify(layers)} covers ${sum} layers, the model has ${c.numLayers}`);
-  if (layers.some((n) => n < 1)) throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least one layer`);
+  if (sum !== c.numLayers)
+    throw new Error(`pipeline.split ${JSON.stringify(layers)} covers ${sum} layers, the model has ${c.numLayers}`);
+  if (layers.some((n) => n < 1))
+    throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least one layer`);
   let lo = 0;
   return layers.map((n, s) => {
     const p = { lo, hi: lo + n, first: s === 0, last: s === layers.length - 1 };
@@ -118,7 +135,10 @@ export function explicitSplit(c: LlamaConfig, layers: number[]): StagePlan[] {
 
 export function describeSplit(plans: StagePlan[], devices: string[]): string {
   return plans
-    .map((p, s) => `stage ${s} on ${devices[s]}: layers ${p.lo}-${p.hi - 1}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
-      (p.headShare ? ` + norm/head/loss of ${Math.round(100 * p.headShare)}% of the targeted rows (training)` : ''))
+    .map(
+      (p, s) =>
+        `stage ${s} on ${devices[s]}: layers ${p.lo}-${p.hi - 1}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
+        (p.headShare ? ` + norm/head/loss of ${Math.round(100 * p.headShare)}% of the targeted rows (training)` : ''),
+    )
     .join('\n');
 }

@@ -44,10 +44,12 @@ const char* code_of(const std::exception& e) {
 }
 
 DType parse_dtype(Napi::Env env, Napi::Value v, const char* what) {
-  if (!v.IsString()) throw_js(env, std::string(what) + ": dtype must be a string (f32, f16, bf16, i32, nf4, nf4dq, int8)");
+  if (!v.IsString())
+    throw_js(env, std::string(what) + ": dtype must be a string (f32, f16, bf16, i32, nf4, nf4dq, int8)");
   DType d;
   std::string s = v.As<Napi::String>().Utf8Value();
-  if (!dtype_from_name(s, &d)) throw_js(env, std::string(what) + ": unknown dtype '" + s + "' (f32, f16, bf16, i32, nf4, nf4dq, int8)");
+  if (!dtype_from_name(s, &d))
+    throw_js(env, std::string(what) + ": unknown dtype '" + s + "' (f32, f16, bf16, i32, nf4, nf4dq, int8)");
   return d;
 }
 
@@ -95,9 +97,14 @@ TypedView typed_view(Napi::Env env, Napi::Value v, const char* what) {
     throw_js(env, std::string(what) + ": cannot read the typed array");
   size_t elem = 1;
   switch (type) {
-    case napi_int16_array: case napi_uint16_array: elem = 2; break;
-    case napi_int32_array: case napi_uint32_array: case napi_float32_array: elem = 4; break;
-    case napi_float64_array: case napi_bigint64_array: case napi_biguint64_array: elem = 8; break;
+    case napi_int16_array:
+    case napi_uint16_array: elem = 2; break;
+    case napi_int32_array:
+    case napi_uint32_array:
+    case napi_float32_array: elem = 4; break;
+    case napi_float64_array:
+    case napi_bigint64_array:
+    case napi_biguint64_array: elem = 8; break;
     default: elem = 1;
   }
   return TypedView{data, length * elem, type};
@@ -157,10 +164,13 @@ Napi::Value JsTensor::Dtype(const Napi::CallbackInfo& info) {
 }
 Napi::Value JsTensor::Shape(const Napi::CallbackInfo& info) {
   Napi::Array a = Napi::Array::New(info.Env(), impl.shape.size());
-  for (size_t i = 0; i < impl.shape.size(); i++) a.Set(uint32_t(i), Napi::Number::New(info.Env(), double(impl.shape[i])));
+  for (size_t i = 0; i < impl.shape.size(); i++)
+    a.Set(uint32_t(i), Napi::Number::New(info.Env(), double(impl.shape[i])));
   return a;
 }
-Napi::Value JsTensor::Bytes(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(impl.nbytes())); }
+Napi::Value JsTensor::Bytes(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), double(impl.nbytes()));
+}
 Napi::Value JsTensor::DeviceName(const Napi::CallbackInfo& info) {
   if (!impl.storage) return info.Env().Null();
   return Napi::String::New(info.Env(), impl.storage->device->name());
@@ -197,11 +207,15 @@ Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "write");
-  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) + " tensor is written whole, by Device.fromArray or a quantize op");
+  if (dtype_quantized(impl.dtype))
+    throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
+                      " tensor is written whole, by Device.fromArray or a quantize op");
   TypedView src = typed_view(env, info[0], "Tensor.write");
   if (!typed_array_matches(src.type, impl.dtype))
-    throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
-                      " tensor takes a " + (impl.dtype == DType::F32 ? "Float32Array" : impl.dtype == DType::I32 ? "Int32Array" : "Uint16Array"));
+    throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) + " tensor takes a " +
+                      (impl.dtype == DType::F32   ? "Float32Array"
+                       : impl.dtype == DType::I32 ? "Int32Array"
+                                                  : "Uint16Array"));
   int64_t off = info.Length() > 1 && !info[1].IsUndefined() ? integer_arg(env, info[1], "Tensor.write: offset", 0) : 0;
   size_t es = dtype_size(impl.dtype);
   if (size_t(off) * es + src.bytes > impl.nbytes())
@@ -221,12 +235,14 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "rows");
-  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.rows: a ") + dtype_name(impl.dtype) + " tensor has no row views");
+  if (dtype_quantized(impl.dtype))
+    throw_js(env, std::string("Tensor.rows: a ") + dtype_name(impl.dtype) + " tensor has no row views");
   int64_t s = integer_arg(env, info[0], "Tensor.rows(start, end): start", 0);
   int64_t e = integer_arg(env, info[1], "Tensor.rows(start, end): end", 0);
   if (e < s || e > impl.shape[0])
-    throw_js(env, "Tensor.rows: range [" + std::to_string(s) + ", " + std::to_string(e) + ") is outside 0.." +
-                      std::to_string(impl.shape[0]),
+    throw_js(env,
+             "Tensor.rows: range [" + std::to_string(s) + ", " + std::to_string(e) + ") is outside 0.." +
+                 std::to_string(impl.shape[0]),
              kErrBadInput);
   TensorImpl v = impl;
   int64_t row = impl.numel() / std::max<int64_t>(1, impl.shape[0]);
@@ -238,7 +254,8 @@ Napi::Value JsTensor::Rows(const Napi::CallbackInfo& info) {
 Napi::Value JsTensor::Reshape(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "reshape");
-  if (dtype_quantized(impl.dtype)) throw_js(env, std::string("Tensor.reshape: a ") + dtype_name(impl.dtype) + " tensor keeps its shape");
+  if (dtype_quantized(impl.dtype))
+    throw_js(env, std::string("Tensor.reshape: a ") + dtype_name(impl.dtype) + " tensor keeps its shape");
   std::vector<int64_t> s = parse_shape(env, info[0], "Tensor.reshape");
   TensorImpl v = impl;
   v.shape = s;
@@ -283,7 +300,8 @@ Napi::Function JsDevice::Init(Napi::Env env) {
 // new Device({kind: 'cpu'|'cuda', index, threads, budget}): budget in bytes.
 JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsObject()) throw_js(env, "new Device(options): options must be an object {kind, index, threads, budget}");
+  if (!info[0].IsObject())
+    throw_js(env, "new Device(options): options must be an object {kind, index, threads, budget}");
   Napi::Object o = info[0].As<Napi::Object>();
   std::string kind = o.Get("kind").IsString() ? o.Get("kind").As<Napi::String>().Utf8Value() : "cpu";
   auto num = [&](const char* k, double def) -> double {
@@ -304,7 +322,8 @@ JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(
     auto be = make_cuda_backend(index, &why);
     if (!be) throw_js(env, "device cuda:" + std::to_string(index) + " is not available: " + why);
     int64_t free_b = be->free_memory();
-    double def = free_b > 0 ? double(free_b - std::min<int64_t>(free_b / 10, int64_t(2) << 30)) : double(int64_t(4) << 30);
+    double def =
+        free_b > 0 ? double(free_b - std::min<int64_t>(free_b / 10, int64_t(2) << 30)) : double(int64_t(4) << 30);
     int64_t budget = int64_t(num("budget", def));
     if (budget <= 0) throw_js(env, "new Device: 'budget' must be positive (bytes)");
     state = std::make_shared<DeviceState>(DeviceKind::CUDA, index, threads, budget, std::move(be));
@@ -317,7 +336,9 @@ Napi::Value JsDevice::Name(const Napi::CallbackInfo& info) { return Napi::String
 Napi::Value JsDevice::Kind(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), state->kind() == DeviceKind::CPU ? "cpu" : "cuda");
 }
-Napi::Value JsDevice::Threads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), state->pool().size()); }
+Napi::Value JsDevice::Threads(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), state->pool().size());
+}
 
 Napi::Value JsDevice::Memory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -346,7 +367,8 @@ static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& 
   t.dtype = dt;
   t.shape = std::move(shape);
   if (dtype_quantized(dt) && t.shape.size() != 2)
-    throw_js(env, std::string("a ") + dtype_name(dt) + " tensor is a 2-D weight [rows, cols], got shape " + t.shape_str());
+    throw_js(env,
+             std::string("a ") + dtype_name(dt) + " tensor is a 2-D weight [rows, cols], got shape " + t.shape_str());
   auto st = std::make_shared<Storage>();
   st->device = dev;
   st->bytes = t.nbytes();
@@ -409,8 +431,8 @@ Napi::Value JsDevice::Wrap(const Napi::CallbackInfo& info) {
   t.dtype = dt;
   t.shape = shape;
   if (t.nbytes() > src.bytes)
-    throw_js(env, "Device.wrap: shape " + t.shape_str() + " " + dtype_name(dt) + " needs " + std::to_string(t.nbytes()) +
-                      " bytes, the array has " + std::to_string(src.bytes));
+    throw_js(env, "Device.wrap: shape " + t.shape_str() + " " + dtype_name(dt) + " needs " +
+                      std::to_string(t.nbytes()) + " bytes, the array has " + std::to_string(src.bytes));
   if (reinterpret_cast<uintptr_t>(src.data) % dtype_size(dt) != 0)
     throw_js(env, "Device.wrap: the array's byte offset is not aligned to its dtype");
   auto st = std::make_shared<Storage>();
@@ -427,8 +449,11 @@ Napi::Value JsDevice::Wrap(const Napi::CallbackInfo& info) {
 class LoadFileWorker : public Napi::AsyncWorker {
  public:
   LoadFileWorker(Napi::Env env, std::string path, int64_t offset, TensorImpl t)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), path_(std::move(path)),
-        offset_(offset), t_(std::move(t)) {}
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        path_(std::move(path)),
+        offset_(offset),
+        t_(std::move(t)) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
@@ -556,7 +581,9 @@ static RunFailure run_kernels(DeviceState& dev, ParsedOps& ops) {
 class RunWorker : public Napi::AsyncWorker {
  public:
   RunWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, ParsedOps ops, Napi::Value keep)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), dev_(std::move(dev)),
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        dev_(std::move(dev)),
         ops_(std::move(ops)) {
     keep_ = Napi::Persistent(keep.As<Napi::Object>());  // the op objects keep their tensors alive
   }

@@ -14,10 +14,10 @@ namespace mlora {
 struct LoraSegment {
   int64_t row_start = 0, row_end = 0;  // rows of x/y this adapter owns
   int64_t rank = 0;
-  float scale = 1.f;       // alpha / r, or alpha / sqrt(r) with rsLoRA
-  float dropout = 0.f;     // probability of zeroing an input element
-  uint64_t seed = 0;       // dropout mask = f(seed, row position, column): never stored
-  int64_t position = 0;    // global index of row_start, so a mask is the same on replay
+  float scale = 1.f;         // alpha / r, or alpha / sqrt(r) with rsLoRA
+  float dropout = 0.f;       // probability of zeroing an input element
+  uint64_t seed = 0;         // dropout mask = f(seed, row position, column): never stored
+  int64_t position = 0;      // global index of row_start, so a mask is the same on replay
   const float* a = nullptr;  // [rank, in]
   const float* b = nullptr;  // [out, rank]
   float* da = nullptr;       // [rank, in], +=
@@ -41,7 +41,6 @@ namespace cuda {
 #define MLORA_DISPATCH(ex, fn, ...) \
   ((ex).cuda() ? ::mlora::cuda::fn(ex, __VA_ARGS__) : ::mlora::cpu::fn(ex, __VA_ARGS__))
 #else
-#define MLORA_DISPATCH(ex, fn, ...)                                                     \
-  ((ex).cuda() ? throw ::mlora::Error("this build has no CUDA backend (" #fn ")") \
-               : ::mlora::cpu::fn(ex, __VA_ARGS__))
+#define MLORA_DISPATCH(ex, fn, ...) \
+  ((ex).cuda() ? throw ::mlora::Error("this build has no CUDA backend (" #fn ")") : ::mlora::cpu::fn(ex, __VA_ARGS__))
 #endif

@@ -82,7 +82,10 @@ interface PeftBaseline {
 
 /** Parameters of the base model (embeddings and head counted once each unless tied). */
 function paramCount(c: LlamaConfig): number {
-  const H = c.hiddenSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, I = c.intermediateSize;
+  const H = c.hiddenSize,
+    q = c.numHeads * c.headDim,
+    kv = c.numKvHeads * c.headDim,
+    I = c.intermediateSize;
   const layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H;
   return c.numLayers * layer + c.vocabSize * H * (c.tieWordEmbeddings ? 1 : 2) + H;
 }
@@ -120,7 +123,10 @@ export async function bf16GemmCeiling(spec: string, n: number): Promise<number> 
 /** A model directory: the path given, or a preset made once as bf16 in the cache. */
 async function modelDirOf(m: string, log: (s: string) => void): Promise<string> {
   if (!(m in PRESETS)) {
-    if (!fs.existsSync(path.join(m, 'config.json'))) throw new Error(`--models: ${m} is neither a preset (${Object.keys(PRESETS).join(', ')}) nor a model directory (no config.json)`);
+    if (!fs.existsSync(path.join(m, 'config.json')))
+      throw new Error(
+        `--models: ${m} is neither a preset (${Object.keys(PRESETS).join(', ')}) nor a model directory (no config.json)`,
+      );
     return m;
   }
   const dir = path.join(cacheModels(), `${m}-bf16-seed0`);
@@ -140,27 +146,44 @@ function readBaseline(file: string): PeftBaseline {
   } catch (e) {
     throw new Error(`--baseline ${file}: ${(e as Error).message}`);
   }
-  if (!Array.isArray(j.records)) throw new Error(`--baseline ${file}: field 'records' must be a list, got ${typeof j.records}`);
+  if (!Array.isArray(j.records))
+    throw new Error(`--baseline ${file}: field 'records' must be a list, got ${typeof j.records}`);
   return j;
 }
 
 /** The model's short name in tables: the preset whose shape it has, else the folder name. */
 function modelName(c: LlamaConfig, dir: string): string {
   for (const [name, p] of Object.entries(PRESETS))
-    if (p.hiddenSize === c.hiddenSize && p.numLayers === c.numLayers && p.vocabSize === c.vocabSize && p.intermediateSize === c.intermediateSize) return name;
+    if (
+      p.hiddenSize === c.hiddenSize &&
+      p.numLayers === c.numLayers &&
+      p.vocabSize === c.vocabSize &&
+      p.intermediateSize === c.intermediateSize
+    )
+      return name;
   return path.basename(dir);
 }
 
 export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void): Promise<GpuBenchResult> {
   const dev = parseDeviceSpec(o.device);
   const info = native().info();
-  if (dev.kind === 'cuda' && dev.index >= info.cuda.devices) throw new Error(`--device ${o.device}: not available (${info.cuda.devices} CUDA device(s): ${info.cuda.reason})`);
+  if (dev.kind === 'cuda' && dev.index >= info.cuda.devices)
+    throw new Error(`--device ${o.device}: not available (${info.cuda.devices} CUDA device(s): ${info.cuda.reason})`);
   const ceiling = await bf16GemmCeiling(o.device, o.ceilingN);
-  log(`bf16 GEMM ceiling on ${o.device} (${o.ceilingN}³, f32 × bf16 through the gemm op): ${ceiling.toFixed(ceiling < 10 ? 3 : 1)} TFLOP/s`);
+  log(
+    `bf16 GEMM ceiling on ${o.device} (${o.ceilingN}³, f32 × bf16 through the gemm op): ${ceiling.toFixed(ceiling < 10 ? 3 : 1)} TFLOP/s`,
+  );
   const baseline = o.baseline && fs.existsSync(o.baseline) ? readBaseline(o.baseline) : undefined;
   if (o.baseline && !baseline) log(`no PEFT baseline at ${o.baseline}: the vs-PEFT column stays empty`);
   const records: GpuBenchRecord[] = [];
-  const spec: LoraSpec = { r: o.rank, alpha: 2 * o.rank, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  const spec: LoraSpec = {
+    r: o.rank,
+    alpha: 2 * o.rank,
+    dropout: 0,
+    targets: [...LORA_TARGETS],
+    useRslora: false,
+    seed: 0,
+  };
   const maxK = Math.max(...o.adapters);
   for (const m of o.models) {
     const modelDir = await modelDirOf(m, log);
@@ -175,12 +198,21 @@ export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void):
       const budget = o.budget ?? (dev.kind === 'cuda' ? Math.floor((0.9 * freeBytes(o.device)) / S) : 4 * 2 ** 30);
       const t0 = performance.now();
       const p = await ActorPipeline.start({
-        modelDir, config: c, plans, devices: new Array(S).fill(o.device), threads: new Array(S).fill(1), budgets: new Array(S).fill(budget),
-        maxTokens: Math.ceil(maxK / Math.min(maxK, 2 * S)) * o.micro * o.seqLen, inflight: 2 * S,
+        modelDir,
+        config: c,
+        plans,
+        devices: new Array(S).fill(o.device),
+        threads: new Array(S).fill(1),
+        budgets: new Array(S).fill(budget),
+        maxTokens: Math.ceil(maxK / Math.min(maxK, 2 * S)) * o.micro * o.seqLen,
+        inflight: 2 * S,
       });
-      log(`${name}: ${S} stage actor(s) on ${o.device} (layers ${plans.map((q) => `${q.lo}-${q.hi - 1}`).join(' | ')}), loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+      log(
+        `${name}: ${S} stage actor(s) on ${o.device} (layers ${plans.map((q) => `${q.lo}-${q.hi - 1}`).join(' | ')}), loaded in ${((performance.now() - t0) / 1000).toFixed(1)} s`,
+      );
       try {
-        for (let id = 1; id <= maxK; id++) await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+        for (let id = 1; id <= maxK; id++)
+          await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
         for (const K of o.adapters) {
           const ids = Array.from({ length: K }, (_, i) => i + 1);
           const groups: number[][] = Array.from({ length: Math.min(K, 2 * S) }, () => []);
@@ -189,33 +221,58 @@ export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void):
           await trainInGroups(p, groups, mbs, 1, versions); // warm-up: buffers, cuBLAS plans
           const from = p.schedule().at(-1)?.end ?? 0;
           const ms = await trainInGroups(p, groups, mbs, o.steps, versions);
-          const u = utilisation(p.schedule().filter((r) => r.start >= from), S);
+          const u = utilisation(
+            p.schedule().filter((r) => r.start >= from),
+            S,
+          );
           const tps = (K * o.micro * o.seqLen * o.steps) / (ms / 1000);
           const peft = baseline?.records.find((r) => r.model === name && r.adapters === K)?.tokens_per_s;
           const rec: GpuBenchRecord = {
-            model: name, params: paramCount(c), adapters: K, stages: S, micro_batch: o.micro, seq_len: o.seqLen,
-            tokens_per_s: Math.round(tps), mfu: Math.round(((tps * flops) / (ceiling * 1e12)) * 1e4) / 1e4, step_ms: Math.round(ms / o.steps),
-            busy: u.busy.map((b) => Math.round(b * 1000) / 1000), bubble: Math.round(u.bubble * 1000) / 1000,
-            ...(peft ? { peft_tokens_per_s: peft, peft_mfu: Math.round(((peft * flops) / (ceiling * 1e12)) * 1e4) / 1e4, vs_peft: Math.round((tps / peft) * 100) / 100 } : {}),
+            model: name,
+            params: paramCount(c),
+            adapters: K,
+            stages: S,
+            micro_batch: o.micro,
+            seq_len: o.seqLen,
+            tokens_per_s: Math.round(tps),
+            mfu: Math.round(((tps * flops) / (ceiling * 1e12)) * 1e4) / 1e4,
+            step_ms: Math.round(ms / o.steps),
+            busy: u.busy.map((b) => Math.round(b * 1000) / 1000),
+            bubble: Math.round(u.bubble * 1000) / 1000,
+            ...(peft
+              ? {
+                  peft_tokens_per_s: peft,
+                  peft_mfu: Math.round(((peft * flops) / (ceiling * 1e12)) * 1e4) / 1e4,
+                  vs_peft: Math.round((tps / peft) * 100) / 100,
+                }
+              : {}),
           };
           records.push(rec);
-          log(`${name} S=${S} K=${K}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step, busy ${rec.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}`);
+          log(
+            `${name} S=${S} K=${K}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step, busy ${rec.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}`,
+          );
         }
       } finally {
         await p.close();
       }
     }
   }
-  const best = (model: string, K: number) => records.filter((r) => r.model === model && r.adapters === K).sort((a, b) => b.tokens_per_s - a.tokens_per_s)[0];
+  const best = (model: string, K: number) =>
+    records.filter((r) => r.model === model && r.adapters === K).sort((a, b) => b.tokens_per_s - a.tokens_per_s)[0];
   const b8 = best('1b', 8);
   const targets = [
     { what: '1b, K=8: MFU (best layout)', value: b8 ? b8.mfu : null, goal: 0.4 },
     { what: '1b, K=8: tokens/s over PEFT one after another', value: b8?.vs_peft ?? null, goal: 1.5 },
   ].map((x) => ({ ...x, met: x.value === null ? null : x.value >= x.goal }));
   return {
-    scenario: 'gpu', device: o.device, gemm: dev.kind === 'cuda' ? info.cuda.gemm : `cpu (${info.cpu.gemmKernel})`,
-    bf16_gemm_ceiling_tflops: Math.round(ceiling * 1000) / 1000, ceiling_n: o.ceilingN,
-    ...(baseline?.torch_bf16_tflops ? { torch_bf16_tflops: baseline.torch_bf16_tflops } : {}), records, targets,
+    scenario: 'gpu',
+    device: o.device,
+    gemm: dev.kind === 'cuda' ? info.cuda.gemm : `cpu (${info.cpu.gemmKernel})`,
+    bf16_gemm_ceiling_tflops: Math.round(ceiling * 1000) / 1000,
+    ceiling_n: o.ceilingN,
+    ...(baseline?.torch_bf16_tflops ? { torch_bf16_tflops: baseline.torch_bf16_tflops } : {}),
+    records,
+    targets,
   };
 }
 
@@ -225,12 +282,26 @@ function freeBytes(spec: string): number {
 }
 
 export function printGpuTable(r: GpuBenchResult, out: (s: string) => void): void {
-  out(`\nmlora bench --scenario gpu on ${r.device} (gemm ${r.gemm}); bf16 GEMM ceiling ${r.bf16_gemm_ceiling_tflops} TFLOP/s (${r.ceiling_n}³, this run)` +
-    (r.torch_bf16_tflops ? `; torch bf16 matmul ${r.torch_bf16_tflops} TFLOP/s` : ''));
+  out(
+    `\nmlora bench --scenario gpu on ${r.device} (gemm ${r.gemm}); bf16 GEMM ceiling ${r.bf16_gemm_ceiling_tflops} TFLOP/s (${r.ceiling_n}³, this run)` +
+      (r.torch_bf16_tflops ? `; torch bf16 matmul ${r.torch_bf16_tflops} TFLOP/s` : ''),
+  );
   out('model  params   S   K  micro×seq  tokens/s    MFU  ms/step  busy        PEFT tok/s  vs PEFT');
   for (const x of r.records) {
-    out(`${x.model.padEnd(6)} ${`${(x.params / 1e6).toFixed(x.params < 1e7 ? 2 : 0)}M`.padStart(6)}  ${String(x.stages).padStart(2)}  ${String(x.adapters).padStart(2)}  ${`${x.micro_batch}×${x.seq_len}`.padStart(9)}  ${String(x.tokens_per_s).padStart(8)}  ${(100 * x.mfu).toFixed(1).padStart(5)}%  ${String(x.step_ms).padStart(7)}  ${x.busy.map((b) => `${Math.round(100 * b)}%`).join('/').padEnd(10)}  ${String(x.peft_tokens_per_s ?? '-').padStart(10)}  ${x.vs_peft !== undefined ? `${x.vs_peft}×` : '-'}`);
+    out(
+      `${x.model.padEnd(6)} ${`${(x.params / 1e6).toFixed(x.params < 1e7 ? 2 : 0)}M`.padStart(6)}  ${String(x.stages).padStart(2)}  ${String(x.adapters).padStart(2)}  ${`${x.micro_batch}×${x.seq_len}`.padStart(9)}  ${String(x.tokens_per_s).padStart(8)}  ${(100 * x.mfu).toFixed(1).padStart(5)}%  ${String(x.step_ms).padStart(7)}  ${x.busy
+        .map((b) => `${Math.round(100 * b)}%`)
+        .join('/')
+        .padEnd(
+          10,
+        )}  ${String(x.peft_tokens_per_s ?? '-').padStart(10)}  ${x.vs_peft !== undefined ? `${x.vs_peft}×` : '-'}`,
+    );
   }
-  for (const t of r.targets) out(`target ${t.what}: ${t.value === null ? 'not measured' : t.value} (goal ≥ ${t.goal}) ${t.met === null ? '' : t.met ? 'MET' : 'MISSED'}`);
-  out('MFU = model FLOPs (frozen-base forward + dX, LoRA forward + backward, attention, head) / the bf16 GEMM ceiling above; S = stage actors on the one device');
+  for (const t of r.targets)
+    out(
+      `target ${t.what}: ${t.value === null ? 'not measured' : t.value} (goal ≥ ${t.goal}) ${t.met === null ? '' : t.met ? 'MET' : 'MISSED'}`,
+    );
+  out(
+    'MFU = model FLOPs (frozen-base forward + dX, LoRA forward + backward, attention, head) / the bf16 GEMM ceiling above; S = stage actors on the one device',
+  );
 }

@@ -40,12 +40,18 @@ export interface TrainBenchRecord {
 }
 
 export function cacheModels(): string {
-  return path.join(process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora'), 'models');
+  return path.join(
+    process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora'),
+    'models',
+  );
 }
 
 /** Model FLOPs per trained token: frozen base forward + backward-dX, LoRA forward + backward, attention, head. */
 export function trainFlopsPerToken(c: LlamaConfig, spec: LoraSpec, seqLen: number): number {
-  const H = c.hiddenSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, I = c.intermediateSize;
+  const H = c.hiddenSize,
+    q = c.numHeads * c.headDim,
+    kv = c.numKvHeads * c.headDim,
+    I = c.intermediateSize;
   const base = H * q + 2 * H * kv + q * H + 3 * H * I;
   let lora = 0;
   for (const t of spec.targets) {
@@ -84,23 +90,60 @@ export function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqL
   const positions = new Int32Array(N);
   for (let i = 0; i < N; i++) positions[i] = i % seqLen;
   const targets = seqs * (seqLen - 1);
-  return { step: 0, microIndex: 0, microCount: 1, inputIds: ids, labels: ids, cuSeqlens: cu, positions, numTokens: N, numTargetTokens: targets, stepTargetTokens: targets, lastOfStep: true };
+  return {
+    step: 0,
+    microIndex: 0,
+    microCount: 1,
+    inputIds: ids,
+    labels: ids,
+    cuSeqlens: cu,
+    positions,
+    numTokens: N,
+    numTargetTokens: targets,
+    stepTargetTokens: targets,
+    lastOfStep: true,
+  };
 }
 
-export const STEP: Omit<StepParams, 'step'> = { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weightDecay: 0, gradScale: 1 };
+export const STEP: Omit<StepParams, 'step'> = {
+  lr: 1e-4,
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  weightDecay: 0,
+  gradScale: 1,
+};
 
 /** Trains `steps` steps of K adapters, batched (one message of all K) or sequential (K messages, one at a time). */
-async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicroBatch>, steps: number, batched: boolean, concurrent: boolean): Promise<number> {
+async function runSteps(
+  p: Pipeline,
+  ids: number[],
+  mbs: Map<number, SourceMicroBatch>,
+  steps: number,
+  batched: boolean,
+  concurrent: boolean,
+): Promise<number> {
   let mbId = 1;
   const t = performance.now();
   for (let s = 0; s < steps; s++) {
     if (batched) {
       const parts = ids.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! }));
-      await p.train(assemble(mbId++, parts, parts.reduce((a, x) => a + x.mb.numTokens, 0)));
+      await p.train(
+        assemble(
+          mbId++,
+          parts,
+          parts.reduce((a, x) => a + x.mb.numTokens, 0),
+        ),
+      );
     } else if (concurrent) {
-      await Promise.all(ids.map((id) => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens))));
+      await Promise.all(
+        ids.map((id) =>
+          p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens)),
+        ),
+      );
     } else {
-      for (const id of ids) await p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens));
+      for (const id of ids)
+        await p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: mbs.get(id)! }], mbs.get(id)!.numTokens));
     }
     for (const id of ids) await p.step(id, { ...STEP, step: s + 1 });
   }
@@ -113,22 +156,47 @@ async function runSteps(p: Pipeline, ids: number[], mbs: Map<number, SourceMicro
  * flush) while the other messages keep the stages busy. Returns the wall time (ms) of `steps`
  * steps of every group; optimizer versions continue from `versions` (kept across calls).
  */
-export async function trainInGroups(p: Pipeline, groups: number[][], mbs: Map<number, SourceMicroBatch>, steps: number, versions = new Map<number, number>()): Promise<number> {
+export async function trainInGroups(
+  p: Pipeline,
+  groups: number[][],
+  mbs: Map<number, SourceMicroBatch>,
+  steps: number,
+  versions = new Map<number, number>(),
+): Promise<number> {
   let mbId = 1;
   const t0 = performance.now();
-  await Promise.all(groups.map(async (g) => {
-    for (let s = 0; s < steps; s++) {
-      await p.train(assemble(mbId++, g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })), g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0)));
-      await Promise.all(g.map((id) => {
-        versions.set(id, (versions.get(id) ?? 0) + 1);
-        return p.step(id, { ...STEP, step: versions.get(id)! });
-      }));
-    }
-  }));
+  await Promise.all(
+    groups.map(async (g) => {
+      for (let s = 0; s < steps; s++) {
+        await p.train(
+          assemble(
+            mbId++,
+            g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })),
+            g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0),
+          ),
+        );
+        await Promise.all(
+          g.map((id) => {
+            versions.set(id, (versions.get(id) ?? 0) + 1);
+            return p.step(id, { ...STEP, step: versions.get(id)! });
+          }),
+        );
+      }
+    }),
+  );
   return performance.now() - t0;
 }
 
-export async function batchloraScenario(o: { adapters: number[]; rank: number; shapes: Array<{ micro: number; seqLen: number }>; steps: number; threads: number }, log: (s: string) => void): Promise<TrainBenchRecord[]> {
+export async function batchloraScenario(
+  o: {
+    adapters: number[];
+    rank: number;
+    shapes: Array<{ micro: number; seqLen: number }>;
+    steps: number;
+    threads: number;
+  },
+  log: (s: string) => void,
+): Promise<TrainBenchRecord[]> {
   const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
   const dir = openModelDir(modelDir);
   const c = dir.config;
@@ -140,8 +208,16 @@ export async function batchloraScenario(o: { adapters: number[]; rank: number; s
   const p = new LocalPipeline(c, [program]);
   const out: TrainBenchRecord[] = [];
   const maxK = Math.max(...o.adapters);
-  const spec: LoraSpec = { r: o.rank, alpha: 2 * o.rank, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
-  for (let id = 1; id <= maxK; id++) await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+  const spec: LoraSpec = {
+    r: o.rank,
+    alpha: 2 * o.rank,
+    dropout: 0,
+    targets: [...LORA_TARGETS],
+    useRslora: false,
+    seed: 0,
+  };
+  for (let id = 1; id <= maxK; id++)
+    await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
   for (const shape of o.shapes) {
     const rng = new Rng(1, shape.micro, shape.seqLen);
     const mbs = new Map<number, SourceMicroBatch>();
@@ -162,11 +238,22 @@ export async function batchloraScenario(o: { adapters: number[]; rank: number; s
         const tokens = K * shape.micro * shape.seqLen * o.steps;
         const tps = tokens / (ms[mode] / 1000);
         const rec: TrainBenchRecord = {
-          scenario: 'batchlora', mode, adapters: K, micro_batch: shape.micro, seq_len: shape.seqLen, stages: 1, threads: o.threads,
-          tokens_per_s: Math.round(tps), mfu: (tps * flops) / (ceiling * 1e9), gemm_ceiling_gflops: Math.round(ceiling * 10) / 10, step_ms: Math.round(ms[mode] / o.steps),
+          scenario: 'batchlora',
+          mode,
+          adapters: K,
+          micro_batch: shape.micro,
+          seq_len: shape.seqLen,
+          stages: 1,
+          threads: o.threads,
+          tokens_per_s: Math.round(tps),
+          mfu: (tps * flops) / (ceiling * 1e9),
+          gemm_ceiling_gflops: Math.round(ceiling * 10) / 10,
+          step_ms: Math.round(ms[mode] / o.steps),
         };
         out.push(rec);
-        log(`batchlora ${mode.padEnd(10)} K=${K} ${shape.micro}×${shape.seqLen}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step`);
+        log(
+          `batchlora ${mode.padEnd(10)} K=${K} ${shape.micro}×${shape.seqLen}: ${rec.tokens_per_s} tok/s, MFU ${(100 * rec.mfu).toFixed(1)}%, ${rec.step_ms} ms/step`,
+        );
       }
     }
   }
@@ -177,13 +264,23 @@ export async function batchloraScenario(o: { adapters: number[]; rank: number; s
 /** Micro-batches in one step of the single adapter in the A = 1 within-step pipelining run. */
 const GPIPE_MICRO = 4;
 
-export async function pipelineScenario(o: { adapters: number[]; rank: number; micro: number; seqLen: number; steps: number }, log: (s: string) => void): Promise<TrainBenchRecord[]> {
+export async function pipelineScenario(
+  o: { adapters: number[]; rank: number; micro: number; seqLen: number; steps: number },
+  log: (s: string) => void,
+): Promise<TrainBenchRecord[]> {
   const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
   const dir = openModelDir(modelDir);
   const c = dir.config;
   const ceiling1 = await gemmCeiling(1);
   log(`GEMM ceiling (1 thread): ${ceiling1.toFixed(1)} GFLOP/s`);
-  const spec: LoraSpec = { r: o.rank, alpha: 2 * o.rank, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  const spec: LoraSpec = {
+    r: o.rank,
+    alpha: 2 * o.rank,
+    dropout: 0,
+    targets: [...LORA_TARGETS],
+    useRslora: false,
+    seed: 0,
+  };
   const flops = trainFlopsPerToken(c, spec, o.seqLen);
   const out: TrainBenchRecord[] = [];
   const layouts = [
@@ -197,11 +294,18 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
     const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
     const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
     const p = await ActorPipeline.start({
-      modelDir, config: c, plans, devices: L.devices, threads: L.threads, budgets: L.devices.map(() => 8 * 2 ** 30),
-      maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen), inflight: 2 * plans.length,
+      modelDir,
+      config: c,
+      plans,
+      devices: L.devices,
+      threads: L.threads,
+      budgets: L.devices.map(() => 8 * 2 ** 30),
+      maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen),
+      inflight: 2 * plans.length,
     });
     try {
-      for (let id = 1; id <= maxK; id++) await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+      for (let id = 1; id <= maxK; id++)
+        await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
       const rng = new Rng(2);
       const mbs = new Map<number, SourceMicroBatch>();
       for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
@@ -221,7 +325,11 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
           const id = ids[0]!;
           const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
           for (let s = 0; s < steps; s++) {
-            await Promise.all(Array.from({ length: GPIPE_MICRO }, () => p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens))));
+            await Promise.all(
+              Array.from({ length: GPIPE_MICRO }, () =>
+                p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens)),
+              ),
+            );
             await p.step(id, { ...STEP, step: s + 1 });
           }
           return performance.now() - t0;
@@ -235,19 +343,44 @@ export async function pipelineScenario(o: { adapters: number[]; rank: number; mi
         const tps = tokens / (ms / 1000);
         const threads = L.threads.reduce((a, b) => a + b, 0);
         const rec: TrainBenchRecord = {
-          scenario: 'pipeline', mode: L.name, adapters: K, micro_batch: o.micro, seq_len: o.seqLen, stages: plans.length, threads,
-          tokens_per_s: Math.round(tps), mfu: (tps * flops) / (ceiling1 * threads * 1e9), gemm_ceiling_gflops: Math.round(ceiling1 * threads * 10) / 10,
-          step_ms: Math.round(ms / o.steps), busy: u.busy.map((b) => Math.round(b * 1000) / 1000), bubble: Math.round(u.bubble * 1000) / 1000,
+          scenario: 'pipeline',
+          mode: L.name,
+          adapters: K,
+          micro_batch: o.micro,
+          seq_len: o.seqLen,
+          stages: plans.length,
+          threads,
+          tokens_per_s: Math.round(tps),
+          mfu: (tps * flops) / (ceiling1 * threads * 1e9),
+          gemm_ceiling_gflops: Math.round(ceiling1 * threads * 10) / 10,
+          step_ms: Math.round(ms / o.steps),
+          busy: u.busy.map((b) => Math.round(b * 1000) / 1000),
+          bubble: Math.round(u.bubble * 1000) / 1000,
         };
         out.push(rec);
-        log(`pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`);
+        log(
+          `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
+        );
         if (K === 1 && plans.length > 1) {
           const from2 = p.schedule().at(-1)?.end ?? 0;
           const ms2 = await run(o.steps, true);
-          const u2 = utilisation(p.schedule().filter((r) => r.start >= from2), plans.length);
+          const u2 = utilisation(
+            p.schedule().filter((r) => r.start >= from2),
+            plans.length,
+          );
           const tps2 = (GPIPE_MICRO * o.micro * o.seqLen * o.steps) / (ms2 / 1000);
-          out.push({ ...rec, mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`, tokens_per_s: Math.round(tps2), mfu: (tps2 * flops) / (ceiling1 * threads * 1e9), step_ms: Math.round(ms2 / o.steps), busy: u2.busy, bubble: u2.bubble });
-          log(`pipeline ${L.name.padEnd(20)} A=1, ${GPIPE_MICRO} micro-batches per step: ${Math.round(tps2)} tok/s, busy ${u2.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u2.bubble).toFixed(1)}%`);
+          out.push({
+            ...rec,
+            mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`,
+            tokens_per_s: Math.round(tps2),
+            mfu: (tps2 * flops) / (ceiling1 * threads * 1e9),
+            step_ms: Math.round(ms2 / o.steps),
+            busy: u2.busy,
+            bubble: u2.bubble,
+          });
+          log(
+            `pipeline ${L.name.padEnd(20)} A=1, ${GPIPE_MICRO} micro-batches per step: ${Math.round(tps2)} tok/s, busy ${u2.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u2.bubble).toFixed(1)}%`,
+          );
         }
       }
     } finally {
@@ -287,7 +420,11 @@ async function oneStageBench(threads: number, log: (s: string) => void) {
  * Best time (ms) of each of two variants over `steps` rounds after a warm-up round (buffers,
  * caches), the order alternating each round so drifting machine load hits both alike.
  */
-async function bestOfAlternating<K extends string>(names: readonly [K, K], steps: number, run: (name: K) => Promise<void>): Promise<Record<K, number>> {
+async function bestOfAlternating<K extends string>(
+  names: readonly [K, K],
+  steps: number,
+  run: (name: K) => Promise<void>,
+): Promise<Record<K, number>> {
   const ms = { [names[0]]: Infinity, [names[1]]: Infinity } as Record<K, number>;
   for (let s = 0; s < steps + 1; s++) {
     for (const name of s % 2 ? names : ([names[1], names[0]] as const)) {
@@ -299,14 +436,19 @@ async function bestOfAlternating<K extends string>(names: readonly [K, K], steps
   return ms;
 }
 
-export async function headScenario(o: { threads: number; steps: number; micro: number; seqLen: number; fractions: number[] }, log: (s: string) => void): Promise<HeadBenchRecord[]> {
+export async function headScenario(
+  o: { threads: number; steps: number; micro: number; seqLen: number; fractions: number[] },
+  log: (s: string) => void,
+): Promise<HeadBenchRecord[]> {
   const { c, device, plan, weights, spec } = await oneStageBench(o.threads, log);
   // one program, its gatherTargets switched between runs: both variants use the same memory
   const program = new StageProgram(device, c, plan, weights);
   const p = new LocalPipeline(c, [program]);
   await p.addAdapter(1, spec, freshState(c, spec));
   const out: HeadBenchRecord[] = [];
-  log(`head: bench model, ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s); LM head ${c.vocabSize}×${c.hiddenSize}`);
+  log(
+    `head: bench model, ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s); LM head ${c.vocabSize}×${c.hiddenSize}`,
+  );
   for (const f of o.fractions) {
     const mb = syntheticMicroBatch(new Rng(4), c, o.micro, o.seqLen);
     // a prompt of (1 − f) of each sequence is masked, as train_on_inputs: false does
@@ -319,9 +461,18 @@ export async function headScenario(o: { threads: number; steps: number; micro: n
       program.gatherTargets = name === 'gathered';
       await p.train(data);
     });
-    const rec: HeadBenchRecord = { scenario: 'head', targeted: targeted / data.targets.length, tokens: data.targets.length, every_row_ms: Math.round(ms.every * 10) / 10, targeted_rows_ms: Math.round(ms.gathered * 10) / 10, speedup: Math.round((ms.every / ms.gathered) * 100) / 100 };
+    const rec: HeadBenchRecord = {
+      scenario: 'head',
+      targeted: targeted / data.targets.length,
+      tokens: data.targets.length,
+      every_row_ms: Math.round(ms.every * 10) / 10,
+      targeted_rows_ms: Math.round(ms.gathered * 10) / 10,
+      speedup: Math.round((ms.every / ms.gathered) * 100) / 100,
+    };
     out.push(rec);
-    log(`head: ${(100 * rec.targeted).toFixed(0).padStart(3)}% of rows targeted: every row ${rec.every_row_ms} ms, targeted rows only ${rec.targeted_rows_ms} ms per micro-batch (${rec.speedup}×)`);
+    log(
+      `head: ${(100 * rec.targeted).toFixed(0).padStart(3)}% of rows targeted: every row ${rec.every_row_ms} ms, targeted rows only ${rec.targeted_rows_ms} ms per micro-batch (${rec.speedup}×)`,
+    );
   }
   await p.close();
   return out;
@@ -343,7 +494,10 @@ export interface RecomputeBenchRecord {
  * without activation recomputation (two programs over the same weights, run in turn, the order
  * alternating), and what a micro-batch keeps between forward and backward either way.
  */
-export async function recomputeScenario(o: { threads: number; steps: number; micro: number; seqLen: number }, log: (s: string) => void): Promise<RecomputeBenchRecord> {
+export async function recomputeScenario(
+  o: { threads: number; steps: number; micro: number; seqLen: number },
+  log: (s: string) => void,
+): Promise<RecomputeBenchRecord> {
   const { c, device, plan, weights, spec } = await oneStageBench(o.threads, log);
   const pipes = {
     plain: new LocalPipeline(c, [new StageProgram(device, c, plan, weights)]),
@@ -358,12 +512,18 @@ export async function recomputeScenario(o: { threads: number; steps: number; mic
   const segs = [{ rows: mb.numTokens, spec }];
   const body = { ...plan, last: false };
   const rec: RecomputeBenchRecord = {
-    scenario: 'recompute', tokens: mb.numTokens, plain_ms: Math.round(ms.plain * 10) / 10, recompute_ms: Math.round(ms.recompute * 10) / 10,
+    scenario: 'recompute',
+    tokens: mb.numTokens,
+    plain_ms: Math.round(ms.plain * 10) / 10,
+    recompute_ms: Math.round(ms.recompute * 10) / 10,
     slowdown: Math.round((ms.recompute / ms.plain) * 100) / 100,
-    saved_bytes_plain: activationBytes(c, body, mb.numTokens, segs), saved_bytes_recompute: activationBytes(c, body, mb.numTokens, segs, true),
+    saved_bytes_plain: activationBytes(c, body, mb.numTokens, segs),
+    saved_bytes_recompute: activationBytes(c, body, mb.numTokens, segs, true),
   };
-  log(`recompute: bench model, ${o.micro}×${o.seqLen} tokens, ${o.threads} thread(s): ${rec.plain_ms} ms without, ${rec.recompute_ms} ms with recompute (${rec.slowdown}×); ` +
-    `a micro-batch keeps ${(rec.saved_bytes_plain / 2 ** 20).toFixed(1)} MiB vs ${(rec.saved_bytes_recompute / 2 ** 20).toFixed(1)} MiB between forward and backward on a stage of all ${c.numLayers} layers`);
+  log(
+    `recompute: bench model, ${o.micro}×${o.seqLen} tokens, ${o.threads} thread(s): ${rec.plain_ms} ms without, ${rec.recompute_ms} ms with recompute (${rec.slowdown}×); ` +
+      `a micro-batch keeps ${(rec.saved_bytes_plain / 2 ** 20).toFixed(1)} MiB vs ${(rec.saved_bytes_recompute / 2 ** 20).toFixed(1)} MiB between forward and backward on a stage of all ${c.numLayers} layers`,
+  );
   await pipes.plain.close();
   await pipes.recompute.close(); // the shared weights were freed by the first close; a second free is a no-op
   return rec;
@@ -399,13 +559,18 @@ export const PRECISION_MODES: Record<string, BaseFormat> = {
  * at a time, a rank-16 adapter on all seven projections trains `steps` micro-batches after one
  * warm-up, best step time counts. 1b on a small CPU: use few steps and short sequences.
  */
-export async function precisionScenario(o: { preset: 'bench' | '1b'; threads: number; steps: number; micro: number; seqLen: number; modes: string[] }, log: (s: string) => void): Promise<PrecisionBenchRecord[]> {
+export async function precisionScenario(
+  o: { preset: 'bench' | '1b'; threads: number; steps: number; micro: number; seqLen: number; modes: string[] },
+  log: (s: string) => void,
+): Promise<PrecisionBenchRecord[]> {
   const dir = openModelDir(await ensureModel(cacheModels(), o.preset, 0, log));
   const c = dir.config;
   const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
   const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
   const out: PrecisionBenchRecord[] = [];
-  log(`precision: ${o.preset} model (${c.numLayers} layers, hidden ${c.hiddenSize}, stored ${c.torchDtype}), ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s)`);
+  log(
+    `precision: ${o.preset} model (${c.numLayers} layers, hidden ${c.hiddenSize}, stored ${c.torchDtype}), ${o.micro}×${o.seqLen} tokens per micro-batch, ${o.threads} thread(s)`,
+  );
   for (const mode of o.modes) {
     const fmt = PRECISION_MODES[mode];
     if (!fmt) throw new Error(`precision: unknown mode '${mode}' (known: ${Object.keys(PRECISION_MODES).join(', ')})`);
@@ -413,7 +578,13 @@ export async function precisionScenario(o: { preset: 'bench' | '1b'; threads: nu
     const u0 = device.memory().used;
     const weights = await loadStageWeights(device, dir, plan, fmt);
     const baseBytes = device.memory().used - u0;
-    const program = new StageProgram(device, c, plan, weights, fmt.computeDtype ? { computeDtype: fmt.computeDtype } : {});
+    const program = new StageProgram(
+      device,
+      c,
+      plan,
+      weights,
+      fmt.computeDtype ? { computeDtype: fmt.computeDtype } : {},
+    );
     const p = new LocalPipeline(c, [program]);
     await p.addAdapter(1, spec, freshState(c, spec));
     const mb = syntheticMicroBatch(new Rng(4), c, o.micro, o.seqLen);
@@ -425,11 +596,20 @@ export async function precisionScenario(o: { preset: 'bench' | '1b'; threads: nu
       if (s > 0) best = Math.min(best, performance.now() - t0);
     }
     const rec: PrecisionBenchRecord = {
-      scenario: 'precision', model: o.preset, mode, tokens: mb.numTokens, step_ms: Math.round(best), tokens_per_s: Math.round((mb.numTokens / best) * 1000 * 10) / 10,
-      base_bytes: baseBytes, device_bytes: device.memory().used - u0, rss_bytes: process.memoryUsage().rss,
+      scenario: 'precision',
+      model: o.preset,
+      mode,
+      tokens: mb.numTokens,
+      step_ms: Math.round(best),
+      tokens_per_s: Math.round((mb.numTokens / best) * 1000 * 10) / 10,
+      base_bytes: baseBytes,
+      device_bytes: device.memory().used - u0,
+      rss_bytes: process.memoryUsage().rss,
     };
     out.push(rec);
-    log(`precision: ${mode.padEnd(9)} ${String(rec.tokens_per_s).padStart(8)} tokens/s (${rec.step_ms} ms per ${rec.tokens}-token micro-batch); base ${(baseBytes / 1e9).toFixed(3)} GB, device ${(rec.device_bytes / 1e9).toFixed(3)} GB, process RSS ${(rec.rss_bytes / 1e9).toFixed(2)} GB`);
+    log(
+      `precision: ${mode.padEnd(9)} ${String(rec.tokens_per_s).padStart(8)} tokens/s (${rec.step_ms} ms per ${rec.tokens}-token micro-batch); base ${(baseBytes / 1e9).toFixed(3)} GB, device ${(rec.device_bytes / 1e9).toFixed(3)} GB, process RSS ${(rec.rss_bytes / 1e9).toFixed(2)} GB`,
+    );
     await p.close();
     freeStageWeights(weights);
     device.trimCache();

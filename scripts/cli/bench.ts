@@ -17,7 +17,15 @@ import { cpuModel } from '../../lib/machine.js';
 import { native, type Op, type Tensor } from '../../lib/native.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { batchloraScenario, headScenario, pipelineScenario, PRECISION_MODES, precisionScenario, recomputeScenario, type TrainBenchRecord } from './bench-train.js';
+import {
+  batchloraScenario,
+  headScenario,
+  pipelineScenario,
+  PRECISION_MODES,
+  precisionScenario,
+  recomputeScenario,
+  type TrainBenchRecord,
+} from './bench-train.js';
 import { gpuScenario, printGpuTable } from './bench-gpu.js';
 
 export interface BenchOptions {
@@ -49,55 +57,107 @@ interface Scenario {
 
 const scenarios: Record<string, Scenario> = {
   kernels: {
-    summary: 'GEMM shapes of the bench model vs this machine\'s FMA peak and sgemm ceiling; layer time split',
+    summary: "GEMM shapes of the bench model vs this machine's FMA peak and sgemm ceiling; layer time split",
     run: benchKernels,
   },
   'gemm-dtypes': {
-    summary: 'frozen GEMMs of the bench model per base format: f32, bf16 (vdpbf16ps), int8 and NF4 (dequantized while packing)',
+    summary:
+      'frozen GEMMs of the bench model per base format: f32, bf16 (vdpbf16ps), int8 and NF4 (dequantized while packing)',
     run: benchGemmDtypes,
   },
   precision: {
-    summary: 'training tokens/s and resident memory of a preset (--preset bench|1b) with its base in f32, bf16, int8, NF4 (one device)',
+    summary:
+      'training tokens/s and resident memory of a preset (--preset bench|1b) with its base in f32, bf16, int8, NF4 (one device)',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
-      return precisionScenario({ preset: o.preset ?? 'bench', threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 3), micro: o.microBatch ?? 1, seqLen: o.seqLen ?? 128, modes: o.modes ?? Object.keys(PRECISION_MODES) }, log);
+      return precisionScenario(
+        {
+          preset: o.preset ?? 'bench',
+          threads: o.threads,
+          steps: o.steps ?? (o.quick ? 1 : 3),
+          micro: o.microBatch ?? 1,
+          seqLen: o.seqLen ?? 128,
+          modes: o.modes ?? Object.keys(PRECISION_MODES),
+        },
+        log,
+      );
     },
   },
   batchlora: {
     summary: 'K adapters batched in one micro-batch vs trained one after another (bench model, one device)',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
-      const shapes = o.microBatch || o.seqLen ? [{ micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }] : [{ micro: 4, seqLen: 256 }, { micro: 1, seqLen: 128 }];
-      const recs = await batchloraScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, shapes, steps: o.steps ?? (o.quick ? 1 : 3), threads: o.threads }, log);
+      const shapes =
+        o.microBatch || o.seqLen
+          ? [{ micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }]
+          : [
+              { micro: 4, seqLen: 256 },
+              { micro: 1, seqLen: 128 },
+            ];
+      const recs = await batchloraScenario(
+        {
+          adapters: o.adapters ?? [1, 2, 4, 8],
+          rank: o.rank ?? 16,
+          shapes,
+          steps: o.steps ?? (o.quick ? 1 : 3),
+          threads: o.threads,
+        },
+        log,
+      );
       if (!o.json) printTrainTable(recs);
       return recs;
     },
   },
   head: {
-    summary: 'LM head on the targeted rows only vs on every row, for several fractions of targeted rows (bench model, one device)',
+    summary:
+      'LM head on the targeted rows only vs on every row, for several fractions of targeted rows (bench model, one device)',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
-      return headScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 3), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256, fractions: [1, 0.5, 0.25] }, log);
+      return headScenario(
+        {
+          threads: o.threads,
+          steps: o.steps ?? (o.quick ? 1 : 3),
+          micro: o.microBatch ?? 4,
+          seqLen: o.seqLen ?? 256,
+          fractions: [1, 0.5, 0.25],
+        },
+        log,
+      );
     },
   },
   recompute: {
-    summary: 'training with and without activation recomputation: time and bytes kept per micro-batch (bench model, one device)',
+    summary:
+      'training with and without activation recomputation: time and bytes kept per micro-batch (bench model, one device)',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
-      return recomputeScenario({ threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 5), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 }, log);
+      return recomputeScenario(
+        { threads: o.threads, steps: o.steps ?? (o.quick ? 1 : 5), micro: o.microBatch ?? 4, seqLen: o.seqLen ?? 256 },
+        log,
+      );
     },
   },
   gpu: {
-    summary: 'one GPU: bench and 1b models (bf16), K adapters, 1 and 2 stage actors; tokens/s, MFU vs the bf16 GEMM ceiling, vs PEFT',
+    summary:
+      'one GPU: bench and 1b models (bf16), K adapters, 1 and 2 stage actors; tokens/s, MFU vs the bf16 GEMM ceiling, vs PEFT',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
       const device = o.device ?? 'cuda:0';
       const cuda = device.startsWith('cuda');
-      const r = await gpuScenario({
-        device, models: o.models ?? ['bench', '1b'], adapters: o.adapters ?? [1, 4, 8], stages: o.stages ?? [1, 2], rank: o.rank ?? 16,
-        micro: o.microBatch ?? (cuda ? 2 : 1), seqLen: o.seqLen ?? (cuda ? 512 : 32), steps: o.steps ?? (o.quick ? 1 : 3),
-        ceilingN: o.ceilingN ?? (cuda ? 8192 : 256), ...(o.baseline ? { baseline: o.baseline } : {}),
-      }, log);
+      const r = await gpuScenario(
+        {
+          device,
+          models: o.models ?? ['bench', '1b'],
+          adapters: o.adapters ?? [1, 4, 8],
+          stages: o.stages ?? [1, 2],
+          rank: o.rank ?? 16,
+          micro: o.microBatch ?? (cuda ? 2 : 1),
+          seqLen: o.seqLen ?? (cuda ? 512 : 32),
+          steps: o.steps ?? (o.quick ? 1 : 3),
+          ceilingN: o.ceilingN ?? (cuda ? 8192 : 256),
+          ...(o.baseline ? { baseline: o.baseline } : {}),
+        },
+        log,
+      );
       printGpuTable(r, log);
       return r;
     },
@@ -106,7 +166,16 @@ const scenarios: Record<string, Scenario> = {
     summary: '2 stage actors (1 thread each) vs 1 stage with 1 and 2 threads; busy fractions and bubble ratio',
     run: async (o) => {
       const log = (s: string) => (o.json ? console.error(s) : console.log(s));
-      const recs = await pipelineScenario({ adapters: o.adapters ?? [1, 2, 4, 8], rank: o.rank ?? 16, micro: o.microBatch ?? 2, seqLen: o.seqLen ?? 128, steps: o.steps ?? (o.quick ? 1 : 3) }, log);
+      const recs = await pipelineScenario(
+        {
+          adapters: o.adapters ?? [1, 2, 4, 8],
+          rank: o.rank ?? 16,
+          micro: o.microBatch ?? 2,
+          seqLen: o.seqLen ?? 128,
+          steps: o.steps ?? (o.quick ? 1 : 3),
+        },
+        log,
+      );
       if (!o.json) printTrainTable(recs);
       return recs;
     },
@@ -121,17 +190,26 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
     );
   }
   const ceil = recs[0]?.gemm_ceiling_gflops;
-  if (ceil) console.log(`MFU = model FLOPs (frozen-base forward + dX, LoRA, attention, head) / GEMM ceiling measured in this run (${ceil} GFLOP/s for the first row's threads)`);
+  if (ceil)
+    console.log(
+      `MFU = model FLOPs (frozen-base forward + dX, LoRA, attention, head) / GEMM ceiling measured in this run (${ceil} GFLOP/s for the first row's threads)`,
+    );
 }
 
 function usage(): string {
-  const lines = ['usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]',
-    '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]', '', 'scenarios:'];
+  const lines = [
+    'usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]',
+    '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]',
+    '',
+    'scenarios:',
+  ];
   for (const [name, s] of Object.entries(scenarios)) lines.push(`  ${name.padEnd(10)} ${s.summary}`);
   return lines.join('\n');
 }
 
-export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchOptions } | { error: string } | { help: true } {
+export function parseBenchArgs(
+  argv: string[],
+): { scenario: string; opts: BenchOptions } | { error: string } | { help: true } {
   let scenario = '';
   const opts: BenchOptions = { threads: availableParallelism(), json: false, quick: false };
   for (let i = 0; i < argv.length; i++) {
@@ -147,7 +225,8 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
       else if (a === '--threads' || a.startsWith('--threads=')) {
         const v = value();
         opts.threads = Number(v);
-        if (!Number.isInteger(opts.threads) || opts.threads < 1) return { error: `--threads must be a positive integer, got '${v}'` };
+        if (!Number.isInteger(opts.threads) || opts.threads < 1)
+          return { error: `--threads must be a positive integer, got '${v}'` };
       } else if (a === '--preset' || a.startsWith('--preset=')) {
         const v = value();
         if (v !== 'bench' && v !== '1b') return { error: `--preset must be bench or 1b, got '${v}'` };
@@ -156,14 +235,18 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         const v = value();
         opts.modes = v.split(',');
         const bad = opts.modes.filter((m) => !(m in PRECISION_MODES));
-        if (bad.length) return { error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})` };
+        if (bad.length)
+          return {
+            error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})`,
+          };
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
       else if (a === '--adapters' || a.startsWith('--adapters=') || a === '--stages' || a.startsWith('--stages=')) {
         const flag = a.split('=')[0]!;
         const v = value();
         const list = v.split(',').map(Number);
-        if (list.some((n) => !Number.isInteger(n) || n < 1)) return { error: `${flag} must be a list of positive integers, got '${v}'` };
+        if (list.some((n) => !Number.isInteger(n) || n < 1))
+          return { error: `${flag} must be a list of positive integers, got '${v}'` };
         if (flag === '--adapters') opts.adapters = list;
         else opts.stages = list;
       } else if (a === '--device' || a.startsWith('--device=')) {
@@ -175,7 +258,9 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         opts.models = v.split(',').filter(Boolean);
         if (!opts.models.length) return { error: `--models must name presets or model directories, got '${v}'` };
       } else if (a === '--baseline' || a.startsWith('--baseline=')) opts.baseline = value();
-      else if (['--rank', '--micro-batch', '--seq-len', '--steps', '--ceiling-n'].some((f) => a === f || a.startsWith(`${f}=`))) {
+      else if (
+        ['--rank', '--micro-batch', '--seq-len', '--steps', '--ceiling-n'].some((f) => a === f || a.startsWith(`${f}=`))
+      ) {
         const flag = a.split('=')[0]!;
         const v = value();
         const n = Number(v);
@@ -185,14 +270,14 @@ export function parseBenchArgs(argv: string[]): { scenario: string; opts: BenchO
         else if (flag === '--seq-len') opts.seqLen = n;
         else if (flag === '--ceiling-n') opts.ceilingN = n;
         else opts.steps = n;
-      }
-      else return { error: `unknown option '${a}'` };
+      } else return { error: `unknown option '${a}'` };
     } catch (e) {
       return { error: (e as Error).message };
     }
   }
   if (!scenario) return { error: 'missing --scenario' };
-  if (!scenarios[scenario]) return { error: `unknown scenario '${scenario}' (known: ${Object.keys(scenarios).join(', ')})` };
+  if (!scenarios[scenario])
+    return { error: `unknown scenario '${scenario}' (known: ${Object.keys(scenarios).join(', ')})` };
   return { scenario, opts };
 }
 
@@ -229,7 +314,6 @@ function bestMs(fn: () => void, minReps: number, minMs: number): number {
   }
   return best;
 }
-
 
 function randomTensor(d: Device, rng: Rng, dtype: 'f32' | 'bf16', shape: number[], std = 1): Tensor {
   const n = shape.reduce((a, b) => a * b, 1);
@@ -270,7 +354,9 @@ async function benchGemmDtypes(opts: BenchOptions) {
   const log = (s: string) => (opts.json ? console.error(s) : console.log(s));
   const { hidden: H, intermediate: I, heads, kvHeads, headDim } = BENCH_MODEL;
   const M = opts.quick ? 256 : BENCH_MODEL.tokens;
-  log(`mlora bench --scenario gemm-dtypes   ${cpuModel()}, ${os.cpus().length} hardware threads, device threads ${opts.threads}`);
+  log(
+    `mlora bench --scenario gemm-dtypes   ${cpuModel()}, ${os.cpus().length} hardware threads, device threads ${opts.threads}`,
+  );
   log(`gemm kernel ${info.cpu.gemmKernel}, bf16 compute ${info.cpu.gemmBf16Kernel}; avx512bf16 ${info.cpu.avx512bf16}`);
   const shapes: Array<[string, number, number]> = [
     ['q_proj/o_proj', heads * headDim, H],
@@ -313,7 +399,10 @@ async function benchGemmDtypes(opts: BenchOptions) {
     for (const orientation of ['forward X·Wᵀ', 'backward dY·W'] as const)
       for (const m of DTYPE_MODES) {
         const w = ws.get(m.weight)!;
-        const op: Op = orientation === 'forward X·Wᵀ' ? { op: 'linear_forward', y, x, w, bf16: m.bf16 } : { op: 'linear_backward', dx: x, dy: y, w, bf16: m.bf16 };
+        const op: Op =
+          orientation === 'forward X·Wᵀ'
+            ? { op: 'linear_forward', y, x, w, bf16: m.bf16 }
+            : { op: 'linear_backward', dx: x, dy: y, w, bf16: m.bf16 };
         const ms = bestMs(() => d.runSync([op]), reps, minMs);
         rows.push({ mode: m.name, name, orientation, ms, gflops: (2 * M * n * k) / ms / 1e6 });
       }
@@ -326,7 +415,14 @@ async function benchGemmDtypes(opts: BenchOptions) {
   log(`${'layer'.padEnd(14)} ${'orientation'.padEnd(14)} ${DTYPE_MODES.map((m) => m.name.padStart(11)).join(' ')}`);
   for (const [name] of shapes)
     for (const orientation of ['forward X·Wᵀ', 'backward dY·W'])
-      log(`${name.padEnd(14)} ${orientation.padEnd(14)} ${DTYPE_MODES.map((m) => rows.find((r) => r.mode === m.name && r.name === name && r.orientation === orientation)!.gflops.toFixed(1).padStart(11)).join(' ')}`);
+      log(
+        `${name.padEnd(14)} ${orientation.padEnd(14)} ${DTYPE_MODES.map((m) =>
+          rows
+            .find((r) => r.mode === m.name && r.name === name && r.orientation === orientation)!
+            .gflops.toFixed(1)
+            .padStart(11),
+        ).join(' ')}`,
+      );
   // One layer's frozen GEMMs (q, k, v, o, gate, up, down), forward + backward: total flops / total time.
   const count: Record<string, number> = { 'q_proj/o_proj': 2, 'k_proj/v_proj': 2, 'gate/up_proj': 2, down_proj: 1 };
   const layer: Record<string, number> = {};
@@ -343,13 +439,25 @@ async function benchGemmDtypes(opts: BenchOptions) {
   peaks.bf16 = Math.max(peaks.bf16, peakOf(true));
   out.free();
   log('');
-  log(`ceilings (same run): f32 FMA peak ${peaks.f32.toFixed(1)} GFLOP/s; bf16 kernel instruction peak ${peaks.bf16.toFixed(1)} GFLOP/s (${(peaks.bf16 / peaks.f32).toFixed(2)}x)`);
-  log(`one layer's frozen GEMMs (fwd + bwd): ${DTYPE_MODES.map((m) => `${m.name} ${layer[m.name]!.toFixed(1)}`).join(', ')} GFLOP/s`);
-  log(`ratios: bf16/f32 ${(layer.bf16! / layer.f32!).toFixed(2)}x; nf4+bf16 / bf16 ${((100 * layer['nf4+bf16']!) / layer.bf16!).toFixed(0)}%; ` +
-      `int8+bf16 / bf16 ${((100 * layer['int8+bf16']!) / layer.bf16!).toFixed(0)}%; nf4 / f32 ${((100 * layer.nf4!) / layer.f32!).toFixed(0)}%; int8 / f32 ${((100 * layer.int8!) / layer.f32!).toFixed(0)}%`);
+  log(
+    `ceilings (same run): f32 FMA peak ${peaks.f32.toFixed(1)} GFLOP/s; bf16 kernel instruction peak ${peaks.bf16.toFixed(1)} GFLOP/s (${(peaks.bf16 / peaks.f32).toFixed(2)}x)`,
+  );
+  log(
+    `one layer's frozen GEMMs (fwd + bwd): ${DTYPE_MODES.map((m) => `${m.name} ${layer[m.name]!.toFixed(1)}`).join(', ')} GFLOP/s`,
+  );
+  log(
+    `ratios: bf16/f32 ${(layer.bf16! / layer.f32!).toFixed(2)}x; nf4+bf16 / bf16 ${((100 * layer['nf4+bf16']!) / layer.bf16!).toFixed(0)}%; ` +
+      `int8+bf16 / bf16 ${((100 * layer['int8+bf16']!) / layer.bf16!).toFixed(0)}%; nf4 / f32 ${((100 * layer.nf4!) / layer.f32!).toFixed(0)}%; int8 / f32 ${((100 * layer.int8!) / layer.f32!).toFixed(0)}%`,
+  );
   return {
     scenario: 'gemm-dtypes',
-    machine: { cpu: cpuModel(), hardwareThreads: os.cpus().length, deviceThreads: opts.threads, gemmKernel: info.cpu.gemmKernel, gemmBf16Kernel: info.cpu.gemmBf16Kernel },
+    machine: {
+      cpu: cpuModel(),
+      hardwareThreads: os.cpus().length,
+      deviceThreads: opts.threads,
+      gemmKernel: info.cpu.gemmKernel,
+      gemmBf16Kernel: info.cpu.gemmBf16Kernel,
+    },
     tokens: M,
     ceilings: { fmaPeakGflops: peaks.f32, bf16PeakGflops: peaks.bf16 },
     gemm: rows,
@@ -386,7 +494,9 @@ async function benchKernels(opts: BenchOptions) {
     if (!opts.json) console.log(s);
   };
 
-  log(`mlora bench --scenario kernels   ${cpuModel()}, ${os.cpus().length} hardware threads, device threads ${opts.threads}`);
+  log(
+    `mlora bench --scenario kernels   ${cpuModel()}, ${os.cpus().length} hardware threads, device threads ${opts.threads}`,
+  );
   log(`gemm kernel ${info.cpu.gemmKernel}; avx2 ${info.cpu.avx2}, avx512f ${info.cpu.avx512f}, f16c ${info.cpu.f16c}`);
 
   // Ceiling 1: FP32 FMA throughput of the kernel's vector unit, all device threads.
@@ -428,7 +538,9 @@ async function benchKernels(opts: BenchOptions) {
       const y = d.alloc('f32', [M, n]);
       for (const orientation of ['forward X·Wᵀ', 'backward dY·W'] as const) {
         const op: Op =
-          orientation === 'forward X·Wᵀ' ? { op: 'linear_forward', y, x, w } : { op: 'linear_backward', dx: x, dy: y, w };
+          orientation === 'forward X·Wᵀ'
+            ? { op: 'linear_forward', y, x, w }
+            : { op: 'linear_backward', dx: x, dy: y, w };
         const ms = bestMs(() => d.runSync([op]), reps, minMs);
         const gflops = (2 * M * n * k) / ms / 1e6;
         rows.push({ name, orientation, dtype, m: M, n, k, ms, gflops, ofSgemm: 0, ofPeak: 0 });
@@ -446,10 +558,14 @@ async function benchKernels(opts: BenchOptions) {
   }
 
   log('');
-  log(`ceilings (same run): FMA peak ${peak.toFixed(1)} GFLOP/s; sgemm ${S}³ ${sgemm.toFixed(1)} GFLOP/s (${((100 * sgemm) / peak).toFixed(0)}% of peak)`);
+  log(
+    `ceilings (same run): FMA peak ${peak.toFixed(1)} GFLOP/s; sgemm ${S}³ ${sgemm.toFixed(1)} GFLOP/s (${((100 * sgemm) / peak).toFixed(0)}% of peak)`,
+  );
   log('');
   log(`GEMM shapes of the bench model, M = ${M} tokens (best of ≥${reps} runs; GFLOP/s = 2·M·N·K / time)`);
-  log(`${'layer'.padEnd(14)} ${'orientation'.padEnd(14)} ${'W'.padEnd(5)} ${'M×N×K'.padEnd(16)} ${'ms'.padStart(8)} ${'GFLOP/s'.padStart(8)} ${'of sgemm'.padStart(9)} ${'of peak'.padStart(8)}`);
+  log(
+    `${'layer'.padEnd(14)} ${'orientation'.padEnd(14)} ${'W'.padEnd(5)} ${'M×N×K'.padEnd(16)} ${'ms'.padStart(8)} ${'GFLOP/s'.padStart(8)} ${'of sgemm'.padStart(9)} ${'of peak'.padStart(8)}`,
+  );
   for (const r of rows)
     log(
       `${r.name.padEnd(14)} ${r.orientation.padEnd(14)} ${r.dtype.padEnd(5)} ${`${r.m}×${r.n}×${r.k}`.padEnd(16)} ` +
@@ -458,8 +574,12 @@ async function benchKernels(opts: BenchOptions) {
 
   const attention = attentionRows(d, rng, opts, sgemm);
   log('');
-  log(`attention (causal, ${M} tokens packed as ${M}/T sequences, ${heads} heads, ${kvHeads} kv heads; GFLOP/s of causal FLOPs: forward 4·M·(T/2)·heads·d, backward 2.5× that)`);
-  log(`${'T'.padStart(5)} ${'d'.padStart(4)} ${'fwd ms'.padStart(8)} ${'bwd ms'.padStart(8)} ${'fwd GF/s'.padStart(9)} ${'bwd GF/s'.padStart(9)} ${'fwd+bwd'.padStart(8)} ${'of sgemm'.padStart(9)}`);
+  log(
+    `attention (causal, ${M} tokens packed as ${M}/T sequences, ${heads} heads, ${kvHeads} kv heads; GFLOP/s of causal FLOPs: forward 4·M·(T/2)·heads·d, backward 2.5× that)`,
+  );
+  log(
+    `${'T'.padStart(5)} ${'d'.padStart(4)} ${'fwd ms'.padStart(8)} ${'bwd ms'.padStart(8)} ${'fwd GF/s'.padStart(9)} ${'bwd GF/s'.padStart(9)} ${'fwd+bwd'.padStart(8)} ${'of sgemm'.padStart(9)}`,
+  );
   for (const r of attention)
     log(
       `${String(r.seqLen).padStart(5)} ${String(r.headDim).padStart(4)} ${r.fwdMs.toFixed(2).padStart(8)} ${r.bwdMs.toFixed(2).padStart(8)} ` +
@@ -471,7 +591,12 @@ async function benchKernels(opts: BenchOptions) {
   const loraCost = loraOverhead(d, rng, opts, log);
   return {
     scenario: 'kernels',
-    machine: { cpu: cpuModel(), hardwareThreads: os.cpus().length, deviceThreads: opts.threads, gemmKernel: info.cpu.gemmKernel },
+    machine: {
+      cpu: cpuModel(),
+      hardwareThreads: os.cpus().length,
+      deviceThreads: opts.threads,
+      gemmKernel: info.cpu.gemmKernel,
+    },
     model: BENCH_MODEL,
     ceilings: { fmaPeakGflops: peak, sgemm: { size: S, gflops: sgemm } },
     gemm: rows,
@@ -505,19 +630,43 @@ function attentionRows(d: Device, rng: Rng, opts: BenchOptions, sgemm: number): 
       const owned: Tensor[] = [];
       const f32 = (shape: number[]) => (owned.push(randomTensor(d, rng, 'f32', shape)), owned[owned.length - 1]!);
       const buf = (shape: number[]) => (owned.push(d.alloc('f32', shape)), owned[owned.length - 1]!);
-      const q = f32([n, hq * hd]), k = f32([n, hkv * hd]), v = f32([n, hkv * hd]), dout = f32([n, hq * hd]);
-      const out = buf([n, hq * hd]), lse = buf([hq, n]);
-      const dq = buf([n, hq * hd]), dk = buf([n, hkv * hd]), dv = buf([n, hkv * hd]);
+      const q = f32([n, hq * hd]),
+        k = f32([n, hkv * hd]),
+        v = f32([n, hkv * hd]),
+        dout = f32([n, hq * hd]);
+      const out = buf([n, hq * hd]),
+        lse = buf([hq, n]);
+      const dq = buf([n, hq * hd]),
+        dk = buf([n, hkv * hd]),
+        dv = buf([n, hkv * hd]);
       const nseq = n / T;
-      const cuSeqlens = d.fromArray('i32', [nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * T));
+      const cuSeqlens = d.fromArray(
+        'i32',
+        [nseq + 1],
+        Int32Array.from({ length: nseq + 1 }, (_, i) => i * T),
+      );
       owned.push(cuSeqlens);
       const common = { cuSeqlens, heads: hq, kvHeads: hkv };
       const fwdMs = bestMs(() => d.runSync([{ op: 'attention_forward', out, lse, q, k, v, ...common }]), reps, minMs);
-      const bwdMs = bestMs(() => d.runSync([{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common }]), reps, minMs);
+      const bwdMs = bestMs(
+        () => d.runSync([{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common }]),
+        reps,
+        minMs,
+      );
       for (const t of owned) t.free();
-      const fwdFlops = 4 * n * (T / 2) * hq * hd, bwdFlops = 2.5 * fwdFlops;
+      const fwdFlops = 4 * n * (T / 2) * hq * hd,
+        bwdFlops = 2.5 * fwdFlops;
       const gflops = (fwdFlops + bwdFlops) / (fwdMs + bwdMs) / 1e6;
-      rows.push({ seqLen: T, headDim: hd, fwdMs, bwdMs, fwdGflops: fwdFlops / fwdMs / 1e6, bwdGflops: bwdFlops / bwdMs / 1e6, gflops, ofSgemm: gflops / sgemm });
+      rows.push({
+        seqLen: T,
+        headDim: hd,
+        fwdMs,
+        bwdMs,
+        fwdGflops: fwdFlops / fwdMs / 1e6,
+        bwdGflops: bwdFlops / bwdMs / 1e6,
+        gflops,
+        ofSgemm: gflops / sgemm,
+      });
     }
   return rows;
 }
@@ -528,8 +677,19 @@ function attentionRows(d: Device, rng: Rng, opts: BenchOptions, sgemm: number): 
 // on its own and summed by kernel family. Runs only once every op it needs is in the addon.
 
 const LAYER_OPS = [
-  'copy', 'linear_forward', 'linear_backward', 'rmsnorm_forward', 'rmsnorm_backward', 'rope_forward', 'rope_backward',
-  'attention_forward', 'attention_backward', 'swiglu_forward', 'swiglu_backward', 'lora_forward', 'lora_backward',
+  'copy',
+  'linear_forward',
+  'linear_backward',
+  'rmsnorm_forward',
+  'rmsnorm_backward',
+  'rope_forward',
+  'rope_backward',
+  'attention_forward',
+  'attention_backward',
+  'swiglu_forward',
+  'swiglu_backward',
+  'lora_forward',
+  'lora_backward',
 ] as const;
 
 /** linear, attention, …; a linear op with LoRA segments (the fused projection) is linear+lora. */
@@ -543,7 +703,8 @@ function family(op: Op): string {
 function fuseProjections(program: Op[]): Op[] {
   const out: Op[] = [];
   for (let i = 0; i < program.length; i++) {
-    const a = program[i]!, b = program[i + 1];
+    const a = program[i]!,
+      b = program[i + 1];
     if (a.op === 'linear_forward' && b?.op === 'lora_forward' && b.y === a.y && b.x === a.x) {
       out.push({ ...a, segments: b.segments });
       i++;
@@ -566,7 +727,12 @@ export interface LayerLora {
 const SPLIT_LORA: LayerLora = { modules: ['q', 'k', 'v', 'o'], adapters: 2, rank: 16 };
 
 /** The ops of one layer forward+backward over freshly allocated tensors (all listed in `owned`). */
-export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLora = SPLIT_LORA): { program: Op[]; description: string } {
+export function layerProgram(
+  d: Device,
+  rng: Rng,
+  owned: Tensor[],
+  lora: LayerLora = SPLIT_LORA,
+): { program: Op[]; description: string } {
   const { hidden: H, intermediate: I, tokens: T, heads, kvHeads, headDim: hd } = BENCH_MODEL;
   const nseq = 4;
   const { rank, adapters } = lora;
@@ -589,11 +755,21 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLo
   const x = f32([T, H]);
   const wNorm1 = f32([H], 0.1);
   const wNorm2 = f32([H], 0.1);
-  const Wq = f32([heads * hd, H], 0.05), Wk = f32([kvHeads * hd, H], 0.05), Wv = f32([kvHeads * hd, H], 0.05);
+  const Wq = f32([heads * hd, H], 0.05),
+    Wk = f32([kvHeads * hd, H], 0.05),
+    Wv = f32([kvHeads * hd, H], 0.05);
   const Wo = f32([H, heads * hd], 0.05);
-  const Wg = f32([I, H], 0.05), Wu = f32([I, H], 0.05), Wd = f32([H, I], 0.05);
-  const pos = i32([T], Int32Array.from({ length: T }, (_, i) => i % maxPos));
-  const cu = i32([nseq + 1], Int32Array.from({ length: nseq + 1 }, (_, i) => i * maxPos));
+  const Wg = f32([I, H], 0.05),
+    Wu = f32([I, H], 0.05),
+    Wd = f32([H, I], 0.05);
+  const pos = i32(
+    [T],
+    Int32Array.from({ length: T }, (_, i) => i % maxPos),
+  );
+  const cu = i32(
+    [nseq + 1],
+    Int32Array.from({ length: nseq + 1 }, (_, i) => i * maxPos),
+  );
   const cosT = buf([maxPos, hd / 2]);
   const sinT = buf([maxPos, hd / 2]);
   {
@@ -622,23 +798,51 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLo
     }));
   type Module = LayerLora['modules'][number];
   const seg = (m: Module, inF: number, outF: number) => (lora.modules.includes(m) ? segments(inF, outF) : []);
-  const segQ = seg('q', H, heads * hd), segK = seg('k', H, kvHeads * hd), segV = seg('v', H, kvHeads * hd);
-  const segO = seg('o', heads * hd, H), segG = seg('gate', H, I), segU = seg('up', H, I), segD = seg('down', I, H);
+  const segQ = seg('q', H, heads * hd),
+    segK = seg('k', H, kvHeads * hd),
+    segV = seg('v', H, kvHeads * hd);
+  const segO = seg('o', heads * hd, H),
+    segG = seg('gate', H, I),
+    segU = seg('up', H, I),
+    segD = seg('down', I, H);
   // The LoRA op of a projection, or nothing where it has no adapter.
-  const fwd = (y: Tensor, xx: Tensor, segs: typeof segQ): Op[] => (segs.length ? [{ op: 'lora_forward', y, x: xx, segments: segs }] : []);
+  const fwd = (y: Tensor, xx: Tensor, segs: typeof segQ): Op[] =>
+    segs.length ? [{ op: 'lora_forward', y, x: xx, segments: segs }] : [];
   const bwd = (dxx: Tensor, dy: Tensor, xx: Tensor, segs: typeof segQ): Op[] =>
     segs.length ? [{ op: 'lora_backward', dx: dxx, dy, x: xx, segments: segs }] : [];
 
-  const rstd1 = buf([T]), rstd2 = buf([T]);
-  const h1 = buf([T, H]), q = buf([T, heads * hd]), k = buf([T, kvHeads * hd]), v = buf([T, kvHeads * hd]);
-  const qr = buf([T, heads * hd]), kr = buf([T, kvHeads * hd]);
-  const att = buf([T, heads * hd]), lse = buf([heads, T]);
-  const x1 = buf([T, H]), h2 = buf([T, H]), gate = buf([T, I]), up = buf([T, I]), hm = buf([T, I]), x2 = buf([T, H]);
+  const rstd1 = buf([T]),
+    rstd2 = buf([T]);
+  const h1 = buf([T, H]),
+    q = buf([T, heads * hd]),
+    k = buf([T, kvHeads * hd]),
+    v = buf([T, kvHeads * hd]);
+  const qr = buf([T, heads * hd]),
+    kr = buf([T, kvHeads * hd]);
+  const att = buf([T, heads * hd]),
+    lse = buf([heads, T]);
+  const x1 = buf([T, H]),
+    h2 = buf([T, H]),
+    gate = buf([T, I]),
+    up = buf([T, I]),
+    hm = buf([T, I]),
+    x2 = buf([T, H]);
   const dx2 = f32([T, H]);
-  const dx1 = buf([T, H]), dhm = buf([T, I]), dgate = buf([T, I]), dup = buf([T, I]), dh2 = buf([T, H]);
-  const datt = buf([T, heads * hd]), dqr = buf([T, heads * hd]), dkr = buf([T, kvHeads * hd]), dv = buf([T, kvHeads * hd]);
-  const dq = buf([T, heads * hd]), dk = buf([T, kvHeads * hd]), dh1 = buf([T, H]), dx0 = buf([T, H]);
-  const dwNorm1 = buf([H]), dwNorm2 = buf([H]);
+  const dx1 = buf([T, H]),
+    dhm = buf([T, I]),
+    dgate = buf([T, I]),
+    dup = buf([T, I]),
+    dh2 = buf([T, H]);
+  const datt = buf([T, heads * hd]),
+    dqr = buf([T, heads * hd]),
+    dkr = buf([T, kvHeads * hd]),
+    dv = buf([T, kvHeads * hd]);
+  const dq = buf([T, heads * hd]),
+    dk = buf([T, kvHeads * hd]),
+    dh1 = buf([T, H]),
+    dx0 = buf([T, H]);
+  const dwNorm1 = buf([H]),
+    dwNorm2 = buf([H]);
 
   const program: Op[] = [
     // forward
@@ -676,7 +880,21 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLo
     { op: 'rmsnorm_backward', dx: dx1, dy: dh2, x: x1, w: wNorm2, rstd: rstd2, dw: dwNorm2, accumulate: true },
     { op: 'linear_backward', dx: datt, dy: dx1, w: Wo },
     ...bwd(datt, dx1, att, segO),
-    { op: 'attention_backward', dq: dqr, dk: dkr, dv, dout: datt, q: qr, k: kr, v, out: att, lse, cuSeqlens: cu, heads, kvHeads },
+    {
+      op: 'attention_backward',
+      dq: dqr,
+      dk: dkr,
+      dv,
+      dout: datt,
+      q: qr,
+      k: kr,
+      v,
+      out: att,
+      lse,
+      cuSeqlens: cu,
+      heads,
+      kvHeads,
+    },
     { op: 'rope_backward', dx: dq, dy: dqr, pos, cos: cosT, sin: sinT, heads },
     { op: 'rope_backward', dx: dk, dy: dkr, pos, cos: cosT, sin: sinT, heads: kvHeads },
     { op: 'linear_backward', dx: dh1, dy: dq, w: Wq },
@@ -690,8 +908,11 @@ export function layerProgram(d: Device, rng: Rng, owned: Tensor[], lora: LayerLo
   ];
   return {
     program: fuseProjections(program),
-    description: `${T} tokens (${nseq} sequences of ${maxPos}), ` +
-      (lora.modules.length ? `LoRA rank ${rank} on ${lora.modules.join('/')} for ${adapters} adapter${adapters > 1 ? 's' : ''}` : 'no LoRA'),
+    description:
+      `${T} tokens (${nseq} sequences of ${maxPos}), ` +
+      (lora.modules.length
+        ? `LoRA rank ${rank} on ${lora.modules.join('/')} for ${adapters} adapter${adapters > 1 ? 's' : ''}`
+        : 'no LoRA'),
   };
 }
 
@@ -753,7 +974,8 @@ function layerSplit(d: Device, rng: Rng, opts: BenchOptions, log: (s: string) =>
     const total = best.reduce((a, b) => a + b, 0);
     const sorted = [...byFamily.entries()].sort((a, b) => b[1] - a[1]);
     log(`  ${description}; total ${total.toFixed(1)} ms`);
-    for (const [fam, ms] of sorted) log(`  ${fam.padEnd(14)} ${ms.toFixed(2).padStart(9)} ms ${`${((100 * ms) / total).toFixed(1)}%`.padStart(7)}`);
+    for (const [fam, ms] of sorted)
+      log(`  ${fam.padEnd(14)} ${ms.toFixed(2).padStart(9)} ms ${`${((100 * ms) / total).toFixed(1)}%`.padStart(7)}`);
     return { totalMs: total, families: Object.fromEntries(sorted) };
   } catch (e) {
     log(`  (layer split failed: ${(e as Error).message})`);

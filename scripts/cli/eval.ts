@@ -9,7 +9,8 @@ import { readDataset, type TokenizedRecord } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { batchOnDevice, freeBatch, openSingleModel, packSequences } from '../../lib/model/single.js';
 
-const USAGE = 'usage: mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--template NAME] [--threads N] [--json] [--no-progress]';
+const USAGE =
+  'usage: mlora eval --model DIR [--adapter DIR] --data FILE [--seq-len N] [--batch-tokens N] [--template NAME] [--threads N] [--json] [--no-progress]';
 
 /** How far an evaluation is: batches and examples done of all, target tokens so far. */
 export interface EvalProgress {
@@ -21,7 +22,13 @@ export interface EvalProgress {
 }
 
 export async function evaluateDataset(o: {
-  model: string; adapter?: string; data: string; seqLen: number; batchTokens: number; template?: string; threads?: number;
+  model: string;
+  adapter?: string;
+  data: string;
+  seqLen: number;
+  batchTokens: number;
+  template?: string;
+  threads?: number;
   onProgress?: (p: EvalProgress) => void;
 }) {
   const ds = readDataset(o.data);
@@ -35,7 +42,13 @@ export async function evaluateDataset(o: {
       return { inputIds: Int32Array.from(ids), labels: Int32Array.from(labels) };
     });
   } else {
-    examples = (await tokenizeDataset(ds, { modelDir: o.model, seqLen: o.seqLen, ...(o.template ? { template: o.template } : {}) })).examples;
+    examples = (
+      await tokenizeDataset(ds, {
+        modelDir: o.model,
+        seqLen: o.seqLen,
+        ...(o.template ? { template: o.template } : {}),
+      })
+    ).examples;
   }
   const m = await openSingleModel(o.model, o.adapter, { threads: o.threads ?? 1 });
   try {
@@ -43,12 +56,18 @@ export async function evaluateDataset(o: {
     // examples[i] is record i only for tokenized data (tokenizing may drop records)
     const where = ds.format === 'tokenized' ? ds.where : [];
     examples.forEach((e, i) => {
-      for (const id of e.inputIds) if (id < 0 || id >= V) throw new Error(`${where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
-      for (const id of e.labels) if (id !== -100 && (id < 0 || id >= V)) throw new Error(`${where[i] ?? o.data}: label ${id} is out of range for vocab_size ${V} (use -100 to ignore a position)`);
+      for (const id of e.inputIds)
+        if (id < 0 || id >= V)
+          throw new Error(`${where[i] ?? o.data}: token id ${id} is out of range for vocab_size ${V}`);
+      for (const id of e.labels)
+        if (id !== -100 && (id < 0 || id >= V))
+          throw new Error(
+            `${where[i] ?? o.data}: label ${id} is out of range for vocab_size ${V} (use -100 to ignore a position)`,
+          );
     });
     // the batches, planned first so progress knows the whole
     const groups: Array<typeof examples> = [];
-    for (let i = 0; i < examples.length; ) {
+    for (let i = 0; i < examples.length;) {
       const group: typeof examples = [];
       let n = 0;
       while (i < examples.length && (group.length === 0 || n + examples[i]!.inputIds.length <= o.batchTokens)) {
@@ -57,18 +76,31 @@ export async function evaluateDataset(o: {
       }
       groups.push(group);
     }
-    let sum = 0, count = 0, id = 1, done = 0;
+    let sum = 0,
+      count = 0,
+      id = 1,
+      done = 0;
     for (const group of groups) {
       const packed = packSequences(group);
       const b = batchOnDevice(m, packed, id++);
       try {
         const losses = (await m.program.evaluate(b.mb, b.tokens))!;
-        for (let r = 0; r < losses.length; r++) if (packed.targets[r] !== -100) { sum += losses[r]!; count++; }
+        for (let r = 0; r < losses.length; r++)
+          if (packed.targets[r] !== -100) {
+            sum += losses[r]!;
+            count++;
+          }
       } finally {
         freeBatch(b);
       }
       done += group.length;
-      o.onProgress?.({ batch: id - 1, batches: groups.length, examples: done, totalExamples: examples.length, tokens: count });
+      o.onProgress?.({
+        batch: id - 1,
+        batches: groups.length,
+        examples: done,
+        totalExamples: examples.length,
+        tokens: count,
+      });
     }
     const loss = sum / Math.max(1, count);
     return { loss, perplexity: Math.exp(loss), tokens: count, examples: examples.length };
@@ -80,11 +112,21 @@ export async function evaluateDataset(o: {
 export async function main(argv: string[]): Promise<number> {
   let a;
   try {
-    a = parseArgs({ args: argv, options: {
-      model: { type: 'string' }, adapter: { type: 'string' }, data: { type: 'string' }, 'seq-len': { type: 'string' },
-      'batch-tokens': { type: 'string' }, template: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' },
-      'no-progress': { type: 'boolean' },
-    } });
+    a = parseArgs({
+      args: argv,
+      options: {
+        model: { type: 'string' },
+        adapter: { type: 'string' },
+        data: { type: 'string' },
+        'seq-len': { type: 'string' },
+        'batch-tokens': { type: 'string' },
+        template: { type: 'string' },
+        threads: { type: 'string' },
+        json: { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+        'no-progress': { type: 'boolean' },
+      },
+    });
   } catch (e) {
     console.error(`mlora eval: ${(e as Error).message}\n${USAGE}`);
     return 2;
@@ -95,7 +137,11 @@ export async function main(argv: string[]): Promise<number> {
     return 2;
   }
   const ints: Record<string, number> = {};
-  for (const [k, def] of [['seq-len', 512], ['batch-tokens', 4096], ['threads', 1]] as const) {
+  for (const [k, def] of [
+    ['seq-len', 512],
+    ['batch-tokens', 4096],
+    ['threads', 1],
+  ] as const) {
     const v = a.values[k];
     const n = v === undefined ? def : Number(v);
     if (!Number.isInteger(n) || n < 1) {
@@ -117,11 +163,19 @@ export async function main(argv: string[]): Promise<number> {
     else console.error(line);
   };
   const r = await evaluateDataset({
-    model: a.values.model, data: a.values.data, seqLen: ints['seq-len']!, batchTokens: ints['batch-tokens']!, threads: ints.threads!,
+    model: a.values.model,
+    data: a.values.data,
+    seqLen: ints['seq-len']!,
+    batchTokens: ints['batch-tokens']!,
+    threads: ints.threads!,
     ...(a.values['no-progress'] ? {} : { onProgress }),
-    ...(a.values.adapter ? { adapter: a.values.adapter } : {}), ...(a.values.template ? { template: a.values.template } : {}),
+    ...(a.values.adapter ? { adapter: a.values.adapter } : {}),
+    ...(a.values.template ? { template: a.values.template } : {}),
   });
   if (a.values.json) console.log(JSON.stringify(r));
-  else console.log(`loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(3)}  tokens ${r.tokens}  examples ${r.examples}`);
+  else
+    console.log(
+      `loss ${r.loss.toFixed(4)}  perplexity ${r.perplexity.toFixed(3)}  tokens ${r.tokens}  examples ${r.examples}`,
+    );
   return 0;
 }

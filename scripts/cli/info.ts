@@ -12,7 +12,9 @@ export async function main(argv: string[]): Promise<number> {
     `cpu        ${info.cpu.hardwareThreads} threads, avx2 ${info.cpu.avx2}, avx512f ${info.cpu.avx512f}, ` +
       `avx512bf16 ${info.cpu.avx512bf16}, gemm kernel ${info.cpu.gemmKernel}`,
   );
-  console.log(`cuda       ${info.cuda.compiled ? 'compiled' : 'not compiled'}, ${info.cuda.devices} device(s)${info.cuda.reason ? ` (${info.cuda.reason})` : ''}`);
+  console.log(
+    `cuda       ${info.cuda.compiled ? 'compiled' : 'not compiled'}, ${info.cuda.devices} device(s)${info.cuda.reason ? ` (${info.cuda.reason})` : ''}`,
+  );
   if (info.cuda.compiled) console.log(`cuda gemm  ${info.cuda.gemm}`);
   console.log(`ops        ${info.ops.join(' ')}`);
   return 0;

@@ -16,11 +16,19 @@ export function presetDtype(preset: PresetName): 'f32' | 'bf16' {
 }
 
 /** The config.json `makeModel` writes for a preset (without writing anything). */
-export function presetConfigJson(preset: PresetName, dtype: 'f32' | 'bf16' = presetDtype(preset)): Record<string, unknown> {
+export function presetConfigJson(
+  preset: PresetName,
+  dtype: 'f32' | 'bf16' = presetDtype(preset),
+): Record<string, unknown> {
   return toHfConfigJson({ ...PRESETS[preset], torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' });
 }
 
-export async function makeModel(dir: string, preset: PresetName, seed: number, dtype: 'f32' | 'bf16' = presetDtype(preset)): Promise<void> {
+export async function makeModel(
+  dir: string,
+  preset: PresetName,
+  seed: number,
+  dtype: 'f32' | 'bf16' = presetDtype(preset),
+): Promise<void> {
   const config = { ...PRESETS[preset], torchDtype: dtype === 'bf16' ? 'bfloat16' : 'float32' };
   fs.mkdirSync(dir, { recursive: true });
   // Tokenizer first: config.json written last marks the directory complete.
@@ -29,9 +37,15 @@ export async function makeModel(dir: string, preset: PresetName, seed: number, d
 }
 
 /** The model in the cache folder, made once (a complete dir has config.json and tokenizer.json). */
-export async function ensureModel(cache: string, preset: PresetName, seed: number, log: (s: string) => void = () => {}): Promise<string> {
+export async function ensureModel(
+  cache: string,
+  preset: PresetName,
+  seed: number,
+  log: (s: string) => void = () => {},
+): Promise<string> {
   const dir = path.join(cache, `${preset}-seed${seed}`);
-  const complete = () => fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'tokenizer.json'));
+  const complete = () =>
+    fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'tokenizer.json'));
   if (complete()) return dir;
   log(`making the ${preset} model (seed ${seed}) in ${dir} (once)`);
   const tmp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
@@ -53,12 +67,22 @@ export async function ensureModel(cache: string, preset: PresetName, seed: numbe
   return dir;
 }
 
-const USAGE = 'usage: mlora make-model --preset tiny|small|bench|1b|tiny-llama3|tiny-qwen2|tiny-qwen3|tiny-mistral --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
+const USAGE =
+  'usage: mlora make-model --preset tiny|small|bench|1b|tiny-llama3|tiny-qwen2|tiny-qwen3|tiny-mistral --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
 
 export async function main(argv: string[]): Promise<number> {
   let a;
   try {
-    a = parseArgs({ args: argv, options: { preset: { type: 'string' }, out: { type: 'string' }, seed: { type: 'string' }, dtype: { type: 'string' }, help: { type: 'boolean', short: 'h' } } });
+    a = parseArgs({
+      args: argv,
+      options: {
+        preset: { type: 'string' },
+        out: { type: 'string' },
+        seed: { type: 'string' },
+        dtype: { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
   } catch (e) {
     console.error(`mlora make-model: ${(e as Error).message}\n${USAGE}`);
     return 2;
@@ -86,6 +110,8 @@ export async function main(argv: string[]): Promise<number> {
   const t = Date.now();
   await makeModel(a.values.out, preset, seed, dtype);
   const c = PRESETS[preset];
-  console.log(`wrote ${preset} (${c.modelType === 'llama' ? '' : `${c.modelType}, `}hidden ${c.hiddenSize}, ${c.numLayers} layers, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}, ${dtype}) to ${a.values.out} in ${((Date.now() - t) / 1000).toFixed(1)} s`);
+  console.log(
+    `wrote ${preset} (${c.modelType === 'llama' ? '' : `${c.modelType}, `}hidden ${c.hiddenSize}, ${c.numLayers} layers, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}, ${dtype}) to ${a.values.out} in ${((Date.now() - t) / 1000).toFixed(1)} s`,
+  );
   return 0;
 }

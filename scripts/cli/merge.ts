@@ -15,10 +15,17 @@ const USAGE = `usage: mlora merge --model DIR --adapter DIR --out DIR [--dtype f
 export async function main(argv: string[]): Promise<number> {
   let a;
   try {
-    a = parseArgs({ args: argv, options: {
-      model: { type: 'string' }, adapter: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' },
-      'max-shard-size': { type: 'string' }, help: { type: 'boolean', short: 'h' },
-    } });
+    a = parseArgs({
+      args: argv,
+      options: {
+        model: { type: 'string' },
+        adapter: { type: 'string' },
+        out: { type: 'string' },
+        dtype: { type: 'string' },
+        'max-shard-size': { type: 'string' },
+        help: { type: 'boolean', short: 'h' },
+      },
+    });
   } catch (e) {
     console.error(`mlora merge: ${(e as Error).message}\n${USAGE}`);
     return 2;

@@ -30,7 +30,10 @@ export class Progress {
     }
   }
 
-  static pick(setting: 'auto' | 'bar' | 'plain' | 'none', out: NodeJS.WriteStream = process.stdout): 'bar' | 'plain' | 'none' {
+  static pick(
+    setting: 'auto' | 'bar' | 'plain' | 'none',
+    out: NodeJS.WriteStream = process.stdout,
+  ): 'bar' | 'plain' | 'none' {
     if (setting !== 'auto') return setting;
     return out.isTTY && process.env.TERM !== 'dumb' && !process.env.CI ? 'bar' : 'plain';
   }
@@ -47,26 +50,43 @@ export class Progress {
   }
 
   event(ev: JobEvent) {
-    const r = this.rows.get(ev.adapter ?? '') ?? { name: ev.adapter ?? '', step: 0, total: 0, loss: NaN, lr: 0, tokens: 0, start: Date.now(), state: 'queued' };
+    const r = this.rows.get(ev.adapter ?? '') ?? {
+      name: ev.adapter ?? '',
+      step: 0,
+      total: 0,
+      loss: NaN,
+      lr: 0,
+      tokens: 0,
+      start: Date.now(),
+      state: 'queued',
+    };
     if (ev.adapter) this.rows.set(ev.adapter, r);
     switch (ev.type) {
       case 'state':
         r.state = ev.state;
         if (ev.state === 'running') r.start = Date.now();
-        if (this.mode === 'plain' && ev.state !== 'running' && ev.state !== 'queued' && ev.state !== 'loading') this.log(`[${ev.adapter}] ${ev.state}`);
+        if (this.mode === 'plain' && ev.state !== 'running' && ev.state !== 'queued' && ev.state !== 'loading')
+          this.log(`[${ev.adapter}] ${ev.state}`);
         break;
       case 'step':
         Object.assign(r, { step: ev.step, total: ev.totalSteps, loss: ev.loss, lr: ev.lr, tokens: ev.tokens });
         if (this.mode === 'plain' && (ev.step % this.every === 0 || ev.step === ev.totalSteps)) {
-          this.log(`[${ev.adapter}] step ${ev.step}/${ev.totalSteps} loss ${ev.loss.toFixed(4)} lr ${ev.lr.toExponential(2)} grad-norm ${ev.gradNorm.toFixed(3)} ${this.rate(r)}`);
+          this.log(
+            `[${ev.adapter}] step ${ev.step}/${ev.totalSteps} loss ${ev.loss.toFixed(4)} lr ${ev.lr.toExponential(2)} grad-norm ${ev.gradNorm.toFixed(3)} ${this.rate(r)}`,
+          );
         }
         break;
       case 'eval':
         r.evalLoss = ev.loss;
-        this.log(`[${ev.adapter}] eval at step ${ev.step}: loss ${ev.loss.toFixed(4)} perplexity ${ev.perplexity.toFixed(2)} (${ev.tokens} tokens)`);
+        this.log(
+          `[${ev.adapter}] eval at step ${ev.step}: loss ${ev.loss.toFixed(4)} perplexity ${ev.perplexity.toFixed(2)} (${ev.tokens} tokens)`,
+        );
         break;
       case 'sample':
-        if (this.mode === 'plain') this.log(`[${ev.adapter}] sample ${ev.when} (step ${ev.step}): ${JSON.stringify(ev.prompt)} -> ${JSON.stringify(ev.text)}`);
+        if (this.mode === 'plain')
+          this.log(
+            `[${ev.adapter}] sample ${ev.when} (step ${ev.step}): ${JSON.stringify(ev.prompt)} -> ${JSON.stringify(ev.text)}`,
+          );
         break;
       case 'checkpoint':
         if (this.mode === 'plain') this.log(`[${ev.adapter}] checkpoint ${ev.path}`);
@@ -76,13 +96,18 @@ export class Progress {
         break;
       case 'rollback':
         r.step = ev.toStep;
-        this.log(`[${ev.adapter}] ${ev.reason}: rolled back to step ${ev.toStep}, learning rate now ${ev.lrScale} × the configured one (rollback ${ev.rollbacks})`);
+        this.log(
+          `[${ev.adapter}] ${ev.reason}: rolled back to step ${ev.toStep}, learning rate now ${ev.lrScale} × the configured one (rollback ${ev.rollbacks})`,
+        );
         break;
       case 'error':
         this.log(`[${ev.adapter}] error: ${ev.message}`);
         break;
       case 'done':
-        if (this.mode === 'plain') this.log(`[${ev.adapter}] done: ${ev.steps} steps, final loss ${ev.loss.toFixed(4)}${ev.path ? `, saved to ${ev.path}` : ''}`);
+        if (this.mode === 'plain')
+          this.log(
+            `[${ev.adapter}] done: ${ev.steps} steps, final loss ${ev.loss.toFixed(4)}${ev.path ? `, saved to ${ev.path}` : ''}`,
+          );
         break;
     }
   }

@@ -63,7 +63,12 @@ interface Marker {
   color: string;
 }
 
-const W = 540, H = 300, PL = 62, PR = 16, PT = 16, PB = 40;
+const W = 540,
+  H = 300,
+  PL = 62,
+  PR = 16,
+  PT = 16,
+  PB = 40;
 
 function ticks(lo: number, hi: number, n = 5): number[] {
   if (!(hi > lo)) return [lo];
@@ -75,20 +80,28 @@ function ticks(lo: number, hi: number, n = 5): number[] {
   return out;
 }
 
-const fmt = (v: number) => (v === 0 ? '0' : Math.abs(v) >= 1e4 || Math.abs(v) < 1e-2 ? v.toExponential(1) : Number(v.toPrecision(3)).toString());
+const fmt = (v: number) =>
+  v === 0 ? '0' : Math.abs(v) >= 1e4 || Math.abs(v) < 1e-2 ? v.toExponential(1) : Number(v.toPrecision(3)).toString();
 
 /** A line chart as inline SVG: each series a <g data-series>, markers as labelled vertical lines. */
-function lineChart(id: string, series: Series[], o: { x: string; y: string; yFmt?: (v: number) => string; markers?: Marker[]; yMin?: number }): string {
+function lineChart(
+  id: string,
+  series: Series[],
+  o: { x: string; y: string; yFmt?: (v: number) => string; markers?: Marker[]; yMin?: number },
+): string {
   const live = series.filter((s) => s.points.length);
   if (!live.length) return `<p class="empty" data-chart="${id}">Nothing was recorded.</p>`;
-  const xs = live.flatMap((s) => s.points.map((p) => p[0])), ys = live.flatMap((s) => s.points.map((p) => p[1]));
-  let x0 = Math.min(...xs), x1 = Math.max(...xs);
+  const xs = live.flatMap((s) => s.points.map((p) => p[0])),
+    ys = live.flatMap((s) => s.points.map((p) => p[1]));
+  let x0 = Math.min(...xs),
+    x1 = Math.max(...xs);
   for (const m of o.markers ?? []) {
     x0 = Math.min(x0, m.x);
     x1 = Math.max(x1, m.x);
   }
   if (x1 === x0) x1 = x0 + 1;
-  let y0 = o.yMin ?? Math.min(...ys), y1 = Math.max(...ys);
+  let y0 = o.yMin ?? Math.min(...ys),
+    y1 = Math.max(...ys);
   if (y1 === y0) {
     y0 -= Math.abs(y0) * 0.05 || 0.5;
     y1 += Math.abs(y1) * 0.05 || 0.5;
@@ -101,8 +114,10 @@ function lineChart(id: string, series: Series[], o: { x: string; y: string; yFmt
   const sy = (y: number) => H - PB - ((H - PT - PB) * (y - y0)) / (y1 - y0);
   const yf = o.yFmt ?? fmt;
   let svg = `<svg data-chart="${id}" viewBox="0 0 ${W} ${H}" xmlns="http://www.w3.org/2000/svg" role="img" aria-label="${esc(o.y)} over ${esc(o.x)}">`;
-  for (const v of ticks(y0, y1)) svg += `<line class="grid" x1="${PL}" x2="${W - PR}" y1="${sy(v).toFixed(1)}" y2="${sy(v).toFixed(1)}"/><text class="tick" x="${PL - 6}" y="${(sy(v) + 4).toFixed(1)}" text-anchor="end">${esc(yf(v))}</text>`;
-  for (const v of ticks(x0, x1, 6)) svg += `<text class="tick" x="${sx(v).toFixed(1)}" y="${H - PB + 16}" text-anchor="middle">${esc(fmt(v))}</text>`;
+  for (const v of ticks(y0, y1))
+    svg += `<line class="grid" x1="${PL}" x2="${W - PR}" y1="${sy(v).toFixed(1)}" y2="${sy(v).toFixed(1)}"/><text class="tick" x="${PL - 6}" y="${(sy(v) + 4).toFixed(1)}" text-anchor="end">${esc(yf(v))}</text>`;
+  for (const v of ticks(x0, x1, 6))
+    svg += `<text class="tick" x="${sx(v).toFixed(1)}" y="${H - PB + 16}" text-anchor="middle">${esc(fmt(v))}</text>`;
   svg += `<line class="axis" x1="${PL}" y1="${H - PB}" x2="${W - PR}" y2="${H - PB}"/><line class="axis" x1="${PL}" y1="${PT}" x2="${PL}" y2="${H - PB}"/>`;
   svg += `<text class="label" x="${(PL + W - PR) / 2}" y="${H - 6}" text-anchor="middle">${esc(o.x)}</text><text class="label" x="12" y="${(PT + H - PB) / 2}" transform="rotate(-90 12 ${(PT + H - PB) / 2})" text-anchor="middle">${esc(o.y)}</text>`;
   for (const m of o.markers ?? []) {
@@ -111,16 +126,28 @@ function lineChart(id: string, series: Series[], o: { x: string; y: string; yFmt
   for (const s of live) {
     const pts = s.points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`);
     svg += `<g data-series="${esc(s.name)}"><title>${esc(s.name)}</title>`;
-    if (s.points.length > 1) svg += `<polyline fill="none" stroke="${s.color}" stroke-width="2"${s.dash ? ' stroke-dasharray="6 4"' : ''} points="${pts.join(' ')}"/>`;
-    if (s.points.length <= 40) for (const [x, y] of s.points) svg += `<circle cx="${sx(x).toFixed(1)}" cy="${sy(y).toFixed(1)}" r="2.5" fill="${s.color}"><title>${esc(s.name)}: ${esc(fmt(x))}, ${esc(yf(y))}</title></circle>`;
+    if (s.points.length > 1)
+      svg += `<polyline fill="none" stroke="${s.color}" stroke-width="2"${s.dash ? ' stroke-dasharray="6 4"' : ''} points="${pts.join(' ')}"/>`;
+    if (s.points.length <= 40)
+      for (const [x, y] of s.points)
+        svg += `<circle cx="${sx(x).toFixed(1)}" cy="${sy(y).toFixed(1)}" r="2.5" fill="${s.color}"><title>${esc(s.name)}: ${esc(fmt(x))}, ${esc(yf(y))}</title></circle>`;
     svg += '</g>';
   }
   svg += '</svg>';
-  const legend = live.map((s) => `<span class="key" data-key="${esc(s.name)}"><i style="background:${s.color}${s.dash ? ';opacity:.5' : ''}"></i>${esc(s.name)}</span>`).join('');
+  const legend = live
+    .map(
+      (s) =>
+        `<span class="key" data-key="${esc(s.name)}"><i style="background:${s.color}${s.dash ? ';opacity:.5' : ''}"></i>${esc(s.name)}</span>`,
+    )
+    .join('');
   return `<figure>${svg}<figcaption>${legend}</figcaption></figure>`;
 }
 
-function bySeries<T extends { adapter: string }>(events: T[], color: Map<string, string>, point: (e: T) => [number, number] | undefined): Series[] {
+function bySeries<T extends { adapter: string }>(
+  events: T[],
+  color: Map<string, string>,
+  point: (e: T) => [number, number] | undefined,
+): Series[] {
   const m = new Map<string, Array<[number, number]>>();
   for (const e of events) {
     const p = point(e);
@@ -145,7 +172,8 @@ function throughput(steps: Array<Ev<'step'>>, t0: number): Array<[number, number
     done.push([(s.time - t0) / 1000, before === undefined ? s.tokens / Math.max(1, s.step) : s.tokens - before]);
     prev.set(s.adapter, s.tokens);
   }
-  const a = done[0]![0], b = done.at(-1)![0];
+  const a = done[0]![0],
+    b = done.at(-1)![0];
   const w = Math.max((b - a) / 24, 0.5);
   const n = Math.max(1, Math.ceil((b - a) / w));
   const sums = new Array<number>(n).fill(0);
@@ -156,7 +184,9 @@ function throughput(steps: Array<Ev<'step'>>, t0: number): Array<[number, number
 function stageChart(sched: ScheduleRecord[], stages: number, devices: string[], markers: Marker[]): string {
   const rs = sched.filter((r) => r.kind !== 'E');
   if (!rs.length) return '<p class="empty" data-chart="stages">No stage work was recorded.</p>';
-  const rowH = 26, P = 120, WW = 1100;
+  const rowH = 26,
+    P = 120,
+    WW = 1100;
   const HH = stages * rowH + 44;
   const t1 = Math.max(...rs.map((r) => r.end), ...markers.map((m) => m.x * 1000));
   const sx = (t: number) => P + ((WW - P - 16) * t) / Math.max(1e-9, t1);
@@ -174,7 +204,8 @@ function stageChart(sched: ScheduleRecord[], stages: number, devices: string[], 
   for (const m of markers) {
     svg += `<g class="marker" data-marker="${esc(m.label)}"><line x1="${sx(m.x * 1000).toFixed(1)}" x2="${sx(m.x * 1000).toFixed(1)}" y1="4" y2="${stages * rowH + 14}" stroke="${m.color}" stroke-width="2"/><title>${esc(m.label)}</title></g>`;
   }
-  for (const v of ticks(0, t1 / 1000, 8)) svg += `<text class="tick" x="${sx(v * 1000).toFixed(1)}" y="${HH - 18}" text-anchor="middle">${fmt(v)} s</text>`;
+  for (const v of ticks(0, t1 / 1000, 8))
+    svg += `<text class="tick" x="${sx(v * 1000).toFixed(1)}" y="${HH - 18}" text-anchor="middle">${fmt(v)} s</text>`;
   svg += '</svg>';
   return `<figure class="wide">${svg}<figcaption><span class="key"><i style="background:#1f77b4"></i>forward</span><span class="key"><i style="background:#d62728"></i>backward</span><span class="key"><i style="background:#2ca02c"></i>optimizer step</span> · bubble ${(100 * u.bubble).toFixed(1)}%</figcaption></figure>`;
 }
@@ -184,10 +215,13 @@ function table(head: string[], rows: string[][], cls = ''): string {
 }
 
 export function renderReport(r: ReportInput): string {
-  const names = [...new Set(r.events.filter((e) => 'adapter' in e && e.adapter).map((e) => (e as { adapter: string }).adapter))];
+  const names = [
+    ...new Set(r.events.filter((e) => 'adapter' in e && e.adapter).map((e) => (e as { adapter: string }).adapter)),
+  ];
   const color = new Map(names.map((n, i) => [n, COLORS[i % COLORS.length]!]));
   // a resumed run redoes the steps after its checkpoint: the later record of a step stands
-  const latest = <T extends { adapter: string; step: number }>(xs: T[]) => [...new Map(xs.map((x) => [`${x.adapter}\0${x.step}`, x])).values()].sort((a, b) => a.step - b.step);
+  const latest = <T extends { adapter: string; step: number }>(xs: T[]) =>
+    [...new Map(xs.map((x) => [`${x.adapter}\0${x.step}`, x])).values()].sort((a, b) => a.step - b.step);
   const steps = latest(r.events.filter((e): e is Ev<'step'> => e.type === 'step'));
   const evals = latest(r.events.filter((e): e is Ev<'eval'> => e.type === 'eval'));
   const samples = r.events.filter((e): e is Ev<'sample'> => e.type === 'sample');
@@ -198,18 +232,53 @@ export function renderReport(r: ReportInput): string {
   // markers on the time axes: stage faults (and their recovery), rollbacks, adapters that stopped
   const timeMarkers: Marker[] = [];
   for (const f of r.faults) {
-    timeMarkers.push({ x: sec(f.time), label: `${f.fault} on stage ${f.stage}: ${f.detail}${f.fatal ? ' (run stopped)' : ''}`, color: '#d62728' });
-    if (f.recoveredMs !== undefined) timeMarkers.push({ x: sec(f.time + f.recoveredMs), label: `stage ${f.stage} recovered after ${Math.round(f.recoveredMs)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`, color: '#2ca02c' });
+    timeMarkers.push({
+      x: sec(f.time),
+      label: `${f.fault} on stage ${f.stage}: ${f.detail}${f.fatal ? ' (run stopped)' : ''}`,
+      color: '#d62728',
+    });
+    if (f.recoveredMs !== undefined)
+      timeMarkers.push({
+        x: sec(f.time + f.recoveredMs),
+        label: `stage ${f.stage} recovered after ${Math.round(f.recoveredMs)} ms, ${f.replayed ?? 0} micro-batch(es) replayed`,
+        color: '#2ca02c',
+      });
   }
-  for (const b of rollbacks) timeMarkers.push({ x: sec(b.time), label: `[${b.adapter}] rollback from step ${b.fromStep} to ${b.toStep}: ${b.reason}`, color: '#ff7f0e' });
+  for (const b of rollbacks)
+    timeMarkers.push({
+      x: sec(b.time),
+      label: `[${b.adapter}] rollback from step ${b.fromStep} to ${b.toStep}: ${b.reason}`,
+      color: '#ff7f0e',
+    });
   for (const e of errors) timeMarkers.push({ x: sec(e.time), label: `[${e.adapter}] ${e.message}`, color: '#7f0000' });
-  const stepMarkers: Marker[] = rollbacks.map((b) => ({ x: b.fromStep, label: `[${b.adapter}] rollback ${b.fromStep} -> ${b.toStep}`, color: '#ff7f0e' }));
+  const stepMarkers: Marker[] = rollbacks.map((b) => ({
+    x: b.fromStep,
+    label: `[${b.adapter}] rollback ${b.fromStep} -> ${b.toStep}`,
+    color: '#ff7f0e',
+  }));
 
-  const lossChart = lineChart('loss', bySeries(steps, color, (e) => [e.step, e.loss]), { x: 'optimizer step', y: 'training loss', markers: stepMarkers });
-  const evalChart = lineChart('eval', bySeries(evals, color, (e) => [e.step, e.loss]), { x: 'optimizer step (0 = before training)', y: 'held-out loss' });
-  const lrChart = lineChart('lr', bySeries(steps, color, (e) => [e.step, e.lr]), { x: 'optimizer step', y: 'learning rate', yMin: 0 });
+  const lossChart = lineChart(
+    'loss',
+    bySeries(steps, color, (e) => [e.step, e.loss]),
+    { x: 'optimizer step', y: 'training loss', markers: stepMarkers },
+  );
+  const evalChart = lineChart(
+    'eval',
+    bySeries(evals, color, (e) => [e.step, e.loss]),
+    { x: 'optimizer step (0 = before training)', y: 'held-out loss' },
+  );
+  const lrChart = lineChart(
+    'lr',
+    bySeries(steps, color, (e) => [e.step, e.lr]),
+    { x: 'optimizer step', y: 'learning rate', yMin: 0 },
+  );
   const runSteps = r.runEvents.filter((e): e is Ev<'step'> => e.type === 'step');
-  const tps = lineChart('throughput', [{ name: 'all adapters', color: '#333', points: throughput(runSteps, r.t0) }], { x: 'seconds since the run started', y: 'tokens / s', yMin: 0, markers: timeMarkers });
+  const tps = lineChart('throughput', [{ name: 'all adapters', color: '#333', points: throughput(runSteps, r.t0) }], {
+    x: 'seconds since the run started',
+    y: 'tokens / s',
+    yMin: 0,
+    markers: timeMarkers,
+  });
   // bytes used per stage; its budget as a dashed line when it is near enough to be read on the
   // same axis, else named in the legend (a CPU budget of GiB against MiB used would flatten the lines)
   const mib = (b: number) => b / 2 ** 20;
@@ -220,11 +289,33 @@ export function renderReport(r: ReportInput): string {
     const dev = r.devices[s] ?? `stage ${s}`;
     const budget = r.memory.map((m) => m.stages[s]?.budget ?? 0).find((b) => b > 0);
     const near = budget !== undefined && budget <= 4 * maxUsed;
-    memSeries.push({ name: `${dev} used${budget && !near ? ` (budget ${formatBytes(budget)})` : ''}`, color: c, points: r.memory.filter((m) => m.stages[s]).map((m) => [sec(m.time), mib(m.stages[s]!.used)]) });
-    if (budget && near && r.memory.length) memSeries.push({ name: `${dev} budget`, color: c, dash: true, points: [[sec(r.memory[0]!.time), mib(budget)], [sec(r.memory.at(-1)!.time), mib(budget)]] });
+    memSeries.push({
+      name: `${dev} used${budget && !near ? ` (budget ${formatBytes(budget)})` : ''}`,
+      color: c,
+      points: r.memory.filter((m) => m.stages[s]).map((m) => [sec(m.time), mib(m.stages[s]!.used)]),
+    });
+    if (budget && near && r.memory.length)
+      memSeries.push({
+        name: `${dev} budget`,
+        color: c,
+        dash: true,
+        points: [
+          [sec(r.memory[0]!.time), mib(budget)],
+          [sec(r.memory.at(-1)!.time), mib(budget)],
+        ],
+      });
   }
-  const memChart = lineChart('memory', memSeries, { x: 'seconds since the run started', y: 'MiB', yMin: 0, markers: timeMarkers });
-  const gradChart = lineChart('gradnorm', bySeries(steps, color, (e) => [e.step, e.gradNorm]), { x: 'optimizer step', y: 'gradient norm (before clipping)', yMin: 0, markers: stepMarkers });
+  const memChart = lineChart('memory', memSeries, {
+    x: 'seconds since the run started',
+    y: 'MiB',
+    yMin: 0,
+    markers: timeMarkers,
+  });
+  const gradChart = lineChart(
+    'gradnorm',
+    bySeries(steps, color, (e) => [e.step, e.gradNorm]),
+    { x: 'optimizer step', y: 'gradient norm (before clipping)', yMin: 0, markers: stepMarkers },
+  );
 
   // per adapter: how far it got and the held-out loss before -> after
   const summary = names.map((n) => {
@@ -233,13 +324,19 @@ export function renderReport(r: ReportInput): string {
     const done = r.runEvents.find((e): e is Ev<'done'> => e.type === 'done' && e.adapter === n);
     const err = errors.filter((e) => e.adapter === n).at(-1);
     const lastStep = st.at(-1);
-    const before = ev.find((e) => e.step === 0), after = ev.at(-1);
+    const before = ev.find((e) => e.step === 0),
+      after = ev.at(-1);
     const state = done ? 'done' : err ? 'failed' : 'unfinished';
     return [
-      `<span class="dot" style="background:${color.get(n)}"></span>${esc(n)}`, `<span class="state ${state}">${state}</span>`,
-      lastStep ? `${lastStep.step}/${lastStep.totalSteps}` : '-', lastStep ? lastStep.loss.toFixed(4) : '-',
-      after ? `${before && before !== after ? `${before.loss.toFixed(4)} → ` : ''}<b>${after.loss.toFixed(4)}</b>` : '-',
-      after ? after.perplexity.toFixed(2) : '-', lastStep ? String(lastStep.tokens) : '-',
+      `<span class="dot" style="background:${color.get(n)}"></span>${esc(n)}`,
+      `<span class="state ${state}">${state}</span>`,
+      lastStep ? `${lastStep.step}/${lastStep.totalSteps}` : '-',
+      lastStep ? lastStep.loss.toFixed(4) : '-',
+      after
+        ? `${before && before !== after ? `${before.loss.toFixed(4)} → ` : ''}<b>${after.loss.toFixed(4)}</b>`
+        : '-',
+      after ? after.perplexity.toFixed(2) : '-',
+      lastStep ? String(lastStep.tokens) : '-',
     ];
   });
 
@@ -247,16 +344,42 @@ export function renderReport(r: ReportInput): string {
     const mine = samples.filter((s) => s.adapter === n);
     return [...new Set(mine.map((s) => s.prompt))].map((p) => {
       const pick = (w: 'before' | 'after') => mine.filter((s) => s.prompt === p && s.when === w).at(-1);
-      const b = pick('before'), a = pick('after');
-      const cell = (s: typeof b) => (s ? `<pre>${esc(s.text)}</pre><small>step ${s.step}</small>` : '<small>not sampled</small>');
+      const b = pick('before'),
+        a = pick('after');
+      const cell = (s: typeof b) =>
+        s ? `<pre>${esc(s.text)}</pre><small>step ${s.step}</small>` : '<small>not sampled</small>';
       return [esc(n), `<pre>${p ? esc(p) : '<i>(empty: BOS)</i>'}</pre>`, cell(b), cell(a)];
     });
   });
 
   const faultRows = [
-    ...r.faults.map((f) => [`${sec(f.time).toFixed(1)} s`, `stage ${f.stage}`, esc(f.fault), esc(f.detail), f.fatal ? 'run stopped' : f.recoveredMs !== undefined ? `recovered in ${Math.round(f.recoveredMs)} ms, ${f.replayed ?? 0} replayed` : '-']),
-    ...rollbacks.map((b) => [`${sec(b.time).toFixed(1)} s`, esc(b.adapter), 'rollback', esc(b.reason), `step ${b.fromStep} → ${b.toStep}, lr × ${b.lrScale}`]),
-    ...errors.map((e) => [`${sec(e.time).toFixed(1)} s`, esc(e.adapter), 'error', esc(e.message), r.runEvents.some((d) => d.type === 'done' && d.adapter === e.adapter) ? 'the adapter went on and finished' : 'adapter stopped']),
+    ...r.faults.map((f) => [
+      `${sec(f.time).toFixed(1)} s`,
+      `stage ${f.stage}`,
+      esc(f.fault),
+      esc(f.detail),
+      f.fatal
+        ? 'run stopped'
+        : f.recoveredMs !== undefined
+          ? `recovered in ${Math.round(f.recoveredMs)} ms, ${f.replayed ?? 0} replayed`
+          : '-',
+    ]),
+    ...rollbacks.map((b) => [
+      `${sec(b.time).toFixed(1)} s`,
+      esc(b.adapter),
+      'rollback',
+      esc(b.reason),
+      `step ${b.fromStep} → ${b.toStep}, lr × ${b.lrScale}`,
+    ]),
+    ...errors.map((e) => [
+      `${sec(e.time).toFixed(1)} s`,
+      esc(e.adapter),
+      'error',
+      esc(e.message),
+      r.runEvents.some((d) => d.type === 'done' && d.adapter === e.adapter)
+        ? 'the adapter went on and finished'
+        : 'adapter stopped',
+    ]),
   ];
 
   const h = r.header;
@@ -267,9 +390,25 @@ export function renderReport(r: ReportInput): string {
     ['started', esc(String(h.start ?? '-'))],
     ['mlora', esc(String(h.mlora ?? '-'))],
     ['config', `${esc(String(h.config_file ?? '-'))} · hash ${esc(String(h.config_hash ?? '-'))}`],
-    ['CPU', `${esc(String(m.cpu ?? '-'))} · ${esc(String(m.cores ?? '-'))} cores · GEMM kernel ${esc(String(m.gemm_kernel ?? '-'))}`],
-    ['GPU', m.cuda_gemm ? `${esc(String(m.cuda_devices))} CUDA device(s) · GEMM ${esc(String(m.cuda_gemm))}` : `${esc(String(m.cuda_devices ?? 0))} CUDA device(s)`],
-    ['stages', r.devices.map((d, s) => `${esc(d)}${peaks[s] ? ` (peak ${formatBytes(peaks[s]!.peak)}${peaks[s]!.budget ? ` of ${formatBytes(peaks[s]!.budget)}` : ''})` : ''}`).join(', ')],
+    [
+      'CPU',
+      `${esc(String(m.cpu ?? '-'))} · ${esc(String(m.cores ?? '-'))} cores · GEMM kernel ${esc(String(m.gemm_kernel ?? '-'))}`,
+    ],
+    [
+      'GPU',
+      m.cuda_gemm
+        ? `${esc(String(m.cuda_devices))} CUDA device(s) · GEMM ${esc(String(m.cuda_gemm))}`
+        : `${esc(String(m.cuda_devices ?? 0))} CUDA device(s)`,
+    ],
+    [
+      'stages',
+      r.devices
+        .map(
+          (d, s) =>
+            `${esc(d)}${peaks[s] ? ` (peak ${formatBytes(peaks[s]!.peak)}${peaks[s]!.budget ? ` of ${formatBytes(peaks[s]!.budget)}` : ''})` : ''}`,
+        )
+        .join(', '),
+    ],
     ['system', `${esc(String(m.os ?? '-'))} · node ${esc(String(m.node ?? '-'))}`],
   ];
 

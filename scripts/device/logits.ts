@@ -9,7 +9,8 @@ import { openSingleModel, packSequences, batchOnDevice, freeBatch } from '../../
 import { writeSafetensors, type StTensorSource } from '../../lib/io/safetensors.js';
 import { Rng } from '../../lib/rng.js';
 
-const USAGE = 'usage: node dist/scripts/device/logits.js --model DIR --adapter DIR --devices cuda:0,cpu:0 --out FILE [--seqs 2] [--len 64] [--seed 1]';
+const USAGE =
+  'usage: node dist/scripts/device/logits.js --model DIR --adapter DIR --devices cuda:0,cpu:0 --out FILE [--seqs 2] [--len 64] [--seed 1]';
 
 function positiveInt(name: string, v: string | undefined, dflt: number): number {
   if (v === undefined) return dflt;
@@ -19,12 +20,24 @@ function positiveInt(name: string, v: string | undefined, dflt: number): number 
 }
 
 async function main(): Promise<number> {
-  const { values: a } = parseArgs({ options: { model: { type: 'string' }, adapter: { type: 'string' }, devices: { type: 'string' }, out: { type: 'string' }, seqs: { type: 'string' }, len: { type: 'string' }, seed: { type: 'string' } } });
+  const { values: a } = parseArgs({
+    options: {
+      model: { type: 'string' },
+      adapter: { type: 'string' },
+      devices: { type: 'string' },
+      out: { type: 'string' },
+      seqs: { type: 'string' },
+      len: { type: 'string' },
+      seed: { type: 'string' },
+    },
+  });
   if (!a.model || !a.adapter || !a.devices || !a.out) {
     console.error(`logits: --model, --adapter, --devices and --out are required\n${USAGE}`);
     return 2;
   }
-  const seqs = positiveInt('seqs', a.seqs, 2), len = positiveInt('len', a.len, 64), seed = positiveInt('seed', a.seed, 1);
+  const seqs = positiveInt('seqs', a.seqs, 2),
+    len = positiveInt('len', a.len, 64),
+    seed = positiveInt('seed', a.seed, 1);
   const tensors: Record<string, StTensorSource> = {};
   let ids: Int32Array | undefined;
   for (const dev of a.devices.split(',')) {
@@ -56,7 +69,10 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then((c) => (process.exitCode = c), (e: unknown) => {
-  console.error(`logits: ${(e as Error).message}`);
-  process.exitCode = 1;
-});
+main().then(
+  (c) => (process.exitCode = c),
+  (e: unknown) => {
+    console.error(`logits: ${(e as Error).message}`);
+    process.exitCode = 1;
+  },
+);

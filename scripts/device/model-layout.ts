@@ -16,7 +16,9 @@ import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
 import { presetConfigJson, presetDtype } from '../cli/make-model.js';
 
 async function main(): Promise<number> {
-  const { values: a } = parseArgs({ options: { preset: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' } } });
+  const { values: a } = parseArgs({
+    options: { preset: { type: 'string' }, out: { type: 'string' }, dtype: { type: 'string' } },
+  });
   const preset = a.preset as PresetName | undefined;
   if (!preset || !(preset in PRESETS) || !a.out) {
     console.error(`model-layout: --preset (${Object.keys(PRESETS).join(', ')}) and --out DIR are required`);
@@ -31,13 +33,21 @@ async function main(): Promise<number> {
   const config = parseModelConfig(json, `preset ${preset}`);
   fs.mkdirSync(a.out, { recursive: true });
   await writeTokenizerFiles(a.out, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });
-  fs.writeFileSync(path.join(a.out, 'tensors.json'), JSON.stringify(Object.fromEntries(expectedTensors(config)), null, 1) + '\n');
+  fs.writeFileSync(
+    path.join(a.out, 'tensors.json'),
+    JSON.stringify(Object.fromEntries(expectedTensors(config)), null, 1) + '\n',
+  );
   fs.writeFileSync(path.join(a.out, 'config.json'), JSON.stringify(json, null, 2) + '\n');
-  console.log(`model-layout: ${preset} (${dtype}) config, tokenizer and tensors.json in ${a.out}; weights: python3 scripts/device/make_weights.py ${a.out}`);
+  console.log(
+    `model-layout: ${preset} (${dtype}) config, tokenizer and tensors.json in ${a.out}; weights: python3 scripts/device/make_weights.py ${a.out}`,
+  );
   return 0;
 }
 
-main().then((c) => (process.exitCode = c), (e: unknown) => {
-  console.error(`model-layout: ${(e as Error).message}`);
-  process.exitCode = 1;
-});
+main().then(
+  (c) => (process.exitCode = c),
+  (e: unknown) => {
+    console.error(`model-layout: ${(e as Error).message}`);
+    process.exitCode = 1;
+  },
+);

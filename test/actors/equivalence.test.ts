@@ -35,7 +35,14 @@ import { tinyModelWithLayers } from '../support/models.js';
 const model = await tinyModelWithLayers(3);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
 
-const jobs = () => [adapter('arith', 'arithmetic'), adapter('caps', 'capitals', { seed: 5, max_grad_norm: undefined, lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['k_proj', 'up_proj'] } })];
+const jobs = () => [
+  adapter('arith', 'arithmetic'),
+  adapter('caps', 'capitals', {
+    seed: 5,
+    max_grad_norm: undefined,
+    lora: { r: 8, alpha: 8, dropout: 0.05, targets: ['k_proj', 'up_proj'] },
+  }),
+];
 
 const ref = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, jobs());
 t.equal(ref.states.size, 2, 'the single-device trainer finished both adapters');
@@ -45,7 +52,11 @@ for (const S of [1, 2, 3]) {
   await t.test(`${S} stage actor(s) vs the single-device trainer`, async (t) => {
     const devices = Array.from({ length: S }, (_, i) => `cpu:${i}`);
     const run = await runJobs({ model, devices, threads: 1 }, jobs());
-    t.same(run.sup.pipeline.plans.map((p) => p.hi - p.lo), S === 1 ? [3] : S === 2 ? [2, 1] : [1, 1, 1], 'layer split');
+    t.same(
+      run.sup.pipeline.plans.map((p) => p.hi - p.lo),
+      S === 1 ? [3] : S === 2 ? [2, 1] : [1, 1, 1],
+      'layer split',
+    );
     for (const [name, want] of ref.states) {
       const got = run.states.get(name);
       if (!got) {
@@ -53,14 +64,19 @@ for (const S of [1, 2, 3]) {
         continue;
       }
       if (name === 'caps' || S === 1) {
-        t.ok(stateBitwiseEqual(got, want), `${name}: params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
+        t.ok(
+          stateBitwiseEqual(got, want),
+          `${name}: params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`,
+        );
       } else {
-        for (const k of ['params', 'm', 'v'] as const) assertClose(t, got[k], want[k], { atol: 1e-8, rtol: 1e-5 }, `${name} (clipped): ${k}`);
+        for (const k of ['params', 'm', 'v'] as const)
+          assertClose(t, got[k], want[k], { atol: 1e-8, rtol: 1e-5 }, `${name} (clipped): ${k}`);
         t.equal(got.version, want.version, `${name}: same optimizer version`);
       }
     }
     // the losses reported along the way match too
-    const losses = (evs: typeof ref.events, name: string) => evs.flatMap((e) => (e.type === 'step' && e.adapter === name ? [e.loss] : []));
+    const losses = (evs: typeof ref.events, name: string) =>
+      evs.flatMap((e) => (e.type === 'step' && e.adapter === name ? [e.loss] : []));
     t.same(losses(run.events, 'caps'), losses(ref.events, 'caps'), 'caps: per-step losses identical');
     const [a, b] = [losses(run.events, 'arith'), losses(ref.events, 'arith')];
     t.equal(a.length, 4, 'arith: 4 step events');
@@ -72,7 +88,9 @@ for (const S of [1, 2, 3]) {
 // micro-batches of each step at once (GPipe/1F1B within the step). They read the same weights
 // and every stage adds their gradients in issue order, so the result stays bitwise.
 await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the single-device trainer', async (t) => {
-  const job = () => [adapter('solo', 'capitals', { seed: 9, batch_size: 8, micro_batch_size: 2, max_grad_norm: undefined })];
+  const job = () => [
+    adapter('solo', 'capitals', { seed: 9, batch_size: 8, micro_batch_size: 2, max_grad_norm: undefined }),
+  ];
   const one = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
   const two = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
   const [want, got] = [one.states.get('solo'), two.states.get('solo')];
@@ -80,7 +98,7 @@ await t.test('one adapter, 4 micro-batches per step, over 2 stage actors vs the 
   if (!want || !got) return;
   t.equal(got.version, 4, '4 optimizer steps');
   t.ok(stateBitwiseEqual(got, want), `params, m, v bitwise equal (max |diff| ${stateMaxDiff(got, want)})`);
-  t.equal(two.sup.peakInflight, 4, "all 4 micro-batches of a step were in flight at once");
+  t.equal(two.sup.peakInflight, 4, 'all 4 micro-batches of a step were in flight at once');
   t.equal(one.sup.peakInflight, 1, 'the single-device trainer runs them one at a time');
   const losses = (evs: typeof one.events) => evs.flatMap((e) => (e.type === 'step' ? [e.loss] : []));
   t.same(losses(two.events), losses(one.events), 'per-step losses identical');
@@ -97,7 +115,10 @@ await t.test('a head share on the first stage vs the single-device trainer', asy
   const job = () => [adapter('wide', 'capitals', { seed: 4, max_steps: 2, max_grad_norm: undefined })];
   const one = await runJobs({ model: dir, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
   const two = await runJobs({ model: dir, devices: ['cpu:0', 'cpu:1'], threads: 1 }, job());
-  t.ok(two.sup.pipeline.plans[0]!.headShare, `stage 0 runs a share of the head (${two.sup.pipeline.plans[0]!.headShare})`);
+  t.ok(
+    two.sup.pipeline.plans[0]!.headShare,
+    `stage 0 runs a share of the head (${two.sup.pipeline.plans[0]!.headShare})`,
+  );
   const [want, got] = [one.states.get('wide'), two.states.get('wide')];
   t.ok(want && got, 'both runs finished the adapter');
   if (!want || !got) return;

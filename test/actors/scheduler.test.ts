@@ -14,27 +14,50 @@ import { FakePipeline, fakeHooks, type FakePipelineOptions } from '../support/fa
 const ADAPTER = 4000;
 const MB = 1000;
 
-function setup(o: FakePipelineOptions, sched: Partial<SchedulerOptions> = {}, onEvent?: (ev: JobEvent, sup: Supervisor) => void) {
+function setup(
+  o: FakePipelineOptions,
+  sched: Partial<SchedulerOptions> = {},
+  onEvent?: (ev: JobEvent, sup: Supervisor) => void,
+) {
   const pipe = new FakePipeline(o);
   const hooks = fakeHooks();
   const log: JobEvent[] = [];
-  const sup: Supervisor = new Supervisor(pipe, { ...hooks, onEvent: (ev) => (log.push(ev), onEvent?.(ev, sup)) }, {
-    batchlora: false, inflight: 8, inflightPerAdapter: 8, ...sched,
-  });
+  const sup: Supervisor = new Supervisor(
+    pipe,
+    { ...hooks, onEvent: (ev) => (log.push(ev), onEvent?.(ev, sup)) },
+    {
+      batchlora: false,
+      inflight: 8,
+      inflightPerAdapter: 8,
+      ...sched,
+    },
+  );
   return { pipe, sup, finals: hooks.finals, log };
 }
 
 /** max_steps steps of 4 micro-batches of 100 tokens; r 4 unless given. */
 const job = (name: string, o: Partial<AdapterConfigInput> = {}): AdapterConfigInput => ({
-  name, data: 'unused.jsonl', lora: { r: 4 }, batch_size: 4, micro_batch_size: 1, seq_len: 100, max_steps: 2, ...o,
+  name,
+  data: 'unused.jsonl',
+  lora: { r: 4 },
+  batch_size: 4,
+  micro_batch_size: 1,
+  seq_len: 100,
+  max_steps: 2,
+  ...o,
 });
 
 /** The adapter ids in the order they were put on the stages. */
 const adds = (p: FakePipeline) => p.events.flatMap((e) => (e.op === 'add' ? [e.adapter] : []));
-const states = (log: JobEvent[], name: string) => log.flatMap((e) => (e.type === 'state' && e.adapter === name ? [e.state] : []));
+const states = (log: JobEvent[], name: string) =>
+  log.flatMap((e) => (e.type === 'state' && e.adapter === name ? [e.state] : []));
 
 t.test('admission by memory: as many micro-batches as fit are in flight, never more', async (t) => {
-  for (const [room, want] of [[2, 2], [3, 3], [10, 4]] as const) {
+  for (const [room, want] of [
+    [2, 2],
+    [3, 3],
+    [10, 4],
+  ] as const) {
     const { pipe, sup } = setup({ budgets: [ADAPTER + room * MB + MB / 2] });
     const a = sup.submit(job('a'));
     await sup.drain();
@@ -96,12 +119,25 @@ t.test('placement: what fits goes on the stages, what does not waits for room (F
   const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
   await sup.drain();
   await sup.close();
-  t.same(jobs.map((j) => j.state), ['done', 'done', 'done']);
-  t.same(adds(pipe), jobs.map((j) => j.id), 'put on the stages in the order submitted');
+  t.same(
+    jobs.map((j) => j.state),
+    ['done', 'done', 'done'],
+  );
+  t.same(
+    adds(pipe),
+    jobs.map((j) => j.id),
+    'put on the stages in the order submitted',
+  );
   const firstRemove = pipe.events.findIndex((e) => e.op === 'remove');
   const addC = pipe.events.findIndex((e) => e.op === 'add' && e.adapter === jobs[2]!.id);
   t.ok(firstRemove >= 0 && addC > firstRemove, 'c is placed only after a finished job left the stages');
-  t.ok(pipe.trained().slice(0, 2).every((ad) => ad[0] !== jobs[2]!.id), 'c trains nothing before then');
+  t.ok(
+    pipe
+      .trained()
+      .slice(0, 2)
+      .every((ad) => ad[0] !== jobs[2]!.id),
+    'c trains nothing before then',
+  );
   t.same(states(log, 'c'), ['queued', 'loading', 'running', 'done']);
   t.same(pipe.overruns, []);
 });
@@ -113,7 +149,10 @@ t.test('FCFS: a job that must wait holds up the smaller jobs behind it', async (
   const small = sup.submit(job('small', { lora: { r: 2 } })); // 2000 would fit next to a, but comes after big
   await sup.drain();
   await sup.close();
-  t.same([a, big, small].map((j) => j.state), ['done', 'done', 'done']);
+  t.same(
+    [a, big, small].map((j) => j.state),
+    ['done', 'done', 'done'],
+  );
   t.same(adds(pipe), [a.id, big.id, small.id]);
   const removeA = pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === a.id);
   const addSmall = pipe.events.findIndex((e) => e.op === 'add' && e.adapter === small.id);
@@ -129,39 +168,56 @@ t.test('priority: the highest waiting job is placed first, whatever the order of
   const high = sup.submit(job('high', { priority: 5 }));
   await sup.drain();
   await sup.close();
-  t.same(adds(pipe), [first.id, high.id, mid.id, low.id], 'first (10, running, never preempted by lower ones), then 5, 3, 0');
+  t.same(
+    adds(pipe),
+    [first.id, high.id, mid.id, low.id],
+    'first (10, running, never preempted by lower ones), then 5, 3, 0',
+  );
   t.equal(pipe.events.filter((e) => e.op === 'add').length, 4, 'each placed once: no job was parked');
-  t.same([first, low, mid, high].map((j) => j.state), ['done', 'done', 'done', 'done']);
+  t.same(
+    [first, low, mid, high].map((j) => j.state),
+    ['done', 'done', 'done', 'done'],
+  );
 });
 
-t.test('preemption: a higher-priority job parks a running one at its step boundary; it comes back unchanged', async (t) => {
-  let high: ReturnType<Supervisor['submit']> | undefined;
-  const { pipe, sup, log, finals } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {
-    if (ev.type === 'step' && ev.adapter === 'low' && ev.step === 2 && !high) high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
-  });
-  const low = sup.submit(job('low', { max_steps: 5 }));
-  await sup.drain();
-  await sup.close();
-  t.ok(high);
-  t.same([low.state, high!.state], ['done', 'done'], low.error ?? high!.error ?? 'both done');
-  t.same(states(log, 'low'), ['queued', 'loading', 'running', 'parked', 'running', 'done']);
-  t.same(states(log, 'high'), ['queued', 'loading', 'running', 'done']);
-  const ops = pipe.events.filter((e) => e.op !== 'train' && e.op !== 'step').map((e) => `${e.op} ${e.adapter === low.id ? 'low' : 'high'}`);
-  const parkedAt = ops.indexOf('remove low');
-  t.ok(parkedAt > 0, 'low left the stages');
-  t.equal(ops[parkedAt - 1], 'export low', 'its state was exported first');
-  t.same(ops.slice(parkedAt + 1, parkedAt + 2), ['add high'], 'then high went on');
-  t.ok(ops.indexOf('add low', parkedAt) > ops.indexOf('remove high'), 'low came back after high finished');
-  const exported = pipe.events[pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === low.id) - 1]!;
-  const readded = pipe.events.filter((e) => e.op === 'add' && e.adapter === low.id)[1]!;
-  t.equal((readded as { version: number }).version, (exported as { version: number }).version, 'with the optimizer version it left with');
-  t.ok((exported as { version: number }).version >= 2, 'parked at a step boundary after step 2 or later');
-  // each micro-batch adds its rows to params[0]: 5 steps × 4 micro-batches × 100 rows, none lost or repeated over the park
-  t.equal(finals.get('low')!.params[0], 5 * 4 * 100);
-  t.equal(finals.get('low')!.version, 5);
-  t.equal(finals.get('high')!.params[0], 2 * 4 * 100);
-  t.same(pipe.overruns, []);
-});
+t.test(
+  'preemption: a higher-priority job parks a running one at its step boundary; it comes back unchanged',
+  async (t) => {
+    let high: ReturnType<Supervisor['submit']> | undefined;
+    const { pipe, sup, log, finals } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {
+      if (ev.type === 'step' && ev.adapter === 'low' && ev.step === 2 && !high)
+        high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
+    });
+    const low = sup.submit(job('low', { max_steps: 5 }));
+    await sup.drain();
+    await sup.close();
+    t.ok(high);
+    t.same([low.state, high!.state], ['done', 'done'], low.error ?? high!.error ?? 'both done');
+    t.same(states(log, 'low'), ['queued', 'loading', 'running', 'parked', 'running', 'done']);
+    t.same(states(log, 'high'), ['queued', 'loading', 'running', 'done']);
+    const ops = pipe.events
+      .filter((e) => e.op !== 'train' && e.op !== 'step')
+      .map((e) => `${e.op} ${e.adapter === low.id ? 'low' : 'high'}`);
+    const parkedAt = ops.indexOf('remove low');
+    t.ok(parkedAt > 0, 'low left the stages');
+    t.equal(ops[parkedAt - 1], 'export low', 'its state was exported first');
+    t.same(ops.slice(parkedAt + 1, parkedAt + 2), ['add high'], 'then high went on');
+    t.ok(ops.indexOf('add low', parkedAt) > ops.indexOf('remove high'), 'low came back after high finished');
+    const exported = pipe.events[pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === low.id) - 1]!;
+    const readded = pipe.events.filter((e) => e.op === 'add' && e.adapter === low.id)[1]!;
+    t.equal(
+      (readded as { version: number }).version,
+      (exported as { version: number }).version,
+      'with the optimizer version it left with',
+    );
+    t.ok((exported as { version: number }).version >= 2, 'parked at a step boundary after step 2 or later');
+    // each micro-batch adds its rows to params[0]: 5 steps × 4 micro-batches × 100 rows, none lost or repeated over the park
+    t.equal(finals.get('low')!.params[0], 5 * 4 * 100);
+    t.equal(finals.get('low')!.version, 5);
+    t.equal(finals.get('high')!.params[0], 2 * 4 * 100);
+    t.same(pipe.overruns, []);
+  },
+);
 
 t.test('equal priorities do not preempt each other', async (t) => {
   let b: ReturnType<Supervisor['submit']> | undefined;
@@ -176,12 +232,22 @@ t.test('equal priorities do not preempt each other', async (t) => {
 });
 
 t.test('BatchLoRA on one device: the running adapters share each micro-batch', async (t) => {
-  const { pipe, sup } = setup({ budgets: [3 * ADAPTER + 10 * MB] }, { batchlora: true, inflight: 2, inflightPerAdapter: 1 });
+  const { pipe, sup } = setup(
+    { budgets: [3 * ADAPTER + 10 * MB] },
+    { batchlora: true, inflight: 2, inflightPerAdapter: 1 },
+  );
   const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
   await sup.drain();
   await sup.close();
-  t.same(jobs.map((j) => j.state), ['done', 'done', 'done']);
+  t.same(
+    jobs.map((j) => j.state),
+    ['done', 'done', 'done'],
+  );
   const widest = Math.max(...pipe.trained().map((ad) => ad.length));
   t.equal(widest, 3, 'a micro-batch holds rows of all three adapters');
-  t.equal(pipe.trained().reduce((n, ad) => n + ad.length, 0), 3 * 8, 'every adapter\'s 8 micro-batches ran once');
+  t.equal(
+    pipe.trained().reduce((n, ad) => n + ad.length, 0),
+    3 * 8,
+    "every adapter's 8 micro-batches ran once",
+  );
 });

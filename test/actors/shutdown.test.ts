@@ -28,7 +28,10 @@ t.test('close after a finished job: no thread, no promise, no slot', async (t) =
   const job = sup.submit(adapter('a', 'arithmetic', { max_steps: 2 }));
   const kinds: string[] = [];
   for await (const ev of job.events()) kinds.push(ev.type);
-  t.ok(kinds.includes('step') && kinds.at(-1) === 'state' && job.state === 'done', 'the job streamed steps and ended done');
+  t.ok(
+    kinds.includes('step') && kinds.at(-1) === 'state' && job.state === 'done',
+    'the job streamed steps and ended done',
+  );
   await sup.close();
   t.same(await Promise.all(exited), [0, 0], 'every stage worker exited (code 0)');
   t.equal(workers(), before, 'no worker or port left among the active resources');
@@ -49,7 +52,10 @@ t.test('close while a job is still training: drains, then ends its event stream'
       if (ev.type === 'step' && ev.step === 1) void sup.close();
     }
   })();
-  const ended = await Promise.race([consumer.then(() => true), new Promise((r) => setTimeout(() => r(false), 120_000).unref())]);
+  const ended = await Promise.race([
+    consumer.then(() => true),
+    new Promise((r) => setTimeout(() => r(false), 120_000).unref()),
+  ]);
   t.ok(ended, 'the for-await loop over job.events() ends after close()');
   t.ok(job.step >= 1 && job.step < 50, `stopped early, at step ${job.step}`);
   t.equal(pipeline.slotsInUse(), 0, 'no slot in use');
@@ -63,7 +69,9 @@ t.test('a child process running a short training exits by itself', async (t) => 
   child.stdout.on('data', (d) => (out += d));
   child.stderr.on('data', (d) => (out += d));
   const timer = setTimeout(() => child.kill('SIGKILL'), 120_000);
-  const [code, signal] = await new Promise<[number | null, string | null]>((r) => child.on('exit', (c, s) => r([c, s])));
+  const [code, signal] = await new Promise<[number | null, string | null]>((r) =>
+    child.on('exit', (c, s) => r([c, s])),
+  );
   clearTimeout(timer);
   t.equal(signal, null, 'not killed by the 120 s guard');
   t.equal(code, 0, `exit code 0 (${out.trim()})`);

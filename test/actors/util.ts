@@ -9,9 +9,16 @@ import { demo } from '../support/files.js';
 /** A small adapter job: 4 steps of 2 micro-batches (dropout on, so masks must line up too). */
 export function adapter(name: string, data: string, over: Partial<AdapterConfigInput> = {}): AdapterConfig {
   return parseAdapterConfig({
-    name, data: demo(data), seq_len: 256, batch_size: 4, micro_batch_size: 2, max_steps: 4, seed: name.length * 11 + 3,
+    name,
+    data: demo(data),
+    seq_len: 256,
+    batch_size: 4,
+    micro_batch_size: 2,
+    max_steps: 4,
+    seed: name.length * 11 + 3,
     lora: { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj', 'o_proj', 'down_proj'] },
-    optimizer: { lr: 5e-3, weight_decay: 0.01 }, max_grad_norm: 1.0,
+    optimizer: { lr: 5e-3, weight_decay: 0.01 },
+    max_grad_norm: 1.0,
     ...over,
   });
 }

@@ -18,52 +18,106 @@ import { main } from '../../scripts/cli/generate.js';
 // ---- the op
 
 /** float64: query i (position length−nq+i) attends to cache rows 0..length−nq+i. */
-function decodeRef(q: Float32Array, kc: Float32Array, vc: Float32Array, nq: number, length: number, hq: number, hkv: number, d: number, scale: number) {
+function decodeRef(
+  q: Float32Array,
+  kc: Float32Array,
+  vc: Float32Array,
+  nq: number,
+  length: number,
+  hq: number,
+  hkv: number,
+  d: number,
+  scale: number,
+) {
   const out = new Float64Array(nq * hq * d);
   const group = hq / hkv;
-  for (let i = 0; i < nq; i++) for (let h = 0; h < hq; h++) {
-    const kh = Math.floor(h / group), last = length - nq + i;
-    const s: number[] = [];
-    for (let j = 0; j <= last; j++) {
-      let dot = 0;
-      for (let c = 0; c < d; c++) dot += q[(i * hq + h) * d + c]! * kc[(j * hkv + kh) * d + c]!;
-      s.push(dot * scale);
+  for (let i = 0; i < nq; i++)
+    for (let h = 0; h < hq; h++) {
+      const kh = Math.floor(h / group),
+        last = length - nq + i;
+      const s: number[] = [];
+      for (let j = 0; j <= last; j++) {
+        let dot = 0;
+        for (let c = 0; c < d; c++) dot += q[(i * hq + h) * d + c]! * kc[(j * hkv + kh) * d + c]!;
+        s.push(dot * scale);
+      }
+      const mx = Math.max(...s);
+      const p = s.map((x) => Math.exp(x - mx));
+      const z = p.reduce((a, b) => a + b, 0);
+      for (let j = 0; j <= last; j++)
+        for (let c = 0; c < d; c++) out[(i * hq + h) * d + c]! += (p[j]! / z) * vc[(j * hkv + kh) * d + c]!;
     }
-    const mx = Math.max(...s);
-    const p = s.map((x) => Math.exp(x - mx));
-    const z = p.reduce((a, b) => a + b, 0);
-    for (let j = 0; j <= last; j++) for (let c = 0; c < d; c++) out[(i * hq + h) * d + c]! += (p[j]! / z) * vc[(j * hkv + kh) * d + c]!;
-  }
   return out;
 }
 
-t.test('attention_decode matches a float64 reference (nq, length, GQA shapes); rows past length are never read', async (t) => {
-  const dev = cpuDevice(2);
-  const rng = new Rng(11, 'decode');
-  // [nq, length, capacity, heads, kvHeads, headDim, scale?]
-  const shapes: Array<[number, number, number, number, number, number, number?]> = [
-    [1, 1, 4, 4, 2, 8], [1, 17, 32, 4, 4, 16], [3, 9, 16, 8, 2, 8], [5, 5, 5, 6, 3, 4],
-    [2, 40, 64, 4, 1, 32], [1, 300, 300, 2, 1, 64, 0.5], [7, 20, 24, 4, 2, 16],
-  ];
-  for (const [nq, length, cap, hq, hkv, d, scale] of shapes) {
-    const q = randn(rng, nq * hq * d), kc = randn(rng, cap * hkv * d), vc = randn(rng, cap * hkv * d);
-    kc.fill(NaN, length * hkv * d); // beyond length: poison
-    vc.fill(NaN, length * hkv * d);
-    const out = dev.alloc('f32', [nq, hq * d]);
-    const T = (x: Float32Array, s: number[]) => dev.fromArray('f32', s, x);
-    await dev.run([{ op: 'attention_decode', out, q: T(q, [nq, hq * d]), kCache: T(kc, [cap, hkv * d]), vCache: T(vc, [cap, hkv * d]), length, heads: hq, kvHeads: hkv, ...(scale ? { scale } : {}) }]);
-    const want = decodeRef(q, kc, vc, nq, length, hq, hkv, d, scale ?? 1 / Math.sqrt(d));
-    // f32 online softmax vs float64: outputs are convex mixes of N(0,1) values
-    assertClose(t, out.read() as Float32Array, want, { atol: 2e-6, rtol: 1e-5 }, `nq ${nq}, length ${length}/${cap}, heads ${hq}/${hkv}, d ${d}`);
-  }
-});
+t.test(
+  'attention_decode matches a float64 reference (nq, length, GQA shapes); rows past length are never read',
+  async (t) => {
+    const dev = cpuDevice(2);
+    const rng = new Rng(11, 'decode');
+    // [nq, length, capacity, heads, kvHeads, headDim, scale?]
+    const shapes: Array<[number, number, number, number, number, number, number?]> = [
+      [1, 1, 4, 4, 2, 8],
+      [1, 17, 32, 4, 4, 16],
+      [3, 9, 16, 8, 2, 8],
+      [5, 5, 5, 6, 3, 4],
+      [2, 40, 64, 4, 1, 32],
+      [1, 300, 300, 2, 1, 64, 0.5],
+      [7, 20, 24, 4, 2, 16],
+    ];
+    for (const [nq, length, cap, hq, hkv, d, scale] of shapes) {
+      const q = randn(rng, nq * hq * d),
+        kc = randn(rng, cap * hkv * d),
+        vc = randn(rng, cap * hkv * d);
+      kc.fill(NaN, length * hkv * d); // beyond length: poison
+      vc.fill(NaN, length * hkv * d);
+      const out = dev.alloc('f32', [nq, hq * d]);
+      const T = (x: Float32Array, s: number[]) => dev.fromArray('f32', s, x);
+      await dev.run([
+        {
+          op: 'attention_decode',
+          out,
+          q: T(q, [nq, hq * d]),
+          kCache: T(kc, [cap, hkv * d]),
+          vCache: T(vc, [cap, hkv * d]),
+          length,
+          heads: hq,
+          kvHeads: hkv,
+          ...(scale ? { scale } : {}),
+        },
+      ]);
+      const want = decodeRef(q, kc, vc, nq, length, hq, hkv, d, scale ?? 1 / Math.sqrt(d));
+      // f32 online softmax vs float64: outputs are convex mixes of N(0,1) values
+      assertClose(
+        t,
+        out.read() as Float32Array,
+        want,
+        { atol: 2e-6, rtol: 1e-5 },
+        `nq ${nq}, length ${length}/${cap}, heads ${hq}/${hkv}, d ${d}`,
+      );
+    }
+  },
+);
 
 t.test('attention_decode: bad arguments name the argument', async (t) => {
   const dev = cpuDevice();
   const f = (s: number[]) => dev.alloc('f32', s);
-  const hq = 4, hkv = 2, d = 8, nq = 2, cap = 10;
+  const hq = 4,
+    hkv = 2,
+    d = 8,
+    nq = 2,
+    cap = 10;
   const q = f([nq, hq * d]);
-  const good = { op: 'attention_decode', out: f([nq, hq * d]), q, kCache: f([cap, hkv * d]), vCache: f([cap, hkv * d]), length: 5, heads: hq, kvHeads: hkv } as const;
+  const good = {
+    op: 'attention_decode',
+    out: f([nq, hq * d]),
+    q,
+    kCache: f([cap, hkv * d]),
+    vCache: f([cap, hkv * d]),
+    length: 5,
+    heads: hq,
+    kvHeads: hkv,
+  } as const;
   await dev.run([good]);
   const cases: Array<[Record<string, unknown>, RegExp]> = [
     [{ heads: 0 }, /heads must be a positive multiple of kvHeads/],
@@ -93,7 +147,8 @@ const LOGIT_TOL = { atol: 2e-5, rtol: 1e-4 };
 /** Feeds `chunks` in order; after each, the last logits vs the full recomputation of the prefix. */
 async function checkSteps(t: Test, m: SingleModel, ids: number[], chunks: number[], label: string) {
   const dec = new KvCacheDecoder(m, ids.length + 3);
-  let at = 0, worst = 0;
+  let at = 0,
+    worst = 0;
   try {
     for (const n of chunks) {
       const got = await dec.feed(ids.slice(at, at + n));
@@ -106,7 +161,9 @@ async function checkSteps(t: Test, m: SingleModel, ids: number[], chunks: number
       worst = Math.max(worst, c.maxAbs);
       if (c.worst > 1) assertClose(t, got, want, LOGIT_TOL, `${label}: step at length ${at}`);
     }
-    t.pass(`${label}: ${chunks.length} steps to length ${at}, max |logit diff| ${worst.toExponential(2)} (atol ${LOGIT_TOL.atol}, rtol ${LOGIT_TOL.rtol})`);
+    t.pass(
+      `${label}: ${chunks.length} steps to length ${at}, max |logit diff| ${worst.toExponential(2)} (atol ${LOGIT_TOL.atol}, rtol ${LOGIT_TOL.rtol})`,
+    );
   } finally {
     dec.free();
   }
@@ -125,7 +182,8 @@ t.test('KV-cache logits equal a full recomputation at every step (tiny preset; f
   const ad = await openSingleModel(fix, path.join(FIX, 'adapter'));
   const ids2 = ids.map((x) => x % 256);
   await checkSteps(t, ad, ids2, [5, ...Array(15).fill(1), 4], 'fixture + adapter');
-  const a = await fullLogits(ad, ids2.slice(0, 8)), b = await fullLogits(base, ids2.slice(0, 8));
+  const a = await fullLogits(ad, ids2.slice(0, 8)),
+    b = await fullLogits(base, ids2.slice(0, 8));
   t.ok(closeness(a, b, { atol: 1e-3, rtol: 0 }).worst > 1, 'the adapter changes the logits');
   base.free();
   ad.free();
@@ -168,15 +226,26 @@ t.test('generate: greedy is deterministic and is the argmax of full recomputatio
 
 t.test('sampleToken: seeded draws follow softmax(logits / T), restricted to the top k', async (t) => {
   const logits = Float32Array.from([1, 0, 2, -1]);
-  for (const [T, k] of [[1, 0], [0.5, 0], [2, 2]] as const) {
+  for (const [T, k] of [
+    [1, 0],
+    [0.5, 0],
+    [2, 2],
+  ] as const) {
     const rng = new Rng(1, 'draws');
-    const n = 20000, count = [0, 0, 0, 0];
+    const n = 20000,
+      count = [0, 0, 0, 0];
     for (let i = 0; i < n; i++) count[sampleToken(logits, T, rng, k)]!++;
     const keep = k ? [0, 2] : [0, 1, 2, 3];
     const z = keep.reduce((s, i) => s + Math.exp(logits[i]! / T), 0);
     const p = [0, 1, 2, 3].map((i) => (keep.includes(i) ? Math.exp(logits[i]! / T) / z : 0));
     // 4 standard deviations of a binomial proportion at n = 20000 is < 0.015
-    assertClose(t, count.map((c) => c / n), p, { atol: 0.015, rtol: 0 }, `T ${T}, top-k ${k}`);
+    assertClose(
+      t,
+      count.map((c) => c / n),
+      p,
+      { atol: 0.015, rtol: 0 },
+      `T ${T}, top-k ${k}`,
+    );
   }
 });
 
@@ -185,10 +254,16 @@ t.test('errors: prompt too long, cache capacity, bad tokens', async (t) => {
   await makeModel(dir, 'tiny', 5);
   const m = await openSingleModel(dir);
   t.teardown(() => m.free());
-  await t.rejects(generate(m, Array(512).fill(7), { maxNewTokens: 4 }), { message: 'the prompt has 512 tokens; the model takes 512' });
+  await t.rejects(generate(m, Array(512).fill(7), { maxNewTokens: 4 }), {
+    message: 'the prompt has 512 tokens; the model takes 512',
+  });
   await t.rejects(generate(m, [], { maxNewTokens: 4 }), { message: /the prompt is empty/ });
-  await t.rejects(generate(m, [1, 600], { maxNewTokens: 4 }), { message: 'token id 600 is out of range for vocab_size 512' });
-  t.throws(() => new KvCacheDecoder(m, 513), { message: 'a KV cache of 513 positions exceeds max_position_embeddings 512' });
+  await t.rejects(generate(m, [1, 600], { maxNewTokens: 4 }), {
+    message: 'token id 600 is out of range for vocab_size 512',
+  });
+  t.throws(() => new KvCacheDecoder(m, 513), {
+    message: 'a KV cache of 513 positions exceeds max_position_embeddings 512',
+  });
   const dec = new KvCacheDecoder(m, 4);
   t.teardown(() => dec.free());
   await dec.feed([1, 2, 3]);
@@ -215,10 +290,31 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   t.equal(o.completion, tok.decode(o.tokens, { skipSpecialTokens: true }));
   t.equal(r.out, `Once upon a time${o.completion}\n`, 'text output = prompt + the same greedy completion');
   const m = await openSingleModel(dir);
-  const lib = await generate(m, tok.encode('Once upon a time', { addSpecialTokens: true }), { maxNewTokens: 8, ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}) });
+  const lib = await generate(m, tok.encode('Once upon a time', { addSpecialTokens: true }), {
+    maxNewTokens: 8,
+    ...(tok.eosId !== undefined ? { eosId: tok.eosId } : {}),
+  });
   m.free();
   t.same(o.tokens, lib, 'the CLI generates what the library does');
-  const s = async (seed: string) => JSON.parse((await inProcess(main, '--model', dir, '--prompt', 'Hi', '--max-new-tokens', '10', '--temperature', '1', '--seed', seed, '--json')).out).tokens as number[];
+  const s = async (seed: string) =>
+    JSON.parse(
+      (
+        await inProcess(
+          main,
+          '--model',
+          dir,
+          '--prompt',
+          'Hi',
+          '--max-new-tokens',
+          '10',
+          '--temperature',
+          '1',
+          '--seed',
+          seed,
+          '--json',
+        )
+      ).out,
+    ).tokens as number[];
   t.same(await s('3'), await s('3'), 'same seed, same sample');
   t.not((await s('3')).join(), (await s('4')).join(), 'another seed, another sample');
 
@@ -233,9 +329,24 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   t.equal(mixed.code, 1);
   t.match(mixed.err, /tokenizer\.json has 512 tokens, more than the model's vocab_size 256/);
   // the fixture adapter has the tiny preset's projection shapes (only the vocab differs)
-  const ad = await inProcess(main, '--model', dir, '--adapter', path.join(FIX, 'adapter'), '--prompt', 'Once upon a time', '--max-new-tokens', '8', '--json');
+  const ad = await inProcess(
+    main,
+    '--model',
+    dir,
+    '--adapter',
+    path.join(FIX, 'adapter'),
+    '--prompt',
+    'Once upon a time',
+    '--max-new-tokens',
+    '8',
+    '--json',
+  );
   t.equal(ad.code, 0, ad.err);
-  t.not((JSON.parse(ad.out).tokens as number[]).join(','), o.tokens.join(','), 'the adapter changes the greedy completion');
+  t.not(
+    (JSON.parse(ad.out).tokens as number[]).join(','),
+    o.tokens.join(','),
+    'the adapter changes the greedy completion',
+  );
 
   // an empty prompt starts from BOS, also with a tokenizer whose template adds none
   const noBos = tmpDir(t, 'gen-nobos');
@@ -243,23 +354,41 @@ t.test('the CLI: text, --json, adapter, errors', async (t) => {
   const tj = JSON.parse(fs.readFileSync(path.join(noBos, 'tokenizer.json'), 'utf8')) as { post_processor: unknown };
   tj.post_processor = null;
   fs.writeFileSync(path.join(noBos, 'tokenizer.json'), JSON.stringify(tj));
-  t.same(loadTokenizer(noBos).encode('', { addSpecialTokens: true }), [], 'this tokenizer adds no BOS to an empty text');
+  t.same(
+    loadTokenizer(noBos).encode('', { addSpecialTokens: true }),
+    [],
+    'this tokenizer adds no BOS to an empty text',
+  );
   const empty = (d: string) => mlora(['generate', '--model', d, '--prompt', '', '--max-new-tokens', '5', '--json']);
-  const e1 = empty(dir), e2 = empty(noBos);
+  const e1 = empty(dir),
+    e2 = empty(noBos);
   t.equal(e1.code, 0, e1.err);
   t.equal(e2.code, 0, e2.err);
   t.same(JSON.parse(e2.out).tokens, JSON.parse(e1.out).tokens, 'both start from BOS and continue alike');
   const m2 = await openSingleModel(dir);
-  t.same(JSON.parse(e1.out).tokens, await generate(m2, [tok.bosId!], { maxNewTokens: 5, eosId: tok.eosId! }), 'what generation from BOS alone gives');
+  t.same(
+    JSON.parse(e1.out).tokens,
+    await generate(m2, [tok.bosId!], { maxNewTokens: 5, eosId: tok.eosId! }),
+    'what generation from BOS alone gives',
+  );
   m2.free();
 
   for (const [args, re] of [
     [['--prompt', 'x'], /--model and --prompt are required/],
     [['--model', dir], /--model and --prompt are required/],
-    [['--model', dir, '--prompt', 'x', '--max-new-tokens', 'abc'], /--max-new-tokens must be a non-negative integer, got 'abc'/],
-    [['--model', dir, '--prompt', 'x', '--max-new-tokens', '2.5'], /--max-new-tokens must be a non-negative integer, got '2.5'/],
+    [
+      ['--model', dir, '--prompt', 'x', '--max-new-tokens', 'abc'],
+      /--max-new-tokens must be a non-negative integer, got 'abc'/,
+    ],
+    [
+      ['--model', dir, '--prompt', 'x', '--max-new-tokens', '2.5'],
+      /--max-new-tokens must be a non-negative integer, got '2.5'/,
+    ],
     [['--model', dir, '--prompt', 'x', '--top-k', '1.5'], /--top-k must be a non-negative integer/],
-    [['--model', dir, '--prompt', 'x', '--temperature', 'hot'], /--temperature must be a non-negative number, got 'hot'/],
+    [
+      ['--model', dir, '--prompt', 'x', '--temperature', 'hot'],
+      /--temperature must be a non-negative number, got 'hot'/,
+    ],
     [['--model', dir, '--prompt', 'x', '--bogus'], /Unknown option '--bogus'/],
   ] as Array<[string[], RegExp]>) {
     const b = await inProcess(main, ...args);

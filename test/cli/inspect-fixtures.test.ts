@@ -19,7 +19,14 @@ t.test('a model directory', async (t) => {
   t.match(r.out, /dtypes +F32 ×21/);
   const j = mlora(path.join(FIX, 'model'), '--json');
   t.equal(j.code, 0);
-  t.match(JSON.parse(j.out), { kind: 'model', tensors: 21, parameters: 123712, bytes: 494848, dtypes: { F32: 21 }, config: { numKvHeads: 2 } });
+  t.match(JSON.parse(j.out), {
+    kind: 'model',
+    tensors: 21,
+    parameters: 123712,
+    bytes: 494848,
+    dtypes: { F32: 21 },
+    config: { numKvHeads: 2 },
+  });
 });
 
 t.test('an adapter directory, alone and against base models', async (t) => {
@@ -32,7 +39,14 @@ t.test('an adapter directory, alone and against base models', async (t) => {
   t.match(r.out, /parameters +9,248/);
   const ok = mlora(path.join(FIX, 'adapter'), '--model', path.join(FIX, 'model'), '--json');
   t.equal(ok.code, 0);
-  t.match(JSON.parse(ok.out), { kind: 'adapter', r: 4, layers: [0, 1], parameters: 9248, matchesModel: true, mismatches: [] });
+  t.match(JSON.parse(ok.out), {
+    kind: 'adapter',
+    r: 4,
+    layers: [0, 1],
+    parameters: 9248,
+    matchesModel: true,
+    mismatches: [],
+  });
 
   const d = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-inspect-'));
   t.teardown(() => fs.rmSync(d, { recursive: true, force: true }));

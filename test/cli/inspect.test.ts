@@ -22,7 +22,11 @@ t.test('a made tiny model: config, counts, size and its tokenizer', async (t) =>
   t.match(r.out, /size +611 KiB \(625920 bytes\)/);
   t.match(r.out, /tokenizer +512 tokens, bos 1, eos 2, chat template yes\n/);
   const j = JSON.parse((await inProcess(main, dir, '--json')).out);
-  t.match(j, { kind: 'model', parameters: 156480, tokenizer: { vocabSize: 512, bosId: 1, eosId: 2, chatTemplate: true } });
+  t.match(j, {
+    kind: 'model',
+    parameters: 156480,
+    tokenizer: { vocabSize: 512, bosId: 1, eosId: 2, chatTemplate: true },
+  });
   // the fixture has no tokenizer
   const fix = await inProcess(main, path.join(FIX, 'model'));
   t.match(fix.out, /tokenizer +none \(pre-tokenized data only\)/);
@@ -31,7 +35,10 @@ t.test('a made tiny model: config, counts, size and its tokenizer', async (t) =>
   const mixed = copyFixtureModel(t);
   fs.copyFileSync(path.join(dir, 'tokenizer.json'), path.join(mixed, 'tokenizer.json'));
   fs.copyFileSync(path.join(dir, 'tokenizer_config.json'), path.join(mixed, 'tokenizer_config.json'));
-  t.match((await inProcess(main, mixed)).out, /tokenizer +UNUSABLE: tokenizer\.json has 512 tokens, more than the model's vocab_size 256/);
+  t.match(
+    (await inProcess(main, mixed)).out,
+    /tokenizer +UNUSABLE: tokenizer\.json has 512 tokens, more than the model's vocab_size 256/,
+  );
   fs.writeFileSync(path.join(mixed, 'tokenizer.json'), '{ not json');
   const broken = await inProcess(main, mixed);
   t.equal(broken.code, 0, 'a broken tokenizer does not hide the rest');
@@ -61,7 +68,14 @@ t.test('an adapter against a made model', async (t) => {
   t.equal(ok.code, 0, ok.err);
   t.match(ok.out, new RegExp(`model +${dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: matches`));
   const small = tmpDir(t, 'insp-small');
-  fs.writeFileSync(path.join(small, 'config.json'), JSON.stringify({ ...JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')), hidden_size: 128, head_dim: 32 }));
+  fs.writeFileSync(
+    path.join(small, 'config.json'),
+    JSON.stringify({
+      ...JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')),
+      hidden_size: 128,
+      head_dim: 32,
+    }),
+  );
   const bad = await inProcess(main, path.join(FIX, 'adapter'), '--model', small);
   t.equal(bad.code, 1);
   t.match(bad.out, /DOES NOT MATCH \(\d+ mismatches\)/);

@@ -16,39 +16,121 @@ import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
 function parameterCount(c: LlamaConfig): number {
-  const H = c.hiddenSize, q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, I = c.intermediateSize;
+  const H = c.hiddenSize,
+    q = c.numHeads * c.headDim,
+    kv = c.numKvHeads * c.headDim,
+    I = c.intermediateSize;
   const layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H;
   return c.vocabSize * H * (c.tieWordEmbeddings ? 1 : 2) + c.numLayers * layer + H;
 }
 
 t.test('every preset: the config.json it writes is the preset, and reads back as it', async (t) => {
   const want: Partial<Record<PresetName, Record<string, unknown>>> = {
-    tiny: { hidden_size: 64, intermediate_size: 172, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, vocab_size: 512, max_position_embeddings: 512, torch_dtype: 'float32' },
-    small: { hidden_size: 256, intermediate_size: 688, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 32, vocab_size: 2048, max_position_embeddings: 1024, torch_dtype: 'float32' },
+    tiny: {
+      hidden_size: 64,
+      intermediate_size: 172,
+      num_hidden_layers: 2,
+      num_attention_heads: 4,
+      num_key_value_heads: 2,
+      head_dim: 16,
+      vocab_size: 512,
+      max_position_embeddings: 512,
+      torch_dtype: 'float32',
+    },
+    small: {
+      hidden_size: 256,
+      intermediate_size: 688,
+      num_hidden_layers: 4,
+      num_attention_heads: 8,
+      num_key_value_heads: 4,
+      head_dim: 32,
+      vocab_size: 2048,
+      max_position_embeddings: 1024,
+      torch_dtype: 'float32',
+    },
     // the bench preset: hidden 512, 4 layers, 8 heads, 4 kv heads, intermediate 1376, vocab 8192
-    bench: { hidden_size: 512, intermediate_size: 1376, num_hidden_layers: 4, num_attention_heads: 8, num_key_value_heads: 4, head_dim: 64, vocab_size: 8192, max_position_embeddings: 2048, torch_dtype: 'float32' },
-    '1b': { hidden_size: 2048, intermediate_size: 5632, num_hidden_layers: 22, num_attention_heads: 32, num_key_value_heads: 4, head_dim: 64, vocab_size: 32000, max_position_embeddings: 2048, torch_dtype: 'bfloat16' },
+    bench: {
+      hidden_size: 512,
+      intermediate_size: 1376,
+      num_hidden_layers: 4,
+      num_attention_heads: 8,
+      num_key_value_heads: 4,
+      head_dim: 64,
+      vocab_size: 8192,
+      max_position_embeddings: 2048,
+      torch_dtype: 'float32',
+    },
+    '1b': {
+      hidden_size: 2048,
+      intermediate_size: 5632,
+      num_hidden_layers: 22,
+      num_attention_heads: 32,
+      num_key_value_heads: 4,
+      head_dim: 64,
+      vocab_size: 32000,
+      max_position_embeddings: 2048,
+      torch_dtype: 'bfloat16',
+    },
   };
   for (const p of Object.keys(want) as PresetName[]) {
     const j = presetConfigJson(p);
-    t.match(j, { architectures: ['LlamaForCausalLM'], model_type: 'llama', rms_norm_eps: 1e-6, rope_theta: 10000, tie_word_embeddings: false, bos_token_id: 1, eos_token_id: 2, ...want[p] }, p);
+    t.match(
+      j,
+      {
+        architectures: ['LlamaForCausalLM'],
+        model_type: 'llama',
+        rms_norm_eps: 1e-6,
+        rope_theta: 10000,
+        tie_word_embeddings: false,
+        bos_token_id: 1,
+        eos_token_id: 2,
+        ...want[p],
+      },
+      p,
+    );
     t.same(parseModelConfig(j, `${p}/config.json`), PRESETS[p], `${p}: reads back as the preset`);
     t.equal(presetConfigJson(p, 'bf16').torch_dtype, 'bfloat16');
   }
   t.equal(presetDtype('1b'), 'bf16', '1b is written in bf16 unless told otherwise');
   t.equal(presetDtype('bench'), 'f32');
-  t.ok(Math.abs(parameterCount(PRESETS.bench) - 20e6) < 0.1e6, `bench: ${parameterCount(PRESETS.bench).toLocaleString()} parameters`);
-  t.ok(Math.abs(parameterCount(PRESETS['1b']) - 1.1e9) < 0.01e9, `1b: ${parameterCount(PRESETS['1b']).toLocaleString()} parameters`);
+  t.ok(
+    Math.abs(parameterCount(PRESETS.bench) - 20e6) < 0.1e6,
+    `bench: ${parameterCount(PRESETS.bench).toLocaleString()} parameters`,
+  );
+  t.ok(
+    Math.abs(parameterCount(PRESETS['1b']) - 1.1e9) < 0.01e9,
+    `1b: ${parameterCount(PRESETS['1b']).toLocaleString()} parameters`,
+  );
 });
 
-t.test('the family presets: each config.json is that family\'s, and reads back as the preset', async (t) => {
+t.test("the family presets: each config.json is that family's, and reads back as the preset", async (t) => {
   const want: Record<string, Record<string, unknown>> = {
     'tiny-llama3': {
-      architectures: ['LlamaForCausalLM'], model_type: 'llama', rope_theta: 500000,
-      rope_scaling: { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64 },
+      architectures: ['LlamaForCausalLM'],
+      model_type: 'llama',
+      rope_theta: 500000,
+      rope_scaling: {
+        rope_type: 'llama3',
+        factor: 8,
+        low_freq_factor: 1,
+        high_freq_factor: 4,
+        original_max_position_embeddings: 64,
+      },
     },
-    'tiny-qwen2': { architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2', rope_theta: 1000000, tie_word_embeddings: true, use_sliding_window: false },
-    'tiny-qwen3': { architectures: ['Qwen3ForCausalLM'], model_type: 'qwen3', head_dim: 32, attention_bias: false, use_sliding_window: false },
+    'tiny-qwen2': {
+      architectures: ['Qwen2ForCausalLM'],
+      model_type: 'qwen2',
+      rope_theta: 1000000,
+      tie_word_embeddings: true,
+      use_sliding_window: false,
+    },
+    'tiny-qwen3': {
+      architectures: ['Qwen3ForCausalLM'],
+      model_type: 'qwen3',
+      head_dim: 32,
+      attention_bias: false,
+      use_sliding_window: false,
+    },
     'tiny-mistral': { architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 16 },
   };
   for (const p of Object.keys(PRESETS).filter((k) => k.startsWith('tiny-')) as PresetName[]) {
@@ -56,15 +138,28 @@ t.test('the family presets: each config.json is that family\'s, and reads back a
     t.match(j, { hidden_size: 64, num_hidden_layers: 2, vocab_size: 512, ...want[p] }, p);
     t.same(parseModelConfig(j, `${p}/config.json`), PRESETS[p], `${p}: reads back as the preset`);
   }
-  t.same(Object.keys(want).sort(), Object.keys(PRESETS).filter((k) => k.startsWith('tiny-')).sort(), 'every family preset is checked');
+  t.same(
+    Object.keys(want).sort(),
+    Object.keys(PRESETS)
+      .filter((k) => k.startsWith('tiny-'))
+      .sort(),
+    'every family preset is checked',
+  );
   const dir = tmpDir(t, 'mm-qwen2');
   await makeModel(dir, 'tiny-qwen2', 1);
   const m = openModelDir(dir);
   t.same(m.config, PRESETS['tiny-qwen2'], 'tiny-qwen2: openModelDir reads the preset');
-  t.ok(m.tensorNames.includes('model.layers.1.self_attn.k_proj.bias') && !m.tensorNames.includes('lm_head.weight'), 'q/k/v biases, tied head');
+  t.ok(
+    m.tensorNames.includes('model.layers.1.self_attn.k_proj.bias') && !m.tensorNames.includes('lm_head.weight'),
+    'q/k/v biases, tied head',
+  );
   const q3 = tmpDir(t, 'mm-qwen3');
   await makeModel(q3, 'tiny-qwen3', 1);
-  t.same(openModelDir(q3).info('model.layers.0.self_attn.q_norm.weight').shape, [32], 'tiny-qwen3: q_norm over head_dim');
+  t.same(
+    openModelDir(q3).info('model.layers.0.self_attn.q_norm.weight').shape,
+    [32],
+    'tiny-qwen3: q_norm over head_dim',
+  );
   for (const p of ['tiny-llama3', 'tiny-mistral'] as const) {
     const d = tmpDir(t, `mm-${p}`);
     await makeModel(d, p, 1);
@@ -72,7 +167,10 @@ t.test('the family presets: each config.json is that family\'s, and reads back a
   }
   for (const d of [dir, q3]) {
     const sm = await openSingleModel(d);
-    const lg = await fullLogits(sm, Array.from({ length: 40 }, (_, i) => (i * 37) % 512));
+    const lg = await fullLogits(
+      sm,
+      Array.from({ length: 40 }, (_, i) => (i * 37) % 512),
+    );
     sm.free();
     t.ok(lg.every(Number.isFinite) && lg.some((x) => x !== 0), `${path.basename(d)}: finite logits`);
   }
@@ -82,8 +180,16 @@ t.test('tiny and small: written, opened, tokenizer loads, parameter count, runs'
   for (const p of ['tiny', 'small'] as const) {
     const dir = tmpDir(t, `mm-${p}`);
     await makeModel(dir, p, 1);
-    t.same(fs.readdirSync(dir).sort(), ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'], `${p}: files`);
-    t.same(JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')), presetConfigJson(p), `${p}: config.json`);
+    t.same(
+      fs.readdirSync(dir).sort(),
+      ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'],
+      `${p}: files`,
+    );
+    t.same(
+      JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8')),
+      presetConfigJson(p),
+      `${p}: config.json`,
+    );
     const m = openModelDir(dir);
     t.same(m.config, PRESETS[p], `${p}: openModelDir reads the preset`);
     const s = m.stats();
@@ -110,15 +216,22 @@ t.test('seeded: same seed, identical files; another seed, other weights (same to
   await makeModel(a, 'tiny', 42);
   await makeModel(b, 'tiny', 42);
   await makeModel(c, 'tiny', 43);
-  for (const f of fs.readdirSync(a)) t.ok(fs.readFileSync(path.join(a, f)).equals(fs.readFileSync(path.join(b, f))), `seed 42 twice: ${f} identical`);
-  t.notOk(fs.readFileSync(path.join(a, 'model.safetensors')).equals(fs.readFileSync(path.join(c, 'model.safetensors'))), 'seed 43: other weights');
-  const ma = openModelDir(a), mc = openModelDir(c);
+  for (const f of fs.readdirSync(a))
+    t.ok(fs.readFileSync(path.join(a, f)).equals(fs.readFileSync(path.join(b, f))), `seed 42 twice: ${f} identical`);
+  t.notOk(
+    fs.readFileSync(path.join(a, 'model.safetensors')).equals(fs.readFileSync(path.join(c, 'model.safetensors'))),
+    'seed 43: other weights',
+  );
+  const ma = openModelDir(a),
+    mc = openModelDir(c);
   for (const name of ma.tensorNames) {
-    const x = ma.readF32(name), y = mc.readF32(name);
+    const x = ma.readF32(name),
+      y = mc.readF32(name);
     if (name.endsWith('norm.weight')) continue; // norms start at 1 whatever the seed
     if (x.every((v, i) => v === y[i])) t.fail(`${name} is the same under seeds 42 and 43`);
   }
-  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'config.json']) t.ok(fs.readFileSync(path.join(a, f)).equals(fs.readFileSync(path.join(c, f))), `${f} does not depend on the seed`);
+  for (const f of ['tokenizer.json', 'tokenizer_config.json', 'config.json'])
+    t.ok(fs.readFileSync(path.join(a, f)).equals(fs.readFileSync(path.join(c, f))), `${f} does not depend on the seed`);
 });
 
 t.test('--dtype bf16: BF16 tensors (the f32 model rounded), loads and runs', async (t) => {
@@ -127,12 +240,17 @@ t.test('--dtype bf16: BF16 tensors (the f32 model rounded), loads and runs', asy
   t.equal(r.code, 0, r.err);
   t.match(r.out, /^wrote tiny \(hidden 64, 2 layers, 4\/2 heads, vocab 512, bf16\) to /);
   await makeModel(f, 'tiny', 8, 'f32');
-  const mb = openModelDir(b), mf = openModelDir(f);
+  const mb = openModelDir(b),
+    mf = openModelDir(f);
   t.equal(mb.config.torchDtype, 'bfloat16');
   t.same(mb.stats().dtypes, { BF16: 21 });
   t.equal(mb.stats().bytes, mf.stats().bytes / 2);
   for (const name of ['model.embed_tokens.weight', 'model.layers.1.self_attn.k_proj.weight', 'lm_head.weight']) {
-    t.same(Array.from(mb.fileOf(name).read(name) as Uint16Array), Array.from(f32ToBf16(mf.readF32(name))), `${name}: the f32 weights rounded to bf16`);
+    t.same(
+      Array.from(mb.fileOf(name).read(name) as Uint16Array),
+      Array.from(f32ToBf16(mf.readF32(name))),
+      `${name}: the f32 weights rounded to bf16`,
+    );
   }
   const m = await openSingleModel(b);
   const lg = await fullLogits(m, [1, 5, 9, 200]);

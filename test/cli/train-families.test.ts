@@ -23,27 +23,62 @@ for (const fam of ['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window']) {
     for (const name of grads.tensors.keys()) for (const g of grads.read(name) as Float64Array) sumsq += g * g;
     const out = tmpDir(t, `fam-${fam}`);
     const config = writeJson(path.join(out, 'train.json'), {
-      model, output: path.join(out, 'run'), devices: ['cpu:0', 'cpu:1'],
-      adapters: [{
-        name: fam, data: path.join(root, fam, 'data.jsonl'),
-        lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'], init: path.join(root, fam, 'adapter') },
-        optimizer: { lr: 1e-2 }, batch_size: 2, micro_batch_size: 1, seq_len: 48, shuffle: false, max_steps: 1,
-      }],
+      model,
+      output: path.join(out, 'run'),
+      devices: ['cpu:0', 'cpu:1'],
+      adapters: [
+        {
+          name: fam,
+          data: path.join(root, fam, 'data.jsonl'),
+          lora: {
+            r: 4,
+            alpha: 8,
+            dropout: 0,
+            targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
+            init: path.join(root, fam, 'adapter'),
+          },
+          optimizer: { lr: 1e-2 },
+          batch_size: 2,
+          micro_batch_size: 1,
+          seq_len: 48,
+          shuffle: false,
+          max_steps: 1,
+        },
+      ],
       pipeline: { threads: 1 },
       log: { every: 1, progress: 'plain' },
     });
     const r = mlora(['train', config]);
     t.equal(r.code, 0, `exit 0\n${r.out}\n${r.err}`);
-    t.match(r.out, /stage 0 on cpu:0: layers 0-0 \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/, 'two pipeline stages, one layer each');
+    t.match(
+      r.out,
+      /stage 0 on cpu:0: layers 0-0 \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/,
+      'two pipeline stages, one layer each',
+    );
     const steps = readMetrics(path.join(out, 'run')).filter((m) => m.step === 1 && typeof m.loss === 'number');
     t.equal(steps.length, 1, 'one step record');
     const m = steps[0]!;
     // float32 vs float64, the bounds of test/model/families.test.ts
-    assertClose(t, [m.loss as number], [ref.loss], { atol: 1e-6, rtol: 2e-6 }, `step 1 loss ${String(m.loss)} vs the fixture's ${ref.loss}`);
+    assertClose(
+      t,
+      [m.loss as number],
+      [ref.loss],
+      { atol: 1e-6, rtol: 2e-6 },
+      `step 1 loss ${String(m.loss)} vs the fixture's ${ref.loss}`,
+    );
     const gn = m.gradNorm as number;
-    assertClose(t, [gn], [Math.sqrt(sumsq)], { atol: 0, rtol: 2e-5 }, `step 1 gradient norm vs the fixture's ${Math.sqrt(sumsq)}`);
+    assertClose(
+      t,
+      [gn],
+      [Math.sqrt(sumsq)],
+      { atol: 0, rtol: 2e-5 },
+      `step 1 gradient norm vs the fixture's ${Math.sqrt(sumsq)}`,
+    );
     const saved = path.join(out, 'run', fam, 'adapter_model.safetensors');
-    t.ok(fs.existsSync(saved) && fs.existsSync(path.join(out, 'run', fam, 'adapter_config.json')), 'the trained adapter is written in PEFT layout');
+    t.ok(
+      fs.existsSync(saved) && fs.existsSync(path.join(out, 'run', fam, 'adapter_config.json')),
+      'the trained adapter is written in PEFT layout',
+    );
     const before = openSafetensors(path.join(root, fam, 'adapter', 'adapter_model.safetensors'));
     const after = openSafetensors(saved);
     const name = 'base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight';

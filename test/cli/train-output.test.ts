@@ -26,7 +26,11 @@ function snapshot(dir: string): Record<string, string> {
   return out;
 }
 
-const asideDirs = (out: string) => fs.readdirSync(out).filter((n) => n.startsWith('.overwritten-')).sort();
+const asideDirs = (out: string) =>
+  fs
+    .readdirSync(out)
+    .filter((n) => n.startsWith('.overwritten-'))
+    .sort();
 
 t.test('training twice into one output refuses, then --resume and --overwrite', async (t) => {
   const dir = t.testdir();
@@ -36,7 +40,10 @@ t.test('training twice into one output refuses, then --resume and --overwrite', 
   const first = mlora(['train', cfg]);
   t.equal(first.code, 0, first.err);
   const before = snapshot(out);
-  t.ok(before['capitals/adapter_model.safetensors'] && before['arithmetic/checkpoint-2/manifest.json'], 'the first run wrote adapters and checkpoints');
+  t.ok(
+    before['capitals/adapter_model.safetensors'] && before['arithmetic/checkpoint-2/manifest.json'],
+    'the first run wrote adapters and checkpoints',
+  );
   const keep = path.join(dir, 'first');
   fs.cpSync(out, keep, { recursive: true });
 
@@ -44,8 +51,11 @@ t.test('training twice into one output refuses, then --resume and --overwrite', 
   t.equal(again.code, 1, 'the second run refuses');
   t.match(again.err, `${out} already holds results of 'capitals', 'arithmetic' from an earlier run`);
   t.match(again.err, `${path.join(out, 'capitals')}/: adapter_model.safetensors, checkpoint-2`);
-  t.match(again.err, /nothing was trained\. Use --resume to go on from their checkpoints, or --overwrite to train them again from the start/);
-  t.same(snapshot(out), before, "every file of the first run is byte-identical (nothing written, nothing added)");
+  t.match(
+    again.err,
+    /nothing was trained\. Use --resume to go on from their checkpoints, or --overwrite to train them again from the start/,
+  );
+  t.same(snapshot(out), before, 'every file of the first run is byte-identical (nothing written, nothing added)');
   t.notMatch(again.out, /step 1\//, 'no step ran');
 
   const both = mlora(['train', cfg, '--resume', '--overwrite']);
@@ -57,28 +67,66 @@ t.test('training twice into one output refuses, then --resume and --overwrite', 
   t.equal(res.code, 0, res.err);
   const oldMetrics = fs.readFileSync(path.join(keep, 'metrics.jsonl'), 'utf8');
   const newMetrics = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8');
-  t.equal(newMetrics.slice(0, oldMetrics.length), oldMetrics, 'the first run\'s metrics records are kept as they were');
+  t.equal(newMetrics.slice(0, oldMetrics.length), oldMetrics, "the first run's metrics records are kept as they were");
   const recs = readMetrics(out);
   const headers = recs.filter((r) => r.type === 'run');
-  t.same(headers.map((h) => h.mode), ['fresh', 'resume'], 'one run header per run');
+  t.same(
+    headers.map((h) => h.mode),
+    ['fresh', 'resume'],
+    'one run header per run',
+  );
   t.not(headers[0]!.run, headers[1]!.run, 'the runs have different ids');
   t.equal(headers[0]!.config_hash, headers[1]!.config_hash, 'same config, same hash');
   const resumed = recs.slice(recs.indexOf(headers[1]!)).filter((r) => r.type === 'step');
-  t.same(resumed.filter((r) => r.adapter === 'capitals').map((r) => r.step), [3, 4], '--resume went on from checkpoint-2');
-  for (const n of ['capitals', 'arithmetic']) sameWeights(t, path.join(keep, n, 'adapter_model.safetensors'), path.join(out, n, 'adapter_model.safetensors'), `${n} after --resume`);
+  t.same(
+    resumed.filter((r) => r.adapter === 'capitals').map((r) => r.step),
+    [3, 4],
+    '--resume went on from checkpoint-2',
+  );
+  for (const n of ['capitals', 'arithmetic'])
+    sameWeights(
+      t,
+      path.join(keep, n, 'adapter_model.safetensors'),
+      path.join(out, n, 'adapter_model.safetensors'),
+      `${n} after --resume`,
+    );
 
   // --overwrite: trains again from step 1; the earlier results are gone once the new ones are complete
   const ow = mlora(['train', cfg, '--overwrite']);
   t.equal(ow.code, 0, ow.err);
-  t.match(ow.out, new RegExp(`--overwrite: the earlier results of capitals, arithmetic move to ${out}/\\.overwritten-[0-9TZ]+-[0-9a-f]+/`));
+  t.match(
+    ow.out,
+    new RegExp(
+      `--overwrite: the earlier results of capitals, arithmetic move to ${out}/\\.overwritten-[0-9TZ]+-[0-9a-f]+/`,
+    ),
+  );
   t.same(asideDirs(out), [], 'nothing is left set aside after a complete run');
   const owRecs = readMetrics(out);
-  t.same(owRecs.filter((r) => r.type === 'run').map((r) => r.mode), ['overwrite'], 'metrics.jsonl holds only the new run');
-  t.same(owRecs.filter((r) => r.type === 'step' && r.adapter === 'capitals').map((r) => r.step), [1, 2, 3, 4], 'trained from the start');
-  for (const n of ['capitals', 'arithmetic']) sameWeights(t, path.join(keep, n, 'adapter_model.safetensors'), path.join(out, n, 'adapter_model.safetensors'), `${n} after --overwrite`);
+  t.same(
+    owRecs.filter((r) => r.type === 'run').map((r) => r.mode),
+    ['overwrite'],
+    'metrics.jsonl holds only the new run',
+  );
+  t.same(
+    owRecs.filter((r) => r.type === 'step' && r.adapter === 'capitals').map((r) => r.step),
+    [1, 2, 3, 4],
+    'trained from the start',
+  );
+  for (const n of ['capitals', 'arithmetic'])
+    sameWeights(
+      t,
+      path.join(keep, n, 'adapter_model.safetensors'),
+      path.join(out, n, 'adapter_model.safetensors'),
+      `${n} after --overwrite`,
+    );
   const h = owRecs[0]!;
   t.equal(h.type, 'run', 'the header is the first record');
-  t.match(h, { mlora: String, start: String, config_file: cfg, machine: { cpu: String, cores: Number, gemm_kernel: String } });
+  t.match(h, {
+    mlora: String,
+    start: String,
+    config_file: cfg,
+    machine: { cpu: String, cores: Number, gemm_kernel: String },
+  });
 });
 
 t.test('--overwrite keeps the earlier results of an adapter that does not finish, and says where', async (t) => {
@@ -102,33 +150,67 @@ t.test('--overwrite keeps the earlier results of an adapter that does not finish
   }
 });
 
-t.test('Supervisor.submit: a finished name is refused in the same supervisor and in its output; overwrite: true', async (t) => {
-  const dir = t.testdir();
-  const model = await tinyModelIn(path.join(dir, 'model'));
-  const out = path.join(dir, 'out');
-  const adapter = { name: 'capitals', data: path.join(DEMO_DATA, 'capitals.jsonl'), lora: { r: 4, alpha: 8 }, batch_size: 4, seq_len: 128, max_steps: 2 };
-  const sup = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true });
-  const job = sup.submit(adapter);
-  await sup.drain();
-  t.equal(job.state, 'done');
-  t.throws(() => sup.submit(adapter), { message: "an adapter named 'capitals' already finished in this supervisor (its results are in the output): submit it under another name" });
-  await sup.close();
-  const before = snapshot(out);
+t.test(
+  'Supervisor.submit: a finished name is refused in the same supervisor and in its output; overwrite: true',
+  async (t) => {
+    const dir = t.testdir();
+    const model = await tinyModelIn(path.join(dir, 'model'));
+    const out = path.join(dir, 'out');
+    const adapter = {
+      name: 'capitals',
+      data: path.join(DEMO_DATA, 'capitals.jsonl'),
+      lora: { r: 4, alpha: 8 },
+      batch_size: 4,
+      seq_len: 128,
+      max_steps: 2,
+    };
+    const sup = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true });
+    const job = sup.submit(adapter);
+    await sup.drain();
+    t.equal(job.state, 'done');
+    t.throws(() => sup.submit(adapter), {
+      message:
+        "an adapter named 'capitals' already finished in this supervisor (its results are in the output): submit it under another name",
+    });
+    await sup.close();
+    const before = snapshot(out);
 
-  const again = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true });
-  t.throws(() => again.submit(adapter), /already holds results of 'capitals' from an earlier run:[^]*Use resume: true to go on from their checkpoints, or overwrite: true to train them again/);
-  t.same([...again.jobs.values()], [], 'the refused job was never created');
-  await again.close();
-  t.same(snapshot(out), before, 'the refusal wrote nothing');
+    const again = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true });
+    t.throws(
+      () => again.submit(adapter),
+      /already holds results of 'capitals' from an earlier run:[^]*Use resume: true to go on from their checkpoints, or overwrite: true to train them again/,
+    );
+    t.same([...again.jobs.values()], [], 'the refused job was never created');
+    await again.close();
+    t.same(snapshot(out), before, 'the refusal wrote nothing');
 
-  await t.rejects(Supervisor.start({ model, devices: ['cpu:0'], output: out, resume: true, overwrite: true }), /resume and overwrite exclude each other/);
-  const ow = await Supervisor.start({ model, devices: ['cpu:0'], threads: 1, output: out, inProcess: true, overwrite: true, runId: 'test-run' });
-  t.equal(ow.runId, 'test-run');
-  const j2 = ow.submit(adapter);
-  t.ok(fs.existsSync(path.join(out, '.overwritten-test-run/capitals/adapter_model.safetensors')), 'the earlier results are set aside while the new run trains');
-  await ow.drain();
-  await ow.close();
-  t.equal(j2.state, 'done');
-  t.notOk(fs.existsSync(path.join(out, '.overwritten-test-run')), 'and removed once the new adapter is written');
-  t.equal(snapshot(out)['capitals/adapter_model.safetensors'], before['capitals/adapter_model.safetensors'], 'the same seeded run wrote the same adapter');
-});
+    await t.rejects(
+      Supervisor.start({ model, devices: ['cpu:0'], output: out, resume: true, overwrite: true }),
+      /resume and overwrite exclude each other/,
+    );
+    const ow = await Supervisor.start({
+      model,
+      devices: ['cpu:0'],
+      threads: 1,
+      output: out,
+      inProcess: true,
+      overwrite: true,
+      runId: 'test-run',
+    });
+    t.equal(ow.runId, 'test-run');
+    const j2 = ow.submit(adapter);
+    t.ok(
+      fs.existsSync(path.join(out, '.overwritten-test-run/capitals/adapter_model.safetensors')),
+      'the earlier results are set aside while the new run trains',
+    );
+    await ow.drain();
+    await ow.close();
+    t.equal(j2.state, 'done');
+    t.notOk(fs.existsSync(path.join(out, '.overwritten-test-run')), 'and removed once the new adapter is written');
+    t.equal(
+      snapshot(out)['capitals/adapter_model.safetensors'],
+      before['capitals/adapter_model.safetensors'],
+      'the same seeded run wrote the same adapter',
+    );
+  },
+);

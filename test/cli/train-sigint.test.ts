@@ -23,7 +23,10 @@ t.before(async () => {
   model = await tinyModelIn(path.join(DIR, 'model'));
   // The uninterrupted reference. save_every larger than the run: in the interrupted run the only
   // checkpoints are the ones SIGINT writes (the weights do not depend on save_every).
-  const a = mlora(['train', writeJson(path.join(DIR, 'full.json'), smallConfig(model, full, { steps: STEPS, saveEvery: 100 }))]);
+  const a = mlora([
+    'train',
+    writeJson(path.join(DIR, 'full.json'), smallConfig(model, full, { steps: STEPS, saveEvery: 100 })),
+  ]);
   if (a.code !== 0) throw new Error(`uninterrupted run: ${a.out}\n${a.err}`);
 });
 
@@ -44,12 +47,25 @@ t.test('SIGINT checkpoints every adapter and exits 130; --resume ends where an u
     const c = latestCheckpoint(path.join(out, n));
     t.ok(c, `${n}: a complete checkpoint`);
     if (!c) continue;
-    t.same(listCheckpoints(path.join(out, n)).filter((x) => !x.complete), [], `${n}: no partial checkpoint`);
+    t.same(
+      listCheckpoints(path.join(out, n)).filter((x) => !x.complete),
+      [],
+      `${n}: no partial checkpoint`,
+    );
     t.match(r.out, new RegExp(`\\[${n}\\] checkpoint at step ${c.step}: `));
     t.ok(c.step < STEPS, `${n}: interrupted at step ${c.step} of ${STEPS}`);
     stopped[n] = c.step;
-    t.notOk(fs.existsSync(path.join(out, n, 'adapter_model.safetensors')), `${n}: no final adapter written for an unfinished run`);
-    for (const f of ['adapter_config.json', 'adapter_model.safetensors', 'optimizer.safetensors', 'state.msgpack', 'manifest.json']) {
+    t.notOk(
+      fs.existsSync(path.join(out, n, 'adapter_model.safetensors')),
+      `${n}: no final adapter written for an unfinished run`,
+    );
+    for (const f of [
+      'adapter_config.json',
+      'adapter_model.safetensors',
+      'optimizer.safetensors',
+      'state.msgpack',
+      'manifest.json',
+    ]) {
       t.ok(fs.existsSync(path.join(c.dir, f)), `${n}: ${path.basename(c.dir)}/${f}`);
     }
   }
@@ -60,7 +76,11 @@ t.test('SIGINT checkpoints every adapter and exits 130; --resume ends where an u
   const steps = readMetrics(out).filter((x) => x.type === 'step');
   for (const n of NAMES) {
     const mine = steps.filter((x) => x.adapter === n).map((x) => x.step as number);
-    t.same(mine.slice(-(STEPS - stopped[n]!)), Array.from({ length: STEPS - stopped[n]! }, (_, i) => stopped[n]! + 1 + i), `${n}: resumed at step ${stopped[n]! + 1}`);
+    t.same(
+      mine.slice(-(STEPS - stopped[n]!)),
+      Array.from({ length: STEPS - stopped[n]! }, (_, i) => stopped[n]! + 1 + i),
+      `${n}: resumed at step ${stopped[n]! + 1}`,
+    );
     sameWeights(t, path.join(full, n, 'adapter_model.safetensors'), path.join(out, n, 'adapter_model.safetensors'), n);
   }
 });
@@ -83,14 +103,26 @@ t.test('a second SIGINT exits at once; what was written stays usable', async (t)
   for (const n of NAMES) {
     const all = listCheckpoints(path.join(out, n));
     const c = latestCheckpoint(path.join(out, n));
-    t.ok(c && c.step >= 2, `${n}: the newest complete checkpoint is step ${c?.step} (${all.map((x) => `${x.step}${x.complete ? '' : ' partial'}`).join(', ')})`);
+    t.ok(
+      c && c.step >= 2,
+      `${n}: the newest complete checkpoint is step ${c?.step} (${all.map((x) => `${x.step}${x.complete ? '' : ' partial'}`).join(', ')})`,
+    );
     // Every checkpoint marked complete loads (a partial one is only ever unmarked, never half-read).
     const spec = loraSpec(parseAdapterConfig(cfgObj.adapters.find((a) => a.name === n)));
     for (const x of all.filter((x) => x.complete)) {
-      t.doesNotThrow(() => loadCheckpoint(x.dir, openModelDir(model).config, spec), `${n}: ${path.basename(x.dir)} loads`);
+      t.doesNotThrow(
+        () => loadCheckpoint(x.dir, openModelDir(model).config, spec),
+        `${n}: ${path.basename(x.dir)} loads`,
+      );
     }
   }
   const b = mlora(['train', cfg, '--resume']);
   t.equal(b.code, 0, `resume after a double SIGINT: ${b.err}`);
-  for (const n of NAMES) sameWeights(t, path.join(full, n, 'adapter_model.safetensors'), path.join(out, n, 'adapter_model.safetensors'), `${n} after a double SIGINT and --resume`);
+  for (const n of NAMES)
+    sameWeights(
+      t,
+      path.join(full, n, 'adapter_model.safetensors'),
+      path.join(out, n, 'adapter_model.safetensors'),
+      `${n} after a double SIGINT and --resume`,
+    );
 });

@@ -13,12 +13,36 @@ export const FIX = path.join(ROOT, 'test/fixtures/llama-tiny');
 
 /** A small two-stage run: two adapters on the demo data, a checkpoint every `save_every` steps. */
 export function smallConfig(model: string, output: string, o: { steps?: number; saveEvery?: number } = {}) {
-  const common = { batch_size: 4, micro_batch_size: 2, seq_len: 128, max_steps: o.steps ?? 6, save_every: o.saveEvery ?? 2, schedule: { type: 'cosine', warmup_steps: 1 } };
+  const common = {
+    batch_size: 4,
+    micro_batch_size: 2,
+    seq_len: 128,
+    max_steps: o.steps ?? 6,
+    save_every: o.saveEvery ?? 2,
+    schedule: { type: 'cosine', warmup_steps: 1 },
+  };
   return {
-    model, output, devices: ['cpu:0', 'cpu:1'],
+    model,
+    output,
+    devices: ['cpu:0', 'cpu:1'],
     adapters: [
-      { name: 'capitals', data: path.join(DEMO_DATA, 'capitals.jsonl'), lora: { r: 4, alpha: 8, dropout: 0.1 }, optimizer: { lr: 3e-3 }, seed: 1, ...common },
-      { name: 'arithmetic', data: path.join(DEMO_DATA, 'arithmetic.jsonl'), lora: { r: 8, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj', 'up_proj'] }, optimizer: { lr: 2e-3, weight_decay: 0.01 }, max_grad_norm: 1, seed: 2, ...common },
+      {
+        name: 'capitals',
+        data: path.join(DEMO_DATA, 'capitals.jsonl'),
+        lora: { r: 4, alpha: 8, dropout: 0.1 },
+        optimizer: { lr: 3e-3 },
+        seed: 1,
+        ...common,
+      },
+      {
+        name: 'arithmetic',
+        data: path.join(DEMO_DATA, 'arithmetic.jsonl'),
+        lora: { r: 8, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj', 'up_proj'] },
+        optimizer: { lr: 2e-3, weight_decay: 0.01 },
+        max_grad_norm: 1,
+        seed: 2,
+        ...common,
+      },
     ],
     pipeline: { threads: 1 },
     log: { every: 1, progress: 'plain' },
@@ -38,17 +62,26 @@ export interface CliResult {
 }
 
 export function mlora(args: string[], env: Record<string, string> = {}): CliResult {
-  const r = spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { ...process.env, ...env }, timeout: 120_000 });
+  const r = spawnSync(process.execPath, [CLI, ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, ...env },
+    timeout: 120_000,
+  });
   return { code: r.status, signal: r.signal, out: r.stdout, err: r.stderr };
 }
 
 /** Starts `mlora ARGS` and hands back the child with its output so far. */
 export function start(args: string[], env: Record<string, string> = {}) {
-  const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, ...args], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   const r = { child, out: '', err: '' };
   child.stdout.on('data', (b: Buffer) => (r.out += b.toString()));
   child.stderr.on('data', (b: Buffer) => (r.err += b.toString()));
-  const exited = new Promise<CliResult>((res) => child.on('close', (code, signal) => res({ code, signal, out: r.out, err: r.err })));
+  const exited = new Promise<CliResult>((res) =>
+    child.on('close', (code, signal) => res({ code, signal, out: r.out, err: r.err })),
+  );
   /** Resolves once stdout matches `re` `count` times (rejects if the child ends first). */
   const waitFor = (re: RegExp, count = 1) =>
     new Promise<void>((res, rej) => {
@@ -60,14 +93,20 @@ export function start(args: string[], env: Record<string, string> = {}) {
         }
       };
       child.stdout.on('data', check);
-      void exited.then((x) => rej(new Error(`mlora ended (code ${x.code}) before printing ${re} ×${count}:\n${x.out}\n${x.err}`)));
+      void exited.then((x) =>
+        rej(new Error(`mlora ended (code ${x.code}) before printing ${re} ×${count}:\n${x.out}\n${x.err}`)),
+      );
       check();
     });
   return { child, exited, waitFor, output: () => r.out };
 }
 
 export function readMetrics(output: string): Array<Record<string, unknown>> {
-  return fs.readFileSync(path.join(output, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+  return fs
+    .readFileSync(path.join(output, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as Record<string, unknown>);
 }
 
 export function adapterTensors(file: string): Map<string, Float32Array> {
@@ -106,9 +145,14 @@ export function copyFixtureModel(t: Test): string {
 }
 
 /** A command's main() in this process (cheaper than a child), with its console output. Errors thrown are exit 1, as in mlora.js. */
-export async function inProcess(main: (argv: string[]) => Promise<number>, ...argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  let out = '', err = '';
-  const log = console.log, error = console.error;
+export async function inProcess(
+  main: (argv: string[]) => Promise<number>,
+  ...argv: string[]
+): Promise<{ code: number; out: string; err: string }> {
+  let out = '',
+    err = '';
+  const log = console.log,
+    error = console.error;
   console.log = (...a: unknown[]) => void (out += a.join(' ') + '\n');
   console.error = (...a: unknown[]) => void (err += a.join(' ') + '\n');
   try {

@@ -90,7 +90,13 @@ t.test('bad arguments are Errors naming the op and argument, never crashes', asy
     [[{ op: 'gemm', c, a: {}, b }], /argument 'a' is not a Tensor/],
     [[{ op: 'gemm', c, a: other.alloc('f32', [2, 3]), b }], /argument 'a' lives on cpu:1, not on cpu:0/],
     [[{ op: 'scale', y: c, alpha: NaN }], /must be finite/],
-    [[{ op: 'fill', y: c }, { op: 'scale', y: c }], /op 1 \(scale\): argument 'alpha' must be a number/],
+    [
+      [
+        { op: 'fill', y: c },
+        { op: 'scale', y: c },
+      ],
+      /op 1 \(scale\): argument 'alpha' must be a number/,
+    ],
     ['not an array', /ops must be an array/],
   ];
   for (const [ops, re] of bad) {

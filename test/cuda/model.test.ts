@@ -37,7 +37,10 @@ import { gpuLabel, gpuSpec, noGpu } from './target.js';
 const fixtures = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures');
 const CASES = [
   { name: 'llama-tiny', dir: path.join(fixtures, 'llama-tiny') },
-  ...['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window'].map((f) => ({ name: f, dir: path.join(fixtures, 'families', f) })),
+  ...['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window'].map((f) => ({
+    name: f,
+    dir: path.join(fixtures, 'families', f),
+  })),
 ];
 
 interface Ref {
@@ -61,10 +64,23 @@ async function runModel(spec: string, caseDir: string, ref: Ref, dtype?: DType):
   const config = dir.config;
   const device = openDevice(spec, { threads: 2, budget: 2 ** 31 });
   const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
-  const program = new StageProgram(device, config, plan, await loadStageWeights(device, dir, plan, dtype ? { dtype } : {}), { gatherTargets: false });
+  const program = new StageProgram(
+    device,
+    config,
+    plan,
+    await loadStageWeights(device, dir, plan, dtype ? { dtype } : {}),
+    { gatherTargets: false },
+  );
   try {
     const ad = loadAdapter(path.join(caseDir, 'adapter'));
-    const lspec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
+    const lspec: LoraSpec = {
+      r: ad.r,
+      alpha: ad.loraAlpha,
+      dropout: 0,
+      targets: ad.targetModules,
+      useRslora: ad.useRslora,
+      seed: 0,
+    };
     program.addAdapter(1, lspec, fromAdapterWeights(config, lspec, ad, 'adapter'));
     const withA = fixtureBatch(program, ref.input_ids, ref.labels);
     const base = fixtureBatch(program, ref.input_ids, ref.labels, false);
@@ -72,7 +88,8 @@ async function runModel(spec: string, caseDir: string, ref: Ref, dtype?: DType):
     const lossBase = (await program.evaluate(base.mb, base.tokens))!.reduce((a, b) => a + b, 0) / base.count;
     const loss = (await program.trainLast(withA.mb, withA.tokens)).reduce((a, b) => a + b, 0) / withA.count;
     const grads = new Map<string, Float32Array>();
-    for (const [name, g] of toPeftTensors(config, lspec, program.adapter(1).grads.read() as Float32Array)) grads.set(name, Float32Array.from(g.data));
+    for (const [name, g] of toPeftTensors(config, lspec, program.adapter(1).grads.read() as Float32Array))
+      grads.set(name, Float32Array.from(g.data));
     return { logits, loss, lossBase, grads };
   } finally {
     program.free();
@@ -80,7 +97,8 @@ async function runModel(spec: string, caseDir: string, ref: Ref, dtype?: DType):
 }
 
 function relNorm(got: ArrayLike<number>, want: ArrayLike<number>): number {
-  let d = 0, w = 0;
+  let d = 0,
+    w = 0;
   for (let i = 0; i < want.length; i++) {
     d += (got[i]! - want[i]!) ** 2;
     w += want[i]! ** 2;
@@ -90,20 +108,35 @@ function relNorm(got: ArrayLike<number>, want: ArrayLike<number>): number {
 
 function firstLogits(logits: Float32Array, B: number, T: number, V: number): number[] {
   const out: number[] = [];
-  for (let b = 0; b < B; b++) for (let p = 0; p < 4; p++) for (let v = 0; v < V; v++) out.push(logits[(b * T + p) * V + v]!);
+  for (let b = 0; b < B; b++)
+    for (let p = 0; p < 4; p++) for (let v = 0; v < V; v++) out.push(logits[(b * T + p) * V + v]!);
   return out;
 }
 
 async function checkCase(t: Test, c: (typeof CASES)[number]) {
   const ref = JSON.parse(fs.readFileSync(path.join(c.dir, 'ref.json'), 'utf8')) as Ref;
   const V = openModelDir(path.join(c.dir, 'model')).config.vocabSize;
-  const B = ref.input_ids.length, T = ref.input_ids[0]!.length;
+  const B = ref.input_ids.length,
+    T = ref.input_ids[0]!.length;
   const cpu = await runModel('cpu:0', c.dir, ref);
   const gpu = await runModel(gpuSpec, c.dir, ref);
   // against float64
-  assertClose(t, firstLogits(gpu.logits, B, T, V), ref.logits_first4.flat(2), { atol: 2e-5, rtol: 1e-4 }, `${c.name}: ${gpuLabel} logits at positions 0..3 vs float64`);
+  assertClose(
+    t,
+    firstLogits(gpu.logits, B, T, V),
+    ref.logits_first4.flat(2),
+    { atol: 2e-5, rtol: 1e-4 },
+    `${c.name}: ${gpuLabel} logits at positions 0..3 vs float64`,
+  );
   assertClose(t, [gpu.loss], [ref.loss], { atol: 1e-6, rtol: 2e-6 }, `${c.name}: ${gpuLabel} loss vs float64`);
-  if (ref.loss_base !== undefined) assertClose(t, [gpu.lossBase], [ref.loss_base], { atol: 1e-6, rtol: 2e-6 }, `${c.name}: ${gpuLabel} loss without the adapter vs float64`);
+  if (ref.loss_base !== undefined)
+    assertClose(
+      t,
+      [gpu.lossBase],
+      [ref.loss_base],
+      { atol: 1e-6, rtol: 2e-6 },
+      `${c.name}: ${gpuLabel} loss without the adapter vs float64`,
+    );
   const refGrads = openSafetensors(path.join(c.dir, 'grads.safetensors'));
   let n = 0;
   for (const [name, g] of gpu.grads) {
@@ -116,12 +149,28 @@ async function checkCase(t: Test, c: (typeof CASES)[number]) {
   const layers = openModelDir(path.join(c.dir, 'model')).config.numLayers;
   t.equal(n, layers * LORA_TARGETS.length * 2, `${c.name}: every LoRA gradient compared`);
   // against the CPU model, every logit
-  assertClose(t, gpu.logits, cpu.logits, { atol: 5e-5, rtol: 2e-4 }, `${c.name}: ${gpuLabel} vs cpu:0, all ${gpu.logits.length} logits`);
-  assertClose(t, [gpu.lossBase, gpu.loss], [cpu.lossBase, cpu.loss], { atol: 1e-6, rtol: 2e-6 }, `${c.name}: ${gpuLabel} vs cpu:0, both losses`);
+  assertClose(
+    t,
+    gpu.logits,
+    cpu.logits,
+    { atol: 5e-5, rtol: 2e-4 },
+    `${c.name}: ${gpuLabel} vs cpu:0, all ${gpu.logits.length} logits`,
+  );
+  assertClose(
+    t,
+    [gpu.lossBase, gpu.loss],
+    [cpu.lossBase, cpu.loss],
+    { atol: 1e-6, rtol: 2e-6 },
+    `${c.name}: ${gpuLabel} vs cpu:0, both losses`,
+  );
 }
 
 for (const c of CASES) {
-  t.test(`${c.name}: logits, losses and every LoRA gradient on ${gpuLabel} vs float64 and vs the CPU`, { skip: noGpu }, (t) => checkCase(t, c));
+  t.test(
+    `${c.name}: logits, losses and every LoRA gradient on ${gpuLabel} vs float64 and vs the CPU`,
+    { skip: noGpu },
+    (t) => checkCase(t, c),
+  );
 }
 
 t.test(`bf16 base weights: ${gpuLabel} vs cpu:0 (llama-tiny, qwen3)`, { skip: noGpu }, async (t) => {
@@ -131,12 +180,22 @@ t.test(`bf16 base weights: ${gpuLabel} vs cpu:0 (llama-tiny, qwen3)`, { skip: no
     const gpu = await runModel(gpuSpec, c.dir, ref, 'bf16');
     const e = relNorm(gpu.logits, cpu.logits);
     t.ok(e <= 2e-2, `${c.name} bf16: logits ‖gpu−cpu‖/‖cpu‖ = ${e.toExponential(2)} (≤ 2e-2)`);
-    assertClose(t, [gpu.loss, gpu.lossBase], [cpu.loss, cpu.lossBase], { atol: 0, rtol: 1e-2 }, `${c.name} bf16: both losses`);
-    let worst = 0, worstName = '';
+    assertClose(
+      t,
+      [gpu.loss, gpu.lossBase],
+      [cpu.loss, cpu.lossBase],
+      { atol: 0, rtol: 1e-2 },
+      `${c.name} bf16: both losses`,
+    );
+    let worst = 0,
+      worstName = '';
     for (const [name, g] of gpu.grads) {
       const r = relNorm(g, cpu.grads.get(name)!);
       if (!(r <= worst)) [worst, worstName] = [r, name];
     }
-    t.ok(worst <= 2e-2, `${c.name} bf16: worst LoRA gradient ‖gpu−cpu‖/‖cpu‖ = ${worst.toExponential(2)} (${worstName}; ≤ 2e-2)`);
+    t.ok(
+      worst <= 2e-2,
+      `${c.name} bf16: worst LoRA gradient ‖gpu−cpu‖/‖cpu‖ = ${worst.toExponential(2)} (${worstName}; ≤ 2e-2)`,
+    );
   }
 });

@@ -35,12 +35,22 @@ const SPECS: LoraSpec[] = [
   { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj', 'o_proj', 'down_proj'], useRslora: false, seed: 11 },
   { r: 8, alpha: 8, dropout: 0.05, targets: ['k_proj', 'up_proj', 'gate_proj'], useRslora: false, seed: 5 },
 ];
-const STEPS = 3, MICRO = 2, SEQS = 2, SEQ_LEN = 48;
+const STEPS = 3,
+  MICRO = 2,
+  SEQS = 2,
+  SEQ_LEN = 48;
 
 /** Three steps of both adapters: step 0 in shared BatchLoRA messages, then one message each, all in flight. */
 /** Micro-batch m of step s: the step's loss is the mean over the targets of its MICRO micro-batches. */
 function step(mb: SourceMicroBatch, s: number, m: number): SourceMicroBatch {
-  return { ...mb, step: s, microIndex: m, microCount: MICRO, stepTargetTokens: MICRO * mb.numTargetTokens, lastOfStep: m === MICRO - 1 };
+  return {
+    ...mb,
+    step: s,
+    microIndex: m,
+    microCount: MICRO,
+    stepTargetTokens: MICRO * mb.numTargetTokens,
+    lastOfStep: m === MICRO - 1,
+  };
 }
 
 async function train(p: Pipeline, model: string): Promise<{ states: AdapterState[]; losses: number[] }> {
@@ -52,10 +62,15 @@ async function train(p: Pipeline, model: string): Promise<{ states: AdapterState
   let mbId = 1;
   for (let s = 0; s < STEPS; s++) {
     for (let m = 0; m < MICRO; m++) {
-      const parts = SPECS.map((_, i) => ({ adapter: i + 1, serial: s * MICRO + m, mb: step(data[i]![s * MICRO + m]!, s, m) }));
-      const out = s === 0
-        ? [await p.train(assemble(mbId++, parts, SPECS.length * SEQS * SEQ_LEN))]
-        : await Promise.all(parts.map((x) => p.train(assemble(mbId++, [x], SEQS * SEQ_LEN))));
+      const parts = SPECS.map((_, i) => ({
+        adapter: i + 1,
+        serial: s * MICRO + m,
+        mb: step(data[i]![s * MICRO + m]!, s, m),
+      }));
+      const out =
+        s === 0
+          ? [await p.train(assemble(mbId++, parts, SPECS.length * SEQS * SEQ_LEN))]
+          : await Promise.all(parts.map((x) => p.train(assemble(mbId++, [x], SEQS * SEQ_LEN))));
       for (const l of out) losses.push(...l);
     }
     for (let i = 0; i < SPECS.length; i++) await p.step(i + 1, { ...STEP, lr: 1e-3, step: s + 1 });
@@ -69,7 +84,9 @@ async function inThread(model: string, spec: string): Promise<{ states: AdapterS
   const dir = openModelDir(model);
   const device = openDevice(spec, { threads: 1, budget: 2 ** 30 });
   const plan = { lo: 0, hi: dir.config.numLayers, first: true, last: true };
-  const p = new LocalPipeline(dir.config, [new StageProgram(device, dir.config, plan, await loadStageWeights(device, dir, plan))]);
+  const p = new LocalPipeline(dir.config, [
+    new StageProgram(device, dir.config, plan, await loadStageWeights(device, dir, plan)),
+  ]);
   try {
     return await train(p, model);
   } finally {
@@ -84,10 +101,20 @@ t.test(`2 stage actors on ${gpuLabel} vs 1 stage on it (bitwise) and vs the CPU`
   const cpu = await inThread(model, 'cpu:0');
   const one = await inThread(model, gpuSpec);
   const plans = balanceSplit(c, [1, 1]).plans;
-  t.same(plans.map((p) => p.hi - p.lo), [2, 1], 'layer split 2 + 1');
+  t.same(
+    plans.map((p) => p.hi - p.lo),
+    [2, 1],
+    'layer split 2 + 1',
+  );
   const p = await ActorPipeline.start({
-    modelDir: model, config: c, plans, devices: [gpuSpec, gpuSpec], threads: [1, 1], budgets: [2 ** 30, 2 ** 30],
-    maxTokens: SPECS.length * SEQS * SEQ_LEN, inflight: 4,
+    modelDir: model,
+    config: c,
+    plans,
+    devices: [gpuSpec, gpuSpec],
+    threads: [1, 1],
+    budgets: [2 ** 30, 2 ** 30],
+    maxTokens: SPECS.length * SEQS * SEQ_LEN,
+    inflight: 4,
   });
   let two;
   try {
@@ -98,8 +125,18 @@ t.test(`2 stage actors on ${gpuLabel} vs 1 stage on it (bitwise) and vs the CPU`
   t.equal(two.losses.length, STEPS * MICRO * SPECS.length * SEQS * SEQ_LEN, 'a loss per row of every micro-batch');
   for (const [i, st] of two.states.entries()) {
     t.equal(st.version, STEPS, `adapter ${i + 1}: ${STEPS} optimizer steps`);
-    t.ok(stateBitwiseEqual(st, one.states[i]!), `adapter ${i + 1}: 2 stage actors vs 1 stage on ${gpuLabel}, params/m/v bitwise (max |diff| ${stateMaxDiff(st, one.states[i]!)})`);
-    for (const k of ['params', 'm', 'v'] as const) assertClose(t, st[k], cpu.states[i]![k], { atol: 2e-6, rtol: 1e-3 }, `adapter ${i + 1}: ${k}, ${gpuLabel} pipeline vs cpu:0`);
+    t.ok(
+      stateBitwiseEqual(st, one.states[i]!),
+      `adapter ${i + 1}: 2 stage actors vs 1 stage on ${gpuLabel}, params/m/v bitwise (max |diff| ${stateMaxDiff(st, one.states[i]!)})`,
+    );
+    for (const k of ['params', 'm', 'v'] as const)
+      assertClose(
+        t,
+        st[k],
+        cpu.states[i]![k],
+        { atol: 2e-6, rtol: 1e-3 },
+        `adapter ${i + 1}: ${k}, ${gpuLabel} pipeline vs cpu:0`,
+      );
   }
   t.same(two.losses, one.losses, `losses: 2 stage actors vs 1 stage on ${gpuLabel}, bitwise`);
   assertClose(t, two.losses, cpu.losses, { atol: 0, rtol: 1e-5 }, `losses: ${gpuLabel} pipeline vs cpu:0`);

@@ -15,10 +15,13 @@ export const gpuSpec = info.cuda.devices > 0 ? 'cuda:0' : rehearsal ? 'cpu:1' : 
 
 /** Why the GPU tests are skipped here (false: they run, on gpuSpec). */
 export const noGpu: string | false =
-  info.cuda.devices > 0 || rehearsal ? false : `no usable CUDA device (compiled: ${info.cuda.compiled}): ${info.cuda.reason}`;
+  info.cuda.devices > 0 || rehearsal
+    ? false
+    : `no usable CUDA device (compiled: ${info.cuda.compiled}): ${info.cuda.reason}`;
 
 /** A label for messages: what the GPU side really is. */
-export const gpuLabel = info.cuda.devices > 0 ? 'cuda:0' : rehearsal ? 'cpu:1 (rehearsal stand-in for cuda:0)' : 'cuda:0 (absent)';
+export const gpuLabel =
+  info.cuda.devices > 0 ? 'cuda:0' : rehearsal ? 'cpu:1 (rehearsal stand-in for cuda:0)' : 'cuda:0 (absent)';
 
 /** Whether the GPU side is a real CUDA device (cuBLAS-only tests need one even in a rehearsal). */
 export const realGpu = info.cuda.devices > 0;

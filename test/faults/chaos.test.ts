@@ -15,10 +15,17 @@ t.notOk(base.error, `fault-free run in ${Math.round(base.ms)} ms`);
 const kinds = ['crash', 'hang', 'corrupt', 'oom'] as const;
 for (const seed of [1, 2, 3]) {
   const rng = new Rng(seed, 'chaos');
-  const faults = Array.from({ length: 3 + rng.int(2) }, () => `${kinds[rng.int(kinds.length)]}:stage=${rng.int(2)},after=${2 + rng.int(60)}`);
+  const faults = Array.from(
+    { length: 3 + rng.int(2) },
+    () => `${kinds[rng.int(kinds.length)]}:stage=${rng.int(2)},after=${2 + rng.int(60)}`,
+  );
   const r = await run({ model, adapters: cfg, faults, maxStageFailures: 10, heartbeatMs: 50, hangTimeoutMs: 800 });
   t.notOk(r.error, `seed ${seed} [${faults.join(' ')}]: ${r.error?.message ?? 'completed'} in ${Math.round(r.ms)} ms`);
-  t.ok(r.faults.length >= 1, `seed ${seed}: ${r.faults.length} recoveries: ${r.faults.map((f) => `${f.fault}@${f.stage} ${f.recoveredMs?.toFixed(0)}ms/${f.replayed}`).join(', ')}`);
-  for (const a of cfg) t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `seed ${seed}: ${a.name} bitwise equal`);
+  t.ok(
+    r.faults.length >= 1,
+    `seed ${seed}: ${r.faults.length} recoveries: ${r.faults.map((f) => `${f.fault}@${f.stage} ${f.recoveredMs?.toFixed(0)}ms/${f.replayed}`).join(', ')}`,
+  );
+  for (const a of cfg)
+    t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `seed ${seed}: ${a.name} bitwise equal`);
   if (r.error) await r.sup.close(); // the harness closes only runs that ended normally
 }

@@ -18,9 +18,17 @@ for (const stage of [0, 1]) {
     const spec = `crash:stage=${stage},after=${after}`;
     const r = await run({ model, adapters: cfg, faults: [spec] });
     t.notOk(r.error, `${spec}: ${r.error?.message ?? 'completed'} in ${Math.round(r.ms)} ms`);
-    t.equal(r.faults.length, 1, `${spec}: one recovery: ${r.faults.map((f) => `${f.fault} on ${f.stage}: detected in ${f.silentMs?.toFixed(0)} ms, recovered in ${f.recoveredMs?.toFixed(0)} ms, ${f.replayed} replayed`).join('; ')}`);
-    t.ok(r.faults.every((f) => f.fault === 'crash' && f.recoveredMs! >= 0 && f.replayed !== undefined), `${spec}: reported as a crash with timings`);
-    for (const a of cfg) t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `${spec}: ${a.name} bitwise equal`);
+    t.equal(
+      r.faults.length,
+      1,
+      `${spec}: one recovery: ${r.faults.map((f) => `${f.fault} on ${f.stage}: detected in ${f.silentMs?.toFixed(0)} ms, recovered in ${f.recoveredMs?.toFixed(0)} ms, ${f.replayed} replayed`).join('; ')}`,
+    );
+    t.ok(
+      r.faults.every((f) => f.fault === 'crash' && f.recoveredMs! >= 0 && f.replayed !== undefined),
+      `${spec}: reported as a crash with timings`,
+    );
+    for (const a of cfg)
+      t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `${spec}: ${a.name} bitwise equal`);
     t.equal(r.slotsInUse, 0, `${spec}: no shared slot left taken`);
   }
 }
@@ -34,8 +42,20 @@ for (const after of [13, 30]) {
   t.notOk(r.error, `${spec} with checkpoints: ${r.error?.message ?? 'completed'}`);
   t.equal(r.faults.length, 1, `${spec} with checkpoints: one recovery`);
   for (const a of cfg) {
-    t.equal(stateDiff(r.finals.get(a.name), base.finals.get(a.name)), '', `${spec} with checkpoints: ${a.name} bitwise equal`);
+    t.equal(
+      stateDiff(r.finals.get(a.name), base.finals.get(a.name)),
+      '',
+      `${spec} with checkpoints: ${a.name} bitwise equal`,
+    );
     const cks = listCheckpoints(`${out}/${a.name}`);
-    t.same(cks.map((c) => [c.step, c.complete]), [[1, true], [2, true], [3, true]], `${spec}: ${a.name} checkpoints 1..3 complete`);
+    t.same(
+      cks.map((c) => [c.step, c.complete]),
+      [
+        [1, true],
+        [2, true],
+        [3, true],
+      ],
+      `${spec}: ${a.name} checkpoints 1..3 complete`,
+    );
   }
 }

@@ -26,7 +26,11 @@ const err = r.events.find((e) => e.type === 'error' && e.adapter === 'a');
 const msg = err && 'message' in err ? err.message : '';
 t.match(msg, /could not write the checkpoint at step 3: .*newest complete checkpoint is kept/, `clear error: ${msg}`);
 const ck = latestCheckpoint(path.join(out, 'a'));
-t.equal(ck?.step, 2, `checkpoint 2 is the newest complete one (${JSON.stringify(listCheckpoints(path.join(out, 'a')).map((c) => [c.step, c.complete]))})`);
+t.equal(
+  ck?.step,
+  2,
+  `checkpoint 2 is the newest complete one (${JSON.stringify(listCheckpoints(path.join(out, 'a')).map((c) => [c.step, c.complete]))})`,
+);
 const saved = loadCheckpoint(ck!.dir, openModelDir(model).config, loraSpec(cfg[0]!));
 const ref = await run({ model, adapters: [{ ...cfg[0]!, max_steps: 2 }] });
 t.equal(stateDiff(saved.state, ref.finals.get('a')), '', 'checkpoint 2 holds exactly the state after 2 steps');

@@ -17,7 +17,9 @@ export function writeData(dir: string, name: string, n: number, seed: number, vo
   const lines: string[] = [];
   for (let i = 0; i < n; i++) {
     const len = 12 + Math.floor(rng.uniform() * 19);
-    lines.push(JSON.stringify({ input_ids: Array.from({ length: len }, () => 3 + Math.floor(rng.uniform() * (vocab - 3))) }));
+    lines.push(
+      JSON.stringify({ input_ids: Array.from({ length: len }, () => 3 + Math.floor(rng.uniform() * (vocab - 3))) }),
+    );
   }
   const file = path.join(dir, `${name}.jsonl`);
   fs.writeFileSync(file, lines.join('\n') + '\n');
@@ -28,11 +30,27 @@ export function writeData(dir: string, name: string, n: number, seed: number, vo
  * Adapters for the tests: each takes 2 micro-batches per step (gradient accumulation), some
  * with dropout (masks must replay exactly), AdamW with weight decay, clipping on one.
  */
-export function adapters(dir: string, names: string[], steps = 4, extra: Partial<Record<string, unknown>> = {}): AdapterConfig[] {
+export function adapters(
+  dir: string,
+  names: string[],
+  steps = 4,
+  extra: Partial<Record<string, unknown>> = {},
+): AdapterConfig[] {
   return names.map((name, i) =>
     parseAdapterConfig({
-      name, data: writeData(dir, name, 40, 100 + i), seq_len: 48, batch_size: 4, micro_batch_size: 2, max_steps: steps, seed: 1 + i,
-      lora: { r: 4, alpha: 8, dropout: i % 2 ? 0 : 0.1, targets: i % 2 ? ['q_proj', 'v_proj', 'down_proj'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj'] },
+      name,
+      data: writeData(dir, name, 40, 100 + i),
+      seq_len: 48,
+      batch_size: 4,
+      micro_batch_size: 2,
+      max_steps: steps,
+      seed: 1 + i,
+      lora: {
+        r: 4,
+        alpha: 8,
+        dropout: i % 2 ? 0 : 0.1,
+        targets: i % 2 ? ['q_proj', 'v_proj', 'down_proj'] : ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+      },
       optimizer: { lr: 5e-3, weight_decay: 0.01 },
       ...(i === 2 ? { max_grad_norm: 0.5 } : {}),
       ...extra,
@@ -73,18 +91,32 @@ export async function run(o: RunOptions): Promise<RunResult> {
   const events: JobEvent[] = [];
   const t0 = performance.now();
   const sup = await Supervisor.start({
-    model: o.model, devices: ['cpu:0', 'cpu:1'], threads: 1, memory: '256MiB', maxTokens: 512,
-    faults: o.faults ?? [], onFault: (f) => faults.push(f), onEvent: (e) => events.push(e),
+    model: o.model,
+    devices: ['cpu:0', 'cpu:1'],
+    threads: 1,
+    memory: '256MiB',
+    maxTokens: 512,
+    faults: o.faults ?? [],
+    onFault: (f) => faults.push(f),
+    onEvent: (e) => events.push(e),
     ...(o.inflight ? { inflight: o.inflight } : {}),
-    ...(o.quantize ? { quantize: o.quantize } : {}), ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}),
-    ...(o.output ? { output: o.output } : {}), resume: !!o.resume,
-    heartbeatMs: o.heartbeatMs ?? 50, hangTimeoutMs: o.hangTimeoutMs ?? 1500,
+    ...(o.quantize ? { quantize: o.quantize } : {}),
+    ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}),
+    ...(o.output ? { output: o.output } : {}),
+    resume: !!o.resume,
+    heartbeatMs: o.heartbeatMs ?? 50,
+    hangTimeoutMs: o.hangTimeoutMs ?? 1500,
     ...(o.maxStageFailures !== undefined ? { maxStageFailures: o.maxStageFailures } : {}),
   });
   const finals = new Map<string, AdapterState>();
   const finish = sup.hooks.finish;
   sup.hooks.finish = async (job, state) => {
-    finals.set(job.name, { params: state.params.slice(), m: state.m.slice(), v: state.v.slice(), version: state.version });
+    finals.set(job.name, {
+      params: state.params.slice(),
+      m: state.m.slice(),
+      v: state.v.slice(),
+      version: state.version,
+    });
     return finish ? finish(job, state) : '';
   };
   const jobs = o.adapters.map((a) => sup.submit(a));
@@ -93,7 +125,13 @@ export async function run(o: RunOptions): Promise<RunResult> {
   try {
     await Promise.race([
       sup.drain(),
-      new Promise((_, rej) => (timer = setTimeout(() => rej(new Error(`run did not end within ${o.timeoutMs ?? 240_000} ms`)), o.timeoutMs ?? 240_000))),
+      new Promise(
+        (_, rej) =>
+          (timer = setTimeout(
+            () => rej(new Error(`run did not end within ${o.timeoutMs ?? 240_000} ms`)),
+            o.timeoutMs ?? 240_000,
+          )),
+      ),
     ]);
   } catch (e) {
     error = e as Error;

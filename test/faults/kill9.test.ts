@@ -20,13 +20,28 @@ const dir = tmpDir(t, 'kill9');
 const names = ['a', 'b'];
 const config = (out: string) => {
   const file = path.join(dir, `config-${path.basename(out)}.json`);
-  fs.writeFileSync(file, JSON.stringify({
-    model, output: out, devices: ['cpu:0', 'cpu:1'], pipeline: { threads: 1 }, log: { progress: 'none' },
-    adapters: names.map((name, i) => ({
-      name, data: writeData(dir, name, 80, 300 + i), seq_len: 48, batch_size: 4, micro_batch_size: 2, max_steps: 12, save_every: 1, seed: 7 + i,
-      lora: { r: 4, alpha: 8, dropout: 0.1 }, optimizer: { lr: 5e-3 },
-    })),
-  }));
+  fs.writeFileSync(
+    file,
+    JSON.stringify({
+      model,
+      output: out,
+      devices: ['cpu:0', 'cpu:1'],
+      pipeline: { threads: 1 },
+      log: { progress: 'none' },
+      adapters: names.map((name, i) => ({
+        name,
+        data: writeData(dir, name, 80, 300 + i),
+        seq_len: 48,
+        batch_size: 4,
+        micro_batch_size: 2,
+        max_steps: 12,
+        save_every: 1,
+        seed: 7 + i,
+        lora: { r: 4, alpha: 8, dropout: 0.1 },
+        optimizer: { lr: 5e-3 },
+      })),
+    }),
+  );
   return file;
 };
 
@@ -49,25 +64,44 @@ t.test('kill -9 after a checkpoint, then --resume: bitwise the uninterrupted run
   const cfgFile = config(out);
   const k = await train([cfgFile, '--fault', 'kill:adapter=a,step=4']);
   t.equal(k.signal, 'SIGKILL', `killed mid-run (exit ${k.code}, signal ${k.signal})`);
-  const before = new Map(names.map((n) => [n, listCheckpoints(path.join(out, n)).filter((c) => c.complete).map((c) => c.step)]));
+  const before = new Map(
+    names.map((n) => [
+      n,
+      listCheckpoints(path.join(out, n))
+        .filter((c) => c.complete)
+        .map((c) => c.step),
+    ]),
+  );
   t.same(before.get('a'), [1, 2, 3, 4], `a: checkpoints 1..4 before the kill (${JSON.stringify([...before])})`);
 
   const r = await train([cfgFile, '--resume']);
   t.equal(r.code, 0, `resumed run: exit ${r.code}${r.code ? `\n${r.out.slice(-2000)}` : ''}`);
   for (const n of names) {
     const after = listCheckpoints(path.join(out, n));
-    for (const s of before.get(n)!) t.ok(after.find((c) => c.step === s)?.complete, `${n}: checkpoint ${s} still complete after the resume`);
+    for (const s of before.get(n)!)
+      t.ok(after.find((c) => c.step === s)?.complete, `${n}: checkpoint ${s} still complete after the resume`);
     const got = openSafetensors(path.join(out, n, 'adapter_model.safetensors'));
     const want = openSafetensors(path.join(whole, n, 'adapter_model.safetensors'));
     t.same([...got.tensors.keys()].sort(), [...want.tensors.keys()].sort(), `${n}: same tensors`);
     let diff = 0;
     for (const name of want.tensors.keys()) {
-      const a = got.readF32(name), b = want.readF32(name);
-      if (Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.byteLength), Buffer.from(b.buffer, b.byteOffset, b.byteLength)) !== 0) diff++;
+      const a = got.readF32(name),
+        b = want.readF32(name);
+      if (
+        Buffer.compare(
+          Buffer.from(a.buffer, a.byteOffset, a.byteLength),
+          Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+        ) !== 0
+      )
+        diff++;
     }
     t.equal(diff, 0, `${n}: final adapter bitwise equal to the uninterrupted run`);
   }
-  const metrics = fs.readFileSync(path.join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { type: string; adapter: string; step: number });
+  const metrics = fs
+    .readFileSync(path.join(out, 'metrics.jsonl'), 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { type: string; adapter: string; step: number });
   const lastBefore = before.get('a')!.at(-1)!;
   const resumedSteps = metrics.filter((m) => m.type === 'step' && m.adapter === 'a').map((m) => m.step);
   t.ok(resumedSteps.includes(lastBefore + 1), `the resume went on from step ${lastBefore + 1}`);

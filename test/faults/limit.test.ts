@@ -15,7 +15,11 @@ const out = tmpDir(t, 'limit-out');
 const crashes = Array.from({ length: 5 }, () => 'crash:stage=1,after=12');
 const r = await run({ model, adapters: cfg, faults: crashes, maxStageFailures: 3, output: out });
 t.ok(r.error, 'the run stops');
-t.match(r.error?.message ?? '', /stage 1 \(cpu:1\) failed 4 times \(limit 3\); last: crash: worker exited with code 70/, `the error names the stage and the cause: ${r.error?.message}`);
+t.match(
+  r.error?.message ?? '',
+  /stage 1 \(cpu:1\) failed 4 times \(limit 3\); last: crash: worker exited with code 70/,
+  `the error names the stage and the cause: ${r.error?.message}`,
+);
 t.equal(r.faults.filter((f) => !f.fatal).length, 3, '3 recoveries');
 t.equal(r.faults.filter((f) => f.fatal).length, 1, 'then a fatal fault event');
 await r.sup.close();
@@ -29,6 +33,10 @@ for (const a of cfg) {
   t.ok(saved.meta.step >= 1, `${a.name}: checkpoint at step ${saved.meta.step}`);
   // the saved state is exactly the state after that many steps of a fault-free run (constant lr)
   const ref = await run({ model, adapters: [{ ...a, max_steps: saved.meta.step }] });
-  t.equal(stateDiff(saved.state, ref.finals.get(a.name)), '', `${a.name}: checkpoint bitwise equal to a fault-free run of ${saved.meta.step} steps`);
+  t.equal(
+    stateDiff(saved.state, ref.finals.get(a.name)),
+    '',
+    `${a.name}: checkpoint bitwise equal to a fault-free run of ${saved.meta.step} steps`,
+  );
 }
 void Supervisor;

@@ -15,7 +15,11 @@ t.test('a stalled supervisor thread declares no healthy stage hung', async (t) =
   const faults: FaultEvent[] = [];
   let stalls = 0;
   const sup = await Supervisor.start({
-    model, devices: ['cpu:0', 'cpu:1'], threads: 1, heartbeatMs: 50, hangTimeoutMs: 300,
+    model,
+    devices: ['cpu:0', 'cpu:1'],
+    threads: 1,
+    heartbeatMs: 50,
+    hangTimeoutMs: 300,
     onFault: (f) => faults.push(f),
     onEvent: (e) => {
       if (e.type !== 'step' || e.step > 2) return;
@@ -30,6 +34,13 @@ t.test('a stalled supervisor thread declares no healthy stage hung', async (t) =
   const jobs = cfg.map((a) => sup.submit(a));
   await sup.drain();
   t.equal(stalls, 4, 'the thread stalled 4 times, 1 s each');
-  t.same(faults.map((f) => `${f.fault} on stage ${f.stage}: ${f.detail}`), [], 'no stage was declared hung');
-  t.same(jobs.map((j) => j.state), ['done', 'done']);
+  t.same(
+    faults.map((f) => `${f.fault} on stage ${f.stage}: ${f.detail}`),
+    [],
+    'no stage was declared hung',
+  );
+  t.same(
+    jobs.map((j) => j.state),
+    ['done', 'done'],
+  );
 });

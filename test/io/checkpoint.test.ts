@@ -34,7 +34,12 @@ function state(fill: number, opts: { shortMoments?: boolean } = {}): AdapterStat
 
 function save(dir: string, step: number, s: AdapterState, keep?: number): string {
   return saveCheckpoint({
-    adapterDir: dir, config, spec, baseModel: 'tiny', state: s, keep,
+    adapterDir: dir,
+    config,
+    spec,
+    baseModel: 'tiny',
+    state: s,
+    keep,
     meta: { step, configHash: 'h', loader: { pos: step }, time: '', tokens: 0, loss: 0 },
   });
 }
@@ -43,13 +48,20 @@ function paramsAt(dir: string): number | undefined {
   return loadCheckpoint(dir, config, spec).state.params[0];
 }
 
-const hidden = (dir: string) => fs.readdirSync(dir).filter((n) => n.startsWith('.')).sort();
+const hidden = (dir: string) =>
+  fs
+    .readdirSync(dir)
+    .filter((n) => n.startsWith('.'))
+    .sort();
 
 t.test('a save round-trips and leaves no temp dir', async (t) => {
   const a = adapterDir(t);
   const dir = save(a, 2, state(1));
   t.equal(dir, path.join(a, 'checkpoint-2'));
-  t.same(listCheckpoints(a).map((c) => [c.step, c.complete]), [[2, true]]);
+  t.same(
+    listCheckpoints(a).map((c) => [c.step, c.complete]),
+    [[2, true]],
+  );
   const { state: s, meta } = loadCheckpoint(dir, config, spec);
   t.same([s.params[0], s.m[0], s.v[0], s.version, meta.step], [1, 0.5, 0.25, 1, 2]);
   t.same(hidden(a), []);
@@ -66,7 +78,11 @@ t.test('a rewrite of a step replaces it whole and leaves nothing aside', async (
 t.test('a rewrite that fails midway keeps the old checkpoint complete and loadable', async (t) => {
   const a = adapterDir(t);
   save(a, 2, state(1));
-  t.throws(() => save(a, 2, state(3, { shortMoments: true })), new RegExp(`^${path.join(a, 'checkpoint-2')}: .*optimizer\\.safetensors`), 'the error names the checkpoint');
+  t.throws(
+    () => save(a, 2, state(3, { shortMoments: true })),
+    new RegExp(`^${path.join(a, 'checkpoint-2')}: .*optimizer\\.safetensors`),
+    'the error names the checkpoint',
+  );
   const ck = latestCheckpoint(a);
   t.same([ck?.step, ck?.dir], [2, path.join(a, 'checkpoint-2')], 'checkpoint-2 is still the complete one');
   t.equal(paramsAt(ck!.dir), 1, 'with its old content');
@@ -90,7 +106,11 @@ t.test('a crash between the two renames of a rewrite is recovered', async (t) =>
   let ck = latestCheckpoint(a);
   t.same([ck?.step, ck?.complete], [2, true], 'the copy set aside stands in for checkpoint-2');
   t.equal(paramsAt(ck!.dir), 1);
-  t.same(listCheckpoints(a).map((c) => c.step), [1, 2], 'listed once');
+  t.same(
+    listCheckpoints(a).map((c) => c.step),
+    [1, 2],
+    'listed once',
+  );
 
   // an incomplete checkpoint-2 (say, from an older version's in-place write) does not hide it
   fs.mkdirSync(path.join(a, 'checkpoint-2'));
@@ -107,36 +127,55 @@ t.test('a crash after the swap, before the old copy was removed: the new copy wi
   const a = adapterDir(t);
   save(a, 2, state(1));
   fs.cpSync(path.join(a, 'checkpoint-2'), path.join(a, '.checkpoint-2.replaced'), { recursive: true });
-  t.same(listCheckpoints(a).map((c) => [c.step, c.dir]), [[2, path.join(a, 'checkpoint-2')]]);
+  t.same(
+    listCheckpoints(a).map((c) => [c.step, c.dir]),
+    [[2, path.join(a, 'checkpoint-2')]],
+  );
   save(a, 2, state(3));
   t.equal(paramsAt(latestCheckpoint(a)!.dir), 3);
   t.notOk(fs.existsSync(path.join(a, '.checkpoint-2.replaced')), 'the stale copy is gone');
 });
 
-t.test('temp dirs of dead writers are ignored by listing and removed by the next save; live ones are kept', async (t) => {
-  const a = adapterDir(t);
-  save(a, 2, state(1));
-  const dead = spawnSync(process.execPath, ['-e', '0']).pid!;
-  const tmp = (pid: number, hex: string) => path.join(a, `.checkpoint-4.tmp-${pid}-${hex}`);
-  // complete copies, so only the name keeps them out of the listing
-  for (const d of [tmp(dead, 'aa'), tmp(process.ppid, 'bb'), tmp(process.pid, 'cc'), tmp(process.pid, 'dd')]) {
-    fs.cpSync(path.join(a, 'checkpoint-2'), d, { recursive: true });
-  }
-  const past = new Date(Date.now() - 24 * 3600e3);
-  fs.utimesSync(tmp(process.pid, 'cc'), past, past); // our pid, from a process before us
-  t.same(listCheckpoints(a).map((c) => c.step), [2], 'temp dirs are not checkpoints');
-  save(a, 3, state(2));
-  // sorted like hidden(): the order of two names depends on the digits of the pids
-  const kept = [tmp(process.ppid, 'bb'), tmp(process.pid, 'dd')].map((d) => path.basename(d)).sort();
-  t.same(hidden(a), kept, 'only the dead writers\' temp dirs were removed');
-  t.same(listCheckpoints(a).map((c) => [c.step, c.complete]), [[2, true], [3, true]]);
-});
+t.test(
+  'temp dirs of dead writers are ignored by listing and removed by the next save; live ones are kept',
+  async (t) => {
+    const a = adapterDir(t);
+    save(a, 2, state(1));
+    const dead = spawnSync(process.execPath, ['-e', '0']).pid!;
+    const tmp = (pid: number, hex: string) => path.join(a, `.checkpoint-4.tmp-${pid}-${hex}`);
+    // complete copies, so only the name keeps them out of the listing
+    for (const d of [tmp(dead, 'aa'), tmp(process.ppid, 'bb'), tmp(process.pid, 'cc'), tmp(process.pid, 'dd')]) {
+      fs.cpSync(path.join(a, 'checkpoint-2'), d, { recursive: true });
+    }
+    const past = new Date(Date.now() - 24 * 3600e3);
+    fs.utimesSync(tmp(process.pid, 'cc'), past, past); // our pid, from a process before us
+    t.same(
+      listCheckpoints(a).map((c) => c.step),
+      [2],
+      'temp dirs are not checkpoints',
+    );
+    save(a, 3, state(2));
+    // sorted like hidden(): the order of two names depends on the digits of the pids
+    const kept = [tmp(process.ppid, 'bb'), tmp(process.pid, 'dd')].map((d) => path.basename(d)).sort();
+    t.same(hidden(a), kept, "only the dead writers' temp dirs were removed");
+    t.same(
+      listCheckpoints(a).map((c) => [c.step, c.complete]),
+      [
+        [2, true],
+        [3, true],
+      ],
+    );
+  },
+);
 
 t.test('keep prunes the oldest complete checkpoints, a set-aside copy included', async (t) => {
   const a = adapterDir(t);
   for (const step of [1, 2, 3]) save(a, step, state(step));
   fs.renameSync(path.join(a, 'checkpoint-1'), path.join(a, '.checkpoint-1.replaced'));
   save(a, 4, state(4), 2);
-  t.same(listCheckpoints(a).map((c) => c.step), [3, 4]);
+  t.same(
+    listCheckpoints(a).map((c) => c.step),
+    [3, 4],
+  );
   t.same(hidden(a), []);
 });

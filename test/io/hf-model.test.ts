@@ -5,7 +5,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  expectedTensors, openModelDir, parseModelConfig, readModelConfig, stageTensorNames, toHfConfigJson, writeRandomLlama,
+  expectedTensors,
+  openModelDir,
+  parseModelConfig,
+  readModelConfig,
+  stageTensorNames,
+  toHfConfigJson,
+  writeRandomLlama,
 } from '../../lib/io/hf-model.js';
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
 import { bf16ToF32 } from '../../lib/io/dtype.js';
@@ -25,9 +31,21 @@ const tiny: LlamaConfig = PRESETS.tiny;
 t.test('the reference fixture model opens and every tensor is checked', async (t) => {
   const c = readModelConfig(path.join(FIX, 'model'));
   t.match(c, {
-    modelType: 'llama', hiddenSize: 64, intermediateSize: 172, numLayers: 2, numHeads: 4, numKvHeads: 2, headDim: 16,
-    vocabSize: 256, maxPositionEmbeddings: 2048, rmsNormEps: 1e-6, ropeTheta: 10000, tieWordEmbeddings: false,
-    torchDtype: 'float32', bosTokenId: 1, eosTokenId: 2,
+    modelType: 'llama',
+    hiddenSize: 64,
+    intermediateSize: 172,
+    numLayers: 2,
+    numHeads: 4,
+    numKvHeads: 2,
+    headDim: 16,
+    vocabSize: 256,
+    maxPositionEmbeddings: 2048,
+    rmsNormEps: 1e-6,
+    ropeTheta: 10000,
+    tieWordEmbeddings: false,
+    torchDtype: 'float32',
+    bosTokenId: 1,
+    eosTokenId: 2,
   });
   const m = openModelDir(path.join(FIX, 'model'));
   t.equal(m.tensorNames.length, 21);
@@ -57,61 +75,218 @@ t.test('config.json errors name the file and the field', async (t) => {
     ['missing vocab_size', without('vocab_size'), /config\.json: field 'vocab_size' is missing/],
     ['missing rms_norm_eps', without('rms_norm_eps'), /field 'rms_norm_eps' is missing/],
     ['missing model_type', without('model_type'), /field 'model_type' is missing/],
-    ['string hidden_size', { ...base, hidden_size: 'abc' }, /config\.json: field 'hidden_size' must be a positive integer, got "abc"/],
+    [
+      'string hidden_size',
+      { ...base, hidden_size: 'abc' },
+      /config\.json: field 'hidden_size' must be a positive integer, got "abc"/,
+    ],
     ['zero layers', { ...base, num_hidden_layers: 0 }, /field 'num_hidden_layers' must be a positive integer, got 0/],
-    ['fractional heads', { ...base, num_attention_heads: 2.5 }, /field 'num_attention_heads' must be a positive integer, got 2\.5/],
-    ['kv heads not dividing', { ...base, num_key_value_heads: 3 }, /field 'num_key_value_heads' \(3\) must divide num_attention_heads \(4\)/],
+    [
+      'fractional heads',
+      { ...base, num_attention_heads: 2.5 },
+      /field 'num_attention_heads' must be a positive integer, got 2\.5/,
+    ],
+    [
+      'kv heads not dividing',
+      { ...base, num_key_value_heads: 3 },
+      /field 'num_key_value_heads' \(3\) must divide num_attention_heads \(4\)/,
+    ],
     ['negative eps', { ...base, rms_norm_eps: -1 }, /field 'rms_norm_eps' must be a positive number, got -1/],
     ['bad rope_theta', { ...base, rope_theta: 'x' }, /field 'rope_theta' must be a positive number/],
-    ['bad dtype', { ...base, torch_dtype: 'int8' }, /field 'torch_dtype' must be one of float32, bfloat16, float16, got "int8"/],
+    [
+      'bad dtype',
+      { ...base, torch_dtype: 'int8' },
+      /field 'torch_dtype' must be one of float32, bfloat16, float16, got "int8"/,
+    ],
     ['bad tie', { ...base, tie_word_embeddings: 'yes' }, /field 'tie_word_embeddings' must be true or false/],
     ['gpt2', { ...base, model_type: 'gpt2' }, /field 'model_type' is "gpt2": mlora supports LLaMA-architecture models/],
-    ['llama3 rope scaling without its factors', { ...base, rope_scaling: { rope_type: 'llama3', factor: 8 } }, /field 'rope_scaling\.low_freq_factor' must be a positive number, got nothing/],
-    ['llama3 high <= low', { ...base, rope_scaling: { type: 'llama3', factor: 8, low_freq_factor: 4, high_freq_factor: 1, original_max_position_embeddings: 64 } }, /field 'rope_scaling\.high_freq_factor' \(1\) must be greater than low_freq_factor \(4\)/],
-    ['linear without factor', { ...base, rope_scaling: { type: 'linear' } }, /field 'rope_scaling\.factor' must be a positive number/],
-    ['dynamic with a shorter original context', { ...base, rope_scaling: { rope_type: 'dynamic', factor: 2, original_max_position_embeddings: 256 } }, /field 'rope_scaling\.original_max_position_embeddings' is 256 < max_position_embeddings \(512\): dynamic NTK RoPE would then rescale/],
-    ['rope_parameters yarn', { ...base, rope_parameters: { rope_type: 'yarn', rope_theta: 1e6 } }, /field 'rope_parameters\.rope_type' is "yarn": mlora implements the default RoPE and the llama3, linear and dynamic scalings/],
-    ['rope_scaling longrope', { ...base, rope_scaling: { type: 'longrope', short_factor: [1] } }, /field 'rope_scaling\.rope_type' is "longrope"/],
-    ['rope_scaling and rope_parameters disagree', { ...base, rope_scaling: { type: 'linear', factor: 2 }, rope_parameters: { rope_type: 'linear', factor: 4 } }, /field 'rope_scaling' .* disagrees with rope_parameters/],
-    ['partial rotary', { ...base, partial_rotary_factor: 0.5 }, /field 'partial_rotary_factor' is 0\.5: mlora rotates the whole head/],
-    ['attention bias', { ...base, attention_bias: true }, /field 'attention_bias' is true: biases on all four attention projections/],
+    [
+      'llama3 rope scaling without its factors',
+      { ...base, rope_scaling: { rope_type: 'llama3', factor: 8 } },
+      /field 'rope_scaling\.low_freq_factor' must be a positive number, got nothing/,
+    ],
+    [
+      'llama3 high <= low',
+      {
+        ...base,
+        rope_scaling: {
+          type: 'llama3',
+          factor: 8,
+          low_freq_factor: 4,
+          high_freq_factor: 1,
+          original_max_position_embeddings: 64,
+        },
+      },
+      /field 'rope_scaling\.high_freq_factor' \(1\) must be greater than low_freq_factor \(4\)/,
+    ],
+    [
+      'linear without factor',
+      { ...base, rope_scaling: { type: 'linear' } },
+      /field 'rope_scaling\.factor' must be a positive number/,
+    ],
+    [
+      'dynamic with a shorter original context',
+      { ...base, rope_scaling: { rope_type: 'dynamic', factor: 2, original_max_position_embeddings: 256 } },
+      /field 'rope_scaling\.original_max_position_embeddings' is 256 < max_position_embeddings \(512\): dynamic NTK RoPE would then rescale/,
+    ],
+    [
+      'rope_parameters yarn',
+      { ...base, rope_parameters: { rope_type: 'yarn', rope_theta: 1e6 } },
+      /field 'rope_parameters\.rope_type' is "yarn": mlora implements the default RoPE and the llama3, linear and dynamic scalings/,
+    ],
+    [
+      'rope_scaling longrope',
+      { ...base, rope_scaling: { type: 'longrope', short_factor: [1] } },
+      /field 'rope_scaling\.rope_type' is "longrope"/,
+    ],
+    [
+      'rope_scaling and rope_parameters disagree',
+      { ...base, rope_scaling: { type: 'linear', factor: 2 }, rope_parameters: { rope_type: 'linear', factor: 4 } },
+      /field 'rope_scaling' .* disagrees with rope_parameters/,
+    ],
+    [
+      'partial rotary',
+      { ...base, partial_rotary_factor: 0.5 },
+      /field 'partial_rotary_factor' is 0\.5: mlora rotates the whole head/,
+    ],
+    [
+      'attention bias',
+      { ...base, attention_bias: true },
+      /field 'attention_bias' is true: biases on all four attention projections/,
+    ],
     ['qwen3 attention bias', { ...base, model_type: 'qwen3', attention_bias: true }, /field 'attention_bias' is true/],
-    ['bad sliding_window', { ...base, model_type: 'mistral', sliding_window: 0 }, /field 'sliding_window' must be null or a positive integer, got 0/],
-    ['qwen2 bad layer_types', { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, layer_types: ['full_attention'] }, /field 'layer_types' must list num_hidden_layers \(2\) entries/],
-    ['qwen2 bad max_window_layers', { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, max_window_layers: -1 }, /field 'max_window_layers' must be a non-negative integer/],
+    [
+      'bad sliding_window',
+      { ...base, model_type: 'mistral', sliding_window: 0 },
+      /field 'sliding_window' must be null or a positive integer, got 0/,
+    ],
+    [
+      'qwen2 bad layer_types',
+      { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, layer_types: ['full_attention'] },
+      /field 'layer_types' must list num_hidden_layers \(2\) entries/,
+    ],
+    [
+      'qwen2 bad max_window_layers',
+      { ...base, model_type: 'qwen2', use_sliding_window: true, sliding_window: 8, max_window_layers: -1 },
+      /field 'max_window_layers' must be a non-negative integer/,
+    ],
     ['gelu', { ...base, hidden_act: 'gelu' }, /field 'hidden_act' is "gelu"/],
-    ['no head_dim, indivisible', { ...base, head_dim: undefined, hidden_size: 66 }, /field 'hidden_size' \(66\) is not a multiple of num_attention_heads \(4\)/],
+    [
+      'no head_dim, indivisible',
+      { ...base, head_dim: undefined, hidden_size: 66 },
+      /field 'hidden_size' \(66\) is not a multiple of num_attention_heads \(4\)/,
+    ],
   ];
   for (const [label, json, re] of cases) t.throws(() => parseModelConfig(json), re, label);
   t.throws(() => parseModelConfig([]), /config\.json: must be a JSON object/);
 
   // Accepted variants
-  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: null }).layerWindows, undefined, 'mistral: sliding_window null = none');
-  t.equal(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 4096 }).layerWindows, undefined, 'a window >= max_position_embeddings never masks: none');
-  t.same(parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 256 }).layerWindows, [256, 256], 'mistral: every layer');
+  t.equal(
+    parseModelConfig({ ...base, model_type: 'mistral', sliding_window: null }).layerWindows,
+    undefined,
+    'mistral: sliding_window null = none',
+  );
+  t.equal(
+    parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 4096 }).layerWindows,
+    undefined,
+    'a window >= max_position_embeddings never masks: none',
+  );
+  t.same(
+    parseModelConfig({ ...base, model_type: 'mistral', sliding_window: 256 }).layerWindows,
+    [256, 256],
+    'mistral: every layer',
+  );
   const noKey = without('sliding_window');
-  t.same(parseModelConfig({ ...noKey, model_type: 'mistral', max_position_embeddings: 8192 }).layerWindows, [4096, 4096], 'mistral without the key: 4096');
-  t.equal(parseModelConfig({ ...noKey, model_type: 'llama', sliding_window: 8 }).layerWindows, undefined, 'llama ignores sliding_window');
+  t.same(
+    parseModelConfig({ ...noKey, model_type: 'mistral', max_position_embeddings: 8192 }).layerWindows,
+    [4096, 4096],
+    'mistral without the key: 4096',
+  );
+  t.equal(
+    parseModelConfig({ ...noKey, model_type: 'llama', sliding_window: 8 }).layerWindows,
+    undefined,
+    'llama ignores sliding_window',
+  );
   const qwen2 = { ...base, model_type: 'qwen2', sliding_window: 8, max_window_layers: 1, attention_bias: undefined };
   const q2 = parseModelConfig(qwen2);
   t.ok(q2.qkvBias && q2.layerWindows === undefined, 'qwen2: q/k/v biases; use_sliding_window missing = no window');
-  t.equal(parseModelConfig({ ...qwen2, use_sliding_window: false }).layerWindows, undefined, 'qwen2: use_sliding_window false = no window');
-  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true }).layerWindows, [0, 8], 'qwen2: layers >= max_window_layers');
-  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true, layer_types: ['sliding_attention', 'full_attention'] }).layerWindows, [8, 0], 'qwen2: layer_types');
-  t.same(parseModelConfig({ ...qwen2, use_sliding_window: true, max_window_layers: undefined }).layerWindows, undefined, 'qwen2: max_window_layers defaults to 28');
-  t.equal(parseModelConfig({ ...without('rope_theta'), model_type: 'qwen2' }).ropeTheta, 1e6, 'qwen: rope_theta defaults to 1e6');
+  t.equal(
+    parseModelConfig({ ...qwen2, use_sliding_window: false }).layerWindows,
+    undefined,
+    'qwen2: use_sliding_window false = no window',
+  );
+  t.same(
+    parseModelConfig({ ...qwen2, use_sliding_window: true }).layerWindows,
+    [0, 8],
+    'qwen2: layers >= max_window_layers',
+  );
+  t.same(
+    parseModelConfig({ ...qwen2, use_sliding_window: true, layer_types: ['sliding_attention', 'full_attention'] })
+      .layerWindows,
+    [8, 0],
+    'qwen2: layer_types',
+  );
+  t.same(
+    parseModelConfig({ ...qwen2, use_sliding_window: true, max_window_layers: undefined }).layerWindows,
+    undefined,
+    'qwen2: max_window_layers defaults to 28',
+  );
+  t.equal(
+    parseModelConfig({ ...without('rope_theta'), model_type: 'qwen2' }).ropeTheta,
+    1e6,
+    'qwen: rope_theta defaults to 1e6',
+  );
   const q3 = parseModelConfig({ ...base, model_type: 'qwen3', head_dim: undefined });
   t.ok(q3.qkNorm && !q3.qkvBias, 'qwen3: q/k norms, no biases');
   t.equal(q3.headDim, 128, 'qwen3 without head_dim: 128, not hidden/heads');
-  const l3 = { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
-  t.same(parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling, { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 }, 'llama3');
+  const l3 = {
+    rope_type: 'llama3',
+    factor: 8,
+    low_freq_factor: 1,
+    high_freq_factor: 4,
+    original_max_position_embeddings: 8192,
+  };
+  t.same(
+    parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling,
+    { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 },
+    'llama3',
+  );
   const { rope_type: _rt, ...l3old } = l3;
-  t.same(parseModelConfig({ ...base, rope_scaling: { ...l3old, type: 'llama3' } }).ropeScaling, parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling, "llama3 spelled with 'type'");
-  t.same(parseModelConfig({ ...without('rope_theta'), rope_scaling: undefined, rope_parameters: { ...l3, rope_theta: 5e5 } }), { ...parseModelConfig({ ...base, rope_scaling: l3 }), ropeTheta: 5e5 }, 'transformers 5: rope_parameters with rope_theta inside');
-  t.same(parseModelConfig({ ...base, rope_scaling: { type: 'linear', factor: 2 } }).ropeScaling, { type: 'linear', factor: 2 }, 'linear');
-  t.same(parseModelConfig({ ...base, rope_scaling: { rope_type: 'dynamic', factor: 2 } }).ropeScaling, { type: 'dynamic', factor: 2 }, 'dynamic without a shorter original context');
-  t.equal(parseModelConfig({ ...base, rope_scaling: { rope_type: 'default' } }).ropeScaling, undefined, 'default = none');
-  const newer = { ...without('rope_theta'), torch_dtype: undefined, dtype: 'bfloat16', rope_parameters: { rope_type: 'default', rope_theta: 500000 } };
+  t.same(
+    parseModelConfig({ ...base, rope_scaling: { ...l3old, type: 'llama3' } }).ropeScaling,
+    parseModelConfig({ ...base, rope_scaling: l3 }).ropeScaling,
+    "llama3 spelled with 'type'",
+  );
+  t.same(
+    parseModelConfig({
+      ...without('rope_theta'),
+      rope_scaling: undefined,
+      rope_parameters: { ...l3, rope_theta: 5e5 },
+    }),
+    { ...parseModelConfig({ ...base, rope_scaling: l3 }), ropeTheta: 5e5 },
+    'transformers 5: rope_parameters with rope_theta inside',
+  );
+  t.same(
+    parseModelConfig({ ...base, rope_scaling: { type: 'linear', factor: 2 } }).ropeScaling,
+    { type: 'linear', factor: 2 },
+    'linear',
+  );
+  t.same(
+    parseModelConfig({ ...base, rope_scaling: { rope_type: 'dynamic', factor: 2 } }).ropeScaling,
+    { type: 'dynamic', factor: 2 },
+    'dynamic without a shorter original context',
+  );
+  t.equal(
+    parseModelConfig({ ...base, rope_scaling: { rope_type: 'default' } }).ropeScaling,
+    undefined,
+    'default = none',
+  );
+  const newer = {
+    ...without('rope_theta'),
+    torch_dtype: undefined,
+    dtype: 'bfloat16',
+    rope_parameters: { rope_type: 'default', rope_theta: 500000 },
+  };
   const c = parseModelConfig(newer);
   t.equal(c.ropeTheta, 500000, 'rope_parameters.rope_theta');
   t.equal(c.torchDtype, 'bfloat16', 'dtype (newer key)');
@@ -136,11 +311,19 @@ t.test('writeRandomLlama: single file and shards load identical tensors; seeded 
   writeRandomLlama(one, tiny, { seed: 7 });
   writeRandomLlama(sharded, tiny, { seed: 7, shardBytes: 100_000 });
   const cfgJson = JSON.parse(fs.readFileSync(path.join(one, 'config.json'), 'utf8'));
-  t.match(cfgJson, { architectures: ['LlamaForCausalLM'], model_type: 'llama', torch_dtype: 'float32', num_key_value_heads: 2 });
+  t.match(cfgJson, {
+    architectures: ['LlamaForCausalLM'],
+    model_type: 'llama',
+    torch_dtype: 'float32',
+    num_key_value_heads: 2,
+  });
   t.ok(fs.existsSync(path.join(one, 'generation_config.json')));
   t.same(readModelConfig(one), { ...tiny }, 'config.json reads back as the preset');
 
-  const shards = fs.readdirSync(sharded).filter((f) => f.endsWith('.safetensors')).sort();
+  const shards = fs
+    .readdirSync(sharded)
+    .filter((f) => f.endsWith('.safetensors'))
+    .sort();
   t.ok(shards.length > 2, `${shards.length} shards`);
   t.match(shards[0]!, /^model-00001-of-000\d\d\.safetensors$/);
   const index = JSON.parse(fs.readFileSync(path.join(sharded, 'model.safetensors.index.json'), 'utf8'));
@@ -161,12 +344,20 @@ t.test('writeRandomLlama: single file and shards load identical tensors; seeded 
   t.equal(same, a.tensorNames.length, 'every tensor identical');
 
   const emb = a.readF32('model.embed_tokens.weight');
-  let s = 0, s2 = 0;
-  for (const v of emb) { s += v; s2 += v * v; }
+  let s = 0,
+    s2 = 0;
+  for (const v of emb) {
+    s += v;
+    s2 += v * v;
+  }
   const std = Math.sqrt(s2 / emb.length - (s / emb.length) ** 2);
   t.ok(Math.abs(std - 0.02) < 0.001, `embedding std ${std.toFixed(4)} ≈ 0.02`);
   t.same(Array.from(a.readF32('model.layers.0.input_layernorm.weight')), new Array(64).fill(1), 'norms are ones');
-  t.notSame(Array.from(a.readF32('model.layers.0.self_attn.q_proj.weight').subarray(0, 4)), Array.from(a.readF32('model.layers.1.self_attn.q_proj.weight').subarray(0, 4)), 'tensors differ');
+  t.notSame(
+    Array.from(a.readF32('model.layers.0.self_attn.q_proj.weight').subarray(0, 4)),
+    Array.from(a.readF32('model.layers.1.self_attn.q_proj.weight').subarray(0, 4)),
+    'tensors differ',
+  );
 
   // Rewriting the sharded dir as one file removes the old shards and index.
   writeRandomLlama(sharded, tiny, { seed: 7 });
@@ -189,7 +380,11 @@ t.test('bf16 and tied checkpoints', async (t) => {
   t.same(Array.from(f.read()), Array.from(bf16ToF32(w.read() as Uint16Array)));
   w.free();
   f.free();
-  t.same(stageTensorNames(tied, 1, 2, { head: true }).slice(-2), ['model.norm.weight', 'model.embed_tokens.weight'], 'tied head = embedding');
+  t.same(
+    stageTensorNames(tied, 1, 2, { head: true }).slice(-2),
+    ['model.norm.weight', 'model.embed_tokens.weight'],
+    'tied head = embedding',
+  );
 });
 
 t.test('stage tensor lists', async (t) => {
@@ -210,7 +405,10 @@ t.test('stage tensor lists', async (t) => {
   const ts = await m.loadTensors(dev, stageTensorNames(m.config, 1, 2, { head: true }));
   t.equal(ts.size, 11);
   t.same(ts.get('lm_head.weight')!.shape, [256, 64]);
-  t.equal(dev.memory().used - before, [...ts.values()].reduce((s, x) => s + x.bytes, 0));
+  t.equal(
+    dev.memory().used - before,
+    [...ts.values()].reduce((s, x) => s + x.bytes, 0),
+  );
   for (const x of ts.values()) x.free();
   await t.rejects(m.loadTensors(dev, ['model.norm.weight', 'nope']), /has no tensor 'nope'/);
   t.equal(dev.memory().used, before, 'a failed stage load frees what it had loaded');
@@ -224,10 +422,16 @@ t.test('broken model directories are clear Errors naming file and tensor', async
   // Shape mismatch against config
   const cfg = JSON.parse(fs.readFileSync(path.join(d, 'config.json'), 'utf8'));
   fs.writeFileSync(path.join(d, 'config.json'), JSON.stringify({ ...cfg, intermediate_size: 170 }));
-  t.throws(() => openModelDir(d), /model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[172, 64\] but config\.json implies \[170, 64\]/);
+  t.throws(
+    () => openModelDir(d),
+    /model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[172, 64\] but config\.json implies \[170, 64\]/,
+  );
   // Missing tensor
   fs.writeFileSync(path.join(d, 'config.json'), JSON.stringify({ ...cfg, num_hidden_layers: 3 }));
-  t.throws(() => openModelDir(d), /model\.safetensors: 9 tensor\(s\) the config implies are missing: model\.layers\.2\./);
+  t.throws(
+    () => openModelDir(d),
+    /model\.safetensors: 9 tensor\(s\) the config implies are missing: model\.layers\.2\./,
+  );
   fs.writeFileSync(path.join(d, 'config.json'), JSON.stringify(cfg));
 
   // Index naming a tensor its shard does not have, and a path outside the dir
@@ -238,8 +442,14 @@ t.test('broken model directories are clear Errors naming file and tensor', async
   const f1 = idx.weight_map['lm_head.weight'];
   const wrong = Object.values(idx.weight_map).find((f) => f !== f1);
   fs.writeFileSync(ip, JSON.stringify({ ...idx, weight_map: { ...idx.weight_map, 'lm_head.weight': wrong } }));
-  t.throws(() => openModelDir(s), new RegExp(`weight_map puts tensor 'lm_head\\.weight' in ${wrong}, but .*${wrong} has no such tensor`));
-  fs.writeFileSync(ip, JSON.stringify({ ...idx, weight_map: { ...idx.weight_map, 'lm_head.weight': '../x.safetensors' } }));
+  t.throws(
+    () => openModelDir(s),
+    new RegExp(`weight_map puts tensor 'lm_head\\.weight' in ${wrong}, but .*${wrong} has no such tensor`),
+  );
+  fs.writeFileSync(
+    ip,
+    JSON.stringify({ ...idx, weight_map: { ...idx.weight_map, 'lm_head.weight': '../x.safetensors' } }),
+  );
   t.throws(() => openModelDir(s), /weight_map\['lm_head\.weight'\] must be a file name in the model directory/);
 
   // No weights at all
@@ -257,6 +467,9 @@ t.test('broken model directories are clear Errors naming file and tensor', async
   t.same(openModelDir(d).extraTensors, ['model.layers.0.self_attn.rotary_emb.inv_freq']);
   tensors['model.norm.weight'] = { dtype: 'I32', shape: [64], data: new Int32Array(64) };
   writeSafetensors(path.join(d, 'model.safetensors'), tensors);
-  t.throws(() => openModelDir(d), /model\.safetensors: tensor 'model\.norm\.weight' is I32; weights must be F32, F16 or BF16/);
+  t.throws(
+    () => openModelDir(d),
+    /model\.safetensors: tensor 'model\.norm\.weight' is I32; weights must be F32, F16 or BF16/,
+  );
   t.equal(openSafetensors(path.join(d, 'model.safetensors')).tensors.size, 22);
 });

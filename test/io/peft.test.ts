@@ -6,8 +6,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import {
-  adapterConfigJson, adapterMismatches, adapterParameterCount, checkAdapterAgainstModel, loadAdapter, loraTensorName,
-  parseAdapterConfig, saveAdapter, type AdapterWeights, type LoraPair,
+  adapterConfigJson,
+  adapterMismatches,
+  adapterParameterCount,
+  checkAdapterAgainstModel,
+  loadAdapter,
+  loraTensorName,
+  parseAdapterConfig,
+  saveAdapter,
+  type AdapterWeights,
+  type LoraPair,
 } from '../../lib/io/peft.js';
 import { readModelConfig } from '../../lib/io/hf-model.js';
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
@@ -33,7 +41,15 @@ function randomAdapter(c: LlamaConfig, r: number, targets: readonly LoraTarget[]
     }
     return l;
   });
-  return { r, loraAlpha: 16, loraDropout: 0.05, targetModules: [...targets], useRslora: false, baseModelNameOrPath: 'some/model', layers };
+  return {
+    r,
+    loraAlpha: 16,
+    loraDropout: 0.05,
+    targetModules: [...targets],
+    useRslora: false,
+    baseModelNameOrPath: 'some/model',
+    layers,
+  };
 }
 
 t.test('the reference adapter (written by PEFT) loads and fits the reference model', async (t) => {
@@ -51,11 +67,14 @@ t.test('the reference adapter (written by PEFT) loads and fits the reference mod
   t.equal(k.a.length, 4 * 64);
   t.equal(k.b.length, 32 * 4, 'GQA: k_proj B is [kvHeads·headDim, r]');
   const st = openSafetensors(path.join(FIX, 'adapter/adapter_model.safetensors'));
-  t.same(Array.from(a.layers[0]!.down_proj!.b), Array.from(st.readF32('base_model.model.model.layers.0.mlp.down_proj.lora_B.weight')));
+  t.same(
+    Array.from(a.layers[0]!.down_proj!.b),
+    Array.from(st.readF32('base_model.model.model.layers.0.mlp.down_proj.lora_B.weight')),
+  );
   t.equal(adapterParameterCount(a), 9248);
 });
 
-t.test('save → load round-trips; names, shapes and config are PEFT\'s (GQA tiny preset)', async (t) => {
+t.test("save → load round-trips; names, shapes and config are PEFT's (GQA tiny preset)", async (t) => {
   const d = tmpdir(t);
   const c = PRESETS.tiny;
   const a = randomAdapter(c, 8, ['q_proj', 'k_proj', 'v_proj', 'down_proj']);
@@ -65,15 +84,32 @@ t.test('save → load round-trips; names, shapes and config are PEFT\'s (GQA tin
   t.same(fs.readdirSync(d), ['ad'], 'no temp dirs left');
   const cfg = JSON.parse(fs.readFileSync(path.join(dir, 'adapter_config.json'), 'utf8'));
   t.match(cfg, {
-    peft_type: 'LORA', task_type: 'CAUSAL_LM', r: 8, lora_alpha: 16, lora_dropout: 0.05, bias: 'none', use_rslora: false,
-    target_modules: ['q_proj', 'k_proj', 'v_proj', 'down_proj'], base_model_name_or_path: 'some/model', fan_in_fan_out: false,
-    inference_mode: true, init_lora_weights: true, layers_to_transform: null, modules_to_save: null, rank_pattern: {}, alpha_pattern: {},
+    peft_type: 'LORA',
+    task_type: 'CAUSAL_LM',
+    r: 8,
+    lora_alpha: 16,
+    lora_dropout: 0.05,
+    bias: 'none',
+    use_rslora: false,
+    target_modules: ['q_proj', 'k_proj', 'v_proj', 'down_proj'],
+    base_model_name_or_path: 'some/model',
+    fan_in_fan_out: false,
+    inference_mode: true,
+    init_lora_weights: true,
+    layers_to_transform: null,
+    modules_to_save: null,
+    rank_pattern: {},
+    alpha_pattern: {},
   });
   const st = openSafetensors(path.join(dir, 'adapter_model.safetensors'));
   t.same(st.metadata, { format: 'pt' });
   t.equal(st.tensors.size, 2 * 4 * 2);
   t.same(st.info('base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight').shape, [8, 64]);
-  t.same(st.info('base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight').shape, [32, 8], 'k_proj out = kvHeads·headDim = 32');
+  t.same(
+    st.info('base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight').shape,
+    [32, 8],
+    'k_proj out = kvHeads·headDim = 32',
+  );
   t.same(st.info('base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight').shape, [64, 8]);
   t.same(st.info('base_model.model.model.layers.0.mlp.down_proj.lora_A.weight').shape, [8, 172]);
   t.same(st.info('base_model.model.model.layers.0.mlp.down_proj.lora_B.weight').shape, [64, 8]);
@@ -81,12 +117,17 @@ t.test('save → load round-trips; names, shapes and config are PEFT\'s (GQA tin
   const b = loadAdapter(dir);
   t.equal(b.scaling, 2);
   t.same(b.targetModules, a.targetModules);
-  let equal = 0, total = 0;
+  let equal = 0,
+    total = 0;
   a.layers.forEach((l, i) => {
     for (const [tg, p] of Object.entries(l)) {
       total++;
       const q = b.layers[i]![tg as LoraTarget]!;
-      if (Buffer.compare(Buffer.from(q.a.buffer), Buffer.from(p!.a.buffer)) === 0 && Buffer.compare(Buffer.from(q.b.buffer), Buffer.from(p!.b.buffer)) === 0) equal++;
+      if (
+        Buffer.compare(Buffer.from(q.a.buffer), Buffer.from(p!.a.buffer)) === 0 &&
+        Buffer.compare(Buffer.from(q.b.buffer), Buffer.from(p!.b.buffer)) === 0
+      )
+        equal++;
     }
   });
   t.equal(equal, total, 'every A and B bit-identical');
@@ -102,16 +143,34 @@ t.test('save → load round-trips; names, shapes and config are PEFT\'s (GQA tin
   saveAdapter(h, a, { dtype: 'bf16' });
   const hb = loadAdapter(h);
   t.same(hb.dtypes, { BF16: 16 });
-  t.equal(hb.layers[0]!.q_proj!.a[0], new Float32Array(new Uint32Array([f32ToBf16([a.layers[0]!.q_proj!.a[0]!])[0]! << 16]).buffer)[0]);
+  t.equal(
+    hb.layers[0]!.q_proj!.a[0],
+    new Float32Array(new Uint32Array([f32ToBf16([a.layers[0]!.q_proj!.a[0]!])[0]! << 16]).buffer)[0],
+  );
 });
 
 t.test('an adapter for another base model is a clear Error naming tensor and both shapes', async (t) => {
   const a = loadAdapter(path.join(FIX, 'adapter'));
   const other: LlamaConfig = { ...readModelConfig(path.join(FIX, 'model')), numKvHeads: 4, intermediateSize: 176 };
   const m = adapterMismatches(a, other);
-  t.ok(m.some((l) => l === 'base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight: adapter [32, 4], model k_proj needs [64, 4] (out = 64)'), 'k_proj B');
-  t.ok(m.some((l) => /layers\.1\.mlp\.down_proj\.lora_A\.weight: adapter \[4, 172\], model down_proj needs \[4, 176\]/.test(l)), 'down_proj A');
-  t.throws(() => checkAdapterAgainstModel(a, other, 'llama-other'), /adapter .*adapter does not fit llama-other \(10 mismatches\):\n {2}base_model\.model\.model\.layers\.0/);
+  t.ok(
+    m.some(
+      (l) =>
+        l ===
+        'base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight: adapter [32, 4], model k_proj needs [64, 4] (out = 64)',
+    ),
+    'k_proj B',
+  );
+  t.ok(
+    m.some((l) =>
+      /layers\.1\.mlp\.down_proj\.lora_A\.weight: adapter \[4, 172\], model down_proj needs \[4, 176\]/.test(l),
+    ),
+    'down_proj A',
+  );
+  t.throws(
+    () => checkAdapterAgainstModel(a, other, 'llama-other'),
+    /adapter .*adapter does not fit llama-other \(10 mismatches\):\n {2}base_model\.model\.model\.layers\.0/,
+  );
   const fewer: LlamaConfig = { ...readModelConfig(path.join(FIX, 'model')), numLayers: 1 };
   t.throws(() => checkAdapterAgainstModel(a, fewer), /weights for layer 1 but the model has 1 layers/);
 });
@@ -126,19 +185,33 @@ t.test('PEFT variants load: adapter-name infix, F16 tensors, regex targets, laye
   const tensors: Record<string, { dtype: 'BF16'; shape: number[]; data: Uint16Array }> = {};
   for (const [n, i] of st.tensors) {
     if (!n.includes('layers.1.') || !/q_proj|v_proj/.test(n)) continue;
-    tensors[n.replace(/\.weight$/, '.default.weight')] = { dtype: 'BF16', shape: i.shape, data: f32ToBf16(st.readF32(n)) };
+    tensors[n.replace(/\.weight$/, '.default.weight')] = {
+      dtype: 'BF16',
+      shape: i.shape,
+      data: f32ToBf16(st.readF32(n)),
+    };
   }
   writeSafetensors(path.join(dir, 'adapter_model.safetensors'), tensors);
-  fs.writeFileSync(path.join(dir, 'adapter_config.json'), JSON.stringify({ ...cfg, target_modules: '.*\\.(q_proj|v_proj)', layers_to_transform: [1] }));
+  fs.writeFileSync(
+    path.join(dir, 'adapter_config.json'),
+    JSON.stringify({ ...cfg, target_modules: '.*\\.(q_proj|v_proj)', layers_to_transform: [1] }),
+  );
   const a = loadAdapter(dir);
   t.same(a.targetModules, ['q_proj', 'v_proj'], 'regex targets: the tensors decide');
-  t.same(a.layers.map((l) => Object.keys(l).sort()), [[], ['q_proj', 'v_proj']]);
+  t.same(
+    a.layers.map((l) => Object.keys(l).sort()),
+    [[], ['q_proj', 'v_proj']],
+  );
   t.same(a.dtypes, { BF16: 4 });
   checkAdapterAgainstModel(a, readModelConfig(path.join(FIX, 'model')));
   // Saved canonically, with layers_to_transform telling PEFT which layers have LoRA.
   const out = path.join(d, 'canon');
   saveAdapter(out, a);
-  t.ok(openSafetensors(path.join(out, 'adapter_model.safetensors')).tensors.has('base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'));
+  t.ok(
+    openSafetensors(path.join(out, 'adapter_model.safetensors')).tensors.has(
+      'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight',
+    ),
+  );
   t.same(JSON.parse(fs.readFileSync(path.join(out, 'adapter_config.json'), 'utf8')).layers_to_transform, [1]);
   t.same(loadAdapter(out).layers[1]!.v_proj!.b, a.layers[1]!.v_proj!.b);
 });
@@ -157,8 +230,16 @@ t.test('bad adapters are clear Errors naming file and field or tensor', async (t
     ['modules_to_save', { ...base, modules_to_save: ['lm_head'] }, /field 'modules_to_save'/],
     ['task', { ...base, task_type: 'SEQ_CLS' }, /field 'task_type' must be "CAUSAL_LM"/],
   ];
-  for (const [label, json, re] of cases) t.throws(() => parseAdapterConfig(json, 'x/adapter_config.json'), new RegExp(`x/adapter_config\\.json: ${re.source}`), label);
-  t.same(parseAdapterConfig({ ...base, target_modules: ['model.layers.0.self_attn.q_proj', 'up_proj'] }).targets, ['q_proj', 'up_proj']);
+  for (const [label, json, re] of cases)
+    t.throws(
+      () => parseAdapterConfig(json, 'x/adapter_config.json'),
+      new RegExp(`x/adapter_config\\.json: ${re.source}`),
+      label,
+    );
+  t.same(parseAdapterConfig({ ...base, target_modules: ['model.layers.0.self_attn.q_proj', 'up_proj'] }).targets, [
+    'q_proj',
+    'up_proj',
+  ]);
 
   const d = tmpdir(t);
   const dir = path.join(d, 'bad');
@@ -169,14 +250,33 @@ t.test('bad adapters are clear Errors naming file and field or tensor', async (t
   const A = loraTensorName(0, 'q_proj', 'A');
   const B = loraTensorName(0, 'q_proj', 'B');
   const w = (ts: Record<string, number[]>) =>
-    writeSafetensors(path.join(dir, 'adapter_model.safetensors'), Object.fromEntries(Object.entries(ts).map(([n, s]) => [n, { dtype: 'F32' as const, shape: s, data: new Float32Array(s[0]! * s[1]!) }])));
+    writeSafetensors(
+      path.join(dir, 'adapter_model.safetensors'),
+      Object.fromEntries(
+        Object.entries(ts).map(([n, s]) => [
+          n,
+          { dtype: 'F32' as const, shape: s, data: new Float32Array(s[0]! * s[1]!) },
+        ]),
+      ),
+    );
   w({ [A]: [2, 64] });
   t.throws(() => loadAdapter(dir), /layer 0 q_proj has lora_A but no lora_B/);
   w({ [A]: [3, 64], [B]: [64, 2] });
-  t.throws(() => loadAdapter(dir), new RegExp(`tensor '${A.replace(/\./g, '\\.')}' has shape \\[3, 64\\] but lora_A must be \\[r, in\\] with r = 2`));
+  t.throws(
+    () => loadAdapter(dir),
+    new RegExp(`tensor '${A.replace(/\./g, '\\.')}' has shape \\[3, 64\\] but lora_A must be \\[r, in\\] with r = 2`),
+  );
   w({ [A]: [2, 64], [B]: [64, 2], 'base_model.model.lm_head.lora_A.weight': [2, 64] });
-  t.throws(() => loadAdapter(dir), /tensor 'base_model\.model\.lm_head\.lora_A\.weight' is not a LoRA factor of a LLaMA projection/);
-  w({ [A]: [2, 64], [B]: [64, 2], [loraTensorName(0, 'k_proj', 'A')]: [2, 64], [loraTensorName(0, 'k_proj', 'B')]: [32, 2] });
+  t.throws(
+    () => loadAdapter(dir),
+    /tensor 'base_model\.model\.lm_head\.lora_A\.weight' is not a LoRA factor of a LLaMA projection/,
+  );
+  w({
+    [A]: [2, 64],
+    [B]: [64, 2],
+    [loraTensorName(0, 'k_proj', 'A')]: [2, 64],
+    [loraTensorName(0, 'k_proj', 'B')]: [32, 2],
+  });
   t.throws(() => loadAdapter(dir), /is for k_proj, which target_modules in .* does not list/);
   w({ [A]: [2, 64], 'base_model.model.model.layers.0.mlp.q_proj.lora_B.weight': [64, 2] });
   t.throws(() => loadAdapter(dir), /mlp\.q_proj is not a LLaMA projection/);
@@ -185,9 +285,15 @@ t.test('bad adapters are clear Errors naming file and field or tensor', async (t
   const busy = path.join(d, 'busy');
   fs.mkdirSync(busy);
   fs.writeFileSync(path.join(busy, 'notes.txt'), 'mine');
-  t.throws(() => saveAdapter(busy, randomAdapter(PRESETS.tiny, 2, ['q_proj'])), /busy: holds files that are not part of an adapter \(notes\.txt\); not replacing it/);
+  t.throws(
+    () => saveAdapter(busy, randomAdapter(PRESETS.tiny, 2, ['q_proj'])),
+    /busy: holds files that are not part of an adapter \(notes\.txt\); not replacing it/,
+  );
   const bad = randomAdapter(PRESETS.tiny, 2, ['q_proj']);
   bad.layers[0]!.q_proj!.a = new Float32Array(5);
-  t.throws(() => saveAdapter(path.join(d, 'x'), bad), /layer 0 q_proj: A has 5 and B 128 elements, not non-zero multiples of r = 2/);
+  t.throws(
+    () => saveAdapter(path.join(d, 'x'), bad),
+    /layer 0 q_proj: A has 5 and B 128 elements, not non-zero multiples of r = 2/,
+  );
   t.same(fs.readdirSync(d).sort(), ['bad', 'busy'], 'no temp dirs left');
 });

@@ -7,7 +7,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { openSafetensors, writeSafetensors, type StArray, type StDType } from '../../lib/io/safetensors.js';
 import {
-  bf16BitsToF32, bf16ToF32, f16BitsToF32, f16ToF32, f32ToBf16, f32ToBf16Bits, f32ToF16, f32ToF16Bits,
+  bf16BitsToF32,
+  bf16ToF32,
+  f16BitsToF32,
+  f16ToF32,
+  f32ToBf16,
+  f32ToBf16Bits,
+  f32ToF16,
+  f32ToF16Bits,
 } from '../../lib/io/dtype.js';
 import { cpuDevice } from '../support/helpers.js';
 
@@ -21,7 +28,9 @@ function tmpdir(t: Test): string {
 
 /** A file: 8-byte length (or `len`), the header text, then `data` bytes. */
 function raw(dir: string, name: string, header: unknown, dataBytes: number, len?: bigint): string {
-  const h = Buffer.isBuffer(header) ? header : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
+  const h = Buffer.isBuffer(header)
+    ? header
+    : Buffer.from(typeof header === 'string' ? header : JSON.stringify(header), 'utf8');
   const l = Buffer.alloc(8);
   l.writeBigUInt64LE(len ?? BigInt(h.length));
   const p = path.join(dir, name);
@@ -33,33 +42,92 @@ t.test('malformed files are Errors naming the file, the tensor and the problem',
   const d = tmpdir(t);
   const ok = { w: { dtype: 'F32', shape: [2, 2], data_offsets: [0, 16] } };
   const cases: Array<[string, () => string, RegExp]> = [
-    ['empty file', () => (fs.writeFileSync(path.join(d, 'empty.st'), ''), path.join(d, 'empty.st')), /empty\.st: file is 0 bytes, too short/],
-    ['header length past EOF', () => raw(d, 'a.st', ok, 16, 4096n), /a\.st: header length 4096 runs past the end of the file/],
+    [
+      'empty file',
+      () => (fs.writeFileSync(path.join(d, 'empty.st'), ''), path.join(d, 'empty.st')),
+      /empty\.st: file is 0 bytes, too short/,
+    ],
+    [
+      'header length past EOF',
+      () => raw(d, 'a.st', ok, 16, 4096n),
+      /a\.st: header length 4096 runs past the end of the file/,
+    ],
     ['absurd header length', () => raw(d, 'b.st', ok, 16, 2n ** 63n), /b\.st: header length \d+ is over the limit/],
-    ['truncated data', () => raw(d, 'c.st', ok, 10), /c\.st: tensor 'w': data_offsets \[0, 16\] run past the end of the data section \(10 bytes\)/],
+    [
+      'truncated data',
+      () => raw(d, 'c.st', ok, 10),
+      /c\.st: tensor 'w': data_offsets \[0, 16\] run past the end of the data section \(10 bytes\)/,
+    ],
     ['bad JSON', () => raw(d, 'd.st', '{"w": {', 0), /d\.st: header is not valid JSON/],
     ['header not an object', () => raw(d, 'e.st', [1, 2], 0), /e\.st: header is not a JSON object \(got an array\)/],
     ['header null', () => raw(d, 'e2.st', 'null', 0), /e2\.st: header is not a JSON object \(got null\)/],
     ['not UTF-8', () => raw(d, 'e3.st', Buffer.from([0x7b, 0xff, 0x7d]), 0), /e3\.st: header is not valid UTF-8/],
-    ['offsets past the end', () => raw(d, 'f.st', { w: { dtype: 'F32', shape: [4], data_offsets: [16, 32] } }, 16), /f\.st: tensor 'w': data_offsets \[16, 32\] run past the end/],
-    ['end before begin', () => raw(d, 'g.st', { w: { dtype: 'F32', shape: [0], data_offsets: [8, 4] } }, 16), /g\.st: tensor 'w': data_offsets \[8, 4\] end before they begin/],
+    [
+      'offsets past the end',
+      () => raw(d, 'f.st', { w: { dtype: 'F32', shape: [4], data_offsets: [16, 32] } }, 16),
+      /f\.st: tensor 'w': data_offsets \[16, 32\] run past the end/,
+    ],
+    [
+      'end before begin',
+      () => raw(d, 'g.st', { w: { dtype: 'F32', shape: [0], data_offsets: [8, 4] } }, 16),
+      /g\.st: tensor 'w': data_offsets \[8, 4\] end before they begin/,
+    ],
     [
       'overlapping tensors',
-      () => raw(d, 'h.st', { a: { dtype: 'F32', shape: [4], data_offsets: [0, 16] }, b: { dtype: 'F32', shape: [2], data_offsets: [8, 16] } }, 16),
+      () =>
+        raw(
+          d,
+          'h.st',
+          {
+            a: { dtype: 'F32', shape: [4], data_offsets: [0, 16] },
+            b: { dtype: 'F32', shape: [2], data_offsets: [8, 16] },
+          },
+          16,
+        ),
       /h\.st: tensor 'b' \(bytes \[8, 16\)\) overlaps tensor 'a'/,
     ],
     [
       'shape/byte-length mismatch',
-      () => raw(d, 'i.st', { 'model.layers.0.self_attn.q_proj.weight': { dtype: 'F32', shape: [8, 8], data_offsets: [0, 100] } }, 100),
+      () =>
+        raw(
+          d,
+          'i.st',
+          { 'model.layers.0.self_attn.q_proj.weight': { dtype: 'F32', shape: [8, 8], data_offsets: [0, 100] } },
+          100,
+        ),
       /i\.st: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight': data_offsets \[0, 100\] hold 100 bytes but F32 \[8, 8\] needs 256/,
     ],
-    ['unknown dtype', () => raw(d, 'j.st', { w: { dtype: 'F128', shape: [1], data_offsets: [0, 16] } }, 16), /j\.st: tensor 'w': unknown dtype "F128"/],
-    ['negative shape', () => raw(d, 'k.st', { w: { dtype: 'F32', shape: [-1, 4], data_offsets: [0, 16] } }, 16), /k\.st: tensor 'w': shape must be a list of non-negative integers, got \[-1,4\]/],
-    ['fractional shape', () => raw(d, 'l.st', { w: { dtype: 'F32', shape: [1.5], data_offsets: [0, 6] } }, 16), /l\.st: tensor 'w': shape must be a list of non-negative integers/],
-    ['shape not a list', () => raw(d, 'm.st', { w: { dtype: 'F32', shape: '4', data_offsets: [0, 16] } }, 16), /m\.st: tensor 'w': shape must be a list/],
-    ['bad data_offsets', () => raw(d, 'n.st', { w: { dtype: 'F32', shape: [4], data_offsets: [0] } }, 16), /n\.st: tensor 'w': data_offsets must be \[begin, end\]/],
+    [
+      'unknown dtype',
+      () => raw(d, 'j.st', { w: { dtype: 'F128', shape: [1], data_offsets: [0, 16] } }, 16),
+      /j\.st: tensor 'w': unknown dtype "F128"/,
+    ],
+    [
+      'negative shape',
+      () => raw(d, 'k.st', { w: { dtype: 'F32', shape: [-1, 4], data_offsets: [0, 16] } }, 16),
+      /k\.st: tensor 'w': shape must be a list of non-negative integers, got \[-1,4\]/,
+    ],
+    [
+      'fractional shape',
+      () => raw(d, 'l.st', { w: { dtype: 'F32', shape: [1.5], data_offsets: [0, 6] } }, 16),
+      /l\.st: tensor 'w': shape must be a list of non-negative integers/,
+    ],
+    [
+      'shape not a list',
+      () => raw(d, 'm.st', { w: { dtype: 'F32', shape: '4', data_offsets: [0, 16] } }, 16),
+      /m\.st: tensor 'w': shape must be a list/,
+    ],
+    [
+      'bad data_offsets',
+      () => raw(d, 'n.st', { w: { dtype: 'F32', shape: [4], data_offsets: [0] } }, 16),
+      /n\.st: tensor 'w': data_offsets must be \[begin, end\]/,
+    ],
     ['entry not an object', () => raw(d, 'o.st', { w: 3 }, 16), /o\.st: tensor 'w': entry must be an object/],
-    ['metadata not strings', () => raw(d, 'p.st', { __metadata__: { a: 1 } }, 0), /p\.st: __metadata__ 'a' must be a string/],
+    [
+      'metadata not strings',
+      () => raw(d, 'p.st', { __metadata__: { a: 1 } }, 0),
+      /p\.st: __metadata__ 'a' must be a string/,
+    ],
     ['missing file', () => path.join(d, 'nope.st'), /nope\.st: cannot open/],
   ];
   for (const [label, make, re] of cases) {
@@ -76,7 +144,12 @@ t.test('malformed files are Errors naming the file, the tensor and the problem',
 
 t.test('gaps and trailing bytes are accepted with a warning', async (t) => {
   const d = tmpdir(t);
-  const p = raw(d, 'gap.st', { a: { dtype: 'F32', shape: [1], data_offsets: [0, 4] }, b: { dtype: 'F32', shape: [1], data_offsets: [8, 12] } }, 16);
+  const p = raw(
+    d,
+    'gap.st',
+    { a: { dtype: 'F32', shape: [1], data_offsets: [0, 4] }, b: { dtype: 'F32', shape: [1], data_offsets: [8, 12] } },
+    16,
+  );
   const st = openSafetensors(p);
   t.equal(st.warnings.length, 2);
   t.match(st.warnings[0]!, /4 unused bytes before tensor 'b'/);
@@ -102,7 +175,9 @@ const SAMPLES: Record<StDType, () => StArray> = {
 t.test('every dtype round-trips; layout and header are as HF writes them', async (t) => {
   const d = tmpdir(t);
   const p = path.join(d, 'all.safetensors');
-  const src = Object.fromEntries(Object.entries(SAMPLES).map(([k, f]) => [`t_${k}`, { dtype: k as StDType, shape: [2, 2], data: f() }]));
+  const src = Object.fromEntries(
+    Object.entries(SAMPLES).map(([k, f]) => [`t_${k}`, { dtype: k as StDType, shape: [2, 2], data: f() }]),
+  );
   src.scalar = { dtype: 'F32', shape: [], data: Float32Array.from([42]) };
   src.empty = { dtype: 'F32', shape: [0, 3], data: new Float32Array(0) };
   writeSafetensors(p, src, { format: 'pt' });
@@ -137,13 +212,20 @@ t.test('writes are atomic: no temp files left, bad data leaves the old file alon
     () => writeSafetensors(p, { a: { dtype: 'F32', shape: [3], data: Float32Array.from([1, 2]) } }),
     /x\.safetensors: tensor 'a': F32 \[3\] needs 3 elements, got 2/,
   );
-  t.throws(() => writeSafetensors(p, { a: { dtype: 'F32', shape: [2], data: Int32Array.from([1, 2]) } }), /F32 data must be a Float32Array, got Int32Array/);
+  t.throws(
+    () => writeSafetensors(p, { a: { dtype: 'F32', shape: [2], data: Int32Array.from([1, 2]) } }),
+    /F32 data must be a Float32Array, got Int32Array/,
+  );
   t.same(fs.readdirSync(d), ['x.safetensors'], 'failed writes leave no temp file');
   t.same(Array.from(openSafetensors(p).readF32('a')), [1, 2], 'the old file is intact');
 });
 
 t.test('reference fixtures written by Python read right (F64 as Float64Array, I64 as BigInt64Array)', async (t) => {
-  const ref = JSON.parse(fs.readFileSync(path.join(FIX, 'ref.json'), 'utf8')) as { loss: number; input_ids: number[][]; logits_first4: number[][][] };
+  const ref = JSON.parse(fs.readFileSync(path.join(FIX, 'ref.json'), 'utf8')) as {
+    loss: number;
+    input_ids: number[][];
+    logits_first4: number[][][];
+  };
   const st = openSafetensors(path.join(FIX, 'ref.safetensors'));
   t.equal(st.metadata.seed, '99');
   const loss = st.read('loss');
@@ -182,7 +264,10 @@ t.test('toDevice: straight from the file, or converted', async (t) => {
   t.same(Array.from(c.read()), Array.from(f));
   const e = await st.toDevice(dev, 'f64', { dtype: 'f32' });
   t.same(Array.from(e.read()), Array.from(f));
-  await t.rejects(st.toDevice(dev, 'f64'), /dev\.safetensors: tensor 'f64' is F64, which the native core does not hold; pass \{dtype\}/);
+  await t.rejects(
+    st.toDevice(dev, 'f64'),
+    /dev\.safetensors: tensor 'f64' is F64, which the native core does not hold; pass \{dtype\}/,
+  );
   const i = await st.toDevice(dev, 'i64', { dtype: 'i32' });
   t.same(Array.from(i.read()), [1, 2, 3]);
   await t.rejects(st.toDevice(dev, 'big', { dtype: 'i32' }), /element 0 \(1099511627776\) does not fit in i32/);

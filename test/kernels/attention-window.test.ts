@@ -27,20 +27,27 @@ const visibleFrom = (i: number, w: number) => (w > 0 ? Math.max(0, i - w + 1) : 
 /** float64 forward and analytic backward, one (sequence, head, query row) at a time. */
 function reference(c: Case, x: Inputs) {
   const { cu, hq, hkv, d, window } = c;
-  const n = cu[cu.length - 1]!, group = hq / hkv, scale = 1 / Math.sqrt(d);
-  const out = new Float64Array(n * hq * d), lse = new Float64Array(hq * n);
-  const dq = new Float64Array(n * hq * d), dk = new Float64Array(n * hkv * d), dv = new Float64Array(n * hkv * d);
+  const n = cu[cu.length - 1]!,
+    group = hq / hkv,
+    scale = 1 / Math.sqrt(d);
+  const out = new Float64Array(n * hq * d),
+    lse = new Float64Array(hq * n);
+  const dq = new Float64Array(n * hq * d),
+    dk = new Float64Array(n * hkv * d),
+    dv = new Float64Array(n * hkv * d);
   const dotq = (a: Float32Array, ai: number, b: Float32Array, bi: number) => {
     let s = 0;
     for (let e = 0; e < d; e++) s += a[ai + e]! * b[bi + e]!;
     return s;
   };
   for (let s = 0; s + 1 < cu.length; s++) {
-    const r0 = cu[s]!, T = cu[s + 1]! - r0;
+    const r0 = cu[s]!,
+      T = cu[s + 1]! - r0;
     for (let h = 0; h < hq; h++) {
       const g = Math.floor(h / group);
       for (let i = 0; i < T; i++) {
-        const qi = ((r0 + i) * hq + h) * d, lo = visibleFrom(i, window);
+        const qi = ((r0 + i) * hq + h) * d,
+          lo = visibleFrom(i, window);
         const kj = (j: number) => ((r0 + j) * hkv + g) * d;
         const sc: number[] = [];
         for (let j = lo; j <= i; j++) sc.push(scale * dotq(x.q, qi, x.k, kj(j)));
@@ -53,7 +60,8 @@ function reference(c: Case, x: Inputs) {
         const dP = p.map((_, jj) => dotq(x.dout, qi, x.v, kj(lo + jj)));
         const rs = p.reduce((a, pj, jj) => a + pj * dP[jj]!, 0);
         for (let j = lo; j <= i; j++) {
-          const pj = p[j - lo]!, ds = pj * (dP[j - lo]! - rs);
+          const pj = p[j - lo]!,
+            ds = pj * (dP[j - lo]! - rs);
           for (let e = 0; e < d; e++) {
             dv[kj(j) + e]! += pj * x.dout[qi + e]!;
             dq[qi + e]! += scale * ds * x.k[kj(j) + e]!;
@@ -68,17 +76,37 @@ function reference(c: Case, x: Inputs) {
 
 function inputs(c: Case, rng: Rng, qkScale = 1): Inputs {
   const n = c.cu[c.cu.length - 1]!;
-  return { q: randn(rng, n * c.hq * c.d, qkScale), k: randn(rng, n * c.hkv * c.d, qkScale), v: randn(rng, n * c.hkv * c.d), dout: randn(rng, n * c.hq * c.d) };
+  return {
+    q: randn(rng, n * c.hq * c.d, qkScale),
+    k: randn(rng, n * c.hkv * c.d, qkScale),
+    v: randn(rng, n * c.hkv * c.d),
+    dout: randn(rng, n * c.hq * c.d),
+  };
 }
 
 /** Forward + backward on the device; `window` undefined leaves the argument out. Outputs start as junk. */
 async function run(dev: Device, c: Case, x: Inputs, window: number | undefined, rng: Rng) {
   const n = c.cu[c.cu.length - 1]!;
   const f = (shape: number[], data: Float32Array) => dev.fromArray('f32', shape, data);
-  const junk = (shape: number[]) => f(shape, randn(rng, shape.reduce((a, b) => a * b, 1), 3));
-  const q = f([n, c.hq * c.d], x.q), k = f([n, c.hkv * c.d], x.k), v = f([n, c.hkv * c.d], x.v), dout = f([n, c.hq * c.d], x.dout);
+  const junk = (shape: number[]) =>
+    f(
+      shape,
+      randn(
+        rng,
+        shape.reduce((a, b) => a * b, 1),
+        3,
+      ),
+    );
+  const q = f([n, c.hq * c.d], x.q),
+    k = f([n, c.hkv * c.d], x.k),
+    v = f([n, c.hkv * c.d], x.v),
+    dout = f([n, c.hq * c.d], x.dout);
   const cuSeqlens = dev.fromArray('i32', [c.cu.length], Int32Array.from(c.cu));
-  const out = junk([n, c.hq * c.d]), lse = junk([c.hq, n]), dq = junk([n, c.hq * c.d]), dk = junk([n, c.hkv * c.d]), dv = junk([n, c.hkv * c.d]);
+  const out = junk([n, c.hq * c.d]),
+    lse = junk([c.hq, n]),
+    dq = junk([n, c.hq * c.d]),
+    dk = junk([n, c.hkv * c.d]),
+    dv = junk([n, c.hkv * c.d]);
   const common = { cuSeqlens, heads: c.hq, kvHeads: c.hkv, ...(window !== undefined ? { window } : {}) };
   await dev.run([
     { op: 'attention_forward', out, lse, q, k, v, ...common },
@@ -131,9 +159,12 @@ for (const [name, c] of cases) {
           const at = `(${kernel}, ${threads} threads)`;
           assertClose(t, got.out, ref.out, TOL_OUT, `out ${at}`);
           assertClose(t, got.lse, ref.lse, TOL_LSE, `lse ${at}`);
-          for (const g of ['dq', 'dk', 'dv'] as const) assertClose(t, got[g], ref[g], scaled(ref[g], 2e-5), `${g} ${at}`);
+          for (const g of ['dq', 'dk', 'dv'] as const)
+            assertClose(t, got[g], ref[g], scaled(ref[g], 2e-5), `${g} ${at}`);
           if (!first) first = got;
-          else for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
+          else
+            for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
+              assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
         }
       } finally {
         delete process.env.MLORA_GEMM_KERNEL;
@@ -170,7 +201,10 @@ t.test('extreme range: q, k scaled by 30, window 24, stays finite and accurate',
 t.test('attention_decode with a window equals the windowed forward, row by row', async (t) => {
   const dev = cpuDevice(2);
   const rng = new Rng(25, 'attn-window-decode');
-  const T = 90, hq = 4, hkv = 2, d = 16;
+  const T = 90,
+    hq = 4,
+    hkv = 2,
+    d = 16;
   for (const window of [0, 1, 7, 64, 200]) {
     const c: Case = { cu: [0, T], hq, hkv, d, window };
     const x = inputs(c, rng);
@@ -178,11 +212,22 @@ t.test('attention_decode with a window equals the windowed forward, row by row',
     const kc = dev.fromArray('f32', [T + 5, hkv * d], Float32Array.from([...x.k, ...randn(rng, 5 * hkv * d)]));
     const vc = dev.fromArray('f32', [T + 5, hkv * d], Float32Array.from([...x.v, ...randn(rng, 5 * hkv * d)]));
     // the last 3 positions at once (a prefill's tail), then position 40 alone
-    for (const [from, to] of [[T - 3, T], [40, 41]] as const) {
+    for (const [from, to] of [
+      [T - 3, T],
+      [40, 41],
+    ] as const) {
       const q = dev.fromArray('f32', [to - from, hq * d], x.q.subarray(from * hq * d, to * hq * d));
       const out = dev.fromArray('f32', [to - from, hq * d], randn(rng, (to - from) * hq * d, 3));
-      await dev.run([{ op: 'attention_decode', out, q, kCache: kc, vCache: vc, length: to, heads: hq, kvHeads: hkv, window }]);
-      assertClose(t, readF32(out), ref.out.subarray(from * hq * d, to * hq * d), TOL_OUT, `window ${window}: positions ${from}..${to - 1}`);
+      await dev.run([
+        { op: 'attention_decode', out, q, kCache: kc, vCache: vc, length: to, heads: hq, kvHeads: hkv, window },
+      ]);
+      assertClose(
+        t,
+        readF32(out),
+        ref.out.subarray(from * hq * d, to * hq * d),
+        TOL_OUT,
+        `window ${window}: positions ${from}..${to - 1}`,
+      );
       q.free();
       out.free();
     }
@@ -194,13 +239,48 @@ t.test('attention_decode with a window equals the windowed forward, row by row',
 t.test('a negative window is refused, naming the argument', async (t) => {
   const dev = cpuDevice(1);
   const rng = new Rng(26, 'attn-window-bad');
-  const f = (shape: number[]) => dev.fromArray('f32', shape, randn(rng, shape.reduce((a, b) => a * b, 1)));
-  const q = f([6, 32]), k = f([6, 16]), v = f([6, 16]), out = f([6, 32]), lse = f([4, 6]), dout = f([6, 32]);
-  const dq = f([6, 32]), dk = f([6, 16]), dv = f([6, 16]);
+  const f = (shape: number[]) =>
+    dev.fromArray(
+      'f32',
+      shape,
+      randn(
+        rng,
+        shape.reduce((a, b) => a * b, 1),
+      ),
+    );
+  const q = f([6, 32]),
+    k = f([6, 16]),
+    v = f([6, 16]),
+    out = f([6, 32]),
+    lse = f([4, 6]),
+    dout = f([6, 32]);
+  const dq = f([6, 32]),
+    dk = f([6, 16]),
+    dv = f([6, 16]);
   const cuSeqlens = dev.fromArray('i32', [2], new Int32Array([0, 6]));
   const re = /argument 'window' must be >= 0 \(0 = no sliding window\), got -1/;
-  await expectRefused(t, dev, [{ op: 'attention_forward', out, lse, q, k, v, cuSeqlens, heads: 4, kvHeads: 2, window: -1 }], re);
-  await expectRefused(t, dev, [{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, cuSeqlens, heads: 4, kvHeads: 2, window: -1 }], re);
-  await expectRefused(t, dev, [{ op: 'attention_decode', out, q, kCache: k, vCache: v, length: 6, heads: 4, kvHeads: 2, window: -1 }], re);
-  await expectRefused(t, dev, [{ op: 'attention_forward', out, lse, q, k, v, cuSeqlens, heads: 4, kvHeads: 2, window: 2.5 }], /window/);
+  await expectRefused(
+    t,
+    dev,
+    [{ op: 'attention_forward', out, lse, q, k, v, cuSeqlens, heads: 4, kvHeads: 2, window: -1 }],
+    re,
+  );
+  await expectRefused(
+    t,
+    dev,
+    [{ op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, cuSeqlens, heads: 4, kvHeads: 2, window: -1 }],
+    re,
+  );
+  await expectRefused(
+    t,
+    dev,
+    [{ op: 'attention_decode', out, q, kCache: k, vCache: v, length: 6, heads: 4, kvHeads: 2, window: -1 }],
+    re,
+  );
+  await expectRefused(
+    t,
+    dev,
+    [{ op: 'attention_forward', out, lse, q, k, v, cuSeqlens, heads: 4, kvHeads: 2, window: 2.5 }],
+    /window/,
+  );
 });

@@ -29,13 +29,20 @@ interface Fwd {
 }
 
 /** float64 forward: per sequence and head, the full causal score matrix and its softmax. */
-function attnRef(s: Shape, x: { q: ArrayLike<number>; k: ArrayLike<number>; v: ArrayLike<number> }): Fwd & { probs: Float64Array[][] } {
+function attnRef(
+  s: Shape,
+  x: { q: ArrayLike<number>; k: ArrayLike<number>; v: ArrayLike<number> },
+): Fwd & { probs: Float64Array[][] } {
   const { cu, hq, hkv, d } = s;
-  const n = cu[cu.length - 1]!, group = hq / hkv, scale = s.scale ?? 1 / Math.sqrt(d);
-  const out = new Float64Array(n * hq * d), lse = new Float64Array(hq * n);
+  const n = cu[cu.length - 1]!,
+    group = hq / hkv,
+    scale = s.scale ?? 1 / Math.sqrt(d);
+  const out = new Float64Array(n * hq * d),
+    lse = new Float64Array(hq * n);
   const probs: Float64Array[][] = [];
   for (let q = 0; q + 1 < cu.length; q++) {
-    const r0 = cu[q]!, T = cu[q + 1]! - r0;
+    const r0 = cu[q]!,
+      T = cu[q + 1]! - r0;
     const perHead: Float64Array[] = [];
     for (let h = 0; h < hq; h++) {
       const g = Math.floor(h / group);
@@ -67,14 +74,21 @@ function attnRef(s: Shape, x: { q: ArrayLike<number>; k: ArrayLike<number>; v: A
 /** float64 analytic backward from the materialised probabilities: dS = P∘(dP − rowsum(P∘dP)). */
 function attnBackRef(s: Shape, x: Inputs) {
   const { cu, hq, hkv, d } = s;
-  const n = cu[cu.length - 1]!, group = hq / hkv, scale = s.scale ?? 1 / Math.sqrt(d);
+  const n = cu[cu.length - 1]!,
+    group = hq / hkv,
+    scale = s.scale ?? 1 / Math.sqrt(d);
   const { probs } = attnRef(s, x);
-  const dq = new Float64Array(n * hq * d), dk = new Float64Array(n * hkv * d), dv = new Float64Array(n * hkv * d);
+  const dq = new Float64Array(n * hq * d),
+    dk = new Float64Array(n * hkv * d),
+    dv = new Float64Array(n * hkv * d);
   for (let q = 0; q + 1 < cu.length; q++) {
-    const r0 = cu[q]!, T = cu[q + 1]! - r0;
+    const r0 = cu[q]!,
+      T = cu[q + 1]! - r0;
     for (let h = 0; h < hq; h++) {
-      const g = Math.floor(h / group), P = probs[q]![h]!;
-      const qi = (i: number) => ((r0 + i) * hq + h) * d, kj = (j: number) => ((r0 + j) * hkv + g) * d;
+      const g = Math.floor(h / group),
+        P = probs[q]![h]!;
+      const qi = (i: number) => ((r0 + i) * hq + h) * d,
+        kj = (j: number) => ((r0 + j) * hkv + g) * d;
       for (let i = 0; i < T; i++) {
         const dP = new Float64Array(i + 1);
         let rs = 0;
@@ -85,7 +99,8 @@ function attnBackRef(s: Shape, x: Inputs) {
           rs += P[i * T + j]! * dot;
         }
         for (let j = 0; j <= i; j++) {
-          const p = P[i * T + j]!, dS = p * (dP[j]! - rs);
+          const p = P[i * T + j]!,
+            dS = p * (dP[j]! - rs);
           for (let c = 0; c < d; c++) {
             dv[kj(j) + c]! += p * x.dout[qi(i) + c]!;
             dq[qi(i) + c]! += scale * dS * x.k[kj(j) + c]!;
@@ -100,7 +115,10 @@ function attnBackRef(s: Shape, x: Inputs) {
 
 /** Bitwise equality of two float arrays (t.same on large typed arrays is slow). */
 function sameBits(a: Float32Array, b: Float32Array): boolean {
-  return a.length === b.length && Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+  return (
+    a.length === b.length &&
+    Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength))
+  );
 }
 
 function makeInputs(s: Shape, rng: Rng, qkScale = 1): Inputs {
@@ -126,11 +144,25 @@ async function runKernels(dev: Device, s: Shape, x: Inputs, rng: Rng): Promise<O
   const n = s.cu[s.cu.length - 1]!;
   const { hq, hkv, d } = s;
   const f = (shape: number[], data: Float32Array) => dev.fromArray('f32', shape, data);
-  const junk = (shape: number[]) => f(shape, randn(rng, shape.reduce((a, b) => a * b, 1), 3));
-  const q = f([n, hq * d], x.q), k = f([n, hkv, d], x.k), v = f([n, hkv * d], x.v), dout = f([n, hq, d], x.dout);
+  const junk = (shape: number[]) =>
+    f(
+      shape,
+      randn(
+        rng,
+        shape.reduce((a, b) => a * b, 1),
+        3,
+      ),
+    );
+  const q = f([n, hq * d], x.q),
+    k = f([n, hkv, d], x.k),
+    v = f([n, hkv * d], x.v),
+    dout = f([n, hq, d], x.dout);
   const cuSeqlens = dev.fromArray('i32', [s.cu.length], Int32Array.from(s.cu));
-  const out = junk([n, hq * d]), lse = junk([hq, n]);
-  const dq = junk([n, hq * d]), dk = junk([n, hkv * d]), dv = junk([n, hkv * d]);
+  const out = junk([n, hq * d]),
+    lse = junk([hq, n]);
+  const dq = junk([n, hq * d]),
+    dk = junk([n, hkv * d]),
+    dv = junk([n, hkv * d]);
   const common = { cuSeqlens, heads: hq, kvHeads: hkv, ...(s.scale !== undefined ? { scale: s.scale } : {}) };
   await dev.run([
     { op: 'attention_forward', out, lse, q, k, v, ...common },
@@ -160,11 +192,19 @@ const TOL_LSE = { atol: 1e-5, rtol: 1e-5 };
 const GRAD_REL = 2e-5;
 
 const shapes: Array<[string, Shape]> = [
-  ['single sequence of 150 (three key blocks, the last partial), MHA 4 heads, d 32', { cu: [0, 150], hq: 4, hkv: 4, d: 32 }],
-  ['nine sequences of lengths 0..130 (one empty), GQA ratio 2, d 16',
-    { cu: [0, 1, 8, 8, 72, 137, 267, 270, 271, 291], hq: 4, hkv: 2, d: 16 }],
+  [
+    'single sequence of 150 (three key blocks, the last partial), MHA 4 heads, d 32',
+    { cu: [0, 150], hq: 4, hkv: 4, d: 32 },
+  ],
+  [
+    'nine sequences of lengths 0..130 (one empty), GQA ratio 2, d 16',
+    { cu: [0, 1, 8, 8, 72, 137, 267, 270, 271, 291], hq: 4, hkv: 2, d: 16 },
+  ],
   ['four sequences incl. length 1 and 64, GQA ratio 4, d 64', { cu: [0, 33, 34, 134, 198], hq: 8, hkv: 2, d: 64 }],
-  ['one kv head for all (MQA), explicit scale 0.3, d 20 (not a multiple of 8)', { cu: [0, 70, 75], hq: 3, hkv: 1, d: 20, scale: 0.3 }],
+  [
+    'one kv head for all (MQA), explicit scale 0.3, d 20 (not a multiple of 8)',
+    { cu: [0, 70, 75], hq: 3, hkv: 1, d: 20, scale: 0.3 },
+  ],
 ];
 
 for (const [name, s] of shapes) {
@@ -184,7 +224,8 @@ for (const [name, s] of shapes) {
       else {
         // Every element is computed by one work item in a fixed order, whatever the schedule,
         // so the thread count does not change a single bit.
-        for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(sameBits(got[key], first[key]), `${key}: 2 threads == 1 thread, bitwise`);
+        for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
+          t.ok(sameBits(got[key], first[key]), `${key}: 2 threads == 1 thread, bitwise`);
       }
     }
   });
@@ -213,21 +254,26 @@ const pathShapes: Array<[string, Shape]> = [
   ['one sequence of 200, GQA 4, d 128', { cu: [0, 200], hq: 4, hkv: 1, d: 128 }],
 ];
 for (const [kernel, have] of paths) {
-  t.test(`MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`, { skip: have ? false : `this CPU has no ${kernel}` }, async (t) => {
-    for (const [name, s] of pathShapes) {
-      const x = makeInputs(s, new Rng(18, 'attn-path', name));
-      const ref = attnRef(s, x);
-      const bref = attnBackRef(s, x);
-      const one = await withKernel(kernel, () => runKernels(cpuDevice(1), s, x, new Rng(19)));
-      assertClose(t, one.out, ref.out, TOL_OUT, `${name}: out`);
-      assertClose(t, one.lse, ref.lse, TOL_LSE, `${name}: lse`);
-      assertClose(t, one.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), `${name}: dq`);
-      assertClose(t, one.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), `${name}: dk`);
-      assertClose(t, one.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), `${name}: dv`);
-      const two = await withKernel(kernel, () => runKernels(cpuDevice(2), s, x, new Rng(20)));
-      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(sameBits(two[key], one[key]), `${name}: ${key} 2 threads == 1 thread, bitwise`);
-    }
-  });
+  t.test(
+    `MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`,
+    { skip: have ? false : `this CPU has no ${kernel}` },
+    async (t) => {
+      for (const [name, s] of pathShapes) {
+        const x = makeInputs(s, new Rng(18, 'attn-path', name));
+        const ref = attnRef(s, x);
+        const bref = attnBackRef(s, x);
+        const one = await withKernel(kernel, () => runKernels(cpuDevice(1), s, x, new Rng(19)));
+        assertClose(t, one.out, ref.out, TOL_OUT, `${name}: out`);
+        assertClose(t, one.lse, ref.lse, TOL_LSE, `${name}: lse`);
+        assertClose(t, one.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), `${name}: dq`);
+        assertClose(t, one.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), `${name}: dk`);
+        assertClose(t, one.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), `${name}: dv`);
+        const two = await withKernel(kernel, () => runKernels(cpuDevice(2), s, x, new Rng(20)));
+        for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
+          t.ok(sameBits(two[key], one[key]), `${name}: ${key} 2 threads == 1 thread, bitwise`);
+      }
+    },
+  );
 }
 
 t.test('finite differences of the float64 forward agree with both backward passes', async (t) => {
@@ -258,7 +304,11 @@ t.test('finite differences of the float64 forward agree with both backward passe
   };
   const bref = attnBackRef(s, x);
   const got = await runKernels(cpuDevice(1), s, x, rng);
-  for (const [which, gk] of [['q', 'dq'], ['k', 'dk'], ['v', 'dv']] as const) {
+  for (const [which, gk] of [
+    ['q', 'dq'],
+    ['k', 'dk'],
+    ['v', 'dv'],
+  ] as const) {
     const num = fd(which);
     // Central differences with eps 1e-3 on O(1) inputs: truncation error ~eps²·|f'''| ≈ 1e-6.
     assertClose(t, bref[gk], num, { atol: 1e-5, rtol: 1e-4 }, `${gk}: f64 analytic vs finite differences`);
@@ -281,7 +331,8 @@ t.test('extreme range: q and k scaled by 30 (logits in the hundreds) stay finite
     for (const threads of [1, 2]) {
       const got = await withKernel(kernel, () => runKernels(cpuDevice(threads), s, x, new Rng(15)));
       const at = `(${kernel}, ${threads} thread(s))`;
-      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(got[key].every(Number.isFinite), `${key} finite ${at}`);
+      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
+        t.ok(got[key].every(Number.isFinite), `${key} finite ${at}`);
       // A score of magnitude ~1000 carries a float32 rounding error of ~1e-4·√d absolute, which
       // becomes a relative error of that size in its probability: out within 2e-3 of |v| ~ 1,
       // lse within 1e-5 relative, gradients within 2e-3 of their largest magnitude.
@@ -309,26 +360,60 @@ t.test('no cross-sequence leakage: changing one sequence leaves the others bitwi
   for (const key of ['out', 'dq', 'dk', 'dv'] as const) {
     const width = a[key].length / 150;
     const [lo, hi] = [40 * width, 110 * width];
-    t.ok(sameBits(b[key].subarray(0, lo), a[key].subarray(0, lo)) && sameBits(b[key].subarray(hi), a[key].subarray(hi)),
-      `${key}: rows outside sequence 1 unchanged, bitwise`);
+    t.ok(
+      sameBits(b[key].subarray(0, lo), a[key].subarray(0, lo)) && sameBits(b[key].subarray(hi), a[key].subarray(hi)),
+      `${key}: rows outside sequence 1 unchanged, bitwise`,
+    );
     t.notOk(sameBits(b[key].subarray(lo, hi), a[key].subarray(lo, hi)), `${key}: sequence 1 did change`);
   }
-  const lseOutside = (arr: Float32Array) => Float32Array.from(Array.from(arr).filter((_, i) => i % 150 < 40 || i % 150 >= 110));
+  const lseOutside = (arr: Float32Array) =>
+    Float32Array.from(Array.from(arr).filter((_, i) => i % 150 < 40 || i % 150 >= 110));
   t.ok(sameBits(lseOutside(b.lse), lseOutside(a.lse)), 'lse outside sequence 1 unchanged, bitwise');
 });
 
 t.test('bad arguments are Errors naming the argument', async (t) => {
   const dev = cpuDevice(1);
   const rng = new Rng(17, 'attn-bad');
-  const n = 6, hq = 4, hkv = 2, d = 8;
-  const f = (shape: number[]) => dev.fromArray('f32', shape, randn(rng, shape.reduce((a, b) => a * b, 1)));
-  const q = f([n, hq * d]), k = f([n, hkv * d]), v = f([n, hkv * d]);
-  const out = f([n, hq * d]), lse = f([hq, n]), dout = f([n, hq * d]);
-  const dq = f([n, hq * d]), dk = f([n, hkv * d]), dv = f([n, hkv * d]);
+  const n = 6,
+    hq = 4,
+    hkv = 2,
+    d = 8;
+  const f = (shape: number[]) =>
+    dev.fromArray(
+      'f32',
+      shape,
+      randn(
+        rng,
+        shape.reduce((a, b) => a * b, 1),
+      ),
+    );
+  const q = f([n, hq * d]),
+    k = f([n, hkv * d]),
+    v = f([n, hkv * d]);
+  const out = f([n, hq * d]),
+    lse = f([hq, n]),
+    dout = f([n, hq * d]);
+  const dq = f([n, hq * d]),
+    dk = f([n, hkv * d]),
+    dv = f([n, hkv * d]);
   const cuSeqlens = dev.fromArray('i32', [3], new Int32Array([0, 2, 6]));
   const cu = (a: number[]) => dev.fromArray('i32', [a.length], Int32Array.from(a));
   const fwd = { op: 'attention_forward', out, lse, q, k, v, cuSeqlens, heads: hq, kvHeads: hkv } as const;
-  const bwd = { op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, cuSeqlens, heads: hq, kvHeads: hkv } as const;
+  const bwd = {
+    op: 'attention_backward',
+    dq,
+    dk,
+    dv,
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cuSeqlens,
+    heads: hq,
+    kvHeads: hkv,
+  } as const;
   await dev.run([fwd, bwd]); // the good call works
   const cases: Array<[object, Record<string, unknown>, RegExp]> = [
     [fwd, { heads: 0 }, /argument 'heads' must be positive/],
@@ -342,7 +427,11 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
     [fwd, { out: f([n, hkv * d]) }, /argument 'out' has shape \[6,16\]/],
     [fwd, { out: q }, /arguments 'out' and 'q' overlap/],
     [fwd, { scale: -1 }, /argument 'scale' must be positive/],
-    [fwd, { cuSeqlens: dev.fromArray('f32', [3], new Float32Array([0, 2, 6])) }, /argument 'cuSeqlens' has dtype f32, expected i32/],
+    [
+      fwd,
+      { cuSeqlens: dev.fromArray('f32', [3], new Float32Array([0, 2, 6])) },
+      /argument 'cuSeqlens' has dtype f32, expected i32/,
+    ],
     [fwd, { cuSeqlens: dev.alloc('i32', [0]) }, /argument 'cuSeqlens' must be 1-D \[nseq\+1\]/],
     [fwd, { cuSeqlens: cu([0, 2, 5]) }, /argument 'cuSeqlens' must end at n = 6 \(the rows of q\), got 5/],
     [fwd, { cuSeqlens: cu([0, 4, 2, 6]) }, /argument 'cuSeqlens' must be non-decreasing/],

@@ -15,7 +15,9 @@ function gatherRef(values: Float32Array, ids: Int32Array, h: number): Float32Arr
 
 t.test('forward gathers rows exactly for f32, bf16 and f16 tables', async (t) => {
   const rng = new Rng(1, 'embedding-forward');
-  const vocab = 50, h = 24, n = 40;
+  const vocab = 50,
+    h = 24,
+    n = 40;
   const ids = Int32Array.from({ length: n }, (_, i) => (i < 4 ? 7 : rng.int(vocab))); // repeats included
   for (const dtype of ['f32', 'bf16', 'f16'] as const) {
     const { tensor, values } = stored(d, dtype, [vocab, h], randn(rng, vocab * h, 2));
@@ -28,7 +30,8 @@ t.test('forward gathers rows exactly for f32, bf16 and f16 tables', async (t) =>
 
 t.test('forward at the extremes of each dtype range', async (t) => {
   const rng = new Rng(2, 'embedding-extreme');
-  const vocab = 6, h = 8;
+  const vocab = 6,
+    h = 8;
   const ids = Int32Array.from([0, 5, 3, 3, 1]);
   const ranges = { f32: 3e38, bf16: 3e38, f16: 6e4 } as const;
   for (const dtype of ['f32', 'bf16', 'f16'] as const) {
@@ -47,7 +50,9 @@ function randu(rng: Rng, n: number): Float32Array {
 
 t.test('backward scatter-adds dy into dtable (+=), repeated ids summed', async (t) => {
   const rng = new Rng(3, 'embedding-backward');
-  const vocab = 30, h = 40, n = 64;
+  const vocab = 30,
+    h = 40,
+    n = 64;
   const ids = Int32Array.from({ length: n }, () => rng.int(10)); // many repeats among 10 ids
   const dy = randn(rng, n * h);
   const dt0 = randn(rng, vocab * h); // non-zero start: checks +=
@@ -68,7 +73,9 @@ t.test('backward scatter-adds dy into dtable (+=), repeated ids summed', async (
 
 t.test('backward matches finite differences of the kernel forward', async (t) => {
   const rng = new Rng(4, 'embedding-fd');
-  const vocab = 5, h = 3, n = 6;
+  const vocab = 5,
+    h = 3,
+    n = 6;
   const ids = Int32Array.from([0, 2, 2, 4, 1, 2]);
   const table = randn(rng, vocab * h);
   const c = randn(rng, n * h); // L = Σ c·y
@@ -95,18 +102,46 @@ t.test('backward matches finite differences of the kernel forward', async (t) =>
 t.test('bad arguments are Errors naming the argument', async (t) => {
   const table = f32(d, [10, 4], randn(new Rng(5), 40));
   const y = d.alloc('f32', [3, 4]);
-  await expectRefused(t, d, [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 10, 2]), table }],
-    /argument 'ids': token id 10 at row 1 is out of range \[0, 10\)/);
-  await expectRefused(t, d, [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 2, -1]), table }],
-    /token id -1 at row 2 is out of range/);
-  await expectRefused(t, d, [{ op: 'embedding_backward', dtable: d.alloc('f32', [10, 4]), dy: y, ids: i32(d, [3], [0, 11, 0]) }],
-    /token id 11 at row 1/);
-  await expectRefused(t, d, [{ op: 'embedding_forward', y, ids: f32(d, [3], [1, 2, 3]), table }],
-    /argument 'ids' has dtype f32, expected i32/);
-  await expectRefused(t, d, [{ op: 'embedding_forward', y: d.alloc('f32', [3, 5]), ids: i32(d, [3], [1, 2, 3]), table }],
-    /argument 'y' has shape \[3,5\], expected \[3,4\]/);
-  await expectRefused(t, d, [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 2, 3]), table: f32(d, [40], new Float32Array(40).fill(1)) }],
-    /argument 'table' must be 2-D/);
-  await expectRefused(t, d, [{ op: 'embedding_backward', dtable: i32(d, [10, 4], new Int32Array(40)), dy: y, ids: i32(d, [3], [0, 1, 2]) }],
-    /argument 'dtable' has dtype i32/);
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 10, 2]), table }],
+    /argument 'ids': token id 10 at row 1 is out of range \[0, 10\)/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 2, -1]), table }],
+    /token id -1 at row 2 is out of range/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_backward', dtable: d.alloc('f32', [10, 4]), dy: y, ids: i32(d, [3], [0, 11, 0]) }],
+    /token id 11 at row 1/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_forward', y, ids: f32(d, [3], [1, 2, 3]), table }],
+    /argument 'ids' has dtype f32, expected i32/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_forward', y: d.alloc('f32', [3, 5]), ids: i32(d, [3], [1, 2, 3]), table }],
+    /argument 'y' has shape \[3,5\], expected \[3,4\]/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_forward', y, ids: i32(d, [3], [1, 2, 3]), table: f32(d, [40], new Float32Array(40).fill(1)) }],
+    /argument 'table' must be 2-D/,
+  );
+  await expectRefused(
+    t,
+    d,
+    [{ op: 'embedding_backward', dtable: i32(d, [10, 4], new Int32Array(40)), dy: y, ids: i32(d, [3], [0, 1, 2]) }],
+    /argument 'dtable' has dtype i32/,
+  );
 });

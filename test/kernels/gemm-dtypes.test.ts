@@ -69,7 +69,14 @@ function draw(rng: Rng, n: number, scales?: number[]): Float32Array {
 type WKind = 'f32' | 'bf16' | QuantDType;
 
 /** A weight [n, k] of the kind asked, and the exact values the kernel sees. */
-async function makeWeight(t: Test, d: Device, kind: WKind, n: number, k: number, x: Float32Array): Promise<{ w: Tensor; values: Float64Array }> {
+async function makeWeight(
+  t: Test,
+  d: Device,
+  kind: WKind,
+  n: number,
+  k: number,
+  x: Float32Array,
+): Promise<{ w: Tensor; values: Float64Array }> {
   if (kind === 'f32') return { w: d.fromArray('f32', [n, k], x), values: Float64Array.from(x) };
   if (kind === 'bf16') {
     const bits = Uint16Array.from(x, (v) => f32ToBf16(v));
@@ -80,7 +87,11 @@ async function makeWeight(t: Test, d: Device, kind: WKind, n: number, k: number,
   await d.run([{ op: 'quantize', dst: w, src }]);
   src.free();
   const blob = w.read() as Uint8Array;
-  t.equal(blob.length, quantLayout(kind, n, k).bytes, `${kind} [${n}, ${k}]: the native blob has the layout lib/io/bnb.ts computes`);
+  t.equal(
+    blob.length,
+    quantLayout(kind, n, k).bytes,
+    `${kind} [${n}, ${k}]: the native blob has the layout lib/io/bnb.ts computes`,
+  );
   return { w, values: dequantRef(kind, n, k, blob) };
 }
 
@@ -110,7 +121,17 @@ function compare(t: Test, got: Float32Array, r: { want: Float64Array; scale: Flo
 }
 
 /** linear_forward and linear_backward on one weight, checked against float64. */
-async function checkLinear(t: Test, kind: WKind, bf16: boolean, m: number, n: number, k: number, threads: number, seed: number, ranges?: [number[], number[]]) {
+async function checkLinear(
+  t: Test,
+  kind: WKind,
+  bf16: boolean,
+  m: number,
+  n: number,
+  k: number,
+  threads: number,
+  seed: number,
+  ranges?: [number[], number[]],
+) {
   const d = device(threads);
   const rng = new Rng(seed, 'gemm-dtypes', kind, m, n, k);
   const wx = draw(rng, n * k, ranges?.[1]);
@@ -129,45 +150,82 @@ async function checkLinear(t: Test, kind: WKind, bf16: boolean, m: number, n: nu
     { op: 'linear_backward', dx: DX, dy: DY, w, bf16 },
   ]);
   const label = `${kind}${bf16 ? ' bf16-compute' : ''} m=${m} n=${n} k=${k} threads=${threads}${ranges ? ' extreme' : ''}`;
-  compare(t, Y.read() as Float32Array, ref(m, n, k, xv, (p, j) => wv[j * k + p]!), k, `${label}: Y = X·Wᵀ`);
-  compare(t, DX.read() as Float32Array, ref(m, k, n, dyv, (p, j) => wv[p * k + j]!), n, `${label}: dX = dY·W`);
+  compare(
+    t,
+    Y.read() as Float32Array,
+    ref(m, n, k, xv, (p, j) => wv[j * k + p]!),
+    k,
+    `${label}: Y = X·Wᵀ`,
+  );
+  compare(
+    t,
+    DX.read() as Float32Array,
+    ref(m, k, n, dyv, (p, j) => wv[p * k + j]!),
+    n,
+    `${label}: dX = dY·W`,
+  );
   for (const x of [w, X, Y, DY, DX]) x.free();
 }
 
 t.test('the kernels this process runs', async (t) => {
   const info = native().info();
   t.match(info.cpu.gemmBf16Kernel, /bf16/, `bf16 compute runs ${info.cpu.gemmBf16Kernel}`);
-  if (!process.env.MLORA_GEMM_KERNEL && !process.env.MLORA_GEMM_BF16_KERNEL && info.cpu.avx512bf16) t.match(info.cpu.gemmBf16Kernel, info.cpu.amxBf16 ? /^amx/ : /^avx512bf16/, 'AVX512_BF16 machines run vdpbf16ps, AMX ones tiles');
-  if (process.env.MLORA_GEMM_KERNEL === 'avx2') t.equal(info.cpu.gemmBf16Kernel, 'avx2-6x16-bf16emu', 'forced AVX2: the emulation');
-  if (process.env.MLORA_GEMM_BF16_KERNEL === 'avx512bf16') t.equal(info.cpu.gemmBf16Kernel, 'avx512bf16-12x32', 'forced vdpbf16ps');
-  if (process.env.MLORA_GEMM_BF16_KERNEL === 'emu') t.equal(info.cpu.gemmBf16Kernel, 'avx512-12x32-bf16emu', 'forced AVX-512 emulation');
+  if (!process.env.MLORA_GEMM_KERNEL && !process.env.MLORA_GEMM_BF16_KERNEL && info.cpu.avx512bf16)
+    t.match(
+      info.cpu.gemmBf16Kernel,
+      info.cpu.amxBf16 ? /^amx/ : /^avx512bf16/,
+      'AVX512_BF16 machines run vdpbf16ps, AMX ones tiles',
+    );
+  if (process.env.MLORA_GEMM_KERNEL === 'avx2')
+    t.equal(info.cpu.gemmBf16Kernel, 'avx2-6x16-bf16emu', 'forced AVX2: the emulation');
+  if (process.env.MLORA_GEMM_BF16_KERNEL === 'avx512bf16')
+    t.equal(info.cpu.gemmBf16Kernel, 'avx512bf16-12x32', 'forced vdpbf16ps');
+  if (process.env.MLORA_GEMM_BF16_KERNEL === 'emu')
+    t.equal(info.cpu.gemmBf16Kernel, 'avx512-12x32-bf16emu', 'forced AVX-512 emulation');
 });
 
-t.test('dequantize op = the independent JavaScript dequantizer, bit for bit (odd sizes: blocks straddle rows)', async (t) => {
-  const d = device(2);
-  for (const kind of ['nf4', 'nf4dq', 'int8'] as const)
-    for (const [n, k] of [[7, 33], [300, 70], [64, 64]] as const) {
-      const rng = new Rng(3, 'dequant', kind, n, k);
-      const { w, values } = await makeWeight(t, d, kind, n, k, draw(rng, n * k, [1, 1e-3, 30]));
-      const out = d.alloc('f32', [n, k]);
-      await d.run([{ op: 'dequantize', dst: out, src: w }]);
-      const got = out.read() as Float32Array;
-      let bad = 0;
-      for (let i = 0; i < got.length; i++) if (got[i] !== values[i]) bad++;
-      t.equal(bad, 0, `${kind} [${n}, ${k}]: every element identical`);
-      w.free();
-      out.free();
-    }
-});
+t.test(
+  'dequantize op = the independent JavaScript dequantizer, bit for bit (odd sizes: blocks straddle rows)',
+  async (t) => {
+    const d = device(2);
+    for (const kind of ['nf4', 'nf4dq', 'int8'] as const)
+      for (const [n, k] of [
+        [7, 33],
+        [300, 70],
+        [64, 64],
+      ] as const) {
+        const rng = new Rng(3, 'dequant', kind, n, k);
+        const { w, values } = await makeWeight(t, d, kind, n, k, draw(rng, n * k, [1, 1e-3, 30]));
+        const out = d.alloc('f32', [n, k]);
+        await d.run([{ op: 'dequantize', dst: out, src: w }]);
+        const got = out.read() as Float32Array;
+        let bad = 0;
+        for (let i = 0; i < got.length; i++) if (got[i] !== values[i]) bad++;
+        t.equal(bad, 0, `${kind} [${n}, ${k}]: every element identical`);
+        w.free();
+        out.free();
+      }
+  },
+);
 
 const sizes: Array<[number, number, number]> = child
-  ? [[5, 33, 70], [40, 70, 129]]
-  : [[1, 16, 64], [5, 33, 70], [13, 64, 96], [40, 70, 129], [150, 96, 320]];
+  ? [
+      [5, 33, 70],
+      [40, 70, 129],
+    ]
+  : [
+      [1, 16, 64],
+      [5, 33, 70],
+      [13, 64, 96],
+      [40, 70, 129],
+      [150, 96, 320],
+    ];
 
 t.test('quantized weights: forward and backward, 1 and 2 threads', async (t) => {
   let seed = 10;
   for (const kind of ['nf4', 'nf4dq', 'int8'] as const)
-    for (const [m, n, k] of sizes) for (const threads of [1, 2]) await checkLinear(t, kind, false, m, n, k, threads, seed++);
+    for (const [m, n, k] of sizes)
+      for (const threads of [1, 2]) await checkLinear(t, kind, false, m, n, k, threads, seed++);
 });
 
 t.test('bf16 compute on f32, bf16 and quantized weights: forward and backward', async (t) => {
@@ -189,17 +247,26 @@ t.test('extreme range: entries of size ~1e4 and ~1e-4 mixed', async (t) => {
 t.test('the gemm op with bf16 compute and a transposed A (the generic pair packing)', async (t) => {
   const d = device(2);
   const rng = new Rng(5, 'gemm-bf16-T');
-  const m = 19, n = 40, k = 75;
+  const m = 19,
+    n = 40,
+    k = 75;
   const a = draw(rng, k * m);
   const b = draw(rng, k * n);
   const A = d.fromArray('f32', [k, m], a);
   const B = d.fromArray('f32', [k, n], b);
   const C = d.alloc('f32', [m, n]);
   await d.run([{ op: 'gemm', c: C, a: A, b: B, transA: true, bf16: true }]);
-  const av = roundBf16(a), bv = roundBf16(b);
+  const av = roundBf16(a),
+    bv = roundBf16(b);
   const at = new Float64Array(m * k);
   for (let i = 0; i < m; i++) for (let p = 0; p < k; p++) at[i * k + p] = av[p * m + i]!;
-  compare(t, C.read() as Float32Array, ref(m, n, k, at, (p, j) => bv[p * n + j]!), k, 'C = Aᵀ·B in bf16');
+  compare(
+    t,
+    C.read() as Float32Array,
+    ref(m, n, k, at, (p, j) => bv[p * n + j]!),
+    k,
+    'C = Aᵀ·B in bf16',
+  );
 });
 
 t.test('bad arguments are Errors', async (t) => {
@@ -211,12 +278,17 @@ t.test('bad arguments are Errors', async (t) => {
   t.throws(() => d.fromArray('nf4', [4, 64], new Uint8Array(3)), /blob has \d+ bytes, the array has 3/);
   const x = d.alloc('f32', [4, 64]);
   const y = d.alloc('f32', [4, 63]);
-  t.throws(() => d.runSync([{ op: 'quantize', dst: w, src: y }]), /quantize.*'src' has shape \[4,63\], expected \[4,64\]/);
+  t.throws(
+    () => d.runSync([{ op: 'quantize', dst: w, src: y }]),
+    /quantize.*'src' has shape \[4,63\], expected \[4,64\]/,
+  );
   t.throws(() => d.runSync([{ op: 'dequantize', dst: x, src: x }]), /dequantize.*'src'/);
   t.throws(() => d.runSync([{ op: 'linear_forward', y: x, x, w: d.alloc('i32', [4, 64]) }]), /'w'/);
   for (const a of [w, x, y]) a.free();
 });
 
 if (!child) {
-  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) => eachGemmKernel(t, fileURLToPath(import.meta.url), true));
+  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) =>
+    eachGemmKernel(t, fileURLToPath(import.meta.url), true),
+  );
 }

@@ -47,7 +47,12 @@ function draw(rng: Rng, n: number, scales?: number[]): Float32Array {
   return x;
 }
 
-function weight(d: Device, dtype: WType, shape: number[], x: Float32Array): { tensor: Tensor; values: ArrayLike<number> } {
+function weight(
+  d: Device,
+  dtype: WType,
+  shape: number[],
+  x: Float32Array,
+): { tensor: Tensor; values: ArrayLike<number> } {
   if (dtype === 'f32') return { tensor: d.fromArray('f32', shape, x), values: x };
   const h = toHalf(x, dtype);
   return { tensor: d.fromArray(dtype, shape, h.bits), values: h.values };
@@ -126,8 +131,22 @@ const scalars: Array<[number, number]> = [
 ];
 // Odd sizes leave partial tiles in every direction; 300 and 600 cross the MC/KC blocks.
 const sizes: Array<[number, number, number]> = child
-  ? [[1, 1, 1], [7, 17, 33], [33, 40, 129], [150, 37, 300]]
-  : [[1, 1, 1], [1, 8, 4], [3, 7, 17], [17, 33, 7], [33, 17, 129], [7, 129, 33], [129, 65, 300], [300, 40, 17]];
+  ? [
+      [1, 1, 1],
+      [7, 17, 33],
+      [33, 40, 129],
+      [150, 37, 300],
+    ]
+  : [
+      [1, 1, 1],
+      [1, 8, 4],
+      [3, 7, 17],
+      [17, 33, 7],
+      [33, 17, 129],
+      [7, 129, 33],
+      [129, 65, 300],
+      [300, 40, 17],
+    ];
 
 t.test('the kernel this process runs', async (t) => {
   const info = native().info();
@@ -162,7 +181,8 @@ t.test('shapes that cross every cache block, split over rows or over columns', a
   ];
   let seed = 1000;
   for (const [m, n, k, transA, transB, dtype] of child ? cases.slice(0, 3) : cases)
-    for (const threads of [1, 2]) await checkGemm(t, { m, n, k, transA, transB, dtype, alpha: 1, beta: 0.5 }, threads, seed++);
+    for (const threads of [1, 2])
+      await checkGemm(t, { m, n, k, transA, transB, dtype, alpha: 1, beta: 0.5 }, threads, seed++);
 });
 
 t.test('extreme range: entries of size ~1e4 and ~1e-4 mixed', async (t) => {
@@ -184,9 +204,17 @@ t.test('alpha = 0 scales C by beta without reading A or B', async (t) => {
   const B = d.fromArray('f32', [4, 5], new Float32Array(20).fill(NaN));
   const C = d.fromArray('f32', [6, 5], c0);
   await d.run([{ op: 'gemm', c: C, a: A, b: B, alpha: 0, beta: -0.5 }]);
-  assertClose(t, C.read() as Float32Array, Array.from(c0, (x) => -0.5 * x), { atol: 0, rtol: 1e-7 }, 'C = -0.5·C');
+  assertClose(
+    t,
+    C.read() as Float32Array,
+    Array.from(c0, (x) => -0.5 * x),
+    { atol: 0, rtol: 1e-7 },
+    'C = -0.5·C',
+  );
 });
 
 if (!child) {
-  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) => eachGemmKernel(t, fileURLToPath(import.meta.url)));
+  t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) =>
+    eachGemmKernel(t, fileURLToPath(import.meta.url)),
+  );
 }

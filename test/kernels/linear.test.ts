@@ -87,7 +87,14 @@ async function forward(t: Test, c: Case, seed: number) {
       want[i * n + j] = s + base;
       scale[i * n + j] = a + Math.abs(base);
     }
-  check(t, got, want, scale, k, `forward x[${c.lead},${k}] w[${n},${k}] ${c.dtype}${c.accumulate ? ' +=' : ''} threads=${c.threads}${c.ranges ? ' extreme' : ''}`);
+  check(
+    t,
+    got,
+    want,
+    scale,
+    k,
+    `forward x[${c.lead},${k}] w[${n},${k}] ${c.dtype}${c.accumulate ? ' +=' : ''} threads=${c.threads}${c.ranges ? ' extreme' : ''}`,
+  );
 }
 
 async function backward(t: Test, c: Case, seed: number) {
@@ -121,7 +128,14 @@ async function backward(t: Test, c: Case, seed: number) {
       want[i]! += dx0[i]!;
       scale[i]! += Math.abs(dx0[i]!);
     }
-  check(t, got, want, scale, n, `backward dy[${c.lead},${n}] w[${n},${k}] ${c.dtype}${c.accumulate ? ' +=' : ''} threads=${c.threads}${c.ranges ? ' extreme' : ''}`);
+  check(
+    t,
+    got,
+    want,
+    scale,
+    n,
+    `backward dy[${c.lead},${n}] w[${n},${k}] ${c.dtype}${c.accumulate ? ' +=' : ''} threads=${c.threads}${c.ranges ? ' extreme' : ''}`,
+  );
 }
 
 const dtypes: WType[] = ['f32', 'bf16', 'f16'];
@@ -174,6 +188,9 @@ t.test('shape mismatches are Errors naming the argument', async (t) => {
   t.throws(() => d.runSync([{ op: 'linear_forward', y, x: d.alloc('f32', [4, 7]), w }]), /argument 'x'.*in=8/);
   t.throws(() => d.runSync([{ op: 'linear_forward', y: d.alloc('f32', [4, 5]), x, w }]), /argument 'y' has shape/);
   t.throws(() => d.runSync([{ op: 'linear_backward', dx: x, dy: d.alloc('f32', [4, 5]), w }]), /argument 'dy'.*out=6/);
-  t.throws(() => d.runSync([{ op: 'linear_backward', dx: d.alloc('f32', [4, 9]), dy: y, w }]), /argument 'dx' has shape/);
+  t.throws(
+    () => d.runSync([{ op: 'linear_backward', dx: d.alloc('f32', [4, 9]), dy: y, w }]),
+    /argument 'dx' has shape/,
+  );
   t.throws(() => d.runSync([{ op: 'linear_forward', y, x, w: d.alloc('i32', [6, 8]) }]), /argument 'w' has dtype i32/);
 });

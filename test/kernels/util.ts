@@ -14,7 +14,10 @@ export function stored(d: Device, dtype: 'f32' | 'bf16' | 'f16', shape: number[]
   if (dtype === 'f32') return { tensor: src, values: Float32Array.from(data) };
   const t = d.alloc(dtype, shape);
   const back = d.alloc('f32', shape);
-  d.runSync([{ op: 'copy', y: t, x: src }, { op: 'copy', y: back, x: t }]);
+  d.runSync([
+    { op: 'copy', y: t, x: src },
+    { op: 'copy', y: back, x: t },
+  ]);
   const values = read(back);
   src.free();
   back.free();

@@ -23,14 +23,19 @@ function specifiers(text: string): Array<{ line: number; spec: string }> {
 /** Imports of `file` (absolute) whose target lies under actors/. */
 function actorImports(file: string, text: string): string[] {
   return specifiers(text)
-    .filter(({ spec }) => spec.startsWith('.') && path.resolve(path.dirname(file), spec).startsWith(path.join(root, 'actors') + path.sep))
+    .filter(
+      ({ spec }) =>
+        spec.startsWith('.') && path.resolve(path.dirname(file), spec).startsWith(path.join(root, 'actors') + path.sep),
+    )
     .map(({ line, spec }) => `${path.relative(root, file)}:${line}: imports ${spec}`);
 }
 
 function tsFiles(dir: string): string[] {
   return fs
     .readdirSync(dir, { withFileTypes: true })
-    .flatMap((e) => (e.isDirectory() ? tsFiles(path.join(dir, e.name)) : e.name.endsWith('.ts') ? [path.join(dir, e.name)] : []))
+    .flatMap((e) =>
+      e.isDirectory() ? tsFiles(path.join(dir, e.name)) : e.name.endsWith('.ts') ? [path.join(dir, e.name)] : [],
+    )
     .sort();
 }
 
@@ -66,10 +71,15 @@ t.test('no file under lib/ imports actors/', async (t) => {
 /** The first import loop found among `files` (absolute paths), as relative paths, or []. */
 function importLoop(files: string[]): string[] {
   const set = new Set(files);
-  const deps = new Map(files.map((f) => [f, specifiers(fs.readFileSync(f, 'utf8'))
-    .filter(({ spec }) => spec.startsWith('.'))
-    .map(({ spec }) => path.resolve(path.dirname(f), spec).replace(/\.js$/, '.ts'))
-    .filter((d) => set.has(d))]));
+  const deps = new Map(
+    files.map((f) => [
+      f,
+      specifiers(fs.readFileSync(f, 'utf8'))
+        .filter(({ spec }) => spec.startsWith('.'))
+        .map(({ spec }) => path.resolve(path.dirname(f), spec).replace(/\.js$/, '.ts'))
+        .filter((d) => set.has(d)),
+    ]),
+  );
   const state = new Map<string, 'open' | 'done'>();
   const stack: string[] = [];
   const visit = (f: string): string[] => {

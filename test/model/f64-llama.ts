@@ -36,16 +36,49 @@ export function packedBatch(d: Device, id: number, seqs: Array<{ ids: number[]; 
   const positions = seqs.flatMap((s) => [...s.ids.keys()]);
   // the label of a position is the next token; the first label of each sequence is never a target
   const count = seqs.reduce((a, s) => a + s.labels.slice(1).filter((l) => l !== -100).length, 0);
-  const data = assemble(id, [{ adapter: 1, serial: 0, mb: {
-    step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(ids), labels: Int32Array.from(labels), cuSeqlens: Int32Array.from(cu),
-    positions: Int32Array.from(positions), numTokens: N, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
-  } }], N);
-  const mb: MicroBatch = { id, numTokens: N, segments: data.segments, tensors: {
-    positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [cu.length], data.cuSeqlens),
-    targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
-  } };
+  const data = assemble(
+    id,
+    [
+      {
+        adapter: 1,
+        serial: 0,
+        mb: {
+          step: 0,
+          microIndex: 0,
+          microCount: 1,
+          inputIds: Int32Array.from(ids),
+          labels: Int32Array.from(labels),
+          cuSeqlens: Int32Array.from(cu),
+          positions: Int32Array.from(positions),
+          numTokens: N,
+          numTargetTokens: count,
+          stepTargetTokens: count,
+          lastOfStep: true,
+        },
+      },
+    ],
+    N,
+  );
+  const mb: MicroBatch = {
+    id,
+    numTokens: N,
+    segments: data.segments,
+    tensors: {
+      positions: d.fromArray('i32', [N], data.positions),
+      cuSeqlens: d.fromArray('i32', [cu.length], data.cuSeqlens),
+      targets: d.fromArray('i32', [N], data.targets),
+      weights: d.fromArray('f32', [N], data.weights),
+    },
+  };
   const tokens: Tensor = d.fromArray('i32', [N], data.tokens);
-  return { mb, tokens, count, ids, targets: Array.from(data.targets), seqs: cu.slice(0, -1).map((b, i) => [b, cu[i + 1]!]) };
+  return {
+    mb,
+    tokens,
+    count,
+    ids,
+    targets: Array.from(data.targets),
+    seqs: cu.slice(0, -1).map((b, i) => [b, cu[i + 1]!]),
+  };
 }
 
 /**
@@ -53,16 +86,29 @@ export function packedBatch(d: Device, id: number, seqs: Array<{ ids: number[]; 
  * tensor by HF name; `lora` the adapter's factors (scaled by `scale`); `seqs` [begin, end) of
  * each sequence; `targets[r]` the token row r predicts (-1 or -100: none).
  */
-export function f64Forward(c: LlamaConfig, W: (n: string) => Float64Array, lora: Map<string, { a: Float64Array; b: Float64Array }>, scale: number, ids: number[], seqs: number[][], targets: number[]): number {
-  const H = c.hiddenSize, d = c.headDim, hq = c.numHeads, hkv = c.numKvHeads, I = c.intermediateSize;
+export function f64Forward(
+  c: LlamaConfig,
+  W: (n: string) => Float64Array,
+  lora: Map<string, { a: Float64Array; b: Float64Array }>,
+  scale: number,
+  ids: number[],
+  seqs: number[][],
+  targets: number[],
+): number {
+  const H = c.hiddenSize,
+    d = c.headDim,
+    hq = c.numHeads,
+    hkv = c.numKvHeads,
+    I = c.intermediateSize;
   const N = ids.length;
   const mat = (x: Float64Array, w: Float64Array, rows: number, inD: number, outD: number) => {
     const y = new Float64Array(rows * outD);
-    for (let r = 0; r < rows; r++) for (let o = 0; o < outD; o++) {
-      let s = 0;
-      for (let i = 0; i < inD; i++) s += x[r * inD + i]! * w[o * inD + i]!;
-      y[r * outD + o] = s;
-    }
+    for (let r = 0; r < rows; r++)
+      for (let o = 0; o < outD; o++) {
+        let s = 0;
+        for (let i = 0; i < inD; i++) s += x[r * inD + i]! * w[o * inD + i]!;
+        y[r * outD + o] = s;
+      }
     return y;
   };
   const proj = (x: Float64Array, layer: number, t: LoraTarget, inD: number, outD: number) => {
@@ -89,46 +135,65 @@ export function f64Forward(c: LlamaConfig, W: (n: string) => Float64Array, lora:
   };
   const pos = new Array<number>(N);
   const seqOf = new Array<number>(N);
-  seqs.forEach(([b, e], s) => { for (let i = b!; i < e!; i++) { pos[i] = i - b!; seqOf[i] = s; } });
-  const rope = (x: Float64Array, heads: number) => {
-    for (let r = 0; r < N; r++) for (let h = 0; h < heads; h++) for (let i = 0; i < d / 2; i++) {
-      const f = pos[r]! / Math.pow(c.ropeTheta, (2 * i) / d);
-      const o = (r * heads + h) * d;
-      const a = x[o + i]!, b = x[o + i + d / 2]!;
-      x[o + i] = a * Math.cos(f) - b * Math.sin(f);
-      x[o + i + d / 2] = b * Math.cos(f) + a * Math.sin(f);
+  seqs.forEach(([b, e], s) => {
+    for (let i = b!; i < e!; i++) {
+      pos[i] = i - b!;
+      seqOf[i] = s;
     }
+  });
+  const rope = (x: Float64Array, heads: number) => {
+    for (let r = 0; r < N; r++)
+      for (let h = 0; h < heads; h++)
+        for (let i = 0; i < d / 2; i++) {
+          const f = pos[r]! / Math.pow(c.ropeTheta, (2 * i) / d);
+          const o = (r * heads + h) * d;
+          const a = x[o + i]!,
+            b = x[o + i + d / 2]!;
+          x[o + i] = a * Math.cos(f) - b * Math.sin(f);
+          x[o + i + d / 2] = b * Math.cos(f) + a * Math.sin(f);
+        }
   };
   const emb = W('model.embed_tokens.weight');
   let x = new Float64Array(N * H);
   ids.forEach((id, r) => x.set(emb.subarray(id * H, (id + 1) * H), r * H));
   for (let l = 0; l < c.numLayers; l++) {
     const xn = norm(x, W(`model.layers.${l}.input_layernorm.weight`));
-    const q = proj(xn, l, 'q_proj', H, hq * d), k = proj(xn, l, 'k_proj', H, hkv * d), v = proj(xn, l, 'v_proj', H, hkv * d);
+    const q = proj(xn, l, 'q_proj', H, hq * d),
+      k = proj(xn, l, 'k_proj', H, hkv * d),
+      v = proj(xn, l, 'v_proj', H, hkv * d);
     rope(q, hq);
     rope(k, hkv);
     const ao = new Float64Array(N * hq * d);
-    for (let r = 0; r < N; r++) for (let h = 0; h < hq; h++) {
-      const kh = Math.floor(h / (hq / hkv));
-      const js: number[] = [];
-      for (let j = 0; j <= r; j++) if (seqOf[j] === seqOf[r]) js.push(j);
-      const sc = js.map((j) => { let s = 0; for (let i = 0; i < d; i++) s += q[(r * hq + h) * d + i]! * k[(j * hkv + kh) * d + i]!; return s / Math.sqrt(d); });
-      const m = Math.max(...sc);
-      const p = sc.map((s) => Math.exp(s - m));
-      const z = p.reduce((a, b) => a + b, 0);
-      js.forEach((j, n) => { for (let i = 0; i < d; i++) ao[(r * hq + h) * d + i]! += (p[n]! / z) * v[(j * hkv + kh) * d + i]!; });
-    }
+    for (let r = 0; r < N; r++)
+      for (let h = 0; h < hq; h++) {
+        const kh = Math.floor(h / (hq / hkv));
+        const js: number[] = [];
+        for (let j = 0; j <= r; j++) if (seqOf[j] === seqOf[r]) js.push(j);
+        const sc = js.map((j) => {
+          let s = 0;
+          for (let i = 0; i < d; i++) s += q[(r * hq + h) * d + i]! * k[(j * hkv + kh) * d + i]!;
+          return s / Math.sqrt(d);
+        });
+        const m = Math.max(...sc);
+        const p = sc.map((s) => Math.exp(s - m));
+        const z = p.reduce((a, b) => a + b, 0);
+        js.forEach((j, n) => {
+          for (let i = 0; i < d; i++) ao[(r * hq + h) * d + i]! += (p[n]! / z) * v[(j * hkv + kh) * d + i]!;
+        });
+      }
     const o = proj(ao, l, 'o_proj', hq * d, H);
     const hmid = x.map((xv, i) => xv + o[i]!);
     const xn2 = norm(hmid, W(`model.layers.${l}.post_attention_layernorm.weight`));
-    const g = proj(xn2, l, 'gate_proj', H, I), u = proj(xn2, l, 'up_proj', H, I);
+    const g = proj(xn2, l, 'gate_proj', H, I),
+      u = proj(xn2, l, 'up_proj', H, I);
     const act = g.map((gv, i) => (gv / (1 + Math.exp(-gv))) * u[i]!);
     const dn = proj(act, l, 'down_proj', I, H);
     x = hmid.map((hv, i) => hv + dn[i]!);
   }
   const xf = norm(x, W('model.norm.weight'));
   const logits = mat(xf, W(c.tieWordEmbeddings ? 'model.embed_tokens.weight' : 'lm_head.weight'), N, H, c.vocabSize);
-  let sum = 0, cnt = 0;
+  let sum = 0,
+    cnt = 0;
   for (let r = 0; r < N; r++) {
     if (targets[r]! < 0) continue;
     const row = logits.subarray(r * c.vocabSize, (r + 1) * c.vocabSize);
@@ -139,4 +204,3 @@ export function f64Forward(c: LlamaConfig, W: (n: string) => Float64Array, lora:
   }
   return sum / cnt;
 }
-

@@ -43,7 +43,9 @@ const readRef = (fam: string) => JSON.parse(fs.readFileSync(path.join(root, fam,
 
 /** The diagnostic entry nearest a wrong loss: the likely cause. */
 function nearestDiagnostic(ref: Ref, loss: number): string {
-  const [name, d] = Object.entries(ref.diagnostic_losses).sort((a, b) => Math.abs(a[1].loss - loss) - Math.abs(b[1].loss - loss))[0]!;
+  const [name, d] = Object.entries(ref.diagnostic_losses).sort(
+    (a, b) => Math.abs(a[1].loss - loss) - Math.abs(b[1].loss - loss),
+  )[0]!;
   return `nearest diagnostic: ${name} (${d.what}, ${d.loss})`;
 }
 
@@ -56,7 +58,14 @@ async function setup(dir: ModelDir, fam: string, options: StageOptions = { gathe
   const weightBytes = device.memory().used - used0;
   const program = new StageProgram(device, config, plan, weights, options);
   const ad = loadAdapter(path.join(root, fam, 'adapter'));
-  const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
+  const spec: LoraSpec = {
+    r: ad.r,
+    alpha: ad.loraAlpha,
+    dropout: 0,
+    targets: ad.targetModules,
+    useRslora: ad.useRslora,
+    seed: 0,
+  };
   program.addAdapter(1, spec, fromAdapterWeights(config, spec, ad, 'adapter'));
   return { config, program, spec, weightBytes, expectedWeightBytes: stageWeightBytes(dir, plan) };
 }
@@ -64,7 +73,8 @@ async function setup(dir: ModelDir, fam: string, options: StageOptions = { gathe
 /** Logits rows [b][p] of a [B·T, V] matrix, flattened, for the given positions. */
 function pick(logits: Float32Array, B: number, T: number, V: number, positions: number[]): number[] {
   const out: number[] = [];
-  for (let b = 0; b < B; b++) for (const p of positions) for (let v = 0; v < V; v++) out.push(logits[(b * T + p) * V + v]!);
+  for (let b = 0; b < B; b++)
+    for (const p of positions) for (let v = 0; v < V; v++) out.push(logits[(b * T + p) * V + v]!);
   return out;
 }
 
@@ -79,20 +89,54 @@ const GRAD_REL = 2e-5;
 async function checkFamily(t: Test, fam: string, dir: ModelDir, label: string) {
   const ref = readRef(fam);
   const { config, program, spec, weightBytes, expectedWeightBytes } = await setup(dir, fam);
-  t.equal(weightBytes, expectedWeightBytes, `${label}: the base weights take stageWeightBytes (${expectedWeightBytes}), biases and q/k norms included`);
-  const B = ref.input_ids.length, T = ref.input_ids[0]!.length, V = config.vocabSize;
-  t.same(config.layerWindows ?? new Array(config.numLayers).fill(0), ref.meta.layer_windows.map((w) => w ?? 0), `${label}: the windows of the layers`);
+  t.equal(
+    weightBytes,
+    expectedWeightBytes,
+    `${label}: the base weights take stageWeightBytes (${expectedWeightBytes}), biases and q/k norms included`,
+  );
+  const B = ref.input_ids.length,
+    T = ref.input_ids[0]!.length,
+    V = config.vocabSize;
+  t.same(
+    config.layerWindows ?? new Array(config.numLayers).fill(0),
+    ref.meta.layer_windows.map((w) => w ?? 0),
+    `${label}: the windows of the layers`,
+  );
   const withA = fixtureBatch(program, ref.input_ids, ref.labels);
   const base = fixtureBatch(program, ref.input_ids, ref.labels, false);
   const logits = await program.logits(withA.mb, withA.tokens);
-  assertClose(t, pick(logits, B, T, V, [0, 1, 2, 3]), ref.logits_first4.flat(2), TOL_LOGITS, `${label}: logits at positions 0..3`);
-  assertClose(t, pick(logits, B, T, V, ref.meta.logits_last4_positions), ref.logits_last4.flat(2), TOL_LOGITS, `${label}: logits at positions 44..47`);
+  assertClose(
+    t,
+    pick(logits, B, T, V, [0, 1, 2, 3]),
+    ref.logits_first4.flat(2),
+    TOL_LOGITS,
+    `${label}: logits at positions 0..3`,
+  );
+  assertClose(
+    t,
+    pick(logits, B, T, V, ref.meta.logits_last4_positions),
+    ref.logits_last4.flat(2),
+    TOL_LOGITS,
+    `${label}: logits at positions 44..47`,
+  );
   const baseLogits = await program.logits(base.mb, base.tokens);
-  assertClose(t, pick(baseLogits, B, T, V, [0, 1, 2, 3]), ref.logits_base_first4.flat(2), TOL_LOGITS, `${label}: base logits at positions 0..3`);
+  assertClose(
+    t,
+    pick(baseLogits, B, T, V, [0, 1, 2, 3]),
+    ref.logits_base_first4.flat(2),
+    TOL_LOGITS,
+    `${label}: base logits at positions 0..3`,
+  );
   const lossBase = (await program.evaluate(base.mb, base.tokens))!.reduce((a, b) => a + b, 0) / base.count;
   assertClose(t, [lossBase], [ref.loss_base], TOL_LOSS, `${label}: loss without the adapter`);
   const loss = (await program.trainLast(withA.mb, withA.tokens)).reduce((a, b) => a + b, 0) / withA.count;
-  assertClose(t, [loss], [ref.loss], TOL_LOSS, `${label}: loss ${loss} vs ${ref.loss}; ${nearestDiagnostic(ref, loss)}`);
+  assertClose(
+    t,
+    [loss],
+    [ref.loss],
+    TOL_LOSS,
+    `${label}: loss ${loss} vs ${ref.loss}; ${nearestDiagnostic(ref, loss)}`,
+  );
   const grads = toPeftTensors(config, spec, program.adapter(1).grads.read() as Float32Array);
   const refGrads = openSafetensors(path.join(root, fam, 'grads.safetensors'));
   let n = 0;
@@ -118,42 +162,64 @@ for (const fam of FAMILIES) {
     fs.copyFileSync(path.join(root, fam, 'config.rope_parameters.json'), path.join(alt, 'config.json'));
     fs.symlinkSync(path.join(root, fam, 'model/model.safetensors'), path.join(alt, 'model.safetensors'));
     const json = JSON.parse(fs.readFileSync(path.join(alt, 'config.json'), 'utf8')) as Record<string, unknown>;
-    t.ok(json.rope_parameters && json.rope_theta === undefined && json.rope_scaling === undefined, 'the alternative config has only rope_parameters');
+    t.ok(
+      json.rope_parameters && json.rope_theta === undefined && json.rope_scaling === undefined,
+      'the alternative config has only rope_parameters',
+    );
     const second = await checkFamily(t, fam, openModelDir(alt), `${fam} (rope_parameters)`);
     t.equal(second.loss, first.loss, 'rope_parameters: the same loss, bitwise');
-    t.ok(Buffer.from(second.logits.buffer).equals(Buffer.from(first.logits.buffer)), 'rope_parameters: the same logits, bitwise');
+    t.ok(
+      Buffer.from(second.logits.buffer).equals(Buffer.from(first.logits.buffer)),
+      'rope_parameters: the same logits, bitwise',
+    );
   });
 }
 
-t.test('config variants land on the fixture\'s diagnostic losses (other windows, no scaling, another theta)', async (t) => {
-  // each diagnostic loss is the float64 loss of the same weights with one feature changed; the
-  // config changes below make mlora compute exactly those models
-  const variants: Array<[string, Record<string, unknown>, string]> = [
-    ['llama3-scaled', { rope_scaling: null }, 'rope_scaling_ignored'],
-    ['llama3-scaled', { rope_theta: 10000 }, 'rope_theta_10000'],
-    ['qwen2', { use_sliding_window: true, max_window_layers: 0 }, 'sliding_window_applied_although_off'],
-    ['qwen2', { use_sliding_window: true, layer_types: ['sliding_attention', 'sliding_attention'] }, 'sliding_window_applied_although_off'],
-    ['qwen2', { rope_theta: 10000 }, 'rope_theta_10000'],
-    ['qwen3', { rope_theta: 10000 }, 'rope_theta_10000'],
-    ['mistral-window', { sliding_window: null }, 'sliding_window_ignored'],
-    ['mistral-window', { sliding_window: 9 }, 'sliding_window_one_wider'],
-  ];
-  const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-family-variants-'));
-  t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
-  for (const [i, [fam, patch, diag]] of variants.entries()) {
-    const ref = readRef(fam);
-    const dir = path.join(tmp, String(i));
-    fs.mkdirSync(dir);
-    const json = JSON.parse(fs.readFileSync(path.join(root, fam, 'model/config.json'), 'utf8')) as Record<string, unknown>;
-    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...json, ...patch }));
-    fs.symlinkSync(path.join(root, fam, 'model/model.safetensors'), path.join(dir, 'model.safetensors'));
-    const { program } = await setup(openModelDir(dir), fam);
-    const b = fixtureBatch(program, ref.input_ids, ref.labels);
-    const loss = (await program.evaluate(b.mb, b.tokens))!.reduce((a, x) => a + x, 0) / b.count;
-    program.free();
-    assertClose(t, [loss], [ref.diagnostic_losses[diag]!.loss], TOL_LOSS, `${fam} with ${JSON.stringify(patch)}: the '${diag}' loss`);
-  }
-});
+t.test(
+  "config variants land on the fixture's diagnostic losses (other windows, no scaling, another theta)",
+  async (t) => {
+    // each diagnostic loss is the float64 loss of the same weights with one feature changed; the
+    // config changes below make mlora compute exactly those models
+    const variants: Array<[string, Record<string, unknown>, string]> = [
+      ['llama3-scaled', { rope_scaling: null }, 'rope_scaling_ignored'],
+      ['llama3-scaled', { rope_theta: 10000 }, 'rope_theta_10000'],
+      ['qwen2', { use_sliding_window: true, max_window_layers: 0 }, 'sliding_window_applied_although_off'],
+      [
+        'qwen2',
+        { use_sliding_window: true, layer_types: ['sliding_attention', 'sliding_attention'] },
+        'sliding_window_applied_although_off',
+      ],
+      ['qwen2', { rope_theta: 10000 }, 'rope_theta_10000'],
+      ['qwen3', { rope_theta: 10000 }, 'rope_theta_10000'],
+      ['mistral-window', { sliding_window: null }, 'sliding_window_ignored'],
+      ['mistral-window', { sliding_window: 9 }, 'sliding_window_one_wider'],
+    ];
+    const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-family-variants-'));
+    t.teardown(() => fs.rmSync(tmp, { recursive: true, force: true }));
+    for (const [i, [fam, patch, diag]] of variants.entries()) {
+      const ref = readRef(fam);
+      const dir = path.join(tmp, String(i));
+      fs.mkdirSync(dir);
+      const json = JSON.parse(fs.readFileSync(path.join(root, fam, 'model/config.json'), 'utf8')) as Record<
+        string,
+        unknown
+      >;
+      fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify({ ...json, ...patch }));
+      fs.symlinkSync(path.join(root, fam, 'model/model.safetensors'), path.join(dir, 'model.safetensors'));
+      const { program } = await setup(openModelDir(dir), fam);
+      const b = fixtureBatch(program, ref.input_ids, ref.labels);
+      const loss = (await program.evaluate(b.mb, b.tokens))!.reduce((a, x) => a + x, 0) / b.count;
+      program.free();
+      assertClose(
+        t,
+        [loss],
+        [ref.diagnostic_losses[diag]!.loss],
+        TOL_LOSS,
+        `${fam} with ${JSON.stringify(patch)}: the '${diag}' loss`,
+      );
+    }
+  },
+);
 
 t.test('activation recomputation gives the same losses and gradients, bitwise, for every family', async (t) => {
   for (const fam of FAMILIES) {
@@ -167,8 +233,12 @@ t.test('activation recomputation gives the same losses and gradients, bitwise, f
       runs.push({ losses, grads: program.adapter(1).grads.read() as Float32Array });
       program.free();
     }
-    const same = (a: Float32Array, b: Float32Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
-    t.ok(same(runs[0]!.losses, runs[1]!.losses) && same(runs[0]!.grads, runs[1]!.grads), `${fam}: recompute == saved activations`);
+    const same = (a: Float32Array, b: Float32Array) =>
+      Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+    t.ok(
+      same(runs[0]!.losses, runs[1]!.losses) && same(runs[0]!.grads, runs[1]!.grads),
+      `${fam}: recompute == saved activations`,
+    );
   }
 });
 
@@ -193,6 +263,12 @@ t.test('generation with the KV cache equals the full forward, for every family',
     dec.free();
     m.free();
     // the same ops on one row instead of many: GEMM blocking and attention's summation order differ
-    assertClose(t, got, want, { atol: 2e-5, rtol: 1e-4 }, `${fam}: KV-cache logits at positions 4..${ids.length - 1} vs full recompute`);
+    assertClose(
+      t,
+      got,
+      want,
+      { atol: 2e-5, rtol: 1e-4 },
+      `${fam}: KV-cache logits at positions 4..${ids.length - 1} vs full recompute`,
+    );
   }
 });

@@ -25,7 +25,13 @@ export function readRef(file: string): FixtureRef {
 }
 
 /** A one-stage program over the fixture model with the fixture adapter as adapter 1. */
-export async function setupFixture(modelDir: string, adapterDir: string, threads = 1, options: StageOptions = {}, load: LoadWeightsOptions = {}) {
+export async function setupFixture(
+  modelDir: string,
+  adapterDir: string,
+  threads = 1,
+  options: StageOptions = {},
+  load: LoadWeightsOptions = {},
+) {
   const dir = openModelDir(modelDir);
   const config = dir.config;
   const device = cpuDevice(threads);
@@ -33,7 +39,14 @@ export async function setupFixture(modelDir: string, adapterDir: string, threads
   const weights = await loadStageWeights(device, dir, plan, load);
   const program = new StageProgram(device, config, plan, weights, options);
   const ad = loadAdapter(adapterDir);
-  const spec: LoraSpec = { r: ad.r, alpha: ad.loraAlpha, dropout: 0, targets: ad.targetModules, useRslora: ad.useRslora, seed: 0 };
+  const spec: LoraSpec = {
+    r: ad.r,
+    alpha: ad.loraAlpha,
+    dropout: 0,
+    targets: ad.targetModules,
+    useRslora: ad.useRslora,
+    seed: 0,
+  };
   const flat = fromAdapterWeights(config, spec, ad, 'adapter');
   program.addAdapter(1, spec, flat);
   return { dir, config, device, program, spec, flat };
@@ -44,10 +57,12 @@ export function first4(logits: Float32Array, ref: FixtureRef, vocab: number): { 
   const T = ref.input_ids[0]!.length;
   const got: number[] = [];
   const want: number[] = [];
-  for (let b = 0; b < 2; b++) for (let p = 0; p < 4; p++) for (let v = 0; v < vocab; v++) {
-    want.push(ref.logits_first4[b]![p]![v]!);
-    got.push(logits[(b * T + p) * vocab + v]!);
-  }
+  for (let b = 0; b < 2; b++)
+    for (let p = 0; p < 4; p++)
+      for (let v = 0; v < vocab; v++) {
+        want.push(ref.logits_first4[b]![p]![v]!);
+        got.push(logits[(b * T + p) * vocab + v]!);
+      }
   return { got, want };
 }
 
@@ -55,7 +70,12 @@ export function first4(logits: Float32Array, ref: FixtureRef, vocab: number): { 
  * The rows packed as sequences of adapter 1 (`adapter` false: no segment, the base model
  * alone); `count` = the target tokens (the HF loss is their mean).
  */
-export function fixtureBatch(program: StageProgram, inputIds: number[][], labelRows: number[][], adapter = true): { mb: MicroBatch; tokens: Tensor; count: number } {
+export function fixtureBatch(
+  program: StageProgram,
+  inputIds: number[][],
+  labelRows: number[][],
+  adapter = true,
+): { mb: MicroBatch; tokens: Tensor; count: number } {
   const T = inputIds[0]!.length;
   const B = inputIds.length;
   let count = 0;
@@ -63,19 +83,37 @@ export function fixtureBatch(program: StageProgram, inputIds: number[][], labelR
   const N = B * T;
   const data = assemble(
     7,
-    [{ adapter: 1, serial: 0, mb: {
-      step: 0, microIndex: 0, microCount: 1, inputIds: Int32Array.from(inputIds.flat()), labels: Int32Array.from(labelRows.flat()),
-      cuSeqlens: Int32Array.from({ length: B + 1 }, (_, b) => b * T), positions: Int32Array.from({ length: N }, (_, i) => i % T),
-      numTokens: N, numTargetTokens: count, stepTargetTokens: count, lastOfStep: true,
-    } }],
+    [
+      {
+        adapter: 1,
+        serial: 0,
+        mb: {
+          step: 0,
+          microIndex: 0,
+          microCount: 1,
+          inputIds: Int32Array.from(inputIds.flat()),
+          labels: Int32Array.from(labelRows.flat()),
+          cuSeqlens: Int32Array.from({ length: B + 1 }, (_, b) => b * T),
+          positions: Int32Array.from({ length: N }, (_, i) => i % T),
+          numTokens: N,
+          numTargetTokens: count,
+          stepTargetTokens: count,
+          lastOfStep: true,
+        },
+      },
+    ],
     N,
   );
   const d = program.device;
   const mb: MicroBatch = {
-    id: 7, numTokens: N, segments: adapter ? data.segments : [],
+    id: 7,
+    numTokens: N,
+    segments: adapter ? data.segments : [],
     tensors: {
-      positions: d.fromArray('i32', [N], data.positions), cuSeqlens: d.fromArray('i32', [B + 1], data.cuSeqlens),
-      targets: d.fromArray('i32', [N], data.targets), weights: d.fromArray('f32', [N], data.weights),
+      positions: d.fromArray('i32', [N], data.positions),
+      cuSeqlens: d.fromArray('i32', [B + 1], data.cuSeqlens),
+      targets: d.fromArray('i32', [N], data.targets),
+      weights: d.fromArray('f32', [N], data.weights),
     },
   };
   return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };

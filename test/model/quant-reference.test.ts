@@ -32,7 +32,11 @@ interface Tol {
   grad: { atol: number; rtol: number };
 }
 // f32 compute: as reference.test.ts (that implementation's own f32 run is ~3e-7 from its f64 one).
-const F32: Tol = { loss: { atol: 1e-6, rtol: 2e-6 }, logits: { atol: 2e-5, rtol: 1e-4 }, grad: { atol: 2e-5, rtol: 1e-4 } };
+const F32: Tol = {
+  loss: { atol: 1e-6, rtol: 2e-6 },
+  logits: { atol: 2e-5, rtol: 1e-4 },
+  grad: { atol: 2e-5, rtol: 1e-4 },
+};
 // bf16 compute: every frozen GEMM rounds both operands to 8 significant bits (relative error
 // 2⁻⁹ each), so a logit or hidden value errs by ~2⁻⁸·√k·(typical term) before the f32 sum;
 // measured here: loss ~1e-4 relative, logits ~2e-3 absolute, gradients ~1e-2 of their largest.
@@ -40,7 +44,15 @@ const F32: Tol = { loss: { atol: 1e-6, rtol: 2e-6 }, logits: { atol: 2e-5, rtol:
 // of the tensor's largest element. A wrong kernel (a dropped or doubled term) is off by O(1).
 const BF16: Tol = { loss: { atol: 0, rtol: 1e-3 }, logits: { atol: 1e-2, rtol: 0 }, grad: { atol: 5e-2, rtol: 0 } };
 
-async function checkModel(t: Test, modelDir: string, adapterDir: string, refDir: string, tol: Tol, options: StageOptions = {}, load: LoadWeightsOptions = {}) {
+async function checkModel(
+  t: Test,
+  modelDir: string,
+  adapterDir: string,
+  refDir: string,
+  tol: Tol,
+  options: StageOptions = {},
+  load: LoadWeightsOptions = {},
+) {
   const ref: FixtureRef = readRef(path.join(refDir, 'ref.json'));
   const { config, program, spec, device } = await setupFixture(modelDir, adapterDir, 2, options, load);
   const { mb, tokens, count } = fixtureBatch(program, ref.input_ids, ref.labels);
@@ -62,38 +74,60 @@ async function checkModel(t: Test, modelDir: string, adapterDir: string, refDir:
   if (ref.loss_no_adapter !== undefined) {
     const base = fixtureBatch(program, ref.input_ids, ref.labels, false); // no segment: the base model alone
     const l = (await program.evaluate(base.mb, base.tokens))!;
-    assertClose(t, [l.reduce((a, b) => a + b, 0) / base.count], [ref.loss_no_adapter], tol.loss, 'loss without the adapter');
+    assertClose(
+      t,
+      [l.reduce((a, b) => a + b, 0) / base.count],
+      [ref.loss_no_adapter],
+      tol.loss,
+      'loss without the adapter',
+    );
   }
   program.free();
   return device;
 }
 
-const variants: Array<[string, QuantizeMode | undefined]> = [['f32', undefined], ['nf4', 'nf4'], ['nf4-dq', 'nf4-dq'], ['int8', 'int8']];
+const variants: Array<[string, QuantizeMode | undefined]> = [
+  ['f32', undefined],
+  ['nf4', 'nf4'],
+  ['nf4-dq', 'nf4-dq'],
+  ['int8', 'int8'],
+];
 
 for (const [v, mode] of variants) {
-  t.test(`${v}: the checkpoint bitsandbytes saved${mode ? ' (dequantized bit for bit)' : ''}, eval and every LoRA gradient vs float64`, async (t) => {
-    const modelDir = path.join(quant, v === 'f32' ? 'model' : `${v}/model`);
-    const dir = openModelDir(modelDir);
-    t.equal(dir.quantization, mode, `quantization_config: ${mode ?? 'none'}`);
-    t.same(dir.extraTensors, [], 'every companion tensor (absmax, quant_map, quant_state, SCB, ...) is accounted for');
-    if (mode) {
-      const d = cpuDevice(2);
-      const deq = openSafetensors(path.join(quant, v, 'dequantized.safetensors'));
-      let bad = 0;
-      for (const name of deq.tensors.keys()) {
-        const w = await dir.loadTensor(d, name);
-        const out = d.alloc('f32', w.shape);
-        await d.run([{ op: 'dequantize', dst: out, src: w }]);
-        const got = out.read() as Float32Array;
-        const want = deq.readF32(name);
-        for (let i = 0; i < got.length; i++) if (!Object.is(got[i], want[i])) bad++;
-        w.free();
-        out.free();
+  t.test(
+    `${v}: the checkpoint bitsandbytes saved${mode ? ' (dequantized bit for bit)' : ''}, eval and every LoRA gradient vs float64`,
+    async (t) => {
+      const modelDir = path.join(quant, v === 'f32' ? 'model' : `${v}/model`);
+      const dir = openModelDir(modelDir);
+      t.equal(dir.quantization, mode, `quantization_config: ${mode ?? 'none'}`);
+      t.same(
+        dir.extraTensors,
+        [],
+        'every companion tensor (absmax, quant_map, quant_state, SCB, ...) is accounted for',
+      );
+      if (mode) {
+        const d = cpuDevice(2);
+        const deq = openSafetensors(path.join(quant, v, 'dequantized.safetensors'));
+        let bad = 0;
+        for (const name of deq.tensors.keys()) {
+          const w = await dir.loadTensor(d, name);
+          const out = d.alloc('f32', w.shape);
+          await d.run([{ op: 'dequantize', dst: out, src: w }]);
+          const got = out.read() as Float32Array;
+          const want = deq.readF32(name);
+          for (let i = 0; i < got.length; i++) if (!Object.is(got[i], want[i])) bad++;
+          w.free();
+          out.free();
+        }
+        t.equal(
+          bad,
+          0,
+          `all ${deq.tensors.size} dequantized linears are bit-identical to bitsandbytes' dequantization`,
+        );
       }
-      t.equal(bad, 0, `all ${deq.tensors.size} dequantized linears are bit-identical to bitsandbytes' dequantization`);
-    }
-    await checkModel(t, modelDir, path.join(quant, 'adapter'), path.join(quant, v), F32);
-  });
+      await checkModel(t, modelDir, path.join(quant, 'adapter'), path.join(quant, v), F32);
+    },
+  );
 }
 
 for (const mode of ['nf4', 'int8', 'nf4-dq'] as const) {
@@ -102,7 +136,11 @@ for (const mode of ['nf4', 'int8', 'nf4-dq'] as const) {
     const plain = openModelDir(path.join(quant, 'model'));
     const saved = openModelDir(path.join(quant, `${mode}/model`));
     const dt = mode === 'nf4-dq' ? 'nf4dq' : mode;
-    for (const name of ['model.layers.0.self_attn.q_proj.weight', 'model.layers.1.mlp.down_proj.weight', 'model.layers.1.self_attn.k_proj.weight']) {
+    for (const name of [
+      'model.layers.0.self_attn.q_proj.weight',
+      'model.layers.1.mlp.down_proj.weight',
+      'model.layers.1.self_attn.k_proj.weight',
+    ]) {
       const src = await plain.loadTensor(d, name);
       const mine = d.alloc(dt, src.shape);
       await d.run([{ op: 'quantize', dst: mine, src }]);
@@ -126,20 +164,52 @@ for (const mode of ['nf4', 'int8', 'nf4-dq'] as const) {
       for (const x of [src, mine, theirs]) x.free();
     }
     // and the whole model quantized at load: the same numbers as the saved checkpoint's reference
-    await checkModel(t, path.join(quant, 'model'), path.join(quant, 'adapter'), path.join(quant, mode), F32, {}, { quantize: mode });
+    await checkModel(
+      t,
+      path.join(quant, 'model'),
+      path.join(quant, 'adapter'),
+      path.join(quant, mode),
+      F32,
+      {},
+      { quantize: mode },
+    );
   });
 }
 
 t.test('a pre-quantized checkpoint refuses a different quantize', async (t) => {
   const d = cpuDevice(1);
   const { loadStageWeights } = await import('../../lib/model/weights.js');
-  await t.rejects(loadStageWeights(d, path.join(quant, 'nf4/model'), { lo: 0, hi: 1, first: true, last: false }, { quantize: 'int8' }), /saved quantized as nf4.*quantize: int8 cannot re-quantize/);
+  await t.rejects(
+    loadStageWeights(
+      d,
+      path.join(quant, 'nf4/model'),
+      { lo: 0, hi: 1, first: true, last: false },
+      { quantize: 'int8' },
+    ),
+    /saved quantized as nf4.*quantize: int8 cannot re-quantize/,
+  );
 });
 
 t.test('compute_dtype bf16: llama-tiny within the bf16 tolerance', async (t) => {
-  await checkModel(t, path.join(tiny, 'model'), path.join(tiny, 'adapter'), tiny, BF16, { computeDtype: 'bf16' }, { computeDtype: 'bf16' });
+  await checkModel(
+    t,
+    path.join(tiny, 'model'),
+    path.join(tiny, 'adapter'),
+    tiny,
+    BF16,
+    { computeDtype: 'bf16' },
+    { computeDtype: 'bf16' },
+  );
 });
 
 t.test('compute_dtype bf16 on the nf4-dq base (the QLoRA setting) within the bf16 tolerance', async (t) => {
-  await checkModel(t, path.join(quant, 'nf4-dq/model'), path.join(quant, 'adapter'), path.join(quant, 'nf4-dq'), BF16, { computeDtype: 'bf16' }, { computeDtype: 'bf16' });
+  await checkModel(
+    t,
+    path.join(quant, 'nf4-dq/model'),
+    path.join(quant, 'adapter'),
+    path.join(quant, 'nf4-dq'),
+    BF16,
+    { computeDtype: 'bf16' },
+    { computeDtype: 'bf16' },
+  );
 });

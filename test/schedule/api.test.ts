@@ -75,11 +75,18 @@ t.test('submit, events, pause/resume, cancel, close', async (t) => {
   await doomed.cancel();
   t.equal(doomed.state, 'cancelled');
   await D.done;
-  t.equal(D.evs.at(-1)?.type === 'state' && (D.evs.at(-1) as { state: string }).state, 'cancelled', 'doomed: last event is state cancelled');
+  t.equal(
+    D.evs.at(-1)?.type === 'state' && (D.evs.at(-1) as { state: string }).state,
+    'cancelled',
+    'doomed: last event is state cancelled',
+  );
   await t.rejects(sup.pipeline.exportAdapter(doomed.id), 'exportAdapter of the cancelled adapter fails');
   // every stage on its own: none of them holds it any more
-  const request = (sup.pipeline as unknown as { request(s: number, m: object): Promise<unknown> }).request.bind(sup.pipeline);
-  for (const s of [0, 1]) await t.rejects(request(s, { type: 'exportAdapter', adapter: doomed.id }), `stage ${s} no longer has the adapter`);
+  const request = (sup.pipeline as unknown as { request(s: number, m: object): Promise<unknown> }).request.bind(
+    sup.pipeline,
+  );
+  for (const s of [0, 1])
+    await t.rejects(request(s, { type: 'exportAdapter', adapter: doomed.id }), `stage ${s} no longer has the adapter`);
   const doomedRecs = recsOf(doomed.id);
   const longNow = long.step;
   await until(() => long.step >= longNow + 2, 'long: 2 more steps after the cancel');
@@ -89,8 +96,16 @@ t.test('submit, events, pause/resume, cancel, close', async (t) => {
   await L.done;
   t.equal(long.state, 'done');
   const longSteps = L.evs.flatMap((e) => (e.type === 'step' ? [e.step] : []));
-  t.same(longSteps, Array.from({ length: 30 }, (_, i) => i + 1), 'long: every step once, in order, through the other jobs\' join/pause/cancel');
-  t.same(L.evs.map((e) => (e.type === 'state' ? e.state : e.type)).filter((x) => x !== 'step'), ['queued', 'loading', 'running', 'done', 'done'], 'long: state events in order');
+  t.same(
+    longSteps,
+    Array.from({ length: 30 }, (_, i) => i + 1),
+    "long: every step once, in order, through the other jobs' join/pause/cancel",
+  );
+  t.same(
+    L.evs.map((e) => (e.type === 'state' ? e.state : e.type)).filter((x) => x !== 'step'),
+    ['queued', 'loading', 'running', 'done', 'done'],
+    'long: state events in order',
+  );
   await sup.close();
   t.equal((sup.pipeline as unknown as { slotsInUse(): number }).slotsInUse(), 0, 'no slot left after close');
 });

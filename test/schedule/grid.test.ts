@@ -3,7 +3,14 @@ import t from 'tap';
 import { renderGrid, stageOrder, utilisation } from '../../lib/schedule/grid.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
 
-const r = (stage: number, kind: ScheduleRecord['kind'], mb: number, start: number, end: number): ScheduleRecord => ({ stage, kind, mb, adapters: [mb], start, end });
+const r = (stage: number, kind: ScheduleRecord['kind'], mb: number, start: number, end: number): ScheduleRecord => ({
+  stage,
+  kind,
+  mb,
+  adapters: [mb],
+  start,
+  end,
+});
 
 // span 0..10 ms; width 10 → one cell per ms
 const recs: ScheduleRecord[] = [
@@ -55,8 +62,14 @@ t.test('utilisation: busy fractions and bubble', async (t) => {
 });
 
 t.test('stageOrder: F and B per stage in start order (S and E left out)', async (t) => {
-  t.same(stageOrder(recs, 2), [['F1', 'F2', 'B1', 'B2'], ['F1', 'F2']]);
+  t.same(stageOrder(recs, 2), [
+    ['F1', 'F2', 'B1', 'B2'],
+    ['F1', 'F2'],
+  ]);
   // input order does not matter
-  t.same(stageOrder([...recs].reverse(), 2), [['F1', 'F2', 'B1', 'B2'], ['F1', 'F2']]);
+  t.same(stageOrder([...recs].reverse(), 2), [
+    ['F1', 'F2', 'B1', 'B2'],
+    ['F1', 'F2'],
+  ]);
   t.same(stageOrder([], 2), [[], []]);
 });

@@ -28,24 +28,62 @@ t.test('two stages × two messages: exact records', async (t) => {
   // independent adapters, both in flight:
   //   stage 0: F1 0-2, F2 2-4, (idle), B1 5-6 (B1 is ready at 5, when stage 1 ends F1), (idle), B2 8-9
   //   stage 1: F1 2-5, F2 5-8
-  t.same(strip(simulate(msgs, { stages: 2, inflight: 2, sequential: false })), ['0F1@0-2', '0F2@2-4', '1F1@2-5', '0B1@5-6', '1F2@5-8', '0B2@8-9']);
+  t.same(strip(simulate(msgs, { stages: 2, inflight: 2, sequential: false })), [
+    '0F1@0-2',
+    '0F2@2-4',
+    '1F1@2-5',
+    '0B1@5-6',
+    '1F2@5-8',
+    '0B2@8-9',
+  ]);
   // one message in flight (or one adapter, sequential): no overlap at all, 6 ms per message
   const serial = ['0F1@0-2', '1F1@2-5', '0B1@5-6', '0F2@6-8', '1F2@8-11', '0B2@11-12'];
   t.same(strip(simulate(msgs, { stages: 2, inflight: 1, sequential: false })), serial);
-  t.same(strip(simulate(msgs.map((m) => ({ ...m, adapters: [7] })), { stages: 2, inflight: 2, sequential: true })), serial);
+  t.same(
+    strip(
+      simulate(
+        msgs.map((m) => ({ ...m, adapters: [7] })),
+        { stages: 2, inflight: 2, sequential: true },
+      ),
+    ),
+    serial,
+  );
   // a hop time delays each hand-over, the completion report to the supervisor included
   // (B1 ends at 8, the supervisor learns it at 9 and admits message 2 then), with or without `sequential`
-  t.same(strip(simulate(msgs.map((m) => ({ ...m, adapters: [7] })), { stages: 2, inflight: 2, sequential: true, hopMs: 1 })), ['0F1@0-2', '1F1@3-6', '0B1@7-8', '0F2@9-11', '1F2@12-15', '0B2@16-17']);
-  t.same(strip(simulate(msgs, { stages: 2, inflight: 1, sequential: false, hopMs: 1 })), ['0F1@0-2', '1F1@3-6', '0B1@7-8', '0F2@9-11', '1F2@12-15', '0B2@16-17']);
+  t.same(
+    strip(
+      simulate(
+        msgs.map((m) => ({ ...m, adapters: [7] })),
+        { stages: 2, inflight: 2, sequential: true, hopMs: 1 },
+      ),
+    ),
+    ['0F1@0-2', '1F1@3-6', '0B1@7-8', '0F2@9-11', '1F2@12-15', '0B2@16-17'],
+  );
+  t.same(strip(simulate(msgs, { stages: 2, inflight: 1, sequential: false, hopMs: 1 })), [
+    '0F1@0-2',
+    '1F1@3-6',
+    '0B1@7-8',
+    '0F2@9-11',
+    '1F2@12-15',
+    '0B2@16-17',
+  ]);
 });
 
 t.test('Backward before Forward on a stage when both are ready', async (t) => {
   // 3 messages in flight; stage 0 has F3 and B1 both waiting when it frees up at t=6: B1 first
-  const msgs: SimMessage[] = [1, 2, 3].map((mb) => ({ mb, adapters: [mb], forward: [mb === 2 ? 4 : 2, 1], backward: [1, 0] }));
+  const msgs: SimMessage[] = [1, 2, 3].map((mb) => ({
+    mb,
+    adapters: [mb],
+    forward: [mb === 2 ? 4 : 2, 1],
+    backward: [1, 0],
+  }));
   const rs = simulate(msgs, { stages: 2, inflight: 3, sequential: false });
   // stage 0: F1 0-2, F2 2-6; stage 1: F1 2-3 (B1 ready at 3), F2 6-7 (B2 ready at 7).
   // At 6 stage 0 has B1 and F3 ready: B1 6-7. At 7, B2 and F3: B2 7-8. Then F3 8-10; stage 1 F3 10-11; B3 11-12.
-  t.same(stageOrder(rs, 2), [['F1', 'F2', 'B1', 'B2', 'F3', 'B3'], ['F1', 'F2', 'F3']]);
+  t.same(stageOrder(rs, 2), [
+    ['F1', 'F2', 'B1', 'B2', 'F3', 'B3'],
+    ['F1', 'F2', 'F3'],
+  ]);
   t.same(strip(rs.filter((r) => r.stage === 0)), ['0F1@0-2', '0F2@2-6', '0B1@6-7', '0B2@7-8', '0F3@8-10', '0B3@11-12']);
 });
 
@@ -62,7 +100,8 @@ function checkCausal(t: Test, rs: ScheduleRecord[], what: string) {
   for (const s of [0, 1]) {
     const mine = rs.filter((r) => r.stage === s).sort((a, b) => a.start - b.start);
     for (let i = 1; i < mine.length; i++) {
-      if (mine[i]!.start < mine[i - 1]!.end) t.fail(`${what}: stage ${s} overlaps: ${JSON.stringify(mine[i - 1])} and ${JSON.stringify(mine[i])}`);
+      if (mine[i]!.start < mine[i - 1]!.end)
+        t.fail(`${what}: stage ${s} overlaps: ${JSON.stringify(mine[i - 1])} and ${JSON.stringify(mine[i])}`);
     }
   }
   const mbs = [...new Set(rs.filter((r) => r.kind === 'F').map((r) => r.mb))];
@@ -72,9 +111,16 @@ function checkCausal(t: Test, rs: ScheduleRecord[], what: string) {
     const f1 = rs.find((r) => r.mb === mb && r.stage === 1 && r.kind === 'F')!;
     const b0 = rs.find((r) => r.mb === mb && r.stage === 0 && r.kind === 'B')!;
     if (f0 && f1 && b0 && f0.end <= f1.start && f1.end <= b0.start) ok++;
-    else t.fail(`${what}: micro-batch ${mb}: F0 ${f0?.start}-${f0?.end}, F1 ${f1?.start}-${f1?.end}, B0 ${b0?.start}-${b0?.end} out of order`);
+    else
+      t.fail(
+        `${what}: micro-batch ${mb}: F0 ${f0?.start}-${f0?.end}, F1 ${f1?.start}-${f1?.end}, B0 ${b0?.start}-${b0?.end} out of order`,
+      );
   }
-  t.equal(ok, mbs.length, `${what}: F(stage 0) → F(stage 1) → B(stage 0) in time for all ${mbs.length} micro-batches, no overlap on a stage`);
+  t.equal(
+    ok,
+    mbs.length,
+    `${what}: F(stage 0) → F(stage 1) → B(stage 0) in time for all ${mbs.length} micro-batches, no overlap on a stage`,
+  );
 }
 
 /** The recorded run as simulator input: messages in admission order (stage-0 F start), measured durations. */
@@ -109,7 +155,10 @@ t.test('one message in flight: the simulator reproduces the recorded order exact
 });
 
 t.test('four messages in flight: the simulator and the recorder agree up to timing', async (t) => {
-  const run = await runJobs({ model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 4, split: [1, 1], inflightPerAdapter: 1 }, jobs());
+  const run = await runJobs(
+    { model, devices: ['cpu:0', 'cpu:1'], threads: 1, inflight: 4, split: [1, 1], inflightPerAdapter: 1 },
+    jobs(),
+  );
   const real = run.sup.pipeline.schedule().filter((r) => r.kind === 'F' || r.kind === 'B');
   checkCausal(t, real, 'recorded');
   const sim = simulate(toMessages(real), { stages: 2, inflight: 4, sequential: true });
@@ -141,9 +190,12 @@ t.test('four messages in flight: the simulator and the recorder agree up to timi
     const jumped = f0.filter((f) => f.start > ready + SLACK && f.start < b.start);
     if (jumped.length) {
       violations++;
-      t.comment(`B${b.mb} ready at ${ready.toFixed(1)} ms ran at ${b.start.toFixed(1)} after ${jumped.map((f) => `F${f.mb}@${f.start.toFixed(1)}`).join(' ')}`);
+      t.comment(
+        `B${b.mb} ready at ${ready.toFixed(1)} ms ran at ${b.start.toFixed(1)} after ${jumped.map((f) => `F${f.mb}@${f.start.toFixed(1)}`).join(' ')}`,
+      );
     }
   }
   t.equal(violations, 0, `stage 0 took no Forward while a Backward had been waiting > ${SLACK} ms`);
-  if (JSON.stringify(ro) !== JSON.stringify(so)) t.comment(`orders differ only in stage-0 interleaving:\n real ${ro[0]!.join(' ')}\n sim  ${so[0]!.join(' ')}`);
+  if (JSON.stringify(ro) !== JSON.stringify(so))
+    t.comment(`orders differ only in stage-0 interleaving:\n real ${ro[0]!.join(' ')}\n sim  ${so[0]!.join(' ')}`);
 });

@@ -29,5 +29,7 @@ export function stateMaxDiff(a: AdapterState, b: AdapterState): number {
 
 /** Same bits in params, m and v, and the same optimizer version. */
 export function stateBitwiseEqual(a: AdapterState, b: AdapterState): boolean {
-  return bitwiseEqual(a.params, b.params) && bitwiseEqual(a.m, b.m) && bitwiseEqual(a.v, b.v) && a.version === b.version;
+  return (
+    bitwiseEqual(a.params, b.params) && bitwiseEqual(a.m, b.m) && bitwiseEqual(a.v, b.v) && a.version === b.version
+  );
 }

@@ -60,7 +60,10 @@ export class FakePipeline implements Pipeline {
 
   constructor(private readonly o: FakePipelineOptions) {
     const S = o.budgets.length;
-    this.plans = Array.from({ length: S }, (_, s) => ({ lo: s, hi: s + 1, first: s === 0, last: s === S - 1 }) as StagePlan);
+    this.plans = Array.from(
+      { length: S },
+      (_, s) => ({ lo: s, hi: s + 1, first: s === 0, last: s === S - 1 }) as StagePlan,
+    );
     this.devices = Array.from({ length: S }, (_, s) => `cpu:${s}`);
     this.maxTokens = o.maxTokens ?? 4096;
     this.base = o.base ?? new Array<number>(S).fill(0);
@@ -137,7 +140,12 @@ export class FakePipeline implements Pipeline {
   }
   async poison(): Promise<void> {}
   async memory(): Promise<Array<{ device: string; budget: number; used: number; peak: number }>> {
-    return this.devices.map((device, s) => ({ device, budget: this.o.budgets[s]!, used: this.used[s]!, peak: this.peak[s]! }));
+    return this.devices.map((device, s) => ({
+      device,
+      budget: this.o.budgets[s]!,
+      used: this.used[s]!,
+      peak: this.peak[s]!,
+    }));
   }
   schedule(): ScheduleRecord[] {
     return [];
@@ -176,7 +184,8 @@ export class FakePipeline implements Pipeline {
   }
   private check(s: number, what: string) {
     this.peak[s] = Math.max(this.peak[s]!, this.used[s]!);
-    if (this.used[s]! > this.o.budgets[s]!) this.overruns.push({ stage: s, used: this.used[s]!, budget: this.o.budgets[s]!, what });
+    if (this.used[s]! > this.o.budgets[s]!)
+      this.overruns.push({ stage: s, used: this.used[s]!, budget: this.o.budgets[s]!, what });
   }
 }
 
@@ -191,10 +200,17 @@ function copy(s: AdapterState): AdapterState {
 export function fakeSource(steps: number, micro: number, tokens: number): MicroBatchSource {
   let i = 0;
   const mb = (k: number): SourceMicroBatch => ({
-    step: Math.floor(k / micro), microIndex: k % micro, microCount: micro,
-    inputIds: new Int32Array(tokens), labels: Int32Array.from({ length: tokens }, (_, j) => (j === 0 ? -100 : 1)),
-    cuSeqlens: Int32Array.from([0, tokens]), positions: Int32Array.from({ length: tokens }, (_, j) => j),
-    numTokens: tokens, numTargetTokens: tokens - 1, stepTargetTokens: micro * (tokens - 1), lastOfStep: k % micro === micro - 1,
+    step: Math.floor(k / micro),
+    microIndex: k % micro,
+    microCount: micro,
+    inputIds: new Int32Array(tokens),
+    labels: Int32Array.from({ length: tokens }, (_, j) => (j === 0 ? -100 : 1)),
+    cuSeqlens: Int32Array.from([0, tokens]),
+    positions: Int32Array.from({ length: tokens }, (_, j) => j),
+    numTokens: tokens,
+    numTargetTokens: tokens - 1,
+    stepTargetTokens: micro * (tokens - 1),
+    lastOfStep: k % micro === micro - 1,
   });
   return {
     totalSteps: steps,
@@ -209,7 +225,9 @@ export function fakeSource(steps: number, micro: number, tokens: number): MicroB
  * batch_size / micro_batch_size micro-batches of seq_len tokens) and a zero initial state;
  * finish() records the final state of each adapter by name.
  */
-export function fakeHooks(finals = new Map<string, AdapterState>()): SupervisorHooks & { finals: Map<string, AdapterState> } {
+export function fakeHooks(
+  finals = new Map<string, AdapterState>(),
+): SupervisorHooks & { finals: Map<string, AdapterState> } {
   return {
     finals,
     prepare: async (c): Promise<PreparedJob> => ({

@@ -55,7 +55,13 @@ export function assertClose(t: Test, got: ArrayLike<number>, want: ArrayLike<num
 
 /** Float64 GEMM reference: C[m,n] = A[m,k]·B[k,n] with optional transposes (row-major). */
 export function gemmRef(
-  a: ArrayLike<number>, b: ArrayLike<number>, m: number, n: number, k: number, transA = false, transB = false,
+  a: ArrayLike<number>,
+  b: ArrayLike<number>,
+  m: number,
+  n: number,
+  k: number,
+  transA = false,
+  transB = false,
 ): Float64Array {
   const c = new Float64Array(m * n);
   for (let i = 0; i < m; i++)
@@ -76,11 +82,25 @@ export async function eachGemmKernel(t: Test, file: string, bf16Kernels = false)
   const have: Record<string, boolean> = { scalar: true, avx2: info.cpu.avx2, avx512: info.cpu.avx512f };
   // bf16Kernels: also each bf16-compute kernel of the AVX-512 family (MLORA_GEMM_BF16_KERNEL)
   const runs: Array<[string, Record<string, string>, string | false]> = [
-    ...['scalar', 'avx2', 'avx512'].map((k): [string, Record<string, string>, string | false] => [`MLORA_GEMM_KERNEL=${k}`, { MLORA_GEMM_KERNEL: k }, have[k] ? false : `this CPU does not have ${k}`]),
-    ...(bf16Kernels ? ([
-      ['MLORA_GEMM_BF16_KERNEL=avx512bf16', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'avx512bf16' }, info.cpu.avx512bf16 ? false : 'this CPU does not have AVX512_BF16'],
-      ['MLORA_GEMM_BF16_KERNEL=emu', { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'emu' }, info.cpu.avx512f ? false : 'this CPU does not have avx512'],
-    ] as Array<[string, Record<string, string>, string | false]>) : []),
+    ...['scalar', 'avx2', 'avx512'].map((k): [string, Record<string, string>, string | false] => [
+      `MLORA_GEMM_KERNEL=${k}`,
+      { MLORA_GEMM_KERNEL: k },
+      have[k] ? false : `this CPU does not have ${k}`,
+    ]),
+    ...(bf16Kernels
+      ? ([
+          [
+            'MLORA_GEMM_BF16_KERNEL=avx512bf16',
+            { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'avx512bf16' },
+            info.cpu.avx512bf16 ? false : 'this CPU does not have AVX512_BF16',
+          ],
+          [
+            'MLORA_GEMM_BF16_KERNEL=emu',
+            { MLORA_GEMM_KERNEL: 'avx512', MLORA_GEMM_BF16_KERNEL: 'emu' },
+            info.cpu.avx512f ? false : 'this CPU does not have avx512',
+          ],
+        ] as Array<[string, Record<string, string>, string | false]>)
+      : []),
   ];
   for (const [label, vars, skip] of runs) {
     await t.test(label, { skip }, async (t) => {

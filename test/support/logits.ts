@@ -6,10 +6,16 @@ import { batchOnDevice, freeBatch, type SingleModel } from '../../lib/model/sing
 /** Logits [n, vocab] of one whole sequence (positions 0..n-1), by a full recomputation. */
 export async function fullLogits(m: SingleModel, ids: ArrayLike<number>): Promise<Float32Array> {
   const n = ids.length;
-  const b = batchOnDevice(m, {
-    tokens: Int32Array.from(ids), positions: Int32Array.from({ length: n }, (_, i) => i),
-    cuSeqlens: Int32Array.from([0, n]), targets: new Int32Array(n).fill(-100),
-  }, 900_000 + n);
+  const b = batchOnDevice(
+    m,
+    {
+      tokens: Int32Array.from(ids),
+      positions: Int32Array.from({ length: n }, (_, i) => i),
+      cuSeqlens: Int32Array.from([0, n]),
+      targets: new Int32Array(n).fill(-100),
+    },
+    900_000 + n,
+  );
   try {
     return await m.program.logits(b.mb, b.tokens);
   } finally {
@@ -18,9 +24,13 @@ export async function fullLogits(m: SingleModel, ids: ArrayLike<number>): Promis
 }
 
 /** Σ −log p(label[j+1] | ids[..j]) over labels ≠ −100 (float64 log-softmax), and the count. */
-export async function referenceLoss(m: SingleModel, seqs: Array<{ inputIds: ArrayLike<number>; labels?: ArrayLike<number> }>) {
+export async function referenceLoss(
+  m: SingleModel,
+  seqs: Array<{ inputIds: ArrayLike<number>; labels?: ArrayLike<number> }>,
+) {
   const V = m.config.vocabSize;
-  let sum = 0, count = 0;
+  let sum = 0,
+    count = 0;
   for (const s of seqs) {
     const labels = s.labels ?? s.inputIds;
     const lg = await fullLogits(m, s.inputIds);

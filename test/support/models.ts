@@ -26,7 +26,11 @@ export async function tinyModel(seed = 7): Promise<string> {
 }
 
 /** The tiny preset with `numLayers` layers (and `vocabSize` tokens), fresh in a temporary folder of its own. */
-export async function tinyModelWithLayers(numLayers: number, seed = 7, vocabSize = PRESETS.tiny.vocabSize): Promise<string> {
+export async function tinyModelWithLayers(
+  numLayers: number,
+  seed = 7,
+  vocabSize = PRESETS.tiny.vocabSize,
+): Promise<string> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mlora-actors-'));
   const config = { ...PRESETS.tiny, numLayers, vocabSize };
   await writeTokenizerFiles(dir, { vocabSize: config.vocabSize, modelMaxLength: config.maxPositionEmbeddings });

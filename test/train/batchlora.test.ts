@@ -37,27 +37,59 @@ t.test('BatchLoRA: 3 adapters together == each alone, step by step, bitwise', as
   const dir = tmpDir(t);
   const adapters: AdapterConfigInput[] = [
     {
-      name: 'a', data: demoData(dir, 'arithmetic', 12), seq_len: 256, seed: 1, shuffle: true,
+      name: 'a',
+      data: demoData(dir, 'arithmetic', 12),
+      seq_len: 256,
+      seed: 1,
+      shuffle: true,
       lora: { r: 4, alpha: 8, dropout: 0.1, targets: ['q_proj', 'v_proj'] },
-      optimizer: { lr: 3e-3 }, batch_size: 4, micro_batch_size: 2, max_grad_norm: 0.5, save_every: 1,
+      optimizer: { lr: 3e-3 },
+      batch_size: 4,
+      micro_batch_size: 2,
+      max_grad_norm: 0.5,
+      save_every: 1,
     },
     {
-      name: 'b', data: demoData(dir, 'capitals', 9), seq_len: 256, seed: 2, shuffle: false,
+      name: 'b',
+      data: demoData(dir, 'capitals', 9),
+      seq_len: 256,
+      seed: 2,
+      shuffle: false,
       lora: { r: 8, alpha: 16, dropout: 0, targets: ['k_proj', 'o_proj', 'gate_proj', 'down_proj'] },
-      optimizer: { lr: 1e-3, weight_decay: 0.01 }, schedule: { type: 'cosine', warmup_steps: 1 },
-      batch_size: 3, micro_batch_size: 1, train_on_inputs: true, save_every: 1,
+      optimizer: { lr: 1e-3, weight_decay: 0.01 },
+      schedule: { type: 'cosine', warmup_steps: 1 },
+      batch_size: 3,
+      micro_batch_size: 1,
+      train_on_inputs: true,
+      save_every: 1,
     },
     {
-      name: 'c', data: demoData(dir, 'sentiment', 6), seq_len: 256, seed: 3,
-      lora: { r: 2, alpha: 4, dropout: 0.2, targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj'], use_rslora: true },
-      optimizer: { lr: 2e-3, betas: [0.8, 0.99] }, schedule: { type: 'linear' }, batch_size: 2, epochs: 2, save_every: 1,
+      name: 'c',
+      data: demoData(dir, 'sentiment', 6),
+      seq_len: 256,
+      seed: 3,
+      lora: {
+        r: 2,
+        alpha: 4,
+        dropout: 0.2,
+        targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj'],
+        use_rslora: true,
+      },
+      optimizer: { lr: 2e-3, betas: [0.8, 0.99] },
+      schedule: { type: 'linear' },
+      batch_size: 2,
+      epochs: 2,
+      save_every: 1,
     },
   ];
   const outTogether = `${dir}/together`;
   const together = await run(model, adapters, { output: outTogether });
   t.same(together.errors, [], 'no errors together');
   const multi = together.messages.filter((m) => m.length > 1).length;
-  t.ok(multi >= together.messages.length / 2, `${multi} of ${together.messages.length} micro-batch messages held several adapters (${together.messages.filter((m) => m.length === 3).length} all three)`);
+  t.ok(
+    multi >= together.messages.length / 2,
+    `${multi} of ${together.messages.length} micro-batch messages held several adapters (${together.messages.filter((m) => m.length === 3).length} all three)`,
+  );
   const alone = [];
   for (const a of adapters) {
     const out = `${dir}/alone-${a.name}`;
@@ -71,19 +103,27 @@ t.test('BatchLoRA: 3 adapters together == each alone, step by step, bitwise', as
     t.ok(al.length >= 3, `${a.name}: ${al.length} steps`);
     t.equal(tg.length, al.length, `${a.name}: same number of steps`);
     for (let i = 0; i < al.length; i++) {
-      const x = tg[i]!, y = al[i]!;
+      const x = tg[i]!,
+        y = al[i]!;
       if (x.loss !== y.loss || x.lr !== y.lr || x.gradNorm !== y.gradNorm || x.tokens !== y.tokens) {
-        t.fail(`${a.name} step ${i + 1}: together loss ${x.loss} lr ${x.lr} |g| ${x.gradNorm} tokens ${x.tokens}; alone ${y.loss} ${y.lr} ${y.gradNorm} ${y.tokens}`);
+        t.fail(
+          `${a.name} step ${i + 1}: together loss ${x.loss} lr ${x.lr} |g| ${x.gradNorm} tokens ${x.tokens}; alone ${y.loss} ${y.lr} ${y.gradNorm} ${y.tokens}`,
+        );
       }
     }
     t.pass(`${a.name}: loss, lr, grad norm and tokens of all ${al.length} step events identical`);
     const ckT = readCheckpoints(model, a, outTogether);
     const ckA = readCheckpoints(model, a, out);
-    t.same(ckT.map((c) => c.step), ckA.map((c) => c.step), `${a.name}: checkpoints at the same steps`);
+    t.same(
+      ckT.map((c) => c.step),
+      ckA.map((c) => c.step),
+      `${a.name}: checkpoints at the same steps`,
+    );
     t.equal(ckA.length, al.length - 1, `${a.name}: a checkpoint after every step but the last`);
     for (let i = 0; i < ckA.length; i++) {
       for (const k of ['params', 'm', 'v'] as const) {
-        const x = ckT[i]!.state[k], y = ckA[i]!.state[k];
+        const x = ckT[i]!.state[k],
+          y = ckA[i]!.state[k];
         if (!bitwiseEqual(x, y)) t.fail(`${a.name} step ${ckA[i]!.step} ${k}: max |diff| ${maxDiff(x, y)}`);
       }
     }

@@ -28,12 +28,16 @@ const HAND = {
   cosine: [0, 0.5, 1, c45, 0.5, 1 - c45],
 } as const;
 
-const rclose = (a: number, b: number, rtol: number) => Math.abs(a - b) <= rtol * Math.max(Math.abs(a), Math.abs(b), 1e-300);
+const rclose = (a: number, b: number, rtol: number) =>
+  Math.abs(a - b) <= rtol * Math.max(Math.abs(a), Math.abs(b), 1e-300);
 
 t.test('lrAt: constant / linear / cosine with warmup, by hand', async (t) => {
   for (const [type, lam] of Object.entries(HAND)) {
     const got = lam.map((_, s) => lrAt(1e-3, { type: type as keyof typeof HAND, warmup_steps: 2 }, s, 6));
-    t.ok(got.every((g, i) => rclose(g, 1e-3 * lam[i]!, 1e-12)), `${type}: ${got.map((g) => g.toPrecision(6)).join(' ')}`);
+    t.ok(
+      got.every((g, i) => rclose(g, 1e-3 * lam[i]!, 1e-12)),
+      `${type}: ${got.map((g) => g.toPrecision(6)).join(' ')}`,
+    );
   }
   // no warmup: the first step uses the full lr; cosine reaches ~0 at the end, never below 0
   t.equal(lrAt(2e-4, { type: 'constant', warmup_steps: 0 }, 0, 10), 2e-4);
@@ -47,22 +51,35 @@ t.test('step events, clipping and AdamW (PyTorch semantics) vs hand-computed upd
   const common = { seq_len: 256, batch_size: 2, micro_batch_size: 1, shuffle: false, max_steps: 6 };
   const adapters: AdapterConfigInput[] = [
     {
-      ...common, name: 'constant', data: demoData(dir, 'arithmetic', 12), seed: 1,
+      ...common,
+      name: 'constant',
+      data: demoData(dir, 'arithmetic', 12),
+      seed: 1,
       lora: { r: 2, alpha: 4, dropout: 0, targets: ['q_proj', 'v_proj'] },
       // a small max_grad_norm (clipping at every step) and an eps that does not vanish next to
       // |g|, so the clip shows in the update (with eps ≪ |g| Adam's update ignores the scale)
-      optimizer: { lr: 1e-3, betas: [0.8, 0.9], eps: 1e-3, weight_decay: 0.1 }, schedule: { type: 'constant', warmup_steps: 2 },
+      optimizer: { lr: 1e-3, betas: [0.8, 0.9], eps: 1e-3, weight_decay: 0.1 },
+      schedule: { type: 'constant', warmup_steps: 2 },
       max_grad_norm: 0.02,
     },
     {
-      ...common, name: 'linear', data: demoData(dir, 'capitals', 12), seed: 2,
+      ...common,
+      name: 'linear',
+      data: demoData(dir, 'capitals', 12),
+      seed: 2,
       lora: { r: 4, alpha: 8, dropout: 0.1, targets: ['o_proj', 'up_proj'] },
-      optimizer: { lr: 1e-3, weight_decay: 0 }, schedule: { type: 'linear', warmup_steps: 2 },
+      optimizer: { lr: 1e-3, weight_decay: 0 },
+      schedule: { type: 'linear', warmup_steps: 2 },
     },
     {
-      ...common, name: 'cosine', data: demoData(dir, 'reverse', 12), seed: 3,
+      ...common,
+      name: 'cosine',
+      data: demoData(dir, 'reverse', 12),
+      seed: 3,
       lora: { r: 3, alpha: 3, dropout: 0, targets: ['k_proj'] },
-      optimizer: { lr: 1e-3 }, schedule: { type: 'cosine', warmup_steps: 2 }, max_grad_norm: 1e6,
+      optimizer: { lr: 1e-3 },
+      schedule: { type: 'cosine', warmup_steps: 2 },
+      max_grad_norm: 1e6,
     },
   ];
   const events: JobEvent[] = [];
@@ -70,7 +87,10 @@ t.test('step events, clipping and AdamW (PyTorch semantics) vs hand-computed upd
   // read each adapter's gradient, weights and moments around every optimizer step
   const lp = sup.pipeline as LocalPipeline;
   const step = lp.step.bind(lp);
-  const seen = new Map<number, Array<{ p: StepParams; g: Float32Array; before: Float32Array[]; after: Float32Array[] }>>();
+  const seen = new Map<
+    number,
+    Array<{ p: StepParams; g: Float32Array; before: Float32Array[]; after: Float32Array[] }>
+  >();
   const read = (id: number) => {
     const a = lp.stages[0]!.adapter(id);
     return [a.params, a.m, a.v].map((x) => x.read() as Float32Array);
@@ -97,17 +117,22 @@ t.test('step events, clipping and AdamW (PyTorch semantics) vs hand-computed upd
     const rec = seen.get(job.id)!;
     t.equal(ev.length, 6, `${job.name}: 6 steps`);
     t.equal(rec.length, 6);
-    t.ok(ev.every((e, i) => rclose(e.lr, 1e-3 * lam[i]!, 1e-12)), `${job.name}: step events' lr ${ev.map((e) => e.lr.toPrecision(4)).join(' ')} = hand values`);
+    t.ok(
+      ev.every((e, i) => rclose(e.lr, 1e-3 * lam[i]!, 1e-12)),
+      `${job.name}: step events' lr ${ev.map((e) => e.lr.toPrecision(4)).join(' ')} = hand values`,
+    );
     for (let i = 0; i < rec.length; i++) {
       const { p, g, before, after } = rec[i]!;
       let ss = 0;
       for (const x of g) ss += x * x;
       const norm = Math.sqrt(ss);
       // the gradient norm reported is the one of the gradient the optimizer got (f32 sumsq)
-      if (!rclose(ev[i]!.gradNorm, norm, 1e-5)) t.fail(`${job.name} step ${i + 1}: gradNorm ${ev[i]!.gradNorm}, hand ${norm}`);
+      if (!rclose(ev[i]!.gradNorm, norm, 1e-5))
+        t.fail(`${job.name} step ${i + 1}: gradNorm ${ev[i]!.gradNorm}, hand ${norm}`);
       // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), clamped to 1
       const scale = cfg.max_grad_norm !== undefined ? Math.min(1, cfg.max_grad_norm / (norm + 1e-6)) : 1;
-      if (!rclose(p.gradScale, scale, 1e-5)) t.fail(`${job.name} step ${i + 1}: gradScale ${p.gradScale}, hand ${scale}`);
+      if (!rclose(p.gradScale, scale, 1e-5))
+        t.fail(`${job.name} step ${i + 1}: gradScale ${p.gradScale}, hand ${scale}`);
       if (job.name === 'constant' && !(scale < 0.5)) t.fail(`constant: clipping should be active (scale ${scale})`);
       if (job.name === 'cosine' && scale !== 1) t.fail(`cosine: a huge max_grad_norm must not clip (scale ${scale})`);
       // torch.optim.AdamW, step t = i + 1, in float64 from the f32 state read back, with PyTorch's
@@ -121,42 +146,57 @@ t.test('step events, clipping and AdamW (PyTorch semantics) vs hand-computed upd
       let moved = 0;
       for (const [which, [b1, b2]] of [['torch', cfg.optimizer.betas]] as const) {
         const rtol = 1e-6;
-        const bc1 = 1 - b1 ** tt, bc2 = 1 - b2 ** tt;
-        let dp = 0, dmv = 0;
+        const bc1 = 1 - b1 ** tt,
+          bc2 = 1 - b2 ** tt;
+        let dp = 0,
+          dmv = 0;
         for (let j = 0; j < p0.length; j++) {
           const gs = g[j]! * scale;
           const m = b1 * m0[j]! + (1 - b1) * gs;
           const v = b2 * v0[j]! + (1 - b2) * gs * gs;
-          const want = p0[j]! * (1 - lr * wd) - (lr / bc1) * m / (Math.sqrt(v) / Math.sqrt(bc2) + eps);
+          const want = p0[j]! * (1 - lr * wd) - ((lr / bc1) * m) / (Math.sqrt(v) / Math.sqrt(bc2) + eps);
           // tolerances relative to the size of the terms (m can cancel to ~0)
           // param: f32 rounding of p (1e-6·|p|) plus the relative error of the update itself
           dp = Math.max(dp, Math.abs(p1[j]! - want) / (1e-9 + 1e-6 * Math.abs(want) + rtol * Math.abs(want - p0[j]!)));
           const mScale = b1 * Math.abs(m0[j]!) + (1 - b1) * Math.abs(gs);
-          dmv = Math.max(dmv, Math.abs(m1[j]! - m) / (1e-30 + rtol * mScale), Math.abs(v1[j]! - v) / (1e-30 + rtol * v));
+          dmv = Math.max(
+            dmv,
+            Math.abs(m1[j]! - m) / (1e-30 + rtol * mScale),
+            Math.abs(v1[j]! - v) / (1e-30 + rtol * v),
+          );
           moved = Math.max(moved, Math.abs(want - p0[j]!));
         }
         worst[which].p = Math.max(worst[which].p, dp);
         worst[which].mv = Math.max(worst[which].mv, dmv);
-        if (dp > 1 || dmv > 1) t.fail(`${job.name} step ${i + 1}: AdamW off the ${which}-β hand update (param ${dp.toFixed(2)}, moments ${dmv.toFixed(2)} × tolerance)`);
+        if (dp > 1 || dmv > 1)
+          t.fail(
+            `${job.name} step ${i + 1}: AdamW off the ${which}-β hand update (param ${dp.toFixed(2)}, moments ${dmv.toFixed(2)} × tolerance)`,
+          );
       }
       if (i >= 1 && !(moved > 1e-6)) t.fail(`${job.name} step ${i + 1}: the hand update moves nothing (${moved})`);
       const [b1, b2] = cfg.optimizer.betas as [number, number];
-      const bc1 = 1 - b1 ** tt, bc2 = 1 - b2 ** tt;
+      const bc1 = 1 - b1 ** tt,
+        bc2 = 1 - b2 ** tt;
       if (job.name === 'constant' && i >= 1) {
         // without the clip the update would be visibly different: the check has teeth
         let d = 0;
         for (let j = 0; j < p0.length; j++) {
           const m = b1 * m0[j]! + (1 - b1) * g[j]!;
           const v = b2 * v0[j]! + (1 - b2) * g[j]! * g[j]!;
-          d = Math.max(d, Math.abs(p0[j]! * (1 - lr * wd) - (lr / bc1) * m / (Math.sqrt(v) / Math.sqrt(bc2) + eps) - p1[j]!));
+          d = Math.max(
+            d,
+            Math.abs(p0[j]! * (1 - lr * wd) - ((lr / bc1) * m) / (Math.sqrt(v) / Math.sqrt(bc2) + eps) - p1[j]!),
+          );
         }
         if (!(d > 1e-6)) t.fail(`constant step ${i + 1}: unclipped update indistinguishable (${d})`);
       }
     }
   }
   for (const [which, tol] of [['torch', '1e-6']] as const) {
-    t.ok(worst[which].p <= 1 && worst[which].mv <= 1,
-      `AdamW (${which} β) params within 1e-9 + 1e-6·|p| + ${tol}·|update|, moments within ${tol} relative of the hand update: worst ${worst[which].p.toFixed(3)} / ${worst[which].mv.toFixed(3)} of it`);
+    t.ok(
+      worst[which].p <= 1 && worst[which].mv <= 1,
+      `AdamW (${which} β) params within 1e-9 + 1e-6·|p| + ${tol}·|update|, moments within ${tol} relative of the hand update: worst ${worst[which].p.toFixed(3)} / ${worst[which].mv.toFixed(3)} of it`,
+    );
   }
 });
 
@@ -168,7 +208,11 @@ t.test('train_on_inputs: step-1 loss = hand-computed mean NLL over response (or 
   const model = await tinyModel();
   const dir = tmpDir(t);
   const data = demoData(dir, 'arithmetic', 4);
-  const records = fs.readFileSync(data, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { instruction: string; output: string });
+  const records = fs
+    .readFileSync(data, 'utf8')
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l) as { instruction: string; output: string });
   const tok = loadTokenizer(model);
   const mdir = openModelDir(model);
   const config = mdir.config;
@@ -181,12 +225,21 @@ t.test('train_on_inputs: step-1 loss = hand-computed mean NLL over response (or 
     const prompt =
       'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n' +
       `### Instruction:\n${r.instruction}\n\n### Response:\n`;
-    const p = tok.encode(prompt), o = tok.encode(r.output);
+    const p = tok.encode(prompt),
+      o = tok.encode(r.output);
     const ids = [...(tok.addBos ? [tok.bosId!] : []), ...p, ...o, tok.eosId!];
     const firstTarget = ids.length - o.length - 1; // index of the first response token
     const N = ids.length;
     const logits = await program.logits(
-      { id: 1, numTokens: N, segments: [], tensors: { positions: device.fromArray('i32', [N], Int32Array.from(ids.keys())), cuSeqlens: device.fromArray('i32', [2], Int32Array.from([0, N])) } },
+      {
+        id: 1,
+        numTokens: N,
+        segments: [],
+        tensors: {
+          positions: device.fromArray('i32', [N], Int32Array.from(ids.keys())),
+          cuSeqlens: device.fromArray('i32', [2], Int32Array.from([0, N])),
+        },
+      },
       device.fromArray('i32', [N], Int32Array.from(ids)),
     );
     const V = config.vocabSize;
@@ -207,7 +260,14 @@ t.test('train_on_inputs: step-1 loss = hand-computed mean NLL over response (or 
   }
   for (const onInputs of [false, true]) {
     const a: AdapterConfigInput = {
-      name: `toi-${onInputs}`, data, seq_len: 256, batch_size: 4, micro_batch_size: 2, shuffle: false, max_steps: 1, train_on_inputs: onInputs,
+      name: `toi-${onInputs}`,
+      data,
+      seq_len: 256,
+      batch_size: 4,
+      micro_batch_size: 2,
+      shuffle: false,
+      max_steps: 1,
+      train_on_inputs: onInputs,
       lora: { r: 2, dropout: 0.3 },
     };
     const r = await run(model, [a]);
@@ -215,7 +275,13 @@ t.test('train_on_inputs: step-1 loss = hand-computed mean NLL over response (or 
     const [sum, count] = hand[`${onInputs}`];
     const want = sum / count;
     const got = r.steps.get(a.name)![0]!.loss;
-    t.ok(rclose(got, want, 1e-5), `train_on_inputs ${onInputs}: loss ${got} vs hand ${want} over ${count} target tokens (rtol 1e-5: f32 logits)`);
+    t.ok(
+      rclose(got, want, 1e-5),
+      `train_on_inputs ${onInputs}: loss ${got} vs hand ${want} over ${count} target tokens (rtol 1e-5: f32 logits)`,
+    );
   }
-  t.ok(hand.false[1] < hand.true[1] / 2, `the mask removes the prompt: ${hand.false[1]} response targets of ${hand.true[1]}`);
+  t.ok(
+    hand.false[1] < hand.true[1] / 2,
+    `the mask removes the prompt: ${hand.false[1]} response targets of ${hand.true[1]}`,
+  );
 });

@@ -13,23 +13,44 @@ import { demoData, tmpDir } from '../support/files.js';
 t.test('a job submitted mid-run joins at the next admission; both equal their solo runs', async (t) => {
   const model = await tinyModel();
   const dir = tmpDir(t);
-  const early: AdapterConfigInput = { name: 'early', data: demoData(dir, 'arithmetic', 12), seq_len: 256, batch_size: 1, seed: 1, lora: { r: 2, dropout: 0.1 } };
-  const late: AdapterConfigInput = { name: 'late', data: demoData(dir, 'capitals', 6), seq_len: 256, batch_size: 3, micro_batch_size: 1, seed: 2, lora: { r: 4, targets: ['v_proj', 'up_proj'] } };
+  const early: AdapterConfigInput = {
+    name: 'early',
+    data: demoData(dir, 'arithmetic', 12),
+    seq_len: 256,
+    batch_size: 1,
+    seed: 1,
+    lora: { r: 2, dropout: 0.1 },
+  };
+  const late: AdapterConfigInput = {
+    name: 'late',
+    data: demoData(dir, 'capitals', 6),
+    seq_len: 256,
+    batch_size: 3,
+    micro_batch_size: 1,
+    seed: 2,
+    lora: { r: 4, targets: ['v_proj', 'up_proj'] },
+  };
   const events: JobEvent[] = [];
   const out = `${dir}/together`;
   let submitted: Promise<unknown> | undefined;
   const sup = await Supervisor.start({
-    ...RUN_DEFAULTS, model, output: out,
+    ...RUN_DEFAULTS,
+    model,
+    output: out,
     onEvent: (e) => {
       events.push(e);
-      if (e.type === 'step' && e.adapter === 'early' && e.step === 3) submitted = Promise.resolve(sup.submit(parseAdapterConfig(late)));
+      if (e.type === 'step' && e.adapter === 'early' && e.step === 3)
+        submitted = Promise.resolve(sup.submit(parseAdapterConfig(late)));
     },
   });
   sup.submit(parseAdapterConfig(early));
   await sup.drain();
   await submitted;
   await sup.drain();
-  const messages = sup.pipeline.schedule().filter((r) => r.kind === 'F').map((r) => r.adapters);
+  const messages = sup.pipeline
+    .schedule()
+    .filter((r) => r.kind === 'F')
+    .map((r) => r.adapters);
   await sup.close();
   const { steps, errors } = collect(events);
   t.same(errors, []);
@@ -39,12 +60,22 @@ t.test('a job submitted mid-run joins at the next admission; both equal their so
   t.ok(order.indexOf('early12') > firstLate, 'early is still running when late takes its first step');
   t.equal(steps.get('early')!.length, 12);
   t.equal(steps.get('late')!.length, 2);
-  t.ok(messages.some((m) => m.length === 2), `late shares messages with early (${messages.filter((m) => m.length === 2).length} of ${messages.length})`);
+  t.ok(
+    messages.some((m) => m.length === 2),
+    `late shares messages with early (${messages.filter((m) => m.length === 2).length} of ${messages.length})`,
+  );
   for (const a of [early, late]) {
     const solo = `${dir}/solo-${a.name}`;
     const r = await run(model, [a], { output: solo });
     t.same(r.errors, []);
-    t.same(r.steps.get(a.name)!.map((s) => s.loss), steps.get(a.name)!.map((s) => s.loss), `${a.name}: same losses as alone`);
-    t.ok(bitwiseEqual(readPeft(model, a, `${out}/${a.name}`), readPeft(model, a, `${solo}/${a.name}`)), `${a.name}: same final weights as alone, bitwise`);
+    t.same(
+      r.steps.get(a.name)!.map((s) => s.loss),
+      steps.get(a.name)!.map((s) => s.loss),
+      `${a.name}: same losses as alone`,
+    );
+    t.ok(
+      bitwiseEqual(readPeft(model, a, `${out}/${a.name}`), readPeft(model, a, `${solo}/${a.name}`)),
+      `${a.name}: same final weights as alone, bitwise`,
+    );
   }
 });

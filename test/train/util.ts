@@ -24,7 +24,11 @@ export interface RunResult {
 export const RUN_DEFAULTS: Partial<StartOptions> = { devices: ['cpu:0'], inProcess: true, threads: 1, memory: '1GiB' };
 
 /** Runs the given adapters to the end in one supervisor; closes it. */
-export async function run(model: string, adapters: AdapterConfigInput[], o: Partial<StartOptions> = {}): Promise<RunResult> {
+export async function run(
+  model: string,
+  adapters: AdapterConfigInput[],
+  o: Partial<StartOptions> = {},
+): Promise<RunResult> {
   const events: JobEvent[] = [];
   const sup = await Supervisor.start({ ...RUN_DEFAULTS, model, ...o, onEvent: (e) => events.push(e) });
   try {
@@ -33,7 +37,10 @@ export async function run(model: string, adapters: AdapterConfigInput[], o: Part
   } finally {
     await sup.close();
   }
-  const messages = sup.pipeline.schedule().filter((r) => r.kind === 'F').map((r) => r.adapters);
+  const messages = sup.pipeline
+    .schedule()
+    .filter((r) => r.kind === 'F')
+    .map((r) => r.adapters);
   return { events, ...collect(events), sup, messages };
 }
 
@@ -57,7 +64,11 @@ export function readPeft(model: string, cfg: AdapterConfigInput, dir: string): F
 }
 
 /** Every complete checkpoint of an adapter under output (step → state), oldest first. */
-export function readCheckpoints(model: string, cfg: AdapterConfigInput, output: string): Array<{ step: number; state: AdapterState }> {
+export function readCheckpoints(
+  model: string,
+  cfg: AdapterConfigInput,
+  output: string,
+): Array<{ step: number; state: AdapterState }> {
   const c: AdapterConfig = parseAdapterConfig(cfg);
   const config = openModelDir(model).config;
   return listCheckpoints(path.join(output, c.name))

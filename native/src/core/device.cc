@@ -51,8 +51,7 @@ struct CpuBackend : Backend {
 
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
-DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget,
-                         std::unique_ptr<Backend> backend)
+DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend)
     : kind_(kind), index_(index), budget_(budget), backend_(std::move(backend)) {
   name_ = std::string(kind == DeviceKind::CPU ? "cpu:" : "cuda:") + std::to_string(index);
   pool_ = std::make_unique<ThreadPool>(threads);
@@ -118,8 +117,8 @@ void* DeviceState::allocate(size_t bytes, bool zero) {
       used_ -= int64_t(rounded);
       std::ostringstream s;
       s << "device " << name_ << ": allocation of " << format_bytes(int64_t(bytes))
-        << " failed in the system allocator (" << format_bytes(used_) << " in use of a "
-        << format_bytes(budget_) << " budget): the budget is larger than the memory really available";
+        << " failed in the system allocator (" << format_bytes(used_) << " in use of a " << format_bytes(budget_)
+        << " budget): the budget is larger than the memory really available";
       throw Error(s.str(), kErrOutOfMemory);
     }
   }

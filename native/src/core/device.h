@@ -56,8 +56,8 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   DeviceKind kind() const { return kind_; }
   int index() const { return index_; }
   int64_t budget() const { return budget_; }
-  int64_t used() const;      // bytes held by live tensors
-  int64_t cached() const;    // bytes held in the reuse cache (free for new tensors)
+  int64_t used() const;    // bytes held by live tensors
+  int64_t cached() const;  // bytes held in the reuse cache (free for new tensors)
   int64_t peak() const;
   void reset_peak();
   ThreadPool& pool() { return *pool_; }
@@ -122,7 +122,9 @@ struct TensorImpl {
   }
   void* data() const { return static_cast<char*>(storage->ptr) + offset; }
   template <typename T>
-  T* as() const { return static_cast<T*>(data()); }
+  T* as() const {
+    return static_cast<T*>(data());
+  }
   DeviceState& device() const { return *storage->device; }
   std::string shape_str() const;
 };

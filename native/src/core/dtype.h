@@ -38,13 +38,34 @@ inline const char* dtype_name(DType t) {
 }
 
 inline bool dtype_from_name(const std::string& s, DType* out) {
-  if (s == "f32" || s == "float32") { *out = DType::F32; return true; }
-  if (s == "f16" || s == "float16") { *out = DType::F16; return true; }
-  if (s == "bf16" || s == "bfloat16") { *out = DType::BF16; return true; }
-  if (s == "i32" || s == "int32") { *out = DType::I32; return true; }
-  if (s == "nf4") { *out = DType::NF4; return true; }
-  if (s == "nf4dq") { *out = DType::NF4DQ; return true; }
-  if (s == "int8") { *out = DType::INT8; return true; }
+  if (s == "f32" || s == "float32") {
+    *out = DType::F32;
+    return true;
+  }
+  if (s == "f16" || s == "float16") {
+    *out = DType::F16;
+    return true;
+  }
+  if (s == "bf16" || s == "bfloat16") {
+    *out = DType::BF16;
+    return true;
+  }
+  if (s == "i32" || s == "int32") {
+    *out = DType::I32;
+    return true;
+  }
+  if (s == "nf4") {
+    *out = DType::NF4;
+    return true;
+  }
+  if (s == "nf4dq") {
+    *out = DType::NF4DQ;
+    return true;
+  }
+  if (s == "int8") {
+    *out = DType::INT8;
+    return true;
+  }
   return false;
 }
 
@@ -74,7 +95,10 @@ inline float f16_to_f32(uint16_t h) {
       u = sign;
     } else {  // subnormal: renormalise
       int e = -1;
-      do { e++; mant <<= 1; } while ((mant & 0x400u) == 0);
+      do {
+        e++;
+        mant <<= 1;
+      } while ((mant & 0x400u) == 0);
       mant &= 0x3ffu;
       u = sign | (uint32_t(127 - 15 - e) << 23) | (mant << 13);
     }
@@ -151,11 +175,22 @@ inline QuantLayout quant_layout(DType t, int64_t rows, int64_t cols) {
 }
 
 // The bitsandbytes NF4 code book (functional.py get_4bit_type; kernels.cu nf4_dequantization_lut).
-inline constexpr float kNf4Code[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
-    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
-    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-    0.7229568362236023f, 1.0f};
+inline constexpr float kNf4Code[16] = {-1.0f,
+                                       -0.6961928009986877f,
+                                       -0.5250730514526367f,
+                                       -0.39491748809814453f,
+                                       -0.28444138169288635f,
+                                       -0.18477343022823334f,
+                                       -0.09105003625154495f,
+                                       0.0f,
+                                       0.07958029955625534f,
+                                       0.16093020141124725f,
+                                       0.24611230194568634f,
+                                       0.33791524171829224f,
+                                       0.44070982933044434f,
+                                       0.5626170039176941f,
+                                       0.7229568362236023f,
+                                       1.0f};
 
 // A read-only view of a weight matrix in whatever storage dtype it has. rows/cols are only
 // needed (and only set) for quantized weights; bf16_compute asks the GEMM to round both

@@ -66,14 +66,20 @@ struct Problem {
 struct Scratch {
   std::vector<float> qt, kt, vt, s, dp, o, m, l, rs;
   Scratch(int64_t d, int64_t group, bool forward)
-      : qt(forward ? size_t(group * d * B) : 0), kt(forward ? 0 : size_t(d * B)), vt(forward ? 0 : size_t(d * B)),
-        s(size_t(B * B)), dp(forward ? 0 : size_t(B * B)), o(forward ? size_t(group * B * d) : 0),
-        m(forward ? size_t(group * B) : 0), l(forward ? size_t(group * B) : 0), rs(size_t(B)) {}
+      : qt(forward ? size_t(group * d * B) : 0),
+        kt(forward ? 0 : size_t(d * B)),
+        vt(forward ? 0 : size_t(d * B)),
+        s(size_t(B * B)),
+        dp(forward ? 0 : size_t(B * B)),
+        o(forward ? size_t(group * B * d) : 0),
+        m(forward ? size_t(group * B) : 0),
+        l(forward ? size_t(group * B) : 0),
+        rs(size_t(B)) {}
 };
 
 // Does any query row of [i0, i0+nq) see any key of [j0, j0+nb)? (positions within one sequence)
 inline bool tile_visible(const Problem& P, int64_t i0, int64_t nq, int64_t j0, int64_t nb) {
-  if (j0 > i0 + nq - 1) return false;                    // causal: keys after every query
+  if (j0 > i0 + nq - 1) return false;                   // causal: keys after every query
   return P.window <= 0 || j0 + nb - 1 > i0 - P.window;  // window: keys older than every row's window
 }
 
@@ -135,13 +141,11 @@ const Kernels& pick_kernels(int64_t d) {
 
 // Runs on the calling thread before any worker starts, so the Error reaches JavaScript.
 void check_cu_seqlens(const int32_t* cu, int64_t nseq, int64_t n) {
-  if (cu[0] != 0)
-    throw Error("argument 'cuSeqlens' must start at 0, got cuSeqlens[0] = " + std::to_string(cu[0]));
+  if (cu[0] != 0) throw Error("argument 'cuSeqlens' must start at 0, got cuSeqlens[0] = " + std::to_string(cu[0]));
   for (int64_t s = 0; s < nseq; s++)
     if (cu[s + 1] < cu[s])
-      throw Error("argument 'cuSeqlens' must be non-decreasing, got cuSeqlens[" + std::to_string(s + 1) +
-                  "] = " + std::to_string(cu[s + 1]) + " < cuSeqlens[" + std::to_string(s) +
-                  "] = " + std::to_string(cu[s]));
+      throw Error("argument 'cuSeqlens' must be non-decreasing, got cuSeqlens[" + std::to_string(s + 1) + "] = " +
+                  std::to_string(cu[s + 1]) + " < cuSeqlens[" + std::to_string(s) + "] = " + std::to_string(cu[s]));
   if (cu[nseq] != n)
     throw Error("argument 'cuSeqlens' must end at n = " + std::to_string(n) + " (the rows of q), got " +
                 std::to_string(cu[nseq]));
@@ -170,8 +174,8 @@ void attention_forward(Exec& ex, float* out, float* lse, const float* q, const f
                        float scale, int64_t window) {
   check_cu_seqlens(cu_seqlens, nseq, n);
   if (n == 0 || d == 0) return;
-  Problem P{q, k, v, nullptr, nullptr, nullptr, nullptr, out, lse, nullptr, nullptr, nullptr, cu_seqlens,
-            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale, window};
+  Problem P{q,       k,          v, nullptr, nullptr, nullptr, nullptr,  out,    lse,     nullptr, nullptr,
+            nullptr, cu_seqlens, n, hq,      hkv,     d,       hq / hkv, hq * d, hkv * d, scale,   window};
   std::vector<Item> items;
   for (int64_t s = 0; s < nseq; s++) {
     const int64_t T = cu_seqlens[s + 1] - cu_seqlens[s];
@@ -205,8 +209,8 @@ void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* 
         delta[size_t(h * n + row)] = acc;
       }
   });
-  Problem P{q, k, v, out, dout, lse, delta.data(), nullptr, nullptr, dq, dk, dv, cu_seqlens,
-            n, hq, hkv, d, hq / hkv, hq * d, hkv * d, scale, window};
+  Problem P{q,  k,          v, out, dout, lse, delta.data(), nullptr, nullptr, dq,    dk,
+            dv, cu_seqlens, n, hq,  hkv,  d,   hq / hkv,     hq * d,  hkv * d, scale, window};
   std::vector<Scratch> scratch = make_scratch(ex, P, false);
   const Kernels& kern = pick_kernels(d);
   const int threads = ex.pool().size();

@@ -8,14 +8,14 @@ namespace mlora {
 class ThreadPool;
 
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false,
-       avx512bf16 = false, amx_bf16 = false;  // amx_bf16: the CPU has AMX-BF16 and the OS keeps tile state
+  bool avx2 = false, fma = false, f16c = false, avx512f = false, avx512bw = false, avx512vl = false, avx512bf16 = false,
+       amx_bf16 = false;  // amx_bf16: the CPU has AMX-BF16 and the OS keeps tile state
 };
 
 const CpuFeatures& cpu_features();
 // Asks Linux for permission to use AMX tile data in this process (once); false where refused.
 bool amx_permitted();
-const char* cpu_gemm_kernel_name();  // which GEMM micro-kernel this machine runs (gemm.cc)
+const char* cpu_gemm_kernel_name();       // which GEMM micro-kernel this machine runs (gemm.cc)
 const char* cpu_gemm_bf16_kernel_name();  // and which one bf16 compute runs
 // FP32 FMA throughput of the GEMM kernel's instruction set: every pool thread runs `iters`
 // rounds of independent FMA chains; returns GFLOP/s summed over threads (the benchmark's

@@ -18,8 +18,7 @@ static void check_ids(const int32_t* ids, int64_t n, int64_t vocab) {
                   " is out of range [0, " + std::to_string(vocab) + ")");
 }
 
-void embedding_forward(Exec& ex, float* y, const int32_t* ids, WeightRef table, int64_t n, int64_t vocab,
-                       int64_t h) {
+void embedding_forward(Exec& ex, float* y, const int32_t* ids, WeightRef table, int64_t n, int64_t vocab, int64_t h) {
   check_ids(ids, n, vocab);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(h, 1));
   ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) {
@@ -27,9 +26,7 @@ void embedding_forward(Exec& ex, float* y, const int32_t* ids, WeightRef table, 
       float* yi = y + i * h;
       const int64_t row = int64_t(ids[i]) * h;
       switch (table.dtype) {
-        case DType::F32:
-          std::memcpy(yi, static_cast<const float*>(table.ptr) + row, size_t(h) * 4);
-          break;
+        case DType::F32: std::memcpy(yi, static_cast<const float*>(table.ptr) + row, size_t(h) * 4); break;
         case DType::BF16: {
           const uint16_t* src = static_cast<const uint16_t*>(table.ptr) + row;
 #pragma omp simd
@@ -46,8 +43,7 @@ void embedding_forward(Exec& ex, float* y, const int32_t* ids, WeightRef table, 
           for (int64_t j = 0; j < h; j++) yi[j] = f16_to_f32(src[j]);
           break;
         }
-        default:
-          break;  // the op parser admits only f32/bf16/f16 tables
+        default: break;  // the op parser admits only f32/bf16/f16 tables
       }
     }
   });

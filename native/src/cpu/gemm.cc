@@ -65,8 +65,8 @@ namespace {
 using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                              float beta);
 // Packs op(B)[p0:p0+kc, j0:j0+jn] into dst[p*nr + jj] (jj ≥ jn zero-filled).
-using PackB = void (*)(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
-                       int64_t jn, int nr);
+using PackB = void (*)(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t jn,
+                       int nr);
 // Packs op(A)[i0:i0+im, p0:p0+kc] into dst[p*mr + ii] (ii ≥ im zero-filled).
 using PackA = void (*)(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
                        int64_t kc, int mr);
@@ -107,8 +107,8 @@ inline float load_w(const void* p, int64_t i) {
 }
 
 template <DType DT>
-void pack_b_scalar_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
-                     int64_t jn, int nr) {
+void pack_b_scalar_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t jn,
+                     int nr) {
   if (!trans) {
     for (int64_t p = 0; p < kc; p++) {
       float* d = dst + p * nr;
@@ -134,8 +134,8 @@ void pack_b_scalar(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0,
   }
 }
 
-void pack_a_generic(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
-                    int64_t kc, int mr) {
+void pack_a_generic(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0, int64_t kc,
+                    int mr) {
   if (trans) {  // op(A)[i, p] = a[p*lda + i]: mr contiguous values per p
     for (int64_t p = 0; p < kc; p++) {
       const float* s = a + (p0 + p) * lda + i0;
@@ -195,8 +195,8 @@ double peak_scalar(int64_t iters) {
 
 #ifdef MLORA_X86
 
-AVX2_TARGET inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
-                                   __m256& r6, __m256& r7) {
+AVX2_TARGET inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6,
+                                   __m256& r7) {
   __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
   __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
   __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
@@ -234,8 +234,8 @@ AVX2_TARGET inline __m256 load8_w(const void* p, int64_t i) {
 }
 
 template <DType DT>
-AVX2_TARGET void pack_b_avx2_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc,
-                               int64_t j0, int64_t jn, int nr) {
+AVX2_TARGET void pack_b_avx2_t(float* dst, const void* b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0,
+                               int64_t jn, int nr) {
   if (!trans) {  // rows of op(B) are contiguous: convert jn values per p
     for (int64_t p = 0; p < kc; p++) {
       float* d = dst + p * nr;
@@ -289,8 +289,8 @@ AVX2_TARGET void pack_b_avx2(float* dst, WeightRef b, bool trans, int64_t ldb, i
 
 // A sliver for the 6-row kernel from a row-major (non-transposed) A: 6 rows × 8 k values
 // per step, transposed in registers (rows 6 and 7 of the 8×8 transpose are padding).
-AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im,
-                             int64_t p0, int64_t kc, int mr) {
+AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                             int64_t kc, int mr) {
   if (trans || mr != 6 || im != 6) return pack_a_generic(dst, a, trans, lda, i0, im, p0, kc, mr);
   const float* s = a + i0 * lda + p0;
   int64_t p = 0;
@@ -319,12 +319,11 @@ AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda
 
 constexpr int AVX2_MR = 6, AVX2_NR = 16;
 
-AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                               int64_t ldc, float alpha, float beta) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
-         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
-         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
-         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
+                               float alpha, float beta) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(),
+         c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(), c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(),
+         c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
   for (int i = 0; i < AVX2_MR; i++) {  // both ends of each 64-byte row segment (C may be unaligned)
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
@@ -332,31 +331,39 @@ AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const floa
   // The k loop is written in inline assembly: GCC's register allocation of 12 accumulators
   // plus 2 B vectors and the A broadcast (15 of 16 ymm) spilled inside the loop. Registers:
   // accumulators are compiler-chosen "+x" operands, ymm12/13 hold the B row, ymm14/15 A.
-#define MLORA_AVX2_STEP(OFF_A, OFF_B)                 \
-  "vmovaps " #OFF_B "(%[b]), %%ymm12\n\t"             \
-  "vmovaps " #OFF_B "+32(%[b]), %%ymm13\n\t"          \
-  "vbroadcastss " #OFF_A "(%[a]), %%ymm14\n\t"        \
-  "vfmadd231ps %%ymm12, %%ymm14, %[c00]\n\t"          \
-  "vfmadd231ps %%ymm13, %%ymm14, %[c01]\n\t"          \
-  "vbroadcastss " #OFF_A "+4(%[a]), %%ymm15\n\t"      \
-  "vfmadd231ps %%ymm12, %%ymm15, %[c10]\n\t"          \
-  "vfmadd231ps %%ymm13, %%ymm15, %[c11]\n\t"          \
-  "vbroadcastss " #OFF_A "+8(%[a]), %%ymm14\n\t"      \
-  "vfmadd231ps %%ymm12, %%ymm14, %[c20]\n\t"          \
-  "vfmadd231ps %%ymm13, %%ymm14, %[c21]\n\t"          \
-  "vbroadcastss " #OFF_A "+12(%[a]), %%ymm15\n\t"     \
-  "vfmadd231ps %%ymm12, %%ymm15, %[c30]\n\t"          \
-  "vfmadd231ps %%ymm13, %%ymm15, %[c31]\n\t"          \
-  "vbroadcastss " #OFF_A "+16(%[a]), %%ymm14\n\t"     \
-  "vfmadd231ps %%ymm12, %%ymm14, %[c40]\n\t"          \
-  "vfmadd231ps %%ymm13, %%ymm14, %[c41]\n\t"          \
-  "vbroadcastss " #OFF_A "+20(%[a]), %%ymm15\n\t"     \
-  "vfmadd231ps %%ymm12, %%ymm15, %[c50]\n\t"          \
+#define MLORA_AVX2_STEP(OFF_A, OFF_B)        \
+  "vmovaps " #OFF_B                          \
+  "(%[b]), %%ymm12\n\t"                      \
+  "vmovaps " #OFF_B                          \
+  "+32(%[b]), %%ymm13\n\t"                   \
+  "vbroadcastss " #OFF_A                     \
+  "(%[a]), %%ymm14\n\t"                      \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c00]\n\t" \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c01]\n\t" \
+  "vbroadcastss " #OFF_A                     \
+  "+4(%[a]), %%ymm15\n\t"                    \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c10]\n\t" \
+  "vfmadd231ps %%ymm13, %%ymm15, %[c11]\n\t" \
+  "vbroadcastss " #OFF_A                     \
+  "+8(%[a]), %%ymm14\n\t"                    \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c20]\n\t" \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c21]\n\t" \
+  "vbroadcastss " #OFF_A                     \
+  "+12(%[a]), %%ymm15\n\t"                   \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c30]\n\t" \
+  "vfmadd231ps %%ymm13, %%ymm15, %[c31]\n\t" \
+  "vbroadcastss " #OFF_A                     \
+  "+16(%[a]), %%ymm14\n\t"                   \
+  "vfmadd231ps %%ymm12, %%ymm14, %[c40]\n\t" \
+  "vfmadd231ps %%ymm13, %%ymm14, %[c41]\n\t" \
+  "vbroadcastss " #OFF_A                     \
+  "+20(%[a]), %%ymm15\n\t"                   \
+  "vfmadd231ps %%ymm12, %%ymm15, %[c50]\n\t" \
   "vfmadd231ps %%ymm13, %%ymm15, %[c51]\n\t"
-#define MLORA_AVX2_OPERANDS                                                                     \
-  [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20),          \
-      [c21] "+x"(c21), [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41),      \
-      [c50] "+x"(c50), [c51] "+x"(c51), [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
+#define MLORA_AVX2_OPERANDS                                                                                 \
+  [c00] "+x"(c00), [c01] "+x"(c01), [c10] "+x"(c10), [c11] "+x"(c11), [c20] "+x"(c20), [c21] "+x"(c21),     \
+      [c30] "+x"(c30), [c31] "+x"(c31), [c40] "+x"(c40), [c41] "+x"(c41), [c50] "+x"(c50), [c51] "+x"(c51), \
+      [a] "+r"(a), [b] "+r"(b), [n] "+r"(n)
   int64_t n = kc / 4;
   if (n > 0) {
     __asm__ volatile(
@@ -404,8 +411,7 @@ AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const floa
   } else {
     const __m256 vb = _mm256_set1_ps(beta);
     for (int i = 0; i < 6; i++) {
-      _mm256_storeu_ps(c + i * ldc,
-                       _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc))));
+      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc))));
       _mm256_storeu_ps(c + i * ldc + 8,
                        _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc + 8))));
     }
@@ -727,28 +733,30 @@ AMX_TARGET double peak_amx(int64_t iters) {
 // a B sliver kc×NR = 256×16×4 = 16 KiB stays in L1; an A block mc×kc = 144×256×4 = 144 KiB
 // in L2; a B panel kc×nc = 256×4080×4 ≈ 4 MiB in L3.
 // AVX-512 (untuned here, no such CPU): B sliver 256×32×4 = 32 KiB, A block 192×256×4 = 192 KiB.
-const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR, SC_NR, 128, 256, 2048, ukr_scalar, pack_a_generic, pack_b_scalar,
-                         peak_scalar};
+const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR,          SC_NR,         128,        256,
+                         2048,         ukr_scalar,  pack_a_generic, pack_b_scalar, peak_scalar};
 #ifdef MLORA_X86
-const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2, AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16, pack_a_avx2, pack_b_avx2,
-                       peak_avx2};
-const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096, ukr_avx512_12x32, pack_a_generic,
-                         pack_b_avx2, peak_avx512};
+const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2,     AVX2_MR,     AVX2_NR,     144,      256,
+                       4080,        ukr_avx2_6x16, pack_a_avx2, pack_b_avx2, peak_avx2};
+const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512,      AVX512_MR,      AVX512_NR,   192,        256,
+                         4096,           ukr_avx512_12x32, pack_a_generic, pack_b_avx2, peak_avx512};
 #endif
 
 // bf16 compute. Pairs kernel: kc counts k values, so 512 keeps the B sliver (256 words × 32) at 32 KiB.
-const GemmKernel kScalarBf16{"scalar-4x8-bf16emu", Isa::Scalar, SC_MR, SC_NR, 128, 256, 2048, ukr_scalar,
-                             pack_a_round<pack_a_generic>, pack_b_scalar, peak_scalar, nullptr, true};
+const GemmKernel kScalarBf16{
+    "scalar-4x8-bf16emu",         Isa::Scalar,   SC_MR,       SC_NR,   128, 256, 2048, ukr_scalar,
+    pack_a_round<pack_a_generic>, pack_b_scalar, peak_scalar, nullptr, true};
 #ifdef MLORA_X86
-const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu", Isa::Avx2, AVX2_MR, AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
+const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu",       Isa::Avx2,   AVX2_MR,   AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
                            pack_a_round<pack_a_avx2>, pack_b_avx2, peak_avx2, nullptr, true};
-const GemmKernel kAvx512Bf16Emu{"avx512-12x32-bf16emu", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 256, 4096,
-                                ukr_avx512_12x32, pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr, true};
-const GemmKernel kAvx512Bf16{"avx512bf16-12x32", Isa::Avx512, AVX512_MR, AVX512_NR, 192, 512, 4096, ukr_avx512bf16_12x32,
-                             pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
+const GemmKernel kAvx512Bf16Emu{
+    "avx512-12x32-bf16emu",       Isa::Avx512, AVX512_MR,   AVX512_NR, 192, 256, 4096, ukr_avx512_12x32,
+    pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr,   true};
+const GemmKernel kAvx512Bf16{"avx512bf16-12x32",   Isa::Avx512,  AVX512_MR,   AVX512_NR,       192,          512,  4096,
+                             ukr_avx512bf16_12x32, pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
 // AMX: A block 192×512 bf16 = 192 KiB; B sliver 256 pair rows × 32 = 32 KiB.
-const GemmKernel kAmxBf16{"amx-bf16-32x32", Isa::Avx512, AMX_MR, AMX_NR, 192, 512, 4096, ukr_amx_32x32,
-                          pack_a_amx, pack_b_avx2, peak_amx, pairs_avx512, false, AMX_KB};
+const GemmKernel kAmxBf16{"amx-bf16-32x32", Isa::Avx512, AMX_MR,      AMX_NR,   192,          512,   4096,
+                          ukr_amx_32x32,    pack_a_amx,  pack_b_avx2, peak_amx, pairs_avx512, false, AMX_KB};
 #endif
 
 const GemmKernel* choose_kernel() {
@@ -758,8 +766,10 @@ const GemmKernel* choose_kernel() {
 #ifdef MLORA_X86
   bool has_avx2 = f.avx2 && f.fma && f.f16c;
   bool has_avx512 = has_avx2 && f.avx512f;
-  if (has_avx512) best = &kAvx512;
-  else if (has_avx2) best = &kAvx2;
+  if (has_avx512)
+    best = &kAvx512;
+  else if (has_avx2)
+    best = &kAvx2;
 #endif
   const char* env = std::getenv("MLORA_GEMM_KERNEL");
   if (!env || !*env || std::string(env) == "auto") return best;
@@ -873,17 +883,22 @@ void pack_b_sliver(const GemmKernel& K, float* dst, WeightRef b, bool trans, int
     return;
   }
   float* f32 = K.pairs ? tmp + nr * kc : dst;
-  if (quantized) pack_b_quant(K, f32, b, trans, ldb, p0, kc, j0, jn, nr, tmp);
-  else K.pack_b(f32, b, trans, ldb, p0, kc, j0, jn, nr);
-  if (K.pairs) K.pairs(reinterpret_cast<uint32_t*>(dst), f32, kc, nr);
-  else if (K.round_b && b.dtype != DType::BF16) round_bf16(dst, kc * nr);
+  if (quantized)
+    pack_b_quant(K, f32, b, trans, ldb, p0, kc, j0, jn, nr, tmp);
+  else
+    K.pack_b(f32, b, trans, ldb, p0, kc, j0, jn, nr);
+  if (K.pairs)
+    K.pairs(reinterpret_cast<uint32_t*>(dst), f32, kc, nr);
+  else if (K.round_b && b.dtype != DType::BF16)
+    round_bf16(dst, kc * nr);
 }
 
 void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
   pool.parallel_for(m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1, int) {
     for (int64_t i = r0; i < r1; i++) {
       float* ci = c + i * ldc;
-      if (beta == 0.f) std::fill(ci, ci + n, 0.f);
+      if (beta == 0.f)
+        std::fill(ci, ci + n, 0.f);
       else if (beta != 1.f)
         for (int64_t j = 0; j < n; j++) ci[j] *= beta;
     }
@@ -922,7 +937,8 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
       pool.parallel_for(ceil_div(m, kMaxMR), 1, [&](int64_t t0, int64_t t1, int) {
         for (int64_t i = t0 * kMaxMR; i < std::min(m, t1 * kMaxMR); i += kMaxMR)
           for (int64_t j = 0; j < n; j += kMaxNR)
-            ep->fn(ep->ctx, i, std::min<int64_t>(kMaxMR, m - i), j, std::min<int64_t>(kMaxNR, n - j), c + i * ldc + j, ldc);
+            ep->fn(ep->ctx, i, std::min<int64_t>(kMaxMR, m - i), j, std::min<int64_t>(kMaxNR, n - j), c + i * ldc + j,
+                   ldc);
       });
     return;
   }
@@ -936,7 +952,8 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
     int64_t blocks = ceil_div(total, cap);
     return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
   };
-  const int64_t KCb = balanced(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)), NCb = balanced(n, K.nc, NR), MCb = balanced(m, K.mc, MR);
+  const int64_t KCb = balanced(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)), NCb = balanced(n, K.nc, NR),
+                MCb = balanced(m, K.mc, MR);
   const int64_t kc_max = std::min(KCb, k);
   const int64_t nc_max = NCb;
   const int64_t mc_max = MCb;
@@ -944,7 +961,8 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   const size_t b_floats = size_t(kw_max * nc_max);
   const size_t a_floats = size_t((mc_max * kw_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
   const bool quantized = dtype_quantized(b.dtype);
-  const size_t q_floats = quantized || K.pairs ? size_t((2 * NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_sliver's tmp
+  const size_t q_floats =
+      quantized || K.pairs ? size_t((2 * NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_sliver's tmp
   float* scratch = tls_scratch.get(b_floats + (a_floats + q_floats) * size_t(T));
   float* bbuf = scratch;
   float* qbuf = scratch + b_floats + a_floats * size_t(T);

@@ -68,13 +68,13 @@ struct LoraCall {
 // One segment's packed operands and backward scratch.
 struct SegmentOps {
   const LoraSegment* seg;
-  int64_t rp;          // rank rounded up to the vector width
-  const float* at;     // forward: Aᵀ [in, rp], zero-padded columns
-  const float* bt;     // forward: scale·Bᵀ [r, out]
-  const float* bs;     // backward: scale·B [out, rp], zero-padded columns
-  float* dxa;          // backward: dy·(scale·B) [rows, rp]
-  float* xd;           // backward with dropout and dA: D∘x [rows, in]; else null
-  float* dbt;          // backward: xaᵀ·dy [r, out]
+  int64_t rp;       // rank rounded up to the vector width
+  const float* at;  // forward: Aᵀ [in, rp], zero-padded columns
+  const float* bt;  // forward: scale·Bᵀ [r, out]
+  const float* bs;  // backward: scale·B [out, rp], zero-padded columns
+  float* dxa;       // backward: dy·(scale·B) [rows, rp]
+  float* xd;        // backward with dropout and dA: D∘x [rows, in]; else null
+  float* dbt;       // backward: xaᵀ·dy [r, out]
 };
 
 // dst[i, :] = D(row i0+i) ∘ src[i, :] for rows [0, rows) of a segment (dst += with accumulate).
@@ -174,7 +174,6 @@ std::vector<Item> row_items(const std::vector<SegmentOps>& ops) {
 
 bool active(const LoraSegment& s) { return s.row_end > s.row_start && s.rank > 0; }
 
-
 // Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
 std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                         std::vector<float>& packed) {
@@ -208,8 +207,8 @@ int64_t max_rp(const std::vector<SegmentOps>& ops) {
 
 // Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
 // dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
-std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out,
-                                         int64_t width, std::vector<float>& packed) {
+std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
+                                         std::vector<float>& packed) {
   std::vector<SegmentOps> ops;
   size_t need = 0;
   for (int64_t k = 0; k < nseg; k++)
@@ -265,9 +264,12 @@ void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOp
   ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
     const Work& x = items[size_t(it)];
     const SegmentOps& g = ops[size_t(x.at.seg)];
-    if (x.kind == 0) K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else if (x.kind == 1) K.cols_da(C, g, x.at.start, x.at.count);
-    else K.cols_db(C, g, x.at.start, x.at.count);
+    if (x.kind == 0)
+      K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
+    else if (x.kind == 1)
+      K.cols_da(C, g, x.at.start, x.at.count);
+    else
+      K.cols_db(C, g, x.at.start, x.at.count);
   });
 }
 
@@ -292,8 +294,7 @@ GemmEpilogue lora_epilogue(const EpilogueCtx& ctx) {
 
 }  // namespace
 
-void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in,
-                  int64_t out) {
+void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out) {
   const LoraKernels& K = pick_isa(in, out);
   thread_local std::vector<float> packed, work;
   const std::vector<SegmentOps> ops = prepare_forward(segs, nseg, in, out, K.width, packed);

@@ -110,7 +110,8 @@ AVX2_TARGET void nf4_run_avx2(const uint8_t* q, int64_t n16, float s, float* out
   for (int64_t i = 0; i < n16; i += 16) {
     const __m128i idx = nf4_indices16(q + (i >> 1));
     _mm256_storeu_ps(out + i, _mm256_mul_ps(nf4_lookup8(_mm256_cvtepu8_epi32(idx), tlo, thi), vs));
-    _mm256_storeu_ps(out + i + 8, _mm256_mul_ps(nf4_lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8)), tlo, thi), vs));
+    _mm256_storeu_ps(out + i + 8,
+                     _mm256_mul_ps(nf4_lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8)), tlo, thi), vs));
   }
 }
 
@@ -210,11 +211,15 @@ void dequant_run(Isa isa, const WeightRef& w, int64_t i0, int64_t len, float* ou
   Nf4Run nf4 = nf4_run_scalar;
   I8Run i8 = i8_run_scalar;
 #ifdef MLORA_X86
-  if (isa == Isa::Avx512) nf4 = nf4_run_avx512, i8 = i8_run_avx512;
-  else if (isa == Isa::Avx2) nf4 = nf4_run_avx2, i8 = i8_run_avx2;
+  if (isa == Isa::Avx512)
+    nf4 = nf4_run_avx512, i8 = i8_run_avx512;
+  else if (isa == Isa::Avx2)
+    nf4 = nf4_run_avx2, i8 = i8_run_avx2;
 #endif
-  if (w.dtype == DType::INT8) int8_walk(w, i0, len, out, i8);
-  else nf4_walk(w, i0, len, out, nf4);
+  if (w.dtype == DType::INT8)
+    int8_walk(w, i0, len, out, i8);
+  else
+    nf4_walk(w, i0, len, out, nf4);
 }
 
 void quantize(ThreadPool& pool, DType dt, void* dst, WeightRef src, int64_t rows, int64_t cols) {
@@ -236,7 +241,8 @@ void quantize(ThreadPool& pool, DType dt, void* dst, WeightRef src, int64_t rows
         scb[r] = am;
         const float s = (1.f / am) * 127.f;
         for (int64_t c = 0; c < cols; c++)
-          cb[r * cols + c] = am == 0.f ? 0 : int8_t(std::nearbyint(std::min(127.f, std::max(-127.f, w16[size_t(c)] * s))));
+          cb[r * cols + c] =
+              am == 0.f ? 0 : int8_t(std::nearbyint(std::min(127.f, std::max(-127.f, w16[size_t(c)] * s))));
       }
     });
     return;
@@ -244,7 +250,8 @@ void quantize(ThreadPool& pool, DType dt, void* dst, WeightRef src, int64_t rows
   const bool dq = dt == DType::NF4DQ;
   std::vector<float> am_tmp(dq ? size_t(L.blocks) : 0);
   float* absmax = dq ? am_tmp.data() : reinterpret_cast<float*>(base + L.absmax);
-  pool.parallel_for(L.blocks, 256, [&](int64_t b0, int64_t b1, int) { quantize_nf4_blocks(src, n, b0, b1, base, absmax); });
+  pool.parallel_for(L.blocks, 256,
+                    [&](int64_t b0, int64_t b1, int) { quantize_nf4_blocks(src, n, b0, b1, base, absmax); });
   if (!dq) return;
   // Double quantization: offset = mean(absmax); (absmax - offset) in 8-bit dynamic code, blocks of 256.
   double sum = 0;
@@ -262,7 +269,8 @@ void quantize(ThreadPool& pool, DType dt, void* dst, WeightRef src, int64_t rows
     nested[nb] = m;
     const float inv = 1.f / m;
     for (int64_t b = b0; b < b1; b++)
-      base[L.absmax + size_t(b)] = uint8_t(m == 0.f ? mid.index(0.f) : mid.index(std::min(1.f, std::max(-1.f, (absmax[b] - offset) * inv))));
+      base[L.absmax + size_t(b)] =
+          uint8_t(m == 0.f ? mid.index(0.f) : mid.index(std::min(1.f, std::max(-1.f, (absmax[b] - offset) * inv))));
   }
 }
 

@@ -22,8 +22,7 @@ static const float* weight_f32(const WeightRef& w, int64_t h) {
   return scratch.data();
 }
 
-void rmsnorm_forward(Exec& ex, float* y, float* rstd, const float* x, WeightRef w, int64_t n, int64_t h,
-                     float eps) {
+void rmsnorm_forward(Exec& ex, float* y, float* rstd, const float* x, WeightRef w, int64_t n, int64_t h, float eps) {
   const float* wf = weight_f32(w, h);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(h, 1));
   ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) {
@@ -41,8 +40,8 @@ void rmsnorm_forward(Exec& ex, float* y, float* rstd, const float* x, WeightRef 
   });
 }
 
-void rmsnorm_backward(Exec& ex, float* dx, float* dw, const float* dy, const float* x, WeightRef w,
-                      const float* rstd, int64_t n, int64_t h, bool accumulate) {
+void rmsnorm_backward(Exec& ex, float* dx, float* dw, const float* dy, const float* x, WeightRef w, const float* rstd,
+                      int64_t n, int64_t h, bool accumulate) {
   const float* wf = weight_f32(w, h);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(h, 1));
   ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) {

@@ -29,7 +29,7 @@
 #define MLORA_TT_PORTABLE
 // GCC 12's avx512fintrin.h builds several intrinsics (max, min, shifts, conversions) on
 // _mm512_undefined_ps, which its own -Wmaybe-uninitialized then reports wherever they inline.
-#define MLORA_SIMD_AVX512_WARNINGS_OFF \
+#define MLORA_SIMD_AVX512_WARNINGS_OFF                                                       \
   _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"") \
       _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")
 #define MLORA_SIMD_AVX512_WARNINGS_ON _Pragma("GCC diagnostic pop")
@@ -113,7 +113,8 @@ struct V {
     const T lo = set1(-80.f), hi = set1(88.72283905f);
     const T under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
     const T xc = _mm256_min_ps(hi, _mm256_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
-    const T n = _mm256_round_ps(_mm256_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T n =
+        _mm256_round_ps(_mm256_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     T r = _mm256_fnmadd_ps(n, set1(0.693359375f), xc);
     r = _mm256_fnmadd_ps(n, set1(-2.12194440e-4f), r);
     T p = set1(1.9875691500e-4f);
@@ -151,10 +152,14 @@ struct V {
     const T t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
     const T t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
     const T t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const T u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-    const T u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)),
+            u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)),
+            u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)),
+            u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    const T u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)),
+            u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
     r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
     r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
     r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
@@ -191,7 +196,8 @@ struct V {
     const T lo = set1(-80.f), hi = set1(88.72283905f);
     const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     const T xc = _mm512_min_ps(hi, _mm512_max_ps(lo, x));  // NaN stays NaN (max/min return operand 2)
-    const T n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(xc, set1(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     T r = _mm512_fnmadd_ps(n, set1(0.693359375f), xc);
     r = _mm512_fnmadd_ps(n, set1(-2.12194440e-4f), r);
     T p = set1(1.9875691500e-4f);
@@ -205,7 +211,8 @@ struct V {
     return _mm512_maskz_mov_ps(__mmask16(~under), y);
   }
   static TT T select_finite(T x) {
-    return _mm512_maskz_mov_ps(__mmask16(~_mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ)), x);
+    return _mm512_maskz_mov_ps(
+        __mmask16(~_mm512_cmp_ps_mask(x, set1(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ)), x);
   }
   static TT void pack_transposed(float* bt, int64_t ldb, const float* x, int64_t stride, int64_t nb, int64_t d) {
     avx2::V::pack_transposed(bt, ldb, x, stride, nb, d);
@@ -217,7 +224,6 @@ constexpr int MR = 8, NV = 2, MR1 = 12;
 }  // namespace avx512
 MLORA_SIMD_AVX512_WARNINGS_ON
 #endif
-
 
 // Which instruction set to run: the widest this CPU has whose vector width divides every
 // `widths` entry, unless MLORA_GEMM_KERNEL (scalar|avx2|avx512, read at each call, as the GEMM

@@ -52,8 +52,11 @@ void bwd_portable(float* dg, float* du, const float* dh, const float* g, const f
   backward_range(dg, du, dh, g, u, b, e);
 }
 #ifdef MLORA_SIMD_X86
-MLORA_TT_AVX2 void fwd_avx2(float* h, const float* g, const float* u, int64_t b, int64_t e) { forward_range(h, g, u, b, e); }
-MLORA_TT_AVX2 void bwd_avx2(float* dg, float* du, const float* dh, const float* g, const float* u, int64_t b, int64_t e) {
+MLORA_TT_AVX2 void fwd_avx2(float* h, const float* g, const float* u, int64_t b, int64_t e) {
+  forward_range(h, g, u, b, e);
+}
+MLORA_TT_AVX2 void bwd_avx2(float* dg, float* du, const float* dh, const float* g, const float* u, int64_t b,
+                            int64_t e) {
   backward_range(dg, du, dh, g, u, b, e);
 }
 MLORA_TT_AVX512 void fwd_avx512(float* h, const float* g, const float* u, int64_t b, int64_t e) {

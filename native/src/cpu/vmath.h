@@ -50,9 +50,9 @@ static inline float exp_approx(float x) {
   float y = p * s1 * s2;
   uint32_t yb;
   std::memcpy(&yb, &y, 4);
-  yb &= ~under;                                      // 0
-  yb = (yb & ~over) | (0x7f800000u & over);          // +inf
-  yb = (yb & ~nan) | (xb & nan);                     // NaN passes through
+  yb &= ~under;                              // 0
+  yb = (yb & ~over) | (0x7f800000u & over);  // +inf
+  yb = (yb & ~nan) | (xb & nan);             // NaN passes through
   std::memcpy(&y, &yb, 4);
   return y;
 }

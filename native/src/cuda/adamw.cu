@@ -25,15 +25,17 @@ struct AdamSlot {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 8192;
 
-__global__ void __launch_bounds__(kThreads) adamw_kernel(const AdamSlot* slots, int64_t count, float beta1, float omb1,
-                                                         float beta2, float omb2, float eps, float decay, float step_size,
-                                                         float bc2_sqrt, float grad_scale) {
+__global__ void __launch_bounds__(kThreads)
+    adamw_kernel(const AdamSlot* slots, int64_t count, float beta1, float omb1, float beta2, float omb2, float eps,
+                 float decay, float step_size, float bc2_sqrt, float grad_scale) {
   int64_t b = blockIdx.x;
   int64_t lo = 0, hi = count - 1;
   while (lo < hi) {
     int64_t mid = (lo + hi + 1) / 2;
-    if (slots[mid].first_block <= b) lo = mid;
-    else hi = mid - 1;
+    if (slots[mid].first_block <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   AdamSlot t = slots[lo];
   int64_t start = (b - t.first_block) * kChunk, end = min(t.n, start + kChunk);
@@ -74,8 +76,8 @@ void adamw(Exec& ex, float* const* params, const float* const* grads, float* con
   float bc2_sqrt = float(std::sqrt(bc2));
   float decay = float(1.0 - lr * weight_decay);
   adamw_kernel<<<unsigned(blocks), kThreads, 0, s>>>(table.as<AdamSlot>(), int64_t(slots.size()), float(beta1),
-                                                    float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
-                                                    decay, step_size, bc2_sqrt, grad_scale);
+                                                     float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps),
+                                                     decay, step_size, bc2_sqrt, grad_scale);
   check_launch("adamw_kernel");
 }
 

@@ -42,8 +42,10 @@ __device__ __forceinline__ void seq_bounds(const int32_t* cu, int64_t nseq, int6
   int64_t lo = 0, hi = nseq - 1;
   while (lo < hi) {
     int64_t mid = (lo + hi + 1) / 2;
-    if (cu[mid] <= row) lo = mid;
-    else hi = mid - 1;
+    if (cu[mid] <= row)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   start = cu[lo];
   end = cu[lo + 1];
@@ -75,9 +77,9 @@ __global__ void attn_check_kernel(const int32_t* cu, int64_t nseq, int64_t n, De
 }
 
 template <int D, int EPL>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(float* out, float* lse, const float* q, const float* k,
-                                                            const float* v, const int32_t* cu, int64_t nseq, int64_t n,
-                                                            int hq, int hkv, int d, float scale, int64_t window) {
+__global__ void __launch_bounds__(kThreads)
+    attn_fwd_kernel(float* out, float* lse, const float* q, const float* k, const float* v, const int32_t* cu,
+                    int64_t nseq, int64_t n, int hq, int hkv, int d, float scale, int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BK = C::BK;
   __shared__ float Ks[BK][D];
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(float* out, float* l
   seq_bounds(cu, nseq, n, rowc, start, end);
   seq_bounds(cu, nseq, n, r0, kbeg, dummy);
   if (window > 0) kbeg = max(kbeg, r0 - window + 1);  // older keys are outside every row's window
-  int64_t kend = min(r0 + ROWS, n);  // exclusive
+  int64_t kend = min(r0 + ROWS, n);                   // exclusive
 
   float qv[EPL], o[EPL];
   const float* qr = q + (rowc * hq + h) * int64_t(d);
@@ -168,10 +170,10 @@ __global__ void attn_rowdot_kernel(float* dr, const float* dout, const float* ou
 }
 
 template <int D, int EPL>
-__global__ void __launch_bounds__(kThreads) attn_dq_kernel(float* dq, const float* dout, const float* q,
-                                                           const float* k, const float* v, const float* lse,
-                                                           const float* dr, const int32_t* cu, int64_t nseq, int64_t n,
-                                                           int hq, int hkv, int d, float scale, int64_t window) {
+__global__ void __launch_bounds__(kThreads)
+    attn_dq_kernel(float* dq, const float* dout, const float* q, const float* k, const float* v, const float* lse,
+                   const float* dr, const int32_t* cu, int64_t nseq, int64_t n, int hq, int hkv, int d, float scale,
+                   int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BK = C::BK;
   __shared__ float Ks[BK][D];
@@ -234,11 +236,10 @@ __global__ void __launch_bounds__(kThreads) attn_dq_kernel(float* dq, const floa
 }
 
 template <int D, int EPL>
-__global__ void __launch_bounds__(kThreads) attn_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q,
-                                                             const float* k, const float* v, const float* lse,
-                                                             const float* dr, const int32_t* cu, int64_t nseq,
-                                                             int64_t n, int hq, int hkv, int d, float scale,
-                                                             int64_t window) {
+__global__ void __launch_bounds__(kThreads)
+    attn_dkdv_kernel(float* dk, float* dv, const float* dout, const float* q, const float* k, const float* v,
+                     const float* lse, const float* dr, const int32_t* cu, int64_t nseq, int64_t n, int hq, int hkv,
+                     int d, float scale, int64_t window) {
   using C = Cfg<D, EPL>;
   constexpr int LANES = C::LANES, ROWS = C::ROWS, BQ = C::BK;
   __shared__ float Qs[BQ][D];
@@ -252,7 +253,7 @@ __global__ void __launch_bounds__(kThreads) attn_dkdv_kernel(float* dk, float* d
   int64_t keyc = valid ? key : n - 1;
   int64_t kstart, kseqend, dummy, qend;
   seq_bounds(cu, nseq, n, keyc, kstart, kseqend);
-  seq_bounds(cu, nseq, n, min(k0 + ROWS, n) - 1, dummy, qend);  // queries end with the last key's sequence
+  seq_bounds(cu, nseq, n, min(k0 + ROWS, n) - 1, dummy, qend);       // queries end with the last key's sequence
   if (window > 0) qend = min(qend, min(k0 + ROWS, n) - 1 + window);  // later queries see none of these keys
 
   float kv[EPL], vv[EPL], dka[EPL], dva[EPL];
@@ -327,10 +328,14 @@ void check_args(int64_t nseq, int64_t n, int64_t hq, int64_t hkv, int64_t d, con
 // Calls f(std::integral_constant<int, D>) with the padded head size for d.
 template <typename F>
 void with_head_dim(int64_t d, F&& f) {
-  if (d <= 32) f(std::integral_constant<int, 32>{});
-  else if (d <= 64) f(std::integral_constant<int, 64>{});
-  else if (d <= 128) f(std::integral_constant<int, 128>{});
-  else f(std::integral_constant<int, 256>{});
+  if (d <= 32)
+    f(std::integral_constant<int, 32>{});
+  else if (d <= 64)
+    f(std::integral_constant<int, 64>{});
+  else if (d <= 128)
+    f(std::integral_constant<int, 128>{});
+  else
+    f(std::integral_constant<int, 256>{});
 }
 
 }  // namespace
@@ -348,8 +353,8 @@ void attention_forward(Exec& ex, float* out, float* lse, const float* q, const f
     constexpr int EPL = D < 32 ? D : 32;
     using C = Cfg<D, EPL>;
     dim3 grid(unsigned((n + C::ROWS - 1) / C::ROWS), unsigned(hq));
-    attn_fwd_kernel<D, EPL><<<grid, kThreads, 0, s>>>(out, lse, q, k, v, cu_seqlens, nseq, n, int(hq), int(hkv), int(d),
-                                                      scale, window);
+    attn_fwd_kernel<D, EPL>
+        <<<grid, kThreads, 0, s>>>(out, lse, q, k, v, cu_seqlens, nseq, n, int(hq), int(hkv), int(d), scale, window);
   });
   check_launch("attn_fwd_kernel");
 }
@@ -363,7 +368,8 @@ void attention_backward(Exec& ex, float* dq, float* dk, float* dv, const float* 
   attn_check_kernel<<<1, 32, 0, s>>>(cu_seqlens, nseq, n, backend_of(ex).device_error());
   check_launch("attn_check_kernel");
   Scratch dr(ex, size_t(hq * n) * sizeof(float));
-  attn_rowdot_kernel<<<grid_for(n * hq * 32, 256, INT32_MAX), 256, 0, s>>>(dr.as<float>(), dout, out, n, int(hq), int(d));
+  attn_rowdot_kernel<<<grid_for(n * hq * 32, 256, INT32_MAX), 256, 0, s>>>(dr.as<float>(), dout, out, n, int(hq),
+                                                                           int(d));
   check_launch("attn_rowdot_kernel");
   with_head_dim(d, [&](auto dc) {
     constexpr int D = decltype(dc)::value;

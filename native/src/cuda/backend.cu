@@ -26,8 +26,8 @@ void throw_cuda(const char* call, cudaError_t e) {
 
 void check_launch(const char* kernel) {
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw Error(std::string("launching ") + kernel + ": " + cudaGetErrorName(e) + " (" +
-                                    cudaGetErrorString(e) + ")");
+  if (e != cudaSuccess)
+    throw Error(std::string("launching ") + kernel + ": " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")");
 }
 
 void upload(Exec& ex, void* dst, const void* src, size_t bytes) {

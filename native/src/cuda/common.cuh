@@ -23,9 +23,9 @@ namespace mlora::cuda {
 std::string cuda_error_text(const char* call, cudaError_t e);
 [[noreturn]] void throw_cuda(const char* call, cudaError_t e);
 
-#define MLORA_CUDA_CHECK(call)                                   \
-  do {                                                           \
-    cudaError_t mlora_e_ = (call);                               \
+#define MLORA_CUDA_CHECK(call)                                               \
+  do {                                                                       \
+    cudaError_t mlora_e_ = (call);                                           \
     if (mlora_e_ != cudaSuccess) ::mlora::cuda::throw_cuda(#call, mlora_e_); \
   } while (0)
 
@@ -44,10 +44,10 @@ struct DeviceError {
 };
 enum : int {
   kErrNone = 0,
-  kErrEmbeddingId = 1,   // a: row, b: id, c: vocab
-  kErrRopePos = 2,       // a: row, b: pos, c: max_pos
-  kErrCuSeqlens = 3,     // a: index, b: value, c: n
-  kErrLabel = 4,         // a: row, b: label, c: vocab
+  kErrEmbeddingId = 1,  // a: row, b: id, c: vocab
+  kErrRopePos = 2,      // a: row, b: pos, c: max_pos
+  kErrCuSeqlens = 3,    // a: index, b: value, c: n
+  kErrLabel = 4,        // a: row, b: label, c: vocab
 };
 
 __device__ __forceinline__ void report_error(DeviceError* e, int code, long long a, long long b, long long c) {
@@ -125,7 +125,9 @@ class Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   template <typename T>
-  T* as() const { return static_cast<T*>(p_); }
+  T* as() const {
+    return static_cast<T*>(p_);
+  }
 
  private:
   DeviceState& dev_;

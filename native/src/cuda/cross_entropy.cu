@@ -21,9 +21,9 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
 }
 
 template <bool GRAD>
-__global__ void __launch_bounds__(kThreads) cross_entropy_kernel(float* losses, float* dlogits, const float* logits,
-                                                                 const int32_t* labels, const float* weights,
-                                                                 int64_t vocab, DeviceError* err) {
+__global__ void __launch_bounds__(kThreads)
+    cross_entropy_kernel(float* losses, float* dlogits, const float* logits, const int32_t* labels,
+                         const float* weights, int64_t vocab, DeviceError* err) {
   __shared__ float shm[32], shs[32];
   int64_t row = blockIdx.x;
   const float* x = logits + row * vocab;
@@ -79,8 +79,8 @@ void cross_entropy_forward(Exec& ex, float* losses, const float* logits, const i
   if (n <= 0) return;
   if (n > INT32_MAX) throw Error("cross_entropy_forward: too many rows");
   cudaStream_t s = enter(ex);
-  cross_entropy_kernel<false><<<unsigned(n), kThreads, 0, s>>>(losses, nullptr, logits, labels, nullptr, vocab,
-                                                               backend_of(ex).device_error());
+  cross_entropy_kernel<false>
+      <<<unsigned(n), kThreads, 0, s>>>(losses, nullptr, logits, labels, nullptr, vocab, backend_of(ex).device_error());
   check_launch("cross_entropy_kernel");
 }
 
@@ -89,8 +89,8 @@ void cross_entropy_backward(Exec& ex, float* losses, float* dlogits, const float
   if (n <= 0) return;
   if (n > INT32_MAX) throw Error("cross_entropy_backward: too many rows");
   cudaStream_t s = enter(ex);
-  cross_entropy_kernel<true><<<unsigned(n), kThreads, 0, s>>>(losses, dlogits, logits, labels, weights, vocab,
-                                                              backend_of(ex).device_error());
+  cross_entropy_kernel<true>
+      <<<unsigned(n), kThreads, 0, s>>>(losses, dlogits, logits, labels, weights, vocab, backend_of(ex).device_error());
   check_launch("cross_entropy_kernel");
 }
 

@@ -29,8 +29,8 @@ constexpr int kBuckets = 32;
 
 // grid.x covers columns, grid.y the id buckets. Every thread of a warp has the same bucket, so
 // the id reads are broadcasts and the dy reads are coalesced.
-__global__ void embedding_backward_kernel(float* dtable, const float* dy, const int32_t* ids, int64_t n,
-                                          int64_t vocab, int64_t h, DeviceError* err) {
+__global__ void embedding_backward_kernel(float* dtable, const float* dy, const int32_t* ids, int64_t n, int64_t vocab,
+                                          int64_t h, DeviceError* err) {
   int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   int bucket = blockIdx.y;
   if (c >= h) return;

@@ -73,8 +73,10 @@ std::vector<std::string> cublas_candidates() {
   if (const char* e = std::getenv("MLORA_CUBLAS")) {
     std::string p = e;
     if (!p.empty() && p.back() == '/') p.pop_back();
-    if (p.find(".so") != std::string::npos) c.push_back(p);
-    else for (const char* v : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) c.push_back(p + "/" + v);
+    if (p.find(".so") != std::string::npos)
+      c.push_back(p);
+    else
+      for (const char* v : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) c.push_back(p + "/" + v);
   }
   for (const char* v : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) c.push_back(v);
   std::vector<std::string> dirs;
@@ -144,7 +146,8 @@ Cublas* load_cublas(std::string* why) {
     }
     char real[4096];
     cb->path = cand;
-    if (dlinfo(h, RTLD_DI_ORIGIN, real) == 0 && cand.find('/') == std::string::npos) cb->path = std::string(real) + "/" + cand;
+    if (dlinfo(h, RTLD_DI_ORIGIN, real) == 0 && cand.find('/') == std::string::npos)
+      cb->path = std::string(real) + "/" + cand;
     if (cb->get_property)
       for (int i = 0; i < 3; i++) cb->get_property(i, &cb->version[i]);
     return cb;
@@ -263,8 +266,14 @@ __global__ void __launch_bounds__(256) tiled_gemm_kernel(const __grid_constant__
     for (int e = 0; e < 4; e++) {
       int idx = threadIdx.x + e * 256;
       int ii, kk;
-      if (TA) { ii = idx % BM; kk = idx / BM; }   // A stored [k, m]: m contiguous
-      else { kk = idx % BK; ii = idx / BK; }      // A stored [m, k]: k contiguous
+      if (TA) {
+        ii = idx % BM;
+        kk = idx / BM;
+      }  // A stored [k, m]: m contiguous
+      else {
+        kk = idx % BK;
+        ii = idx / BK;
+      }  // A stored [m, k]: k contiguous
       int64_t gi = m0 + ii, gk = k0 + kk;
       float v = 0.f;
       if (gi < P.m && gk < P.k) {
@@ -277,8 +286,14 @@ __global__ void __launch_bounds__(256) tiled_gemm_kernel(const __grid_constant__
     for (int e = 0; e < 4; e++) {
       int idx = threadIdx.x + e * 256;
       int jj, kk;
-      if (TB) { kk = idx % BK; jj = idx / BK; }   // B stored [n, k]: k contiguous
-      else { jj = idx % BN; kk = idx / BN; }      // B stored [k, n]: n contiguous
+      if (TB) {
+        kk = idx % BK;
+        jj = idx / BK;
+      }  // B stored [n, k]: k contiguous
+      else {
+        jj = idx % BN;
+        kk = idx / BN;
+      }  // B stored [k, n]: n contiguous
       int64_t gj = n0 + jj, gk = k0 + kk;
       float v = 0.f;
       if (gj < P.n && gk < P.k) {
@@ -331,11 +346,15 @@ void launch_tiled(const GroupParams& gp, int tiles, DropWhere drop, cudaStream_t
 template <typename LB>
 void launch_tiled_t(const GroupParams& gp, int tiles, bool ta, bool tb, DropWhere drop, cudaStream_t s) {
   if (ta) {
-    if (tb) launch_tiled<LB, true, true>(gp, tiles, drop, s);
-    else launch_tiled<LB, true, false>(gp, tiles, drop, s);
+    if (tb)
+      launch_tiled<LB, true, true>(gp, tiles, drop, s);
+    else
+      launch_tiled<LB, true, false>(gp, tiles, drop, s);
   } else {
-    if (tb) launch_tiled<LB, false, true>(gp, tiles, drop, s);
-    else launch_tiled<LB, false, false>(gp, tiles, drop, s);
+    if (tb)
+      launch_tiled<LB, false, true>(gp, tiles, drop, s);
+    else
+      launch_tiled<LB, false, false>(gp, tiles, drop, s);
   }
 }
 
@@ -427,8 +446,10 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
       int64_t rows = trans_a ? k : m, cols = trans_a ? m : k;
       Scratch a16(ex, size_t(rows * cols) * 2);
       bool bf = b.dtype == DType::BF16;
-      if (bf) to_half_kernel<true><<<grid_for(rows * cols, 256), 256, 0, s>>>(a16.as<uint16_t>(), a, rows, cols, lda);
-      else to_half_kernel<false><<<grid_for(rows * cols, 256), 256, 0, s>>>(a16.as<uint16_t>(), a, rows, cols, lda);
+      if (bf)
+        to_half_kernel<true><<<grid_for(rows * cols, 256), 256, 0, s>>>(a16.as<uint16_t>(), a, rows, cols, lda);
+      else
+        to_half_kernel<false><<<grid_for(rows * cols, 256), 256, 0, s>>>(a16.as<uint16_t>(), a, rows, cols, lda);
       check_launch("to_half_kernel");
       int t16 = bf ? kCudaR16BF : kCudaR16F;
       st = cb->gemm_ex(h, op_b, op_a, int(n), int(m), int(k), &alpha, b.ptr, t16, int(ldb), a16.as<uint16_t>(), t16,

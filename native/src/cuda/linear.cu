@@ -5,8 +5,7 @@
 
 namespace mlora::cuda {
 
-void linear_forward(Exec& ex, float* y, const float* x, WeightRef w, int64_t m, int64_t n, int64_t k,
-                    bool accumulate) {
+void linear_forward(Exec& ex, float* y, const float* x, WeightRef w, int64_t m, int64_t n, int64_t k, bool accumulate) {
   gemm(ex, false, true, m, n, k, 1.f, x, k, w, k, accumulate ? 1.f : 0.f, y, n);
 }
 

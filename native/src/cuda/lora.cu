@@ -91,15 +91,15 @@ void compute_xa(Exec& ex, const float* x, const LoraSegment* segs, int64_t nseg,
   for (int64_t i = 0; i < nseg; i++) {
     const LoraSegment& s = segs[i];
     if (!active(s)) continue;
-    f1.push_back(problem(x + s.row_start * in, in, s.a, in, xa[size_t(i)], s.rank, rows_of(s), s.rank, in, 1.f, 0.f, s));
+    f1.push_back(
+        problem(x + s.row_start * in, in, s.a, in, xa[size_t(i)], s.rank, rows_of(s), s.rank, in, 1.f, 0.f, s));
   }
   grouped_gemm(ex, f1.data(), int(f1.size()), false, true, DType::F32, kDropA);
 }
 
 }  // namespace
 
-void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in,
-                  int64_t out) {
+void lora_forward(Exec& ex, float* y, const float* x, const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out) {
   check_segments(segs, nseg, "lora_forward");
   enter(ex);
   int64_t total = 0;

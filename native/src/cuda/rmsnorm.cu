@@ -12,8 +12,8 @@ constexpr int kThreads = 256;
 constexpr int64_t kRowsPerPartial = 64;
 
 template <typename L>
-__global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(float* y, float* rstd, const float* x,
-                                                                   const typename L::T* w, int64_t h, float eps) {
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_forward_kernel(float* y, float* rstd, const float* x, const typename L::T* w, int64_t h, float eps) {
   __shared__ float sh[32];
   int64_t row = blockIdx.x;
   const float* xr = x + row * h;
@@ -27,9 +27,9 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_forward_kernel(float* y, flo
 }
 
 template <typename L>
-__global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(float* dx, const float* dy, const float* x,
-                                                                    const typename L::T* w, const float* rstd,
-                                                                    int64_t h, bool accumulate) {
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_backward_kernel(float* dx, const float* dy, const float* x, const typename L::T* w, const float* rstd,
+                            int64_t h, bool accumulate) {
   __shared__ float sh[32];
   int64_t row = blockIdx.x;
   const float *xr = x + row * h, *dyr = dy + row * h;
@@ -46,8 +46,8 @@ __global__ void __launch_bounds__(kThreads) rmsnorm_backward_kernel(float* dx, c
 }
 
 // partial[chunk, j] = Σ_{rows of chunk} dy·x·rstd
-__global__ void rmsnorm_dw_partial_kernel(float* partial, const float* dy, const float* x, const float* rstd,
-                                          int64_t n, int64_t h) {
+__global__ void rmsnorm_dw_partial_kernel(float* partial, const float* dy, const float* x, const float* rstd, int64_t n,
+                                          int64_t h) {
   int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (j >= h) return;
   int64_t r0 = int64_t(blockIdx.y) * kRowsPerPartial, r1 = min(n, r0 + kRowsPerPartial);

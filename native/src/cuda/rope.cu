@@ -36,8 +36,8 @@ __global__ void rope_kernel(float* y, const float* x, const int32_t* pos, const 
   }
 }
 
-void rope(Exec& ex, bool backward, float* y, const float* x, const int32_t* pos, const float* cos_t,
-          const float* sin_t, int64_t n, int64_t heads, int64_t head_dim, int64_t max_pos) {
+void rope(Exec& ex, bool backward, float* y, const float* x, const int32_t* pos, const float* cos_t, const float* sin_t,
+          int64_t n, int64_t heads, int64_t head_dim, int64_t max_pos) {
   if (head_dim % 2 != 0) throw Error("rope: head_dim must be even, got " + std::to_string(head_dim));
   int64_t total = n * heads * (head_dim / 2);
   if (total <= 0) return;

@@ -12,7 +12,8 @@ namespace {
 constexpr int kThreads = 256;
 
 __global__ void fill_kernel(float* y, int64_t n, float v) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) y[i] = v;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = v;
 }
 
 __device__ __forceinline__ float load_any(const void* x, DType t, int64_t i) {
@@ -64,8 +65,10 @@ __global__ void sumsq_partial_kernel(double* partial, const float* const* xs, co
   int64_t lo = 0, hi = count - 1;
   while (lo < hi) {  // the last t with first_block[t] <= b
     int64_t mid = (lo + hi + 1) / 2;
-    if (first_block[mid] <= b) lo = mid;
-    else hi = mid - 1;
+    if (first_block[mid] <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const float* x = xs[lo];
   int64_t start = (b - first_block[lo]) * kSumChunk, end = min(ns[lo], start + kSumChunk);
@@ -175,8 +178,8 @@ void sumsq(Exec& ex, float* out, const float* const* xs, const int64_t* ns, int6
   upload(ex, base + off_first, first.data(), size_t(c) * 8);
   double* partial = reinterpret_cast<double*>(base + off_part);
   sumsq_partial_kernel<<<unsigned(blocks), kThreads, 0, s>>>(partial, reinterpret_cast<const float* const*>(base),
-                                                            reinterpret_cast<const int64_t*>(base + off_sizes),
-                                                            reinterpret_cast<const int64_t*>(base + off_first), c);
+                                                             reinterpret_cast<const int64_t*>(base + off_sizes),
+                                                             reinterpret_cast<const int64_t*>(base + off_first), c);
   check_launch("sumsq_partial_kernel");
   sumsq_final_kernel<<<1, kThreads, 0, s>>>(out, partial, blocks);
   check_launch("sumsq_final_kernel");

@@ -10,7 +10,8 @@ MLORA_OP(adamw) {
   std::vector<TensorImpl> m = a.tensor_list("m", {DType::F32});
   std::vector<TensorImpl> v = a.tensor_list("v", {DType::F32});
   const size_t count = params.size();
-  for (auto [name, list] : {std::pair<const char*, const std::vector<TensorImpl>*>{"grads", &grads}, {"m", &m}, {"v", &v}})
+  for (auto [name, list] :
+       {std::pair<const char*, const std::vector<TensorImpl>*>{"grads", &grads}, {"m", &m}, {"v", &v}})
     if (list->size() != count)
       a.fail(std::string("argument '") + name + "' has " + std::to_string(list->size()) + " tensors, 'params' has " +
              std::to_string(count));
@@ -48,8 +49,8 @@ MLORA_OP(adamw) {
       vp.push_back(v[i].as<float>());
       ns.push_back(params[i].numel());
     }
-    MLORA_DISPATCH(ex, adamw, pp.data(), gp.data(), mp.data(), vp.data(), ns.data(), int64_t(count), lr,
-                   beta1, beta2, eps, wd, step, float(gscale));
+    MLORA_DISPATCH(ex, adamw, pp.data(), gp.data(), mp.data(), vp.data(), ns.data(), int64_t(count), lr, beta1, beta2,
+                   eps, wd, step, float(gscale));
   };
 }
 

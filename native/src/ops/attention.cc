@@ -51,11 +51,11 @@ AttnDims attn_dims(Args& a, const TensorImpl& q, const TensorImpl& k, const Tens
   if (d <= 0) a.fail("argument 'q' has head_dim " + std::to_string(d) + " (shape " + q.shape_str() + "), expected > 0");
   int64_t n = q.shape[0];
   if (head_dim_of(a, "k", k, hkv) != d || k.shape[0] != n)
-    a.fail("argument 'k' has shape " + k.shape_str() + ", expected [" + std::to_string(n) + ", " +
-           std::to_string(hkv) + "·" + std::to_string(d) + "] (kvHeads·head_dim)");
+    a.fail("argument 'k' has shape " + k.shape_str() + ", expected [" + std::to_string(n) + ", " + std::to_string(hkv) +
+           "·" + std::to_string(d) + "] (kvHeads·head_dim)");
   if (head_dim_of(a, "v", v, hkv) != d || v.shape[0] != n)
-    a.fail("argument 'v' has shape " + v.shape_str() + ", expected [" + std::to_string(n) + ", " +
-           std::to_string(hkv) + "·" + std::to_string(d) + "] (kvHeads·head_dim)");
+    a.fail("argument 'v' has shape " + v.shape_str() + ", expected [" + std::to_string(n) + ", " + std::to_string(hkv) +
+           "·" + std::to_string(d) + "] (kvHeads·head_dim)");
   if (cu.shape.size() != 1 || cu.shape[0] < 1)
     a.fail("argument 'cuSeqlens' must be 1-D [nseq+1] with at least one element, got " + cu.shape_str());
   a.expect_shape("lse", lse, {hq, n});
@@ -84,8 +84,8 @@ MLORA_OP(attention_forward) {
   a.expect_distinct("lse", lse, "k", k);
   a.expect_distinct("lse", lse, "v", v);
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, attention_forward, out.as<float>(), lse.as<float>(), q.as<float>(), k.as<float>(),
-                   v.as<float>(), cu.as<int32_t>(), d.nseq, d.n, d.hq, d.hkv, d.d, d.scale, d.window);
+    MLORA_DISPATCH(ex, attention_forward, out.as<float>(), lse.as<float>(), q.as<float>(), k.as<float>(), v.as<float>(),
+                   cu.as<int32_t>(), d.nseq, d.n, d.hq, d.hkv, d.d, d.scale, d.window);
   };
 }
 

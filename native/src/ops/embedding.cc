@@ -13,8 +13,11 @@ MLORA_OP(embedding_forward) {
   int64_t vocab = table.shape[0], h = table.shape[1];
   int64_t n = ids.numel();
   if (y.numel() != n * h || (h > 0 && y.shape.back() != h))
-    a.fail("argument 'y' has shape " + y.shape_str() + ", expected [" + std::to_string(n) + "," + std::to_string(h) + "]");
-  return [=](Exec& ex) { MLORA_DISPATCH(ex, embedding_forward, y.as<float>(), ids.as<int32_t>(), weight(table), n, vocab, h); };
+    a.fail("argument 'y' has shape " + y.shape_str() + ", expected [" + std::to_string(n) + "," + std::to_string(h) +
+           "]");
+  return [=](Exec& ex) {
+    MLORA_DISPATCH(ex, embedding_forward, y.as<float>(), ids.as<int32_t>(), weight(table), n, vocab, h);
+  };
 }
 
 // embedding_backward: dtable[ids[n]] += dy[n]; dtable [vocab,h] f32
@@ -26,7 +29,8 @@ MLORA_OP(embedding_backward) {
   int64_t vocab = dtable.shape[0], h = dtable.shape[1];
   int64_t n = ids.numel();
   if (dy.numel() != n * h || (h > 0 && dy.shape.back() != h))
-    a.fail("argument 'dy' has shape " + dy.shape_str() + ", expected [" + std::to_string(n) + "," + std::to_string(h) + "]");
+    a.fail("argument 'dy' has shape " + dy.shape_str() + ", expected [" + std::to_string(n) + "," + std::to_string(h) +
+           "]");
   a.expect_distinct("dtable", dtable, "dy", dy);
   return [=](Exec& ex) {
     MLORA_DISPATCH(ex, embedding_backward, dtable.as<float>(), dy.as<float>(), ids.as<int32_t>(), n, vocab, h);

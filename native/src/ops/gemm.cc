@@ -15,16 +15,16 @@ MLORA_OP(gemm) {
   int64_t m = ta ? A.shape[1] : A.shape[0], k = ta ? A.shape[0] : A.shape[1];
   int64_t n = tb ? B.shape[0] : B.shape[1];
   int64_t kb = tb ? B.shape[1] : B.shape[0];
-  if (kb != k) a.fail("inner dimensions differ: op(a) is [" + std::to_string(m) + "," + std::to_string(k) +
-                      "], op(b) is [" + std::to_string(kb) + "," + std::to_string(n) + "]");
+  if (kb != k)
+    a.fail("inner dimensions differ: op(a) is [" + std::to_string(m) + "," + std::to_string(k) + "], op(b) is [" +
+           std::to_string(kb) + "," + std::to_string(n) + "]");
   a.expect_shape("c", c, {m, n});
   a.expect_distinct("c", c, "a", A);
   float alpha = float(a.number("alpha", 1.0)), beta = float(a.number("beta", 0.0));
   WeightRef wb = weight(B);
   wb.bf16_compute = a.flag("bf16", false);  // operands rounded to bf16, f32 accumulation
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], wb, B.shape[1], beta,
-                   c.as<float>(), n);
+    MLORA_DISPATCH(ex, gemm, ta, tb, m, n, k, alpha, A.as<float>(), A.shape[1], wb, B.shape[1], beta, c.as<float>(), n);
   };
 }
 

@@ -13,9 +13,12 @@ MLORA_OP(linear_forward) {
   TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
-  if (x.numel() % k != 0 || x.shape.back() != k) a.fail("argument 'x' " + x.shape_str() + " does not end in in=" + std::to_string(k));
+  if (x.numel() % k != 0 || x.shape.back() != k)
+    a.fail("argument 'x' " + x.shape_str() + " does not end in in=" + std::to_string(k));
   int64_t m = x.numel() / k;
-  if (y.numel() != m * n || y.shape.back() != n) a.fail("argument 'y' has shape " + y.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(n) + "]");
+  if (y.numel() != m * n || y.shape.back() != n)
+    a.fail("argument 'y' has shape " + y.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(n) +
+           "]");
   a.expect_distinct("y", y, "x", x);
   bool acc = a.flag("accumulate", false);
   WeightRef wr = weight(w);
@@ -37,9 +40,12 @@ MLORA_OP(linear_backward) {
   TensorImpl w = a.tensor("w", MLORA_WEIGHT_DTYPES);
   if (w.shape.size() != 2) a.fail("argument 'w' must be 2-D [out, in], got " + w.shape_str());
   int64_t n = w.shape[0], k = w.shape[1];
-  if (dy.numel() % n != 0 || dy.shape.back() != n) a.fail("argument 'dy' " + dy.shape_str() + " does not end in out=" + std::to_string(n));
+  if (dy.numel() % n != 0 || dy.shape.back() != n)
+    a.fail("argument 'dy' " + dy.shape_str() + " does not end in out=" + std::to_string(n));
   int64_t m = dy.numel() / n;
-  if (dx.numel() != m * k || dx.shape.back() != k) a.fail("argument 'dx' has shape " + dx.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) + "]");
+  if (dx.numel() != m * k || dx.shape.back() != k)
+    a.fail("argument 'dx' has shape " + dx.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) +
+           "]");
   a.expect_distinct("dx", dx, "dy", dy);
   bool acc = a.flag("accumulate", false);
   WeightRef wr = weight(w);
@@ -47,7 +53,8 @@ MLORA_OP(linear_backward) {
   if (a.has("segments")) {
     TensorImpl x = a.tensor("x", {DType::F32});
     if (x.numel() != m * k || x.shape.back() != k)
-      a.fail("argument 'x' has shape " + x.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) + "] (like dx)");
+      a.fail("argument 'x' has shape " + x.shape_str() + ", expected [" + std::to_string(m) + "," + std::to_string(k) +
+             "] (like dx)");
     a.expect_distinct("dx", dx, "x", x);
     std::vector<LoraSegment> segs = parse_segments(a, m, k, n, true, {{"x", &x}, {"dx", &dx}, {"dy", &dy}, {"w", &w}});
     return [=](Exec& ex) {

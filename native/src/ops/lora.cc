@@ -96,7 +96,8 @@ std::vector<LoraSegment> parse_segments(Args& a, int64_t rows, int64_t in, int64
 namespace {
 
 int64_t last_dim(Args& a, const char* name, const TensorImpl& t) {
-  if (t.shape.empty() || t.shape.back() < 1) a.fail(std::string("argument '") + name + "' must have a non-empty last dimension, got " + t.shape_str());
+  if (t.shape.empty() || t.shape.back() < 1)
+    a.fail(std::string("argument '") + name + "' must have a non-empty last dimension, got " + t.shape_str());
   return t.shape.back();
 }
 
@@ -125,15 +126,16 @@ MLORA_OP(lora_backward) {
   int64_t in = last_dim(a, "x", x), out = last_dim(a, "dy", dy);
   int64_t rows = x.numel() / in;
   if (dy.numel() != rows * out)
-    a.fail("argument 'dy' has shape " + dy.shape_str() + ", expected [" + num(rows) + "," + num(out) + "] (rows from x)");
+    a.fail("argument 'dy' has shape " + dy.shape_str() + ", expected [" + num(rows) + "," + num(out) +
+           "] (rows from x)");
   if (dx.numel() != rows * in || dx.shape.back() != in)
     a.fail("argument 'dx' has shape " + dx.shape_str() + ", expected [" + num(rows) + "," + num(in) + "] (like x)");
   a.expect_distinct("dx", dx, "dy", dy);
   a.expect_distinct("dx", dx, "x", x);
   std::vector<LoraSegment> segs = parse_segments(a, rows, in, out, true, {{"x", &x}, {"dx", &dx}, {"dy", &dy}});
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, lora_backward, dx.as<float>(), dy.as<float>(), x.as<float>(), segs.data(),
-                   int64_t(segs.size()), in, out);
+    MLORA_DISPATCH(ex, lora_backward, dx.as<float>(), dy.as<float>(), x.as<float>(), segs.data(), int64_t(segs.size()),
+                   in, out);
   };
 }
 

@@ -99,8 +99,7 @@ TensorImpl Args::tensor_value(Napi::Value v, const char* name, std::initializer_
     if (d == t->impl.dtype) ok = true;
     names += (names.empty() ? "" : "|") + std::string(dtype_name(d));
   }
-  if (!ok)
-    fail(std::string("argument '") + name + "' has dtype " + dtype_name(t->impl.dtype) + ", expected " + names);
+  if (!ok) fail(std::string("argument '") + name + "' has dtype " + dtype_name(t->impl.dtype) + ", expected " + names);
   return t->impl;
 }
 

@@ -54,7 +54,7 @@ class Args {
 // The checks of one JavaScript number, for op objects (Args) and for the handles' positional
 // arguments (addon.cc) alike. `what` names the argument ("op 3 (gemm): argument 'm'"); a failure
 // throws Error(what + " must be ...", kErrBadInput).
-double js_number(Napi::Value v, const std::string& what);                          // finite
+double js_number(Napi::Value v, const std::string& what);                             // finite
 int64_t js_integer(Napi::Value v, const std::string& what, int64_t min = INT64_MIN);  // exact, >= min
 
 using Parser = Kernel (*)(Args&);
@@ -66,8 +66,8 @@ struct OpRegistrar {
   OpRegistrar(const char* name, Parser p) { register_op(name, p); }
 };
 
-#define MLORA_OP(NAME)                                      \
-  static ::mlora::Kernel parse_##NAME(::mlora::Args& a);    \
+#define MLORA_OP(NAME)                                               \
+  static ::mlora::Kernel parse_##NAME(::mlora::Args& a);             \
   static ::mlora::OpRegistrar registrar_##NAME(#NAME, parse_##NAME); \
   static ::mlora::Kernel parse_##NAME(::mlora::Args& a)
 

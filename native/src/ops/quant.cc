@@ -25,9 +25,10 @@ MLORA_OP(dequantize) {
     const WeightRef w = weight(src);
     const cpu::Isa isa = cpu::gemm_isa();
     const int64_t rows = src.shape[0], cols = src.shape[1];
-    ex.pool().parallel_for(rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, cols)), [&](int64_t r0, int64_t r1, int) {
-      cpu::dequant_run(isa, w, r0 * cols, (r1 - r0) * cols, dst.as<float>() + r0 * cols);
-    });
+    ex.pool().parallel_for(rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, cols)),
+                           [&](int64_t r0, int64_t r1, int) {
+                             cpu::dequant_run(isa, w, r0 * cols, (r1 - r0) * cols, dst.as<float>() + r0 * cols);
+                           });
   };
 }
 

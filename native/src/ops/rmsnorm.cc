@@ -7,7 +7,8 @@ namespace mlora {
 namespace {
 int64_t rows_of(Args& a, const char* name, const TensorImpl& t, int64_t h) {
   if (t.shape.empty() || t.shape.back() != h)
-    a.fail(std::string("argument '") + name + "' has shape " + t.shape_str() + ", expected [*," + std::to_string(h) + "] (h from w)");
+    a.fail(std::string("argument '") + name + "' has shape " + t.shape_str() + ", expected [*," + std::to_string(h) +
+           "] (h from w)");
   return t.numel() / h;
 }
 }  // namespace

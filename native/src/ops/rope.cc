@@ -63,8 +63,8 @@ MLORA_OP(rope_backward) {
   TensorImpl sn = a.tensor("sin", {DType::F32});
   RopeDims d = rope_dims(a, "dx", dx, "dy", dy, pos, cs, sn);
   return [=](Exec& ex) {
-    MLORA_DISPATCH(ex, rope_backward, dx.as<float>(), dy.as<float>(), pos.as<int32_t>(), cs.as<float>(),
-                   sn.as<float>(), d.n, d.heads, d.head_dim, d.max_pos);
+    MLORA_DISPATCH(ex, rope_backward, dx.as<float>(), dy.as<float>(), pos.as<int32_t>(), cs.as<float>(), sn.as<float>(),
+                   d.n, d.heads, d.head_dim, d.max_pos);
   };
 }
 
