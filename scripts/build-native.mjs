@@ -4,7 +4,7 @@
 // Node.js, npm, make and a C++ compiler. Set MLORA_SKIP_NATIVE=1 to skip (nothing works
 // without the addon, but a docs-only checkout can still install).
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -68,7 +68,19 @@ const args = [
   cmake,
 ];
 // Always pass it: CMake caches the option, so a CUDA build after a MLORA_NO_CUDA=1 one must say OFF.
-args.push(`--CDMLORA_NO_CUDA=${process.env.MLORA_NO_CUDA === '1' ? 'ON' : 'OFF'}`);
+const noCuda = process.env.MLORA_NO_CUDA === '1' ? 'ON' : 'OFF';
+args.push(`--CDMLORA_NO_CUDA=${noCuda}`);
+// cmake-js compile only builds a folder that is already configured, so the option above would be
+// ignored ("no work to do": a CPU-only addon after MLORA_NO_CUDA=1, silently): drop the cache
+// when it was configured the other way, and CMake configures again.
+const cache = path.join(root, 'native', 'build', 'CMakeCache.txt');
+if (existsSync(cache)) {
+  const was = /^MLORA_NO_CUDA:[A-Z]*=(\w+)$/m.exec(readFileSync(cache, 'utf8'))?.[1];
+  if (was !== undefined && was !== noCuda) {
+    console.log(`mlora: native/build was configured with MLORA_NO_CUDA=${was}; configuring again with ${noCuda}`);
+    rmSync(cache);
+  }
+}
 if (process.env.MLORA_DEBUG === '1') args.push('-D');
 const jobs =
   process.env.CMAKE_BUILD_PARALLEL_LEVEL ?? String(Math.max(2, (await import('node:os')).availableParallelism()));

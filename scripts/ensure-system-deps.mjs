@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // System packages the tests and the lint use beyond npm's: a Chromium for the report.html browser
 // test (driven by playwright-core; run by scripts/run-tests.mjs before the tests) and clang-format
-// for `npm run lint` (scripts/clang-format.mjs). Where one is
+// for `npm run lint` (scripts/clang-format.mjs), and nats-server for the cluster tests
+// (scripts/cluster/nats-server.ts). Where one is
 // missing and we are root on a Debian-like system, `apt-get update && apt-get install -y` puts
 // it there (bounded by a timeout, output summarized); otherwise, or when that fails, it says
 // why and the test that needs it skips with that reason. Never fails the test run itself.
@@ -14,6 +15,9 @@ export const CHROMIUM_CANDIDATES = ['/usr/bin/chromium', '/usr/bin/chromium-brow
 
 /** Where the lint looks for clang-format (CLANG_FORMAT overrides). */
 export const CLANG_FORMAT_CANDIDATES = ['/usr/bin/clang-format', '/usr/local/bin/clang-format'];
+
+/** Where the cluster tests look for Debian's nats-server (MLORA_NATS_SERVER overrides). */
+export const NATS_CANDIDATES = ['/usr/sbin/nats-server', '/usr/bin/nats-server', '/usr/local/bin/nats-server'];
 
 const CHROMIUM = {
   name: 'chromium',
@@ -30,6 +34,15 @@ const CLANG_FORMAT = {
   candidates: CLANG_FORMAT_CANDIDATES,
   purpose: 'for npm run lint',
   binary: 'a clang-format binary',
+};
+
+const NATS_SERVER = {
+  name: 'nats-server',
+  pkg: 'nats-server',
+  envVar: 'MLORA_NATS_SERVER',
+  candidates: NATS_CANDIDATES,
+  purpose: 'for the cluster tests',
+  binary: 'a nats-server binary',
 };
 
 function find(dep) {
@@ -112,4 +125,10 @@ export function ensureClangFormat(log = (s) => console.error(s)) {
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const r = ensureChromium();
   console.log(r.chromium ? `chromium: ${r.chromium}` : `chromium: not available: ${r.reason}`);
+}
+
+/** Makes sure nats-server is installed; returns { natsServer } or { natsServer: undefined, reason }. */
+export function ensureNatsServer(log = (s) => console.error(s)) {
+  const r = ensure(NATS_SERVER, log);
+  return r.path ? { natsServer: r.path } : { reason: r.reason };
 }

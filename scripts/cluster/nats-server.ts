@@ -17,7 +17,7 @@ export interface NatsServerOptions {
   host?: string;
   /** Largest message the server accepts (bytes; nats-server's default is 1 MiB). */
   maxPayload?: number;
-  /** nats-server binary (from scripts/ensure-nats.mjs). */
+  /** nats-server binary (from scripts/ensure-system-deps.mjs). */
   binary: string;
   startTimeoutMs?: number;
   /** Require TLS with this certificate and key (PEM files). */
@@ -111,9 +111,9 @@ export async function startNatsServer(o: NatsServerOptions): Promise<NatsServer>
   };
 }
 
-/** The nats-server binary, installing it where missing (see scripts/ensure-nats.mjs); or why not. */
+/** The nats-server binary, installing it where missing (see scripts/ensure-system-deps.mjs); or why not. */
 export async function natsServerBinary(): Promise<{ binary?: string; reason?: string }> {
-  const url = new URL('../../../scripts/ensure-nats.mjs', import.meta.url);
+  const url = new URL('../../../scripts/ensure-system-deps.mjs', import.meta.url);
   const m = (await import(url.href)) as {
     ensureNatsServer(log?: (s: string) => void): { natsServer?: string; reason?: string };
   };
