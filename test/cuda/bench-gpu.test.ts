@@ -95,11 +95,14 @@ t.test('the scenario on cpu:0 at tiny sizes, joined with a PEFT baseline', async
       x.tokens_per_s > 0 && x.mfu > 0 && x.busy.length === x.stages,
       `S=${x.stages} K=${x.adapters}: ${x.tokens_per_s} tok/s, MFU ${x.mfu}, busy ${x.busy}`,
     );
-    t.equal(
-      x.vs_peft,
-      x.adapters === 2 ? Math.round((x.tokens_per_s / 1000) * 100) / 100 : undefined,
-      `S=${x.stages} K=${x.adapters}: vs PEFT only where the baseline has K`,
-    );
+    // vs_peft is rounded from the unrounded tokens/s, so it may differ by one in the last digit from
+    // a ratio of the rounded tokens_per_s: within 0.005 (ratio rounding) + 0.0005 (tokens rounding)
+    if (x.adapters === 2) {
+      t.ok(
+        x.vs_peft !== undefined && Math.abs(x.vs_peft - x.tokens_per_s / 1000) <= 0.0055,
+        `S=${x.stages} K=${x.adapters}: vs PEFT ${x.vs_peft} = ${x.tokens_per_s} / 1000 tok/s`,
+      );
+    } else t.equal(x.vs_peft, undefined, `S=${x.stages} K=${x.adapters}: no vs PEFT where the baseline lacks K`);
   }
   t.same(
     r.targets.map((x) => x.met),
