@@ -114,16 +114,19 @@ function preset(
  * and tiny-<family> (tiny with Llama 3 RoPE scaling, Qwen2's q/k/v biases, Qwen3's q/k norms,
  * Mistral's sliding window).
  */
+/** The tiny preset's shape, which each tiny-<family> preset extends with its family's feature. */
+const TINY = {
+  hiddenSize: 64,
+  intermediateSize: 172,
+  numLayers: 2,
+  numHeads: 4,
+  numKvHeads: 2,
+  vocabSize: 512,
+  maxPositionEmbeddings: 512,
+};
+
 export const PRESETS: Record<PresetName, LlamaConfig> = {
-  tiny: preset({
-    hiddenSize: 64,
-    intermediateSize: 172,
-    numLayers: 2,
-    numHeads: 4,
-    numKvHeads: 2,
-    vocabSize: 512,
-    maxPositionEmbeddings: 512,
-  }),
+  tiny: preset(TINY),
   small: preset({
     hiddenSize: 256,
     intermediateSize: 688,
@@ -146,51 +149,27 @@ export const PRESETS: Record<PresetName, LlamaConfig> = {
   // One per model family, each with the feature it adds over tiny, scaled so that it shows at
   // tiny's lengths (tests and trying a family out).
   'tiny-llama3': preset({
-    hiddenSize: 64,
-    intermediateSize: 172,
-    numLayers: 2,
-    numHeads: 4,
-    numKvHeads: 2,
-    vocabSize: 512,
-    maxPositionEmbeddings: 512,
+    ...TINY,
     ropeTheta: 500000,
     ropeScaling: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 64 },
   }),
   'tiny-qwen2': preset({
+    ...TINY,
     modelType: 'qwen2',
-    hiddenSize: 64,
-    intermediateSize: 172,
-    numLayers: 2,
-    numHeads: 4,
-    numKvHeads: 2,
-    vocabSize: 512,
-    maxPositionEmbeddings: 512,
     ropeTheta: 1000000,
     qkvBias: true,
     tieWordEmbeddings: true,
   }),
   'tiny-qwen3': preset({
+    ...TINY,
     modelType: 'qwen3',
-    hiddenSize: 64,
-    intermediateSize: 172,
-    numLayers: 2,
-    numHeads: 4,
-    numKvHeads: 2,
     headDim: 32,
-    vocabSize: 512,
-    maxPositionEmbeddings: 512,
     ropeTheta: 1000000,
     qkNorm: true,
   }),
   'tiny-mistral': preset({
+    ...TINY,
     modelType: 'mistral',
-    hiddenSize: 64,
-    intermediateSize: 172,
-    numLayers: 2,
-    numHeads: 4,
-    numKvHeads: 2,
-    vocabSize: 512,
-    maxPositionEmbeddings: 512,
     layerWindows: [16, 16],
   }),
 };

@@ -13,8 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { LORA_TARGETS, PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
-import type { LoraSpec } from '../../lib/lora/adapter.js';
+import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
 import { freshState } from '../../lib/lora/state.js';
 import { native } from '../../lib/native.js';
 import { openDevice, parseDeviceSpec } from '../../lib/tensor.js';
@@ -23,7 +22,7 @@ import { ActorPipeline } from '../../actors/runtime.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
 import type { SourceMicroBatch } from '../../actors/job-types.js';
-import { cacheModels, syntheticMicroBatch, trainFlopsPerToken, trainInGroups } from './bench-train.js';
+import { benchLoraSpec, cacheModels, syntheticMicroBatch, trainFlopsPerToken, trainInGroups } from './bench-train.js';
 import { makeModel } from './make-model.js';
 
 export interface GpuBenchOptions {
@@ -176,14 +175,7 @@ export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void):
   const baseline = o.baseline && fs.existsSync(o.baseline) ? readBaseline(o.baseline) : undefined;
   if (o.baseline && !baseline) log(`no PEFT baseline at ${o.baseline}: the vs-PEFT column stays empty`);
   const records: GpuBenchRecord[] = [];
-  const spec: LoraSpec = {
-    r: o.rank,
-    alpha: 2 * o.rank,
-    dropout: 0,
-    targets: [...LORA_TARGETS],
-    useRslora: false,
-    seed: 0,
-  };
+  const spec = benchLoraSpec(o.rank);
   const maxK = Math.max(...o.adapters);
   for (const m of o.models) {
     const modelDir = await modelDirOf(m, log);

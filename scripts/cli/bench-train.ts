@@ -23,6 +23,11 @@ import { ensureModel } from './make-model.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
 
+/** The LoRA every training benchmark uses: rank r on all seven targets, alpha 2r, no dropout. */
+export function benchLoraSpec(r: number): LoraSpec {
+  return { r, alpha: 2 * r, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+}
+
 export interface TrainBenchRecord {
   scenario: string;
   mode: string;
@@ -208,14 +213,7 @@ export async function batchloraScenario(
   const p = new LocalPipeline(c, [program]);
   const out: TrainBenchRecord[] = [];
   const maxK = Math.max(...o.adapters);
-  const spec: LoraSpec = {
-    r: o.rank,
-    alpha: 2 * o.rank,
-    dropout: 0,
-    targets: [...LORA_TARGETS],
-    useRslora: false,
-    seed: 0,
-  };
+  const spec = benchLoraSpec(o.rank);
   for (let id = 1; id <= maxK; id++)
     await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
   for (const shape of o.shapes) {
@@ -273,14 +271,7 @@ export async function pipelineScenario(
   const c = dir.config;
   const ceiling1 = await gemmCeiling(1);
   log(`GEMM ceiling (1 thread): ${ceiling1.toFixed(1)} GFLOP/s`);
-  const spec: LoraSpec = {
-    r: o.rank,
-    alpha: 2 * o.rank,
-    dropout: 0,
-    targets: [...LORA_TARGETS],
-    useRslora: false,
-    seed: 0,
-  };
+  const spec = benchLoraSpec(o.rank);
   const flops = trainFlopsPerToken(c, spec, o.seqLen);
   const out: TrainBenchRecord[] = [];
   const layouts = [
