@@ -3,7 +3,7 @@
 // and the job events.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import type { FaultEvent } from '../../actors/runtime.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import type { AdapterState } from '../../lib/lora/state.js';

@@ -2,7 +2,7 @@
 // one adapter on a stage program, as the supervisor assembles it; the fixture's model + PEFT
 // adapter on one CPU stage (not a test file itself).
 import { readFileSync } from 'node:fs';
-import { assemble } from '../../actors/supervisor.js';
+import { assemble } from '../../actors/scheduler/assemble.js';
 import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
 import type { Tensor } from '../../lib/tensor.js';
 import { openModelDir } from '../../lib/io/hf-model.js';

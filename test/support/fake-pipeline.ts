@@ -11,8 +11,13 @@ import type { LlamaConfig } from '../../lib/model/config.js';
 import type { MicroBatchData, SegmentSpec, StagePlan } from '../../lib/model/batch.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
 import type { Pipeline } from '../../actors/protocol.js';
-import { loraSpec } from '../../actors/jobs.js';
-import type { MicroBatchSource, PreparedJob, SourceMicroBatch, SupervisorHooks } from '../../actors/job-types.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
+import type {
+  MicroBatchSource,
+  PreparedJob,
+  SourceMicroBatch,
+  SchedulerHooks,
+} from '../../actors/scheduler/job-types.js';
 
 export interface FakePipelineOptions {
   /** Byte budget of each stage (its length is the number of stages). */
@@ -227,7 +232,7 @@ export function fakeSource(steps: number, micro: number, tokens: number): MicroB
  */
 export function fakeHooks(
   finals = new Map<string, AdapterState>(),
-): SupervisorHooks & { finals: Map<string, AdapterState> } {
+): SchedulerHooks & { finals: Map<string, AdapterState> } {
   return {
     finals,
     prepare: async (c): Promise<PreparedJob> => ({
