@@ -8,7 +8,7 @@ import type { JobEvent, JobState } from '../protocol.js';
 import type { MicroBatchSource, PreparedJob, SchedulerHooks, SourceMicroBatch } from './job-types.js';
 
 /** A pull-based queue behind job.events(). */
-export class EventQueue<T> {
+class EventQueue<T> {
   private items: T[] = [];
   private waiters: Array<(r: IteratorResult<T>) => void> = [];
   private closed = false;

@@ -5,7 +5,8 @@
 // actors/runtime.ts, which supervises the stage workers: heartbeats, restarts, replay) and the
 // fake pipeline of its tests. The public API calls it `Supervisor` (actors/index.ts).
 //
-// One micro-batch, from submit to checkpoint:
+// JobScheduler.start (start.ts openRun, layout.ts) opens the pipeline first. Then one
+// micro-batch, from submit to checkpoint:
 //  1. submit   scheduler.ts JobScheduler.submit validates the adapter config (lib/config.ts) and
 //              makes a Job (job.ts); JobScheduler.load runs hooks.prepare (prepare.ts prepareJob:
 //              its data loader of packed micro-batches, its starting state).
@@ -25,7 +26,7 @@
 //              norm and clipping, pipeline.step (AdamW on every stage), the `step` event, and
 //              Steps.evaluate on schedule.
 //  7. save     step.ts Steps.optimizerStep, on save_every: hooks.checkpoint (prepare.ts
-//              outputHooks → lib/io/checkpoint.ts) and the rollback point (Rollback.setPoint);
+//              outputHooks → lib/io/checkpoint.ts) and the rollback point (job.ts setRollbackPoint);
 //              after the last step Steps.finish writes the adapter and takes it off the stages.
 // JobScheduler.loop runs steps 2 and 3 on every wake(): each completion, step and state change.
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
@@ -79,11 +80,11 @@ export class JobScheduler implements JobOwner, SchedulerContext {
 
   /** Opens the pipeline for these options (start.ts) and a scheduler on it. */
   static async start(o: StartOptions): Promise<JobScheduler> {
-    let sched: JobScheduler | undefined;
+    // a pause: fault fires at a step event, so only once the scheduler below exists
     const run = await openRun(o, () => {
-      for (const j of sched!.jobs.values()) void j.pause();
+      for (const j of sched.jobs.values()) void j.pause();
     });
-    sched = new JobScheduler(run.pipeline, run.hooks, run.options);
+    const sched = new JobScheduler(run.pipeline, run.hooks, run.options);
     sched.nanFaults = run.nanFaults;
     sched.runId = run.runId;
     return sched;
@@ -187,11 +188,6 @@ export class JobScheduler implements JobOwner, SchedulerContext {
   /** Takes a finished/failed/cancelled job's adapter off the stages (a parked job's state is dropped). */
   retire(job: Job): Promise<void> {
     return this.placement.retire(job);
-  }
-
-  /** Held-out loss over the job's eval data. */
-  evaluate(job: Job): Promise<{ loss: number; perplexity: number; tokens: number }> {
-    return this.steps.evaluate(job);
   }
 
   /** Exports every live adapter's state (checkpoint on exit). */
