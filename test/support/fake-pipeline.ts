@@ -6,7 +6,7 @@
 // flight hold, and going over a stage's budget is recorded as an overrun (a real device would
 // have run out of memory there).
 import type { LoraSpec } from '../../lib/lora/adapter.js';
-import type { AdapterState, StepParams } from '../../lib/lora/state.js';
+import { cloneState, type AdapterState, type StepParams } from '../../lib/lora/state.js';
 import type { LlamaConfig } from '../../lib/model/config.js';
 import type { MicroBatchData, SegmentSpec, StagePlan } from '../../lib/model/batch.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
@@ -89,7 +89,7 @@ export class FakePipeline implements Pipeline {
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
     if (this.resident.has(id)) throw new Error(`adapter ${id} is already on the stages`);
-    this.resident.set(id, { spec, state: copy(state) });
+    this.resident.set(id, { spec, state: cloneState(state) });
     this.take(this.adapterBytes(spec), `adapter ${id}`);
     this.events.push({ op: 'add', adapter: id, version: state.version });
   }
@@ -102,7 +102,7 @@ export class FakePipeline implements Pipeline {
   async exportAdapter(id: number): Promise<AdapterState> {
     const a = this.get(id);
     this.events.push({ op: 'export', adapter: id, version: a.state.version });
-    return copy(a.state);
+    return cloneState(a.state);
   }
 
   /** Forward + backward at once: each row's loss is 1, each adapter's params[0] counts its rows. */
@@ -197,10 +197,6 @@ export class FakePipeline implements Pipeline {
 /** The next turn of the event loop (not a timer: nothing here depends on time). */
 const turn = () => new Promise<void>((r) => setImmediate(r));
 
-function copy(s: AdapterState): AdapterState {
-  return { params: s.params.slice(), m: s.m.slice(), v: s.v.slice(), version: s.version };
-}
-
 /** Micro-batches of `tokens` tokens (one sequence each), `micro` per step, `steps` steps. */
 export function fakeSource(steps: number, micro: number, tokens: number): MicroBatchSource {
   let i = 0;
@@ -241,7 +237,7 @@ export function fakeHooks(
       initial: { params: new Float32Array(4), m: new Float32Array(4), v: new Float32Array(4), version: 0 },
     }),
     finish: async (job, state) => {
-      finals.set(job.name, copy(state));
+      finals.set(job.name, cloneState(state));
       return `fake:${job.name}`;
     },
   };
