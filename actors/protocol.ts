@@ -55,7 +55,7 @@ export interface InitMsg {
 
 /**
  * Hands a stage the MessagePort to a neighbour (transferred with the message): Forward goes
- * out on `next`, Backward on `prev`, straight to the other worker, not through the supervisor.
+ * out on `next`, Backward on `prev`, straight to the other worker, not through the pipeline's thread.
  * Sent at start and whenever a neighbour is restarted (its old port is closed).
  */
 export interface LinkMsg {

@@ -16,7 +16,6 @@ import type { AdapterState } from '../lib/lora/state.js';
 import type { MicroBatchData } from '../lib/model/batch.js';
 import { ErrorCode, MloraError } from '../lib/errors.js';
 import type { InFlight, Router } from './router.js';
-import type { ActorPipelineOptions } from './runtime.js';
 import type { StageWorkers } from './stage-workers.js';
 
 /** The run cannot go on: one stage failed more often than allowed. */
@@ -41,8 +40,17 @@ export interface FaultEvent {
   replayed?: number;
   /** The failure limit was passed: no recovery, the run stops. */
   fatal?: boolean;
-  /** Out of memory: the supervisor's new limit of micro-batch messages in flight. */
+  /** Out of memory: the scheduler's new limit of micro-batch messages in flight. */
   admission?: number;
+}
+
+/** What recovery is started with (part of ActorPipelineOptions). */
+export interface RecoveryOptions {
+  devices: string[];
+  /** Failures of one stage tolerated before the run stops. */
+  maxStageFailures?: number;
+  /** Called on every detected fault and recovery. */
+  onFault?: (ev: FaultEvent) => void;
 }
 
 interface RecoveryFault {
@@ -124,7 +132,7 @@ export class Recovery {
   private abortAttempt: ((e: Error) => void) | undefined;
 
   constructor(
-    private readonly opts: ActorPipelineOptions,
+    private readonly opts: RecoveryOptions,
     private readonly workers: StageWorkers,
     private readonly router: Router,
     private readonly ledger: Ledger,

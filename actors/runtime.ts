@@ -8,7 +8,6 @@
 // - actors/stage.ts: the stage actor itself (its mailbox and the stage program).
 // This file holds what joins them: the Pipeline calls, the messages the stages send this
 // thread, and the per-stage byte estimates the scheduler admits work by.
-import type { BaseFormat } from '../lib/model/weights.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import { joinSlices } from '../lib/lora/state.js';
@@ -19,48 +18,27 @@ import { ErrorCode, fromWire } from '../lib/errors.js';
 import { holdsHead } from '../lib/model/batch.js';
 import { Slab, slotBytesFor } from './shm.js';
 import { clockMs } from './clock.js';
-import type { InitMsg, StageErrorMsg } from './protocol.js';
+import type { StageErrorMsg } from './protocol.js';
 import type { Pipeline } from './pipeline.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { MicroBatchData } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { Router } from './router.js';
-import { Ledger, Recovery, type FaultEvent } from './recovery.js';
-import { StageWorkers, type StageHandle, type StageWorker } from './stage-workers.js';
+import { Ledger, Recovery, type RecoveryOptions } from './recovery.js';
+import { StageWorkers, type StageHandle, type StageWorker, type StageWorkerOptions } from './stage-workers.js';
 
 export { StageFailure, type FaultEvent } from './recovery.js';
 export type { StageWorker } from './stage-workers.js';
 export { shareStart } from './router.js';
 
-export interface ActorPipelineOptions {
-  modelDir: string;
+export interface ActorPipelineOptions extends StageWorkerOptions, RecoveryOptions {
   config: LlamaConfig;
-  plans: StagePlan[];
-  devices: string[];
-  threads: number[];
-  budgets: number[];
   /** Largest micro-batch in tokens (sizes the shared slots). */
   maxTokens: number;
   /** Micro-batch messages in flight at most (sizes the slab). */
   inflight: number;
-  /** Activation recomputation on every stage (StageOptions.recompute). */
-  recompute?: boolean;
-  /** The frozen base's compute dtype and quantization on every stage. */
-  base?: BaseFormat;
   faults?: FaultSpec[];
-  heartbeatMs?: number;
-  /** A stage silent for this long (and at least 3× its slowest observed message) is declared hung. */
-  hangTimeoutMs?: number;
-  /** Failures of one stage tolerated before the run stops. */
-  maxStageFailures?: number;
-  /** Called on every detected fault and recovery. */
-  onFault?: (ev: FaultEvent) => void;
-  /**
-   * Starts a stage somewhere else than in a worker thread of this process (a stage host of the
-   * cluster: actors/transport/remote.ts); `restart` is true after the first start.
-   */
-  stageEndpoint?: (init: InitMsg, restart: boolean) => StageWorker;
 }
 
 export class ActorPipeline implements Pipeline {

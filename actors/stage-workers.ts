@@ -14,7 +14,29 @@ import type { ScheduleRecord } from '../lib/schedule/record.js';
 import type { DoneMsg, FromStage, InitMsg, StageErrorMsg, StageRequest, ToStage } from './protocol.js';
 import { stageApi, type StageApi } from './rpc.js';
 import type { Slab } from './shm.js';
-import type { ActorPipelineOptions } from './runtime.js';
+import type { BaseFormat } from '../lib/model/weights.js';
+import type { StagePlan } from '../lib/model/batch.js';
+
+/** What the stage workers are started with (part of ActorPipelineOptions). */
+export interface StageWorkerOptions {
+  modelDir: string;
+  plans: StagePlan[];
+  devices: string[];
+  threads: number[];
+  budgets: number[];
+  /** Activation recomputation on every stage (StageOptions.recompute). */
+  recompute?: boolean;
+  /** The frozen base's compute dtype and quantization on every stage. */
+  base?: BaseFormat;
+  heartbeatMs?: number;
+  /** A stage silent for this long (and at least 3× its slowest observed message) is declared hung. */
+  hangTimeoutMs?: number;
+  /**
+   * Starts a stage somewhere else than in a worker thread of this process (a stage host of the
+   * cluster: actors/transport/remote.ts); `restart` is true after the first start.
+   */
+  stageEndpoint?: (init: InitMsg, restart: boolean) => StageWorker;
+}
 
 /** What the runtime needs of a stage's endpoint: a Worker has it, and so has a remote stage. */
 export type StageWorker = Pick<Worker, 'postMessage' | 'on' | 'once' | 'terminate' | 'threadId'>;
@@ -68,7 +90,7 @@ export class StageWorkers {
   private lastCheck = performance.now();
 
   constructor(
-    private readonly opts: ActorPipelineOptions,
+    private readonly opts: StageWorkerOptions,
     private readonly slab: Slab,
     /** Time origin of the schedule records (clockMs()): shared by every stage, restarted ones too. */
     private readonly epochMs: number,

@@ -60,7 +60,7 @@ const mailbox = {
   forward: [] as ForwardMsg[],
 };
 let pumping = false;
-/** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
+/** Messages of an older epoch belong to an attempt the pipeline dropped during a recovery. */
 let minEpoch = init.minEpoch ?? 0;
 
 function receive(m: ToStage): void {
@@ -79,7 +79,7 @@ function queued<T>(run: () => T | Promise<T>, counts = true): Promise<T> {
   });
 }
 
-/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the supervisor replays). */
+/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the pipeline replays). */
 function relink(m: LinkMsg): void {
   link[m.side]?.close();
   link[m.side] = m.port;
@@ -192,7 +192,7 @@ async function handle(m: Queued): Promise<void> {
     if (m.type === 'step' || m.type === 'poison' || m.type === 'drop')
       return send({ type: 'reply', id: m.id, error: toWire(err) });
     dropLive(m.mb);
-    // the supervisor answers every error of its current epoch with a new attempt, so the rest of
+    // the pipeline answers every error of its current epoch with a new attempt, so the rest of
     // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
     minEpoch = Math.max(minEpoch, m.epoch + 1);
     send({ type: 'error', epoch: m.epoch, stage: init.stage, mb: m.mb, error: toWire(err) });
