@@ -209,45 +209,103 @@ export type FromStage = ReadyMsg | ReplyMsg | DoneMsg | StageErrorMsg | Heartbea
 
 // ---- events a job streams to its user
 
+/** A job's state changed. */
+export interface JobStateEvent {
+  type: 'state';
+  adapter: string;
+  state: JobState;
+  time: number;
+}
+
+/** An optimizer step of the job's adapter is through. */
+export interface JobStepEvent {
+  type: 'step';
+  adapter: string;
+  step: number;
+  totalSteps: number;
+  loss: number;
+  lr: number;
+  tokens: number;
+  gradNorm: number;
+  time: number;
+}
+
+export interface JobEvalEvent {
+  type: 'eval';
+  adapter: string;
+  step: number;
+  loss: number;
+  perplexity: number;
+  tokens: number;
+  time: number;
+}
+
+export interface JobCheckpointEvent {
+  type: 'checkpoint';
+  adapter: string;
+  step: number;
+  path: string;
+  time: number;
+}
+
+/** A fault was detected (no adapter: a stage's fault, which every job sees). */
+export interface JobFaultEvent {
+  type: 'fault';
+  adapter?: string;
+  fault: string;
+  detail: string;
+  time: number;
+}
+
+/** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
+export interface JobRollbackEvent {
+  type: 'rollback';
+  adapter: string;
+  fromStep: number;
+  toStep: number;
+  lrScale: number;
+  rollbacks: number;
+  reason: string;
+  time: number;
+}
+
+export interface JobDoneEvent {
+  type: 'done';
+  adapter: string;
+  steps: number;
+  loss: number;
+  path?: string;
+  time: number;
+}
+
+/** A greedy completion of one of eval.prompts, with the adapter before training or after it. */
+export interface JobSampleEvent {
+  type: 'sample';
+  adapter: string;
+  step: number;
+  when: 'before' | 'after';
+  prompt: string;
+  text: string;
+  time: number;
+}
+
+export interface JobErrorEvent {
+  type: 'error';
+  adapter: string;
+  message: string;
+  time: number;
+}
+
 export type JobEvent =
-  | { type: 'state'; adapter: string; state: JobState; time: number }
-  | {
-      type: 'step';
-      adapter: string;
-      step: number;
-      totalSteps: number;
-      loss: number;
-      lr: number;
-      tokens: number;
-      gradNorm: number;
-      time: number;
-    }
-  | { type: 'eval'; adapter: string; step: number; loss: number; perplexity: number; tokens: number; time: number }
-  | { type: 'checkpoint'; adapter: string; step: number; path: string; time: number }
-  | { type: 'fault'; adapter?: string; fault: string; detail: string; time: number }
-  /** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
-  | {
-      type: 'rollback';
-      adapter: string;
-      fromStep: number;
-      toStep: number;
-      lrScale: number;
-      rollbacks: number;
-      reason: string;
-      time: number;
-    }
-  | { type: 'done'; adapter: string; steps: number; loss: number; path?: string; time: number }
-  /** A greedy completion of one of eval.prompts, with the adapter before training or after it. */
-  | {
-      type: 'sample';
-      adapter: string;
-      step: number;
-      when: 'before' | 'after';
-      prompt: string;
-      text: string;
-      time: number;
-    }
-  | { type: 'error'; adapter: string; message: string; time: number };
+  | JobStateEvent
+  | JobStepEvent
+  | JobEvalEvent
+  | JobCheckpointEvent
+  | JobFaultEvent
+  | JobRollbackEvent
+  | JobDoneEvent
+  | JobSampleEvent
+  | JobErrorEvent;
 
 export type JobState = 'queued' | 'loading' | 'running' | 'paused' | 'parked' | 'done' | 'failed' | 'cancelled';
 
