@@ -44,7 +44,7 @@ export interface InitMsg {
   faultFlags?: SharedArrayBuffer;
   heartbeatMs: number;
   /** The pipeline's time origin on the clockMs() clock: every stage stamps its records relative to it. */
-  epochMs: number;
+  originMs: number;
   /** Number of stages in the pipeline (the last one turns a Forward into a Backward). */
   stages: number;
   /** Recovery epoch the stage starts at: a restarted stage ignores what its neighbours still send for a dropped attempt. */

@@ -93,7 +93,7 @@ export class StageWorkers {
     private readonly opts: StageWorkerOptions,
     private readonly slab: Slab,
     /** Time origin of the schedule records (clockMs()): shared by every stage, restarted ones too. */
-    private readonly epochMs: number,
+    private readonly originMs: number,
     private readonly events: StageEvents,
   ) {
     this.stages = opts.plans.map((_, i) => new StageHandle(i));
@@ -131,7 +131,7 @@ export class StageWorkers {
       faults,
       faultFlags: h.faultFlags.buffer as SharedArrayBuffer,
       heartbeatMs: o.heartbeatMs ?? 200,
-      epochMs: this.epochMs,
+      originMs: this.originMs,
       stages: o.plans.length,
       minEpoch,
       control: port2,

@@ -127,11 +127,11 @@ async function pump(): Promise<void> {
   }
 }
 
-/** Records work that began at `start` (clockMs()), relative to the pipeline's epoch: one time base for all stages. */
+/** Records work that began at `start` (clockMs()), relative to the pipeline's time origin: one time base for all stages. */
 function record(kind: 'F' | 'B' | 'H' | 'S' | 'E', mb: number, adapters: number[], start: number) {
   send({
     type: 'record',
-    rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs },
+    rec: { stage: init.stage, kind, mb, adapters, start: start - init.originMs, end: clockMs() - init.originMs },
   });
 }
 
