@@ -6,7 +6,7 @@ import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
-import type { Pipeline } from './protocol.js';
+import type { Pipeline } from './pipeline.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';

@@ -4,7 +4,7 @@
 // role's file imports only this, never another role's file, so no two of them import each other.
 import type { FaultSpec } from '../../lib/faults.js';
 import type { AdapterState } from '../../lib/lora/state.js';
-import type { Pipeline } from '../protocol.js';
+import type { Pipeline } from '../pipeline.js';
 import type { Job } from './job.js';
 import type { SchedulerHooks } from './job-types.js';
 import type { MemoryLedger } from './memory.js';

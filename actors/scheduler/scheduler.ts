@@ -1,6 +1,6 @@
 // The job scheduler: owns every adapter job, decides which adapters are on the stages and which
 // micro-batches run, and when each job steps, evaluates and checkpoints. It speaks to the stages
-// only through the `Pipeline` interface (actors/protocol.ts), so the same scheduler drives the
+// only through the `Pipeline` interface (actors/pipeline.ts), so the same scheduler drives the
 // in-thread single-device trainer (actors/local.ts), the worker-thread pipeline (ActorPipeline,
 // actors/runtime.ts, which supervises the stage workers: heartbeats, restarts, replay) and the
 // fake pipeline of its tests. The public API calls it `Supervisor` (actors/index.ts).
@@ -32,8 +32,8 @@
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import type { FaultSpec } from '../../lib/faults.js';
 import type { AdapterState } from '../../lib/lora/state.js';
-import type { Pipeline } from '../protocol.js';
-import { StageFailure } from '../runtime.js';
+import type { Pipeline } from '../pipeline.js';
+import { StageFailure } from '../recovery.js';
 import { Admission } from './admission.js';
 import type { SchedulerContext, SchedulerOptions } from './context.js';
 import { Job, type JobOwner } from './job.js';

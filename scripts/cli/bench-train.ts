@@ -16,7 +16,7 @@ import { LocalPipeline } from '../../actors/local.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import { assemble } from '../../actors/scheduler/assemble.js';
 import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
-import type { Pipeline } from '../../actors/protocol.js';
+import type { Pipeline } from '../../actors/pipeline.js';
 import type { StepParams } from '../../lib/lora/state.js';
 import { Rng } from '../../lib/rng.js';
 import { ensureModel } from './make-model.js';

@@ -22,7 +22,7 @@ import { Rng } from '../../lib/rng.js';
 import { LocalPipeline } from '../../actors/local.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import { assemble } from '../../actors/scheduler/assemble.js';
-import type { Pipeline } from '../../actors/protocol.js';
+import type { Pipeline } from '../../actors/pipeline.js';
 import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
 import { STEP, syntheticMicroBatch } from '../../scripts/cli/bench-train.js';

@@ -1,4 +1,4 @@
-// An in-memory Pipeline (actors/protocol.ts) for testing the supervisor's scheduling without a
+// An in-memory Pipeline (actors/pipeline.ts) for testing the job scheduler without a
 // model: forward, backward and step finish at once (on the next turn of the event loop), every
 // byte is an agreed number (base weights, bytes per adapter, bytes per token of a micro-batch),
 // and everything the supervisor did is recorded. Its memory accounting is the real contract
@@ -10,7 +10,7 @@ import { cloneState, type AdapterState, type StepParams } from '../../lib/lora/s
 import type { LlamaConfig } from '../../lib/model/config.js';
 import type { MicroBatchData, SegmentSpec, StagePlan } from '../../lib/model/batch.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
-import type { Pipeline } from '../../actors/protocol.js';
+import type { Pipeline } from '../../actors/pipeline.js';
 import { loraSpec } from '../../actors/scheduler/prepare.js';
 import type {
   MicroBatchSource,
