@@ -58,6 +58,8 @@ namespace {
 
 constexpr int64_t RB = 64;   // rows per block
 constexpr int64_t CB = 128;  // dA / dB columns per block
+constexpr int64_t kRowChunk = 64;  // dA / dB: rows of a column block copied at once (lora_tiles.inc)
+constexpr int64_t kColWork = kRowChunk * CB;
 
 struct LoraCall {
   const float *x, *dy;
@@ -128,8 +130,8 @@ struct LoraKernels {
   void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
   void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
-  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
+  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
+  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
   void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
                    int64_t n, float* c, int64_t ldc);
   int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
@@ -259,17 +261,17 @@ void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOp
   }
   if (with_dx)
     for (const Item& b : rows) items.push_back({0, b});
-  const int64_t per_thread = RB * C.in;
-  float* w = with_dx ? grow(work, size_t(per_thread * ex.pool().size())) : nullptr;
+  const int64_t per_thread = std::max(with_dx ? RB * C.in : 0, kColWork);
+  float* w = grow(work, size_t(per_thread * ex.pool().size()));
   ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
     const Work& x = items[size_t(it)];
     const SegmentOps& g = ops[size_t(x.at.seg)];
     if (x.kind == 0)
       K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
     else if (x.kind == 1)
-      K.cols_da(C, g, x.at.start, x.at.count);
+      K.cols_da(C, g, x.at.start, x.at.count, w + tid * per_thread);
     else
-      K.cols_db(C, g, x.at.start, x.at.count);
+      K.cols_db(C, g, x.at.start, x.at.count, w + tid * per_thread);
   });
 }
 
