@@ -278,7 +278,9 @@ export function logOpSplit(what: string, split: OpTime[], wallMs: number, log: (
     log(
       `  ${t.op.padEnd(40)} ${String(t.calls).padStart(6)} calls ${t.ms.toFixed(1).padStart(9)} ms ${((100 * t.ms) / wallMs).toFixed(1).padStart(5)}%`,
     );
-  log(`  ${'(outside ops: JS, messages)'.padEnd(53)} ${(wallMs - total).toFixed(1).padStart(9)} ms ${((100 * (wallMs - total)) / wallMs).toFixed(1).padStart(5)}%`);
+  log(
+    `  ${'(outside ops: JS, messages)'.padEnd(53)} ${(wallMs - total).toFixed(1).padStart(9)} ms ${((100 * (wallMs - total)) / wallMs).toFixed(1).padStart(5)}%`,
+  );
 }
 
 /** Micro-batches in one step of the single adapter in the A = 1 within-step pipelining run. */
