@@ -317,6 +317,43 @@ AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda
     for (int ii = 0; ii < 6; ii++) dst[p * 6 + ii] = s[ii * lda + p];
 }
 
+// A sliver for the 12-row AVX-512 kernel from a row-major A, 8 k values per step: rows 0..7 by
+// an 8×8 register transpose, rows 8..11 by a 4×8 one (two 4×4 blocks in the 128-bit lanes).
+// The same values as pack_a_generic, moved without the scalar stride-12 stores.
+AVX2_TARGET void pack_a_avx2_12(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+                                int64_t kc, int mr) {
+  if (trans || mr != 12 || im != 12) return pack_a_generic(dst, a, trans, lda, i0, im, p0, kc, mr);
+  const float* s = a + i0 * lda + p0;
+  int64_t p = 0;
+  for (; p + 8 <= kc; p += 8) {
+    __m256 v0 = _mm256_loadu_ps(s + 0 * lda + p), v1 = _mm256_loadu_ps(s + 1 * lda + p);
+    __m256 v2 = _mm256_loadu_ps(s + 2 * lda + p), v3 = _mm256_loadu_ps(s + 3 * lda + p);
+    __m256 v4 = _mm256_loadu_ps(s + 4 * lda + p), v5 = _mm256_loadu_ps(s + 5 * lda + p);
+    __m256 v6 = _mm256_loadu_ps(s + 6 * lda + p), v7 = _mm256_loadu_ps(s + 7 * lda + p);
+    transpose8(v0, v1, v2, v3, v4, v5, v6, v7);  // v_t: rows 0..7 at k = p+t
+    const __m256 w8 = _mm256_loadu_ps(s + 8 * lda + p), w9 = _mm256_loadu_ps(s + 9 * lda + p);
+    const __m256 w10 = _mm256_loadu_ps(s + 10 * lda + p), w11 = _mm256_loadu_ps(s + 11 * lda + p);
+    const __m256 t0 = _mm256_unpacklo_ps(w8, w9), t1 = _mm256_unpackhi_ps(w8, w9);
+    const __m256 t2 = _mm256_unpacklo_ps(w10, w11), t3 = _mm256_unpackhi_ps(w10, w11);
+    // u_t: rows 8..11 at k = p+t (low lane) and k = p+t+4 (high lane)
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m256 lo[8] = {v0, v1, v2, v3, v4, v5, v6, v7};
+    const __m128 hi[8] = {_mm256_castps256_ps128(u0),   _mm256_castps256_ps128(u1),   _mm256_castps256_ps128(u2),
+                          _mm256_castps256_ps128(u3),   _mm256_extractf128_ps(u0, 1), _mm256_extractf128_ps(u1, 1),
+                          _mm256_extractf128_ps(u2, 1), _mm256_extractf128_ps(u3, 1)};
+    float* d = dst + p * 12;
+    for (int t = 0; t < 8; t++) {
+      _mm256_storeu_ps(d + t * 12, lo[t]);
+      _mm_storeu_ps(d + t * 12 + 8, hi[t]);
+    }
+  }
+  for (; p < kc; p++)
+    for (int ii = 0; ii < 12; ii++) dst[p * 12 + ii] = s[ii * lda + p];
+}
+
 constexpr int AVX2_MR = 6, AVX2_NR = 16;
 
 AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
@@ -739,7 +776,7 @@ const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR,          SC_NR,      
 const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2,     AVX2_MR,     AVX2_NR,     144,      256,
                        4080,        ukr_avx2_6x16, pack_a_avx2, pack_b_avx2, peak_avx2};
 const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512,      AVX512_MR,      AVX512_NR,   192,        256,
-                         4096,           ukr_avx512_12x32, pack_a_generic, pack_b_avx2, peak_avx512};
+                         4096,           ukr_avx512_12x32, pack_a_avx2_12, pack_b_avx2, peak_avx512};
 #endif
 
 // bf16 compute. Pairs kernel: kc counts k values, so 512 keeps the B sliver (256 words × 32) at 32 KiB.
