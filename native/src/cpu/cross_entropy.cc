@@ -61,8 +61,7 @@ __attribute__((always_inline)) inline double row_sumexp(const float* x, float* s
 }
 
 // One row's loss (forward: d null) or loss and dlogits (backward) for a label >= 0.
-__attribute__((always_inline)) inline float row_loss(const float* x, float* d, int64_t v, int32_t label,
-                                                     float weight) {
+__attribute__((always_inline)) inline float row_loss(const float* x, float* d, int64_t v, int32_t label, float weight) {
   const float xl = x[label];  // read before an in-place write overwrites it
   const float m = row_max(x, v);
   const double sum = row_sumexp(x, d, v, m);
