@@ -1,24 +1,11 @@
 // Cross-entropy over the vocabulary with ignored labels (-100), fused with its weighted
 // gradient, in place or not. Float64 reference, finite differences on the reference, extremes.
-import t, { type Test } from 'tap';
+import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { native } from '../../lib/native.js';
 import { assertClose, cpuDevice, randn, randu } from '../support/helpers.js';
-import { assertBitwise, expectRefused, f32, finiteDiff, i32, read } from './util.js';
+import { assertBitwise, eachSimdKernel, expectRefused, f32, finiteDiff, i32, read } from './util.js';
 
 const d = cpuDevice(2);
-// The row loops are compiled for AVX-512, AVX2 and baseline and picked per call
-// (MLORA_GEMM_KERNEL forces one): the numeric tests run on every path this CPU has.
-const cpu = native().info().cpu;
-const kernels = ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])];
-function eachKernel(name: string, fn: (t: Test) => Promise<void>) {
-  for (const kernel of kernels)
-    t.test(`${name} (MLORA_GEMM_KERNEL=${kernel})`, async (t) => {
-      process.env.MLORA_GEMM_KERNEL = kernel;
-      t.teardown(() => void delete process.env.MLORA_GEMM_KERNEL);
-      await fn(t);
-    });
-}
 
 function ref(logits: ArrayLike<number>, labels: Int32Array, weights: ArrayLike<number>, n: number, v: number) {
   const losses = new Float64Array(n),
@@ -46,7 +33,7 @@ function labelsFor(rng: Rng, n: number, v: number) {
   return Int32Array.from({ length: n }, (_, i) => (i % 5 === 2 ? -100 : rng.int(v)));
 }
 
-eachKernel('forward and fused backward vs float64, ignored labels, weights', async (t) => {
+eachSimdKernel('forward and fused backward vs float64, ignored labels, weights', async (t) => {
   const rng = new Rng(40, 'ce');
   const n = 24,
     v = 1500; // spans the 1024-wide summation blocks
@@ -81,7 +68,7 @@ eachKernel('forward and fused backward vs float64, ignored labels, weights', asy
   t.ok(worst < 1e-5, `gradient rows sum to ~0 (worst ${worst.toExponential(2)})`);
 });
 
-eachKernel('in place: dlogits over logits gives the same bits as out of place', async (t) => {
+eachSimdKernel('in place: dlogits over logits gives the same bits as out of place', async (t) => {
   const rng = new Rng(41, 'ce-inplace');
   const n = 10,
     v = 700;
@@ -111,7 +98,7 @@ eachKernel('in place: dlogits over logits gives the same bits as out of place', 
   assertBitwise(t, read(lossB), read(lossA), 'losses');
 });
 
-eachKernel('extreme logits: huge spreads, large offsets, near-one-hot rows', async (t) => {
+eachSimdKernel('extreme logits: huge spreads, large offsets, near-one-hot rows', async (t) => {
   const rng = new Rng(42, 'ce-extreme');
   const v = 300,
     rows: Float32Array[] = [];

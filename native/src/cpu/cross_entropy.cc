@@ -85,16 +85,6 @@ MLORA_TT_AVX512 float row_loss_avx512(const float* x, float* d, int64_t v, int32
 }
 #endif
 
-RowLoss pick() {
-  switch (simd::pick_isa({})) {
-#ifdef MLORA_SIMD_X86
-    case simd::Isa::Avx512: return row_loss_avx512;
-    case simd::Isa::Avx2: return row_loss_avx2;
-#endif
-    default: return row_loss_portable;
-  }
-}
-
 int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
 
 }  // namespace
@@ -102,7 +92,7 @@ int64_t row_grain(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<
 void cross_entropy_forward(Exec& ex, float* losses, const float* logits, const int32_t* labels, int64_t n,
                            int64_t vocab) {
   check_labels(labels, n, vocab);
-  const RowLoss f = pick();
+  const RowLoss f = MLORA_SIMD_PICK(row_loss);
   ex.pool().parallel_for(n, row_grain(vocab), [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; i++)
       losses[i] = labels[i] < 0 ? 0.f : f(logits + i * vocab, nullptr, vocab, labels[i], 0.f);
@@ -112,7 +102,7 @@ void cross_entropy_forward(Exec& ex, float* losses, const float* logits, const i
 void cross_entropy_backward(Exec& ex, float* losses, float* dlogits, const float* logits, const int32_t* labels,
                             const float* weights, int64_t n, int64_t vocab) {
   check_labels(labels, n, vocab);
-  const RowLoss f = pick();
+  const RowLoss f = MLORA_SIMD_PICK(row_loss);
   ex.pool().parallel_for(n, row_grain(vocab), [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; i++) {
       float* d = dlogits + i * vocab;
