@@ -55,6 +55,8 @@ DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget
     : kind_(kind), index_(index), budget_(budget), backend_(std::move(backend)) {
   name_ = std::string(kind == DeviceKind::CPU ? "cpu:" : "cuda:") + std::to_string(index);
   pool_ = std::make_unique<ThreadPool>(threads);
+  const char* prof = std::getenv("MLORA_PROFILE_OPS");
+  profiling_ = prof && *prof && std::string(prof) != "0";
 }
 
 DeviceState::~DeviceState() {
