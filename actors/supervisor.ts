@@ -14,6 +14,7 @@ import { native } from '../lib/native.js';
 import { defaultCpuBudget, openDevice, parseBytes, parseDeviceSpec } from '../lib/tensor.js';
 import { balanceSplit, explicitSplit, type SplitProfile } from '../lib/schedule/split.js';
 import { adaptersPerMessage, microBatchesInFlight } from '../lib/schedule/packing.js';
+import { admissionOrder, inFlightLimit, progress } from '../lib/schedule/fairness.js';
 import { parseFault } from '../lib/faults.js';
 import { LocalPipeline } from './local.js';
 import { ActorPipeline, StageFailure, type FaultEvent, type StageWorker } from './runtime.js';
@@ -751,10 +752,13 @@ export class Supervisor {
       this.admission,
       this.options.inflightPerAdapter,
     );
-    const all = [...this.jobs.values()].filter((j) => j.canAdmit(limit));
-    // priority first, then round-robin among equals
-    all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
-    return all;
+    // the adapter furthest behind first, with its whole step in flight (lib/schedule/fairness.ts)
+    const prog = (j: Job) => progress(j.step, j.admittedInStep, j.microCount, j.totalSteps);
+    const running = [...this.jobs.values()].filter((j) => j.state === 'running');
+    const lead = Math.max(0, ...running.map(prog));
+    const fixed = this.options.inflightPerAdapter !== undefined || this.pipeline.plans.length <= 1;
+    const all = running.filter((j) => j.canAdmit(fixed ? limit : inFlightLimit(prog(j), lead, limit, j.microCount)));
+    return admissionOrder(all, (j) => ({ id: j.id, priority: j.priority, progress: prog(j) }), this.rr);
   }
 
   private running(): number {
