@@ -650,6 +650,17 @@ export async function main(argv: string[]): Promise<number> {
       stages: peaks.map((m) => ({ device: m.device, budget: m.budget, peak: m.peak })),
       time: new Date().toISOString(),
     });
+  // what the summary's bubble ratio is made of: each stage's busy share of the training span, of it evaluation
+  if (u && p.plans.length > 1)
+    writeMetric({
+      type: 'pipeline',
+      span_ms: Math.round(u.spanMs),
+      busy: u.busy.map((b) => Math.round(1000 * b) / 1000),
+      eval_busy: u.evalBusy.map((b) => Math.round(1000 * b) / 1000),
+      bubble: Math.round(1000 * u.bubble) / 1000,
+      split: describeSplit(p.plans, p.devices).split('\n'),
+      time: new Date().toISOString(),
+    });
   fs.closeSync(metrics);
   const reportPath = writeReport({
     output: cfg.output,
