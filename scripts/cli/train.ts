@@ -256,7 +256,7 @@ async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: Cluste
   layout.plans.forEach((p, s) => {
     const parts = stageWeightBreakdown(dir, p, baseFormat);
     const base = parts.linears + parts.other;
-    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi), 0);
+    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi, p), 0);
     const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
     const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
     const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
