@@ -15,7 +15,7 @@ import {
   mlpFlopsPerToken,
 } from '../../lib/schedule/split.js';
 import type { StagePlan } from '../../lib/model/batch.js';
-import { resolveLayout } from '../../actors/supervisor.js';
+import { resolveLayout } from '../../actors/index.js';
 
 /** Every way to cut U units into S non-empty contiguous stages of multiples of `step` units (unit counts). */
 function compositions(U: number, S: number, step: number): number[][] {
