@@ -186,7 +186,7 @@ export class LocalPipeline implements Pipeline {
   }
 
   adapterBytes(spec: LoraSpec): number[] {
-    return this.stages.map((st) => StageAdapter.bytes(this.config, spec, st.plan.lo, st.plan.hi));
+    return this.stages.map((st) => StageAdapter.bytes(this.config, spec, st.plan.lo, st.plan.hi, st.plan));
   }
 
   schedule(): ScheduleRecord[] {

@@ -220,7 +220,7 @@ export class ActorPipeline implements Pipeline {
   }
 
   adapterBytes(spec: LoraSpec): number[] {
-    return this.plans.map((p) => StageAdapter.bytes(this.config, spec, p.lo, p.hi));
+    return this.plans.map((p) => StageAdapter.bytes(this.config, spec, p.lo, p.hi, p));
   }
 
   schedule(): ScheduleRecord[] {

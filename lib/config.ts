@@ -118,10 +118,10 @@ export type AdapterConfig = z.output<typeof AdapterSchema> & { micro_batch_size:
 
 export const PipelineSchema = z
   .object({
-    /** Layer split: number of layers per stage (sums to the model's layers), or 'auto' (cost model). */
+    /** Layer split: number of layers per stage (sums to the model's layers; halves split a layer after its attention), or 'auto' (cost model). */
     split: z
-      .union([z.literal('auto'), z.array(z.number().int().min(0))], {
-        error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2]',
+      .union([z.literal('auto'), z.array(z.number().min(0).multipleOf(0.5))], {
+        error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2] or [2.5, 2.5]',
       })
       .default('auto'),
     /** Micro-batches of one adapter's step in flight at once (default: more only when the adapters cannot fill the stages; lib/schedule/packing.ts). */

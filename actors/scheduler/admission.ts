@@ -1,10 +1,12 @@
 // Admission and BatchLoRA packing: which micro-batches enter the pipeline next. Runnable jobs
-// are taken by priority, then round-robin; up to adaptersPerMessage of them (lib/schedule/
+// are taken by priority, then the one furthest behind in its steps (lib/schedule/fairness.ts),
+// then round-robin; up to adaptersPerMessage of them (lib/schedule/
 // packing.ts, the rule --dry-run and the README follow too) share one message when their tokens
 // fit the pipeline's maxTokens; the message is launched only if what it would hold fits on
 // every stage next to what is in flight (the memory ledger). Its losses come back to
 // `completed`, which hands a job's last micro-batch of a step to the optimizer step.
 import { adaptersPerMessage, microBatchesInFlight } from '../../lib/schedule/packing.js';
+import { admissionOrder, inFlightLimit, progress } from '../../lib/schedule/fairness.js';
 import type { MicroBatchData } from '../../lib/model/batch.js';
 import { assemble, microSerial } from './assemble.js';
 import type { Job } from './job.js';
@@ -43,10 +45,13 @@ export class Admission {
       this.limit,
       this.s.options.inflightPerAdapter,
     );
-    const all = [...this.s.jobs.values()].filter((j) => j.canAdmit(limit));
-    // priority first, then round-robin among equals
-    all.sort((a, b) => b.priority - a.priority || ((a.id - this.rr + 1e9) % 1e9) - ((b.id - this.rr + 1e9) % 1e9));
-    return all;
+    // the adapter furthest behind first, with its whole step in flight (lib/schedule/fairness.ts)
+    const prog = (j: Job) => progress(j.step, j.admittedInStep, j.microCount, j.totalSteps);
+    const running = [...this.s.jobs.values()].filter((j) => j.state === 'running');
+    const lead = Math.max(0, ...running.map(prog));
+    const fixed = this.s.options.inflightPerAdapter !== undefined || this.s.pipeline.plans.length <= 1;
+    const all = running.filter((j) => j.canAdmit(fixed ? limit : inFlightLimit(prog(j), lead, limit, j.microCount)));
+    return admissionOrder(all, (j) => ({ id: j.id, priority: j.priority, progress: prog(j) }), this.rr);
   }
 
   private running(): number {

@@ -6,6 +6,7 @@
 // per-module A/B tensors are views into the flat buffers.
 import type { Device, Tensor } from '../tensor.js';
 import { LORA_TARGETS, projectionShape, type LlamaConfig, type LoraTarget } from '../model/config.js';
+import { isAttentionTarget, layerPart, type StagePlan } from '../model/batch.js';
 import { Rng } from '../rng.js';
 
 /** What the stage needs to know about an adapter (the rest lives with the supervisor). */
@@ -33,18 +34,28 @@ export interface ModuleSlot {
   outDim: number;
 }
 
-/** Where each (layer, target) A and B sit in the flat buffers of a stage slice. */
+/** A stage's halves of its first and last layer (StagePlan.firstMlpOnly / lastAttnOnly). */
+export type LayerHalves = Pick<StagePlan, 'firstMlpOnly' | 'lastAttnOnly'>;
+
+/**
+ * Where each (layer, target) A and B sit in the flat buffers of a stage slice. The order is
+ * layer-major, attention projections before the MLP's (LORA_TARGETS), so a slice that starts or
+ * ends at a layer's MLP half is still one contiguous range of the full layout.
+ */
 export function sliceLayout(
   config: LlamaConfig,
   spec: LoraSpec,
   lo: number,
   hi: number,
+  halves: LayerHalves = {},
 ): { modules: ModuleSlot[]; size: number } {
   const modules: ModuleSlot[] = [];
   let off = 0;
   for (let layer = lo; layer < hi; layer++) {
+    const part = layerPart({ lo, hi, first: false, last: false, ...halves }, layer);
     for (const target of LORA_TARGETS) {
       if (!spec.targets.includes(target)) continue;
+      if (part !== 'all' && isAttentionTarget(target) !== (part === 'attn')) continue;
       const [outDim, inDim] = projectionShape(config, target);
       modules.push({ layer, target, aOffset: off, bOffset: off + spec.r * inDim, inDim, outDim });
       off += spec.r * inDim + outDim * spec.r;
@@ -54,8 +65,14 @@ export function sliceLayout(
 }
 
 /** PEFT's default init: A ~ Kaiming-uniform(a=√5) = U(-1/√in, 1/√in), B = 0; seeded per module. */
-export function peftInit(config: LlamaConfig, spec: LoraSpec, lo: number, hi: number): Float32Array {
-  const { modules, size } = sliceLayout(config, spec, lo, hi);
+export function peftInit(
+  config: LlamaConfig,
+  spec: LoraSpec,
+  lo: number,
+  hi: number,
+  halves: LayerHalves = {},
+): Float32Array {
+  const { modules, size } = sliceLayout(config, spec, lo, hi, halves);
   const out = new Float32Array(size);
   for (const m of modules) {
     const rng = new Rng(spec.seed, 'lora-init', m.layer, m.target);
@@ -95,8 +112,9 @@ export class StageAdapter {
     readonly lo: number,
     readonly hi: number,
     init?: Float32Array,
+    halves: LayerHalves = {},
   ) {
-    const layout = sliceLayout(config, spec, lo, hi);
+    const layout = sliceLayout(config, spec, lo, hi, halves);
     this.modules = layout.modules;
     this.size = layout.size;
     this.scale = loraScale(spec);
@@ -107,7 +125,7 @@ export class StageAdapter {
     this.v = device.alloc('f32', [n]);
     this.sumsq = device.alloc('f32', [1]);
     try {
-      const values = init ?? peftInit(config, spec, lo, hi);
+      const values = init ?? peftInit(config, spec, lo, hi, halves);
       if (values.length !== this.size) {
         throw new Error(`adapter slice for layers [${lo}, ${hi}) has ${this.size} parameters, got ${values.length}`);
       }
@@ -138,8 +156,8 @@ export class StageAdapter {
   }
 
   /** Bytes this slice holds on its device: params, grads, m, v and the Σ grad² element. */
-  static bytes(config: LlamaConfig, spec: LoraSpec, lo: number, hi: number): number {
-    const n = Math.max(1, sliceLayout(config, spec, lo, hi).size);
+  static bytes(config: LlamaConfig, spec: LoraSpec, lo: number, hi: number, halves: LayerHalves = {}): number {
+    const n = Math.max(1, sliceLayout(config, spec, lo, hi, halves).size);
     return 4 * allocBytes(n * 4) + allocBytes(4);
   }
 

@@ -1,6 +1,7 @@
 // An adapter's full trainable state (all layers) and its conversions: PEFT tensors for the
 // adapter files, per-stage slices for the pipeline. The flat layout is lora/adapter.ts
-// sliceLayout(0, numLayers): layer-major, so a stage's slice [lo, hi) is one contiguous range.
+// sliceLayout(0, numLayers): layer-major, so a stage's slice [lo, hi) (with a half of its first
+// or last layer: StagePlan.firstMlpOnly / lastAttnOnly) is one contiguous range.
 import { sliceLayout, type LoraSpec, peftInit } from './adapter.js';
 import type { LlamaConfig, LoraTarget } from '../model/config.js';
 import { projectionModule } from '../model/config.js';
@@ -27,10 +28,13 @@ export interface StepParams extends AdamwHyper {
 export function stageSliceRange(
   config: LlamaConfig,
   spec: LoraSpec,
-  plan: Pick<StagePlan, 'lo' | 'hi'>,
+  plan: Pick<StagePlan, 'lo' | 'hi' | 'firstMlpOnly' | 'lastAttnOnly'>,
 ): [number, number] {
-  const before = sliceLayout(config, spec, 0, plan.lo).size;
-  const mine = sliceLayout(config, spec, plan.lo, plan.hi).size;
+  // what comes before: every layer below lo, and the attention half of lo when this stage has its MLP half only
+  const before = plan.firstMlpOnly
+    ? sliceLayout(config, spec, 0, plan.lo + 1, { lastAttnOnly: true }).size
+    : sliceLayout(config, spec, 0, plan.lo).size;
+  const mine = sliceLayout(config, spec, plan.lo, plan.hi, plan).size;
   return [before, before + mine];
 }
 
@@ -38,7 +42,7 @@ export function stageSliceRange(
 export function stageSlice(
   config: LlamaConfig,
   spec: LoraSpec,
-  plan: Pick<StagePlan, 'lo' | 'hi'>,
+  plan: Pick<StagePlan, 'lo' | 'hi' | 'firstMlpOnly' | 'lastAttnOnly'>,
   state: AdapterState,
 ): AdapterState {
   const [b, e] = stageSliceRange(config, spec, plan);

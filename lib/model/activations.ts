@@ -5,7 +5,7 @@
 import type { Tensor } from '../tensor.js';
 import { LORA_TARGETS, type LlamaConfig, type LoraTarget } from './config.js';
 import { allocBytes } from '../lora/adapter.js';
-import { holdsHead, type SegmentSpec, type StagePlan } from './batch.js';
+import { holdsHead, isAttentionTarget, layerPart, type LayerPart, type SegmentSpec, type StagePlan } from './batch.js';
 import { defaultHeadBlockRows } from './head.js';
 
 /** One layer's activations in a micro-batch, as its backward reads them. */
@@ -73,7 +73,7 @@ export function carveActs(
     const first = l === plan.lo;
     // the first layer's input is the stage input (or the embedding output on stage 0)
     const x = first && !plan.first ? (null as unknown as Tensor) : c.take([N, H]);
-    layers.push({ x, ...(recompute ? unboundBody(cfg) : carveBody(c, cfg, N, segs)) });
+    layers.push({ x, ...(recompute ? unboundBody(cfg) : carveBody(c, cfg, N, segs, layerPart(plan, l))) });
   }
   return layers;
 }
@@ -106,33 +106,42 @@ export function carveWork(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentS
   return { body, y: c.take([N, cfg.hiddenSize]) };
 }
 
-/** Carves one layer's body: the activations its backward reads besides its input. */
-function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[]): LayerBody {
+/**
+ * Carves one layer's body: the activations its backward reads besides its input. Half a layer
+ * (`part`, a layer cut between stages) carves only its half's; the residual stream between the
+ * halves is the attention half's output or the MLP half's input, never a tensor of its own.
+ */
+function carveBody(c: Carver, cfg: LlamaConfig, N: number, segs: SegmentSpec[], part: LayerPart = 'all'): LayerBody {
   const H = cfg.hiddenSize,
     I = cfg.intermediateSize;
+  const none = null as unknown as Tensor;
+  const attn = part !== 'mlp',
+    mlp = part !== 'attn';
+  const take = (on: boolean, shape: number[]) => (on ? c.take(shape) : none);
   const acts: LayerBody = {
-    xn1: c.take([N, H]),
-    rstd1: c.take([N]),
-    q: c.take([N, cfg.numHeads * cfg.headDim]),
-    k: c.take([N, cfg.numKvHeads * cfg.headDim]),
-    v: c.take([N, cfg.numKvHeads * cfg.headDim]),
-    ao: c.take([N, cfg.numHeads * cfg.headDim]),
-    lse: c.take([cfg.numHeads, N]),
-    hmid: c.take([N, H]),
-    xn2: c.take([N, H]),
-    rstd2: c.take([N]),
-    gate: c.take([N, I]),
-    up: c.take([N, I]),
-    act: c.take([N, I]),
+    xn1: take(attn, [N, H]),
+    rstd1: take(attn, [N]),
+    q: take(attn, [N, cfg.numHeads * cfg.headDim]),
+    k: take(attn, [N, cfg.numKvHeads * cfg.headDim]),
+    v: take(attn, [N, cfg.numKvHeads * cfg.headDim]),
+    ao: take(attn, [N, cfg.numHeads * cfg.headDim]),
+    lse: take(attn, [cfg.numHeads, N]),
+    hmid: take(part === 'all', [N, H]),
+    xn2: take(mlp, [N, H]),
+    rstd2: take(mlp, [N]),
+    gate: take(mlp, [N, I]),
+    up: take(mlp, [N, I]),
+    act: take(mlp, [N, I]),
     xa: new Map(),
   };
-  if (cfg.qkNorm) {
+  if (cfg.qkNorm && attn) {
     acts.qRaw = c.take([N, cfg.numHeads * cfg.headDim]);
     acts.kRaw = c.take([N, cfg.numKvHeads * cfg.headDim]);
     acts.qRstd = c.take([N * cfg.numHeads]);
     acts.kRstd = c.take([N * cfg.numKvHeads]);
   }
   for (const target of LORA_TARGETS) {
+    if (part !== 'all' && isAttentionTarget(target) !== attn) continue;
     acts.xa.set(
       target,
       segs.map((s) => (s.spec.targets.includes(target) ? c.take([s.rows, s.spec.r]) : undefined)),

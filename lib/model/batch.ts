@@ -2,6 +2,7 @@
 // micro-batch of BatchLoRA segments whose rows it runs.
 import type { Tensor } from '../tensor.js';
 import type { LoraSpec } from '../lora/adapter.js';
+import type { LoraTarget } from './config.js';
 
 export interface StagePlan {
   /** Layers [lo, hi) of the model. */
@@ -19,6 +20,40 @@ export interface StagePlan {
    * states and gets their gradients back (lib/schedule/split.ts decides the share).
    */
   headShare?: number;
+  /**
+   * Below a layer: the stage's last layer (hi − 1) runs only its attention half (norm, q/k/v,
+   * RoPE, attention, o_proj and the residual add); the next stage runs its MLP half and has
+   * firstMlpOnly. The hidden state between the halves is [N, H] like the one between layers, and
+   * both halves run exactly the ops of the whole layer in the same order, so no bit changes.
+   */
+  lastAttnOnly?: boolean;
+  /** The stage's first layer (lo) runs only its MLP half (norm, gate/up, SwiGLU, down_proj and the residual add). */
+  firstMlpOnly?: boolean;
+}
+
+/** Which half of a decoder layer a stage runs: both, only the attention half, only the MLP half. */
+export type LayerPart = 'all' | 'attn' | 'mlp';
+
+/** The part of model layer `layer` (in [plan.lo, plan.hi)) that a stage runs. */
+export function layerPart(plan: StagePlan, layer: number): LayerPart {
+  if (plan.firstMlpOnly && layer === plan.lo) return 'mlp';
+  if (plan.lastAttnOnly && layer === plan.hi - 1) return 'attn';
+  return 'all';
+}
+
+/** The projections of a layer's attention half; the others (gate, up, down) are its MLP's. */
+export function isAttentionTarget(t: LoraTarget): boolean {
+  return t === 'q_proj' || t === 'k_proj' || t === 'v_proj' || t === 'o_proj';
+}
+
+/** A plan's half-layer fields make sense: an error naming the stage and the field otherwise. */
+export function checkPlanHalves(plan: StagePlan, where = `stage [${plan.lo}, ${plan.hi})`): void {
+  if (plan.firstMlpOnly && plan.first)
+    throw new Error(`${where}: firstMlpOnly on the first stage (the attention half of layer ${plan.lo} has no stage)`);
+  if (plan.lastAttnOnly && plan.last)
+    throw new Error(`${where}: lastAttnOnly on the last stage (the MLP half of layer ${plan.hi - 1} has no stage)`);
+  if (plan.firstMlpOnly && plan.lastAttnOnly && plan.hi - plan.lo < 2)
+    throw new Error(`${where}: firstMlpOnly and lastAttnOnly on a stage of one layer (it would run neither half)`);
 }
 
 /** Whether a stage holds the final norm and the LM head (the last stage, or one with a head share). */

@@ -8,7 +8,7 @@ import type { LoraSegmentArg, Op } from '../native.js';
 import { LORA_TARGETS, layerWindow, type LlamaConfig, type LoraTarget } from './config.js';
 import type { StageAdapter } from '../lora/adapter.js';
 import { deriveSeed } from '../rng.js';
-import type { MicroBatch } from './batch.js';
+import type { LayerPart, MicroBatch } from './batch.js';
 import type { LayerActs } from './activations.js';
 import { view, type Scratch } from './views.js';
 
@@ -47,6 +47,9 @@ export interface LayerContext {
  * Layer `l`'s forward from A.x, activations into A, output into y. `recomputing` (the backward
  * of recompute): the activations again, bitwise, but not the layer's output, which nobody
  * reads: no residual copy and no base down_proj (its LoRA still runs, for the saved x·A).
+ * `part` (a layer split between two stages, StagePlan.lastAttnOnly): 'attn' writes the residual
+ * stream after attention (hmid) into y and stops; 'mlp' reads it from A.x. The ops are those of
+ * the whole layer, in its order, so the halves together give its bits.
  */
 export function layerForwardOps(
   ctx: LayerContext,
@@ -58,6 +61,30 @@ export function layerForwardOps(
   y: Tensor,
   train: boolean,
   recomputing = false,
+  part: LayerPart = 'all',
+): void {
+  const c = ctx.config;
+  const hmid = part === 'mlp' ? A.x : part === 'attn' ? y : A.hmid;
+  if (part !== 'mlp') attentionForwardOps(ctx, ops, mb, l, L, A, hmid, train);
+  if (part === 'attn') return;
+  ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: hmid, w: L.mlpNorm, eps: c.rmsNormEps });
+  proj(ctx, ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate, false, train);
+  proj(ctx, ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up, false, train);
+  ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
+  if (!recomputing) ops.push({ op: 'copy', y, x: hmid });
+  proj(ctx, ops, mb, l, 'down_proj', A, y, A.act, L.down, true, train, !recomputing);
+}
+
+/** The attention half of layer `l`'s forward: hmid = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))). */
+function attentionForwardOps(
+  ctx: LayerContext,
+  ops: Op[],
+  mb: MicroBatch,
+  l: number,
+  L: LayerWeights,
+  A: LayerActs,
+  hmid: Tensor,
+  train: boolean,
 ): void {
   const c = ctx.config;
   const N = mb.numTokens;
@@ -99,20 +126,15 @@ export function layerForwardOps(
     scale: 1 / Math.sqrt(c.headDim),
     window: layerWindow(c, l),
   });
-  ops.push({ op: 'copy', y: A.hmid, x: A.x });
-  proj(ctx, ops, mb, l, 'o_proj', A, A.hmid, A.ao, L.o, true, train);
-  ops.push({ op: 'rmsnorm_forward', y: A.xn2, rstd: A.rstd2, x: A.hmid, w: L.mlpNorm, eps: c.rmsNormEps });
-  proj(ctx, ops, mb, l, 'gate_proj', A, A.gate, A.xn2, L.gate, false, train);
-  proj(ctx, ops, mb, l, 'up_proj', A, A.up, A.xn2, L.up, false, train);
-  ops.push({ op: 'swiglu_forward', h: A.act, gate: A.gate, up: A.up });
-  if (!recomputing) ops.push({ op: 'copy', y, x: A.hmid });
-  proj(ctx, ops, mb, l, 'down_proj', A, y, A.act, L.down, true, train, !recomputing);
+  ops.push({ op: 'copy', y: hmid, x: A.x });
+  proj(ctx, ops, mb, l, 'o_proj', A, hmid, A.ao, L.o, true, train);
 }
 
 /**
  * Layer `l`'s backward: dres holds dL/d(output) and becomes dL/d(input) in place; the
  * adapters' dA/dB accumulate. `inputGrad` false (the first stage's first layer): nobody needs
- * dL/d(embedding output), the table is frozen.
+ * dL/d(embedding output), the table is frozen. `part`: one half only, as in layerForwardOps
+ * ('mlp': dres ends as dL/d(hmid), which is that stage's input).
  */
 export function layerBackwardOps(
   ctx: LayerContext,
@@ -124,6 +146,7 @@ export function layerBackwardOps(
   dres: Tensor,
   s: Scratch,
   inputGrad: boolean,
+  part: LayerPart = 'all',
 ): void {
   const c = ctx.config;
   const N = mb.numTokens;
@@ -140,12 +163,16 @@ export function layerBackwardOps(
     dq = view(s.dq!, [N, qDim]);
   const dk = view(s.dk!, [N, kvDim]),
     dv = view(s.dv!, [N, kvDim]);
-  // MLP: out = hmid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(hmid)
-  projBack(ctx, ops, mb, l, 'down_proj', A, dact, dres, A.act, L.down);
-  ops.push({ op: 'swiglu_backward', dgate, dup, dh: dact, gate: A.gate, up: A.up });
-  projBack(ctx, ops, mb, l, 'gate_proj', A, dxn, dgate, A.xn2, L.gate);
-  projBack(ctx, ops, mb, l, 'up_proj', A, dxn, dup, A.xn2, L.up, true);
-  ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxn, x: A.hmid, w: L.mlpNorm, rstd: A.rstd2, accumulate: true });
+  if (part !== 'attn') {
+    // MLP: out = hmid + down(swiglu(gate(xn2), up(xn2))), xn2 = norm(hmid)
+    const hmid = part === 'mlp' ? A.x : A.hmid;
+    projBack(ctx, ops, mb, l, 'down_proj', A, dact, dres, A.act, L.down);
+    ops.push({ op: 'swiglu_backward', dgate, dup, dh: dact, gate: A.gate, up: A.up });
+    projBack(ctx, ops, mb, l, 'gate_proj', A, dxn, dgate, A.xn2, L.gate);
+    projBack(ctx, ops, mb, l, 'up_proj', A, dxn, dup, A.xn2, L.up, true);
+    ops.push({ op: 'rmsnorm_backward', dx: dres, dy: dxn, x: hmid, w: L.mlpNorm, rstd: A.rstd2, accumulate: true });
+    if (part === 'mlp') return;
+  }
   // attention: hmid = x + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))), xn1 = norm(x)
   projBack(ctx, ops, mb, l, 'o_proj', A, dao, dres, A.ao, L.o);
   ops.push({

@@ -1,8 +1,9 @@
 // The stage program: one contiguous range of LLaMA layers (plus the embedding on the first
 // stage and the final norm + LM head + loss on the last), run forward and backward over a
 // BatchLoRA micro-batch on one device. The single-device trainer is one stage that is both
-// first and last; the pipeline cuts the same model into several stages. No second
-// implementation of the model exists anywhere.
+// first and last; the pipeline cuts the same model into several stages, at a layer or inside
+// one (StagePlan.lastAttnOnly / firstMlpOnly: a layer's attention half here, its MLP half on the
+// next stage). No second implementation of the model exists anywhere.
 //
 // Data flow of a micro-batch through a stage:
 //   forward(mb, input, output): input = token ids (first stage) or the previous stage's
@@ -19,7 +20,15 @@ import type { LlamaConfig } from './config.js';
 import { StageAdapter, type LoraSpec } from '../lora/adapter.js';
 import { stageSlice, type AdapterState } from '../lora/state.js';
 import { modelRopeTables } from './rope.js';
-import { checkSegments, holdsHead, type MicroBatch, type SegmentSpec, type StagePlan } from './batch.js';
+import {
+  checkPlanHalves,
+  checkSegments,
+  holdsHead,
+  layerPart,
+  type MicroBatch,
+  type SegmentSpec,
+  type StagePlan,
+} from './batch.js';
 import { layerBackwardOps, layerForwardOps, type LayerContext, type LayerWeights } from './layer.js';
 import { defaultHeadBlockRows, headOps, logitsOps, type HeadContext } from './head.js';
 import {
@@ -110,6 +119,7 @@ export class StageProgram implements LayerContext {
       throw new Error(`stage [${plan.lo}, ${plan.hi}) got weights for ${weights.layers.length} layers`);
     }
     if (plan.first && !weights.embed) throw new Error('the first stage needs the embedding table');
+    checkPlanHalves(plan);
     if (holdsHead(plan) && (!weights.norm || !weights.head))
       throw new Error(
         `${plan.last ? 'the last stage' : 'a stage with a head share'} needs the final norm and the LM head`,
@@ -129,7 +139,7 @@ export class StageProgram implements LayerContext {
 
   addAdapter(id: number, spec: LoraSpec, init?: Float32Array): StageAdapter {
     if (this.adapters.has(id)) throw new Error(`adapter ${id} is already on this stage`);
-    const a = new StageAdapter(this.device, this.config, spec, this.plan.lo, this.plan.hi, init);
+    const a = new StageAdapter(this.device, this.config, spec, this.plan.lo, this.plan.hi, init, this.plan);
     this.adapters.set(id, a);
     return a;
   }
@@ -508,22 +518,15 @@ export class StageProgram implements LayerContext {
     train: boolean,
     recomputing = false,
   ): void {
-    layerForwardOps(this, ops, mb, this.plan.lo + i, this.weights.layers[i]!, A, y, train, recomputing);
+    const l = this.plan.lo + i;
+    layerForwardOps(this, ops, mb, l, this.weights.layers[i]!, A, y, train, recomputing, layerPart(this.plan, l));
   }
 
   private layerBackward(ops: Op[], mb: MicroBatch, i: number, A: LayerActs, dres: Tensor, s: Scratch): void {
     // the first stage's first layer: nobody needs dL/d(embedding output) (the table is frozen)
-    layerBackwardOps(
-      this,
-      ops,
-      mb,
-      this.plan.lo + i,
-      this.weights.layers[i]!,
-      A,
-      dres,
-      s,
-      !(this.plan.first && i === 0),
-    );
+    const l = this.plan.lo + i;
+    const inputGrad = !(this.plan.first && i === 0);
+    layerBackwardOps(this, ops, mb, l, this.weights.layers[i]!, A, dres, s, inputGrad, layerPart(this.plan, l));
   }
 
   private head(): HeadContext {

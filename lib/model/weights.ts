@@ -11,7 +11,7 @@ import type { QuantDType } from '../native.js';
 import { openModelDir, type ModelDir } from '../io/hf-model.js';
 import { QUANT_DTYPE, quantLayout, type QuantizeMode } from '../io/bnb.js';
 import { LORA_TARGETS, projectionShape } from './config.js';
-import { holdsHead, type StagePlan } from './batch.js';
+import { holdsHead, isAttentionTarget, layerPart, type StagePlan } from './batch.js';
 import type { LayerWeights } from './layer.js';
 import type { StageWeights } from './stage.js';
 
@@ -78,25 +78,30 @@ export async function loadStageWeights(
     const layers: LayerWeights[] = [];
     for (let i = plan.lo; i < plan.hi; i++) {
       const p = `model.layers.${i}.`;
+      // a layer cut between two stages (StagePlan.lastAttnOnly): each loads only its half's weights
+      const part = layerPart(plan, i);
+      const attn = part !== 'mlp',
+        mlp = part !== 'attn';
+      const none = null as unknown as Tensor;
       layers.push({
-        attnNorm: await load(`${p}input_layernorm.weight`, 'f32'),
-        q: await linear(`${p}self_attn.q_proj.weight`),
-        k: await linear(`${p}self_attn.k_proj.weight`),
-        v: await linear(`${p}self_attn.v_proj.weight`),
-        o: await linear(`${p}self_attn.o_proj.weight`),
-        mlpNorm: await load(`${p}post_attention_layernorm.weight`, 'f32'),
-        gate: await linear(`${p}mlp.gate_proj.weight`),
-        up: await linear(`${p}mlp.up_proj.weight`),
-        down: await linear(`${p}mlp.down_proj.weight`),
+        attnNorm: attn ? await load(`${p}input_layernorm.weight`, 'f32') : none,
+        q: attn ? await linear(`${p}self_attn.q_proj.weight`) : none,
+        k: attn ? await linear(`${p}self_attn.k_proj.weight`) : none,
+        v: attn ? await linear(`${p}self_attn.v_proj.weight`) : none,
+        o: attn ? await linear(`${p}self_attn.o_proj.weight`) : none,
+        mlpNorm: mlp ? await load(`${p}post_attention_layernorm.weight`, 'f32') : none,
+        gate: mlp ? await linear(`${p}mlp.gate_proj.weight`) : none,
+        up: mlp ? await linear(`${p}mlp.up_proj.weight`) : none,
+        down: mlp ? await linear(`${p}mlp.down_proj.weight`) : none,
         // biases and q/k norm weights are small: f32 like the norms
-        ...(c.qkvBias
+        ...(c.qkvBias && attn
           ? {
               qBias: await load(`${p}self_attn.q_proj.bias`, 'f32'),
               kBias: await load(`${p}self_attn.k_proj.bias`, 'f32'),
               vBias: await load(`${p}self_attn.v_proj.bias`, 'f32'),
             }
           : {}),
-        ...(c.qkNorm
+        ...(c.qkNorm && attn
           ? {
               qNorm: await load(`${p}self_attn.q_norm.weight`, 'f32'),
               kNorm: await load(`${p}self_attn.k_norm.weight`, 'f32'),
@@ -148,11 +153,14 @@ export function stageWeightBreakdown(
   let linears = 0;
   let bytes = 0;
   for (let i = plan.lo; i < plan.hi; i++) {
-    bytes += 2 * round(H * 4);
+    const part = layerPart(plan, i);
+    bytes += (part === 'all' ? 2 : 1) * round(H * 4);
     for (const t of LORA_TARGETS) {
+      if (part !== 'all' && isAttentionTarget(t) !== (part === 'attn')) continue;
       const [out, inp] = projectionShape(c, t);
       linears += linearBytes(out, inp);
     }
+    if (part === 'mlp') continue;
     if (c.qkvBias) bytes += round(c.numHeads * c.headDim * 4) + 2 * round(c.numKvHeads * c.headDim * 4);
     if (c.qkNorm) bytes += 2 * round(c.headDim * 4);
   }

@@ -3,36 +3,54 @@
 import type { ScheduleRecord } from './record.js';
 
 export interface Utilisation {
-  /** Wall time from the first start to the last end, ms. */
+  /** Wall time from the first start to the last end of the training work (F, B, H, S), ms. */
   spanMs: number;
-  /** Busy fraction of each stage within the span. */
+  /** Busy fraction of each stage within the span: training work and evaluation forwards alike. */
   busy: number[];
+  /** The part of `busy` that was evaluation (E records). */
+  evalBusy: number[];
   /** 1 − mean busy fraction: the share of stage-time spent idle. */
   bubble: number;
 }
 
+/**
+ * Busy fractions over the training span. An evaluation inside the span is work a stage does (its
+ * forwards keep the stage as busy as training ones), so it counts as busy, not as bubble; the
+ * evaluations before the first and after the last training record lie outside the span.
+ */
 export function utilisation(records: ScheduleRecord[], stages: number, from?: number, to?: number): Utilisation {
   const rs = records.filter((r) => r.kind !== 'E');
-  if (!rs.length) return { spanMs: 0, busy: new Array(stages).fill(0), bubble: 0 };
+  if (!rs.length) return { spanMs: 0, busy: new Array(stages).fill(0), evalBusy: new Array(stages).fill(0), bubble: 0 };
   const t0 = from ?? Math.min(...rs.map((r) => r.start));
   const t1 = to ?? Math.max(...rs.map((r) => r.end));
   const span = Math.max(1e-9, t1 - t0);
   const busy = new Array<number>(stages).fill(0);
-  for (const r of rs) busy[r.stage]! += Math.max(0, Math.min(r.end, t1) - Math.max(r.start, t0));
+  const evalBusy = new Array<number>(stages).fill(0);
+  for (const r of records) {
+    const o = Math.max(0, Math.min(r.end, t1) - Math.max(r.start, t0));
+    busy[r.stage]! += o;
+    if (r.kind === 'E') evalBusy[r.stage]! += o;
+  }
   const frac = busy.map((b) => b / span);
-  return { spanMs: span, busy: frac, bubble: 1 - frac.reduce((a, b) => a + b, 0) / stages };
+  return {
+    spanMs: span,
+    busy: frac,
+    evalBusy: evalBusy.map((b) => b / span),
+    bubble: 1 - frac.reduce((a, b) => a + b, 0) / stages,
+  };
 }
 
 /**
  * A stage × time grid: one row per stage, `width` columns over the span; each cell shows the
- * kind of work that covered most of it (F forward, B backward, S optimizer step, · idle),
+ * kind of work that covered most of it (F forward, B backward, S optimizer step, E evaluation, · idle),
  * lower-case when the cell is less than half busy.
  */
 export function renderGrid(records: ScheduleRecord[], stages: number, width = 80): string {
-  const rs = records.filter((r) => r.kind !== 'E');
-  if (!rs.length) return '(no work recorded)';
-  const t0 = Math.min(...rs.map((r) => r.start));
-  const t1 = Math.max(...rs.map((r) => r.end));
+  const train = records.filter((r) => r.kind !== 'E');
+  if (!train.length) return '(no work recorded)';
+  const t0 = Math.min(...train.map((r) => r.start));
+  const t1 = Math.max(...train.map((r) => r.end));
+  const rs = records.filter((r) => r.end > t0 && r.start < t1);
   const dt = (t1 - t0) / width || 1;
   const lines: string[] = [];
   for (let s = 0; s < stages; s++) {
@@ -54,10 +72,14 @@ export function renderGrid(records: ScheduleRecord[], stages: number, width = 80
   }
   const u = utilisation(records, stages);
   lines.push(
-    `         ${u.spanMs.toFixed(0)} ms; busy ${u.busy.map((b) => `${(100 * b).toFixed(0)}%`).join(' / ')}; bubble ${(100 * u.bubble).toFixed(1)}%`,
+    `         ${u.spanMs.toFixed(0)} ms; busy ${pct(u.busy)}` +
+      (u.evalBusy.some((b) => b > 0) ? ` (evaluation ${pct(u.evalBusy)})` : '') +
+      `; bubble ${(100 * u.bubble).toFixed(1)}%`,
   );
   return lines.join('\n');
 }
+
+const pct = (xs: number[]) => xs.map((b) => `${(100 * b).toFixed(0)}%`).join(' / ');
 
 /** The order each stage ran its work in: per stage, "F3 B3 F4 ..." (for comparing runs and simulations). */
 export function stageOrder(records: ScheduleRecord[], stages: number): string[][] {

@@ -1,19 +1,31 @@
-// Stage balance: where to cut the model into pipeline stages. A cost model gives each layer,
-// the embedding and the head their FLOPs per token (forward + backward, no weight grads), and
-// the contiguous split that minimises the slowest stage's time (cost / device speed) wins.
+// Stage balance: where to cut the model into pipeline stages. A cost model gives each half of a
+// layer (attention, MLP), the embedding and the head their FLOPs per token (forward + backward, no
+// weight grads), and the contiguous split that minimises the slowest stage's time (cost / device
+// speed) wins. Cuts go between layers; where whole layers cannot balance, a cut may fall inside a
+// layer, after its attention (StagePlan.lastAttnOnly / firstMlpOnly), and the stage before the
+// last may run a share of the head's rows (StagePlan.headShare).
 import type { LlamaConfig } from '../model/config.js';
 import type { StagePlan } from '../model/batch.js';
 import { headRows } from '../model/head.js';
 
-/** FLOPs per token of one decoder layer, forward + backward (dX only), at sequence length T. */
-export function layerFlopsPerToken(c: LlamaConfig, T = 512): number {
+/** FLOPs per token of a layer's attention half (norm, q/k/v/o, attention), forward + backward (dX only), at sequence length T. */
+export function attentionFlopsPerToken(c: LlamaConfig, T = 512): number {
   const H = c.hiddenSize,
     q = c.numHeads * c.headDim,
-    kv = c.numKvHeads * c.headDim,
-    I = c.intermediateSize;
-  const gemm = 2 * (H * q + 2 * H * kv + q * H + 3 * H * I); // forward projections
+    kv = c.numKvHeads * c.headDim;
+  const gemm = 2 * (H * q + 2 * H * kv + q * H); // forward projections
   const attn = 2 * 2 * (T / 2) * q; // causal QKᵀ and PV, average half a sequence
   return 2 * gemm + 3.5 * attn; // backward dX ≈ forward; attention backward ≈ 2.5× forward
+}
+
+/** FLOPs per token of a layer's MLP half (norm, gate/up/down), forward + backward (dX only). */
+export function mlpFlopsPerToken(c: LlamaConfig): number {
+  return 2 * 2 * (3 * c.hiddenSize * c.intermediateSize);
+}
+
+/** FLOPs per token of one decoder layer, forward + backward (dX only), at sequence length T. */
+export function layerFlopsPerToken(c: LlamaConfig, T = 512): number {
+  return attentionFlopsPerToken(c, T) + mlpFlopsPerToken(c);
 }
 
 /**
@@ -37,108 +49,157 @@ export interface SplitResult {
   cost: number[];
 }
 
-/** Contiguous split of numLayers over stages with relative speeds (e.g. thread counts). */
+/** A split in half-layer units: unit 2l is layer l's attention half, 2l + 1 its MLP half. */
+interface UnitSplit {
+  /** S + 1 cut positions in units, from 0 to 2L. */
+  bounds: number[];
+  /** The head share of the stage before the last (0: none). */
+  share: number;
+  /** The slowest stage's time. */
+  worst: number;
+}
+
+/**
+ * The best contiguous split of the units, with cuts at multiples of `step` (2: whole layers,
+ * 1: halves too); with `withShare`, also every head share x on the stage before the last, taken
+ * when it shortens the slowest stage by more than HEAD_SHARE_GAIN.
+ */
+function bestUnits(units: number[], hf: number, speeds: number[], step: number): UnitSplit {
+  const S = speeds.length;
+  const U = units.length;
+  const P = [0];
+  for (const u of units) P.push(P.at(-1)! + u);
+  const work = (k: number, m: number) => P[m]! - P[k]!;
+  const stageCost = (s: number, k: number, m: number) => (work(k, m) + (s === S - 1 ? hf : 0)) / speeds[s]!;
+  // dynamic programming over cut points: best[s][c] = min over splits of units [0,c) into s stages of the max cost
+  const INF = Number.POSITIVE_INFINITY;
+  const best: number[][] = Array.from({ length: S + 1 }, () => new Array<number>(U + 1).fill(INF));
+  const cut: number[][] = Array.from({ length: S + 1 }, () => new Array<number>(U + 1).fill(-1));
+  best[0]![0] = 0;
+  for (let s = 1; s <= S; s++) {
+    for (let c = s * step; c <= U - (S - s) * step; c += step) {
+      for (let k = (s - 1) * step; k < c; k += step) {
+        const v = Math.max(best[s - 1]![k]!, stageCost(s - 1, k, c));
+        if (v < best[s]![c]!) {
+          best[s]![c] = v;
+          cut[s]![c] = k;
+        }
+      }
+    }
+  }
+  const boundsFrom = (s0: number, c0: number, tail: number[]) => {
+    const bounds = [c0, ...tail];
+    for (let s = s0, c = c0; s > 0; s--) {
+      c = cut[s]![c]!;
+      bounds.unshift(c);
+    }
+    return bounds;
+  };
+  const whole: UnitSplit = { bounds: boundsFrom(S, U, []), share: 0, worst: best[S]![U]! };
+  // a head share x on stage S-2 that gives the last two stages the same time, within [0, 1]
+  let shared: UnitSplit | undefined;
+  if (S >= 2 && hf > 0) {
+    const v1 = speeds[S - 2]!,
+      v2 = speeds[S - 1]!;
+    for (let k = (S - 2) * step; k <= U - 2 * step; k += step) {
+      const prefix = best[S - 2]![k]!;
+      if (prefix === INF) continue;
+      for (let m = k + step; m <= U - step; m += step) {
+        const A = work(k, m),
+          B = work(m, U);
+        const x = Math.min(1, Math.max(0, (((A + B + hf) * v1) / (v1 + v2) - A) / hf));
+        const worst = Math.max(prefix, (A + x * hf) / v1, (B + (1 - x) * hf) / v2);
+        if (x > 0 && (!shared || worst < shared.worst))
+          shared = { bounds: boundsFrom(S - 2, k, [m, U]), share: x, worst };
+      }
+    }
+  }
+  // the share costs a round trip per micro-batch and a copy of the head: only for a real gain
+  return shared && shared.worst < whole.worst * (1 - HEAD_SHARE_GAIN) ? shared : whole;
+}
+
+/** Contiguous split of the model over stages with relative speeds (e.g. thread counts). */
 export function balanceSplit(c: LlamaConfig, speeds: number[], profile: SplitProfile = {}): SplitResult {
   const T = profile.seqLen ?? 512;
   const S = speeds.length;
   const L = c.numLayers;
   if (S < 1) throw new Error('at least one device is needed');
   if (S > L) throw new Error(`${S} stages for a model of ${L} layers: use at most ${L} devices`);
-  const lf = layerFlopsPerToken(c, T);
+  const af = attentionFlopsPerToken(c, T),
+    mf = mlpFlopsPerToken(c);
   const hf = headFlopsPerToken(c, profile.targetFraction);
-  const stageCost = (s: number, lo: number, hi: number) => ((hi - lo) * lf + (s === S - 1 ? hf : 0)) / speeds[s]!;
-  // dynamic programming over cut points: best[s][l] = min over splits of layers [0,l) into s stages of the max cost
-  const INF = Number.POSITIVE_INFINITY;
-  const best: number[][] = Array.from({ length: S + 1 }, () => new Array<number>(L + 1).fill(INF));
-  const cut: number[][] = Array.from({ length: S + 1 }, () => new Array<number>(L + 1).fill(-1));
-  best[0]![0] = 0;
-  for (let s = 1; s <= S; s++) {
-    for (let l = s; l <= L - (S - s); l++) {
-      for (let k = s - 1; k < l; k++) {
-        const v = Math.max(best[s - 1]![k]!, stageCost(s - 1, k, l));
-        if (v < best[s]![l]!) {
-          best[s]![l] = v;
-          cut[s]![l] = k;
-        }
-      }
-    }
-  }
-  const boundsFrom = (s0: number, l0: number, tail: number[]) => {
-    const bounds = [l0, ...tail];
-    for (let s = s0, l = l0; s > 0; s--) {
-      l = cut[s]![l]!;
-      bounds.unshift(l);
-    }
-    return bounds;
-  };
-  const whole = best[S]![L]!;
-  // Below a layer: the stage before the last may run a share of the head (StagePlan.headShare),
-  // chosen to even out the last two stages. Taken only when it shortens the slowest stage by
-  // more than HEAD_SHARE_GAIN: it costs a round trip per micro-batch and a copy of the head.
-  let share: { k: number; m: number; x: number; cost: number } | undefined;
-  if (S >= 2 && hf > 0) {
-    const v1 = speeds[S - 2]!,
-      v2 = speeds[S - 1]!;
-    for (let k = S - 2; k <= L - 2; k++) {
-      const prefix = best[S - 2]![k]!;
-      if (prefix === INF) continue;
-      for (let m = k + 1; m <= L - 1; m++) {
-        const A = (m - k) * lf,
-          B = (L - m) * lf;
-        // the share x of the head on stage S-2 that gives both the same time, within [0, 1]
-        const x = Math.min(1, Math.max(0, (((A + B + hf) * v1) / (v1 + v2) - A) / hf));
-        const cost = Math.max(prefix, (A + x * hf) / v1, (B + (1 - x) * hf) / v2);
-        if (x > 0 && (!share || cost < share.cost)) share = { k, m, x, cost };
-      }
-    }
-  }
-  if (share && share.cost < whole * (1 - HEAD_SHARE_GAIN)) {
-    const bounds = boundsFrom(S - 2, share.k, [share.m, L]);
-    const x = Math.round(share.x * 1000) / 1000;
-    const plans: StagePlan[] = speeds.map((_, s) => ({
-      lo: bounds[s]!,
-      hi: bounds[s + 1]!,
-      first: s === 0,
-      last: s === S - 1,
-      ...(s === S - 2 ? { headShare: x } : {}),
-    }));
-    const cost = plans.map(
-      (p, s) =>
-        stageCost(s, p.lo, p.hi) + (s === S - 2 ? (x * hf) / speeds[s]! : s === S - 1 ? (-x * hf) / speeds[s]! : 0),
-    );
-    return { plans, cost };
-  }
-  const bounds = boundsFrom(S, L, []);
-  const plans = speeds.map((_, s) => ({ lo: bounds[s]!, hi: bounds[s + 1]!, first: s === 0, last: s === S - 1 }));
-  return { plans, cost: plans.map((p, s) => stageCost(s, p.lo, p.hi)) };
+  const units = Array.from({ length: 2 * L }, (_, u) => (u % 2 === 0 ? af : mf));
+  const whole = bestUnits(units, hf, speeds, 2);
+  // a cut inside a layer loads that layer's weights on both stages: only for a real gain
+  const halves = bestUnits(units, hf, speeds, 1);
+  const pick = halves.worst < whole.worst * (1 - HALF_LAYER_GAIN) ? halves : whole;
+  const x = Math.round(pick.share * 1000) / 1000;
+  const b = pick.bounds;
+  const plans: StagePlan[] = speeds.map((_, s) => ({
+    lo: Math.floor(b[s]! / 2),
+    hi: Math.ceil(b[s + 1]! / 2),
+    first: s === 0,
+    last: s === S - 1,
+    ...(b[s]! % 2 === 1 ? { firstMlpOnly: true } : {}),
+    ...(b[s + 1]! % 2 === 1 ? { lastAttnOnly: true } : {}),
+    ...(x > 0 && s === S - 2 ? { headShare: x } : {}),
+  }));
+  const work = (s: number) => units.slice(b[s], b[s + 1]).reduce((a, u) => a + u, 0);
+  const head = (s: number) => (s === S - 1 ? (1 - x) * hf : x > 0 && s === S - 2 ? x * hf : 0);
+  return { plans, cost: plans.map((_, s) => (work(s) + head(s)) / speeds[s]!) };
 }
 
 /** How much shorter the slowest stage must get before the split hands part of the head to another stage. */
 export const HEAD_SHARE_GAIN = 0.03;
 
-/** A user-given split: layers per stage. */
+/** How much shorter the slowest stage must get before the split cuts inside a layer (its weights then live on two stages). */
+export const HALF_LAYER_GAIN = 0.03;
+
+/** A user-given split: layers per stage; a half (2.5) cuts a layer after its attention. */
 export function explicitSplit(c: LlamaConfig, layers: number[]): StagePlan[] {
-  if (layers.some((n) => !Number.isInteger(n)))
-    throw new Error(`pipeline.split ${JSON.stringify(layers)}: layer counts must be whole numbers`);
+  if (layers.some((n) => !Number.isInteger(2 * n)))
+    throw new Error(
+      `pipeline.split ${JSON.stringify(layers)}: layer counts must be whole numbers or halves (2.5: the next stage starts with that layer's MLP)`,
+    );
   const sum = layers.reduce((a, b) => a + b, 0);
   if (sum !== c.numLayers)
     throw new Error(`pipeline.split ${JSON.stringify(layers)} covers ${sum} layers, the model has ${c.numLayers}`);
-  if (layers.some((n) => n < 1))
-    throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least one layer`);
-  let lo = 0;
+  if (layers.some((n) => n < 0.5))
+    throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least half a layer`);
+  let u = 0; // in half-layer units
   return layers.map((n, s) => {
-    const p = { lo, hi: lo + n, first: s === 0, last: s === layers.length - 1 };
-    lo += n;
-    return p;
+    const b0 = u,
+      b1 = u + 2 * n;
+    u = b1;
+    return {
+      lo: Math.floor(b0 / 2),
+      hi: Math.ceil(b1 / 2),
+      first: s === 0,
+      last: s === layers.length - 1,
+      ...(b0 % 2 === 1 ? { firstMlpOnly: true } : {}),
+      ...(b1 % 2 === 1 ? { lastAttnOnly: true } : {}),
+    };
   });
 }
 
 export function describeSplit(plans: StagePlan[], devices: string[]): string {
   return plans
-    .map(
-      (p, s) =>
-        `stage ${s} on ${devices[s]}: layers ${p.lo}-${p.hi - 1}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
-        (p.headShare ? ` + norm/head/loss of ${Math.round(100 * p.headShare)}% of the targeted rows (training)` : ''),
-    )
+    .map((p, s) => {
+      const from = p.firstMlpOnly ? `the MLP of layer ${p.lo}` : `layer ${p.lo}`;
+      const last = p.hi - 1;
+      const to = p.lastAttnOnly ? `the attention of layer ${last}` : `layer ${last}`;
+      const layers =
+        p.firstMlpOnly || p.lastAttnOnly
+          ? p.hi - p.lo === 1
+            ? p.firstMlpOnly
+              ? from
+              : to
+            : `${from} to ${to}`
+          : `layers ${p.lo}-${last}`;
+      return (
+        `stage ${s} on ${devices[s]}: ${layers}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
+        (p.headShare ? ` + norm/head/loss of ${Math.round(100 * p.headShare)}% of the targeted rows (training)` : '')
+      );
+    })
     .join('\n');
 }

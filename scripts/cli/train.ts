@@ -239,7 +239,7 @@ async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: Cluste
   layout.plans.forEach((p, s) => {
     const parts = stageWeightBreakdown(dir, p, baseFormat);
     const base = parts.linears + parts.other;
-    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi), 0);
+    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi, p), 0);
     const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
     const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
     const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
@@ -620,6 +620,17 @@ export async function main(argv: string[]): Promise<number> {
     writeMetric({
       type: 'memory',
       stages: peaks.map((m) => ({ device: m.device, budget: m.budget, peak: m.peak })),
+      time: new Date().toISOString(),
+    });
+  // what the summary's bubble ratio is made of: each stage's busy share of the training span, of it evaluation
+  if (u && p.plans.length > 1)
+    writeMetric({
+      type: 'pipeline',
+      span_ms: Math.round(u.spanMs),
+      busy: u.busy.map((b) => Math.round(1000 * b) / 1000),
+      eval_busy: u.evalBusy.map((b) => Math.round(1000 * b) / 1000),
+      bubble: Math.round(1000 * u.bubble) / 1000,
+      split: describeSplit(p.plans, p.devices).split('\n'),
       time: new Date().toISOString(),
     });
   fs.closeSync(metrics);

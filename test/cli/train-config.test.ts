@@ -147,7 +147,7 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
   [
     'pipeline.split',
     (c) => (c.pipeline = { split: 'even' }),
-    'pipeline.split: must be "auto" or a list of layer counts per stage, e.g. [2, 2], got "even"',
+    'pipeline.split: must be "auto" or a list of layer counts per stage, e.g. [2, 2] or [2.5, 2.5], got "even"',
   ],
   ['adapter not an object', (c) => (c.adapters = ['a']), 'adapters[0]: must be an object, got "a"'],
   [

@@ -48,13 +48,27 @@ t.test('mlora train --fast: the demo end to end', async (t) => {
   );
   t.match(
     r.out,
-    /stage 0 on cpu:0: layers 0-\d \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layers \d-4 \+ norm\/head\/loss/,
+    /stage 0 on cpu:0: (?:layers 0-\d|layer 0 to the attention of layer \d) \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: (?:layers \d-4|the MLP of layer \d to layer 4) \+ norm\/head\/loss/,
   );
   for (const n of NAMES)
     t.match(r.out, new RegExp(`\\n${n} +done +8/8 +\\d+\\.\\d{4} `), `${n}: a row in the summary table`);
   t.match(r.out, /overall: \d+ tokens in [\d.]+ s = \d+ tokens\/s; bubble ratio [\d.]+%/);
 
   const recs = readMetrics(out);
+  // the summary's bubble ratio, with what it is made of
+  const pipe = recs.filter((x) => x.type === 'pipeline');
+  t.equal(pipe.length, 1, 'one pipeline record');
+  const busy = pipe[0]?.busy as number[] | undefined;
+  const evalBusy = pipe[0]?.eval_busy as number[] | undefined;
+  t.ok(
+    busy?.length === 2 &&
+      evalBusy?.length === 2 &&
+      busy.every((b, s) => b > 0 && b <= 1 && evalBusy[s]! >= 0 && evalBusy[s]! <= b) &&
+      Math.abs((pipe[0]!.bubble as number) - (1 - (busy[0]! + busy[1]!) / 2)) < 2e-3,
+    `busy ${JSON.stringify(busy)} (evaluation ${JSON.stringify(evalBusy)}), bubble ${String(pipe[0]?.bubble)} = 1 − mean busy`,
+  );
+  const printed = Number(/bubble ratio ([\d.]+)%/.exec(r.out)?.[1]);
+  t.ok(Math.abs(printed - 100 * (pipe[0]?.bubble as number)) <= 0.06, `the summary prints it (${printed}%)`);
   const steps = recs.filter((x) => x.type === 'step');
   t.equal(steps.length, 4 * 8, 'one step record per adapter step');
   for (const s of steps) {
@@ -189,7 +203,7 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
   t.match(r.out, /model .*stories260K: 5 layers, hidden 64, 8\/4 heads, vocab 512/);
   t.match(
     r.out,
-    /stage 0 on cpu:0: layers 0-\d \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layers \d-4 \+ norm\/head\/loss/,
+    /stage 0 on cpu:0: (?:layers 0-\d|layer 0 to the attention of layer \d) \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: (?:layers \d-4|the MLP of layer \d to layer 4) \+ norm\/head\/loss/,
   );
   t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from \d adapter\(s\), 4 in flight\):/);
   for (const s of [0, 1]) {

@@ -21,7 +21,7 @@ const recs: ScheduleRecord[] = [
   r(1, 'S', -1, 6, 6.3), // 0.3 of a cell: lower case
   r(0, 'B', 1, 6, 8),
   r(0, 'B', 2, 8.6, 10), // cell 8 only 0.4 busy: 'b'; cell 9 'B'
-  r(1, 'E', 3, 9, 12), // evaluation records are not part of the training schedule
+  r(1, 'E', 3, 9, 12), // an evaluation is stage work inside the training span, not past its end
 ];
 
 t.test('renderGrid: exact text', async (t) => {
@@ -29,9 +29,10 @@ t.test('renderGrid: exact text', async (t) => {
     renderGrid(recs, 2, 10),
     [
       'stage 0 |FFFF··BBbB|',
-      'stage 1 |··FFFFs···|',
-      // busy: stage 0 = 2+2+2+1.4 = 7.4 of 10; stage 1 = 2+2+0.3 = 4.3 of 10; bubble = 1 − (0.74+0.43)/2
-      '         10 ms; busy 74% / 43%; bubble 41.5%',
+      'stage 1 |··FFFFs··E|',
+      // busy: stage 0 = 2+2+2+1.4 = 7.4 of 10; stage 1 = 2+2+0.3+1 (E, clipped at 10) = 5.3 of 10;
+      // bubble = 1 − (0.74+0.53)/2
+      '         10 ms; busy 74% / 53% (evaluation 0% / 10%); bubble 36.5%',
     ].join('\n'),
   );
   // the same schedule shifted in time prints the same grid
@@ -45,8 +46,9 @@ t.test('utilisation: busy fractions and bubble', async (t) => {
   const u = utilisation(recs, 2);
   t.equal(u.spanMs, 10);
   t.ok(Math.abs(u.busy[0]! - 0.74) < 1e-12, `stage 0 busy ${u.busy[0]}`);
-  t.ok(Math.abs(u.busy[1]! - 0.43) < 1e-12, `stage 1 busy ${u.busy[1]}`);
-  t.ok(Math.abs(u.bubble - 0.415) < 1e-12, `bubble ${u.bubble}`);
+  t.ok(Math.abs(u.busy[1]! - 0.53) < 1e-12, `stage 1 busy ${u.busy[1]}`);
+  t.ok(Math.abs(u.evalBusy[1]! - 0.1) < 1e-12 && u.evalBusy[0] === 0, `evaluation share ${u.evalBusy}`);
+  t.ok(Math.abs(u.bubble - 0.365) < 1e-12, `bubble ${u.bubble}`);
   // a window clips the records: [0,5): stage 0 = 4/5, stage 1 = (2 + 1)/5
   const w = utilisation(recs, 2, 0, 5);
   t.equal(w.spanMs, 5);
@@ -55,8 +57,8 @@ t.test('utilisation: busy fractions and bubble', async (t) => {
   // a stage with no records is idle; no records at all: zeros
   const three = utilisation(recs, 3);
   t.equal(three.busy[2], 0);
-  t.ok(Math.abs(three.bubble - (1 - (0.74 + 0.43) / 3)) < 1e-12);
-  t.same(utilisation([], 2), { spanMs: 0, busy: [0, 0], bubble: 0 });
+  t.ok(Math.abs(three.bubble - (1 - (0.74 + 0.53) / 3)) < 1e-12);
+  t.same(utilisation([], 2), { spanMs: 0, busy: [0, 0], evalBusy: [0, 0], bubble: 0 });
   // a perfectly packed pipeline has no bubble
   t.equal(utilisation([r(0, 'F', 1, 0, 5), r(1, 'F', 1, 0, 5)], 2).bubble, 0);
 });
