@@ -9,7 +9,7 @@ import { badNumber, numberOption, parseCommandArgs, usageError, type Command } f
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
 import { toHfConfigJson } from '../../lib/io/hf-config.js';
 import { writeRandomLlama } from '../../lib/io/random-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 
 /** The storage dtype a preset is written in unless --dtype says otherwise (1b: bf16). */
 export function presetDtype(preset: PresetName): 'f32' | 'bf16' {

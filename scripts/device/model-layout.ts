@@ -13,7 +13,7 @@ import { parseArgs } from 'node:util';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
 import { parseModelConfig } from '../../lib/io/hf-config.js';
 import { expectedTensors } from '../../lib/io/hf-tensors.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 import { presetConfigJson, presetDtype } from '../cli/make-model.js';
 
 async function main(): Promise<number> {

@@ -26,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { PRESETS } from '../../lib/model/config.js';
 import { writeRandomLlama } from '../../lib/io/random-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 import { assertClose } from '../support/helpers.js';
 import { adapter, runJobs } from './util.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
