@@ -1,10 +1,12 @@
-// lib/data: tokenizer, datasets, prompt templates, tokenization, the tokenizing pool, and
-// the per-adapter data loader.
+// lib/data: tokenizer loading, the BPE tokenizer mlora writes, datasets, prompt templates,
+// tokenization, the tokenizing pool, and the per-adapter data loader.
+export { loadTokenizer, modelVocabulary, tokenizerFor } from './tokenizer.js';
+export type { Tokenizer, ChatMessage, ChatRole, EncodeOptions } from './tokenizer.js';
 export {
-  loadTokenizer, modelVocabulary, tokenizerFor, writeTokenizerFiles, trainByteLevelBpe, bytesToUnicode,
+  writeTokenizerFiles, trainByteLevelBpe, bytesToUnicode,
   SPECIAL_TOKENS, UNK_ID, BOS_ID, EOS_ID, PAD_ID, MIN_VOCAB, DEFAULT_CHAT_TEMPLATE,
-} from './tokenizer.js';
-export type { Tokenizer, ChatMessage, ChatRole, EncodeOptions, WriteTokenizerOptions, TrainedBpe } from './tokenizer.js';
+} from './bpe.js';
+export type { WriteTokenizerOptions, TrainedBpe } from './bpe.js';
 export { readDataset, parseDataset, parseRecord, detectFormat, DataRecordError, DATA_FORMATS, CHAT_ROLES } from './dataset.js';
 export type { Dataset, DataFormat, DataRecord, InstructionRecord, ChatRecord, TextRecord, TokenizedRecord, ReadDatasetOptions } from './dataset.js';
 export { ALPACA, TEMPLATE_NAMES, resolveTemplate, loadTemplateFile, defaultTemplateName, renderInstruction, fillTemplate } from './templates.js';

@@ -1,5 +1,5 @@
 // The LLaMA-architecture config as mlora uses it (camelCase), read from a Hugging Face
-// config.json by lib/io/hf-model.ts, and the presets `mlora make-model` writes.
+// config.json by lib/io/hf-config.ts, and the presets `mlora make-model` writes.
 
 export interface LlamaConfig {
   /** config.json model_type: llama, mistral, qwen2, qwen3. */

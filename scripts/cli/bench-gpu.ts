@@ -12,7 +12,8 @@
 // the GPU run (scripts/device-check.sh with MLORA_DEVICE_CHECK_REHEARSE=1).
 import fs from 'node:fs';
 import path from 'node:path';
-import { openModelDir, parameterCount } from '../../lib/io/hf-model.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { parameterCount } from '../../lib/io/hf-tensors.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
 import { freshState } from '../../lib/lora/state.js';
 import { native } from '../../lib/native.js';

@@ -5,7 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { formatBytes } from '../../lib/tensor.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
-import { openModelDir, readModelConfig } from '../../lib/io/hf-model.js';
+import { readModelConfig } from '../../lib/io/hf-config.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
 import {
   ADAPTER_CONFIG,
   adapterLayerIndices,

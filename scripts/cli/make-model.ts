@@ -7,8 +7,9 @@ import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { badNumber, numberOption, parseCommandArgs, usageError, type Command } from './args.js';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
-import { toHfConfigJson, writeRandomLlama } from '../../lib/io/hf-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { toHfConfigJson } from '../../lib/io/hf-config.js';
+import { writeRandomLlama } from '../../lib/io/random-model.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 
 /** The storage dtype a preset is written in unless --dtype says otherwise (1b: bf16). */
 export function presetDtype(preset: PresetName): 'f32' | 'bf16' {

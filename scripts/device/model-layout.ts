@@ -11,8 +11,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
-import { expectedTensors, parseModelConfig } from '../../lib/io/hf-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { parseModelConfig } from '../../lib/io/hf-config.js';
+import { expectedTensors } from '../../lib/io/hf-tensors.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 import { presetConfigJson, presetDtype } from '../cli/make-model.js';
 
 async function main(): Promise<number> {

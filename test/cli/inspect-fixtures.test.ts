@@ -3,7 +3,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeRandomLlama } from '../../lib/io/random-model.js';
 import { PRESETS } from '../../lib/model/config.js';
 import { FIX, mlora as cli } from './util.js';
 

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { main } from '../../scripts/cli/inspect.js';
 import { makeModel } from '../../scripts/cli/make-model.js';
-import { writeRandomLlama } from '../../lib/io/hf-model.js';
+import { writeRandomLlama } from '../../lib/io/random-model.js';
 import { PRESETS } from '../../lib/model/config.js';
 import { FIX, copyFixtureModel, inProcess } from './util.js';
 import { tmpDir } from '../support/files.js';

@@ -8,7 +8,8 @@ import path from 'node:path';
 import { parseDataset, readDataset } from '../../lib/data/dataset.js';
 import { ALPACA, loadTemplateFile, resolveTemplate, renderInstruction } from '../../lib/data/templates.js';
 import { IGNORE_INDEX, tokenizeRecords, countTargets } from '../../lib/data/tokenize.js';
-import { loadTokenizer, writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
+import { loadTokenizer } from '../../lib/data/tokenizer.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'mlora-ds-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));

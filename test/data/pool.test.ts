@@ -10,7 +10,8 @@ import { pathToFileURL } from 'node:url';
 import { readDataset } from '../../lib/data/dataset.js';
 import { demoDatasets } from '../../lib/data/demo.js';
 import { loadTrainingData, tokenizeDataset } from '../../lib/data/pool.js';
-import { modelVocabulary, writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
+import { modelVocabulary } from '../../lib/data/tokenizer.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'mlora-pool-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));

@@ -4,7 +4,8 @@ import t from 'tap';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { loadTokenizer, writeTokenizerFiles, trainByteLevelBpe, MIN_VOCAB, BOS_ID, EOS_ID, PAD_ID } from '../../lib/data/tokenizer.js';
+import { writeTokenizerFiles, trainByteLevelBpe, MIN_VOCAB, BOS_ID, EOS_ID, PAD_ID } from '../../lib/data/bpe.js';
+import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { PRESETS } from '../../lib/model/config.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'mlora-tok-'));

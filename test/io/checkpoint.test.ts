@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint, saveCheckpoint } from '../../lib/io/checkpoint.js';
-import { readModelConfig } from '../../lib/io/hf-model.js';
+import { readModelConfig } from '../../lib/io/hf-config.js';
 import { sliceLayout, type LoraSpec } from '../../lib/lora/adapter.js';
 import type { AdapterState } from '../../lib/lora/state.js';
 

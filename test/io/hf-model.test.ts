@@ -4,15 +4,10 @@ import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  expectedTensors,
-  openModelDir,
-  parseModelConfig,
-  readModelConfig,
-  stageTensorNames,
-  toHfConfigJson,
-  writeRandomLlama,
-} from '../../lib/io/hf-model.js';
+import { parseModelConfig, readModelConfig, toHfConfigJson } from '../../lib/io/hf-config.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { expectedTensors, stageTensorNames } from '../../lib/io/hf-tensors.js';
+import { writeRandomLlama } from '../../lib/io/random-model.js';
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
 import { bf16ToF32 } from '../../lib/io/dtype.js';
 import { PRESETS, type LlamaConfig } from '../../lib/model/config.js';

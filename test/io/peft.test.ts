@@ -17,7 +17,7 @@ import {
   type AdapterWeights,
   type LoraPair,
 } from '../../lib/io/peft.js';
-import { readModelConfig } from '../../lib/io/hf-model.js';
+import { readModelConfig } from '../../lib/io/hf-config.js';
 import { openSafetensors, writeSafetensors } from '../../lib/io/safetensors.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
 import { LORA_TARGETS, PRESETS, projectionShape, type LlamaConfig, type LoraTarget } from '../../lib/model/config.js';

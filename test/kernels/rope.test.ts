@@ -15,7 +15,7 @@ import {
   modelRopeTables,
   scaleInvFreq,
 } from '../../lib/model/rope.js';
-import { parseModelConfig } from '../../lib/io/hf-model.js';
+import { parseModelConfig } from '../../lib/io/hf-config.js';
 import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 
 /** float64 reference: rotate each head of x[n, heads, d] by sign·angle(pos[r], i). */

@@ -4,8 +4,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PRESETS } from '../../lib/model/config.js';
-import { writeRandomLlama } from '../../lib/io/hf-model.js';
-import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
+import { writeRandomLlama } from '../../lib/io/random-model.js';
+import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 import { ensureModel, makeModel } from '../../scripts/cli/make-model.js';
 
 const CACHE = path.join(os.tmpdir(), 'mlora-test-models');
