@@ -25,6 +25,8 @@ import { ErrorCode, fromWire } from '../lib/errors.js';
 import { holdsHead } from '../lib/model/batch.js';
 import { metaLayout, Slab, SlotAllocator, slotBytesFor, SlotKind } from './shm.js';
 import { clockMs } from './protocol.js';
+import { assignCores, pinningEnabled } from '../lib/schedule/cores.js';
+import { native } from '../lib/native.js';
 import type { ControlMsg, ForwardMsg, FromStage, InitMsg, LinkMsg, Pipeline, ToStage } from './protocol.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
@@ -178,6 +180,8 @@ export class ActorPipeline implements Pipeline {
   private readonly faults: FaultSpec[];
   /** Time origin of the schedule records (clockMs()): shared by every stage, restarted ones too. */
   private readonly epochMs = clockMs();
+  /** Each local CPU stage's cores (lib/schedule/cores.ts), or undefined: not pinned. */
+  private readonly cores: number[][] | undefined;
   onOutOfMemory?: (stage: number) => number | undefined;
 
   private constructor(readonly opts: ActorPipelineOptions) {
@@ -193,6 +197,10 @@ export class ActorPipeline implements Pipeline {
     this.slots = new SlotAllocator(this.slab);
     this.faults = opts.faults ?? [];
     this.stages = opts.plans.map((_, i) => new StageHandle(i));
+    this.cores =
+      opts.stageEndpoint || !pinningEnabled()
+        ? undefined
+        : assignCores(opts.devices, opts.threads, native().info().cpu.allowedCores);
     this.watchdog = setInterval(() => this.checkHeartbeats(), Math.max(50, (opts.heartbeatMs ?? 200) / 2));
     this.watchdog.unref();
   }
@@ -240,6 +248,7 @@ export class ActorPipeline implements Pipeline {
       minEpoch: this.epoch,
       ...(o.recompute ? { recompute: true } : {}),
       ...(o.base ? { base: o.base } : {}),
+      ...(this.cores?.[h.index]?.length ? { cores: this.cores[h.index] } : {}),
     };
     const w = o.stageEndpoint ? o.stageEndpoint(init, h.started) : new Worker(STAGE_URL, { workerData: init });
     h.started = true;

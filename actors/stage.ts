@@ -447,7 +447,11 @@ async function control(m: ControlMsg): Promise<void> {
 async function start(): Promise<void> {
   try {
     slab = new Slab(init.slab, init.slotCount, init.slotBytes);
-    const device = openDevice(init.device, { threads: init.threads, budget: init.budget });
+    const device = openDevice(init.device, {
+      threads: init.threads,
+      budget: init.budget,
+      ...(init.cores ? { cores: init.cores } : {}),
+    });
     const dir = openModelDir(init.modelDir);
     const weights = await loadStageWeights(device, dir, init.plan, init.base ?? {});
     program = new StageProgram(device, dir.config, init.plan, weights, {
