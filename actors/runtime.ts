@@ -166,7 +166,8 @@ export class ActorPipeline implements Pipeline {
   private nextReq = 1;
   private readonly records: ScheduleRecord[] = [];
   private readonly specs = new Map<number, LoraSpec>();
-  private readonly snapshots = new Map<number, AdapterState>();
+  /** Each adapter's state after its last step, as the stages sent their slices (joined when read: snapshot()). */
+  private readonly snapshots = new Map<number, AdapterState | AdapterState[]>();
   /** Optimizer version of each adapter: stages defer a Forward until they reach it. */
   private readonly versions = new Map<number, number>();
   /** Per adapter: the micro-batches of its current, unfinished step, in issue order. */
@@ -497,9 +498,22 @@ export class ActorPipeline implements Pipeline {
 
   async exportAdapter(id: number): Promise<AdapterState> {
     // after a fatal stage failure, the adapter's last consistent state is its snapshot (the last optimizer step)
-    const snap = this.snapshots.get(id);
+    const snap = this.snapshot(id);
     if (this.fatal && snap) return snap;
     return this.retrying(() => this.exportParts(id));
+  }
+
+  /**
+   * The snapshot of an adapter as one full state. A step stores the stages' slices as they came
+   * (joining them on every step cost the supervisor's thread a copy and its garbage of the
+   * whole state, per adapter and step); recovery and exports are rare, they join.
+   */
+  private snapshot(id: number): AdapterState | undefined {
+    const s = this.snapshots.get(id);
+    if (!Array.isArray(s)) return s;
+    const joined = joinSlices(s);
+    this.snapshots.set(id, joined);
+    return joined;
   }
 
   private async exportParts(id: number): Promise<AdapterState> {
@@ -541,7 +555,10 @@ export class ActorPipeline implements Pipeline {
       return r;
     });
     this.versions.set(id, (this.versions.get(id) ?? 0) + 1);
-    this.snapshots.set(id, joinSlices(parts.map((x) => x.state)));
+    this.snapshots.set(
+      id,
+      parts.map((x) => x.state),
+    );
     this.stepLog.set(id, []);
     this.trimIssueOrder();
     return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};
@@ -819,7 +836,7 @@ export class ActorPipeline implements Pipeline {
     );
     live();
     for (const [id, spec] of this.specs) {
-      const snap = this.snapshots.get(id)!;
+      const snap = this.snapshot(id)!;
       await Promise.all(
         this.stages.map(async (s) => {
           if (!dead.has(s.index)) await this.request(s.index, { type: 'removeAdapter', adapter: id });
