@@ -1,16 +1,16 @@
-// Which cores each CPU stage computes on. Stage actors of one process share its cores; left to
-// the OS, a stage's compute thread is often woken on the core where the other stage is
-// computing, and the two then share that core for many milliseconds while the other core idles
-// (2 stages × 1 thread on 2 cores: 1.2× one stage instead of nearly 2×). So when the CPU
-// stages' threads fit in the cores the process may use, each stage gets its own cores, in stage
-// order; when they do not fit, nothing is pinned (the OS balances better than a bad pinning).
+// Which cores each CPU stage computes on, when asked to pin (MLORA_PIN_CORES=1). Every CPU
+// device already computes on a thread of its own (native/src/core/thread_pool.h), which is what
+// keeps two stages off each other's core; pinning on top gains a little more on a machine this
+// run has to itself, but is off by default: two processes that each pin their stages to the
+// first cores would share those and leave the rest idle. When the CPU stages' threads fit in the
+// cores the process may use, each stage gets its own, in stage order; else nothing is pinned.
 
-/** `MLORA_PIN_CORES=0` turns pinning off (for comparing, or a machine shared with other pinned work). */
+/** `MLORA_PIN_CORES=1` pins each local CPU stage's threads to cores of its own. */
 export function pinningEnabled(env: NodeJS.ProcessEnv = process.env): boolean {
   const v = env.MLORA_PIN_CORES;
-  if (v === undefined || v === '' || v === '1') return true;
-  if (v === '0') return false;
-  throw new Error(`MLORA_PIN_CORES='${v}': expected 0 (do not pin stage threads to cores) or 1`);
+  if (v === undefined || v === '' || v === '0') return false;
+  if (v === '1') return true;
+  throw new Error(`MLORA_PIN_CORES='${v}': expected 1 (pin each stage's threads to cores of its own) or 0`);
 }
 
 /**

@@ -1,6 +1,6 @@
-// A CPU device pinned to cores: its op lists run on its own leader thread on the first core
-// (pool workers on the others), with results bitwise those of an unpinned device; a bad
-// 'cores' option is a clear Error.
+// A CPU device runs its op lists on a leader thread of its own; pinned to cores, the leader
+// sits on the first (pool workers on the others), with results bitwise those of an unpinned
+// device; op lists sent at once take turns on the leader; a bad 'cores' option is a clear Error.
 import fs from 'node:fs';
 import t from 'tap';
 import { native } from '../../lib/native.js';
@@ -49,6 +49,19 @@ t.test('a pinned device computes bitwise what an unpinned one does, on a thread 
   t.same(pinned, await gemm(1), 'same bits as unpinned, 1 thread');
   if (allowed.length >= 2)
     t.same(await gemm(2, allowed.slice(0, 2)), await gemm(2), 'same bits as unpinned, 2 threads');
+});
+
+t.test('op lists sent without waiting take turns on the leader thread: every one runs', async (t) => {
+  // lists long enough (8 fills of 16 MiB) that the others arrive while one runs
+  const d = openDevice('cpu:0', { threads: 1, budget: 2 ** 28 });
+  const n = 2 ** 22;
+  const xs = Array.from({ length: 6 }, () => d.alloc('f32', [n]));
+  await Promise.all(xs.map((x, i) => d.run(Array.from({ length: 8 }, () => ({ op: 'fill', y: x, value: i + 1 })))));
+  t.same(
+    xs.map((x) => readF32(x)[n - 1]),
+    [1, 2, 3, 4, 5, 6],
+  );
+  for (const x of xs) x.free();
 });
 
 t.test("a bad 'cores' option is a clear Error", async (t) => {

@@ -16,9 +16,9 @@ t.test('more CPU threads than allowed cores: nothing is pinned', async (t) => {
   t.equal(assignCores(['cuda:0'], [1], [0, 1]), undefined, 'no CPU stage: nothing to pin');
 });
 
-t.test('MLORA_PIN_CORES turns pinning off; other values are refused by name', async (t) => {
-  t.equal(pinningEnabled({}), true);
-  t.equal(pinningEnabled({ MLORA_PIN_CORES: '1' }), true);
+t.test('MLORA_PIN_CORES=1 turns pinning on; other values are refused by name', async (t) => {
+  t.equal(pinningEnabled({}), false);
   t.equal(pinningEnabled({ MLORA_PIN_CORES: '0' }), false);
-  t.throws(() => pinningEnabled({ MLORA_PIN_CORES: 'yes' }), /MLORA_PIN_CORES='yes': expected 0/);
+  t.equal(pinningEnabled({ MLORA_PIN_CORES: '1' }), true);
+  t.throws(() => pinningEnabled({ MLORA_PIN_CORES: 'yes' }), /MLORA_PIN_CORES='yes': expected 1/);
 });

@@ -55,7 +55,9 @@ DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget
                          std::vector<int> cores)
     : kind_(kind), index_(index), budget_(budget), backend_(std::move(backend)) {
   name_ = std::string(kind == DeviceKind::CPU ? "cpu:" : "cuda:") + std::to_string(index);
-  pool_ = std::make_unique<ThreadPool>(threads, std::move(cores));
+  // CPU devices compute on a leader thread of their own (thread_pool.h); a CUDA device keeps
+  // launching from the calling thread
+  pool_ = std::make_unique<ThreadPool>(threads, kind == DeviceKind::CPU, std::move(cores));
 }
 
 DeviceState::~DeviceState() {

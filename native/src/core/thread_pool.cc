@@ -18,11 +18,11 @@ void pin_to(int core) {
 }
 }  // namespace
 
-ThreadPool::ThreadPool(int threads, std::vector<int> cores)
+ThreadPool::ThreadPool(int threads, bool leader, std::vector<int> cores)
     : nthreads_(std::max(1, threads)), cores_(std::move(cores)) {
   if (!cores_.empty() && int(cores_.size()) != nthreads_) cores_.clear();
   for (int t = 1; t < nthreads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
-  if (!cores_.empty()) leader_ = std::thread([this] { leader_loop(); });
+  if (leader || !cores_.empty()) leader_ = std::thread([this] { leader_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -43,7 +43,7 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::leader_loop() {
-  pin_to(cores_[0]);
+  if (!cores_.empty()) pin_to(cores_[0]);
   std::unique_lock<std::mutex> lk(leader_mu_);
   for (;;) {
     leader_cv_.wait(lk, [&] { return leader_stop_ || leader_job_ != nullptr; });
@@ -62,6 +62,7 @@ void ThreadPool::leader_loop() {
 
 void ThreadPool::run_on_leader(const std::function<void()>& fn) {
   if (!leader_.joinable()) return fn();
+  std::lock_guard<std::mutex> one(leader_call_mu_);  // callers (libuv threads) queue here
   std::unique_lock<std::mutex> lk(leader_mu_);
   leader_job_ = &fn;
   leader_cv_.notify_one();
