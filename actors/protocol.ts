@@ -1,74 +1,25 @@
-// Every message and shared type between the supervisor and the stages, in one file.
-// Requests carry integer ids; replies name the id they answer. Tensor data never travels
-// inside a message: it lives in SharedArrayBuffer slots (actors/shm.ts) named by slot index.
+// Every message between the actor pipeline and its stages (and between neighbouring stages),
+// one interface per message, each tagged by `type`, and the events a job streams to its user.
+// Tensor data never travels inside a message: it lives in SharedArrayBuffer slots
+// (actors/shm.ts) named by slot index.
+//
+// Two planes carry them (actors/rpc.ts says why each call is on the one it is on):
+// - the ordered path: these messages on the stage's own port, into its priority mailbox
+//   (actors/stage.ts). Forward, Backward and the head share go from stage to stage; Step,
+//   Poison and Drop are requests with an integer id, answered by a ReplyMsg naming it, because
+//   their order against the micro-batches matters; Link hands over a port.
+// - the control plane: comlink calls on a second port (StageApi in actors/rpc.ts) for requests
+//   whose order against the hot path does not matter (adapter load/export/evict, memory and
+//   gradient queries, shutdown). They are not messages of this file.
 import type { BaseFormat } from '../lib/model/weights.js';
-import type { LoraSpec } from '../lib/lora/adapter.js';
-import type { LlamaConfig } from '../lib/model/config.js';
-import type { MicroBatchData, Segment, SegmentSpec, StagePlan } from '../lib/model/batch.js';
-import type { AdapterState, StepParams } from '../lib/lora/state.js';
+import type { Segment, StagePlan } from '../lib/model/batch.js';
+import type { StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import type { WireError } from '../lib/errors.js';
 import type { MessagePort } from 'node:worker_threads';
 
-/**
- * A monotonic clock in ms shared by every thread of the process (CLOCK_MONOTONIC via
- * process.hrtime), unlike performance.now(), whose origin is each worker thread's own start.
- */
-export function clockMs(): number {
-  return Number(process.hrtime.bigint()) / 1e6;
-}
-
-/**
- * What the supervisor needs from a pipeline of stages, whatever carries the messages:
- * LocalPipeline (stages in this thread; tests and the single-device trainer) or
- * ActorPipeline (one worker thread per device, SharedArrayBuffer slots).
- */
-export interface Pipeline {
-  readonly config: LlamaConfig;
-  readonly plans: StagePlan[];
-  readonly devices: string[];
-  /** Most tokens one micro-batch message may hold. */
-  readonly maxTokens: number;
-  addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void>;
-  removeAdapter(id: number): Promise<void>;
-  exportAdapter(id: number): Promise<AdapterState>;
-  /** Forward + loss + backward of one micro-batch through every stage; resolves with per-row losses. */
-  train(mb: MicroBatchData): Promise<Float32Array>;
-  /** Forward + loss only (no gradients, nothing saved). */
-  evaluate(mb: MicroBatchData): Promise<Float32Array>;
-  /** Σ grad² of an adapter over all stages. */
-  gradSumsq(id: number): Promise<number>;
-  /**
-   * AdamW on every stage. With `measure`, Σ grad² over all stages (before the step) comes back
-   * with it: one round trip when no clipping needs the norm first.
-   */
-  step(id: number, p: StepParams, measure?: boolean): Promise<{ sumsq?: number }>;
-  /** Fault injection: makes an adapter's weights NaN (on the first stage). */
-  poison(id: number): Promise<void>;
-  /** Bytes per device: budget, used now, the most used since the stage started. */
-  memory(): Promise<Array<{ device: string; budget: number; used: number; peak: number }>>;
-  /** Bytes a micro-batch of these segments (and numSeqs packed sequences) would hold on each stage while in flight. */
-  activationBytes(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
-  /**
-   * The part of activationBytes() a stage holds only while it runs the micro-batch (scratch, and
-   * on the last stage everything): a stage that runs one message at a time holds at most one
-   * message's transient bytes at once. Absent: every byte counts for every message in flight.
-   */
-  transientBytes?(numTokens: number, segments: SegmentSpec[], numSeqs?: number): number[];
-  /** Bytes one adapter's slice takes on each stage. */
-  adapterBytes(spec: LoraSpec): number[];
-  schedule(): ScheduleRecord[];
-  close(): Promise<void>;
-  /**
-   * Set by the supervisor: called when a stage ran out of memory on a micro-batch (which the
-   * pipeline replays). Returns the new admission limit (micro-batch messages in flight), for the
-   * fault report.
-   */
-  onOutOfMemory?: (stage: number) => number | undefined;
-}
-
-// ---- the actor messages (ActorPipeline): supervisor ⇄ stage worker, stage ⇄ stage
+// ---- pipeline → stage worker, stage → stage
 
 export interface InitMsg {
   type: 'init';
@@ -95,16 +46,18 @@ export interface InitMsg {
   faultFlags?: SharedArrayBuffer;
   heartbeatMs: number;
   /** The pipeline's time origin on the clockMs() clock: every stage stamps its records relative to it. */
-  epochMs: number;
+  originMs: number;
   /** Number of stages in the pipeline (the last one turns a Forward into a Backward). */
   stages: number;
   /** Recovery epoch the stage starts at: a restarted stage ignores what its neighbours still send for a dropped attempt. */
   minEpoch: number;
+  /** The stage's end of its control-plane port: comlink serves StageApi (actors/rpc.ts) on it. */
+  control: MessagePort;
 }
 
 /**
  * Hands a stage the MessagePort to a neighbour (transferred with the message): Forward goes
- * out on `next`, Backward on `prev`, straight to the other worker, not through the supervisor.
+ * out on `next`, Backward on `prev`, straight to the other worker, not through the pipeline's thread.
  * Sent at start and whenever a neighbour is restarted (its old port is closed).
  */
 export interface LinkMsg {
@@ -183,72 +136,181 @@ export interface StepMsg {
   measure?: boolean;
 }
 
-export interface ControlMsg {
-  type: 'addAdapter' | 'removeAdapter' | 'exportAdapter' | 'gradSumsq' | 'memory' | 'drop' | 'shutdown' | 'poison';
+/** Fault injection: makes an adapter's weights NaN (stage 0). */
+export interface PoisonMsg {
+  type: 'poison';
   id: number;
-  adapter?: number;
-  spec?: LoraSpec;
-  state?: AdapterState;
-  mbs?: number[];
-  /** 'drop': the new minimum epoch. */
-  epoch?: number;
+  adapter: number;
 }
 
-export type ToStage = InitMsg | ForwardMsg | BackwardMsg | HeadMsg | HeadedMsg | StepMsg | ControlMsg | LinkMsg;
+/** Recovery: forget every micro-batch in flight and discard messages of epochs below `epoch`. */
+export interface DropMsg {
+  type: 'drop';
+  id: number;
+  epoch: number;
+}
 
-export type FromStage =
-  | { type: 'ready'; id: number; stage: number }
-  | { type: 'reply'; id: number; value?: unknown; error?: WireError }
-  /**
-   * mb is through the pipeline (losses in its meta slot): sent by the last stage after an
-   * evaluation or a one-stage training message, by stage 0 after the last Backward. Forward
-   * and Backward between stages go straight from stage to stage (LinkMsg).
-   */
-  | { type: 'done'; epoch: number; stage: number; mb: number }
-  | { type: 'error'; epoch: number; stage: number; mb?: number; error: WireError }
-  | { type: 'heartbeat'; stage: number; handled: number; busyMs: number }
-  | { type: 'record'; rec: ScheduleRecord };
+/** What the pipeline posts to a stage worker (InitMsg is its workerData, not a message). */
+export type ToStage = ForwardMsg | BackwardMsg | HeadMsg | HeadedMsg | StepMsg | PoisonMsg | DropMsg | LinkMsg;
+
+/** The requests among them: answered by a ReplyMsg with their id. */
+export type StageRequest = StepMsg | PoisonMsg | DropMsg | LinkMsg;
+
+// ---- stage worker → pipeline
+
+/** The stage loaded its weights and takes messages. */
+export interface ReadyMsg {
+  type: 'ready';
+  id: number;
+  stage: number;
+}
+
+/** The answer to a StageRequest. */
+export interface ReplyMsg {
+  type: 'reply';
+  id: number;
+  value?: unknown;
+  error?: WireError;
+}
+
+/**
+ * mb is through the pipeline (losses in its meta slot): sent by the last stage after an
+ * evaluation or a one-stage training message, by stage 0 after the last Backward. Forward and
+ * Backward between stages go straight from stage to stage (LinkMsg).
+ */
+export interface DoneMsg {
+  type: 'done';
+  epoch: number;
+  stage: number;
+  mb: number;
+}
+
+/** A micro-batch (mb) or the stage itself (no mb: it could not start) failed. */
+export interface StageErrorMsg {
+  type: 'error';
+  epoch: number;
+  stage: number;
+  mb?: number;
+  error: WireError;
+}
+
+export interface HeartbeatMsg {
+  type: 'heartbeat';
+  stage: number;
+  handled: number;
+  busyMs: number;
+}
+
+/** One piece of work done (forward, backward, head share, step, evaluation), for the schedule grid. */
+export interface RecordMsg {
+  type: 'record';
+  rec: ScheduleRecord;
+}
+
+export type FromStage = ReadyMsg | ReplyMsg | DoneMsg | StageErrorMsg | HeartbeatMsg | RecordMsg;
 
 // ---- events a job streams to its user
 
+/** A job's state changed. */
+export interface JobStateEvent {
+  type: 'state';
+  adapter: string;
+  state: JobState;
+  time: number;
+}
+
+/** An optimizer step of the job's adapter is through. */
+export interface JobStepEvent {
+  type: 'step';
+  adapter: string;
+  step: number;
+  totalSteps: number;
+  loss: number;
+  lr: number;
+  tokens: number;
+  gradNorm: number;
+  time: number;
+}
+
+export interface JobEvalEvent {
+  type: 'eval';
+  adapter: string;
+  step: number;
+  loss: number;
+  perplexity: number;
+  tokens: number;
+  time: number;
+}
+
+export interface JobCheckpointEvent {
+  type: 'checkpoint';
+  adapter: string;
+  step: number;
+  path: string;
+  time: number;
+}
+
+/** A fault was detected (no adapter: a stage's fault, which every job sees). */
+export interface JobFaultEvent {
+  type: 'fault';
+  adapter?: string;
+  fault: string;
+  detail: string;
+  time: number;
+}
+
+/** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
+export interface JobRollbackEvent {
+  type: 'rollback';
+  adapter: string;
+  fromStep: number;
+  toStep: number;
+  lrScale: number;
+  rollbacks: number;
+  reason: string;
+  time: number;
+}
+
+export interface JobDoneEvent {
+  type: 'done';
+  adapter: string;
+  steps: number;
+  loss: number;
+  path?: string;
+  time: number;
+}
+
+/** A greedy completion of one of eval.prompts, with the adapter before training or after it. */
+export interface JobSampleEvent {
+  type: 'sample';
+  adapter: string;
+  step: number;
+  when: 'before' | 'after';
+  prompt: string;
+  text: string;
+  time: number;
+}
+
+export interface JobErrorEvent {
+  type: 'error';
+  adapter: string;
+  message: string;
+  time: number;
+}
+
 export type JobEvent =
-  | { type: 'state'; adapter: string; state: JobState; time: number }
-  | {
-      type: 'step';
-      adapter: string;
-      step: number;
-      totalSteps: number;
-      loss: number;
-      lr: number;
-      tokens: number;
-      gradNorm: number;
-      time: number;
-    }
-  | { type: 'eval'; adapter: string; step: number; loss: number; perplexity: number; tokens: number; time: number }
-  | { type: 'checkpoint'; adapter: string; step: number; path: string; time: number }
-  | { type: 'fault'; adapter?: string; fault: string; detail: string; time: number }
-  /** on_nan: rollback: the adapter went back from `fromStep` to its checkpoint at `toStep`; its learning rate is now lrScale × the configured one. */
-  | {
-      type: 'rollback';
-      adapter: string;
-      fromStep: number;
-      toStep: number;
-      lrScale: number;
-      rollbacks: number;
-      reason: string;
-      time: number;
-    }
-  | { type: 'done'; adapter: string; steps: number; loss: number; path?: string; time: number }
-  /** A greedy completion of one of eval.prompts, with the adapter before training or after it. */
-  | {
-      type: 'sample';
-      adapter: string;
-      step: number;
-      when: 'before' | 'after';
-      prompt: string;
-      text: string;
-      time: number;
-    }
-  | { type: 'error'; adapter: string; message: string; time: number };
+  | JobStateEvent
+  | JobStepEvent
+  | JobEvalEvent
+  | JobCheckpointEvent
+  | JobFaultEvent
+  | JobRollbackEvent
+  | JobDoneEvent
+  | JobSampleEvent
+  | JobErrorEvent;
 
 export type JobState = 'queued' | 'loading' | 'running' | 'paused' | 'parked' | 'done' | 'failed' | 'cancelled';
+
+// The Pipeline interface lives in actors/pipeline.ts (it is no message); re-exported here only
+// for the scheduler's files, which import it from this file until they move to that one.
+export type { Pipeline } from './pipeline.js';

@@ -2,29 +2,31 @@
 // only its layers' base weights, and runs Forward / Backward / Step for any mix of adapters
 // from a priority mailbox (control first, then Backward, then Forward), reading and writing
 // activations in the shared slab in place. It heartbeats while it computes (kernels run off
-// the JS thread). Fault injection (lib/faults.ts) is applied here, for real: a crash ends
-// this thread, a hang blocks its event loop.
+// the JS thread). Its management API (actors/rpc.ts) comes by comlink on a port of its own and
+// runs in the control lane of the same mailbox. Fault injection: actors/stage-faults.ts.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { openDevice, type Tensor } from '../lib/tensor.js';
 import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { metaLayout, Slab, SlotKind } from './shm.js';
-import {
-  clockMs,
-  type BackwardMsg,
-  type ControlMsg,
-  type ForwardMsg,
-  type FromStage,
-  type HeadedMsg,
-  type HeadMsg,
-  type InitMsg,
-  type LinkMsg,
-  type StepMsg,
-  type ToStage,
+import type {
+  BackwardMsg,
+  DropMsg,
+  ForwardMsg,
+  FromStage,
+  HeadedMsg,
+  HeadMsg,
+  InitMsg,
+  LinkMsg,
+  PoisonMsg,
+  StepMsg,
+  ToStage,
 } from './protocol.js';
-import { type FaultSpec } from '../lib/faults.js';
-import { ErrorCode, MloraError, toWire } from '../lib/errors.js';
+import { clockMs } from './clock.js';
+import { serveStage, type StageApi } from './rpc.js';
+import { slowDown, StageFaults } from './stage-faults.js';
+import { ErrorCode, toWire } from '../lib/errors.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -36,31 +38,48 @@ let program: StageProgram;
 let slab: Slab;
 let handled = 0;
 let busySince = 0;
-const faults: FaultSpec[] = init.faults ?? [];
+const faults = new StageFaults(init.faults ?? [], init.faultFlags, init.stage);
 /** Micro-batches between forward and backward on this stage (the last stage: between forward and its head share's answer). */
 const live = new Map<number, { mb: MicroBatch; views: Tensor[]; msg?: ForwardMsg }>();
 
+/** A StageApi call (actors/rpc.ts), queued in the control lane like the ordered requests. */
+interface Call {
+  type: 'call';
+  /** Fault injection counts it as a message (shutdown excepted, as it always was). */
+  counts: boolean;
+  run: () => unknown;
+  resolve: (v: unknown) => void;
+  reject: (e: unknown) => void;
+}
 /** What the mailbox holds (a LinkMsg takes effect on arrival). */
-type Queued = Exclude<ToStage, LinkMsg>;
+type Queued = Exclude<ToStage, LinkMsg> | Call;
 /** `backward` also holds the head share's messages: they free memory too, and first in, first out keeps the gradients' order. */
 const mailbox = {
-  control: [] as Array<ControlMsg | StepMsg>,
+  control: [] as Array<StepMsg | PoisonMsg | DropMsg | Call>,
   backward: [] as Array<BackwardMsg | HeadMsg | HeadedMsg>,
   forward: [] as ForwardMsg[],
 };
 let pumping = false;
-/** Messages of an older epoch belong to an attempt the supervisor dropped during a recovery. */
+/** Messages of an older epoch belong to an attempt the pipeline dropped during a recovery. */
 let minEpoch = init.minEpoch ?? 0;
 
 function receive(m: ToStage): void {
   if (m.type === 'forward') mailbox.forward.push(m);
   else if (m.type === 'backward' || m.type === 'head' || m.type === 'headed') mailbox.backward.push(m);
   else if (m.type === 'link') return relink(m);
-  else if (m.type !== 'init') mailbox.control.push(m);
+  else mailbox.control.push(m);
   void pump();
 }
 
-/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the supervisor replays). */
+/** Runs `run` in the control lane, between two messages: a comlink call never runs beside a kernel. */
+function queued<T>(run: () => T | Promise<T>, counts = true): Promise<T> {
+  return new Promise<T>((resolve, reject) => {
+    mailbox.control.push({ type: 'call', counts, run, resolve: resolve as (v: unknown) => void, reject });
+    void pump();
+  });
+}
+
+/** Installs a neighbour's port at once (not through the mailbox: it must be in place before the pipeline replays). */
 function relink(m: LinkMsg): void {
   link[m.side]?.close();
   link[m.side] = m.port;
@@ -108,62 +127,20 @@ async function pump(): Promise<void> {
   }
 }
 
-/** Records work that began at `start` (clockMs()), relative to the pipeline's epoch: one time base for all stages. */
+/** Records work that began at `start` (clockMs()), relative to the pipeline's time origin: one time base for all stages. */
 function record(kind: 'F' | 'B' | 'H' | 'S' | 'E', mb: number, adapters: number[], start: number) {
   send({
     type: 'record',
-    rec: { stage: init.stage, kind, mb, adapters, start: start - init.epochMs, end: clockMs() - init.epochMs },
+    rec: { stage: init.stage, kind, mb, adapters, start: start - init.originMs, end: clockMs() - init.originMs },
   });
 }
 
-/** Which faults have fired (each fires once); shared with the supervisor, which restarts a stage without them. */
-const firedFlags = new Int32Array(init.faultFlags ?? new SharedArrayBuffer(4 * Math.max(1, faults.length)));
-const fired = {
-  has: (f: FaultSpec) => Atomics.load(firedFlags, faults.indexOf(f)) === 1,
-  add: (f: FaultSpec) => Atomics.store(firedFlags, faults.indexOf(f), 1),
-};
-
-/**
- * Applies the fault specs due at this message: a fault fires once, at the first message at or
- * after its `after` count where it can (crash and hang: any message; oom: a micro-batch
- * message, the one that is given back). Returns the slowdown factor.
- */
 function injectFaults(microBatch: boolean): number {
-  let factor = 1;
-  for (const f of faults) {
-    if (f.stage !== undefined && f.stage !== init.stage) continue;
-    if (f.kind === 'slow') factor = f.factor ?? 2;
-    if (f.after === undefined || handled + 1 < f.after || fired.has(f)) continue;
-    if (f.kind === 'crash') {
-      fired.add(f);
-      process.exit(70); // ends this worker thread only
-    }
-    if (f.kind === 'hang')
-      for (fired.add(f); ;) {
-        /* a hung kernel: no heartbeats, no replies */
-      }
-    if (f.kind === 'oom' && microBatch) {
-      fired.add(f);
-      throw new MloraError(ErrorCode.OutOfMemory, `device ${program.device.name}: out of memory (injected fault)`);
-    }
-  }
-  return factor;
+  return faults.inject(handled, microBatch, program.device.name);
 }
 
-/** Flips bytes in an outgoing slot after it was sealed (a corrupt:stage=S,after=N fault that is due). */
 function corruptAfter(slot: number): void {
-  for (const f of faults) {
-    if (
-      f.kind !== 'corrupt' ||
-      (f.stage !== undefined && f.stage !== init.stage) ||
-      handled + 1 < f.after! ||
-      fired.has(f)
-    )
-      continue;
-    fired.add(f);
-    const bytes = new Uint8Array(slab.sab, slab.dataOffset(slot), 64);
-    for (let i = 0; i < bytes.length; i += 7) bytes[i] ^= 0x5a;
-  }
+  faults.corruptAfter(handled, slab, slot);
 }
 
 function metaTensors(m: ForwardMsg, views: Tensor[]): MicroBatch['tensors'] & { tokens: Tensor; losses: Float32Array } {
@@ -207,20 +184,21 @@ async function handle(m: Queued): Promise<void> {
       const moved = [state.params.buffer, state.m.buffer, state.v.buffer] as ArrayBuffer[];
       return send({ type: 'reply', id: m.id, value: { sumsq, state } }, moved);
     }
-    if (m.type !== 'init') return await control(m);
+    if (m.type === 'call') {
+      if (m.counts) injectFaults(false);
+      return m.resolve(await m.run());
+    }
+    return control(m);
   } catch (e) {
     const err = e as Error;
-    const data =
-      m.type === 'forward' || m.type === 'backward' || m.type === 'head' || m.type === 'headed' ? m : undefined;
-    const mb = data?.mb;
-    if (data) dropLive(data.mb);
-    if (!data && m.type !== 'init')
-      return send({ type: 'reply', id: (m as ControlMsg | StepMsg).id, error: toWire(err) });
-    const epoch = data ? data.epoch : minEpoch;
-    // the supervisor answers every error of its current epoch with a new attempt, so the rest of
+    if (m.type === 'call') return m.reject(err);
+    if (m.type === 'step' || m.type === 'poison' || m.type === 'drop')
+      return send({ type: 'reply', id: m.id, error: toWire(err) });
+    dropLive(m.mb);
+    // the pipeline answers every error of its current epoch with a new attempt, so the rest of
     // this epoch's micro-batches here are wasted work (and an injected fault must not be spent on them)
-    if (data) minEpoch = Math.max(minEpoch, data.epoch + 1);
-    send({ type: 'error', epoch, stage: init.stage, ...(mb !== undefined ? { mb } : {}), error: toWire(err) });
+    minEpoch = Math.max(minEpoch, m.epoch + 1);
+    send({ type: 'error', epoch: m.epoch, stage: init.stage, mb: m.mb, error: toWire(err) });
   }
 }
 
@@ -362,16 +340,21 @@ async function afterHeadShare(m: HeadedMsg): Promise<void> {
   await program.backward(l.mb, hidden(f.outSlot, f.numTokens, l.views));
   await slowDown(start, factor);
   slab.seal(f.outSlot, m.mb, SlotKind.GRAD, f.numTokens * program.config.hiddenSize * 4, init.stage);
+  endBackward(m.mb, l, start);
+  corruptAfter(f.outSlot);
+  backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: f.outSlot });
+}
+
+/** A micro-batch's backward on this stage is through: its saved state goes, the work is recorded. */
+function endBackward(mb: number, l: { mb: MicroBatch; views: Tensor[] }, start: number): void {
   for (const v of l.views) v.free();
-  live.delete(m.mb);
+  live.delete(mb);
   record(
     'B',
-    m.mb,
+    mb,
     l.mb.segments.map((s) => s.adapter),
     start,
   );
-  corruptAfter(f.outSlot);
-  backwardPrev({ type: 'backward', epoch: m.epoch, mb: m.mb, gradSlot: f.outSlot });
 }
 
 async function backward(m: BackwardMsg): Promise<void> {
@@ -384,68 +367,51 @@ async function backward(m: BackwardMsg): Promise<void> {
   await program.backward(l.mb, grad);
   await slowDown(start, factor);
   slab.seal(m.gradSlot, m.mb, SlotKind.GRAD, l.mb.numTokens * program.config.hiddenSize * 4, init.stage + 1000);
-  for (const v of l.views) v.free();
-  live.delete(m.mb);
-  record(
-    'B',
-    m.mb,
-    l.mb.segments.map((s) => s.adapter),
-    start,
-  );
+  endBackward(m.mb, l, start);
   if (program.plan.first) return send({ type: 'done', epoch: m.epoch, stage: init.stage, mb: m.mb });
   corruptAfter(m.gradSlot);
   backwardPrev(m);
 }
 
-async function slowDown(start: number, factor: number) {
-  if (factor <= 1) return;
-  const ms = (clockMs() - start) * (factor - 1);
-  await new Promise((r) => setTimeout(r, ms));
+/** The ordered requests besides Step (actors/rpc.ts says why they are not comlink calls). */
+function control(m: PoisonMsg | DropMsg): void {
+  injectFaults(false);
+  if (m.type === 'poison') {
+    const a = program.adapter(m.adapter);
+    a.params.write(new Float32Array(a.params.shape[0]!).fill(NaN));
+  } else {
+    for (const id of [...live.keys()]) dropLive(id);
+    for (const id of program.inFlight()) program.drop(id); // saved blocks with no entry in `live`
+    minEpoch = Math.max(minEpoch, m.epoch);
+  }
+  send({ type: 'reply', id: m.id });
 }
 
-async function control(m: ControlMsg): Promise<void> {
-  if (m.type !== 'shutdown') injectFaults(false);
-  let value: unknown;
-  switch (m.type) {
-    case 'addAdapter': {
-      program.addAdapterState(m.adapter!, m.spec!, m.state!);
-      break;
-    }
-    case 'removeAdapter':
-      program.removeAdapter(m.adapter!);
-      break;
-    case 'exportAdapter':
-      value = program.adapter(m.adapter!).exportState();
-      break;
-    case 'gradSumsq':
-      value = await program.gradSumsq(m.adapter!);
-      break;
-    case 'poison': {
-      const a = program.adapter(m.adapter!);
-      a.params.write(new Float32Array(a.params.shape[0]!).fill(NaN));
-      break;
-    }
-    case 'memory':
-      value = { device: program.device.name, ...program.device.memory() };
-      break;
-    case 'drop':
-      for (const id of m.mbs ?? []) dropLive(id);
-      for (const id of [...live.keys()]) dropLive(id);
-      for (const id of program.inFlight()) program.drop(id); // saved blocks with no entry in `live`
-      if (m.epoch !== undefined) minEpoch = Math.max(minEpoch, m.epoch);
-      break;
-    case 'shutdown':
+/** The management API; each call waits for its turn in the control lane. */
+const api: StageApi = {
+  addAdapter: (adapter, spec, state) =>
+    queued(() => {
+      program.addAdapterState(adapter, spec, state);
+    }),
+  removeAdapter: (adapter) => queued(() => program.removeAdapter(adapter)),
+  exportAdapter: (adapter) => queued(() => program.adapter(adapter).exportState()),
+  gradSumsq: (adapter) => queued(() => program.gradSumsq(adapter)),
+  memory: () => queued(() => ({ device: program.device.name, ...program.device.memory() })),
+  shutdown: () =>
+    queued(() => {
       for (const id of [...live.keys()]) dropLive(id);
       program.free();
       clearInterval(heartbeat);
-      send({ type: 'reply', id: m.id });
-      link.prev?.close();
-      link.next?.close();
-      port.close();
-      return;
-  }
-  send({ type: 'reply', id: m.id, value });
-}
+      // after comlink has posted the answer: then nothing keeps this thread's event loop alive
+      setImmediate(() => {
+        link.prev?.close();
+        link.next?.close();
+        init.control.close();
+        port.close();
+      });
+    }, false),
+};
+serveStage(api, init.control);
 
 async function start(): Promise<void> {
   try {

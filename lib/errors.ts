@@ -11,6 +11,8 @@ export const ErrorCode = {
   Crash: 'ERR_MLORA_CRASH',
   /** A caller passed arguments the callee refuses (an op's argument checks). */
   BadInput: 'ERR_MLORA_BAD_INPUT',
+  /** A stage did not answer a request: it died, hangs (no answer in time) or a recovery interrupted the call. */
+  Unavailable: 'ERR_MLORA_UNAVAILABLE',
 } as const;
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
 

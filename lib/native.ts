@@ -91,6 +91,27 @@ export interface LoraSegmentArg {
   db?: Tensor;
 }
 
+/** The head layout and masking every attention op takes. */
+export interface AttentionHeads {
+  heads: number;
+  kvHeads: number;
+  /** Default 1/√head_dim. */
+  scale?: number;
+  /** Sliding window: query i sees keys j with i − window < j ≤ i; 0 (default) = none. */
+  window?: number;
+}
+
+/** One AdamW step's hyper-parameters: `step` is 1-based (bias correction), `gradScale` multiplies the gradients (clipping). */
+export interface AdamwHyper {
+  lr: number;
+  beta1: number;
+  beta2: number;
+  eps: number;
+  weightDecay: number;
+  step: number;
+  gradScale?: number;
+}
+
 export type Op =
   | { op: 'fill'; y: Tensor; value?: number }
   | { op: 'copy'; y: Tensor; x: Tensor }
@@ -148,7 +169,7 @@ export type Op =
     }
   | { op: 'rope_forward'; y: Tensor; x: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
   | { op: 'rope_backward'; dx: Tensor; dy: Tensor; pos: Tensor; cos: Tensor; sin: Tensor; heads: number }
-  | {
+  | ({
       op: 'attention_forward';
       out: Tensor;
       lse: Tensor;
@@ -156,13 +177,8 @@ export type Op =
       k: Tensor;
       v: Tensor;
       cuSeqlens: Tensor;
-      /** Sliding window: query i sees keys j with i − window < j ≤ i; 0 (default) = none. */
-      heads: number;
-      kvHeads: number;
-      scale?: number;
-      window?: number;
-    }
-  | {
+    } & AttentionHeads)
+  | ({
       op: 'attention_backward';
       dq: Tensor;
       dk: Tensor;
@@ -174,23 +190,15 @@ export type Op =
       out: Tensor;
       lse: Tensor;
       cuSeqlens: Tensor;
-      heads: number;
-      kvHeads: number;
-      scale?: number;
-      window?: number;
-    }
-  | {
+    } & AttentionHeads)
+  | ({
       op: 'attention_decode';
       out: Tensor;
       q: Tensor;
       kCache: Tensor;
       vCache: Tensor;
       length: number;
-      heads: number;
-      kvHeads: number;
-      scale?: number;
-      window?: number;
-    }
+    } & AttentionHeads)
   /** y[*, m] += b[m] on every row (a frozen bias; no backward: dy passes through). */
   | { op: 'add_bias'; y: Tensor; b: Tensor }
   | { op: 'swiglu_forward'; h: Tensor; gate: Tensor; up: Tensor }
@@ -199,20 +207,7 @@ export type Op =
   | { op: 'lora_backward'; dx: Tensor; dy: Tensor; x: Tensor; segments: LoraSegmentArg[] }
   | { op: 'cross_entropy_forward'; losses: Tensor; logits: Tensor; labels: Tensor }
   | { op: 'cross_entropy_backward'; losses: Tensor; dlogits: Tensor; logits: Tensor; labels: Tensor; weights: Tensor }
-  | {
-      op: 'adamw';
-      params: Tensor[];
-      grads: Tensor[];
-      m: Tensor[];
-      v: Tensor[];
-      lr: number;
-      beta1: number;
-      beta2: number;
-      eps: number;
-      weightDecay: number;
-      step: number;
-      gradScale?: number;
-    };
+  | ({ op: 'adamw'; params: Tensor[]; grads: Tensor[]; m: Tensor[]; v: Tensor[] } & AdamwHyper);
 
 export interface NativeInfo {
   cpu: {

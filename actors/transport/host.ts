@@ -5,7 +5,8 @@
 // then runs the ordinary stage actor (actors/stage.ts) in a worker thread on its own slab: this
 // process only relays protocol messages and writes activations arriving from the network
 // straight into the slab's slots (and sends the slots a stage produced back before the message
-// that names them).
+// that names them). The stage's control port (comlink, actors/rpc.ts) is relayed the same way:
+// what the supervisor posts on its end arrives here as an Rpc and goes to the stage's port.
 import os from 'node:os';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { KV } from '@nats-io/kv';
@@ -31,7 +32,10 @@ import {
 const STAGE_URL = new URL('../stage.js', import.meta.url);
 
 /** What a supervisor sends a remote stage besides the ToStage messages. */
-export type RemoteInit = Omit<InitMsg, 'slab' | 'faultFlags'> & { fingerprint: ModelFingerprint; replyTo: string };
+export type RemoteInit = Omit<InitMsg, 'slab' | 'faultFlags' | 'control'> & {
+  fingerprint: ModelFingerprint;
+  replyTo: string;
+};
 export type ToHost =
   | { type: 'claim'; leaseMs: number }
   | { type: 'remote-init'; init: RemoteInit }
@@ -39,8 +43,14 @@ export type ToHost =
   | { type: 'keepalive' }
   /** Make a new channel to the neighbour on `side` (the runtime's LinkMsg, its port stays with the supervisor). */
   | { type: 'link'; id: number; side: LinkSide }
-  | Relay;
+  | Relay
+  | Rpc;
 export type LinkSide = 'prev' | 'next';
+/** A comlink message on the stage's control port (either way): relayed as it is, in order with the rest. */
+export interface Rpc {
+  type: 'rpc';
+  m: unknown;
+}
 /** A stage's message (ToStage) over one of its neighbour channels; ranges: partial slot bytes sent before it. */
 export interface Relay {
   type: 'relay';
@@ -51,7 +61,7 @@ export interface Relay {
 /** [slot, offset in the slot, bytes] */
 export type SlotRange = [number, number, number];
 /** Besides FromStage: the stage's thread ended; a message of the stage to a neighbour. */
-export type FromHost = FromStage | { type: 'exit'; code: number; stage: number } | Relay;
+export type FromHost = FromStage | { type: 'exit'; code: number; stage: number } | Relay | Rpc;
 
 export interface StageHostOptions {
   url: string;
@@ -87,6 +97,8 @@ class DeviceServer {
   private readonly heads = new Map<number, HeadMsg>();
   /** This host's ends of the worker's neighbour channels. */
   private readonly links: { prev?: MessagePort; next?: MessagePort } = {};
+  /** This host's end of the worker's control port. */
+  private control: MessagePort | undefined;
   private last = false;
   private hiddenSize = 0;
 
@@ -129,6 +141,7 @@ class DeviceServer {
     }
     if (!this.worker) return;
     if (m.type === 'link') return this.relink(m.id, m.side);
+    if (m.type === 'rpc') return void this.control?.postMessage(m.m);
     if (m.type === 'relay') {
       this.note(m.m);
       return void this.links[m.side]?.postMessage(m.m);
@@ -231,8 +244,12 @@ class DeviceServer {
       );
     }
     this.slab = Slab.create(ri.slotCount, ri.slotBytes);
+    const { port1, port2 } = new MessageChannel();
+    this.control = port1;
+    port1.on('message', (m: unknown) => void this.toSup?.send({ type: 'rpc', m } satisfies Rpc).catch(() => {}));
     const init: InitMsg = {
       ...ri,
+      control: port2,
       modelDir,
       device: this.rec.device,
       threads: this.rec.threads,
@@ -242,7 +259,7 @@ class DeviceServer {
       faultFlags: new SharedArrayBuffer(4),
     };
     delete (init as Partial<RemoteInit>).fingerprint;
-    const w = new Worker(STAGE_URL, { workerData: init });
+    const w = new Worker(STAGE_URL, { workerData: init, transferList: [port2] });
     this.worker = w;
     this.host.log(`${this.rec.device}: stage ${ri.stage} (layers ${ri.plan.lo}..${ri.plan.hi}) of run ${run}`);
     w.on('message', (m: FromStage) => void this.fromStage(m));
@@ -285,6 +302,8 @@ class DeviceServer {
     this.links.next?.close();
     delete this.links.prev;
     delete this.links.next;
+    this.control?.close();
+    this.control = undefined;
     if (w) void w.terminate();
   }
 

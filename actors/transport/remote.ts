@@ -7,8 +7,12 @@
 // message goes out, the slots it names (the micro-batch's meta slot, the input hidden states,
 // the incoming gradient, the head share's rows) are sent to the host; the host sends back the
 // slots its stage produced before the message that names them, and they are written straight
-// into the runtime's slab (so every slot crosses the supervisor: star routing). A host is declared gone when a send finds no responders or times
-// out, or when its lease vanishes from the registry; a hang shows as missing heartbeats.
+// into the runtime's slab (so every slot crosses the supervisor: star routing). The stage's
+// control port (InitMsg.control, comlink: actors/rpc.ts) ends here too: what the runtime's comlink
+// posts on it goes to the host as an Rpc, in order with the rest, and the answers come back on it.
+// A host is declared gone when a send finds no responders or times out, or when its lease
+// vanishes from the registry; a hang shows as missing heartbeats. Either way the control port
+// closes with the stage, and the runtime fails the calls still waiting on it.
 import { EventEmitter } from 'node:events';
 import { randomUUID } from 'node:crypto';
 import type { KV } from '@nats-io/kv';
@@ -20,7 +24,7 @@ import type { MessagePort } from 'node:worker_threads';
 import type { FromStage, InitMsg, ToStage } from '../protocol.js';
 import { Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
-import type { FromHost, LinkSide, Relay, RemoteInit, SlotRange, ToHost } from './host.js';
+import type { FromHost, LinkSide, Relay, RemoteInit, Rpc, SlotRange, ToHost } from './host.js';
 import { LinkSender, listen, type LinkError } from './link.js';
 import { DEFAULT_LEASE_MS, listDevices, openRegistry, slotSink, slotWire, type ClusterDevice } from './registry.js';
 
@@ -144,7 +148,7 @@ export class RemoteStage extends EventEmitter {
   private keepalive: NodeJS.Timeout | undefined;
   private leaseCheck: NodeJS.Timeout | undefined;
   private device: ClusterDevice | undefined;
-  private readonly queue: ToStage[] = [];
+  private readonly queue: Array<ToStage | Rpc> = [];
   /** The runtime's ends of the channels to the neighbouring stages. */
   private readonly links: { prev?: MessagePort; next?: MessagePort } = {};
   private starting: Promise<void>;
@@ -156,6 +160,8 @@ export class RemoteStage extends EventEmitter {
   ) {
     super();
     this.slab = new Slab(init.slab, init.slotCount, init.slotBytes);
+    init.control.on('message', (m: unknown) => this.postMessage({ type: 'rpc', m }));
+    init.control.unref(); // the NATS connection keeps the process alive, not this port
     this.starting = this.start(restart).catch((e) => this.die((e as Error).message));
   }
 
@@ -203,7 +209,7 @@ export class RemoteStage extends EventEmitter {
     c.placement[this.init.stage] = dev;
     this.device = dev;
     this.tx = link;
-    const { slab: _s, faultFlags: _f, ...rest } = this.init;
+    const { slab: _s, faultFlags: _f, control: _c, ...rest } = this.init;
     const ri: RemoteInit = {
       ...rest,
       device: dev.id,
@@ -246,6 +252,7 @@ export class RemoteStage extends EventEmitter {
       // the stage's message to its neighbour; the partial slot bytes it names travel on with it
       return void this.links[m.side]?.postMessage({ ...m.m, ...(m.ranges ? { ranges: m.ranges } : {}) });
     }
+    if (m.type === 'rpc') return void this.init.control.postMessage(m.m);
     if (m.type === 'ready') this.ready = true;
     // a device that refuses to start this run's stage (another model, no model directory) is
     // not tried again by this run
@@ -254,13 +261,13 @@ export class RemoteStage extends EventEmitter {
   }
 
   /** Like a Worker's; a LinkMsg's port (in `transfer` for a Worker) stays in this thread. */
-  postMessage(m: ToStage, _transfer?: readonly unknown[]): void {
+  postMessage(m: ToStage | Rpc, _transfer?: readonly unknown[]): void {
     if (this.exited) return;
     if (!this.tx) return void this.queue.push(m);
     this.send(m);
   }
 
-  private send(m: ToStage): void {
+  private send(m: ToStage | Rpc): void {
     if (m.type === 'link') {
       const { port, ...rest } = m;
       this.links[m.side]?.close();
@@ -297,6 +304,7 @@ export class RemoteStage extends EventEmitter {
   }
 
   private closeLinks(): void {
+    this.init.control.close();
     this.links.prev?.close();
     this.links.next?.close();
     delete this.links.prev;

@@ -438,6 +438,13 @@ export function expectedTensors(c: LlamaConfig): Map<string, number[]> {
   return m;
 }
 
+/** The base model's parameters: the elements of every tensor its checkpoint holds (a tied head counts once). */
+export function parameterCount(c: LlamaConfig): number {
+  let n = 0;
+  for (const shape of expectedTensors(c).values()) n += shape.reduce((a, b) => a * b, 1);
+  return n;
+}
+
 /**
  * The tensors one pipeline stage needs: layers [lo, hi), plus the embedding when `embedding`
  * (first stage) and the final norm + head when `head` (last stage; with tied embeddings the

@@ -6,6 +6,7 @@ import type { LlamaConfig, LoraTarget } from '../model/config.js';
 import { projectionModule } from '../model/config.js';
 import type { StagePlan } from '../model/batch.js';
 import type { AdapterWeights } from '../io/peft.js';
+import type { AdamwHyper } from '../native.js';
 
 /** An adapter's trainable state over ALL layers, in the flat layout of lora/adapter.ts sliceLayout(0, L). */
 export interface AdapterState {
@@ -17,14 +18,7 @@ export interface AdapterState {
 }
 
 /** One AdamW step of one adapter, as every stage applies it to its slice. */
-export interface StepParams {
-  lr: number;
-  beta1: number;
-  beta2: number;
-  eps: number;
-  weightDecay: number;
-  /** 1-based AdamW step (bias correction). */
-  step: number;
+export interface StepParams extends AdamwHyper {
   /** Gradient scale (clipping): min(1, max_norm / ‖g‖). */
   gradScale: number;
 }

@@ -34,20 +34,36 @@ export async function openSingleModel(
   const program = new StageProgram(device, config, plan, await loadStageWeights(device, dir, plan));
   let hasAdapter = false;
   if (adapterDir) {
-    const ad = loadAdapter(adapterDir);
-    checkAdapterAgainstModel(ad, config, modelDir);
-    const spec: LoraSpec = {
-      r: ad.r,
-      alpha: ad.loraAlpha,
-      dropout: 0,
-      targets: ad.targetModules,
-      useRslora: ad.useRslora,
-      seed: 0,
-    };
-    program.addAdapter(ADAPTER_ID, spec, fromAdapterWeights(config, spec, ad, adapterDir));
+    addPeftAdapter(program, adapterDir, ADAPTER_ID, modelDir);
     hasAdapter = true;
   }
   return { dir, config, device, program, hasAdapter, free: () => program.free() };
+}
+
+/**
+ * Adds the PEFT adapter in `adapterDir` to `program` as adapter `id`, for inference or for
+ * checking gradients against a reference: no dropout (seed 0 then draws nothing). Checked
+ * against the program's config first (`modelLabel` names the model in the error).
+ */
+export function addPeftAdapter(
+  program: StageProgram,
+  adapterDir: string,
+  id: number,
+  modelLabel = 'the base model',
+): { spec: LoraSpec; flat: Float32Array } {
+  const ad = loadAdapter(adapterDir);
+  checkAdapterAgainstModel(ad, program.config, modelLabel);
+  const spec: LoraSpec = {
+    r: ad.r,
+    alpha: ad.loraAlpha,
+    dropout: 0,
+    targets: ad.targetModules,
+    useRslora: ad.useRslora,
+    seed: 0,
+  };
+  const flat = fromAdapterWeights(program.config, spec, ad, adapterDir);
+  program.addAdapter(id, spec, flat);
+  return { spec, flat };
 }
 
 export interface PackedRows {

@@ -8,7 +8,7 @@ export interface ScheduleRecord {
   kind: 'F' | 'B' | 'H' | 'S' | 'E';
   mb: number;
   adapters: number[];
-  /** ms since the pipeline started (one time base for every stage: see clockMs in actors/protocol.ts) */
+  /** ms since the pipeline started (one time base for every stage: see clockMs in actors/clock.ts) */
   start: number;
   end: number;
 }

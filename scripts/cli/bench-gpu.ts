@@ -12,7 +12,7 @@
 // the GPU run (scripts/device-check.sh with MLORA_DEVICE_CHECK_REHEARSE=1).
 import fs from 'node:fs';
 import path from 'node:path';
-import { openModelDir } from '../../lib/io/hf-model.js';
+import { openModelDir, parameterCount } from '../../lib/io/hf-model.js';
 import { PRESETS, type LlamaConfig, type PresetName } from '../../lib/model/config.js';
 import { freshState } from '../../lib/lora/state.js';
 import { native } from '../../lib/native.js';
@@ -77,16 +77,6 @@ interface PeftBaseline {
   model?: string;
   torch_bf16_tflops?: number;
   records: Array<{ model: string; adapters: number; tokens_per_s: number }>;
-}
-
-/** Parameters of the base model (embeddings and head counted once each unless tied). */
-function paramCount(c: LlamaConfig): number {
-  const H = c.hiddenSize,
-    q = c.numHeads * c.headDim,
-    kv = c.numKvHeads * c.headDim,
-    I = c.intermediateSize;
-  const layer = H * q + 2 * H * kv + q * H + 3 * H * I + 2 * H;
-  return c.numLayers * layer + c.vocabSize * H * (c.tieWordEmbeddings ? 1 : 2) + H;
 }
 
 /** bf16 GEMM ceiling of a device (TFLOP/s): n×n f32 activations × n×n bf16 weights, 8 products per run, the best run. */
@@ -221,7 +211,7 @@ export async function gpuScenario(o: GpuBenchOptions, log: (s: string) => void):
           const peft = baseline?.records.find((r) => r.model === name && r.adapters === K)?.tokens_per_s;
           const rec: GpuBenchRecord = {
             model: name,
-            params: paramCount(c),
+            params: parameterCount(c),
             adapters: K,
             stages: S,
             micro_batch: o.micro,

@@ -4,7 +4,7 @@
 // text / instruction / chat data, tokenized with the model's tokenizer. A long file (ten
 // batches or more) reports its progress on stderr: redrawn in place on a terminal, else a line
 // at every tenth of the batches.
-import { parseArgs } from 'node:util';
+import { badNumber, numberOption, parseCommandArgs, usageError, type Command } from './args.js';
 import { readDataset, type TokenizedRecord } from '../../lib/data/dataset.js';
 import { tokenizeDataset } from '../../lib/data/pool.js';
 import { batchOnDevice, freeBatch, openSingleModel, packSequences } from '../../lib/model/single.js';
@@ -109,45 +109,30 @@ export async function evaluateDataset(o: {
   }
 }
 
+const CMD: Command = { name: 'eval', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let a;
-  try {
-    a = parseArgs({
-      args: argv,
-      options: {
-        model: { type: 'string' },
-        adapter: { type: 'string' },
-        data: { type: 'string' },
-        'seq-len': { type: 'string' },
-        'batch-tokens': { type: 'string' },
-        template: { type: 'string' },
-        threads: { type: 'string' },
-        json: { type: 'boolean' },
-        help: { type: 'boolean', short: 'h' },
-        'no-progress': { type: 'boolean' },
-      },
-    });
-  } catch (e) {
-    console.error(`mlora eval: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  if (a.values.help) return (console.log(USAGE), 0);
-  if (!a.values.model || !a.values.data) {
-    console.error(`mlora eval: --model and --data are required\n${USAGE}`);
-    return 2;
-  }
+  const a = parseCommandArgs(CMD, argv, {
+    model: { type: 'string' },
+    adapter: { type: 'string' },
+    data: { type: 'string' },
+    'seq-len': { type: 'string' },
+    'batch-tokens': { type: 'string' },
+    template: { type: 'string' },
+    threads: { type: 'string' },
+    json: { type: 'boolean' },
+    'no-progress': { type: 'boolean' },
+  });
+  if (typeof a === 'number') return a;
+  if (!a.values.model || !a.values.data) return usageError(CMD, '--model and --data are required');
   const ints: Record<string, number> = {};
   for (const [k, def] of [
     ['seq-len', 512],
     ['batch-tokens', 4096],
     ['threads', 1],
   ] as const) {
-    const v = a.values[k];
-    const n = v === undefined ? def : Number(v);
-    if (!Number.isInteger(n) || n < 1) {
-      console.error(`mlora eval: --${k} must be a positive integer, got '${v}'\n${USAGE}`);
-      return 2;
-    }
+    const n = numberOption(a.values[k], def, 'positive integer');
+    if (n === undefined) return badNumber(CMD, k, a.values[k], 'positive integer');
     ints[k] = n;
   }
   const tty = !!process.stderr.isTTY && process.env.TERM !== 'dumb';

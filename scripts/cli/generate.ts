@@ -1,5 +1,5 @@
 // mlora generate --model DIR [--adapter DIR] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--chat]
-import { parseArgs } from 'node:util';
+import { badNumber, numberOption, parseCommandArgs, usageError, type Command } from './args.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { encodePrompt, generate } from '../../lib/model/generate.js';
@@ -7,50 +7,33 @@ import { encodePrompt, generate } from '../../lib/model/generate.js';
 const USAGE =
   'usage: mlora generate --model DIR [--adapter DIR] --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--seed N] [--chat] [--threads N] [--json]';
 
+const CMD: Command = { name: 'generate', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let a;
-  try {
-    a = parseArgs({
-      args: argv,
-      options: {
-        model: { type: 'string' },
-        adapter: { type: 'string' },
-        prompt: { type: 'string' },
-        'max-new-tokens': { type: 'string' },
-        temperature: { type: 'string' },
-        'top-k': { type: 'string' },
-        seed: { type: 'string' },
-        chat: { type: 'boolean' },
-        threads: { type: 'string' },
-        json: { type: 'boolean' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
-  } catch (e) {
-    console.error(`mlora generate: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  if (a.values.help) return (console.log(USAGE), 0);
-  if (!a.values.model || a.values.prompt === undefined) {
-    console.error(`mlora generate: --model and --prompt are required\n${USAGE}`);
-    return 2;
-  }
+  const a = parseCommandArgs(CMD, argv, {
+    model: { type: 'string' },
+    adapter: { type: 'string' },
+    prompt: { type: 'string' },
+    'max-new-tokens': { type: 'string' },
+    temperature: { type: 'string' },
+    'top-k': { type: 'string' },
+    seed: { type: 'string' },
+    chat: { type: 'boolean' },
+    threads: { type: 'string' },
+    json: { type: 'boolean' },
+  });
+  if (typeof a === 'number') return a;
+  if (!a.values.model || a.values.prompt === undefined) return usageError(CMD, '--model and --prompt are required');
   const opts: Record<string, number> = {};
-  for (const [k, def, integer] of [
-    ['max-new-tokens', 64, true],
-    ['temperature', 0, false],
-    ['top-k', 0, true],
-    ['seed', 0, true],
-    ['threads', 1, true],
+  for (const [k, def, kind] of [
+    ['max-new-tokens', 64, 'non-negative integer'],
+    ['temperature', 0, 'non-negative number'],
+    ['top-k', 0, 'non-negative integer'],
+    ['seed', 0, 'non-negative integer'],
+    ['threads', 1, 'positive integer'],
   ] as const) {
-    const v = a.values[k];
-    const n = v === undefined ? def : Number(v);
-    if (!(integer ? Number.isInteger(n) : Number.isFinite(n)) || n < 0 || (k === 'threads' && n < 1)) {
-      console.error(
-        `mlora generate: --${k} must be a ${k === 'threads' ? 'positive' : 'non-negative'} ${integer ? 'integer' : 'number'}, got '${v}'\n${USAGE}`,
-      );
-      return 2;
-    }
+    const n = numberOption(a.values[k], def, kind);
+    if (n === undefined) return badNumber(CMD, k, a.values[k], kind);
     opts[k] = n;
   }
   const tok = loadTokenizer(a.values.model);

@@ -3,7 +3,6 @@
 // only, plus tokenizer.json, except for an adapter's (small) weights.
 import fs from 'node:fs';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { formatBytes } from '../../lib/tensor.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openModelDir, readModelConfig } from '../../lib/io/hf-model.js';
@@ -15,6 +14,7 @@ import {
   loadAdapter,
 } from '../../lib/io/peft.js';
 import type { LlamaConfig } from '../../lib/model/config.js';
+import { parseCommandArgs, usageError, type Command } from './args.js';
 
 const USAGE = `usage: mlora inspect DIR [--model BASEDIR] [--json]
 
@@ -73,27 +73,13 @@ function familyFeatures(c: LlamaConfig): string {
   return f.join(', ');
 }
 
+const CMD: Command = { name: 'inspect', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: { model: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } },
-    });
-  } catch (e) {
-    console.error(`mlora inspect: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
+  const parsed = parseCommandArgs(CMD, argv, { model: { type: 'string' }, json: { type: 'boolean' } }, true);
+  if (typeof parsed === 'number') return parsed;
   const { values, positionals } = parsed;
-  if (values.help) {
-    console.log(USAGE);
-    return 0;
-  }
-  if (positionals.length !== 1) {
-    console.error(`mlora inspect: expected one directory, got ${positionals.length}\n\n${USAGE}`);
-    return 2;
-  }
+  if (positionals.length !== 1) return usageError(CMD, `expected one directory, got ${positionals.length}`);
   const dir = positionals[0]!;
   if (!fs.existsSync(dir) || !fs.statSync(dir).isDirectory()) throw new Error(`${dir}: not a directory`);
   const json = values.json === true;

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
+import { badNumber, numberOption, parseCommandArgs, usageError, type Command } from './args.js';
 import { PRESETS, type PresetName } from '../../lib/model/config.js';
 import { toHfConfigJson, writeRandomLlama } from '../../lib/io/hf-model.js';
 import { writeTokenizerFiles } from '../../lib/data/tokenizer.js';
@@ -70,43 +70,25 @@ export async function ensureModel(
 const USAGE =
   'usage: mlora make-model --preset tiny|small|bench|1b|tiny-llama3|tiny-qwen2|tiny-qwen3|tiny-mistral --out DIR [--seed N] [--dtype f32|bf16 (default: f32; 1b: bf16)]';
 
+const CMD: Command = { name: 'make-model', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let a;
-  try {
-    a = parseArgs({
-      args: argv,
-      options: {
-        preset: { type: 'string' },
-        out: { type: 'string' },
-        seed: { type: 'string' },
-        dtype: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
-  } catch (e) {
-    console.error(`mlora make-model: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  if (a.values.help) return (console.log(USAGE), 0);
+  const a = parseCommandArgs(CMD, argv, {
+    preset: { type: 'string' },
+    out: { type: 'string' },
+    seed: { type: 'string' },
+    dtype: { type: 'string' },
+  });
+  if (typeof a === 'number') return a;
   const preset = a.values.preset as PresetName | undefined;
-  if (!preset || !(preset in PRESETS)) {
-    console.error(`mlora make-model: --preset must be one of ${Object.keys(PRESETS).join(', ')}\n${USAGE}`);
-    return 2;
-  }
-  if (!a.values.out) {
-    console.error(`mlora make-model: --out DIR is required\n${USAGE}`);
-    return 2;
-  }
-  const seed = a.values.seed === undefined ? 0 : Number(a.values.seed);
-  if (!Number.isInteger(seed) || seed < 0) {
-    console.error(`mlora make-model: --seed must be a non-negative integer, got '${a.values.seed}'\n${USAGE}`);
-    return 2;
-  }
+  if (!preset || !(preset in PRESETS))
+    return usageError(CMD, `--preset must be one of ${Object.keys(PRESETS).join(', ')}`);
+  if (!a.values.out) return usageError(CMD, '--out DIR is required');
+  const seed = numberOption(a.values.seed, 0, 'non-negative integer');
+  if (seed === undefined) return badNumber(CMD, 'seed', a.values.seed, 'non-negative integer');
   const dtype = (a.values.dtype ?? presetDtype(preset)) as 'f32' | 'bf16';
-  if (dtype !== 'f32' && dtype !== 'bf16') {
-    console.error(`mlora make-model: --dtype must be f32 or bf16, got '${a.values.dtype}'\n${USAGE}`);
-    return 2;
-  }
+  if (dtype !== 'f32' && dtype !== 'bf16')
+    return usageError(CMD, `--dtype must be f32 or bf16, got '${a.values.dtype}'`);
   const t = Date.now();
   await makeModel(a.values.out, preset, seed, dtype);
   const c = PRESETS[preset];

@@ -1,7 +1,7 @@
 // mlora merge --model DIR --adapter DIR --out DIR [--dtype f32|bf16|f16] [--max-shard-size SIZE]
 // Folds a PEFT LoRA adapter into its base model (W + scale·B·A) and writes a plain Hugging
 // Face model directory that needs no PEFT to load (lib/io/merge.ts).
-import { parseArgs } from 'node:util';
+import { parseCommandArgs, usageError, type Command } from './args.js';
 import { DEFAULT_MAX_SHARD_BYTES, mergeAdapter, parseShardSize, type MergeDType } from '../../lib/io/merge.js';
 
 const USAGE = `usage: mlora merge --model DIR --adapter DIR --out DIR [--dtype f32|bf16|f16] [--max-shard-size SIZE]
@@ -12,42 +12,28 @@ const USAGE = `usage: mlora merge --model DIR --adapter DIR --out DIR [--dtype f
   --dtype D              storage dtype of the merged weights (default: the base's own)
   --max-shard-size SIZE  shard the weights above this size, e.g. 5GB, 200MB, 10KiB (default 5GB, as transformers)`;
 
+const CMD: Command = { name: 'merge', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let a;
-  try {
-    a = parseArgs({
-      args: argv,
-      options: {
-        model: { type: 'string' },
-        adapter: { type: 'string' },
-        out: { type: 'string' },
-        dtype: { type: 'string' },
-        'max-shard-size': { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    });
-  } catch (e) {
-    console.error(`mlora merge: ${(e as Error).message}\n${USAGE}`);
-    return 2;
-  }
-  if (a.values.help) return (console.log(USAGE), 0);
+  const a = parseCommandArgs(CMD, argv, {
+    model: { type: 'string' },
+    adapter: { type: 'string' },
+    out: { type: 'string' },
+    dtype: { type: 'string' },
+    'max-shard-size': { type: 'string' },
+  });
+  if (typeof a === 'number') return a;
   const { model, adapter, out } = a.values;
-  if (!model || !adapter || !out) {
-    console.error(`mlora merge: --model, --adapter and --out are required\n${USAGE}`);
-    return 2;
-  }
+  if (!model || !adapter || !out) return usageError(CMD, '--model, --adapter and --out are required');
   const dtype = a.values.dtype;
-  if (dtype !== undefined && dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'f16') {
-    console.error(`mlora merge: --dtype must be f32, bf16 or f16, got '${dtype}'\n${USAGE}`);
-    return 2;
-  }
+  if (dtype !== undefined && dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'f16')
+    return usageError(CMD, `--dtype must be f32, bf16 or f16, got '${dtype}'`);
   let maxShardBytes = DEFAULT_MAX_SHARD_BYTES;
   if (a.values['max-shard-size'] !== undefined) {
     try {
       maxShardBytes = parseShardSize(a.values['max-shard-size']);
     } catch (e) {
-      console.error(`mlora merge: --max-shard-size: ${(e as Error).message}\n${USAGE}`);
-      return 2;
+      return usageError(CMD, `--max-shard-size: ${(e as Error).message}`);
     }
   }
   const t = performance.now();

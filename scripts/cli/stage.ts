@@ -2,7 +2,7 @@
 // Offers this host's devices to training runs over NATS (see actors/transport/host.ts) until
 // SIGINT/SIGTERM.
 import os from 'node:os';
-import { parseArgs } from 'node:util';
+import { parseCommandArgs, usageError, type Command } from './args.js';
 import { StageHost } from '../../actors/transport/host.js';
 import { parseBytes } from '../../lib/tensor.js';
 
@@ -23,41 +23,28 @@ options:
   --tls-cert FILE   client certificate (mutual TLS), with --tls-key FILE
   --nkey FILE       nkey seed file (instead of user/password)`;
 
+const CMD: Command = { name: 'stage serve', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
   const [sub, ...rest] = argv;
   if (sub === '--help' || sub === '-h') return (console.log(USAGE), 0);
-  if (sub !== 'serve') {
-    console.error(`mlora stage: unknown subcommand '${sub ?? ''}'\n\n${USAGE}`);
-    return 2;
-  }
-  let a;
-  try {
-    a = parseArgs({
-      args: rest,
-      options: {
-        cluster: { type: 'string' },
-        name: { type: 'string' },
-        devices: { type: 'string' },
-        memory: { type: 'string' },
-        threads: { type: 'string' },
-        model: { type: 'string' },
-        'lease-ms': { type: 'string' },
-        'tls-ca': { type: 'string' },
-        'tls-cert': { type: 'string' },
-        'tls-key': { type: 'string' },
-        nkey: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-      },
-    }).values;
-  } catch (e) {
-    console.error(`mlora stage serve: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (a.help) return (console.log(USAGE), 0);
-  if (!a.cluster) {
-    console.error(`mlora stage serve: --cluster URL is required\n\n${USAGE}`);
-    return 2;
-  }
+  if (sub !== 'serve') return usageError({ name: 'stage', usage: USAGE }, `unknown subcommand '${sub ?? ''}'`);
+  const parsed = parseCommandArgs(CMD, rest, {
+    cluster: { type: 'string' },
+    name: { type: 'string' },
+    devices: { type: 'string' },
+    memory: { type: 'string' },
+    threads: { type: 'string' },
+    model: { type: 'string' },
+    'lease-ms': { type: 'string' },
+    'tls-ca': { type: 'string' },
+    'tls-cert': { type: 'string' },
+    'tls-key': { type: 'string' },
+    nkey: { type: 'string' },
+  });
+  if (typeof parsed === 'number') return parsed;
+  const a = parsed.values;
+  if (!a.cluster) return usageError(CMD, '--cluster URL is required');
   const host = await StageHost.start({
     url: a.cluster,
     name: a.name ?? os.hostname(),

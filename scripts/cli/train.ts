@@ -3,7 +3,6 @@
 // story datasets in data/demo/stories/).
 import fs from 'node:fs';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
 import YAML from 'yaml';
 import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
@@ -18,6 +17,8 @@ import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weight
 import { StageAdapter } from '../../lib/lora/adapter.js';
 import { loraSpec } from '../../actors/jobs.js';
 import { parseFault } from '../../lib/faults.js';
+import { LORA_TARGETS } from '../../lib/model/config.js';
+import { parseCommandArgs, usageError, type Command } from './args.js';
 import { Progress } from './progress.js';
 import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
 import { writeReport, type MemorySample, type ReportFault } from './report.js';
@@ -89,43 +90,23 @@ export function demoConfig(modelDir: string, output: string, fast: boolean): unk
     seed,
     ...rest,
   });
+  // alpha = 2r: every adapter's update has the same scale, whatever its rank
+  const lora = (r: number, targets: readonly string[]) => ({ r, alpha: 2 * r, dropout: 0, targets });
   return {
     model: modelDir,
     output,
     adapters: [
-      adapter('robot', 1, 'Once upon a time,', {
-        lora: {
-          r: 8,
-          alpha: 16,
-          dropout: 0,
-          targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-        },
-        optimizer: { lr: 3e-3 },
-      }),
+      adapter('robot', 1, 'Once upon a time,', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 3e-3 } }),
       adapter('sea', 2, 'Once upon a time,', {
-        lora: { r: 4, alpha: 8, dropout: 0, targets: ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'] },
+        lora: lora(4, ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj']),
         optimizer: { lr: 5e-3 },
       }),
       adapter('rhyme', 3, 'Once upon a time,', {
-        lora: {
-          r: 16,
-          alpha: 32,
-          dropout: 0,
-          targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-        },
+        lora: lora(16, LORA_TARGETS),
         optimizer: { lr: 4e-3, weight_decay: 0.01 },
         micro_batch_size: fast ? 2 : 4,
       }),
-      adapter('dialogue', 4, 'Mom:', {
-        lora: {
-          r: 8,
-          alpha: 16,
-          dropout: 0,
-          targets: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'],
-        },
-        optimizer: { lr: 4e-3 },
-        max_grad_norm: 1,
-      }),
+      adapter('dialogue', 4, 'Mom:', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
     ],
     pipeline: {},
     log: { every: fast ? 1 : 5, progress: 'auto' },
@@ -357,52 +338,41 @@ function earlierEvents(file: string): JobEvent[] {
   return out;
 }
 
+const CMD: Command = { name: 'train', usage: USAGE };
+
 export async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      allowPositionals: true,
-      options: {
-        devices: { type: 'string' },
-        output: { type: 'string' },
-        resume: { type: 'boolean' },
-        'dry-run': { type: 'boolean' },
-        fault: { type: 'string', multiple: true },
-        threads: { type: 'string' },
-        memory: { type: 'string' },
-        fast: { type: 'boolean' },
-        progress: { type: 'string' },
-        help: { type: 'boolean', short: 'h' },
-        'in-process': { type: 'boolean' },
-        overwrite: { type: 'boolean' },
-        cluster: { type: 'string' },
-        'tls-ca': { type: 'string' },
-        'tls-cert': { type: 'string' },
-        'tls-key': { type: 'string' },
-        nkey: { type: 'string' },
-        'compute-dtype': { type: 'string' },
-        quantize: { type: 'string' },
-      },
-    });
-  } catch (e) {
-    console.error(`mlora train: ${(e as Error).message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (args.values.help) {
-    console.log(USAGE);
-    return 0;
-  }
-  if (args.positionals.length > 1) {
-    console.error(`mlora train: one CONFIG at most, got ${args.positionals.join(' ')}\n\n${USAGE}`);
-    return 2;
-  }
-  if (args.values.resume && args.values.overwrite) {
-    console.error(
-      `mlora train: --resume and --overwrite exclude each other (go on from the checkpoints, or train again from the start)\n\n${USAGE}`,
+  const args = parseCommandArgs(
+    CMD,
+    argv,
+    {
+      devices: { type: 'string' },
+      output: { type: 'string' },
+      resume: { type: 'boolean' },
+      'dry-run': { type: 'boolean' },
+      fault: { type: 'string', multiple: true },
+      threads: { type: 'string' },
+      memory: { type: 'string' },
+      fast: { type: 'boolean' },
+      progress: { type: 'string' },
+      'in-process': { type: 'boolean' },
+      overwrite: { type: 'boolean' },
+      cluster: { type: 'string' },
+      'tls-ca': { type: 'string' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      nkey: { type: 'string' },
+      'compute-dtype': { type: 'string' },
+      quantize: { type: 'string' },
+    },
+    true,
+  );
+  if (typeof args === 'number') return args;
+  if (args.positionals.length > 1) return usageError(CMD, `one CONFIG at most, got ${args.positionals.join(' ')}`);
+  if (args.values.resume && args.values.overwrite)
+    return usageError(
+      CMD,
+      '--resume and --overwrite exclude each other (go on from the checkpoints, or train again from the start)',
     );
-    return 2;
-  }
   const fast = !!args.values.fast;
   let raw: Record<string, unknown>;
   if (args.positionals[0]) {

@@ -8,6 +8,7 @@ import { Supervisor } from '../../actors/supervisor.js';
 import { adapters } from '../faults/harness.js';
 import { tinyModel } from '../support/models.js';
 import { tmpDir } from '../support/files.js';
+import { faultLog } from './util.js';
 
 const model = await tinyModel(0);
 const cfg = adapters(tmpDir(t, 'admission'), ['a', 'b'], 3);
@@ -51,7 +52,7 @@ t.ok(
   `budget ${budget}: two full copies of a micro-batch would not fit on some stage`,
 );
 
-const faults: string[] = [];
+const { faults, onFault } = faultLog();
 const sup = await Supervisor.start({
   model,
   devices,
@@ -59,7 +60,7 @@ const sup = await Supervisor.start({
   memory: budget,
   maxTokens: 512,
   adaptersPerMicroBatch: 1,
-  onFault: (f) => faults.push(`${f.fault} on ${f.stage}: ${f.detail}`),
+  onFault,
 });
 const jobs = cfg.map((c) => sup.submit(c));
 await sup.drain();

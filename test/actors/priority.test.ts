@@ -8,7 +8,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import { Supervisor } from '../../actors/supervisor.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import { adapter, captureFinals, runJobs } from './util.js';
+import { adapter, captureFinals, faultLog, runJobs } from './util.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
 import { tinyModelWithLayers } from '../support/models.js';
 
@@ -64,14 +64,14 @@ const solo = await runJobs({ model, devices, threads: 1 }, [low2]); // low2 alon
 
 await t.test('a priority-5 job parks a priority-0 job and the parked job resumes with nothing lost', async (t) => {
   const events: JobEvent[] = [];
-  const faults: string[] = [];
+  const { faults, onFault } = faultLog();
   const sup = await Supervisor.start({
     model,
     devices,
     threads: 1,
     memory: budget,
     onEvent: (ev) => events.push(ev),
-    onFault: (f) => faults.push(`${f.fault} on ${f.stage}: ${f.detail}`),
+    onFault,
   });
   const finals = captureFinals(sup);
   const [j1, j2] = [sup.submit(low1), sup.submit(low2)];

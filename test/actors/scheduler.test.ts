@@ -4,7 +4,7 @@
 // come first served within a priority (a job that must wait holds up those behind it), higher
 // priorities go first and preempt lower ones by parking them at a step boundary, and a parked
 // job comes back with exactly the state and data position it left with.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { Supervisor, type SchedulerOptions } from '../../actors/supervisor.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import type { AdapterConfigInput } from '../../lib/config.js';
@@ -47,6 +47,22 @@ const job = (name: string, o: Partial<AdapterConfigInput> = {}): AdapterConfigIn
   ...o,
 });
 
+/** Submits the jobs, lets the scheduler run until every one has finished, and closes it. */
+async function runToEnd(sup: Supervisor, jobs: AdapterConfigInput[]) {
+  const handles = jobs.map((j) => sup.submit(j));
+  await sup.drain();
+  await sup.close();
+  return handles;
+}
+
+/** Every job finished (state 'done'). */
+const assertAllDone = (t: Test, jobs: Array<{ state: string }>) =>
+  t.same(
+    jobs.map((j) => j.state),
+    jobs.map(() => 'done'),
+    'every job done',
+  );
+
 /** The adapter ids in the order they were put on the stages. */
 const adds = (p: FakePipeline) => p.events.flatMap((e) => (e.op === 'add' ? [e.adapter] : []));
 const states = (log: JobEvent[], name: string) =>
@@ -59,9 +75,7 @@ t.test('admission by memory: as many micro-batches as fit are in flight, never m
     [10, 4],
   ] as const) {
     const { pipe, sup } = setup({ budgets: [ADAPTER + room * MB + MB / 2] });
-    const a = sup.submit(job('a'));
-    await sup.drain();
-    await sup.close();
+    const [a] = await runToEnd(sup, [job('a')]);
     t.equal(a.state, 'done', a.error ?? 'done');
     t.equal(a.step, 2);
     // 4 micro-batches per step, 8 in flight allowed: memory is the limit until it is not
@@ -73,9 +87,7 @@ t.test('admission by memory: as many micro-batches as fit are in flight, never m
 
 t.test('admission by memory on every stage: the tightest stage decides', async (t) => {
   const { pipe, sup } = setup({ budgets: [ADAPTER + 10 * MB, ADAPTER + 1 * MB, ADAPTER + 10 * MB] });
-  const a = sup.submit(job('a'));
-  await sup.drain();
-  await sup.close();
+  const [a] = await runToEnd(sup, [job('a')]);
   t.equal(a.state, 'done', a.error ?? 'done');
   t.equal(pipe.peakInflight, 1, 'stage 1 has room for one micro-batch: one at a time');
   t.same(pipe.overruns, []);
@@ -84,18 +96,14 @@ t.test('admission by memory on every stage: the tightest stage decides', async (
 t.test('transient bytes count once per stage, held bytes once per micro-batch', async (t) => {
   // held 500 + transient 500 per micro-batch: room for 3 held + one call, not for 3 full copies
   const { pipe, sup } = setup({ budgets: [ADAPTER + 3 * 500 + 500], heldPerToken: 5, transientPerToken: 5 });
-  sup.submit(job('a'));
-  await sup.drain();
-  await sup.close();
+  await runToEnd(sup, [job('a')]);
   t.equal(pipe.peakInflight, 3);
   t.same(pipe.overruns, []);
 });
 
 t.test('a micro-batch that can never fit fails its job, with the numbers', async (t) => {
   const { pipe, sup } = setup({ budgets: [ADAPTER + MB / 2] });
-  const big = sup.submit(job('big'));
-  await sup.drain();
-  await sup.close();
+  const [big] = await runToEnd(sup, [job('big')]);
   t.equal(big.state, 'failed');
   t.match(big.error, /a micro-batch of 100 tokens needs 1000 bytes of activations on cpu:0, only 500 are free/);
   t.same(pipe.trained(), [], 'nothing ran');
@@ -104,10 +112,7 @@ t.test('a micro-batch that can never fit fails its job, with the numbers', async
 
 t.test('an adapter that can never fit fails at once, naming the device and the bytes', async (t) => {
   const { sup } = setup({ budgets: [ADAPTER + MB] });
-  const huge = sup.submit(job('huge', { lora: { r: 64 } }));
-  const a = sup.submit(job('a'));
-  await sup.drain();
-  await sup.close();
+  const [huge, a] = await runToEnd(sup, [job('huge', { lora: { r: 64 } }), job('a')]);
   t.equal(huge.state, 'failed');
   t.match(huge.error, /adapter 'huge' needs 64000 bytes on cpu:0, only 5000 are there besides the model/);
   t.equal(a.state, 'done', 'the job behind it is not held up by a job that can never run');
@@ -116,13 +121,11 @@ t.test('an adapter that can never fit fails at once, naming the device and the b
 t.test('placement: what fits goes on the stages, what does not waits for room (FCFS)', async (t) => {
   // room for two adapters and their micro-batches, not three
   const { pipe, sup, log } = setup({ budgets: [2 * ADAPTER + 2 * MB] }, { inflightPerAdapter: 1 });
-  const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
-  await sup.drain();
-  await sup.close();
-  t.same(
-    jobs.map((j) => j.state),
-    ['done', 'done', 'done'],
+  const jobs = await runToEnd(
+    sup,
+    ['a', 'b', 'c'].map((n) => job(n)),
   );
+  assertAllDone(t, jobs);
   t.same(
     adds(pipe),
     jobs.map((j) => j.id),
@@ -144,15 +147,12 @@ t.test('placement: what fits goes on the stages, what does not waits for room (F
 
 t.test('FCFS: a job that must wait holds up the smaller jobs behind it', async (t) => {
   const { pipe, sup } = setup({ budgets: [12 * 1000 + MB] }, { inflightPerAdapter: 1 });
-  const a = sup.submit(job('a', { max_steps: 3 })); // 4000
-  const big = sup.submit(job('big', { lora: { r: 10 } })); // 10000: only once a is gone
-  const small = sup.submit(job('small', { lora: { r: 2 } })); // 2000 would fit next to a, but comes after big
-  await sup.drain();
-  await sup.close();
-  t.same(
-    [a, big, small].map((j) => j.state),
-    ['done', 'done', 'done'],
-  );
+  const [a, big, small] = await runToEnd(sup, [
+    job('a', { max_steps: 3 }), // 4000
+    job('big', { lora: { r: 10 } }), // 10000: only once a is gone
+    job('small', { lora: { r: 2 } }), // 2000 would fit next to a, but comes after big
+  ]);
+  assertAllDone(t, [a, big, small]);
   t.same(adds(pipe), [a.id, big.id, small.id]);
   const removeA = pipe.events.findIndex((e) => e.op === 'remove' && e.adapter === a.id);
   const addSmall = pipe.events.findIndex((e) => e.op === 'add' && e.adapter === small.id);
@@ -162,22 +162,19 @@ t.test('FCFS: a job that must wait holds up the smaller jobs behind it', async (
 
 t.test('priority: the highest waiting job is placed first, whatever the order of submission', async (t) => {
   const { pipe, sup } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 });
-  const first = sup.submit(job('first', { priority: 10 }));
-  const low = sup.submit(job('low'));
-  const mid = sup.submit(job('mid', { priority: 3 }));
-  const high = sup.submit(job('high', { priority: 5 }));
-  await sup.drain();
-  await sup.close();
+  const [first, low, mid, high] = await runToEnd(sup, [
+    job('first', { priority: 10 }),
+    job('low'),
+    job('mid', { priority: 3 }),
+    job('high', { priority: 5 }),
+  ]);
   t.same(
     adds(pipe),
     [first.id, high.id, mid.id, low.id],
     'first (10, running, never preempted by lower ones), then 5, 3, 0',
   );
   t.equal(pipe.events.filter((e) => e.op === 'add').length, 4, 'each placed once: no job was parked');
-  t.same(
-    [first, low, mid, high].map((j) => j.state),
-    ['done', 'done', 'done', 'done'],
-  );
+  assertAllDone(t, [first, low, mid, high]);
 });
 
 t.test(
@@ -188,9 +185,7 @@ t.test(
       if (ev.type === 'step' && ev.adapter === 'low' && ev.step === 2 && !high)
         high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
     });
-    const low = sup.submit(job('low', { max_steps: 5 }));
-    await sup.drain();
-    await sup.close();
+    const [low] = await runToEnd(sup, [job('low', { max_steps: 5 })]);
     t.ok(high);
     t.same([low.state, high!.state], ['done', 'done'], low.error ?? high!.error ?? 'both done');
     t.same(states(log, 'low'), ['queued', 'loading', 'running', 'parked', 'running', 'done']);
@@ -224,9 +219,7 @@ t.test('equal priorities do not preempt each other', async (t) => {
   const { pipe, sup, log } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {
     if (ev.type === 'step' && ev.adapter === 'a' && ev.step === 1 && !b) b = sup.submit(job('b'));
   });
-  const a = sup.submit(job('a', { max_steps: 3 }));
-  await sup.drain();
-  await sup.close();
+  const [a] = await runToEnd(sup, [job('a', { max_steps: 3 })]);
   t.same(states(log, 'a'), ['queued', 'loading', 'running', 'done']);
   t.same(adds(pipe), [a.id, b!.id]);
 });
@@ -236,13 +229,11 @@ t.test('BatchLoRA on one device: the running adapters share each micro-batch', a
     { budgets: [3 * ADAPTER + 10 * MB] },
     { batchlora: true, inflight: 2, inflightPerAdapter: 1 },
   );
-  const jobs = ['a', 'b', 'c'].map((n) => sup.submit(job(n)));
-  await sup.drain();
-  await sup.close();
-  t.same(
-    jobs.map((j) => j.state),
-    ['done', 'done', 'done'],
+  const jobs = await runToEnd(
+    sup,
+    ['a', 'b', 'c'].map((n) => job(n)),
   );
+  assertAllDone(t, jobs);
   const widest = Math.max(...pipe.trained().map((ad) => ad.length));
   t.equal(widest, 3, 'a micro-batch holds rows of all three adapters');
   t.equal(

@@ -22,7 +22,7 @@ t.test('close after a finished job: no thread, no promise, no slot', async (t) =
   const sup = await Supervisor.start({ model, devices: ['cpu:0', 'cpu:1'], threads: 1 });
   const pipeline = sup.pipeline as ActorPipeline;
   t.ok(pipeline instanceof ActorPipeline, 'worker-thread pipeline');
-  const threads = pipeline['stages'].map((s) => s.worker);
+  const threads = pipeline.stageEndpoints();
   const exited = threads.map((w) => new Promise<number>((r) => w.once('exit', r)));
   t.ok(workers() > before, `stage workers are active resources while running (${workers()} vs ${before})`);
   const job = sup.submit(adapter('a', 'arithmetic', { max_steps: 2 }));
@@ -36,8 +36,7 @@ t.test('close after a finished job: no thread, no promise, no slot', async (t) =
   t.same(await Promise.all(exited), [0, 0], 'every stage worker exited (code 0)');
   t.equal(workers(), before, 'no worker or port left among the active resources');
   t.equal(pipeline.slotsInUse(), 0, 'no shared-memory slot in use');
-  t.equal(pipeline['pending'].size, 0, 'no pending control request');
-  t.equal(pipeline['flights'].size, 0, 'no micro-batch in flight');
+  t.same(pipeline.inFlight(), { requests: 0, microBatches: 0 }, 'no pending request or call, no micro-batch in flight');
   await sup.close(); // idempotent
 });
 
@@ -59,7 +58,7 @@ t.test('close while a job is still training: drains, then ends its event stream'
   t.ok(ended, 'the for-await loop over job.events() ends after close()');
   t.ok(job.step >= 1 && job.step < 50, `stopped early, at step ${job.step}`);
   t.equal(pipeline.slotsInUse(), 0, 'no slot in use');
-  t.equal(pipeline['pending'].size + pipeline['flights'].size, 0, 'nothing pending');
+  t.same(pipeline.inFlight(), { requests: 0, microBatches: 0 }, 'nothing pending');
 });
 
 t.test('a child process running a short training exits by itself', async (t) => {

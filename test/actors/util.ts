@@ -31,6 +31,12 @@ export interface RunResult {
   peaks: number[];
 }
 
+/** The faults a supervisor reports, as "kind on stage: detail" lines, and the onFault hook that records them. */
+export function faultLog(): { faults: string[]; onFault: NonNullable<StartOptions['onFault']> } {
+  const faults: string[] = [];
+  return { faults, onFault: (f) => faults.push(`${f.fault} on ${f.stage}: ${f.detail}`) };
+}
+
 /** Captures each finished adapter's full state (the finish hook sees it just before removal). */
 export function captureFinals(sup: Supervisor): Map<string, AdapterState> {
   const states = new Map<string, AdapterState>();

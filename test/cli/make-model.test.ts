@@ -5,7 +5,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { main, makeModel, presetConfigJson, presetDtype } from '../../scripts/cli/make-model.js';
-import { openModelDir, parseModelConfig } from '../../lib/io/hf-model.js';
+import { openModelDir, parameterCount, parseModelConfig } from '../../lib/io/hf-model.js';
 import { loadTokenizer } from '../../lib/data/tokenizer.js';
 import { openSingleModel } from '../../lib/model/single.js';
 import { f32ToBf16 } from '../../lib/io/dtype.js';
@@ -15,7 +15,7 @@ import { fullLogits } from '../support/logits.js';
 import { tmpDir } from '../support/files.js';
 
 /** Parameters of an untied LLaMA: embedding, per layer 4 attention + 3 MLP matrices + 2 norms, final norm, head. */
-function parameterCount(c: LlamaConfig): number {
+function llamaParameters(c: LlamaConfig): number {
   const H = c.hiddenSize,
     q = c.numHeads * c.headDim,
     kv = c.numKvHeads * c.headDim,
@@ -94,12 +94,12 @@ t.test('every preset: the config.json it writes is the preset, and reads back as
   t.equal(presetDtype('1b'), 'bf16', '1b is written in bf16 unless told otherwise');
   t.equal(presetDtype('bench'), 'f32');
   t.ok(
-    Math.abs(parameterCount(PRESETS.bench) - 20e6) < 0.1e6,
-    `bench: ${parameterCount(PRESETS.bench).toLocaleString()} parameters`,
+    Math.abs(llamaParameters(PRESETS.bench) - 20e6) < 0.1e6,
+    `bench: ${llamaParameters(PRESETS.bench).toLocaleString()} parameters`,
   );
   t.ok(
-    Math.abs(parameterCount(PRESETS['1b']) - 1.1e9) < 0.01e9,
-    `1b: ${parameterCount(PRESETS['1b']).toLocaleString()} parameters`,
+    Math.abs(llamaParameters(PRESETS['1b']) - 1.1e9) < 0.01e9,
+    `1b: ${llamaParameters(PRESETS['1b']).toLocaleString()} parameters`,
   );
 });
 
@@ -193,7 +193,8 @@ t.test('tiny and small: written, opened, tokenizer loads, parameter count, runs'
     const m = openModelDir(dir);
     t.same(m.config, PRESETS[p], `${p}: openModelDir reads the preset`);
     const s = m.stats();
-    t.equal(s.parameters, parameterCount(PRESETS[p]), `${p}: ${s.parameters.toLocaleString()} parameters`);
+    t.equal(s.parameters, llamaParameters(PRESETS[p]), `${p}: ${s.parameters.toLocaleString()} parameters`);
+    t.equal(parameterCount(PRESETS[p]), s.parameters, `${p}: lib/io/hf-model.ts parameterCount`);
     t.same(s.dtypes, { F32: PRESETS[p].numLayers * 9 + 3 });
     t.equal(s.bytes, 4 * s.parameters);
     const tok = loadTokenizer(dir);

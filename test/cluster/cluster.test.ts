@@ -115,24 +115,29 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     c.devices = devices;
     return writeJson(path.join(tmp, `${name}.json`), c);
   };
+  const HOSTS = ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0'];
+  /** A run in one process (worker threads, shared memory): the reference of the bitwise checks. */
+  const trainLocally = (configFile: string) =>
+    spawnSync(process.execPath, [CLI, 'train', configFile, '--progress', 'none'], {
+      encoding: 'utf8',
+      timeout: 300_000,
+    });
+  /** `mlora train CONFIG --cluster URL ...flags` started on hA. */
+  const trainOnCluster = (configFile: string, ...flags: string[]) =>
+    run(topo, 'hA', ['train', configFile, '--cluster', nats.url, ...flags]);
+  /** Every adapter of the run in tmp/`name` bitwise equal to the one of tmp/`ref`. */
+  const assertSameAdapters = (t: Tap.Test, ref: string, name: string) => {
+    for (const a of ['capitals', 'arithmetic'])
+      t.ok(adapterBytes(path.join(tmp, ref), a).equals(adapterBytes(path.join(tmp, name), a)), `${a}: bitwise equal`);
+  };
 
   // the reference: the same 3-stage run in one process (worker threads, shared memory)
-  const ref = spawnSync(
-    process.execPath,
-    [CLI, 'train', config('local', ['cpu:0', 'cpu:1', 'cpu:2']), '--progress', 'none'],
-    { encoding: 'utf8', timeout: 300_000 },
-  );
+  const ref = trainLocally(config('local', ['cpu:0', 'cpu:1', 'cpu:2']));
   t.equal(ref.status, 0, 'one-process run: exit 0');
   if (ref.status !== 0) t.comment(ref.stdout.slice(-2000), ref.stderr.slice(-2000));
 
   await t.test('--dry-run prints the placement on registered devices', async (t) => {
-    const p = run(topo, 'hA', [
-      'train',
-      config('dry', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']),
-      '--cluster',
-      nats.url,
-      '--dry-run',
-    ]);
+    const p = trainOnCluster(config('dry', HOSTS), '--dry-run');
     await exitsZero(t, p, 'dry run', 60_000);
     t.match(p.out(), /stage 0 -> hA\/cpu:0 \(cpu, [\d.]+ [GM]iB, 1 thread\)/);
     t.match(p.out(), /stage 2 -> hC\/cpu:0/);
@@ -140,20 +145,9 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   });
 
   await t.test('3 stages on 3 hosts: bitwise equal to the one-process run', async (t) => {
-    const p = run(topo, 'hA', [
-      'train',
-      config('remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0']),
-      '--cluster',
-      nats.url,
-      '--progress',
-      'plain',
-    ]);
+    const p = trainOnCluster(config('remote', HOSTS), '--progress', 'plain');
     await exitsZero(t, p, 'cluster run');
-    for (const a of ['capitals', 'arithmetic'])
-      t.ok(
-        adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, 'remote'), a)),
-        `${a}: bitwise equal`,
-      );
+    assertSameAdapters(t, 'local', 'remote');
   });
 
   // a head twice the tiny one's: the split gives stage 1 a share of it, so the last stage's
@@ -162,31 +156,16 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   await t.test('a head share on stage 1: 3 stages on 3 hosts bitwise equal to the one-process run', async (t) => {
     const wide = await tinyModelWithLayers(4, 7, 1024);
     t.teardown(() => fs.rmSync(wide, { recursive: true, force: true }));
-    const one = spawnSync(
-      process.execPath,
-      [CLI, 'train', config('wide-local', ['cpu:0', 'cpu:1', 'cpu:2'], wide), '--progress', 'none'],
-      { encoding: 'utf8', timeout: 300_000 },
-    );
+    const one = trainLocally(config('wide-local', ['cpu:0', 'cpu:1', 'cpu:2'], wide));
     t.equal(one.status, 0, 'one-process run: exit 0');
-    const p = run(topo, 'hA', [
-      'train',
-      config('wide-remote', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0'], wide),
-      '--cluster',
-      nats.url,
-      '--progress',
-      'plain',
-    ]);
+    const p = trainOnCluster(config('wide-remote', HOSTS, wide), '--progress', 'plain');
     await exitsZero(t, p, 'cluster run');
     t.match(
       p.out(),
       /stage 1 on hB\/cpu:0: layers .* \+ norm\/head\/loss of \d+% of the targeted rows/,
       'stage 1 runs a share of the head',
     );
-    for (const a of ['capitals', 'arithmetic'])
-      t.ok(
-        adapterBytes(path.join(tmp, 'wide-local'), a).equals(adapterBytes(path.join(tmp, 'wide-remote'), a)),
-        `${a}: bitwise equal`,
-      );
+    assertSameAdapters(t, 'wide-local', 'wide-remote');
   });
 
   await t.test('a wrong password is refused, for a host and for a run', async (t) => {
@@ -204,14 +183,7 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   });
 
   await t.test("a host whose model differs from the supervisor's is refused", async (t) => {
-    const p = run(topo, 'hA', [
-      'train',
-      config('mismatch', ['hA/cpu:0', 'hD/cpu:0']),
-      '--cluster',
-      nats.url,
-      '--progress',
-      'none',
-    ]);
+    const p = trainOnCluster(config('mismatch', ['hA/cpu:0', 'hD/cpu:0']), '--progress', 'none');
     t.not(await finish(p, 120_000), 0);
     t.match(
       p.out(),
@@ -232,18 +204,13 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     to: string,
     fault: () => void,
   ) => {
-    const p = run(topo, 'hA', ['train', config(name, devices), '--cluster', nats.url, '--progress', 'plain']);
+    const p = trainOnCluster(config(name, devices), '--progress', 'plain');
     await waitFor(p, /step 2\/6/, 240_000);
     fault();
     await exitsZero(t, p, `run ${name}`);
     t.match(p.out(), new RegExp(`fault on stage ${stage}: (crash|hang)`), 'the fault was detected');
     t.match(hosts.get(to)!.out(), new RegExp(`stage ${stage} \\(layers`), `stage ${stage} restarted on ${to}`);
-    for (const a of ['capitals', 'arithmetic']) {
-      t.ok(
-        adapterBytes(path.join(tmp, 'local'), a).equals(adapterBytes(path.join(tmp, name), a)),
-        `${a}: bitwise equal`,
-      );
-    }
+    assertSameAdapters(t, 'local', name);
   };
 
   await t.test(
@@ -251,9 +218,7 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     async (t) => {
       hosts.set('hE', serve('hE'));
       await waitFor(hosts.get('hE')!, /ready/);
-      await faultRun(t, 'killed', ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0'], 1, 'hE', () =>
-        hosts.get('hB')!.child.kill('SIGKILL'),
-      );
+      await faultRun(t, 'killed', HOSTS, 1, 'hE', () => hosts.get('hB')!.child.kill('SIGKILL'));
     },
   );
 

@@ -102,7 +102,7 @@ t.test('stage host: registration, claims, fingerprint, leases', { skip: reason }
     slotBytes: 4096,
     faults: [],
     heartbeatMs: 200,
-    epochMs: 0,
+    originMs: 0,
     fingerprint: modelFingerprint(openModelDir(theirs)),
     replyTo: 'test.sup',
   };

@@ -8,18 +8,23 @@
 import t from 'tap';
 import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
-import { readF32, type Device, type Tensor } from '../../lib/tensor.js';
-import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
+import { readF32, type Device } from '../../lib/tensor.js';
+import { assertClose, cpuDevice, randn } from '../support/helpers.js';
 import { assertBitwise, expectRefused } from './util.js';
+import {
+  attentionInputs,
+  GRAD_REL,
+  OUTPUTS,
+  randomTensor,
+  runAttention,
+  scaled,
+  TOL_OUT,
+  TOL_LSE,
+  type AttentionCase,
+  type Inputs,
+} from './attention-util.js';
 
-interface Case {
-  cu: number[];
-  hq: number;
-  hkv: number;
-  d: number;
-  window: number;
-}
-type Inputs = Record<'q' | 'k' | 'v' | 'dout', Float32Array>;
+type Case = AttentionCase & { window: number };
 
 /** Keys row i of a sequence sees: [lo, i]. */
 const visibleFrom = (i: number, w: number) => (w > 0 ? Math.max(0, i - w + 1) : 0);
@@ -74,64 +79,15 @@ function reference(c: Case, x: Inputs) {
   return { out, lse, dq, dk, dv };
 }
 
-function inputs(c: Case, rng: Rng, qkScale = 1): Inputs {
-  const n = c.cu[c.cu.length - 1]!;
-  return {
-    q: randn(rng, n * c.hq * c.d, qkScale),
-    k: randn(rng, n * c.hkv * c.d, qkScale),
-    v: randn(rng, n * c.hkv * c.d),
-    dout: randn(rng, n * c.hq * c.d),
-  };
-}
-
-/** Forward + backward on the device; `window` undefined leaves the argument out. Outputs start as junk. */
-async function run(dev: Device, c: Case, x: Inputs, window: number | undefined, rng: Rng) {
-  const n = c.cu[c.cu.length - 1]!;
-  const f = (shape: number[], data: Float32Array) => dev.fromArray('f32', shape, data);
-  const junk = (shape: number[]) =>
-    f(
-      shape,
-      randn(
-        rng,
-        shape.reduce((a, b) => a * b, 1),
-        3,
-      ),
-    );
-  const q = f([n, c.hq * c.d], x.q),
-    k = f([n, c.hkv * c.d], x.k),
-    v = f([n, c.hkv * c.d], x.v),
-    dout = f([n, c.hq * c.d], x.dout);
-  const cuSeqlens = dev.fromArray('i32', [c.cu.length], Int32Array.from(c.cu));
-  const out = junk([n, c.hq * c.d]),
-    lse = junk([c.hq, n]),
-    dq = junk([n, c.hq * c.d]),
-    dk = junk([n, c.hkv * c.d]),
-    dv = junk([n, c.hkv * c.d]);
-  const common = { cuSeqlens, heads: c.hq, kvHeads: c.hkv, ...(window !== undefined ? { window } : {}) };
-  await dev.run([
-    { op: 'attention_forward', out, lse, q, k, v, ...common },
-    { op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common },
-  ]);
-  const res = { out: readF32(out), lse: readF32(lse), dq: readF32(dq), dk: readF32(dk), dv: readF32(dv) };
-  for (const tt of [q, k, v, dout, cuSeqlens, out, lse, dq, dk, dv] as Tensor[]) tt.free();
-  return res;
-}
+/** Forward + backward with the case's window (undefined: the argument left out). */
+const run = (dev: Device, c: Case, x: Inputs, window: number | undefined, rng: Rng) =>
+  runAttention(dev, { ...c, window }, x, rng);
 
 /**
- * Relative to the tensor's largest magnitude: gradient sums cancel, so per-element rtol alone
- * means little. The floor 2e-6 is for window 1, where dq = dk = 0 exactly (p = 1, dS = p·(dP − D)
- * with D = dP) and float32 leaves the rounding of dP − D, ~d·ε·|dout|·|v| ≈ 1e-6.
+ * The floor 2e-6 is for window 1, where dq = dk = 0 exactly (p = 1, dS = p·(dP − D) with D =
+ * dP) and float32 leaves the rounding of dP − D, ~d·ε·|dout|·|v| ≈ 1e-6.
  */
-function scaled(want: Float64Array, rel: number): Tolerance {
-  let mx = 0;
-  for (const w of want) mx = Math.max(mx, Math.abs(w));
-  return { atol: Math.max(rel * mx, 2e-6), rtol: 1e-3 };
-}
-
-// float32 kernel vs float64: the same bounds as attention.test.ts (out a convex combination of
-// v rows, a few ulps of exp; gradients sums of at most W·group products).
-const TOL_OUT = { atol: 2e-5, rtol: 1e-4 };
-const TOL_LSE = { atol: 1e-5, rtol: 1e-5 };
+const gradTol = (want: Float64Array, rel: number) => scaled(want, rel, 1e-3, 2e-6);
 
 const cpu = native().info().cpu;
 const kernels = ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])];
@@ -146,7 +102,7 @@ const cases: Array<[string, Case]> = [
 
 for (const [name, c] of cases) {
   t.test(`forward and backward vs float64: ${name}`, async (t) => {
-    const x = inputs(c, new Rng(21, 'attn-window', name));
+    const x = attentionInputs(c, new Rng(21, 'attn-window', name));
     const ref = reference(c, x);
     // 1 thread: one item per (sequence, kv head); 8 threads and few long sequences: the two-pass
     // schedule. Every instruction-set path this CPU has (MLORA_GEMM_KERNEL, read at each call).
@@ -160,11 +116,9 @@ for (const [name, c] of cases) {
           assertClose(t, got.out, ref.out, TOL_OUT, `out ${at}`);
           assertClose(t, got.lse, ref.lse, TOL_LSE, `lse ${at}`);
           for (const g of ['dq', 'dk', 'dv'] as const)
-            assertClose(t, got[g], ref[g], scaled(ref[g], 2e-5), `${g} ${at}`);
+            assertClose(t, got[g], ref[g], gradTol(ref[g], GRAD_REL), `${g} ${at}`);
           if (!first) first = got;
-          else
-            for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
-              assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
+          else for (const key of OUTPUTS) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
         }
       } finally {
         delete process.env.MLORA_GEMM_KERNEL;
@@ -175,12 +129,12 @@ for (const [name, c] of cases) {
 
 t.test('window 0 and a window past every sequence are the plain causal attention, bitwise', async (t) => {
   const c: Case = { cu: [0, 70, 200], hq: 4, hkv: 2, d: 16, window: 0 };
-  const x = inputs(c, new Rng(23, 'attn-window-0'));
+  const x = attentionInputs(c, new Rng(23, 'attn-window-0'));
   const dev = cpuDevice(2);
   const none = await run(dev, c, x, undefined, new Rng(1));
   const zero = await run(dev, c, x, 0, new Rng(2));
   const wide = await run(dev, c, x, 130, new Rng(3));
-  for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) {
+  for (const key of OUTPUTS) {
     assertBitwise(t, zero[key], none[key], `${key}: window 0 == no window argument`);
     assertBitwise(t, wide[key], none[key], `${key}: window 130 >= the longest sequence == no window`);
   }
@@ -188,14 +142,14 @@ t.test('window 0 and a window past every sequence are the plain causal attention
 
 t.test('extreme range: q, k scaled by 30, window 24, stays finite and accurate', async (t) => {
   const c: Case = { cu: [0, 3, 140], hq: 4, hkv: 2, d: 16, window: 24 };
-  const x = inputs(c, new Rng(24, 'attn-window-extreme'), 30);
+  const x = attentionInputs(c, new Rng(24, 'attn-window-extreme'), 30);
   const ref = reference(c, x);
   const got = await run(cpuDevice(2), c, x, c.window, new Rng(4));
-  for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const) t.ok(got[key].every(Number.isFinite), `${key} finite`);
+  for (const key of OUTPUTS) t.ok(got[key].every(Number.isFinite), `${key} finite`);
   // scores ~1000 carry float32 rounding ~1e-4·√d: see attention.test.ts
   assertClose(t, got.out, ref.out, { atol: 2e-3, rtol: 2e-3 }, 'out');
   assertClose(t, got.lse, ref.lse, { atol: 1e-4, rtol: 1e-5 }, 'lse');
-  for (const g of ['dq', 'dk', 'dv'] as const) assertClose(t, got[g], ref[g], scaled(ref[g], 2e-3), g);
+  for (const g of ['dq', 'dk', 'dv'] as const) assertClose(t, got[g], ref[g], gradTol(ref[g], 2e-3), g);
 });
 
 t.test('attention_decode with a window equals the windowed forward, row by row', async (t) => {
@@ -207,7 +161,7 @@ t.test('attention_decode with a window equals the windowed forward, row by row',
     d = 16;
   for (const window of [0, 1, 7, 64, 200]) {
     const c: Case = { cu: [0, T], hq, hkv, d, window };
-    const x = inputs(c, rng);
+    const x = attentionInputs(c, rng);
     const ref = reference(c, x);
     const kc = dev.fromArray('f32', [T + 5, hkv * d], Float32Array.from([...x.k, ...randn(rng, 5 * hkv * d)]));
     const vc = dev.fromArray('f32', [T + 5, hkv * d], Float32Array.from([...x.v, ...randn(rng, 5 * hkv * d)]));
@@ -239,15 +193,7 @@ t.test('attention_decode with a window equals the windowed forward, row by row',
 t.test('a negative window is refused, naming the argument', async (t) => {
   const dev = cpuDevice(1);
   const rng = new Rng(26, 'attn-window-bad');
-  const f = (shape: number[]) =>
-    dev.fromArray(
-      'f32',
-      shape,
-      randn(
-        rng,
-        shape.reduce((a, b) => a * b, 1),
-      ),
-    );
+  const f = (shape: number[]) => randomTensor(dev, rng, shape);
   const q = f([6, 32]),
     k = f([6, 16]),
     v = f([6, 16]),

@@ -5,23 +5,20 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { native } from '../../lib/native.js';
-import { readF32, type Device, type Tensor } from '../../lib/tensor.js';
-import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
-
-interface Shape {
-  cu: number[];
-  hq: number;
-  hkv: number;
-  d: number;
-  scale?: number;
-}
-
-interface Inputs {
-  q: Float32Array;
-  k: Float32Array;
-  v: Float32Array;
-  dout: Float32Array;
-}
+import { assertClose, cpuDevice } from '../support/helpers.js';
+import {
+  attentionInputs,
+  GRAD_REL,
+  OUTPUTS,
+  randomTensor,
+  runAttention,
+  scaled,
+  TOL_LSE,
+  TOL_OUT,
+  type AttentionCase,
+  type Inputs,
+  type Outputs,
+} from './attention-util.js';
 
 interface Fwd {
   out: Float64Array;
@@ -30,7 +27,7 @@ interface Fwd {
 
 /** float64 forward: per sequence and head, the full causal score matrix and its softmax. */
 function attnRef(
-  s: Shape,
+  s: AttentionCase,
   x: { q: ArrayLike<number>; k: ArrayLike<number>; v: ArrayLike<number> },
 ): Fwd & { probs: Float64Array[][] } {
   const { cu, hq, hkv, d } = s;
@@ -72,7 +69,7 @@ function attnRef(
 }
 
 /** float64 analytic backward from the materialised probabilities: dS = P∘(dP − rowsum(P∘dP)). */
-function attnBackRef(s: Shape, x: Inputs) {
+function attnBackRef(s: AttentionCase, x: Inputs) {
   const { cu, hq, hkv, d } = s;
   const n = cu[cu.length - 1]!,
     group = hq / hkv,
@@ -121,77 +118,7 @@ function sameBits(a: Float32Array, b: Float32Array): boolean {
   );
 }
 
-function makeInputs(s: Shape, rng: Rng, qkScale = 1): Inputs {
-  const n = s.cu[s.cu.length - 1]!;
-  return {
-    q: randn(rng, n * s.hq * s.d, qkScale),
-    k: randn(rng, n * s.hkv * s.d, qkScale),
-    v: randn(rng, n * s.hkv * s.d),
-    dout: randn(rng, n * s.hq * s.d),
-  };
-}
-
-interface Outputs {
-  out: Float32Array;
-  lse: Float32Array;
-  dq: Float32Array;
-  dk: Float32Array;
-  dv: Float32Array;
-}
-
-/** Runs forward then backward on the device. Outputs start as random junk: they must be written (=). */
-async function runKernels(dev: Device, s: Shape, x: Inputs, rng: Rng): Promise<Outputs> {
-  const n = s.cu[s.cu.length - 1]!;
-  const { hq, hkv, d } = s;
-  const f = (shape: number[], data: Float32Array) => dev.fromArray('f32', shape, data);
-  const junk = (shape: number[]) =>
-    f(
-      shape,
-      randn(
-        rng,
-        shape.reduce((a, b) => a * b, 1),
-        3,
-      ),
-    );
-  const q = f([n, hq * d], x.q),
-    k = f([n, hkv, d], x.k),
-    v = f([n, hkv * d], x.v),
-    dout = f([n, hq, d], x.dout);
-  const cuSeqlens = dev.fromArray('i32', [s.cu.length], Int32Array.from(s.cu));
-  const out = junk([n, hq * d]),
-    lse = junk([hq, n]);
-  const dq = junk([n, hq * d]),
-    dk = junk([n, hkv * d]),
-    dv = junk([n, hkv * d]);
-  const common = { cuSeqlens, heads: hq, kvHeads: hkv, ...(s.scale !== undefined ? { scale: s.scale } : {}) };
-  await dev.run([
-    { op: 'attention_forward', out, lse, q, k, v, ...common },
-    { op: 'attention_backward', dq, dk, dv, dout, q, k, v, out, lse, ...common },
-  ]);
-  const res = { out: readF32(out), lse: readF32(lse), dq: readF32(dq), dk: readF32(dk), dv: readF32(dv) };
-  for (const tt of [q, k, v, dout, cuSeqlens, out, lse, dq, dk, dv] as Tensor[]) tt.free();
-  return res;
-}
-
-/** Tolerance relative to the largest magnitude of the reference (gradients sum many terms of
- *  mixed sign, so per-element relative error is meaningless where a sum cancels). */
-function scaled(want: Float64Array, rel: number, rtol = rel): Tolerance {
-  let mx = 0;
-  for (const w of want) mx = Math.max(mx, Math.abs(w));
-  return { atol: rel * mx, rtol };
-}
-
-// Tolerances (float32 kernel vs float64 reference, inputs N(0,1)):
-//  out: a convex combination of v rows; error is a few ulps of the exp (~2 ulp polynomial)
-//       times |v| plus float32 accumulation over ≤ 150 keys: ~1e-6, bound 2e-5 abs + 1e-4 rel.
-//  lse: float32 rounding of a value ~1..5: bound 1e-5 abs + 1e-5 rel.
-//  dq/dk/dv: sums of up to T·group float32 products of O(1) terms: bound 2e-5 of the tensor's
-//       largest magnitude plus 1e-3 relative.
-const TOL_OUT = { atol: 2e-5, rtol: 1e-4 };
-const TOL_LSE = { atol: 1e-5, rtol: 1e-5 };
-const GRAD_REL = 2e-5;
-
-const shapes: Array<[string, Shape]> = [
+const shapes: Array<[string, AttentionCase]> = [
   [
     'single sequence of 150 (three key blocks, the last partial), MHA 4 heads, d 32',
     { cu: [0, 150], hq: 4, hkv: 4, d: 32 },
@@ -209,23 +136,21 @@ const shapes: Array<[string, Shape]> = [
 
 for (const [name, s] of shapes) {
   t.test(`forward and backward vs float64: ${name}`, async (t) => {
-    const x = makeInputs(s, new Rng(11, 'attn', name));
+    const x = attentionInputs(s, new Rng(11, 'attn', name));
     const ref = attnRef(s, x);
     const bref = attnBackRef(s, x);
     let first: Outputs | undefined;
     for (const threads of [1, 2]) {
-      const got = await runKernels(cpuDevice(threads), s, x, new Rng(12, threads));
+      const got = await runAttention(cpuDevice(threads), s, x, new Rng(12, threads));
       assertClose(t, got.out, ref.out, TOL_OUT, `out (${threads} thread(s))`);
       assertClose(t, got.lse, ref.lse, TOL_LSE, `lse (${threads} thread(s))`);
-      assertClose(t, got.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), `dq (${threads} thread(s))`);
-      assertClose(t, got.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), `dk (${threads} thread(s))`);
-      assertClose(t, got.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), `dv (${threads} thread(s))`);
+      for (const g of ['dq', 'dk', 'dv'] as const)
+        assertClose(t, got[g], bref[g], scaled(bref[g], GRAD_REL, 1e-3), `${g} (${threads} thread(s))`);
       if (!first) first = got;
       else {
         // Every element is computed by one work item in a fixed order, whatever the schedule,
         // so the thread count does not change a single bit.
-        for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
-          t.ok(sameBits(got[key], first[key]), `${key}: 2 threads == 1 thread, bitwise`);
+        for (const key of OUTPUTS) t.ok(sameBits(got[key], first[key]), `${key}: 2 threads == 1 thread, bitwise`);
       }
     }
   });
@@ -249,7 +174,7 @@ async function withKernel<T>(kernel: string, fn: () => Promise<T>): Promise<T> {
     delete process.env.MLORA_GEMM_KERNEL;
   }
 }
-const pathShapes: Array<[string, Shape]> = [
+const pathShapes: Array<[string, AttentionCase]> = [
   ['lengths 1, 69, 30, 129 (tile edges), GQA 2, d 48', { cu: [0, 1, 70, 100, 229], hq: 4, hkv: 2, d: 48 }],
   ['one sequence of 200, GQA 4, d 128', { cu: [0, 200], hq: 4, hkv: 1, d: 128 }],
 ];
@@ -259,27 +184,25 @@ for (const [kernel, have] of paths) {
     { skip: have ? false : `this CPU has no ${kernel}` },
     async (t) => {
       for (const [name, s] of pathShapes) {
-        const x = makeInputs(s, new Rng(18, 'attn-path', name));
+        const x = attentionInputs(s, new Rng(18, 'attn-path', name));
         const ref = attnRef(s, x);
         const bref = attnBackRef(s, x);
-        const one = await withKernel(kernel, () => runKernels(cpuDevice(1), s, x, new Rng(19)));
+        const one = await withKernel(kernel, () => runAttention(cpuDevice(1), s, x, new Rng(19)));
         assertClose(t, one.out, ref.out, TOL_OUT, `${name}: out`);
         assertClose(t, one.lse, ref.lse, TOL_LSE, `${name}: lse`);
-        assertClose(t, one.dq, bref.dq, scaled(bref.dq, GRAD_REL, 1e-3), `${name}: dq`);
-        assertClose(t, one.dk, bref.dk, scaled(bref.dk, GRAD_REL, 1e-3), `${name}: dk`);
-        assertClose(t, one.dv, bref.dv, scaled(bref.dv, GRAD_REL, 1e-3), `${name}: dv`);
-        const two = await withKernel(kernel, () => runKernels(cpuDevice(2), s, x, new Rng(20)));
-        for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
-          t.ok(sameBits(two[key], one[key]), `${name}: ${key} 2 threads == 1 thread, bitwise`);
+        for (const g of ['dq', 'dk', 'dv'] as const)
+          assertClose(t, one[g], bref[g], scaled(bref[g], GRAD_REL, 1e-3), `${name}: ${g}`);
+        const two = await withKernel(kernel, () => runAttention(cpuDevice(2), s, x, new Rng(20)));
+        for (const key of OUTPUTS) t.ok(sameBits(two[key], one[key]), `${name}: ${key} 2 threads == 1 thread, bitwise`);
       }
     },
   );
 }
 
 t.test('finite differences of the float64 forward agree with both backward passes', async (t) => {
-  const s: Shape = { cu: [0, 3, 4, 7], hq: 2, hkv: 1, d: 4 };
+  const s: AttentionCase = { cu: [0, 3, 4, 7], hq: 2, hkv: 1, d: 4 };
   const rng = new Rng(13, 'attn-fd');
-  const x = makeInputs(s, rng);
+  const x = attentionInputs(s, rng);
   const n = 7;
   // L = Σ dout ∘ out, so ∂L/∂θ is exactly what backward computes from dout.
   const loss = (xx: Inputs) => {
@@ -303,7 +226,7 @@ t.test('finite differences of the float64 forward agree with both backward passe
     return g;
   };
   const bref = attnBackRef(s, x);
-  const got = await runKernels(cpuDevice(1), s, x, rng);
+  const got = await runAttention(cpuDevice(1), s, x, rng);
   for (const [which, gk] of [
     ['q', 'dq'],
     ['k', 'dk'],
@@ -319,8 +242,8 @@ t.test('finite differences of the float64 forward agree with both backward passe
 });
 
 t.test('extreme range: q and k scaled by 30 (logits in the hundreds) stay finite and accurate', async (t) => {
-  const s: Shape = { cu: [0, 1, 50, 130], hq: 4, hkv: 2, d: 16 };
-  const x = makeInputs(s, new Rng(14, 'attn-extreme'), 30);
+  const s: AttentionCase = { cu: [0, 1, 50, 130], hq: 4, hkv: 2, d: 16 };
+  const x = attentionInputs(s, new Rng(14, 'attn-extreme'), 30);
   const ref = attnRef(s, x);
   const bref = attnBackRef(s, x);
   let maxLse = 0;
@@ -329,34 +252,32 @@ t.test('extreme range: q and k scaled by 30 (logits in the hundreds) stay finite
   for (const [kernel, have] of paths) {
     if (!have) continue;
     for (const threads of [1, 2]) {
-      const got = await withKernel(kernel, () => runKernels(cpuDevice(threads), s, x, new Rng(15)));
+      const got = await withKernel(kernel, () => runAttention(cpuDevice(threads), s, x, new Rng(15)));
       const at = `(${kernel}, ${threads} thread(s))`;
-      for (const key of ['out', 'lse', 'dq', 'dk', 'dv'] as const)
-        t.ok(got[key].every(Number.isFinite), `${key} finite ${at}`);
+      for (const key of OUTPUTS) t.ok(got[key].every(Number.isFinite), `${key} finite ${at}`);
       // A score of magnitude ~1000 carries a float32 rounding error of ~1e-4·√d absolute, which
       // becomes a relative error of that size in its probability: out within 2e-3 of |v| ~ 1,
       // lse within 1e-5 relative, gradients within 2e-3 of their largest magnitude.
       assertClose(t, got.out, ref.out, { atol: 2e-3, rtol: 2e-3 }, `out ${at}`);
       assertClose(t, got.lse, ref.lse, { atol: 1e-4, rtol: 1e-5 }, `lse ${at}`);
-      assertClose(t, got.dq, bref.dq, scaled(bref.dq, 2e-3), `dq ${at}`);
-      assertClose(t, got.dk, bref.dk, scaled(bref.dk, 2e-3), `dk ${at}`);
-      assertClose(t, got.dv, bref.dv, scaled(bref.dv, 2e-3), `dv ${at}`);
+      for (const g of ['dq', 'dk', 'dv'] as const)
+        assertClose(t, got[g], bref[g], scaled(bref[g], 2e-3, 2e-3), `${g} ${at}`);
     }
   }
 });
 
 t.test('no cross-sequence leakage: changing one sequence leaves the others bitwise unchanged', async (t) => {
-  const s: Shape = { cu: [0, 40, 110, 150], hq: 4, hkv: 2, d: 32 };
+  const s: AttentionCase = { cu: [0, 40, 110, 150], hq: 4, hkv: 2, d: 32 };
   const rng = new Rng(16, 'attn-leak');
-  const x = makeInputs(s, rng);
+  const x = attentionInputs(s, rng);
   const dev = cpuDevice(2);
-  const a = await runKernels(dev, s, x, rng);
+  const a = await runAttention(dev, s, x, rng);
   const y: Inputs = { q: x.q.slice(), k: x.k.slice(), v: x.v.slice(), dout: x.dout.slice() };
   for (const key of ['q', 'k', 'v', 'dout'] as const) {
     const width = y[key].length / 150;
     for (let i = 40 * width; i < 110 * width; i++) y[key][i] = y[key][i]! * -1.5 + 0.25;
   }
-  const b = await runKernels(dev, s, y, rng);
+  const b = await runAttention(dev, s, y, rng);
   for (const key of ['out', 'dq', 'dk', 'dv'] as const) {
     const width = a[key].length / 150;
     const [lo, hi] = [40 * width, 110 * width];
@@ -378,15 +299,7 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
     hq = 4,
     hkv = 2,
     d = 8;
-  const f = (shape: number[]) =>
-    dev.fromArray(
-      'f32',
-      shape,
-      randn(
-        rng,
-        shape.reduce((a, b) => a * b, 1),
-      ),
-    );
+  const f = (shape: number[]) => randomTensor(dev, rng, shape);
   const q = f([n, hq * d]),
     k = f([n, hkv * d]),
     v = f([n, hkv * d]);

@@ -154,89 +154,27 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
   const logits = f32(d, [n, v], randn(new Rng(44), n * v)),
     losses = d.alloc('f32', [n]),
     w = f32(d, [n], [1, 1, 1, 1]);
-  await expectRefused(
-    t,
-    d,
-    [{ op: 'cross_entropy_forward', losses, logits, labels: i32(d, [n], [1, 2, 10, 3]) }],
-    /argument 'labels': label 10 at row 2 is out of range \[0, 10\)/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [
-      {
-        op: 'cross_entropy_backward',
-        losses,
-        dlogits: d.alloc('f32', [n, v]),
-        logits,
-        labels: i32(d, [n], [99, 2, 1, 3]),
-        weights: w,
-      },
-    ],
-    /label 99 at row 0/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [{ op: 'cross_entropy_forward', losses, logits, labels: f32(d, [n], [1, 2, 3, 4]) }],
-    /argument 'labels' has dtype f32, expected i32/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [{ op: 'cross_entropy_forward', losses, logits, labels: i32(d, [3], [1, 2, 3]) }],
-    /argument 'labels' has 3 elements/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [{ op: 'cross_entropy_forward', losses, logits: logits.reshape([n * v]), labels: i32(d, [n], [1, 2, 3, 4]) }],
-    /argument 'logits' must be 2-D/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [
-      {
-        op: 'cross_entropy_backward',
-        losses,
-        dlogits: d.alloc('f32', [n, v + 1]),
-        logits,
-        labels: i32(d, [n], [1, 2, 3, 4]),
-        weights: w,
-      },
-    ],
-    /argument 'dlogits' has shape \[4,11\], expected \[4,10\]/,
-  );
-  await expectRefused(
-    t,
-    d,
-    [
-      {
-        op: 'cross_entropy_backward',
-        losses,
-        dlogits: d.alloc('f32', [n, v]),
-        logits,
-        labels: i32(d, [n], [1, 2, 3, 4]),
-        weights: f32(d, [2], [1, 1]),
-      },
-    ],
-    /argument 'weights' has 2 elements/,
-  );
+  const labels = (l: number[]) => i32(d, [l.length], l);
+  const fwd = (o: Record<string, unknown>) => ({ op: 'cross_entropy_forward', losses, logits, ...o });
+  const bwd = (o: Record<string, unknown>) => ({
+    op: 'cross_entropy_backward',
+    losses,
+    dlogits: d.alloc('f32', [n, v]),
+    logits,
+    labels: labels([1, 2, 3, 4]),
+    weights: w,
+    ...o,
+  });
   const big = f32(d, [n + 1, v], randn(new Rng(45), (n + 1) * v));
-  await expectRefused(
-    t,
-    d,
-    [
-      {
-        op: 'cross_entropy_backward',
-        losses,
-        dlogits: big.rows(1, n + 1),
-        logits: big.rows(0, n),
-        labels: i32(d, [n], [1, 2, 3, 4]),
-        weights: w,
-      },
-    ],
-    /'dlogits' and 'logits' overlap/,
-  );
+  const cases: Array<[object, RegExp]> = [
+    [fwd({ labels: labels([1, 2, 10, 3]) }), /argument 'labels': label 10 at row 2 is out of range \[0, 10\)/],
+    [bwd({ labels: labels([99, 2, 1, 3]) }), /label 99 at row 0/],
+    [fwd({ labels: f32(d, [n], [1, 2, 3, 4]) }), /argument 'labels' has dtype f32, expected i32/],
+    [fwd({ labels: labels([1, 2, 3]) }), /argument 'labels' has 3 elements/],
+    [fwd({ logits: logits.reshape([n * v]), labels: labels([1, 2, 3, 4]) }), /argument 'logits' must be 2-D/],
+    [bwd({ dlogits: d.alloc('f32', [n, v + 1]) }), /argument 'dlogits' has shape \[4,11\], expected \[4,10\]/],
+    [bwd({ weights: f32(d, [2], [1, 1]) }), /argument 'weights' has 2 elements/],
+    [bwd({ dlogits: big.rows(1, n + 1), logits: big.rows(0, n) }), /'dlogits' and 'logits' overlap/],
+  ];
+  for (const [op, re] of cases) await expectRefused(t, d, [op], re);
 });

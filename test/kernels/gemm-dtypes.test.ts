@@ -17,11 +17,10 @@ import { native, type QuantDType } from '../../lib/native.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { NF4_CODE, quantLayout } from '../../lib/io/bnb.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, eachGemmKernel, randn } from '../support/helpers.js';
+import { eachGemmKernel } from '../support/helpers.js';
+import { assertGemmClose, draw, GEMM_CHILD, gemmDevice } from './gemm-util.js';
 import { bf16ToF32, f32ToBf16 } from '../support/half.js';
 
-const U = 2 ** -24;
-const child = process.env.MLORA_GEMM_CHILD === '1';
 const f = Math.fround;
 const INV127 = f(7.874015718698502e-3);
 
@@ -52,19 +51,6 @@ export function dequantRef(dtype: QuantDType, rows: number, cols: number, blob: 
 }
 
 const roundBf16 = (x: ArrayLike<number>) => Float64Array.from(x, (v) => bf16ToF32(f32ToBf16(v)));
-
-const devices = new Map<number, Device>();
-function device(threads: number): Device {
-  let d = devices.get(threads);
-  if (!d) devices.set(threads, (d = cpuDevice(threads, 2 ** 28)));
-  return d;
-}
-
-function draw(rng: Rng, n: number, scales?: number[]): Float32Array {
-  const x = randn(rng, n, 0.05);
-  if (scales) for (let i = 0; i < n; i++) x[i]! *= scales[rng.int(scales.length)]!;
-  return x;
-}
 
 type WKind = 'f32' | 'bf16' | QuantDType;
 
@@ -114,12 +100,6 @@ function ref(m: number, n: number, k: number, a: ArrayLike<number>, b: (p: numbe
   return { want, scale };
 }
 
-function compare(t: Test, got: Float32Array, r: { want: Float64Array; scale: Float64Array }, k: number, label: string) {
-  const g = Float64Array.from(got, (v, i) => v / (r.scale[i]! || 1));
-  const w = Float64Array.from(r.want, (v, i) => v / (r.scale[i]! || 1));
-  assertClose(t, g, w, { atol: 8 * U * (Math.sqrt(k) + 1), rtol: 0 }, label);
-}
-
 /** linear_forward and linear_backward on one weight, checked against float64. */
 async function checkLinear(
   t: Test,
@@ -132,11 +112,11 @@ async function checkLinear(
   seed: number,
   ranges?: [number[], number[]],
 ) {
-  const d = device(threads);
+  const d = gemmDevice(threads);
   const rng = new Rng(seed, 'gemm-dtypes', kind, m, n, k);
-  const wx = draw(rng, n * k, ranges?.[1]);
-  const x = draw(rng, m * k, ranges?.[0]).map((v) => v * 20);
-  const dy = draw(rng, m * n, ranges?.[0]).map((v) => v * 20);
+  const wx = draw(rng, n * k, 0.05, ranges?.[1]);
+  const x = draw(rng, m * k, 0.05, ranges?.[0]).map((v) => v * 20);
+  const dy = draw(rng, m * n, 0.05, ranges?.[0]).map((v) => v * 20);
   const { w, values } = await makeWeight(t, d, kind, n, k, wx);
   const wv = bf16 ? roundBf16(values) : values;
   const xv = bf16 ? roundBf16(x) : x;
@@ -150,14 +130,14 @@ async function checkLinear(
     { op: 'linear_backward', dx: DX, dy: DY, w, bf16 },
   ]);
   const label = `${kind}${bf16 ? ' bf16-compute' : ''} m=${m} n=${n} k=${k} threads=${threads}${ranges ? ' extreme' : ''}`;
-  compare(
+  assertGemmClose(
     t,
     Y.read() as Float32Array,
     ref(m, n, k, xv, (p, j) => wv[j * k + p]!),
     k,
     `${label}: Y = X·Wᵀ`,
   );
-  compare(
+  assertGemmClose(
     t,
     DX.read() as Float32Array,
     ref(m, k, n, dyv, (p, j) => wv[p * k + j]!),
@@ -187,7 +167,7 @@ t.test('the kernels this process runs', async (t) => {
 t.test(
   'dequantize op = the independent JavaScript dequantizer, bit for bit (odd sizes: blocks straddle rows)',
   async (t) => {
-    const d = device(2);
+    const d = gemmDevice(2);
     for (const kind of ['nf4', 'nf4dq', 'int8'] as const)
       for (const [n, k] of [
         [7, 33],
@@ -195,7 +175,7 @@ t.test(
         [64, 64],
       ] as const) {
         const rng = new Rng(3, 'dequant', kind, n, k);
-        const { w, values } = await makeWeight(t, d, kind, n, k, draw(rng, n * k, [1, 1e-3, 30]));
+        const { w, values } = await makeWeight(t, d, kind, n, k, draw(rng, n * k, 0.05, [1, 1e-3, 30]));
         const out = d.alloc('f32', [n, k]);
         await d.run([{ op: 'dequantize', dst: out, src: w }]);
         const got = out.read() as Float32Array;
@@ -208,7 +188,7 @@ t.test(
   },
 );
 
-const sizes: Array<[number, number, number]> = child
+const sizes: Array<[number, number, number]> = GEMM_CHILD
   ? [
       [5, 33, 70],
       [40, 70, 129],
@@ -245,13 +225,13 @@ t.test('extreme range: entries of size ~1e4 and ~1e-4 mixed', async (t) => {
 });
 
 t.test('the gemm op with bf16 compute and a transposed A (the generic pair packing)', async (t) => {
-  const d = device(2);
+  const d = gemmDevice(2);
   const rng = new Rng(5, 'gemm-bf16-T');
   const m = 19,
     n = 40,
     k = 75;
-  const a = draw(rng, k * m);
-  const b = draw(rng, k * n);
+  const a = draw(rng, k * m, 0.05);
+  const b = draw(rng, k * n, 0.05);
   const A = d.fromArray('f32', [k, m], a);
   const B = d.fromArray('f32', [k, n], b);
   const C = d.alloc('f32', [m, n]);
@@ -260,7 +240,7 @@ t.test('the gemm op with bf16 compute and a transposed A (the generic pair packi
     bv = roundBf16(b);
   const at = new Float64Array(m * k);
   for (let i = 0; i < m; i++) for (let p = 0; p < k; p++) at[i * k + p] = av[p * m + i]!;
-  compare(
+  assertGemmClose(
     t,
     C.read() as Float32Array,
     ref(m, n, k, at, (p, j) => bv[p * n + j]!),
@@ -270,7 +250,7 @@ t.test('the gemm op with bf16 compute and a transposed A (the generic pair packi
 });
 
 t.test('bad arguments are Errors', async (t) => {
-  const d = device(1);
+  const d = gemmDevice(1);
   t.throws(() => d.alloc('nf4', [4, 4, 4]), /2-D weight/);
   const w = d.alloc('nf4', [4, 64]);
   t.throws(() => w.rows(0, 1), /no row views/);
@@ -287,7 +267,7 @@ t.test('bad arguments are Errors', async (t) => {
   for (const a of [w, x, y]) a.free();
 });
 
-if (!child) {
+if (!GEMM_CHILD) {
   t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) =>
     eachGemmKernel(t, fileURLToPath(import.meta.url), true),
   );

@@ -14,12 +14,11 @@ import { fileURLToPath } from 'node:url';
 import { native } from '../../lib/native.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
-import { assertClose, cpuDevice, eachGemmKernel, randn } from '../support/helpers.js';
+import { assertClose, eachGemmKernel, randn } from '../support/helpers.js';
+import { assertGemmClose, draw, GEMM_CHILD, gemmDevice } from './gemm-util.js';
 import { toHalf } from '../support/half.js';
 
 type WType = 'f32' | 'bf16' | 'f16';
-const U = 2 ** -24;
-const child = process.env.MLORA_GEMM_CHILD === '1';
 
 interface Case {
   m: number;
@@ -32,19 +31,6 @@ interface Case {
   beta: number;
   /** scales for A and B entries: each entry is randn · one of these, picked at random */
   ranges?: [number[], number[]];
-}
-
-const devices = new Map<number, Device>();
-function device(threads: number): Device {
-  let d = devices.get(threads);
-  if (!d) devices.set(threads, (d = cpuDevice(threads, 2 ** 28)));
-  return d;
-}
-
-function draw(rng: Rng, n: number, scales?: number[]): Float32Array {
-  const x = randn(rng, n);
-  if (scales) for (let i = 0; i < n; i++) x[i]! *= scales[rng.int(scales.length)]!;
-  return x;
 }
 
 function weight(
@@ -86,11 +72,11 @@ function reference(c: Case, a: ArrayLike<number>, b: ArrayLike<number>, c0: Arra
 }
 
 async function checkGemm(t: Test, c: Case, threads: number, seed: number) {
-  const d = device(threads);
+  const d = gemmDevice(threads);
   const rng = new Rng(seed, 'gemm', c.m, c.n, c.k);
   const { m, n, k, transA, transB } = c;
-  const aData = draw(rng, m * k, c.ranges?.[0]);
-  const bData = draw(rng, k * n, c.ranges?.[1]);
+  const aData = draw(rng, m * k, 1, c.ranges?.[0]);
+  const bData = draw(rng, k * n, 1, c.ranges?.[1]);
   // beta = 0 must not read C (BLAS semantics): start from NaN there.
   const c0 = c.beta === 0 ? new Float32Array(m * n).fill(NaN) : randn(rng, m * n);
   const A = d.fromArray('f32', transA ? [k, m] : [m, k], aData);
@@ -101,19 +87,11 @@ async function checkGemm(t: Test, c: Case, threads: number, seed: number) {
   A.free();
   B.tensor.free();
   C.free();
-  const { want, scale } = reference(c, aData, B.values, c0);
-  // Compare in units of the terms' magnitude (see the tolerance note at the top).
-  const gotN = new Float64Array(m * n);
-  const wantN = new Float64Array(m * n);
-  for (let i = 0; i < m * n; i++) {
-    const s = scale[i]! > 0 ? scale[i]! : 1;
-    gotN[i] = got[i]! / s;
-    wantN[i] = want[i]! / s;
-  }
+  const r = reference(c, aData, B.values, c0);
   const label =
     `${m}x${n}x${k} ${transA ? 'T' : 'N'}${transB ? 'T' : 'N'} ${c.dtype} alpha=${c.alpha} beta=${c.beta} ` +
     `threads=${threads}${c.ranges ? ' extreme' : ''}`;
-  assertClose(t, gotN, wantN, { atol: 8 * U * (Math.sqrt(k) + 1), rtol: 0 }, label);
+  assertGemmClose(t, got, r, k, label);
 }
 
 const dtypes: WType[] = ['f32', 'bf16', 'f16'];
@@ -130,7 +108,7 @@ const scalars: Array<[number, number]> = [
   [1, 1],
 ];
 // Odd sizes leave partial tiles in every direction; 300 and 600 cross the MC/KC blocks.
-const sizes: Array<[number, number, number]> = child
+const sizes: Array<[number, number, number]> = GEMM_CHILD
   ? [
       [1, 1, 1],
       [7, 17, 33],
@@ -180,7 +158,7 @@ t.test('shapes that cross every cache block, split over rows or over columns', a
     [200, 16, 96, true, false, 'f32'], // dB-like: xᵀ·dy
   ];
   let seed = 1000;
-  for (const [m, n, k, transA, transB, dtype] of child ? cases.slice(0, 3) : cases)
+  for (const [m, n, k, transA, transB, dtype] of GEMM_CHILD ? cases.slice(0, 3) : cases)
     for (const threads of [1, 2])
       await checkGemm(t, { m, n, k, transA, transB, dtype, alpha: 1, beta: 0.5 }, threads, seed++);
 });
@@ -197,7 +175,7 @@ t.test('extreme range: entries of size ~1e4 and ~1e-4 mixed', async (t) => {
 });
 
 t.test('alpha = 0 scales C by beta without reading A or B', async (t) => {
-  const d = device(1);
+  const d = gemmDevice(1);
   const rng = new Rng(7, 'alpha0');
   const c0 = randn(rng, 6 * 5);
   const A = d.fromArray('f32', [6, 4], new Float32Array(24).fill(NaN));
@@ -213,7 +191,7 @@ t.test('alpha = 0 scales C by beta without reading A or B', async (t) => {
   );
 });
 
-if (!child) {
+if (!GEMM_CHILD) {
   t.test('every micro-kernel this CPU has, forced with MLORA_GEMM_KERNEL (child processes)', (t) =>
     eachGemmKernel(t, fileURLToPath(import.meta.url)),
   );

@@ -2,11 +2,11 @@
 // and position, each on its own row segment, in one call. Checked against a float64 reference
 // (with the dropout mask read back from the kernel and checked on its own), finite differences
 // of the kernel itself, a loop of single-segment calls, += semantics, and argument checks.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
-import { assertClose, cpuDevice, randn } from '../support/helpers.js';
+import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
 import { assertBitwise, dot, expectRefused, f32, read } from './util.js';
 
 const d = cpuDevice(2);
@@ -198,6 +198,36 @@ function bind(
   });
 }
 
+/** Seeded inputs of one problem: x and dy, and start values (non-zero, to check +=) of y, dx and each adapter's dA, dB. */
+function inputs(rng: Rng, ads: Adapter[], rows = ROWS, inDim = IN, outDim = OUT) {
+  return {
+    x: randn(rng, rows * inDim),
+    y0: randn(rng, rows * outDim),
+    dy: randn(rng, rows * outDim),
+    dx0: randn(rng, rows * inDim),
+    da0: ads.map((s) => randn(rng, s.r * inDim)),
+    db0: ads.map((s) => randn(rng, outDim * s.r)),
+  };
+}
+
+/** Each adapter's dA and dB after `calls` backward calls: the start value plus `calls` × the reference's. */
+function assertAdapterGrads(
+  t: Test,
+  bound: Bound[],
+  ref: ReturnType<typeof reference>,
+  p: { da0: Float32Array[]; db0: Float32Array[] },
+  tol: Tolerance,
+  at: string,
+  calls = 1,
+) {
+  bound.forEach((b, k) => {
+    const da = ref.das[k]!.map((v, i) => p.da0[k]![i]! + calls * v);
+    assertClose(t, read(b.da), da, tol, `dA of adapter ${k} ${at}`);
+    const db = ref.dbs[k]!.map((v, i) => p.db0[k]![i]! + calls * v);
+    assertClose(t, read(b.db), db, tol, `dB of adapter ${k} ${at}`);
+  });
+}
+
 // Tolerances: every product is a float GEMM with k ≤ 24 over O(1) values (|x|~1, |A|,|B|~0.3),
 // so rounding is ~k·2⁻²⁴·|terms| ≲ 2e-6; 2e-5 leaves margin without hiding a wrong index.
 const TOL = { atol: 2e-5, rtol: 2e-5 };
@@ -209,14 +239,10 @@ for (const dropout of [false, true]) {
       const rng = new Rng(30, 'lora', dropout ? 1 : 0);
       const ads = adapters(rng, SPECS, dropout);
       const ms = masks(ads);
-      const x = randn(rng, ROWS * IN),
-        y0 = randn(rng, ROWS * OUT),
-        dy = randn(rng, ROWS * OUT),
-        dx0 = randn(rng, ROWS * IN);
-      const da0 = ads.map((s) => randn(rng, s.r * IN)),
-        db0 = ads.map((s) => randn(rng, OUT * s.r));
+      const p = inputs(rng, ads);
+      const { x, y0, dy, dx0 } = p;
       const ref = reference(ads, ms, x, y0, dy, dx0);
-      const bound = bind(d, ads, da0, db0);
+      const bound = bind(d, ads, p.da0, p.db0);
       const xt = f32(d, [ROWS, IN], x),
         y = f32(d, [ROWS, OUT], y0),
         dx = f32(d, [ROWS, IN], dx0);
@@ -227,22 +253,7 @@ for (const dropout of [false, true]) {
         { op: 'lora_backward', dx, dy: f32(d, [ROWS, OUT], dy), x: xt, segments: bound.map((b) => b.seg) as never },
       ]);
       assertClose(t, read(dx), ref.dx, TOL, 'dx (+=)');
-      bound.forEach((b, k) => {
-        assertClose(
-          t,
-          read(b.da),
-          ref.das[k]!.map((v, i) => v + da0[k]![i]!),
-          TOL,
-          `dA of adapter ${k} (+=)`,
-        );
-        assertClose(
-          t,
-          read(b.db),
-          ref.dbs[k]!.map((v, i) => v + db0[k]![i]!),
-          TOL,
-          `dB of adapter ${k} (+=)`,
-        );
-      });
+      assertAdapterGrads(t, bound, ref, p, TOL, '(+=)');
       // Rows no segment covers are not touched at all.
       const yv = read(y),
         dxv = read(dx);
@@ -284,12 +295,8 @@ for (const [kernel, have] of [
       const rng = new Rng(36, 'lora-path', kernel);
       const ads = adapters(rng, specs, true, inDim, outDim);
       const ms = masks(ads, inDim);
-      const x = randn(rng, rows * inDim),
-        y0 = randn(rng, rows * outDim),
-        dy = randn(rng, rows * outDim),
-        dx0 = randn(rng, rows * inDim);
-      const da0 = ads.map((s) => randn(rng, s.r * inDim)),
-        db0 = ads.map((s) => randn(rng, outDim * s.r));
+      const p = inputs(rng, ads, rows, inDim, outDim);
+      const { x, y0, dy, dx0 } = p;
       const ref = reference(ads, ms, x, y0, dy, dx0, inDim, outDim);
       // Sums of up to 48 (forward) or 79 (dA, dB: over a segment's rows) float products of O(1)
       // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
@@ -299,7 +306,7 @@ for (const [kernel, have] of [
       try {
         for (const threads of [1, 2]) {
           const dev = cpuDevice(threads);
-          const bound = bind(dev, ads, da0, db0, inDim, outDim);
+          const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
           const xt = f32(dev, [rows, inDim], x),
             y = f32(dev, [rows, outDim], y0),
             dx = f32(dev, [rows, inDim], dx0);
@@ -311,23 +318,10 @@ for (const [kernel, have] of [
           const at = `(${threads} thread(s))`;
           assertClose(t, read(y), ref.y, tol, `y ${at}`);
           assertClose(t, read(dx), ref.dx, tol, `dx ${at}`);
-          bound.forEach((b, k) => {
-            assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`);
-            assertClose(
-              t,
-              read(b.da),
-              ref.das[k]!.map((v, i) => v + da0[k]![i]!),
-              tol,
-              `dA of adapter ${k} ${at}`,
-            );
-            assertClose(
-              t,
-              read(b.db),
-              ref.dbs[k]!.map((v, i) => v + db0[k]![i]!),
-              tol,
-              `dB of adapter ${k} ${at}`,
-            );
-          });
+          bound.forEach((b, k) =>
+            assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`),
+          );
+          assertAdapterGrads(t, bound, ref, p, tol, at);
           results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
         }
       } finally {
@@ -363,13 +357,9 @@ for (const [kernel, have] of [
       const rng = new Rng(37, 'lora-fused', kernel);
       const ads = adapters(rng, specs, true, inDim, outDim);
       const ms = masks(ads, inDim);
-      const x = randn(rng, rows * inDim),
-        y0 = randn(rng, rows * outDim),
-        dy = randn(rng, rows * outDim),
-        dx0 = randn(rng, rows * inDim);
+      const p = inputs(rng, ads, rows, inDim, outDim);
+      const { x, y0, dy, dx0 } = p;
       const w = randn(rng, outDim * inDim, 0.2);
-      const da0 = ads.map((s) => randn(rng, s.r * inDim)),
-        db0 = ads.map((s) => randn(rng, outDim * s.r));
       for (const accumulate of [false, true]) {
         const zy = new Float32Array(rows * outDim),
           zx = new Float32Array(rows * inDim);
@@ -395,7 +385,7 @@ for (const [kernel, have] of [
         try {
           for (const threads of [1, 2]) {
             const dev = cpuDevice(threads);
-            const bound = bind(dev, ads, da0, db0, inDim, outDim);
+            const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
             const xt = f32(dev, [rows, inDim], x),
               wt = f32(dev, [outDim, inDim], w);
             const yt = f32(dev, [rows, outDim], accumulate ? y0 : randn(rng, rows * outDim, 3));
@@ -408,29 +398,14 @@ for (const [kernel, have] of [
             const at = `(${accumulate ? '+=' : '='}, ${threads} thread(s))`;
             assertClose(t, read(yt), y, tol, `y ${at}`);
             assertClose(t, read(dxt), dx, tol, `dx ${at}`);
-            bound.forEach((b, k) => {
-              assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} ${at}`);
-              assertClose(
-                t,
-                read(b.da),
-                ref.das[k]!.map((v, i) => v + da0[k]![i]!),
-                tol,
-                `dA of adapter ${k} ${at}`,
-              );
-              assertClose(
-                t,
-                read(b.db),
-                ref.dbs[k]!.map((v, i) => v + db0[k]![i]!),
-                tol,
-                `dB of adapter ${k} ${at}`,
-              );
-            });
+            bound.forEach((b, k) => assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} ${at}`));
+            assertAdapterGrads(t, bound, ref, p, tol, at);
             results.push([read(yt), read(dxt), ...bound.flatMap((b) => [read(b.da), read(b.db)])]);
           }
           // The separate ops (linear, then lora) give the same bits: the fused expand does the
           // same arithmetic per element.
           const dev = cpuDevice(1);
-          const bound = bind(dev, ads, da0, db0, inDim, outDim);
+          const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
           const xt = f32(dev, [rows, inDim], x),
             wt = f32(dev, [outDim, inDim], w);
           const yt = f32(dev, [rows, outDim], y0),
@@ -507,12 +482,7 @@ t.test('the segmented call equals a loop of single-segment calls, bit for bit', 
   // the same rows as a single-segment call would; nothing is shared or reordered across segments.
   const rng = new Rng(31, 'lora-loop');
   const ads = adapters(rng, SPECS, true);
-  const x = randn(rng, ROWS * IN),
-    y0 = randn(rng, ROWS * OUT),
-    dy = randn(rng, ROWS * OUT),
-    dx0 = randn(rng, ROWS * IN);
-  const da0 = ads.map((s) => randn(rng, s.r * IN)),
-    db0 = ads.map((s) => randn(rng, OUT * s.r));
+  const { x, y0, dy, dx0, da0, db0 } = inputs(rng, ads);
   const xt = f32(d, [ROWS, IN], x),
     dyt = f32(d, [ROWS, OUT], dy);
   const one = bind(d, ads, da0, db0),
@@ -547,14 +517,10 @@ t.test('backward accumulates: two calls add twice into dA, dB and dx', async (t)
   const rng = new Rng(32, 'lora-acc');
   const ads = adapters(rng, SPECS, true);
   const ms = masks(ads);
-  const x = randn(rng, ROWS * IN),
-    y0 = randn(rng, ROWS * OUT),
-    dy = randn(rng, ROWS * OUT),
-    dx0 = randn(rng, ROWS * IN);
-  const da0 = ads.map((s) => randn(rng, s.r * IN)),
-    db0 = ads.map((s) => randn(rng, OUT * s.r));
+  const p = inputs(rng, ads);
+  const { x, y0, dy, dx0 } = p;
   const ref = reference(ads, ms, x, y0, dy, dx0);
-  const bound = bind(d, ads, da0, db0);
+  const bound = bind(d, ads, p.da0, p.db0);
   const xt = f32(d, [ROWS, IN], x),
     dx = f32(d, [ROWS, IN], dx0),
     dyt = f32(d, [ROWS, OUT], dy);
@@ -571,22 +537,7 @@ t.test('backward accumulates: two calls add twice into dA, dB and dx', async (t)
     TOL,
     'dx = dx0 + 2·Δ',
   );
-  bound.forEach((b, k) => {
-    assertClose(
-      t,
-      read(b.da),
-      ref.das[k]!.map((v, i) => da0[k]![i]! + 2 * v),
-      TOL,
-      `dA ${k} = dA0 + 2·Δ`,
-    );
-    assertClose(
-      t,
-      read(b.db),
-      ref.dbs[k]!.map((v, i) => db0[k]![i]! + 2 * v),
-      TOL,
-      `dB ${k} = dB0 + 2·Δ`,
-    );
-  });
+  assertAdapterGrads(t, bound, ref, p, TOL, '= start + 2·Δ', 2);
   // da/db are optional: without them backward only adds into dx
   const dxOnly = f32(d, [ROWS, IN], dx0);
   const noGrads = bound.map((b) => ({ ...b.seg, da: undefined, db: undefined }));

@@ -36,6 +36,15 @@ function bwdRef(dy: ArrayLike<number>, x: ArrayLike<number>, w: ArrayLike<number
   return { dx, dw };
 }
 
+/** A norm weight 1 + N(0, std²) of `h` elements stored as `dtype`, and the values it holds. */
+const normWeight = (rng: Rng, dtype: 'f32' | 'bf16' | 'f16', h: number, std: number) =>
+  stored(
+    d,
+    dtype,
+    [h],
+    randn(rng, h, std).map((v) => 1 + v),
+  );
+
 // y and dx are a handful of float roundings of O(|x|·rstd·|w|) values (rstd in double): a few ulps.
 const TOL = { atol: 1e-6, rtol: 2e-5 };
 
@@ -46,12 +55,7 @@ t.test('forward vs float64 for f32, bf16 and f16 weights', async (t) => {
     eps = 1e-5;
   const x = randn(rng, n * h, 1.5);
   for (const dtype of ['f32', 'bf16', 'f16'] as const) {
-    const { tensor: w, values: wv } = stored(
-      d,
-      dtype,
-      [h],
-      randn(rng, h, 0.5).map((v) => 1 + v),
-    );
+    const { tensor: w, values: wv } = normWeight(rng, dtype, h, 0.5);
     const y = d.alloc('f32', [n, h]),
       rstd = d.alloc('f32', [n]);
     await d.run([{ op: 'rmsnorm_forward', y, rstd, x: f32(d, [n, h], x), w, eps }]);
@@ -89,12 +93,7 @@ t.test('backward vs float64: dx written or accumulated, dw accumulated, bf16 w',
   const x = randn(rng, n * h, 2);
   const dy = randn(rng, n * h);
   for (const dtype of ['f32', 'bf16'] as const) {
-    const { tensor: w, values: wv } = stored(
-      d,
-      dtype,
-      [h],
-      randn(rng, h, 0.3).map((v) => 1 + v),
-    );
+    const { tensor: w, values: wv } = normWeight(rng, dtype, h, 0.3);
     const xt = f32(d, [n, h], x),
       y = d.alloc('f32', [n, h]),
       rstd = d.alloc('f32', [n]);

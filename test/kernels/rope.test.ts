@@ -3,7 +3,7 @@
 // float64 frequencies), in place, thread counts, extreme range, and bad arguments.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { readF32 } from '../../lib/tensor.js';
+import { readF32, type Device } from '../../lib/tensor.js';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -45,6 +45,13 @@ function ropeRef(
   return y;
 }
 
+/** The cos/sin tables (theta 10000) of positions [0, maxPos) on the device, and on the host (`tab`). */
+function deviceTables(dev: Device, d: number, maxPos: number) {
+  const tab = ropeTables(10000, d, maxPos);
+  const cos = dev.fromArray('f32', [maxPos, d / 2], tab.cos);
+  return { tab, cos, sin: dev.fromArray('f32', [maxPos, d / 2], tab.sin) };
+}
+
 // Each output is a·c − b·s of two float32 products: a couple of ulps of |a| + |b|, so for
 // N(0,1) inputs 2e-6 absolute (plus 1e-6 relative) is a safe bound.
 const TOL = { atol: 2e-6, rtol: 1e-6 };
@@ -82,12 +89,10 @@ for (const threads of [1, 2]) {
         const dev = cpuDevice(threads);
         const rng = new Rng(7, 'rope', heads, d, threads);
         const n = cu[cu.length - 1]!;
-        const tab = ropeTables(10000, d, 128);
+        const { tab, cos: cosT, sin: sinT } = deviceTables(dev, d, 128);
         const pos = packedPositions(cu);
         const x = randn(rng, n * heads * d);
         const dy = randn(rng, n * heads * d);
-        const cosT = dev.fromArray('f32', [128, d / 2], tab.cos);
-        const sinT = dev.fromArray('f32', [128, d / 2], tab.sin);
         const posT = dev.fromArray('i32', [n], pos);
         const xT = dev.fromArray('f32', [n, heads * d], x);
         const yT = dev.fromArray('f32', [n, heads * d], randn(rng, n * heads * d)); // junk: must be overwritten
@@ -126,11 +131,9 @@ t.test('in place (y is x) equals out of place', async (t) => {
   const n = 33,
     heads = 4,
     d = 32;
-  const tab = ropeTables(10000, d, 64);
+  const { cos, sin } = deviceTables(dev, d, 64);
   const pos = new Int32Array(n).map(() => rng.int(64));
   const x = randn(rng, n * heads * d);
-  const cos = dev.fromArray('f32', [64, d / 2], tab.cos);
-  const sin = dev.fromArray('f32', [64, d / 2], tab.sin);
   const p = dev.fromArray('i32', [n], pos);
   const a = dev.fromArray('f32', [n, heads * d], x);
   const b = dev.alloc('f32', [n, heads * d]);
@@ -147,7 +150,7 @@ t.test('extreme range: huge and tiny magnitudes keep their relative accuracy', a
   const n = 20,
     heads = 2,
     d = 16;
-  const tab = ropeTables(10000, d, 4096);
+  const { tab, cos, sin } = deviceTables(dev, d, 4096);
   const pos = new Int32Array(n).map((_, i) => 4095 - i * 97); // large positions
   for (const mag of [1e30, 1e-30]) {
     const x = randn(rng, n * heads * d, mag);
@@ -158,8 +161,8 @@ t.test('extreme range: huge and tiny magnitudes keep their relative accuracy', a
         y,
         x: dev.fromArray('f32', [n, heads * d], x),
         pos: dev.fromArray('i32', [n], pos),
-        cos: dev.fromArray('f32', [4096, d / 2], tab.cos),
-        sin: dev.fromArray('f32', [4096, d / 2], tab.sin),
+        cos,
+        sin,
         heads,
       },
     ]);
@@ -182,9 +185,7 @@ t.test('bad arguments are Errors naming the argument', async (t) => {
   const n = 4,
     heads = 2,
     d = 8;
-  const tab = ropeTables(10000, d, 16);
-  const cos = dev.fromArray('f32', [16, d / 2], tab.cos);
-  const sin = dev.fromArray('f32', [16, d / 2], tab.sin);
+  const { tab, cos, sin } = deviceTables(dev, d, 16);
   const x = dev.fromArray('f32', [n, heads * d], randn(rng, n * heads * d));
   const y = dev.alloc('f32', [n, heads * d]);
   const pos = dev.fromArray('i32', [n], new Int32Array([0, 1, 2, 3]));

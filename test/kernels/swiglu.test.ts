@@ -25,6 +25,21 @@ function bwdRef(dh: ArrayLike<number>, g: ArrayLike<number>, u: ArrayLike<number
   return { dgate, dup };
 }
 
+/** Forward and backward on the device (outputs out of place): h, dgate, dup. */
+async function swiglu(g: Float32Array, u: Float32Array, dh: Float32Array) {
+  const n = g.length;
+  const gt = f32(d, [n], g),
+    ut = f32(d, [n], u);
+  const h = d.alloc('f32', [n]),
+    dgate = d.alloc('f32', [n]),
+    dup = d.alloc('f32', [n]);
+  await d.run([
+    { op: 'swiglu_forward', h, gate: gt, up: ut },
+    { op: 'swiglu_backward', dgate, dup, dh: f32(d, [n], dh), gate: gt, up: ut },
+  ]);
+  return { h: read(h), dgate: read(dgate), dup: read(dup) };
+}
+
 // A few float roundings plus exp_approx (≈2e-7 relative) on O(1..10) values; atol covers
 // dgate's zero crossing near g ≈ -1.28 where 1 + g(1-σ) cancels.
 const TOL = { atol: 2e-6, rtol: 1e-5 };
@@ -38,19 +53,11 @@ for (const kernel of kernels) {
     const g = randn(rng, n, 3),
       u = randn(rng, n, 2),
       dh = randn(rng, n);
-    const gt = f32(d, [n], g),
-      ut = f32(d, [n], u);
-    const h = d.alloc('f32', [n]),
-      dgate = d.alloc('f32', [n]),
-      dup = d.alloc('f32', [n]);
-    await d.run([
-      { op: 'swiglu_forward', h, gate: gt, up: ut },
-      { op: 'swiglu_backward', dgate, dup, dh: f32(d, [n], dh), gate: gt, up: ut },
-    ]);
-    assertClose(t, read(h), fwdRef(g, u), TOL, 'h');
+    const got = await swiglu(g, u, dh);
+    assertClose(t, got.h, fwdRef(g, u), TOL, 'h');
     const ref = bwdRef(dh, g, u);
-    assertClose(t, read(dgate), ref.dgate, TOL, 'dgate');
-    assertClose(t, read(dup), ref.dup, TOL, 'dup');
+    assertClose(t, got.dgate, ref.dgate, TOL, 'dgate');
+    assertClose(t, got.dup, ref.dup, TOL, 'dup');
   });
 }
 
@@ -62,26 +69,17 @@ for (const kernel of kernels) {
     const g = Float32Array.from([
       -1e37, -1e4, -200, -88.8, -87.5, -30, -1e-30, 0.5, 1e-30, 30, 87.5, 88.8, 200, 1e4, 1e37,
     ]);
-    const n = g.length,
-      u = randn(rng, n),
-      dh = randn(rng, n);
-    const gt = f32(d, [n], g),
-      ut = f32(d, [n], u);
-    const h = d.alloc('f32', [n]),
-      dgate = d.alloc('f32', [n]),
-      dup = d.alloc('f32', [n]);
-    d.runSync([
-      { op: 'swiglu_forward', h, gate: gt, up: ut },
-      { op: 'swiglu_backward', dgate, dup, dh: f32(d, [n], dh), gate: gt, up: ut },
-    ]);
+    const u = randn(rng, g.length),
+      dh = randn(rng, g.length);
+    const out = await swiglu(g, u, dh);
     const ref = bwdRef(dh, g, u);
     // |u|, |dh| ~ 1: where σ underflows (g < -87) the exact values are < 1e-36, so atol 1e-30 is
     // meaningful; elsewhere relative error of a few float roundings.
     const tol = { atol: 1e-30, rtol: 1e-5 };
     for (const [name, got, want] of [
-      ['h', read(h), fwdRef(g, u)],
-      ['dgate', read(dgate), ref.dgate],
-      ['dup', read(dup), ref.dup],
+      ['h', out.h, fwdRef(g, u)],
+      ['dgate', out.dgate, ref.dgate],
+      ['dup', out.dup, ref.dup],
     ] as const) {
       t.ok(got.every(Number.isFinite), `${name}: all finite (no NaN from inf·0)`);
       assertClose(t, got, want, tol, `${name} at extreme gates`);
@@ -93,21 +91,12 @@ t.test('huge dh and up with ordinary gates: no intermediate overflow', async (t)
   const g = Float32Array.from([0.5, -0.3, 2, -3, 1.7, -6]);
   const u = Float32Array.from([1e30, -1e30, 1e-30, 2e19, -1, 3]);
   const dh = Float32Array.from([1e-6, 1e-6, 1e30, -1e19, 1e35, -2e37]);
-  const n = g.length;
-  const gt = f32(d, [n], g),
-    ut = f32(d, [n], u);
-  const h = d.alloc('f32', [n]),
-    dgate = d.alloc('f32', [n]),
-    dup = d.alloc('f32', [n]);
-  d.runSync([
-    { op: 'swiglu_forward', h, gate: gt, up: ut },
-    { op: 'swiglu_backward', dgate, dup, dh: f32(d, [n], dh), gate: gt, up: ut },
-  ]);
+  const got = await swiglu(g, u, dh);
   const ref = bwdRef(dh, g, u);
   const tol = { atol: 0, rtol: 1e-5 }; // every value is representable; only relative rounding
-  assertClose(t, read(h), fwdRef(g, u), tol, 'h');
-  assertClose(t, read(dgate), ref.dgate, tol, 'dgate');
-  assertClose(t, read(dup), ref.dup, tol, 'dup');
+  assertClose(t, got.h, fwdRef(g, u), tol, 'h');
+  assertClose(t, got.dgate, ref.dgate, tol, 'dgate');
+  assertClose(t, got.dup, ref.dup, tol, 'dup');
 });
 
 t.test('the reference gradient agrees with finite differences', async (t) => {

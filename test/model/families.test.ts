@@ -12,18 +12,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { openModelDir, type ModelDir } from '../../lib/io/hf-model.js';
-import { loadAdapter } from '../../lib/io/peft.js';
-import { openSafetensors } from '../../lib/io/safetensors.js';
 import { loadStageWeights, stageWeightBytes } from '../../lib/model/weights.js';
 import { StageProgram, type StageOptions } from '../../lib/model/stage.js';
-import { fromAdapterWeights, toPeftTensors } from '../../lib/lora/state.js';
-import type { LoraSpec } from '../../lib/lora/adapter.js';
-import { LORA_TARGETS } from '../../lib/model/config.js';
-import { openSingleModel } from '../../lib/model/single.js';
+import { addPeftAdapter, openSingleModel } from '../../lib/model/single.js';
 import { KvCacheDecoder } from '../../lib/model/generate.js';
 import { fullLogits } from '../support/logits.js';
 import { assertClose, cpuDevice } from '../support/helpers.js';
-import { fixtureBatch } from './fixture.js';
+import { assertLoraGrads, fixtureBatch, loraGrads } from './fixture.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/families');
 export const FAMILIES = ['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window'] as const;
@@ -57,16 +52,7 @@ async function setup(dir: ModelDir, fam: string, options: StageOptions = { gathe
   const weights = await loadStageWeights(device, dir, plan);
   const weightBytes = device.memory().used - used0;
   const program = new StageProgram(device, config, plan, weights, options);
-  const ad = loadAdapter(path.join(root, fam, 'adapter'));
-  const spec: LoraSpec = {
-    r: ad.r,
-    alpha: ad.loraAlpha,
-    dropout: 0,
-    targets: ad.targetModules,
-    useRslora: ad.useRslora,
-    seed: 0,
-  };
-  program.addAdapter(1, spec, fromAdapterWeights(config, spec, ad, 'adapter'));
+  const { spec } = addPeftAdapter(program, path.join(root, fam, 'adapter'), 1);
   return { config, program, spec, weightBytes, expectedWeightBytes: stageWeightBytes(dir, plan) };
 }
 
@@ -137,17 +123,9 @@ async function checkFamily(t: Test, fam: string, dir: ModelDir, label: string) {
     TOL_LOSS,
     `${label}: loss ${loss} vs ${ref.loss}; ${nearestDiagnostic(ref, loss)}`,
   );
-  const grads = toPeftTensors(config, spec, program.adapter(1).grads.read() as Float32Array);
-  const refGrads = openSafetensors(path.join(root, fam, 'grads.safetensors'));
-  let n = 0;
-  for (const [name, g] of grads) {
-    const w = refGrads.read(name) as Float64Array;
-    let scale = 0;
-    for (const x of w) scale = Math.max(scale, Math.abs(x));
-    assertClose(t, g.data, w, { atol: GRAD_REL * scale, rtol: 1e-4 }, `${label}: ${name}`);
-    n++;
-  }
-  t.equal(n, config.numLayers * LORA_TARGETS.length * 2, `${label}: all 28 LoRA gradients compared`);
+  const grads = loraGrads(program, spec);
+  const refFile = path.join(root, fam, 'grads.safetensors');
+  assertLoraGrads(t, grads, refFile, config.numLayers, { atol: GRAD_REL, rtol: 1e-4 }, `${label}: `);
   program.free();
   return { loss, logits };
 }

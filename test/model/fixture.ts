@@ -2,15 +2,18 @@
 // one adapter on a stage program, as the supervisor assembles it; the fixture's model + PEFT
 // adapter on one CPU stage (not a test file itself).
 import { readFileSync } from 'node:fs';
-import { assemble } from '../../actors/supervisor.js';
 import { StageProgram, type MicroBatch, type StageOptions } from '../../lib/model/stage.js';
 import type { Tensor } from '../../lib/tensor.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { loadAdapter } from '../../lib/io/peft.js';
 import { loadStageWeights, type LoadWeightsOptions } from '../../lib/model/weights.js';
-import { fromAdapterWeights } from '../../lib/lora/state.js';
+import { addPeftAdapter } from '../../lib/model/single.js';
+import type { Test } from 'tap';
+import { openSafetensors } from '../../lib/io/safetensors.js';
+import { toPeftTensors } from '../../lib/lora/state.js';
+import { LORA_TARGETS } from '../../lib/model/config.js';
+import { assertClose, cpuDevice, type Tolerance } from '../support/helpers.js';
+import { packedBatch } from './f64-llama.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
-import { cpuDevice } from '../support/helpers.js';
 
 export interface FixtureRef {
   input_ids: number[][];
@@ -38,17 +41,7 @@ export async function setupFixture(
   const plan = { lo: 0, hi: config.numLayers, first: true, last: true };
   const weights = await loadStageWeights(device, dir, plan, load);
   const program = new StageProgram(device, config, plan, weights, options);
-  const ad = loadAdapter(adapterDir);
-  const spec: LoraSpec = {
-    r: ad.r,
-    alpha: ad.loraAlpha,
-    dropout: 0,
-    targets: ad.targetModules,
-    useRslora: ad.useRslora,
-    seed: 0,
-  };
-  const flat = fromAdapterWeights(config, spec, ad, 'adapter');
-  program.addAdapter(1, spec, flat);
+  const { spec, flat } = addPeftAdapter(program, adapterDir, 1);
   return { dir, config, device, program, spec, flat };
 }
 
@@ -76,45 +69,43 @@ export function fixtureBatch(
   labelRows: number[][],
   adapter = true,
 ): { mb: MicroBatch; tokens: Tensor; count: number } {
-  const T = inputIds[0]!.length;
-  const B = inputIds.length;
-  let count = 0;
-  for (const row of labelRows) for (let i = 1; i < row.length; i++) if (row[i] !== -100) count++;
-  const N = B * T;
-  const data = assemble(
+  const b = packedBatch(
+    program.device,
     7,
-    [
-      {
-        adapter: 1,
-        serial: 0,
-        mb: {
-          step: 0,
-          microIndex: 0,
-          microCount: 1,
-          inputIds: Int32Array.from(inputIds.flat()),
-          labels: Int32Array.from(labelRows.flat()),
-          cuSeqlens: Int32Array.from({ length: B + 1 }, (_, b) => b * T),
-          positions: Int32Array.from({ length: N }, (_, i) => i % T),
-          numTokens: N,
-          numTargetTokens: count,
-          stepTargetTokens: count,
-          lastOfStep: true,
-        },
-      },
-    ],
-    N,
+    inputIds.map((ids, i) => ({ ids, labels: labelRows[i]! })),
   );
-  const d = program.device;
-  const mb: MicroBatch = {
-    id: 7,
-    numTokens: N,
-    segments: adapter ? data.segments : [],
-    tensors: {
-      positions: d.fromArray('i32', [N], data.positions),
-      cuSeqlens: d.fromArray('i32', [B + 1], data.cuSeqlens),
-      targets: d.fromArray('i32', [N], data.targets),
-      weights: d.fromArray('f32', [N], data.weights),
-    },
-  };
-  return { mb, tokens: d.fromArray('i32', [N], data.tokens), count };
+  return { mb: adapter ? b.mb : { ...b.mb, segments: [] }, tokens: b.tokens, count: b.count };
+}
+
+/** Adapter 1's LoRA gradients on `program` by PEFT tensor name, copied (they outlive the program). */
+export function loraGrads(program: StageProgram, spec: LoraSpec): Map<string, Float32Array> {
+  const out = new Map<string, Float32Array>();
+  for (const [name, g] of toPeftTensors(program.config, spec, program.adapter(1).grads.read() as Float32Array))
+    out.set(name, Float32Array.from(g.data));
+  return out;
+}
+
+/**
+ * Every LoRA gradient of a `numLayers` model against the float64 ones in `refFile`, within
+ * `tol.atol` × the largest element of that tensor (elements near zero carry only rounding
+ * noise) and `tol.rtol`; `label` prefixes each assertion.
+ */
+export function assertLoraGrads(
+  t: Test,
+  grads: Map<string, Float32Array>,
+  refFile: string,
+  numLayers: number,
+  tol: Tolerance,
+  label = '',
+): void {
+  const ref = openSafetensors(refFile);
+  let n = 0;
+  for (const [name, g] of grads) {
+    const w = ref.read(name) as Float64Array;
+    let scale = 0;
+    for (const x of w) scale = Math.max(scale, Math.abs(x));
+    assertClose(t, g, w, { atol: tol.atol * scale, rtol: tol.rtol }, `${label}${name} vs float64`);
+    n++;
+  }
+  t.equal(n, numLayers * LORA_TARGETS.length * 2, `${label}every LoRA gradient compared`);
 }

@@ -16,10 +16,8 @@ import { openSafetensors } from '../../lib/io/safetensors.js';
 import { quantLayout, type QuantizeMode } from '../../lib/io/bnb.js';
 import type { StageOptions } from '../../lib/model/stage.js';
 import type { LoadWeightsOptions } from '../../lib/model/weights.js';
-import { toPeftTensors } from '../../lib/lora/state.js';
-import { LORA_TARGETS } from '../../lib/model/config.js';
 import { assertClose, cpuDevice } from '../support/helpers.js';
-import { first4, fixtureBatch, readRef, setupFixture, type FixtureRef } from './fixture.js';
+import { assertLoraGrads, first4, fixtureBatch, loraGrads, readRef, setupFixture, type FixtureRef } from './fixture.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const quant = path.resolve(here, '../../../test/fixtures/quant');
@@ -60,17 +58,7 @@ async function checkModel(
   assertClose(t, got, want, tol.logits, 'logits of the first 4 positions (with the adapter)');
   const losses = await program.trainLast(mb, tokens);
   assertClose(t, [losses.reduce((a, b) => a + b, 0) / count], [ref.loss], tol.loss, 'loss with the adapter');
-  const grads = toPeftTensors(config, spec, program.adapter(1).grads.read() as Float32Array);
-  const refGrads = openSafetensors(path.join(refDir, 'grads.safetensors'));
-  let n = 0;
-  for (const [name, g] of grads) {
-    const w = refGrads.read(name) as Float64Array;
-    let scale = 0;
-    for (const x of w) scale = Math.max(scale, Math.abs(x));
-    assertClose(t, g.data, w, { atol: tol.grad.atol * scale, rtol: tol.grad.rtol }, name);
-    n++;
-  }
-  t.equal(n, config.numLayers * LORA_TARGETS.length * 2, 'every LoRA tensor compared');
+  assertLoraGrads(t, loraGrads(program, spec), path.join(refDir, 'grads.safetensors'), config.numLayers, tol.grad);
   if (ref.loss_no_adapter !== undefined) {
     const base = fixtureBatch(program, ref.input_ids, ref.labels, false); // no segment: the base model alone
     const l = (await program.evaluate(base.mb, base.tokens))!;

@@ -62,6 +62,58 @@ __device__ __forceinline__ float lanes_sum(float v) {
   return v;
 }
 
+// Rows [first, first + TILE) of head h of two [n, heads, d] tensors into shared tiles; zeros
+// past `end` (exclusive) and past d. The caller brackets it with __syncthreads().
+template <int TILE, int D>
+__device__ __forceinline__ void load_tiles(float (&as)[TILE][D], float (&bs)[TILE][D], const float* a, const float* b,
+                                           int64_t first, int64_t end, int heads, int h, int d, int t) {
+  for (int idx = t; idx < TILE * D; idx += kThreads) {
+    int j = idx / D, c = idx % D;
+    int64_t r = first + j;
+    bool in = r < end && c < d;
+    as[j][c] = in ? a[(r * heads + h) * int64_t(d) + c] : 0.f;
+    bs[j][c] = in ? b[(r * heads + h) * int64_t(d) + c] : 0.f;
+  }
+}
+
+// This lane's columns (lane, lane + LANES, ...) of one d-wide row into registers, zeros past d.
+template <int EPL, int LANES>
+__device__ __forceinline__ void load_lanes(float (&x)[EPL], const float* row, int lane, int d) {
+#pragma unroll
+  for (int e = 0; e < EPL; e++) {
+    int c = e * LANES + lane;
+    x[e] = c < d ? row[c] : 0.f;
+  }
+}
+
+// Whether query row `row` (whose sequence starts at `start`) sees key `key`: causal, in its
+// sequence, and inside the sliding window when there is one.
+__device__ __forceinline__ bool sees(int64_t row, int64_t start, int64_t key, int64_t window) {
+  return key >= start && key <= row && (window <= 0 || key > row - window);
+}
+
+// One thread's query row in a block of ROWS rows from r0 (clamped to n - 1 past the end, where
+// `valid` is false), where the row's sequence starts, and the block's key range [kbeg, kend):
+// from the first row's sequence start (or the oldest key its window sees) to the last row.
+struct QueryBlock {
+  int64_t row, rowc, start, kbeg, kend;
+  bool valid;
+};
+
+__device__ __forceinline__ QueryBlock query_block(const int32_t* cu, int64_t nseq, int64_t n, int64_t r0, int lr,
+                                                  int rows, int64_t window) {
+  QueryBlock b;
+  b.row = r0 + lr;
+  b.valid = b.row < n;
+  b.rowc = b.valid ? b.row : n - 1;
+  int64_t end;
+  seq_bounds(cu, nseq, n, b.rowc, b.start, end);
+  seq_bounds(cu, nseq, n, r0, b.kbeg, end);
+  if (window > 0) b.kbeg = max(b.kbeg, r0 - window + 1);  // older keys are outside every row's window
+  b.kend = min(r0 + rows, n);                             // exclusive
+  return b;
+}
+
 __global__ void attn_check_kernel(const int32_t* cu, int64_t nseq, int64_t n, DeviceError* err) {
   if (threadIdx.x != 0) return;
   if (cu[0] != 0) {
@@ -85,35 +137,15 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float Ks[BK][D];
   __shared__ float Vs[BK][D];
   int h = blockIdx.y, g = h / (hq / hkv);
-  int64_t r0 = int64_t(blockIdx.x) * ROWS;
-  int t = threadIdx.x, lr = t / LANES, lane = t % LANES;
-  int64_t row = r0 + lr;
-  bool valid = row < n;
-  int64_t rowc = valid ? row : n - 1;
-  int64_t start, end, kbeg, dummy;
-  seq_bounds(cu, nseq, n, rowc, start, end);
-  seq_bounds(cu, nseq, n, r0, kbeg, dummy);
-  if (window > 0) kbeg = max(kbeg, r0 - window + 1);  // older keys are outside every row's window
-  int64_t kend = min(r0 + ROWS, n);                   // exclusive
+  int t = threadIdx.x, lane = t % LANES;
+  const QueryBlock qb = query_block(cu, nseq, n, int64_t(blockIdx.x) * ROWS, t / LANES, ROWS, window);
 
-  float qv[EPL], o[EPL];
-  const float* qr = q + (rowc * hq + h) * int64_t(d);
-#pragma unroll
-  for (int e = 0; e < EPL; e++) {
-    int c = e * LANES + lane;
-    qv[e] = c < d ? qr[c] : 0.f;
-    o[e] = 0.f;
-  }
+  float qv[EPL], o[EPL] = {};
+  load_lanes<EPL, LANES>(qv, q + (qb.rowc * hq + h) * int64_t(d), lane, d);
   float m = -INFINITY, l = 0.f;
-  for (int64_t kt = kbeg; kt < kend; kt += BK) {
+  for (int64_t kt = qb.kbeg; kt < qb.kend; kt += BK) {
     __syncthreads();
-    for (int idx = t; idx < BK * D; idx += kThreads) {
-      int j = idx / D, c = idx % D;
-      int64_t key = kt + j;
-      bool in = key < kend && c < d;
-      Ks[j][c] = in ? k[(key * hkv + g) * int64_t(d) + c] : 0.f;
-      Vs[j][c] = in ? v[(key * hkv + g) * int64_t(d) + c] : 0.f;
-    }
+    load_tiles<BK, D>(Ks, Vs, k, v, kt, qb.kend, hkv, g, d, t);
     __syncthreads();
     float s[BK];
     float tmax = -INFINITY;
@@ -123,8 +155,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < EPL; e++) dot = fmaf(qv[e], Ks[j][e * LANES + lane], dot);
       dot = lanes_sum<LANES>(dot);
-      int64_t key = kt + j;
-      bool ok = valid && key >= start && key <= row && (window <= 0 || key > row - window);
+      bool ok = qb.valid && sees(qb.row, qb.start, kt + j, window);
       s[j] = ok ? dot * scale : -INFINITY;
       tmax = fmaxf(tmax, s[j]);
     }
@@ -144,15 +175,15 @@ __global__ void __launch_bounds__(kThreads)
       m = mnew;
     }
   }
-  if (!valid) return;
+  if (!qb.valid) return;
   float inv = l > 0.f ? 1.f / l : 0.f;
-  float* orow = out + (row * hq + h) * int64_t(d);
+  float* orow = out + (qb.row * hq + h) * int64_t(d);
 #pragma unroll
   for (int e = 0; e < EPL; e++) {
     int c = e * LANES + lane;
     if (c < d) orow[c] = o[e] * inv;
   }
-  if (lane == 0) lse[int64_t(h) * n + row] = l > 0.f ? m + logf(l) : 0.f;
+  if (lane == 0) lse[int64_t(h) * n + qb.row] = l > 0.f ? m + logf(l) : 0.f;
 }
 
 // Dr[h, i] = Σ_c dout[i, h, c]·out[i, h, c]: one warp per (row, head).
@@ -179,36 +210,17 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float Ks[BK][D];
   __shared__ float Vs[BK][D];
   int h = blockIdx.y, g = h / (hq / hkv);
-  int64_t r0 = int64_t(blockIdx.x) * ROWS;
-  int t = threadIdx.x, lr = t / LANES, lane = t % LANES;
-  int64_t row = r0 + lr;
-  bool valid = row < n;
-  int64_t rowc = valid ? row : n - 1;
-  int64_t start, end, kbeg, dummy;
-  seq_bounds(cu, nseq, n, rowc, start, end);
-  seq_bounds(cu, nseq, n, r0, kbeg, dummy);
-  if (window > 0) kbeg = max(kbeg, r0 - window + 1);
-  int64_t kend = min(r0 + ROWS, n);
+  int t = threadIdx.x, lane = t % LANES;
+  const QueryBlock qb = query_block(cu, nseq, n, int64_t(blockIdx.x) * ROWS, t / LANES, ROWS, window);
 
-  float qv[EPL], dov[EPL], acc[EPL];
-  int64_t base = (rowc * hq + h) * int64_t(d);
-#pragma unroll
-  for (int e = 0; e < EPL; e++) {
-    int c = e * LANES + lane;
-    qv[e] = c < d ? q[base + c] : 0.f;
-    dov[e] = c < d ? dout[base + c] : 0.f;
-    acc[e] = 0.f;
-  }
-  float L = lse[int64_t(h) * n + rowc], Dr = dr[int64_t(h) * n + rowc];
-  for (int64_t kt = kbeg; kt < kend; kt += BK) {
+  float qv[EPL], dov[EPL], acc[EPL] = {};
+  int64_t base = (qb.rowc * hq + h) * int64_t(d);
+  load_lanes<EPL, LANES>(qv, q + base, lane, d);
+  load_lanes<EPL, LANES>(dov, dout + base, lane, d);
+  float L = lse[int64_t(h) * n + qb.rowc], Dr = dr[int64_t(h) * n + qb.rowc];
+  for (int64_t kt = qb.kbeg; kt < qb.kend; kt += BK) {
     __syncthreads();
-    for (int idx = t; idx < BK * D; idx += kThreads) {
-      int j = idx / D, c = idx % D;
-      int64_t key = kt + j;
-      bool in = key < kend && c < d;
-      Ks[j][c] = in ? k[(key * hkv + g) * int64_t(d) + c] : 0.f;
-      Vs[j][c] = in ? v[(key * hkv + g) * int64_t(d) + c] : 0.f;
-    }
+    load_tiles<BK, D>(Ks, Vs, k, v, kt, qb.kend, hkv, g, d, t);
     __syncthreads();
     for (int j = 0; j < BK; j++) {
       float sd = 0.f, pd = 0.f;
@@ -219,15 +231,14 @@ __global__ void __launch_bounds__(kThreads)
       }
       sd = lanes_sum<LANES>(sd);
       pd = lanes_sum<LANES>(pd);
-      int64_t key = kt + j;
-      bool ok = valid && key >= start && key <= row && (window <= 0 || key > row - window);
+      bool ok = qb.valid && sees(qb.row, qb.start, kt + j, window);
       float p = ok ? expf(sd * scale - L) : 0.f;
       float ds = p * (pd - Dr);
 #pragma unroll
       for (int e = 0; e < EPL; e++) acc[e] = fmaf(ds, Ks[j][e * LANES + lane], acc[e]);
     }
   }
-  if (!valid) return;
+  if (!qb.valid) return;
 #pragma unroll
   for (int e = 0; e < EPL; e++) {
     int c = e * LANES + lane;
@@ -256,27 +267,15 @@ __global__ void __launch_bounds__(kThreads)
   seq_bounds(cu, nseq, n, min(k0 + ROWS, n) - 1, dummy, qend);       // queries end with the last key's sequence
   if (window > 0) qend = min(qend, min(k0 + ROWS, n) - 1 + window);  // later queries see none of these keys
 
-  float kv[EPL], vv[EPL], dka[EPL], dva[EPL];
+  float kv[EPL], vv[EPL], dka[EPL] = {}, dva[EPL] = {};
   int64_t base = (keyc * hkv + g) * int64_t(d);
-#pragma unroll
-  for (int e = 0; e < EPL; e++) {
-    int c = e * LANES + lane;
-    kv[e] = c < d ? k[base + c] : 0.f;
-    vv[e] = c < d ? v[base + c] : 0.f;
-    dka[e] = 0.f;
-    dva[e] = 0.f;
-  }
+  load_lanes<EPL, LANES>(kv, k + base, lane, d);
+  load_lanes<EPL, LANES>(vv, v + base, lane, d);
   for (int hi = 0; hi < group; hi++) {
     int h = g * group + hi;
     for (int64_t qt = k0; qt < qend; qt += BQ) {
       __syncthreads();
-      for (int idx = t; idx < BQ * D; idx += kThreads) {
-        int i = idx / D, c = idx % D;
-        int64_t qrow = qt + i;
-        bool in = qrow < qend && c < d;
-        Qs[i][c] = in ? q[(qrow * hq + h) * int64_t(d) + c] : 0.f;
-        Os[i][c] = in ? dout[(qrow * hq + h) * int64_t(d) + c] : 0.f;
-      }
+      load_tiles<BQ, D>(Qs, Os, q, dout, qt, qend, hq, h, d, t);
       for (int i = t; i < BQ; i += kThreads) {
         int64_t qrow = qt + i;
         Ls[i] = qrow < qend ? lse[int64_t(h) * n + qrow] : 0.f;
@@ -293,7 +292,8 @@ __global__ void __launch_bounds__(kThreads)
         sd = lanes_sum<LANES>(sd);
         pd = lanes_sum<LANES>(pd);
         int64_t qrow = qt + i;
-        bool ok = valid && qrow >= key && qrow < kseqend && qrow < qend && (window <= 0 || qrow < key + window);
+        // a query in [key, kseqend) is in the key's sequence, which starts at kstart
+        bool ok = valid && qrow < kseqend && qrow < qend && sees(qrow, kstart, key, window);
         float p = ok ? expf(sd * scale - Ls[i]) : 0.f;
         float ds = p * (pd - Ds[i]);
 #pragma unroll

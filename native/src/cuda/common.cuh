@@ -184,32 +184,33 @@ void with_weight_loader(WeightRef w, const char* what, F&& f) {
 
 // Block-wide sum / max of one float per thread (blockDim.x a multiple of 32, at most 1024).
 // Deterministic: a fixed reduction tree. `shared` holds at least 32 floats.
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct SumOp {
+  static constexpr float identity = 0.f;
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  static constexpr float identity = -INFINITY;
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = Op()(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float block_sum(float v, float* shared) {
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* shared) {
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
+  v = warp_reduce<Op>(v);
   __syncthreads();
   if (lane == 0) shared[warp] = v;
   __syncthreads();
-  float r = lane < nw ? shared[lane] : 0.f;
-  return warp_sum(r);
+  float r = lane < nw ? shared[lane] : Op::identity;
+  return warp_reduce<Op>(r);
 }
-__device__ __forceinline__ float block_max(float v, float* shared) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  float r = lane < nw ? shared[lane] : -INFINITY;
-  return warp_max(r);
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<SumOp>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<MaxOp>(v); }
+__device__ __forceinline__ float block_sum(float v, float* shared) { return block_reduce<SumOp>(v, shared); }
+__device__ __forceinline__ float block_max(float v, float* shared) { return block_reduce<MaxOp>(v, shared); }
 
 // ---- the tiled GEMM shared by the fallback GEMM and the segmented LoRA kernels (gemm.cu).
 // C = alpha·op(A)·op(B) + beta·C for up to kMaxGroups independent problems in one launch.

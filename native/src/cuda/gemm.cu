@@ -233,6 +233,19 @@ namespace {
 
 constexpr int BM = 64, BN = 64, BK = 16, TM = 4, TN = 4;  // 256 threads: 16×16, each 4×4
 
+// Element idx of a [ROWS, BK] operand tile as (row, kk), in the order of the operand's memory
+// (k contiguous, or rows contiguous), so consecutive threads read consecutive addresses.
+template <int ROWS>
+__device__ __forceinline__ void tile_index(int idx, bool k_contiguous, int& row, int& kk) {
+  if (k_contiguous) {
+    kk = idx % BK;
+    row = idx / BK;
+  } else {
+    row = idx % ROWS;
+    kk = idx / ROWS;
+  }
+}
+
 struct GroupParams {
   GemmProblem p[kMaxGroups];
   int tile_start[kMaxGroups + 1];  // prefix sum of tiles per problem
@@ -260,20 +273,11 @@ __global__ void __launch_bounds__(256) tiled_gemm_kernel(const __grid_constant__
     for (int j = 0; j < TN; j++) acc[i][j] = 0.f;
 
   for (int64_t k0 = 0; k0 < P.k; k0 += BK) {
-    // 1024 elements of each tile, 4 per thread. Index order follows memory order of the
-    // operand so consecutive threads read consecutive addresses.
+    // 1024 elements of each tile, 4 per thread, in the operand's memory order (tile_index).
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      int idx = threadIdx.x + e * 256;
       int ii, kk;
-      if (TA) {
-        ii = idx % BM;
-        kk = idx / BM;
-      }  // A stored [k, m]: m contiguous
-      else {
-        kk = idx % BK;
-        ii = idx / BK;
-      }  // A stored [m, k]: k contiguous
+      tile_index<BM>(threadIdx.x + e * 256, !TA, ii, kk);  // A stored [m, k] or (TA) [k, m]
       int64_t gi = m0 + ii, gk = k0 + kk;
       float v = 0.f;
       if (gi < P.m && gk < P.k) {
@@ -284,16 +288,8 @@ __global__ void __launch_bounds__(256) tiled_gemm_kernel(const __grid_constant__
     }
 #pragma unroll
     for (int e = 0; e < 4; e++) {
-      int idx = threadIdx.x + e * 256;
       int jj, kk;
-      if (TB) {
-        kk = idx % BK;
-        jj = idx / BK;
-      }  // B stored [n, k]: k contiguous
-      else {
-        jj = idx % BN;
-        kk = idx / BN;
-      }  // B stored [k, n]: n contiguous
+      tile_index<BN>(threadIdx.x + e * 256, TB, jj, kk);  // B stored (TB) [n, k] or [k, n]
       int64_t gj = n0 + jj, gk = k0 + kk;
       float v = 0.f;
       if (gj < P.n && gk < P.k) {
@@ -458,18 +454,7 @@ void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
     if (st != 0) throw Error("cublasGemmEx: " + status_text(cb, st));
     return;
   }
-  GemmProblem p{};
-  p.a = a;
-  p.b = b.ptr;
-  p.c = c;
-  p.lda = lda;
-  p.ldb = ldb;
-  p.ldc = ldc;
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.alpha = alpha;
-  p.beta = beta;
+  GemmProblem p{a, b.ptr, c, lda, ldb, ldc, m, n, k, alpha, beta};  // no dropout
   grouped_gemm(ex, &p, 1, trans_a, trans_b, b.dtype, kDropNone);
 }
 

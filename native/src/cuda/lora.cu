@@ -25,22 +25,7 @@ bool active(const LoraSegment& s) { return rows_of(s) > 0 && s.rank > 0; }
 
 GemmProblem problem(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                     int64_t n, int64_t k, float alpha, float beta, const LoraSegment& s) {
-  GemmProblem p{};
-  p.a = a;
-  p.lda = lda;
-  p.b = b;
-  p.ldb = ldb;
-  p.c = c;
-  p.ldc = ldc;
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.alpha = alpha;
-  p.beta = beta;
-  p.p = s.dropout;
-  p.seed = s.seed;
-  p.position = s.position;
-  return p;
+  return GemmProblem{a, b, c, lda, ldb, ldc, m, n, k, alpha, beta, s.dropout, s.seed, s.position};
 }
 
 void check_segments(const LoraSegment* segs, int64_t nseg, const char* what) {

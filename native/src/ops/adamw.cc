@@ -22,12 +22,8 @@ MLORA_OP(adamw) {
     a.expect_numel(gn.c_str(), grads[i], n);
     a.expect_numel(mn.c_str(), m[i], n);
     a.expect_numel(vn.c_str(), v[i], n);
-    a.expect_distinct(pn.c_str(), params[i], gn.c_str(), grads[i]);
-    a.expect_distinct(pn.c_str(), params[i], mn.c_str(), m[i]);
-    a.expect_distinct(pn.c_str(), params[i], vn.c_str(), v[i]);
-    a.expect_distinct(mn.c_str(), m[i], vn.c_str(), v[i]);
-    a.expect_distinct(mn.c_str(), m[i], gn.c_str(), grads[i]);
-    a.expect_distinct(vn.c_str(), v[i], gn.c_str(), grads[i]);
+    a.expect_outputs_distinct({{pn.c_str(), &params[i]}, {mn.c_str(), &m[i]}, {vn.c_str(), &v[i]}},
+                              {{gn.c_str(), &grads[i]}});
   }
   const double lr = a.number("lr"), beta1 = a.number("beta1"), beta2 = a.number("beta2"), eps = a.number("eps");
   const double wd = a.number("weightDecay"), gscale = a.number("gradScale", 1.0);

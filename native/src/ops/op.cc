@@ -150,4 +150,11 @@ void Args::expect_distinct(const char* a, const TensorImpl& ta, const char* b, c
     fail(std::string("arguments '") + a + "' and '" + b + "' overlap in memory; they must be distinct");
 }
 
+void Args::expect_outputs_distinct(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    for (auto p = o + 1; p != outputs.end(); ++p) expect_distinct(o->first, *o->second, p->first, *p->second);
+    for (const Named& i : inputs) expect_distinct(o->first, *o->second, i.first, *i.second);
+  }
+}
+
 }  // namespace mlora

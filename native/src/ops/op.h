@@ -9,6 +9,7 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../core/device.h"
@@ -18,6 +19,8 @@
 namespace mlora {
 
 using Kernel = std::function<void(Exec&)>;
+// A tensor argument with its name, for the checks over several arguments at once.
+using Named = std::pair<const char*, const TensorImpl*>;
 
 class Args {
  public:
@@ -39,6 +42,9 @@ class Args {
   void expect_shape(const char* name, const TensorImpl& t, std::vector<int64_t> expect);
   void expect_numel(const char* name, const TensorImpl& t, int64_t n);
   void expect_distinct(const char* a, const TensorImpl& ta, const char* b, const TensorImpl& tb);
+  // Each output overlaps no other output and no input: a kernel writes its outputs while it
+  // still reads its inputs.
+  void expect_outputs_distinct(std::initializer_list<Named> outputs, std::initializer_list<Named> inputs);
   [[noreturn]] void fail(const std::string& msg) const;
   const std::string& context() const { return ctx_; }
 

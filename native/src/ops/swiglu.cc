@@ -5,9 +5,18 @@
 namespace mlora {
 
 namespace {
-void same_or_distinct(Args& a, const char* na, const TensorImpl& ta, const char* nb, const TensorImpl& tb) {
-  if (ta.data() == tb.data() && ta.nbytes() == tb.nbytes()) return;
-  a.expect_distinct(na, ta, nb, tb);
+// Every tensor has n elements; an output is one of the inputs exactly (in place) or overlaps
+// none of them, and the outputs overlap each other nowhere.
+void check_elementwise(Args& a, int64_t n, std::initializer_list<Named> outputs, std::initializer_list<Named> inputs) {
+  for (const Named& t : inputs) a.expect_numel(t.first, *t.second, n);
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    a.expect_numel(o->first, *o->second, n);
+    for (auto p = outputs.begin(); p != o; ++p) a.expect_distinct(p->first, *p->second, o->first, *o->second);
+    for (const Named& i : inputs) {
+      const TensorImpl &out = *o->second, &in = *i.second;
+      if (out.data() != in.data() || out.nbytes() != in.nbytes()) a.expect_distinct(o->first, out, i.first, in);
+    }
+  }
 }
 }  // namespace
 
@@ -17,10 +26,7 @@ MLORA_OP(swiglu_forward) {
   TensorImpl gate = a.tensor("gate", {DType::F32});
   TensorImpl up = a.tensor("up", {DType::F32});
   int64_t n = gate.numel();
-  a.expect_numel("up", up, n);
-  a.expect_numel("h", h, n);
-  same_or_distinct(a, "h", h, "gate", gate);
-  same_or_distinct(a, "h", h, "up", up);
+  check_elementwise(a, n, {{"h", &h}}, {{"gate", &gate}, {"up", &up}});
   return [=](Exec& ex) { MLORA_DISPATCH(ex, swiglu_forward, h.as<float>(), gate.as<float>(), up.as<float>(), n); };
 }
 
@@ -32,15 +38,7 @@ MLORA_OP(swiglu_backward) {
   TensorImpl gate = a.tensor("gate", {DType::F32});
   TensorImpl up = a.tensor("up", {DType::F32});
   int64_t n = gate.numel();
-  a.expect_numel("up", up, n);
-  a.expect_numel("dh", dh, n);
-  a.expect_numel("dgate", dgate, n);
-  a.expect_numel("dup", dup, n);
-  a.expect_distinct("dgate", dgate, "dup", dup);
-  for (auto [name, t] : {std::pair<const char*, const TensorImpl*>{"dh", &dh}, {"gate", &gate}, {"up", &up}}) {
-    same_or_distinct(a, "dgate", dgate, name, *t);
-    same_or_distinct(a, "dup", dup, name, *t);
-  }
+  check_elementwise(a, n, {{"dgate", &dgate}, {"dup", &dup}}, {{"dh", &dh}, {"gate", &gate}, {"up", &up}});
   return [=](Exec& ex) {
     MLORA_DISPATCH(ex, swiglu_backward, dgate.as<float>(), dup.as<float>(), dh.as<float>(), gate.as<float>(),
                    up.as<float>(), n);
