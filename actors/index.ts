@@ -4,9 +4,29 @@
 //   const job = sup.submit({ name: 'my-adapter', data: 'train.jsonl', lora: { r: 8 }, max_steps: 100 });
 //   for await (const ev of job.events()) console.log(ev);
 //   await sup.close();
-export { Supervisor, startSupervisor, Job, resolveLayout } from './supervisor.js';
-export type { StartOptions, SchedulerOptions, ResolvedLayout } from './supervisor.js';
-export type { SupervisorHooks, PreparedJob, MicroBatchSource, SourceMicroBatch, JobView } from './job-types.js';
+//
+// `Supervisor` is the job scheduler (actors/scheduler/scheduler.ts, JobScheduler): the name the
+// README and existing programs use, kept as an alias (like startSupervisor and SupervisorHooks)
+// so they go on working; the supervision of the stage workers is ActorPipeline (actors/runtime.ts).
+export {
+  JobScheduler,
+  JobScheduler as Supervisor,
+  startScheduler,
+  startScheduler as startSupervisor,
+} from './scheduler/scheduler.js';
+export { Job } from './scheduler/job.js';
+export { resolveLayout } from './scheduler/layout.js';
+export type { ResolvedLayout } from './scheduler/layout.js';
+export type { StartOptions } from './scheduler/start.js';
+export type { SchedulerOptions } from './scheduler/context.js';
+export type {
+  SchedulerHooks,
+  SchedulerHooks as SupervisorHooks,
+  PreparedJob,
+  MicroBatchSource,
+  SourceMicroBatch,
+  JobView,
+} from './scheduler/job-types.js';
 export type { JobEvent, JobState } from './protocol.js';
 export type { FaultSpec } from '../lib/faults.js';
 export type { AdapterState } from '../lib/lora/state.js';

@@ -6,7 +6,7 @@ import type { LoraSpec } from '../lib/lora/adapter.js';
 import { allocBytes, StageAdapter } from '../lib/lora/adapter.js';
 import type { LlamaConfig } from '../lib/model/config.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
-import type { Pipeline } from './protocol.js';
+import type { Pipeline } from './pipeline.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
@@ -18,7 +18,6 @@ export class LocalPipeline implements Pipeline {
   readonly maxTokens = Number.POSITIVE_INFINITY;
   private readonly records: ScheduleRecord[] = [];
   private readonly t0 = performance.now();
-  private readonly specs = new Map<number, LoraSpec>();
 
   constructor(
     readonly config: LlamaConfig,
@@ -41,12 +40,10 @@ export class LocalPipeline implements Pipeline {
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
     for (const st of this.stages) st.addAdapterState(id, spec, state);
-    this.specs.set(id, spec);
   }
 
   async removeAdapter(id: number): Promise<void> {
     for (const st of this.stages) st.removeAdapter(id);
-    this.specs.delete(id);
   }
 
   async exportAdapter(id: number): Promise<AdapterState> {
@@ -67,6 +64,16 @@ export class LocalPipeline implements Pipeline {
     return t;
   }
 
+  /** The micro-batch as each stage's program takes it (its tensors on that stage's device). */
+  private messages(mb: MicroBatchData): MicroBatch[] {
+    return this.stages.map((st) => ({
+      id: mb.id,
+      numTokens: mb.tokens.length,
+      segments: mb.segments,
+      tensors: this.tensorsFor(st, mb, st.plan.last),
+    }));
+  }
+
   private static freeAll(ts: Array<Tensor | undefined>) {
     for (const t of ts) t?.free();
   }
@@ -75,12 +82,7 @@ export class LocalPipeline implements Pipeline {
     const N = mb.tokens.length;
     const H = this.config.hiddenSize;
     const S = this.stages.length;
-    const mbs: MicroBatch[] = this.stages.map((st) => ({
-      id: mb.id,
-      numTokens: N,
-      segments: mb.segments,
-      tensors: this.tensorsFor(st, mb, st.plan.last),
-    }));
+    const mbs = this.messages(mb);
     const inputs: Tensor[] = [];
     try {
       let input: Tensor = this.stages[0]!.device.fromArray('i32', [N], mb.tokens);
@@ -120,12 +122,7 @@ export class LocalPipeline implements Pipeline {
     const N = mb.tokens.length;
     const H = this.config.hiddenSize;
     let input: Tensor = this.stages[0]!.device.fromArray('i32', [N], mb.tokens);
-    const mbs: MicroBatch[] = this.stages.map((st) => ({
-      id: mb.id,
-      numTokens: N,
-      segments: mb.segments,
-      tensors: this.tensorsFor(st, mb, st.plan.last),
-    }));
+    const mbs = this.messages(mb);
     try {
       for (let s = 0; s < this.stages.length; s++) {
         const st = this.stages[s]!;

@@ -65,8 +65,17 @@ export function joinSlices(parts: AdapterState[]): AdapterState {
 }
 
 export function freshState(config: LlamaConfig, spec: LoraSpec): AdapterState {
-  const params = peftInit(config, spec, 0, config.numLayers);
+  return startingState(peftInit(config, spec, 0, config.numLayers));
+}
+
+/** The state before the first optimizer step from these weights: AdamW moments zero. */
+export function startingState(params: Float32Array): AdapterState {
   return { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };
+}
+
+/** A copy that shares no memory with `s` (a point to go back to). */
+export function cloneState(s: AdapterState): AdapterState {
+  return { params: s.params.slice(), m: s.m.slice(), v: s.v.slice(), version: s.version };
 }
 
 /** PEFT tensor name of one LoRA matrix. */

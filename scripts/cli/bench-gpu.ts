@@ -21,7 +21,7 @@ import { Rng } from '../../lib/rng.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
-import type { SourceMicroBatch } from '../../actors/job-types.js';
+import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
 import { benchLoraSpec, cacheModels, syntheticMicroBatch, trainFlopsPerToken, trainInGroups } from './bench-train.js';
 import { makeModel } from './make-model.js';
 

@@ -7,7 +7,9 @@ import { fileURLToPath } from 'node:url';
 import YAML from 'yaml';
 import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { resolveClusterLayout, resolveLayout, Supervisor, type Job } from '../../actors/supervisor.js';
+import { resolveClusterLayout, resolveLayout } from '../../actors/scheduler/layout.js';
+import { JobScheduler } from '../../actors/scheduler/scheduler.js';
+import type { Job } from '../../actors/scheduler/job.js';
 import type { ClusterOptions } from '../../actors/transport/remote.js';
 import { describeSplit, type SplitProfile } from '../../lib/schedule/split.js';
 import { adaptersPerMessage } from '../../lib/schedule/packing.js';
@@ -15,7 +17,7 @@ import { formatBytes } from '../../lib/tensor.js';
 import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
 import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weights.js';
 import { StageAdapter } from '../../lib/lora/adapter.js';
-import { loraSpec } from '../../actors/jobs.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
 import { parseFault } from '../../lib/faults.js';
 import { LORA_TARGETS } from '../../lib/model/config.js';
 import { parseCommandArgs, usageError, type Command } from './args.js';
@@ -463,9 +465,9 @@ export async function main(argv: string[]): Promise<number> {
   const faultLog: ReportFault[] = [];
   const memory: MemorySample[] = [];
   const t0 = Date.now();
-  let sup: Supervisor;
+  let sup: JobScheduler;
   try {
-    sup = await Supervisor.start({
+    sup = await JobScheduler.start({
       model: cfg.model,
       devices: cfg.devices,
       split: cfg.pipeline.split,

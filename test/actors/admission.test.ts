@@ -4,7 +4,7 @@
 // time. With a budget that has room for two micro-batches that way, but not for two full
 // copies, two are in flight and nothing runs out.
 import t from 'tap';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { adapters } from '../faults/harness.js';
 import { tinyModel } from '../support/models.js';
 import { tmpDir } from '../support/files.js';

@@ -1,7 +1,7 @@
 // A short training in a child process (used by shutdown.test.ts): two stage actors, one
 // adapter, two steps, then sup.close(). It never calls process.exit: the process must end by
 // itself once close() has ended every worker, timer and port.
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { adapter } from './util.js';
 
 const model = process.argv[2]!;

@@ -6,7 +6,7 @@
 // weights of an uninterrupted run of it (bitwise: see equivalence.test.ts for why).
 import t from 'tap';
 import fs from 'node:fs';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { adapter, captureFinals, faultLog, runJobs } from './util.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';

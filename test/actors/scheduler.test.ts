@@ -5,7 +5,7 @@
 // priorities go first and preempt lower ones by parking them at a step boundary, and a parked
 // job comes back with exactly the state and data position it left with.
 import t, { type Test } from 'tap';
-import { Supervisor, type SchedulerOptions } from '../../actors/supervisor.js';
+import { Supervisor, type SchedulerOptions } from '../../actors/index.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import type { AdapterConfigInput } from '../../lib/config.js';
 import { FakePipeline, fakeHooks, type FakePipelineOptions } from '../support/fake-pipeline.js';

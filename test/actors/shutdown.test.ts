@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { adapter } from './util.js';

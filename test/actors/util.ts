@@ -1,7 +1,7 @@
 // Helpers for the actor-runtime tests: adapter configs on the demo data, and a run that captures
 // every adapter's final state (params and AdamW moments) through the supervisor's finish hook.
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
-import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
+import { Supervisor, type StartOptions } from '../../actors/index.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import type { AdapterState } from '../../lib/lora/state.js';
 import { demo } from '../support/files.js';

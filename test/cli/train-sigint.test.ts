@@ -9,7 +9,7 @@ import path from 'node:path';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint } from '../../lib/io/checkpoint.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { parseAdapterConfig } from '../../lib/config.js';
-import { loraSpec } from '../../actors/jobs.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
 import { mlora, readMetrics, sameWeights, smallConfig, start, writeJson } from './util.js';
 import { tinyModelIn } from '../support/models.js';
 

@@ -6,7 +6,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { latestCheckpoint, listCheckpoints, loadCheckpoint } from '../../lib/io/checkpoint.js';
-import { loraSpec } from '../../actors/jobs.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { adapters, run, stateDiff } from './harness.js';
 import { tinyModel } from '../support/models.js';

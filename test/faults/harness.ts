@@ -3,10 +3,10 @@
 // and the job events.
 import fs from 'node:fs';
 import path from 'node:path';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import type { FaultEvent } from '../../actors/runtime.js';
 import type { JobEvent } from '../../actors/protocol.js';
-import type { AdapterState } from '../../lib/lora/state.js';
+import { cloneState, type AdapterState } from '../../lib/lora/state.js';
 import type { FaultSpec } from '../../lib/faults.js';
 import { parseAdapterConfig, type AdapterConfig } from '../../lib/config.js';
 import { Rng } from '../../lib/rng.js';
@@ -111,12 +111,7 @@ export async function run(o: RunOptions): Promise<RunResult> {
   const finals = new Map<string, AdapterState>();
   const finish = sup.hooks.finish;
   sup.hooks.finish = async (job, state) => {
-    finals.set(job.name, {
-      params: state.params.slice(),
-      m: state.m.slice(),
-      v: state.v.slice(),
-      version: state.version,
-    });
+    finals.set(job.name, cloneState(state));
     return finish ? finish(job, state) : '';
   };
   const jobs = o.adapters.map((a) => sup.submit(a));

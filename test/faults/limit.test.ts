@@ -2,11 +2,11 @@
 // error naming the stage and the cause, and every adapter's last consistent state is saved.
 import t from 'tap';
 import { loadCheckpoint, latestCheckpoint } from '../../lib/io/checkpoint.js';
-import { loraSpec } from '../../actors/jobs.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
 import { adapters, run, stateDiff } from './harness.js';
 import { tinyModel } from '../support/models.js';
 import { tmpDir } from '../support/files.js';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 
 const model = await tinyModel(0);
 const dir = tmpDir(t, 'limit');

@@ -3,7 +3,7 @@
 // watchdog's timer, and a healthy stage must not be declared hung for it. The hold-up here is
 // a busy loop of 1 s in an event callback, with a 300 ms deadline.
 import t from 'tap';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import type { FaultEvent } from '../../actors/runtime.js';
 import { adapters } from './harness.js';
 import { tinyModel } from '../support/models.js';

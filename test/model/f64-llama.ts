@@ -8,7 +8,7 @@ import type { MicroBatch } from '../../lib/model/batch.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import { toPeftTensors } from '../../lib/lora/state.js';
 import type { LlamaConfig, LoraTarget } from '../../lib/model/config.js';
-import { assemble } from '../../actors/supervisor.js';
+import { assemble } from '../../actors/scheduler/assemble.js';
 
 export type F64Lora = Map<string, { a: Float64Array; b: Float64Array }>;
 

@@ -3,7 +3,7 @@
 // other job unaffected), close.
 import t from 'tap';
 import fs from 'node:fs';
-import { Supervisor, type Job } from '../../actors/supervisor.js';
+import { Supervisor, type Job } from '../../actors/index.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { adapter } from '../actors/util.js';
 import { tinyModelWithLayers } from '../support/models.js';

@@ -11,7 +11,7 @@ import {
   headFlopsPerToken,
   layerFlopsPerToken,
 } from '../../lib/schedule/split.js';
-import { resolveLayout } from '../../actors/supervisor.js';
+import { resolveLayout } from '../../actors/index.js';
 
 /** Every way to cut L layers into S non-empty contiguous stages (layer counts). */
 function compositions(L: number, S: number): number[][] {

@@ -1,4 +1,4 @@
-// An in-memory Pipeline (actors/protocol.ts) for testing the supervisor's scheduling without a
+// An in-memory Pipeline (actors/pipeline.ts) for testing the job scheduler without a
 // model: forward, backward and step finish at once (on the next turn of the event loop), every
 // byte is an agreed number (base weights, bytes per adapter, bytes per token of a micro-batch),
 // and everything the supervisor did is recorded. Its memory accounting is the real contract
@@ -6,13 +6,18 @@
 // flight hold, and going over a stage's budget is recorded as an overrun (a real device would
 // have run out of memory there).
 import type { LoraSpec } from '../../lib/lora/adapter.js';
-import type { AdapterState, StepParams } from '../../lib/lora/state.js';
+import { cloneState, type AdapterState, type StepParams } from '../../lib/lora/state.js';
 import type { LlamaConfig } from '../../lib/model/config.js';
 import type { MicroBatchData, SegmentSpec, StagePlan } from '../../lib/model/batch.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
-import type { Pipeline } from '../../actors/protocol.js';
-import { loraSpec } from '../../actors/jobs.js';
-import type { MicroBatchSource, PreparedJob, SourceMicroBatch, SupervisorHooks } from '../../actors/job-types.js';
+import type { Pipeline } from '../../actors/pipeline.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
+import type {
+  MicroBatchSource,
+  PreparedJob,
+  SourceMicroBatch,
+  SchedulerHooks,
+} from '../../actors/scheduler/job-types.js';
 
 export interface FakePipelineOptions {
   /** Byte budget of each stage (its length is the number of stages). */
@@ -84,7 +89,7 @@ export class FakePipeline implements Pipeline {
 
   async addAdapter(id: number, spec: LoraSpec, state: AdapterState): Promise<void> {
     if (this.resident.has(id)) throw new Error(`adapter ${id} is already on the stages`);
-    this.resident.set(id, { spec, state: copy(state) });
+    this.resident.set(id, { spec, state: cloneState(state) });
     this.take(this.adapterBytes(spec), `adapter ${id}`);
     this.events.push({ op: 'add', adapter: id, version: state.version });
   }
@@ -97,7 +102,7 @@ export class FakePipeline implements Pipeline {
   async exportAdapter(id: number): Promise<AdapterState> {
     const a = this.get(id);
     this.events.push({ op: 'export', adapter: id, version: a.state.version });
-    return copy(a.state);
+    return cloneState(a.state);
   }
 
   /** Forward + backward at once: each row's loss is 1, each adapter's params[0] counts its rows. */
@@ -192,10 +197,6 @@ export class FakePipeline implements Pipeline {
 /** The next turn of the event loop (not a timer: nothing here depends on time). */
 const turn = () => new Promise<void>((r) => setImmediate(r));
 
-function copy(s: AdapterState): AdapterState {
-  return { params: s.params.slice(), m: s.m.slice(), v: s.v.slice(), version: s.version };
-}
-
 /** Micro-batches of `tokens` tokens (one sequence each), `micro` per step, `steps` steps. */
 export function fakeSource(steps: number, micro: number, tokens: number): MicroBatchSource {
   let i = 0;
@@ -227,7 +228,7 @@ export function fakeSource(steps: number, micro: number, tokens: number): MicroB
  */
 export function fakeHooks(
   finals = new Map<string, AdapterState>(),
-): SupervisorHooks & { finals: Map<string, AdapterState> } {
+): SchedulerHooks & { finals: Map<string, AdapterState> } {
   return {
     finals,
     prepare: async (c): Promise<PreparedJob> => ({
@@ -236,7 +237,7 @@ export function fakeHooks(
       initial: { params: new Float32Array(4), m: new Float32Array(4), v: new Float32Array(4), version: 0 },
     }),
     finish: async (job, state) => {
-      finals.set(job.name, copy(state));
+      finals.set(job.name, cloneState(state));
       return `fake:${job.name}`;
     },
   };

@@ -3,7 +3,7 @@
 // by the code under test.
 import t from 'tap';
 import fs from 'node:fs';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import type { LocalPipeline } from '../../actors/local.js';
 import { parseAdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import { lrAt } from '../../lib/lora/schedule.js';

@@ -2,7 +2,7 @@
 // submitted only once 'early' has done 3 steps and joins at the next admission, sharing
 // BatchLoRA messages with it. Each ends with exactly the weights it gets when trained alone.
 import t from 'tap';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { parseAdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { collect, readPeft, RUN_DEFAULTS, run } from './util.js';

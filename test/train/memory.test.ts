@@ -6,9 +6,10 @@
 //    used-before + activationBytes(N, segments, nseq) (scratch lives only while a call runs);
 //  - after each micro-batch `used` is back where it was, without waiting for GC.
 import t from 'tap';
-import { Supervisor, assemble, microSerial } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
+import { assemble, microSerial } from '../../actors/scheduler/assemble.js';
 import type { LocalPipeline } from '../../actors/local.js';
-import { prepareJob } from '../../actors/jobs.js';
+import { prepareJob } from '../../actors/scheduler/prepare.js';
 import { parseAdapterConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { RUN_DEFAULTS } from './util.js';

@@ -4,7 +4,7 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { parseAdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { run, readPeft, RUN_DEFAULTS } from './util.js';

@@ -1,13 +1,13 @@
 // Helpers for the trainer tests: one supervisor run (in-process, cpu:0) that collects every
 // event, and the adapters it wrote (final PEFT adapter + every checkpoint) as flat Float32Arrays.
 import path from 'node:path';
-import { Supervisor, type StartOptions } from '../../actors/supervisor.js';
+import { Supervisor, type StartOptions } from '../../actors/index.js';
 import { parseAdapterConfig, type AdapterConfig, type AdapterConfigInput } from '../../lib/config.js';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { listCheckpoints, loadCheckpoint } from '../../lib/io/checkpoint.js';
 import { fromAdapterWeights } from '../../lib/lora/state.js';
-import { loraSpec } from '../../actors/jobs.js';
+import { loraSpec } from '../../actors/scheduler/prepare.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import type { AdapterState } from '../../lib/lora/state.js';
 

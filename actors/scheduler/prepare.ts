@@ -2,26 +2,31 @@
 // held-out data, and its starting state (fresh PEFT init, an `init` adapter, or a checkpoint
 // to resume from). Also the hooks that save checkpoints and finished adapters.
 import path from 'node:path';
-import type { AdapterConfig } from '../lib/config.js';
-import type { LoraSpec } from '../lib/lora/adapter.js';
-import type { LlamaConfig } from '../lib/model/config.js';
-import { loadTrainingData } from '../lib/data/pool.js';
-import { AdapterDataLoader, type LoaderState } from '../lib/data/loader.js';
-import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../lib/io/peft.js';
+import type { AdapterConfig } from '../../lib/config.js';
+import type { LoraSpec } from '../../lib/lora/adapter.js';
+import type { LlamaConfig } from '../../lib/model/config.js';
+import { loadTrainingData } from '../../lib/data/pool.js';
+import { AdapterDataLoader, type LoaderState } from '../../lib/data/loader.js';
+import { checkAdapterAgainstModel, loadAdapter, writeAdapterFiles } from '../../lib/io/peft.js';
 import {
   latestCheckpoint,
   loadCheckpoint,
   readCheckpointMeta,
   saveCheckpoint,
   hashConfig,
-} from '../lib/io/checkpoint.js';
-import { freshState, fromAdapterWeights, toAdapterWeights } from '../lib/lora/state.js';
-import { API_WORDING, dropSetAside, refusal, setAside } from '../lib/io/output.js';
-import { loadTokenizer, type Tokenizer } from '../lib/data/tokenizer.js';
-import { ADAPTER_ID, openSingleModel, type SingleModel } from '../lib/model/single.js';
-import { encodePrompt, generate } from '../lib/model/generate.js';
-import type { JobView, PreparedJob, SupervisorHooks } from './job-types.js';
-import type { AdapterState } from '../lib/lora/state.js';
+} from '../../lib/io/checkpoint.js';
+import {
+  freshState,
+  fromAdapterWeights,
+  startingState,
+  toAdapterWeights,
+  type AdapterState,
+} from '../../lib/lora/state.js';
+import { API_WORDING, dropSetAside, refusal, setAside } from '../../lib/io/output.js';
+import { loadTokenizer, type Tokenizer } from '../../lib/data/tokenizer.js';
+import { ADAPTER_ID, openSingleModel, type SingleModel } from '../../lib/model/single.js';
+import { encodePrompt, generate } from '../../lib/model/generate.js';
+import type { JobView, PreparedJob, SchedulerHooks } from './job-types.js';
 
 export function loraSpec(c: AdapterConfig): LoraSpec {
   return {
@@ -124,8 +129,7 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
       throw new Error(
         `${c.lora.init}: adapter has no ${missing.join(', ')} (the job targets ${spec.targets.join(', ')})`,
       );
-    const params = fromAdapterWeights(env.model, spec, ad, c.lora.init);
-    initial = { params, m: new Float32Array(params.length), v: new Float32Array(params.length), version: 0 };
+    initial = startingState(fromAdapterWeights(env.model, spec, ad, c.lora.init));
   } else {
     initial = freshState(env.model, spec);
   }
@@ -145,10 +149,10 @@ export async function prepareJob(env: JobEnvironment, c: AdapterConfig): Promise
 }
 
 /**
- * Supervisor hooks that write checkpoints and finished adapters under env.output, and refuse
+ * Scheduler hooks that write checkpoints and finished adapters under env.output, and refuse
  * (or set aside, with overwrite) an adapter's earlier results there before it trains.
  */
-export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' | 'checkpoint' | 'finish'> {
+export function outputHooks(env: JobEnvironment): Pick<SchedulerHooks, 'claim' | 'checkpoint' | 'finish'> {
   if (!env.output) return {};
   const out = env.output;
   return {
@@ -188,10 +192,10 @@ export function outputHooks(env: JobEnvironment): Pick<SupervisorHooks, 'claim' 
 /**
  * Greedy completions of an adapter's eval.prompts: a whole-model copy of the base on one CPU
  * device (opened at the first call, shared by every adapter, one adapter at a time) with the
- * adapter's weights from the state the supervisor exported, decoded with the KV cache
+ * adapter's weights from the state the scheduler exported, decoded with the KV cache
  * (lib/model/generate.ts). Dropout is off, as at inference.
  */
-export function promptSampler(env: JobEnvironment): Required<Pick<SupervisorHooks, 'sample' | 'close'>> {
+export function promptSampler(env: JobEnvironment): Required<Pick<SchedulerHooks, 'sample' | 'close'>> {
   let opened: Promise<{ model: SingleModel; tok: Tokenizer }> | undefined;
   let queue: Promise<unknown> = Promise.resolve();
   const run = async (job: JobView, state: AdapterState): Promise<Array<{ prompt: string; text: string }>> => {

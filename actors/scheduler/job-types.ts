@@ -1,11 +1,11 @@
-// The contract between the supervisor and what feeds it jobs (actors/jobs.ts, the CLI, tests):
+// The contract between the job scheduler and what feeds it jobs (prepare.ts, the CLI, tests):
 // where a job's micro-batches come from, what it starts from, and the hooks that save its
 // output. Both sides import this file, so neither imports the other for types.
-import type { AdapterConfig } from '../lib/config.js';
-import type { MicroBatch as LoaderMicroBatch } from '../lib/data/loader.js';
-import type { LoraSpec } from '../lib/lora/adapter.js';
-import type { AdapterState } from '../lib/lora/state.js';
-import type { JobEvent } from './protocol.js';
+import type { AdapterConfig } from '../../lib/config.js';
+import type { MicroBatch as LoaderMicroBatch } from '../../lib/data/loader.js';
+import type { LoraSpec } from '../../lib/lora/adapter.js';
+import type { AdapterState } from '../../lib/lora/state.js';
+import type { JobEvent } from '../protocol.js';
 
 /** One micro-batch of one adapter, as its data loader produces it (lib/data/loader.ts). */
 export type SourceMicroBatch = Pick<
@@ -30,7 +30,7 @@ export interface MicroBatchSource {
   restore(state: unknown): void;
 }
 
-/** What the supervisor needs to run a job; built by `prepare` from the adapter config. */
+/** What the scheduler needs to run a job; built by `prepare` from the adapter config. */
 export interface PreparedJob {
   spec: LoraSpec;
   source: MicroBatchSource;
@@ -45,7 +45,7 @@ export interface PreparedJob {
   rollbacks?: number;
 }
 
-export interface SupervisorHooks {
+export interface SchedulerHooks {
   /** Loads data and the initial state of a job. */
   prepare(config: AdapterConfig): Promise<PreparedJob>;
   /** Called with every event of every job (metrics files, progress display). */
@@ -58,11 +58,11 @@ export interface SupervisorHooks {
   claim?(config: AdapterConfig): void;
   /** Greedy completions of the job's eval.prompts with the adapter in this state. */
   sample?(job: JobView, state: AdapterState): Promise<Array<{ prompt: string; text: string }>>;
-  /** Frees what the hooks hold (Supervisor.close()). */
+  /** Frees what the hooks hold (JobScheduler.close()). */
   close?(): Promise<void>;
 }
 
-/** What a hook sees of a running job (Supervisor's Job). */
+/** What a hook sees of a running job (the scheduler's Job, job.ts). */
 export interface JobView {
   readonly name: string;
   readonly config: AdapterConfig;
