@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import t from 'tap';
 import { native } from '../../lib/native.js';
-import { Supervisor } from '../../actors/supervisor.js';
+import { Supervisor } from '../../actors/index.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
 import { tinyModelWithLayers } from '../support/models.js';
 import { adapter, captureFinals, runJobs } from './util.js';
