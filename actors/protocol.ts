@@ -310,7 +310,3 @@ export type JobEvent =
   | JobErrorEvent;
 
 export type JobState = 'queued' | 'loading' | 'running' | 'paused' | 'parked' | 'done' | 'failed' | 'cancelled';
-
-// The Pipeline interface lives in actors/pipeline.ts (it is no message); re-exported here only
-// for the scheduler's files, which import it from this file until they move to that one.
-export type { Pipeline } from './pipeline.js';

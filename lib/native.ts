@@ -67,6 +67,16 @@ export interface NativeDevice {
   runSync(ops: Op[]): void;
   trimCache(): void;
   resetPeak(): void;
+  /** Time per op kind since the last reset, summed (only where MLORA_PROFILE_OPS was set when
+   *  the device opened; then every op also synchronizes). reset: start a new sum. */
+  opProfile(reset?: boolean): OpTime[];
+}
+
+/** One line of NativeDevice.opProfile: an op name, "+lora" with LoRA segments, a linear op's weight shape. */
+export interface OpTime {
+  op: string;
+  calls: number;
+  ms: number;
 }
 
 /** One adapter's row segment in a segmented LoRA call. */

@@ -314,7 +314,9 @@ export class JobScheduler implements JobOwner, SchedulerContext {
     for (const job of open) {
       if (!this.hooks.checkpoint) continue;
       try {
-        const path = await this.hooks.checkpoint(job, await this.pipeline.exportAdapter(job.id));
+        // a parked job's adapter is off the stages: its state at its last step is in host memory
+        const state = job.parked ? job.parked.state : await this.pipeline.exportAdapter(job.id);
+        const path = await this.hooks.checkpoint(job, state);
         job.emit({ type: 'checkpoint', adapter: job.name, step: job.step, path, time: Date.now() });
       } catch (err) {
         job.emit({

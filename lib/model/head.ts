@@ -30,8 +30,11 @@ export function headRows(N: number, T: number, gather = true): number {
   return gather && T <= 0.9 * N ? T : N;
 }
 
+/** Rows of logits per head block: 32 MiB of them (at most 1024 rows). Each block's GEMMs pack the
+ *  whole [vocab, hidden] head weight again, so fewer, taller blocks amortise that: at vocab 8192,
+ *  1024-row blocks run the head ~5% faster than 256-row ones (8 MiB). */
 export function defaultHeadBlockRows(c: LlamaConfig): number {
-  return Math.max(16, Math.min(512, Math.floor((8 << 20) / (4 * c.vocabSize))));
+  return Math.max(16, Math.min(1024, Math.floor((32 << 20) / (4 * c.vocabSize))));
 }
 
 /**

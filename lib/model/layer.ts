@@ -71,22 +71,18 @@ export function layerForwardOps(
   proj(ctx, ops, mb, l, 'v_proj', A, A.v, A.xn1, L.v, false, train, true, L.vBias);
   if (L.qNorm && L.kNorm) {
     const d = c.headDim;
-    ops.push({
-      op: 'rmsnorm_forward',
-      y: view(A.q, [N, c.numHeads, d]),
-      rstd: A.qRstd!,
-      x: view(A.qRaw!, [N, c.numHeads, d]),
-      w: L.qNorm,
-      eps: c.rmsNormEps,
-    });
-    ops.push({
-      op: 'rmsnorm_forward',
-      y: view(A.k, [N, c.numKvHeads, d]),
-      rstd: A.kRstd!,
-      x: view(A.kRaw!, [N, c.numKvHeads, d]),
-      w: L.kNorm,
-      eps: c.rmsNormEps,
-    });
+    for (const [y, rstd, x, w, heads] of [
+      [A.q, A.qRstd!, A.qRaw!, L.qNorm, c.numHeads],
+      [A.k, A.kRstd!, A.kRaw!, L.kNorm, c.numKvHeads],
+    ] as const)
+      ops.push({
+        op: 'rmsnorm_forward',
+        y: view(y, [N, heads, d]),
+        rstd,
+        x: view(x, [N, heads, d]),
+        w,
+        eps: c.rmsNormEps,
+      });
   }
   ops.push({ op: 'rope_forward', y: A.q, x: A.q, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numHeads });
   ops.push({ op: 'rope_forward', y: A.k, x: A.k, pos: positions, cos: ctx.cos, sin: ctx.sin, heads: c.numKvHeads });
@@ -179,22 +175,13 @@ export function layerBackwardOps(
     const d = c.headDim;
     dqp = view(s.dqRaw!, [N, qDim]);
     dkp = view(s.dkRaw!, [N, kvDim]);
-    ops.push({
-      op: 'rmsnorm_backward',
-      dx: view(dqp, [N, c.numHeads, d]),
-      dy: view(dq, [N, c.numHeads, d]),
-      x: view(A.qRaw!, [N, c.numHeads, d]),
-      w: L.qNorm,
-      rstd: A.qRstd!,
-    });
-    ops.push({
-      op: 'rmsnorm_backward',
-      dx: view(dkp, [N, c.numKvHeads, d]),
-      dy: view(dk, [N, c.numKvHeads, d]),
-      x: view(A.kRaw!, [N, c.numKvHeads, d]),
-      w: L.kNorm,
-      rstd: A.kRstd!,
-    });
+    for (const [dx, dy, x, w, rstd, heads] of [
+      [dqp, dq, A.qRaw!, L.qNorm, A.qRstd!, c.numHeads],
+      [dkp, dk, A.kRaw!, L.kNorm, A.kRstd!, c.numKvHeads],
+    ] as const) {
+      const h = [N, heads, d];
+      ops.push({ op: 'rmsnorm_backward', dx: view(dx, h), dy: view(dy, h), x: view(x, h), w, rstd });
+    }
   }
   projBack(ctx, ops, mb, l, 'q_proj', A, dxn, dqp, A.xn1, L.q);
   projBack(ctx, ops, mb, l, 'k_proj', A, dxn, dkp, A.xn1, L.k, true);

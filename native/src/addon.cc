@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <new>
 #include <thread>
@@ -295,6 +296,7 @@ Napi::Function JsDevice::Init(Napi::Env env) {
                          InstanceMethod<&JsDevice::RunSync>("runSync"),
                          InstanceMethod<&JsDevice::TrimCache>("trimCache"),
                          InstanceMethod<&JsDevice::ResetPeak>("resetPeak"),
+                         InstanceMethod<&JsDevice::OpProfile>("opProfile"),
                      });
 }
 
@@ -374,6 +376,25 @@ Napi::Value JsDevice::TrimCache(const Napi::CallbackInfo& info) {
 Napi::Value JsDevice::ResetPeak(const Napi::CallbackInfo& info) {
   state->reset_peak();
   return info.Env().Undefined();
+}
+
+// opProfile(reset = false): [{op, calls, ms}] summed since the last reset (MLORA_PROFILE_OPS);
+// empty on a device that does not profile.
+Napi::Value JsDevice::OpProfile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const bool reset = info.Length() > 0 && info[0].ToBoolean().Value();
+  std::lock_guard<std::mutex> lk(state->exec_mutex());
+  Napi::Array out = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (auto& [key, t] : state->op_times()) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("op", key);
+    o.Set("calls", double(t.calls));
+    o.Set("ms", t.seconds * 1e3);
+    out.Set(i++, o);
+  }
+  if (reset) state->op_times().clear();
+  return out;
 }
 
 static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& dev, DType dt,
@@ -540,7 +561,25 @@ Napi::Value JsDevice::LoadFile(const Napi::CallbackInfo& info) {
 struct ParsedOps {
   std::vector<Kernel> kernels;
   std::vector<std::string> labels;
+  std::vector<std::string> profile_keys;  // only on a profiling device
 };
+
+// What a profiling device sums an op's time under: its name, "+lora" when it carries LoRA
+// segments, and a linear op's weight shape (projections and the LM head apart).
+static std::string profile_key(const std::string& name, Napi::Object o) {
+  std::string key = name;
+  Napi::Value segs = o.Get("segments");
+  if (segs.IsArray() && segs.As<Napi::Array>().Length() > 0) key += "+lora";
+  if (name.rfind("linear_", 0) == 0 && o.Get("w").IsObject()) {
+    JsTensor* jt = JsTensor::Unwrap(o.Get("w"));
+    if (!jt) return key;
+    const TensorImpl& w = jt->impl;
+    key += " w[";
+    for (size_t d = 0; d < w.shape.size(); d++) key += (d ? "x" : "") + std::to_string(w.shape[d]);
+    key += "]";
+  }
+  return key;
+}
 
 static ParsedOps parse_ops(Napi::Env env, DeviceState* dev, Napi::Value v) {
   if (!v.IsArray()) throw_js(env, "Device.run(ops): ops must be an array of op objects");
@@ -564,6 +603,7 @@ static ParsedOps parse_ops(Napi::Env env, DeviceState* dev, Napi::Value v) {
       throw_js(env, err.what(), err.code);
     }
     out.labels.push_back(ctx);
+    if (dev->profiling()) out.profile_keys.push_back(profile_key(n, o));
   }
   return out;
 }
@@ -576,9 +616,19 @@ struct RunFailure {
 static RunFailure run_kernels(DeviceState& dev, ParsedOps& ops) {
   std::lock_guard<std::mutex> lk(dev.exec_mutex());
   Exec ex{dev};
+  const bool prof = dev.profiling();
   for (size_t i = 0; i < ops.kernels.size(); i++) {
     try {
+      if (!prof) {
+        ops.kernels[i](ex);
+        continue;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
       ops.kernels[i](ex);
+      dev.backend().synchronize();
+      DeviceState::OpTime& t = dev.op_times()[ops.profile_keys[i]];
+      t.calls++;
+      t.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     } catch (const std::bad_alloc&) {
       return {ops.labels[i] + ": out of host memory", kErrOutOfMemory};
     } catch (const std::exception& err) {

@@ -61,6 +61,7 @@ class JsDevice : public Napi::ObjectWrap<JsDevice> {
   Napi::Value RunSync(const Napi::CallbackInfo& info);
   Napi::Value TrimCache(const Napi::CallbackInfo& info);
   Napi::Value ResetPeak(const Napi::CallbackInfo& info);
+  Napi::Value OpProfile(const Napi::CallbackInfo& info);
 };
 
 }  // namespace mlora

@@ -8,6 +8,7 @@ import type { LlamaConfig } from '../../lib/model/config.js';
 import { LORA_TARGETS, projectionShape } from '../../lib/model/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { openDevice } from '../../lib/tensor.js';
+import type { OpTime } from '../../lib/native.js';
 import { freeStageWeights, loadStageWeights, type BaseFormat } from '../../lib/model/weights.js';
 import { activationBytes, StageProgram } from '../../lib/model/stage.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
@@ -229,10 +230,19 @@ export async function batchloraScenario(
       await runSteps(p, ids, mbs, 1, false, false);
       await runSteps(p, ids, mbs, 1, true, false);
       const ms = { sequential: 0, batched: 0 };
+      const split = new Map<string, OpTime>();
       for (let s = 0; s < o.steps; s++) {
         ms.sequential += await runSteps(p, ids, mbs, 1, false, false);
+        device.opProfile(true);
         ms.batched += await runSteps(p, ids, mbs, 1, true, false);
+        for (const t of device.opProfile(true)) {
+          const acc = split.get(t.op) ?? { op: t.op, calls: 0, ms: 0 };
+          acc.calls += t.calls;
+          acc.ms += t.ms;
+          split.set(t.op, acc);
+        }
       }
+      if (split.size) logOpSplit(`batched K=${K} ${shape.micro}×${shape.seqLen}`, [...split.values()], ms.batched, log);
       for (const mode of ['sequential', 'batched'] as const) {
         const tokens = K * shape.micro * shape.seqLen * o.steps;
         const tps = tokens / (ms[mode] / 1000);
@@ -258,6 +268,20 @@ export async function batchloraScenario(
   }
   await p.close();
   return out;
+}
+
+/** The time split of MLORA_PROFILE_OPS=1 runs: each op kind's share of the measured wall time;
+ *  what no op accounts for is the JS side (building op lists, messages, waiting on promises). */
+export function logOpSplit(what: string, split: OpTime[], wallMs: number, log: (s: string) => void): void {
+  const total = split.reduce((a, t) => a + t.ms, 0);
+  log(`time split of ${what} (MLORA_PROFILE_OPS: every op synchronizes), ${wallMs.toFixed(0)} ms wall:`);
+  for (const t of [...split].sort((a, b) => b.ms - a.ms))
+    log(
+      `  ${t.op.padEnd(40)} ${String(t.calls).padStart(6)} calls ${t.ms.toFixed(1).padStart(9)} ms ${((100 * t.ms) / wallMs).toFixed(1).padStart(5)}%`,
+    );
+  log(
+    `  ${'(outside ops: JS, messages)'.padEnd(53)} ${(wallMs - total).toFixed(1).padStart(9)} ms ${((100 * (wallMs - total)) / wallMs).toFixed(1).padStart(5)}%`,
+  );
 }
 
 /** Micro-batches in one step of the single adapter in the A = 1 within-step pipelining run. */

@@ -214,6 +214,46 @@ t.test(
   },
 );
 
+t.test('the pipeline fails for good while a job is parked: its parked state is its checkpoint', async (t) => {
+  let high: ReturnType<Supervisor['submit']> | undefined;
+  let highTrained = 0;
+  const pipe = new FakePipeline({
+    budgets: [ADAPTER + MB],
+    // high's second micro-batch breaks the pipeline: low is parked off the stages by then
+    failsFor: (mb): boolean => mb.segments.some((s) => s.adapter === high?.id) && ++highTrained === 2,
+  });
+  const hooks = fakeHooks();
+  const log: JobEvent[] = [];
+  const sup: Supervisor = new Supervisor(
+    pipe,
+    {
+      ...hooks,
+      onEvent: (ev) => {
+        log.push(ev);
+        if (ev.type === 'step' && ev.adapter === 'low' && ev.step === 2 && !high)
+          high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
+      },
+    },
+    { batchlora: false, inflight: 8, inflightPerAdapter: 1 },
+  );
+  const low = sup.submit(job('low', { max_steps: 5 }));
+  await sup.drain().catch(() => undefined);
+  await sup.close().catch(() => undefined);
+  t.ok(high, 'high was submitted');
+  t.equal(low.state, 'failed', 'low stopped with the pipeline');
+  t.same(states(log, 'low').slice(0, 4), ['queued', 'loading', 'running', 'parked'], 'low was parked when it failed');
+  t.same(
+    log.filter((e: JobEvent) => e.type === 'error' && /could not save/.test(e.message)),
+    [],
+    'no adapter lost its checkpoint',
+  );
+  const saved = hooks.checkpoints.find((c) => c.name === 'low');
+  t.ok(saved, 'low was checkpointed');
+  const exported = pipe.events.filter((e) => e.op === 'export' && e.adapter === low.id).at(-1) as { version: number };
+  t.equal(saved!.state.version, exported.version, 'with the state it was parked with');
+  t.equal(saved!.state.params[0], exported.version * 4 * 100, 'every row of its steps, none of the aborted ones');
+});
+
 t.test('equal priorities do not preempt each other', async (t) => {
   let b: ReturnType<Supervisor['submit']> | undefined;
   const { pipe, sup, log } = setup({ budgets: [ADAPTER + MB] }, { inflightPerAdapter: 1 }, (ev, sup) => {

@@ -129,3 +129,36 @@ t.test('loadFile reads a byte range of a file into a tensor', async (t) => {
   await t.rejects(d.loadFile(f, 8, 'f32', [2, 2]), /short read/);
   await t.rejects(d.loadFile(path.join(dir, 'missing'), 0, 'f32', [1]), /missing: No such file/);
 });
+
+t.test('MLORA_PROFILE_OPS: a device opened with it sums time per op kind; without it, nothing', async (t) => {
+  const plain = openDevice('cpu:0', { threads: 1, budget: 1 << 24 });
+  process.env.MLORA_PROFILE_OPS = '1';
+  const prof = openDevice('cpu:0', { threads: 2, budget: 1 << 24 });
+  delete process.env.MLORA_PROFILE_OPS;
+  const run = (d: typeof plain) => {
+    const x = d.fromArray('f32', [8, 4], new Float32Array(32).fill(0.5));
+    const w = d.fromArray('f32', [6, 4], new Float32Array(24).fill(0.25));
+    const y = d.alloc('f32', [8, 6]);
+    d.runSync([
+      { op: 'linear_forward', y, x, w },
+      { op: 'linear_forward', y, x, w, accumulate: true },
+      { op: 'fill', y, value: 0 },
+    ]);
+  };
+  run(plain);
+  run(prof);
+  t.same(plain.opProfile(), [], 'off by default');
+  const p = prof.opProfile(true);
+  t.same(
+    p.map((r) => [r.op, r.calls]),
+    [
+      ['fill', 1],
+      ['linear_forward w[6x4]', 2],
+    ],
+  );
+  t.ok(
+    p.every((r) => r.ms >= 0 && Number.isFinite(r.ms)),
+    'times are finite',
+  );
+  t.same(prof.opProfile(), [], 'reset');
+});

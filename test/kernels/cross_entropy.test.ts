@@ -3,7 +3,7 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { assertClose, cpuDevice, randn, randu } from '../support/helpers.js';
-import { assertBitwise, expectRefused, f32, finiteDiff, i32, read } from './util.js';
+import { assertBitwise, eachSimdKernel, expectRefused, f32, finiteDiff, i32, read } from './util.js';
 
 const d = cpuDevice(2);
 
@@ -33,7 +33,7 @@ function labelsFor(rng: Rng, n: number, v: number) {
   return Int32Array.from({ length: n }, (_, i) => (i % 5 === 2 ? -100 : rng.int(v)));
 }
 
-t.test('forward and fused backward vs float64, ignored labels, weights', async (t) => {
+eachSimdKernel('forward and fused backward vs float64, ignored labels, weights', async (t) => {
   const rng = new Rng(40, 'ce');
   const n = 24,
     v = 1500; // spans the 1024-wide summation blocks
@@ -68,7 +68,7 @@ t.test('forward and fused backward vs float64, ignored labels, weights', async (
   t.ok(worst < 1e-5, `gradient rows sum to ~0 (worst ${worst.toExponential(2)})`);
 });
 
-t.test('in place: dlogits over logits gives the same bits as out of place', async (t) => {
+eachSimdKernel('in place: dlogits over logits gives the same bits as out of place', async (t) => {
   const rng = new Rng(41, 'ce-inplace');
   const n = 10,
     v = 700;
@@ -98,7 +98,7 @@ t.test('in place: dlogits over logits gives the same bits as out of place', asyn
   assertBitwise(t, read(lossB), read(lossA), 'losses');
 });
 
-t.test('extreme logits: huge spreads, large offsets, near-one-hot rows', async (t) => {
+eachSimdKernel('extreme logits: huge spreads, large offsets, near-one-hot rows', async (t) => {
   const rng = new Rng(42, 'ce-extreme');
   const v = 300,
     rows: Float32Array[] = [];

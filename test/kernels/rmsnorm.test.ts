@@ -3,7 +3,7 @@
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
 import { assertClose, cpuDevice, randn } from '../support/helpers.js';
-import { dot, expectRefused, f32, finiteDiff, read, stored } from './util.js';
+import { dot, eachSimdKernel, expectRefused, f32, finiteDiff, read, stored } from './util.js';
 
 const d = cpuDevice(2);
 
@@ -48,7 +48,7 @@ const normWeight = (rng: Rng, dtype: 'f32' | 'bf16' | 'f16', h: number, std: num
 // y and dx are a handful of float roundings of O(|x|·rstd·|w|) values (rstd in double): a few ulps.
 const TOL = { atol: 1e-6, rtol: 2e-5 };
 
-t.test('forward vs float64 for f32, bf16 and f16 weights', async (t) => {
+eachSimdKernel('forward vs float64 for f32, bf16 and f16 weights', async (t) => {
   const rng = new Rng(10, 'rmsnorm-forward');
   const n = 33,
     h = 96,
@@ -65,7 +65,7 @@ t.test('forward vs float64 for f32, bf16 and f16 weights', async (t) => {
   }
 });
 
-t.test('forward at extreme magnitudes (sums of squares past the float range) and in place', async (t) => {
+eachSimdKernel('forward at extreme magnitudes (sums of squares past the float range) and in place', async (t) => {
   const rng = new Rng(11, 'rmsnorm-extreme');
   const n = 4,
     h = 96;
@@ -85,7 +85,7 @@ t.test('forward at extreme magnitudes (sums of squares past the float range) and
   assertClose(t, read(rstd), ref.rstd, { atol: 0, rtol: 1e-6 }, 'rstd');
 });
 
-t.test('backward vs float64: dx written or accumulated, dw accumulated, bf16 w', async (t) => {
+eachSimdKernel('backward vs float64: dx written or accumulated, dw accumulated, bf16 w', async (t) => {
   const rng = new Rng(12, 'rmsnorm-backward');
   const n = 37,
     h = 80,

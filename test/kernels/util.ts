@@ -1,6 +1,7 @@
 // Helpers shared by the kernel tests (not a test file itself).
-import type { Test } from 'tap';
+import t, { type Test } from 'tap';
 import type { Device, Tensor } from '../../lib/tensor.js';
+import { native } from '../../lib/native.js';
 
 export const f32 = (d: Device, shape: number[], data: ArrayLike<number>): Tensor =>
   d.fromArray('f32', shape, Float32Array.from(data));
@@ -60,4 +61,16 @@ export const dot = (a: ArrayLike<number>, b: ArrayLike<number>): number => {
 export async function expectRefused(t: Test, d: Device, ops: unknown[], re: RegExp) {
   t.throws(() => d.runSync(ops as never), re, `runSync: ${re}`);
   await t.rejects(async () => d.run(ops as never), re, `run: ${re}`);
+}
+
+/** The elementwise kernels' row loops are compiled for AVX-512, AVX2 and baseline and picked per
+ *  call (MLORA_GEMM_KERNEL forces one): runs test `name` once on every path this CPU has. */
+export function eachSimdKernel(name: string, fn: (t: Test) => Promise<void>): void {
+  const cpu = native().info().cpu;
+  for (const kernel of ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])])
+    t.test(`${name} (MLORA_GEMM_KERNEL=${kernel})`, async (t) => {
+      process.env.MLORA_GEMM_KERNEL = kernel;
+      t.teardown(() => void delete process.env.MLORA_GEMM_KERNEL);
+      await fn(t);
+    });
 }

@@ -7,6 +7,7 @@ import { Supervisor, type Job } from '../../actors/index.js';
 import type { JobEvent } from '../../actors/protocol.js';
 import { adapter } from '../actors/util.js';
 import { tinyModelWithLayers } from '../support/models.js';
+import type { StageWorkers } from '../../actors/stage-workers.js';
 
 const model = await tinyModelWithLayers(2);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
@@ -82,11 +83,10 @@ t.test('submit, events, pause/resume, cancel, close', async (t) => {
   );
   await t.rejects(sup.pipeline.exportAdapter(doomed.id), 'exportAdapter of the cancelled adapter fails');
   // every stage on its own: none of them holds it any more
-  const request = (sup.pipeline as unknown as { request(s: number, m: object): Promise<unknown> }).request.bind(
-    sup.pipeline,
-  );
+  // the stages' management API, asked one stage at a time (private to the pipeline)
+  const workers = (sup.pipeline as unknown as { workers: StageWorkers }).workers;
   for (const s of [0, 1])
-    await t.rejects(request(s, { type: 'exportAdapter', adapter: doomed.id }), `stage ${s} no longer has the adapter`);
+    await t.rejects(workers.call(s, 'exportAdapter', [doomed.id]), `stage ${s} no longer has the adapter`);
   const doomedRecs = recsOf(doomed.id);
   const longNow = long.step;
   await until(() => long.step >= longNow + 2, 'long: 2 more steps after the cancel');

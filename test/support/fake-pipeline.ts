@@ -11,6 +11,7 @@ import type { LlamaConfig } from '../../lib/model/config.js';
 import type { MicroBatchData, SegmentSpec, StagePlan } from '../../lib/model/batch.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
 import type { Pipeline } from '../../actors/pipeline.js';
+import { StageFailure } from '../../actors/recovery.js';
 import { loraSpec } from '../../actors/scheduler/prepare.js';
 import type {
   MicroBatchSource,
@@ -31,6 +32,8 @@ export interface FakePipelineOptions {
   /** Bytes per token a stage holds only while it runs the micro-batch (one call at a time); default 0. */
   transientPerToken?: number;
   maxTokens?: number;
+  /** A micro-batch for which this is true fails the pipeline for good (a StageFailure of stage 0). */
+  failsFor?: (mb: MicroBatchData) => boolean;
 }
 
 export type FakeEvent =
@@ -109,6 +112,7 @@ export class FakePipeline implements Pipeline {
   async train(mb: MicroBatchData): Promise<Float32Array> {
     const N = mb.tokens.length;
     for (const seg of mb.segments) this.get(seg.adapter);
+    if (this.o.failsFor?.(mb)) throw new StageFailure(0, 'stage 0 failed for good (fake)');
     this.events.push({ op: 'train', mb: mb.id, adapters: mb.segments.map((s) => s.adapter), tokens: N });
     const held = this.o.budgets.map(() => N * (this.o.heldPerToken ?? 10));
     const transient = this.transientBytes(N);
@@ -226,16 +230,23 @@ export function fakeSource(steps: number, micro: number, tokens: number): MicroB
  * batch_size / micro_batch_size micro-batches of seq_len tokens) and a zero initial state;
  * finish() records the final state of each adapter by name.
  */
-export function fakeHooks(
-  finals = new Map<string, AdapterState>(),
-): SchedulerHooks & { finals: Map<string, AdapterState> } {
+export function fakeHooks(finals = new Map<string, AdapterState>()): SchedulerHooks & {
+  finals: Map<string, AdapterState>;
+  checkpoints: Array<{ name: string; state: AdapterState }>;
+} {
+  const checkpoints: Array<{ name: string; state: AdapterState }> = [];
   return {
     finals,
+    checkpoints,
     prepare: async (c): Promise<PreparedJob> => ({
       spec: loraSpec(c),
       source: fakeSource(c.max_steps ?? 1, Math.max(1, Math.floor(c.batch_size / c.micro_batch_size)), c.seq_len),
       initial: { params: new Float32Array(4), m: new Float32Array(4), v: new Float32Array(4), version: 0 },
     }),
+    checkpoint: async (job, state) => {
+      checkpoints.push({ name: job.name, state: cloneState(state) });
+      return `fake:${job.name}:checkpoint`;
+    },
     finish: async (job, state) => {
       finals.set(job.name, cloneState(state));
       return `fake:${job.name}`;

@@ -58,6 +58,8 @@ DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget
   // CPU devices compute on a leader thread of their own (thread_pool.h); a CUDA device keeps
   // launching from the calling thread
   pool_ = std::make_unique<ThreadPool>(threads, kind == DeviceKind::CPU, std::move(cores));
+  const char* prof = std::getenv("MLORA_PROFILE_OPS");
+  profiling_ = prof && *prof && std::string(prof) != "0";
 }
 
 DeviceState::~DeviceState() {

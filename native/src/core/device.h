@@ -71,6 +71,16 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   void release(void* p, size_t bytes);
   void trim_cache();
 
+  // Per-op wall time, on only where MLORA_PROFILE_OPS is set when the device opens (a benchmark
+  // aid: every op then also synchronizes). Keyed by op (addon.cc: name, "+lora", weight shape);
+  // written and read under exec_mutex().
+  struct OpTime {
+    int64_t calls = 0;
+    double seconds = 0;
+  };
+  bool profiling() const { return profiling_; }
+  std::map<std::string, OpTime>& op_times() { return op_times_; }
+
  private:
   std::string name_;
   DeviceKind kind_;
@@ -82,6 +92,8 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   std::mutex exec_mu_;
   int64_t used_ = 0, cached_ = 0, peak_ = 0;
   std::multimap<size_t, void*> cache_;
+  bool profiling_ = false;
+  std::map<std::string, OpTime> op_times_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

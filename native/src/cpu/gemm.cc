@@ -44,6 +44,7 @@
 #include "cpu_features.h"
 #include "gemm_epilogue.h"
 #include "quant.h"
+#include "simd.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -176,19 +177,26 @@ void ukr_scalar(int64_t kc, const float* a, const float* b, float* c, int64_t ld
   }
 }
 
-double peak_scalar(int64_t iters) {
-  // Eight independent multiply-add chains, so the loop measures throughput, not latency.
-  volatile float seed = 1.0f;
-  float x[8], m = 0.999999f, d = 1e-7f;
-  for (int i = 0; i < 8; i++) x[i] = seed + float(i);
-  for (int64_t t = 0; t < iters; t++)
-    for (int i = 0; i < 8; i++) x[i] = x[i] * m + d;
-  float s = 0;
-  for (int i = 0; i < 8; i++) s += x[i];
-  volatile float sink = s;
-  (void)sink;
-  return double(iters) * 8 * 2;
-}
+// FMA throughput of one instruction set: CHAINS independent multiply-add chains of simd.h's V
+// vectors (enough to cover the FMA latency on both pipes), so the loop measures throughput, not
+// latency. Returns the flops done.
+#define MLORA_FMA_PEAK(NAME, TARGET, NS, CHAINS)                                             \
+  TARGET double NAME(int64_t iters) {                                                        \
+    using V = cpu::simd::NS::V;                                                              \
+    typename V::T x[CHAINS];                                                                 \
+    for (int i = 0; i < CHAINS; i++) x[i] = V::set1(1.0f + 0.01f * float(i));                \
+    const typename V::T m = V::set1(0.999999f), d = V::set1(1e-7f);                          \
+    for (int64_t t = 0; t < iters; t++) {                                                    \
+      _Pragma("GCC unroll 16") for (int i = 0; i < CHAINS; i++) x[i] = V::fmadd(x[i], m, d); \
+    }                                                                                        \
+    typename V::T s = x[0];                                                                  \
+    for (int i = 1; i < CHAINS; i++) s = V::add(s, x[i]);                                    \
+    volatile float sink = V::hsum(s);                                                        \
+    (void)sink;                                                                              \
+    return double(iters) * CHAINS * V::W * 2;                                                \
+  }
+
+MLORA_FMA_PEAK(peak_scalar, , portable, 8)
 
 // ---------------------------------------------------------------------------------------
 // AVX2 + FMA (+F16C for f16 weights): 6×16 micro-kernel, 12 ymm accumulators
@@ -287,34 +295,45 @@ AVX2_TARGET void pack_b_avx2(float* dst, WeightRef b, bool trans, int64_t ldb, i
   }
 }
 
-// A sliver for the 6-row kernel from a row-major (non-transposed) A: 6 rows × 8 k values
-// per step, transposed in registers (rows 6 and 7 of the 8×8 transpose are padding).
-AVX2_TARGET void pack_a_avx2(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
+// A sliver for the MR-row kernels (AVX2 6×16: MR = 6, AVX-512 12×32: MR = 12) from a row-major
+// (non-transposed) A, 8 k values per step: rows 0..7 by an 8×8 register transpose (for MR = 6,
+// rows 6 and 7 are padding), for MR = 12 rows 8..11 by a 4×8 one (two 4×4 blocks in the 128-bit
+// lanes). The same values as pack_a_generic, moved without its scalar stride-MR stores.
+template <int MR>
+AVX2_TARGET void pack_a_rows(float* dst, const float* a, bool trans, int64_t lda, int64_t i0, int64_t im, int64_t p0,
                              int64_t kc, int mr) {
-  if (trans || mr != 6 || im != 6) return pack_a_generic(dst, a, trans, lda, i0, im, p0, kc, mr);
+  if (trans || mr != MR || im != MR) return pack_a_generic(dst, a, trans, lda, i0, im, p0, kc, mr);
   const float* s = a + i0 * lda + p0;
   int64_t p = 0;
   for (; p + 8 <= kc; p += 8) {
-    __m256 v0 = _mm256_loadu_ps(s + 0 * lda + p), v1 = _mm256_loadu_ps(s + 1 * lda + p);
-    __m256 v2 = _mm256_loadu_ps(s + 2 * lda + p), v3 = _mm256_loadu_ps(s + 3 * lda + p);
-    __m256 v4 = _mm256_loadu_ps(s + 4 * lda + p), v5 = _mm256_loadu_ps(s + 5 * lda + p);
-    __m256 v6 = _mm256_setzero_ps(), v7 = _mm256_setzero_ps();
-    transpose8(v0, v1, v2, v3, v4, v5, v6, v7);
-    // v_t holds (k = p+t, rows 0..7); keep rows 0..5. Overlapping 8-wide stores, in order.
-    float* d = dst + p * 6;
-    alignas(32) float tmp[8];
-    _mm256_storeu_ps(d + 0, v0);
-    _mm256_storeu_ps(d + 6, v1);
-    _mm256_storeu_ps(d + 12, v2);
-    _mm256_storeu_ps(d + 18, v3);
-    _mm256_storeu_ps(d + 24, v4);
-    _mm256_storeu_ps(d + 30, v5);
-    _mm256_storeu_ps(d + 36, v6);
-    _mm256_store_ps(tmp, v7);  // the last one must not write past this 8×6 block
-    std::memcpy(d + 42, tmp, 6 * sizeof(float));
+    __m256 v[8];
+    for (int r = 0; r < 8; r++) v[r] = r < MR ? _mm256_loadu_ps(s + r * lda + p) : _mm256_setzero_ps();
+    transpose8(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);  // v[t]: rows 0..7 at k = p+t
+    float* d = dst + p * MR;
+    if constexpr (MR == 6) {
+      // keep rows 0..5: overlapping 8-wide stores, in order; the last must not write past the block
+      for (int t = 0; t < 7; t++) _mm256_storeu_ps(d + t * 6, v[t]);
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, v[7]);
+      std::memcpy(d + 42, tmp, 6 * sizeof(float));
+    } else {
+      static_assert(MR == 12, "pack_a_rows: 6 or 12 rows");
+      const __m256 w8 = _mm256_loadu_ps(s + 8 * lda + p), w9 = _mm256_loadu_ps(s + 9 * lda + p);
+      const __m256 w10 = _mm256_loadu_ps(s + 10 * lda + p), w11 = _mm256_loadu_ps(s + 11 * lda + p);
+      const __m256 t0 = _mm256_unpacklo_ps(w8, w9), t1 = _mm256_unpackhi_ps(w8, w9);
+      const __m256 t2 = _mm256_unpacklo_ps(w10, w11), t3 = _mm256_unpackhi_ps(w10, w11);
+      // u[t]: rows 8..11 at k = p+t (low lane) and k = p+t+4 (high lane)
+      const __m256 u[4] = {
+          _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+          _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2))};
+      for (int t = 0; t < 8; t++) {
+        _mm256_storeu_ps(d + t * 12, v[t]);
+        _mm_storeu_ps(d + t * 12 + 8, t < 4 ? _mm256_castps256_ps128(u[t]) : _mm256_extractf128_ps(u[t - 4], 1));
+      }
+    }
   }
   for (; p < kc; p++)
-    for (int ii = 0; ii < 6; ii++) dst[p * 6 + ii] = s[ii * lda + p];
+    for (int ii = 0; ii < MR; ii++) dst[p * MR + ii] = s[ii * lda + p];
 }
 
 constexpr int AVX2_MR = 6, AVX2_NR = 16;
@@ -418,23 +437,7 @@ AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const floa
   }
 }
 
-AVX2_TARGET double peak_avx2(int64_t iters) {
-  // 12 independent FMA chains (latency 4-5 × 2 pipes needs ≥ 10) of 8 lanes each.
-  __m256 x[12];
-  for (int i = 0; i < 12; i++) x[i] = _mm256_set1_ps(1.0f + 0.01f * float(i));
-  const __m256 m = _mm256_set1_ps(0.999999f), d = _mm256_set1_ps(1e-7f);
-  for (int64_t t = 0; t < iters; t++) {
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; i++) x[i] = _mm256_fmadd_ps(x[i], m, d);
-  }
-  __m256 s = x[0];
-  for (int i = 1; i < 12; i++) s = _mm256_add_ps(s, x[i]);
-  alignas(32) float out[8];
-  _mm256_store_ps(out, s);
-  volatile float sink = out[0];
-  (void)sink;
-  return double(iters) * 12 * 8 * 2;
-}
+MLORA_FMA_PEAK(peak_avx2, AVX2_TARGET, avx2, 12)
 
 // ---------------------------------------------------------------------------------------
 // AVX-512F: 12×32 micro-kernel, 24 zmm accumulators (packing reuses the AVX2 routines)
@@ -489,22 +492,9 @@ AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const
   store_tile_avx512(acc, c, ldc, alpha, beta);
 }
 
-AVX512_TARGET double peak_avx512(int64_t iters) {
-  __m512 x[16];
-  for (int i = 0; i < 16; i++) x[i] = _mm512_set1_ps(1.0f + 0.01f * float(i));
-  const __m512 m = _mm512_set1_ps(0.999999f), d = _mm512_set1_ps(1e-7f);
-  for (int64_t t = 0; t < iters; t++) {
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; i++) x[i] = _mm512_fmadd_ps(x[i], m, d);
-  }
-  __m512 s = x[0];
-  for (int i = 1; i < 16; i++) s = _mm512_add_ps(s, x[i]);
-  alignas(64) float out[16];
-  _mm512_store_ps(out, s);
-  volatile float sink = out[0];
-  (void)sink;
-  return double(iters) * 16 * 16 * 2;
-}
+MLORA_SIMD_AVX512_WARNINGS_OFF
+MLORA_FMA_PEAK(peak_avx512, AVX512_TARGET, avx512, 16)
+MLORA_SIMD_AVX512_WARNINGS_ON
 
 #endif  // MLORA_X86
 
@@ -736,10 +726,10 @@ AMX_TARGET double peak_amx(int64_t iters) {
 const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR,          SC_NR,         128,        256,
                          2048,         ukr_scalar,  pack_a_generic, pack_b_scalar, peak_scalar};
 #ifdef MLORA_X86
-const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2,     AVX2_MR,     AVX2_NR,     144,      256,
-                       4080,        ukr_avx2_6x16, pack_a_avx2, pack_b_avx2, peak_avx2};
-const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512,      AVX512_MR,      AVX512_NR,   192,        256,
-                         4096,           ukr_avx512_12x32, pack_a_generic, pack_b_avx2, peak_avx512};
+const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2,     AVX2_MR,        AVX2_NR,     144,      256,
+                       4080,        ukr_avx2_6x16, pack_a_rows<6>, pack_b_avx2, peak_avx2};
+const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512,      AVX512_MR,       AVX512_NR,   192,        256,
+                         4096,           ukr_avx512_12x32, pack_a_rows<12>, pack_b_avx2, peak_avx512};
 #endif
 
 // bf16 compute. Pairs kernel: kc counts k values, so 512 keeps the B sliver (256 words × 32) at 32 KiB.
@@ -747,8 +737,8 @@ const GemmKernel kScalarBf16{
     "scalar-4x8-bf16emu",         Isa::Scalar,   SC_MR,       SC_NR,   128, 256, 2048, ukr_scalar,
     pack_a_round<pack_a_generic>, pack_b_scalar, peak_scalar, nullptr, true};
 #ifdef MLORA_X86
-const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu",       Isa::Avx2,   AVX2_MR,   AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
-                           pack_a_round<pack_a_avx2>, pack_b_avx2, peak_avx2, nullptr, true};
+const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu",          Isa::Avx2,   AVX2_MR,   AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
+                           pack_a_round<pack_a_rows<6>>, pack_b_avx2, peak_avx2, nullptr, true};
 const GemmKernel kAvx512Bf16Emu{
     "avx512-12x32-bf16emu",       Isa::Avx512, AVX512_MR,   AVX512_NR, 192, 256, 4096, ukr_avx512_12x32,
     pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr,   true};

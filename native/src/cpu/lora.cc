@@ -56,8 +56,10 @@ namespace mlora::cpu {
 
 namespace {
 
-constexpr int64_t RB = 64;   // rows per block
-constexpr int64_t CB = 128;  // dA / dB columns per block
+constexpr int64_t RB = 64;         // rows per block
+constexpr int64_t CB = 128;        // dA / dB columns per block
+constexpr int64_t kRowChunk = 64;  // dA / dB: rows of a column block copied at once (lora_tiles.inc)
+constexpr int64_t kColWork = kRowChunk * CB;
 
 struct LoraCall {
   const float *x, *dy;
@@ -128,8 +130,8 @@ struct LoraKernels {
   void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
   void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
-  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc);
+  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
+  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
   void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
                    int64_t n, float* c, int64_t ldc);
   int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
@@ -174,18 +176,29 @@ std::vector<Item> row_items(const std::vector<SegmentOps>& ops) {
 
 bool active(const LoraSegment& s) { return s.row_end > s.row_start && s.rank > 0; }
 
-// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
-std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
-                                        std::vector<float>& packed) {
+// The segments with rows and rank, their rank padded to `width`; `floats(segment, rp)` is the
+// packed scratch each needs, all of it returned in one block of `packed`.
+template <class Floats>
+std::vector<SegmentOps> active_ops(const LoraSegment* segs, int64_t nseg, int64_t width, std::vector<float>& packed,
+                                   float*& p, Floats floats) {
   std::vector<SegmentOps> ops;
   size_t need = 0;
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
       const int64_t rp = (segs[k].rank + width - 1) / width * width;
       ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
-      need += size_t(in * rp + segs[k].rank * out);
+      need += size_t(floats(segs[k], rp));
     }
-  float* p = grow(packed, need);
+  p = grow(packed, need);
+  return ops;
+}
+
+// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
+std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
+                                        std::vector<float>& packed) {
+  float* p = nullptr;
+  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p,
+                                           [&](const LoraSegment& s, int64_t rp) { return in * rp + s.rank * out; });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
     float* at = p;
@@ -209,16 +222,11 @@ int64_t max_rp(const std::vector<SegmentOps>& ops) {
 // dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
 std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                          std::vector<float>& packed) {
-  std::vector<SegmentOps> ops;
-  size_t need = 0;
-  for (int64_t k = 0; k < nseg; k++)
-    if (active(segs[k])) {
-      const LoraSegment& s = segs[k];
-      const int64_t rp = (s.rank + width - 1) / width * width, rows = s.row_end - s.row_start;
-      ops.push_back({&s, rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
-      need += size_t(out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out);
-    }
-  float* p = grow(packed, need);
+  float* p = nullptr;
+  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
+    const int64_t rows = s.row_end - s.row_start;
+    return out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out;
+  });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
     const int64_t rows = s.row_end - s.row_start;
@@ -259,17 +267,17 @@ void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOp
   }
   if (with_dx)
     for (const Item& b : rows) items.push_back({0, b});
-  const int64_t per_thread = RB * C.in;
-  float* w = with_dx ? grow(work, size_t(per_thread * ex.pool().size())) : nullptr;
+  const int64_t per_thread = std::max(with_dx ? RB * C.in : 0, kColWork);
+  float* w = grow(work, size_t(per_thread * ex.pool().size()));
   ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
     const Work& x = items[size_t(it)];
     const SegmentOps& g = ops[size_t(x.at.seg)];
     if (x.kind == 0)
       K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
     else if (x.kind == 1)
-      K.cols_da(C, g, x.at.start, x.at.count);
+      K.cols_da(C, g, x.at.start, x.at.count, w + tid * per_thread);
     else
-      K.cols_db(C, g, x.at.start, x.at.count);
+      K.cols_db(C, g, x.at.start, x.at.count, w + tid * per_thread);
   });
 }
 

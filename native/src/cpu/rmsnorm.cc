@@ -3,13 +3,17 @@
 // Backward, with r = rstd and c = (1/h)·Σ_j dy_j·w_j·x_j:
 //   dx_i = r·w_i·dy_i − r³·x_i·c           (written =, or += with `accumulate`: the residual stream)
 //   dw_i += Σ_rows dy_i·x_i·r              (parameter gradient, +=, optional)
-// Precision: the row sums Σx² and Σ dy·w·x are accumulated in double (simd, 2 or 4 lanes) and
-// rstd is computed in double, then rounded to float once; everything elementwise is float.
+// Precision: the row sums Σx² and Σ dy·w·x are accumulated in double (simd lanes: 2, 4 or 8)
+// and rstd is computed in double, then rounded to float once; everything elementwise is float.
+// Speed: the row loops are compiled for AVX-512, AVX2+FMA and baseline SSE2 and picked per call
+// like swiglu's (simd::pick_isa, MLORA_GEMM_KERNEL); the row sums' lane order, and so their
+// last bits, differ between the paths.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "../kernels.h"
+#include "simd.h"
 
 namespace mlora::cpu {
 
@@ -22,47 +26,81 @@ static const float* weight_f32(const WeightRef& w, int64_t h) {
   return scratch.data();
 }
 
+namespace {
+
+// Rows [b, e): y = x·rstd·w, rstd saved.
+__attribute__((always_inline)) inline void forward_rows(float* y, float* rstd, const float* x, const float* wf,
+                                                        int64_t b, int64_t e, int64_t h, float eps) {
+  for (int64_t i = b; i < e; i++) {
+    const float* xi = x + i * h;
+    float* yi = y + i * h;
+    double ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < h; j++) ss += double(xi[j]) * double(xi[j]);
+    const float r = float(1.0 / std::sqrt(ss / double(h) + double(eps)));
+    rstd[i] = r;
+#pragma omp simd
+    for (int64_t j = 0; j < h; j++) yi[j] = xi[j] * r * wf[j];
+  }
+}
+
+// Rows [b, e): dx (=, or += with accumulate) = r·w·dy − r³·x·(1/h)·Σ dy·w·x.
+__attribute__((always_inline)) inline void backward_rows(float* dx, const float* dy, const float* x, const float* wf,
+                                                         const float* rstd, int64_t b, int64_t e, int64_t h,
+                                                         bool accumulate) {
+  for (int64_t i = b; i < e; i++) {
+    const float* xi = x + i * h;
+    const float* dyi = dy + i * h;
+    float* dxi = dx + i * h;
+    const float r = rstd[i];
+    double dot = 0;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < h; j++) dot += double(dyi[j]) * double(wf[j]) * double(xi[j]);
+    const float k = float(double(r) * double(r) * double(r) * dot / double(h));
+    if (accumulate) {
+#pragma omp simd
+      for (int64_t j = 0; j < h; j++) dxi[j] += r * wf[j] * dyi[j] - k * xi[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < h; j++) dxi[j] = r * wf[j] * dyi[j] - k * xi[j];
+    }
+  }
+}
+
+using Fwd = void (*)(float*, float*, const float*, const float*, int64_t, int64_t, int64_t, float);
+using Bwd = void (*)(float*, const float*, const float*, const float*, const float*, int64_t, int64_t, int64_t, bool);
+
+#define MLORA_RMSNORM_ROWS(SUFFIX, TARGET)                                                                         \
+  TARGET void fwd_##SUFFIX(float* y, float* rs, const float* x, const float* w, int64_t b, int64_t e, int64_t h,   \
+                           float eps) {                                                                            \
+    forward_rows(y, rs, x, w, b, e, h, eps);                                                                       \
+  }                                                                                                                \
+  TARGET void bwd_##SUFFIX(float* dx, const float* dy, const float* x, const float* w, const float* rs, int64_t b, \
+                           int64_t e, int64_t h, bool acc) {                                                       \
+    backward_rows(dx, dy, x, w, rs, b, e, h, acc);                                                                 \
+  }
+MLORA_RMSNORM_ROWS(portable, )
+#ifdef MLORA_SIMD_X86
+MLORA_RMSNORM_ROWS(avx2, MLORA_TT_AVX2)
+MLORA_RMSNORM_ROWS(avx512, MLORA_TT_AVX512)
+#endif
+#undef MLORA_RMSNORM_ROWS
+
+}  // namespace
+
 void rmsnorm_forward(Exec& ex, float* y, float* rstd, const float* x, WeightRef w, int64_t n, int64_t h, float eps) {
   const float* wf = weight_f32(w, h);
+  const Fwd f = MLORA_SIMD_PICK(fwd);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(h, 1));
-  ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; i++) {
-      const float* xi = x + i * h;
-      float* yi = y + i * h;
-      double ss = 0;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < h; j++) ss += double(xi[j]) * double(xi[j]);
-      const float r = float(1.0 / std::sqrt(ss / double(h) + double(eps)));
-      rstd[i] = r;
-#pragma omp simd
-      for (int64_t j = 0; j < h; j++) yi[j] = xi[j] * r * wf[j];
-    }
-  });
+  ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) { f(y, rstd, x, wf, b, e, h, eps); });
 }
 
 void rmsnorm_backward(Exec& ex, float* dx, float* dw, const float* dy, const float* x, WeightRef w, const float* rstd,
                       int64_t n, int64_t h, bool accumulate) {
   const float* wf = weight_f32(w, h);
+  const Bwd f = MLORA_SIMD_PICK(bwd);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(h, 1));
-  ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t i = b; i < e; i++) {
-      const float* xi = x + i * h;
-      const float* dyi = dy + i * h;
-      float* dxi = dx + i * h;
-      const float r = rstd[i];
-      double dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < h; j++) dot += double(dyi[j]) * double(wf[j]) * double(xi[j]);
-      const float k = float(double(r) * double(r) * double(r) * dot / double(h));
-      if (accumulate) {
-#pragma omp simd
-        for (int64_t j = 0; j < h; j++) dxi[j] += r * wf[j] * dyi[j] - k * xi[j];
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < h; j++) dxi[j] = r * wf[j] * dyi[j] - k * xi[j];
-      }
-    }
-  });
+  ex.pool().parallel_for(n, grain, [&](int64_t b, int64_t e, int) { f(dx, dy, x, wf, rstd, b, e, h, accumulate); });
   if (!dw) return;
   // dw: parallel over columns, rows summed in order, so no two threads touch one element and
   // the result does not depend on the thread count.

@@ -249,5 +249,19 @@ inline Isa pick_isa(std::initializer_list<int64_t> widths) {
   return Isa::Portable;
 }
 
+// The variant of a function compiled per instruction set (NAME_portable, NAME_avx2,
+// NAME_avx512) that pick_isa(widths...) chooses at this call.
+template <class F>
+F pick_variant(Isa isa, F portable, [[maybe_unused]] F avx2, [[maybe_unused]] F avx512) {
+  return isa == Isa::Avx512 ? avx512 : isa == Isa::Avx2 ? avx2 : portable;
+}
+#ifdef MLORA_SIMD_X86
+#define MLORA_SIMD_PICK(NAME, ...)                                                                            \
+  ::mlora::cpu::simd::pick_variant(::mlora::cpu::simd::pick_isa({__VA_ARGS__}), NAME##_portable, NAME##_avx2, \
+                                   NAME##_avx512)
+#else
+#define MLORA_SIMD_PICK(NAME, ...) NAME##_portable
+#endif
+
 }  // namespace
 }  // namespace mlora::cpu::simd

@@ -68,26 +68,16 @@ MLORA_TT_AVX512 void bwd_avx512(float* dg, float* du, const float* dh, const flo
 }
 #endif
 
-std::pair<Fwd, Bwd> pick() {
-  switch (simd::pick_isa({})) {
-#ifdef MLORA_SIMD_X86
-    case simd::Isa::Avx512: return {fwd_avx512, bwd_avx512};
-    case simd::Isa::Avx2: return {fwd_avx2, bwd_avx2};
-#endif
-    default: return {fwd_portable, bwd_portable};
-  }
-}
-
 }  // namespace
 
 void swiglu_forward(Exec& ex, float* h, const float* gate, const float* up, int64_t n) {
-  const Fwd f = pick().first;
+  const Fwd f = MLORA_SIMD_PICK(fwd);
   ex.pool().parallel_for(n, kGrain, [&](int64_t b, int64_t e, int) { f(h, gate, up, b, e); });
 }
 
 void swiglu_backward(Exec& ex, float* dgate, float* dup, const float* dh, const float* gate, const float* up,
                      int64_t n) {
-  const Bwd f = pick().second;
+  const Bwd f = MLORA_SIMD_PICK(bwd);
   ex.pool().parallel_for(n, kGrain, [&](int64_t b, int64_t e, int) { f(dgate, dup, dh, gate, up, b, e); });
 }
 
