@@ -195,7 +195,9 @@ export function describeSplit(plans: StagePlan[], devices: string[]): string {
               ? from
               : to
             : `${from} to ${to}`
-          : `layers ${p.lo}-${last}`;
+          : p.hi - p.lo === 1
+            ? `layer ${p.lo}`
+            : `layers ${p.lo}-${last}`;
       return (
         `stage ${s} on ${devices[s]}: ${layers}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
         (p.headShare ? ` + norm/head/loss of ${Math.round(100 * p.headShare)}% of the targeted rows (training)` : '')

@@ -52,7 +52,7 @@ for (const fam of ['llama3-scaled', 'qwen2', 'qwen3', 'mistral-window']) {
     t.equal(r.code, 0, `exit 0\n${r.out}\n${r.err}`);
     t.match(
       r.out,
-      /stage 0 on cpu:0: layers 0-0 \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layers 1-1 \+ norm\/head\/loss/,
+      /stage 0 on cpu:0: layer 0 \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: layer 1 \+ norm\/head\/loss/,
       'two pipeline stages, one layer each',
     );
     const steps = readMetrics(path.join(out, 'run')).filter((m) => m.step === 1 && typeof m.loss === 'number');

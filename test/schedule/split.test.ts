@@ -239,7 +239,7 @@ t.test('errors', async (t) => {
   ]);
   t.equal(
     describeSplit(explicitSplit(PRESETS.bench, [1, 3]), ['cpu:0', 'cpu:1']),
-    'stage 0 on cpu:0: layers 0-0 + embedding\nstage 1 on cpu:1: layers 1-3 + norm/head/loss',
+    'stage 0 on cpu:0: layer 0 + embedding\nstage 1 on cpu:1: layers 1-3 + norm/head/loss',
   );
   t.throws(
     () => resolveLayout(PRESETS.bench, { devices: ['cpu:0', 'cpu:1'], split: [1, 1, 2], threads: 1 }),
