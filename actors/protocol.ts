@@ -30,6 +30,8 @@ export interface InitMsg {
   device: string;
   threads: number;
   budget: number;
+  /** CPU ids to pin the stage's compute threads to, one per thread (lib/schedule/cores.ts); absent: not pinned. */
+  cores?: number[];
   /** Activation recomputation (StageOptions.recompute). */
   recompute?: boolean;
   /** The frozen base's compute dtype and quantization (lib/model/weights.ts). */

@@ -12,7 +12,7 @@
 // "epoch" here is a recovery attempt: every micro-batch message carries the epoch it was sent in,
 // and a stage discards messages of an older one.
 import type { LoraSpec } from '../lib/lora/adapter.js';
-import type { AdapterState } from '../lib/lora/state.js';
+import { joinSlices, type AdapterState } from '../lib/lora/state.js';
 import type { MicroBatchData } from '../lib/model/batch.js';
 import { ErrorCode, MloraError } from '../lib/errors.js';
 import type { InFlight, Router } from './router.js';
@@ -67,12 +67,26 @@ interface RecoveryFault {
 /** What a recovery restores and replays: each adapter's spec, snapshot and version, and the micro-batches of its unfinished step. */
 export class Ledger {
   readonly specs = new Map<number, LoraSpec>();
-  readonly snapshots = new Map<number, AdapterState>();
+  /** Each adapter's state after its last step, as the stages sent their slices (joined when read: snapshot()). */
+  private readonly snapshots = new Map<number, AdapterState | AdapterState[]>();
   /** Optimizer version of each adapter: stages defer a Forward until they reach it. */
   readonly versions = new Map<number, number>();
   /** Per adapter: the micro-batches of its current, unfinished step, in issue order. */
   readonly stepLog = new Map<number, MicroBatchData[]>();
   readonly issueOrder: MicroBatchData[] = [];
+
+  /**
+   * An adapter's snapshot as one full state. A step stores the stages' slices as they came
+   * (joining them on every step cost the supervisor's thread a copy and its garbage of the
+   * whole state, per adapter and step); recovery and exports are rare, they join.
+   */
+  snapshot(id: number): AdapterState | undefined {
+    const s = this.snapshots.get(id);
+    if (!Array.isArray(s)) return s;
+    const joined = joinSlices(s);
+    this.snapshots.set(id, joined);
+    return joined;
+  }
 
   version(id: number): number {
     return this.versions.get(id) ?? 0;
@@ -107,10 +121,10 @@ export class Ledger {
     this.versions.delete(id);
   }
 
-  /** An adapter's step is applied on every stage: its new state is the snapshot, its log starts over. */
-  stepped(id: number, state: AdapterState, inFlight: MicroBatchData[]): void {
+  /** An adapter's step is applied on every stage: its new state (the stages' slices, in stage order) is the snapshot, its log starts over. */
+  stepped(id: number, slices: AdapterState[], inFlight: MicroBatchData[]): void {
     this.versions.set(id, this.version(id) + 1);
-    this.snapshots.set(id, state);
+    this.snapshots.set(id, slices);
     this.stepLog.set(id, []);
     const live = new Set<MicroBatchData>(inFlight);
     for (const l of this.stepLog.values()) for (const m of l) live.add(m);
@@ -297,7 +311,7 @@ export class Recovery {
     );
     live();
     for (const [id, spec] of this.ledger.specs) {
-      const snap = this.ledger.snapshots.get(id)!;
+      const snap = this.ledger.snapshot(id)!;
       await Promise.all(
         this.stages.map(async (s) => {
           if (!dead.has(s.index)) await this.workers.call(s.index, 'removeAdapter', [id]);

@@ -153,7 +153,7 @@ export class ActorPipeline implements Pipeline {
 
   async exportAdapter(id: number): Promise<AdapterState> {
     // after a fatal stage failure, the adapter's last consistent state is its snapshot (the last optimizer step)
-    const snap = this.ledger.snapshots.get(id);
+    const snap = this.ledger.snapshot(id);
     if (this.recovery.fatal && snap) return snap;
     return this.recovery.retrying(async () => joinSlices(await this.workers.callAll('exportAdapter', [id])));
   }
@@ -178,7 +178,11 @@ export class ActorPipeline implements Pipeline {
       if (r.epoch !== epoch || r.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
       return x;
     });
-    this.ledger.stepped(id, joinSlices(parts.map((x) => x.state)), this.router.inFlight());
+    this.ledger.stepped(
+      id,
+      parts.map((x) => x.state),
+      this.router.inFlight(),
+    );
     return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};
   }
 

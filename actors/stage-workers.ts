@@ -16,6 +16,8 @@ import { stageApi, type StageApi } from './rpc.js';
 import type { Slab } from './shm.js';
 import type { BaseFormat } from '../lib/model/weights.js';
 import type { StagePlan } from '../lib/model/batch.js';
+import { assignCores, pinningEnabled } from '../lib/schedule/cores.js';
+import { native } from '../lib/native.js';
 
 /** What the stage workers are started with (part of ActorPipelineOptions). */
 export interface StageWorkerOptions {
@@ -88,6 +90,8 @@ export class StageWorkers {
   private nextReq = 1;
   private readonly watchdog: NodeJS.Timeout;
   private lastCheck = performance.now();
+  /** Each local CPU stage's cores (lib/schedule/cores.ts), or undefined: not pinned. */
+  private readonly cores: number[][] | undefined;
 
   constructor(
     private readonly opts: StageWorkerOptions,
@@ -97,6 +101,10 @@ export class StageWorkers {
     private readonly events: StageEvents,
   ) {
     this.stages = opts.plans.map((_, i) => new StageHandle(i));
+    this.cores =
+      opts.stageEndpoint || !pinningEnabled()
+        ? undefined
+        : assignCores(opts.devices, opts.threads, native().info().cpu.allowedCores);
     this.watchdog = setInterval(() => this.checkHeartbeats(), this.checkEveryMs());
     this.watchdog.unref();
   }
@@ -137,6 +145,7 @@ export class StageWorkers {
       control: port2,
       ...(o.recompute ? { recompute: true } : {}),
       ...(o.base ? { base: o.base } : {}),
+      ...(this.cores?.[h.index]?.length ? { cores: this.cores[h.index] } : {}),
     };
     const w = o.stageEndpoint
       ? o.stageEndpoint(init, h.started)

@@ -47,6 +47,8 @@ export interface DeviceOptions {
   threads?: number;
   /** Byte budget; every allocation counts against it. */
   budget?: number;
+  /** CPU devices: one CPU id per thread; the device's compute threads stay on these cores. */
+  cores?: number[];
 }
 
 export interface NativeDevice {
@@ -225,6 +227,8 @@ export interface NativeInfo {
     amxBf16: boolean;
     f16c: boolean;
     hardwareThreads: number;
+    /** CPU ids this process may run on (its affinity mask), ascending. */
+    allowedCores: number[];
     gemmKernel: string;
     gemmBf16Kernel: string;
   };

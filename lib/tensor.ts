@@ -37,6 +37,8 @@ export function parseBytes(s: string | number): number {
 export interface OpenDeviceOptions {
   threads?: number;
   budget?: number;
+  /** CPU devices: pin the compute threads, one CPU id per thread (lib/schedule/cores.ts). */
+  cores?: number[];
 }
 
 /** Default CPU budget: an even share of 80% of the machine's memory. */
@@ -53,6 +55,7 @@ export function openDevice(spec: string | DeviceSpec, options: OpenDeviceOptions
       index: s.index,
       threads: options.threads ?? 1,
       budget: options.budget ?? defaultCpuBudget(),
+      ...(options.cores ? { cores: options.cores } : {}),
     });
   }
   return new Device({

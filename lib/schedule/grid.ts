@@ -88,3 +88,32 @@ export function stageOrder(records: ScheduleRecord[], stages: number): string[][
     if (r.kind === 'F' || r.kind === 'B') out[r.stage]!.push(`${r.kind}${r.mb}`);
   return out;
 }
+
+/**
+ * The steady part of a run: from the moment every adapter in `adapters` has finished its
+ * `lead`-th optimizer step (its S record on every stage) to the moment each has finished
+ * `lead + steps` of them, so a benchmark window holds `steps` steps of every adapter and neither
+ * the pipeline's fill nor its drain (a long training run pays those once, not every step).
+ * Undefined when the records hold fewer steps.
+ */
+export function steadyWindow(
+  records: ScheduleRecord[],
+  adapters: number[],
+  lead: number,
+  steps: number,
+): { from: number; to: number } | undefined {
+  const stages = new Set(records.map((r) => r.stage));
+  let from = -Infinity,
+    to = -Infinity;
+  for (const a of adapters)
+    for (const s of stages) {
+      const ends = records
+        .filter((r) => r.kind === 'S' && r.stage === s && r.adapters.includes(a))
+        .map((r) => r.end)
+        .sort((x, y) => x - y);
+      if (ends.length < lead + steps || lead < 1) return undefined;
+      from = Math.max(from, ends[lead - 1]!);
+      to = Math.max(to, ends[lead + steps - 1]!);
+    }
+  return to > from ? { from, to } : undefined;
+}

@@ -4,6 +4,7 @@
 #include "addon.h"
 
 #include <fcntl.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -299,7 +300,8 @@ Napi::Function JsDevice::Init(Napi::Env env) {
                      });
 }
 
-// new Device({kind: 'cpu'|'cuda', index, threads, budget}): budget in bytes.
+// new Device({kind: 'cpu'|'cuda', index, threads, budget, cores}): budget in bytes; cores (CPU
+// devices): one CPU id per thread to pin the compute threads to, or absent.
 JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject())
@@ -315,10 +317,23 @@ JsDevice::JsDevice(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsDevice>(
   int threads = int(num("threads", 1));
   if (threads < 1 || threads > 1024) throw_js(env, "new Device: 'threads' must be between 1 and 1024");
   if (kind == "cpu") {
+    std::vector<int> cores;
+    Napi::Value cv = o.Get("cores");
+    if (!cv.IsUndefined()) {
+      if (!cv.IsArray()) throw_js(env, "new Device: 'cores' must be an array of CPU ids, one per thread");
+      Napi::Array ca = cv.As<Napi::Array>();
+      if (int(ca.Length()) != threads)
+        throw_js(env, "new Device: 'cores' has " + std::to_string(ca.Length()) + " CPU ids for " +
+                          std::to_string(threads) + " threads (one per thread)");
+      for (uint32_t i = 0; i < ca.Length(); i++)
+        cores.push_back(int(integer_arg(env, ca.Get(i), "new Device: 'cores[" + std::to_string(i) + "]'", 0)));
+      for (int c : cores)
+        if (c >= CPU_SETSIZE) throw_js(env, "new Device: CPU id " + std::to_string(c) + " in 'cores' is out of range");
+    }
     (void)hw;
     int64_t budget = int64_t(num("budget", double(int64_t(4) << 30)));
     if (budget <= 0) throw_js(env, "new Device: 'budget' must be positive (bytes)");
-    state = std::make_shared<DeviceState>(DeviceKind::CPU, index, threads, budget, make_cpu_backend());
+    state = std::make_shared<DeviceState>(DeviceKind::CPU, index, threads, budget, make_cpu_backend(), cores);
   } else if (kind == "cuda") {
     std::string why;
     auto be = make_cuda_backend(index, &why);
@@ -639,7 +654,8 @@ class RunWorker : public Napi::AsyncWorker {
   }
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
-    RunFailure f = run_kernels(*dev_, ops_);
+    RunFailure f;
+    dev_->pool().run_on_leader([&] { f = run_kernels(*dev_, ops_); });
     code_ = f.code;
     if (!f.message.empty()) SetError(f.message);
   }
@@ -701,6 +717,12 @@ static Napi::Value Info(const Napi::CallbackInfo& info) {
   cpu.Set("amxBf16", f.amx_bf16);
   cpu.Set("f16c", f.f16c);
   cpu.Set("hardwareThreads", double(std::max(1u, std::thread::hardware_concurrency())));
+  Napi::Array allowed = Napi::Array::New(env);  // the CPUs this process may run on (taskset, cgroup cpuset)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0)
+    for (int c = 0, k = 0; c < CPU_SETSIZE; c++)
+      if (CPU_ISSET(c, &set)) allowed.Set(uint32_t(k++), c);
+  cpu.Set("allowedCores", allowed);
   cpu.Set("gemmKernel", cpu_gemm_kernel_name());
   cpu.Set("gemmBf16Kernel", cpu_gemm_bf16_kernel_name());
   o.Set("cpu", cpu);

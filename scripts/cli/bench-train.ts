@@ -21,7 +21,8 @@ import type { Pipeline } from '../../actors/pipeline.js';
 import type { StepParams } from '../../lib/lora/state.js';
 import { Rng } from '../../lib/rng.js';
 import { ensureModel } from './make-model.js';
-import { utilisation } from '../../lib/schedule/grid.js';
+import { steadyWindow, utilisation } from '../../lib/schedule/grid.js';
+import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
 
 /** The LoRA every training benchmark uses: rank r on all seven targets, alpha 2r, no dropout. */
@@ -326,13 +327,17 @@ export async function pipelineScenario(
       for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
       for (const K of o.adapters) {
         const ids = Array.from({ length: K }, (_, i) => i + 1);
-        // mLoRA scheduling, as the supervisor does it: adapters spread over about 2 messages
-        // per stage, all in flight; each adapter steps as soon as its own micro-batch is back
-        // (no flush), while the other messages keep the stages busy
-        const groups: number[][] = Array.from({ length: Math.min(K, 2 * plans.length) }, () => []);
+        // mLoRA scheduling, as the supervisor does it (lib/schedule/packing.ts): one device takes
+        // every adapter in one message; a pipeline spreads them over about 2 messages per stage,
+        // all in flight, each adapter stepping as soon as its own micro-batch is back (no flush)
+        // while the other messages keep the stages busy
+        const perMessage = adaptersPerMessage(K, plans.length);
+        const groups: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
         ids.forEach((id, i) => groups[i % groups.length]!.push(id));
+        const versions = new Map<number, number>();
+        let gpipeSteps = 0;
         const run = async (steps: number, gpipe: boolean) => {
-          if (!gpipe) return trainInGroups(p, groups, mbs, steps);
+          if (!gpipe) return trainInGroups(p, groups, mbs, steps, versions);
           // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
           // scheduler does when the adapters are too few to fill the stages), then its step
           let mbId = 1;
@@ -345,17 +350,27 @@ export async function pipelineScenario(
                 p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens)),
               ),
             );
-            await p.step(id, { ...STEP, step: s + 1 });
+            await p.step(id, { ...STEP, step: (versions.get(id) ?? 0) + ++gpipeSteps });
           }
           return performance.now() - t0;
         };
+        /**
+         * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
+         * after them run in the same go, and only the window between (steadyWindow) counts.
+         */
+        const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number) => {
+          const from = p.schedule().at(-1)?.end ?? 0;
+          const ms = await run(o.steps + 2, gpipe);
+          const recs = p.schedule().filter((r) => r.start >= from);
+          const w = steadyWindow(recs, adapters, 1, o.steps);
+          if (!w) return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length) };
+          return {
+            tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
+            u: utilisation(recs, plans.length, w.from, w.to),
+          };
+        };
         await run(1, false);
-        const from = p.schedule().length ? p.schedule().at(-1)!.end : 0;
-        const ms = await run(o.steps, false);
-        const recs = p.schedule().filter((r) => r.start >= from);
-        const u = utilisation(recs, plans.length);
-        const tokens = K * o.micro * o.seqLen * o.steps;
-        const tps = tokens / (ms / 1000);
+        const { tps, u } = await measure(false, ids, K * o.micro * o.seqLen);
         const threads = L.threads.reduce((a, b) => a + b, 0);
         const rec: TrainBenchRecord = {
           scenario: 'pipeline',
@@ -368,7 +383,7 @@ export async function pipelineScenario(
           tokens_per_s: Math.round(tps),
           mfu: (tps * flops) / (ceiling1 * threads * 1e9),
           gemm_ceiling_gflops: Math.round(ceiling1 * threads * 10) / 10,
-          step_ms: Math.round(ms / o.steps),
+          step_ms: Math.round((K * o.micro * o.seqLen * 1000) / tps),
           busy: u.busy.map((b) => Math.round(b * 1000) / 1000),
           bubble: Math.round(u.bubble * 1000) / 1000,
         };
@@ -377,19 +392,13 @@ export async function pipelineScenario(
           `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
         );
         if (K === 1 && plans.length > 1) {
-          const from2 = p.schedule().at(-1)?.end ?? 0;
-          const ms2 = await run(o.steps, true);
-          const u2 = utilisation(
-            p.schedule().filter((r) => r.start >= from2),
-            plans.length,
-          );
-          const tps2 = (GPIPE_MICRO * o.micro * o.seqLen * o.steps) / (ms2 / 1000);
+          const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
           out.push({
             ...rec,
             mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`,
             tokens_per_s: Math.round(tps2),
             mfu: (tps2 * flops) / (ceiling1 * threads * 1e9),
-            step_ms: Math.round(ms2 / o.steps),
+            step_ms: Math.round((GPIPE_MICRO * o.micro * o.seqLen * 1000) / tps2),
             busy: u2.busy,
             bubble: u2.bubble,
           });

@@ -1,6 +1,6 @@
 // The grid printer, utilisation and stageOrder on hand-made records (exact output).
 import t from 'tap';
-import { renderGrid, stageOrder, utilisation } from '../../lib/schedule/grid.js';
+import { renderGrid, stageOrder, steadyWindow, utilisation } from '../../lib/schedule/grid.js';
 import type { ScheduleRecord } from '../../lib/schedule/record.js';
 
 const r = (stage: number, kind: ScheduleRecord['kind'], mb: number, start: number, end: number): ScheduleRecord => ({
@@ -74,4 +74,26 @@ t.test('stageOrder: F and B per stage in start order (S and E left out)', async 
     ['F1', 'F2'],
   ]);
   t.same(stageOrder([], 2), [[], []]);
+});
+
+t.test('steadyWindow: from the lead step of every adapter on every stage to lead + steps', async (t) => {
+  const step = (stage: number, adapter: number, end: number): ScheduleRecord => ({
+    stage,
+    kind: 'S',
+    mb: -1,
+    adapters: [adapter],
+    start: end - 0.5,
+    end,
+  });
+  // adapter 1 steps at 10, 20, 30, 40 (stage 1 a little later); adapter 2 at 12, 22, 35, 45
+  const rs = [
+    ...[10, 20, 30, 40].flatMap((e) => [step(0, 1, e), step(1, 1, e + 1)]),
+    ...[12, 22, 35, 45].flatMap((e) => [step(0, 2, e), step(1, 2, e + 0.5)]),
+    r(0, 'F', 9, 0, 9),
+  ];
+  t.same(steadyWindow(rs, [1, 2], 1, 2), { from: 12.5, to: 35.5 }, 'the slowest adapter and stage bound both ends');
+  t.same(steadyWindow(rs, [1], 2, 2), { from: 21, to: 41 });
+  t.equal(steadyWindow(rs, [1, 2], 1, 4), undefined, 'fewer steps recorded than asked');
+  t.equal(steadyWindow(rs, [3], 1, 1), undefined, 'an adapter with no steps');
+  t.equal(steadyWindow(rs, [1], 0, 1), undefined, 'lead 0 has no step to start from');
 });

@@ -51,10 +51,13 @@ struct CpuBackend : Backend {
 
 std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
 
-DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend)
+DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend,
+                         std::vector<int> cores)
     : kind_(kind), index_(index), budget_(budget), backend_(std::move(backend)) {
   name_ = std::string(kind == DeviceKind::CPU ? "cpu:" : "cuda:") + std::to_string(index);
-  pool_ = std::make_unique<ThreadPool>(threads);
+  // CPU devices compute on a leader thread of their own (thread_pool.h); a CUDA device keeps
+  // launching from the calling thread
+  pool_ = std::make_unique<ThreadPool>(threads, kind == DeviceKind::CPU, std::move(cores));
   const char* prof = std::getenv("MLORA_PROFILE_OPS");
   profiling_ = prof && *prof && std::string(prof) != "0";
 }

@@ -49,7 +49,9 @@ enum class DeviceKind { CPU, CUDA };
 
 class DeviceState : public std::enable_shared_from_this<DeviceState> {
  public:
-  DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend);
+  // cores: empty, or one CPU id per thread to pin the device's compute threads to (ThreadPool).
+  DeviceState(DeviceKind kind, int index, int threads, int64_t budget, std::unique_ptr<Backend> backend,
+              std::vector<int> cores = {});
   ~DeviceState();
 
   const std::string& name() const { return name_; }

@@ -1,11 +1,28 @@
 #include "thread_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
+#include <exception>
+#include <utility>
 
 namespace mlora {
 
-ThreadPool::ThreadPool(int threads) : nthreads_(std::max(1, threads)) {
+namespace {
+// Best effort: a core the process may not use (a changed affinity mask) leaves the thread unpinned.
+void pin_to(int core) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(core, &set);
+  sched_setaffinity(0, sizeof set, &set);
+}
+}  // namespace
+
+ThreadPool::ThreadPool(int threads, bool leader, std::vector<int> cores)
+    : nthreads_(std::max(1, threads)), cores_(std::move(cores)) {
+  if (!cores_.empty() && int(cores_.size()) != nthreads_) cores_.clear();
   for (int t = 1; t < nthreads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
+  if (leader || !cores_.empty()) leader_ = std::thread([this] { leader_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -15,9 +32,46 @@ ThreadPool::~ThreadPool() {
   }
   cv_.notify_all();
   for (auto& w : workers_) w.join();
+  if (leader_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lk(leader_mu_);
+      leader_stop_ = true;
+    }
+    leader_cv_.notify_one();
+    leader_.join();
+  }
+}
+
+void ThreadPool::leader_loop() {
+  if (!cores_.empty()) pin_to(cores_[0]);
+  std::unique_lock<std::mutex> lk(leader_mu_);
+  for (;;) {
+    leader_cv_.wait(lk, [&] { return leader_stop_ || leader_job_ != nullptr; });
+    if (leader_stop_) return;
+    lk.unlock();
+    try {
+      (*leader_job_)();
+    } catch (...) {
+      leader_error_ = std::current_exception();
+    }
+    lk.lock();
+    leader_job_ = nullptr;
+    leader_done_cv_.notify_one();
+  }
+}
+
+void ThreadPool::run_on_leader(const std::function<void()>& fn) {
+  if (!leader_.joinable()) return fn();
+  std::lock_guard<std::mutex> one(leader_call_mu_);  // callers (libuv threads) queue here
+  std::unique_lock<std::mutex> lk(leader_mu_);
+  leader_job_ = &fn;
+  leader_cv_.notify_one();
+  leader_done_cv_.wait(lk, [&] { return leader_job_ == nullptr; });
+  if (leader_error_) std::rethrow_exception(std::exchange(leader_error_, nullptr));
 }
 
 void ThreadPool::worker_loop(int tid) {
+  if (!cores_.empty()) pin_to(cores_[tid]);
   uint64_t seen = 0;
   for (;;) {
     const std::function<void(int)>* job;

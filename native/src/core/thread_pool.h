@@ -1,10 +1,19 @@
 // A per-device pool of compute threads. Each device owns one, so two stage actors on two
 // cores never fight over a process-global pool (the reason we do not use OpenMP's).
 // The calling thread takes part as worker 0; parallel_for returns when every chunk is done.
+//
+// With a leader, the pool also owns its worker 0: one thread that runs the device's whole op
+// lists (run_on_leader). Without one, the op lists of two devices run on whichever libuv
+// threads are free, and Linux often wakes one of them on the core the other device is
+// computing on, where the two share that core for many milliseconds while the other core
+// idles (a task that just woke counts as cache-hot and is not migrated); a thread of its own
+// per device wakes where it last ran. Given cores (one per thread), the leader and the workers
+// are also pinned to them.
 #pragma once
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -14,12 +23,19 @@ namespace mlora {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int threads);
+  // leader: run op lists on a thread of the pool's own; cores: empty (not pinned), or one CPU id
+  // per thread.
+  explicit ThreadPool(int threads, bool leader = false, std::vector<int> cores = {});
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int size() const { return nthreads_; }
+  const std::vector<int>& cores() const { return cores_; }
+
+  // Runs fn on the leader thread and waits for it (inline on the caller when the pool has no
+  // leader). Concurrent callers take turns.
+  void run_on_leader(const std::function<void()>& fn);
 
   // Runs fn(tid) once on each of the pool's threads (tid in [0, size())).
   void run_on_all(const std::function<void(int)>& fn);
@@ -34,8 +50,16 @@ class ThreadPool {
 
  private:
   void worker_loop(int tid);
+  void leader_loop();
 
   int nthreads_;
+  std::vector<int> cores_;
+  std::thread leader_;
+  std::mutex leader_call_mu_, leader_mu_;
+  std::condition_variable leader_cv_, leader_done_cv_;
+  const std::function<void()>* leader_job_ = nullptr;
+  std::exception_ptr leader_error_;
+  bool leader_stop_ = false;
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable cv_;
