@@ -8,17 +8,9 @@ import type { Device, Tensor } from '../tensor.js';
 import { LORA_TARGETS, projectionShape, type LlamaConfig, type LoraTarget } from '../model/config.js';
 import { isAttentionTarget, layerPart, type StagePlan } from '../model/batch.js';
 import { Rng } from '../rng.js';
+import type { LoraSpec } from './spec.js';
 
-/** What the stage needs to know about an adapter (the rest lives with the supervisor). */
-export interface LoraSpec {
-  r: number;
-  alpha: number;
-  dropout: number;
-  targets: LoraTarget[];
-  useRslora: boolean;
-  /** Seeds init and dropout masks. */
-  seed: number;
-}
+export type { LoraSpec } from './spec.js';
 
 export function loraScale(spec: Pick<LoraSpec, 'r' | 'alpha' | 'useRslora'>): number {
   return spec.useRslora ? spec.alpha / Math.sqrt(spec.r) : spec.alpha / spec.r;

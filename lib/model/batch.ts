@@ -1,7 +1,7 @@
 // What one call of the stage program works on: which layers the stage holds, and the
 // micro-batch of BatchLoRA segments whose rows it runs.
 import type { Tensor } from '../tensor.js';
-import type { LoraSpec } from '../lora/adapter.js';
+import type { LoraSpec } from '../lora/spec.js';
 import type { LoraTarget } from './config.js';
 
 export interface StagePlan {

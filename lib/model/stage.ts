@@ -14,6 +14,15 @@
 //     dL/d(input), which the caller hands on to the previous stage.
 //   trainLast(mb, input, gradIn): the last stage's forward, loss, and backward in one run.
 // Every op of a call goes to the native core in ONE device.run(), off the JS thread.
+//
+// One file (over 500 lines) because it is one class: every call below allocates the stage's
+// memory for one micro-batch (its saved activation block, the recompute work block, scratch and
+// views) and must give all of it back on every exit, an error included; the allocation and the
+// release read side by side with the calls that need them. What is not the program itself lives
+// in files of its own: a layer's forward and backward ops in layer.ts, the final norm, LM head
+// and loss in head.ts, the activation layout and every byte estimate in activations.ts, the
+// micro-batch and plan types with the half-layer checks in batch.ts, an adapter's stage slice
+// in ../lora/state.ts.
 import type { Device, Tensor } from '../tensor.js';
 import type { Op } from '../native.js';
 import type { LlamaConfig } from './config.js';

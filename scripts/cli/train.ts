@@ -1,25 +1,16 @@
 // mlora train [CONFIG] [--devices cpu:0,cpu:1|cuda:0,cuda:1|auto] [--output DIR] [--resume|--overwrite] [--dry-run] [--fault SPEC]...
 // With no CONFIG: the embedded demo (four adapters fine-tuning the shipped stories260K on the
-// story datasets in data/demo/stories/).
+// story datasets in data/demo/stories/; train-demo.ts).
+// This file: the options, the config with the command line's overrides, and the run itself
+// (output folder, scheduler, signals, memory samples, metrics, report). Reading a config file
+// is train-config.ts, --dry-run's plan train-plan.ts, the end-of-run summary train-summary.ts.
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import YAML from 'yaml';
-import { parseTrainConfig, type TrainConfig } from '../../lib/config.js';
-import { openModelDir } from '../../lib/io/hf-model.js';
-import { resolveClusterLayout, resolveLayout } from '../../actors/scheduler/layout.js';
+import { parseTrainConfig } from '../../lib/config.js';
 import { JobScheduler } from '../../actors/scheduler/scheduler.js';
-import type { Job } from '../../actors/scheduler/job.js';
 import type { ClusterOptions } from '../../actors/transport/remote.js';
-import { describeSplit, type SplitProfile } from '../../lib/schedule/split.js';
-import { adaptersPerMessage } from '../../lib/schedule/packing.js';
-import { formatBytes } from '../../lib/tensor.js';
-import { activationBytes, scratchBytes, workBytes } from '../../lib/model/stage.js';
-import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weights.js';
-import { StageAdapter } from '../../lib/lora/adapter.js';
-import { loraSpec } from '../../actors/scheduler/prepare.js';
+import { describeSplit } from '../../lib/schedule/split.js';
 import { parseFault } from '../../lib/faults.js';
-import { LORA_TARGETS } from '../../lib/model/config.js';
 import { parseCommandArgs, usageError, type Command } from './args.js';
 import { Progress } from './progress.js';
 import { renderGrid, utilisation } from '../../lib/schedule/grid.js';
@@ -36,8 +27,10 @@ import {
 } from '../../lib/io/output.js';
 import { hashConfig } from '../../lib/io/checkpoint.js';
 import { machineInfo, mloraVersion } from '../../lib/machine.js';
-
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+import { DEMO_MODEL, demoConfig } from './train-demo.js';
+import { checkPaths, readConfigFile, splitProfile } from './train-config.js';
+import { plan } from './train-plan.js';
+import { earlierEvents, summaryTable } from './train-summary.js';
 
 const USAGE = `usage: mlora train [CONFIG] [options]
 
@@ -61,284 +54,6 @@ options:
                      server: nats://user:password@host:4222; devices then are HOST/cpu:N or 'cluster'
   --tls-ca FILE      (with --cluster) CA of the server's certificate; --tls-cert/--tls-key FILE for mutual TLS
   --nkey FILE        (with --cluster) authenticate with this nkey seed file`;
-
-/** The base model of the demo: stories260K, shipped in data/models/ (a real pretrained LLaMA). */
-export const DEMO_MODEL = path.join(root, 'data/models/stories260K');
-
-/**
- * The embedded demo: four adapters on stories260K, each teaching it something a greedy
- * sample shows (a new character, a setting, a style, a format), with different LoRA settings;
- * held-out loss on each adapter's eval split and a greedy sample, before and after training.
- * `fast`: a few steps of small batches and short samples (tests).
- */
-export function demoConfig(modelDir: string, output: string, fast: boolean): unknown {
-  const data = (n: string) => path.join(root, 'data/demo/stories', `${n}.jsonl`);
-  const steps = fast ? 8 : 60;
-  const common = {
-    seq_len: 256,
-    batch_size: fast ? 4 : 8,
-    epochs: fast ? 1 : 3,
-    max_steps: steps,
-    save_every: fast ? 4 : 20,
-    schedule: { type: 'cosine', warmup_steps: fast ? 0 : 4 },
-  };
-  // held-out loss before the first step, every 20 steps and after the last; a greedy sample
-  // from the prompt before training and after it shows what the adapter taught
-  const adapter = (name: string, seed: number, prompt: string, rest: Record<string, unknown>) => ({
-    name,
-    data: data(name),
-    eval: { data: data(`${name}.eval`), every: fast ? steps : 20, prompts: [prompt], max_new_tokens: fast ? 24 : 48 },
-    ...common,
-    seed,
-    ...rest,
-  });
-  // alpha = 2r: every adapter's update has the same scale, whatever its rank
-  const lora = (r: number, targets: readonly string[]) => ({ r, alpha: 2 * r, dropout: 0, targets });
-  return {
-    model: modelDir,
-    output,
-    adapters: [
-      adapter('robot', 1, 'Once upon a time,', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 3e-3 } }),
-      adapter('sea', 2, 'Once upon a time,', {
-        lora: lora(4, ['q_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj']),
-        optimizer: { lr: 5e-3 },
-      }),
-      adapter('rhyme', 3, 'Once upon a time,', {
-        lora: lora(16, LORA_TARGETS),
-        optimizer: { lr: 4e-3, weight_decay: 0.01 },
-        micro_batch_size: fast ? 2 : 4,
-      }),
-      adapter('dialogue', 4, 'Mom:', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
-    ],
-    pipeline: {},
-    log: { every: fast ? 1 : 5, progress: 'auto' },
-  };
-}
-
-/** Reads a config file and resolves its relative paths against the file's folder. */
-export function readConfigFile(file: string): unknown {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (e) {
-    throw new Error(
-      `${file}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : (e as Error).message}`,
-    );
-  }
-  let raw: unknown;
-  try {
-    raw = /\.ya?ml$/i.test(file) ? YAML.parse(text) : JSON.parse(text);
-  } catch (e) {
-    throw new Error(`${file}: not valid ${/\.ya?ml$/i.test(file) ? 'YAML' : 'JSON'}: ${(e as Error).message}`);
-  }
-  if (!raw || typeof raw !== 'object' || Array.isArray(raw))
-    throw new Error(`${file}: the config must be an object with model, adapters, ...`);
-  const base = path.dirname(path.resolve(file));
-  const abs = (p: unknown) => (typeof p === 'string' && !path.isAbsolute(p) ? path.resolve(base, p) : p);
-  const c = raw as Record<string, unknown>;
-  c.model = abs(c.model);
-  if (c.output !== undefined) c.output = abs(c.output);
-  if (Array.isArray(c.adapters)) {
-    for (const a of c.adapters as Array<Record<string, unknown>>) {
-      if (!a || typeof a !== 'object') continue;
-      a.data = abs(a.data);
-      if (a.template && typeof a.template === 'string' && /[/\\.]/.test(a.template)) a.template = abs(a.template);
-      if (a.eval && typeof a.eval === 'object')
-        (a.eval as Record<string, unknown>).data = abs((a.eval as Record<string, unknown>).data);
-      if (a.lora && typeof a.lora === 'object' && (a.lora as Record<string, unknown>).init)
-        (a.lora as Record<string, unknown>).init = abs((a.lora as Record<string, unknown>).init);
-    }
-  }
-  return c;
-}
-
-/**
- * The paths a config names exist (model dir with config.json, each dataset, init adapter,
- * template file): checked before anything loads, each error naming the field.
- */
-export function checkPaths(cfg: TrainConfig, where: string): void {
-  const problems: string[] = [];
-  const st = (p: string) => fs.statSync(p, { throwIfNoEntry: false });
-  const m = st(cfg.model);
-  if (!m) problems.push(`model: ${cfg.model}: no such directory`);
-  else if (!m.isDirectory())
-    problems.push(
-      `model: ${cfg.model} is not a directory (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`,
-    );
-  else if (!st(path.join(cfg.model, 'config.json')))
-    problems.push(
-      `model: ${cfg.model} has no config.json (expected a Hugging Face model directory: config.json, model.safetensors, tokenizer.json)`,
-    );
-  cfg.adapters.forEach((a, i) => {
-    const file = (field: string, p: string) => {
-      const s = st(p);
-      if (!s) problems.push(`adapters[${i}].${field}: ${p}: no such file`);
-      else if (!s.isFile()) problems.push(`adapters[${i}].${field}: ${p} is not a file`);
-    };
-    file('data', a.data);
-    if (a.eval?.data) file('eval.data', a.eval.data);
-    if (a.template && /[/\\]/.test(a.template)) file('template', a.template);
-    if (a.lora.init) {
-      const s = st(a.lora.init);
-      if (!s || !s.isDirectory()) problems.push(`adapters[${i}].lora.init: ${a.lora.init}: no such adapter directory`);
-      else if (!st(path.join(a.lora.init, 'adapter_config.json')))
-        problems.push(
-          `adapters[${i}].lora.init: ${a.lora.init} has no adapter_config.json (expected a PEFT adapter directory)`,
-        );
-    }
-  });
-  if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
-}
-
-/** The cost model's view of the data: the longest sequences the adapters train on. */
-function splitProfile(cfg: TrainConfig): SplitProfile {
-  return { seqLen: Math.max(...cfg.adapters.map((a) => a.seq_len)) };
-}
-
-async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: ClusterOptions): Promise<void> {
-  const dir = openModelDir(cfg.model);
-  const c = dir.config;
-  const lo = {
-    devices: cfg.devices,
-    split: cfg.pipeline.split,
-    splitProfile: splitProfile(cfg),
-    ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}),
-    ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
-  };
-  let layout;
-  if (cluster) {
-    const placed = await resolveClusterLayout(c, { ...lo, cluster });
-    layout = placed.layout;
-    out(`cluster placement (registered devices: memory and threads as each host registered them):`);
-    for (const [s, d] of placed.cluster.placement.entries())
-      out(
-        `  stage ${s} -> ${d.id} (${d.kind}, ${formatBytes(d.memory)}, ${d.threads} thread${d.threads === 1 ? '' : 's'})`,
-      );
-    await placed.cluster.close();
-  } else layout = resolveLayout(c, lo);
-  out(
-    `model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`,
-  );
-  out(describeSplit(layout.plans, layout.devices));
-  const baseFormat = { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) };
-  const q = linearQuantization(dir, cfg.quantize);
-  const fmt0 = stageWeightBreakdown(dir, layout.plans[0]!, baseFormat);
-  out(
-    `base: compute ${cfg.compute_dtype}; decoder linears ${q ? `${q}${dir.quantization ? ' (as saved by bitsandbytes)' : ' (quantized at load)'}` : fmt0.linearFormat}; embeddings and LM head ${fmt0.floatFormat}, norms f32`,
-  );
-  const specs = cfg.adapters.map((a) => ({ a, spec: loraSpec(a), tokens: a.micro_batch_size * a.seq_len }));
-  const S = layout.plans.length;
-  const per = cfg.pipeline.batchlora
-    ? adaptersPerMessage(cfg.adapters.length, S, cfg.pipeline.adapters_per_micro_batch)
-    : 1;
-  const group = specs.slice(0, per);
-  const tokens = group.reduce((s, g) => s + g.tokens, 0);
-  out(
-    `\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`,
-  );
-  layout.plans.forEach((p, s) => {
-    const parts = stageWeightBreakdown(dir, p, baseFormat);
-    const base = parts.linears + parts.other;
-    const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi, p), 0);
-    const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
-    const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
-    const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
-    const scratch = scratchBytes(c, p, tokens) + workBytes(c, tokens, segs, cfg.pipeline.recompute);
-    const total = base + ad + act * inflight + scratch;
-    const budget = layout.budgets[s]!;
-    out(
-      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)} (linears ${formatBytes(parts.linears)} ${parts.linearFormat}, rest ${formatBytes(parts.other)}), adapters ${formatBytes(ad)}, ` +
-        `activations ${formatBytes(act)}${cfg.pipeline.recompute ? ' (layer inputs: recompute)' : ''} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
-        (budget ? `, headroom ${formatBytes(budget - total)}` : ''),
-    );
-  });
-  const order = [...cfg.adapters].map((a, i) => ({ a, i })).sort((x, y) => y.a.priority - x.a.priority || x.i - y.i);
-  out(
-    `\nadmission order: ${order.map(({ a }) => `${a.name}${a.priority ? ` (priority ${a.priority})` : ''}`).join(', ')}`,
-  );
-  const flopsPerToken =
-    c.numLayers *
-      2 *
-      2 *
-      (c.hiddenSize * c.numHeads * c.headDim * 2 +
-        2 * c.hiddenSize * c.numKvHeads * c.headDim +
-        3 * c.hiddenSize * c.intermediateSize) +
-    4 * c.hiddenSize * c.vocabSize;
-  const gflops = layout.threads.reduce((a, t) => a + t, 0) * 40; // a conservative 40 GFLOP/s per CPU thread
-  out(
-    `estimated throughput: ~${Math.round((gflops * 1e9) / flopsPerToken)} tokens/s (${(flopsPerToken / 1e6).toFixed(1)} MFLOP per token, ~${gflops} GFLOP/s assumed)`,
-  );
-}
-
-type Ev<T extends JobEvent['type']> = Extract<JobEvent, { type: T }>;
-
-/** The end-of-run table; `events` are this run's and, on a resume, the earlier runs' (the step-0 eval, the first samples). */
-function summaryTable(jobs: Job[], seconds: number, bubble: number | undefined, events: JobEvent[]): string {
-  const rows = [['adapter', 'state', 'steps', 'final loss', 'eval loss before -> after', 'eval ppl', 'tokens', 'time']];
-  for (const j of jobs) {
-    const t = j.finishedAt && j.startedAt ? (j.finishedAt - j.startedAt) / 1000 : 0;
-    const before =
-      j.baselineEval ?? events.find((e): e is Ev<'eval'> => e.type === 'eval' && e.adapter === j.name && e.step === 0);
-    const evalLoss = j.lastEval ? `${before ? `${before.loss.toFixed(4)} -> ` : ''}${j.lastEval.loss.toFixed(4)}` : '-';
-    rows.push([
-      j.name,
-      j.state,
-      `${j.step}/${j.totalSteps}`,
-      Number.isFinite(j.lastLoss) ? j.lastLoss.toFixed(4) : '-',
-      evalLoss,
-      j.lastEval ? j.lastEval.perplexity.toFixed(2) : '-',
-      String(j.tokens),
-      `${t.toFixed(1)}s`,
-    ]);
-  }
-  const w = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  const lines = rows.map((r) => r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join('  '));
-  lines.splice(1, 0, w.map((n) => '-'.repeat(n)).join('  '));
-  const tokens = jobs.reduce((s, j) => s + j.tokens, 0);
-  lines.push(
-    '',
-    `overall: ${tokens} tokens in ${seconds.toFixed(1)} s = ${Math.round(tokens / Math.max(1e-9, seconds))} tokens/s` +
-      (bubble !== undefined ? `; bubble ratio ${(100 * bubble).toFixed(1)}%` : ''),
-  );
-  const samples = events.filter((e): e is Ev<'sample'> => e.type === 'sample');
-  const one = (s: string) => JSON.stringify(s.length > 200 ? `${s.slice(0, 200)}…` : s);
-  for (const j of jobs) {
-    const mine = samples.filter((e) => e.adapter === j.name);
-    const prompts = [...new Set(mine.map((e) => e.prompt))];
-    if (!prompts.length) continue;
-    lines.push('', `[${j.name}] greedy samples`);
-    for (const p of prompts) {
-      lines.push(`  prompt ${one(p)}`);
-      for (const when of ['before', 'after'] as const) {
-        const e = mine.filter((x) => x.prompt === p && x.when === when).at(-1);
-        if (e) lines.push(`    ${when.padEnd(6)} (step ${e.step}): ${one(e.text)}`);
-      }
-    }
-  }
-  return lines.join('\n');
-}
-
-/** Metrics records already in an output (a resumed run's earlier runs), as events; none when there is no file. */
-function earlierEvents(file: string): JobEvent[] {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch {
-    return [];
-  }
-  const out: JobEvent[] = [];
-  for (const line of text.split('\n')) {
-    if (!line.trim()) continue;
-    try {
-      const r = JSON.parse(line) as JobEvent & { time: string | number };
-      if (typeof r.time === 'string') r.time = Date.parse(r.time);
-      out.push(r as JobEvent);
-    } catch {
-      // a line cut short by a crash: the rest is still read
-    }
-  }
-  return out;
-}
 
 const CMD: Command = { name: 'train', usage: USAGE };
 

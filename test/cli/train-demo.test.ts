@@ -223,7 +223,8 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
 t.test(
   'the full demo config (not run by the tests: minutes) is valid: every path exists, every adapter has held-out data',
   async (t) => {
-    const { demoConfig, checkPaths, DEMO_MODEL } = await import('../../scripts/cli/train.js');
+    const { demoConfig, DEMO_MODEL } = await import('../../scripts/cli/train-demo.js');
+    const { checkPaths } = await import('../../scripts/cli/train-config.js');
     const { parseTrainConfig } = await import('../../lib/config.js');
     for (const fast of [false, true]) {
       const cfg = parseTrainConfig(demoConfig(DEMO_MODEL, '/nonexistent/out', fast), 'demo config');

@@ -12,7 +12,7 @@ import { openSafetensors } from '../../lib/io/safetensors.js';
 import { loadAdapter } from '../../lib/io/peft.js';
 import { parseTrainConfig } from '../../lib/config.js';
 import { parseDataset } from '../../lib/data/dataset.js';
-import { readConfigFile } from '../../scripts/cli/train.js';
+import { readConfigFile } from '../../scripts/cli/train-config.js';
 import { tmpDir } from '../support/files.js';
 
 const fixtures = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/llama-tiny');
