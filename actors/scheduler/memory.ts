@@ -1,10 +1,12 @@
 // The scheduler's memory ledger, per stage (bytes). `restFree` is what is free when no
 // micro-batch is in flight: the budget less the base weights, the scratch and the adapters on
 // the stage. It is measured at rest and kept exact between measurements by adding and taking
-// each adapter's bytes as it leaves or joins. In-flight micro-batches hold `reserved` (what they
-// keep between their calls on a stage) plus the largest of their `transient` bytes (what a call
-// holds while it runs: a stage runs one call at a time); `promised` is held back for the waiting
-// job that placement serves next, so micro-batches cannot take it.
+// each adapter's bytes as it leaves or joins: taken before the stages allocate them, given back
+// after the stages have freed them, so admission never spends bytes a stage holds. In-flight
+// micro-batches hold `reserved` (what they keep between their calls on a stage) plus the largest
+// of their `transient` bytes (what a call holds while it runs: a stage runs one call at a time);
+// `promised` is held back for the waiting job that placement serves next, so micro-batches
+// cannot take it.
 //
 // The ledger only counts: placement (placement.ts) and admission (admission.ts) decide with it,
 // and the pipeline's memory() and *Bytes() estimates feed it.
@@ -80,7 +82,10 @@ export class MemoryLedger {
     return this.resident.get(job);
   }
 
-  /** A job's adapter joined every stage. */
+  /**
+   * A job's adapter is joining the stages: its bytes are taken before they are asked to allocate
+   * it (they do, ahead of the micro-batches queued there, while admission goes on).
+   */
   addResident(job: number, bytes: number[]): void {
     this.resident.set(job, bytes);
     bytes.forEach((b, s) => (this.restFree![s]! -= b));

@@ -113,8 +113,17 @@ export class Placement {
   /** Adds a waiting job's adapter to every stage (fresh, resumed from a checkpoint, or unparked). */
   private async putOnStages(job: Job, bytes: number[]): Promise<void> {
     const parked = job.parked;
-    await this.s.pipeline.addAdapter(job.id, job.spec, parked ? parked.state : job.prepared!.initial);
+    // Taken before the call: each stage allocates the adapter when the call reaches its control
+    // lane, ahead of any Forward queued there, while the scheduler goes on admitting during the
+    // round trip; bytes still free in the ledger then (a parked job's, just given back) would be
+    // spent twice. They come back only if no stage kept the adapter.
     this.s.ledger.addResident(job.id, bytes);
+    try {
+      await this.s.pipeline.addAdapter(job.id, job.spec, parked ? parked.state : job.prepared!.initial);
+    } catch (e) {
+      this.s.ledger.giveBack(this.s.ledger.dropResident(job.id)!);
+      throw e;
+    }
     if (parked) {
       job.restoreSource(parked.source);
       job.parked = undefined;

@@ -214,6 +214,26 @@ t.test(
   },
 );
 
+t.test("an adapter's bytes are taken before the stages allocate it, not after they answer", async (t) => {
+  // room for two adapters and one micro-batch. high parks low2 and goes on in its place: the
+  // stages allocate high while the add is on its way back, and low1 runs on meanwhile, so the
+  // bytes low2 gave back must already count as high's (else low1 puts a second micro-batch in)
+  let high: ReturnType<Supervisor['submit']> | undefined;
+  const { pipe, sup, log } = setup(
+    { budgets: [2 * ADAPTER + MB], addTurns: 3 },
+    { inflightPerAdapter: 2 },
+    (ev, sup) => {
+      if (ev.type === 'step' && ev.adapter === 'low1' && ev.step === 1 && !high)
+        high = sup.submit(job('high', { priority: 5, max_steps: 2 }));
+    },
+  );
+  const [low1, low2] = await runToEnd(sup, [job('low1', { max_steps: 4 }), job('low2', { max_steps: 4 })]);
+  t.ok(high, 'high was submitted');
+  assertAllDone(t, [low1!, low2!, high!]);
+  t.ok(states(log, 'low2').includes('parked'), 'low2 was parked for high');
+  t.same(pipe.overruns, [], 'no stage went over its budget');
+});
+
 t.test('the pipeline fails for good while a job is parked: its parked state is its checkpoint', async (t) => {
   let high: ReturnType<Supervisor['submit']> | undefined;
   let highTrained = 0;

@@ -32,6 +32,12 @@ export interface FakePipelineOptions {
   /** Bytes per token a stage holds only while it runs the micro-batch (one call at a time); default 0. */
   transientPerToken?: number;
   maxTokens?: number;
+  /**
+   * Turns of the event loop addAdapter() takes to answer after the stages took the adapter's
+   * bytes (a real one is a round trip to every stage, which allocate it ahead of the Forwards
+   * queued there, while the scheduler goes on); default 0.
+   */
+  addTurns?: number;
   /** A micro-batch for which this is true fails the pipeline for good (a StageFailure of stage 0). */
   failsFor?: (mb: MicroBatchData) => boolean;
 }
@@ -95,6 +101,7 @@ export class FakePipeline implements Pipeline {
     this.resident.set(id, { spec, state: cloneState(state) });
     this.take(this.adapterBytes(spec), `adapter ${id}`);
     this.events.push({ op: 'add', adapter: id, version: state.version });
+    for (let i = 0; i < (this.o.addTurns ?? 0); i++) await turn();
   }
   async removeAdapter(id: number): Promise<void> {
     const a = this.get(id);
