@@ -1,9 +1,24 @@
 // What the scenarios of `mlora bench` share: the options the command line parses into, the bench
-// model's shape the kernel scenarios time, and the timing and random-tensor helpers. Apart from
-// bench.ts so that each scenario file imports these without importing the dispatcher.
+// model's shape the kernel scenarios time, the timing and random-tensor helpers, and what the
+// training scenarios (batchlora, pipeline, head, recompute, precision, gpu) build on: the bench
+// LoRA, the model cache, the FLOP count, the GEMM ceiling, synthetic micro-batches, mLoRA's
+// grouping of adapters into messages. Apart from bench.ts so that each scenario file imports
+// these without importing the dispatcher.
+import path from 'node:path';
+import os from 'node:os';
 import type { Tensor } from '../../lib/native.js';
-import type { Device } from '../../lib/tensor.js';
-import type { Rng } from '../../lib/rng.js';
+import type { LlamaConfig } from '../../lib/model/config.js';
+import { LORA_TARGETS, projectionShape } from '../../lib/model/config.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { openDevice, type Device } from '../../lib/tensor.js';
+import { loadStageWeights } from '../../lib/model/weights.js';
+import type { LoraSpec } from '../../lib/lora/adapter.js';
+import type { StepParams } from '../../lib/lora/state.js';
+import { assemble } from '../../actors/scheduler/assemble.js';
+import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
+import type { Pipeline } from '../../actors/pipeline.js';
+import { Rng } from '../../lib/rng.js';
+import { ensureModel } from './make-model.js';
 
 export interface BenchOptions {
   threads: number;
@@ -62,4 +77,168 @@ export function randomTensor(d: Device, rng: Rng, dtype: 'f32' | 'bf16', shape: 
   const u = new Uint32Array(x.buffer);
   for (let i = 0; i < n; i++) bits[i] = (u[i]! + 0x7fff + ((u[i]! >>> 16) & 1)) >>> 16; // round to nearest even
   return d.fromArray('bf16', shape, bits);
+}
+
+/** The LoRA every training benchmark uses: rank r on all seven targets, alpha 2r, no dropout. */
+export function benchLoraSpec(r: number): LoraSpec {
+  return { r, alpha: 2 * r, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+}
+
+export interface TrainBenchRecord {
+  scenario: string;
+  mode: string;
+  adapters: number;
+  micro_batch: number;
+  seq_len: number;
+  stages: number;
+  threads: number;
+  tokens_per_s: number;
+  mfu: number;
+  gemm_ceiling_gflops: number;
+  step_ms: number;
+  busy?: number[];
+  bubble?: number;
+}
+
+export function cacheModels(): string {
+  return path.join(
+    process.env.MLORA_CACHE ?? path.join(process.env.XDG_CACHE_HOME ?? path.join(os.homedir(), '.cache'), 'mlora'),
+    'models',
+  );
+}
+
+/** Model FLOPs per trained token: frozen base forward + backward-dX, LoRA forward + backward, attention, head. */
+export function trainFlopsPerToken(c: LlamaConfig, spec: LoraSpec, seqLen: number): number {
+  const H = c.hiddenSize,
+    q = c.numHeads * c.headDim,
+    kv = c.numKvHeads * c.headDim,
+    I = c.intermediateSize;
+  const base = H * q + 2 * H * kv + q * H + 3 * H * I;
+  let lora = 0;
+  for (const t of spec.targets) {
+    const [o, i] = projectionShape(c, t);
+    lora += spec.r * (i + o);
+  }
+  const attnFwd = 2 * 2 * ((seqLen + 1) / 2) * q;
+  return c.numLayers * (4 * base + 6 * lora + 3.5 * attnFwd) + 4 * H * c.vocabSize;
+}
+
+/** The GEMM ceiling on a device: a large square sgemm with our kernel (GFLOP/s). */
+export async function gemmCeiling(threads: number, n = 1536): Promise<number> {
+  const d = openDevice('cpu:0', { threads, budget: 2 ** 30 });
+  const rng = new Rng(5);
+  const a = d.fromArray('f32', [n, n], rng.fillNormal(new Float32Array(n * n)));
+  const b = d.fromArray('f32', [n, n], rng.fillNormal(new Float32Array(n * n)));
+  const c = d.alloc('f32', [n, n]);
+  await d.run([{ op: 'gemm', c, a, b }]);
+  let best = Infinity;
+  for (let i = 0; i < 3; i++) {
+    const t = performance.now();
+    await d.run([{ op: 'gemm', c, a, b }]);
+    best = Math.min(best, performance.now() - t);
+  }
+  for (const x of [a, b, c]) x.free();
+  return (2 * n ** 3) / (best / 1000) / 1e9;
+}
+
+/** A micro-batch of `seqs` sequences of `seqLen` random tokens (ids ≥ 4), every token a target. */
+export function syntheticMicroBatch(rng: Rng, c: LlamaConfig, seqs: number, seqLen: number): SourceMicroBatch {
+  const N = seqs * seqLen;
+  const ids = new Int32Array(N);
+  for (let i = 0; i < N; i++) ids[i] = 4 + rng.int(c.vocabSize - 4);
+  const cu = new Int32Array(seqs + 1);
+  for (let s = 0; s <= seqs; s++) cu[s] = s * seqLen;
+  const positions = new Int32Array(N);
+  for (let i = 0; i < N; i++) positions[i] = i % seqLen;
+  const targets = seqs * (seqLen - 1);
+  return {
+    step: 0,
+    microIndex: 0,
+    microCount: 1,
+    inputIds: ids,
+    labels: ids,
+    cuSeqlens: cu,
+    positions,
+    numTokens: N,
+    numTargetTokens: targets,
+    stepTargetTokens: targets,
+    lastOfStep: true,
+  };
+}
+
+export const STEP: Omit<StepParams, 'step'> = {
+  lr: 1e-4,
+  beta1: 0.9,
+  beta2: 0.999,
+  eps: 1e-8,
+  weightDecay: 0,
+  gradScale: 1,
+};
+
+/**
+ * mLoRA scheduling, as the supervisor does it: each group of adapters is one BatchLoRA message,
+ * all groups in flight at once; each adapter steps as soon as its own micro-batch is back (no
+ * flush) while the other messages keep the stages busy. Returns the wall time (ms) of `steps`
+ * steps of every group; optimizer versions continue from `versions` (kept across calls).
+ */
+export async function trainInGroups(
+  p: Pipeline,
+  groups: number[][],
+  mbs: Map<number, SourceMicroBatch>,
+  steps: number,
+  versions = new Map<number, number>(),
+): Promise<number> {
+  let mbId = 1;
+  const t0 = performance.now();
+  await Promise.all(
+    groups.map(async (g) => {
+      for (let s = 0; s < steps; s++) {
+        await p.train(
+          assemble(
+            mbId++,
+            g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })),
+            g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0),
+          ),
+        );
+        await Promise.all(
+          g.map((id) => {
+            versions.set(id, (versions.get(id) ?? 0) + 1);
+            return p.step(id, { ...STEP, step: versions.get(id)! });
+          }),
+        );
+      }
+    }),
+  );
+  return performance.now() - t0;
+}
+
+/** The bench model as one stage on cpu:0, and the adapter (rank 16, all seven targets) the one-device scenarios train. */
+export async function oneStageBench(threads: number, log: (s: string) => void) {
+  const dir = openModelDir(await ensureModel(cacheModels(), 'bench', 0, log));
+  const c = dir.config;
+  const device = openDevice('cpu:0', { threads });
+  const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
+  const weights = await loadStageWeights(device, dir, plan);
+  const spec: LoraSpec = { r: 16, alpha: 32, dropout: 0, targets: [...LORA_TARGETS], useRslora: false, seed: 0 };
+  return { c, device, plan, weights, spec };
+}
+
+/**
+ * Best time (ms) of each of two variants over `steps` rounds after a warm-up round (buffers,
+ * caches), the order alternating each round so drifting machine load hits both alike.
+ */
+export async function bestOfAlternating<K extends string>(
+  names: readonly [K, K],
+  steps: number,
+  run: (name: K) => Promise<void>,
+): Promise<Record<K, number>> {
+  const ms = { [names[0]]: Infinity, [names[1]]: Infinity } as Record<K, number>;
+  for (let s = 0; s < steps + 1; s++) {
+    for (const name of s % 2 ? names : ([names[1], names[0]] as const)) {
+      const t = performance.now();
+      await run(name);
+      if (s > 0) ms[name] = Math.min(ms[name], performance.now() - t);
+    }
+  }
+  return ms;
 }

@@ -23,7 +23,7 @@ import { ActorPipeline } from '../../actors/runtime.js';
 import { utilisation } from '../../lib/schedule/grid.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
 import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
-import { benchLoraSpec, cacheModels, syntheticMicroBatch, trainFlopsPerToken, trainInGroups } from './bench-train.js';
+import { benchLoraSpec, cacheModels, syntheticMicroBatch, trainFlopsPerToken, trainInGroups } from './bench-common.js';
 import { makeModel } from './make-model.js';
 
 export interface GpuBenchOptions {

@@ -13,22 +13,17 @@
 //               [--micro-batch M --seq-len T] [--steps N] [--ceiling-n N] [--baseline PEFT.json] [--json]
 // --threads defaults to every core (os.availableParallelism()), as for `mlora train`.
 //
-// The scenarios live in files of their own: bench-kernels.ts (+ bench-layer.ts),
-// bench-gemm-dtypes.ts, bench-train.ts (precision, batchlora, head, recompute, pipeline) and
-// bench-gpu.ts; bench-common.ts holds what they share. This file is the table of scenarios,
-// the option parser and the usage.
+// The scenarios live in files of their own, bench-<scenario>.ts (kernels with bench-layer.ts);
+// bench-common.ts holds what they share. This file is the table of scenarios, the option
+// parser and the usage.
 import { availableParallelism } from 'node:os';
-import {
-  batchloraScenario,
-  headScenario,
-  pipelineScenario,
-  PRECISION_MODES,
-  precisionScenario,
-  recomputeScenario,
-  type TrainBenchRecord,
-} from './bench-train.js';
+import { batchloraScenario } from './bench-batchlora.js';
+import { headScenario } from './bench-head.js';
+import { pipelineScenario } from './bench-pipeline.js';
+import { PRECISION_MODES, precisionScenario } from './bench-precision.js';
+import { recomputeScenario } from './bench-recompute.js';
 import { gpuScenario, printGpuTable } from './bench-gpu.js';
-import type { BenchOptions } from './bench-common.js';
+import type { BenchOptions, TrainBenchRecord } from './bench-common.js';
 import { benchGemmDtypes } from './bench-gemm-dtypes.js';
 import { benchKernels } from './bench-kernels.js';
 

@@ -25,7 +25,7 @@ import { assemble } from '../../actors/scheduler/assemble.js';
 import type { Pipeline } from '../../actors/pipeline.js';
 import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
-import { STEP, syntheticMicroBatch } from '../../scripts/cli/bench-train.js';
+import { STEP, syntheticMicroBatch } from '../../scripts/cli/bench-common.js';
 import { assertClose } from '../support/helpers.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
 import { tinyModelWithLayers } from '../support/models.js';

@@ -1,0 +1,155 @@
+// `mlora bench --scenario pipeline`: 2 stage actors (1 thread each) vs 1 stage with 1 and 2
+// threads, K adapters scheduled as the supervisor does (trainInGroups); tokens/s, model FLOP
+// utilisation, each stage's busy fraction and the bubble ratio over the steady-state window of
+// the run's schedule (lib/schedule/grid.ts), and for one adapter the within-step pipelining of
+// several micro-batches per step.
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { freshState } from '../../lib/lora/state.js';
+import { ActorPipeline } from '../../actors/runtime.js';
+import { assemble } from '../../actors/scheduler/assemble.js';
+import type { SourceMicroBatch } from '../../actors/scheduler/job-types.js';
+import { Rng } from '../../lib/rng.js';
+import { ensureModel } from './make-model.js';
+import { steadyWindow, utilisation } from '../../lib/schedule/grid.js';
+import { adaptersPerMessage } from '../../lib/schedule/packing.js';
+import { balanceSplit } from '../../lib/schedule/split.js';
+import {
+  benchLoraSpec,
+  cacheModels,
+  gemmCeiling,
+  STEP,
+  syntheticMicroBatch,
+  trainFlopsPerToken,
+  trainInGroups,
+  type TrainBenchRecord,
+} from './bench-common.js';
+
+/** Micro-batches in one step of the single adapter in the A = 1 within-step pipelining run. */
+const GPIPE_MICRO = 4;
+
+export async function pipelineScenario(
+  o: { adapters: number[]; rank: number; micro: number; seqLen: number; steps: number },
+  log: (s: string) => void,
+): Promise<TrainBenchRecord[]> {
+  const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
+  const dir = openModelDir(modelDir);
+  const c = dir.config;
+  const ceiling1 = await gemmCeiling(1);
+  log(`GEMM ceiling (1 thread): ${ceiling1.toFixed(1)} GFLOP/s`);
+  const spec = benchLoraSpec(o.rank);
+  const flops = trainFlopsPerToken(c, spec, o.seqLen);
+  const out: TrainBenchRecord[] = [];
+  const layouts = [
+    { name: '1 stage × 1 thread', devices: ['cpu:0'], threads: [1] },
+    { name: '1 stage × 2 threads', devices: ['cpu:0'], threads: [2] },
+    { name: '2 stages × 1 thread', devices: ['cpu:0', 'cpu:1'], threads: [1, 1] },
+  ];
+  const maxK = Math.max(...o.adapters);
+  for (const L of layouts) {
+    // every row of the synthetic data but the last of each sequence has a target
+    const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
+    const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
+    const p = await ActorPipeline.start({
+      modelDir,
+      config: c,
+      plans,
+      devices: L.devices,
+      threads: L.threads,
+      budgets: L.devices.map(() => 8 * 2 ** 30),
+      maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen),
+      inflight: 2 * plans.length,
+    });
+    try {
+      for (let id = 1; id <= maxK; id++)
+        await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
+      const rng = new Rng(2);
+      const mbs = new Map<number, SourceMicroBatch>();
+      for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
+      for (const K of o.adapters) {
+        const ids = Array.from({ length: K }, (_, i) => i + 1);
+        // mLoRA scheduling, as the supervisor does it (lib/schedule/packing.ts): one device takes
+        // every adapter in one message; a pipeline spreads them over about 2 messages per stage,
+        // all in flight, each adapter stepping as soon as its own micro-batch is back (no flush)
+        // while the other messages keep the stages busy
+        const perMessage = adaptersPerMessage(K, plans.length);
+        const groups: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
+        ids.forEach((id, i) => groups[i % groups.length]!.push(id));
+        const versions = new Map<number, number>();
+        let gpipeSteps = 0;
+        const run = async (steps: number, gpipe: boolean) => {
+          if (!gpipe) return trainInGroups(p, groups, mbs, steps, versions);
+          // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
+          // scheduler does when the adapters are too few to fill the stages), then its step
+          let mbId = 1;
+          const t0 = performance.now();
+          const id = ids[0]!;
+          const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
+          for (let s = 0; s < steps; s++) {
+            await Promise.all(
+              Array.from({ length: GPIPE_MICRO }, () =>
+                p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens)),
+              ),
+            );
+            await p.step(id, { ...STEP, step: (versions.get(id) ?? 0) + ++gpipeSteps });
+          }
+          return performance.now() - t0;
+        };
+        /**
+         * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
+         * after them run in the same go, and only the window between (steadyWindow) counts.
+         */
+        const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number) => {
+          const from = p.schedule().at(-1)?.end ?? 0;
+          const ms = await run(o.steps + 2, gpipe);
+          const recs = p.schedule().filter((r) => r.start >= from);
+          const w = steadyWindow(recs, adapters, 1, o.steps);
+          if (!w) return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length) };
+          return {
+            tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
+            u: utilisation(recs, plans.length, w.from, w.to),
+          };
+        };
+        await run(1, false);
+        const { tps, u } = await measure(false, ids, K * o.micro * o.seqLen);
+        const threads = L.threads.reduce((a, b) => a + b, 0);
+        const rec: TrainBenchRecord = {
+          scenario: 'pipeline',
+          mode: L.name,
+          adapters: K,
+          micro_batch: o.micro,
+          seq_len: o.seqLen,
+          stages: plans.length,
+          threads,
+          tokens_per_s: Math.round(tps),
+          mfu: (tps * flops) / (ceiling1 * threads * 1e9),
+          gemm_ceiling_gflops: Math.round(ceiling1 * threads * 10) / 10,
+          step_ms: Math.round((K * o.micro * o.seqLen * 1000) / tps),
+          busy: u.busy.map((b) => Math.round(b * 1000) / 1000),
+          bubble: Math.round(u.bubble * 1000) / 1000,
+        };
+        out.push(rec);
+        log(
+          `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
+        );
+        if (K === 1 && plans.length > 1) {
+          const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
+          out.push({
+            ...rec,
+            mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`,
+            tokens_per_s: Math.round(tps2),
+            mfu: (tps2 * flops) / (ceiling1 * threads * 1e9),
+            step_ms: Math.round((GPIPE_MICRO * o.micro * o.seqLen * 1000) / tps2),
+            busy: u2.busy,
+            bubble: u2.bubble,
+          });
+          log(
+            `pipeline ${L.name.padEnd(20)} A=1, ${GPIPE_MICRO} micro-batches per step: ${Math.round(tps2)} tok/s, busy ${u2.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u2.bubble).toFixed(1)}%`,
+          );
+        }
+      }
+    } finally {
+      await p.close();
+    }
+  }
+  return out;
+}
