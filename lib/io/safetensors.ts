@@ -9,7 +9,8 @@
 // reads one tensor at a time on demand (`read`, `readF32`) or hands the absolute byte offset
 // to the native core (`toDevice` → device.loadFile), so a checkpoint never has to fit in JS
 // memory. A malformed file is an Error naming the file (and the tensor), never a crash or a
-// silent misread.
+// silent misread. Reader and writer stay in one file (a little over 500 lines): they share the
+// header's layout and its checks, and a writer apart from them could drift from what we read.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';

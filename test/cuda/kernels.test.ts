@@ -5,7 +5,8 @@
 // fallback GEMM. Where no GPU is present those tests are skipped with the reason printed (in a
 // device-check rehearsal a second CPU device stands in for the GPU: test/cuda/target.ts). And
 // always: every op the addon exports is covered here or named as CPU-only, so a new kernel
-// family cannot land without its CUDA-vs-CPU test.
+// family cannot land without its CUDA-vs-CPU test. That coverage check is why this is one file
+// though long: it compares the addon's op list with the cases written here.
 //
 // Tolerances (max |cuda - cpu| ≤ atol + rtol·|cpu|):
 //   f32 elementwise kernels            atol 1e-6, rtol 1e-5 (same formula, maybe fused FMAs)

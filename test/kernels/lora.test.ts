@@ -2,6 +2,8 @@
 // and position, each on its own row segment, in one call. Checked against a float64 reference
 // (with the dropout mask read back from the kernel and checked on its own), finite differences
 // of the kernel itself, a loop of single-segment calls, += semantics, and argument checks.
+// One file though long: every case drives the same segmented op through one inputs()/reference
+// pair, and split files would each need the float64 reference and its dropout read-back.
 import t, { type Test } from 'tap';
 import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
