@@ -6,11 +6,10 @@
 // backward schedules (many short sequences / few long ones), an extreme logit range, window 0
 // = no window bitwise, and the decode op against the full forward.
 import t from 'tap';
-import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import { readF32, type Device } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn } from '../support/helpers.js';
-import { assertBitwise, expectRefused } from './util.js';
+import { assertBitwise, CPU_KERNELS, expectRefused, withKernel } from './util.js';
 import {
   attentionInputs,
   GRAD_REL,
@@ -89,9 +88,6 @@ const run = (dev: Device, c: Case, x: Inputs, window: number | undefined, rng: R
  */
 const gradTol = (want: Float64Array, rel: number) => scaled(want, rel, 1e-3, 2e-6);
 
-const cpu = native().info().cpu;
-const kernels = ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])];
-
 const cases: Array<[string, Case]> = [
   ['window 8 < tile, one sequence of 150, GQA 2', { cu: [0, 150], hq: 4, hkv: 2, d: 16, window: 8 }],
   ['window 64 = tile, sequences 0..200 long', { cu: [0, 1, 65, 65, 265, 330], hq: 2, hkv: 1, d: 32, window: 64 }],
@@ -106,22 +102,17 @@ for (const [name, c] of cases) {
     const ref = reference(c, x);
     // 1 thread: one item per (sequence, kv head); 8 threads and few long sequences: the two-pass
     // schedule. Every instruction-set path this CPU has (MLORA_GEMM_KERNEL, read at each call).
-    for (const kernel of kernels) {
+    for (const kernel of CPU_KERNELS) {
       let first: Awaited<ReturnType<typeof run>> | undefined;
-      process.env.MLORA_GEMM_KERNEL = kernel;
-      try {
-        for (const threads of [1, 8]) {
-          const got = await run(cpuDevice(threads), c, x, c.window, new Rng(22, threads));
-          const at = `(${kernel}, ${threads} threads)`;
-          assertClose(t, got.out, ref.out, TOL_OUT, `out ${at}`);
-          assertClose(t, got.lse, ref.lse, TOL_LSE, `lse ${at}`);
-          for (const g of ['dq', 'dk', 'dv'] as const)
-            assertClose(t, got[g], ref[g], gradTol(ref[g], GRAD_REL), `${g} ${at}`);
-          if (!first) first = got;
-          else for (const key of OUTPUTS) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
-        }
-      } finally {
-        delete process.env.MLORA_GEMM_KERNEL;
+      for (const threads of [1, 8]) {
+        const got = await withKernel(kernel, () => run(cpuDevice(threads), c, x, c.window, new Rng(22, threads)));
+        const at = `(${kernel}, ${threads} threads)`;
+        assertClose(t, got.out, ref.out, TOL_OUT, `out ${at}`);
+        assertClose(t, got.lse, ref.lse, TOL_LSE, `lse ${at}`);
+        for (const g of ['dq', 'dk', 'dv'] as const)
+          assertClose(t, got[g], ref[g], gradTol(ref[g], GRAD_REL), `${g} ${at}`);
+        if (!first) first = got;
+        else for (const key of OUTPUTS) assertBitwise(t, got[key], first[key], `${key}: 8 threads == 1 thread ${at}`);
       }
     }
   });

@@ -4,8 +4,8 @@
 // sequence isolation and bad arguments.
 import t from 'tap';
 import { Rng } from '../../lib/rng.js';
-import { native } from '../../lib/native.js';
 import { assertClose, cpuDevice } from '../support/helpers.js';
+import { CPU_KERNELS, KERNEL_PATHS, skipUnless, withKernel } from './util.js';
 import {
   attentionInputs,
   GRAD_REL,
@@ -160,28 +160,14 @@ for (const [name, s] of shapes) {
 // divides d, unless MLORA_GEMM_KERNEL, read at each call, asks for a narrower one). Every path
 // this CPU has runs on shapes that exercise its micro-tile edges: partial tiles, rows not a
 // multiple of the micro-tile height, head dims of one and several micro-tile widths.
-const paths: Array<[string, boolean]> = [
-  ['scalar', true],
-  ['avx2', native().info().cpu.avx2],
-  ['avx512', native().info().cpu.avx512f],
-];
-/** Runs fn with MLORA_GEMM_KERNEL set (the attention kernel reads it at each call). */
-async function withKernel<T>(kernel: string, fn: () => Promise<T>): Promise<T> {
-  process.env.MLORA_GEMM_KERNEL = kernel;
-  try {
-    return await fn();
-  } finally {
-    delete process.env.MLORA_GEMM_KERNEL;
-  }
-}
 const pathShapes: Array<[string, AttentionCase]> = [
   ['lengths 1, 69, 30, 129 (tile edges), GQA 2, d 48', { cu: [0, 1, 70, 100, 229], hq: 4, hkv: 2, d: 48 }],
   ['one sequence of 200, GQA 4, d 128', { cu: [0, 200], hq: 4, hkv: 1, d: 128 }],
 ];
-for (const [kernel, have] of paths) {
+for (const [kernel, have] of KERNEL_PATHS) {
   t.test(
     `MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`,
-    { skip: have ? false : `this CPU has no ${kernel}` },
+    skipUnless(kernel, have),
     async (t) => {
       for (const [name, s] of pathShapes) {
         const x = attentionInputs(s, new Rng(18, 'attn-path', name));
@@ -249,8 +235,7 @@ t.test('extreme range: q and k scaled by 30 (logits in the hundreds) stay finite
   let maxLse = 0;
   for (const l of ref.lse) maxLse = Math.max(maxLse, Math.abs(l));
   t.ok(maxLse > 200, `the case really is extreme: max |lse| ${maxLse.toFixed(0)}`);
-  for (const [kernel, have] of paths) {
-    if (!have) continue;
+  for (const kernel of CPU_KERNELS) {
     for (const threads of [1, 2]) {
       const got = await withKernel(kernel, () => runAttention(cpuDevice(threads), s, x, new Rng(15)));
       const at = `(${kernel}, ${threads} thread(s))`;

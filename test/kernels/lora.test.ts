@@ -5,11 +5,10 @@
 // One file though long: every case drives the same segmented op through one inputs()/reference
 // pair, and split files would each need the float64 reference and its dropout read-back.
 import t, { type Test } from 'tap';
-import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import type { Device, Tensor } from '../../lib/tensor.js';
 import { assertClose, cpuDevice, randn, type Tolerance } from '../support/helpers.js';
-import { assertBitwise, dot, expectRefused, f32, read } from './util.js';
+import { assertBitwise, dot, expectRefused, f32, KERNEL_PATHS, read, skipUnless, withKernel } from './util.js';
 
 const d = cpuDevice(2);
 
@@ -276,15 +275,10 @@ for (const dropout of [false, true]) {
 // and out, unless MLORA_GEMM_KERNEL asks for a narrower one; read at each call). Every path this
 // CPU has, on widths that all paths accept, ranks below, at and above one vector (padded xa
 // rows), segments longer than one row block, dropout on; 1 and 2 threads bitwise equal.
-const cpuInfo = native().info().cpu;
-for (const [kernel, have] of [
-  ['scalar', true],
-  ['avx2', cpuInfo.avx2],
-  ['avx512', cpuInfo.avx512f],
-] as const) {
+for (const [kernel, have] of KERNEL_PATHS) {
   t.test(
     `MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`,
-    { skip: have ? false : `this CPU has no ${kernel}` },
+    skipUnless(kernel, have),
     async (t) => {
       const inDim = 48,
         outDim = 32,
@@ -304,8 +298,7 @@ for (const [kernel, have] of [
       // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
       const tol = { atol: 5e-5, rtol: 5e-5 };
       const results: Float32Array[][] = [];
-      process.env.MLORA_GEMM_KERNEL = kernel;
-      try {
+      await withKernel(kernel, async () => {
         for (const threads of [1, 2]) {
           const dev = cpuDevice(threads);
           const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
@@ -326,9 +319,7 @@ for (const [kernel, have] of [
           assertAdapterGrads(t, bound, ref, p, tol, at);
           results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
         }
-      } finally {
-        delete process.env.MLORA_GEMM_KERNEL;
-      }
+      });
       results[1]!.forEach((arr, i) =>
         assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`),
       );
@@ -340,14 +331,10 @@ for (const [kernel, have] of [
 // call (the CPU adds LoRA's expand to each finished tile of the base GEMM). Against the float64
 // reference of base + LoRA, for every path, = and += (accumulate), dropout on; 1 and 2 threads
 // bitwise equal.
-for (const [kernel, have] of [
-  ['scalar', true],
-  ['avx2', cpuInfo.avx2],
-  ['avx512', cpuInfo.avx512f],
-] as const) {
+for (const [kernel, have] of KERNEL_PATHS) {
   t.test(
     `fused projection (linear + LoRA), MLORA_GEMM_KERNEL=${kernel}: vs float64`,
-    { skip: have ? false : `this CPU has no ${kernel}` },
+    skipUnless(kernel, have),
     async (t) => {
       const inDim = 80,
         outDim = 48,
@@ -383,8 +370,7 @@ for (const [kernel, have] of [
         // Base sums of 80 (forward) or 48 (backward) products plus the LoRA terms: ≲ 1e-5.
         const tol = { atol: 5e-5, rtol: 5e-5 };
         const results: Float32Array[][] = [];
-        process.env.MLORA_GEMM_KERNEL = kernel;
-        try {
+        await withKernel(kernel, async () => {
           for (const threads of [1, 2]) {
             const dev = cpuDevice(threads);
             const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
@@ -422,9 +408,7 @@ for (const [kernel, have] of [
           ]);
           assertBitwise(t, read(yt), results[0]![0]!, 'y: fused == linear_forward + lora_forward, bitwise');
           assertBitwise(t, read(dxt), results[0]![1]!, 'dx: fused == linear_backward + lora_backward, bitwise');
-        } finally {
-          delete process.env.MLORA_GEMM_KERNEL;
-        }
+        });
         results[1]!.forEach((arr, i) =>
           assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`),
         );

@@ -1,16 +1,11 @@
 // SwiGLU: h = silu(gate)·up; backward dgate, dup (=). Float64 reference, finite differences on
 // the reference, extreme gates (where σ saturates and exp overflows), in-place variants.
 import t from 'tap';
-import { native } from '../../lib/native.js';
 import { Rng } from '../../lib/rng.js';
 import { assertClose, cpuDevice, randn } from '../support/helpers.js';
-import { assertBitwise, dot, expectRefused, f32, finiteDiff, read } from './util.js';
+import { assertBitwise, dot, eachSimdKernel, expectRefused, f32, finiteDiff, read } from './util.js';
 
 const d = cpuDevice(2);
-// The loops are compiled for AVX-512, AVX2 and baseline and picked per call (MLORA_GEMM_KERNEL
-// forces one): every path this CPU has is checked.
-const cpu = native().info().cpu;
-const kernels = ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])];
 
 const sig = (g: number) => 1 / (1 + Math.exp(-g));
 const fwdRef = (g: ArrayLike<number>, u: ArrayLike<number>) => Float64Array.from(g, (gi, i) => gi * sig(gi) * u[i]!);
@@ -44,48 +39,42 @@ async function swiglu(g: Float32Array, u: Float32Array, dh: Float32Array) {
 // dgate's zero crossing near g ≈ -1.28 where 1 + g(1-σ) cancels.
 const TOL = { atol: 2e-6, rtol: 1e-5 };
 
-for (const kernel of kernels) {
-  t.test(`forward and backward vs float64 (MLORA_GEMM_KERNEL=${kernel})`, async (t) => {
-    process.env.MLORA_GEMM_KERNEL = kernel;
-    t.teardown(() => void delete process.env.MLORA_GEMM_KERNEL);
-    const rng = new Rng(20, 'swiglu');
-    const n = 40000; // spans several pool chunks
-    const g = randn(rng, n, 3),
-      u = randn(rng, n, 2),
-      dh = randn(rng, n);
-    const got = await swiglu(g, u, dh);
-    assertClose(t, got.h, fwdRef(g, u), TOL, 'h');
-    const ref = bwdRef(dh, g, u);
-    assertClose(t, got.dgate, ref.dgate, TOL, 'dgate');
-    assertClose(t, got.dup, ref.dup, TOL, 'dup');
-  });
-}
+// The loops are compiled for AVX-512, AVX2 and baseline and picked per call (MLORA_GEMM_KERNEL
+// forces one): every path this CPU has is checked.
+eachSimdKernel('forward and backward vs float64', async (t) => {
+  const rng = new Rng(20, 'swiglu');
+  const n = 40000; // spans several pool chunks
+  const g = randn(rng, n, 3),
+    u = randn(rng, n, 2),
+    dh = randn(rng, n);
+  const got = await swiglu(g, u, dh);
+  assertClose(t, got.h, fwdRef(g, u), TOL, 'h');
+  const ref = bwdRef(dh, g, u);
+  assertClose(t, got.dgate, ref.dgate, TOL, 'dgate');
+  assertClose(t, got.dup, ref.dup, TOL, 'dup');
+});
 
-for (const kernel of kernels) {
-  t.test(`extreme gates: saturated sigmoid, overflowing exp (MLORA_GEMM_KERNEL=${kernel})`, async (t) => {
-    process.env.MLORA_GEMM_KERNEL = kernel;
-    t.teardown(() => void delete process.env.MLORA_GEMM_KERNEL);
-    const rng = new Rng(26, 'swiglu-extreme-gates');
-    const g = Float32Array.from([
-      -1e37, -1e4, -200, -88.8, -87.5, -30, -1e-30, 0.5, 1e-30, 30, 87.5, 88.8, 200, 1e4, 1e37,
-    ]);
-    const u = randn(rng, g.length),
-      dh = randn(rng, g.length);
-    const out = await swiglu(g, u, dh);
-    const ref = bwdRef(dh, g, u);
-    // |u|, |dh| ~ 1: where σ underflows (g < -87) the exact values are < 1e-36, so atol 1e-30 is
-    // meaningful; elsewhere relative error of a few float roundings.
-    const tol = { atol: 1e-30, rtol: 1e-5 };
-    for (const [name, got, want] of [
-      ['h', out.h, fwdRef(g, u)],
-      ['dgate', out.dgate, ref.dgate],
-      ['dup', out.dup, ref.dup],
-    ] as const) {
-      t.ok(got.every(Number.isFinite), `${name}: all finite (no NaN from inf·0)`);
-      assertClose(t, got, want, tol, `${name} at extreme gates`);
-    }
-  });
-}
+eachSimdKernel('extreme gates: saturated sigmoid, overflowing exp', async (t) => {
+  const rng = new Rng(26, 'swiglu-extreme-gates');
+  const g = Float32Array.from([
+    -1e37, -1e4, -200, -88.8, -87.5, -30, -1e-30, 0.5, 1e-30, 30, 87.5, 88.8, 200, 1e4, 1e37,
+  ]);
+  const u = randn(rng, g.length),
+    dh = randn(rng, g.length);
+  const out = await swiglu(g, u, dh);
+  const ref = bwdRef(dh, g, u);
+  // |u|, |dh| ~ 1: where σ underflows (g < -87) the exact values are < 1e-36, so atol 1e-30 is
+  // meaningful; elsewhere relative error of a few float roundings.
+  const tol = { atol: 1e-30, rtol: 1e-5 };
+  for (const [name, got, want] of [
+    ['h', out.h, fwdRef(g, u)],
+    ['dgate', out.dgate, ref.dgate],
+    ['dup', out.dup, ref.dup],
+  ] as const) {
+    t.ok(got.every(Number.isFinite), `${name}: all finite (no NaN from inf·0)`);
+    assertClose(t, got, want, tol, `${name} at extreme gates`);
+  }
+});
 
 t.test('huge dh and up with ordinary gates: no intermediate overflow', async (t) => {
   const g = Float32Array.from([0.5, -0.3, 2, -3, 1.7, -6]);

@@ -63,14 +63,34 @@ export async function expectRefused(t: Test, d: Device, ops: unknown[], re: RegE
   await t.rejects(async () => d.run(ops as never), re, `run: ${re}`);
 }
 
+const cpu = native().info().cpu;
+
+/** The instruction-set paths MLORA_GEMM_KERNEL can force, and whether this CPU has each. */
+export const KERNEL_PATHS: ReadonlyArray<readonly [kernel: string, have: boolean]> = [
+  ['scalar', true],
+  ['avx2', cpu.avx2],
+  ['avx512', cpu.avx512f],
+];
+
+/** The paths this CPU has. */
+export const CPU_KERNELS: readonly string[] = KERNEL_PATHS.filter(([, have]) => have).map(([k]) => k);
+
+/** The skip option of a test of path `kernel`: the reason where this CPU lacks it. */
+export const skipUnless = (kernel: string, have: boolean) => ({ skip: have ? false : `this CPU has no ${kernel}` });
+
+/** Runs fn with MLORA_GEMM_KERNEL=kernel (the kernels read it at each call), then unsets it. */
+export async function withKernel<T>(kernel: string, fn: () => Promise<T>): Promise<T> {
+  process.env.MLORA_GEMM_KERNEL = kernel;
+  try {
+    return await fn();
+  } finally {
+    delete process.env.MLORA_GEMM_KERNEL;
+  }
+}
+
 /** The elementwise kernels' row loops are compiled for AVX-512, AVX2 and baseline and picked per
  *  call (MLORA_GEMM_KERNEL forces one): runs test `name` once on every path this CPU has. */
 export function eachSimdKernel(name: string, fn: (t: Test) => Promise<void>): void {
-  const cpu = native().info().cpu;
-  for (const kernel of ['scalar', ...(cpu.avx2 ? ['avx2'] : []), ...(cpu.avx512f ? ['avx512'] : [])])
-    t.test(`${name} (MLORA_GEMM_KERNEL=${kernel})`, async (t) => {
-      process.env.MLORA_GEMM_KERNEL = kernel;
-      t.teardown(() => void delete process.env.MLORA_GEMM_KERNEL);
-      await fn(t);
-    });
+  for (const kernel of CPU_KERNELS)
+    t.test(`${name} (MLORA_GEMM_KERNEL=${kernel})`, (t) => withKernel(kernel, () => fn(t)));
 }
