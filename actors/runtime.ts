@@ -22,7 +22,7 @@ import type { StageErrorMsg } from './protocol.js';
 import type { Pipeline } from './pipeline.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
-import type { MicroBatchData } from '../lib/model/batch.js';
+import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { Router } from './router.js';
 import { Ledger, Recovery, type RecoveryOptions } from './recovery.js';
@@ -196,30 +196,30 @@ export class ActorPipeline implements Pipeline {
     return r.map((m) => ({ device: m.device, budget: m.budget, used: m.used, peak: m.peak }));
   }
 
-  activationBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
-    // the saved block, the scratch while a call runs, and the last stage's losses; the tokens,
-    // targets, weights and hidden states are views of shared slots (borrowed, not counted)
+  activationBytes(numTokens: number, segments: SegmentSpec[]): number[] {
+    // the saved block, and what a call holds while it runs; the tokens, targets, weights and
+    // hidden states are views of shared slots (borrowed, not counted)
     const rc = !!this.opts.recompute;
     return this.plans.map(
-      (plan) =>
-        activationBytes(this.config, plan, numTokens, segments, rc) +
-        scratchBytes(this.config, plan, numTokens) +
-        workBytes(this.config, numTokens, segments, rc) +
-        (holdsHead(plan) ? allocBytes(4 * numTokens) : 0),
+      (plan) => activationBytes(this.config, plan, numTokens, segments, rc) + this.callBytes(plan, numTokens, segments),
     );
   }
 
-  transientBytes(numTokens: number, segments: Array<{ rows: number; spec: LoraSpec }>): number[] {
+  transientBytes(numTokens: number, segments: SegmentSpec[]): number[] {
     // a stage actor handles one message at a time and frees its scratch when the call ends; the
     // last stage's forward+backward is one call, so its saved block goes with it (unless it
     // shares the head: then it keeps the block until the share comes back)
-    const all = this.activationBytes(numTokens, segments);
-    const work = workBytes(this.config, numTokens, segments, !!this.opts.recompute);
     const shared = this.plans.some((p) => p.headShare);
-    return this.plans.map((plan, s) =>
-      plan.last && !shared
-        ? all[s]!
-        : scratchBytes(this.config, plan, numTokens) + work + (holdsHead(plan) ? allocBytes(4 * numTokens) : 0),
+    const all = this.activationBytes(numTokens, segments);
+    return this.plans.map((plan, s) => (plan.last && !shared ? all[s]! : this.callBytes(plan, numTokens, segments)));
+  }
+
+  /** What one call of a stage holds only while it runs: scratch, recompute's work block, the head's losses. */
+  private callBytes(plan: StagePlan, numTokens: number, segments: SegmentSpec[]): number {
+    return (
+      scratchBytes(this.config, plan, numTokens) +
+      workBytes(this.config, numTokens, segments, !!this.opts.recompute) +
+      (holdsHead(plan) ? allocBytes(4 * numTokens) : 0)
     );
   }
 

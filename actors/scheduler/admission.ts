@@ -39,15 +39,15 @@ export class Admission {
   }
 
   private runnable(): Job[] {
+    const running = [...this.s.jobs.values()].filter((j) => j.state === 'running');
     const limit = microBatchesInFlight(
-      this.running(),
+      running.length,
       this.s.pipeline.plans.length,
       this.limit,
       this.s.options.inflightPerAdapter,
     );
     // the adapter furthest behind first, with its whole step in flight (lib/schedule/fairness.ts)
     const prog = (j: Job) => progress(j.step, j.admittedInStep, j.microCount, j.totalSteps);
-    const running = [...this.s.jobs.values()].filter((j) => j.state === 'running');
     const lead = Math.max(0, ...running.map(prog));
     const fixed = this.s.options.inflightPerAdapter !== undefined || this.s.pipeline.plans.length <= 1;
     const all = running.filter((j) => j.canAdmit(fixed ? limit : inFlightLimit(prog(j), lead, limit, j.microCount)));
