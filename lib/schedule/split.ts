@@ -61,8 +61,8 @@ interface UnitSplit {
 
 /**
  * The best contiguous split of the units, with cuts at multiples of `step` (2: whole layers,
- * 1: halves too); with `withShare`, also every head share x on the stage before the last, taken
- * when it shortens the slowest stage by more than HEAD_SHARE_GAIN.
+ * 1: halves too); also every head share x on the stage before the last, taken when it shortens
+ * the slowest stage by more than HEAD_SHARE_GAIN.
  */
 function bestUnits(units: number[], hf: number, speeds: number[], step: number): UnitSplit {
   const S = speeds.length;
@@ -136,12 +136,7 @@ export function balanceSplit(c: LlamaConfig, speeds: number[], profile: SplitPro
   const x = Math.round(pick.share * 1000) / 1000;
   const b = pick.bounds;
   const plans: StagePlan[] = speeds.map((_, s) => ({
-    lo: Math.floor(b[s]! / 2),
-    hi: Math.ceil(b[s + 1]! / 2),
-    first: s === 0,
-    last: s === S - 1,
-    ...(b[s]! % 2 === 1 ? { firstMlpOnly: true } : {}),
-    ...(b[s + 1]! % 2 === 1 ? { lastAttnOnly: true } : {}),
+    ...unitPlan(b[s]!, b[s + 1]!, s, S),
     ...(x > 0 && s === S - 2 ? { headShare: x } : {}),
   }));
   const work = (s: number) => units.slice(b[s], b[s + 1]).reduce((a, u) => a + u, 0);
@@ -168,18 +163,22 @@ export function explicitSplit(c: LlamaConfig, layers: number[]): StagePlan[] {
     throw new Error(`pipeline.split ${JSON.stringify(layers)}: every stage needs at least half a layer`);
   let u = 0; // in half-layer units
   return layers.map((n, s) => {
-    const b0 = u,
-      b1 = u + 2 * n;
-    u = b1;
-    return {
-      lo: Math.floor(b0 / 2),
-      hi: Math.ceil(b1 / 2),
-      first: s === 0,
-      last: s === layers.length - 1,
-      ...(b0 % 2 === 1 ? { firstMlpOnly: true } : {}),
-      ...(b1 % 2 === 1 ? { lastAttnOnly: true } : {}),
-    };
+    const b0 = u;
+    u += 2 * n;
+    return unitPlan(b0, u, s, layers.length);
   });
+}
+
+/** Stage s of S holding half-layer units [b0, b1) (unit 2l: layer l's attention, 2l + 1: its MLP). */
+function unitPlan(b0: number, b1: number, s: number, S: number): StagePlan {
+  return {
+    lo: Math.floor(b0 / 2),
+    hi: Math.ceil(b1 / 2),
+    first: s === 0,
+    last: s === S - 1,
+    ...(b0 % 2 === 1 ? { firstMlpOnly: true } : {}),
+    ...(b1 % 2 === 1 ? { lastAttnOnly: true } : {}),
+  };
 }
 
 export function describeSplit(plans: StagePlan[], devices: string[]): string {
@@ -188,15 +187,14 @@ export function describeSplit(plans: StagePlan[], devices: string[]): string {
       const from = p.firstMlpOnly ? `the MLP of layer ${p.lo}` : `layer ${p.lo}`;
       const last = p.hi - 1;
       const to = p.lastAttnOnly ? `the attention of layer ${last}` : `layer ${last}`;
+      // one layer: `from` names it (whole, or its MLP), unless only its attention is here
       const layers =
-        p.firstMlpOnly || p.lastAttnOnly
-          ? p.hi - p.lo === 1
-            ? p.firstMlpOnly
-              ? from
-              : to
-            : `${from} to ${to}`
-          : p.hi - p.lo === 1
-            ? `layer ${p.lo}`
+        p.hi - p.lo === 1
+          ? p.lastAttnOnly
+            ? to
+            : from
+          : p.firstMlpOnly || p.lastAttnOnly
+            ? `${from} to ${to}`
             : `layers ${p.lo}-${last}`;
       return (
         `stage ${s} on ${devices[s]}: ${layers}${p.first ? ' + embedding' : ''}${p.last ? ' + norm/head/loss' : ''}` +
