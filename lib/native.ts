@@ -70,6 +70,22 @@ export interface NativeDevice {
   /** Time per op kind since the last reset, summed (only where MLORA_PROFILE_OPS was set when
    *  the device opened; then every op also synchronizes). reset: start a new sum. */
   opProfile(reset?: boolean): OpTime[];
+  /** Where the time of run() calls went since the last reset (always counted). reset: start anew. */
+  runStats(reset?: boolean): RunStats;
+}
+
+/**
+ * NativeDevice.runStats, in ms summed over `runs` calls: toLeader from the call until its op list
+ * starts (libuv queue and the hand-off to the device's compute thread), wall and cpu the op list
+ * itself in wall time and in the computing thread's CPU time (less: it was preempted), back from
+ * the op list's end until the promise settles on the JS thread.
+ */
+export interface RunStats {
+  runs: number;
+  toLeaderMs: number;
+  wallMs: number;
+  cpuMs: number;
+  backMs: number;
 }
 
 /** One line of NativeDevice.opProfile: an op name, "+lora" with LoRA segments, a linear op's weight shape. */
@@ -245,6 +261,8 @@ export interface NativeInfo {
 export interface NativeAddon {
   Device: new (options: DeviceOptions) => NativeDevice;
   info(): NativeInfo;
+  /** Names the calling thread in /proc (15 characters kept): per-thread CPU accounts read it. */
+  nameThread(name: string): void;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

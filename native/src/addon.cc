@@ -4,6 +4,7 @@
 #include "addon.h"
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -297,6 +298,7 @@ Napi::Function JsDevice::Init(Napi::Env env) {
                          InstanceMethod<&JsDevice::TrimCache>("trimCache"),
                          InstanceMethod<&JsDevice::ResetPeak>("resetPeak"),
                          InstanceMethod<&JsDevice::OpProfile>("opProfile"),
+                         InstanceMethod<&JsDevice::RunStats>("runStats"),
                      });
 }
 
@@ -395,6 +397,21 @@ Napi::Value JsDevice::OpProfile(const Napi::CallbackInfo& info) {
   }
   if (reset) state->op_times().clear();
   return out;
+}
+
+// runStats(reset = false): {runs, toLeaderMs, wallMs, cpuMs, backMs} of run() calls since the
+// last reset (DeviceState::RunStats).
+Napi::Value JsDevice::RunStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const bool reset = info.Length() > 0 && info[0].ToBoolean().Value();
+  const DeviceState::RunStats r = state->run_stats(reset);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("runs", double(r.runs));
+  o.Set("toLeaderMs", r.to_leader_s * 1e3);
+  o.Set("wallMs", r.wall_s * 1e3);
+  o.Set("cpuMs", r.cpu_s * 1e3);
+  o.Set("backMs", r.back_s * 1e3);
+  return o;
 }
 
 static TensorImpl new_tensor(Napi::Env env, const std::shared_ptr<DeviceState>& dev, DType dt,
@@ -655,11 +672,18 @@ class RunWorker : public Napi::AsyncWorker {
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     RunFailure f;
-    dev_->pool().run_on_leader([&] { f = run_kernels(*dev_, ops_); });
+    dev_->pool().run_on_leader([&] {
+      start_ = Clock::now();
+      const double cpu0 = thread_cpu_seconds();
+      f = run_kernels(*dev_, ops_);
+      stats_.cpu_s = thread_cpu_seconds() - cpu0;
+      end_ = Clock::now();
+    });
     code_ = f.code;
     if (!f.message.empty()) SetError(f.message);
   }
   void OnOK() override {
+    account();
     ops_.kernels.clear();
     try {
       deferred_.Resolve(Env().Undefined());
@@ -667,6 +691,7 @@ class RunWorker : public Napi::AsyncWorker {
     }
   }
   void OnError(const Napi::Error& e) override {
+    account();
     ops_.kernels.clear();
     try {
       if (code_) e.Value().Set("code", Napi::String::New(Env(), code_));
@@ -676,11 +701,29 @@ class RunWorker : public Napi::AsyncWorker {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  static double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+  static double thread_cpu_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  }
+  // on the JS thread, as the promise settles (DeviceState::RunStats says what each part is)
+  void account() {
+    stats_.runs = 1;
+    stats_.to_leader_s = seconds(start_ - queued_);
+    stats_.wall_s = seconds(end_ - start_);
+    stats_.back_s = seconds(Clock::now() - end_);
+    dev_->add_run(stats_);
+  }
+
   Napi::Promise::Deferred deferred_;
   std::shared_ptr<DeviceState> dev_;
   ParsedOps ops_;
   const char* code_ = nullptr;
   Napi::ObjectReference keep_;
+  Clock::time_point queued_ = Clock::now(), start_ = queued_, end_ = queued_;
+  DeviceState::RunStats stats_;
 };
 
 // run(ops): checks every op now (throws synchronously on bad arguments), runs them in order
@@ -705,6 +748,15 @@ Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
 
 // ------------------------------------------------------------------------------------------
 // Module
+
+// nameThread(name): names the calling thread in /proc (15 characters kept), so a per-thread CPU
+// account tells a stage actor's JavaScript thread from the others.
+static Napi::Value NameThread(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw_js(env, "nameThread(name): name must be a string");
+  pthread_setname_np(pthread_self(), info[0].As<Napi::String>().Utf8Value().substr(0, 15).c_str());
+  return env.Undefined();
+}
 
 static Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -751,6 +803,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Tensor", tensor);
   exports.Set("Device", device);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
+  exports.Set("nameThread", Napi::Function::New(env, NameThread, "nameThread"));
   return exports;
 }
 

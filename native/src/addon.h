@@ -62,6 +62,7 @@ class JsDevice : public Napi::ObjectWrap<JsDevice> {
   Napi::Value TrimCache(const Napi::CallbackInfo& info);
   Napi::Value ResetPeak(const Napi::CallbackInfo& info);
   Napi::Value OpProfile(const Napi::CallbackInfo& info);
+  Napi::Value RunStats(const Napi::CallbackInfo& info);
 };
 
 }  // namespace mlora

@@ -1,7 +1,10 @@
 // The device: budgets, allocation, freeing, zero-copy wrapping, and the addon's refusal to
 // crash on misuse.
+import fs from 'node:fs';
+import { once } from 'node:events';
+import { Worker } from 'node:worker_threads';
 import t from 'tap';
-import { native } from '../../lib/native.js';
+import { addonPath, native } from '../../lib/native.js';
 import { openDevice } from '../../lib/tensor.js';
 import { ErrorCode, errorCode } from '../../lib/errors.js';
 
@@ -162,3 +165,44 @@ t.test('MLORA_PROFILE_OPS: a device opened with it sums time per op kind; withou
   );
   t.same(prof.opProfile(), [], 'reset');
 });
+
+t.test('runStats counts each run() call and its time; reset starts anew', async (t) => {
+  const d = openDevice('cpu:0', { threads: 1, budget: 1 << 24 });
+  const y = d.alloc('f32', [64]);
+  t.same(d.runStats(), { runs: 0, toLeaderMs: 0, wallMs: 0, cpuMs: 0, backMs: 0 }, 'nothing before the first run');
+  await d.run([{ op: 'fill', y, value: 1 }]);
+  await d.run([{ op: 'fill', y, value: 2 }]);
+  d.runSync([{ op: 'fill', y, value: 3 }]); // on the calling thread: no hand-off to time
+  const s = d.runStats(true);
+  t.equal(s.runs, 2, 'the two run() calls, not runSync');
+  t.ok(
+    [s.toLeaderMs, s.wallMs, s.cpuMs, s.backMs].every((x) => Number.isFinite(x) && x >= 0),
+    'times are finite and not negative',
+  );
+  t.equal(d.runStats().runs, 0, 'reset');
+  y.free();
+});
+
+const noProc = !fs.existsSync('/proc/self/task') && 'no /proc/self/task here';
+t.test(
+  "a device's compute threads and a named JavaScript thread show their names in /proc",
+  { skip: noProc },
+  async (t) => {
+    const names = () =>
+      fs.readdirSync('/proc/self/task').map((x) => fs.readFileSync(`/proc/self/task/${x}/comm`, 'utf8').trim());
+    openDevice('cpu:3', { threads: 2, budget: 1 << 24 });
+    t.ok(names().includes('mlora cpu:3'), 'the leader');
+    t.ok(names().includes('mlora cpu:3/1'), 'its helper');
+    const w = new Worker(
+      `const { parentPort, workerData } = require('node:worker_threads');
+     require(workerData).nameThread('mlora test js');
+     parentPort.postMessage('named');
+     setTimeout(() => {}, 2000);`,
+      { eval: true, workerData: addonPath() },
+    );
+    await once(w, 'message');
+    t.ok(names().includes('mlora test js'), 'the worker named itself');
+    t.throws(() => native().nameThread(3 as unknown as string), /nameThread\(name\): name must be a string/);
+    await w.terminate();
+  },
+);

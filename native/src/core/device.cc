@@ -57,7 +57,7 @@ DeviceState::DeviceState(DeviceKind kind, int index, int threads, int64_t budget
   name_ = std::string(kind == DeviceKind::CPU ? "cpu:" : "cuda:") + std::to_string(index);
   // CPU devices compute on a leader thread of their own (thread_pool.h); a CUDA device keeps
   // launching from the calling thread
-  pool_ = std::make_unique<ThreadPool>(threads, kind == DeviceKind::CPU, std::move(cores));
+  pool_ = std::make_unique<ThreadPool>(threads, kind == DeviceKind::CPU, std::move(cores), name_);
   const char* prof = std::getenv("MLORA_PROFILE_OPS");
   profiling_ = prof && *prof && std::string(prof) != "0";
 }
@@ -81,6 +81,22 @@ int64_t DeviceState::peak() const {
 void DeviceState::reset_peak() {
   std::lock_guard<std::mutex> lk(mu_);
   peak_ = used_;
+}
+
+void DeviceState::add_run(const RunStats& r) {
+  std::lock_guard<std::mutex> lk(mu_);
+  run_stats_.runs += r.runs;
+  run_stats_.to_leader_s += r.to_leader_s;
+  run_stats_.wall_s += r.wall_s;
+  run_stats_.cpu_s += r.cpu_s;
+  run_stats_.back_s += r.back_s;
+}
+
+DeviceState::RunStats DeviceState::run_stats(bool reset) {
+  std::lock_guard<std::mutex> lk(mu_);
+  RunStats r = run_stats_;
+  if (reset) run_stats_ = RunStats{};
+  return r;
 }
 
 void DeviceState::trim_cache() {

@@ -81,6 +81,18 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   bool profiling() const { return profiling_; }
   std::map<std::string, OpTime>& op_times() { return op_times_; }
 
+  // Where the time of run() calls goes, summed since the last reset (always on: a few clock
+  // reads per call). to_leader: from the call on the JS thread until the op list starts (libuv
+  // queue, hand-off to the compute thread, a run before it); wall and cpu: the op list itself,
+  // in wall time and in the computing thread's CPU time (less than wall: it was preempted);
+  // back: from the op list's end until the JS thread settles the promise.
+  struct RunStats {
+    int64_t runs = 0;
+    double to_leader_s = 0, wall_s = 0, cpu_s = 0, back_s = 0;
+  };
+  void add_run(const RunStats& r);
+  RunStats run_stats(bool reset);
+
  private:
   std::string name_;
   DeviceKind kind_;
@@ -94,6 +106,7 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
   std::multimap<size_t, void*> cache_;
   bool profiling_ = false;
   std::map<std::string, OpTime> op_times_;
+  RunStats run_stats_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

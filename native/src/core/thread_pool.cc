@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <pthread.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -16,13 +17,25 @@ void pin_to(int core) {
   CPU_SET(core, &set);
   sched_setaffinity(0, sizeof set, &set);
 }
+
+// Named by the creating thread, so the name is there as soon as the constructor returns; Linux
+// keeps 15 characters of it.
+void name_thread(std::thread& t, const std::string& name) {
+  pthread_setname_np(t.native_handle(), name.substr(0, 15).c_str());
+}
 }  // namespace
 
-ThreadPool::ThreadPool(int threads, bool leader, std::vector<int> cores)
-    : nthreads_(std::max(1, threads)), cores_(std::move(cores)) {
+ThreadPool::ThreadPool(int threads, bool leader, std::vector<int> cores, std::string name)
+    : nthreads_(std::max(1, threads)), cores_(std::move(cores)), name_(std::move(name)) {
   if (!cores_.empty() && int(cores_.size()) != nthreads_) cores_.clear();
-  for (int t = 1; t < nthreads_; t++) workers_.emplace_back([this, t] { worker_loop(t); });
-  if (leader || !cores_.empty()) leader_ = std::thread([this] { leader_loop(); });
+  for (int t = 1; t < nthreads_; t++) {
+    workers_.emplace_back([this, t] { worker_loop(t); });
+    if (!name_.empty()) name_thread(workers_.back(), "mlora " + name_ + "/" + std::to_string(t));
+  }
+  if (leader || !cores_.empty()) {
+    leader_ = std::thread([this] { leader_loop(); });
+    if (!name_.empty()) name_thread(leader_, "mlora " + name_);
+  }
 }
 
 ThreadPool::~ThreadPool() {

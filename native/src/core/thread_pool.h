@@ -16,6 +16,7 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -24,8 +25,9 @@ namespace mlora {
 class ThreadPool {
  public:
   // leader: run op lists on a thread of the pool's own; cores: empty (not pinned), or one CPU id
-  // per thread.
-  explicit ThreadPool(int threads, bool leader = false, std::vector<int> cores = {});
+  // per thread; name: what the threads are called in /proc (a device name: "cpu:0"), so a
+  // profile or a per-thread CPU account can tell each device's compute threads apart.
+  explicit ThreadPool(int threads, bool leader = false, std::vector<int> cores = {}, std::string name = "");
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -54,6 +56,7 @@ class ThreadPool {
 
   int nthreads_;
   std::vector<int> cores_;
+  std::string name_;
   std::thread leader_;
   std::mutex leader_call_mu_, leader_mu_;
   std::condition_variable leader_cv_, leader_done_cv_;
