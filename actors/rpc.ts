@@ -2,7 +2,8 @@
 // MessagePort of their own (InitMsg.control), beside the ordered path of actors/protocol.ts.
 //
 // Which request goes where, and why:
-// - comlink (this file): addAdapter, removeAdapter, exportAdapter, gradSumsq, memory, shutdown.
+// - comlink (this file): addAdapter, removeAdapter, exportAdapter, gradSumsq, memory, stats,
+//   shutdown.
 //   Their order against the micro-batches does not matter: a Forward that names an adapter the
 //   stage does not hold yet waits in the mailbox until it is there (ForwardMsg.versions), the
 //   scheduler evicts or exports an adapter only when none of its micro-batches is in flight, and
@@ -29,6 +30,17 @@ import type { MessagePort } from 'node:worker_threads';
 import type { LoraSpec } from '../lib/lora/adapter.js';
 import type { AdapterState } from '../lib/lora/state.js';
 import { errorCode } from '../lib/errors.js';
+import type { RunStats } from '../lib/native.js';
+
+/**
+ * Where a stage's time went since the last reset: its device's run() calls (lib/native.ts
+ * RunStats), the messages it handled and the time it spent handling them (busy; the rest of
+ * busy beyond the run() calls is this thread's JavaScript: views, checks, op lists, replies).
+ */
+export interface StageStats extends RunStats {
+  messages: number;
+  busyMs: number;
+}
 
 /** A stage's management API (served by actors/stage.ts). */
 export interface StageApi {
@@ -40,6 +52,8 @@ export interface StageApi {
   /** Σ grad² of the adapter's slice. */
   gradSumsq(adapter: number): Promise<number>;
   memory(): Promise<{ device: string; budget: number; used: number; peak: number }>;
+  /** Where the stage's time went since the last call with reset (benchmarks). */
+  stats(reset: boolean): Promise<StageStats>;
   /** Frees the device and closes the stage's ports: its thread then ends by itself. */
   shutdown(): Promise<void>;
 }

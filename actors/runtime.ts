@@ -25,6 +25,7 @@ import type { FaultSpec } from '../lib/faults.js';
 import type { MicroBatchData, SegmentSpec } from '../lib/model/batch.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import { Router } from './router.js';
+import type { StageStats } from './rpc.js';
 import { Ledger, Recovery, type RecoveryOptions } from './recovery.js';
 import { StageWorkers, type StageHandle, type StageWorker, type StageWorkerOptions } from './stage-workers.js';
 
@@ -189,6 +190,11 @@ export class ActorPipeline implements Pipeline {
   async poison(id: number): Promise<void> {
     // ordered (actors/rpc.ts): it must reach stage 0 before the Forward the scheduler posts next
     await this.workers.request(0, { type: 'poison', adapter: id });
+  }
+
+  /** Where each stage's time went since the last call with reset (StageStats; benchmarks). */
+  stats(reset = false): Promise<StageStats[]> {
+    return this.workers.callAll('stats', [reset]);
   }
 
   async memory() {

@@ -27,6 +27,7 @@ import { clockMs } from './clock.js';
 import { serveStage, type StageApi } from './rpc.js';
 import { slowDown, StageFaults } from './stage-faults.js';
 import { ErrorCode, toWire } from '../lib/errors.js';
+import { native } from '../lib/native.js';
 
 const port = parentPort!;
 const init = workerData as InitMsg;
@@ -38,6 +39,8 @@ let program: StageProgram;
 let slab: Slab;
 let handled = 0;
 let busySince = 0;
+/** Messages handled and the time spent on them since the last stats reset (StageStats). */
+const account = { messages: 0, busyMs: 0 };
 const faults = new StageFaults(init.faults ?? [], init.faultFlags, init.stage);
 /** Micro-batches between forward and backward on this stage (the last stage: between forward and its head share's answer). */
 const live = new Map<number, { mb: MicroBatch; views: Tensor[]; msg?: ForwardMsg }>();
@@ -119,6 +122,8 @@ async function pump(): Promise<void> {
     for (let m = nextMessage(); m; m = nextMessage()) {
       busySince = performance.now();
       await handle(m);
+      account.busyMs += performance.now() - busySince;
+      account.messages++;
       busySince = 0;
       handled++;
     }
@@ -397,6 +402,12 @@ const api: StageApi = {
   exportAdapter: (adapter) => queued(() => program.adapter(adapter).exportState()),
   gradSumsq: (adapter) => queued(() => program.gradSumsq(adapter)),
   memory: () => queued(() => ({ device: program.device.name, ...program.device.memory() })),
+  stats: (reset) =>
+    queued(() => {
+      const s = { ...program.device.runStats(reset), ...account };
+      if (reset) Object.assign(account, { messages: 0, busyMs: 0 });
+      return s;
+    }, false),
   shutdown: () =>
     queued(() => {
       for (const id of [...live.keys()]) dropLive(id);
@@ -415,6 +426,7 @@ serveStage(api, init.control);
 
 async function start(): Promise<void> {
   try {
+    native().nameThread(`mlora stage ${init.stage}`);
     slab = new Slab(init.slab, init.slotCount, init.slotBytes);
     const device = openDevice(init.device, {
       threads: init.threads,

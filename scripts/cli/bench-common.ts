@@ -98,6 +98,8 @@ export interface TrainBenchRecord {
   step_ms: number;
   busy?: number[];
   bubble?: number;
+  /** The pipeline scenario: where the run's time went (bench-pipeline.ts TimeAccount). */
+  time_account?: unknown;
 }
 
 export function cacheModels(): string {

@@ -13,6 +13,9 @@ import { ensureModel } from './make-model.js';
 import { steadyWindow, utilisation } from '../../lib/schedule/grid.js';
 import { adaptersPerMessage } from '../../lib/schedule/packing.js';
 import { balanceSplit } from '../../lib/schedule/split.js';
+import { native } from '../../lib/native.js';
+import type { StageStats } from '../../actors/rpc.js';
+import { machineIdle, threadTimes, threadTimesSince, type ThreadKind, type ThreadTime } from './thread-cpu.js';
 import {
   benchLoraSpec,
   cacheModels,
@@ -28,7 +31,15 @@ import {
 const GPIPE_MICRO = 4;
 
 export async function pipelineScenario(
-  o: { adapters: number[]; rank: number; micro: number; seqLen: number; steps: number },
+  o: {
+    adapters: number[];
+    rank: number;
+    micro: number;
+    seqLen: number;
+    steps: number;
+    /** Only these layouts (their `name`s); default all. */
+    layouts?: string[];
+  },
   log: (s: string) => void,
 ): Promise<TrainBenchRecord[]> {
   const modelDir = await ensureModel(cacheModels(), 'bench', 0, log);
@@ -45,7 +56,7 @@ export async function pipelineScenario(
     { name: '2 stages × 1 thread', devices: ['cpu:0', 'cpu:1'], threads: [1, 1] },
   ];
   const maxK = Math.max(...o.adapters);
-  for (const L of layouts) {
+  for (const L of layouts.filter((l) => !o.layouts || o.layouts.includes(l.name))) {
     // every row of the synthetic data but the last of each sequence has a target
     const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
     const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
@@ -100,17 +111,25 @@ export async function pipelineScenario(
          */
         const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number) => {
           const from = p.schedule().at(-1)?.end ?? 0;
+          await p.stats(true);
+          const cpu0 = threadTimes();
+          const idle0 = machineIdle();
           const ms = await run(o.steps + 2, gpipe);
+          const idle1 = machineIdle();
+          const idle = { idleMs: idle1.idleMs - idle0.idleMs, stealMs: idle1.stealMs - idle0.stealMs };
+          const account = timeAccount(ms, await p.stats(), threadTimesSince(cpu0, threadTimes()), idle);
           const recs = p.schedule().filter((r) => r.start >= from);
           const w = steadyWindow(recs, adapters, 1, o.steps);
-          if (!w) return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length) };
+          if (!w)
+            return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length), account };
           return {
             tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
             u: utilisation(recs, plans.length, w.from, w.to),
+            account,
           };
         };
         await run(1, false);
-        const { tps, u } = await measure(false, ids, K * o.micro * o.seqLen);
+        const { tps, u, account } = await measure(false, ids, K * o.micro * o.seqLen);
         const threads = L.threads.reduce((a, b) => a + b, 0);
         const rec: TrainBenchRecord = {
           scenario: 'pipeline',
@@ -126,15 +145,18 @@ export async function pipelineScenario(
           step_ms: Math.round((K * o.micro * o.seqLen * 1000) / tps),
           busy: u.busy.map((b) => Math.round(b * 1000) / 1000),
           bubble: Math.round(u.bubble * 1000) / 1000,
+          time_account: account,
         };
         out.push(rec);
         log(
           `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
         );
+        for (const line of describeAccount(account)) log(`  ${line}`);
         if (K === 1 && plans.length > 1) {
           const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
+          const { time_account: _, ...plain } = rec;
           out.push({
-            ...rec,
+            ...plain,
             mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`,
             tokens_per_s: Math.round(tps2),
             mfu: (tps2 * flops) / (ceiling1 * threads * 1e9),
@@ -152,4 +174,80 @@ export async function pipelineScenario(
     }
   }
   return out;
+}
+
+/**
+ * Where the run's time went, as fractions of its wall time: per stage, the time it spent on
+ * messages (busy) split into its device's op lists (the compute thread on a core, or runnable but
+ * waiting for one), the hand-offs to and from the compute thread, and the stage's own JavaScript
+ * (the rest of busy); per kind of thread (thread-cpu.ts), its time on a CPU and waiting for one, in
+ * cores (1 = one core for the whole run); and the cores' time that no thread of this process used:
+ * idle, given to other guests by the hypervisor (steal), or used by other processes (the rest).
+ */
+export interface TimeAccount {
+  wall_ms: number;
+  stages: Array<{
+    busy: number;
+    compute: number;
+    preempted: number;
+    handoff: number;
+    js: number;
+    messages: number;
+    js_ms_per_message: number;
+  }>;
+  threads: Partial<Record<ThreadKind, { run: number; wait: number }>>;
+  unused_cores: number;
+  idle_cores: number;
+  steal_cores: number;
+}
+
+function timeAccount(
+  wallMs: number,
+  stats: StageStats[],
+  threads: Map<ThreadKind, ThreadTime>,
+  machine: { idleMs: number; stealMs: number },
+): TimeAccount {
+  const f = (ms: number) => Math.round((1000 * ms) / wallMs) / 1000;
+  const stages = stats.map((s) => {
+    const inRuns = s.toLeaderMs + s.wallMs + s.backMs;
+    return {
+      busy: f(s.busyMs),
+      compute: f(s.cpuMs),
+      preempted: f(s.wallMs - s.cpuMs),
+      handoff: f(s.toLeaderMs + s.backMs),
+      js: f(s.busyMs - inRuns),
+      messages: s.messages,
+      js_ms_per_message: Math.round((100 * (s.busyMs - inRuns)) / Math.max(1, s.messages)) / 100,
+    };
+  });
+  const out: TimeAccount['threads'] = {};
+  let used = 0;
+  for (const [k, t] of threads) {
+    out[k] = { run: f(t.runMs), wait: f(t.waitMs) };
+    used += t.runMs;
+  }
+  const cores = native().info().cpu.allowedCores.length;
+  return {
+    wall_ms: Math.round(wallMs),
+    stages,
+    threads: out,
+    unused_cores: f(cores * wallMs - used),
+    idle_cores: f(machine.idleMs),
+    steal_cores: f(machine.stealMs),
+  };
+}
+
+function describeAccount(a: TimeAccount): string[] {
+  const pc = (x: number) => `${(100 * x).toFixed(1)}%`;
+  const lines = a.stages.map(
+    (s, i) =>
+      `stage ${i}: busy ${pc(s.busy)} of wall = op lists on a core ${pc(s.compute)} + waiting for a core ${pc(s.preempted)}` +
+      ` + hand-offs ${pc(s.handoff)} + stage JS ${pc(s.js)} (${s.js_ms_per_message} ms × ${s.messages} messages)`,
+  );
+  const kinds = Object.entries(a.threads).map(([k, t]) => `${k} ${t.run.toFixed(2)} (waited ${t.wait.toFixed(2)})`);
+  lines.push(
+    `cores used by: ${kinds.join(', ')}; not by this process ${a.unused_cores.toFixed(2)}` +
+      ` (idle ${a.idle_cores.toFixed(2)}, stolen by the hypervisor ${a.steal_cores.toFixed(2)}, the rest other processes)`,
+  );
+  return lines;
 }
