@@ -27,6 +27,8 @@ import {
   type TrainBenchRecord,
 } from './bench-common.js';
 
+const ONE_STAGE = '1 stage × 1 thread';
+
 /** Micro-batches in one step of the single adapter in the A = 1 within-step pipelining run. */
 const GPIPE_MICRO = 4;
 
@@ -51,11 +53,13 @@ export async function pipelineScenario(
   const flops = trainFlopsPerToken(c, spec, o.seqLen);
   const out: TrainBenchRecord[] = [];
   const layouts = [
-    { name: '1 stage × 1 thread', devices: ['cpu:0'], threads: [1] },
+    { name: ONE_STAGE, devices: ['cpu:0'], threads: [1] },
     { name: '1 stage × 2 threads', devices: ['cpu:0'], threads: [2] },
     { name: '2 stages × 1 thread', devices: ['cpu:0', 'cpu:1'], threads: [1, 1] },
   ];
   const maxK = Math.max(...o.adapters);
+  /** Per A, 1 stage × 1 thread at its own packing and at the 2-stage one (tokens/s). */
+  const oneStage = new Map<number, { own: number; at2: number; rows2: number }>();
   for (const L of layouts.filter((l) => !o.layouts || o.layouts.includes(l.name))) {
     // every row of the synthetic data but the last of each sequence has a target
     const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
@@ -82,13 +86,17 @@ export async function pipelineScenario(
         // every adapter in one message; a pipeline spreads them over about 2 messages per stage,
         // all in flight, each adapter stepping as soon as its own micro-batch is back (no flush)
         // while the other messages keep the stages busy
-        const perMessage = adaptersPerMessage(K, plans.length);
-        const groups: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
-        ids.forEach((id, i) => groups[i % groups.length]!.push(id));
+        const groupsFor = (stages: number) => {
+          const perMessage = adaptersPerMessage(K, stages);
+          const g: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
+          ids.forEach((id, i) => g[i % g.length]!.push(id));
+          return g;
+        };
+        const groups = groupsFor(plans.length);
         const versions = new Map<number, number>();
         let gpipeSteps = 0;
-        const run = async (steps: number, gpipe: boolean) => {
-          if (!gpipe) return trainInGroups(p, groups, mbs, steps, versions);
+        const run = async (steps: number, gpipe: boolean, g = groups) => {
+          if (!gpipe) return trainInGroups(p, g, mbs, steps, versions);
           // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
           // scheduler does when the adapters are too few to fill the stages), then its step
           let mbId = 1;
@@ -109,12 +117,12 @@ export async function pipelineScenario(
          * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
          * after them run in the same go, and only the window between (steadyWindow) counts.
          */
-        const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number) => {
+        const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number, g = groups) => {
           const from = p.schedule().at(-1)?.end ?? 0;
           await p.stats(true);
           const cpu0 = threadTimes();
           const idle0 = machineIdle();
-          const ms = await run(o.steps + 2, gpipe);
+          const ms = await run(o.steps + 2, gpipe, g);
           const idle1 = machineIdle();
           const idle = { idleMs: idle1.idleMs - idle0.idleMs, stealMs: idle1.stealMs - idle0.stealMs };
           const account = timeAccount(ms, await p.stats(), threadTimesSince(cpu0, threadTimes()), idle);
@@ -152,6 +160,22 @@ export async function pipelineScenario(
           `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
         );
         for (const line of describeAccount(account)) log(`  ${line}`);
+        const rowsPer = (g: number[][]) => Math.max(...g.map((x) => x.length)) * o.micro * o.seqLen;
+        if (L.name === ONE_STAGE) {
+          // what 2 stages could reach at most: twice one stage's speed on the messages the
+          // 2-stage packing makes (fewer rows per message than one stage packs)
+          const g2 = groupsFor(2);
+          const { tps: at2 } = await measure(false, ids, K * o.micro * o.seqLen, g2);
+          oneStage.set(K, { own: tps, at2, rows2: rowsPer(g2) });
+          log(`  at the 2-stage packing (${rowsPer(g2)} rows per message): ${Math.round(at2)} tok/s`);
+        }
+        const one = oneStage.get(K);
+        if (plans.length === 2 && one) {
+          log(
+            `  vs 1 stage × 1 thread: ${(tps / one.own).toFixed(2)}×; ceiling at ${one.rows2} rows per message` +
+              ` 2 × ${Math.round(one.at2)} / ${Math.round(one.own)} = ${((2 * one.at2) / one.own).toFixed(2)}×`,
+          );
+        }
         if (K === 1 && plans.length > 1) {
           const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
           const { time_account: _, ...plain } = rec;
