@@ -100,6 +100,11 @@ export interface TrainBenchRecord {
   bubble?: number;
   /** The pipeline scenario: where the run's time went (bench-pipeline.ts TimeAccount). */
   time_account?: unknown;
+  /** The pipeline scenario, 1 stage × 1 thread: the same adapters at the 2-stage packing. */
+  at_two_stage_packing?: { rows_per_message: number; tokens_per_s: number };
+  /** The pipeline scenario, 2 stages: tokens/s ÷ 1 stage × 1 thread's, and the ceiling of that (2 × its tokens/s at the 2-stage packing ÷ at its own). */
+  ratio_to_one_stage?: number;
+  ceiling_ratio?: number;
 }
 
 export function cacheModels(): string {

@@ -167,10 +167,13 @@ export async function pipelineScenario(
           const g2 = groupsFor(2);
           const { tps: at2 } = await measure(false, ids, K * o.micro * o.seqLen, g2);
           oneStage.set(K, { own: tps, at2, rows2: rowsPer(g2) });
+          rec.at_two_stage_packing = { rows_per_message: rowsPer(g2), tokens_per_s: Math.round(at2) };
           log(`  at the 2-stage packing (${rowsPer(g2)} rows per message): ${Math.round(at2)} tok/s`);
         }
         const one = oneStage.get(K);
         if (plans.length === 2 && one) {
+          rec.ratio_to_one_stage = Math.round((1000 * tps) / one.own) / 1000;
+          rec.ceiling_ratio = Math.round((2000 * one.at2) / one.own) / 1000;
           log(
             `  vs 1 stage × 1 thread: ${(tps / one.own).toFixed(2)}×; ceiling at ${one.rows2} rows per message` +
               ` 2 × ${Math.round(one.at2)} / ${Math.round(one.own)} = ${((2 * one.at2) / one.own).toFixed(2)}×`,
@@ -178,7 +181,7 @@ export async function pipelineScenario(
         }
         if (K === 1 && plans.length > 1) {
           const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
-          const { time_account: _, ...plain } = rec;
+          const { time_account: _a, ratio_to_one_stage: _r, ceiling_ratio: _c, ...plain } = rec;
           out.push({
             ...plain,
             mode: `${L.name}, ${GPIPE_MICRO} micro-batches per step`,
