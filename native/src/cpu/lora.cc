@@ -56,10 +56,9 @@ namespace mlora::cpu {
 
 namespace {
 
-constexpr int64_t RB = 64;         // rows per block
-constexpr int64_t CB = 128;        // dA / dB columns per block
-constexpr int64_t kRowChunk = 64;  // dA / dB: rows of a column block copied at once (lora_tiles.inc)
-constexpr int64_t kColWork = kRowChunk * CB;
+constexpr int64_t RB = 64;           // rows per block
+constexpr int64_t kRowChunk = 64;    // backward: rows whose dy and x one step of a group pass reads
+constexpr int64_t kGroupRows = 512;  // backward: rows of a segment one work item sums dA and dB over
 
 struct LoraCall {
   const float *x, *dy;
@@ -76,7 +75,9 @@ struct SegmentOps {
   const float* bs;  // backward: scale·B [out, rp], zero-padded columns
   float* dxa;       // backward: dy·(scale·B) [rows, rp]
   float* xd;        // backward with dropout and dA: D∘x [rows, in]; else null
-  float* dbt;       // backward: xaᵀ·dy [r, out]
+  float* dbt;       // backward: xaᵀ·dy [r, out] of each row group (groups × r × out)
+  float* dap;       // backward: dA of each row group after the first ((groups - 1) × r × in)
+  int64_t groups;   // backward: row groups of kGroupRows
 };
 
 // dst[i, :] = D(row i0+i) ∘ src[i, :] for rows [0, rows) of a segment (dst += with accumulate).
@@ -128,10 +129,8 @@ void mask_tile_add(float* c, int64_t ldc, const float* tmp, int64_t rows, int64_
 struct LoraKernels {
   float* (*shrink_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
+  void (*group)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rows, float* dbt, float* da, bool da_add);
   void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
-  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
   void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
                    int64_t n, float* c, int64_t ldc);
   int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
@@ -186,7 +185,7 @@ std::vector<SegmentOps> active_ops(const LoraSegment* segs, int64_t nseg, int64_
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
       const int64_t rp = (segs[k].rank + width - 1) / width * width;
-      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
+      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0});
       need += size_t(floats(segs[k], rp));
     }
   p = grow(packed, need);
@@ -219,13 +218,16 @@ int64_t max_rp(const std::vector<SegmentOps>& ops) {
 }
 
 // Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
-// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
+// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out] per row group, and dA
+// [r, in] per row group after the first (the first adds straight onto da).
 std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                          std::vector<float>& packed) {
   float* p = nullptr;
+  auto groups = [](const LoraSegment& s) { return (s.row_end - s.row_start + kGroupRows - 1) / kGroupRows; };
   std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
     const int64_t rows = s.row_end - s.row_start;
-    return out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out;
+    return out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + groups(s) * s.rank * out +
+           (s.da ? (groups(s) - 1) * s.rank * in : 0);
   });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
@@ -239,45 +241,62 @@ std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, 
     g.dxa = bs + out * g.rp;
     p = g.dxa + rows * g.rp;
     if (s.dropout > 0.f && s.da) g.xd = p, p += rows * in;
+    g.groups = groups(s);
     g.dbt = p;
-    p += s.rank * out;
+    p += g.groups * s.rank * out;
+    if (s.da) g.dap = p, p += (g.groups - 1) * s.rank * in;
   }
   return ops;
 }
 
-// Backward without the base GEMM: dxa by row blocks, then dA and dB by column blocks and, with
-// with_dx, dx by row blocks.
+// Backward without the base GEMM: one pass over each row group of every segment (its dxa and its
+// share of dA and dB), then the groups' shares summed in group order (group boundaries depend on
+// the segment alone, so dA and dB do not depend on the thread count), dBᵀ added into dB and,
+// with with_dx, dx by row blocks.
 void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOps>& ops, const LoraCall& C,
                      bool with_dx, std::vector<float>& work) {
-  const std::vector<Item> rows = row_items(ops);
-  ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int) {
-    const Item& b = rows[size_t(it)];
-    K.rows_dxa(C, ops[size_t(b.seg)], b.start, b.count);
-  });
-  struct Work {
-    int kind;  // 0 dx rows, 1 dA columns, 2 dB columns
-    Item at;
-  };
-  std::vector<Work> items;
-  for (size_t k = 0; k < ops.size(); k++) {  // the column items sum over all their segment's rows: first
-    if (ops[k].seg->db)
-      for (int64_t c0 = 0; c0 < C.out; c0 += CB) items.push_back({2, {int64_t(k), c0, std::min(CB, C.out - c0)}});
-    if (ops[k].seg->da)
-      for (int64_t c0 = 0; c0 < C.in; c0 += CB) items.push_back({1, {int64_t(k), c0, std::min(CB, C.in - c0)}});
+  std::vector<Item> groups;
+  for (size_t k = 0; k < ops.size(); k++) {
+    const int64_t rows = ops[k].seg->row_end - ops[k].seg->row_start;
+    for (int64_t i0 = 0; i0 < rows; i0 += kGroupRows)
+      groups.push_back({int64_t(k), i0, std::min(kGroupRows, rows - i0)});
   }
-  if (with_dx)
-    for (const Item& b : rows) items.push_back({0, b});
-  const int64_t per_thread = std::max(with_dx ? RB * C.in : 0, kColWork);
+  ex.pool().parallel_dynamic(int64_t(groups.size()), [&](int64_t it, int) {
+    const Item& b = groups[size_t(it)];
+    const SegmentOps& g = ops[size_t(b.seg)];
+    const LoraSegment& s = *g.seg;
+    const int64_t q = b.start / kGroupRows;
+    float* dbt = s.db ? g.dbt + q * s.rank * C.out : nullptr;
+    float* da = !s.da ? nullptr : q == 0 ? s.da : g.dap + (q - 1) * s.rank * C.in;
+    K.group(C, g, b.start, b.count, dbt, da, q == 0);
+  });
+  ex.pool().parallel_dynamic(int64_t(2 * ops.size()), [&](int64_t it, int) {
+    const SegmentOps& g = ops[size_t(it / 2)];
+    const LoraSegment& s = *g.seg;
+    const int64_t r = s.rank;
+    if (it % 2 == 0 && s.da) {
+      for (int64_t q = 1; q < g.groups; q++) {
+        const float* part = g.dap + (q - 1) * r * C.in;
+#pragma omp simd
+        for (int64_t i = 0; i < r * C.in; i++) s.da[i] += part[i];
+      }
+    } else if (it % 2 == 1 && s.db) {
+      for (int64_t q = 1; q < g.groups; q++) {
+        const float* part = g.dbt + q * r * C.out;
+#pragma omp simd
+        for (int64_t i = 0; i < r * C.out; i++) g.dbt[i] += part[i];
+      }
+      for (int64_t o = 0; o < C.out; o++)
+        for (int64_t k = 0; k < r; k++) s.db[o * r + k] += s.scale * g.dbt[k * C.out + o];
+    }
+  });
+  if (!with_dx) return;
+  const std::vector<Item> rows = row_items(ops);
+  const int64_t per_thread = RB * C.in;
   float* w = grow(work, size_t(per_thread * ex.pool().size()));
-  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
-    const Work& x = items[size_t(it)];
-    const SegmentOps& g = ops[size_t(x.at.seg)];
-    if (x.kind == 0)
-      K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else if (x.kind == 1)
-      K.cols_da(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else
-      K.cols_db(C, g, x.at.start, x.at.count, w + tid * per_thread);
+  ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int tid) {
+    const Item& b = rows[size_t(it)];
+    K.rows_dx(C, ops[size_t(b.seg)], b.start, b.count, w + tid * per_thread);
   });
 }
 
