@@ -59,6 +59,15 @@ namespace {
 constexpr int64_t RB = 64;           // rows per block
 constexpr int64_t kRowChunk = 64;    // backward: rows whose dy and x one step of a group pass reads
 constexpr int64_t kGroupRows = 512;  // backward: rows of a segment one work item sums dA and dB over
+// The expand operands (forward scale·Bᵀ, backward A: r rows × out or in columns) are stored in
+// panels of kPanel columns, each panel r × kPanel contiguous: a GEMM epilogue tile (at most 32
+// columns, gemm.cc's never cross a multiple of 32) reads its r × 32 block as one contiguous 2 KiB
+// run instead of r rows a whole operand row apart.
+constexpr int64_t kPanel = 32;
+
+// Panel layout of an r × cols operand: element (c, j) at panel_at(r, c, j).
+inline int64_t panel_at(int64_t r, int64_t c, int64_t j) { return j / kPanel * r * kPanel + c * kPanel + j % kPanel; }
+inline int64_t panel_floats(int64_t r, int64_t cols) { return (cols + kPanel - 1) / kPanel * kPanel * r; }
 
 struct LoraCall {
   const float *x, *dy;
@@ -71,8 +80,9 @@ struct SegmentOps {
   const LoraSegment* seg;
   int64_t rp;       // rank rounded up to the vector width
   const float* at;  // forward: Aᵀ [in, rp], zero-padded columns
-  const float* bt;  // forward: scale·Bᵀ [r, out]
+  const float* bt;  // forward: scale·Bᵀ [r, out] in panels
   const float* bs;  // backward: scale·B [out, rp], zero-padded columns
+  const float* ap;  // backward: A [r, in] in panels
   float* dxa;       // backward: dy·(scale·B) [rows, rp]
   float* xd;        // backward with dropout and dA: D∘x [rows, in]; else null
   float* dbt;       // backward: xaᵀ·dy [r, out] of each row group (groups × r × out)
@@ -185,28 +195,29 @@ std::vector<SegmentOps> active_ops(const LoraSegment* segs, int64_t nseg, int64_
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
       const int64_t rp = (segs[k].rank + width - 1) / width * width;
-      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0});
+      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0});
       need += size_t(floats(segs[k], rp));
     }
   p = grow(packed, need);
   return ops;
 }
 
-// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
+// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out] (panels).
 std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                         std::vector<float>& packed) {
   float* p = nullptr;
-  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p,
-                                           [&](const LoraSegment& s, int64_t rp) { return in * rp + s.rank * out; });
+  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
+    return in * rp + panel_floats(s.rank, out);
+  });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
     float* at = p;
     simd::pack_transposed_scalar(at, g.rp, s.a, in, 0, s.rank, in);  // Aᵀ [in, rp]
     float* bt = at + in * g.rp;
     for (int64_t o = 0; o < out; o++)
-      for (int64_t c = 0; c < s.rank; c++) bt[c * out + o] = s.scale * s.b[o * s.rank + c];
+      for (int64_t c = 0; c < s.rank; c++) bt[panel_at(s.rank, c, o)] = s.scale * s.b[o * s.rank + c];
     g.at = at, g.bt = bt;
-    p = bt + s.rank * out;
+    p = bt + panel_floats(s.rank, out);
   }
   return ops;
 }
@@ -217,8 +228,8 @@ int64_t max_rp(const std::vector<SegmentOps>& ops) {
   return m;
 }
 
-// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
-// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out] per row group, and dA
+// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp], A [r, in]
+// (panels), dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out] per row group, and dA
 // [r, in] per row group after the first (the first adds straight onto da).
 std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                          std::vector<float>& packed) {
@@ -226,8 +237,8 @@ std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, 
   auto groups = [](const LoraSegment& s) { return (s.row_end - s.row_start + kGroupRows - 1) / kGroupRows; };
   std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
     const int64_t rows = s.row_end - s.row_start;
-    return out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + groups(s) * s.rank * out +
-           (s.da ? (groups(s) - 1) * s.rank * in : 0);
+    return out * rp + panel_floats(s.rank, in) + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) +
+           groups(s) * s.rank * out + (s.da ? (groups(s) - 1) * s.rank * in : 0);
   });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
@@ -238,7 +249,11 @@ std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, 
       std::fill(bs + o * g.rp + s.rank, bs + (o + 1) * g.rp, 0.f);
     }
     g.bs = bs;
-    g.dxa = bs + out * g.rp;
+    float* ap = bs + out * g.rp;
+    for (int64_t c = 0; c < s.rank; c++)
+      for (int64_t i = 0; i < in; i++) ap[panel_at(s.rank, c, i)] = s.a[c * in + i];
+    g.ap = ap;
+    g.dxa = ap + panel_floats(s.rank, in);
     p = g.dxa + rows * g.rp;
     if (s.dropout > 0.f && s.da) g.xd = p, p += rows * in;
     g.groups = groups(s);
