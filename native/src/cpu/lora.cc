@@ -25,14 +25,16 @@
 // step into `seed` (DESIGN §5). With p = 0 no mask is computed at all.
 //
 // Speed: rows are independent in every product but dA and dB, so the work is split into
-// blocks of rows (and, for dA/dB, blocks of columns, each summing over all the segment's rows
-// in row order), handed out dynamically over all segments at once. Each block is a few tile
+// blocks of rows handed out dynamically over all segments at once; backward's items are groups
+// of kGroupRows rows of a segment, each summing its own share of dA and dB (the shares are then
+// added in group order, and group bounds depend on the segment alone). Each item is a few tile
 // GEMMs on register-blocked micro-tiles (simd.h / tile_gemm.inc; AVX-512, AVX2 or portable, the
 // widest whose vector width divides in and out): forward reads a row block of x once and
-// updates its y rows once (xa stays in L1 between shrink and expand); the per-segment operands
-// Aᵀ, scale·Bᵀ and scale·B are packed once per call. A row's results do not depend on the
-// block it falls in, the thread that runs it or the other segments, so the segmented call
-// equals a loop of single-segment calls bit for bit, for any thread count.
+// updates its y rows once (xa stays in L1 between shrink and expand); backward reads each chunk
+// of dy and x rows once from memory for dxa, dB and dA together. The per-segment operands Aᵀ,
+// scale·Bᵀ, scale·B and A are packed once per call. A row's results do not depend on the block
+// it falls in, the thread that runs it or the other segments, so the segmented call equals a
+// loop of single-segment calls bit for bit, for any thread count.
 //
 // linear_lora_forward / linear_lora_backward (a projection with its LoRA, one op): the shrink
 // (forward xa; backward dxa, dA, dB) runs first, then the base GEMM adds the expand to each
@@ -41,8 +43,9 @@
 // lora_forward's / lora_backward's, so fused and separate ops agree bit for bit.
 //
 // Scratch (the calling thread's, grown on demand and kept; never counted against the device
-// budget): packed operands r·(in + 2·out) per segment, dxa [rows, rp] and, with dropout, D∘x
-// [rows, in] for backward; a block of rows × (rp + in) per pool thread.
+// budget): packed operands r·(2·in + 2·out) per segment, dxa [rows, rp], dB's share [r, out] per
+// row group, dA's [r, in] per row group after the first and, with dropout, D∘x [rows, in] for
+// backward; a block of rows × (rp + in) per pool thread.
 #include <algorithm>
 #include <cstring>
 #include <vector>
