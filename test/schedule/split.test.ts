@@ -177,17 +177,20 @@ t.test(
   },
 );
 
+/** The shape of stories260K (5 layers, hidden 64, vocab 512): the demo's model. */
+const STORIES: LlamaConfig = {
+  ...PRESETS.tiny,
+  numLayers: 5,
+  intermediateSize: 172,
+  numHeads: 8,
+  numKvHeads: 4,
+  headDim: 8,
+};
+
 t.test("inside a layer: an odd number of equal layers on 2 stages is cut after a layer's attention", async (t) => {
-  // the shape of stories260K (5 layers, hidden 64, vocab 512) at 256 tokens: whole layers give
+  // stories260K at 256 tokens: whole layers give
   // 3 | 2 + head, ~10% apart; a cut after layer 2's attention and a share of the head even it out
-  const c: LlamaConfig = {
-    ...PRESETS.tiny,
-    numLayers: 5,
-    intermediateSize: 172,
-    numHeads: 8,
-    numKvHeads: 4,
-    headDim: 8,
-  };
+  const c = STORIES;
   const r = balanceSplit(c, [1, 1], { seqLen: 256 });
   t.same(
     r.plans.map((p) => [p.lo, p.hi, !!p.lastAttnOnly, !!p.firstMlpOnly]),
@@ -253,15 +256,8 @@ t.test('errors', async (t) => {
 });
 
 t.test('measured costs: the split balances the unit costs it is given, FLOP counts by default', async (t) => {
-  // the shape of stories260K: at 256 tokens FLOPs put a layer's attention at 55% of it
-  const c: LlamaConfig = {
-    ...PRESETS.tiny,
-    numLayers: 5,
-    intermediateSize: 172,
-    numHeads: 8,
-    numKvHeads: 4,
-    headDim: 8,
-  };
+  // stories260K: at 256 tokens FLOPs put a layer's attention at 55% of it
+  const c = STORIES;
   const profile = { seqLen: 256 };
   t.same(
     balanceSplit(c, [1, 1], { ...profile, costs: flopCosts(c, profile) }),
