@@ -100,7 +100,7 @@ async function cost(plans: StagePlan[]): Promise<number[]> {
   return best;
 }
 
-const measured = await measureUnitCosts(dir, { sequences: B, seqLen: T, adapters: [spec] });
+const measured = await measureUnitCosts(dir, [{ sequences: B, seqLen: T, adapter: spec }]);
 const candidates: Array<[string, StagePlan[]]> = [
   ['auto', balanceSplit(c, [1, 1], { seqLen: T }).plans],
   ['measured', balanceSplit(c, [1, 1], { seqLen: T, ...(measured ? { costs: measured } : {}) }).plans],

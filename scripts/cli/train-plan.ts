@@ -91,12 +91,12 @@ export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?:
 }
 
 /** What the 'auto' split balanced, in one line. */
-function splitCosts({ profile, shape, measuredTokens }: ProfiledSplit): string {
-  const data = shape
-    ? `sequences of ~${Math.round(shape.seqLen)} tokens, ${Math.round(100 * shape.targetFraction)}% of the rows targeted (sampled from the data)`
+function splitCosts({ profile, shapes, measured }: ProfiledSplit): string {
+  const data = shapes.some((s) => s)
+    ? `sequences of ~${Math.round(profile.seqLen!)} tokens, ${Math.round(100 * profile.targetFraction!)}% of the rows targeted (sampled from the data)`
     : `sequences of ${profile.seqLen} tokens (seq_len)`;
   const k = profile.costs;
-  return k
-    ? `split costs: measured on this machine, one micro-batch of ~${measuredTokens} tokens (${data}): a layer's attention ${k.attention.toFixed(2)} ms, its MLP ${k.mlp.toFixed(2)} ms, the head ${k.head.toFixed(2)} ms`
+  return k && measured
+    ? `split costs: measured on this machine over a step of ${measured.adapters === 1 ? 'the adapter' : `${measured.adapters} adapters`} (${measured.microBatches} micro-batch${measured.microBatches === 1 ? '' : 'es'}, ~${measured.tokens} tokens; ${data}): a layer's attention ${k.attention.toFixed(2)} ms, its MLP ${k.mlp.toFixed(2)} ms, the head ${k.head.toFixed(2)} ms`
     : `split costs: FLOPs at ${data}`;
 }

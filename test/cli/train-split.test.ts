@@ -9,7 +9,7 @@ import { parseTrainConfig } from '../../lib/config.js';
 import { PRESETS } from '../../lib/model/config.js';
 import type { ModelDir } from '../../lib/io/hf-model.js';
 import { measureUnitCosts } from '../../lib/schedule/calibrate.js';
-import { sampleDataShape, splitProfile } from '../../scripts/cli/train-split.js';
+import { sampleDataShape, splitProfile, type DataShape } from '../../scripts/cli/train-split.js';
 import { DEMO_MODEL } from '../../scripts/cli/train-demo.js';
 
 function config(t: Test, pipeline: Record<string, unknown> = {}, devices: unknown = ['cpu:0', 'cpu:1']) {
@@ -41,26 +41,28 @@ function config(t: Test, pipeline: Record<string, unknown> = {}, devices: unknow
   );
 }
 
-t.test('the data shape: lengths and targets of the first records, per sequence of each micro-batch', async (t) => {
-  const s = sampleDataShape(config(t))!;
-  // a: lengths 4, 8, weight 2/2 each; b: 6, 6, 6, weight 4/3 each
-  const w = [1, 1, 4 / 3, 4 / 3, 4 / 3],
-    len = [4, 8, 6, 6, 6];
-  const sum = (f: (i: number) => number) => w.reduce((a, x, i) => a + x * f(i), 0);
-  t.ok(Math.abs(s.meanLen - sum((i) => len[i]!) / sum(() => 1)) < 1e-9, `mean length ${s.meanLen}`);
-  t.ok(Math.abs(s.seqLen - sum((i) => len[i]! ** 2) / sum((i) => len[i]!)) < 1e-9, `effective length ${s.seqLen}`);
-  // targets: every position after the first, less b's 2 masked labels (the first is never one)
-  const targets = sum((i) => (i < 2 ? len[i]! - 1 : len[i]! - 2));
-  t.ok(Math.abs(s.targetFraction - targets / sum((i) => len[i]!)) < 1e-9, `targeted ${s.targetFraction}`);
-  t.equal(s.sequences, 3, 'micro-batches of 2 and 4 sequences');
-});
+t.test(
+  'the data shape: lengths and targets of the first records; the profile weighs adapters by their tokens per step',
+  async (t) => {
+    const cfg = config(t);
+    const [a, b] = cfg.adapters.map((x) => sampleDataShape(cfg.model, x)!) as [DataShape, DataShape];
+    // a: lengths 4 and 8, every position after the first a target; b: three of 6, 2 labels masked
+    t.same(a, { seqLen: (16 + 64) / 12, meanLen: 6, targetFraction: 10 / 12 });
+    t.same(b, { seqLen: 6, meanLen: 6, targetFraction: 12 / 18 });
+    const { profile, shapes } = await splitProfile(config(t, { split_costs: 'flops' }));
+    t.same(shapes, [a, b]);
+    // tokens per step: a 2 × 6, b 4 × 6
+    t.ok(Math.abs(profile.seqLen! - (12 * a.seqLen + 24 * b.seqLen) / 36) < 1e-9, `effective length ${profile.seqLen}`);
+    t.ok(Math.abs(profile.targetFraction! - (12 * a.targetFraction + 24 * b.targetFraction) / 36) < 1e-9);
+    t.equal(profile.costs, undefined);
+  },
+);
 
 t.test('measured costs only for an auto split over local CPU stages', async (t) => {
   const measured = await splitProfile(config(t));
   const k = measured.profile.costs!;
   t.ok(k && k.attention > 0 && k.mlp > 0 && k.head > 0, `measured: ${JSON.stringify(k)}`);
-  t.ok(measured.measuredTokens! > 0);
-  t.equal(measured.profile.seqLen, measured.shape!.seqLen, 'the sampled effective length');
+  t.same(measured.measured, { adapters: 2, microBatches: 2, tokens: 36 }, 'one step of each adapter');
   for (const [why, cfg] of [
     ['split_costs: flops', config(t, { split_costs: 'flops' })],
     ['an explicit split', config(t, { split: [2.5, 2.5] })],
@@ -68,12 +70,17 @@ t.test('measured costs only for an auto split over local CPU stages', async (t) 
   ] as const) {
     const p = await splitProfile(cfg);
     t.equal(p.profile.costs, undefined, `${why}: FLOP counts`);
-    t.ok(p.shape, `${why}: still the data's shape`);
+    t.ok(
+      p.shapes.every((s) => s),
+      `${why}: still the data's shape`,
+    );
   }
   t.equal((await splitProfile(config(t), true)).profile.costs, undefined, 'cluster stages: FLOP counts');
 });
 
 t.test('a model too large to time on one sequence is left to the FLOP counts', async (t) => {
   const huge = { config: { ...PRESETS.bench, hiddenSize: 8192, intermediateSize: 28672 } } as ModelDir;
-  t.equal(await measureUnitCosts(huge, { sequences: 4, seqLen: 4096, adapters: [] }), undefined);
+  const spec = { r: 8, alpha: 16, dropout: 0, targets: [], useRslora: false, seed: 1 };
+  t.equal(await measureUnitCosts(huge, [{ sequences: 4, seqLen: 4096, adapter: spec }]), undefined);
+  t.equal(await measureUnitCosts(huge, []), undefined, 'nothing to time');
 });
