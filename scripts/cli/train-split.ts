@@ -4,9 +4,10 @@
 // (lib/schedule/calibrate.ts). The demo's stories run ~50-140 tokens in sequences of up to 256:
 // the cost model needs the lengths the stages compute on, not the longest allowed (attention
 // grows with them, the rest does not).
+import fs from 'node:fs';
 import type { AdapterConfig, TrainConfig } from '../../lib/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
-import { readDataset } from '../../lib/data/dataset.js';
+import { parseDataset, readDataset, type Dataset } from '../../lib/data/dataset.js';
 import { countTargets, tokenizeRecords } from '../../lib/data/tokenize.js';
 import { resolveTemplate } from '../../lib/data/templates.js';
 import { tokenizerFor } from '../../lib/data/tokenizer.js';
@@ -30,10 +31,29 @@ export interface DataShape {
   targetFraction: number;
 }
 
+/** Bytes of a JSONL dataset the profile reads at most: its first records, not a large file twice (the run reads it all). */
+export const PROFILE_BYTES = 1 << 20;
+
+/** The first records of a dataset: of a large JSONL file, the whole lines in its first PROFILE_BYTES. */
+function datasetHead(file: string, skipBad: boolean): Dataset {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const size = fs.fstatSync(fd).size;
+    const head = Buffer.alloc(Math.min(size, PROFILE_BYTES));
+    fs.readSync(fd, head, 0, head.length, 0);
+    const text = head.toString('utf8');
+    // a JSON array (or a file read whole) parses as it is; else the lines before the cut
+    if (size <= PROFILE_BYTES || text.trimStart().startsWith('[')) return readDataset(file, { skipBad });
+    return parseDataset(text.slice(0, text.lastIndexOf('\n') + 1), file, { skipBad });
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** An adapter's data shape from the first records of its dataset; undefined when it cannot be read here (the run reports that itself). */
 export function sampleDataShape(modelDir: string, a: AdapterConfig): DataShape | undefined {
   try {
-    const ds = readDataset(a.data, { skipBad: a.skip_bad_records });
+    const ds = datasetHead(a.data, a.skip_bad_records);
     const n = Math.min(PROFILE_RECORDS, ds.records.length);
     const data = tokenizeRecords(tokenizerFor(modelDir, ds.format), ds.records.slice(0, n), ds.where.slice(0, n), {
       template: resolveTemplate(a.template, ds.format, a.data),

@@ -9,7 +9,7 @@ import { parseTrainConfig } from '../../lib/config.js';
 import { PRESETS } from '../../lib/model/config.js';
 import type { ModelDir } from '../../lib/io/hf-model.js';
 import { measureUnitCosts } from '../../lib/schedule/calibrate.js';
-import { sampleDataShape, splitProfile, type DataShape } from '../../scripts/cli/train-split.js';
+import { PROFILE_BYTES, sampleDataShape, splitProfile, type DataShape } from '../../scripts/cli/train-split.js';
 import { DEMO_MODEL } from '../../scripts/cli/train-demo.js';
 
 function config(t: Test, pipeline: Record<string, unknown> = {}, devices: unknown = ['cpu:0', 'cpu:1']) {
@@ -83,4 +83,16 @@ t.test('a model too large to time on one sequence is left to the FLOP counts', a
   const spec = { r: 8, alpha: 16, dropout: 0, targets: [], useRslora: false, seed: 1 };
   t.equal(await measureUnitCosts(huge, [{ sequences: 4, seqLen: 4096, adapter: spec }]), undefined);
   t.equal(await measureUnitCosts(huge, []), undefined, 'nothing to time');
+});
+
+t.test('a large JSONL dataset: only the records in its first PROFILE_BYTES are read', async (t) => {
+  const cfg = config(t);
+  const a = cfg.adapters[0]!;
+  const line = JSON.stringify({ input_ids: Array.from({ length: 12 }, (_, i) => 1 + i) });
+  const lines = Array.from({ length: Math.ceil((2 * PROFILE_BYTES) / line.length) }, () => line);
+  // past the first MiB: a line that is no JSON (the run itself reports it; the profile never reads it)
+  fs.writeFileSync(a.data, lines.join('\n') + '\n{"input_ids": [1, 2,\n');
+  t.same(sampleDataShape(cfg.model, a), { seqLen: 12, meanLen: 12, targetFraction: 11 / 12 });
+  fs.writeFileSync(a.data, '{"input_ids": [1, 2,\n' + lines.join('\n') + '\n');
+  t.equal(sampleDataShape(cfg.model, a), undefined, 'a bad record among the first: no shape');
 });
