@@ -124,6 +124,13 @@ export const PipelineSchema = z
         error: 'must be "auto" or a list of layer counts per stage, e.g. [2, 2] or [2.5, 2.5]',
       })
       .default('auto'),
+    /**
+     * What the 'auto' split balances: 'measured' times a layer's attention and MLP halves and the
+     * head on this machine at the data's sequence lengths (CPU stages of this process; a fraction
+     * of a second on a small model), 'flops' counts FLOPs (the same split on every machine). GPU
+     * and cluster stages balance FLOPs.
+     */
+    split_costs: z.enum(['measured', 'flops']).default('measured'),
     /** Micro-batches of one adapter's step in flight at once (default: more only when the adapters cannot fill the stages; lib/schedule/packing.ts). */
     inflight_per_adapter: z.number().int().min(1).optional(),
     /** Micro-batch messages in flight in the whole pipeline (default: 2 × stages). */

@@ -5,13 +5,15 @@
 // min over repetitions. It tells whether the cost model's split balances on this machine.
 // Run: node dist/scripts/split-costs.js [MODEL_DIR] [SEQS×TOKENS] [REPS]
 //   default: the demo model (data/models/stories260K), 8×192, 10; splits: 'auto' (balanceSplit
-//   at the sequence length), and every whole-layer and half-layer 2-stage split.
+//   on FLOPs at the sequence length), 'measured' (balanceSplit on unit costs timed at this shape:
+//   lib/schedule/calibrate.ts), and every whole-layer and half-layer 2-stage split.
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { openModelDir } from '../lib/io/hf-model.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
 import { balanceSplit, describeSplit, explicitSplit } from '../lib/schedule/split.js';
+import { measureUnitCosts } from '../lib/schedule/calibrate.js';
 import { openDevice, type Tensor } from '../lib/tensor.js';
 import { LORA_TARGETS } from '../lib/model/config.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
@@ -98,7 +100,11 @@ async function cost(plans: StagePlan[]): Promise<number[]> {
   return best;
 }
 
-const candidates: Array<[string, StagePlan[]]> = [['auto', balanceSplit(c, [1, 1], { seqLen: T }).plans]];
+const measured = await measureUnitCosts(dir, [{ sequences: B, seqLen: T, adapter: spec }]);
+const candidates: Array<[string, StagePlan[]]> = [
+  ['auto', balanceSplit(c, [1, 1], { seqLen: T }).plans],
+  ['measured', balanceSplit(c, [1, 1], { seqLen: T, ...(measured ? { costs: measured } : {}) }).plans],
+];
 for (let u = 1; u < 2 * c.numLayers; u++) {
   const layers = [u / 2, c.numLayers - u / 2];
   candidates.push([`[${layers.join(', ')}]`, explicitSplit(c, layers)]);
@@ -106,7 +112,12 @@ for (let u = 1; u < 2 * c.numLayers; u++) {
 console.log(
   `${modelDir}: ${c.numLayers} layers, hidden ${H}, vocab ${c.vocabSize}; micro-batch ${B} × ${T} tokens, r 8 on all modules, 1 thread, min of ${reps}`,
 );
-console.log(`auto: ${describeSplit(candidates[0]![1], ['cpu:0', 'cpu:1']).replace(/\n/g, ' | ')}`);
+for (const [name, plans] of candidates.slice(0, 2))
+  console.log(`${name}: ${describeSplit(plans, ['cpu:0', 'cpu:1']).replace(/\n/g, ' | ')}`);
+if (measured)
+  console.log(
+    `measured unit costs (ms): attention ${measured.attention.toFixed(2)}, MLP ${measured.mlp.toFixed(2)}, head ${measured.head.toFixed(2)}`,
+  );
 console.log('split        stage 0 ms  stage 1 ms  slower');
 for (const [name, plans] of candidates) {
   const [a, b] = await cost(plans);

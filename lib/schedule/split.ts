@@ -1,9 +1,11 @@
 // Stage balance: where to cut the model into pipeline stages. A cost model gives each half of a
-// layer (attention, MLP), the embedding and the head their FLOPs per token (forward + backward, no
-// weight grads), and the contiguous split that minimises the slowest stage's time (cost / device
-// speed) wins. Cuts go between layers; where whole layers cannot balance, a cut may fall inside a
-// layer, after its attention (StagePlan.lastAttnOnly / firstMlpOnly), and the stage before the
-// last may run a share of the head's rows (StagePlan.headShare).
+// layer (attention, MLP) and the head a cost per micro-batch, and the contiguous split that
+// minimises the slowest stage's time (cost / device speed) wins. The costs are FLOPs (forward +
+// backward, no weight grads) unless the profile brings measured ones (lib/schedule/calibrate.ts:
+// on a small model, per-op overheads and each kernel's own efficiency weigh more than FLOPs).
+// Cuts go between layers; where whole layers cannot balance, a cut may fall inside a layer, after
+// its attention (StagePlan.lastAttnOnly / firstMlpOnly), and the stage before the last may run a
+// share of the head's rows (StagePlan.headShare).
 import type { LlamaConfig } from '../model/config.js';
 import type { StagePlan } from '../model/batch.js';
 import { headRows } from '../model/head.js';
@@ -37,15 +39,37 @@ export function headFlopsPerToken(c: LlamaConfig, targetFraction = 1): number {
   return 2 * 2 * c.hiddenSize * c.vocabSize * headRows(1, targetFraction);
 }
 
-/** What the data looks like, for the cost model: sequence length and the fraction of rows with a target. */
+/**
+ * What one micro-batch costs, per kind of unit: a layer's attention half, a layer's MLP half (every
+ * layer alike) and the head on the targeted rows; forward + backward. Any unit (FLOPs per token,
+ * ms per micro-batch): only the ratios matter.
+ */
+export interface UnitCosts {
+  attention: number;
+  mlp: number;
+  head: number;
+}
+
+/** What the data looks like, for the cost model: sequence length, the fraction of rows with a target, or measured costs. */
 export interface SplitProfile {
   seqLen?: number;
   targetFraction?: number;
+  /** Costs to balance instead of FLOP counts (measured on the stages' machine: lib/schedule/calibrate.ts). */
+  costs?: UnitCosts;
+}
+
+/** The FLOP costs per token of the units at the profile's sequence length and targeted rows. */
+export function flopCosts(c: LlamaConfig, profile: SplitProfile = {}): UnitCosts {
+  return {
+    attention: attentionFlopsPerToken(c, profile.seqLen ?? 512),
+    mlp: mlpFlopsPerToken(c),
+    head: headFlopsPerToken(c, profile.targetFraction),
+  };
 }
 
 export interface SplitResult {
   plans: StagePlan[];
-  /** Estimated cost of each stage (FLOPs per token / relative speed). */
+  /** Estimated cost of each stage (in the units of the costs: FLOPs per token, or measured ms / relative speed). */
   cost: number[];
 }
 
@@ -120,14 +144,11 @@ function bestUnits(units: number[], hf: number, speeds: number[], step: number):
 
 /** Contiguous split of the model over stages with relative speeds (e.g. thread counts). */
 export function balanceSplit(c: LlamaConfig, speeds: number[], profile: SplitProfile = {}): SplitResult {
-  const T = profile.seqLen ?? 512;
   const S = speeds.length;
   const L = c.numLayers;
   if (S < 1) throw new Error('at least one device is needed');
   if (S > L) throw new Error(`${S} stages for a model of ${L} layers: use at most ${L} devices`);
-  const af = attentionFlopsPerToken(c, T),
-    mf = mlpFlopsPerToken(c);
-  const hf = headFlopsPerToken(c, profile.targetFraction);
+  const { attention: af, mlp: mf, head: hf } = profile.costs ?? flopCosts(c, profile);
   const units = Array.from({ length: 2 * L }, (_, u) => (u % 2 === 0 ? af : mf));
   const whole = bestUnits(units, hf, speeds, 2);
   // a cut inside a layer loads that layer's weights on both stages: only for a real gain

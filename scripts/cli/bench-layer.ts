@@ -273,7 +273,10 @@ export function loraOverhead(d: Device, rng: Rng, opts: BenchOptions, log: (s: s
     log('');
     log('LoRA overhead of one layer forward+backward (bench model, 2048 tokens)');
     variants.forEach(([name], i) => log(`  ${name.padEnd(34)} ${best[i]!.toFixed(1).padStart(8)} ms`));
-    log(`  ratio ${ratio.toFixed(3)}× (the LoRA expand runs inside the base GEMMs: linear ops take the segments)`);
+    log(
+      `  ratio ${ratio.toFixed(3)}× (linear ops take the segments: LoRA's expand runs in the base GEMMs' tile epilogues; ` +
+        'backward reads dy and x once per row group for dxa, dA and dB)',
+    );
     return { noLoraMs: best[0], loraMs: best[1], ratio };
   } catch (e) {
     log(`  (LoRA overhead failed: ${(e as Error).message})`);

@@ -4,7 +4,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import YAML from 'yaml';
 import type { TrainConfig } from '../../lib/config.js';
-import type { SplitProfile } from '../../lib/schedule/split.js';
 
 /** Reads a config file and resolves its relative paths against the file's folder. */
 export function readConfigFile(file: string): unknown {
@@ -79,9 +78,4 @@ export function checkPaths(cfg: TrainConfig, where: string): void {
     }
   });
   if (problems.length) throw new Error(problems.map((p) => `${where}: ${p}`).join('\n'));
-}
-
-/** The cost model's view of the data: the longest sequences the adapters train on. */
-export function splitProfile(cfg: TrainConfig): SplitProfile {
-  return { seqLen: Math.max(...cfg.adapters.map((a) => a.seq_len)) };
 }

@@ -11,15 +11,16 @@ import { activationBytes, scratchBytes, workBytes } from '../../lib/model/activa
 import { linearQuantization, stageWeightBreakdown } from '../../lib/model/weights.js';
 import { StageAdapter } from '../../lib/lora/adapter.js';
 import { loraSpec } from '../../actors/scheduler/prepare.js';
-import { splitProfile } from './train-config.js';
+import { splitProfile, type ProfiledSplit } from './train-split.js';
 
 export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?: ClusterOptions): Promise<void> {
   const dir = openModelDir(cfg.model);
   const c = dir.config;
+  const profiled = await splitProfile(cfg, !!cluster);
   const lo = {
     devices: cfg.devices,
     split: cfg.pipeline.split,
-    splitProfile: splitProfile(cfg),
+    splitProfile: profiled.profile,
     ...(cfg.pipeline.threads ? { threads: cfg.pipeline.threads } : {}),
     ...(cfg.pipeline.memory !== undefined ? { memory: cfg.pipeline.memory } : {}),
   };
@@ -38,6 +39,7 @@ export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?:
     `model ${cfg.model}: ${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads}/${c.numKvHeads} heads, vocab ${c.vocabSize}`,
   );
   out(describeSplit(layout.plans, layout.devices));
+  if (cfg.pipeline.split === 'auto') out(splitCosts(profiled));
   const baseFormat = { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) };
   const q = linearQuantization(dir, cfg.quantize);
   const fmt0 = stageWeightBreakdown(dir, layout.plans[0]!, baseFormat);
@@ -86,4 +88,15 @@ export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?:
   out(
     `estimated throughput: ~${Math.round((gflops * 1e9) / flopsPerToken)} tokens/s (${(flopsPerToken / 1e6).toFixed(1)} MFLOP per token, ~${gflops} GFLOP/s assumed)`,
   );
+}
+
+/** What the 'auto' split balanced, in one line. */
+function splitCosts({ profile, shapes, measured }: ProfiledSplit): string {
+  const data = shapes.some((s) => s)
+    ? `sequences of ~${Math.round(profile.seqLen!)} tokens, ${Math.round(100 * profile.targetFraction!)}% of the rows targeted (sampled from the data)`
+    : `sequences of ${profile.seqLen} tokens (seq_len)`;
+  const k = profile.costs;
+  return k && measured
+    ? `split costs: measured on this machine over a step of ${measured.adapters === 1 ? 'the adapter' : `${measured.adapters} adapters`} (${measured.microBatches} micro-batch${measured.microBatches === 1 ? '' : 'es'}, ~${measured.tokens} tokens; ${data}): a layer's attention ${k.attention.toFixed(2)} ms, its MLP ${k.mlp.toFixed(2)} ms, the head ${k.head.toFixed(2)} ms`
+    : `split costs: FLOPs at ${data}`;
 }

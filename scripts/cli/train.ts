@@ -28,7 +28,8 @@ import {
 import { hashConfig } from '../../lib/io/checkpoint.js';
 import { machineInfo, mloraVersion } from '../../lib/machine.js';
 import { DEMO_MODEL, demoConfig } from './train-demo.js';
-import { checkPaths, readConfigFile, splitProfile } from './train-config.js';
+import { checkPaths, readConfigFile } from './train-config.js';
+import { splitProfile } from './train-split.js';
 import { plan } from './train-plan.js';
 import { earlierEvents, summaryTable } from './train-summary.js';
 
@@ -182,11 +183,12 @@ export async function main(argv: string[]): Promise<number> {
   const t0 = Date.now();
   let sup: JobScheduler;
   try {
+    const { profile } = await splitProfile(cfg, !!cluster);
     sup = await JobScheduler.start({
       model: cfg.model,
       devices: cfg.devices,
       split: cfg.pipeline.split,
-      splitProfile: splitProfile(cfg),
+      splitProfile: profile,
       output: cfg.output,
       resume,
       overwrite,

@@ -205,6 +205,10 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
     r.out,
     /stage 0 on cpu:0: (?:layers 0-\d|layer 0 to the attention of layer \d) \+ embedding(?: \+ norm\/head\/loss of \d+% of the targeted rows \(training\))?\nstage 1 on cpu:1: (?:layers \d-4|the MLP of layer \d to layer 4) \+ norm\/head\/loss/,
   );
+  t.match(
+    r.out,
+    /\nsplit costs: measured on this machine over a step of 4 adapters \(5 micro-batches, ~\d+ tokens; sequences of ~\d+ tokens, \d+% of the rows targeted \(sampled from the data\)\): a layer's attention [\d.]+ ms, its MLP [\d.]+ ms, the head [\d.]+ ms\n/,
+  );
   t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from \d adapter\(s\), 4 in flight\):/);
   for (const s of [0, 1]) {
     t.match(

@@ -108,11 +108,13 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
   hosts.set('hD', serve('hD', ['--model', other]));
   for (const p of hosts.values()) await waitFor(p, /ready/);
 
-  const config = (name: string, devices: string[], modelDir = model) => {
+  const config = (name: string, devices: string[], modelDir = model, everyRow = false) => {
     const c = smallConfig(modelDir, path.join(tmp, name), { steps: 6, saveEvery: 100 }) as ReturnType<
       typeof smallConfig
     > & { devices: string[] };
     c.devices = devices;
+    // the split counts the head on the targeted rows only: training on the prompts too targets every row
+    if (everyRow) for (const a of c.adapters) (a as { train_on_inputs?: boolean }).train_on_inputs = true;
     return writeJson(path.join(tmp, `${name}.json`), c);
   };
   const HOSTS = ['hA/cpu:0', 'hB/cpu:0', 'hC/cpu:0'];
@@ -150,15 +152,15 @@ t.test('stages on namespaced hosts over NATS', { skip, timeout: 900_000 }, async
     assertSameAdapters(t, 'local', 'remote');
   });
 
-  // a head twice the tiny one's: the split gives stage 1 a share of it, so the last stage's
+  // a head twice the tiny one's, on every row: the split gives stage 1 a share of it, so the last stage's
   // final hidden states go to stage 1's host and the share's rows of the gradient and losses
   // come back (partial slots), all relayed over NATS
   await t.test('a head share on stage 1: 3 stages on 3 hosts bitwise equal to the one-process run', async (t) => {
     const wide = await tinyModelWithLayers(4, 7, 1024);
     t.teardown(() => fs.rmSync(wide, { recursive: true, force: true }));
-    const one = trainLocally(config('wide-local', ['cpu:0', 'cpu:1', 'cpu:2'], wide));
+    const one = trainLocally(config('wide-local', ['cpu:0', 'cpu:1', 'cpu:2'], wide, true));
     t.equal(one.status, 0, 'one-process run: exit 0');
-    const p = trainOnCluster(config('wide-remote', HOSTS, wide), '--progress', 'plain');
+    const p = trainOnCluster(config('wide-remote', HOSTS, wide, true), '--progress', 'plain');
     await exitsZero(t, p, 'cluster run');
     t.match(
       p.out(),

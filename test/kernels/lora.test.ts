@@ -274,57 +274,77 @@ for (const dropout of [false, true]) {
 // The kernel runs AVX-512, AVX2 or portable tile code (the widest whose vector width divides in
 // and out, unless MLORA_GEMM_KERNEL asks for a narrower one; read at each call). Every path this
 // CPU has, on widths that all paths accept, ranks below, at and above one vector (padded xa
-// rows), segments longer than one row block, dropout on; 1 and 2 threads bitwise equal.
+// rows), segments longer than one row block, dropout on; 1 and 2 threads bitwise equal. The long
+// case has segments of several backward row groups (512 rows each, the last one partial), whose
+// shares of dA and dB are summed after the groups' passes.
+const PATH_CASES: Array<{ name: string; rows: number; specs: Spec[]; tol: Tolerance }> = [
+  {
+    name: 'segments of 70-79 rows',
+    rows: 230,
+    specs: [
+      { rowStart: 0, rowEnd: 70, r: 16, scale: 2.0, dropout: 0.1, seed: 5, position: 300 },
+      { rowStart: 75, rowEnd: 150, r: 5, scale: 0.5, dropout: 0, seed: 0, position: 0 },
+      { rowStart: 150, rowEnd: 229, r: 20, scale: 0.25, dropout: 0.3, seed: 9, position: 12 },
+    ],
+    // Sums of up to 48 (forward) or 79 (dA, dB: over a segment's rows) float products of O(1)
+    // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
+    tol: { atol: 5e-5, rtol: 5e-5 },
+  },
+  {
+    name: 'segments of 3 and 2 row groups',
+    rows: 1700,
+    specs: [
+      { rowStart: 0, rowEnd: 1100, r: 16, scale: 2.0, dropout: 0.1, seed: 5, position: 300 },
+      { rowStart: 1100, rowEnd: 1690, r: 5, scale: 0.5, dropout: 0, seed: 0, position: 0 },
+    ],
+    // dA and dB sum 1100 products of O(1) terms (|dA|, |dB| up to ~100): float rounding of such a
+    // sum is ~1e-5 relative; 2e-4 leaves margin without hiding a lost or doubled group (≥ 1e-1).
+    tol: { atol: 2e-4, rtol: 2e-4 },
+  },
+];
 for (const [kernel, have] of KERNEL_PATHS) {
-  t.test(
-    `MLORA_GEMM_KERNEL=${kernel}: forward and backward vs float64, 1 and 2 threads bitwise`,
-    skipUnless(kernel, have),
-    async (t) => {
-      const inDim = 48,
-        outDim = 32,
-        rows = 230;
-      const specs: Spec[] = [
-        { rowStart: 0, rowEnd: 70, r: 16, scale: 2.0, dropout: 0.1, seed: 5, position: 300 },
-        { rowStart: 75, rowEnd: 150, r: 5, scale: 0.5, dropout: 0, seed: 0, position: 0 },
-        { rowStart: 150, rowEnd: 229, r: 20, scale: 0.25, dropout: 0.3, seed: 9, position: 12 },
-      ];
-      const rng = new Rng(36, 'lora-path', kernel);
-      const ads = adapters(rng, specs, true, inDim, outDim);
-      const ms = masks(ads, inDim);
-      const p = inputs(rng, ads, rows, inDim, outDim);
-      const { x, y0, dy, dx0 } = p;
-      const ref = reference(ads, ms, x, y0, dy, dx0, inDim, outDim);
-      // Sums of up to 48 (forward) or 79 (dA, dB: over a segment's rows) float products of O(1)
-      // terms: rounding ≲ 79·2⁻²⁴·|terms| ≈ 1e-5.
-      const tol = { atol: 5e-5, rtol: 5e-5 };
-      const results: Float32Array[][] = [];
-      await withKernel(kernel, async () => {
-        for (const threads of [1, 2]) {
-          const dev = cpuDevice(threads);
-          const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
-          const xt = f32(dev, [rows, inDim], x),
-            y = f32(dev, [rows, outDim], y0),
-            dx = f32(dev, [rows, inDim], dx0);
-          const segments = bound.map((b) => b.seg) as never;
-          await dev.run([
-            { op: 'lora_forward', y, x: xt, segments },
-            { op: 'lora_backward', dx, dy: f32(dev, [rows, outDim], dy), x: xt, segments },
-          ]);
-          const at = `(${threads} thread(s))`;
-          assertClose(t, read(y), ref.y, tol, `y ${at}`);
-          assertClose(t, read(dx), ref.dx, tol, `dx ${at}`);
-          bound.forEach((b, k) =>
-            assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`),
-          );
-          assertAdapterGrads(t, bound, ref, p, tol, at);
-          results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
-        }
-      });
-      results[1]!.forEach((arr, i) =>
-        assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`),
-      );
-    },
-  );
+  for (const { name, rows, specs, tol } of PATH_CASES) {
+    t.test(
+      `MLORA_GEMM_KERNEL=${kernel}, ${name}: forward and backward vs float64, 1 and 2 threads bitwise`,
+      skipUnless(kernel, have),
+      async (t) => {
+        const inDim = 48,
+          outDim = 32;
+        const rng = new Rng(36, 'lora-path', kernel, rows);
+        const ads = adapters(rng, specs, true, inDim, outDim);
+        const ms = masks(ads, inDim);
+        const p = inputs(rng, ads, rows, inDim, outDim);
+        const { x, y0, dy, dx0 } = p;
+        const ref = reference(ads, ms, x, y0, dy, dx0, inDim, outDim);
+        const results: Float32Array[][] = [];
+        await withKernel(kernel, async () => {
+          for (const threads of [1, 2]) {
+            const dev = cpuDevice(threads);
+            const bound = bind(dev, ads, p.da0, p.db0, inDim, outDim);
+            const xt = f32(dev, [rows, inDim], x),
+              y = f32(dev, [rows, outDim], y0),
+              dx = f32(dev, [rows, inDim], dx0);
+            const segments = bound.map((b) => b.seg) as never;
+            await dev.run([
+              { op: 'lora_forward', y, x: xt, segments },
+              { op: 'lora_backward', dx, dy: f32(dev, [rows, outDim], dy), x: xt, segments },
+            ]);
+            const at = `(${threads} thread(s))`;
+            assertClose(t, read(y), ref.y, tol, `y ${at}`);
+            assertClose(t, read(dx), ref.dx, tol, `dx ${at}`);
+            bound.forEach((b, k) =>
+              assertClose(t, read(b.xa), ref.xas[k]!, tol, `xa of adapter ${k} (rank ${ads[k]!.r}) ${at}`),
+            );
+            assertAdapterGrads(t, bound, ref, p, tol, at);
+            results.push([read(y), read(dx), ...bound.flatMap((b) => [read(b.xa), read(b.da), read(b.db)])]);
+          }
+        });
+        results[1]!.forEach((arr, i) =>
+          assertBitwise(t, arr, results[0]![i]!, `output ${i}: 2 threads == 1 thread, bitwise`),
+        );
+      },
+    );
+  }
 }
 
 // linear_forward / linear_backward with `segments`: the base projection and its LoRA in one

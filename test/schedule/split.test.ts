@@ -8,6 +8,7 @@ import {
   balanceSplit,
   describeSplit,
   explicitSplit,
+  flopCosts,
   HALF_LAYER_GAIN,
   HEAD_SHARE_GAIN,
   headFlopsPerToken,
@@ -176,17 +177,20 @@ t.test(
   },
 );
 
+/** The shape of stories260K (5 layers, hidden 64, vocab 512): the demo's model. */
+const STORIES: LlamaConfig = {
+  ...PRESETS.tiny,
+  numLayers: 5,
+  intermediateSize: 172,
+  numHeads: 8,
+  numKvHeads: 4,
+  headDim: 8,
+};
+
 t.test("inside a layer: an odd number of equal layers on 2 stages is cut after a layer's attention", async (t) => {
-  // the shape of stories260K (5 layers, hidden 64, vocab 512) at 256 tokens: whole layers give
+  // stories260K at 256 tokens: whole layers give
   // 3 | 2 + head, ~10% apart; a cut after layer 2's attention and a share of the head even it out
-  const c: LlamaConfig = {
-    ...PRESETS.tiny,
-    numLayers: 5,
-    intermediateSize: 172,
-    numHeads: 8,
-    numKvHeads: 4,
-    headDim: 8,
-  };
+  const c = STORIES;
   const r = balanceSplit(c, [1, 1], { seqLen: 256 });
   t.same(
     r.plans.map((p) => [p.lo, p.hi, !!p.lastAttnOnly, !!p.firstMlpOnly]),
@@ -249,4 +253,30 @@ t.test('errors', async (t) => {
     () => resolveLayout(PRESETS.tiny, { devices: ['cpu:0', 'cpu:1', 'cpu:2'], threads: 1 }),
     /use at most 2 devices/,
   );
+});
+
+t.test('measured costs: the split balances the unit costs it is given, FLOP counts by default', async (t) => {
+  // stories260K: at 256 tokens FLOPs put a layer's attention at 55% of it
+  const c = STORIES;
+  const profile = { seqLen: 256 };
+  t.same(
+    balanceSplit(c, [1, 1], { ...profile, costs: flopCosts(c, profile) }),
+    balanceSplit(c, [1, 1], profile),
+    'no costs given: the FLOP costs',
+  );
+  // costs as timed on a CPU (ms per micro-batch): the attention half is the cheaper one, so the
+  // stage with three of them (0) takes more of the head, 0.5 + (mlp - attention) / (2 head) of it
+  const costs = { attention: 2.4, mlp: 3.6, head: 1.5 };
+  const r = balanceSplit(c, [1, 1], { ...profile, costs });
+  t.same(
+    r.plans.map((p) => [p.lo, p.hi, !!p.lastAttnOnly, !!p.firstMlpOnly]),
+    [
+      [0, 3, true, false],
+      [2, 5, false, true],
+    ],
+  );
+  t.equal(r.plans[0]!.headShare, 0.9, 'stage 0 runs 90% of the head');
+  t.ok(Math.abs(r.cost[0]! - r.cost[1]!) <= 1e-9, `both stages cost the same: ${r.cost}`);
+  t.ok(Math.abs(r.cost[0]! - (3 * 2.4 + 2 * 3.6 + 0.9 * 1.5)) <= 1e-9, `stage cost in the costs' unit: ${r.cost[0]}`);
+  t.ok(balanceSplit(c, [1, 1], profile).plans[0]!.headShare! < 0.5, 'FLOPs give stage 0 less than half');
 });

@@ -25,14 +25,16 @@
 // step into `seed` (DESIGN §5). With p = 0 no mask is computed at all.
 //
 // Speed: rows are independent in every product but dA and dB, so the work is split into
-// blocks of rows (and, for dA/dB, blocks of columns, each summing over all the segment's rows
-// in row order), handed out dynamically over all segments at once. Each block is a few tile
+// blocks of rows handed out dynamically over all segments at once; backward's items are groups
+// of kGroupRows rows of a segment, each summing its own share of dA and dB (the shares are then
+// added in group order, and group bounds depend on the segment alone). Each item is a few tile
 // GEMMs on register-blocked micro-tiles (simd.h / tile_gemm.inc; AVX-512, AVX2 or portable, the
 // widest whose vector width divides in and out): forward reads a row block of x once and
-// updates its y rows once (xa stays in L1 between shrink and expand); the per-segment operands
-// Aᵀ, scale·Bᵀ and scale·B are packed once per call. A row's results do not depend on the
-// block it falls in, the thread that runs it or the other segments, so the segmented call
-// equals a loop of single-segment calls bit for bit, for any thread count.
+// updates its y rows once (xa stays in L1 between shrink and expand); backward reads each chunk
+// of dy and x rows once from memory for dxa, dB and dA together. The per-segment operands Aᵀ,
+// scale·Bᵀ, scale·B and A are packed once per call. A row's results do not depend on the block
+// it falls in, the thread that runs it or the other segments, so the segmented call equals a
+// loop of single-segment calls bit for bit, for any thread count.
 //
 // linear_lora_forward / linear_lora_backward (a projection with its LoRA, one op): the shrink
 // (forward xa; backward dxa, dA, dB) runs first, then the base GEMM adds the expand to each
@@ -41,8 +43,9 @@
 // lora_forward's / lora_backward's, so fused and separate ops agree bit for bit.
 //
 // Scratch (the calling thread's, grown on demand and kept; never counted against the device
-// budget): packed operands r·(in + 2·out) per segment, dxa [rows, rp] and, with dropout, D∘x
-// [rows, in] for backward; a block of rows × (rp + in) per pool thread.
+// budget): packed operands r·(2·in + 2·out) per segment, dxa [rows, rp], dB's share [r, out] per
+// row group, dA's [r, in] per row group after the first and, with dropout, D∘x [rows, in] for
+// backward; a block of rows × (rp + in) per pool thread.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -56,10 +59,18 @@ namespace mlora::cpu {
 
 namespace {
 
-constexpr int64_t RB = 64;         // rows per block
-constexpr int64_t CB = 128;        // dA / dB columns per block
-constexpr int64_t kRowChunk = 64;  // dA / dB: rows of a column block copied at once (lora_tiles.inc)
-constexpr int64_t kColWork = kRowChunk * CB;
+constexpr int64_t RB = 64;           // rows per block
+constexpr int64_t kRowChunk = 64;    // backward: rows whose dy and x one step of a group pass reads
+constexpr int64_t kGroupRows = 512;  // backward: rows of a segment one work item sums dA and dB over
+// The expand operands (forward scale·Bᵀ, backward A: r rows × out or in columns) are stored in
+// panels of kPanel columns, each panel r × kPanel contiguous: a GEMM epilogue tile (at most 32
+// columns, gemm.cc's never cross a multiple of 32) reads its r × 32 block as one contiguous 2 KiB
+// run instead of r rows a whole operand row apart.
+constexpr int64_t kPanel = 32;
+
+// Panel layout of an r × cols operand: element (c, j) at panel_at(r, c, j).
+inline int64_t panel_at(int64_t r, int64_t c, int64_t j) { return j / kPanel * r * kPanel + c * kPanel + j % kPanel; }
+inline int64_t panel_floats(int64_t r, int64_t cols) { return (cols + kPanel - 1) / kPanel * kPanel * r; }
 
 struct LoraCall {
   const float *x, *dy;
@@ -72,11 +83,14 @@ struct SegmentOps {
   const LoraSegment* seg;
   int64_t rp;       // rank rounded up to the vector width
   const float* at;  // forward: Aᵀ [in, rp], zero-padded columns
-  const float* bt;  // forward: scale·Bᵀ [r, out]
+  const float* bt;  // forward: scale·Bᵀ [r, out] in panels
   const float* bs;  // backward: scale·B [out, rp], zero-padded columns
+  const float* ap;  // backward: A [r, in] in panels
   float* dxa;       // backward: dy·(scale·B) [rows, rp]
   float* xd;        // backward with dropout and dA: D∘x [rows, in]; else null
-  float* dbt;       // backward: xaᵀ·dy [r, out]
+  float* dbt;       // backward: xaᵀ·dy [r, out] of each row group (groups × r × out)
+  float* dap;       // backward: dA of each row group after the first ((groups - 1) × r × in)
+  int64_t groups;   // backward: row groups of kGroupRows
 };
 
 // dst[i, :] = D(row i0+i) ∘ src[i, :] for rows [0, rows) of a segment (dst += with accumulate).
@@ -128,10 +142,8 @@ void mask_tile_add(float* c, int64_t ldc, const float* tmp, int64_t rows, int64_
 struct LoraKernels {
   float* (*shrink_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
   void (*forward_block)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*rows_dxa)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb);
+  void (*group)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rows, float* dbt, float* da, bool da_add);
   void (*rows_dx)(const LoraCall&, const SegmentOps&, int64_t i0, int64_t rb, float* work);
-  void (*cols_da)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
-  void (*cols_db)(const LoraCall&, const SegmentOps&, int64_t c0, int64_t nc, float* work);
   void (*epilogue)(const LoraCall&, const std::vector<SegmentOps>&, bool backward, int64_t i0, int64_t m, int64_t j0,
                    int64_t n, float* c, int64_t ldc);
   int64_t width;  // the vector width: xa / dxa rows are padded to a multiple of it
@@ -186,28 +198,29 @@ std::vector<SegmentOps> active_ops(const LoraSegment* segs, int64_t nseg, int64_
   for (int64_t k = 0; k < nseg; k++)
     if (active(segs[k])) {
       const int64_t rp = (segs[k].rank + width - 1) / width * width;
-      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr});
+      ops.push_back({&segs[k], rp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0});
       need += size_t(floats(segs[k], rp));
     }
   p = grow(packed, need);
   return ops;
 }
 
-// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out].
+// Forward operands of every segment with rows and rank: Aᵀ [in, rp] and scale·Bᵀ [r, out] (panels).
 std::vector<SegmentOps> prepare_forward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                         std::vector<float>& packed) {
   float* p = nullptr;
-  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p,
-                                           [&](const LoraSegment& s, int64_t rp) { return in * rp + s.rank * out; });
+  std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
+    return in * rp + panel_floats(s.rank, out);
+  });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
     float* at = p;
     simd::pack_transposed_scalar(at, g.rp, s.a, in, 0, s.rank, in);  // Aᵀ [in, rp]
     float* bt = at + in * g.rp;
     for (int64_t o = 0; o < out; o++)
-      for (int64_t c = 0; c < s.rank; c++) bt[c * out + o] = s.scale * s.b[o * s.rank + c];
+      for (int64_t c = 0; c < s.rank; c++) bt[panel_at(s.rank, c, o)] = s.scale * s.b[o * s.rank + c];
     g.at = at, g.bt = bt;
-    p = bt + s.rank * out;
+    p = bt + panel_floats(s.rank, out);
   }
   return ops;
 }
@@ -218,14 +231,17 @@ int64_t max_rp(const std::vector<SegmentOps>& ops) {
   return m;
 }
 
-// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp],
-// dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out].
+// Backward operands and scratch of every segment with rows and rank: scale·B [out, rp], A [r, in]
+// (panels), dxa [rows, rp], D∘x [rows, in] (dropout and dA only), xaᵀ·dy [r, out] per row group, and dA
+// [r, in] per row group after the first (the first adds straight onto da).
 std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, int64_t in, int64_t out, int64_t width,
                                          std::vector<float>& packed) {
   float* p = nullptr;
+  auto groups = [](const LoraSegment& s) { return (s.row_end - s.row_start + kGroupRows - 1) / kGroupRows; };
   std::vector<SegmentOps> ops = active_ops(segs, nseg, width, packed, p, [&](const LoraSegment& s, int64_t rp) {
     const int64_t rows = s.row_end - s.row_start;
-    return out * rp + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) + s.rank * out;
+    return out * rp + panel_floats(s.rank, in) + rows * rp + (s.dropout > 0.f && s.da ? rows * in : 0) +
+           groups(s) * s.rank * out + (s.da ? (groups(s) - 1) * s.rank * in : 0);
   });
   for (SegmentOps& g : ops) {
     const LoraSegment& s = *g.seg;
@@ -236,48 +252,69 @@ std::vector<SegmentOps> prepare_backward(const LoraSegment* segs, int64_t nseg, 
       std::fill(bs + o * g.rp + s.rank, bs + (o + 1) * g.rp, 0.f);
     }
     g.bs = bs;
-    g.dxa = bs + out * g.rp;
+    float* ap = bs + out * g.rp;
+    for (int64_t c = 0; c < s.rank; c++)
+      for (int64_t i = 0; i < in; i++) ap[panel_at(s.rank, c, i)] = s.a[c * in + i];
+    g.ap = ap;
+    g.dxa = ap + panel_floats(s.rank, in);
     p = g.dxa + rows * g.rp;
     if (s.dropout > 0.f && s.da) g.xd = p, p += rows * in;
+    g.groups = groups(s);
     g.dbt = p;
-    p += s.rank * out;
+    p += g.groups * s.rank * out;
+    if (s.da) g.dap = p, p += (g.groups - 1) * s.rank * in;
   }
   return ops;
 }
 
-// Backward without the base GEMM: dxa by row blocks, then dA and dB by column blocks and, with
-// with_dx, dx by row blocks.
+// Backward without the base GEMM: one pass over each row group of every segment (its dxa and its
+// share of dA and dB), then the groups' shares summed in group order (group boundaries depend on
+// the segment alone, so dA and dB do not depend on the thread count), dBᵀ added into dB and,
+// with with_dx, dx by row blocks.
 void backward_passes(Exec& ex, const LoraKernels& K, const std::vector<SegmentOps>& ops, const LoraCall& C,
                      bool with_dx, std::vector<float>& work) {
-  const std::vector<Item> rows = row_items(ops);
-  ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int) {
-    const Item& b = rows[size_t(it)];
-    K.rows_dxa(C, ops[size_t(b.seg)], b.start, b.count);
-  });
-  struct Work {
-    int kind;  // 0 dx rows, 1 dA columns, 2 dB columns
-    Item at;
-  };
-  std::vector<Work> items;
-  for (size_t k = 0; k < ops.size(); k++) {  // the column items sum over all their segment's rows: first
-    if (ops[k].seg->db)
-      for (int64_t c0 = 0; c0 < C.out; c0 += CB) items.push_back({2, {int64_t(k), c0, std::min(CB, C.out - c0)}});
-    if (ops[k].seg->da)
-      for (int64_t c0 = 0; c0 < C.in; c0 += CB) items.push_back({1, {int64_t(k), c0, std::min(CB, C.in - c0)}});
+  std::vector<Item> groups;
+  for (size_t k = 0; k < ops.size(); k++) {
+    const int64_t rows = ops[k].seg->row_end - ops[k].seg->row_start;
+    for (int64_t i0 = 0; i0 < rows; i0 += kGroupRows)
+      groups.push_back({int64_t(k), i0, std::min(kGroupRows, rows - i0)});
   }
-  if (with_dx)
-    for (const Item& b : rows) items.push_back({0, b});
-  const int64_t per_thread = std::max(with_dx ? RB * C.in : 0, kColWork);
+  ex.pool().parallel_dynamic(int64_t(groups.size()), [&](int64_t it, int) {
+    const Item& b = groups[size_t(it)];
+    const SegmentOps& g = ops[size_t(b.seg)];
+    const LoraSegment& s = *g.seg;
+    const int64_t q = b.start / kGroupRows;
+    float* dbt = s.db ? g.dbt + q * s.rank * C.out : nullptr;
+    float* da = !s.da ? nullptr : q == 0 ? s.da : g.dap + (q - 1) * s.rank * C.in;
+    K.group(C, g, b.start, b.count, dbt, da, q == 0);
+  });
+  ex.pool().parallel_dynamic(int64_t(2 * ops.size()), [&](int64_t it, int) {
+    const SegmentOps& g = ops[size_t(it / 2)];
+    const LoraSegment& s = *g.seg;
+    const int64_t r = s.rank;
+    if (it % 2 == 0 && s.da) {
+      for (int64_t q = 1; q < g.groups; q++) {
+        const float* part = g.dap + (q - 1) * r * C.in;
+#pragma omp simd
+        for (int64_t i = 0; i < r * C.in; i++) s.da[i] += part[i];
+      }
+    } else if (it % 2 == 1 && s.db) {
+      for (int64_t q = 1; q < g.groups; q++) {
+        const float* part = g.dbt + q * r * C.out;
+#pragma omp simd
+        for (int64_t i = 0; i < r * C.out; i++) g.dbt[i] += part[i];
+      }
+      for (int64_t o = 0; o < C.out; o++)
+        for (int64_t k = 0; k < r; k++) s.db[o * r + k] += s.scale * g.dbt[k * C.out + o];
+    }
+  });
+  if (!with_dx) return;
+  const std::vector<Item> rows = row_items(ops);
+  const int64_t per_thread = RB * C.in;
   float* w = grow(work, size_t(per_thread * ex.pool().size()));
-  ex.pool().parallel_dynamic(int64_t(items.size()), [&](int64_t it, int tid) {
-    const Work& x = items[size_t(it)];
-    const SegmentOps& g = ops[size_t(x.at.seg)];
-    if (x.kind == 0)
-      K.rows_dx(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else if (x.kind == 1)
-      K.cols_da(C, g, x.at.start, x.at.count, w + tid * per_thread);
-    else
-      K.cols_db(C, g, x.at.start, x.at.count, w + tid * per_thread);
+  ex.pool().parallel_dynamic(int64_t(rows.size()), [&](int64_t it, int tid) {
+    const Item& b = rows[size_t(it)];
+    K.rows_dx(C, ops[size_t(b.seg)], b.start, b.count, w + tid * per_thread);
   });
 }
 
