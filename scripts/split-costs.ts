@@ -13,7 +13,7 @@ import { openModelDir } from '../lib/io/hf-model.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { StageProgram, type MicroBatch, type StagePlan } from '../lib/model/stage.js';
 import { balanceSplit, describeSplit, explicitSplit } from '../lib/schedule/split.js';
-import { measureUnitCosts } from '../lib/schedule/calibrate.js';
+import { measureUnitCosts, processCpuMs } from '../lib/schedule/calibrate.js';
 import { openDevice, type Tensor } from '../lib/tensor.js';
 import { LORA_TARGETS } from '../lib/model/config.js';
 import type { LoraSpec } from '../lib/lora/adapter.js';
@@ -44,10 +44,6 @@ const rowsOf = (id: number, lo: number, hi: number, segments = true): MicroBatch
     weights: dev.fromArray('f32', [hi - lo], weights.subarray(lo, hi)),
   },
 });
-const cpuMs = () => {
-  const u = process.cpuUsage();
-  return (u.user + u.system) / 1000;
-};
 
 /** [stage 0 ms, stage 1 ms] of a 2-stage split (min over reps after 2 warm-ups). */
 async function cost(plans: StagePlan[]): Promise<number[]> {
@@ -67,11 +63,11 @@ async function cost(plans: StagePlan[]): Promise<number[]> {
   const views: Tensor[] = [];
   for (let rep = 0; rep < reps + 2; rep++) {
     const mb = rowsOf(rep, 0, N);
-    let t = cpuMs();
+    let t = processCpuMs();
     await s0.forward(mb, ids, act);
-    let c0 = cpuMs() - t;
+    let c0 = processCpuMs() - t;
     let c1: number;
-    t = cpuMs();
+    t = processCpuMs();
     if (share > 0) {
       // the last stage's rows [0, r) of the head, the stage before's [r, N): as the runtime splits them
       const r = Math.round(N * (1 - share));
@@ -79,19 +75,19 @@ async function cost(plans: StagePlan[]): Promise<number[]> {
       const mine = [xf.rows(0, r), grad.rows(0, r)] as const;
       await s1.runHead(rowsOf(-1, 0, r, false), mine[0], mine[1]);
       await s1.backward(mb, grad);
-      c1 = cpuMs() - t;
-      t = cpuMs();
+      c1 = processCpuMs() - t;
+      t = processCpuMs();
       const theirs = [xf.rows(r, N), grad.rows(r, N)] as const;
       await s0.runHead(rowsOf(-2, r, N, false), theirs[0], theirs[1]);
-      c0 += cpuMs() - t;
+      c0 += processCpuMs() - t;
       views.push(...mine, ...theirs);
     } else {
       await s1.trainLast(mb, act, grad);
-      c1 = cpuMs() - t;
+      c1 = processCpuMs() - t;
     }
-    t = cpuMs();
+    t = processCpuMs();
     await s0.backward(mb, grad);
-    c0 += cpuMs() - t;
+    c0 += processCpuMs() - t;
     if (rep >= 2) [best[0], best[1]] = [Math.min(best[0]!, c0), Math.min(best[1]!, c1)];
   }
   for (const v of views) v.free();

@@ -101,19 +101,15 @@ export async function measureUnitCosts(
       };
       return [half(attention), half(mlp), () => head.runHead({ ...mb, segments: [] }, x, g)];
     });
-    const cpuMs = () => {
-      const u = process.cpuUsage();
-      return (u.user + u.system) / 1000;
-    };
     // every unit takes its turn each round, so a burst of other work on the machine slows one
     // round of them all rather than one unit's every repetition
     const best = units.map((u) => u.map(() => Infinity));
     for (let r = 0; r <= reps; r++)
       for (const [i, us] of units.entries())
         for (const [k, run] of us.entries()) {
-          const t = cpuMs();
+          const t = processCpuMs();
           await run();
-          if (r > 0) best[i]![k] = Math.min(best[i]![k]!, cpuMs() - t);
+          if (r > 0) best[i]![k] = Math.min(best[i]![k]!, processCpuMs() - t);
         }
     const sum = (k: number) => best.reduce((a, b, i) => a + b[k]! * shapes[i]!.scale, 0);
     return { attention: sum(0), mlp: sum(1), head: sum(2) };
@@ -121,6 +117,12 @@ export async function measureUnitCosts(
     for (const p of programs) p.free();
     for (const t of owned) t.free();
   }
+}
+
+/** This process's CPU time so far, in ms (user + system, every thread): what the unit timings count. */
+export function processCpuMs(): number {
+  const u = process.cpuUsage();
+  return (u.user + u.system) / 1000;
 }
 
 /**
