@@ -18,6 +18,14 @@ export interface Pipeline {
   exportAdapter(id: number): Promise<AdapterState>;
   /** Forward + loss + backward of one micro-batch through every stage; resolves with per-row losses. */
   train(mb: MicroBatchData): Promise<Float32Array>;
+  /**
+   * train() of a micro-batch of one adapter's next optimizer step, sent before that adapter's
+   * step now under way (step(), called or about to be) has been applied: every stage runs its
+   * forward only once it has applied the step there, so the result is the same as train() after
+   * step() returned, and the micro-batch waits in the stages' queues instead of a round trip
+   * through the scheduler. Absent: the scheduler waits for the step.
+   */
+  trainAfterStep?(mb: MicroBatchData): Promise<Float32Array>;
   /** Forward + loss only (no gradients, nothing saved). */
   evaluate(mb: MicroBatchData): Promise<Float32Array>;
   /** Σ grad² of an adapter over all stages. */

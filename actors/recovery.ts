@@ -73,6 +73,8 @@ export class Ledger {
   readonly versions = new Map<number, number>();
   /** Per adapter: the micro-batches of its current, unfinished step, in issue order. */
   readonly stepLog = new Map<number, MicroBatchData[]>();
+  /** Per adapter: micro-batches of its next step, sent before its step under way was applied (trainAfterStep). */
+  private readonly nextLog = new Map<number, MicroBatchData[]>();
   readonly issueOrder: MicroBatchData[] = [];
 
   /**
@@ -92,13 +94,24 @@ export class Ledger {
     return this.versions.get(id) ?? 0;
   }
 
-  /** A training micro-batch goes out: logged with the step of each of its adapters. */
-  issued(mb: MicroBatchData): void {
+  /** A training micro-batch goes out: logged with the step of each of its adapters (`ahead`: with the step after the one under way). */
+  issued(mb: MicroBatchData, ahead = false): void {
     this.issueOrder.push(mb);
+    const log = ahead ? this.nextLog : this.stepLog;
     for (const seg of mb.segments) {
-      if (!this.stepLog.has(seg.adapter)) this.stepLog.set(seg.adapter, []);
-      this.stepLog.get(seg.adapter)!.push(mb);
+      if (!log.has(seg.adapter)) log.set(seg.adapter, []);
+      log.get(seg.adapter)!.push(mb);
     }
+  }
+
+  /** The adapter's micro-batches sent ahead of its step under way. */
+  ahead(id: number): MicroBatchData[] {
+    return this.nextLog.get(id) ?? [];
+  }
+
+  /** True when `mb` was sent ahead of its adapter's step under way (it runs after that step, not in a replay of it). */
+  isAhead(mb: MicroBatchData): boolean {
+    return mb.segments.some((s) => this.nextLog.get(s.adapter)?.includes(mb));
   }
 
   /** An adapter joins (known before the stages have it: a recovery during the call puts it on every stage). */
@@ -112,12 +125,14 @@ export class Ledger {
       version: state.version,
     });
     this.stepLog.set(id, []);
+    this.nextLog.delete(id);
   }
 
   forget(id: number): void {
     this.specs.delete(id);
     this.snapshots.delete(id);
     this.stepLog.delete(id);
+    this.nextLog.delete(id);
     this.versions.delete(id);
   }
 
@@ -125,7 +140,9 @@ export class Ledger {
   stepped(id: number, slices: AdapterState[], inFlight: MicroBatchData[]): void {
     this.versions.set(id, this.version(id) + 1);
     this.snapshots.set(id, slices);
-    this.stepLog.set(id, []);
+    // what was sent ahead of this step is the new step's start
+    this.stepLog.set(id, this.nextLog.get(id) ?? []);
+    this.nextLog.delete(id);
     const live = new Set<MicroBatchData>(inFlight);
     for (const l of this.stepLog.values()) for (const m of l) live.add(m);
     for (let i = this.issueOrder.length - 1; i >= 0; i--)
@@ -264,6 +281,14 @@ export class Recovery {
       ++this.attempt; // a dropped attempt stops at its next step
       queue = this.again.splice(0);
     }
+    // micro-batches sent ahead of a step that the recovery interrupted (or that had not been
+    // answered): they go out again, waiting on every stage for that step, which runs again after
+    // the recovery (ActorPipeline.step retries); a later recovery finds them in flight again
+    for (const [data, w] of waiters) {
+      if (!w.train || !this.ledger.isAhead(data)) continue;
+      waiters.delete(data);
+      this.router.launch(data, true, this.epoch, (a) => this.ledger.version(a) + 1).then(w.resolve, w.reject);
+    }
     const now = performance.now();
     for (const q of handled) {
       this.opts.onFault?.({
@@ -325,6 +350,7 @@ export class Recovery {
     let replayed = 0;
     const results = new Map<MicroBatchData, Float32Array>();
     for (const data of this.ledger.issueOrder) {
+      if (this.ledger.isAhead(data)) continue; // after the recovery (recoverLoop), behind the step it waits for
       const segments = data.segments.filter((s) => this.ledger.stepLog.get(s.adapter)?.includes(data));
       const w = waiters.get(data);
       if (!segments.length && !w) continue;
@@ -337,6 +363,7 @@ export class Recovery {
     // evaluations in flight run again (forward only; no state)
     for (const [data, w] of waiters) {
       if (w.train || results.has(data)) continue;
+      if (this.ledger.isAhead(data)) continue;
       results.set(data, await this.launch(data, false));
       live();
     }

@@ -112,8 +112,8 @@ export class ActorPipeline implements Pipeline {
     void this.recovery.recover(h.index, kind, m.error.message, false);
   }
 
-  private launch(mb: MicroBatchData, train: boolean): Promise<Float32Array> {
-    return this.router.launch(mb, train, this.recovery.epoch, (a) => this.ledger.version(a));
+  private launch(mb: MicroBatchData, train: boolean, ahead = 0): Promise<Float32Array> {
+    return this.router.launch(mb, train, this.recovery.epoch, (a) => this.ledger.version(a) + ahead);
   }
 
   // ---- Pipeline interface
@@ -123,6 +123,16 @@ export class ActorPipeline implements Pipeline {
     if (this.recovery.recovering) await this.recovery.recovering;
     this.ledger.issued(mb);
     return this.launch(mb, true);
+  }
+
+  async trainAfterStep(mb: MicroBatchData): Promise<Float32Array> {
+    if (mb.segments.length !== 1)
+      throw new Error(`trainAfterStep: micro-batch ${mb.id} has ${mb.segments.length} adapters, one at most`);
+    if (this.recovery.fatal) throw this.recovery.fatal;
+    if (this.recovery.recovering) await this.recovery.recovering;
+    this.ledger.issued(mb, true);
+    // the step under way is not in the ledger's version yet (step() counts it when every stage answered)
+    return this.launch(mb, true, 1);
   }
 
   async evaluate(mb: MicroBatchData): Promise<Float32Array> {
@@ -160,9 +170,19 @@ export class ActorPipeline implements Pipeline {
   }
 
   async gradSumsq(id: number): Promise<number> {
-    return this.recovery.retrying(async () =>
-      (await this.workers.callAll('gradSumsq', [id])).reduce((a, b) => a + b, 0),
+    return this.beforeStep(id, () =>
+      this.recovery.retrying(async () => (await this.workers.callAll('gradSumsq', [id])).reduce((a, b) => a + b, 0)),
     );
+  }
+
+  /** Runs a part of an adapter's step; if it fails, what was sent ahead of the step (trainAfterStep) fails too: it would wait forever. */
+  private async beforeStep<T>(id: number, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      for (const mb of this.ledger.ahead(id)) this.router.fail(mb.id, e as Error);
+      throw e;
+    }
   }
 
   async step(id: number, p: StepParams, measure = false): Promise<{ sumsq?: number }> {
@@ -171,14 +191,16 @@ export class ActorPipeline implements Pipeline {
     // snapshot and replays the step's micro-batches, and the step runs again.
     type Part = { sumsq?: number; state: AdapterState };
     const r = this.recovery;
-    const parts = await r.retrying(async () => {
-      const epoch = r.epoch;
-      const x = await this.workers.all<Part>({ type: 'step', adapter: id, params: p, measure });
-      // a recovery began while the stages stepped (a fault elsewhere): it restores the snapshot
-      // from before this step and replays the step's micro-batches, so the step runs again after it
-      if (r.epoch !== epoch || r.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
-      return x;
-    });
+    const parts = await this.beforeStep(id, () =>
+      r.retrying(async () => {
+        const epoch = r.epoch;
+        const x = await this.workers.all<Part>({ type: 'step', adapter: id, params: p, measure });
+        // a recovery began while the stages stepped (a fault elsewhere): it restores the snapshot
+        // from before this step and replays the step's micro-batches, so the step runs again after it
+        if (r.epoch !== epoch || r.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
+        return x;
+      }),
+    );
     this.ledger.stepped(
       id,
       parts.map((x) => x.state),

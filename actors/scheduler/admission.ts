@@ -13,8 +13,12 @@ import type { Job } from './job.js';
 import type { SourceMicroBatch } from './job-types.js';
 import type { SchedulerContext } from './context.js';
 
-/** The micro-batches of one message, one per job, in segment order. */
-type Parts = Array<{ job: Job; mb: SourceMicroBatch }>;
+/**
+ * The micro-batches of one message, one per job, in segment order. `ahead`: the message's one
+ * micro-batch belongs to the step after the job's step under way (Pipeline.trainAfterStep), and
+ * `stepAt` is the job's step count when it went out.
+ */
+type Parts = Array<{ job: Job; mb: SourceMicroBatch; ahead?: boolean; stepAt?: number }>;
 
 export class Admission {
   /** Micro-batch messages admitted at most (options.inflight, less after an out-of-memory). */
@@ -38,6 +42,18 @@ export class Admission {
     return this.limit;
   }
 
+  /**
+   * A job whose optimizer step is under way may send its next step's micro-batch now: the
+   * stages run it once they have the step, and the scheduler's round trip between the step's
+   * end and the next admission leaves the chain of the adapter's micro-batches. A pending nan:
+   * fault keeps the job out (it is injected at a step's first micro-batch, admitted normally).
+   */
+  private ahead(job: Job, limit: number): boolean {
+    if (!this.s.pipeline.trainAfterStep || this.s.pipeline.plans.length <= 1) return false;
+    if (this.s.nanFaults.some((f) => f.adapter === job.name)) return false;
+    return job.canAdmitAhead(limit);
+  }
+
   private runnable(): Job[] {
     const running = [...this.s.jobs.values()].filter((j) => j.state === 'running');
     const limit = microBatchesInFlight(
@@ -50,7 +66,10 @@ export class Admission {
     const prog = (j: Job) => progress(j.step, j.admittedInStep, j.microCount, j.totalSteps);
     const lead = Math.max(0, ...running.map(prog));
     const fixed = this.s.options.inflightPerAdapter !== undefined || this.s.pipeline.plans.length <= 1;
-    const all = running.filter((j) => j.canAdmit(fixed ? limit : inFlightLimit(prog(j), lead, limit, j.microCount)));
+    const all = running.filter((j) => {
+      const l = fixed ? limit : inFlightLimit(prog(j), lead, limit, j.microCount);
+      return j.canAdmit(l) || this.ahead(j, l);
+    });
     return admissionOrder(all, (j) => ({ id: j.id, priority: j.priority, progress: prog(j) }), this.rr);
   }
 
@@ -63,7 +82,8 @@ export class Admission {
   admit(): void {
     const { pipeline, options, ledger, inflight } = this.s;
     const S = pipeline.plans.length;
-    while (inflight.size < this.limit) {
+    const e = this.s.evaluations;
+    while (inflight.size + e.inflight.size + e.waiting < this.limit) {
       // One device: an optimizer step runs on the same device as the next message anyway, so
       // wait for it; the adapter that is stepping then joins that message instead of being
       // left for a message of its own (which would split BatchLoRA into ever smaller batches).
@@ -74,7 +94,9 @@ export class Admission {
       const chosen: Job[] = [];
       let tokens = 0;
       for (const j of ready) {
-        if (chosen.length >= per) break;
+        if (chosen.length >= per || (chosen.length && chosen[0]!.stepUnderWay)) break;
+        // a micro-batch sent ahead of its job's step travels in a message of its own (its versions differ)
+        if (chosen.length && j.stepUnderWay) continue;
         const n = j.peek()!.numTokens;
         if (n > pipeline.maxTokens) {
           this.s.failJob(
@@ -89,7 +111,9 @@ export class Admission {
       }
       if (!chosen.length) continue;
       this.rr = chosen[chosen.length - 1]!.id + 1;
-      const parts: Parts = chosen.map((j) => ({ job: j, mb: j.peek()! }));
+      const parts: Parts = chosen.map((j) =>
+        j.stepUnderWay ? { job: j, mb: j.peek()!, ahead: true, stepAt: j.step } : { job: j, mb: j.peek()! },
+      );
       const numTokens = parts.reduce((s, p) => s + p.mb.numTokens, 0);
       const numSeqs = parts.reduce((s, p) => s + p.mb.cuSeqlens.length - 1, 0);
       const segs = parts.map((p) => ({ rows: p.mb.numTokens, spec: p.job.spec }));
@@ -110,7 +134,9 @@ export class Admission {
         }
         return; // wait for memory to come back
       }
-      for (const p of parts) p.job.take();
+      for (const p of parts)
+        if (p.ahead) p.job.takeAhead();
+        else p.job.take();
       this.launch(parts, numTokens, held, transient);
     }
   }
@@ -122,16 +148,17 @@ export class Admission {
       parts.map((p) => ({ adapter: p.job.id, serial: microSerial(p.mb), mb: p.mb })),
       numTokens,
     );
+    const ahead = parts[0]!.ahead === true;
     for (const p of parts) {
+      p.job.inflight++;
+      if (ahead) continue; // counted in the next step (Job.nextStep); no nan: fault is pending (Admission.ahead)
       // at the step's first micro-batch: its others may be in flight with it, and one fault is one attempt of the step
       if (p.job.admittedInStep === 0) this.s.injectNaN(p.job);
-      p.job.inflight++;
       p.job.admittedInStep++;
       p.job.microCount = p.mb.microCount;
     }
     ledger.hold(data.id, reserve, transient);
-    const done = pipeline
-      .train(data)
+    const done = (ahead ? pipeline.trainAfterStep!(data) : pipeline.train(data))
       .then(
         (losses) => this.completed(parts, data, losses),
         (e: Error) => {
@@ -152,19 +179,28 @@ export class Admission {
   /** A message's row losses came back: each job adds its segment's; a job's last micro-batch of the step starts its optimizer step. */
   private completed(parts: Parts, data: MicroBatchData, losses: Float32Array): void {
     data.segments.forEach((seg, i) => {
-      const { job, mb } = parts[i]!;
+      const { job, mb, ahead, stepAt } = parts[i]!;
       if (job.terminal() || job.rollingBack) return;
       let sum = 0;
       for (let r = seg.rowStart; r < seg.rowEnd; r++) sum += losses[r]!;
+      const early = ahead && job.step === stepAt; // back before the step it was sent ahead of ended
       if (!Number.isFinite(sum)) {
-        this.s.nonFinite(job, `loss became ${sum} at step ${job.step + 1}`);
+        this.s.nonFinite(job, `loss became ${sum} at step ${job.step + (early ? 2 : 1)}`);
+        return;
+      }
+      if (early) {
+        job.ahead.done.push({ loss: sum, tokens: mb.numTokens, last: mb.lastOfStep, target: mb.stepTargetTokens });
         return;
       }
       job.stepLoss += sum;
       job.tokens += mb.numTokens;
+      job.tokensInStep += mb.numTokens;
       job.doneInStep++;
-      if (mb.lastOfStep || job.doneInStep >= job.microCount)
-        this.s.hold(this.s.optimizerStep(job, mb.stepTargetTokens));
+      if (mb.lastOfStep || job.doneInStep >= job.microCount) {
+        // the step before may still be evaluating or saving: this one follows it (Steps.optimizerStep)
+        if (job.stepping) job.pendingStep = mb.stepTargetTokens;
+        else this.s.hold(this.s.optimizerStep(job, mb.stepTargetTokens));
+      }
     });
   }
 }

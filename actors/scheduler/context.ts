@@ -30,6 +30,11 @@ export interface SchedulerContext {
   readonly inflight: Map<number, Promise<void>>;
   /** Steps, baselines and rollbacks in flight. */
   readonly stepping: ReadonlySet<Promise<void>>;
+  /**
+   * Evaluation messages in flight and waiting to go out: they hold shared slots too, so they
+   * count against the admission limit (Steps.evaluate).
+   */
+  readonly evaluations: { inflight: Set<Promise<unknown>>; waiting: number };
   /** No more admitting or placing (stop(), or the run failed). */
   readonly stopping: boolean;
   /** How many times wake() was called. */
@@ -37,6 +42,8 @@ export interface SchedulerContext {
   /** nan: faults not injected yet (rollback.ts takes them out as it injects them). */
   readonly nanFaults: FaultSpec[];
   wake(): void;
+  /** Micro-batch messages admitted at most now (Admission.limit). */
+  readonly admissionLimit: number;
   quiesce(job: Job, rollbackToo?: boolean): Promise<void>;
   /** Nothing in flight: no micro-batch, step or rollback (the ledger can measure). */
   idle(): boolean;

@@ -70,6 +70,8 @@ export interface JobView {
   /** Optimizer steps taken. */
   readonly step: number;
   readonly tokens: number;
+  /** The part of `tokens` from micro-batches of the step under way (a checkpoint's data position is that step's start). */
+  readonly tokensInStep: number;
   readonly lastLoss: number;
   readonly lrScale: number;
   readonly rollbacks: number;

@@ -59,8 +59,25 @@ export class Job {
   doneInStep = 0;
   microCount = 0;
   stepping = false;
+  /**
+   * Between the start of an optimizer step and the stages' answer: micro-batches of the next
+   * step may go out now (Pipeline.trainAfterStep), each stage runs them once it has the step.
+   */
+  stepUnderWay = false;
+  /** What went out ahead of the step under way: it belongs to the next step (nextStep() moves it there). */
+  ahead: {
+    admitted: number;
+    /** The data position before the first of them: where the next step starts. */
+    source?: unknown;
+    /** Completions that came back before the step under way ended: row-loss sum and tokens. */
+    done: Array<{ loss: number; tokens: number; last: boolean; target: number }>;
+  } = { admitted: 0, done: [] };
+  /** The next step was complete while the step before still ran (its evaluation, say): its target tokens; it runs then. */
+  pendingStep: number | undefined;
   stepLoss = 0;
   tokens = 0;
+  /** The part of `tokens` from the current step's micro-batches (not in a checkpoint, whose data position is the step's start). */
+  tokensInStep = 0;
   lastLoss = NaN;
   lastEval?: { loss: number; perplexity: number };
   /** The held-out loss before the first step (eval configured, a run from step 0). */
@@ -195,15 +212,52 @@ export class Job {
       state: cloneState(state),
       source: structuredClone(this.sourceState()),
       step: this.step,
-      tokens: this.tokens,
+      tokens: this.tokens - this.tokensInStep,
     };
   }
 
-  /** @internal Starts the next optimizer step's counts from zero (after a step, or a rollback). */
+  /** @internal Starts the next optimizer step's counts from zero (a rollback: nothing of the job is in flight). */
   resetStep(): void {
     this.stepLoss = 0;
     this.admittedInStep = 0;
     this.doneInStep = 0;
+    this.tokensInStep = 0;
+    this.ahead = { admitted: 0, done: [] };
+    this.pendingStep = undefined;
+  }
+
+  /** @internal After an optimizer step: the next step's counts start with what went out ahead of it. */
+  nextStep(): void {
+    const a = this.ahead;
+    this.resetStep();
+    this.admittedInStep = a.admitted;
+    if (a.admitted > 0) this.stepStartState = a.source;
+    for (const d of a.done) {
+      this.stepLoss += d.loss;
+      this.tokens += d.tokens;
+      this.tokensInStep += d.tokens;
+      this.doneInStep++;
+      if (d.last || this.doneInStep >= this.microCount) this.pendingStep = d.target;
+    }
+  }
+
+  /**
+   * @internal Whether a micro-batch of the next step may go out before the step under way is
+   * applied: not past the last step, not where the job parks, and one message of its own.
+   */
+  canAdmitAhead(limit: number): boolean {
+    if (!this.stepUnderWay || this.state !== 'running' || this.rollingBack || this.parkRequested) return false;
+    if (this.inflight >= limit || this.step + 1 >= this.totalSteps) return false;
+    const mb = this.peek();
+    return mb !== null && this.ahead.admitted < mb.microCount;
+  }
+
+  /** @internal Takes a micro-batch of the next step (canAdmitAhead said yes). */
+  takeAhead(): SourceMicroBatch {
+    if (this.ahead.admitted === 0)
+      this.ahead.source = this.peeked === undefined ? this.source.state() : this.stateBeforePeek;
+    this.ahead.admitted++;
+    return this.take();
   }
 
   /** @internal Nothing of this job in flight and no step half done: it can leave the stages. */

@@ -175,7 +175,7 @@ export function outputHooks(env: JobEnvironment): Pick<SchedulerHooks, 'claim' |
           configHash: hashConfig(resumeKey(job.config)),
           loader: job.sourceState(),
           time: new Date().toISOString(),
-          tokens: job.tokens,
+          tokens: job.tokens - job.tokensInStep,
           loss: job.lastLoss,
           ...(job.rollbacks ? { rollbacks: job.rollbacks, lrScale: job.lrScale } : {}),
         },

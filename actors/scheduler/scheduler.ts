@@ -67,6 +67,8 @@ export class JobScheduler implements JobOwner, SchedulerContext {
   readonly inflight = new Map<number, Promise<void>>();
   /** @internal Steps, baselines and rollbacks in flight. */
   readonly stepping = new Set<Promise<void>>();
+  /** @internal Evaluation messages in flight and waiting for room (Steps.evaluate). */
+  readonly evaluations = { inflight: new Set<Promise<unknown>>(), waiting: 0 };
   /** @internal Counts wake() calls: a placement pass runs only when something happened since the last one began. */
   wakes = 0;
   /** @internal No more admitting or placing (stop(), or the run failed). */

@@ -15,6 +15,8 @@ export class Steps {
   async optimizerStep(job: Job, stepTargetTokens: number): Promise<void> {
     const { pipeline, hooks } = this.s;
     job.stepping = true;
+    job.stepUnderWay = true;
+    this.s.wake(); // the next step's micro-batches may go out now (Admission.ahead)
     try {
       const c = job.config;
       const lr = lrAt(c.optimizer.lr * job.lrScale, c.schedule, job.step, job.totalSteps);
@@ -35,10 +37,16 @@ export class Steps {
           ? Math.sqrt(await pipeline.gradSumsq(job.id))
           : Math.sqrt((await pipeline.step(job.id, params(1), true)).sumsq ?? NaN);
       if (!Number.isFinite(gradNorm)) {
+        // what went out ahead of this step waits for it on the stages: it gets the step anyway
+        // (its losses and the weights are dropped with the adapter, or replaced by the rollback)
+        if (clip !== undefined && job.ahead.admitted > 0) await pipeline.step(job.id, params(1));
         this.s.nonFinite(job, `gradient norm became ${gradNorm} at step ${job.step + 1}`);
         return;
       }
       if (clip !== undefined) await pipeline.step(job.id, params(Math.min(1, clip / (gradNorm + 1e-6))));
+      // in the same turn as the stages' answer (no admission runs in between): from here on a
+      // micro-batch of the next step goes out the ordinary way, not ahead of a step
+      job.stepUnderWay = false;
       // cancelled (or failed) while the step ran: it must not go on to finish() and turn 'done'
       if (job.terminal()) return;
       job.step++;
@@ -55,8 +63,9 @@ export class Steps {
         gradNorm,
         time: Date.now(),
       });
-      job.resetStep();
-      const last = job.step >= job.totalSteps || job.peek() === null;
+      job.nextStep();
+      // (a micro-batch of the next step may have gone out ahead of this one: the step after is then begun)
+      const last = job.step >= job.totalSteps || (job.admittedInStep === 0 && job.peek() === null);
       if (job.evalSource && c.eval && (job.step % c.eval.every === 0 || last)) await this.evaluate(job);
       const saving = c.save_every !== undefined && job.step % c.save_every === 0 && !last;
       const rollsBack = c.on_nan.action === 'rollback';
@@ -79,7 +88,12 @@ export class Steps {
     } catch (e) {
       if (!this.s.pipelineFailed(e)) this.s.failJob(job, (e as Error).message);
     } finally {
+      job.stepUnderWay = false;
       job.stepping = false;
+      // the next step was complete before this one ended (it had gone out ahead of it)
+      const next = job.pendingStep;
+      job.pendingStep = undefined;
+      if (next !== undefined && !job.terminal() && !job.rollingBack) this.s.hold(this.optimizerStep(job, next));
     }
   }
 
@@ -90,7 +104,7 @@ export class Steps {
     let count = 0;
     for (let mb = src.next(); mb; mb = src.next()) {
       const data = assemble(this.s.nextMessageId(), [{ adapter: job.id, serial: 0, mb }], mb.numTokens, true);
-      const losses = await this.s.pipeline.evaluate(data);
+      const losses = await this.evalMessage(data);
       for (let i = 0; i < losses.length; i++) sum += losses[i]!;
       count += mb.numTargetTokens;
     }
@@ -107,6 +121,30 @@ export class Steps {
       time: Date.now(),
     });
     return r;
+  }
+
+  /**
+   * One evaluation message, within the admission limit: a job evaluates while its next step's
+   * micro-batch may be in flight (Admission.ahead), and every message holds shared slots. A
+   * waiting evaluation keeps new training messages out, so it is not passed over.
+   */
+  private async evalMessage(data: ReturnType<typeof assemble>): Promise<Float32Array> {
+    const { inflight, evaluations: e } = this.s;
+    e.waiting++;
+    try {
+      while (inflight.size + e.inflight.size >= this.s.admissionLimit)
+        await Promise.race([...inflight.values(), ...e.inflight]).catch(() => {});
+    } finally {
+      e.waiting--;
+    }
+    const p = this.s.pipeline.evaluate(data);
+    e.inflight.add(p);
+    try {
+      return await p;
+    } finally {
+      e.inflight.delete(p);
+      this.s.wake();
+    }
   }
 
   /** Before the first step: the held-out loss (step 0) and the prompts' completions, for the before -> after comparison. */

@@ -40,6 +40,11 @@ export interface FakePipelineOptions {
   addTurns?: number;
   /** A micro-batch for which this is true fails the pipeline for good (a StageFailure of stage 0). */
   failsFor?: (mb: MicroBatchData) => boolean;
+  /**
+   * Offer trainAfterStep (as the worker-thread pipeline does): a micro-batch sent ahead of its
+   * adapter's step waits until that step is applied, then trains.
+   */
+  afterStep?: boolean;
 }
 
 export type FakeEvent =
@@ -47,6 +52,8 @@ export type FakeEvent =
   | { op: 'remove'; adapter: number }
   | { op: 'export'; adapter: number; version: number }
   | { op: 'train'; mb: number; adapters: number[]; tokens: number }
+  /** trainAfterStep was called: the micro-batch waits for the adapter's step to `version`. */
+  | { op: 'ahead'; mb: number; adapter: number; version: number }
   | { op: 'step'; adapter: number; version: number };
 
 const CONFIG = { numLayers: 2, hiddenSize: 8, vocabSize: 16 } as unknown as LlamaConfig;
@@ -71,8 +78,10 @@ export class FakePipeline implements Pipeline {
   private readonly base: number[];
   private readonly running: number[];
   private closed = false;
+  trainAfterStep?: (mb: MicroBatchData) => Promise<Float32Array>;
 
   constructor(private readonly o: FakePipelineOptions) {
+    if (o.afterStep) this.trainAfterStep = (mb) => this.ahead(mb);
     const S = o.budgets.length;
     this.plans = Array.from(
       { length: S },
@@ -138,6 +147,14 @@ export class FakePipeline implements Pipeline {
       this.give(held);
       this.inflight--;
     }
+  }
+  /** trainAfterStep: the adapter's version is its steps answered; the micro-batch trains after the next one. */
+  private async ahead(mb: MicroBatchData): Promise<Float32Array> {
+    const adapter = mb.segments[0]!.adapter;
+    const version = this.get(adapter).state.version + 1;
+    this.events.push({ op: 'ahead', mb: mb.id, adapter, version });
+    while (this.get(adapter).state.version < version) await turn();
+    return this.train(mb);
   }
   async evaluate(mb: MicroBatchData): Promise<Float32Array> {
     await turn();
@@ -239,9 +256,9 @@ export function fakeSource(steps: number, micro: number, tokens: number): MicroB
  */
 export function fakeHooks(finals = new Map<string, AdapterState>()): SchedulerHooks & {
   finals: Map<string, AdapterState>;
-  checkpoints: Array<{ name: string; state: AdapterState }>;
+  checkpoints: Array<{ name: string; state: AdapterState; step: number; tokens: number; source: unknown }>;
 } {
-  const checkpoints: Array<{ name: string; state: AdapterState }> = [];
+  const checkpoints: Array<{ name: string; state: AdapterState; step: number; tokens: number; source: unknown }> = [];
   return {
     finals,
     checkpoints,
@@ -251,7 +268,13 @@ export function fakeHooks(finals = new Map<string, AdapterState>()): SchedulerHo
       initial: { params: new Float32Array(4), m: new Float32Array(4), v: new Float32Array(4), version: 0 },
     }),
     checkpoint: async (job, state) => {
-      checkpoints.push({ name: job.name, state: cloneState(state) });
+      checkpoints.push({
+        name: job.name,
+        state: cloneState(state),
+        step: job.step,
+        tokens: job.tokens - job.tokensInStep,
+        source: job.sourceState(),
+      });
       return `fake:${job.name}:checkpoint`;
     },
     finish: async (job, state) => {
