@@ -1,6 +1,7 @@
 // A stage actor: the entry point of one worker thread. It owns exactly one device, loads
 // only its layers' base weights, and runs Forward / Backward / Step for any mix of adapters
-// from a priority mailbox (control first, then Backward, then Forward), reading and writing
+// from a priority mailbox (control first, then the head share, then Forward before Backward
+// except on the last stage: actors/mailbox.ts says why), reading and writing
 // activations in the shared slab in place. It heartbeats while it computes (kernels run off
 // the JS thread). Its management API (actors/rpc.ts) comes by comlink on a port of its own and
 // runs in the control lane of the same mailbox. Fault injection: actors/stage-faults.ts.
@@ -24,6 +25,7 @@ import type {
   ToStage,
 } from './protocol.js';
 import { clockMs } from './clock.js';
+import { takeNext } from './mailbox.js';
 import { serveStage, type StageApi } from './rpc.js';
 import { slowDown, StageFaults } from './stage-faults.js';
 import { ErrorCode, toWire } from '../lib/errors.js';
@@ -56,7 +58,7 @@ interface Call {
 }
 /** What the mailbox holds (a LinkMsg takes effect on arrival). */
 type Queued = Exclude<ToStage, LinkMsg> | Call;
-/** `backward` also holds the head share's messages: they free memory too, and first in, first out keeps the gradients' order. */
+/** `backward` also holds the head share's messages (the head share goes first, the rest first in, first out: actors/mailbox.ts). */
 const mailbox = {
   control: [] as Array<StepMsg | PoisonMsg | DropMsg | Call>,
   backward: [] as Array<BackwardMsg | HeadMsg | HeadedMsg>,
@@ -109,10 +111,7 @@ function nextMessage(): Queued | undefined {
   if (mailbox.control.length) return mailbox.control.shift();
   mailbox.backward = mailbox.backward.filter((m) => m.epoch >= minEpoch);
   mailbox.forward = mailbox.forward.filter((m) => m.epoch >= minEpoch);
-  if (mailbox.backward.length) return mailbox.backward.shift();
-  const i = mailbox.forward.findIndex(versionsReady);
-  if (i >= 0) return mailbox.forward.splice(i, 1)[0];
-  return undefined;
+  return takeNext(mailbox, program.plan.last, versionsReady);
 }
 
 async function pump(): Promise<void> {

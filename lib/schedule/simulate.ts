@@ -2,9 +2,10 @@
 // bubble predicted) before anything runs. It models what the runtime does: micro-batch
 // messages enter stage 0 in admission order, at most `inflight` at once, a message waits for
 // the previous message of each of its adapters when `sequential` (one in flight per adapter);
-// each stage runs one action at a time, Backward before Forward, oldest first; a message goes
-// F through stages 0..S-1 (the last stage's F includes the loss and its own backward), then B
-// through S-2..0.
+// each stage runs one action at a time, oldest first, Forward before Backward except on the
+// last stage (the stage actor's order, actors/mailbox.ts; head shares are not modelled); a
+// message goes F through stages 0..S-1 (the last stage's F includes the loss and its own
+// backward), then B through S-2..0.
 import type { ScheduleRecord } from './record.js';
 
 export interface SimMessage {
@@ -74,13 +75,14 @@ export function simulate(messages: SimMessage[], o: SimOptions): ScheduleRecord[
       if (!q.length) continue;
       const earliest = Math.min(...q.map((a) => a.ready));
       const start = Math.max(freeAt[s]!, earliest);
-      // among actions ready at `start`, Backward first, then oldest
+      // among actions ready at `start`, Forward first (Backward on the last stage), then oldest
+      const first = s < S - 1 ? 'F' : 'B';
       let pick = -1;
       for (let i = 0; i < q.length; i++) {
         if (q[i]!.ready > start) continue;
         if (
           pick < 0 ||
-          (q[i]!.kind === 'B' && q[pick]!.kind === 'F') ||
+          (q[i]!.kind === first && q[pick]!.kind !== first) ||
           (q[i]!.kind === q[pick]!.kind && q[i]!.seq < q[pick]!.seq)
         )
           pick = i;
