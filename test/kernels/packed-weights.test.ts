@@ -48,7 +48,16 @@ interface Case {
 /** The forward and backward ops of one case on `w` (plain, accumulate, and with LoRA segments). */
 function caseOps(d: Device, c: Case, w: Tensor, r0: Rng): { ops: Op[]; outputs: Tensor[]; free: () => void } {
   const { out, inp, m } = c;
-  const t = (shape: number[], std = 1) => d.fromArray('f32', shape, randn(r0, shape.reduce((a, b) => a * b), std));
+  const t = (shape: number[], std = 1) =>
+    d.fromArray(
+      'f32',
+      shape,
+      randn(
+        r0,
+        shape.reduce((a, b) => a * b),
+        std,
+      ),
+    );
   const x = t([m, inp]);
   const dy = t([m, out]);
   const y = d.alloc('f32', [m, out]);
