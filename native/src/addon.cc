@@ -755,8 +755,11 @@ class PackWorker : public Napi::AsyncWorker {
     TensorImpl panels;
   };
   PackWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, std::vector<Job> jobs, bool bf16)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), dev_(std::move(dev)),
-        jobs_(std::move(jobs)), bf16_(bf16) {}
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        dev_(std::move(dev)),
+        jobs_(std::move(jobs)),
+        bf16_(bf16) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     std::string err;
@@ -779,8 +782,8 @@ class PackWorker : public Napi::AsyncWorker {
   void OnOK() override {
     double bytes = 0;
     for (const Job& j : jobs_) {
-      j.w.storage->panels.push_back(WeightPanels{j.w.offset, j.w.dtype, j.w.shape[0], j.w.shape[1], j.forward, bf16_,
-                                                 j.panels.storage});
+      j.w.storage->panels.push_back(
+          WeightPanels{j.w.offset, j.w.dtype, j.w.shape[0], j.w.shape[1], j.forward, bf16_, j.panels.storage});
       bytes += double((j.panels.storage->bytes + 255) & ~size_t(255));
     }
     try {
@@ -819,7 +822,8 @@ Napi::Value JsDevice::PackWeights(const Napi::CallbackInfo& info) {
     if (!t) throw_js(env, name + " is not a Tensor", kErrBadInput);
     if (t->freed) throw_js(env, name + " has been freed", kErrBadInput);
     const TensorImpl& w = t->impl;
-    if (w.storage->device != state) throw_js(env, name + " is on " + w.device().name() + ", not " + state->name(), kErrBadInput);
+    if (w.storage->device != state)
+      throw_js(env, name + " is on " + w.device().name() + ", not " + state->name(), kErrBadInput);
     if (w.shape.size() != 2 || w.shape[0] <= 0 || w.shape[1] <= 0)
       throw_js(env, name + " must be a 2-D weight [out, in], got " + w.shape_str(), kErrBadInput);
     if (w.dtype == DType::I32) throw_js(env, name + " is i32, not a weight", kErrBadInput);

@@ -36,7 +36,7 @@ namespace cpu {
 // numbers from them, bit for bit. Sizes in floats; the panels go in WeightRef::panels.
 int64_t gemm_panel_floats(bool forward, int64_t out, int64_t in, bool bf16_compute);
 void gemm_pack_panels(Exec& ex, float* dst, WeightRef w, bool forward, int64_t out, int64_t in);
-}
+}  // namespace cpu
 #ifdef MLORA_WITH_CUDA
 namespace cuda {
 #include "kernels.inc"
