@@ -269,6 +269,8 @@ export interface NativeAddon {
   nameThread(name: string): void;
   /** The bytes NativeDevice.packWeights takes for a weight [out, in] on a CPU device of this process. */
   gemmPanelBytes(out: number, inp: number, bf16?: boolean): number;
+  /** B operand words the CPU GEMM has packed per call in this process (weights with panels add none). */
+  gemmPackedBWords(): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

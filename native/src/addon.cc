@@ -928,6 +928,12 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("nameThread", Napi::Function::New(env, NameThread, "nameThread"));
   exports.Set("gemmPanelBytes", Napi::Function::New(env, GemmPanelBytes, "gemmPanelBytes"));
+  exports.Set("gemmPackedBWords", Napi::Function::New(
+                                      env,
+                                      [](const Napi::CallbackInfo& info) -> Napi::Value {
+                                        return Napi::Number::New(info.Env(), double(cpu_gemm_packed_b_words()));
+                                      },
+                                      "gemmPackedBWords"));
   return exports;
 }
 

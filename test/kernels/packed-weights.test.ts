@@ -116,12 +116,16 @@ async function samePacked(t: Test, threads: number, c: Case): Promise<void> {
     k.free();
     return got;
   };
+  const before = native().gemmPackedBWords();
   const plain = await run();
+  t.ok(native().gemmPackedBWords() > before, `${label}: unpacked, the GEMMs pack per call`);
   const used = d.memory().used;
   const bytes = await d.packWeights([w], { bf16: c.bf16 });
   t.equal(bytes, native().gemmPanelBytes(c.out, c.inp, c.bf16), `${label}: packWeights took gemmPanelBytes`);
   t.equal(d.memory().used - used, bytes, `${label}: the panels are counted against the device`);
+  const words = native().gemmPackedBWords();
   const packed = await run();
+  t.equal(native().gemmPackedBWords(), words, `${label}: the GEMMs read the panels, packing nothing per call`);
   const names = ['y', 'y (accumulate)', 'dx', 'dx (accumulate)', 'y with LoRA', 'dx with LoRA', 'dA', 'dB', 'dA', 'dB'];
   const differing = packed
     .map((p, i) => (Buffer.compare(Buffer.from(p.buffer), Buffer.from(plain[i]!.buffer)) === 0 ? null : names[i]))

@@ -34,6 +34,7 @@
 // allocation is an Error on the caller, never an exception inside a pool thread).
 // Scratch bytes are not counted against the device budget (at most ~5 MiB per calling thread).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -841,6 +842,10 @@ struct Scratch {
 };
 thread_local Scratch tls_scratch;
 
+// B words packed by GEMM calls (not by gemm_pack_panels), since the process started: shows
+// whether frozen weights' panels are in use (cpu_gemm_packed_b_words).
+std::atomic<int64_t> g_packed_b_words{0};
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Packs a B sliver of a quantized weight: dequantizes while packing. Non-transposed, a row of
@@ -924,6 +929,7 @@ void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64
 }  // namespace
 
 const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
+int64_t cpu_gemm_packed_b_words() { return g_packed_b_words.load(std::memory_order_relaxed); }
 const char* cpu_gemm_bf16_kernel_name() { return bf16_kernel().name; }
 cpu::Isa cpu::gemm_isa() { return gemm_kernel().isa; }
 
@@ -997,6 +1003,7 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
         panels += n_slivers * NR * kw;
       } else {
         pack_b_panel(K, pool, bbuf, b, trans_b, ldb, pc, kc, jc, nc, qbuf, q_floats);
+        g_packed_b_words.fetch_add(n_slivers * NR * kw, std::memory_order_relaxed);
       }
 
       // 2. compute: rows [r0, r1) × B slivers [s0, s1) on thread tid
