@@ -1018,6 +1018,10 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
           for (int64_t s = s0; s < s1; s++) {
             const float* bs = bpanel + s * NR * kw;
             const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+            // Panels packed once come from L3 or memory, not from the L2 that a per-call pack has
+            // just written: ask for the next sliver (into L2) while this one computes.
+            if (panels && s + 1 < s1)
+              for (int64_t q = 0; q < NR * kw; q += 16) __builtin_prefetch(bs + NR * kw + q, 0, 2);
             for (int64_t t = 0; t < mr_slivers; t++) {
               const int64_t i = ic + t * MR, in = std::min<int64_t>(MR, mc - t * MR);
               float* cij = c + i * ldc + j;
