@@ -185,6 +185,12 @@ export const TrainConfigSchema = z
     compute_dtype: z.enum(['f32', 'bf16']).default('f32'),
     /** Quantize the base's decoder linears at load (QLoRA): nf4, nf4-dq (double quantization) or int8 (LLM.int8 row-wise). */
     quantize: z.enum(QUANTIZE_MODES).optional(),
+    /**
+     * Pack the frozen linears and the LM head once at load into the CPU GEMM's panels, so the
+     * GEMMs stop re-packing them on every call: "auto" (where the panels are no larger than the
+     * weights and fit in half the memory left), true (always, whatever the memory) or false.
+     */
+    pack_weights: z.union([z.literal('auto'), z.boolean()], { error: 'must be "auto", true or false' }).default('auto'),
     adapters: z.array(AdapterSchema).min(1),
     pipeline: PipelineSchema.default(PipelineSchema.parse({})),
     log: LogSchema.default({ every: 1, progress: 'auto' }),

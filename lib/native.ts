@@ -72,6 +72,10 @@ export interface NativeDevice {
   opProfile(reset?: boolean): OpTime[];
   /** Where the time of run() calls went since the last reset (always counted). reset: start anew. */
   runStats(reset?: boolean): RunStats;
+  /** CPU only: packs each frozen weight [out, in] once into the panels of its two GEMMs
+   *  (linear_forward, linear_backward; bf16: those with bf16 compute), so they stop packing it per
+   *  call. Resolves to the bytes the panels take (`gemmPanelBytes`). The weights become read-only. */
+  packWeights(weights: Tensor[], options?: { bf16?: boolean }): Promise<number>;
 }
 
 /**
@@ -263,6 +267,10 @@ export interface NativeAddon {
   info(): NativeInfo;
   /** Names the calling thread in /proc (15 characters kept): per-thread CPU accounts read it. */
   nameThread(name: string): void;
+  /** The bytes NativeDevice.packWeights takes for a weight [out, in] on a CPU device of this process. */
+  gemmPanelBytes(out: number, inp: number, bf16?: boolean): number;
+  /** B operand words the CPU GEMM has packed per call in this process (weights with panels add none). */
+  gemmPackedBWords(): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

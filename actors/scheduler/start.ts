@@ -7,7 +7,7 @@ import { openModelDir } from '../../lib/io/hf-model.js';
 import { newRunId } from '../../lib/io/output.js';
 import { parseFault, type FaultSpec } from '../../lib/faults.js';
 import { StageProgram } from '../../lib/model/stage.js';
-import { linearQuantization, loadStageWeights, type BaseFormat } from '../../lib/model/weights.js';
+import { linearQuantization, loadStageWeights, type BaseFormat, type PackWeights } from '../../lib/model/weights.js';
 import { openDevice } from '../../lib/tensor.js';
 import { LocalPipeline } from '../local.js';
 import type { Pipeline } from '../pipeline.js';
@@ -28,6 +28,8 @@ export interface StartOptions extends LayoutOptions {
   computeDtype?: 'f32' | 'bf16';
   /** Quantize the base's decoder linears at load (QLoRA style): nf4, nf4-dq (double quantization) or int8. */
   quantize?: QuantizeMode;
+  /** Pack the frozen linears once into the CPU GEMM's panels (BaseFormat.packWeights; default 'auto'). */
+  packWeights?: PackWeights;
   inflight?: number;
   inflightPerAdapter?: number;
   adaptersPerMicroBatch?: number;
@@ -90,6 +92,7 @@ export async function openRun(o: StartOptions, pauseAll: () => void): Promise<Op
   const base: BaseFormat = {
     ...(o.computeDtype ? { computeDtype: o.computeDtype } : {}),
     ...(o.quantize ? { quantize: o.quantize } : {}),
+    ...(o.packWeights !== undefined ? { packWeights: o.packWeights } : {}),
   };
   linearQuantization(dir, o.quantize); // a conflict with a pre-quantized checkpoint fails here, before any stage starts
   let pipeline: Pipeline;

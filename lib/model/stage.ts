@@ -65,6 +65,8 @@ export interface StageWeights {
   norm?: Tensor;
   /** [vocab, hidden]; the embedding table itself when the model ties them. */
   head?: Tensor;
+  /** Bytes of the GEMM panels packed for the linears and the head at load (BaseFormat.packWeights). */
+  packedBytes?: number;
 }
 
 /** Recompute: one call's work block and the views carved from it. */

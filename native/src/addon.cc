@@ -213,6 +213,8 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
   if (dtype_quantized(impl.dtype))
     throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) +
                       " tensor is written whole, by Device.fromArray or a quantize op");
+  if (!impl.storage->panels.empty())  // the panels would go stale
+    throw_js(env, "Tensor.write: this weight is frozen: Device.packWeights packed it for the GEMM", kErrBadInput);
   TypedView src = typed_view(env, info[0], "Tensor.write");
   if (!typed_array_matches(src.type, impl.dtype))
     throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) + " tensor takes a " +
@@ -299,6 +301,7 @@ Napi::Function JsDevice::Init(Napi::Env env) {
                          InstanceMethod<&JsDevice::ResetPeak>("resetPeak"),
                          InstanceMethod<&JsDevice::OpProfile>("opProfile"),
                          InstanceMethod<&JsDevice::RunStats>("runStats"),
+                         InstanceMethod<&JsDevice::PackWeights>("packWeights"),
                      });
 }
 
@@ -737,6 +740,113 @@ Napi::Value JsDevice::Run(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// packWeights(weights, {bf16 = false}): packs each frozen 2-D weight [out, in] once into the
+// panels of its two GEMMs (linear_forward and linear_backward; cpu::gemm_pack_panels), so those
+// ops stop packing it on every call. Resolves to the bytes the panels take on the device (as
+// the budget counts them). The panels are attached only once complete, on this thread, so an op
+// list checked before then packs as before; they live and go with the weight, which can no
+// longer be written. bf16: for ops with bf16 compute (another layout). A weight already packed
+// for that compute is skipped. CPU devices only. All-or-nothing on out of memory.
+class PackWorker : public Napi::AsyncWorker {
+ public:
+  struct Job {
+    TensorImpl w;
+    bool forward;
+    TensorImpl panels;
+  };
+  PackWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, std::vector<Job> jobs, bool bf16)
+      : Napi::AsyncWorker(env),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        dev_(std::move(dev)),
+        jobs_(std::move(jobs)),
+        bf16_(bf16) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void Execute() override {
+    std::string err;
+    dev_->pool().run_on_leader([&] {
+      Exec ex{*dev_};
+      try {
+        for (const Job& j : jobs_) {
+          WeightRef w = weight(j.w);
+          w.bf16_compute = bf16_;
+          cpu::gemm_pack_panels(ex, j.panels.as<float>(), w, j.forward, j.w.shape[0], j.w.shape[1]);
+        }
+      } catch (const std::bad_alloc&) {
+        err = "packWeights: out of host memory";
+      } catch (const std::exception& e) {
+        err = std::string("packWeights: ") + e.what();
+      }
+    });
+    if (!err.empty()) SetError(err);
+  }
+  void OnOK() override {
+    double bytes = 0;
+    for (const Job& j : jobs_) {
+      j.w.storage->panels.push_back(
+          WeightPanels{j.w.offset, j.w.dtype, j.w.shape[0], j.w.shape[1], j.forward, bf16_, j.panels.storage});
+      bytes += double((j.panels.storage->bytes + 255) & ~size_t(255));
+    }
+    try {
+      deferred_.Resolve(Napi::Number::New(Env(), bytes));
+    } catch (...) {
+    }
+  }
+  void OnError(const Napi::Error& e) override {
+    try {
+      deferred_.Reject(e.Value());
+    } catch (...) {
+    }
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  std::shared_ptr<DeviceState> dev_;
+  std::vector<Job> jobs_;
+  bool bf16_;
+};
+
+Napi::Value JsDevice::PackWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* what = "Device.packWeights(weights, {bf16})";
+  if (state->kind() != DeviceKind::CPU)
+    throw_js(env, std::string(what) + ": " + state->name() + " is not a CPU device (only the CPU GEMM packs weights)",
+             kErrBadInput);
+  if (!info[0].IsArray()) throw_js(env, std::string(what) + ": weights must be an array of Tensors", kErrBadInput);
+  bool bf16 = false;
+  if (info.Length() > 1 && info[1].IsObject()) bf16 = info[1].As<Napi::Object>().Get("bf16").ToBoolean().Value();
+  Napi::Array arr = info[0].As<Napi::Array>();
+  std::vector<PackWorker::Job> jobs;
+  for (uint32_t i = 0; i < arr.Length(); i++) {
+    const std::string name = std::string(what) + ": weights[" + std::to_string(i) + "]";
+    JsTensor* t = JsTensor::Unwrap(arr.Get(i));
+    if (!t) throw_js(env, name + " is not a Tensor", kErrBadInput);
+    if (t->freed) throw_js(env, name + " has been freed", kErrBadInput);
+    const TensorImpl& w = t->impl;
+    if (w.storage->device != state)
+      throw_js(env, name + " is on " + w.device().name() + ", not " + state->name(), kErrBadInput);
+    if (w.shape.size() != 2 || w.shape[0] <= 0 || w.shape[1] <= 0)
+      throw_js(env, name + " must be a 2-D weight [out, in], got " + w.shape_str(), kErrBadInput);
+    if (w.dtype == DType::I32) throw_js(env, name + " is i32, not a weight", kErrBadInput);
+    for (bool forward : {true, false}) {
+      bool have = false;
+      for (const WeightPanels& p : w.storage->panels)
+        have |= p.forward == forward && p.bf16 == bf16 && p.offset == w.offset && p.dtype == w.dtype &&
+                p.rows == w.shape[0] && p.cols == w.shape[1];
+      for (const PackWorker::Job& j : jobs)  // the same weight twice in the list
+        have |= j.w.storage == w.storage && j.w.offset == w.offset && j.forward == forward;
+      if (!have) jobs.push_back({w, forward, {}});
+    }
+  }
+  for (PackWorker::Job& j : jobs) {  // all allocations before any packing: none or all
+    const int64_t floats = cpu::gemm_panel_floats(j.forward, j.w.shape[0], j.w.shape[1], bf16);
+    j.panels = new_tensor(env, state, DType::F32, {floats}, false);
+  }
+  auto* wk = new PackWorker(env, state, std::move(jobs), bf16);
+  auto p = wk->Promise();
+  wk->Queue();
+  return p;
+}
+
 // runSync(ops): the same on the calling thread (tests, tiny ops).
 Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -756,6 +866,19 @@ static Napi::Value NameThread(const Napi::CallbackInfo& info) {
   if (!info[0].IsString()) throw_js(env, "nameThread(name): name must be a string");
   pthread_setname_np(pthread_self(), info[0].As<Napi::String>().Utf8Value().substr(0, 15).c_str());
   return env.Undefined();
+}
+
+// gemmPanelBytes(out, in, bf16 = false): the bytes Device.packWeights takes on a CPU device for
+// a weight [out, in] (both panels, as the budget counts them), for memory plans.
+static Napi::Value GemmPanelBytes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int64_t out = integer_arg(env, info[0], "gemmPanelBytes(out, in, bf16): out", 1);
+  const int64_t in = integer_arg(env, info[1], "gemmPanelBytes(out, in, bf16): in", 1);
+  const bool bf16 = info.Length() > 2 && info[2].ToBoolean().Value();
+  double bytes = 0;
+  for (bool forward : {true, false})
+    bytes += double((size_t(cpu::gemm_panel_floats(forward, out, in, bf16)) * 4 + 255) & ~size_t(255));
+  return Napi::Number::New(env, bytes);
 }
 
 static Napi::Value Info(const Napi::CallbackInfo& info) {
@@ -804,6 +927,13 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Device", device);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("nameThread", Napi::Function::New(env, NameThread, "nameThread"));
+  exports.Set("gemmPanelBytes", Napi::Function::New(env, GemmPanelBytes, "gemmPanelBytes"));
+  exports.Set("gemmPackedBWords", Napi::Function::New(
+                                      env,
+                                      [](const Napi::CallbackInfo& info) -> Napi::Value {
+                                        return Napi::Number::New(info.Env(), double(cpu_gemm_packed_b_words()));
+                                      },
+                                      "gemmPackedBWords"));
   return exports;
 }
 

@@ -63,6 +63,7 @@ class JsDevice : public Napi::ObjectWrap<JsDevice> {
   Napi::Value ResetPeak(const Napi::CallbackInfo& info);
   Napi::Value OpProfile(const Napi::CallbackInfo& info);
   Napi::Value RunStats(const Napi::CallbackInfo& info);
+  Napi::Value PackWeights(const Napi::CallbackInfo& info);
 };
 
 }  // namespace mlora

@@ -27,7 +27,16 @@ struct LoraSegment {
 
 namespace cpu {
 #include "kernels.inc"
-}
+
+// Frozen weights packed once (gemm.cc). The GEMM packs its B operand into micro-kernel panels
+// on every call, a cost that does not shrink with the rows: at 256 rows it is ~16% of a
+// projection's time. A frozen weight [out, in] can be packed once for each of its two GEMMs,
+// linear_forward (forward: X·Wᵀ) and linear_backward (dY·W), in the layout and blocking the
+// GEMM uses (set per process by the micro-kernel in use), so the GEMM computes the same
+// numbers from them, bit for bit. Sizes in floats; the panels go in WeightRef::panels.
+int64_t gemm_panel_floats(bool forward, int64_t out, int64_t in, bool bf16_compute);
+void gemm_pack_panels(Exec& ex, float* dst, WeightRef w, bool forward, int64_t out, int64_t in);
+}  // namespace cpu
 #ifdef MLORA_WITH_CUDA
 namespace cuda {
 #include "kernels.inc"

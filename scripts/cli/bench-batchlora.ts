@@ -5,7 +5,7 @@
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { openDevice } from '../../lib/tensor.js';
 import type { OpTime } from '../../lib/native.js';
-import { loadStageWeights } from '../../lib/model/weights.js';
+import { loadStageWeights, type PackWeights } from '../../lib/model/weights.js';
 import { StageProgram } from '../../lib/model/stage.js';
 import { freshState } from '../../lib/lora/state.js';
 import { LocalPipeline } from '../../actors/local.js';
@@ -60,6 +60,7 @@ export async function batchloraScenario(
     shapes: Array<{ micro: number; seqLen: number }>;
     steps: number;
     threads: number;
+    packWeights?: PackWeights;
   },
   log: (s: string) => void,
 ): Promise<TrainBenchRecord[]> {
@@ -70,7 +71,8 @@ export async function batchloraScenario(
   log(`GEMM ceiling (1536³ sgemm, ${o.threads} thread${o.threads > 1 ? 's' : ''}): ${ceiling.toFixed(1)} GFLOP/s`);
   const device = openDevice('cpu:0', { threads: o.threads });
   const plan = { lo: 0, hi: c.numLayers, first: true, last: true };
-  const program = new StageProgram(device, c, plan, await loadStageWeights(device, dir, plan));
+  const base = o.packWeights !== undefined ? { packWeights: o.packWeights } : {};
+  const program = new StageProgram(device, c, plan, await loadStageWeights(device, dir, plan, base));
   const p = new LocalPipeline(c, [program]);
   const out: TrainBenchRecord[] = [];
   const maxK = Math.max(...o.adapters);

@@ -11,7 +11,7 @@ import type { LlamaConfig } from '../../lib/model/config.js';
 import { LORA_TARGETS, projectionShape } from '../../lib/model/config.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { openDevice, type Device } from '../../lib/tensor.js';
-import { loadStageWeights } from '../../lib/model/weights.js';
+import { loadStageWeights, type PackWeights } from '../../lib/model/weights.js';
 import type { LoraSpec } from '../../lib/lora/adapter.js';
 import type { StepParams } from '../../lib/lora/state.js';
 import { assemble } from '../../actors/scheduler/assemble.js';
@@ -40,6 +40,8 @@ export interface BenchOptions {
   stages?: number[];
   ceilingN?: number;
   baseline?: string;
+  /** Training scenarios: pack the frozen weights at load (BaseFormat.packWeights; default 'auto'). */
+  packWeights?: PackWeights;
 }
 
 /** The bench model: 4 layers, hidden 512, 8 heads × 64 (4 KV heads), intermediate 1376, vocab 8192. */

@@ -110,6 +110,18 @@ export async function benchKernels(opts: BenchOptions) {
         `${r.ms.toFixed(2).padStart(8)} ${r.gflops.toFixed(1).padStart(8)} ${`${(100 * r.ofSgemm).toFixed(0)}%`.padStart(9)} ${`${(100 * r.ofPeak).toFixed(0)}%`.padStart(8)}`,
     );
 
+  const panels = await panelRows(d, rng, opts, shapes.slice(0, 4), [256, M]);
+  log('');
+  log(
+    'frozen weights packed once (pack_weights) vs packed per call: the four projections, forward + dX, f32 (best of ≥' +
+      `${reps} runs each, alternating)`,
+  );
+  log(`${'M'.padStart(6)} ${'per call ms'.padStart(12)} ${'panels ms'.padStart(10)} ${'speed-up'.padStart(9)}`);
+  for (const r of panels)
+    log(
+      `${String(r.m).padStart(6)} ${r.perCallMs.toFixed(2).padStart(12)} ${r.panelsMs.toFixed(2).padStart(10)} ${`${r.speedup.toFixed(3)}×`.padStart(9)}`,
+    );
+
   const attention = attentionRows(d, rng, opts, sgemm);
   log('');
   log(
@@ -138,10 +150,63 @@ export async function benchKernels(opts: BenchOptions) {
     model: BENCH_MODEL,
     ceilings: { fmaPeakGflops: peak, sgemm: { size: S, gflops: sgemm } },
     gemm: rows,
+    packedPanels: panels,
     attention,
     layerSplit: split,
     loraOverhead: loraCost,
   };
+}
+
+interface PanelRow {
+  m: number;
+  perCallMs: number;
+  panelsMs: number;
+  speedup: number;
+}
+
+/** The projections' forward and dX GEMMs at M rows with weights packed per call and packed once
+ *  (Device.packWeights): two sets of the same weights, timed in alternation. */
+async function panelRows(
+  d: Device,
+  rng: Rng,
+  opts: BenchOptions,
+  shapes: Array<[string, number, number]>,
+  ms: number[],
+): Promise<PanelRow[]> {
+  const reps = opts.quick ? 1 : 5;
+  const out: PanelRow[] = [];
+  for (const m of ms) {
+    const owned: Tensor[] = [];
+    const own = (t: Tensor) => (owned.push(t), t);
+    const set = () =>
+      shapes.flatMap(([, n, k]): Op[] => {
+        const w = own(randomTensor(d, rng, 'f32', [n, k], 0.05));
+        const x = own(randomTensor(d, rng, 'f32', [m, k]));
+        const y = own(d.alloc('f32', [m, n]));
+        return [
+          { op: 'linear_forward', y, x, w },
+          { op: 'linear_backward', dx: x, dy: y, w },
+        ];
+      });
+    const perCall = set(),
+      packed = set();
+    await d.packWeights(packed.filter((o) => o.op === 'linear_forward').map((o) => (o as { w: Tensor }).w));
+    let a = Infinity,
+      b = Infinity;
+    for (let r = 0; r < reps; r++) {
+      a = Math.min(
+        a,
+        bestMs(() => d.runSync(perCall), 1, 0),
+      );
+      b = Math.min(
+        b,
+        bestMs(() => d.runSync(packed), 1, 0),
+      );
+    }
+    out.push({ m, perCallMs: a, panelsMs: b, speedup: a / b });
+    for (const t of owned) t.free();
+  }
+  return out;
 }
 
 interface AttentionRow {

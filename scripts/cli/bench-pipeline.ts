@@ -4,6 +4,7 @@
 // the run's schedule (lib/schedule/grid.ts), and for one adapter the within-step pipelining of
 // several micro-batches per step.
 import { openModelDir } from '../../lib/io/hf-model.js';
+import type { PackWeights } from '../../lib/model/weights.js';
 import { freshState } from '../../lib/lora/state.js';
 import { ActorPipeline } from '../../actors/runtime.js';
 import { assemble } from '../../actors/scheduler/assemble.js';
@@ -41,6 +42,7 @@ export async function pipelineScenario(
     steps: number;
     /** Only these layouts (their `name`s); default all. */
     layouts?: string[];
+    packWeights?: PackWeights;
   },
   log: (s: string) => void,
 ): Promise<TrainBenchRecord[]> {
@@ -73,6 +75,7 @@ export async function pipelineScenario(
       budgets: L.devices.map(() => 8 * 2 ** 30),
       maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen),
       inflight: 2 * plans.length,
+      ...(o.packWeights !== undefined ? { base: { packWeights: o.packWeights } } : {}),
     });
     try {
       for (let id = 1; id <= maxK; id++)

@@ -5,10 +5,10 @@
 //   mlora bench --scenario kernels [--threads N] [--json] [--quick]
 //   mlora bench --scenario gemm-dtypes [--threads N] [--json] [--quick]
 //   mlora bench --scenario precision [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
-//   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
+//   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--pack-weights auto|true|false] [--json]
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
-//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--json]
+//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--pack-weights auto|true|false] [--json]
 //   mlora bench --scenario gpu [--device cuda:0] [--models bench,1b|DIR,...] [--adapters 1,4,8] [--stages 1,2] [--rank 16]
 //               [--micro-batch M --seq-len T] [--steps N] [--ceiling-n N] [--baseline PEFT.json] [--json]
 // --threads defaults to every core (os.availableParallelism()), as for `mlora train`.
@@ -78,6 +78,7 @@ const scenarios: Record<string, Scenario> = {
           shapes,
           steps: o.steps ?? (o.quick ? 1 : 3),
           threads: o.threads,
+          ...(o.packWeights !== undefined ? { packWeights: o.packWeights } : {}),
         },
         log,
       );
@@ -150,6 +151,7 @@ const scenarios: Record<string, Scenario> = {
           micro: o.microBatch ?? 2,
           seqLen: o.seqLen ?? 128,
           steps: o.steps ?? (o.quick ? 1 : 3),
+          ...(o.packWeights !== undefined ? { packWeights: o.packWeights } : {}),
         },
         log,
       );
@@ -175,7 +177,7 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
 
 function usage(): string {
   const lines = [
-    'usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16]',
+    'usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16] [--pack-weights auto|true|false]',
     '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]',
     '',
     'scenarios:',
@@ -216,6 +218,11 @@ export function parseBenchArgs(
           return {
             error: `--modes: unknown mode(s) ${bad.join(', ')} (known: ${Object.keys(PRECISION_MODES).join(', ')})`,
           };
+      } else if (a === '--pack-weights' || a.startsWith('--pack-weights=')) {
+        const v = value();
+        if (v !== 'auto' && v !== 'true' && v !== 'false')
+          return { error: `--pack-weights must be auto, true or false, got '${v}'` };
+        opts.packWeights = v === 'auto' ? v : v === 'true';
       } else if (a === '--json') opts.json = true;
       else if (a === '--quick') opts.quick = true;
       else if (a === '--adapters' || a.startsWith('--adapters=') || a === '--stages' || a.startsWith('--stages=')) {

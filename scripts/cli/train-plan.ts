@@ -40,7 +40,11 @@ export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?:
   );
   out(describeSplit(layout.plans, layout.devices));
   if (cfg.pipeline.split === 'auto') out(splitCosts(profiled));
-  const baseFormat = { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) };
+  const baseFormat = {
+    computeDtype: cfg.compute_dtype,
+    ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
+    packWeights: cfg.pack_weights,
+  };
   const q = linearQuantization(dir, cfg.quantize);
   const fmt0 = stageWeightBreakdown(dir, layout.plans[0]!, baseFormat);
   out(
@@ -57,17 +61,18 @@ export async function plan(cfg: TrainConfig, out: (s: string) => void, cluster?:
     `\nmemory per stage (largest planned micro-batch: ${tokens} tokens from ${group.length} adapter(s), ${cfg.pipeline.inflight ?? 2 * S} in flight):`,
   );
   layout.plans.forEach((p, s) => {
-    const parts = stageWeightBreakdown(dir, p, baseFormat);
-    const base = parts.linears + parts.other;
+    const budget = layout.budgets[s]!;
+    const cpu = /(^|\/)cpu(:\d+)?$/.test(layout.devices[s]!);
+    const parts = stageWeightBreakdown(dir, p, baseFormat, cpu && budget ? budget : undefined);
+    const base = parts.linears + parts.other + parts.panels;
     const ad = specs.reduce((sum, g) => sum + StageAdapter.bytes(c, g.spec, p.lo, p.hi, p), 0);
     const segs = group.map((g) => ({ rows: g.tokens, spec: g.spec }));
     const act = activationBytes(c, p, tokens, segs, cfg.pipeline.recompute);
     const inflight = Math.min(cfg.pipeline.inflight ?? 2 * S, S);
     const scratch = scratchBytes(c, p, tokens) + workBytes(c, tokens, segs, cfg.pipeline.recompute);
     const total = base + ad + act * inflight + scratch;
-    const budget = layout.budgets[s]!;
     out(
-      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)} (linears ${formatBytes(parts.linears)} ${parts.linearFormat}, rest ${formatBytes(parts.other)}), adapters ${formatBytes(ad)}, ` +
+      `  stage ${s} ${layout.devices[s]} (${layout.threads[s]} thread${layout.threads[s] === 1 ? '' : 's'}): base ${formatBytes(base)} (linears ${formatBytes(parts.linears)} ${parts.linearFormat}, rest ${formatBytes(parts.other)}${parts.panels ? `, GEMM panels ${formatBytes(parts.panels)}` : ''}), adapters ${formatBytes(ad)}, ` +
         `activations ${formatBytes(act)}${cfg.pipeline.recompute ? ' (layer inputs: recompute)' : ''} × ${inflight}, scratch ${formatBytes(scratch)}; total ${formatBytes(total)} of ${budget ? formatBytes(budget) : 'the GPU'}` +
         (budget ? `, headroom ${formatBytes(budget - total)}` : ''),
     );

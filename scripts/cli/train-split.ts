@@ -132,7 +132,11 @@ export async function splitProfile(cfg: TrainConfig, cluster = false): Promise<P
   });
   const costs = await measureUnitCosts(dir, timed, {
     threads: Math.min(...layout.threads),
-    base: { computeDtype: cfg.compute_dtype, ...(cfg.quantize ? { quantize: cfg.quantize } : {}) },
+    base: {
+      computeDtype: cfg.compute_dtype,
+      ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
+      packWeights: cfg.pack_weights,
+    },
     recompute: cfg.pipeline.recompute,
   });
   if (!costs) return { profile, shapes };

@@ -199,6 +199,7 @@ export async function main(argv: string[]): Promise<number> {
       ...(cfg.pipeline.inflight_per_adapter ? { inflightPerAdapter: cfg.pipeline.inflight_per_adapter } : {}),
       computeDtype: cfg.compute_dtype,
       ...(cfg.quantize ? { quantize: cfg.quantize } : {}),
+      packWeights: cfg.pack_weights,
       ...(cfg.pipeline.inflight ? { inflight: cfg.pipeline.inflight } : {}),
       ...(cfg.pipeline.adapters_per_micro_batch
         ? { adaptersPerMicroBatch: cfg.pipeline.adapters_per_micro_batch }

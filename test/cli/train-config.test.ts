@@ -37,6 +37,7 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
     'adapters: is required: a list of adapters, each with at least name and data',
   ],
   ['no adapters', (c) => (c.adapters = []), 'adapters: must have at least 1 item'],
+  ['pack_weights not a choice', (c) => (c.pack_weights = 'yes'), 'pack_weights: must be "auto", true or false'],
   [
     'missing data',
     (c) => delete c.adapters[0].data,
@@ -45,7 +46,7 @@ const cases: Array<[string, (c: Cfg) => void, string | ((file: string) => string
   [
     'unknown top-level field',
     (c) => (c.epochs = 3),
-    "(top level): unknown field(s) 'epochs' (allowed: model, devices, output, compute_dtype, quantize, adapters, pipeline, log)",
+    "(top level): unknown field(s) 'epochs' (allowed: model, devices, output, compute_dtype, quantize, pack_weights, adapters, pipeline, log)",
   ],
   [
     'unknown adapter field',

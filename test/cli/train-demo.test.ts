@@ -214,7 +214,7 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
     t.match(
       r.out,
       new RegExp(
-        `  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ KiB \\(linears [\\d.]+ KiB f32, rest [\\d.]+ KiB\\), adapters [\\d.]+ [KM]iB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`,
+        `  stage ${s} cpu:${s} \\(\\d+ threads?\\): base [\\d.]+ [KM]iB \\(linears [\\d.]+ KiB f32, rest [\\d.]+ KiB, GEMM panels [\\d.]+ [KM]iB\\), adapters [\\d.]+ [KM]iB, activations [\\d.]+ [KM]iB × 2, scratch [\\d.]+ [KM]iB; total [\\d.]+ [KM]iB of 1(\\.0)? GiB, headroom [\\d.]+ MiB`,
       ),
     );
   }

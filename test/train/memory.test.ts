@@ -25,6 +25,7 @@ import {
 import { PRESETS } from '../../lib/model/config.js';
 import type { ModelDir } from '../../lib/io/hf-model.js';
 import { cpuDevice } from '../support/helpers.js';
+import { native } from '../../lib/native.js';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -41,6 +42,9 @@ t.test('the base weights take exactly the bytes stageWeightBytes says, in every 
     [path.join(quantDir, 'nf4/model'), {}],
     [path.join(quantDir, 'nf4-dq/model'), {}],
     [path.join(quantDir, 'int8/model'), {}],
+    [tiny, { packWeights: false }],
+    [tiny, { packWeights: true, quantize: 'nf4' }],
+    [tiny, { packWeights: true, computeDtype: 'bf16' }],
   ];
   for (const [model, fmt] of cases) {
     const dir = openModelDir(model);
@@ -54,15 +58,43 @@ t.test('the base weights take exactly the bytes stageWeightBytes says, in every 
       const u0 = d.memory().used;
       const w = await loadStageWeights(d, dir, plan, fmt);
       const got = d.memory().used - u0;
-      const parts = stageWeightBreakdown(dir, plan, fmt);
+      const budget = d.memory().budget;
+      const parts = stageWeightBreakdown(dir, plan, fmt, budget);
       t.equal(
         got,
-        stageWeightBytes(dir, plan, fmt),
-        `${path.basename(path.dirname(model))}/${path.basename(model)} ${JSON.stringify(fmt)} layers [${plan.lo}, ${plan.hi}): ${got} bytes (linears ${parts.linears} as ${parts.linearFormat})`,
+        stageWeightBytes(dir, plan, fmt, budget),
+        `${path.basename(path.dirname(model))}/${path.basename(model)} ${JSON.stringify(fmt)} layers [${plan.lo}, ${plan.hi}): ${got} bytes (linears ${parts.linears} as ${parts.linearFormat}, GEMM panels ${parts.panels})`,
       );
+      t.equal(w.packedBytes ?? 0, parts.panels, 'the panels packed are the ones planned');
+      if (fmt.packWeights === false) t.equal(parts.panels, 0, 'nothing is packed');
+      else if (fmt.packWeights !== true && (fmt.quantize || dir.quantization)) {
+        // quantized linears keep their format: only the (float) LM head is packed
+        const c = dir.config;
+        const head = plan.last ? native().gemmPanelBytes(c.vocabSize, c.hiddenSize, fmt.computeDtype === 'bf16') : 0;
+        t.equal(parts.panels, head, 'only the LM head is packed');
+      } else t.ok(parts.panels > 0, 'the linears are packed');
       freeStageWeights(w);
       t.equal(d.memory().used, u0, 'and all of them come back when freed');
     }
+  }
+});
+
+t.test("pack_weights 'auto' packs only where the panels take at most half of the memory left", async (t) => {
+  const tiny = await tinyModel();
+  const dir = openModelDir(tiny);
+  const plan = { lo: 0, hi: dir.config.numLayers, first: true, last: true };
+  const weights = stageWeightBytes(dir, plan, { packWeights: false });
+  const panels = stageWeightBreakdown(dir, plan, {}, 2 ** 30).panels;
+  t.ok(panels > 0, `the tiny model's panels take ${panels} bytes`);
+  for (const [budget, packs] of [
+    [weights + 2 * panels, true],
+    [weights + 2 * panels - 256, false],
+  ] as const) {
+    const d = cpuDevice(1, budget);
+    const w = await loadStageWeights(d, dir, plan);
+    t.equal(w.packedBytes ?? 0, packs ? panels : 0, `budget ${budget}: ${packs ? 'packed' : 'not packed'}`);
+    t.equal(stageWeightBreakdown(dir, plan, {}, budget).panels, packs ? panels : 0, 'as the plan says');
+    freeStageWeights(w);
   }
 });
 

@@ -119,6 +119,19 @@ std::string cuda_gemm_info();
 
 std::string format_bytes(int64_t b);
 
+struct Storage;
+
+// The GEMM panels of a frozen weight, packed once by Device.packWeights: which view of the
+// weight's storage (offset, dtype, shape) and which GEMM (linear_forward or linear_backward,
+// bf16 compute or not) they serve. Their bytes are a storage of their own, counted like any.
+struct WeightPanels {
+  size_t offset = 0;
+  DType dtype = DType::F32;
+  int64_t rows = 0, cols = 0;
+  bool forward = true, bf16 = false;
+  std::shared_ptr<Storage> storage;
+};
+
 // A block of memory: owned by a device (counted) or borrowed from JavaScript (a
 // SharedArrayBuffer or ArrayBuffer that the JS side keeps alive).
 struct Storage {
@@ -126,6 +139,9 @@ struct Storage {
   void* ptr = nullptr;
   size_t bytes = 0;
   bool borrowed = false;
+  // Only ever added to (on the JS thread, once packed), so a kernel holding a panel pointer
+  // can rely on it while the weight lives; they go with the weight.
+  std::vector<WeightPanels> panels;
   ~Storage() {
     if (!borrowed && ptr) device->release(ptr, bytes);
   }

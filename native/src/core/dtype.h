@@ -200,6 +200,10 @@ struct WeightRef {
   DType dtype = DType::F32;
   int64_t rows = 0, cols = 0;
   bool bf16_compute = false;
+  // The GEMM's B operand already in its micro-kernel layout (cpu::gemm_pack_panels, made once
+  // for a frozen weight): the GEMM then packs nothing. Only for the one GEMM orientation and
+  // bf16_compute it was packed for; nullptr: pack per call.
+  const float* panels = nullptr;
   float at(int64_t i) const {
     switch (dtype) {
       case DType::F32: return static_cast<const float*>(ptr)[i];

@@ -16,6 +16,7 @@ const CpuFeatures& cpu_features();
 // Asks Linux for permission to use AMX tile data in this process (once); false where refused.
 bool amx_permitted();
 const char* cpu_gemm_kernel_name();       // which GEMM micro-kernel this machine runs (gemm.cc)
+int64_t cpu_gemm_packed_b_words();        // B words the GEMM packed per call since start (gemm.cc)
 const char* cpu_gemm_bf16_kernel_name();  // and which one bf16 compute runs
 // FP32 FMA throughput of the GEMM kernel's instruction set: every pool thread runs `iters`
 // rounds of independent FMA chains; returns GFLOP/s summed over threads (the benchmark's

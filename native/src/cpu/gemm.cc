@@ -34,6 +34,7 @@
 // allocation is an Error on the caller, never an exception inside a pool thread).
 // Scratch bytes are not counted against the device budget (at most ~5 MiB per calling thread).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -841,6 +842,10 @@ struct Scratch {
 };
 thread_local Scratch tls_scratch;
 
+// B words packed by GEMM calls (not by gemm_pack_panels), since the process started: shows
+// whether frozen weights' panels are in use (cpu_gemm_packed_b_words).
+std::atomic<int64_t> g_packed_b_words{0};
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Packs a B sliver of a quantized weight: dequantizes while packing. Non-transposed, a row of
@@ -883,6 +888,32 @@ void pack_b_sliver(const GemmKernel& K, float* dst, WeightRef b, bool trans, int
     round_bf16(dst, kc * nr);
 }
 
+// The B panel kc×nc at (pc, jc) of op(B), in NR-wide slivers, on all threads (each packs whole
+// slivers; tmp: q_floats per thread, pack_b_sliver's).
+void pack_b_panel(const GemmKernel& K, ThreadPool& pool, float* dst, WeightRef b, bool trans, int64_t ldb, int64_t pc,
+                  int64_t kc, int64_t jc, int64_t nc, float* tmp, size_t q_floats) {
+  const int NR = K.nr;
+  const int64_t kw = packed_k(K, kc), n_slivers = ceil_div(nc, NR);
+  const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
+  pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int tid) {
+    for (int64_t s = s0; s < s1; s++) {
+      const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+      pack_b_sliver(K, dst + s * NR * kw, b, trans, ldb, pc, kc, j, jn, NR, tmp + q_floats * size_t(tid));
+    }
+  });
+}
+
+// Balanced blocks: k = 1376 runs as 6 blocks of 232 rather than 5×256 + 96 (a short last
+// block pays the C tile load/store for little work). Same for mc and nc.
+int64_t balanced_block(int64_t total, int64_t cap, int64_t unit) {
+  int64_t blocks = ceil_div(total, cap);
+  return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
+}
+// The K and N blocking depend on the kernel and k, n only (never on m), so B can be packed once.
+int64_t kc_block(const GemmKernel& K, int64_t k) { return balanced_block(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)); }
+int64_t nc_block(const GemmKernel& K, int64_t n) { return balanced_block(n, K.nc, K.nr); }
+const GemmKernel& kernel_for(const WeightRef& b) { return b.bf16_compute ? bf16_kernel() : gemm_kernel(); }
+
 void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
   pool.parallel_for(m, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1, int) {
     for (int64_t i = r0; i < r1; i++) {
@@ -898,6 +929,7 @@ void scale_c(ThreadPool& pool, int64_t m, int64_t n, float beta, float* c, int64
 }  // namespace
 
 const char* cpu_gemm_kernel_name() { return gemm_kernel().name; }
+int64_t cpu_gemm_packed_b_words() { return g_packed_b_words.load(std::memory_order_relaxed); }
 const char* cpu_gemm_bf16_kernel_name() { return bf16_kernel().name; }
 cpu::Isa cpu::gemm_isa() { return gemm_kernel().isa; }
 
@@ -932,23 +964,17 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
       });
     return;
   }
-  const GemmKernel& K = b.bf16_compute ? bf16_kernel() : gemm_kernel();
+  const GemmKernel& K = kernel_for(b);
   const int MR = K.mr, NR = K.nr;
   const int T = pool.size();
 
-  // Balanced blocks: k = 1376 runs as 6 blocks of 232 rather than 5×256 + 96 (a short last
-  // block pays the C tile load/store for little work). Same for mc and nc.
-  auto balanced = [](int64_t total, int64_t cap, int64_t unit) {
-    int64_t blocks = ceil_div(total, cap);
-    return std::min(ceil_div(ceil_div(total, blocks), unit) * unit, ceil_div(total, unit) * unit);
-  };
-  const int64_t KCb = balanced(k, K.kc, std::max(8, K.pairs ? K.kpad : 1)), NCb = balanced(n, K.nc, NR),
-                MCb = balanced(m, K.mc, MR);
+  const int64_t KCb = kc_block(K, k), NCb = nc_block(K, n), MCb = balanced_block(m, K.mc, MR);
   const int64_t kc_max = std::min(KCb, k);
   const int64_t nc_max = NCb;
   const int64_t mc_max = MCb;
   const int64_t kw_max = std::max(kc_max, packed_k(K, kc_max));  // AMX pads k to 32: may exceed kc
-  const size_t b_floats = size_t(kw_max * nc_max);
+  const float* panels = b.panels;  // packed once (gemm_pack_panels): blocks in the order of the loops below
+  const size_t b_floats = panels ? 0 : size_t(kw_max * nc_max);
   const size_t a_floats = size_t((mc_max * kw_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
   const bool quantized = dtype_quantized(b.dtype);
   const size_t q_floats =
@@ -970,15 +996,15 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
       const float beta_eff = pc == 0 ? beta : 1.f;
       const bool last_k = pc + kc >= k;  // the epilogue runs on tiles that are complete
 
-      // 1. pack the B panel (all threads, shared)
-      const int64_t pack_grain = std::max<int64_t>(1, 32768 / (kc * NR));
-      pool.parallel_for(n_slivers, pack_grain, [&](int64_t s0, int64_t s1, int tid) {
-        for (int64_t s = s0; s < s1; s++) {
-          float* dst = bbuf + s * NR * kw;
-          const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
-          pack_b_sliver(K, dst, b, trans_b, ldb, pc, kc, j, jn, NR, qbuf + q_floats * size_t(tid));
-        }
-      });
+      // 1. pack the B panel (all threads, shared), unless it was packed once
+      const float* bpanel = bbuf;
+      if (panels) {
+        bpanel = panels;
+        panels += n_slivers * NR * kw;
+      } else {
+        pack_b_panel(K, pool, bbuf, b, trans_b, ldb, pc, kc, jc, nc, qbuf, q_floats);
+        g_packed_b_words.fetch_add(n_slivers * NR * kw, std::memory_order_relaxed);
+      }
 
       // 2. compute: rows [r0, r1) × B slivers [s0, s1) on thread tid
       auto block = [&](int64_t r0, int64_t r1, int64_t s0, int64_t s1, int tid) {
@@ -990,8 +1016,12 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
           for (int64_t t = 0; t < mr_slivers; t++)
             K.pack_a(abuf + t * MR * kw, a, trans_a, lda, ic + t * MR, std::min<int64_t>(MR, mc - t * MR), pc, kc, MR);
           for (int64_t s = s0; s < s1; s++) {
-            const float* bs = bbuf + s * NR * kw;
+            const float* bs = bpanel + s * NR * kw;
             const int64_t j = jc + s * NR, jn = std::min<int64_t>(NR, nc - s * NR);
+            // Panels packed once come from L3 or memory, not from the L2 that a per-call pack has
+            // just written: ask for the next sliver (into L2) while this one computes.
+            if (panels && s + 1 < s1)
+              for (int64_t q = 0; q < NR * kw; q += 16) __builtin_prefetch(bs + NR * kw + q, 0, 2);
             for (int64_t t = 0; t < mr_slivers; t++) {
               const int64_t i = ic + t * MR, in = std::min<int64_t>(MR, mc - t * MR);
               float* cij = c + i * ldc + j;
@@ -1033,6 +1063,40 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
 void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, WeightRef b, int64_t ldb, float beta, float* c, int64_t ldc) {
   gemm_impl(ex, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr);
+}
+
+// A linear's two GEMMs as gemm() sees them: forward X[m,in]·Wᵀ is n = out, k = in, B transposed;
+// backward dY[m,out]·W is n = in, k = out, B as stored. Either way ldb = in.
+int64_t gemm_panel_floats(bool forward, int64_t out, int64_t in, bool bf16_compute) {
+  WeightRef probe;
+  probe.bf16_compute = bf16_compute;
+  const GemmKernel& K = kernel_for(probe);
+  const int64_t n = forward ? out : in, k = forward ? in : out;
+  if (n <= 0 || k <= 0) return 0;
+  const int64_t KCb = kc_block(K, k), NCb = nc_block(K, n);
+  int64_t total = 0;
+  for (int64_t jc = 0; jc < n; jc += NCb)
+    for (int64_t pc = 0; pc < k; pc += KCb)
+      total += ceil_div(std::min(NCb, n - jc), K.nr) * K.nr * packed_k(K, std::min(KCb, k - pc));
+  return total;
+}
+
+void gemm_pack_panels(Exec& ex, float* dst, WeightRef w, bool forward, int64_t out, int64_t in) {
+  w.panels = nullptr;
+  const GemmKernel& K = kernel_for(w);
+  const int64_t n = forward ? out : in, k = forward ? in : out;
+  if (n <= 0 || k <= 0) return;
+  const int64_t KCb = kc_block(K, k), NCb = nc_block(K, n);
+  const size_t q_floats = size_t((2 * K.nr * std::min(KCb, k) + 15) & ~int64_t(15));
+  float* tmp = tls_scratch.get(q_floats * size_t(ex.pool().size()));  // 64-byte aligned, as the packers need
+  for (int64_t jc = 0; jc < n; jc += NCb) {
+    const int64_t nc = std::min(NCb, n - jc);
+    for (int64_t pc = 0; pc < k; pc += KCb) {
+      const int64_t kc = std::min(KCb, k - pc);
+      pack_b_panel(K, ex.pool(), dst, w, forward, in, pc, kc, jc, nc, tmp, q_floats);
+      dst += ceil_div(nc, K.nr) * K.nr * packed_k(K, kc);
+    }
+  }
 }
 
 void gemm(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,

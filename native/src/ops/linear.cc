@@ -21,8 +21,7 @@ MLORA_OP(linear_forward) {
            "]");
   a.expect_distinct("y", y, "x", x);
   bool acc = a.flag("accumulate", false);
-  WeightRef wr = weight(w);
-  wr.bf16_compute = a.flag("bf16", false);
+  const WeightRef wr = linear_weight(w, true, a.flag("bf16", false));
   if (a.has("segments")) {
     std::vector<LoraSegment> segs = parse_segments(a, m, k, n, false, {{"x", &x}, {"y", &y}, {"w", &w}});
     return [=](Exec& ex) {
@@ -48,8 +47,7 @@ MLORA_OP(linear_backward) {
            "]");
   a.expect_distinct("dx", dx, "dy", dy);
   bool acc = a.flag("accumulate", false);
-  WeightRef wr = weight(w);
-  wr.bf16_compute = a.flag("bf16", false);
+  const WeightRef wr = linear_weight(w, false, a.flag("bf16", false));
   if (a.has("segments")) {
     TensorImpl x = a.tensor("x", {DType::F32});
     if (x.numel() != m * k || x.shape.back() != k)

@@ -82,6 +82,18 @@ inline WeightRef weight(const TensorImpl& t) {
   if (t.shape.size() == 2) w.rows = t.shape[0], w.cols = t.shape[1];
   return w;
 }
+// A linear's weight for one of its two GEMMs, with the panels Device.packWeights made for that
+// GEMM and view where there are (CPU only: other backends never get them).
+inline WeightRef linear_weight(const TensorImpl& t, bool forward, bool bf16) {
+  WeightRef w = weight(t);
+  w.bf16_compute = bf16;
+  if (t.device().kind() != DeviceKind::CPU) return w;
+  for (const WeightPanels& p : t.storage->panels)
+    if (p.forward == forward && p.bf16 == bf16 && p.offset == t.offset && p.dtype == t.dtype && p.rows == w.rows &&
+        p.cols == w.cols)
+      w.panels = static_cast<const float*>(p.storage->ptr);
+  return w;
+}
 // The dtypes a frozen base weight may have: float storage or a quantized blob.
 #define MLORA_WEIGHT_DTYPES \
   { DType::F32, DType::F16, DType::BF16, DType::NF4, DType::NF4DQ, DType::INT8 }
