@@ -54,7 +54,10 @@ export function demoConfig(modelDir: string, output: string, fast: boolean): unk
       }),
       adapter('dialogue', 4, 'Mom:', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
     ],
-    pipeline: {},
+    // 6 messages, not the default 2 × stages: rhyme's step is 2 micro-batches, so 4 would leave
+    // an adapter waiting whenever rhyme has both in flight and another's next micro-batch goes
+    // out ahead of its step (docs/benchmarks.md, demo: the bubble 8.5–8.8% at 4, 6.2–7.2% at 6)
+    pipeline: { inflight: 6 },
     log: { every: fast ? 1 : 5, progress: 'auto' },
   };
 }
