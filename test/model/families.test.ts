@@ -53,7 +53,13 @@ async function setup(dir: ModelDir, fam: string, options: StageOptions = { gathe
   const weightBytes = device.memory().used - used0;
   const program = new StageProgram(device, config, plan, weights, options);
   const { spec } = addPeftAdapter(program, path.join(root, fam, 'adapter'), 1);
-  return { config, program, spec, weightBytes, expectedWeightBytes: stageWeightBytes(dir, plan, {}, device.memory().budget) };
+  return {
+    config,
+    program,
+    spec,
+    weightBytes,
+    expectedWeightBytes: stageWeightBytes(dir, plan, {}, device.memory().budget),
+  };
 }
 
 /** Logits rows [b][p] of a [B·T, V] matrix, flattened, for the given positions. */
