@@ -26,6 +26,8 @@
 // while packing: the same products, so the same numbers up to summation order.
 //
 // Quantized weights (nf4, nf4dq, int8) are dequantized while B is packed (pack_b_quant).
+// A frozen weight can be packed once instead (gemm_pack_panels, WeightRef::panels: every B panel
+// of the call, in loop order, with the same blocking): the GEMM then skips the packing step.
 // Function-level `target` attributes keep the rest of the binary plain x86-64.
 //
 // Scratch: the B panel and one A block per pool thread live in one 64-byte aligned buffer
