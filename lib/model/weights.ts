@@ -132,7 +132,7 @@ export async function loadStageWeights(
     }
     if (device.kind === 'cpu') {
       const linears = [...w.layers.flatMap((l) => LINEAR_FIELDS.map((f) => l[f])), w.head].filter((t) => !!t);
-      const pack = packedLinears(linears, options, device.memory().free);
+      const pack = packedWeights(linears, options, device.memory().free).chosen;
       if (pack.length) w.packedBytes = await device.packWeights(pack, { bf16: options.computeDtype === 'bf16' });
     }
     return w;
@@ -145,18 +145,23 @@ export async function loadStageWeights(
 /** The projections of a layer, the weights packing applies to (with the LM head). */
 const LINEAR_FIELDS = ['q', 'k', 'v', 'o', 'gate', 'up', 'down'] as const satisfies ReadonlyArray<keyof LayerWeights>;
 
-/** The weights of `linears` that PackWeights packs, given the device memory free after the weights. */
-function packedLinears(linears: Tensor[], o: BaseFormat, free: number): Tensor[] {
+/**
+ * The weights PackWeights packs (loaded tensors, or planned shapes and dtypes) and their panels'
+ * bytes, given the device memory free after the weights: one rule for the loader and the plan.
+ */
+function packedWeights<W extends { shape: number[]; dtype: DType | QuantDType }>(
+  weights: W[],
+  o: BaseFormat,
+  free: number,
+): { chosen: W[]; bytes: number } {
   const mode = o.packWeights ?? 'auto';
-  if (mode === false) return [];
+  if (mode === false) return { chosen: [], bytes: 0 };
   const bf16 = o.computeDtype === 'bf16';
-  const chosen = linears.filter((t) => mode === true || panelsNoLarger(t.dtype, bf16));
+  // auto: only where the panels take no more bytes than the weight (f32, or bf16 with bf16 compute)
+  const chosen = weights.filter((t) => mode === true || t.dtype === (bf16 ? 'bf16' : 'f32'));
   const bytes = chosen.reduce((s, t) => s + native().gemmPanelBytes(t.shape[0]!, t.shape[1]!, bf16), 0);
-  return mode === true || 2 * bytes <= free ? chosen : [];
+  return mode === true || 2 * bytes <= free ? { chosen, bytes } : { chosen: [], bytes: 0 };
 }
-
-/** A weight's panels take no more bytes than it does: f32 with f32 compute, bf16 with bf16 compute. */
-const panelsNoLarger = (d: DType | QuantDType, bf16: boolean) => (bf16 ? d === 'bf16' : d === 'f32');
 
 export function freeStageWeights(w: StageWeights): void {
   const seen = new Set<Tensor>();
@@ -188,6 +193,8 @@ export function stageWeightBreakdown(
     round(q ? quantLayout(QUANT_DTYPE[q] as QuantDType, out, inp).bytes : out * inp * wb);
   let linears = 0;
   let bytes = 0;
+  const linearDtype = q ? (QUANT_DTYPE[q] as QuantDType) : fd;
+  const packable: Array<{ shape: number[]; dtype: DType | QuantDType }> = []; // the linears and the head
   for (let i = plan.lo; i < plan.hi; i++) {
     const part = layerPart(plan, i);
     bytes += (part === 'all' ? 2 : 1) * round(H * 4);
@@ -195,6 +202,7 @@ export function stageWeightBreakdown(
       if (part !== 'all' && isAttentionTarget(t) !== (part === 'attn')) continue;
       const [out, inp] = projectionShape(c, t);
       linears += linearBytes(out, inp);
+      packable.push({ shape: [out, inp], dtype: linearDtype });
     }
     if (part === 'mlp') continue;
     if (c.qkvBias) bytes += round(c.numHeads * c.headDim * 4) + 2 * round(c.numKvHeads * c.headDim * 4);
@@ -202,22 +210,9 @@ export function stageWeightBreakdown(
   }
   if (plan.first) bytes += round(c.vocabSize * H * wb);
   if (holdsHead(plan)) bytes += round(H * 4) + (c.tieWordEmbeddings && plan.first ? 0 : round(c.vocabSize * H * wb));
+  if (holdsHead(plan)) packable.push({ shape: [c.vocabSize, H], dtype: fd });
   // the same choice as loadStageWeights makes on a CPU device, from the planned sizes
-  let panels = 0;
-  if (budget !== undefined && options.packWeights !== false) {
-    const bf16 = options.computeDtype === 'bf16';
-    const shapes: Array<{ shape: number[]; dtype: DType | QuantDType }> = [];
-    for (let i = plan.lo; i < plan.hi; i++) {
-      const part = layerPart(plan, i);
-      for (const t of LORA_TARGETS)
-        if (part === 'all' || isAttentionTarget(t) === (part === 'attn'))
-          shapes.push({ shape: projectionShape(c, t), dtype: q ? (QUANT_DTYPE[q] as QuantDType) : fd });
-    }
-    if (holdsHead(plan)) shapes.push({ shape: [c.vocabSize, H], dtype: fd });
-    const chosen = options.packWeights === true ? shapes : shapes.filter((s) => panelsNoLarger(s.dtype, bf16));
-    const need = chosen.reduce((s, t) => s + native().gemmPanelBytes(t.shape[0]!, t.shape[1]!, bf16), 0);
-    if (options.packWeights === true || 2 * need <= budget - linears - bytes) panels = need;
-  }
+  const panels = budget === undefined ? 0 : packedWeights(packable, options, budget - linears - bytes).bytes;
   return { linears, other: bytes, panels, linearFormat: q ?? fd, floatFormat: fd };
 }
 

@@ -500,17 +500,36 @@ Napi::Value JsDevice::Wrap(const Napi::CallbackInfo& info) {
   return JsTensor::Make(env, t, info[0]);
 }
 
+// An AsyncWorker that settles a promise: resolved by the subclass's OnOK, rejected with the error
+// of SetError. During environment teardown (a worker or the process exiting) JS can no longer
+// run: settling the promise then fails, and that must not escape as a C++ exception.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+  void OnError(const Napi::Error& e) override { settle(false, e.Value()); }
+
+ protected:
+  void settle(bool ok, Napi::Value v) {
+    try {
+      if (ok)
+        deferred_.Resolve(v);
+      else
+        deferred_.Reject(v);
+    } catch (...) {
+    }
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+};
+
 // loadFile(path, byteOffset, dtype, shape): reads a tensor straight from a file into device
 // memory (for safetensors), so a large checkpoint never passes through JS memory. Async.
-class LoadFileWorker : public Napi::AsyncWorker {
+class LoadFileWorker : public PromiseWorker {
  public:
   LoadFileWorker(Napi::Env env, std::string path, int64_t offset, TensorImpl t)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        path_(std::move(path)),
-        offset_(offset),
-        t_(std::move(t)) {}
-  Napi::Promise Promise() { return deferred_.Promise(); }
+      : PromiseWorker(env), path_(std::move(path)), offset_(offset), t_(std::move(t)) {}
   void Execute() override {
     int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) return SetError(path_ + ": " + std::strerror(errno));
@@ -540,23 +559,14 @@ class LoadFileWorker : public Napi::AsyncWorker {
       t_.device().backend().synchronize();
     }
   }
-  // During environment teardown (a worker or the process exiting) JS can no longer run:
-  // settling the promise then fails, and that must not escape as a C++ exception.
   void OnOK() override {
     try {
-      deferred_.Resolve(JsTensor::Make(Env(), t_, Env().Undefined()));
-    } catch (...) {
-    }
-  }
-  void OnError(const Napi::Error& e) override {
-    try {
-      deferred_.Reject(e.Value());
-    } catch (...) {
+      settle(true, JsTensor::Make(Env(), t_, Env().Undefined()));
+    } catch (...) {  // making the tensor's handle needs JS too
     }
   }
 
  private:
-  Napi::Promise::Deferred deferred_;
   std::string path_;
   int64_t offset_;
   TensorImpl t_;
@@ -663,16 +673,12 @@ static RunFailure run_kernels(DeviceState& dev, ParsedOps& ops) {
   return {};
 }
 
-class RunWorker : public Napi::AsyncWorker {
+class RunWorker : public PromiseWorker {
  public:
   RunWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, ParsedOps ops, Napi::Value keep)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        dev_(std::move(dev)),
-        ops_(std::move(ops)) {
+      : PromiseWorker(env), dev_(std::move(dev)), ops_(std::move(ops)) {
     keep_ = Napi::Persistent(keep.As<Napi::Object>());  // the op objects keep their tensors alive
   }
-  Napi::Promise Promise() { return deferred_.Promise(); }
   void Execute() override {
     RunFailure f;
     dev_->pool().run_on_leader([&] {
@@ -688,19 +694,16 @@ class RunWorker : public Napi::AsyncWorker {
   void OnOK() override {
     account();
     ops_.kernels.clear();
-    try {
-      deferred_.Resolve(Env().Undefined());
-    } catch (...) {  // environment teardown: nobody is waiting any more
-    }
+    settle(true, Env().Undefined());
   }
   void OnError(const Napi::Error& e) override {
     account();
     ops_.kernels.clear();
     try {
       if (code_) e.Value().Set("code", Napi::String::New(Env(), code_));
-      deferred_.Reject(e.Value());
-    } catch (...) {
+    } catch (...) {  // environment teardown
     }
+    settle(false, e.Value());
   }
 
  private:
@@ -720,7 +723,6 @@ class RunWorker : public Napi::AsyncWorker {
     dev_->add_run(stats_);
   }
 
-  Napi::Promise::Deferred deferred_;
   std::shared_ptr<DeviceState> dev_;
   ParsedOps ops_;
   const char* code_ = nullptr;
@@ -747,7 +749,7 @@ Napi::Value JsDevice::Run(const Napi::CallbackInfo& info) {
 // list checked before then packs as before; they live and go with the weight, which can no
 // longer be written. bf16: for ops with bf16 compute (another layout). A weight already packed
 // for that compute is skipped. CPU devices only. All-or-nothing on out of memory.
-class PackWorker : public Napi::AsyncWorker {
+class PackWorker : public PromiseWorker {
  public:
   struct Job {
     TensorImpl w;
@@ -755,12 +757,7 @@ class PackWorker : public Napi::AsyncWorker {
     TensorImpl panels;
   };
   PackWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, std::vector<Job> jobs, bool bf16)
-      : Napi::AsyncWorker(env),
-        deferred_(Napi::Promise::Deferred::New(env)),
-        dev_(std::move(dev)),
-        jobs_(std::move(jobs)),
-        bf16_(bf16) {}
-  Napi::Promise Promise() { return deferred_.Promise(); }
+      : PromiseWorker(env), dev_(std::move(dev)), jobs_(std::move(jobs)), bf16_(bf16) {}
   void Execute() override {
     std::string err;
     dev_->pool().run_on_leader([&] {
@@ -784,22 +781,15 @@ class PackWorker : public Napi::AsyncWorker {
     for (const Job& j : jobs_) {
       j.w.storage->panels.push_back(
           WeightPanels{j.w.offset, j.w.dtype, j.w.shape[0], j.w.shape[1], j.forward, bf16_, j.panels.storage});
-      bytes += double((j.panels.storage->bytes + 255) & ~size_t(255));
+      bytes += double(DeviceState::counted_bytes(j.panels.storage->bytes));
     }
     try {
-      deferred_.Resolve(Napi::Number::New(Env(), bytes));
-    } catch (...) {
-    }
-  }
-  void OnError(const Napi::Error& e) override {
-    try {
-      deferred_.Reject(e.Value());
-    } catch (...) {
+      settle(true, Napi::Number::New(Env(), bytes));
+    } catch (...) {  // making the number needs JS too
     }
   }
 
  private:
-  Napi::Promise::Deferred deferred_;
   std::shared_ptr<DeviceState> dev_;
   std::vector<Job> jobs_;
   bool bf16_;
@@ -828,10 +818,7 @@ Napi::Value JsDevice::PackWeights(const Napi::CallbackInfo& info) {
       throw_js(env, name + " must be a 2-D weight [out, in], got " + w.shape_str(), kErrBadInput);
     if (w.dtype == DType::I32) throw_js(env, name + " is i32, not a weight", kErrBadInput);
     for (bool forward : {true, false}) {
-      bool have = false;
-      for (const WeightPanels& p : w.storage->panels)
-        have |= p.forward == forward && p.bf16 == bf16 && p.offset == w.offset && p.dtype == w.dtype &&
-                p.rows == w.shape[0] && p.cols == w.shape[1];
+      bool have = find_panels(w, forward, bf16) != nullptr;
       for (const PackWorker::Job& j : jobs)  // the same weight twice in the list
         have |= j.w.storage == w.storage && j.w.offset == w.offset && j.forward == forward;
       if (!have) jobs.push_back({w, forward, {}});
@@ -877,7 +864,7 @@ static Napi::Value GemmPanelBytes(const Napi::CallbackInfo& info) {
   const bool bf16 = info.Length() > 2 && info[2].ToBoolean().Value();
   double bytes = 0;
   for (bool forward : {true, false})
-    bytes += double((size_t(cpu::gemm_panel_floats(forward, out, in, bf16)) * 4 + 255) & ~size_t(255));
+    bytes += double(DeviceState::counted_bytes(size_t(cpu::gemm_panel_floats(forward, out, in, bf16)) * 4));
   return Napi::Number::New(env, bytes);
 }
 

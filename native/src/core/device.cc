@@ -107,8 +107,7 @@ void DeviceState::trim_cache() {
 }
 
 void* DeviceState::allocate(size_t bytes, bool zero) {
-  size_t rounded = (bytes + 255) & ~size_t(255);  // one size class per 256 B: better reuse
-  if (rounded == 0) rounded = 256;
+  const size_t rounded = counted_bytes(bytes);
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> lk(mu_);
@@ -148,8 +147,7 @@ void* DeviceState::allocate(size_t bytes, bool zero) {
 }
 
 void DeviceState::release(void* p, size_t bytes) {
-  size_t rounded = (bytes + 255) & ~size_t(255);
-  if (rounded == 0) rounded = 256;
+  const size_t rounded = counted_bytes(bytes);
   std::lock_guard<std::mutex> lk(mu_);
   used_ -= int64_t(rounded);
   // Keep at most the budget's worth of cached blocks; the rest goes back to the system.

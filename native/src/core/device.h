@@ -68,6 +68,8 @@ class DeviceState : public std::enable_shared_from_this<DeviceState> {
 
   // Throws Error("device cpu:1: out of memory: asked 512 MiB, 96 MiB free of 4 GiB", kErrOutOfMemory).
   void* allocate(size_t bytes, bool zero);
+  // What an allocation of `bytes` counts against the budget: one size class per 256 B (better reuse).
+  static size_t counted_bytes(size_t bytes) { return bytes ? (bytes + 255) & ~size_t(255) : 256; }
   void release(void* p, size_t bytes);
   void trim_cache();
 

@@ -850,6 +850,9 @@ std::atomic<int64_t> g_packed_b_words{0};
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Floats of pack_b_sliver's per-thread tmp for k blocks of up to kc (64-byte multiples).
+inline size_t sliver_tmp_floats(const GemmKernel& K, int64_t kc) { return size_t((2 * K.nr * kc + 15) & ~int64_t(15)); }
+
 // Packs a B sliver of a quantized weight: dequantizes while packing. Non-transposed, a row of
 // op(B) is a contiguous run of the weight and dequantizes straight into the sliver; transposed,
 // the jn weight rows' k runs dequantize into `tmp` (jn×kc, L1/L2-resident) and the kernel's
@@ -979,8 +982,7 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
   const size_t b_floats = panels ? 0 : size_t(kw_max * nc_max);
   const size_t a_floats = size_t((mc_max * kw_max + 15) & ~int64_t(15));  // keep each A block 64-byte aligned
   const bool quantized = dtype_quantized(b.dtype);
-  const size_t q_floats =
-      quantized || K.pairs ? size_t((2 * NR * kc_max + 15) & ~int64_t(15)) : 0;  // pack_b_sliver's tmp
+  const size_t q_floats = quantized || K.pairs ? sliver_tmp_floats(K, kc_max) : 0;
   float* scratch = tls_scratch.get(b_floats + (a_floats + q_floats) * size_t(T));
   float* bbuf = scratch;
   float* qbuf = scratch + b_floats + a_floats * size_t(T);
@@ -1089,7 +1091,7 @@ void gemm_pack_panels(Exec& ex, float* dst, WeightRef w, bool forward, int64_t o
   const int64_t n = forward ? out : in, k = forward ? in : out;
   if (n <= 0 || k <= 0) return;
   const int64_t KCb = kc_block(K, k), NCb = nc_block(K, n);
-  const size_t q_floats = size_t((2 * K.nr * std::min(KCb, k) + 15) & ~int64_t(15));
+  const size_t q_floats = sliver_tmp_floats(K, std::min(KCb, k));
   float* tmp = tls_scratch.get(q_floats * size_t(ex.pool().size()));  // 64-byte aligned, as the packers need
   for (int64_t jc = 0; jc < n; jc += NCb) {
     const int64_t nc = std::min(NCb, n - jc);

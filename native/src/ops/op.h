@@ -82,16 +82,21 @@ inline WeightRef weight(const TensorImpl& t) {
   if (t.shape.size() == 2) w.rows = t.shape[0], w.cols = t.shape[1];
   return w;
 }
+// The panels Device.packWeights made of this view of a 2-D weight for one of its GEMMs, or nullptr.
+inline const WeightPanels* find_panels(const TensorImpl& t, bool forward, bool bf16) {
+  for (const WeightPanels& p : t.storage->panels)
+    if (p.forward == forward && p.bf16 == bf16 && p.offset == t.offset && p.dtype == t.dtype && p.rows == t.shape[0] &&
+        p.cols == t.shape[1])
+      return &p;
+  return nullptr;
+}
 // A linear's weight for one of its two GEMMs, with the panels Device.packWeights made for that
 // GEMM and view where there are (CPU only: other backends never get them).
 inline WeightRef linear_weight(const TensorImpl& t, bool forward, bool bf16) {
   WeightRef w = weight(t);
   w.bf16_compute = bf16;
   if (t.device().kind() != DeviceKind::CPU) return w;
-  for (const WeightPanels& p : t.storage->panels)
-    if (p.forward == forward && p.bf16 == bf16 && p.offset == t.offset && p.dtype == t.dtype && p.rows == w.rows &&
-        p.cols == w.cols)
-      w.panels = static_cast<const float*>(p.storage->ptr);
+  if (const WeightPanels* p = find_panels(t, forward, bf16)) w.panels = static_cast<const float*>(p->storage->ptr);
   return w;
 }
 // The dtypes a frozen base weight may have: float storage or a quantized blob.
