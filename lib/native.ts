@@ -25,6 +25,11 @@ export interface Tensor {
   readonly borrowed: boolean;
   /** A copy of the contents: Float32Array (f32), Int32Array (i32), Uint16Array (f16/bf16 bits) or Uint8Array (a quantized blob). */
   read(): Float32Array | Int32Array | Uint16Array | Uint8Array;
+  /**
+   * `into.length` elements from `elementOffset` copied into `into` (the mirror of write), which
+   * comes back: memory read again and again (an adapter's state after every step) is reused.
+   */
+  read<T extends Float32Array | Int32Array | Uint16Array>(into: T, elementOffset?: number): T;
   write(src: Float32Array | Int32Array | Uint16Array, elementOffset?: number): void;
   /** A view of rows [start, end) of dimension 0, sharing storage. */
   rows(start: number, end: number): Tensor;

@@ -113,6 +113,29 @@ TypedView typed_view(Napi::Env env, Napi::Value v, const char* what) {
   return TypedView{data, length * elem, type};
 }
 
+// read(into, offset) and write(src, offset): info[0] a typed array of t's element type, info[1]
+// where in t its elements start (default 0). Returns the array and that start in bytes; throws
+// naming `what` where the type is another or the elements would not lie inside t.
+std::pair<TypedView, size_t> element_range(Napi::Env env, const Napi::CallbackInfo& info, const TensorImpl& t,
+                                           const std::string& what) {
+  TypedView v = typed_view(env, info[0], what.c_str());
+  if (!typed_array_matches(v.type, t.dtype))
+    throw_js(env,
+             what + ": a " + dtype_name(t.dtype) + " tensor takes a " +
+                 (t.dtype == DType::F32   ? "Float32Array"
+                  : t.dtype == DType::I32 ? "Int32Array"
+                                          : "Uint16Array"),
+             kErrBadInput);
+  int64_t off = info.Length() > 1 && !info[1].IsUndefined() ? integer_arg(env, info[1], what + ": offset", 0) : 0;
+  size_t es = dtype_size(t.dtype);
+  if (size_t(off) * es + v.bytes > t.nbytes())
+    throw_js(env,
+             what + ": " + std::to_string(v.bytes / es) + " elements at offset " + std::to_string(off) +
+                 " do not fit in a tensor of " + std::to_string(t.numel()) + " elements " + t.shape_str(),
+             kErrBadInput);
+  return {v, size_t(off) * es};
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------
@@ -183,9 +206,26 @@ Napi::Value JsTensor::Borrowed(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), impl.storage && impl.storage->borrowed);
 }
 
+// read(): a copy in a new typed array. read(into, elementOffset = 0): into.length elements from
+// elementOffset into `into` (write's mirror), which it returns: a caller that reads the same
+// tensor again and again (an adapter's state after every step) reuses its memory, e.g. a
+// SharedArrayBuffer, instead of faulting in fresh pages each time.
 Napi::Value JsTensor::Read(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   check_live(env, "read");
+  if (info.Length() > 0 && !info[0].IsUndefined()) {
+    if (dtype_quantized(impl.dtype))
+      throw_js(env, std::string("Tensor.read: a ") + dtype_name(impl.dtype) + " tensor is read whole, by read()");
+    auto [dst, at] = element_range(env, info, impl, "Tensor.read");
+    DeviceState& dev = impl.device();
+    std::lock_guard<std::mutex> lk(dev.exec_mutex());
+    try {
+      dev.backend().copy_to_host(dst.data, static_cast<const char*>(impl.data()) + at, dst.bytes);
+    } catch (const std::exception& e) {
+      throw_js(env, std::string("Tensor.read: ") + e.what(), code_of(e));
+    }
+    return info[0];
+  }
   size_t n = size_t(impl.numel());
   Napi::ArrayBuffer ab = Napi::ArrayBuffer::New(env, impl.nbytes());
   DeviceState& dev = impl.device();
@@ -215,21 +255,11 @@ Napi::Value JsTensor::Write(const Napi::CallbackInfo& info) {
                       " tensor is written whole, by Device.fromArray or a quantize op");
   if (!impl.storage->panels.empty())  // the panels would go stale
     throw_js(env, "Tensor.write: this weight is frozen: Device.packWeights packed it for the GEMM", kErrBadInput);
-  TypedView src = typed_view(env, info[0], "Tensor.write");
-  if (!typed_array_matches(src.type, impl.dtype))
-    throw_js(env, std::string("Tensor.write: a ") + dtype_name(impl.dtype) + " tensor takes a " +
-                      (impl.dtype == DType::F32   ? "Float32Array"
-                       : impl.dtype == DType::I32 ? "Int32Array"
-                                                  : "Uint16Array"));
-  int64_t off = info.Length() > 1 && !info[1].IsUndefined() ? integer_arg(env, info[1], "Tensor.write: offset", 0) : 0;
-  size_t es = dtype_size(impl.dtype);
-  if (size_t(off) * es + src.bytes > impl.nbytes())
-    throw_js(env, "Tensor.write: " + std::to_string(src.bytes / es) + " elements at offset " + std::to_string(off) +
-                      " do not fit in a tensor of " + std::to_string(impl.numel()) + " elements " + impl.shape_str());
+  auto [src, at] = element_range(env, info, impl, "Tensor.write");
   DeviceState& dev = impl.device();
   std::lock_guard<std::mutex> lk(dev.exec_mutex());
   try {
-    dev.backend().copy_from_host(static_cast<char*>(impl.data()) + size_t(off) * es, src.data, src.bytes);
+    dev.backend().copy_from_host(static_cast<char*>(impl.data()) + at, src.data, src.bytes);
   } catch (const std::exception& e) {
     throw_js(env, std::string("Tensor.write: ") + e.what(), code_of(e));
   }
@@ -673,6 +703,39 @@ static RunFailure run_kernels(DeviceState& dev, ParsedOps& ops) {
   return {};
 }
 
+// One op list's trip: timed where RunStats wants it (DeviceState::RunStats says what each part
+// is), run on the leader (or inline where the device has none), accounted on the JS thread.
+struct RunTrip {
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point queued = Clock::now(), start = queued, end = queued;
+  DeviceState::RunStats stats;
+  RunFailure failure;
+
+  void execute(DeviceState& dev, ParsedOps& ops) {
+    start = Clock::now();
+    const double cpu0 = thread_cpu_seconds();
+    failure = run_kernels(dev, ops);
+    stats.cpu_s = thread_cpu_seconds() - cpu0;
+    end = Clock::now();
+  }
+  void account(DeviceState& dev) {
+    stats.runs = 1;
+    stats.to_leader_s = seconds(start - queued);
+    stats.wall_s = seconds(end - start);
+    stats.back_s = seconds(Clock::now() - end);
+    dev.add_run(stats);
+  }
+
+ private:
+  static double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+  static double thread_cpu_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  }
+};
+
+// A device without a leader thread (CUDA): the op list runs on a libuv thread.
 class RunWorker : public PromiseWorker {
  public:
   RunWorker(Napi::Env env, std::shared_ptr<DeviceState> dev, ParsedOps ops, Napi::Value keep)
@@ -680,62 +743,114 @@ class RunWorker : public PromiseWorker {
     keep_ = Napi::Persistent(keep.As<Napi::Object>());  // the op objects keep their tensors alive
   }
   void Execute() override {
-    RunFailure f;
-    dev_->pool().run_on_leader([&] {
-      start_ = Clock::now();
-      const double cpu0 = thread_cpu_seconds();
-      f = run_kernels(*dev_, ops_);
-      stats_.cpu_s = thread_cpu_seconds() - cpu0;
-      end_ = Clock::now();
-    });
-    code_ = f.code;
-    if (!f.message.empty()) SetError(f.message);
+    dev_->pool().run_on_leader([&] { trip_.execute(*dev_, ops_); });
+    if (!trip_.failure.message.empty()) SetError(trip_.failure.message);
   }
   void OnOK() override {
-    account();
+    trip_.account(*dev_);
     ops_.kernels.clear();
     settle(true, Env().Undefined());
   }
   void OnError(const Napi::Error& e) override {
-    account();
+    trip_.account(*dev_);
     ops_.kernels.clear();
     try {
-      if (code_) e.Value().Set("code", Napi::String::New(Env(), code_));
+      if (trip_.failure.code) e.Value().Set("code", Napi::String::New(Env(), trip_.failure.code));
     } catch (...) {  // environment teardown
     }
     settle(false, e.Value());
   }
 
  private:
-  using Clock = std::chrono::steady_clock;
-  static double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-  static double thread_cpu_seconds() {
-    timespec ts{};
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
-  }
-  // on the JS thread, as the promise settles (DeviceState::RunStats says what each part is)
-  void account() {
-    stats_.runs = 1;
-    stats_.to_leader_s = seconds(start_ - queued_);
-    stats_.wall_s = seconds(end_ - start_);
-    stats_.back_s = seconds(Clock::now() - end_);
-    dev_->add_run(stats_);
-  }
-
   std::shared_ptr<DeviceState> dev_;
   ParsedOps ops_;
-  const char* code_ = nullptr;
   Napi::ObjectReference keep_;
-  Clock::time_point queued_ = Clock::now(), start_ = queued_, end_ = queued_;
-  DeviceState::RunStats stats_;
+  RunTrip trip_;
 };
+
+// A CPU device: the op list goes from this JS thread straight to the device's leader thread
+// (ThreadPool::post_to_leader, first in, first out) and its end straight back (the environment's
+// thread-safe function, AddonData::run_done). Through a libuv thread instead, each run took two
+// more wake-ups, on threads that all of the process's stages share: one that last ran on the
+// core of another stage's busy compute thread woke there and waited for a time slice, while
+// this stage's core idled. The leader wakes where it last ran.
+struct LeaderRun {
+  std::shared_ptr<DeviceState> dev;
+  ParsedOps ops;
+  napi_deferred deferred = nullptr;
+  Napi::ObjectReference keep;  // the op objects keep their tensors alive
+  RunTrip trip;
+};
+
+namespace {
+// On the JS thread (env null: the environment is going away and the run's promise with it).
+void run_done(napi_env env, napi_value, void* context, void* data) {
+  auto* run = static_cast<LeaderRun*>(data);
+  auto* d = static_cast<AddonData*>(context);
+  if (!env) {
+    run->keep.SuppressDestruct();  // its environment has freed the reference
+    delete run;
+    return;
+  }
+  Napi::Env e(env);
+  Napi::HandleScope scope(e);
+  run->trip.account(*run->dev);
+  run->ops.kernels.clear();
+  const RunFailure& f = run->trip.failure;
+  if (f.message.empty()) {
+    napi_resolve_deferred(env, run->deferred, e.Undefined());
+  } else {
+    Napi::Error err = Napi::Error::New(e, f.message);
+    if (f.code) err.Value().Set("code", Napi::String::New(e, f.code));
+    napi_reject_deferred(env, run->deferred, err.Value());
+  }
+  delete run;
+  if (--d->runs_pending == 0) napi_unref_threadsafe_function(env, d->run_done);
+}
+
+// The environment ends (a worker thread exits or is terminated): the runs still on a leader are
+// waited for, since their kernels read and write memory this environment owns.
+void wait_for_leaders(void* arg) {
+  auto* d = static_cast<AddonData*>(arg);
+  std::unique_lock<std::mutex> lk(d->leader_mu);
+  d->leader_cv.wait(lk, [&] { return d->on_leader == 0; });
+}
+
+Napi::Promise post_run(Napi::Env env, const std::shared_ptr<DeviceState>& dev, ParsedOps ops, Napi::Value keep) {
+  AddonData* d = data_of(env);
+  if (!d->run_done) {
+    napi_status st = napi_create_threadsafe_function(env, nullptr, nullptr, Napi::String::New(env, "mlora run"), 0, 1,
+                                                     nullptr, nullptr, d, run_done, &d->run_done);
+    if (st != napi_ok) throw_js(env, "Device.run: cannot make the thread-safe function for op lists");
+    napi_unref_threadsafe_function(env, d->run_done);
+    napi_add_env_cleanup_hook(env, wait_for_leaders, d);
+  }
+  auto* run = new LeaderRun{dev, std::move(ops), nullptr, Napi::Persistent(keep.As<Napi::Object>()), {}};
+  napi_value promise;
+  napi_create_promise(env, &run->deferred, &promise);
+  if (d->runs_pending++ == 0) napi_ref_threadsafe_function(env, d->run_done);
+  {
+    std::lock_guard<std::mutex> lk(d->leader_mu);
+    d->on_leader++;
+  }
+  dev->pool().post_to_leader([run, d] {
+    run->trip.execute(*run->dev, run->ops);
+    // once handed over, the run belongs to the JS thread; only when the environment is already
+    // closing is it refused (and its kernels' memory stays with the run: freed at exit)
+    napi_call_threadsafe_function(d->run_done, run, napi_tsfn_nonblocking);
+    std::lock_guard<std::mutex> lk(d->leader_mu);
+    if (--d->on_leader == 0) d->leader_cv.notify_all();
+  });
+  return Napi::Promise(env, promise);
+}
+}  // namespace
 
 // run(ops): checks every op now (throws synchronously on bad arguments), runs them in order
 // off the JS thread, resolves when done.
 Napi::Value JsDevice::Run(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   ParsedOps ops = parse_ops(env, state.get(), info[0]);
+  if (state->pool().has_leader()) return post_run(env, state, std::move(ops), info[0]);
   auto* w = new RunWorker(env, state, std::move(ops), info[0]);
   auto p = w->Promise();
   w->Queue();

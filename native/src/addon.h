@@ -3,7 +3,9 @@
 #pragma once
 #include <napi.h>
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 
 #include "core/device.h"
 
@@ -13,6 +15,12 @@ namespace mlora {
 struct AddonData {
   Napi::FunctionReference tensor_ctor;
   Napi::FunctionReference device_ctor;
+  // Op lists run on a CPU device's leader thread come back through this (addon.cc, post_run).
+  napi_threadsafe_function run_done = nullptr;
+  int runs_pending = 0;  // JS thread only: the function keeps the event loop alive while > 0
+  std::mutex leader_mu;
+  std::condition_variable leader_cv;
+  int on_leader = 0;  // runs not yet handed back (the environment's cleanup waits for them)
 };
 
 class JsTensor : public Napi::ObjectWrap<JsTensor> {

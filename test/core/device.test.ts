@@ -206,3 +206,81 @@ t.test(
     await w.terminate();
   },
 );
+
+t.test('read(into, offset) copies into memory the caller reuses; bad destinations are Errors', async (t) => {
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const a = d.fromArray('f32', [2, 3], new Float32Array([1, 2, 3, 4, 5, 6]));
+  const sab = new SharedArrayBuffer(5 * 4);
+  const into = new Float32Array(sab, 4, 3);
+  t.equal(a.read(into, 2), into, 'the destination comes back');
+  t.same(Array.from(new Float32Array(sab)), [0, 3, 4, 5, 0], 'elements 2..4, and nothing outside the view');
+  t.same(Array.from(a.read(new Float32Array(6))), [1, 2, 3, 4, 5, 6], 'offset 0 by default');
+  const i = d.fromArray('i32', [2], new Int32Array([7, -8]));
+  t.same(Array.from(i.read(new Int32Array(2))), [7, -8]);
+  t.throws(
+    () => a.read(new Float32Array(3), 4),
+    /Tensor.read: 3 elements at offset 4 do not fit in a tensor of 6 elements \[2,3\]/,
+  );
+  t.throws(() => a.read(new Int32Array(2)), /Tensor.read: a f32 tensor takes a Float32Array/);
+  t.throws(() => a.read({} as Float32Array), /Tensor.read: expected a typed array/);
+  t.throws(() => a.read(new Float32Array(1), -1), /Tensor.read: offset must be a non-negative integer/);
+  const q = d.alloc('int8', [2, 64]);
+  t.throws(() => q.read(new Float32Array(1)), /a int8 tensor is read whole, by read\(\)/);
+  a.free();
+  t.throws(() => a.read(new Float32Array(1)), /freed/);
+  i.free();
+  q.free();
+});
+
+t.test('op lists issued without waiting run in the order they were issued, each promise in turn', async (t) => {
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const y = d.fromArray('f32', [4], new Float32Array(4).fill(1));
+  const one = d.fromArray('f32', [4], new Float32Array(4).fill(1));
+  const order: number[] = [];
+  let expect = 1;
+  const runs = [];
+  for (let k = 0; k < 64; k++) {
+    // y = 0.5 y + k: any other order gives another number
+    runs.push(
+      d
+        .run([
+          { op: 'scale', y, alpha: 0.5 },
+          { op: 'axpy', y, x: one, alpha: k },
+        ])
+        .then(() => order.push(k)),
+    );
+    expect = Math.fround(Math.fround(0.5 * expect) + k);
+  }
+  await Promise.all(runs);
+  t.same(order, [...Array(64).keys()], 'settled in issue order');
+  t.same(Array.from(y.read()), [expect, expect, expect, expect]);
+  y.free();
+  one.free();
+});
+
+t.test('a run in flight keeps the process alive until it settles; a worker ends with runs still queued', async (t) => {
+  const { execFileSync } = await import('node:child_process');
+  const script = `const { native } = await import(${JSON.stringify(new URL('../../lib/native.js', import.meta.url).href)});
+    const d = new (native().Device)({ kind: 'cpu', index: 0, threads: 1, budget: 1 << 26 });
+    const a = d.alloc('f32', [512, 512]), c = d.alloc('f32', [512, 512]);
+    d.run(Array.from({ length: 20 }, () => ({ op: 'gemm', c, a, b: a }))).then(() => console.log('settled'));`;
+  const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+  t.match(out, /settled/, 'nothing but the run held the event loop');
+  // a worker terminated while its device still has op lists queued: the thread ends, the process goes on
+  const w = new Worker(
+    `const { parentPort, workerData } = require('node:worker_threads');
+     const n = require(workerData);
+     const d = new n.Device({ kind: 'cpu', index: 0, threads: 1, budget: 1 << 26 });
+     const a = d.alloc('f32', [512, 512]), c = d.alloc('f32', [512, 512]);
+     for (let i = 0; i < 8; i++) d.run(Array.from({ length: 10 }, () => ({ op: 'gemm', c, a, b: a })));
+     parentPort.postMessage('queued');`,
+    { eval: true, workerData: addonPath() },
+  );
+  await once(w, 'message');
+  t.equal(await w.terminate(), 1, 'terminated');
+  const d = openDevice('cpu:0', { budget: 2 ** 20 });
+  const x = d.fromArray('f32', [2], new Float32Array([1, 2]));
+  await d.run([{ op: 'scale', y: x, alpha: 3 }]);
+  t.same(Array.from(x.read()), [3, 6], 'devices still run afterwards');
+  x.free();
+});

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <future>
 #include <utility>
 
 namespace mlora {
@@ -57,30 +58,39 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::leader_loop() {
   if (!cores_.empty()) pin_to(cores_[0]);
-  std::unique_lock<std::mutex> lk(leader_mu_);
   for (;;) {
-    leader_cv_.wait(lk, [&] { return leader_stop_ || leader_job_ != nullptr; });
-    if (leader_stop_) return;
-    lk.unlock();
-    try {
-      (*leader_job_)();
-    } catch (...) {
-      leader_error_ = std::current_exception();
+    std::function<void()> job;
+    {
+      std::unique_lock<std::mutex> lk(leader_mu_);
+      leader_cv_.wait(lk, [&] { return leader_stop_ || !leader_jobs_.empty(); });
+      if (leader_jobs_.empty()) return;  // stopped, and nothing left to run
+      job = std::move(leader_jobs_.front());
+      leader_jobs_.pop_front();
     }
-    lk.lock();
-    leader_job_ = nullptr;
-    leader_done_cv_.notify_one();
+    job();
   }
+}
+
+void ThreadPool::post_to_leader(std::function<void()> job) {
+  {
+    std::lock_guard<std::mutex> lk(leader_mu_);
+    leader_jobs_.push_back(std::move(job));
+  }
+  leader_cv_.notify_one();
 }
 
 void ThreadPool::run_on_leader(const std::function<void()>& fn) {
   if (!leader_.joinable()) return fn();
-  std::lock_guard<std::mutex> one(leader_call_mu_);  // callers (libuv threads) queue here
-  std::unique_lock<std::mutex> lk(leader_mu_);
-  leader_job_ = &fn;
-  leader_cv_.notify_one();
-  leader_done_cv_.wait(lk, [&] { return leader_job_ == nullptr; });
-  if (leader_error_) std::rethrow_exception(std::exchange(leader_error_, nullptr));
+  std::promise<void> done;
+  post_to_leader([&] {
+    try {
+      fn();
+      done.set_value();
+    } catch (...) {
+      done.set_exception(std::current_exception());
+    }
+  });
+  done.get_future().get();
 }
 
 void ThreadPool::worker_loop(int tid) {

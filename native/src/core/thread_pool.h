@@ -12,6 +12,7 @@
 #pragma once
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -35,9 +36,15 @@ class ThreadPool {
   int size() const { return nthreads_; }
   const std::vector<int>& cores() const { return cores_; }
 
+  bool has_leader() const { return leader_.joinable(); }
+
   // Runs fn on the leader thread and waits for it (inline on the caller when the pool has no
-  // leader). Concurrent callers take turns.
+  // leader). Concurrent callers take turns, in the order they came (with post_to_leader's jobs).
   void run_on_leader(const std::function<void()>& fn);
+
+  // Queues job for the leader thread and returns at once (has_leader() only): the leader runs
+  // its jobs one at a time, first in, first out. A job handles its own errors.
+  void post_to_leader(std::function<void()> job);
 
   // Runs fn(tid) once on each of the pool's threads (tid in [0, size())).
   void run_on_all(const std::function<void(int)>& fn);
@@ -58,10 +65,9 @@ class ThreadPool {
   std::vector<int> cores_;
   std::string name_;
   std::thread leader_;
-  std::mutex leader_call_mu_, leader_mu_;
-  std::condition_variable leader_cv_, leader_done_cv_;
-  const std::function<void()>* leader_job_ = nullptr;
-  std::exception_ptr leader_error_;
+  std::mutex leader_mu_;
+  std::condition_variable leader_cv_;
+  std::deque<std::function<void()>> leader_jobs_;
   bool leader_stop_ = false;
   std::vector<std::thread> workers_;
   std::mutex mu_;
