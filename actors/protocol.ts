@@ -14,6 +14,7 @@
 import type { BaseFormat } from '../lib/model/weights.js';
 import type { Segment, StagePlan } from '../lib/model/batch.js';
 import type { StepParams } from '../lib/lora/state.js';
+import type { StageSnapshot } from './shm.js';
 import type { FaultSpec } from '../lib/faults.js';
 import type { ScheduleRecord } from '../lib/schedule/record.js';
 import type { WireError } from '../lib/errors.js';
@@ -169,8 +170,21 @@ export interface ReadyMsg {
 export interface ReplyMsg {
   type: 'reply';
   id: number;
+  /** A StepMsg's: StepReply. */
   value?: unknown;
   error?: WireError;
+}
+
+/** What a stage answers a StepMsg with. */
+export interface StepReply {
+  /** Σ grad² of the slice before the step (StepMsg.measure). */
+  sumsq?: number;
+  /** The slice after the step: recovery's snapshot. */
+  snapshot: StageSnapshot;
+}
+
+export function isStepReply(v: unknown): v is StepReply {
+  return typeof v === 'object' && v !== null && 'snapshot' in v;
 }
 
 /**

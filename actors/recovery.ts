@@ -78,9 +78,11 @@ export class Ledger {
   readonly issueOrder: MicroBatchData[] = [];
 
   /**
-   * An adapter's snapshot as one full state. A step stores the stages' slices as they came
-   * (joining them on every step cost the supervisor's thread a copy and its garbage of the
-   * whole state, per adapter and step); recovery and exports are rare, they join.
+   * An adapter's snapshot as one full state. A step stores the stages' slices as they came:
+   * views of the side of each stage's snapshot buffer that the step wrote (actors/shm.ts,
+   * StageSnapshot), which no stage writes again before the adapter's next step has replaced
+   * them here (joining them on every step cost the supervisor's thread a copy and its garbage
+   * of the whole state, per adapter and step); recovery and exports are rare, they join.
    */
   snapshot(id: number): AdapterState | undefined {
     const s = this.snapshots.get(id);

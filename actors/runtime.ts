@@ -16,9 +16,9 @@ import type { StagePlan } from '../lib/model/stage.js';
 import { activationBytes, scratchBytes, workBytes } from '../lib/model/stage.js';
 import { ErrorCode, fromWire } from '../lib/errors.js';
 import { holdsHead } from '../lib/model/batch.js';
-import { Slab, slotBytesFor } from './shm.js';
+import { Slab, slotBytesFor, snapshotViews } from './shm.js';
 import { clockMs } from './clock.js';
-import type { StageErrorMsg } from './protocol.js';
+import type { StageErrorMsg, StepReply } from './protocol.js';
 import type { Pipeline } from './pipeline.js';
 import type { AdapterState, StepParams } from '../lib/lora/state.js';
 import type { FaultSpec } from '../lib/faults.js';
@@ -189,12 +189,11 @@ export class ActorPipeline implements Pipeline {
     // On the ordered path (actors/rpc.ts). Each stage replies with its new slice: that is the
     // snapshot recovery restores. A stage that dies during the step: recovery restores the last
     // snapshot and replays the step's micro-batches, and the step runs again.
-    type Part = { sumsq?: number; state: AdapterState };
     const r = this.recovery;
     const parts = await this.beforeStep(id, () =>
       r.retrying(async () => {
         const epoch = r.epoch;
-        const x = await this.workers.all<Part>({ type: 'step', adapter: id, params: p, measure });
+        const x = await this.workers.all<StepReply>({ type: 'step', adapter: id, params: p, measure });
         // a recovery began while the stages stepped (a fault elsewhere): it restores the snapshot
         // from before this step and replays the step's micro-batches, so the step runs again after it
         if (r.epoch !== epoch || r.recovering) throw new Error(`step of adapter ${id} overtaken by a recovery`);
@@ -203,7 +202,7 @@ export class ActorPipeline implements Pipeline {
     );
     this.ledger.stepped(
       id,
-      parts.map((x) => x.state),
+      parts.map((x) => snapshotViews(x.snapshot)),
       this.router.inFlight(),
     );
     return measure ? { sumsq: parts.reduce((s, x) => s + (x.sumsq ?? 0), 0) } : {};

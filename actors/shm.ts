@@ -199,3 +199,66 @@ export class SlotAllocator {
     return this.slab.count - this.free.length;
   }
 }
+
+/**
+ * An adapter's slice on one stage after its latest optimizer step, in a SharedArrayBuffer the
+ * stage writes and the supervisor keeps as recovery's snapshot (a step's reply names it: nothing
+ * is copied or transferred, no fresh pages are faulted in per step). Two sides, each holding
+ * params, m and v (`size` floats each): the step to version v writes side v % 2, so the side of
+ * the snapshot the supervisor holds (v - 1) is never written until a later step has replaced it,
+ * and a stage that dies in the middle of a step leaves it whole. The buffer outlives the stage's
+ * worker.
+ */
+export interface StageSnapshot {
+  /** Shared, or (over a cluster link, which carries no shared memory: compactSnapshot) a copy of one side. */
+  buffer: SharedArrayBuffer | ArrayBuffer;
+  /** Floats of each field. */
+  size: number;
+  /** The side holding `version`. */
+  side: number;
+  version: number;
+}
+
+/** The fields of a snapshot side, in order. */
+export const SnapshotField = { params: 0, m: 1, v: 2 } as const;
+const SNAPSHOT_FIELDS = 3;
+
+/** The buffer for both sides of a slice of `size` floats. */
+export function snapshotBuffer(size: number): SharedArrayBuffer {
+  return new SharedArrayBuffer(2 * SNAPSHOT_FIELDS * size * 4);
+}
+
+/** One field of one side (a view: the memory the stage writes). */
+export function snapshotField(
+  buffer: SharedArrayBuffer | ArrayBuffer,
+  size: number,
+  side: number,
+  field: keyof typeof SnapshotField,
+): Float32Array {
+  return new Float32Array(buffer, 4 * size * (SNAPSHOT_FIELDS * side + SnapshotField[field]), size);
+}
+
+/** The snapshot's state as views of the shared side (copy it before a later step may write that side). */
+export function snapshotViews(s: StageSnapshot): {
+  params: Float32Array;
+  m: Float32Array;
+  v: Float32Array;
+  version: number;
+} {
+  const f = (k: keyof typeof SnapshotField) => snapshotField(s.buffer, s.size, s.side, k);
+  return { params: f('params'), m: f('m'), v: f('v'), version: s.version };
+}
+
+/** A copy of the snapshot's side in memory of its own (side 0): for a wire that carries no shared memory. */
+export function compactSnapshot(s: StageSnapshot): StageSnapshot {
+  const out: StageSnapshot = {
+    buffer: new ArrayBuffer(SNAPSHOT_FIELDS * s.size * 4),
+    size: s.size,
+    side: 0,
+    version: s.version,
+  };
+  const from = snapshotViews(s);
+  const to = snapshotViews(out);
+  for (const k of Object.keys(SnapshotField) as Array<keyof typeof SnapshotField>) to[k].set(from[k]);
+  return out;
+}

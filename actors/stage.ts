@@ -10,7 +10,7 @@ import { openDevice, type Tensor } from '../lib/tensor.js';
 import { StageProgram, type MicroBatch } from '../lib/model/stage.js';
 import { loadStageWeights } from '../lib/model/weights.js';
 import { openModelDir } from '../lib/io/hf-model.js';
-import { metaLayout, Slab, SlotKind } from './shm.js';
+import { metaLayout, Slab, SlotKind, snapshotBuffer, snapshotViews, type StageSnapshot } from './shm.js';
 import type {
   BackwardMsg,
   DropMsg,
@@ -22,6 +22,7 @@ import type {
   LinkMsg,
   PoisonMsg,
   StepMsg,
+  StepReply,
   ToStage,
 } from './protocol.js';
 import { clockMs } from './clock.js';
@@ -182,11 +183,13 @@ async function handle(m: Queued): Promise<void> {
       injectFaults(false);
       const sumsq = await program.step(m.adapter, m.params, !!m.measure);
       record('S', -1, [m.adapter], t);
-      // the reply carries the new state: the runtime's snapshot for recovery, without another round
-      // trip; its fresh buffers move to the runtime instead of being copied twice (a few MB a step)
-      const state = program.adapter(m.adapter).exportState();
-      const moved = [state.params.buffer, state.m.buffer, state.v.buffer] as ArrayBuffer[];
-      return send({ type: 'reply', id: m.id, value: { sumsq, state } }, moved);
+      // the reply names the new state: the runtime's snapshot for recovery, without another round
+      // trip, in shared memory reused from step to step (StageSnapshot)
+      return send({
+        type: 'reply',
+        id: m.id,
+        value: { sumsq, snapshot: writeSnapshot(m.adapter) } satisfies StepReply,
+      });
     }
     if (m.type === 'call') {
       if (m.counts) injectFaults(false);
@@ -204,6 +207,29 @@ async function handle(m: Queued): Promise<void> {
     minEpoch = Math.max(minEpoch, m.epoch + 1);
     send({ type: 'error', epoch: m.epoch, stage: init.stage, mb: m.mb, error: toWire(err) });
   }
+}
+
+/**
+ * Per adapter on this stage, the shared buffer its snapshots go to. Made when the adapter joins
+ * and written through once: a page fault costs these VMs ~15 µs, so a first touch inside the
+ * step (a few MB) would hold up the pipeline for tens of milliseconds.
+ */
+const snapshots = new Map<number, SharedArrayBuffer>();
+
+function newSnapshotBuffer(adapter: number): void {
+  const buffer = snapshotBuffer(program.adapter(adapter).size);
+  new Uint8Array(buffer).fill(0);
+  snapshots.set(adapter, buffer);
+}
+
+/** Writes the adapter's slice into the side of its snapshot buffer that its new version takes. */
+function writeSnapshot(adapter: number): StageSnapshot {
+  const a = program.adapter(adapter);
+  if (!snapshots.has(adapter)) newSnapshotBuffer(adapter);
+  const buffer = snapshots.get(adapter)!;
+  const snap: StageSnapshot = { buffer, size: a.size, side: a.version % 2, version: a.version };
+  a.exportStateInto(snapshotViews(snap));
+  return snap;
 }
 
 function dropLive(mb: number) {
@@ -396,8 +422,13 @@ const api: StageApi = {
   addAdapter: (adapter, spec, state) =>
     queued(() => {
       program.addAdapterState(adapter, spec, state);
+      newSnapshotBuffer(adapter); // the supervisor may still hold the old one
     }),
-  removeAdapter: (adapter) => queued(() => program.removeAdapter(adapter)),
+  removeAdapter: (adapter) =>
+    queued(() => {
+      program.removeAdapter(adapter);
+      snapshots.delete(adapter);
+    }),
   exportAdapter: (adapter) => queued(() => program.adapter(adapter).exportState()),
   gradSumsq: (adapter) => queued(() => program.gradSumsq(adapter)),
   memory: () => queued(() => ({ device: program.device.name, ...program.device.memory() })),

@@ -15,8 +15,8 @@ import { ErrorCode } from '../../lib/errors.js';
 import { openModelDir } from '../../lib/io/hf-model.js';
 import { fingerprintMismatch, modelFingerprint, type ModelFingerprint } from '../../lib/io/fingerprint.js';
 import { defaultCpuBudget, parseDeviceSpec } from '../../lib/tensor.js';
-import type { ForwardMsg, FromStage, HeadMsg, InitMsg, ToStage } from '../protocol.js';
-import { HEADER_BYTES, metaLayout, Slab } from '../shm.js';
+import { isStepReply, type ForwardMsg, type FromStage, type HeadMsg, type InitMsg, type ToStage } from '../protocol.js';
+import { compactSnapshot, HEADER_BYTES, metaLayout, Slab } from '../shm.js';
 import { clusterConnect, type ClusterAuth } from './connect.js';
 import { LinkSender, listen } from './link.js';
 import {
@@ -287,6 +287,9 @@ class DeviceServer {
         this.forwards.delete(m.mb);
         if (f) push(f.metaSlot);
       }
+      // a step's snapshot lives in this host's shared memory: the supervisor gets a copy of its side
+      if (m.type === 'reply' && isStepReply(m.value))
+        return await tx.send({ ...m, value: { ...m.value, snapshot: compactSnapshot(m.value.snapshot) } });
       await tx.send(m);
     } catch {
       // the supervisor is gone: its claim lapses (checked by the host's timer)

@@ -159,6 +159,15 @@ export class StageAdapter {
     return { params: rd(this.params), m: rd(this.m), v: rd(this.v), version: this.version };
   }
 
+  /** exportState() into the caller's arrays (`size` floats each): memory reused from step to step. */
+  exportStateInto(dst: { params: Float32Array; m: Float32Array; v: Float32Array }): void {
+    for (const k of ['params', 'm', 'v'] as const) {
+      if (dst[k].length !== this.size)
+        throw new Error(`exportStateInto: ${k} holds ${dst[k].length} floats, the slice has ${this.size}`);
+      if (this.size > 0) this[k].read(dst[k]);
+    }
+  }
+
   importState(s: { params: Float32Array; m?: Float32Array; v?: Float32Array; version?: number }): void {
     if (s.params.length !== this.size)
       throw new Error(`importState: expected ${this.size} parameters, got ${s.params.length}`);

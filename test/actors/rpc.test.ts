@@ -9,9 +9,7 @@ import { serveStage, stageApi, type StageApi } from '../../actors/rpc.js';
 import { ActorPipeline, type ActorPipelineOptions, type FaultEvent } from '../../actors/runtime.js';
 import type { StageWorkers } from '../../actors/stage-workers.js';
 import { ErrorCode, errorCode, MloraError } from '../../lib/errors.js';
-import { openModelDir } from '../../lib/io/hf-model.js';
-import { balanceSplit } from '../../lib/schedule/split.js';
-import { tinyModelWithLayers } from '../support/models.js';
+import { tinyModelWithLayers, twoStageOptions } from '../support/models.js';
 
 const model = await tinyModelWithLayers(2);
 t.teardown(() => fs.rmSync(model, { recursive: true, force: true }));
@@ -34,21 +32,7 @@ t.test("a stage API call's error arrives with its code and message", async (t) =
   port1.close();
 });
 
-function options(extra: Partial<ActorPipelineOptions>): ActorPipelineOptions {
-  const config = openModelDir(model).config;
-  return {
-    modelDir: model,
-    config,
-    plans: balanceSplit(config, [1, 1]).plans,
-    devices: ['cpu:0', 'cpu:1'],
-    threads: [1, 1],
-    budgets: [2 ** 28, 2 ** 28],
-    maxTokens: 64,
-    inflight: 2,
-    heartbeatMs: 50,
-    ...extra,
-  };
-}
+const options = (extra: Partial<ActorPipelineOptions>) => twoStageOptions(model, extra);
 
 const workersOf = (p: ActorPipeline) => p['workers'] as StageWorkers;
 

@@ -7,6 +7,9 @@ import { PRESETS } from '../../lib/model/config.js';
 import { writeRandomLlama } from '../../lib/io/random-model.js';
 import { writeTokenizerFiles } from '../../lib/data/bpe.js';
 import { ensureModel, makeModel } from '../../scripts/cli/make-model.js';
+import { openModelDir } from '../../lib/io/hf-model.js';
+import { balanceSplit } from '../../lib/schedule/split.js';
+import type { ActorPipelineOptions } from '../../actors/runtime.js';
 
 const CACHE = path.join(os.tmpdir(), 'mlora-test-models');
 
@@ -42,4 +45,20 @@ export async function tinyModelWithLayers(
 export async function tinyModelIn(dir: string, seed = 0): Promise<string> {
   await makeModel(dir, 'tiny', seed);
   return dir;
+}
+
+/** An actor pipeline of `model` over two CPU stages of one thread each (256 MiB each), for the runtime tests. */
+export function twoStageOptions(model: string, extra: Partial<ActorPipelineOptions> = {}): ActorPipelineOptions {
+  const config = openModelDir(model).config;
+  return {
+    modelDir: model,
+    config,
+    plans: balanceSplit(config, [1, 1]).plans,
+    devices: ['cpu:0', 'cpu:1'],
+    threads: [1, 1],
+    budgets: [2 ** 28, 2 ** 28],
+    maxTokens: 64,
+    inflight: 2,
+    ...extra,
+  };
 }
