@@ -29,6 +29,8 @@ export interface BenchOptions {
   microBatch?: number;
   seqLen?: number;
   steps?: number;
+  /** The pipeline scenario: measurements of each layout taken in turn per adapter count (the median is reported). */
+  rounds?: number;
   /** Fewer repetitions (smoke runs); the numbers are noisier. */
   quick: boolean;
   /** precision scenario: the preset and the base formats to run */
@@ -187,8 +189,11 @@ export const STEP: Omit<StepParams, 'step'> = {
 /**
  * mLoRA scheduling, as the supervisor does it: each group of adapters is one BatchLoRA message,
  * all groups in flight at once; each adapter steps as soon as its own micro-batch is back (no
- * flush) while the other messages keep the stages busy. Returns the wall time (ms) of `steps`
- * steps of every group; optimizer versions continue from `versions` (kept across calls).
+ * flush) while the other messages keep the stages busy. A one-adapter group's next micro-batch
+ * goes out with its step (Pipeline.trainAfterStep, as the scheduler's admission sends it on a
+ * pipeline of several stages): it waits in the first stage's queue for the step, not for a round
+ * trip through this thread. Returns the wall time (ms) of `steps` steps of every group; optimizer
+ * versions continue from `versions` (kept across calls).
  */
 export async function trainInGroups(
   p: Pipeline,
@@ -199,23 +204,31 @@ export async function trainInGroups(
 ): Promise<number> {
   let mbId = 1;
   const t0 = performance.now();
+  const message = (g: number[], s: number) =>
+    assemble(
+      mbId++,
+      g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })),
+      g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0),
+    );
+  const ahead = p.plans.length > 1 && p.trainAfterStep !== undefined;
   await Promise.all(
     groups.map(async (g) => {
+      let pending = p.train(message(g, 0));
       for (let s = 0; s < steps; s++) {
-        await p.train(
-          assemble(
-            mbId++,
-            g.map((id) => ({ adapter: id, serial: s, mb: mbs.get(id)! })),
-            g.reduce((a, id) => a + mbs.get(id)!.numTokens, 0),
-          ),
-        );
-        await Promise.all(
+        await pending;
+        const stepped = Promise.all(
           g.map((id) => {
             versions.set(id, (versions.get(id) ?? 0) + 1);
             return p.step(id, { ...STEP, step: versions.get(id)! });
           }),
         );
+        if (s + 1 < steps) {
+          const next = message(g, s + 1);
+          pending = ahead && g.length === 1 ? p.trainAfterStep!(next) : stepped.then(() => p.train(next));
+        }
+        await stepped;
       }
+      await pending;
     }),
   );
   return performance.now() - t0;

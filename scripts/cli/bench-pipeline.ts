@@ -4,6 +4,8 @@
 // the run's schedule (lib/schedule/grid.ts), and for one adapter the within-step pipelining of
 // several micro-batches per step.
 import { openModelDir } from '../../lib/io/hf-model.js';
+import type { LlamaConfig } from '../../lib/model/config.js';
+import type { StagePlan } from '../../lib/model/stage.js';
 import type { PackWeights } from '../../lib/model/weights.js';
 import { freshState } from '../../lib/lora/state.js';
 import { ActorPipeline } from '../../actors/runtime.js';
@@ -40,6 +42,12 @@ export async function pipelineScenario(
     micro: number;
     seqLen: number;
     steps: number;
+    /**
+     * Measurements of each layout per A, taken in turn (1 stage, then 2 stages, then again): the
+     * machine's speed drifts by ±10% over seconds on shared VMs, so a ratio is taken within one
+     * round and the median round is reported.
+     */
+    rounds?: number;
     /** Only these layouts (their `name`s); default all. */
     layouts?: string[];
     packWeights?: PackWeights;
@@ -53,94 +61,101 @@ export async function pipelineScenario(
   log(`GEMM ceiling (1 thread): ${ceiling1.toFixed(1)} GFLOP/s`);
   const spec = benchLoraSpec(o.rank);
   const flops = trainFlopsPerToken(c, spec, o.seqLen);
+  const rounds = Math.max(1, o.rounds ?? 1);
   const out: TrainBenchRecord[] = [];
   const layouts = [
     { name: ONE_STAGE, devices: ['cpu:0'], threads: [1] },
     { name: '1 stage × 2 threads', devices: ['cpu:0'], threads: [2] },
     { name: '2 stages × 1 thread', devices: ['cpu:0', 'cpu:1'], threads: [1, 1] },
-  ];
+  ].filter((l) => !o.layouts || o.layouts.includes(l.name));
   const maxK = Math.max(...o.adapters);
-  /** Per A, 1 stage × 1 thread at its own packing and at the 2-stage one (tokens/s). */
-  const oneStage = new Map<number, { own: number; at2: number; rows2: number }>();
-  for (const L of layouts.filter((l) => !o.layouts || o.layouts.includes(l.name))) {
-    // every row of the synthetic data but the last of each sequence has a target
-    const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
-    const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
-    const p = await ActorPipeline.start({
-      modelDir,
-      config: c,
-      plans,
-      devices: L.devices,
-      threads: L.threads,
-      budgets: L.devices.map(() => 8 * 2 ** 30),
-      maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen),
-      inflight: 2 * plans.length,
-      ...(o.packWeights !== undefined ? { base: { packWeights: o.packWeights } } : {}),
-    });
-    try {
+  const rng = new Rng(2);
+  const mbs = new Map<number, SourceMicroBatch>();
+  for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
+  // every layout's pipeline is up at once, so that the rounds can take turns
+  const pipes: Array<{
+    L: (typeof layouts)[number];
+    plans: StagePlan[];
+    p: ActorPipeline;
+    versions: Map<number, number>;
+  }> = [];
+  try {
+    for (const L of layouts) {
+      // every row of the synthetic data but the last of each sequence has a target
+      const plans = balanceSplit(c, L.threads, { seqLen: o.seqLen, targetFraction: (o.seqLen - 1) / o.seqLen }).plans;
+      const maxTokens = Math.ceil(maxK / plans.length) * o.micro * o.seqLen;
+      const p = await ActorPipeline.start({
+        modelDir,
+        config: c,
+        plans,
+        devices: L.devices,
+        threads: L.threads,
+        budgets: L.devices.map(() => 8 * 2 ** 30),
+        maxTokens: Math.max(maxTokens, maxK * o.micro * o.seqLen),
+        inflight: 2 * plans.length,
+        ...(o.packWeights !== undefined ? { base: { packWeights: o.packWeights } } : {}),
+      });
+      pipes.push({ L, plans, p, versions: new Map() });
       for (let id = 1; id <= maxK; id++)
         await p.addAdapter(id, { ...spec, seed: id }, freshState(c, { ...spec, seed: id }));
-      const rng = new Rng(2);
-      const mbs = new Map<number, SourceMicroBatch>();
-      for (let id = 1; id <= maxK; id++) mbs.set(id, syntheticMicroBatch(rng, c, o.micro, o.seqLen));
-      for (const K of o.adapters) {
-        const ids = Array.from({ length: K }, (_, i) => i + 1);
-        // mLoRA scheduling, as the supervisor does it (lib/schedule/packing.ts): one device takes
-        // every adapter in one message; a pipeline spreads them over about 2 messages per stage,
-        // all in flight, each adapter stepping as soon as its own micro-batch is back (no flush)
-        // while the other messages keep the stages busy
-        const groupsFor = (stages: number) => {
-          const perMessage = adaptersPerMessage(K, stages);
-          const g: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
-          ids.forEach((id, i) => g[i % g.length]!.push(id));
-          return g;
+    }
+    for (const K of o.adapters) {
+      const ids = Array.from({ length: K }, (_, i) => i + 1);
+      // mLoRA scheduling, as the supervisor does it (lib/schedule/packing.ts): one device takes
+      // every adapter in one message; a pipeline spreads them over about 2 messages per stage,
+      // all in flight, each adapter stepping as soon as its own micro-batch is back (no flush)
+      // while the other messages keep the stages busy
+      const groupsFor = (stages: number) => {
+        const perMessage = adaptersPerMessage(K, stages);
+        const g: number[][] = Array.from({ length: Math.ceil(K / perMessage) }, () => []);
+        ids.forEach((id, i) => g[i % g.length]!.push(id));
+        return g;
+      };
+      const rowsPer = (g: number[][]) => Math.max(...g.map((x) => x.length)) * o.micro * o.seqLen;
+      /**
+       * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
+       * after them run in the same go, and only the window between (steadyWindow) counts.
+       */
+      const measure = async (pipe: (typeof pipes)[number], g: number[][]) => {
+        const { p, plans, versions } = pipe;
+        const tokensPerStep = K * o.micro * o.seqLen;
+        const from = p.schedule().at(-1)?.end ?? 0;
+        await p.stats(true);
+        const cpu0 = threadTimes();
+        const idle0 = machineIdle();
+        const ms = await trainInGroups(p, g, mbs, o.steps + 2, versions);
+        const idle1 = machineIdle();
+        const idle = { idleMs: idle1.idleMs - idle0.idleMs, stealMs: idle1.stealMs - idle0.stealMs };
+        const account = timeAccount(ms, await p.stats(), threadTimesSince(cpu0, threadTimes()), idle);
+        const recs = p.schedule().filter((r) => r.start >= from);
+        const w = steadyWindow(recs, ids, 1, o.steps);
+        if (!w)
+          return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length), account };
+        return {
+          tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
+          u: utilisation(recs, plans.length, w.from, w.to),
+          account,
         };
-        const groups = groupsFor(plans.length);
-        const versions = new Map<number, number>();
-        let gpipeSteps = 0;
-        const run = async (steps: number, gpipe: boolean, g = groups) => {
-          if (!gpipe) return trainInGroups(p, g, mbs, steps, versions);
-          // one adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the
-          // scheduler does when the adapters are too few to fill the stages), then its step
-          let mbId = 1;
-          const t0 = performance.now();
-          const id = ids[0]!;
-          const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
-          for (let s = 0; s < steps; s++) {
-            await Promise.all(
-              Array.from({ length: GPIPE_MICRO }, () =>
-                p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens)),
-              ),
-            );
-            await p.step(id, { ...STEP, step: (versions.get(id) ?? 0) + ++gpipeSteps });
-          }
-          return performance.now() - t0;
-        };
-        /**
-         * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
-         * after them run in the same go, and only the window between (steadyWindow) counts.
-         */
-        const measure = async (gpipe: boolean, adapters: number[], tokensPerStep: number, g = groups) => {
-          const from = p.schedule().at(-1)?.end ?? 0;
-          await p.stats(true);
-          const cpu0 = threadTimes();
-          const idle0 = machineIdle();
-          const ms = await run(o.steps + 2, gpipe, g);
-          const idle1 = machineIdle();
-          const idle = { idleMs: idle1.idleMs - idle0.idleMs, stealMs: idle1.stealMs - idle0.stealMs };
-          const account = timeAccount(ms, await p.stats(), threadTimesSince(cpu0, threadTimes()), idle);
-          const recs = p.schedule().filter((r) => r.start >= from);
-          const w = steadyWindow(recs, adapters, 1, o.steps);
-          if (!w)
-            return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length), account };
-          return {
-            tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
-            u: utilisation(recs, plans.length, w.from, w.to),
-            account,
-          };
-        };
-        await run(1, false);
-        const { tps, u, account } = await measure(false, ids, K * o.micro * o.seqLen);
+      };
+      type Measured = Awaited<ReturnType<typeof measure>>;
+      for (const pipe of pipes) await trainInGroups(pipe.p, groupsFor(pipe.plans.length), mbs, 1, pipe.versions);
+      const runs = pipes.map(() => [] as Measured[]);
+      /** Per round, 1 stage × 1 thread at the 2-stage packing (fewer rows per message than one stage packs). */
+      const at2: number[] = [];
+      const g2 = groupsFor(2);
+      for (let r = 0; r < rounds; r++)
+        for (const [i, pipe] of pipes.entries()) {
+          runs[i]!.push(await measure(pipe, groupsFor(pipe.plans.length)));
+          if (pipe.L.name !== ONE_STAGE) continue;
+          // (A = 1) nothing to measure again
+          const same = rowsPer(g2) === rowsPer(groupsFor(1));
+          at2.push(same ? runs[i]!.at(-1)!.tps : (await measure(pipe, g2)).tps);
+        }
+      const one = pipes.findIndex((x) => x.L.name === ONE_STAGE);
+      for (const [i, pipe] of pipes.entries()) {
+        const L = pipe.L;
+        const mine = runs[i]!;
+        const { tps, u, account } = mine[medianIndex(mine.map((x) => x.tps))]!;
         const threads = L.threads.reduce((a, b) => a + b, 0);
         const rec: TrainBenchRecord = {
           scenario: 'pipeline',
@@ -148,7 +163,7 @@ export async function pipelineScenario(
           adapters: K,
           micro_batch: o.micro,
           seq_len: o.seqLen,
-          stages: plans.length,
+          stages: pipe.plans.length,
           threads,
           tokens_per_s: Math.round(tps),
           mfu: (tps * flops) / (ceiling1 * threads * 1e9),
@@ -159,32 +174,31 @@ export async function pipelineScenario(
           time_account: account,
         };
         out.push(rec);
+        const spread =
+          rounds > 1 ? ` (median of ${rounds} rounds: ${mine.map((x) => Math.round(x.tps)).join(', ')})` : '';
         log(
-          `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
+          `pipeline ${L.name.padEnd(20)} A=${K}: ${rec.tokens_per_s} tok/s${spread}, busy ${u.busy.map((b) => `${Math.round(100 * b)}%`).join('/')}, bubble ${(100 * u.bubble).toFixed(1)}%`,
         );
         for (const line of describeAccount(account)) log(`  ${line}`);
-        const rowsPer = (g: number[][]) => Math.max(...g.map((x) => x.length)) * o.micro * o.seqLen;
         if (L.name === ONE_STAGE) {
-          // what 2 stages could reach at most: twice one stage's speed on the messages the
-          // 2-stage packing makes (fewer rows per message than one stage packs)
-          const g2 = groupsFor(2);
-          const same = rowsPer(g2) === rowsPer(groups); // (A = 1) nothing to measure again
-          const at2 = same ? tps : (await measure(false, ids, K * o.micro * o.seqLen, g2)).tps;
-          oneStage.set(K, { own: tps, at2, rows2: rowsPer(g2) });
-          rec.at_two_stage_packing = { rows_per_message: rowsPer(g2), tokens_per_s: Math.round(at2) };
-          log(`  at the 2-stage packing (${rowsPer(g2)} rows per message): ${Math.round(at2)} tok/s`);
+          const a = median(at2);
+          rec.at_two_stage_packing = { rows_per_message: rowsPer(g2), tokens_per_s: Math.round(a) };
+          log(`  at the 2-stage packing (${rowsPer(g2)} rows per message): ${Math.round(a)} tok/s`);
         }
-        const one = oneStage.get(K);
-        if (plans.length === 2 && one) {
-          rec.ratio_to_one_stage = Math.round((1000 * tps) / one.own) / 1000;
-          rec.ceiling_ratio = Math.round((2000 * one.at2) / one.own) / 1000;
+        if (pipe.plans.length === 2 && one >= 0) {
+          // within each round: the same minutes of the machine's speed
+          const ratios = mine.map((x, r) => x.tps / runs[one]![r]!.tps);
+          const ceilings = at2.map((a, r) => (2 * a) / runs[one]![r]!.tps);
+          rec.ratio_to_one_stage = Math.round(1000 * median(ratios)) / 1000;
+          rec.ceiling_ratio = Math.round(1000 * median(ceilings)) / 1000;
+          const each = rounds > 1 ? ` (rounds: ${ratios.map((x) => x.toFixed(2)).join(', ')})` : '';
           log(
-            `  vs 1 stage × 1 thread: ${(tps / one.own).toFixed(2)}×; ceiling at ${one.rows2} rows per message` +
-              ` 2 × ${Math.round(one.at2)} / ${Math.round(one.own)} = ${((2 * one.at2) / one.own).toFixed(2)}×`,
+            `  vs 1 stage × 1 thread: ${rec.ratio_to_one_stage.toFixed(2)}×${each}; ceiling at ${rowsPer(g2)} rows per message` +
+              ` 2 × (1 stage at that packing) / (1 stage at its own) = ${rec.ceiling_ratio.toFixed(2)}×`,
           );
         }
-        if (K === 1 && plans.length > 1) {
-          const { tps: tps2, u: u2 } = await measure(true, [ids[0]!], GPIPE_MICRO * o.micro * o.seqLen);
+        if (K === 1 && pipe.plans.length > 1) {
+          const { tps: tps2, u: u2 } = await gpipeRun(pipe.p, pipe.versions, c, o, ids[0]!, pipe.plans.length);
           const { time_account: _a, ratio_to_one_stage: _r, ceiling_ratio: _c, ...plain } = rec;
           out.push({
             ...plain,
@@ -200,11 +214,56 @@ export async function pipelineScenario(
           );
         }
       }
-    } finally {
-      await p.close();
     }
+  } finally {
+    for (const { p } of pipes) await p.close();
   }
   return out;
+}
+
+/** The index of the median of xs (the lower one of an even count). */
+function medianIndex(xs: number[]): number {
+  const order = xs.map((_, i) => i).sort((a, b) => xs[a]! - xs[b]!);
+  return order[Math.floor((xs.length - 1) / 2)]!;
+}
+
+function median(xs: number[]): number {
+  return xs[medianIndex(xs)]!;
+}
+
+/**
+ * One adapter whose step is GPIPE_MICRO micro-batches, all in flight at once (what the scheduler
+ * does when the adapters are too few to fill the stages), then its step: tokens/s and utilisation
+ * of the steady window.
+ */
+async function gpipeRun(
+  p: ActorPipeline,
+  versions: Map<number, number>,
+  c: LlamaConfig,
+  o: { micro: number; seqLen: number; steps: number },
+  id: number,
+  stages: number,
+) {
+  const from = p.schedule().at(-1)?.end ?? 0;
+  const sub = syntheticMicroBatch(new Rng(3), c, o.micro, o.seqLen);
+  const steps = o.steps + 2;
+  let mbId = 1;
+  const t0 = performance.now();
+  for (let s = 0; s < steps; s++) {
+    await Promise.all(
+      Array.from({ length: GPIPE_MICRO }, () =>
+        p.train(assemble(mbId++, [{ adapter: id, serial: s, mb: sub }], sub.numTokens)),
+      ),
+    );
+    versions.set(id, (versions.get(id) ?? 0) + 1);
+    await p.step(id, { ...STEP, step: versions.get(id)! });
+  }
+  const ms = performance.now() - t0;
+  const recs = p.schedule().filter((r) => r.start >= from);
+  const w = steadyWindow(recs, [id], 1, o.steps);
+  const tokens = GPIPE_MICRO * o.micro * o.seqLen;
+  if (!w) return { tps: (tokens * steps) / (ms / 1000), u: utilisation(recs, stages) };
+  return { tps: (tokens * o.steps) / ((w.to - w.from) / 1000), u: utilisation(recs, stages, w.from, w.to) };
 }
 
 /**

@@ -8,7 +8,7 @@
 //   mlora bench --scenario batchlora [--adapters 1,2,4,8] [--rank 16] [--micro-batch M --seq-len T] [--steps N] [--threads N] [--pack-weights auto|true|false] [--json]
 //   mlora bench --scenario head [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
 //   mlora bench --scenario recompute [--micro-batch M --seq-len T] [--steps N] [--threads N] [--json]
-//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--pack-weights auto|true|false] [--json]
+//   mlora bench --scenario pipeline [--adapters 1,2,4,8] [--rank 16] [--micro-batch M] [--seq-len T] [--steps N] [--rounds N] [--pack-weights auto|true|false] [--json]
 //   mlora bench --scenario gpu [--device cuda:0] [--models bench,1b|DIR,...] [--adapters 1,4,8] [--stages 1,2] [--rank 16]
 //               [--micro-batch M --seq-len T] [--steps N] [--ceiling-n N] [--baseline PEFT.json] [--json]
 // --threads defaults to every core (os.availableParallelism()), as for `mlora train`.
@@ -151,6 +151,7 @@ const scenarios: Record<string, Scenario> = {
           micro: o.microBatch ?? 2,
           seqLen: o.seqLen ?? 128,
           steps: o.steps ?? (o.quick ? 1 : 3),
+          rounds: o.rounds ?? (o.quick ? 1 : 3),
           ...(o.packWeights !== undefined ? { packWeights: o.packWeights } : {}),
         },
         log,
@@ -177,7 +178,7 @@ function printTrainTable(recs: TrainBenchRecord[]): void {
 
 function usage(): string {
   const lines = [
-    'usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16] [--pack-weights auto|true|false]',
+    'usage: mlora bench --scenario NAME [--threads N] [--json] [--quick] [--adapters 1,2,4,8] [--rank R] [--micro-batch M] [--seq-len T] [--steps N] [--rounds N] [--preset bench|1b] [--modes f32,bf16,int8,nf4,nf4+bf16] [--pack-weights auto|true|false]',
     '       gpu only: [--device cuda:0] [--models bench,1b|DIR,...] [--stages 1,2] [--ceiling-n N] [--baseline PEFT.json]',
     '',
     'scenarios:',
@@ -243,7 +244,9 @@ export function parseBenchArgs(
         if (!opts.models.length) return { error: `--models must name presets or model directories, got '${v}'` };
       } else if (a === '--baseline' || a.startsWith('--baseline=')) opts.baseline = value();
       else if (
-        ['--rank', '--micro-batch', '--seq-len', '--steps', '--ceiling-n'].some((f) => a === f || a.startsWith(`${f}=`))
+        ['--rank', '--micro-batch', '--seq-len', '--steps', '--rounds', '--ceiling-n'].some(
+          (f) => a === f || a.startsWith(`${f}=`),
+        )
       ) {
         const flag = a.split('=')[0]!;
         const v = value();
@@ -253,6 +256,7 @@ export function parseBenchArgs(
         else if (flag === '--micro-batch') opts.microBatch = n;
         else if (flag === '--seq-len') opts.seqLen = n;
         else if (flag === '--ceiling-n') opts.ceilingN = n;
+        else if (flag === '--rounds') opts.rounds = n;
         else opts.steps = n;
       } else return { error: `unknown option '${a}'` };
     } catch (e) {
