@@ -6,6 +6,7 @@
 // slots when it starts) and frees them (when it is done), so there are never two owners. Stages wrap the data region as native tensors: zero copies between CPU stages.
 
 import { ErrorCode, MloraError } from '../lib/errors.js';
+import type { AdapterState } from '../lib/lora/state.js';
 
 /** Header field indices (Int32 words) of a slot. */
 export const SlotField = {
@@ -239,12 +240,7 @@ export function snapshotField(
 }
 
 /** The snapshot's state as views of the shared side (copy it before a later step may write that side). */
-export function snapshotViews(s: StageSnapshot): {
-  params: Float32Array;
-  m: Float32Array;
-  v: Float32Array;
-  version: number;
-} {
+export function snapshotViews(s: StageSnapshot): AdapterState {
   const f = (k: keyof typeof SnapshotField) => snapshotField(s.buffer, s.size, s.side, k);
   return { params: f('params'), m: f('m'), v: f('v'), version: s.version };
 }

@@ -216,17 +216,17 @@ async function handle(m: Queued): Promise<void> {
  */
 const snapshots = new Map<number, SharedArrayBuffer>();
 
-function newSnapshotBuffer(adapter: number): void {
+function newSnapshotBuffer(adapter: number): SharedArrayBuffer {
   const buffer = snapshotBuffer(program.adapter(adapter).size);
   new Uint8Array(buffer).fill(0);
   snapshots.set(adapter, buffer);
+  return buffer;
 }
 
 /** Writes the adapter's slice into the side of its snapshot buffer that its new version takes. */
 function writeSnapshot(adapter: number): StageSnapshot {
   const a = program.adapter(adapter);
-  if (!snapshots.has(adapter)) newSnapshotBuffer(adapter);
-  const buffer = snapshots.get(adapter)!;
+  const buffer = snapshots.get(adapter) ?? newSnapshotBuffer(adapter);
   const snap: StageSnapshot = { buffer, size: a.size, side: a.version % 2, version: a.version };
   a.exportStateInto(snapshotViews(snap));
   return snap;

@@ -743,7 +743,7 @@ class RunWorker : public PromiseWorker {
     keep_ = Napi::Persistent(keep.As<Napi::Object>());  // the op objects keep their tensors alive
   }
   void Execute() override {
-    dev_->pool().run_on_leader([&] { trip_.execute(*dev_, ops_); });
+    trip_.execute(*dev_, ops_);
     if (!trip_.failure.message.empty()) SetError(trip_.failure.message);
   }
   void OnOK() override {

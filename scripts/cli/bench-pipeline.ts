@@ -112,10 +112,7 @@ export async function pipelineScenario(
         return g;
       };
       const rowsPer = (g: number[][]) => Math.max(...g.map((x) => x.length)) * o.micro * o.seqLen;
-      /**
-       * Tokens/s and utilisation of `steps` steps in the steady state: one step before and one
-       * after them run in the same go, and only the window between (steadyWindow) counts.
-       */
+      /** One go of the groups' steps: its steady rate (steadyRate) and where its time went. */
       const measure = async (pipe: (typeof pipes)[number], g: number[][]) => {
         const { p, plans, versions } = pipe;
         const tokensPerStep = K * o.micro * o.seqLen;
@@ -127,15 +124,7 @@ export async function pipelineScenario(
         const idle1 = machineIdle();
         const idle = { idleMs: idle1.idleMs - idle0.idleMs, stealMs: idle1.stealMs - idle0.stealMs };
         const account = timeAccount(ms, await p.stats(), threadTimesSince(cpu0, threadTimes()), idle);
-        const recs = p.schedule().filter((r) => r.start >= from);
-        const w = steadyWindow(recs, ids, 1, o.steps);
-        if (!w)
-          return { tps: (tokensPerStep * (o.steps + 2)) / (ms / 1000), u: utilisation(recs, plans.length), account };
-        return {
-          tps: (tokensPerStep * o.steps) / ((w.to - w.from) / 1000),
-          u: utilisation(recs, plans.length, w.from, w.to),
-          account,
-        };
+        return { ...steadyRate(p, from, ids, tokensPerStep, o.steps, ms, plans.length), account };
       };
       type Measured = Awaited<ReturnType<typeof measure>>;
       for (const pipe of pipes) await trainInGroups(pipe.p, groupsFor(pipe.plans.length), mbs, 1, pipe.versions);
@@ -259,11 +248,27 @@ async function gpipeRun(
     await p.step(id, { ...STEP, step: versions.get(id)! });
   }
   const ms = performance.now() - t0;
+  return steadyRate(p, from, [id], GPIPE_MICRO * o.micro * o.seqLen, o.steps, ms, stages);
+}
+
+/**
+ * Tokens/s and utilisation of `steps` steps in the steady state of a go of steps + 2 that took
+ * `ms` (its records start at `from`): one step before and one after them run in the same go, and
+ * only the window between (steadyWindow) counts; the whole go where no window is found.
+ */
+function steadyRate(
+  p: ActorPipeline,
+  from: number,
+  adapters: number[],
+  tokensPerStep: number,
+  steps: number,
+  ms: number,
+  stages: number,
+) {
   const recs = p.schedule().filter((r) => r.start >= from);
-  const w = steadyWindow(recs, [id], 1, o.steps);
-  const tokens = GPIPE_MICRO * o.micro * o.seqLen;
-  if (!w) return { tps: (tokens * steps) / (ms / 1000), u: utilisation(recs, stages) };
-  return { tps: (tokens * o.steps) / ((w.to - w.from) / 1000), u: utilisation(recs, stages, w.from, w.to) };
+  const w = steadyWindow(recs, adapters, 1, steps);
+  if (!w) return { tps: (tokensPerStep * (steps + 2)) / (ms / 1000), u: utilisation(recs, stages) };
+  return { tps: (tokensPerStep * steps) / ((w.to - w.from) / 1000), u: utilisation(recs, stages, w.from, w.to) };
 }
 
 /**

@@ -80,7 +80,7 @@ void ThreadPool::post_to_leader(std::function<void()> job) {
 }
 
 void ThreadPool::run_on_leader(const std::function<void()>& fn) {
-  if (!leader_.joinable()) return fn();
+  if (!has_leader()) return fn();
   std::promise<void> done;
   post_to_leader([&] {
     try {
