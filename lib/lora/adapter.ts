@@ -9,7 +9,6 @@ import { LORA_TARGETS, projectionShape, type LlamaConfig, type LoraTarget } from
 import { isAttentionTarget, layerPart, type StagePlan } from '../model/batch.js';
 import { Rng } from '../rng.js';
 import type { LoraSpec } from './spec.js';
-import type { AdapterState } from './state.js';
 
 export type { LoraSpec } from './spec.js';
 
@@ -161,7 +160,7 @@ export class StageAdapter {
   }
 
   /** exportState() into the caller's arrays (`size` floats each): memory reused from step to step. */
-  exportStateInto(dst: Pick<AdapterState, 'params' | 'm' | 'v'>): void {
+  exportStateInto(dst: { params: Float32Array; m: Float32Array; v: Float32Array }): void {
     for (const k of ['params', 'm', 'v'] as const) {
       if (dst[k].length !== this.size)
         throw new Error(`exportStateInto: ${k} holds ${dst[k].length} floats, the slice has ${this.size}`);
