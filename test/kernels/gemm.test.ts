@@ -174,6 +174,54 @@ t.test('extreme range: entries of size ~1e4 and ~1e-4 mixed', async (t) => {
       await checkGemm(t, { m: 37, n: 45, k: 290, transA, transB, dtype, alpha: 1, beta: 0, ranges }, 2, seed++);
 });
 
+// A row of C is the same sum whether its micro-tile is full or the call's rows end inside it
+// (edge tiles run kernels for fewer rows): a 256-row pipeline message and a 1024-row batch
+// must agree bit for bit, row for row. Rows 0..m-1 of a 48-row call (48 = 4·12 = 8·6: full
+// tiles for every kernel) against calls of m rows, every m up to 25 (every edge of 12, 6 and 4).
+t.test('a row has the same bits whatever the number of rows in the call', async (t) => {
+  const n = 40,
+    k = 70,
+    big = 48;
+  let seed = 3000;
+  for (const bf16 of [false, true])
+    for (const transA of [false, true])
+      for (const [alpha, beta] of GEMM_CHILD ? scalars.slice(1, 2) : scalars)
+        for (const threads of [1, 2]) {
+          const d = gemmDevice(threads);
+          const rng = new Rng(seed++, 'gemm-rows');
+          const a = randn(rng, big * k),
+            b = randn(rng, n * k),
+            c0 = randn(rng, big * n);
+          const B = d.fromArray('f32', [n, k], b);
+          // A's first m rows ([m, k]) or, transposed, its first m columns of [k, m]
+          const rowsOf = (m: number) =>
+            transA
+              ? Float32Array.from({ length: k * m }, (_, i) => a[Math.floor(i / m) * big + (i % m)]!)
+              : a.subarray(0, m * k);
+          const gemmRows = async (m: number) => {
+            const A = d.fromArray('f32', transA ? [k, m] : [m, k], rowsOf(m));
+            const C = d.fromArray('f32', [m, n], c0.subarray(0, m * n));
+            await d.run([{ op: 'gemm', c: C, a: A, b: B, transA, transB: true, alpha, beta, bf16 }]);
+            const got = C.read() as Float32Array;
+            A.free();
+            C.free();
+            return got;
+          };
+          const want = await gemmRows(big);
+          let differ = '';
+          for (let m = 1; m <= 25 && !differ; m++) {
+            const got = await gemmRows(m);
+            for (let i = 0; i < m * n; i++)
+              if (!Object.is(got[i], want[i])) {
+                differ = `m = ${m}: row ${Math.floor(i / n)} column ${i % n} is ${got[i]}, ${want[i]} in the ${big}-row call`;
+                break;
+              }
+          }
+          B.free();
+          t.equal(differ, '', `bf16 ${bf16} ${transA ? 'T' : 'N'}T alpha=${alpha} beta=${beta} threads=${threads}`);
+        }
+});
+
 t.test('alpha = 0 scales C by beta without reading A or B', async (t) => {
   const d = gemmDevice(1);
   const rng = new Rng(7, 'alpha0');

@@ -16,6 +16,8 @@
 //
 // Micro-kernels are picked at run time (cpu_features, or MLORA_GEMM_KERNEL=scalar|avx2|avx512
 // to force one for testing): AVX-512F 12×32, AVX2+FMA 6×16 and a portable 4×8 fallback.
+// Where a call's rows end inside a tile, kernels for fewer rows compute only those rows (the
+// same per-row operations, so a row's bits do not depend on the call's row count).
 //
 // bf16 compute (WeightRef::bf16_compute): both operands are rounded to bf16 (nearest even),
 // products accumulate in f32. B panels are packed as bf16 pairs, one 32-bit word per (k, k+1).
@@ -68,6 +70,12 @@ namespace {
 // c[i*ldc + j] = alpha·acc + beta·c (c is not read when beta == 0).
 using MicroKernel = void (*)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, float alpha,
                              float beta);
+// Micro-kernels for the bottom edge: rows[r] computes only the first r < MR rows of a full-width
+// tile (the sliver is still MR tall) and writes them straight to C. Each row gets the same
+// operations in the same order as in a full tile, so a row's bits never depend on where the
+// call's rows end (a 256-row message and a 1024-row batch agree row for row), and a
+// 256-row call no longer pays a full 12-row tile plus a copy for its last 4 rows.
+using RowKernels = const MicroKernel*;
 // Packs op(B)[p0:p0+kc, j0:j0+jn] into dst[p*nr + jj] (jj ≥ jn zero-filled).
 using PackB = void (*)(float* dst, WeightRef b, bool trans, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t jn,
                        int nr);
@@ -91,6 +99,7 @@ struct GemmKernel {
   PackPairs pairs = nullptr;  // set: panels hold bf16 pairs (the ukr reads ceil(kc/2) words per row)
   bool round_b = false;       // bf16 emulation: B values rounded to bf16 after packing
   int kpad = 2;               // pairs kernels: k is zero-padded to a multiple of this (AMX tiles: 32)
+  RowKernels rows = nullptr;  // [MR] entries (rows[0] unused); null: edge tiles go through a buffer
 };
 
 // Packed words per row of a sliver for a k block of kc values.
@@ -341,6 +350,30 @@ AVX2_TARGET void pack_a_rows(float* dst, const float* a, bool trans, int64_t lda
 
 constexpr int AVX2_MR = 6, AVX2_NR = 16;
 
+// c = alpha·acc + beta·c for a 6×16 tile's first R rows (c is not read when beta == 0).
+template <int R>
+AVX2_TARGET inline void store_tile_avx2(const __m256 (&acc)[R][2], float* c, int64_t ldc, float alpha, float beta) {
+  const __m256 va = _mm256_set1_ps(alpha);
+  if (beta == 0.f) {
+    for (int i = 0; i < R; i++) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
+      _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
+    }
+  } else if (beta == 1.f) {
+    for (int i = 0; i < R; i++) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_loadu_ps(c + i * ldc)));
+      _mm256_storeu_ps(c + i * ldc + 8, _mm256_fmadd_ps(va, acc[i][1], _mm256_loadu_ps(c + i * ldc + 8)));
+    }
+  } else {
+    const __m256 vb = _mm256_set1_ps(beta);
+    for (int i = 0; i < R; i++) {
+      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc))));
+      _mm256_storeu_ps(c + i * ldc + 8,
+                       _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc + 8))));
+    }
+  }
+}
+
 AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
                                float alpha, float beta) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps(),
@@ -418,27 +451,38 @@ AVX2_TARGET void ukr_avx2_6x16(int64_t kc, const float* __restrict a, const floa
   }
 #undef MLORA_AVX2_STEP
 #undef MLORA_AVX2_OPERANDS
-  const __m256 va = _mm256_set1_ps(alpha);
-  __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  if (beta == 0.f) {
-    for (int i = 0; i < 6; i++) {
-      _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
-      _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
-    }
-  } else if (beta == 1.f) {
-    for (int i = 0; i < 6; i++) {
-      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_loadu_ps(c + i * ldc)));
-      _mm256_storeu_ps(c + i * ldc + 8, _mm256_fmadd_ps(va, acc[i][1], _mm256_loadu_ps(c + i * ldc + 8)));
-    }
-  } else {
-    const __m256 vb = _mm256_set1_ps(beta);
-    for (int i = 0; i < 6; i++) {
-      _mm256_storeu_ps(c + i * ldc, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc))));
-      _mm256_storeu_ps(c + i * ldc + 8,
-                       _mm256_fmadd_ps(va, acc[i][1], _mm256_mul_ps(vb, _mm256_loadu_ps(c + i * ldc + 8))));
-    }
-  }
+  const __m256 acc[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  store_tile_avx2<AVX2_MR>(acc, c, ldc, alpha, beta);
 }
+
+// The first R < 6 rows of a 6×16 tile: 2R ymm accumulators leave GCC enough registers, so no
+// assembly; the same multiply-adds in the same order as the full tile's.
+template <int R>
+AVX2_TARGET void ukr_avx2_rows(int64_t kc, const float* __restrict a, const float* __restrict b, float* c, int64_t ldc,
+                               float alpha, float beta) {
+  __m256 acc[R][2];
+  for (int i = 0; i < R; i++) {
+    acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 15), _MM_HINT_T0);
+  }
+  for (int64_t p = 0; p < kc; p++) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < R; i++) {
+      const __m256 av = _mm256_broadcast_ss(a + i);
+      acc[i][0] = _mm256_fmadd_ps(b0, av, acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(b1, av, acc[i][1]);
+    }
+    a += AVX2_MR;
+    b += AVX2_NR;
+  }
+  store_tile_avx2<R>(acc, c, ldc, alpha, beta);
+}
+
+constexpr MicroKernel kRowsAvx2[AVX2_MR] = {
+    nullptr, ukr_avx2_rows<1>, ukr_avx2_rows<2>, ukr_avx2_rows<3>, ukr_avx2_rows<4>, ukr_avx2_rows<5>,
+};
 
 MLORA_FMA_PEAK(peak_avx2, AVX2_TARGET, avx2, 12)
 
@@ -447,10 +491,11 @@ MLORA_FMA_PEAK(peak_avx2, AVX2_TARGET, avx2, 12)
 
 constexpr int AVX512_MR = 12, AVX512_NR = 32;
 
-// Zeroes a 12×32 tile's accumulators and prefetches its C rows.
-AVX512_TARGET inline void init_tile_avx512(__m512 (&acc)[AVX512_MR][2], const float* c, int64_t ldc) {
+// Zeroes the accumulators of a tile's first R rows and prefetches those C rows.
+template <int R>
+AVX512_TARGET inline void init_tile_avx512(__m512 (&acc)[R][2], const float* c, int64_t ldc) {
 #pragma GCC unroll 12
-  for (int i = 0; i < AVX512_MR; i++) {
+  for (int i = 0; i < R; i++) {
     acc[i][0] = _mm512_setzero_ps();
     acc[i][1] = _mm512_setzero_ps();
     _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
@@ -459,12 +504,12 @@ AVX512_TARGET inline void init_tile_avx512(__m512 (&acc)[AVX512_MR][2], const fl
   }
 }
 
-// c = alpha·acc + beta·c for a 12×32 tile (c is not read when beta == 0).
-AVX512_TARGET inline void store_tile_avx512(const __m512 (&acc)[AVX512_MR][2], float* c, int64_t ldc, float alpha,
-                                            float beta) {
+// c = alpha·acc + beta·c for a tile's first R rows (c is not read when beta == 0).
+template <int R>
+AVX512_TARGET inline void store_tile_avx512(const __m512 (&acc)[R][2], float* c, int64_t ldc, float alpha, float beta) {
   const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
 #pragma GCC unroll 12
-  for (int i = 0; i < AVX512_MR; i++) {
+  for (int i = 0; i < R; i++) {
     float* ci = c + i * ldc;
     __m512 r0 = _mm512_mul_ps(va, acc[i][0]), r1 = _mm512_mul_ps(va, acc[i][1]);
     if (beta != 0.f) {
@@ -476,15 +521,17 @@ AVX512_TARGET inline void store_tile_avx512(const __m512 (&acc)[AVX512_MR][2], f
   }
 }
 
-AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
-                                    int64_t ldc, float alpha, float beta) {
-  __m512 acc[AVX512_MR][2];
-  init_tile_avx512(acc, c, ldc);
+// The first R rows of a 12×32 tile (R = 12: the full tile), 2R zmm accumulators.
+template <int R>
+AVX512_TARGET void ukr_avx512_rows(int64_t kc, const float* __restrict a, const float* __restrict b, float* c,
+                                   int64_t ldc, float alpha, float beta) {
+  __m512 acc[R][2];
+  init_tile_avx512<R>(acc, c, ldc);
   for (int64_t p = 0; p < kc; p++) {
     _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
     const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
 #pragma GCC unroll 12
-    for (int i = 0; i < AVX512_MR; i++) {
+    for (int i = 0; i < R; i++) {
       const __m512 av = _mm512_set1_ps(a[i]);
       acc[i][0] = _mm512_fmadd_ps(av, b0, acc[i][0]);
       acc[i][1] = _mm512_fmadd_ps(av, b1, acc[i][1]);
@@ -492,8 +539,14 @@ AVX512_TARGET void ukr_avx512_12x32(int64_t kc, const float* __restrict a, const
     a += AVX512_MR;
     b += AVX512_NR;
   }
-  store_tile_avx512(acc, c, ldc, alpha, beta);
+  store_tile_avx512<R>(acc, c, ldc, alpha, beta);
 }
+
+// rows[0] is never called (an edge tile has at least one row)
+#define MLORA_ROWS_1_TO_11(K) \
+  { nullptr, K<1>, K<2>, K<3>, K<4>, K<5>, K<6>, K<7>, K<8>, K<9>, K<10>, K<11> }
+constexpr MicroKernel ukr_avx512_12x32 = ukr_avx512_rows<AVX512_MR>;
+constexpr MicroKernel kRowsAvx512[AVX512_MR] = MLORA_ROWS_1_TO_11(ukr_avx512_rows);
 
 MLORA_SIMD_AVX512_WARNINGS_OFF
 MLORA_FMA_PEAK(peak_avx512, AVX512_TARGET, avx512, 16)
@@ -553,6 +606,7 @@ AVX512BF16_TARGET void pack_a_pairs(float* dst_f, const float* a, bool trans, in
   }
 }
 
+MLORA_SIMD_AVX512_WARNINGS_OFF
 AVX512BF16_TARGET void pairs_avx512(uint32_t* dst, const float* src, int64_t kc, int nr) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t p = 0; p < kc; p += 2) {
@@ -568,21 +622,24 @@ AVX512BF16_TARGET void pairs_avx512(uint32_t* dst, const float* src, int64_t kc,
     }
   }
 }
+MLORA_SIMD_AVX512_WARNINGS_ON
 
-// 12×32 tile over ceil(kc/2) bf16 pairs: per pair, 2 B vectors, 12 broadcast A pairs, 24 vdpbf16ps.
-AVX512BF16_TARGET void ukr_avx512bf16_12x32(int64_t kc, const float* __restrict a_f, const float* __restrict b_f,
-                                            float* c, int64_t ldc, float alpha, float beta) {
+// The first R rows of a 12×32 tile over ceil(kc/2) bf16 pairs: per pair, 2 B vectors, R broadcast
+// A pairs, 2R vdpbf16ps.
+template <int R>
+AVX512BF16_TARGET void ukr_avx512bf16_rows(int64_t kc, const float* __restrict a_f, const float* __restrict b_f,
+                                           float* c, int64_t ldc, float alpha, float beta) {
   const uint32_t* a = reinterpret_cast<const uint32_t*>(a_f);
   const uint32_t* b = reinterpret_cast<const uint32_t*>(b_f);
-  __m512 acc[AVX512_MR][2];
-  init_tile_avx512(acc, c, ldc);
+  __m512 acc[R][2];
+  init_tile_avx512<R>(acc, c, ldc);
   const int64_t kw = (kc + 1) / 2;
   for (int64_t q = 0; q < kw; q++) {
     _mm_prefetch(reinterpret_cast<const char*>(b + 8 * 32), _MM_HINT_T0);
     const __m512i b0i = _mm512_load_si512(b), b1i = _mm512_load_si512(b + 16);
     const __m512bh b0 = reinterpret_cast<const __m512bh&>(b0i), b1 = reinterpret_cast<const __m512bh&>(b1i);
 #pragma GCC unroll 12
-    for (int i = 0; i < AVX512_MR; i++) {
+    for (int i = 0; i < R; i++) {
       const __m512i avi = _mm512_set1_epi32(int(a[i]));
       const __m512bh av = reinterpret_cast<const __m512bh&>(avi);
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], av, b0);
@@ -591,8 +648,11 @@ AVX512BF16_TARGET void ukr_avx512bf16_12x32(int64_t kc, const float* __restrict 
     a += AVX512_MR;
     b += AVX512_NR;
   }
-  store_tile_avx512(acc, c, ldc, alpha, beta);
+  store_tile_avx512<R>(acc, c, ldc, alpha, beta);
 }
+
+constexpr MicroKernel ukr_avx512bf16_12x32 = ukr_avx512bf16_rows<AVX512_MR>;
+constexpr MicroKernel kRowsAvx512Bf16[AVX512_MR] = MLORA_ROWS_1_TO_11(ukr_avx512bf16_rows);
 
 AVX512BF16_TARGET double peak_avx512bf16(int64_t iters) {
   // 24 independent vdpbf16ps chains (as many as the micro-kernel keeps), 32 multiply-adds each.
@@ -729,10 +789,10 @@ AMX_TARGET double peak_amx(int64_t iters) {
 const GemmKernel kScalar{"scalar-4x8", Isa::Scalar, SC_MR,          SC_NR,         128,        256,
                          2048,         ukr_scalar,  pack_a_generic, pack_b_scalar, peak_scalar};
 #ifdef MLORA_X86
-const GemmKernel kAvx2{"avx2-6x16", Isa::Avx2,     AVX2_MR,        AVX2_NR,     144,      256,
-                       4080,        ukr_avx2_6x16, pack_a_rows<6>, pack_b_avx2, peak_avx2};
-const GemmKernel kAvx512{"avx512-12x32", Isa::Avx512,      AVX512_MR,       AVX512_NR,   192,        256,
-                         4096,           ukr_avx512_12x32, pack_a_rows<12>, pack_b_avx2, peak_avx512};
+const GemmKernel kAvx2{"avx2-6x16",    Isa::Avx2,   AVX2_MR,   AVX2_NR, 144,   256, 4080,     ukr_avx2_6x16,
+                       pack_a_rows<6>, pack_b_avx2, peak_avx2, nullptr, false, 2,   kRowsAvx2};
+const GemmKernel kAvx512{"avx512-12x32",  Isa::Avx512, AVX512_MR,   AVX512_NR, 192,   256, 4096,       ukr_avx512_12x32,
+                         pack_a_rows<12>, pack_b_avx2, peak_avx512, nullptr,   false, 2,   kRowsAvx512};
 #endif
 
 // bf16 compute. Pairs kernel: kc counts k values, so 512 keeps the B sliver (256 words × 32) at 32 KiB.
@@ -740,13 +800,15 @@ const GemmKernel kScalarBf16{
     "scalar-4x8-bf16emu",         Isa::Scalar,   SC_MR,       SC_NR,   128, 256, 2048, ukr_scalar,
     pack_a_round<pack_a_generic>, pack_b_scalar, peak_scalar, nullptr, true};
 #ifdef MLORA_X86
-const GemmKernel kAvx2Bf16{"avx2-6x16-bf16emu",          Isa::Avx2,   AVX2_MR,   AVX2_NR, 144, 256, 4080, ukr_avx2_6x16,
-                           pack_a_round<pack_a_rows<6>>, pack_b_avx2, peak_avx2, nullptr, true};
+const GemmKernel kAvx2Bf16{
+    "avx2-6x16-bf16emu",          Isa::Avx2,   AVX2_MR,   AVX2_NR, 144,  256, 4080,     ukr_avx2_6x16,
+    pack_a_round<pack_a_rows<6>>, pack_b_avx2, peak_avx2, nullptr, true, 2,   kRowsAvx2};
 const GemmKernel kAvx512Bf16Emu{
-    "avx512-12x32-bf16emu",       Isa::Avx512, AVX512_MR,   AVX512_NR, 192, 256, 4096, ukr_avx512_12x32,
-    pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr,   true};
-const GemmKernel kAvx512Bf16{"avx512bf16-12x32",   Isa::Avx512,  AVX512_MR,   AVX512_NR,       192,          512,  4096,
-                             ukr_avx512bf16_12x32, pack_a_pairs, pack_b_avx2, peak_avx512bf16, pairs_avx512, false};
+    "avx512-12x32-bf16emu",       Isa::Avx512, AVX512_MR,   AVX512_NR, 192,  256, 4096,       ukr_avx512_12x32,
+    pack_a_round<pack_a_generic>, pack_b_avx2, peak_avx512, nullptr,   true, 2,   kRowsAvx512};
+const GemmKernel kAvx512Bf16{
+    "avx512bf16-12x32", Isa::Avx512, AVX512_MR,       AVX512_NR,    192,   512, 4096,           ukr_avx512bf16_12x32,
+    pack_a_pairs,       pack_b_avx2, peak_avx512bf16, pairs_avx512, false, 2,   kRowsAvx512Bf16};
 // AMX: A block 192×512 bf16 = 192 KiB; B sliver 256 pair rows × 32 = 32 KiB.
 const GemmKernel kAmxBf16{"amx-bf16-32x32", Isa::Avx512, AMX_MR,      AMX_NR,   192,          512,   4096,
                           ukr_amx_32x32,    pack_a_amx,  pack_b_avx2, peak_amx, pairs_avx512, false, AMX_KB};
@@ -1031,6 +1093,8 @@ void gemm_impl(Exec& ex, bool trans_a, bool trans_b, int64_t m, int64_t n, int64
               float* cij = c + i * ldc + j;
               if (in == MR && jn == NR) {
                 K.ukr(kc, abuf + t * MR * kw, bs, cij, ldc, alpha, beta_eff);
+              } else if (jn == NR && K.rows) {  // the bottom edge: only its rows
+                K.rows[in](kc, abuf + t * MR * kw, bs, cij, ldc, alpha, beta_eff);
               } else {  // edge tile: full tile into a buffer, then the valid part
                 K.ukr(kc, abuf + t * MR * kw, bs, tile, NR, 1.f, 0.f);
                 for (int64_t ii = 0; ii < in; ii++) {
