@@ -457,6 +457,8 @@ serveStage(api, init.control);
 async function start(): Promise<void> {
   try {
     native().nameThread(`mlora stage ${init.stage}`);
+    // with its compute thread: this thread's work falls between the stage's own op lists
+    if (init.cores?.length) native().pinThread(init.cores);
     slab = new Slab(init.slab, init.slotCount, init.slotBytes);
     const device = openDevice(init.device, {
       threads: init.threads,

@@ -272,6 +272,8 @@ export interface NativeAddon {
   info(): NativeInfo;
   /** Names the calling thread in /proc (15 characters kept): per-thread CPU accounts read it. */
   nameThread(name: string): void;
+  /** The calling thread may run only on these CPU ids; false when the kernel refused (it then stays unpinned). */
+  pinThread(cores: number[]): boolean;
   /** The bytes NativeDevice.packWeights takes for a weight [out, in] on a CPU device of this process. */
   gemmPanelBytes(out: number, inp: number, bf16?: boolean): number;
   /** B operand words the CPU GEMM has packed per call in this process (weights with panels add none). */

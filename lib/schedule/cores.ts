@@ -4,6 +4,8 @@
 // run has to itself, but is off by default: two processes that each pin their stages to the
 // first cores would share those and leave the rest idle. When the CPU stages' threads fit in the
 // cores the process may use, each stage gets its own, in stage order; else nothing is pinned.
+// A pinned stage's JS thread shares its compute thread's core(s): its work falls between the
+// stage's own op lists, and never on the neighbour stage's core.
 
 /** `MLORA_PIN_CORES=1` pins each local CPU stage's threads to cores of its own. */
 export function pinningEnabled(env: NodeJS.ProcessEnv = process.env): boolean {

@@ -970,6 +970,28 @@ static Napi::Value NameThread(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// pinThread(cores): the calling thread may run only on these CPUs (a pinned stage's JS thread
+// shares its compute thread's core: the stage's JS then runs when its own kernels are not, and
+// never takes the core of the neighbour stage). False when the kernel refused (a CPU outside
+// the process's affinity mask): the thread then stays where it was.
+static Napi::Value PinThread(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* what = "pinThread(cores): cores must be a non-empty array of CPU ids";
+  if (!info[0].IsArray()) throw_js(env, what);
+  Napi::Array a = info[0].As<Napi::Array>();
+  if (a.Length() == 0) throw_js(env, what);
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  for (uint32_t i = 0; i < a.Length(); i++) {
+    const std::string name = "pinThread(cores): cores[" + std::to_string(i) + "]";
+    const int64_t c = integer_arg(env, a.Get(i), name, 0);
+    if (c >= CPU_SETSIZE)
+      throw_js(env, name + " must be below " + std::to_string(CPU_SETSIZE) + ", got " + std::to_string(c));
+    CPU_SET(int(c), &set);
+  }
+  return Napi::Boolean::New(env, sched_setaffinity(0, sizeof set, &set) == 0);
+}
+
 // gemmPanelBytes(out, in, bf16 = false): the bytes Device.packWeights takes on a CPU device for
 // a weight [out, in] (both panels, as the budget counts them), for memory plans.
 static Napi::Value GemmPanelBytes(const Napi::CallbackInfo& info) {
@@ -1029,6 +1051,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("Device", device);
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("nameThread", Napi::Function::New(env, NameThread, "nameThread"));
+  exports.Set("pinThread", Napi::Function::New(env, PinThread, "pinThread"));
   exports.Set("gemmPanelBytes", Napi::Function::New(env, GemmPanelBytes, "gemmPanelBytes"));
   exports.Set("gemmPackedBWords", Napi::Function::New(
                                       env,

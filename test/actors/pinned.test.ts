@@ -1,6 +1,6 @@
 // MLORA_PIN_CORES=1: each local CPU stage actor's compute thread is pinned to a core of its
-// own (lib/schedule/cores.ts), and training over 2 pinned stage actors stays bitwise that of
-// the single-device trainer (where a thread runs changes no bit).
+// own (lib/schedule/cores.ts), its JS thread to the same core, and training over 2 pinned stage
+// actors stays bitwise that of the single-device trainer (where a thread runs changes no bit).
 import fs from 'node:fs';
 import t from 'tap';
 import { native } from '../../lib/native.js';
@@ -35,6 +35,13 @@ if (allowed.length < 2) {
           String(core),
       ).length;
 
+  /** The CPU lists of this process's threads named `name`. */
+  const cpusOf = (name: string) =>
+    fs
+      .readdirSync('/proc/self/task')
+      .filter((id) => fs.readFileSync(`/proc/self/task/${id}/comm`, 'utf8').trim() === name)
+      .map((id) => /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync(`/proc/self/task/${id}/status`, 'utf8'))?.[1]);
+
   await t.test('2 pinned stage actors: one compute thread on each core, same bits as one device', async (t) => {
     const before = allowed.slice(0, 2).map(pinnedTo);
     process.env.MLORA_PIN_CORES = '1';
@@ -55,6 +62,12 @@ if (allowed.length < 2) {
       t.ok(
         now[0]! > before[0]! && now[1]! > before[1]!,
         `a thread pinned to CPU ${allowed[0]} and one to ${allowed[1]}`,
+      );
+      // each stage's JS thread shares its compute thread's core (it runs between the stage's op lists)
+      t.same(
+        [0, 1].map((s) => cpusOf(`mlora stage ${s}`)),
+        [[String(allowed[0])], [String(allowed[1])]],
+        'stage 0 and stage 1 JS threads pinned to their cores',
       );
       for (const j of job()) sup.submit(j);
       await sup.drain();

@@ -1,7 +1,9 @@
 // A CPU device runs its op lists on a leader thread of its own; pinned to cores, the leader
 // sits on the first (pool workers on the others), with results bitwise those of an unpinned
-// device; op lists sent at once take turns on the leader; a bad 'cores' option is a clear Error.
+// device; op lists sent at once take turns on the leader; a bad 'cores' option is a clear Error;
+// pinThread pins the thread that calls it and nothing else.
 import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { native } from '../../lib/native.js';
 import { openDevice, readF32 } from '../../lib/tensor.js';
@@ -76,4 +78,36 @@ t.test("a bad 'cores' option is a clear Error", async (t) => {
   );
   t.throws(() => new Device({ kind: 'cpu', index: 0, threads: 1, cores: [-1] } as never), /cores\[0\]/);
   t.throws(() => new Device({ kind: 'cpu', index: 0, threads: 1, cores: [1 << 20] } as never), /out of range/);
+});
+
+t.test('pinThread pins the calling thread only (a worker here), and bad CPU lists are clear Errors', async (t) => {
+  const allowed = native().info().cpu.allowedCores;
+  const core = allowed[allowed.length - 1]!;
+  const mine = () => /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync('/proc/thread-self/status', 'utf8'))?.[1];
+  const before = mine();
+  const { Worker } = await import('node:worker_threads');
+  const addon = fileURLToPath(new URL('../../lib/native.js', import.meta.url));
+  const w = new Worker(
+    `const { parentPort } = require('node:worker_threads');
+     import(${JSON.stringify(addon)}).then(({ native }) => {
+       const ok = native().pinThread([${core}]);
+       const fs = require('node:fs');
+       parentPort.postMessage({ ok, list: /Cpus_allowed_list:\\s*(\\S+)/.exec(fs.readFileSync('/proc/thread-self/status', 'utf8'))[1] });
+     });`,
+    { eval: true },
+  );
+  const got = await new Promise<{ ok: boolean; list: string }>((resolve, reject) => {
+    w.once('message', resolve);
+    w.once('error', reject);
+  });
+  await w.terminate();
+  t.same(got, { ok: true, list: String(core) }, `the worker's thread runs only on CPU ${core}`);
+  t.equal(mine(), before, 'the main thread keeps its CPUs');
+  const pin = native().pinThread as (x: unknown) => boolean;
+  t.throws(() => pin(3), /pinThread\(cores\): cores must be a non-empty array/);
+  t.throws(() => pin([]), /non-empty array/);
+  t.throws(() => pin([-1]), /cores\[0\]/);
+  t.throws(() => pin([0, 1.5]), /cores\[1\]/);
+  t.throws(() => pin([1 << 20]), /cores\[0\] must be below/);
+  t.equal(mine(), before, 'a refused list changes nothing');
 });
