@@ -54,10 +54,12 @@ export function demoConfig(modelDir: string, output: string, fast: boolean): unk
       }),
       adapter('dialogue', 4, 'Mom:', { lora: lora(8, LORA_TARGETS), optimizer: { lr: 4e-3 }, max_grad_norm: 1 }),
     ],
-    // 6 messages, not the default 2 × stages: rhyme's step is 2 micro-batches, so 4 would leave
+    // 8 messages, not the default 2 × stages: rhyme's step is 2 micro-batches, so 4 would leave
     // an adapter waiting whenever rhyme has both in flight and another's next micro-batch goes
-    // out ahead of its step (docs/benchmarks.md, demo: the bubble 8.5–8.8% at 4, 6.2–7.2% at 6)
-    pipeline: { inflight: 6 },
+    // out ahead of its step (docs/benchmarks.md, demo: the bubble 8.5–8.8% at 4, 6.2–7.2% at 6
+    // on an Intel Xeon); on a faster CPU the stage calls are shorter and the wait for an
+    // adapter's step weighs more: 6.6–11.8% at 6, 6.2–8.4% at 8 (AMD Zen 5, 9 runs each)
+    pipeline: { inflight: 8 },
     log: { every: fast ? 1 : 5, progress: 'auto' },
   };
 }
