@@ -209,7 +209,7 @@ t.test('--dry-run prints the split, memory per stage and admission order, and tr
     r.out,
     /\nsplit costs: measured on this machine over a step of 4 adapters \(5 micro-batches, ~\d+ tokens; sequences of ~\d+ tokens, \d+% of the rows targeted \(sampled from the data\)\): a layer's attention [\d.]+ ms, its MLP [\d.]+ ms, the head [\d.]+ ms\n/,
   );
-  t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from \d adapter\(s\), 6 in flight\):/);
+  t.match(r.out, /memory per stage \(largest planned micro-batch: \d+ tokens from \d adapter\(s\), 8 in flight\):/);
   for (const s of [0, 1]) {
     t.match(
       r.out,
