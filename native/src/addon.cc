@@ -23,6 +23,10 @@ namespace {
 
 AddonData* data_of(Napi::Env env) { return env.GetInstanceData<AddonData>(); }
 
+// Marks the objects that are Tensors (a type tag is one private-property check, where
+// instanceof walks the prototype chain and reads Symbol.hasInstance on every argument).
+constexpr napi_type_tag kTensorTag = {0x6d6c6f7261546e73ULL, 0x3c1f0e2d9a8b7c65ULL};
+
 // `code` (ERR_MLORA_OOM, ...) lets callers, and the threads they report to, tell failures apart
 // without reading the message.
 [[noreturn]] void throw_js(Napi::Env env, const std::string& msg, const char* code = nullptr) {
@@ -161,6 +165,7 @@ Napi::Function JsTensor::Init(Napi::Env env) {
 JsTensor::JsTensor(const Napi::CallbackInfo& info) : Napi::ObjectWrap<JsTensor>(info) {
   // Only the addon makes tensors (through a Device); a bare `new Tensor()` is a dead handle.
   freed = true;
+  napi_type_tag_object(info.Env(), info.This(), &kTensorTag);
 }
 
 Napi::Object JsTensor::Make(Napi::Env env, TensorImpl impl, Napi::Value keep_alive) {
@@ -175,9 +180,8 @@ Napi::Object JsTensor::Make(Napi::Env env, TensorImpl impl, Napi::Value keep_ali
 JsTensor* JsTensor::Unwrap(Napi::Value v) {
   if (!v.IsObject()) return nullptr;
   Napi::Env env = v.Env();
-  AddonData* d = data_of(env);
   bool is = false;
-  if (napi_instanceof(env, v, d->tensor_ctor.Value(), &is) != napi_ok || !is) return nullptr;
+  if (napi_check_object_type_tag(env, v, &kTensorTag, &is) != napi_ok || !is) return nullptr;
   return Napi::ObjectWrap<JsTensor>::Unwrap(v.As<Napi::Object>());
 }
 

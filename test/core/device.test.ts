@@ -91,6 +91,9 @@ t.test('bad arguments are Errors naming the op and argument, never crashes', asy
     [[{ op: 'gemm', c, a: b, b }], /inner dimensions differ/],
     [[{ op: 'gemm', c: i, a, b }], /argument 'c' has dtype i32, expected f32/],
     [[{ op: 'gemm', c, a: {}, b }], /argument 'a' is not a Tensor/],
+    // a Tensor's prototype makes no Tensor (the addon tags the objects it makes)
+    [[{ op: 'gemm', c, a: Object.create(Object.getPrototypeOf(a) as object), b }], /argument 'a' is not a Tensor/],
+    [[{ op: 'gemm', c, a: new (a.constructor as new () => object)(), b }], /argument 'a' is a freed tensor/],
     [[{ op: 'gemm', c, a: other.alloc('f32', [2, 3]), b }], /argument 'a' lives on cpu:1, not on cpu:0/],
     [[{ op: 'scale', y: c, alpha: NaN }], /must be finite/],
     [
