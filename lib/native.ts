@@ -274,6 +274,8 @@ export interface NativeAddon {
   nameThread(name: string): void;
   /** The calling thread may run only on these CPU ids; false when the kernel refused (it then stays unpinned). */
   pinThread(cores: number[]): boolean;
+  /** The slot checksum of `words` (cpu/checksum.h: FNV-1a in 32 lanes), as an int32; seed an int32. */
+  checksum(words: Int32Array, seed: number): number;
   /** The bytes NativeDevice.packWeights takes for a weight [out, in] on a CPU device of this process. */
   gemmPanelBytes(out: number, inp: number, bf16?: boolean): number;
   /** B operand words the CPU GEMM has packed per call in this process (weights with panels add none). */

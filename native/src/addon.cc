@@ -14,6 +14,7 @@
 #include <new>
 #include <thread>
 
+#include "cpu/checksum.h"
 #include "cpu/cpu_features.h"
 #include "ops/op.h"
 
@@ -967,6 +968,19 @@ Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
 
 // nameThread(name): names the calling thread in /proc (15 characters kept), so a per-thread CPU
 // account tells a stage actor's JavaScript thread from the others.
+// checksum(words, seed): cpu/checksum.h's slot checksum of an Int32Array (any buffer, shared
+// ones included), as an int32 like the slot header that holds it.
+static Napi::Value Checksum(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+    throw_js(env, "checksum(words, seed): words must be an Int32Array");
+  const int64_t seed = integer_arg(env, info[1], "checksum(words, seed): seed", INT32_MIN);
+  if (seed > INT32_MAX) throw_js(env, "checksum(words, seed): seed must be an int32, got " + std::to_string(seed));
+  Napi::Int32Array w = info[0].As<Napi::Int32Array>();
+  const uint32_t h = cpu::slot_checksum(reinterpret_cast<const uint32_t*>(w.Data()), w.ElementLength(), uint32_t(seed));
+  return Napi::Number::New(env, double(int32_t(h)));
+}
+
 static Napi::Value NameThread(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsString()) throw_js(env, "nameThread(name): name must be a string");
@@ -1056,6 +1070,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("info", Napi::Function::New(env, Info, "info"));
   exports.Set("nameThread", Napi::Function::New(env, NameThread, "nameThread"));
   exports.Set("pinThread", Napi::Function::New(env, PinThread, "pinThread"));
+  exports.Set("checksum", Napi::Function::New(env, Checksum, "checksum"));
   exports.Set("gemmPanelBytes", Napi::Function::New(env, GemmPanelBytes, "gemmPanelBytes"));
   exports.Set("gemmPackedBWords", Napi::Function::New(
                                       env,
