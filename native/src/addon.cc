@@ -966,8 +966,6 @@ Napi::Value JsDevice::RunSync(const Napi::CallbackInfo& info) {
 // ------------------------------------------------------------------------------------------
 // Module
 
-// nameThread(name): names the calling thread in /proc (15 characters kept), so a per-thread CPU
-// account tells a stage actor's JavaScript thread from the others.
 // checksum(words, seed): cpu/checksum.h's slot checksum of an Int32Array (any buffer, shared
 // ones included), as an int32 like the slot header that holds it.
 static Napi::Value Checksum(const Napi::CallbackInfo& info) {
@@ -981,6 +979,8 @@ static Napi::Value Checksum(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, double(int32_t(h)));
 }
 
+// nameThread(name): names the calling thread in /proc (15 characters kept), so a per-thread CPU
+// account tells a stage actor's JavaScript thread from the others.
 static Napi::Value NameThread(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsString()) throw_js(env, "nameThread(name): name must be a string");

@@ -7,6 +7,7 @@ import { native } from '../../lib/native.js';
 import { Supervisor } from '../../actors/index.js';
 import { stateBitwiseEqual, stateMaxDiff } from '../support/compare.js';
 import { tinyModelWithLayers } from '../support/models.js';
+import { processThreads } from '../support/threads.js';
 import { adapter, captureFinals, runJobs } from './util.js';
 
 const allowed = native().info().cpu.allowedCores;
@@ -26,21 +27,10 @@ if (allowed.length < 2) {
   const ref = await runJobs({ model, devices: ['cpu:0'], threads: 1, inProcess: true }, job());
 
   /** How many threads of this process may run only on CPU `core`. */
-  const pinnedTo = (core: number) =>
-    fs
-      .readdirSync('/proc/self/task')
-      .filter(
-        (id) =>
-          /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync(`/proc/self/task/${id}/status`, 'utf8'))?.[1] ===
-          String(core),
-      ).length;
+  const pinnedTo = (core: number) => processThreads().filter((th) => th.cpus === String(core)).length;
 
   /** The CPU lists of this process's threads named `name`. */
-  const cpusOf = (name: string) =>
-    fs
-      .readdirSync('/proc/self/task')
-      .filter((id) => fs.readFileSync(`/proc/self/task/${id}/comm`, 'utf8').trim() === name)
-      .map((id) => /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync(`/proc/self/task/${id}/status`, 'utf8'))?.[1]);
+  const cpusOf = (name: string) => processThreads().flatMap((th) => (th.name === name ? [th.cpus] : []));
 
   await t.test('2 pinned stage actors: one compute thread on each core, same bits as one device', async (t) => {
     const before = allowed.slice(0, 2).map(pinnedTo);

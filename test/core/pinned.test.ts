@@ -2,19 +2,15 @@
 // sits on the first (pool workers on the others), with results bitwise those of an unpinned
 // device; op lists sent at once take turns on the leader; a bad 'cores' option is a clear Error;
 // pinThread pins the thread that calls it and nothing else.
-import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { native } from '../../lib/native.js';
 import { openDevice, readF32 } from '../../lib/tensor.js';
 import { Rng } from '../../lib/rng.js';
+import { allowedCpus, processThreads } from '../support/threads.js';
 
-/** The CPU lists of this process's threads (/proc/self/task/N/status, Cpus_allowed_list). */
-function threadCpuLists(): string[] {
-  return fs
-    .readdirSync('/proc/self/task')
-    .map((id) => /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync(`/proc/self/task/${id}/status`, 'utf8'))?.[1] ?? '');
-}
+/** The CPU lists of this process's threads. */
+const threadCpuLists = () => processThreads().map((th) => th.cpus);
 
 async function gemm(threads: number, cores?: number[]): Promise<Float32Array> {
   const d = openDevice('cpu:0', { threads, budget: 2 ** 26, ...(cores ? { cores } : {}) });
@@ -83,7 +79,7 @@ t.test("a bad 'cores' option is a clear Error", async (t) => {
 t.test('pinThread pins the calling thread only (a worker here), and bad CPU lists are clear Errors', async (t) => {
   const allowed = native().info().cpu.allowedCores;
   const core = allowed[allowed.length - 1]!;
-  const mine = () => /Cpus_allowed_list:\s*(\S+)/.exec(fs.readFileSync('/proc/thread-self/status', 'utf8'))?.[1];
+  const mine = () => allowedCpus('/proc/thread-self/status');
   const before = mine();
   const { Worker } = await import('node:worker_threads');
   const addon = fileURLToPath(new URL('../../lib/native.js', import.meta.url));
